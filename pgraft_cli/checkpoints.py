@@ -1,0 +1,470 @@
+"""Checkpoints: load any supported model, write self-describing safetensors, record provenance.
+
+MODEL may be
+
+- a bundled alias (``digits``);
+- a diffusers pipeline folder (``model_index.json``) or model folder (``config.json`` + weights);
+- a ``.safetensors`` file written by pgraft: its header metadata carries the model class and
+  config, the scheduler config and provenance, so it needs nothing beside it;
+- any other ``.safetensors`` plus ``--config DIR_OR_JSON``;
+- a pickle checkpoint (``.ckpt``/``.pt``/``.bin``/``.pth``) plus ``--config``, only with
+  ``--allow-pickle`` (unpickling runs arbitrary code);
+- a Hugging Face hub id (``org/name``), loaded with diffusers' ``from_pretrained``.
+
+Flow vs diffusion comes from the scheduler config (``FlowMatch*`` schedulers are flows), and
+``kind`` overrides it. Every failure a user can cause is a :class:`ModelLoadError` with one line
+that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import ModelLoadError, UnsafeFileError
+from .models import LoadedModel
+from .runstore import atomic_path, sha256_file
+from .samplers import NoiseSchedule
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+ALIASES = {"digits": ASSETS / "digits-flow.safetensors"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
+FORMAT_VERSION = "1"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules from scheduler configs
+
+
+def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto") -> NoiseSchedule:
+    """The noise schedule a diffusers scheduler config describes (``kind`` overrides the family)."""
+    name = scheduler_config.get("_class_name", "")
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    detected = "flow" if "FlowMatch" in name else "diffusion"
+    family = detected if kind == "auto" else kind
+    if family == "flow":
+        shift = float(scheduler_config.get("shift", 1.0)) if detected == "flow" else 1.0
+        return NoiseSchedule.flow(T, shift)
+    if scheduler_config.get("trained_betas") is not None:
+        raise ModelLoadError("schedulers with trained_betas are not supported; use a beta_schedule")
+    prediction = scheduler_config.get("prediction_type", "epsilon") if detected == "diffusion" else "epsilon"
+    try:
+        return NoiseSchedule.diffusion(
+            prediction_type=prediction,
+            num_train_timesteps=T,
+            beta_schedule=scheduler_config.get("beta_schedule", "linear"),
+            beta_start=float(scheduler_config.get("beta_start", 1e-4)),
+            beta_end=float(scheduler_config.get("beta_end", 0.02)),
+        )
+    except ValueError as exc:
+        raise ModelLoadError(f"scheduler config not supported: {exc}") from None
+
+
+def default_scheduler_config(kind: str) -> dict[str, Any]:
+    if kind == "flow":
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+            "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity
+
+
+def identity_of(path: Path) -> str:
+    """sha256 of a file, or of a folder's (relative path, file sha256) list."""
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path)}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+
+
+def _network_class(name: str) -> type:
+    if name not in DENOISER_CLASSES:
+        raise ModelLoadError(
+            f"model class '{name}' is not supported; pgraft loads {', '.join(DENOISER_CLASSES)}"
+        )
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def build_network(model_class: str, model_config: dict[str, Any]) -> nn.Module:
+    cls = _network_class(model_class)
+    config = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    try:
+        return cls.from_config(config)
+    except Exception as exc:  # diffusers raises many types for a bad config
+        raise ModelLoadError(f"model config for {model_class} is invalid ({exc}); pass a matching --config") from None
+
+
+def load_state(network: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights strictly; a mismatch is one line naming the first bad keys."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. '{missing[0]}')")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of the wrong shape (e.g. '{k}': file {tuple(state[k].shape)}, "
+                         f"config {tuple(own[k].shape)})")
+        raise ModelLoadError(
+            f"weights in {source} do not match the model config: {'; '.join(parts)}; "
+            f"pass the --config the weights were saved with"
+        )
+    network.load_state_dict(state, strict=True)
+
+
+def _sample_shape(model_class: str, config: dict[str, Any]) -> tuple[int, int, int]:
+    size = config.get("sample_size", 64)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(config.get("in_channels", 4)), int(h), int(w))
+
+
+def _conditioning(model_class: str, config: dict[str, Any]) -> tuple[str, Optional[int]]:
+    if model_class in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+        return "text", None
+    if config.get("num_class_embeds"):
+        return "class", int(config["num_class_embeds"])
+    return "none", None
+
+
+def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any],
+              scheduler_config: dict[str, Any], kind: str, source: str, source_kind: str,
+              identity: str, pipeline: Any = None, metadata: Optional[dict[str, str]] = None) -> LoadedModel:
+    network.eval().requires_grad_(False)
+    conditioning, num_classes = _conditioning(model_class, model_config)
+    metadata = metadata or {}
+    provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    if conditioning == "text" and pipeline is None:
+        raise ModelLoadError(
+            f"{source} is a text-conditioned {model_class} without its text encoders; pass the "
+            f"diffusers pipeline folder (with model_index.json) instead of the bare model"
+        )
+    return LoadedModel(
+        network=network,
+        schedule=schedule_from_config(scheduler_config, kind),
+        model_class=model_class,
+        model_config=dict(model_config),
+        scheduler_config=dict(scheduler_config),
+        conditioning=conditioning,  # type: ignore[arg-type]
+        sample_shape=_sample_shape(model_class, model_config),
+        source=source,
+        source_kind=source_kind,
+        identity=identity,
+        num_classes=num_classes,
+        pipeline=pipeline,
+        provenance=provenance,
+        metadata=metadata,
+        default_data=metadata.get("pgraft.data") or None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable safetensors file (truncated or corrupt: {_short(exc)}); "
+            f"re-download or re-export it"
+        ) from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors.torch import load_file
+
+    metadata = read_safetensors_metadata(path)
+    try:
+        return load_file(str(path)), metadata
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable safetensors file (truncated or corrupt: {_short(exc)}); "
+            f"re-download or re-export it"
+        ) from None
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable JSON config ({_short(exc)}); fix or replace it") from None
+
+
+def _scheduler_config_near(directory: Path) -> Optional[dict[str, Any]]:
+    for candidate in (directory / "scheduler_config.json", directory / "scheduler" / "scheduler_config.json",
+                      directory.parent / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return _read_json(candidate)
+    return None
+
+
+def _require_scheduler(found: Optional[dict[str, Any]], kind: str, where: Path) -> dict[str, Any]:
+    if found is not None:
+        return found
+    if kind == "auto":
+        raise ModelLoadError(
+            f"no scheduler config found at {where}, so flow vs diffusion is unknown; pass "
+            f"--kind flow or --kind diffusion (or a --config folder with scheduler_config.json)"
+        )
+    return default_scheduler_config(kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
+               allow_pickle: bool = False) -> LoadedModel:
+    """Load MODEL (see the module docstring) on the CPU in float32."""
+    if model in ALIASES:
+        path = ALIASES[model]
+        if not path.is_file():
+            raise ModelLoadError(f"the bundled model '{model}' is missing from {path}; reinstall pgraft")
+        return _load_pgraft_file(path, model, kind, metadata=read_safetensors_metadata(path))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return _load_pipeline(str(path), path, kind, allow_pickle, "pipeline-folder")
+        if (path / "config.json").is_file():
+            return _load_model_folder(path, kind, allow_pickle)
+        raise ModelLoadError(
+            f"{path} is a folder without model_index.json or config.json; pass a diffusers "
+            f"pipeline or model folder, or a .safetensors file"
+        )
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            metadata = read_safetensors_metadata(path)
+            if "pgraft.model_class" in metadata and config is None:
+                return _load_pgraft_file(path, str(path), kind, metadata)
+            return _load_bare_weights(path, config, kind, allow_pickle, metadata)
+        if suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise UnsafeFileError(
+                    f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                    f"convert it to .safetensors, or pass --allow-pickle if you trust its source"
+                )
+            return _load_bare_weights(path, config, kind, allow_pickle, {})
+        raise ModelLoadError(
+            f"{path}: unknown checkpoint type '{suffix}'; pass a .safetensors file or a diffusers folder"
+        )
+    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        return _load_hub(model, kind, allow_pickle)
+    raise ModelLoadError(
+        f"{model}: no such file or directory; pass a path, a hub id (org/name) or a bundled alias "
+        f"({', '.join(ALIASES)})"
+    )
+
+
+def _load_pgraft_file(path: Path, source: str, kind: str, metadata: dict[str, str]) -> LoadedModel:
+    state, metadata = read_safetensors(path)
+    model_class = metadata["pgraft.model_class"]
+    model_config = json.loads(metadata["pgraft.model_config"])
+    scheduler_config = json.loads(metadata.get("pgraft.scheduler_config") or "null") or \
+        _require_scheduler(None, kind, path)
+    network = build_network(model_class, model_config)
+    load_state(network, state, str(path))
+    return _assemble(network, model_class, model_config, scheduler_config, kind, source,
+                     "pgraft-safetensors", sha256_file(path), metadata=metadata)
+
+
+def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickle: bool,
+                       metadata: dict[str, str]) -> LoadedModel:
+    if config is None:
+        raise ModelLoadError(
+            f"{path} does not describe its model; pass --config with the model's config.json or "
+            f"its diffusers folder"
+        )
+    if path.suffix.lower() == ".safetensors":
+        state, metadata = read_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)  # opted in: --allow-pickle
+        except Exception as exc:
+            raise ModelLoadError(f"{path} could not be unpickled ({_short(exc)}); re-export it") from None
+        state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{path} does not hold a state dict; re-export it with torch.save(model.state_dict())")
+    cfg_path = Path(config).expanduser()
+    if not cfg_path.exists():
+        raise ModelLoadError(f"--config {config}: no such file or directory; pass a config.json or a diffusers folder")
+    if cfg_path.is_dir() and (cfg_path / "model_index.json").is_file():
+        # A pipeline folder: take its text encoders/VAE/scheduler and swap in these weights.
+        loaded = _load_pipeline(str(cfg_path), cfg_path, kind, allow_pickle, "safetensors+config")
+        load_state(loaded.network, state, str(path))
+        loaded.source, loaded.identity, loaded.metadata = str(path), sha256_file(path), metadata
+        return loaded
+    if cfg_path.is_dir():
+        model_cfg_file = cfg_path / "config.json"
+        if not model_cfg_file.is_file():
+            raise ModelLoadError(f"--config {config}: folder has no config.json or model_index.json")
+        scheduler = _scheduler_config_near(cfg_path)
+    else:
+        model_cfg_file, scheduler = cfg_path, _scheduler_config_near(cfg_path.parent)
+    model_config = _read_json(model_cfg_file)
+    model_class = model_config.get("_class_name")
+    if not model_class:
+        raise ModelLoadError(f"{model_cfg_file} has no _class_name; pass a diffusers model config.json")
+    network = build_network(model_class, model_config)
+    load_state(network, state, str(path))
+    return _assemble(network, model_class, model_config, _require_scheduler(scheduler, kind, cfg_path),
+                     kind, str(path), "safetensors+config", sha256_file(path), metadata=metadata)
+
+
+def _load_model_folder(path: Path, kind: str, allow_pickle: bool) -> LoadedModel:
+    model_config = _read_json(path / "config.json")
+    model_class = model_config.get("_class_name", "")
+    cls = _network_class(model_class)
+    has_safe = any(path.glob("*.safetensors"))
+    if not has_safe and not allow_pickle:
+        raise UnsafeFileError(
+            f"{path} holds only pickle weights (.bin), which can run arbitrary code when loaded; "
+            f"convert them to safetensors, or pass --allow-pickle if you trust their source"
+        )
+    try:
+        network = cls.from_pretrained(str(path), use_safetensors=has_safe)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the model in {path} ({_short(exc)}); check its weights match config.json") from None
+    scheduler = _require_scheduler(_scheduler_config_near(path), kind, path)
+    return _assemble(network, model_class, model_config, scheduler, kind, str(path), "model-folder",
+                     identity_of(path))
+
+
+def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, source_kind: str) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    index = _read_json(path / "model_index.json")
+    part = "unet" if "unet" in index else "transformer" if "transformer" in index else None
+    if part is None:
+        raise ModelLoadError(f"{path}/model_index.json names no unet or transformer; pgraft needs one of them")
+    has_safe = any((path / part).glob("*.safetensors"))
+    if not has_safe and not allow_pickle:
+        raise UnsafeFileError(
+            f"{path}/{part} holds only pickle weights (.bin), which can run arbitrary code when loaded; "
+            f"convert them to safetensors, or pass --allow-pickle if you trust their source"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None if allow_pickle else True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the pipeline in {path} ({_short(exc)}); check the folder is complete") from None
+    return _from_pipeline(pipe, source, source_kind, kind, identity_of(path))
+
+
+def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity: str) -> LoadedModel:
+    network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    model_class = type(network).__name__
+    _network_class(model_class)
+    scheduler_config = dict(pipe.scheduler.config)
+    scheduler_config["_class_name"] = type(pipe.scheduler).__name__
+    model_config = dict(network.config)
+    model_config["_class_name"] = model_class
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return _assemble(network, model_class, model_config, scheduler_config, kind, source, source_kind,
+                     identity, pipeline=pipe if (hasattr(pipe, "vae") or hasattr(pipe, "text_encoder")) else None)
+
+
+def _load_hub(repo_id: str, kind: str, allow_pickle: bool) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(repo_id, use_safetensors=None if allow_pickle else True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load '{repo_id}' from the Hugging Face hub ({_short(exc)}); where the hub is "
+            f"unreachable, download it elsewhere (hf download {repo_id} --local-dir DIR) and pass DIR"
+        ) from None
+    return _from_pipeline(pipe, repo_id, "hub", kind, f"hub:{repo_id}@{getattr(pipe, 'name_or_path', '')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_pgraft_safetensors(path: Path | str, network: nn.Module, model_class: str,
+                            model_config: dict[str, Any], scheduler_config: Optional[dict[str, Any]],
+                            provenance: dict[str, Any], extra: Optional[dict[str, str]] = None,
+                            state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write weights plus everything needed to rebuild them into one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    prov = {"pgraft_version": __version__, "torch_version": torch.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **provenance}
+    metadata = {
+        "format": "pt",
+        "pgraft.format_version": FORMAT_VERSION,
+        "pgraft.model_class": model_class,
+        "pgraft.model_config": json.dumps({k: v for k, v in model_config.items() if not k.startswith("_")}
+                                          | {"_class_name": model_class}, sort_keys=True, default=list),
+        "pgraft.provenance": json.dumps(prov, sort_keys=True, default=str),
+        **(extra or {}),
+    }
+    if scheduler_config is not None:
+        metadata["pgraft.scheduler_config"] = json.dumps(scheduler_config, sort_keys=True, default=list)
+    tensors = state if state is not None else network.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Description
+
+
+def describe(model: LoadedModel) -> dict[str, Any]:
+    """What ``pgraft inspect`` reports, as plain data."""
+    return {
+        "source": model.source,
+        "source_kind": model.source_kind,
+        "model_class": model.model_class,
+        "family": model.family,
+        "prediction_type": model.schedule.prediction_type,
+        "conditioning": model.conditioning,
+        "num_classes": model.num_classes,
+        "sample_shape": list(model.sample_shape),
+        "image_shape": list(model.image_shape),
+        "latent": model.latent,
+        "parameters": model.parameter_count(),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "scheduler": model.scheduler_config.get("_class_name", "unknown"),
+        "num_train_timesteps": model.schedule.num_train_timesteps,
+        "shift": model.schedule.shift if model.family == "flow" else None,
+        "identity": model.identity,
+        "default_data": model.default_data,
+        "provenance": model.provenance,
+    }

@@ -1,0 +1,438 @@
+"""The ``pgraft`` command line: parses options, loads the recipe and the model, calls a stage.
+
+This module holds no method logic: each verb resolves its recipe (``--recipe`` + ``--set`` +
+explicit flags), opens the run store and calls the stage function from its own module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+from .errors import NotYetAvailableError, PgraftError
+from .recipes import Recipe, dump_recipe, load_recipe
+
+app = typer.Typer(
+    name="pgraft",
+    help=(
+        "Model surgery for diffusion and flow checkpoints: GRAFT / P-GRAFT fine-tuning and inverse "
+        "noise correction (arXiv 2510.02692), as resumable runs that end in a checkpoint and a report.\n\n"
+        "Try it on the bundled model:  pgraft sample digits --num 16 --out samples/"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# -- options shared by the verbs -----------------------------------------------------------------
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see recipes/) or path to a .toml file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE",
+                                                     help="Override one recipe key; repeatable. Example: --set sample.steps=16")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default: ./pgraft-runs/<verb>-<config hash>); re-running resumes it.")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Model config (config.json or diffusers folder) for weights that do not describe themselves.")]
+KindOpt = Annotated[Optional[str], typer.Option("--kind", help="Override the detected family: flow or diffusion.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle checkpoints (.ckpt/.pt/.bin), which can run code. Only for files you trust.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars and notes.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
+
+
+def _resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Recipe:
+    """Recipe file, then ``--set`` overrides, then explicit flags (``section__key=value``)."""
+    overrides = list(sets or [])
+    for name, value in flags.items():
+        if value is None:
+            continue
+        section, key = name.split("__")
+        overrides.append(f"{section}.{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return load_recipe(recipe, overrides)
+
+
+def _load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool, recipe: Recipe):
+    from .checkpoints import load_model
+
+    if kind is not None and kind not in ("flow", "diffusion", "auto"):
+        raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
+    return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle)
+
+
+def _device(recipe: Recipe, override: Optional[str], state: Any) -> str:
+    import torch
+
+    want = override or recipe.model.device
+    if want == "auto":
+        return str(state.device)
+    if want == "cuda" and not torch.cuda.is_available():
+        raise PgraftError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    if want == "cuda" and state.num_processes > 1:
+        return str(state.device)
+    return want
+
+
+def _default_run_dir(verb: str, payload: dict[str, Any]) -> Path:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path("pgraft-runs") / f"{verb}-{digest}"
+
+
+def _not_yet(verb: str, issue: str) -> None:
+    raise NotYetAvailableError(f"'pgraft {verb}' is not implemented in pgraft {__version__} yet ({issue}); "
+                               f"'pgraft sample', 'inspect', 'run' and 'status' work today")
+
+
+# ================================================================================================
+# inspect
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model: bundled alias (digits), diffusers folder, .safetensors file or hub id.")],
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe a model: family and prediction type, conditioning, shapes, size, scheduler, provenance.
+
+    Examples:
+
+      pgraft inspect digits
+
+      pgraft inspect ./stable-diffusion-2-base --json
+
+      pgraft inspect weights.safetensors --config ./my-unet/config.json
+    """
+    from .checkpoints import describe
+
+    info = describe(_load(model, config, kind, allow_pickle, load_recipe("default")))
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return
+    from rich.table import Table
+
+    from .ui import out
+
+    table = Table(title=f"pgraft inspect {model}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("source", f"{info['source']} ({info['source_kind']})"),
+        ("network", info["model_class"]),
+        ("family", f"{info['family']} (prediction: {info['prediction_type']})"),
+        ("conditioning", info["conditioning"] + (f" ({info['num_classes']} classes)" if info["num_classes"] else "")),
+        ("sample shape", " x ".join(map(str, info["sample_shape"])) + (" latent" if info["latent"] else "")),
+        ("image shape", " x ".join(map(str, info["image_shape"]))),
+        ("parameters", f"{info['parameters']:,}"),
+        ("dtype", info["dtype"]),
+        ("scheduler", f"{info['scheduler']} (T={info['num_train_timesteps']}"
+                      + (f", shift={info['shift']}" if info["shift"] not in (None, 1.0) else "") + ")"),
+        ("identity", f"sha256:{info['identity'][:16]}…" if len(info["identity"]) == 64 else info["identity"]),
+        ("default data", info["default_data"] or "-"),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    prov = info["provenance"]
+    if prov:
+        table.add_row("provenance", json.dumps(prov, sort_keys=True)[:400])
+    else:
+        table.add_row("provenance", "none recorded")
+    out.print(table)
+
+
+# ================================================================================================
+# sample
+
+
+@app.command()
+def sample(
+    model: Annotated[str, typer.Argument(help="Model to sample from (alias, folder, .safetensors or hub id).")],
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of images.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed; image i depends only on (seed, i).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Solver steps (flow: Euler, diffusion: DDIM).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per shard (a multiple of sample.lane); never changes the images.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the PNGs (00000.png ...) and sampler.json; default RUN_DIR/images.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line.")] = None,
+    class_label: Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")] = None,
+    capture_at: Annotated[Optional[float], typer.Option("--capture-at", help="Also store each trajectory's state at this noise level (P-GRAFT's cutoff).")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models.")] = None,
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw images from MODEL into a resumable run and write them as PNGs.
+
+    Image i starts from noise seeded by (seed, i) and always goes through the network in the same
+    lane of sample.lane images, so the same seed gives the same bytes whatever --batch-size or --num
+    (64 images are the prefix of 3000) and however many processes share the work.
+
+    Examples:
+
+      pgraft sample digits --num 64 --seed 0 --steps 16 --out samples/
+
+      pgraft sample ./sd2-base --prompt "a red cube on a blue sphere" --num 8 --out out/
+
+      accelerate launch -m pgraft_cli sample digits --num 3000 --out big/
+    """
+    from accelerate import PartialState
+
+    from .runstore import RunStore
+    from .sample import Conditions, export_pngs, run_sample
+    from .ui import note, progress
+
+    rec = _resolve_recipe(recipe, set_, sample__num=num, sample__seed=seed, sample__steps=steps,
+                          sample__batch_size=batch_size, sample__capture_at=capture_at,
+                          sample__guidance_scale=guidance_scale)
+    all_prompts = list(prompt or [])
+    if prompts is not None:
+        if not prompts.is_file():
+            raise PgraftError(f"--prompts {prompts}: no such file; pass a text file with one prompt per line")
+        all_prompts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+    cond = Conditions(prompts=all_prompts or None, class_label=class_label)
+    state = PartialState()
+    loaded = _load(model, config, kind, allow_pickle, rec)
+    dev = _device(rec, device, state)
+    import torch
+
+    loaded.to(dev, getattr(torch, rec.model.dtype))
+    from .sample import check_conditions, stage_config
+
+    check_conditions(loaded, cond)
+    run_dir = run_dir or _default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
+    show = not (quiet or as_json) and state.is_main_process
+    with RunStore(run_dir, is_main=state.is_main_process) as store:
+        if state.is_main_process:
+            from .runstore import atomic_write_text
+
+            atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
+        note(f"run directory: {store.root}", quiet=not show)
+        with progress(show) as bar:
+            result = run_sample(loaded, rec.sample, cond, store, bar, state.process_index,
+                                state.num_processes, barrier=state.wait_for_everyone if state.num_processes > 1 else None)
+        if not state.is_main_process:
+            return
+        target = out or store.root / "images"
+        written = export_pngs(store.root, target, {**result.settings, "prompts": cond.prompts, "model": loaded.source,
+                                                   "model_identity": loaded.identity, "pgraft_version": __version__})
+    summary = {
+        "run_dir": str(store.root), "out": str(target), "num": written, "generated_now": result.generated,
+        "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 2),
+        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": rec.sample.lane,
+        "processes": state.num_processes, "device": dev,
+    }
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+    elif not quiet:
+        from .ui import out as console
+
+        resumed = "" if result.generated == written else f" ({written - result.generated} already done)"
+        console.print(f"[green]wrote[/green] {written} images to {target}{resumed} in {result.seconds:.1f}s")
+
+
+# ================================================================================================
+# run / status
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="Model the recipe works on.")],
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every stage a recipe lists under \\[run] stages, resuming what is already done.
+
+    Examples:
+
+      pgraft run digits --recipe default --set sample.num=256
+
+      pgraft run digits --recipe my-recipe.toml --run-dir runs/exp1
+    """
+    rec = _resolve_recipe(recipe, set_)
+    ready = {"sample"}
+    pending = [s for s in rec.run.stages if s not in ready]
+    if pending:
+        raise NotYetAvailableError(
+            f"recipe '{rec.name}' lists stages {', '.join(pending)}, which pgraft {__version__} does not run yet; "
+            f"use a recipe whose [run] stages = [\"sample\"]"
+        )
+    for stage in rec.run.stages:
+        if stage == "sample":
+            sample(model, recipe=recipe, set_=set_, run_dir=run_dir, config=config, kind=kind,
+                   allow_pickle=allow_pickle, device=device, quiet=quiet, as_json=as_json,
+                   num=None, seed=None, steps=None, batch_size=None, out=None, prompt=None, prompts=None,
+                   class_label=None, capture_at=None, guidance_scale=None)
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show each stage of a run directory as done, partial (with shard counts), pending or stale.
+
+    Example:
+
+      pgraft status pgraft-runs/sample-1a2b3c4d5e6f
+    """
+    from .runstore import MANIFEST, RunStore
+
+    if not (run_dir / MANIFEST).is_file():
+        raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a run")
+    stages = RunStore(run_dir, is_main=False).status()
+    if as_json:
+        print(json.dumps({"run_dir": str(run_dir), "stages": [s.__dict__ for s in stages]}, sort_keys=True))
+        return
+    from rich.table import Table
+
+    from .ui import out
+
+    colours = {"done": "green", "partial": "yellow", "pending": "dim", "stale": "red"}
+    table = Table(title=f"run {run_dir}", title_justify="left")
+    for col in ("stage", "state", "shards", "key"):
+        table.add_column(col)
+    for s in stages:
+        shards = f"{s.shards_done}/{s.shards_total}" if s.shards_total is not None else str(s.shards_done)
+        table.add_row(s.name, f"[{colours.get(s.state, 'white')}]{s.state}[/]", shards, (s.key or "")[:12])
+    out.print(table)
+
+
+# ================================================================================================
+# verbs that later work fills in
+
+
+@app.command()
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory whose samples to score.")],
+    reward: Annotated[str, typer.Option("--reward", help="Reward NAME[:ARGS], e.g. classifier:digits:3, jpeg-compressibility, vqascore.")] = "",
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+) -> None:
+    """Score a run's samples with a reward (GRAFT/P-GRAFT; not implemented yet).
+
+    Example:
+
+      pgraft score pgraft-runs/sample-1a2b --reward classifier:digits:3
+    """
+    _not_yet("score", "GRAFT/P-GRAFT issue")
+
+
+@app.command(name="filter")
+def filter_(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with scored samples.")],
+    rule: Annotated[str, typer.Option("--rule", help="top_k, best_of_n or threshold.")] = "top_k",
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+) -> None:
+    """Keep samples by a rejection rule: top-K of M, best-of-N, threshold (not implemented yet).
+
+    Example:
+
+      pgraft filter pgraft-runs/sample-1a2b --rule top_k --set filter.k=1 --set filter.m=4
+    """
+    _not_yet("filter", "GRAFT/P-GRAFT issue")
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="Model to fine-tune.")],
+    reward: Annotated[str, typer.Option("--reward", help="Reward NAME[:ARGS].")] = "",
+    cutoff: Annotated[float, typer.Option("--cutoff", help="P-GRAFT cutoff c in [0, 1); 0 is GRAFT.")] = 0.0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output .safetensors.")] = None,
+    recipe: RecipeOpt = "pgraft",
+    set_: SetOpt = None,
+) -> None:
+    """GRAFT / P-GRAFT: sample, score, filter and fine-tune in rounds (not implemented yet).
+
+    Example:
+
+      pgraft finetune digits --reward classifier:digits:3 --cutoff 0.5 --out tuned.safetensors
+    """
+    _not_yet("finetune", "GRAFT/P-GRAFT issue")
+
+
+@app.command()
+def correct(
+    model: Annotated[str, typer.Argument(help="Flow model to correct.")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors, or alias (digits).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output .safetensors for the corrector.")] = None,
+    recipe: RecipeOpt = "inverse-noise",
+    set_: SetOpt = None,
+) -> None:
+    """Inverse noise correction: invert data, train a noise corrector, evaluate (not implemented yet).
+
+    Example:
+
+      pgraft correct digits --recipe inverse-noise --out corrected.safetensors
+    """
+    _not_yet("correct", "inverse-noise issue")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model (or corrected / tuned checkpoint) to evaluate.")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Reference data for FID/KID.")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", help="Number of samples.")] = None,
+    recipe: RecipeOpt = "default",
+    set_: SetOpt = None,
+) -> None:
+    """FID/KID against data, reward, NFE and measured FLOPs per image (not implemented yet).
+
+    Example:
+
+      pgraft evaluate digits --data digits --num 2000 --json
+    """
+    _not_yet("evaluate", "inverse-noise issue")
+
+
+# ================================================================================================
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"pgraft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    pass
+
+
+def main() -> None:
+    """Console-script entry: user mistakes become one ``error:`` line and exit code 2."""
+    from .ui import error_line
+
+    try:
+        app()
+    except PgraftError as exc:
+        error_line(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        error_line("interrupted; run the same command again to resume from the last finished shard")
+        sys.exit(130)

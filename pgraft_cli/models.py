@@ -1,0 +1,163 @@
+"""A loaded model: the diffusers network, its noise schedule, its conditioning and its decoder.
+
+pgraft does not wrap diffusers in a second hierarchy. :class:`LoadedModel` only records what the
+sampler needs to call a diffusers network in pgraft's time convention (see ``samplers.py``):
+``predict(x, t, cond)`` returns the network's native prediction, with classifier-free guidance for
+text models, and ``decode`` turns a final model-space sample into images in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .samplers import NoiseSchedule
+
+Conditioning = Literal["none", "class", "text"]
+
+
+@dataclass
+class Cond:
+    """Per-batch conditioning: class labels, or encoded prompts (with the unconditional half)."""
+
+    class_labels: Optional[Tensor] = None
+    prompt_embeds: Optional[Tensor] = None
+    negative_prompt_embeds: Optional[Tensor] = None
+    pooled: Optional[Tensor] = None
+    negative_pooled: Optional[Tensor] = None
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class LoadedModel:
+    """Everything pgraft knows about one model after loading it."""
+
+    network: nn.Module
+    schedule: NoiseSchedule
+    model_class: str
+    model_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    conditioning: Conditioning
+    sample_shape: tuple[int, int, int]
+    source: str
+    source_kind: str
+    identity: str
+    num_classes: Optional[int] = None
+    pipeline: Any = None  # the diffusers pipeline (text encoders, VAE) when MODEL is one
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    default_data: Optional[str] = None
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.schedule.family
+
+    @property
+    def vae(self) -> Any:
+        return getattr(self.pipeline, "vae", None) if self.pipeline is not None else None
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if not self.latent:
+            return self.sample_shape
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        _, h, w = self.sample_shape
+        return (self.vae.config.out_channels, h * factor, w * factor)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.network.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "LoadedModel":
+        if dtype == self.dtype:
+            dtype = None  # no cast: diffusers warns on casts it cannot see through
+        self.network.to(device=device, dtype=dtype)
+        if self.pipeline is not None:
+            self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
+        return self
+
+    # -- conditioning ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: Optional[list[str]], class_labels: Optional[list[int]],
+               guidance_scale: float) -> Cond:
+        """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders."""
+        device = self.device
+        if self.conditioning == "class":
+            assert class_labels is not None
+            return Cond(class_labels=torch.tensor(class_labels, device=device, dtype=torch.long))
+        if self.conditioning != "text":
+            return Cond()
+        assert prompts is not None and self.pipeline is not None
+        cfg = guidance_scale > 1.0
+        if self.model_class == "SD3Transformer2DModel":
+            pe, npe, pooled, npooled = self.pipeline.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            )
+            return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, pooled=pooled,
+                        negative_pooled=npooled, guidance_scale=guidance_scale)
+        pe, npe = self.pipeline.encode_prompt(prompts, device, 1, cfg)
+        return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale)
+
+    # -- the network in pgraft's convention -----------------------------------------------------
+    def _call(self, x: Tensor, timestep: Tensor, cond: Cond, embeds: Optional[Tensor],
+              pooled: Optional[Tensor]) -> Tensor:
+        if self.model_class == "UNet2DModel":
+            out = self.network(x, timestep, class_labels=cond.class_labels).sample
+        elif self.model_class == "UNet2DConditionModel":
+            out = self.network(x, timestep, encoder_hidden_states=embeds).sample
+        elif self.model_class == "SD3Transformer2DModel":
+            out = self.network(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
+                               pooled_projections=pooled).sample
+        else:  # pragma: no cover - checkpoints.py only admits the classes above
+            raise TypeError(self.model_class)
+        # Learned-variance UNets predict (mean, variance) stacked on channels; keep the mean part.
+        return out[:, : x.shape[1]]
+
+    def predict(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The network's native prediction at time t (a 0-d tensor), guided for text models."""
+        timestep = self.schedule.timestep(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        if self.conditioning != "text":
+            return self._call(x, timestep, cond, None, None)
+        if cond.guidance_scale <= 1.0:
+            return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled)
+        embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+        pooled = torch.cat([cond.negative_pooled, cond.pooled]) if cond.pooled is not None else None
+        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), cond, embeds, pooled)
+        uncond, text = both.chunk(2)
+        return uncond + cond.guidance_scale * (text - uncond)
+
+    # -- model space <-> images -----------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """Final model-space samples to images in [0, 1], shape (B, C, H, W)."""
+        if self.latent:
+            cfg = self.vae.config
+            latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+            x = self.vae.decode(latents.to(self.vae.dtype)).sample
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] (B, C, H, W) to model space (latents for a pipeline with a VAE)."""
+        x = images * 2.0 - 1.0
+        if self.latent:
+            cfg = self.vae.config
+            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
+            x = (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        return x

@@ -1,0 +1,73 @@
+"""Small networks pgraft ships: the digits classifier (a reward and a feature extractor)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ClassifierConfig:
+    in_channels: int = 1
+    image_size: int = 16
+    num_classes: int = 10
+    width: int = 32
+    feature_dim: int = 64
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN on images in [-1, 1]; ``features`` is its penultimate layer (for Fréchet distance)."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.body = nn.Sequential(
+            nn.Conv2d(config.in_channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(2 * w, config.feature_dim), nn.SiLU(),
+        )
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def save_classifier(path: Path | str, model: DigitsClassifier, provenance: dict[str, Any]) -> Path:
+    from .checkpoints import FORMAT_VERSION
+    from .runstore import atomic_path
+    from safetensors.torch import save_file
+
+    metadata = {
+        "format": "pt",
+        "pgraft.format_version": FORMAT_VERSION,
+        "pgraft.kind": "classifier",
+        "pgraft.classifier_config": json.dumps(asdict(model.config), sort_keys=True),
+        "pgraft.provenance": json.dumps(provenance, sort_keys=True, default=str),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+    return path
+
+
+def load_classifier(path: Path | str) -> DigitsClassifier:
+    from .checkpoints import load_state, read_safetensors
+    from .errors import ModelLoadError
+
+    state, metadata = read_safetensors(Path(path))
+    if metadata.get("pgraft.kind") != "classifier":
+        raise ModelLoadError(f"{path} is not a pgraft classifier (no pgraft.kind=classifier in its metadata)")
+    model = DigitsClassifier(ClassifierConfig(**json.loads(metadata["pgraft.classifier_config"])))
+    load_state(model, state, str(path))
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,357 @@
+"""Recipes: TOML files with one section per stage, validated into typed configs.
+
+A recipe is a readable file a user copies and edits (``recipes/*.toml``); the CLI picks one with
+``--recipe NAME_OR_PATH`` and overrides keys with ``--set section.key=value``. Validation is strict:
+an unknown section or key, a value of the wrong type, or one outside its allowed set is a
+:class:`RecipeError` naming the key, the allowed values and, for a typo, the closest key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from .errors import RecipeError
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["float32", "float16", "bfloat16"]
+Stage = Literal["sample", "score", "filter", "finetune", "invert", "train_corrector", "evaluate"]
+
+
+@dataclass
+class ModelConfig:
+    """How to interpret MODEL when its files leave something open."""
+
+    kind: Literal["auto", "flow", "diffusion"] = "auto"
+    device: Device = "auto"
+    dtype: DType = "float32"
+
+
+@dataclass
+class SampleConfig:
+    """Sampling: seeds, solver grid and how work is cut into lanes and shards.
+
+    Image ``i`` is computed from noise seeded by ``(seed, i)`` inside lane ``i // lane``: the network
+    always sees whole lanes of ``lane`` images, so an image does not depend on ``num``, on
+    ``batch_size`` (images per shard: the unit of work that is committed and resumed) or on the
+    number of processes. Raise ``lane`` for throughput on a GPU; images then change once.
+    """
+
+    num: int = 64
+    seed: int = 0
+    steps: int = 32
+    batch_size: int = 64
+    lane: int = 16
+    guidance_scale: float = 5.0
+    capture_at: Optional[float] = None
+
+    def validate(self) -> None:
+        _positive(self, "sample", "num", "steps", "batch_size", "lane")
+        if self.batch_size % self.lane:
+            lo = max(self.lane, self.batch_size - self.batch_size % self.lane)
+            raise RecipeError(
+                f"sample.batch_size ({self.batch_size}) must be a multiple of sample.lane "
+                f"({self.lane}); use --batch-size {lo} or {lo + self.lane}"
+            )
+        if self.capture_at is not None and not 0.0 <= self.capture_at < 1.0:
+            raise RecipeError(f"sample.capture_at must be in [0, 1), got {self.capture_at}")
+
+
+@dataclass
+class ScoreConfig:
+    """Scoring samples with a reward (filled in by the GRAFT/P-GRAFT issue)."""
+
+    reward: str = ""
+    batch_size: int = 64
+
+
+@dataclass
+class FilterConfig:
+    """Selection rule over scored samples (filled in by the GRAFT/P-GRAFT issue)."""
+
+    rule: Literal["top_k", "best_of_n", "threshold"] = "top_k"
+    k: int = 1
+    m: int = 4
+    threshold: Optional[float] = None
+    quantile: Optional[float] = None
+    dedup: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning on kept samples (filled in by the GRAFT/P-GRAFT issue)."""
+
+    cutoff: float = 0.0
+    rounds: int = 1
+    steps: int = 200
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    lora_rank: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.cutoff < 1.0:
+            raise RecipeError(f"finetune.cutoff must be in [0, 1), got {self.cutoff}")
+
+
+@dataclass
+class CorrectConfig:
+    """Inverse noise correction (filled in by the inverse-noise issue)."""
+
+    base_steps: int = 8
+    inversion_iterations: int = 8
+    corrector_steps: int = 2000
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation of samples against data (filled in by the inverse-noise issue)."""
+
+    num: int = 2000
+    data: str = ""
+    features: Literal["auto", "inception", "classifier"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    """Which stages ``pgraft run`` executes, in order."""
+
+    stages: list[Stage] = field(default_factory=lambda: ["sample"])
+
+
+@dataclass
+class Recipe:
+    """A whole recipe: its name, a description and one typed section per stage."""
+
+    name: str = "default"
+    description: str = ""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    correct: CorrectConfig = field(default_factory=CorrectConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(section_obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section_obj, name)
+        if value < 1:
+            raise RecipeError(f"{section}.{name} must be >= 1, got {value}")
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(f.default_factory)]  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding recipes
+
+
+def recipe_dirs() -> list[Path]:
+    """Where named recipes live: the wheel's bundled copy, then the source tree's ``recipes/``."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here / "_recipes", here.parent / "recipes") if d.is_dir()]
+
+
+def available_recipes() -> list[str]:
+    names = {p.stem for d in recipe_dirs() for p in d.glob("*.toml")}
+    return sorted(names)
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve ``--recipe``: an existing path, else a bundled recipe name (with or without .toml)."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    stem = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
+    for d in recipe_dirs():
+        candidate = d / f"{stem}.toml"
+        if candidate.is_file():
+            return candidate
+    names = available_recipes()
+    hint = _closest(stem, names)
+    raise RecipeError(
+        f"no recipe '{name_or_path}': pass a .toml path or one of {', '.join(names) or '(none found)'}"
+        + (f" (did you mean '{hint}'?)" if hint else "")
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _closest(word: str, choices: list[str]) -> Optional[str]:
+    matches = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None)) + " (or unset)"
+    if origin is list:
+        return "a list of " + _describe(typing.get_args(tp)[0])
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp``; ints are accepted for floats. Raises RecipeError."""
+    origin = typing.get_origin(tp)
+    bad = RecipeError(f"{where} = {value!r} is invalid: expected {_describe(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            hint = _closest(str(value), [str(a) for a in typing.get_args(tp)])
+            raise RecipeError(
+                f"{where} = {value!r} is invalid: expected {_describe(tp)}"
+                + (f" (did you mean '{hint}'?)" if hint else "")
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError:
+                continue
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad  # pragma: no cover - every field type is handled above
+
+
+def _build_section(cls: type, data: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = _closest(key, names)
+            raise RecipeError(
+                f"unknown key '{section}.{key}'"
+                + (f" (did you mean '{section}.{hint}'?)" if hint else "")
+                + f"; allowed keys in [{section}]: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Validate a parsed TOML document into a :class:`Recipe`."""
+    hints = typing.get_type_hints(Recipe)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("name", "description"):
+            kwargs[key] = _coerce(value, str, key)
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                raise RecipeError(f"[{key}] must be a table of keys, got {value!r}")
+            kwargs[key] = _build_section(hints[key], value, key)
+        else:
+            hint = _closest(key, SECTIONS)
+            raise RecipeError(
+                f"unknown section '[{key}]'"
+                + (f" (did you mean '[{hint}]'?)" if hint else "")
+                + f"; allowed sections: {', '.join(SECTIONS)}"
+            )
+    return Recipe(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else taken as a plain string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise RecipeError(f"--set '{text}' is malformed: write section.key=value, e.g. sample.steps=16")
+    lhs, raw = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_recipe(name_or_path: str = "default", overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a recipe, apply ``--set`` overrides and validate the result."""
+    path = find_recipe(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
+    data.setdefault("name", path.stem)
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            hint = _closest(section, SECTIONS)
+            raise RecipeError(
+                f"--set '{text}': unknown section '{section}'"
+                + (f" (did you mean '{hint}'?)" if hint else "")
+                + f"; allowed sections: {', '.join(SECTIONS)}"
+            )
+        data.setdefault(section, {})[key] = value
+    return recipe_from_dict(data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML (unset optional keys are written as comments)."""
+    d = recipe.to_dict()
+    lines = [f"name = {_toml_value(d.pop('name'))}", f"description = {_toml_value(d.pop('description'))}"]
+    for section in SECTIONS:
+        lines.append("")
+        lines.append(f"[{section}]")
+        for key, value in d[section].items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover

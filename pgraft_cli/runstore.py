@@ -1,0 +1,265 @@
+"""The run store: a run directory with a manifest, atomic outputs, sharded stages and a lock.
+
+Layout of a run directory::
+
+    RUN/
+      manifest.json            stage -> {key, status, config, inputs, outputs {path: sha256}, ...}
+      recipe.toml              the fully resolved recipe of the last command
+      .lock                    held (flock) by the process working in RUN
+      <stage>/shard-00000.safetensors   one finished shard, written atomically
+      <stage>/shard-00000.sha256        its checksum, written after the shard
+
+A stage's **key** hashes its config, its inputs' identities and the pgraft version. Work is cut into
+shards; a shard is done when its file and checksum file both exist and agree, so after Ctrl-C or
+``kill -9`` at any moment the stage resumes from the last finished shard. A stage whose key changed
+is cleared and redone. Under ``accelerate launch`` every process writes its own shards and only the
+main process writes the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from . import __version__
+from .errors import RunLockedError, RunStoreError
+
+MANIFEST = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
+
+    Readers see either the old file or the whole new one, never a partial write. On error the
+    temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """Hash of what determines a stage's outputs: its config, its inputs and the pgraft version."""
+    blob = json.dumps({"stage": stage, "config": config, "inputs": inputs, "pgraft": __version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The store
+
+
+@dataclass
+class StageStatus:
+    name: str
+    state: str  # done | partial | pending | stale
+    shards_done: int
+    shards_total: Optional[int]
+    key: Optional[str]
+
+
+class RunStore:
+    """One run directory. Use as a context manager to hold its lock (main process only)."""
+
+    def __init__(self, root: Path | str, is_main: bool = True):
+        self.root = Path(root)
+        self.is_main = is_main
+        self._lock_fd: Optional[int] = None
+
+    # -- lock -----------------------------------------------------------------------------------
+    def __enter__(self) -> "RunStore":
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.acquire_lock()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release_lock()
+
+    def acquire_lock(self) -> None:
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory {self.root} is in use by {holder}; wait for it to finish "
+                f"or pass another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self._lock_fd = fd
+
+    def release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- manifest -------------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any]:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return {"pgraft_version": __version__, "stages": {}}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise RunStoreError(
+                f"{path} is not valid JSON; the run directory is damaged: delete it or pass "
+                f"another --run-dir"
+            ) from None
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        if self.is_main:
+            manifest["pgraft_version"] = __version__
+            atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+
+    def stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any],
+              num_shards: Optional[int] = None) -> "StageRun":
+        """Open a stage; clears its old shards when its key changed. Returns a :class:`StageRun`."""
+        key = stage_key(name, config, inputs)
+        manifest = self.read_manifest()
+        entry = manifest["stages"].get(name)
+        directory = self.root / name
+        if entry is not None and entry.get("key") != key and self.is_main:
+            shutil.rmtree(directory, ignore_errors=True)
+            entry = None
+        if entry is None or entry.get("status") != "done":
+            manifest["stages"][name] = {
+                "key": key, "status": "partial", "config": config, "inputs": inputs,
+                "num_shards": num_shards, "outputs": {}, "started": time.time(),
+            }
+            self._write_manifest(manifest)
+        return StageRun(self, name, key, directory, num_shards)
+
+    def write_json(self, relpath: str, obj: Any) -> Path:
+        path = self.root / relpath
+        atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+        return path
+
+    def status(self) -> list[StageStatus]:
+        """Each recorded stage as done, partial (with shard counts) or pending."""
+        out = []
+        for name, entry in self.read_manifest()["stages"].items():
+            total = entry.get("num_shards")
+            done = len(StageRun(self, name, entry.get("key", ""), self.root / name, total).done_shards())
+            state = entry.get("status", "pending")
+            if state == "done" and not self._outputs_intact(entry):
+                state = "stale"
+            elif state != "done":
+                state = "partial" if done else "pending"
+            out.append(StageStatus(name, state, done, total, entry.get("key")))
+        return out
+
+    def _outputs_intact(self, entry: dict[str, Any]) -> bool:
+        for rel, digest in entry.get("outputs", {}).items():
+            path = self.root / rel
+            if not path.exists() or sha256_file(path) != digest:
+                return False
+        return True
+
+
+class StageRun:
+    """A stage being worked on: its shards and, once finished, its recorded outputs."""
+
+    def __init__(self, store: RunStore, name: str, key: str, directory: Path,
+                 num_shards: Optional[int]):
+        self.store, self.name, self.key, self.dir, self.num_shards = store, name, key, directory, num_shards
+
+    @property
+    def done(self) -> bool:
+        entry = self.store.read_manifest()["stages"].get(self.name, {})
+        return (entry.get("key") == self.key and entry.get("status") == "done"
+                and self.store._outputs_intact(entry))
+
+    def shard_path(self, index: int) -> Path:
+        return self.dir / f"shard-{index:05d}.safetensors"
+
+    def _sum_path(self, index: int) -> Path:
+        return self.dir / f"shard-{index:05d}.sha256"
+
+    def shard_done(self, index: int) -> bool:
+        path, sums = self.shard_path(index), self._sum_path(index)
+        if not (path.exists() and sums.exists()):
+            return False
+        return sums.read_text().strip() == sha256_file(path)
+
+    def done_shards(self) -> list[int]:
+        if not self.dir.exists():
+            return []
+        indices = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.safetensors"))
+        return [i for i in indices if self.shard_done(i)]
+
+    @contextlib.contextmanager
+    def write_shard(self, index: int) -> Iterator[Path]:
+        """Yield a temp path to write shard ``index`` to; it is committed atomically on success."""
+        with atomic_path(self.shard_path(index)) as tmp:
+            yield tmp
+        atomic_write_text(self._sum_path(index), sha256_file(self.shard_path(index)))
+
+    def finish(self, outputs: list[Path], extra: Optional[dict[str, Any]] = None) -> None:
+        """Record the stage as done with its outputs' checksums (main process)."""
+        manifest = self.store.read_manifest()
+        entry = manifest["stages"].setdefault(self.name, {"key": self.key})
+        entry.update(extra or {})
+        entry["status"] = "done"
+        entry["finished"] = time.time()
+        entry["seconds"] = entry["finished"] - entry.get("started", entry["finished"])
+        entry["outputs"] = {str(p.relative_to(self.store.root)): sha256_file(p) for p in outputs}
+        self.store._write_manifest(manifest)

@@ -1,0 +1,214 @@
+"""The sample stage: draw images from a model into sharded, resumable run-store outputs.
+
+Determinism contract: image ``i`` starts from noise seeded by ``(seed, i)`` and is computed inside
+lane ``i // lane``, a fixed group of ``lane`` consecutive images that always goes through the
+network together (the last lane is padded with the next images' noise, which is then dropped). So
+an image depends only on the seed, its index and the recipe's sampler settings: never on ``num``,
+``batch_size``, the shard it lands in, or how many ``accelerate`` processes share the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import PgraftError
+from .models import LoadedModel
+from .recipes import SampleConfig
+from .runstore import RunStore, atomic_write_bytes, atomic_write_text
+from .samplers import sample as run_sampler
+
+STAGE = "sample"
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """The generator seed of image ``index``: a hash of ``(seed, index)``, so streams never overlap."""
+    digest = hashlib.sha256(f"pgraft-noise:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> Tensor:
+    """N(0, I) noise for each image index, drawn on the CPU (identical on every device)."""
+    out = torch.empty((len(indices), *shape))
+    for row, i in enumerate(indices):
+        out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i)))
+    return out
+
+
+@dataclass
+class Conditions:
+    """What each image is conditioned on: a prompt per image, or a class per image, or nothing."""
+
+    prompts: Optional[list[str]] = None
+    class_label: Optional[int] = None
+
+    def for_indices(self, model: LoadedModel, indices: list[int]) -> tuple[Optional[list[str]], Optional[list[int]]]:
+        if model.conditioning == "text":
+            prompts = self.prompts or [""]
+            return [prompts[i % len(prompts)] for i in indices], None
+        if model.conditioning == "class":
+            n = model.num_classes or 1
+            return None, [self.class_label if self.class_label is not None else i % n for i in indices]
+        return None, None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_conditions(model: LoadedModel, cond: Conditions) -> None:
+    if cond.prompts and model.conditioning != "text":
+        raise PgraftError(f"--prompt was given but {model.source} is not text-conditioned ({model.conditioning}); drop --prompt")
+    if cond.class_label is not None:
+        if model.conditioning != "class":
+            raise PgraftError(f"--class was given but {model.source} is not class-conditioned ({model.conditioning}); drop --class")
+        if not 0 <= cond.class_label < (model.num_classes or 0):
+            raise PgraftError(f"--class {cond.class_label} is out of range; the model has classes 0..{(model.num_classes or 1) - 1}")
+    if model.conditioning == "text" and not cond.prompts:
+        raise PgraftError(f"{model.source} is a text-to-image model; pass --prompt TEXT or --prompts FILE")
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [0, 1], (B, C, H, W) -> uint8 (B, H, W, C), rounding to nearest."""
+    return (images.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def png_bytes(image_hwc: np.ndarray) -> bytes:
+    from PIL import Image
+
+    array = image_hwc[:, :, 0] if image_hwc.shape[2] == 1 else image_hwc
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class SampleResult:
+    run_dir: Path
+    num: int
+    shards: list[Path]
+    generated: int
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 and self.generated else 0.0
+
+
+def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dict[str, Any]:
+    """Everything that determines the shards: the images (see the module doc) and their layout."""
+    return {
+        "num": cfg.num, "seed": cfg.seed, "steps": cfg.steps, "lane": cfg.lane,
+        "batch_size": cfg.batch_size, "guidance_scale": cfg.guidance_scale if model.conditioning == "text" else None,
+        "capture_at": cfg.capture_at, "family": model.family, "prediction_type": model.schedule.prediction_type,
+        "grid": "flow-euler" if model.family == "flow" else "ddim-trailing", "shift": model.schedule.shift,
+        "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,
+    }
+
+
+def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indices: list[int],
+                   on_step: Any) -> dict[str, Tensor]:
+    """Sample the images of one shard, one lane at a time (padding of the last lane is dropped)."""
+    lane = cfg.lane
+    first = indices[0] - indices[0] % lane
+    grid = model.schedule.grid(cfg.steps)
+    finals, captures, capture_t = [], [], None
+    for start in range(first, indices[-1] + 1, lane):
+        members = list(range(start, start + lane))
+        noise = initial_noise(cfg.seed, members, model.sample_shape).to(model.device, model.dtype)
+        c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale)
+        real = sum(1 for i in members if indices[0] <= i <= indices[-1])
+        x, captured = run_sampler(
+            lambda x, t: model.predict(x, t, c), model.schedule, noise, grid,
+            capture_at=cfg.capture_at, callback=lambda k: on_step(real / cfg.steps),
+        )
+        finals.append(x)
+        if captured is not None:
+            captures.append(captured[0].float().cpu())
+            capture_t = captured[1]
+    keep = torch.tensor([i - first for i in indices])
+    images = torch.cat([to_uint8(model.decode(x).cpu()) for x in finals])[keep]
+    final = torch.cat([x.float().cpu() for x in finals])[keep]
+    prompts, classes = cond.for_indices(model, indices)
+    out = {"index": torch.tensor(indices, dtype=torch.int64), "images": images.contiguous(),
+           "samples": final.contiguous()}
+    if classes is not None:
+        out["class_label"] = torch.tensor(classes, dtype=torch.int64)
+    if prompts is not None:
+        all_prompts = cond.prompts or [""]
+        out["prompt_index"] = torch.tensor([i % len(all_prompts) for i in indices], dtype=torch.int64)
+    if captures:
+        out["captured"] = torch.cat(captures)[keep].contiguous()
+        out["captured_t"] = torch.full((len(indices),), float(capture_t), dtype=torch.float64)
+    return out
+
+
+def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: RunStore,
+               bar: Any, process_index: int = 0, num_processes: int = 1,
+               barrier: Any = None) -> SampleResult:
+    """Run (or resume) the sample stage in ``store``; this process does shards ``k % P == rank``."""
+    from safetensors.torch import save_file
+
+    check_conditions(model, cond)
+    num_shards = math.ceil(cfg.num / cfg.batch_size)
+    config = stage_config(model, cfg, cond)
+    stage = store.stage(STAGE, config, {"model": model.identity}, num_shards=num_shards)
+    if barrier is not None:
+        barrier()  # the main process may have cleared a stale stage; others wait for that
+    shards = [stage.shard_path(k) for k in range(num_shards)]
+    start = time.perf_counter()
+    generated = 0
+    if not stage.done:
+        mine = [k for k in range(num_shards) if k % num_processes == process_index and not stage.shard_done(k)]
+        todo = sum(min(cfg.batch_size, cfg.num - k * cfg.batch_size) for k in mine)
+        task = bar.add_task("sampling", total=todo, unit="img")
+        for k in mine:
+            indices = list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))
+            with torch.inference_mode():
+                tensors = _shard_tensors(model, cfg, cond, indices, lambda n: bar.advance(task, n))
+            metadata = {"pgraft.stage": STAGE, "pgraft.stage_key": stage.key, "pgraft.shard": str(k)}
+            with stage.write_shard(k) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+            generated += len(indices)
+        if barrier is not None:
+            barrier()
+        if store.is_main:
+            missing = [k for k in range(num_shards) if not stage.shard_done(k)]
+            if missing:
+                raise PgraftError(f"shards {missing[:5]} of the sample stage are missing after sampling; re-run to resume")
+            settings_path = store.write_json(f"{STAGE}/settings.json", {**config, "prompts": cond.prompts})
+            stage.finish(shards + [settings_path])
+    seconds = time.perf_counter() - start
+    return SampleResult(store.root, cfg.num, shards, generated, seconds, config)
+
+
+def iter_shards(run_dir: Path) -> list[dict[str, Tensor]]:
+    """The sample stage's shards of a run directory, in index order."""
+    from safetensors.torch import load_file
+
+    paths = sorted((Path(run_dir) / STAGE).glob("shard-*.safetensors"))
+    return [load_file(str(p)) for p in paths]
+
+
+def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool = True) -> int:
+    """Write ``OUT/00000.png ...`` (atomically, one by one) and ``OUT/sampler.json`` from the shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for shard in iter_shards(run_dir):
+        for i, image in zip(shard["index"].tolist(), shard["images"].numpy()):
+            if i >= settings["num"]:
+                continue
+            atomic_write_bytes(out / f"{i:05d}.png", png_bytes(image))
+            n += 1
+    atomic_write_text(out / "sampler.json", json.dumps(settings, indent=2, sort_keys=True))
+    return n
