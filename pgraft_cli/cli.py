@@ -78,6 +78,15 @@ def _device(recipe: Recipe, override: Optional[str], state: Any) -> str:
     return want
 
 
+def _state(recipe: Recipe, override: Optional[str]) -> Any:
+    """accelerate's process state; CPU-only machines get the gloo backend (cpu=True)."""
+    import torch
+    from accelerate import PartialState
+
+    want = override or recipe.model.device
+    return PartialState(cpu=want == "cpu" or not torch.cuda.is_available())
+
+
 def _default_run_dir(verb: str, payload: dict[str, Any]) -> Path:
     import hashlib
 
@@ -188,10 +197,8 @@ def sample(
 
       pgraft sample ./sd2-base --prompt "a red cube on a blue sphere" --num 8 --out out/
 
-      accelerate launch -m pgraft_cli sample digits --num 3000 --out big/
+      accelerate launch --num_processes 2 -m pgraft_cli sample digits --num 3000 --out big/
     """
-    from accelerate import PartialState
-
     from .runstore import RunStore
     from .sample import Conditions, export_pngs, run_sample
     from .ui import note, progress
@@ -205,7 +212,7 @@ def sample(
             raise PgraftError(f"--prompts {prompts}: no such file; pass a text file with one prompt per line")
         all_prompts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
     cond = Conditions(prompts=all_prompts or None, class_label=class_label)
-    state = PartialState()
+    state = _state(rec, device)
     loaded = _load(model, config, kind, allow_pickle, rec)
     dev = _device(rec, device, state)
     import torch

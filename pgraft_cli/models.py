@@ -86,7 +86,7 @@ class LoadedModel:
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "LoadedModel":
         if dtype == self.dtype:
             dtype = None  # no cast: diffusers warns on casts it cannot see through
-        self.network.to(device=device, dtype=dtype)
+        self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
         if self.pipeline is not None:
             self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
         return self

@@ -176,7 +176,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
             indices = list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))
             with torch.inference_mode():
                 tensors = _shard_tensors(model, cfg, cond, indices, lambda n: bar.advance(task, n))
-            metadata = {"pgraft.stage": STAGE, "pgraft.stage_key": stage.key, "pgraft.shard": str(k)}
+            metadata = {"pgraft.stage": STAGE, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
+                        "pgraft.process": f"{process_index}/{num_processes}"}
             with stage.write_shard(k) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
             generated += len(indices)

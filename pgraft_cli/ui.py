@@ -53,7 +53,7 @@ def progress(enabled: bool = True) -> Iterator[Progress | _NullProgress]:
 
 
 def error_line(message: str) -> None:
-    err.print(Text("error: ", style="bold red") + Text(message))
+    err.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
 
 
 def note(message: str, quiet: bool = False) -> None:

@@ -1,0 +1,118 @@
+"""`pgraft sample` on the bundled model: PNG output, determinism, prefix property, accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pgraft_cli.cli import app
+from pgraft_cli.sample import noise_seed
+
+runner = CliRunner()
+
+
+def sample(tmp: Path, name: str, *args: str) -> tuple[Path, dict]:
+    run_dir, out = tmp / f"run-{name}", tmp / f"out-{name}"
+    result = runner.invoke(app, ["sample", "digits", "--run-dir", str(run_dir), "--out", str(out), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_writes_numbered_pngs_and_settings(tmp_path):
+    out, summary = sample(tmp_path, "a", "--num", "20", "--steps", "4", "--batch-size", "16", "--seed", "1")
+    images = pngs(out)
+    assert list(images) == [f"{i:05d}.png" for i in range(20)]
+    from PIL import Image
+
+    im = Image.open(out / "00000.png")
+    assert im.size == (16, 16) and im.mode == "L"
+    settings = json.loads((out / "sampler.json").read_text())
+    assert settings["steps"] == 4 and settings["seed"] == 1 and settings["num"] == 20
+    assert settings["family"] == "flow" and settings["lane"] == 16
+    assert summary["num"] == 20 and summary["generated_now"] == 20
+    # Distinct seeds per image: no two images identical.
+    assert len(set(images.values())) == 20
+
+
+def test_same_seed_same_bytes_whatever_batch_size_and_num(tmp_path):
+    a, _ = sample(tmp_path, "a", "--num", "48", "--steps", "4", "--batch-size", "16", "--seed", "7")
+    b, _ = sample(tmp_path, "b", "--num", "48", "--steps", "4", "--batch-size", "48", "--seed", "7")
+    c, _ = sample(tmp_path, "c", "--num", "20", "--steps", "4", "--batch-size", "32", "--seed", "7")
+    pa, pb, pc = pngs(a), pngs(b), pngs(c)
+    assert pa == pb
+    assert pc == {k: pa[k] for k in pc}  # a short run is the prefix of a longer one
+    d, _ = sample(tmp_path, "d", "--num", "20", "--steps", "4", "--batch-size", "16", "--seed", "8")
+    assert pngs(d) != pc
+
+
+def test_noise_seed_depends_on_seed_and_index_only():
+    seeds = {noise_seed(s, i) for s in range(4) for i in range(64)}
+    assert len(seeds) == 4 * 64
+    assert noise_seed(3, 5) == noise_seed(3, 5)
+
+
+def test_rerun_resumes_and_generates_nothing(tmp_path):
+    out, first = sample(tmp_path, "a", "--num", "32", "--steps", "2", "--batch-size", "16")
+    before = pngs(out)
+    out2, second = sample(tmp_path, "a", "--num", "32", "--steps", "2", "--batch-size", "16")
+    assert first["generated_now"] == 32 and second["generated_now"] == 0
+    assert pngs(out2) == before
+
+
+def test_capture_at_stores_intermediate_states(tmp_path):
+    run_dir = tmp_path / "run-cap"
+    result = runner.invoke(app, ["sample", "digits", "--num", "16", "--steps", "8", "--batch-size", "16",
+                                 "--capture-at", "0.5", "--run-dir", str(run_dir), "--quiet"])
+    assert result.exit_code == 0, result.output
+    shard = load_file(str(run_dir / "sample" / "shard-00000.safetensors"))
+    assert shard["captured"].shape == (16, 1, 16, 16)
+    assert shard["captured_t"].tolist() == [0.5] * 16
+    assert shard["samples"].shape == (16, 1, 16, 16) and shard["images"].shape == (16, 16, 16, 1)
+    assert shard["index"].tolist() == list(range(16))
+    # the state at t = 0.5 is still noisy: further from the final sample than the final is from itself
+    assert float((shard["captured"] - shard["samples"]).abs().mean()) > 0.1
+
+
+def test_class_and_prompt_on_unconditional_model_are_refused(tmp_path):
+    result = runner.invoke(app, ["sample", "digits", "--num", "4", "--class", "3", "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert "not class-conditioned" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_match_one(tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    args = ["sample", "digits", "--num", "40", "--steps", "3", "--batch-size", "16", "--seed", "5", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # accelerate's --cpu flag uses its single-process launcher; --multi_gpu goes through torchrun, and
+    # pgraft's PartialState(cpu=True) then picks the gloo backend on a machine without CUDA.
+    two = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "pgraft_cli", *args, "--run-dir", str(tmp_path / "r2"),
+         "--out", str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "pgraft_cli", *args, "--run-dir", str(tmp_path / "r1"),
+                          "--out", str(tmp_path / "o1")], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    p1, p2 = pngs(tmp_path / "o1"), pngs(tmp_path / "o2")
+    assert len(p1) == 40 and p1 == p2
+    # both processes wrote shards: 3 shards of 16, 16 and 8 images, shard k by process k % 2
+    from safetensors import safe_open
+
+    writers = []
+    for k in range(3):
+        with safe_open(str(tmp_path / "r2" / "sample" / f"shard-{k:05d}.safetensors"), "pt") as f:
+            writers.append(f.metadata()["pgraft.process"])
+    assert writers == ["0/2", "1/2", "0/2"]

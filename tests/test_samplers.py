@@ -1,0 +1,133 @@
+"""The sampler maths pinned against closed forms and against diffusers' own schedulers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgraft_cli.samplers import NoiseSchedule, sample
+
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+
+
+def native_prediction(schedule: NoiseSchedule, x0, e, t):
+    """What a perfect network predicts at time t for x_t = a x0 + s e, in the schedule's type."""
+    a, s = (v.float() for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
+    return {"flow": e - x0, "epsilon": e, "v_prediction": a * e - s * x0, "sample": x0}[schedule.prediction_type]
+
+
+@pytest.mark.parametrize("schedule", [NoiseSchedule.flow()] + [NoiseSchedule.diffusion(p) for p in PREDICTIONS])
+@pytest.mark.parametrize("t", [0.9, 0.5, 0.13])
+def test_to_x0_eps_inverts_every_parameterisation(schedule, t):
+    g = torch.Generator().manual_seed(0)
+    x0, e = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    a, s = (v.float() for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
+    x = a * x0 + s * e
+    x0_hat, e_hat = schedule.to_x0_eps(x, native_prediction(schedule, x0, e, t), torch.tensor(t, dtype=torch.float64))
+    torch.testing.assert_close(x0_hat, x0, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(e_hat, e, atol=2e-5, rtol=1e-4)
+
+
+def test_flow_schedule_is_linear_interpolation():
+    schedule = NoiseSchedule.flow()
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    a, s = schedule.alpha_sigma(t)
+    torch.testing.assert_close(a, 1 - t)
+    torch.testing.assert_close(s, t)
+    assert torch.equal(schedule.timestep(t), t * 1000)
+
+
+def test_flow_grid_uniform_and_shifted():
+    grid = NoiseSchedule.flow().grid(4)
+    torch.testing.assert_close(grid, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    shifted = NoiseSchedule.flow(shift=3.0).grid(4)
+    u = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(shifted, 3 * u / (1 + 2 * u))
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0 and bool((shifted[:-1] > shifted[1:]).all())
+
+
+def test_diffusion_schedule_matches_diffusers_ddpm():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedule = NoiseSchedule.diffusion("epsilon", 1000, "scaled_linear", 0.00085, 0.012)
+    ts = torch.tensor([1, 17, 500, 999])  # timestep 0 is t = 0, which pgraft reads as clean data (below)
+    a, s = schedule.alpha_sigma(ts.double() / 1000)
+    abar = ref.alphas_cumprod[ts].double()
+    torch.testing.assert_close(a, abar.sqrt(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s, (1 - abar).sqrt(), atol=1e-6, rtol=1e-5)
+    # t = 0 is clean data (alpha = 1), as DDIM's set_alpha_to_one
+    a0, s0 = schedule.alpha_sigma(torch.tensor(0.0, dtype=torch.float64))
+    assert float(a0) == 1.0 and float(s0) == 0.0
+
+
+def test_diffusion_grid_is_ddim_trailing():
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    grid = NoiseSchedule.diffusion().grid(10)
+    assert torch.equal((grid[:-1] * 1000).round().long(), ref.timesteps.long())
+    assert grid[-1] == 0.0
+
+
+def test_flow_euler_is_exact_for_point_mass_data():
+    """For data = delta(c) the velocity is (x - c) / t and Euler lands on c for any grid."""
+    c = torch.tensor([[0.3, -0.7]])
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    schedule = NoiseSchedule.flow()
+    for steps in (1, 3, 8):
+        x, captured = sample(lambda x, t: (x - c) / t, schedule, noise, schedule.grid(steps), capture_at=0.5)
+        torch.testing.assert_close(x, c.expand(5, 2), atol=1e-6, rtol=0)
+        x_c, t_c = captured
+        assert t_c <= 0.5
+        torch.testing.assert_close(x_c, c + (noise - c) * t_c, atol=1e-6, rtol=0)
+
+
+def test_flow_step_is_plain_euler():
+    schedule = NoiseSchedule.flow()
+    x, v = torch.randn(3, 2), torch.randn(3, 2)
+    t, t_next = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.55, dtype=torch.float64)
+    torch.testing.assert_close(schedule.step(x, v, t, t_next), x + (t_next - t).float() * v)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_ddim_is_exact_for_point_mass_data(prediction):
+    c = torch.tensor([[0.5, -0.25, 1.0]])
+    schedule = NoiseSchedule.diffusion(prediction)
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+
+    def perfect(x, t):
+        a, s = (v.float() for v in schedule.alpha_sigma(t))
+        e = (x - a * c) / s
+        return native_prediction(schedule, c.expand_as(x), e, float(t))
+
+    x, _ = sample(perfect, schedule, noise, schedule.grid(6))
+    torch.testing.assert_close(x, c.expand(4, 3), atol=1e-4, rtol=0)
+
+
+def test_ddim_matches_diffusers_ddim_scheduler():
+    """pgraft's diffusion sampler equals diffusers' DDIMScheduler (trailing, eta = 0) step for step."""
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="trailing",
+                        set_alpha_to_one=True, clip_sample=False, prediction_type="epsilon")
+    ref.set_timesteps(8)
+    toy = lambda x, timestep: 0.3 * x + 0.001 * timestep  # noqa: E731 - any smooth "network"
+    noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x_ref = noise.clone()
+    for ts in ref.timesteps:
+        x_ref = ref.step(toy(x_ref, float(ts)), ts, x_ref).prev_sample
+    schedule = NoiseSchedule.diffusion("epsilon")
+    x, _ = sample(lambda x, t: toy(x, float(schedule.timestep(t))), schedule, noise, schedule.grid(8))
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_capture_at_reports_grid_time_at_or_below_cutoff():
+    schedule = NoiseSchedule.flow()
+    noise = torch.zeros(1, 1)
+    _, (x_c, t_c) = sample(lambda x, t: torch.ones_like(x), schedule, noise, schedule.grid(10), capture_at=0.25)
+    assert t_c == pytest.approx(0.2)
+    torch.testing.assert_close(x_c, torch.full((1, 1), -0.8), atol=1e-6, rtol=0)
+    _, (x_1, t_1) = sample(lambda x, t: torch.ones_like(x), schedule, noise, schedule.grid(10), capture_at=0.999)
+    assert t_1 == pytest.approx(0.9)
