@@ -18,12 +18,14 @@ that names the problem and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -57,6 +59,9 @@ def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto") -
         return NoiseSchedule.flow(T, shift)
     if scheduler_config.get("trained_betas") is not None:
         raise ModelLoadError("schedulers with trained_betas are not supported; use a beta_schedule")
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        raise ModelLoadError("schedulers with rescale_betas_zero_snr are not supported; use a model trained "
+                             "with the standard beta schedule")
     prediction = scheduler_config.get("prediction_type", "epsilon") if detected == "diffusion" else "epsilon"
     try:
         return NoiseSchedule.diffusion(
@@ -144,6 +149,12 @@ def _sample_shape(model_class: str, config: dict[str, Any]) -> tuple[int, int, i
 
 
 def _conditioning(model_class: str, config: dict[str, Any]) -> tuple[str, Optional[int]]:
+    if config.get("addition_embed_type") or config.get("class_embed_type") or (
+            model_class == "UNet2DConditionModel" and config.get("num_class_embeds")):
+        raise ModelLoadError(
+            f"this {model_class} takes extra conditioning (addition_embed_type/class_embed_type, as SDXL and "
+            f"upscalers do), which pgraft does not support; use SD 1.x/2.x, SD3 or a UNet2DModel"
+        )
     if model_class in ("UNet2DConditionModel", "SD3Transformer2DModel"):
         return "text", None
     if config.get("num_class_embeds"):
@@ -161,7 +172,7 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
     if conditioning == "text" and pipeline is None:
         raise ModelLoadError(
             f"{source} is a text-conditioned {model_class} without its text encoders; pass the "
-            f"diffusers pipeline folder (with model_index.json) instead of the bare model"
+            f"diffusers pipeline folder (with model_index.json), or give the weights --config PIPELINE_FOLDER"
         )
     return LoadedModel(
         network=network,
@@ -212,6 +223,35 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         ) from None
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence diffusers/transformers progress bars, notes and deprecation warnings while loading.
+
+    They are addressed to library authors, and would break the CLI's one-``error:``-line contract.
+    """
+    import diffusers.utils.logging as dlog
+
+    try:
+        import transformers.utils.logging as tlog
+    except ImportError:  # transformers is only needed for text pipelines
+        tlog = None
+    libs = [lib for lib in (dlog, tlog) if lib is not None]
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for lib in libs:
+                lib.set_verbosity_error()
+                lib.disable_progress_bar()
+            yield
+    finally:
+        for lib, (verbosity, bars) in zip(libs, saved):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
 def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
 
@@ -247,8 +287,12 @@ def _require_scheduler(found: Optional[dict[str, Any]], kind: str, where: Path) 
 
 
 def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
-               allow_pickle: bool = False) -> LoadedModel:
-    """Load MODEL (see the module docstring) on the CPU in float32."""
+               allow_pickle: bool = False, base: Optional[str] = None) -> LoadedModel:
+    """Load MODEL (see the module docstring) on the CPU in float32.
+
+    A corrector file written by ``pgraft correct`` loads as its base model with the corrector
+    attached; the base comes from the file's stored source or ``base``, and must match its hash.
+    """
     if model in ALIASES:
         path = ALIASES[model]
         if not path.is_file():
@@ -268,6 +312,10 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
             metadata = read_safetensors_metadata(path)
+            if metadata.get("pgraft.kind") == "corrector":
+                from .correct import load_corrected
+
+                return load_corrected(path, metadata, base, kind, allow_pickle)
             if "pgraft.model_class" in metadata and config is None:
                 return _load_pgraft_file(path, str(path), kind, metadata)
             return _load_bare_weights(path, config, kind, allow_pickle, metadata)
@@ -281,7 +329,7 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
         raise ModelLoadError(
             f"{path}: unknown checkpoint type '{suffix}'; pass a .safetensors file or a diffusers folder"
         )
-    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")) and not _looks_local(path):
         return _load_hub(model, kind, allow_pickle)
     raise ModelLoadError(
         f"{model}: no such file or directory; pass a path, a hub id (org/name) or a bundled alias "
@@ -289,12 +337,21 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
     )
 
 
+def _looks_local(path: Path) -> bool:
+    """A missing ``dir/name`` that is a typo'd local path rather than a hub id."""
+    return path.suffix.lower() in PICKLE_SUFFIXES | {".safetensors", ".json"} or path.parent.is_dir()
+
+
 def _load_pgraft_file(path: Path, source: str, kind: str, metadata: dict[str, str]) -> LoadedModel:
     state, metadata = read_safetensors(path)
-    model_class = metadata["pgraft.model_class"]
-    model_config = json.loads(metadata["pgraft.model_config"])
-    scheduler_config = json.loads(metadata.get("pgraft.scheduler_config") or "null") or \
-        _require_scheduler(None, kind, path)
+    try:
+        model_class = metadata["pgraft.model_class"]
+        model_config = json.loads(metadata["pgraft.model_config"])
+        scheduler_config = json.loads(metadata.get("pgraft.scheduler_config") or "null")
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} has damaged pgraft metadata ({_short(exc)}); re-export it, or pass "
+                             f"--config with the model's config.json") from None
+    scheduler_config = scheduler_config or _require_scheduler(None, kind, path)
     network = build_network(model_class, model_config)
     load_state(network, state, str(path))
     return _assemble(network, model_class, model_config, scheduler_config, kind, source,
@@ -326,6 +383,8 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
         loaded = _load_pipeline(str(cfg_path), cfg_path, kind, allow_pickle, "safetensors+config")
         load_state(loaded.network, state, str(path))
         loaded.source, loaded.identity, loaded.metadata = str(path), sha256_file(path), metadata
+        loaded.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+        loaded.default_data = metadata.get("pgraft.data") or None
         return loaded
     if cfg_path.is_dir():
         model_cfg_file = cfg_path / "config.json"
@@ -347,15 +406,16 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
 def _load_model_folder(path: Path, kind: str, allow_pickle: bool) -> LoadedModel:
     model_config = _read_json(path / "config.json")
     model_class = model_config.get("_class_name", "")
-    cls = _network_class(model_class)
     has_safe = any(path.glob("*.safetensors"))
     if not has_safe and not allow_pickle:
         raise UnsafeFileError(
             f"{path} holds only pickle weights (.bin), which can run arbitrary code when loaded; "
             f"convert them to safetensors, or pass --allow-pickle if you trust their source"
         )
+    cls = _network_class(model_class)
     try:
-        network = cls.from_pretrained(str(path), use_safetensors=has_safe)
+        with _quiet_loading():
+            network = cls.from_pretrained(str(path), use_safetensors=has_safe, torch_dtype=torch.float32)
     except Exception as exc:
         raise ModelLoadError(f"could not load the model in {path} ({_short(exc)}); check its weights match config.json") from None
     scheduler = _require_scheduler(_scheduler_config_near(path), kind, path)
@@ -376,8 +436,13 @@ def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, sourc
             f"{path}/{part} holds only pickle weights (.bin), which can run arbitrary code when loaded; "
             f"convert them to safetensors, or pass --allow-pickle if you trust their source"
         )
+    # Components saved as None (an SD3 pipeline without T5, say) must be passed as None again.
+    absent = {k: None for k, v in index.items()
+              if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None}
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None if allow_pickle else True)
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None if allow_pickle else True,
+                                                     torch_dtype=torch.float32, **absent)
     except Exception as exc:
         raise ModelLoadError(f"could not load the pipeline in {path} ({_short(exc)}); check the folder is complete") from None
     return _from_pipeline(pipe, source, source_kind, kind, identity_of(path))
@@ -391,6 +456,13 @@ def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity
     scheduler_config["_class_name"] = type(pipe.scheduler).__name__
     model_config = dict(network.config)
     model_config["_class_name"] = model_class
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and model_config.get("in_channels") != vae.config.latent_channels:
+        raise ModelLoadError(
+            f"{source}: the {model_class} takes {model_config.get('in_channels')} input channels but the VAE makes "
+            f"{vae.config.latent_channels} (an inpainting or image-conditioned pipeline); pgraft loads text-to-image "
+            f"pipelines only"
+        )
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return _assemble(network, model_class, model_config, scheduler_config, kind, source, source_kind,
@@ -401,7 +473,9 @@ def _load_hub(repo_id: str, kind: str, allow_pickle: bool) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(repo_id, use_safetensors=None if allow_pickle else True)
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(repo_id, use_safetensors=None if allow_pickle else True,
+                                                     torch_dtype=torch.float32)
     except Exception as exc:
         raise ModelLoadError(
             f"could not load '{repo_id}' from the Hugging Face hub ({_short(exc)}); where the hub is "

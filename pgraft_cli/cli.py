@@ -57,12 +57,13 @@ def _resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Rec
     return load_recipe(recipe, overrides)
 
 
-def _load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool, recipe: Recipe):
+def _load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool, recipe: Recipe,
+          base: Optional[str] = None):
     from .checkpoints import load_model
 
     if kind is not None and kind not in ("flow", "diffusion", "auto"):
         raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
-    return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle)
+    return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle, base=base)
 
 
 def _device(recipe: Recipe, override: Optional[str], state: Any) -> str:
@@ -175,6 +176,7 @@ def sample(
     class_label: Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")] = None,
     capture_at: Annotated[Optional[float], typer.Option("--capture-at", help="Also store each trajectory's state at this noise level (P-GRAFT's cutoff).")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected checkpoint, if not where it was.")] = None,
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -213,11 +215,17 @@ def sample(
         all_prompts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
     cond = Conditions(prompts=all_prompts or None, class_label=class_label)
     state = _state(rec, device)
-    loaded = _load(model, config, kind, allow_pickle, rec)
+    loaded = _load(model, config, kind, allow_pickle, rec, base)
     dev = _device(rec, device, state)
     import torch
 
     loaded.to(dev, getattr(torch, rec.model.dtype))
+    if loaded.corrector is not None:  # one corrector per base step count
+        loaded.corrector.to(dev)
+        if steps is not None and steps != loaded.corrector.base_steps:
+            raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {steps}; "
+                              f"pass --steps {loaded.corrector.base_steps} or sample the base model")
+        rec.sample.steps = loaded.corrector.base_steps
     from .sample import check_conditions, stage_config
 
     check_conditions(loaded, cond)
@@ -278,6 +286,11 @@ def run(
       pgraft run digits --recipe my-recipe.toml --run-dir runs/exp1
     """
     rec = _resolve_recipe(recipe, set_)
+    if rec.run.stages == ["invert", "train_corrector", "evaluate"]:
+        correct(model, recipe=recipe, set_=set_, run_dir=run_dir, config=config, kind=kind, allow_pickle=allow_pickle,
+                device=device, quiet=quiet, as_json=as_json, data=None, out=None, steps=None, features=None,
+                inception_weights=None)
+        return
     ready = {"sample"}
     pending = [s for s in rec.run.stages if s not in ready]
     if pending:
@@ -290,7 +303,7 @@ def run(
             sample(model, recipe=recipe, set_=set_, run_dir=run_dir, config=config, kind=kind,
                    allow_pickle=allow_pickle, device=device, quiet=quiet, as_json=as_json,
                    num=None, seed=None, steps=None, batch_size=None, out=None, prompt=None, prompts=None,
-                   class_label=None, capture_at=None, guidance_scale=None)
+                   class_label=None, capture_at=None, guidance_scale=None, base=None)
 
 
 @app.command()
@@ -380,38 +393,223 @@ def finetune(
     _not_yet("finetune", "GRAFT/P-GRAFT issue")
 
 
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits). Default: the model's bundled data set.")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception or classifier (the bundled digits classifier).")]
+InceptionOpt = Annotated[Optional[str], typer.Option("--inception-weights", help="Local clean-fid Inception TorchScript file (inception-2015-12-05.pt).")]
+
+
+def _real_data(loaded: Any, data: Optional[str]) -> tuple[Any, str]:
+    from .data import load_data
+
+    spec = data or loaded.default_data
+    if not spec:
+        raise PgraftError(f"{loaded.source} names no data set of its own; pass --data (an image folder, .npz or alias)")
+    return load_data(spec, loaded.image_shape), spec
+
+
+def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("sampler", "FID", "KID", "NFE", "GFLOPs/img", "ms/img", "num"):
+        table.add_column(col, justify="left" if col == "sampler" else "right")
+    best = min((r["fid"] for _, r in rows if r.get("fid") is not None), default=None)
+    for name, r in rows:
+        fid = "-" if r.get("fid") is None else f"{r['fid']:.3f}"
+        if r.get("fid") is not None and r["fid"] == best and len(rows) > 1:
+            fid = f"[green]{fid}[/green]"
+        table.add_row(name, fid, "-" if r.get("kid") is None else f"{r['kid']:.4f}", str(r["nfe"]),
+                      f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
+    return table
+
+
 @app.command()
 def correct(
-    model: Annotated[str, typer.Argument(help="Flow model to correct.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors, or alias (digits).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output .safetensors for the corrector.")] = None,
+    model: Annotated[str, typer.Argument(help="Pretrained flow model to correct.")],
+    data: DataOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .safetensors (default RUN_DIR/corrected.safetensors).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps the corrector is fitted for (correct.base_steps).")] = None,
+    features: FeaturesOpt = None,
+    inception_weights: InceptionOpt = None,
     recipe: RecipeOpt = "inverse-noise",
     set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Inverse noise correction: invert data, train a noise corrector, evaluate (not implemented yet).
+    """Inverse noise correction: invert real data through the flow, train a noise corrector, evaluate.
 
-    Example:
+    Stages (each resumable in the run directory): invert -> train_corrector -> evaluate (base
+    sampler vs corrector -> base at the same base steps: FID, KID, NFE, measured FLOPs, time).
+    Writes one self-describing .safetensors that `pgraft sample` and `pgraft evaluate` compose
+    with its base model automatically.
 
-      pgraft correct digits --recipe inverse-noise --out corrected.safetensors
+    Examples:
+
+      pgraft correct digits --recipe inverse-noise
+
+      pgraft correct model.safetensors --data ./images --out corrected.safetensors --steps 4
+
+      pgraft correct digits --set correct.corrector=gaussian --set evaluate.num=500
     """
-    _not_yet("correct", "inverse-noise issue")
+    import torch
+
+    from .correct import run_invert, run_train_corrector, save_corrected
+    from .evaluate import evaluate_model, pick_features
+    from .recipes import SampleConfig
+    from .runstore import RunStore, atomic_write_text
+    from .ui import note, progress
+
+    tic = time.perf_counter()
+    rec = _resolve_recipe(recipe, set_, correct__base_steps=steps, evaluate__features=features,
+                          evaluate__inception_weights=inception_weights)
+    state = _state(rec, device)
+    loaded = _load(model, config, kind, allow_pickle, rec)
+    if loaded.corrector is not None:
+        raise PgraftError(f"{model} is already a corrected model; pass its base model to correct it again")
+    dev = _device(rec, device, state)
+    loaded.to(dev, getattr(torch, rec.model.dtype))
+    real, data_id = _real_data(loaded, data)
+    if rec.correct.num_images:
+        real = real[: rec.correct.num_images]
+    run_dir = run_dir or _default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
+    show = not (quiet or as_json) and state.is_main_process
+    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
+    with RunStore(run_dir, is_main=state.is_main_process) as store:
+        atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
+        note(f"run directory: {store.root}", quiet=not show)
+        with progress(show) as bar:
+            noises, inv = run_invert(loaded, real, data_id, rec.correct, rec.sample.lane, store, bar)
+            corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
+                                                  store, bar, device=dev)
+            eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
+                                    batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+            real_feats = feats(real)
+            base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
+                                          rec.evaluate.kid_subsets, real_features=real_feats)
+            loaded.corrector = corrector.to(dev)
+            corr_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-corrected",
+                                          rec.evaluate.kid_subsets, real_features=real_feats)
+            loaded.corrector = None
+        metrics = {"base": base_metrics, "corrected": corr_metrics, "inversion": inv,
+                   "corrector": {k: v for k, v in info.items() if k != "loss_curve"}, "data": data_id}
+        target = out or store.root / "corrected.safetensors"
+        save_corrected(target, corrector, loaded, metrics, rec.to_dict(),
+                       {"run_dir": str(store.root), "device": dev})
+        store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve")})
+    seconds = time.perf_counter() - tic
+    summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
+               "seconds": round(seconds, 2), **metrics}
+    if as_json:
+        print(json.dumps(summary, sort_keys=True, default=float))
+        return
+    if quiet:
+        return
+    from .ui import fmt_bytes, out as console
+
+    console.print(_metrics_table(
+        f"inverse noise correction of {loaded.source} ({rec.correct.base_steps} base steps, "
+        f"features {base_metrics['features']})",
+        [(f"base ({rec.correct.base_steps} steps)", base_metrics),
+         (f"corrected ({corrector.kind}, {corrector.steps} + {rec.correct.base_steps} steps)", corr_metrics)]))
+    console.print(f"inversion: reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} "
+                  f"(max {inv['reconstruction_rms_max']:.4f}); inverted noise mean {inv['noise_mean']:+.3f}, "
+                  f"std {inv['noise_std']:.3f} (N(0, I): 0, 1)")
+    console.print(f"corrector: {info['kind']}, {info['parameters']:,} parameters"
+                  + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else ""))
+    console.print(f"[green]wrote[/green] {target} ({fmt_bytes(target.stat().st_size)}); run {store.root}; "
+                  f"{seconds:.0f}s")
 
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Argument(help="Model (or corrected / tuned checkpoint) to evaluate.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Reference data for FID/KID.")] = None,
-    num: Annotated[Optional[int], typer.Option("--num", help="Number of samples.")] = None,
+    model: Annotated[str, typer.Argument(help="Model, corrected or tuned checkpoint to evaluate.")],
+    data: DataOpt = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of samples (evaluate.num).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps (default: the corrector's, else sample.steps).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (evaluate.seed).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected checkpoint, if not where it was.")] = None,
+    features: FeaturesOpt = None,
+    inception_weights: InceptionOpt = None,
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """FID/KID against data, reward, NFE and measured FLOPs per image (not implemented yet).
+    """FID and KID against data, NFE, measured FLOPs and time per image.
 
-    Example:
+    A corrected checkpoint is sampled as corrector -> base. Features: clean-fid's Inception where
+    its weights are at hand (--inception-weights PATH), else the bundled digits classifier for
+    digits-shaped models; the output says which were used.
 
-      pgraft evaluate digits --data digits --num 2000 --json
+    Examples:
+
+      pgraft evaluate digits --num 2000 --json
+
+      pgraft evaluate corrected.safetensors --data digits --num 2000
+
+      pgraft evaluate ./sd2 --data ./coco-val --inception-weights inception-2015-12-05.pt --prompts p.txt
     """
-    _not_yet("evaluate", "inverse-noise issue")
+    import torch
+
+    from .checkpoints import load_model
+    from .evaluate import evaluate_model, pick_features
+    from .recipes import SampleConfig
+    from .runstore import RunStore, atomic_write_text
+    from .ui import note, progress
+
+    rec = _resolve_recipe(recipe, set_, evaluate__num=num, evaluate__seed=seed, evaluate__steps=steps,
+                          evaluate__features=features, evaluate__inception_weights=inception_weights)
+    state = _state(rec, device)
+    if kind is not None and kind not in ("flow", "diffusion", "auto"):
+        raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
+    loaded = load_model(model, config=config, kind=kind or rec.model.kind, allow_pickle=allow_pickle, base=base)
+    if loaded.conditioning == "text":
+        raise NotYetAvailableError("evaluating text-to-image models needs prompts, which arrive with the GRAFT/P-GRAFT issue")
+    dev = _device(rec, device, state)
+    loaded.to(dev, getattr(torch, rec.model.dtype))
+    if loaded.corrector is not None:
+        loaded.corrector.to(dev)
+        if rec.evaluate.steps is not None and rec.evaluate.steps != loaded.corrector.base_steps:
+            raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {rec.evaluate.steps}; "
+                              f"pass --steps {loaded.corrector.base_steps} or evaluate the base model")
+    eval_steps = rec.evaluate.steps or (loaded.corrector.base_steps if loaded.corrector is not None else rec.sample.steps)
+    real, data_id = _real_data(loaded, data)
+    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
+    eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=eval_steps,
+                            batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+    run_dir = run_dir or _default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
+                                                       "steps": eval_steps})
+    show = not (quiet or as_json) and state.is_main_process
+    with RunStore(run_dir, is_main=state.is_main_process) as store:
+        if state.is_main_process:
+            atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
+        note(f"run directory: {store.root}", quiet=not show)
+        with progress(show) as bar:
+            metrics = evaluate_model(loaded, real, eval_cfg, feats, store, bar, "sample", rec.evaluate.kid_subsets,
+                                     process_index=state.process_index, num_processes=state.num_processes,
+                                     barrier=state.wait_for_everyone if state.num_processes > 1 else None)
+        if not state.is_main_process:
+            return
+        metrics = {**metrics, "model": loaded.source, "data": data_id, "run_dir": str(store.root),
+                   "corrected": loaded.corrector is not None}
+        store.write_json("evaluate.json", metrics)
+    if as_json:
+        print(json.dumps(metrics, sort_keys=True, default=float))
+    elif not quiet:
+        from .ui import out as console
+
+        console.print(_metrics_table(f"evaluate {model} against {data_id} (features {metrics['features']})",
+                                     [(f"{'corrected' if metrics['corrected'] else 'base'} ({eval_steps} steps)", metrics)]))
 
 
 # ================================================================================================

@@ -1,17 +1,31 @@
-"""Data sets pgraft can name with ``--data``; for now the bundled alias ``digits``.
+"""Data sets pgraft reads with ``--data``: an image folder, a tensor file, or a bundled alias.
 
-``digits`` is scikit-learn's copy of the UCI handwritten digits (1797 images, 8x8, values 0..16),
-shipped inside scikit-learn, so nothing is downloaded. Resize rule: scale to [0, 1] by /16, then
-bilinear up-sampling to 16x16 (``align_corners=False``), one grey channel.
+- ``digits``: scikit-learn's copy of the UCI handwritten digits (1797 images, 8x8, values 0..16),
+  shipped inside scikit-learn, so nothing is downloaded. Resize rule: scale to [0, 1] by /16, then
+  bilinear up-sampling to 16x16 (``align_corners=False``), one grey channel.
+- a folder of ``.png``/``.jpg``/``.jpeg``/``.webp`` images (sorted by name). Resize rule: convert to
+  the model's channels (L or RGB), resize so the shorter side equals the model's size (bicubic,
+  PIL), then centre-crop to a square of that size.
+- an ``.npz`` (array ``images``, else its only array) or ``.safetensors`` (tensor ``images``) of
+  shape (N, H, W), (N, H, W, C) or (N, C, H, W): uint8 is read as 0..255, floats as [0, 1]; it must
+  already have the model's size.
+
+Every loader returns float32 images in [0, 1], shape (N, C, H, W).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import PgraftError
+
 DIGITS_SIZE = 16
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+ALIASES = ("digits",)
 
 
 def load_digits(size: int = DIGITS_SIZE) -> tuple[Tensor, Tensor]:
@@ -23,3 +37,81 @@ def load_digits(size: int = DIGITS_SIZE) -> tuple[Tensor, Tensor]:
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return images.clamp(0.0, 1.0), torch.tensor(bunch.target, dtype=torch.long)
+
+
+def load_data(spec: str, shape: tuple[int, int, int]) -> Tensor:
+    """Images in [0, 1] of the given (C, H, W) from a ``--data`` spec (see the module doc)."""
+    channels, height, width = shape
+    if spec == "digits":
+        images, _ = load_digits(size=height)
+        if (channels, height, width) != (1, height, height):
+            raise PgraftError(f"--data digits gives 1 x {height} x {height} grey images, but the model "
+                              f"makes {channels} x {height} x {width}; pass data of the model's shape")
+        return images
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(path, channels, height, width)
+    if path.is_file() and path.suffix in (".npz", ".safetensors"):
+        return _check(_load_tensor_file(path), path, shape)
+    if not path.exists():
+        raise PgraftError(f"--data {spec}: no such file or directory; pass an image folder, an .npz or "
+                          f".safetensors file, or one of: {', '.join(ALIASES)}")
+    raise PgraftError(f"--data {spec}: unsupported file type '{path.suffix}'; use an image folder, .npz or .safetensors")
+
+
+def _load_folder(path: Path, channels: int, height: int, width: int) -> Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PgraftError(f"--data {path}: no .png/.jpg/.jpeg/.webp images in the folder")
+    mode = "L" if channels == 1 else "RGB"
+    out = torch.empty(len(files), channels, height, width)
+    for i, f in enumerate(files):
+        try:
+            im = Image.open(f).convert(mode)
+        except OSError as exc:
+            raise PgraftError(f"--data: {f} is not a readable image ({exc}); remove or replace it") from None
+        scale = max(height / im.height, width / im.width)
+        im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - width) // 2, (im.height - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, channels)
+        out[i] = arr.permute(2, 0, 1).float() / 255.0
+    return out
+
+
+def _load_tensor_file(path: Path) -> Tensor:
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+            if key is None:
+                raise PgraftError(f"--data {path}: holds {keys}; name the image array 'images'")
+            array = torch.from_numpy(z[key].copy())
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if "images" not in tensors:
+            raise PgraftError(f"--data {path}: no tensor named 'images' (has {sorted(tensors)})")
+        array = tensors["images"]
+    if array.dtype == torch.uint8:
+        return array.float() / 255.0
+    return array.float()
+
+
+def _check(images: Tensor, path: Path, shape: tuple[int, int, int]) -> Tensor:
+    c, h, w = shape
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim == 4 and images.shape[1] != c and images.shape[-1] == c:
+        images = images.permute(0, 3, 1, 2)
+    if tuple(images.shape[1:]) != (c, h, w):
+        raise PgraftError(f"--data {path}: images of shape {tuple(images.shape[1:])}, but the model makes "
+                          f"{c} x {h} x {w}; resize them or pass an image folder (resized automatically)")
+    if images.min() < 0 or images.max() > 1:
+        raise PgraftError(f"--data {path}: float images must be in [0, 1] (got {images.min():.2f}..{images.max():.2f})")
+    return images.contiguous()

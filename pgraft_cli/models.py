@@ -50,6 +50,8 @@ class LoadedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     default_data: Optional[str] = None
+    corrector: Any = None  # a NoiseCorrector (correct.py) applied to the initial noise, if any
+    base_identity: Optional[str] = None  # with a corrector: the base model's own identity
 
     # -- description ----------------------------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -70,6 +71,9 @@ class ScoreConfig:
     reward: str = ""
     batch_size: int = 64
 
+    def validate(self) -> None:
+        _positive(self, "score", "batch_size")
+
 
 @dataclass
 class FilterConfig:
@@ -81,6 +85,11 @@ class FilterConfig:
     threshold: Optional[float] = None
     quantile: Optional[float] = None
     dedup: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "filter", "k", "m")
+        if self.quantile is not None and not 0.0 < self.quantile < 1.0:
+            raise RecipeError(f"filter.quantile must be in (0, 1), got {self.quantile}")
 
 
 @dataclass
@@ -97,24 +106,60 @@ class FinetuneConfig:
     def validate(self) -> None:
         if not 0.0 <= self.cutoff < 1.0:
             raise RecipeError(f"finetune.cutoff must be in [0, 1), got {self.cutoff}")
+        _positive(self, "finetune", "rounds", "steps", "batch_size")
+        if not self.learning_rate > 0.0:
+            raise RecipeError(f"finetune.learning_rate must be > 0, got {self.learning_rate}")
+        if self.lora_rank < 0:
+            raise RecipeError(f"finetune.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
 
 
 @dataclass
 class CorrectConfig:
-    """Inverse noise correction (filled in by the inverse-noise issue)."""
+    """Inverse noise correction: inversion of the base sampler and the corrector it trains."""
 
     base_steps: int = 8
-    inversion_iterations: int = 8
-    corrector_steps: int = 2000
+    num_images: int = 0
+    inversion_iterations: int = 12
+    inversion_tol: float = 1e-5
+    max_reconstruction_rms: float = 0.02
+    invert_shard_size: int = 256
+    data_noise: float = 0.0
+    seed: int = 0
+    corrector: Literal["flow", "gaussian"] = "flow"
+    corrector_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+    corrector_layers: int = 1
+    corrector_attention: bool = False
+    corrector_train_steps: int = 1500
+    corrector_batch_size: int = 128
+    corrector_learning_rate: float = 1e-3
+    corrector_warmup: int = 50
+    corrector_ema: float = 0.999
+    corrector_checkpoint_every: int = 100
+    corrector_sample_steps: int = 4
+
+    def validate(self) -> None:
+        _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",
+                  "corrector_layers", "corrector_train_steps", "corrector_batch_size", "corrector_warmup",
+                  "corrector_checkpoint_every", "corrector_sample_steps")
+        if not self.corrector_channels or min(self.corrector_channels) < 1:
+            raise RecipeError("correct.corrector_channels must be a non-empty list of positive widths, e.g. [16, 32, 32]")
+        if not 0.0 <= self.corrector_ema < 1.0:
+            raise RecipeError(f"correct.corrector_ema must be in [0, 1), got {self.corrector_ema}")
 
 
 @dataclass
 class EvaluateConfig:
-    """Evaluation of samples against data (filled in by the inverse-noise issue)."""
+    """Evaluation of samples against data: FID/KID features, sample count, sampler steps."""
 
     num: int = 2000
-    data: str = ""
+    seed: int = 1
+    steps: Optional[int] = None
     features: Literal["auto", "inception", "classifier"] = "auto"
+    inception_weights: str = ""
+    kid_subsets: int = 10
+
+    def validate(self) -> None:
+        _positive(self, "evaluate", "num", "kid_subsets")
 
 
 @dataclass
@@ -173,6 +218,8 @@ def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
         return path
+    if "/" in name_or_path or os.sep in name_or_path:
+        raise RecipeError(f"recipe file {name_or_path} does not exist (or is not a .toml file); check the path")
     stem = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
     for d in recipe_dirs():
         candidate = d / f"{stem}.toml"
@@ -286,13 +333,22 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
                 raise RecipeError(f"[{key}] must be a table of keys, got {value!r}")
             kwargs[key] = _build_section(hints[key], value, key)
         else:
-            hint = _closest(key, SECTIONS)
-            raise RecipeError(
-                f"unknown section '[{key}]'"
-                + (f" (did you mean '[{hint}]'?)" if hint else "")
-                + f"; allowed sections: {', '.join(SECTIONS)}"
-            )
+            raise _unknown_top_level(key, value)
     return Recipe(**kwargs)
+
+
+def _unknown_top_level(key: str, value: Any) -> RecipeError:
+    """A table is taken for a misspelt section, anything else for a misspelt ``name``/``description``."""
+    if not isinstance(value, dict):
+        hint = _closest(key, ["name", "description"])
+        return RecipeError(f"unknown top-level key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                           + "; allowed: name, description and the sections " + ", ".join(f"[{s}]" for s in SECTIONS))
+    hint = _closest(key, SECTIONS)
+    return RecipeError(
+        f"unknown section '[{key}]'"
+        + (f" (did you mean '[{hint}]'?)" if hint else "")
+        + f"; allowed sections: {', '.join(SECTIONS)}"
+    )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -312,22 +368,43 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def load_recipe(name_or_path: str = "default", overrides: Optional[list[str]] = None) -> Recipe:
     """Read a recipe, apply ``--set`` overrides and validate the result."""
     path = find_recipe(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
+    data = _read_toml(path)
     data.setdefault("name", path.stem)
     for text in overrides or []:
-        section, key, value = parse_override(text)
-        if section not in SECTIONS:
-            hint = _closest(section, SECTIONS)
-            raise RecipeError(
-                f"--set '{text}': unknown section '{section}'"
-                + (f" (did you mean '{hint}'?)" if hint else "")
-                + f"; allowed sections: {', '.join(SECTIONS)}"
-            )
-        data.setdefault(section, {})[key] = value
+        _apply_override(data, text)
     return recipe_from_dict(data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
+    except OSError as exc:
+        raise RecipeError(f"recipe {path} cannot be read ({exc.strerror}); check the path") from None
+
+
+def _apply_override(data: dict[str, Any], text: str) -> None:
+    """Set one ``--set`` override in the parsed document ``data`` (validated later with the rest)."""
+    section, key, value = parse_override(text)
+    if section not in SECTIONS:
+        hint = _closest(section, SECTIONS)
+        raise RecipeError(
+            f"--set '{text}': unknown section '{section}'"
+            + (f" (did you mean '{hint}'?)" if hint else "")
+            + f"; allowed sections: {', '.join(SECTIONS)}"
+        )
+    table = data.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise RecipeError(f"[{section}] must be a table of keys, got {table!r}")
+    if _field_type(section, key) is str and not isinstance(value, str):
+        value = text.split("=", 1)[1].strip()  # a string key takes the text as written (e.g. inf, 1.0)
+    table[key] = value
+
+
+def _field_type(section: str, key: str) -> Any:
+    hints = typing.get_type_hints(typing.get_type_hints(Recipe)[section])
+    return hints.get(key)
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -351,7 +428,19 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quotes, backslashes and control characters escaped."""
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c

@@ -84,6 +84,13 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _remove_temp_files(directory: Path) -> None:
+    """Delete what :func:`atomic_path` leaves behind when its process is killed mid-write."""
+    for tmp in directory.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def sha256_file(path: Path | str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,6 +129,8 @@ class RunStore:
 
     # -- lock -----------------------------------------------------------------------------------
     def __enter__(self) -> "RunStore":
+        if self.root.exists() and not self.root.is_dir():
+            raise RunStoreError(f"--run-dir {self.root} is a file, not a directory; pass another --run-dir")
         self.root.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             self.acquire_lock()
@@ -158,12 +167,15 @@ class RunStore:
         if not path.exists():
             return {"pgraft_version": __version__, "stages": {}}
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
+            manifest = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
             raise RunStoreError(
-                f"{path} is not valid JSON; the run directory is damaged: delete it or pass "
+                f"{path} is not a valid pgraft manifest; the run directory is damaged: delete it or pass "
                 f"another --run-dir"
-            ) from None
+            )
+        return manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         if self.is_main:
@@ -172,15 +184,22 @@ class RunStore:
 
     def stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any],
               num_shards: Optional[int] = None) -> "StageRun":
-        """Open a stage; clears its old shards when its key changed. Returns a :class:`StageRun`."""
+        """Open a stage; clears its old shards when its key changed. Returns a :class:`StageRun`.
+
+        The main process also clears shards the manifest does not account for (no entry: their key
+        is unknown) and temporary files left by a killed writer. A stage whose outputs changed after
+        it finished is recorded as partial again, so the shards that no longer check out are redone.
+        """
         key = stage_key(name, config, inputs)
         manifest = self.read_manifest()
         entry = manifest["stages"].get(name)
         directory = self.root / name
-        if entry is not None and entry.get("key") != key and self.is_main:
-            shutil.rmtree(directory, ignore_errors=True)
-            entry = None
-        if entry is None or entry.get("status") != "done":
+        if self.is_main:
+            if entry is None or entry.get("key") != key:
+                shutil.rmtree(directory, ignore_errors=True)  # shards of another (or an unknown) key
+                entry = None
+            _remove_temp_files(directory)
+        if entry is None or entry.get("status") != "done" or not self._outputs_intact(entry):
             manifest["stages"][name] = {
                 "key": key, "status": "partial", "config": config, "inputs": inputs,
                 "num_shards": num_shards, "outputs": {}, "started": time.time(),
@@ -238,7 +257,7 @@ class StageRun:
         path, sums = self.shard_path(index), self._sum_path(index)
         if not (path.exists() and sums.exists()):
             return False
-        return sums.read_text().strip() == sha256_file(path)
+        return sums.read_bytes().strip() == sha256_file(path).encode()
 
     def done_shards(self) -> list[int]:
         if not self.dir.exists():
@@ -258,6 +277,7 @@ class StageRun:
         manifest = self.store.read_manifest()
         entry = manifest["stages"].setdefault(self.name, {"key": self.key})
         entry.update(extra or {})
+        entry["key"] = self.key
         entry["status"] = "done"
         entry["finished"] = time.time()
         entry["seconds"] = entry["finished"] - entry.get("started", entry["finished"])

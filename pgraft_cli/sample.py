@@ -113,6 +113,8 @@ def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dic
         "capture_at": cfg.capture_at, "family": model.family, "prediction_type": model.schedule.prediction_type,
         "grid": "flow-euler" if model.family == "flow" else "ddim-trailing", "shift": model.schedule.shift,
         "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,
+        "corrector": None if model.corrector is None else {
+            "type": model.corrector.kind, "steps": model.corrector.steps, "base_steps": model.corrector.base_steps},
     }
 
 
@@ -126,6 +128,8 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
     for start in range(first, indices[-1] + 1, lane):
         members = list(range(start, start + lane))
         noise = initial_noise(cfg.seed, members, model.sample_shape).to(model.device, model.dtype)
+        if model.corrector is not None:  # inverse noise correction: e -> corrector -> base sampler
+            noise = model.corrector(noise)
         c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale)
         real = sum(1 for i in members if indices[0] <= i <= indices[-1])
         x, captured = run_sampler(
@@ -155,14 +159,14 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
 
 def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: RunStore,
                bar: Any, process_index: int = 0, num_processes: int = 1,
-               barrier: Any = None) -> SampleResult:
+               barrier: Any = None, stage_name: str = STAGE) -> SampleResult:
     """Run (or resume) the sample stage in ``store``; this process does shards ``k % P == rank``."""
     from safetensors.torch import save_file
 
     check_conditions(model, cond)
     num_shards = math.ceil(cfg.num / cfg.batch_size)
     config = stage_config(model, cfg, cond)
-    stage = store.stage(STAGE, config, {"model": model.identity}, num_shards=num_shards)
+    stage = store.stage(stage_name, config, {"model": model.identity}, num_shards=num_shards)
     if barrier is not None:
         barrier()  # the main process may have cleared a stale stage; others wait for that
     shards = [stage.shard_path(k) for k in range(num_shards)]
@@ -174,10 +178,12 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         task = bar.add_task("sampling", total=todo, unit="img")
         for k in mine:
             indices = list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))
+            tic = time.perf_counter()
             with torch.inference_mode():
                 tensors = _shard_tensors(model, cfg, cond, indices, lambda n: bar.advance(task, n))
-            metadata = {"pgraft.stage": STAGE, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
-                        "pgraft.process": f"{process_index}/{num_processes}"}
+            metadata = {"pgraft.stage": stage_name, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
+                        "pgraft.process": f"{process_index}/{num_processes}",
+                        "pgraft.seconds": f"{time.perf_counter() - tic:.6f}"}
             with stage.write_shard(k) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
             generated += len(indices)
@@ -187,18 +193,35 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
             missing = [k for k in range(num_shards) if not stage.shard_done(k)]
             if missing:
                 raise PgraftError(f"shards {missing[:5]} of the sample stage are missing after sampling; re-run to resume")
-            settings_path = store.write_json(f"{STAGE}/settings.json", {**config, "prompts": cond.prompts})
+            settings_path = store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})
             stage.finish(shards + [settings_path])
     seconds = time.perf_counter() - start
     return SampleResult(store.root, cfg.num, shards, generated, seconds, config)
 
 
-def iter_shards(run_dir: Path) -> list[dict[str, Tensor]]:
-    """The sample stage's shards of a run directory, in index order."""
+def iter_shards(run_dir: Path, stage_name: str = STAGE) -> list[dict[str, Tensor]]:
+    """A sample stage's shards of a run directory, in index order."""
     from safetensors.torch import load_file
 
-    paths = sorted((Path(run_dir) / STAGE).glob("shard-*.safetensors"))
+    paths = sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors"))
     return [load_file(str(p)) for p in paths]
+
+
+def shard_seconds(run_dir: Path, stage_name: str = STAGE) -> float:
+    """Total sampling wall time recorded in a stage's shards (survives resumes)."""
+    from safetensors import safe_open
+
+    total = 0.0
+    for p in sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors")):
+        with safe_open(str(p), "pt") as f:
+            total += float(f.metadata().get("pgraft.seconds", "0"))
+    return total
+
+
+def load_images(run_dir: Path, stage_name: str = STAGE) -> Tensor:
+    """All images of a sample stage as floats in [0, 1], (N, C, H, W), in index order."""
+    shards = iter_shards(run_dir, stage_name)
+    return torch.cat([s["images"] for s in shards]).permute(0, 3, 1, 2).float() / 255.0
 
 
 def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool = True) -> int:

@@ -169,3 +169,40 @@ def sample(
         if callback is not None:
             callback(k)
     return x, captured
+
+
+def invert(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    grid: Tensor,
+    iterations: int = 8,
+    tol: float = 1e-5,
+    callback: Optional[Callable[[int], None]] = None,
+) -> tuple[Tensor, int]:
+    """Invert the deterministic sampler ``T``: find the noise that ``sample`` maps onto ``x0``.
+
+    Walks the grid backwards. For each step ``y = F(x) = step(x, pred(x, t_k), t_k, t_{k+1})`` it
+    solves for ``x`` by the fixed-point iteration ``x <- x + (y - F(x))``, starting from ``x = y``.
+    For a flow ``F(x) = x + (t_{k+1} - t_k) v(x, t_k)``, so this is exactly backward Euler,
+    ``x <- y - (t_{k+1} - t_k) v(x, t_k)``, which converges when the step times the Lipschitz
+    constant of ``v`` is below 1. Stops a step early once the update's largest entry is ``< tol``.
+    Returns the noise and the largest number of iterations any step used.
+    """
+    x = x0
+    most = 0
+    for k in range(len(grid) - 2, -1, -1):
+        t, t_next = grid[k], grid[k + 1]
+        y = x
+        guess = y
+        used = 0
+        for used in range(1, iterations + 1):
+            update = y - schedule.step(guess, denoiser(guess, t), t, t_next)
+            guess = guess + update
+            if float(update.abs().max()) < tol:
+                break
+        most = max(most, used)
+        x = guess
+        if callback is not None:
+            callback(k)
+    return x, most

@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Sampling throughput: pgraft's sampler and ``pgraft sample`` against the plain diffusers loop.
+
+All methods run the SAME network (the bundled ``digits`` flow model, a diffusers ``UNet2DModel``
+with a ``FlowMatchEulerDiscreteScheduler`` config), the same number of Euler steps and the same
+batch of ``--batch`` images, side by side in one process, interleaved over ``--repeats`` rounds
+(the median is reported):
+
+1. ``diffusers loop``: the canonical hand-written loop of the diffusers docs,
+   ``scheduler.set_timesteps(steps)``, then ``v = unet(x, t).sample; x = scheduler.step(v, t, x)
+   .prev_sample`` for every ``t`` in ``scheduler.timesteps``, on batches of B images.
+2. ``pgraft sampler (lane = B)``: ``pgraft_cli.samplers.sample`` driving ``model.predict`` with the
+   whole batch of B images as one lane (one network call per step sees B images).
+3. ``pgraft sampler (lane = L)``: what ``pgraft sample`` does by default: B images per shard, cut
+   into lanes of L = 16 images (one network call per step sees L images).
+4. ``pgraft sample CLI``: the command end to end in a subprocess (process start, imports, model
+   load, noise, sampling, safetensors shards, PNGs), reported twice: wall clock, and the JSON
+   ``images_per_second`` (the sample stage only: noise, sampling, decode, shard writing).
+
+Methods 1-3 time the sampling loop only: the initial noise (pgraft's per-image seeded noise, the
+same tensors for every method) is drawn before the clock starts.
+
+It also checks that methods 1 and 2 compute the same thing: both are Euler on the flow ODE, but
+diffusers' grid is ``sigmas = linspace(1, 1/T, N)`` plus a final 0 (so its last step is the tiny
+``1/T -> 0``), while pgraft's is ``linspace(1, 0, N + 1)``. With the native grids the outputs differ
+a little (a different discretisation of the same ODE); with diffusers' sigmas passed to pgraft's
+sampler as its grid they agree to float32 rounding.
+
+    python bench/sampling.py                      # defaults, see --help
+    python bench/sampling.py --num 512 --steps 16 --batch 64 --repeats 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num", type=int, default=512, help="images per measurement (default 512)")
+    p.add_argument("--steps", type=int, default=16, help="Euler steps (default 16)")
+    p.add_argument("--batch", type=int, default=64, help="batch B: images per diffusers batch / pgraft shard (default 64)")
+    p.add_argument("--lane", type=int, default=None, help="pgraft's lane for method 3 (default: the recipe default, 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per method; the median is reported (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); also set for the CLI")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="digits", help="model to load (default: the bundled digits flow)")
+    p.add_argument("--no-cli", action="store_true", help="skip method 4 (the CLI subprocess)")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw timings to this file")
+    args = p.parse_args()
+    from pgraft_cli.recipes import SampleConfig
+
+    args.lane = args.lane or SampleConfig().lane
+    if args.batch % args.lane:
+        p.error(f"--batch ({args.batch}) must be a multiple of the lane ({args.lane}), as for pgraft sample --batch-size")
+    if min(args.num, args.steps, args.batch, args.repeats) < 1:
+        p.error("--num, --steps, --batch and --repeats must be >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# The methods. Each maps the initial noise of `num` images (padded to whole lanes) to final samples.
+
+
+def diffusers_loop(unet: torch.nn.Module, scheduler_config: dict, steps: int, batch: int) -> Callable:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def run(noise: torch.Tensor, num: int) -> torch.Tensor:
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, num, batch):
+                scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+                scheduler.set_timesteps(steps)
+                x = noise[start:min(start + batch, num)]
+                for t in scheduler.timesteps:
+                    v = unet(x, t).sample
+                    x = scheduler.step(v, t, x).prev_sample
+                outs.append(x)
+        return torch.cat(outs)
+
+    return run
+
+
+def pgraft_sampler(model, steps: int, batch: int, lane: int) -> Callable:
+    """pgraft's sampler over shards of `batch` images, each cut into lanes of `lane` images."""
+    from pgraft_cli.models import Cond
+    from pgraft_cli.samplers import sample
+
+    def run(noise: torch.Tensor, num: int) -> torch.Tensor:
+        outs = []
+        cond = Cond()
+        with torch.inference_mode():
+            for shard in range(0, num, batch):
+                end = min(shard + batch, num)
+                grid = model.schedule.grid(steps)
+                for start in range(shard, end, lane):
+                    # like pgraft sample: the last lane is padded with the next images' noise
+                    x, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule,
+                                  noise[start:start + lane], grid)
+                    outs.append(x[: end - start])
+        return torch.cat(outs)
+
+    return run
+
+
+def timed(fn: Callable, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def run_cli(args: argparse.Namespace, num: int, env: dict) -> tuple[float, dict]:
+    """`pgraft sample` in a fresh run directory; returns (wall seconds, its JSON summary)."""
+    tmp = Path(tempfile.mkdtemp(prefix="pgraft-bench-"))
+    try:
+        cmd = [sys.executable, "-m", "pgraft_cli", "sample", args.model, "--num", str(num),
+               "--steps", str(args.steps), "--batch-size", str(args.batch), "--seed", str(args.seed),
+               "--run-dir", str(tmp / "run"), "--out", str(tmp / "png"), "--quiet", "--json"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"pgraft sample failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        if summary.get("generated_now") != num:
+            raise SystemExit(f"pgraft sample generated {summary.get('generated_now')} images, expected {num}")
+        return wall, summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def equivalence_check(model, unet, scheduler_config: dict, steps: int, noise: torch.Tensor) -> dict:
+    """Max |diffusers loop - pgraft sampler| on the same noise, native grids and the shared grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from pgraft_cli.models import Cond
+    from pgraft_cli.samplers import sample
+
+    d = diffusers_loop(unet, scheduler_config, steps, len(noise))(noise, len(noise))
+    cond = Cond()
+    with torch.inference_mode():
+        native, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, noise, model.schedule.grid(steps))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        scheduler.set_timesteps(steps)
+        shared, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, noise,
+                           scheduler.sigmas.to(torch.float64))
+    return {
+        "images": len(noise),
+        "diffusers_grid": [round(float(s), 4) for s in scheduler.sigmas],
+        "pgraft_grid": [round(float(s), 4) for s in model.schedule.grid(steps)],
+        "native_max_abs": float((d - native).abs().max()),
+        "native_mean_abs": float((d - native).abs().mean()),
+        "shared_max_abs": float((d - shared).abs().max()),
+        "sample_range": float(d.abs().max()),
+    }
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    headers = ["method", "steps", "batch", "images", "seconds", "images/s", "ratio vs diffusers"]
+    cells = [[r["method"], str(r["steps"]), str(r["batch"]), str(r["images"]), f"{r['seconds']:.2f}",
+              f"{r['ips']:.2f}", f"{r['ratio']:.2f}x"] for r in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for c in cells:
+            table.add_row(*c)
+        Console(width=140).print(table)
+    except ImportError:  # pragma: no cover
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+        print(title)
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        for c in cells:
+            print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
+    # A markdown copy, for bench/RESULTS.md
+    print()
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
+    for c in cells:
+        print("| " + " | ".join(c) + " |")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import diffusers
+
+    from pgraft_cli.checkpoints import load_model
+    from pgraft_cli.sample import initial_noise
+
+    model = load_model(args.model)
+    if model.family != "flow" or model.model_class != "UNet2DModel" or model.conditioning != "none":
+        raise SystemExit(f"{args.model}: this benchmark needs an unconditional flow UNet2DModel (got "
+                         f"{model.family} {model.model_class}, {model.conditioning})")
+    model.network.eval()
+    unet = model.network
+    scheduler_config = dict(model.scheduler_config)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, torch threads {threads}")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"model {args.model}: {model.model_class}, {model.parameter_count():,} parameters, sample shape "
+          f"{model.sample_shape}, {scheduler_config.get('_class_name')}, {model.dtype}, {model.device}")
+
+    padded = -(-args.num // args.lane) * args.lane
+    noise = initial_noise(args.seed, list(range(padded)), model.sample_shape).to(model.device, model.dtype)
+
+    eq = equivalence_check(model, unet, scheduler_config, args.steps, noise[: args.lane])
+    print(f"\nequivalence on {eq['images']} images, same noise (samples span +-{eq['sample_range']:.2f}):")
+    print(f"  diffusers grid: {eq['diffusers_grid']}")
+    print(f"  pgraft grid:    {eq['pgraft_grid']}")
+    print(f"  diffusers loop vs pgraft sampler, native grids:          max |diff| = {eq['native_max_abs']:.3e}"
+          f" (mean {eq['native_mean_abs']:.3e}; the grids differ, see above)")
+    print(f"  diffusers loop vs pgraft sampler on diffusers' sigmas:   max |diff| = {eq['shared_max_abs']:.3e}")
+
+    # name -> factory(steps) -> run(noise, num)
+    factories: dict[str, Callable[[int], Callable]] = {
+        "diffusers loop": lambda steps: diffusers_loop(unet, scheduler_config, steps, args.batch),
+        f"pgraft sampler (lane = {args.batch})": lambda steps: pgraft_sampler(model, steps, args.batch, args.batch),
+    }
+    if args.lane != args.batch:
+        factories[f"pgraft sampler (lane = {args.lane})"] = lambda steps: pgraft_sampler(model, steps, args.batch, args.lane)
+    methods = {name: make(args.steps) for name, make in factories.items()}
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+
+    # Warm-up: every method once on one batch with 2 steps (allocator, oneDNN kernels, imports);
+    # the CLI once on one batch, so its imports and the model file are in the page cache.
+    print("\nwarm-up ...", flush=True)
+    for make in factories.values():
+        make(2)(noise, min(args.batch, args.num))
+    if not args.no_cli:
+        run_cli(argparse.Namespace(**{**vars(args), "steps": 2}), min(args.batch, args.num), env)
+
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    cli_wall: list[float] = []
+    cli_json: list[dict] = []
+    order = list(methods) + ([] if args.no_cli else ["cli"])
+    for r in range(args.repeats):
+        rotated = order[r % len(order):] + order[: r % len(order)]  # interleave, rotating who goes first
+        for name in rotated:
+            if name == "cli":
+                wall, summary = run_cli(args, args.num, env)
+                cli_wall.append(wall)
+                cli_json.append(summary)
+                print(f"  round {r + 1}: pgraft sample CLI: {wall:.2f}s wall, {summary['seconds']:.2f}s sampling", flush=True)
+            else:
+                seconds = timed(methods[name], noise, args.num)
+                times[name].append(seconds)
+                print(f"  round {r + 1}: {name}: {seconds:.2f}s", flush=True)
+
+    base = statistics.median(times["diffusers loop"])
+    base_ips = args.num / base
+    rows = []
+    for name, ts in times.items():
+        s = statistics.median(ts)
+        rows.append({"method": name, "steps": args.steps, "batch": args.batch, "images": args.num,
+                     "seconds": s, "ips": args.num / s, "ratio": (args.num / s) / base_ips})
+    if cli_wall:
+        s = statistics.median(cli_wall)
+        rows.append({"method": f"pgraft sample CLI (lane = {args.lane}), wall clock", "steps": args.steps,
+                     "batch": args.batch, "images": args.num, "seconds": s, "ips": args.num / s,
+                     "ratio": (args.num / s) / base_ips})
+        s = statistics.median(j["seconds"] for j in cli_json)
+        ips = statistics.median(j["images_per_second"] for j in cli_json)
+        rows.append({"method": f"pgraft sample CLI (lane = {args.lane}), JSON images_per_second", "steps": args.steps,
+                     "batch": args.batch, "images": args.num, "seconds": s, "ips": ips, "ratio": ips / base_ips})
+    load = os.getloadavg()
+    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in load)}")
+    if load[1] > 1.25 * (os.cpu_count() or 1):
+        print("WARNING: the machine was busy with other work during the run (5-minute load average "
+              f"{load[1]:.1f} on {os.cpu_count()} CPUs): timings are unreliable. With several threads per "
+              "process, a busy CPU makes torch's intra-op barriers wait on descheduled threads; try --threads 1.")
+    print()
+    print_table(rows, f"sampling throughput, median of {args.repeats} (torch {torch.__version__}, {threads} threads)")
+    print("\nall rounds (seconds):")
+    for name, ts in times.items():
+        print(f"  {name}: {', '.join(f'{t:.2f}' for t in ts)}")
+    if cli_wall:
+        print(f"  pgraft sample CLI wall: {', '.join(f'{t:.2f}' for t in cli_wall)}")
+        json_seconds = ", ".join(f"{j['seconds']:.2f}" for j in cli_json)
+        print(f"  pgraft sample CLI sampling (JSON seconds): {json_seconds}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "equivalence": eq,
+                                         "times": times, "cli_wall": cli_wall, "cli_json": cli_json,
+                                         "rows": rows, "torch": torch.__version__, "threads": threads}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Inverse noise correction (PAPER.md section 3): invert data, fit a noise corrector, compose.
+
+1. ``run_invert``: freeze the base flow and invert its N-step Euler sampler ``T`` on every real
+   image (backward Euler by fixed-point iteration, ``samplers.invert``); check ``T(T^-1(x)) - x``
+   and refuse to go on when its RMS exceeds ``correct.max_reconstruction_rms``. Sharded, resumable.
+2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`) from N(0, I) to the
+   inverted noises with the flow-matching loss; checkpoints to the run directory and resumes
+   bit-exactly (every step's randomness is seeded by ``(seed, step)``; optimizer state is kept in
+   safetensors, never pickled). Or ``corrector = "gaussian"``: the cheapest baseline, a Gaussian
+   with the inverted noises' mean and covariance.
+3. Sampling composes ``e ~ N(0, I) -> corrector -> corrected noise -> base sampler T``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import PgraftError
+from .models import Cond, LoadedModel
+from .recipes import CorrectConfig
+from .runstore import RunStore
+from .samplers import NoiseSchedule, invert, sample
+
+# ----------------------------------------------------------------------------------------------
+# The corrector
+
+
+@dataclass
+class NoiseCorrector:
+    """Maps N(0, I) noise to the base sampler's inverse-noise distribution.
+
+    ``kind = "flow"``: a small diffusers UNet2DModel flow (``v = e - z``, t = 1 noise, t = 0 the
+    corrected noise z) integrated with ``steps`` Euler steps. ``kind = "gaussian"``: ``z = mean +
+    L e`` with ``L`` the Cholesky factor of the inverted noises' covariance (no network calls).
+    """
+
+    kind: str
+    base_steps: int
+    steps: int = 0
+    network: Optional[nn.Module] = None
+    model_config: Optional[dict[str, Any]] = None
+    mean: Optional[Tensor] = None
+    chol: Optional[Tensor] = None
+
+    schedule = NoiseSchedule.flow()
+
+    @staticmethod
+    def schedule_config() -> dict[str, Any]:
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+
+    def velocity(self, z: Tensor, t: Tensor) -> Tensor:
+        assert self.network is not None
+        timestep = self.schedule.timestep(t).to(device=z.device, dtype=z.dtype).expand(z.shape[0])
+        return self.network(z, timestep).sample
+
+    @torch.no_grad()
+    def __call__(self, noise: Tensor) -> Tensor:
+        if self.kind == "gaussian":
+            assert self.mean is not None and self.chol is not None
+            flat = noise.reshape(noise.shape[0], -1).double()
+            z = self.mean.double() + flat @ self.chol.double().T
+            return z.to(noise.dtype).reshape(noise.shape)
+        z, _ = sample(self.velocity, self.schedule, noise, self.schedule.grid(self.steps))
+        return z
+
+    def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "NoiseCorrector":
+        if self.network is not None:
+            self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+        if self.mean is not None:
+            self.mean, self.chol = self.mean.to(device), self.chol.to(device)
+        return self
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.network.parameters()) if self.network is not None else 0
+
+
+def corrector_config(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """A diffusers UNet2DModel config for the corrector, from the recipe's width and depth keys."""
+    c, h, _ = sample_shape
+    widths = list(cfg.corrector_channels)
+    down = ["DownBlock2D"] + ["AttnDownBlock2D" if cfg.corrector_attention else "DownBlock2D"] * (len(widths) - 1)
+    up = ["AttnUpBlock2D" if cfg.corrector_attention else "UpBlock2D"] * (len(widths) - 1) + ["UpBlock2D"]
+    return {"sample_size": h, "in_channels": c, "out_channels": c, "block_out_channels": widths,
+            "layers_per_block": cfg.corrector_layers, "down_block_types": down, "up_block_types": up,
+            "norm_num_groups": min(8, widths[0]), "attention_head_dim": widths[-1] // 2}
+
+
+def fit_gaussian(noises: Tensor, jitter: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Mean and Cholesky factor of the covariance of (N, ...) samples (float64)."""
+    flat = noises.reshape(noises.shape[0], -1).double()
+    mean = flat.mean(0)
+    cov = torch.cov(flat.T) + jitter * torch.eye(flat.shape[1], dtype=torch.float64)
+    return mean, torch.linalg.cholesky(cov)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: inversion
+
+
+def _model_space(model: LoadedModel, images: Tensor, lane: int) -> Tensor:
+    return torch.cat([model.encode_images(chunk.to(model.device, model.dtype)).float().cpu()
+                      for chunk in images.split(lane)])
+
+
+def run_invert(model: LoadedModel, images: Tensor, data_id: str, cfg: CorrectConfig, lane: int,
+               store: RunStore, bar: Any) -> tuple[Tensor, dict[str, float]]:
+    """Invert every image (in shards of ``cfg.invert_shard_size``); returns noises and error stats."""
+    from safetensors.torch import load_file, save_file
+
+    if model.family != "flow":
+        raise PgraftError(f"inverse noise correction needs a flow model; {model.source} is a {model.family} model "
+                          f"(pass --kind flow only if it really is a flow)")
+    x0 = _model_space(model, images, lane)
+    size = cfg.invert_shard_size
+    num_shards = math.ceil(len(x0) / size)
+    config = {"steps": cfg.base_steps, "iterations": cfg.inversion_iterations, "tol": cfg.inversion_tol,
+              "lane": lane, "shard_size": size, "data_noise": cfg.data_noise, "seed": cfg.seed}
+    stage = store.stage("invert", config, {"model": model.identity, "data": data_id}, num_shards)
+    grid = model.schedule.grid(cfg.base_steps)
+    cond = Cond()
+    fn = lambda x, t: model.predict(x, t, cond)  # noqa: E731
+    if not stage.done:
+        todo = [k for k in range(num_shards) if not stage.shard_done(k)]
+        task = bar.add_task("inverting", total=sum(min(size, len(x0) - k * size) for k in todo), unit="img")
+        for k in todo:
+            chunk = x0[k * size:(k + 1) * size]
+            if cfg.data_noise > 0:  # the paper's LSUN trick: tiny noise makes inversion stable
+                g = torch.Generator().manual_seed(_seed(cfg.seed, "data-noise", k))
+                chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
+            noises, recon, iters = [], [], 0
+            with torch.inference_mode():
+                for part in chunk.split(lane):
+                    part = part.to(model.device, model.dtype)
+                    z, used = invert(fn, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
+                    back, _ = sample(fn, model.schedule, z, grid)
+                    noises.append(z.float().cpu())
+                    recon.append((back - part).float().cpu().reshape(len(part), -1))
+                    iters = max(iters, used)
+                    bar.advance(task, len(part))
+            err = torch.cat(recon)
+            tensors = {"noise": torch.cat(noises), "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
+            with stage.write_shard(k) as tmp:
+                save_file(tensors, str(tmp), metadata={"iterations": str(iters)})
+    shards = [load_file(str(stage.shard_path(k))) for k in range(num_shards)]
+    noises = torch.cat([s["noise"] for s in shards])
+    rms, mx = torch.cat([s["rms"] for s in shards]), torch.cat([s["max"] for s in shards])
+    flat = noises.reshape(len(noises), -1)
+    stats = {
+        "reconstruction_rms_mean": float(rms.mean()), "reconstruction_rms_max": float(rms.max()),
+        "reconstruction_abs_max": float(mx.max()), "noise_mean": float(flat.mean()),
+        "noise_std": float(flat.std()), "noise_norm_mean": float(flat.norm(dim=1).mean() / math.sqrt(flat.shape[1])),
+        "num": len(noises),
+    }
+    if stats["reconstruction_rms_mean"] > cfg.max_reconstruction_rms:
+        raise PgraftError(
+            f"inversion is not exact enough: mean RMS reconstruction error {stats['reconstruction_rms_mean']:.4f} > "
+            f"correct.max_reconstruction_rms = {cfg.max_reconstruction_rms}; raise correct.inversion_iterations "
+            f"(now {cfg.inversion_iterations}) or correct.base_steps, or set correct.data_noise = 1e-3"
+        )
+    if store.is_main and not stage.done:
+        stats_path = store.write_json("invert/stats.json", stats)
+        stage.finish([stage.shard_path(k) for k in range(num_shards)] + [stats_path])
+    return noises, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: training the corrector
+
+
+def _seed(seed: int, *parts: Any) -> int:
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def flow_matching_loss(network: nn.Module, z: Tensor, e: Tensor, t: Tensor) -> Tensor:
+    """``E |v(x_t, t) - (e - z)|^2`` with ``x_t = (1 - t) z + t e``: N(0, I) at t = 1, data z at t = 0."""
+    tt = t.view(-1, *([1] * (z.ndim - 1)))
+    xt = (1 - tt) * z + tt * e
+    return F.mse_loss(network(xt, t * 1000).sample, e - z)
+
+
+def _save_state(path: Path, network: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
+                losses: list[float]) -> None:
+    """Training state in safetensors (weights, EMA, AdamW moments), never pickle."""
+    from safetensors.torch import save_file
+
+    from .runstore import atomic_path
+
+    tensors = {f"model.{k}": v for k, v in network.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for i, p in enumerate(network.parameters()):
+        st = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in st:
+                tensors[f"opt.{i}.{name}"] = st[name]
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"step": str(step), "losses": json.dumps(losses[-2000:])})
+
+
+def _load_state(path: Path, network: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for i, p in enumerate(network.parameters()):
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
+                            "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
+                            "step": tensors[f"opt.{i}.step"].reshape(()).clone()}
+    return int(meta["step"]), json.loads(meta.get("losses", "[]"))
+
+
+def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
+                        store: RunStore, bar: Any, device: Any = "cpu") -> tuple[NoiseCorrector, dict[str, Any]]:
+    """Train (or resume, or fit) the corrector on the inverted noises."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file, save_file
+
+    config = {k: v for k, v in asdict(cfg).items() if k.startswith("corrector") or k in ("seed",)}
+    config["base_steps"] = cfg.base_steps
+    noise_digest = hashlib.sha256(noises.numpy().tobytes()).hexdigest()
+    stage = store.stage("train_corrector", config, {"base": base_id, "noises": noise_digest})
+    if cfg.corrector == "gaussian":
+        mean, chol = fit_gaussian(noises)
+        corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float())
+        return corrector, {"kind": "gaussian", "parameters": 0}
+    model_config = corrector_config(cfg, sample_shape)
+    torch.manual_seed(cfg.seed)
+    network = UNet2DModel(**model_config).to(device)
+    ema = UNet2DModel(**model_config).to(device)
+    ema.load_state_dict(network.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
+    state_path = stage.dir / "state.safetensors"
+    start, losses = 0, []
+    if state_path.exists():
+        start, losses = _load_state(state_path, network, ema, opt)
+    if not stage.done:
+        data = noises.to(device)
+        task = bar.add_task("training corrector", total=cfg.corrector_train_steps, completed=start, unit="step")
+        network.train()
+        for step in range(start, cfg.corrector_train_steps):
+            g = torch.Generator().manual_seed(_seed(cfg.seed, "corrector-step", step))
+            idx = torch.randint(0, len(data), (cfg.corrector_batch_size,), generator=g)
+            e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
+            t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
+            for group in opt.param_groups:
+                group["lr"] = cfg.corrector_learning_rate * min(1.0, (step + 1) / cfg.corrector_warmup)
+            loss = flow_matching_loss(network, data[idx], e, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), network.parameters()):
+                    pe.lerp_(p, 1.0 - cfg.corrector_ema)
+            losses.append(round(float(loss.detach()), 6))
+            bar.advance(task, 1)
+            if (step + 1) % cfg.corrector_checkpoint_every == 0 and step + 1 < cfg.corrector_train_steps:
+                _save_state(state_path, network, ema, opt, step + 1, losses)
+        final = ema if cfg.corrector_ema > 0 else network
+        with stage.write_shard(0) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in final.state_dict().items()}, str(tmp),
+                      metadata={"losses": json.dumps(losses)})
+        if store.is_main:
+            stage.finish([stage.shard_path(0)])
+    from safetensors import safe_open
+
+    weights = load_file(str(stage.shard_path(0)))
+    with safe_open(str(stage.shard_path(0)), "pt") as f:
+        losses = json.loads(f.metadata().get("losses", "[]"))
+    network.load_state_dict(weights)
+    network.eval().requires_grad_(False)
+    corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps, network=network,
+                               model_config=model_config)
+    recent = losses[-50:]
+    return corrector, {"kind": "flow", "parameters": corrector.parameter_count(),
+                       "final_loss": sum(recent) / len(recent) if recent else None,
+                       "loss_curve": losses[:: max(1, len(losses) // 200)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The corrected checkpoint: one self-describing safetensors
+
+
+def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedModel, metrics: dict[str, Any],
+                   recipe: dict[str, Any], extra_provenance: Optional[dict[str, Any]] = None) -> Path:
+    """Write the corrector, the base model's identity and sampler, and the measured metrics."""
+    from .checkpoints import save_pgraft_safetensors
+
+    base_info = {
+        "source": base.source, "identity": base.identity, "model_class": base.model_class,
+        "model_config": base.model_config, "scheduler_config": base.scheduler_config,
+        "solver": "euler", "steps": corrector.base_steps,
+    }
+    extra = {
+        "pgraft.kind": "corrector",
+        "pgraft.corrector_type": corrector.kind,
+        "pgraft.corrector_steps": str(corrector.steps),
+        "pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
+        "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float),
+    }
+    if base.default_data:
+        extra["pgraft.data"] = base.default_data
+    provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
+    if corrector.kind == "gaussian":
+        state = {"mean": corrector.mean, "chol": corrector.chol}
+        return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.numel())},  # type: ignore[arg-type]
+                                       NoiseCorrector.schedule_config(), provenance, extra, state=state)
+    return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
+                                   NoiseCorrector.schedule_config(), provenance, extra)
+
+
+def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
+                   allow_pickle: bool) -> LoadedModel:
+    """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
+    from .checkpoints import build_network, load_model, load_state, read_safetensors
+
+    state, metadata = read_safetensors(path)
+    info = json.loads(metadata["pgraft.base"])
+    source = base or info["source"]
+    try:
+        base_model = load_model(source, kind=kind, allow_pickle=allow_pickle)
+    except PgraftError as exc:
+        raise PgraftError(f"the base model of {path} could not be loaded from '{source}' ({exc}); pass it with --base") from None
+    if base_model.identity != info["identity"]:
+        raise PgraftError(
+            f"--base {source} is not the model {path.name} was fitted for (sha256 {base_model.identity[:12]} != "
+            f"{info['identity'][:12]}); pass the original base model with --base"
+        )
+    corrector_type = metadata.get("pgraft.corrector_type", "flow")
+    base_steps = int(info["steps"])
+    if corrector_type == "gaussian":
+        corrector = NoiseCorrector("gaussian", base_steps, 0, mean=state["mean"], chol=state["chol"])
+    else:
+        config = json.loads(metadata["pgraft.model_config"])
+        network = build_network("UNet2DModel", config)
+        load_state(network, state, str(path))
+        network.eval().requires_grad_(False)
+        corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
+                                   network=network, model_config=config)
+    base_model.corrector = corrector
+    base_model.source = str(path)
+    base_model.source_kind = "pgraft-corrector"
+    base_model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    base_model.metadata = metadata
+    base_model.base_identity = base_model.identity
+    from .runstore import sha256_file
+
+    base_model.identity = sha256_file(path)
+    return base_model

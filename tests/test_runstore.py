@@ -1,0 +1,469 @@
+"""The run store: atomic files, stage keys and shards, the lock, and resuming after ``kill -9``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pgraft_cli.errors import RunLockedError, RunStoreError
+from pgraft_cli.runstore import (MANIFEST, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
+                                 sha256_file, stage_key)
+
+# One torch thread per process: on a small, busy CPU, two threads per process fight over the cores and
+# sampling gets ten times slower. Every run of a comparison gets the same setting.
+ENV = {"OMP_NUM_THREADS": "1", **os.environ, "COLUMNS": "80"}
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pgraft_cli", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=timeout)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def test_atomic_path_replaces_on_success(tmp_path):
+    target = tmp_path / "sub" / "f.bin"
+    atomic_write_bytes(target, b"old")
+    with atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent
+        tmp.write_bytes(b"new contents")
+        assert target.read_bytes() == b"old"  # readers still see the old file until the rename
+    assert target.read_bytes() == b"new contents"
+    assert listing(tmp_path) == ["sub", "sub/f.bin"]
+
+
+def test_atomic_path_keeps_old_content_on_error(tmp_path):
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(ValueError, match="boom"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half a new fi")
+            raise ValueError("boom")
+    assert target.read_text() == "old"
+    assert listing(tmp_path) == ["f.txt"]
+
+
+def test_atomic_path_on_error_creates_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "new.txt") as tmp:
+            tmp.write_text("x")
+            raise KeyboardInterrupt
+    assert listing(tmp_path) == []
+
+
+def test_atomic_file_gets_the_usual_permissions(tmp_path):
+    atomic_write_text(tmp_path / "a", "x")
+    (tmp_path / "b").write_text("x")
+    assert (tmp_path / "a").stat().st_mode & 0o777 == (tmp_path / "b").stat().st_mode & 0o777
+
+
+# ------------------------------------------------------------------------------------------------
+# stages and shards
+
+
+def fill(stage, indices, payload=b"shard"):
+    for k in indices:
+        with stage.write_shard(k) as tmp:
+            tmp.write_bytes(payload + bytes([k]))
+
+
+def states(store: RunStore) -> dict[str, tuple]:
+    return {s.name: (s.state, s.shards_done, s.shards_total) for s in store.status()}
+
+
+def test_stage_key_depends_on_config_and_inputs_only():
+    a = stage_key("sample", {"num": 4, "seed": 1}, {"model": "m"})
+    assert a == stage_key("sample", {"seed": 1, "num": 4}, {"model": "m"})  # order does not matter
+    assert len(a) == 64
+    assert a != stage_key("sample", {"num": 4, "seed": 2}, {"model": "m"})
+    assert a != stage_key("sample", {"num": 4, "seed": 1}, {"model": "other"})
+    assert a != stage_key("score", {"num": 4, "seed": 1}, {"model": "m"})
+
+
+def test_same_key_resumes_finished_shards(tmp_path):
+    with RunStore(tmp_path) as store:
+        stage = store.stage("s", {"a": 1}, {"m": "x"}, num_shards=3)
+        fill(stage, [0, 1])
+        again = store.stage("s", {"a": 1}, {"m": "x"}, num_shards=3)
+        assert again.key == stage.key
+        assert again.done_shards() == [0, 1]
+        assert not again.shard_done(2) and not again.done
+
+
+def test_changed_config_clears_the_stage(tmp_path):
+    with RunStore(tmp_path) as store:
+        stage = store.stage("s", {"a": 1}, {"m": "x"}, num_shards=2)
+        fill(stage, [0, 1])
+        stage.finish([stage.shard_path(0), stage.shard_path(1)])
+        assert store.stage("s", {"a": 1}, {"m": "x"}, num_shards=2).done
+        other = store.stage("s", {"a": 2}, {"m": "x"}, num_shards=2)
+        assert other.key != stage.key
+        assert other.done_shards() == [] and not other.done
+        assert list(other.dir.glob("shard-*")) == []
+        assert states(store) == {"s": ("pending", 0, 2)}
+        manifest = json.loads((tmp_path / MANIFEST).read_text())
+        assert manifest["stages"]["s"]["key"] == other.key and manifest["stages"]["s"]["config"] == {"a": 2}
+        # changed inputs clear it too
+        fill(other, [0])
+        third = store.stage("s", {"a": 2}, {"m": "y"}, num_shards=2)
+        assert third.done_shards() == []
+
+
+def test_shards_the_manifest_does_not_know_are_not_reused(tmp_path):
+    with RunStore(tmp_path) as store:
+        fill(store.stage("s", {"a": 1}, {}, num_shards=2), [0, 1])
+        (tmp_path / MANIFEST).unlink()  # e.g. a user deleted it: the shards' key is unknown
+        assert store.stage("s", {"a": 2}, {}, num_shards=2).done_shards() == []
+
+
+def test_stages_are_independent(tmp_path):
+    with RunStore(tmp_path) as store:
+        a = store.stage("a", {}, {}, num_shards=1)
+        fill(a, [0])
+        a.finish([a.shard_path(0)])
+        store.stage("b", {"x": 1}, {}, num_shards=1)
+        store.stage("b", {"x": 2}, {}, num_shards=1)  # changing b leaves a alone
+        assert states(store) == {"a": ("done", 1, 1), "b": ("pending", 0, 1)}
+
+
+def test_status_reports_every_state(tmp_path):
+    with RunStore(tmp_path) as store:
+        pending = store.stage("pending", {}, {}, num_shards=2)
+        partial = store.stage("partial", {}, {}, num_shards=3)
+        fill(partial, [0, 2])
+        done = store.stage("done", {}, {}, num_shards=2)
+        fill(done, [0, 1])
+        extra = store.write_json("done/settings.json", {"k": 1})
+        done.finish([done.shard_path(0), done.shard_path(1), extra], extra={"note": "x"})
+        stale = store.stage("stale", {}, {}, num_shards=1)
+        fill(stale, [0])
+        settings = store.write_json("stale/settings.json", {"k": 1})
+        stale.finish([stale.shard_path(0), settings])
+        assert pending.done_shards() == [] and done.done and stale.done
+        time.sleep(0.01)
+        settings.write_text('{"k": 2}')  # an output modified after the stage finished
+        assert not stale.done
+    got = {s.name: s for s in RunStore(tmp_path, is_main=False).status()}
+    assert {k: (v.state, v.shards_done, v.shards_total) for k, v in got.items()} == {
+        "pending": ("pending", 0, 2), "partial": ("partial", 2, 3), "done": ("done", 2, 2),
+        "stale": ("stale", 1, 1)}
+    assert got["done"].key == done.key
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    entry = manifest["stages"]["done"]
+    assert entry["status"] == "done" and entry["note"] == "x" and entry["seconds"] >= 0
+    assert entry["outputs"] == {"done/shard-00000.safetensors": sha256_file(done.shard_path(0)),
+                                "done/shard-00001.safetensors": sha256_file(done.shard_path(1)),
+                                "done/settings.json": sha256_file(extra)}
+
+
+def test_a_deleted_output_makes_a_stage_stale(tmp_path):
+    with RunStore(tmp_path) as store:
+        stage = store.stage("s", {}, {}, num_shards=2)
+        fill(stage, [0, 1])
+        stage.finish([stage.shard_path(0), stage.shard_path(1)])
+        stage.shard_path(1).unlink()
+        assert states(store) == {"s": ("stale", 1, 2)}
+
+
+def test_a_stale_stage_is_reopened_as_partial_and_redoes_only_broken_shards(tmp_path):
+    with RunStore(tmp_path) as store:
+        stage = store.stage("s", {}, {}, num_shards=3)
+        fill(stage, [0, 1, 2])
+        stage.finish([stage.shard_path(k) for k in range(3)])
+        stage.shard_path(1).write_bytes(b"tampered")
+        reopened = store.stage("s", {}, {}, num_shards=3)
+        assert not reopened.done
+        assert reopened.done_shards() == [0, 2]
+        assert states(store) == {"s": ("partial", 2, 3)}
+        fill(reopened, [1])
+        reopened.finish([reopened.shard_path(k) for k in range(3)])
+        assert reopened.done and states(store) == {"s": ("done", 3, 3)}
+
+
+def test_corrupted_shard_is_not_done(tmp_path):
+    with RunStore(tmp_path) as store:
+        stage = store.stage("s", {}, {}, num_shards=3)
+        fill(stage, [0, 1, 2], payload=b"x" * 1000)
+        assert stage.done_shards() == [0, 1, 2]
+        data = bytearray(stage.shard_path(1).read_bytes())
+        data[500] ^= 0xFF  # one flipped byte, same size
+        stage.shard_path(1).write_bytes(bytes(data))
+        stage.shard_path(2).write_bytes(stage.shard_path(2).read_bytes()[:-10])  # truncated
+        assert stage.done_shards() == [0]
+        assert not stage.shard_done(1) and not stage.shard_done(2)
+        assert states(store) == {"s": ("partial", 1, 3)}
+        fill(stage, [1, 2], payload=b"x" * 1000)  # rewriting a shard makes it whole again
+        assert stage.done_shards() == [0, 1, 2]
+
+
+def test_shard_without_checksum_or_with_a_bad_one_is_not_done(tmp_path):
+    with RunStore(tmp_path) as store:
+        stage = store.stage("s", {}, {}, num_shards=3)
+        fill(stage, [0, 1, 2])
+        (stage.dir / "shard-00000.sha256").unlink()  # killed between the shard and its checksum
+        (stage.dir / "shard-00001.sha256").write_bytes(b"\xff\xfe garbage")
+        assert stage.done_shards() == [2]
+
+
+def test_temp_files_of_a_killed_writer_are_cleared(tmp_path):
+    with RunStore(tmp_path) as store:
+        stage = store.stage("s", {}, {}, num_shards=2)
+        fill(stage, [0])
+        leftover = stage.dir / ".shard-00001.safetensors.k1ll3d.tmp"
+        leftover.write_bytes(b"half")
+        again = store.stage("s", {}, {}, num_shards=2)
+        assert not leftover.exists()
+        assert again.done_shards() == [0]
+
+
+def test_non_main_process_does_not_clear_or_write(tmp_path):
+    with RunStore(tmp_path) as store:
+        fill(store.stage("s", {"a": 1}, {}, num_shards=2), [0])
+    before = (tmp_path / MANIFEST).read_bytes()
+    worker = RunStore(tmp_path, is_main=False)
+    with worker:
+        stage = worker.stage("s", {"a": 2}, {}, num_shards=2)
+        assert (tmp_path / "s" / "shard-00000.safetensors").exists()
+        assert not stage.done
+    assert (tmp_path / MANIFEST).read_bytes() == before
+
+
+def test_damaged_manifest_is_a_clear_error(tmp_path):
+    store = RunStore(tmp_path)
+    for text in ("{not json", "[]", '{"stages": 3}', "\xff"):
+        (tmp_path / MANIFEST).write_text(text, errors="surrogateescape")
+        with pytest.raises(RunStoreError, match="damaged"):
+            store.read_manifest()
+
+
+def test_run_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(RunStoreError, match="not a directory"):
+        RunStore(path).__enter__()
+
+
+# ------------------------------------------------------------------------------------------------
+# the lock
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from pgraft_cli.runstore import RunStore
+    store = RunStore(sys.argv[1]).__enter__()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A run directory whose lock another process holds (killed with SIGKILL at the end)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield run_dir, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_second_store_is_refused_while_another_process_holds_the_lock(held):
+    run_dir, proc = held
+    with pytest.raises(RunLockedError) as info:
+        RunStore(run_dir).__enter__()
+    message = str(info.value)
+    assert str(run_dir) in message and f"pid {proc.pid}" in message and "--run-dir" in message
+    # a worker process of the same run (is_main=False) does not take the lock
+    with RunStore(run_dir, is_main=False):
+        pass
+
+
+def test_lock_is_released_when_its_holder_is_killed(held):
+    run_dir, proc = held
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with RunStore(run_dir) as store:  # no stale lock after kill -9
+        assert (run_dir / ".lock").read_text() == f"pid {os.getpid()}"
+        assert store.root == run_dir
+
+
+def test_lock_is_released_on_exit_and_taken_within_one_process(tmp_path):
+    first = RunStore(tmp_path).__enter__()
+    with pytest.raises(RunLockedError):
+        RunStore(tmp_path).__enter__()
+    first.__exit__(None, None, None)
+    with RunStore(tmp_path):
+        pass
+
+
+def test_cli_refuses_a_run_dir_in_use(held, tmp_path):
+    run_dir, _ = held
+    result = cli("sample", "digits", "--num", "16", "--steps", "2", "--batch-size", "16",
+                 "--run-dir", run_dir, "--out", tmp_path / "out", "--quiet")
+    line = one_error_line(result)
+    assert str(run_dir) in line and "in use" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9 and resume, end to end
+
+NUM, BATCH = 192, 16
+SHARDS = NUM // BATCH
+
+
+def sample_args(run_dir: Path, out: Path) -> list[str]:
+    return ["sample", "digits", "--num", str(NUM), "--steps", "8", "--batch-size", str(BATCH), "--seed", "3",
+            "--run-dir", str(run_dir), "--out", str(out), "--quiet"]
+
+
+def status_json(run_dir: Path) -> dict:
+    result = cli("status", run_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    return {s["name"]: s for s in json.loads(result.stdout)["stages"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the command: (run_dir, out, summary)."""
+    root = tmp_path_factory.mktemp("reference")
+    result = cli(*sample_args(root / "run", root / "out"), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["generated_now"] == NUM and summary["num"] == NUM
+    return root / "run", root / "out", summary
+
+
+def test_kill_9_then_resume_gives_the_same_bytes(tmp_path, reference):
+    _, ref_out, _ = reference
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "pgraft_cli", *sample_args(run_dir, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.monotonic() + 240
+    try:
+        while len(list((run_dir / "sample").glob("shard-*.sha256"))) < 2:
+            assert proc.poll() is None, f"sampling ended before it could be killed: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no 2 shards within 240 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    stage = status_json(run_dir)["sample"]
+    assert stage["state"] == "partial", stage
+    assert 2 <= stage["shards_done"] < SHARDS and stage["shards_total"] == SHARDS
+
+    resumed = cli(*sample_args(run_dir, out), "--json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["generated_now"] == NUM - BATCH * stage["shards_done"]  # only the missing shards
+    assert summary["num"] == NUM
+
+    assert status_json(run_dir)["sample"] | {"key": None} == {
+        "name": "sample", "state": "done", "shards_done": SHARDS, "shards_total": SHARDS, "key": None}
+    assert not list((run_dir / "sample").glob(".*.tmp"))
+    got, want = pngs(out), pngs(ref_out)
+    assert len(want) == NUM and list(got) == list(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs from the uninterrupted run"
+
+
+def test_rerun_of_a_finished_command_generates_nothing(tmp_path, reference):
+    ref_run, ref_out, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_run, run_dir)
+    before = {p: p.read_bytes() for p in sorted((run_dir / "sample").iterdir())}
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    out = tmp_path / "out"
+    result = cli(*sample_args(run_dir, out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["generated_now"] == 0 and summary["num"] == NUM
+    assert pngs(out) == pngs(ref_out)
+    assert {p: p.read_bytes() for p in sorted((run_dir / "sample").iterdir())} == before
+    after = json.loads((run_dir / MANIFEST).read_text())
+    assert after["stages"]["sample"]["finished"] == manifest["stages"]["sample"]["finished"]
+
+    # an output modified after finishing: status says stale and a re-run redoes only that shard
+    shard = run_dir / "sample" / "shard-00005.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert status_json(run_dir)["sample"]["state"] == "stale"
+    redo = cli(*sample_args(run_dir, tmp_path / "out2"), "--json")
+    assert redo.returncode == 0, redo.stderr[-2000:]
+    assert json.loads(redo.stdout)["generated_now"] == BATCH
+    assert pngs(tmp_path / "out2") == pngs(ref_out)
+    assert status_json(run_dir)["sample"]["state"] == "done"
+
+
+def test_changed_settings_redo_the_stage(tmp_path, reference):
+    ref_run, _, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_run, run_dir)
+    old_key = status_json(run_dir)["sample"]["key"]
+    result = cli("sample", "digits", "--num", "16", "--steps", "2", "--batch-size", "16", "--seed", "3",
+                 "--run-dir", run_dir, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["generated_now"] == 16
+    stage = status_json(run_dir)["sample"]
+    assert stage["key"] != old_key and (stage["state"], stage["shards_done"], stage["shards_total"]) == ("done", 1, 1)
+    assert sorted(p.name for p in (run_dir / "sample").glob("shard-*")) == [
+        "shard-00000.safetensors", "shard-00000.sha256"]
+
+
+# ------------------------------------------------------------------------------------------------
+# pgraft status
+
+
+def test_status_on_a_folder_that_is_not_a_run_dir(tmp_path):
+    line = one_error_line(cli("status", tmp_path))
+    assert str(tmp_path) in line and "not a pgraft run directory" in line
+    line = one_error_line(cli("status", tmp_path / "missing"))
+    assert "missing" in line
+
+
+def test_status_on_a_damaged_manifest(tmp_path):
+    (tmp_path / MANIFEST).write_text("{oops")
+    line = one_error_line(cli("status", tmp_path))
+    assert MANIFEST in line and "damaged" in line
+
+
+def test_status_human_table(tmp_path):
+    with RunStore(tmp_path) as store:
+        fill(store.stage("sample", {}, {}, num_shards=4), [0])
+    result = cli("status", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sample" in result.stdout and "partial" in result.stdout and "1/4" in result.stdout
