@@ -474,8 +474,7 @@ def correct(
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
     real, data_id = _real_data(loaded, data)
-    if rec.correct.num_images:
-        real = real[: rec.correct.num_images]
+    to_invert = real[: rec.correct.num_images] if rec.correct.num_images else real
     run_dir = run_dir or _default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
     show = not (quiet or as_json) and state.is_main_process
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
@@ -483,7 +482,7 @@ def correct(
         atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
-            noises, inv = run_invert(loaded, real, data_id, rec.correct, rec.sample.lane, store, bar)
+            noises, inv = run_invert(loaded, to_invert, data_id, rec.correct, rec.sample.lane, store, bar)
             corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
                                                   store, bar, device=dev)
             eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,

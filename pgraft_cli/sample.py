@@ -227,6 +227,10 @@ def load_images(run_dir: Path, stage_name: str = STAGE) -> Tensor:
 def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool = True) -> int:
     """Write ``OUT/00000.png ...`` (atomically, one by one) and ``OUT/sampler.json`` from the shards."""
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "sampler.json").exists():  # a folder pgraft wrote before: drop images past this run's num
+        for old in out.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+            if int(old.stem) >= settings["num"]:
+                old.unlink()
     n = 0
     for shard in iter_shards(run_dir):
         for i, image in zip(shard["index"].tolist(), shard["images"].numpy()):

@@ -57,6 +57,15 @@ def test_same_seed_same_bytes_whatever_batch_size_and_num(tmp_path):
     assert pngs(d) != pc
 
 
+def test_smaller_run_into_same_out_folder_leaves_no_stale_images(tmp_path):
+    out = tmp_path / "out"
+    for num, name in ((32, "a"), (16, "b")):
+        result = runner.invoke(app, ["sample", "digits", "--num", str(num), "--steps", "2", "--batch-size", "16",
+                                     "--run-dir", str(tmp_path / f"run-{name}"), "--out", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(16)]
+
+
 def test_noise_seed_depends_on_seed_and_index_only():
     seeds = {noise_seed(s, i) for s in range(4) for i in range(64)}
     assert len(seeds) == 4 * 64
