@@ -3,8 +3,9 @@
 
 All methods run the SAME network (the bundled ``digits`` flow model, a diffusers ``UNet2DModel``
 with a ``FlowMatchEulerDiscreteScheduler`` config), the same number of Euler steps and the same
-batch of ``--batch`` images, side by side in one process, interleaved over ``--repeats`` rounds
-(the median is reported):
+batch of ``--batch`` images, side by side in one process, after a warm-up, over ``--repeats``
+rounds (the median round is reported). Within a round the in-process methods are interleaved batch
+by batch (rotating the order), so bursts of load from other processes hit every method alike:
 
 1. ``diffusers loop``: the canonical hand-written loop of the diffusers docs,
    ``scheduler.set_timesteps(steps)``, then ``v = unet(x, t).sample; x = scheduler.step(v, t, x)
@@ -17,14 +18,19 @@ batch of ``--batch`` images, side by side in one process, interleaved over ``--r
    load, noise, sampling, safetensors shards, PNGs), reported twice: wall clock, and the JSON
    ``images_per_second`` (the sample stage only: noise, sampling, decode, shard writing).
 
-Methods 1-3 time the sampling loop only: the initial noise (pgraft's per-image seeded noise, the
-same tensors for every method) is drawn before the clock starts.
+Methods 1-3 time the sampling loop only (``torch.inference_mode``, float32, the model's device):
+the initial noise (pgraft's per-image seeded noise, the same tensors for every method) is drawn
+before the clock starts.
 
 It also checks that methods 1 and 2 compute the same thing: both are Euler on the flow ODE, but
 diffusers' grid is ``sigmas = linspace(1, 1/T, N)`` plus a final 0 (so its last step is the tiny
 ``1/T -> 0``), while pgraft's is ``linspace(1, 0, N + 1)``. With the native grids the outputs differ
 a little (a different discretisation of the same ODE); with diffusers' sigmas passed to pgraft's
-sampler as its grid they agree to float32 rounding.
+sampler as its grid they agree to float32 rounding (bitwise, on CPU). And it shows why pgraft
+fixes the lane: the same images sampled with lane = B and lane = 16 differ in the last float bits.
+
+On a shared machine, a busy CPU makes torch's multi-threaded kernels stall (each op waits for its
+slowest, descheduled thread): watch the load averages printed, and use ``--threads 1`` there.
 
     python bench/sampling.py                      # defaults, see --help
     python bench/sampling.py --num 512 --steps 16 --batch 64 --repeats 3 --threads 2
@@ -75,54 +81,44 @@ def parse_args() -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------
-# The methods. Each maps the initial noise of `num` images (padded to whole lanes) to final samples.
+# The methods. Each samples ONE batch: images start..end-1 (end - start <= B) from `noise`, the
+# initial noise of all images, padded to whole lanes.
 
 
-def diffusers_loop(unet: torch.nn.Module, scheduler_config: dict, steps: int, batch: int) -> Callable:
+def diffusers_loop(unet: torch.nn.Module, scheduler_config: dict, steps: int) -> Callable:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    def run(noise: torch.Tensor, num: int) -> torch.Tensor:
-        outs = []
+    def run(noise: torch.Tensor, start: int, end: int) -> torch.Tensor:
         with torch.inference_mode():
-            for start in range(0, num, batch):
-                scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-                scheduler.set_timesteps(steps)
-                x = noise[start:min(start + batch, num)]
-                for t in scheduler.timesteps:
-                    v = unet(x, t).sample
-                    x = scheduler.step(v, t, x).prev_sample
-                outs.append(x)
-        return torch.cat(outs)
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+            scheduler.set_timesteps(steps)
+            x = noise[start:end]
+            for t in scheduler.timesteps:
+                v = unet(x, t).sample
+                x = scheduler.step(v, t, x).prev_sample
+        return x
 
     return run
 
 
-def pgraft_sampler(model, steps: int, batch: int, lane: int) -> Callable:
-    """pgraft's sampler over shards of `batch` images, each cut into lanes of `lane` images."""
+def pgraft_sampler(model, steps: int, lane: int) -> Callable:
+    """pgraft's sampler on one shard, cut into lanes of `lane` images (as ``pgraft sample`` does)."""
     from pgraft_cli.models import Cond
     from pgraft_cli.samplers import sample
 
-    def run(noise: torch.Tensor, num: int) -> torch.Tensor:
-        outs = []
+    def run(noise: torch.Tensor, start: int, end: int) -> torch.Tensor:
         cond = Cond()
+        outs = []
         with torch.inference_mode():
-            for shard in range(0, num, batch):
-                end = min(shard + batch, num)
-                grid = model.schedule.grid(steps)
-                for start in range(shard, end, lane):
-                    # like pgraft sample: the last lane is padded with the next images' noise
-                    x, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule,
-                                  noise[start:start + lane], grid)
-                    outs.append(x[: end - start])
+            grid = model.schedule.grid(steps)
+            for first in range(start, end, lane):
+                # like pgraft sample: the last lane is padded with the next images' noise, then dropped
+                x, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule,
+                              noise[first:first + lane], grid)
+                outs.append(x[: end - first])
         return torch.cat(outs)
 
     return run
-
-
-def timed(fn: Callable, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
 
 
 def run_cli(args: argparse.Namespace, num: int, env: dict) -> tuple[float, dict]:
@@ -154,7 +150,7 @@ def equivalence_check(model, unet, scheduler_config: dict, steps: int, noise: to
     from pgraft_cli.models import Cond
     from pgraft_cli.samplers import sample
 
-    d = diffusers_loop(unet, scheduler_config, steps, len(noise))(noise, len(noise))
+    d = diffusers_loop(unet, scheduler_config, steps)(noise, 0, len(noise))
     cond = Cond()
     with torch.inference_mode():
         native, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, noise, model.schedule.grid(steps))
@@ -234,14 +230,23 @@ def main() -> None:
     print(f"  diffusers loop vs pgraft sampler, native grids:          max |diff| = {eq['native_max_abs']:.3e}"
           f" (mean {eq['native_mean_abs']:.3e}; the grids differ, see above)")
     print(f"  diffusers loop vs pgraft sampler on diffusers' sigmas:   max |diff| = {eq['shared_max_abs']:.3e}")
+    if args.batch != args.lane:
+        first = min(args.batch, args.num)
+        whole = pgraft_sampler(model, args.steps, args.batch)(noise, 0, first)
+        lanes = pgraft_sampler(model, args.steps, args.lane)(noise, 0, first)
+        eq["lane_batch_max_abs"] = float((whole - lanes).abs().max())
+        eq["lane_batch_equal"] = bool(torch.equal(whole, lanes))
+        print(f"  pgraft sampler, same {first} images, lane = {args.batch} vs lane = {args.lane}: max |diff| = "
+              f"{eq['lane_batch_max_abs']:.3e} ({'bitwise equal' if eq['lane_batch_equal'] else 'not bitwise equal'}: "
+              "the network's float rounding depends on how many images share a call)")
 
-    # name -> factory(steps) -> run(noise, num)
+    # name -> factory(steps) -> run(noise, start, end) for one batch
     factories: dict[str, Callable[[int], Callable]] = {
-        "diffusers loop": lambda steps: diffusers_loop(unet, scheduler_config, steps, args.batch),
-        f"pgraft sampler (lane = {args.batch})": lambda steps: pgraft_sampler(model, steps, args.batch, args.batch),
+        "diffusers loop": lambda steps: diffusers_loop(unet, scheduler_config, steps),
+        f"pgraft sampler (lane = {args.batch})": lambda steps: pgraft_sampler(model, steps, args.batch),
     }
     if args.lane != args.batch:
-        factories[f"pgraft sampler (lane = {args.lane})"] = lambda steps: pgraft_sampler(model, steps, args.batch, args.lane)
+        factories[f"pgraft sampler (lane = {args.lane})"] = lambda steps: pgraft_sampler(model, steps, args.lane)
     methods = {name: make(args.steps) for name, make in factories.items()}
     env = dict(os.environ)
     if args.threads:
@@ -251,26 +256,42 @@ def main() -> None:
     # the CLI once on one batch, so its imports and the model file are in the page cache.
     print("\nwarm-up ...", flush=True)
     for make in factories.values():
-        make(2)(noise, min(args.batch, args.num))
+        make(2)(noise, 0, min(args.batch, args.num))
     if not args.no_cli:
         run_cli(argparse.Namespace(**{**vars(args), "steps": 2}), min(args.batch, args.num), env)
 
+    # Each round: every in-process method samples all `num` images, interleaved batch by batch
+    # (the order rotates from batch to batch), so a burst of load from elsewhere hits every method
+    # alike; then the CLI samples the same `num` images. A method's time for a round is the sum of
+    # its batches. The CLI's place in the round rotates too.
+    batches = [(start, min(start + args.batch, args.num)) for start in range(0, args.num, args.batch)]
+    names = list(methods)
     times: dict[str, list[float]] = {name: [] for name in methods}
     cli_wall: list[float] = []
     cli_json: list[dict] = []
-    order = list(methods) + ([] if args.no_cli else ["cli"])
+
+    def cli_round(r: int) -> None:
+        wall, summary = run_cli(args, args.num, env)
+        cli_wall.append(wall)
+        cli_json.append(summary)
+        print(f"  round {r + 1}: pgraft sample CLI: {wall:.2f}s wall, {summary['seconds']:.2f}s sampling", flush=True)
+
     for r in range(args.repeats):
-        rotated = order[r % len(order):] + order[: r % len(order)]  # interleave, rotating who goes first
-        for name in rotated:
-            if name == "cli":
-                wall, summary = run_cli(args, args.num, env)
-                cli_wall.append(wall)
-                cli_json.append(summary)
-                print(f"  round {r + 1}: pgraft sample CLI: {wall:.2f}s wall, {summary['seconds']:.2f}s sampling", flush=True)
-            else:
-                seconds = timed(methods[name], noise, args.num)
-                times[name].append(seconds)
-                print(f"  round {r + 1}: {name}: {seconds:.2f}s", flush=True)
+        cli_first = not args.no_cli and r % 2 == 1
+        if cli_first:
+            cli_round(r)
+        spent = dict.fromkeys(names, 0.0)
+        for b, (start, end) in enumerate(batches):
+            k = (b + r) % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                methods[name](noise, start, end)
+                spent[name] += time.perf_counter() - t0
+        for name in names:
+            times[name].append(spent[name])
+        print(f"  round {r + 1}: " + ", ".join(f"{n}: {spent[n]:.2f}s" for n in names), flush=True)
+        if not args.no_cli and not cli_first:
+            cli_round(r)
 
     base = statistics.median(times["diffusers loop"])
     base_ips = args.num / base

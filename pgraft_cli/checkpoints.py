@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ModelLoadError, UnsafeFileError
+from .errors import ModelLoadError, PgraftError, UnsafeFileError
 from .models import LoadedModel
 from .runstore import atomic_path, sha256_file
 from .samplers import NoiseSchedule
@@ -316,6 +316,10 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
                 from .correct import load_corrected
 
                 return load_corrected(path, metadata, base, kind, allow_pickle)
+            if metadata.get("pgraft.kind") == "finetune":
+                from .finetune import load_finetuned
+
+                return load_finetuned(path, base, kind, allow_pickle)
             if "pgraft.model_class" in metadata and config is None:
                 return _load_pgraft_file(path, str(path), kind, metadata)
             return _load_bare_weights(path, config, kind, allow_pickle, metadata)
@@ -335,6 +339,26 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
         f"{model}: no such file or directory; pass a path, a hub id (org/name) or a bundled alias "
         f"({', '.join(ALIASES)})"
     )
+
+
+def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: str,
+                  allow_pickle: bool) -> LoadedModel:
+    """The base model a corrector or fine-tune file was made from: its stored source, or ``--base``.
+
+    Its sha256 must match the identity stored in the file, so the file is never composed with
+    another model by accident.
+    """
+    source = base or info["source"]
+    try:
+        model = load_model(source, kind=kind, allow_pickle=allow_pickle)
+    except PgraftError as exc:
+        raise PgraftError(f"the base model of {path} could not be loaded from '{source}' ({exc}); pass it with --base") from None
+    if model.identity != info["identity"]:
+        raise PgraftError(
+            f"--base {source} is not the model {path.name} was made from (sha256 {model.identity[:12]} != "
+            f"{info['identity'][:12]}); pass the original base model with --base"
+        )
+    return model
 
 
 def _looks_local(path: Path) -> bool:
@@ -541,4 +565,22 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "identity": model.identity,
         "default_data": model.default_data,
         "provenance": model.provenance,
+        "composition": _composition(model),
     }
+
+
+def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
+    """For corrector / fine-tune files: what is composed with the base model, and how."""
+    meta = model.metadata or {}
+    if model.corrector is not None:
+        return {"kind": "corrector", "corrector": model.corrector.kind, "corrector_steps": model.corrector.steps,
+                "base_steps": model.corrector.base_steps, "base_identity": model.base_identity,
+                "metrics": json.loads(meta.get("pgraft.metrics", "null"))}
+    if "pgraft.finetune" in meta:
+        tuning = json.loads(meta["pgraft.finetune"])
+        metrics = json.loads(meta.get("pgraft.metrics", "null")) or {}
+        return {"kind": "finetune", "cutoff": tuning["cutoff"], "lora": tuning.get("lora"),
+                "target": tuning.get("target"), "base_identity": model.base_identity,
+                "reward": metrics.get("reward"),
+                "reward_mean": {k: metrics[k].get("reward_mean") for k in ("base", "tuned") if k in metrics}}
+    return None

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from .errors import NotYetAvailableError, PgraftError
+from .errors import PgraftError
 from .recipes import Recipe, dump_recipe, load_recipe
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading p
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars and notes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
+DataOptF = Annotated[Optional[str], typer.Option("--data", help="Real data for FID (image folder, .npz/.safetensors, or alias); default: the model's bundled data set, if any.")]
 
 
 def _resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Recipe:
@@ -95,11 +96,6 @@ def _default_run_dir(verb: str, payload: dict[str, Any]) -> Path:
     return Path("pgraft-runs") / f"{verb}-{digest}"
 
 
-def _not_yet(verb: str, issue: str) -> None:
-    raise NotYetAvailableError(f"'pgraft {verb}' is not implemented in pgraft {__version__} yet ({issue}); "
-                               f"'pgraft sample', 'inspect', 'run' and 'status' work today")
-
-
 # ================================================================================================
 # inspect
 
@@ -149,6 +145,17 @@ def inspect(
         ("identity", f"sha256:{info['identity'][:16]}…" if len(info["identity"]) == 64 else info["identity"]),
         ("default data", info["default_data"] or "-"),
     ]
+    comp = info.get("composition")
+    if comp and comp["kind"] == "finetune":
+        lora = comp["lora"]
+        rows.append(("fine-tune", f"cutoff {comp['cutoff']} (tuned for t in (c, 1], base for [0, c]); "
+                                  + (f"LoRA rank {lora['rank']}" if lora else "full weights")
+                                  + f"; reward {comp['reward']}: {comp['reward_mean']}"))
+    elif comp:
+        rows.append(("corrector", f"{comp['corrector']} ({comp['corrector_steps']} steps) -> base at "
+                                  f"{comp['base_steps']} Euler steps"))
+    if comp:
+        rows.append(("base identity", f"sha256:{(comp['base_identity'] or '')[:16]}…"))
     for k, v in rows:
         table.add_row(k, str(v))
     prov = info["provenance"]
@@ -208,12 +215,7 @@ def sample(
     rec = _resolve_recipe(recipe, set_, sample__num=num, sample__seed=seed, sample__steps=steps,
                           sample__batch_size=batch_size, sample__capture_at=capture_at,
                           sample__guidance_scale=guidance_scale)
-    all_prompts = list(prompt or [])
-    if prompts is not None:
-        if not prompts.is_file():
-            raise PgraftError(f"--prompts {prompts}: no such file; pass a text file with one prompt per line")
-        all_prompts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-    cond = Conditions(prompts=all_prompts or None, class_label=class_label)
+    cond = Conditions(prompts=_prompts(prompt, prompts) or None, class_label=class_label)
     state = _state(rec, device)
     loaded = _load(model, config, kind, allow_pickle, rec, base)
     dev = _device(rec, device, state)
@@ -291,12 +293,15 @@ def run(
                 device=device, quiet=quiet, as_json=as_json, data=None, out=None, steps=None, features=None,
                 inception_weights=None)
         return
-    ready = {"sample"}
-    pending = [s for s in rec.run.stages if s not in ready]
-    if pending:
-        raise NotYetAvailableError(
-            f"recipe '{rec.name}' lists stages {', '.join(pending)}, which pgraft {__version__} does not run yet; "
-            f"use a recipe whose [run] stages = [\"sample\"]"
+    if rec.run.stages == ["sample", "score", "filter", "finetune"]:
+        finetune(model, recipe=recipe, set_=set_, run_dir=run_dir, config=config, kind=kind, allow_pickle=allow_pickle,
+                 device=device, quiet=quiet, as_json=as_json, reward=None, cutoff=None, out=None, rounds=None,
+                 lora_rank=None, data=None, prompt=None, prompts=None)
+        return
+    if rec.run.stages != ["sample"]:
+        raise PgraftError(
+            f"recipe '{rec.name}' lists stages {rec.run.stages}; pgraft runs [\"sample\"], "
+            f"[\"sample\", \"score\", \"filter\", \"finetune\"] or [\"invert\", \"train_corrector\", \"evaluate\"]"
         )
     for stage in rec.run.stages:
         if stage == "sample":
@@ -340,57 +345,212 @@ def status(
 
 
 # ================================================================================================
-# verbs that later work fills in
+# GRAFT / P-GRAFT: score, filter, finetune
+
+RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, vqascore[:PATH], python:module:function.")]
+
+
+def _open_run(run_dir: Path) -> Any:
+    from .runstore import MANIFEST, RunStore
+
+    if not (run_dir / MANIFEST).is_file():
+        raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a `pgraft sample` run")
+    return RunStore(run_dir)
+
+
+def _reward(spec: str, device: str = "cpu") -> Any:
+    from .rewards import parse_reward
+
+    if not spec:
+        raise PgraftError("no reward given; pass --reward NAME[:ARGS] (e.g. --reward classifier:digits:3) or set score.reward")
+    return parse_reward(spec, device=device)
 
 
 @app.command()
 def score(
     run_dir: Annotated[Path, typer.Argument(help="Run directory whose samples to score.")],
-    reward: Annotated[str, typer.Option("--reward", help="Reward NAME[:ARGS], e.g. classifier:digits:3, jpeg-compressibility, vqascore.")] = "",
+    reward: RewardOpt = None,
+    stage: Annotated[str, typer.Option("--stage", help="Sample stage to score (sample-r2 ... for later rounds).")] = "sample",
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Score a run's samples with a reward (GRAFT/P-GRAFT; not implemented yet).
+    """Score a run's samples with a reward; a new reward re-scores without re-sampling.
 
-    Example:
+    Examples:
 
-      pgraft score pgraft-runs/sample-1a2b --reward classifier:digits:3
+      pgraft sample digits --num 256 --capture-at 0.5 --run-dir runs/d3
+
+      pgraft score runs/d3 --reward classifier:digits:3
+
+      pgraft score runs/d3 --reward python:my_rewards:brightness
     """
-    _not_yet("score", "GRAFT/P-GRAFT issue")
+    from .score import reward_stats, run_score
+    from .ui import progress
+
+    rec = _resolve_recipe(recipe, set_, score__reward=reward)
+    rew = _reward(rec.score.reward)
+    rew.batch_size = rec.score.batch_size
+    score_stage = stage.replace("sample", "score", 1)
+    with _open_run(run_dir) as store, progress(not (quiet or as_json)) as bar:
+        rewards = run_score(store, rew, bar, stage, score_stage)
+    summary = {"run_dir": str(run_dir), "reward": rew.spec, "stage": score_stage, **reward_stats(rewards)}
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+    elif not quiet:
+        from .ui import out as console
+
+        console.print(f"[green]scored[/green] {summary['num']} samples with {rew.spec}: mean "
+                      f"{summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
 
 
 @app.command(name="filter")
 def filter_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with scored samples.")],
-    rule: Annotated[str, typer.Option("--rule", help="top_k, best_of_n or threshold.")] = "top_k",
+    rule: Annotated[Optional[str], typer.Option("--rule", help="top_k (k of m per prompt), best_of_n (1 of m), threshold.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Keep k per group (top_k).")] = None,
+    m: Annotated[Optional[int], typer.Option("--m", help="Group size: samples per prompt / class (top_k, best_of_n).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Keep rewards >= this value (threshold).")] = None,
+    quantile: Annotated[Optional[float], typer.Option("--quantile", help="Keep rewards >= this quantile (threshold).")] = None,
+    dedup: Annotated[Optional[bool], typer.Option("--dedup/--no-dedup", help="Keep one of near-identical kept samples.")] = None,
+    stage: Annotated[str, typer.Option("--stage", help="Sample stage whose scores to filter (sample-r2 ... for later rounds).")] = "sample",
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Keep samples by a rejection rule: top-K of M, best-of-N, threshold (not implemented yet).
+    """Keep scored samples by a rejection rule and show the tilt it applies (PAPER.md section 1).
 
-    Example:
+    Prints how many were kept, the reward distribution before and after (a histogram) and the
+    reshaped reward rhat = log P(accept | F(r)) of the rule.
 
-      pgraft filter pgraft-runs/sample-1a2b --rule top_k --set filter.k=1 --set filter.m=4
+    Examples:
+
+      pgraft filter runs/d3 --rule top_k --k 1 --m 4
+
+      pgraft filter runs/d3 --rule threshold --quantile 0.75 --dedup
     """
-    _not_yet("filter", "GRAFT/P-GRAFT issue")
+    from .filter import run_filter
+
+    rec = _resolve_recipe(recipe, set_, filter__rule=rule, filter__k=k, filter__m=m, filter__threshold=threshold,
+                          filter__quantile=quantile, filter__dedup=dedup)
+    names = {s: stage.replace("sample", s, 1) for s in ("score", "filter")}
+    with _open_run(run_dir) as store:
+        summary = run_filter(store, rec.filter, stage, names["score"], names["filter"])
+    if as_json:
+        print(json.dumps({"run_dir": str(run_dir), **{k_: v for k_, v in summary.items()
+                                                       if k_ not in ("kept_indices", "cdf", "reshaped_reward")}},
+                         sort_keys=True))
+    elif not quiet:
+        from .ui import filter_report, out as console
+
+        console.print(filter_report(summary))
 
 
 @app.command()
 def finetune(
-    model: Annotated[str, typer.Argument(help="Model to fine-tune.")],
-    reward: Annotated[str, typer.Option("--reward", help="Reward NAME[:ARGS].")] = "",
-    cutoff: Annotated[float, typer.Option("--cutoff", help="P-GRAFT cutoff c in [0, 1); 0 is GRAFT.")] = 0.0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output .safetensors.")] = None,
+    model: Annotated[str, typer.Argument(help="Model to fine-tune (alias, folder, .safetensors or hub id).")],
+    reward: RewardOpt = None,
+    cutoff: Annotated[Optional[float], typer.Option("--cutoff", help="P-GRAFT cutoff c in [0, 1): the tuned model runs t in (c, 1], the base [0, c]; 0 is GRAFT.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .safetensors (default RUN_DIR/tuned.safetensors).")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
+    data: DataOptF = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (sample.num = m x prompts).")] = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """GRAFT / P-GRAFT: sample, score, filter and fine-tune in rounds (not implemented yet).
+    """GRAFT / P-GRAFT: rounds of sample -> score -> filter -> fine-tune, then evaluate base vs tuned.
 
-    Example:
+    Every stage is cached in the run directory: re-running resumes, and a changed reward re-runs
+    scoring onwards, never sampling. Writes one self-describing .safetensors (full weights or the
+    LoRA adapter, the cutoff, the base model's identity, the recipe and the measured rewards) that
+    `pgraft sample` and `pgraft evaluate` compose with the base automatically.
+
+    Examples:
 
       pgraft finetune digits --reward classifier:digits:3 --cutoff 0.5 --out tuned.safetensors
+
+      pgraft finetune digits --reward classifier:digits:3 --cutoff 0 --recipe graft --lora-rank 8
+
+      pgraft finetune ./sd2 --reward vqascore:./llava --prompts train.txt --cutoff 0.25 --set sample.num=4000
     """
-    _not_yet("finetune", "GRAFT/P-GRAFT issue")
+    import torch
+
+    from .evaluate import pick_features
+    from .finetune import base_info_of, evaluate_pair, run_rounds, save_finetuned
+    from .runstore import RunStore, atomic_write_text
+    from .sample import Conditions, check_conditions
+    from .ui import note, progress
+
+    tic = time.perf_counter()
+    rec = _resolve_recipe(recipe, set_, score__reward=reward, finetune__cutoff=cutoff, finetune__rounds=rounds,
+                          finetune__lora_rank=lora_rank)
+    rew = _reward(rec.score.reward)
+    rew.batch_size = rec.score.batch_size
+    cond = Conditions(prompts=_prompts(prompt, prompts) or None)
+    state = _state(rec, device)
+    loaded = _load(model, config, kind, allow_pickle, rec)
+    if loaded.corrector is not None or loaded.tuned is not None or loaded.lora:
+        raise PgraftError(f"{model} is a corrected or fine-tuned file; pass its base model to fine-tune")
+    check_conditions(loaded, cond)
+    dev = _device(rec, device, state)
+    loaded.to(dev, getattr(torch, rec.model.dtype))
+    base_info = base_info_of(loaded)
+    real, data_id = (None, None)
+    if data or loaded.default_data:
+        real, data_id = _real_data(loaded, data)
+    run_dir = run_dir or _default_run_dir("finetune", {"model": loaded.identity, "recipe": rec.to_dict(),
+                                                       "prompts": cond.prompts})
+    show = not (quiet or as_json) and state.is_main_process
+    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev) \
+        if real is not None else None
+    with RunStore(run_dir, is_main=state.is_main_process) as store:
+        if state.is_main_process:
+            atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
+        note(f"run directory: {store.root}", quiet=not show)
+        with progress(show) as bar:
+            history = run_rounds(loaded, rec, rew, cond, store, bar, state.process_index, state.num_processes,
+                                 state.wait_for_everyone if state.num_processes > 1 else None)
+            if not state.is_main_process:
+                return
+            metrics = evaluate_pair(loaded, rec, rew, cond, real, feats, store, bar)
+        metrics["rounds"] = [{k: v for k, v in h.items() if k not in ("filter", "loss_curve")} for h in history]
+        metrics["reward"], metrics["data"] = rew.spec, data_id
+        target = out or store.root / "tuned.safetensors"
+        save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
+        store.write_json("finetune/summary.json", {**metrics, "out": str(target),
+                                                   "history": history})
+    seconds = time.perf_counter() - tic
+    summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
+               "seconds": round(seconds, 2), "cutoff": rec.finetune.cutoff, **metrics}
+    if as_json:
+        print(json.dumps(summary, sort_keys=True, default=float))
+        return
+    if quiet:
+        return
+    from .ui import finetune_report, fmt_bytes, out as console
+
+    console.print(finetune_report(summary))
+    console.print(f"[green]wrote[/green] {target} ({fmt_bytes(target.stat().st_size)}); run {store.root}; {seconds:.0f}s")
+
+
+def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
+    out = list(prompt or [])
+    if prompts is not None:
+        if not prompts.is_file():
+            raise PgraftError(f"--prompts {prompts}: no such file; pass a text file with one prompt per line")
+        out += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+    return out
 
 
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits). Default: the model's bundled data set.")]
@@ -531,7 +691,10 @@ def evaluate(
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of samples (evaluate.num).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps (default: the corrector's, else sample.steps).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (evaluate.seed).")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected checkpoint, if not where it was.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected or fine-tuned checkpoint, if not where it was.")] = None,
+    reward: RewardOpt = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")] = None,
     features: FeaturesOpt = None,
     inception_weights: InceptionOpt = None,
     recipe: RecipeOpt = "default",
@@ -572,8 +735,11 @@ def evaluate(
     if kind is not None and kind not in ("flow", "diffusion", "auto"):
         raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
     loaded = load_model(model, config=config, kind=kind or rec.model.kind, allow_pickle=allow_pickle, base=base)
-    if loaded.conditioning == "text":
-        raise NotYetAvailableError("evaluating text-to-image models needs prompts, which arrive with the GRAFT/P-GRAFT issue")
+    from .sample import Conditions, check_conditions
+
+    cond = Conditions(prompts=_prompts(prompt, prompts) or None)
+    check_conditions(loaded, cond)
+    rew = _reward(reward) if reward else None
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
     if loaded.corrector is not None:
@@ -586,8 +752,9 @@ def evaluate(
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+    eval_cfg.guidance_scale = rec.sample.guidance_scale
     run_dir = run_dir or _default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
-                                                       "steps": eval_steps})
+                                                       "steps": eval_steps, "prompts": cond.prompts})
     show = not (quiet or as_json) and state.is_main_process
     with RunStore(run_dir, is_main=state.is_main_process) as store:
         if state.is_main_process:
@@ -595,12 +762,13 @@ def evaluate(
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
             metrics = evaluate_model(loaded, real, eval_cfg, feats, store, bar, "sample", rec.evaluate.kid_subsets,
-                                     process_index=state.process_index, num_processes=state.num_processes,
+                                     cond=cond, reward=rew, process_index=state.process_index, num_processes=state.num_processes,
                                      barrier=state.wait_for_everyone if state.num_processes > 1 else None)
         if not state.is_main_process:
             return
         metrics = {**metrics, "model": loaded.source, "data": data_id, "run_dir": str(store.root),
-                   "corrected": loaded.corrector is not None}
+                   "corrected": loaded.corrector is not None, "finetuned": loaded.tuned is not None or loaded.lora,
+                   "cutoff": loaded.cutoff}
         store.write_json("evaluate.json", metrics)
     if as_json:
         print(json.dumps(metrics, sort_keys=True, default=float))
@@ -608,7 +776,15 @@ def evaluate(
         from .ui import out as console
 
         console.print(_metrics_table(f"evaluate {model} against {data_id} (features {metrics['features']})",
-                                     [(f"{'corrected' if metrics['corrected'] else 'base'} ({eval_steps} steps)", metrics)]))
+                                     [(f"{_label(metrics)} ({eval_steps} steps)", metrics)]))
+        if rew is not None:
+            console.print(f"reward {rew.spec}: mean {metrics['reward_mean']:.4f}, std {metrics['reward_std']:.4f}")
+
+
+def _label(metrics: dict[str, Any]) -> str:
+    if metrics["corrected"]:
+        return "corrected"
+    return f"fine-tuned (cutoff {metrics['cutoff']})" if metrics["finetuned"] else "base"
 
 
 # ================================================================================================

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .errors import PgraftError
 from .models import Cond, LoadedModel
 from .recipes import CorrectConfig
-from .runstore import RunStore
+from .runstore import RunStore, load_training_state, save_training_state
 from .samplers import NoiseSchedule, invert, sample
 
 # ----------------------------------------------------------------------------------------------
@@ -189,44 +189,6 @@ def flow_matching_loss(network: nn.Module, z: Tensor, e: Tensor, t: Tensor) -> T
     return F.mse_loss(network(xt, t * 1000).sample, e - z)
 
 
-def _save_state(path: Path, network: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
-                losses: list[float]) -> None:
-    """Training state in safetensors (weights, EMA, AdamW moments), never pickle."""
-    from safetensors.torch import save_file
-
-    from .runstore import atomic_path
-
-    tensors = {f"model.{k}": v for k, v in network.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for i, p in enumerate(network.parameters()):
-        st = opt.state.get(p, {})
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in st:
-                tensors[f"opt.{i}.{name}"] = st[name]
-        if "step" in st:
-            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"step": str(step), "losses": json.dumps(losses[-2000:])})
-
-
-def _load_state(path: Path, network: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    for i, p in enumerate(network.parameters()):
-        if f"opt.{i}.exp_avg" in tensors:
-            opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
-                            "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
-                            "step": tensors[f"opt.{i}.step"].reshape(()).clone()}
-    return int(meta["step"]), json.loads(meta.get("losses", "[]"))
-
-
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
                         store: RunStore, bar: Any, device: Any = "cpu") -> tuple[NoiseCorrector, dict[str, Any]]:
     """Train (or resume, or fit) the corrector on the inverted noises."""
@@ -251,7 +213,9 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     state_path = stage.dir / "state.safetensors"
     start, losses = 0, []
     if state_path.exists():
-        start, losses = _load_state(state_path, network, ema, opt)
+        start, losses, model_state, ema_state = load_training_state(state_path, list(network.parameters()), opt)
+        network.load_state_dict(model_state)
+        ema.load_state_dict(ema_state)
     if not stage.done:
         data = noises.to(device)
         task = bar.add_task("training corrector", total=cfg.corrector_train_steps, completed=start, unit="step")
@@ -274,7 +238,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
             losses.append(round(float(loss.detach()), 6))
             bar.advance(task, 1)
             if (step + 1) % cfg.corrector_checkpoint_every == 0 and step + 1 < cfg.corrector_train_steps:
-                _save_state(state_path, network, ema, opt, step + 1, losses)
+                save_training_state(state_path, network.state_dict(), ema.state_dict(), list(network.parameters()),
+                                    opt, step + 1, losses)
         final = ema if cfg.corrector_ema > 0 else network
         with stage.write_shard(0) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in final.state_dict().items()}, str(tmp),
@@ -331,20 +296,11 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
                    allow_pickle: bool) -> LoadedModel:
     """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
-    from .checkpoints import build_network, load_model, load_state, read_safetensors
+    from .checkpoints import build_network, load_base_for, load_state, read_safetensors
 
     state, metadata = read_safetensors(path)
     info = json.loads(metadata["pgraft.base"])
-    source = base or info["source"]
-    try:
-        base_model = load_model(source, kind=kind, allow_pickle=allow_pickle)
-    except PgraftError as exc:
-        raise PgraftError(f"the base model of {path} could not be loaded from '{source}' ({exc}); pass it with --base") from None
-    if base_model.identity != info["identity"]:
-        raise PgraftError(
-            f"--base {source} is not the model {path.name} was fitted for (sha256 {base_model.identity[:12]} != "
-            f"{info['identity'][:12]}); pass the original base model with --base"
-        )
+    base_model = load_base_for(path, info, base, kind, allow_pickle)
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
     if corrector_type == "gaussian":

@@ -188,15 +188,18 @@ def flops_per_image(model: Any, steps: int) -> tuple[int, int, dict[str, int]]:
 
 def evaluate_model(model: Any, real: Optional[Tensor], sample_cfg: Any, features: Optional[Features], store: Any,
                    bar: Any, stage_name: str = "sample", kid_subsets: int = 10,
-                   real_features: Optional[np.ndarray] = None, **dist: Any) -> dict[str, Any]:
+                   real_features: Optional[np.ndarray] = None, cond: Any = None, reward: Any = None,
+                   **dist: Any) -> dict[str, Any]:
     """Sample ``sample_cfg.num`` images into ``store`` (resumable) and measure them.
 
     Returns the keys ``fid``, ``kid``, ``features``, ``num``, ``nfe``, ``flops_per_image``,
-    ``seconds_per_image`` and ``steps`` (``fid``/``kid`` are None without reference data).
+    ``seconds_per_image`` and ``steps`` (``fid``/``kid`` are None without reference data), plus
+    ``reward_mean`` and ``reward_std`` when a reward is given.
     """
     from .sample import Conditions, load_images, run_sample, shard_seconds
 
-    run_sample(model, sample_cfg, Conditions(), store, bar, stage_name=stage_name, **dist)
+    cond = cond if cond is not None else Conditions()
+    run_sample(model, sample_cfg, cond, store, bar, stage_name=stage_name, **dist)
     images = load_images(store.root, stage_name)
     nfe, flops, parts = flops_per_image(model, sample_cfg.steps)
     out: dict[str, Any] = {
@@ -207,4 +210,9 @@ def evaluate_model(model: Any, real: Optional[Tensor], sample_cfg: Any, features
     if features is not None and (real is not None or real_features is not None):
         ref = real_features if real_features is not None else features(real)
         out.update(distances(features(images), ref, kid_subsets=kid_subsets))
+    if reward is not None:
+        prompts, _ = cond.for_indices(model, list(range(len(images))))
+        scores = reward(images, prompts)
+        out.update({"reward": reward.spec, "reward_mean": float(scores.mean()),
+                    "reward_std": float(scores.std()) if len(scores) > 1 else 0.0})
     return out

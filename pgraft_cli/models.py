@@ -31,6 +31,15 @@ class Cond:
     guidance_scale: float = 1.0
 
 
+def set_lora_enabled(network: nn.Module, on: bool) -> None:
+    """Switch every peft LoRA layer of ``network`` on or off (a disabled layer is the base layer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in network.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(on)
+
+
 @dataclass
 class LoadedModel:
     """Everything pgraft knows about one model after loading it."""
@@ -51,7 +60,13 @@ class LoadedModel:
     metadata: dict[str, str] = field(default_factory=dict)
     default_data: Optional[str] = None
     corrector: Any = None  # a NoiseCorrector (correct.py) applied to the initial noise, if any
-    base_identity: Optional[str] = None  # with a corrector: the base model's own identity
+    base_identity: Optional[str] = None  # with a corrector or a fine-tune: the base model's own identity
+    # A fine-tune (finetune.py): the tuned network runs t in (cutoff, 1], the base [0, cutoff].
+    # Full fine-tuning keeps both networks (``tuned`` and ``network``); LoRA keeps one network
+    # whose adapter is switched on above the cutoff and off below it.
+    tuned: Optional[nn.Module] = None
+    lora: bool = False
+    cutoff: float = 0.0
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -88,7 +103,9 @@ class LoadedModel:
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "LoadedModel":
         if dtype == self.dtype:
             dtype = None  # no cast: diffusers warns on casts it cannot see through
-        self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+        for net in (self.network, self.tuned):
+            if net is not None:
+                net.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
         if self.pipeline is not None:
             self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
         return self
@@ -117,30 +134,47 @@ class LoadedModel:
         return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale)
 
     # -- the network in pgraft's convention -----------------------------------------------------
+    def network_at(self, t: Tensor) -> nn.Module:
+        """The network that runs at time t: the tuned one above the cutoff, else the base.
+
+        With a LoRA fine-tune this switches the adapter on (t > cutoff) or off (t <= cutoff).
+        """
+        above = bool(torch.all(torch.as_tensor(t) > self.cutoff))
+        if self.tuned is not None:
+            return self.tuned if above else self.network
+        if self.lora:
+            set_lora_enabled(self.network, above)
+        return self.network
+
     def _call(self, x: Tensor, timestep: Tensor, cond: Cond, embeds: Optional[Tensor],
-              pooled: Optional[Tensor]) -> Tensor:
+              pooled: Optional[Tensor], network: nn.Module) -> Tensor:
         if self.model_class == "UNet2DModel":
-            out = self.network(x, timestep, class_labels=cond.class_labels).sample
+            out = network(x, timestep, class_labels=cond.class_labels).sample
         elif self.model_class == "UNet2DConditionModel":
-            out = self.network(x, timestep, encoder_hidden_states=embeds).sample
+            out = network(x, timestep, encoder_hidden_states=embeds).sample
         elif self.model_class == "SD3Transformer2DModel":
-            out = self.network(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                               pooled_projections=pooled).sample
+            out = network(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
+                          pooled_projections=pooled).sample
         else:  # pragma: no cover - checkpoints.py only admits the classes above
             raise TypeError(self.model_class)
         # Learned-variance UNets predict (mean, variance) stacked on channels; keep the mean part.
         return out[:, : x.shape[1]]
 
-    def predict(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """The network's native prediction at time t (a 0-d tensor), guided for text models."""
+    def predict(self, x: Tensor, t: Tensor, cond: Cond, network: Optional[nn.Module] = None) -> Tensor:
+        """The network's native prediction at time t, guided for text models.
+
+        ``t`` is a 0-d tensor (sampling) or one time per row (training). ``network`` overrides the
+        network that runs (training passes the one it trains); by default ``network_at(t)``.
+        """
+        net = network if network is not None else self.network_at(t)
         timestep = self.schedule.timestep(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
         if self.conditioning != "text":
-            return self._call(x, timestep, cond, None, None)
+            return self._call(x, timestep, cond, None, None, net)
         if cond.guidance_scale <= 1.0:
-            return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled)
+            return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled, net)
         embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
         pooled = torch.cat([cond.negative_pooled, cond.pooled]) if cond.pooled is not None else None
-        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), cond, embeds, pooled)
+        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), cond, embeds, pooled, net)
         uncond, text = both.chunk(2)
         return uncond + cond.guidance_scale * (text - uncond)
 

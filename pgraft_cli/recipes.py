@@ -66,7 +66,7 @@ class SampleConfig:
 
 @dataclass
 class ScoreConfig:
-    """Scoring samples with a reward (filled in by the GRAFT/P-GRAFT issue)."""
+    """Scoring samples with a reward: ``NAME[:ARGS]`` from the reward registry (``rewards.py``)."""
 
     reward: str = ""
     batch_size: int = 64
@@ -77,7 +77,13 @@ class ScoreConfig:
 
 @dataclass
 class FilterConfig:
-    """Selection rule over scored samples (filled in by the GRAFT/P-GRAFT issue)."""
+    """Selection rule over scored samples (PAPER.md section 1; the maths is in ``selection.py``).
+
+    ``top_k``: keep the ``k`` best of each group of ``m`` (the ``m`` samples of one prompt or class,
+    or ``m`` consecutive samples of an unconditional model). ``best_of_n``: ``k = 1`` of ``m``.
+    ``threshold``: keep rewards ``>= threshold``, or ``>=`` their ``quantile``. ``dedup`` keeps one
+    of near-identical kept samples (RMS distance below ``dedup_tol`` in model space).
+    """
 
     rule: Literal["top_k", "best_of_n", "threshold"] = "top_k"
     k: int = 1
@@ -85,32 +91,62 @@ class FilterConfig:
     threshold: Optional[float] = None
     quantile: Optional[float] = None
     dedup: bool = False
+    dedup_tol: float = 0.05
 
     def validate(self) -> None:
         _positive(self, "filter", "k", "m")
         if self.quantile is not None and not 0.0 < self.quantile < 1.0:
             raise RecipeError(f"filter.quantile must be in (0, 1), got {self.quantile}")
+        if self.rule == "top_k" and self.k > self.m:
+            raise RecipeError(f"filter.k ({self.k}) must be <= filter.m ({self.m}) for rule top_k")
+        if self.rule == "threshold" and (self.threshold is None) == (self.quantile is None):
+            raise RecipeError("filter rule threshold needs exactly one of filter.threshold (a reward value) "
+                              "or filter.quantile (in (0, 1)); set one, e.g. --set filter.quantile=0.75")
+        if self.dedup_tol < 0:
+            raise RecipeError(f"filter.dedup_tol must be >= 0, got {self.dedup_tol}")
 
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning on kept samples (filled in by the GRAFT/P-GRAFT issue)."""
+    """Fine-tuning on kept samples (PAPER.md sections 1-2).
+
+    ``cutoff`` c: the tuned model runs t in (c, 1], the base model [0, c]; c = 0 is GRAFT. With
+    ``target = "intermediate"`` (P-GRAFT) it trains on the kept states at c with the forward kernel
+    from c; ``"renoise"`` re-noises the kept final samples and trains only at t > c.
+    ``lora_rank`` 0 fine-tunes all weights; > 0 trains a LoRA adapter (needs peft) that is switched
+    off at c. ``ema`` 0 disables the EMA of the weights; ``grad_accum`` micro-batches per step.
+    """
 
     cutoff: float = 0.0
     rounds: int = 1
     steps: int = 200
     batch_size: int = 32
+    grad_accum: int = 1
     learning_rate: float = 1e-4
+    warmup: int = 0
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema: float = 0.0
     lora_rank: int = 0
+    lora_alpha: float = 0.0
+    target: Literal["intermediate", "renoise"] = "intermediate"
+    checkpoint_every: int = 50
+    seed: int = 0
 
     def validate(self) -> None:
         if not 0.0 <= self.cutoff < 1.0:
             raise RecipeError(f"finetune.cutoff must be in [0, 1), got {self.cutoff}")
-        _positive(self, "finetune", "rounds", "steps", "batch_size")
+        _positive(self, "finetune", "rounds", "steps", "batch_size", "grad_accum", "checkpoint_every")
         if not self.learning_rate > 0.0:
             raise RecipeError(f"finetune.learning_rate must be > 0, got {self.learning_rate}")
         if self.lora_rank < 0:
             raise RecipeError(f"finetune.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        if not 0.0 <= self.ema < 1.0:
+            raise RecipeError(f"finetune.ema must be in [0, 1) (0: no EMA), got {self.ema}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise RecipeError("finetune.warmup, finetune.weight_decay and finetune.max_grad_norm must be >= 0")
 
 
 @dataclass

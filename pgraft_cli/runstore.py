@@ -283,3 +283,47 @@ class StageRun:
         entry["seconds"] = entry["finished"] - entry.get("started", entry["finished"])
         entry["outputs"] = {str(p.relative_to(self.store.root)): sha256_file(p) for p in outputs}
         self.store._write_manifest(manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state (corrector, fine-tune): safetensors, never pickle
+
+
+def save_training_state(path: Path | str, model_state: dict[str, Any], ema_state: dict[str, Any],
+                        params: list[Any], opt: Any, step: int, losses: list[float]) -> None:
+    """Weights, EMA weights and the optimizer's per-parameter moments of ``params``, atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema_state.items()})
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if isinstance(st.get(name), torch.Tensor):
+                tensors[f"opt.{i}.{name}"] = st[name]
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"step": str(step), "losses": json.dumps(losses[-5000:])})
+
+
+def load_training_state(path: Path | str, params: list[Any], opt: Any) -> tuple[int, list[float], dict, dict]:
+    """Restore the optimizer state of ``params``; returns (step, losses, model state, EMA state)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    for i, p in enumerate(params):
+        st = {name: tensors[f"opt.{i}.{name}"].clone().to(p.device)
+              for name in ("exp_avg", "exp_avg_sq", "momentum_buffer") if f"opt.{i}.{name}" in tensors}
+        if f"opt.{i}.step" in tensors:
+            st["step"] = tensors[f"opt.{i}.step"].reshape(()).clone()
+        if st:
+            opt.state[p] = st
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    return int(meta["step"]), json.loads(meta.get("losses", "[]")), model_state, ema_state

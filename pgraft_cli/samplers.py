@@ -132,6 +132,23 @@ class NoiseSchedule:
             return pred, (x - a * pred) / s
         raise ValueError(f"unknown prediction_type {self.prediction_type}")
 
+    def from_x0_eps(self, x: Tensor, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The native prediction whose ``to_x0_eps`` is ``(x0, eps)`` (the training target form).
+
+        flow: ``v = e - x0``; epsilon: ``e``; v_prediction: ``a e - s x0``; sample: ``x0``.
+        ``t`` may be a 0-d tensor or one time per batch row.
+        """
+        a, s = (_rows(v, x) for v in self.alpha_sigma(t))
+        if self.prediction_type == "flow":
+            return eps - x0
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "v_prediction":
+            return a * eps - s * x0
+        if self.prediction_type == "sample":
+            return x0
+        raise ValueError(f"unknown prediction_type {self.prediction_type}")
+
     def step(self, x: Tensor, pred: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
         """One deterministic solver step from t to t_next (flow: Euler; diffusion: DDIM, eta=0)."""
         if self.family == "flow":
@@ -139,6 +156,12 @@ class NoiseSchedule:
         x0, eps = self.to_x0_eps(x, pred, t)
         a, s = (v.to(x.dtype) for v in self.alpha_sigma(t_next))
         return a * x0 + s * eps
+
+
+def _rows(v: Tensor, x: Tensor) -> Tensor:
+    """A 0-d or per-row (B,) coefficient shaped to broadcast against ``x`` (B, ...)."""
+    v = v.to(device=x.device, dtype=x.dtype)
+    return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim == 1 else v
 
 
 def sample(

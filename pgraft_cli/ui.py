@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
@@ -69,3 +69,58 @@ def fmt_bytes(n: Optional[int]) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return f"{n} B"
+
+
+def _histogram_rows(edges: list[float], before: list[int], after: list[int], width: int = 30) -> list[str]:
+    """A text histogram: one row per bin, before (grey) and kept (green) counts as bars."""
+    top = max(before) or 1
+    rows = []
+    for i, (b, a) in enumerate(zip(before, after)):
+        lo = edges[i]
+        bar_b = "█" * round(width * b / top)
+        bar_a = "█" * round(width * a / top)
+        rows.append(f"{lo:>9.3f} │[dim]{bar_b.ljust(width)}[/dim] {b:>5}  │[green]{bar_a.ljust(width)}[/green] {a:>5}")
+    return rows
+
+
+def filter_report(summary: dict) -> Group:
+    """What ``pgraft filter`` did: kept counts, rewards before/after, the rule's tilt, a histogram."""
+    from rich.table import Table
+
+    table = Table(title=f"filter: {summary['rule']} {summary.get('params', {})}", title_justify="left")
+    for col in ("", "num", "reward mean", "std", "min", "max"):
+        table.add_column(col, justify="left" if not col else "right")
+    for name, stats, n in (("sampled", summary["reward_before"], summary["num"]),
+                           ("kept", summary["reward_after"], summary["kept"])):
+        table.add_row(name, str(n), *(("-" if stats[k] is None else f"{stats[k]:.4f}") for k in ("mean", "std", "min", "max")))
+    expected = summary.get("expected_kept_fraction")
+    lines = [f"kept {summary['kept']} of {summary['num']} ({100 * summary['kept_fraction']:.1f}%"
+             + (f"; the rule's expected {100 * expected:.1f}%)" if expected is not None else ")")]
+    if summary.get("reshaped_reward_mean") is not None:
+        lines.append(f"reshaped reward rhat = log P(keep | F(r)) of the kept samples: mean {summary['reshaped_reward_mean']:.3f}")
+    lines.append("reward histogram: all samples | kept")
+    lines += _histogram_rows(summary["histogram_edges"], summary["histogram_before"], summary["histogram_after"])
+    return Group(table, *lines)
+
+
+def finetune_report(summary: dict) -> Group:
+    """Base vs tuned after ``pgraft finetune``: reward, FID, cost; then the rounds."""
+    from rich.table import Table
+
+    table = Table(title=f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
+                        f"reward {summary['reward']}", title_justify="left")
+    for col in ("model", "reward mean", "reward std", "FID", "NFE", "GFLOPs/img", "ms/img", "num"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name in ("base", "tuned"):
+        r = summary[name]
+        table.add_row(name, f"{r['reward_mean']:.4f}", f"{r['reward_std']:.4f}",
+                      "-" if r.get("fid") is None else f"{r['fid']:.3f}", str(r["nfe"]),
+                      f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
+    rounds = Table(title="rounds", title_justify="left")
+    for col in ("round", "sampled reward", "kept", "kept reward", "final loss"):
+        rounds.add_column(col, justify="right")
+    for h in summary.get("rounds", []):
+        loss = h["finetune"].get("final_loss")
+        rounds.add_row(str(h["round"]), f"{h['sampled']['reward_mean']:.4f}", str(h["kept"]),
+                       f"{h['kept_reward_mean']:.4f}", "-" if loss is None else f"{loss:.4f}")
+    return Group(table, rounds)

@@ -71,7 +71,7 @@ def test_dump_recipe_round_trips(path):
 
 def test_dump_recipe_round_trips_awkward_values():
     recipe = load_recipe("pgraft", ["filter.threshold=0.25", "score.reward=classifier:digits:3",
-                                    "finetune.learning_rate=1e-5", "sample.guidance_scale=inf"])
+                                    "finetune.learning_rate=1e-5", "sample.guidance_scale=inf", "sample.capture_at=0.5"])
     recipe.description = 'line one\nline two\t"quoted" back\\slash é \x7f \x01'
     text = dump_recipe(recipe)
     again = recipe_from_dict(tomllib.loads(text))

@@ -1,0 +1,101 @@
+"""The filter stage: keep samples by a rejection rule (the maths is in ``selection.py``).
+
+Groups for ``top_k``/``best_of_n`` are the samples of one prompt (text models), of one class
+(class models), or ``m`` consecutive samples (unconditional models). The stage writes
+``filter/kept.safetensors`` (``index``, ``keep``, ``reward``, ``group``) and ``filter/summary.json``:
+how many were kept, the reward distribution before and after, and the reshaped reward of the rule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import PgraftError
+from .recipes import FilterConfig
+from .runstore import RunStore, atomic_path
+from .score import load_rewards, stage_key_of
+from .selection import select, summarize, threshold_value
+
+STAGE = "filter"
+
+
+def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Tensor]:
+    """``(index, group)`` of every sample: its prompt, its class, or ``index // m``."""
+    from safetensors.torch import load_file
+
+    shards = [load_file(str(p)) for p in sorted((Path(run_dir) / sample_stage).glob("shard-*.safetensors"))]
+    index = torch.cat([s["index"] for s in shards])
+    if "prompt_index" in shards[0]:
+        group = torch.cat([s["prompt_index"] for s in shards])
+    elif "class_label" in shards[0]:
+        group = torch.cat([s["class_label"] for s in shards])
+    else:
+        group = index // m
+    order = torch.argsort(index)
+    return index[order], group[order]
+
+
+def _samples(run_dir: Path, sample_stage: str) -> Tensor:
+    from safetensors.torch import load_file
+
+    shards = [load_file(str(p)) for p in sorted((Path(run_dir) / sample_stage).glob("shard-*.safetensors"))]
+    index = torch.cat([s["index"] for s in shards])
+    return torch.cat([s["samples"] for s in shards])[torch.argsort(index)]
+
+
+def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample", score_stage: str = "score",
+               stage_name: str = STAGE) -> dict[str, Any]:
+    """Select (or reuse the selection of) the scored samples; returns the summary dict."""
+    from safetensors.torch import save_file
+
+    score_key = stage_key_of(store, score_stage)
+    config = asdict(cfg)
+    stage = store.stage(stage_name, config, {"score": score_key})
+    kept_path, summary_path = stage.dir / "kept.safetensors", stage.dir / "summary.json"
+    if not stage.done:
+        index, rewards = load_rewards(store.root, score_stage)
+        g_index, groups = sample_groups(store.root, sample_stage, cfg.m)
+        if not torch.equal(index, g_index):
+            raise PgraftError(f"the score stage of {store.root} does not cover the sample stage; re-run `pgraft score`")
+        samples = _samples(store.root, sample_stage) if cfg.dedup else None
+        rule = cfg.rule
+        keep = select(rule, rewards, groups, k=cfg.k if rule == "top_k" else 1, m=cfg.m, threshold=cfg.threshold,
+                      quantile=cfg.quantile, dedup=cfg.dedup, samples=samples, dedup_tol=cfg.dedup_tol)
+        if not bool(keep.any()):
+            raise PgraftError(f"filter rule {rule} kept no samples; lower filter.threshold or filter.quantile")
+        summary = summarize(rewards, keep, rule, rule_params(cfg, rewards)).to_dict()
+        summary["rule"], summary["params"] = rule, rule_params(cfg, rewards)
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(kept_path) as tmp:
+            save_file({"index": index, "keep": keep.to(torch.bool), "reward": rewards.double(),
+                       "group": groups}, str(tmp))
+        store.write_json(str(summary_path.relative_to(store.root)), summary)
+        if store.is_main:
+            stage.finish([kept_path, summary_path])
+    return json.loads(summary_path.read_text())
+
+
+def rule_params(cfg: FilterConfig, rewards: Tensor) -> dict[str, Any]:
+    """The parameters of the rule's acceptance formula (PAPER.md section 1)."""
+    if cfg.rule == "top_k":
+        return {"k": cfg.k, "m": cfg.m}
+    if cfg.rule == "best_of_n":
+        return {"n": cfg.m}
+    return {"threshold": threshold_value(rewards, value=cfg.threshold, quantile=cfg.quantile)}
+
+
+def load_kept(run_dir: Path, stage_name: str = STAGE) -> tuple[Tensor, Tensor]:
+    """``(index of kept samples, their rewards)`` of a filter stage."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / stage_name / "kept.safetensors"
+    if not path.is_file():
+        raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft filter {run_dir}` first")
+    kept = load_file(str(path))
+    return kept["index"][kept["keep"]], kept["reward"][kept["keep"]]

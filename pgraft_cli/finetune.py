@@ -1,0 +1,496 @@
+"""The finetune stage: GRAFT and P-GRAFT training on kept samples, and the composed model.
+
+The loss (PAPER.md section 2, derived there): kept states ``y`` at the cutoff time ``c`` are data for
+the forward kernel from ``c``, and the model is trained only at ``t in (c, 1]``. With ``c = 0`` this
+is exactly the ordinary flow-matching / denoising loss on final samples (GRAFT). The tuned model then
+runs ``t in (c, 1]`` and the base model ``[0, c]`` (``LoadedModel.network_at``): two networks for
+full fine-tuning, one network with its LoRA adapter switched off below ``c``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import PgraftError
+from .models import Cond, LoadedModel, set_lora_enabled
+from .recipes import FinetuneConfig
+from .runstore import RunStore, load_training_state, save_training_state
+from .samplers import NoiseSchedule, _rows
+
+STAGE = "finetune"
+LORA_ADAPTER = "pgraft"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj",
+                "ff.net.2", "time_emb_proj"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The maths
+
+
+def intermediate_target(schedule: NoiseSchedule, y: Tensor, e: Tensor, t: Tensor, c: Tensor | float
+                        ) -> tuple[Tensor, Tensor]:
+    """``(x_t, target)`` for kept states ``y`` at time ``c``, noise ``e`` and times ``t > c`` (per row).
+
+    Flow: ``x_t = a y + s e`` with ``a = (1 - t)/(1 - c)``, ``s^2 = t^2 - a^2 c^2``; the conditional
+    score is ``-e / s`` and ``v = -(x + t score)/(1 - t)``, which simplifies to the form stable at
+    ``t = 1``: ``v* = e (t + (1 - t) c^2 / (1 - c)^2) / s - y / (1 - c)`` (``e - y`` at ``c = 0``).
+    Diffusion: ``a = sqrt(abar_t / abar_c)``, ``s^2 = 1 - a^2``, ``e* = sqrt(1 - abar_t) e / s``, and
+    ``x0* = (x_t - sqrt(1 - abar_t) e*) / sqrt(abar_t)``, converted to the model's prediction type.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    c = torch.as_tensor(c, dtype=torch.float64).expand_as(t)
+    if schedule.family == "flow":
+        a = (1 - t) / (1 - c)
+        s = (t**2 - a**2 * c**2).clamp_min(1e-12).sqrt()
+        coef = (t + (1 - t) * c**2 / (1 - c) ** 2) / s
+        a_, s_, coef_, inv = (_rows(v, y) for v in (a, s, coef, 1 / (1 - c)))
+        return a_ * y + s_ * e, coef_ * e - inv * y
+    a_t, s_t = schedule.alpha_sigma(t)
+    a_c, _ = schedule.alpha_sigma(c)
+    a = a_t / a_c
+    s = (1 - a**2).clamp_min(1e-12).sqrt()
+    a_, s_, at_, st_ = (_rows(v, y) for v in (a, s, a_t, s_t))
+    x_t = a_ * y + s_ * e
+    eps = st_ * e / s_
+    x0 = (x_t - st_ * eps) / at_
+    return x_t, schedule.from_x0_eps(x_t, x0, eps, t)
+
+
+def training_times(schedule: NoiseSchedule, n: int, cutoff: float, generator: torch.Generator) -> Tensor:
+    """``n`` times uniform on ``(cutoff, 1]`` (diffusion: integer timesteps above ``cutoff * T``)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if schedule.family == "flow":
+        return cutoff + (1 - cutoff) * (1 - u)
+    T = schedule.num_train_timesteps
+    low = int(cutoff * T) + 1  # smallest timestep strictly above the cutoff
+    if low > T - 1:
+        raise PgraftError(f"cutoff {cutoff} leaves no training timesteps below {T}; lower --cutoff")
+    return (low + (u * (T - low)).floor().clamp(max=T - 1 - low)) / T
+
+
+def kernel_weight(schedule: NoiseSchedule, t: Tensor, c: Tensor | float) -> Tensor:
+    """Per-row loss weight ``s^2 / sigma_t^2``: the kernel-from-c noise over the model's own noise.
+
+    As ``t -> c`` the kernel's noise ``s -> 0`` and the target's noise term grows like ``1/s``
+    (denoising score matching at small noise), so unweighted gradients are dominated by rows near
+    the cutoff. A weight that depends on t only leaves the minimiser at every t unchanged (the
+    conditional mean), and this one keeps the target's noise term O(1). It is exactly 1 at c = 0.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    c = torch.as_tensor(c, dtype=torch.float64).expand_as(t)
+    if schedule.family == "flow":
+        a = (1 - t) / (1 - c)
+        return ((t**2 - a**2 * c**2).clamp_min(0) / t**2).clamp(max=1.0)
+    a_t, s_t = schedule.alpha_sigma(t)
+    a = a_t / schedule.alpha_sigma(c)[0]
+    return ((1 - a**2).clamp_min(0) / s_t**2).clamp(max=1.0)
+
+
+def finetune_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """(Weighted) mean squared error in float32: its minimiser at each t is the tilted field."""
+    err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weight is None:
+        return err.mean()
+    return (weight.to(err) * err).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kept data and the model being trained
+
+
+@dataclass
+class KeptSet:
+    """What a round trains on: states ``y`` at time ``t_c`` (0 for final samples) and conditioning."""
+
+    y: Tensor
+    t_c: float
+    x0: Tensor
+    class_labels: Optional[Tensor] = None
+    prompts: Optional[list[str]] = None
+
+    def digest(self) -> str:
+        h = hashlib.sha256(self.y.numpy().tobytes())
+        h.update(self.x0.numpy().tobytes())
+        h.update(json.dumps([self.t_c, self.prompts]).encode())
+        if self.class_labels is not None:
+            h.update(self.class_labels.numpy().tobytes())
+        return h.hexdigest()
+
+
+def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: float) -> KeptSet:
+    """The kept samples of a filter stage: states at the cutoff (P-GRAFT) or final samples (GRAFT)."""
+    from safetensors.torch import load_file
+
+    from .filter import load_kept
+    from .score import sample_prompts
+
+    keep_index, _ = load_kept(run_dir, filter_stage)
+    shards = [load_file(str(p)) for p in sorted((Path(run_dir) / sample_stage).glob("shard-*.safetensors"))]
+    index = torch.cat([s["index"] for s in shards])
+    pos = {int(i): n for n, i in enumerate(index)}
+    rows = torch.tensor([pos[int(i)] for i in keep_index], dtype=torch.long)
+    x0 = torch.cat([s["samples"] for s in shards])[rows]
+    if cutoff > 0:
+        if "captured" not in shards[0]:
+            raise PgraftError(f"the sample stage of {run_dir} did not capture states at the cutoff; sample with "
+                              f"--capture-at {cutoff}")
+        y = torch.cat([s["captured"] for s in shards])[rows]
+        t_c = float(shards[0]["captured_t"][0])
+    else:
+        y, t_c = x0, 0.0
+    labels = torch.cat([s["class_label"] for s in shards])[rows] if "class_label" in shards[0] else None
+    prompts = None
+    if "prompt_index" in shards[0]:
+        all_prompts = sample_prompts(run_dir, sample_stage) or [""]
+        prompts = [all_prompts[int(i)] for i in torch.cat([s["prompt_index"] for s in shards])[rows]]
+    return KeptSet(y.float(), t_c, x0.float(), labels, prompts)
+
+
+def add_lora(network: nn.Module, rank: int, alpha: float, targets: Optional[list[str]] = None) -> list[str]:
+    """Inject pgraft's LoRA adapter (peft; B = 0, so it starts as the identity); returns its targets.
+
+    By default it targets every attention projection, resnet convolution and time projection the
+    network has (``LORA_TARGETS``).
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise PgraftError("finetune.lora_rank > 0 needs peft: pip install 'pgraft[lora]' (or pip install peft)") from None
+    names = [n for n, _ in network.named_modules()]
+    wanted = targets or [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+    if not wanted:
+        raise PgraftError(f"no LoRA target layers ({', '.join(LORA_TARGETS)}) in this network; use finetune.lora_rank = 0")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=wanted, init_lora_weights=True)
+    inject_adapter_in_model(config, network, adapter_name=LORA_ADAPTER)
+    return wanted
+
+
+def lora_state(network: nn.Module) -> dict[str, Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(network, adapter_name=LORA_ADAPTER)
+
+
+def set_lora_state(network: nn.Module, state: dict[str, Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(network, state, adapter_name=LORA_ADAPTER)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if missing:
+        raise PgraftError(f"the LoRA adapter does not fit this model ({missing[0]}); pass the base it was trained on")
+
+
+def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
+    """Make ``model`` a composed model and return the network to train (tuned copy, or the LoRA host)."""
+    model.cutoff = cfg.cutoff
+    if cfg.lora_rank > 0:
+        if not model.lora:
+            add_lora(model.network, cfg.lora_rank, cfg.lora_alpha)
+            model.lora = True
+        return model.network
+    if model.tuned is None:
+        model.tuned = copy.deepcopy(model.network)
+    return model.tuned
+
+
+def trainable(network: nn.Module, lora: bool) -> list[tuple[str, nn.Parameter]]:
+    if lora:
+        for n, p in network.named_parameters():
+            p.requires_grad_("lora_" in n)
+    else:
+        network.requires_grad_(True)
+    return [(n, p) for n, p in network.named_parameters() if p.requires_grad]
+
+
+def _seed(*parts: Any) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
+    labels = kept.class_labels[idx].tolist() if kept.class_labels is not None else None
+    prompts = [kept.prompts[i] for i in idx.tolist()] if kept.prompts is not None else None
+    return model.encode(prompts, labels, guidance_scale=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: RunStore, bar: Any,
+                 stage_name: str = STAGE, round_index: int = 1) -> dict[str, Any]:
+    """Train (or resume, or reuse) one round's fine-tune; leaves ``model`` composed and tuned.
+
+    Each optimizer step draws its batch, noise and times from a generator seeded by
+    ``(seed, round, step, micro-batch, process)``, and the state (weights, EMA, optimizer moments)
+    is checkpointed in safetensors every ``checkpoint_every`` steps, so a resumed run continues
+    bit for bit. accelerate drives the device, gradient accumulation and mixed precision.
+    """
+    from accelerate import Accelerator
+    from safetensors.torch import load_file, save_file
+
+    if cfg.mixed_precision == "fp16" and model.device.type == "cpu":
+        raise PgraftError("finetune.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
+    if cfg.target == "renoise":
+        y, t_c = kept.x0, 0.0  # the alternative reading: re-noise the final samples, train at t > c only
+    else:
+        y, t_c = kept.y, kept.t_c
+    lora = cfg.lora_rank > 0
+    config = {**asdict(cfg), "round": round_index, "t_c": t_c}
+    config.pop("rounds")
+    stage = store.stage(stage_name, config, {"model": model.identity, "kept": kept.digest()})
+    network = prepare_tuning(model, cfg)
+    named = trainable(network, lora)
+    params = [p for _, p in named]
+    opt = _optimizer(cfg, params)
+    ema = {n: p.detach().clone() for n, p in named}
+    state_path = stage.dir / "state.safetensors"
+    weights_path = stage.dir / "weights.safetensors"
+    losses: list[float] = []
+
+    def current_state() -> dict[str, Tensor]:
+        return lora_state(network) if lora else network.state_dict()
+
+    def load_weights(state: dict[str, Tensor]) -> None:
+        set_lora_state(network, state) if lora else network.load_state_dict(state)
+
+    if stage.done:
+        load_weights(load_file(str(weights_path)))
+        network.eval().requires_grad_(False)
+        return json.loads((stage.dir / "result.json").read_text())
+    start = 0
+    if state_path.exists():
+        start, losses, model_state, ema_state = load_training_state(state_path, params, opt)
+        load_weights(model_state)
+        ema = {n: ema_state[n].to(p.device) for n, p in named}
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              device_placement=False)
+    if lora:
+        set_lora_enabled(network, True)  # sampling may have left it switched off
+    net, opt = accelerator.prepare(network, opt)
+    schedule = model.schedule
+    device, dtype = model.device, model.dtype
+    rank = accelerator.process_index
+    task = bar.add_task(f"fine-tuning (round {round_index})", total=cfg.steps, completed=start, unit="step")
+    net.train()
+    for step in range(start, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.learning_rate
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            with accelerator.accumulate(net):
+                g = torch.Generator().manual_seed(_seed(cfg.seed, round_index, step, micro, rank))
+                idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
+                e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)
+                t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)
+                x_t, target = intermediate_target(schedule, y[idx].double(), e.double(), t, t_c)
+                cond = _conditions(model, kept, idx)
+                with accelerator.autocast():
+                    pred = model.predict(x_t.to(device, dtype), t.to(device), cond, network=net)
+                loss = finetune_loss(pred, target.to(device), kernel_weight(schedule, t, t_c).to(device))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                total += float(loss.detach()) / cfg.grad_accum
+        if cfg.ema > 0:
+            with torch.no_grad():
+                for n, p in named:
+                    ema[n].lerp_(p.detach(), 1.0 - cfg.ema)
+        losses.append(round(total, 6))
+        bar.advance(task, 1)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and store.is_main:
+            ema_state = {n: v for n, v in ema.items()}
+            save_training_state(state_path, current_state(), ema_state, params, opt, step + 1, losses)
+    network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
+    if cfg.ema > 0:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(ema[n])
+    network.eval().requires_grad_(False)
+    accelerator.free_memory()
+    recent = losses[-20:]
+    result = {"round": round_index, "steps": cfg.steps, "t_c": t_c, "kept": len(y), "lora": lora,
+              "trainable_parameters": sum(p.numel() for p in params),
+              "final_loss": sum(recent) / len(recent) if recent else None,
+              "loss_curve": losses[:: max(1, len(losses) // 200)]}
+    if store.is_main:
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        from .runstore import atomic_path
+
+        with atomic_path(weights_path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in current_state().items()}, str(tmp))
+        result_path = store.write_json(f"{stage_name}/result.json", result)
+        stage.finish([weights_path, result_path])
+        state_path.unlink(missing_ok=True)
+    return result
+
+
+def tuned_identity(model: LoadedModel) -> str:
+    """A hash of the composed model's weights that differ from the base (tuned net or adapter)."""
+    h = hashlib.sha256(f"{model.base_identity or model.identity}:{model.cutoff}".encode())
+    state = lora_state(model.network) if model.lora else (model.tuned.state_dict() if model.tuned is not None else {})
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The fine-tuned checkpoint: one self-describing safetensors
+
+
+def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, Any], cfg: FinetuneConfig,
+                   metrics: dict[str, Any], recipe: dict[str, Any]) -> Path:
+    """Full tuned weights or the LoRA adapter, with the cutoff, base identity, recipe and rewards."""
+    from .checkpoints import save_pgraft_safetensors
+
+    tuning = {"cutoff": model.cutoff, "lora": None, "target": cfg.target}
+    if model.lora:
+        tuning["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
+                          "target_modules": sorted(model.network.peft_config[LORA_ADAPTER].target_modules)}
+        state = lora_state(model.network)
+    else:
+        assert model.tuned is not None
+        state = model.tuned.state_dict()
+    extra = {
+        "pgraft.kind": "finetune",
+        "pgraft.finetune": json.dumps(tuning, sort_keys=True),
+        "pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
+        "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float),
+    }
+    if model.default_data:
+        extra["pgraft.data"] = model.default_data
+    provenance = {"created_by": "pgraft finetune", "recipe": recipe}
+    return save_pgraft_safetensors(path, model.network, model.model_class, model.model_config,
+                                   model.scheduler_config, provenance, extra, state=state)
+
+
+def base_info_of(model: LoadedModel) -> dict[str, Any]:
+    return {"source": model.source, "identity": model.identity, "model_class": model.model_class,
+            "model_config": model.model_config, "scheduler_config": model.scheduler_config}
+
+
+def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool) -> LoadedModel:
+    """A fine-tune file composed with its base model (stored source, or ``base``; hash-checked)."""
+    from .checkpoints import build_network, load_base_for, load_state, read_safetensors
+    from .runstore import sha256_file
+
+    state, metadata = read_safetensors(path)
+    tuning = json.loads(metadata["pgraft.finetune"])
+    info = json.loads(metadata["pgraft.base"])
+    cutoff = float(tuning["cutoff"])
+    model = load_base_for(path, info, base, kind, allow_pickle)
+    model.cutoff = cutoff
+    if tuning.get("lora"):
+        lora = tuning["lora"]
+        add_lora(model.network, lora["rank"], lora["alpha"], lora["target_modules"])
+        set_lora_state(model.network, state)
+        model.lora = True
+    else:
+        tuned = build_network(model.model_class, model.model_config)
+        load_state(tuned, state, str(path))
+        model.tuned = tuned.eval().requires_grad_(False)
+    model.network.eval().requires_grad_(False)
+    model.base_identity = model.identity
+    model.identity = sha256_file(path)
+    model.source, model.source_kind = str(path), "pgraft-finetune"
+    model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    model.metadata = metadata
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The rounds: sample -> score -> filter -> fine-tune
+
+
+@contextlib.contextmanager
+def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
+    """The base model inside a composed one (tuned network set aside, LoRA adapter off)."""
+    saved = (model.tuned, model.lora, model.identity)
+    if model.lora:
+        set_lora_enabled(model.network, False)
+    model.tuned, model.lora = None, False
+    model.identity = model.base_identity or model.identity
+    try:
+        yield model
+    finally:
+        model.tuned, model.lora, model.identity = saved
+        if model.lora:
+            set_lora_enabled(model.network, True)
+
+
+def round_stage(stage: str, round_index: int) -> str:
+    """Stage names of round r: ``sample``, ``score`` ... for round 1, ``sample-r2`` ... after."""
+    return stage if round_index == 1 else f"{stage}-r{round_index}"
+
+
+def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: RunStore, bar: Any,
+               process_index: int = 0, num_processes: int = 1, barrier: Any = None) -> list[dict[str, Any]]:
+    """GRAFT (cutoff 0) or P-GRAFT: ``finetune.rounds`` rounds, each stage cached in ``store``.
+
+    Round r samples ``sample.num`` trajectories from the current (composed) model with seed
+    ``sample.seed + r - 1``, capturing the state at the cutoff; scores the final images; keeps
+    samples by the filter rule; and continues fine-tuning on what it kept.
+    """
+    from dataclasses import replace
+
+    from .filter import run_filter
+    from .sample import run_sample
+    from .score import reward_stats, run_score
+
+    cfg = recipe.finetune
+    model.base_identity = model.base_identity or model.identity
+    rounds = []
+    for r in range(1, cfg.rounds + 1):
+        names = {s: round_stage(s, r) for s in ("sample", "score", "filter", "finetune")}
+        sample_cfg = replace(recipe.sample, seed=recipe.sample.seed + r - 1,
+                             capture_at=cfg.cutoff if cfg.cutoff > 0 else recipe.sample.capture_at)
+        run_sample(model, sample_cfg, cond, store, bar, process_index, num_processes, barrier, names["sample"])
+        rewards = run_score(store, reward, bar, names["sample"], names["score"], process_index, num_processes, barrier)
+        if barrier is not None:
+            barrier()
+        summary = run_filter(store, recipe.filter, names["sample"], names["score"], names["filter"])
+        kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
+        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r)
+        model.identity = tuned_identity(model)
+        rounds.append({"round": r, "sampled": reward_stats(rewards), "kept": summary.get("kept"),
+                       "kept_reward_mean": summary["reward_after"]["mean"], "filter": summary,
+                       "finetune": {k: v for k, v in result.items() if k != "loss_curve"},
+                       "loss_curve": result.get("loss_curve")})
+    return rounds
+
+
+def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, real: Optional[Tensor], features: Any,
+                  store: RunStore, bar: Any) -> dict[str, Any]:
+    """Base and tuned model on the same seeds: reward mean/std, FID/KID (with data), NFE, FLOPs."""
+    from .evaluate import evaluate_model
+    from .recipes import SampleConfig
+
+    cfg = SampleConfig(num=recipe.evaluate.num, seed=recipe.evaluate.seed,
+                       steps=recipe.evaluate.steps or recipe.sample.steps, batch_size=recipe.sample.batch_size,
+                       lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale)
+    real_features = features(real) if features is not None and real is not None else None
+    common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=real_features, cond=cond, reward=reward)
+    with base_only(model):
+        base = evaluate_model(model, None, cfg, features, store, bar, "evaluate-base", **common)
+    tuned = evaluate_model(model, None, cfg, features, store, bar, "evaluate-tuned", **common)
+    return {"base": base, "tuned": tuned}

@@ -1,0 +1,467 @@
+"""Rewards: named scorers of generated images, picked on the command line as ``NAME[:ARGS]``.
+
+A reward maps images in [0, 1], float (N, C, H, W) with C = 1 (grey) or 3 (RGB), and optionally one
+prompt per image, to N float64 scores on the CPU; larger is better. Registered rewards:
+
+- ``classifier:PATH:CLASS``: ``log p(CLASS | x)`` under a pgraft safetensors classifier
+  (``classifier:digits:3`` uses the bundled digits classifier). Always <= 0.
+- ``jpeg-compressibility`` / ``jpeg-incompressibility``: DDPO's rewards, minus / plus the size in
+  kB (1000 bytes) of the image saved as JPEG at quality 95 by PIL.
+- ``clip[:PATH]``: cosine similarity of CLIP's image and prompt embeddings, in [-1, 1], from a local
+  transformers CLIP folder (or ``$PGRAFT_CLIP_PATH``).
+- ``vqascore[:PATH]``: VQAScore, the probability that a vision-language model answers "Yes" to
+  ``Does this figure show "{prompt}"? Please answer yes or no.``, in [0, 1]; from a local
+  transformers folder (or ``$PGRAFT_VQASCORE_PATH``), else from the ``t2v_metrics`` package.
+- ``python:MODULE:FUNCTION`` or ``python:path/to/file.py:FUNCTION``: a user's
+  ``fn(images, prompts) -> (N,)`` scores.
+
+Rewards that read prompts (``clip``, ``vqascore``) see images as 8-bit RGB PIL images, exactly as if
+they had been saved to PNG and re-opened, so scores of a run's tensors and of its PNGs agree.
+Nothing is ever downloaded: models come from local folders the user names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import PgraftError
+from .runstore import sha256_file
+
+VQA_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
+T2V_DEFAULT_MODEL = "clip-flant5-xxl"  # t2v_metrics' recommended VQAScore model
+CLIP_ENV = "PGRAFT_CLIP_PATH"
+VQASCORE_ENV = "PGRAFT_VQASCORE_PATH"
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
+
+
+class RewardError(PgraftError):
+    """A reward spec that cannot be built or a reward that cannot score its inputs."""
+
+
+@dataclass
+class Reward:
+    """A named scorer: images in [0, 1] (N, C, H, W) [+ N prompts] -> (N,) float64 on the CPU.
+
+    ``fn`` scores one batch of at most ``batch_size`` images; ``spec`` is the string the user
+    passed (kept for provenance and stage keys); ``needs_prompts`` says whether ``fn`` reads them;
+    ``identity`` is what the scores depend on beyond the spec (the sha256 of a classifier or reward
+    file, the resolved model folder), so a changed file gives a new stage key.
+    """
+
+    name: str
+    fn: Callable[[Tensor, Optional[list[str]]], Tensor]
+    batch_size: int = 64
+    spec: str = ""
+    needs_prompts: bool = False
+    identity: str = ""
+
+    def __post_init__(self) -> None:
+        self.spec = self.spec or self.name
+        self.identity = self.identity or self.spec
+
+    def __call__(self, images: Tensor, prompts: Optional[list[str]] = None) -> Tensor:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise RewardError(f"reward {self.spec}: expected images of shape (N, 1 or 3, H, W), got {shape}")
+        if not images.is_floating_point():
+            raise RewardError(f"reward {self.spec}: expected float images in [0, 1], got {images.dtype}")
+        n = len(images)
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if len(prompts) != n:
+                raise RewardError(f"reward {self.spec}: got {len(prompts)} prompts for {n} images; pass one per image")
+        elif self.needs_prompts:
+            raise RewardError(f"reward {self.spec} scores images against prompts; sample with prompts "
+                              f"(a text-to-image model) or pick a reward that needs none")
+        out = []
+        with torch.inference_mode():
+            for start in range(0, n, self.batch_size):
+                chunk = images[start:start + self.batch_size]
+                chunk_prompts = None if prompts is None else prompts[start:start + self.batch_size]
+                out.append(_as_scores(self.fn(chunk, chunk_prompts), len(chunk), self.spec))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _as_scores(value: Any, n: int, spec: str) -> Tensor:
+    """A reward function's output as float64 (n,) on the CPU, or a RewardError saying what is wrong."""
+    try:
+        if isinstance(value, Tensor):
+            scores = value.detach().to("cpu", torch.float64)
+        else:
+            scores = torch.from_numpy(np.asarray(value, dtype=np.float64).copy())
+    except (TypeError, ValueError) as exc:
+        raise RewardError(f"reward {spec} returned {type(value).__name__}, not numbers ({exc}); "
+                          f"return a tensor, array or list of shape ({n},)") from None
+    if tuple(scores.shape) != (n,):
+        raise RewardError(f"reward {spec} returned shape {tuple(scores.shape)} for {n} images; "
+                          f"return one score per image, shape ({n},)")
+    if torch.isnan(scores).any():
+        raise RewardError(f"reward {spec} returned NaN scores; fix the reward so every image gets a number")
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+Builder = Callable[[Optional[str], str, str], Reward]  # (args, device, spec) -> Reward
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    builder: Builder
+    usage: str
+    help: str
+
+
+REWARDS: dict[str, RewardEntry] = {}
+
+
+def register_reward(name: str, usage: str, help: str) -> Callable[[Builder], Builder]:
+    """Register ``builder(args, device, spec) -> Reward`` under ``name``."""
+
+    def decorate(builder: Builder) -> Builder:
+        REWARDS[name] = RewardEntry(builder, usage, help)
+        return builder
+
+    return decorate
+
+
+def available_rewards() -> list[str]:
+    return sorted(REWARDS)
+
+
+def parse_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
+    """Build the reward a ``NAME[:ARGS]`` spec names (see the module doc for the names)."""
+    spec = (spec or "").strip()
+    name, _, args = spec.partition(":")
+    if name not in REWARDS:
+        close = difflib.get_close_matches(name, REWARDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RewardError(f"unknown reward {name!r}; {hint}registered: {', '.join(available_rewards())}"
+                          if name else f"no reward given; pick one of: {', '.join(available_rewards())}")
+    return REWARDS[name].builder(args or None, str(device), spec)
+
+
+def _require(module: str, install: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RewardError(f"this reward needs the {module} package: pip install {install}") from None
+
+
+def _to_pil(images: Tensor) -> list[Any]:
+    """Images in [0, 1] (N, C, H, W) as 8-bit PIL images (mode L for grey, RGB for colour)."""
+    Image = _require("PIL.Image", "pillow")
+    arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def _to_rgb_pil(images: Tensor) -> list[Any]:
+    return [im.convert("RGB") for im in _to_pil(images)]
+
+
+# ----------------------------------------------------------------------------------------------
+# classifier:PATH:CLASS
+
+
+@register_reward("classifier", "classifier:PATH:CLASS",
+                 "log-probability of CLASS under a pgraft classifier (PATH 'digits' = the bundled one)")
+def classifier_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """``r(x) = log softmax(head(body(2 x - 1)))[CLASS]``: the classifier reads images in [-1, 1].
+
+    Input rule: an RGB image fed to a grey classifier is converted to luma (0.299 R + 0.587 G +
+    0.114 B, as PIL's "L"); a grey image fed to an RGB classifier is repeated over 3 channels; images
+    of another size are resized to the classifier's ``image_size`` (bilinear, antialiased,
+    ``align_corners=False``).
+    """
+    from .evaluate import CLASSIFIER_PATH
+
+    usage = "pass classifier:PATH:CLASS, e.g. classifier:digits:3"
+    if not args or ":" not in args:
+        raise RewardError(f"reward {spec!r} needs a classifier and a class; {usage}")
+    path_text, class_text = args.rsplit(":", 1)
+    path = CLASSIFIER_PATH if path_text == "digits" else Path(path_text).expanduser()
+    if not path.is_file():
+        raise RewardError(f"reward {spec}: no classifier file {path_text!r}; pass a pgraft classifier "
+                          f".safetensors, or 'digits' for the bundled one ({usage})")
+    from .nets import load_classifier
+
+    try:
+        model = load_classifier(path)
+    except PgraftError as exc:
+        raise RewardError(f"reward {spec}: {exc}") from None
+    config = model.config
+    try:
+        target = int(class_text)
+    except ValueError:
+        raise RewardError(f"reward {spec}: CLASS {class_text!r} is not an integer; "
+                          f"pick one of 0..{config.num_classes - 1}") from None
+    if not 0 <= target < config.num_classes:
+        raise RewardError(f"reward {spec}: CLASS {target} is out of range; this classifier has classes "
+                          f"0..{config.num_classes - 1}")
+    model = model.to(device)
+    luma = torch.tensor(LUMA, device=device).view(1, 3, 1, 1)
+
+    def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
+        x = images.to(device, torch.float32)
+        if x.shape[1] == 3 and config.in_channels == 1:
+            x = (x * luma).sum(1, keepdim=True)
+        elif x.shape[1] == 1 and config.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (config.image_size, config.image_size):
+            x = F.interpolate(x, size=(config.image_size, config.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return torch.log_softmax(model(x * 2 - 1).double(), dim=-1)[:, target]
+
+    return Reward("classifier", fn, batch_size=256, spec=spec,
+                  identity=f"classifier:sha256={sha256_file(path)}:{target}")
+
+
+# ----------------------------------------------------------------------------------------------
+# JPEG (in)compressibility, DDPO's definition
+
+
+def jpeg_size_kb(images: Tensor) -> Tensor:
+    """Size in kB (1000 bytes) of each image quantised to 8 bits and saved by PIL as JPEG, quality 95."""
+    sizes = []
+    for image in _to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float64)
+
+
+def _no_args(name: str, args: Optional[str], spec: str) -> None:
+    if args:
+        raise RewardError(f"reward {spec}: {name} takes no arguments; pass just {name}")
+
+
+@register_reward("jpeg-compressibility", "jpeg-compressibility", "minus the JPEG size in kB (DDPO)")
+def jpeg_compressibility_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    _no_args("jpeg-compressibility", args, spec)
+    _require("PIL.Image", "pillow")
+    return Reward("jpeg-compressibility", lambda x, p: -jpeg_size_kb(x), spec=spec)
+
+
+@register_reward("jpeg-incompressibility", "jpeg-incompressibility", "the JPEG size in kB (DDPO)")
+def jpeg_incompressibility_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    _no_args("jpeg-incompressibility", args, spec)
+    _require("PIL.Image", "pillow")
+    return Reward("jpeg-incompressibility", lambda x, p: jpeg_size_kb(x), spec=spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Local transformers models
+
+
+def _local_folder(args: Optional[str], env: str, spec: str, example: str) -> Optional[Path]:
+    text = args or os.environ.get(env, "")
+    if not text:
+        return None
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        source = f"${env}" if not args else "the path"
+        raise RewardError(f"reward {spec}: {source} {text!r} is not a folder; pass {example}")
+    return path
+
+
+def _load_pretrained(cls: Any, path: Path, spec: str, **kwargs: Any) -> Any:
+    from .checkpoints import _quiet_loading
+
+    try:
+        with _quiet_loading():
+            return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RewardError(f"reward {spec}: cannot load {cls.__name__} from {path} ({first}); "
+                          f"pass a folder saved with save_pretrained") from None
+
+
+@register_reward("clip", "clip[:PATH]", "CLIP image-prompt cosine similarity, from a local CLIP folder")
+def clip_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """``r(x, prompt) = cos(E_image(x), E_text(prompt))`` with CLIP's projected embeddings, in [-1, 1].
+
+    Prompts longer than the tokenizer's ``model_max_length`` (77 for CLIP) are truncated.
+    """
+    example = "clip:/path/to/clip (a downloaded openai/clip-vit-base-patch32 folder, say)"
+    path = _local_folder(args, CLIP_ENV, spec, example)
+    if path is None:
+        raise RewardError(f"reward clip needs a local CLIP model: pass {example} or set ${CLIP_ENV}")
+    transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
+    model = _load_pretrained(transformers.CLIPModel, path, spec).to(device).eval()
+    processor = _load_pretrained(transformers.CLIPProcessor, path, spec)
+
+    def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
+        inputs = processor(text=prompts, images=_to_rgb_pil(images), return_tensors="pt", padding=True,
+                           truncation=True, max_length=processor.tokenizer.model_max_length)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        out = model(**inputs)
+        image = F.normalize(out.image_embeds.double(), dim=-1)
+        text = F.normalize(out.text_embeds.double(), dim=-1)
+        return (image * text).sum(-1)
+
+    return Reward("clip", fn, batch_size=64, spec=spec, needs_prompts=True, identity=f"clip:{path.resolve()}")
+
+
+@register_reward("vqascore", "vqascore[:PATH]",
+                 "P(answer 'Yes' | image, 'Does this figure show \"{prompt}\"?') from a local VLM or t2v_metrics")
+def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """VQAScore: ``r(x, prompt) = P(Yes | x, question(prompt))`` from a vision-language model.
+
+    With a local transformers folder (``AutoProcessor`` + ``AutoModelForImageTextToText``, e.g. a
+    LLaVA or BLIP-2 checkpoint): the question is wrapped in the processor's chat template with a
+    generation prompt when it has one, else written BLIP-2 style as ``Question: {q} Answer:`` (the
+    processor inserts the image tokens). The score is the softmax probability, at the position after
+    the question, of the tokens that spell "Yes" and " Yes" on their own (summed over the distinct
+    single-token spellings: BPE tokenizers give two tokens, SentencePiece and word-level ones one).
+    Batches are right-padded and read at each row's last real token, so batching does not change a
+    score. On CUDA the model runs in bfloat16, elsewhere in float32.
+
+    Without a folder: ``t2v_metrics.VQAScore`` (its ``clip-flant5-xxl`` model, or ``vqascore:NAME``
+    for another of its models), which loads its own weights.
+    """
+    example = "vqascore:/path/to/vlm (a saved LLaVA or BLIP-2 folder)"
+    if args and not Path(args).expanduser().is_dir() and _is_t2v_model(args):
+        return _t2v_vqascore(args, device, spec)
+    path = _local_folder(args, VQASCORE_ENV, spec, example)
+    if path is None:
+        return _t2v_vqascore(T2V_DEFAULT_MODEL, device, spec)
+    transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    processor = _load_pretrained(transformers.AutoProcessor, path, spec)
+    model = _load_pretrained(transformers.AutoModelForImageTextToText, path, spec, dtype=dtype).to(device).eval()
+    tokenizer = processor.tokenizer
+    yes_ids = _yes_token_ids(tokenizer)
+    if not yes_ids:
+        raise RewardError(f"reward {spec}: the tokenizer in {path} has no single token for 'Yes'; "
+                          f"VQAScore needs a model that can answer Yes in one token")
+    yes = torch.tensor(yes_ids, device=device)
+
+    def question(prompt: str) -> str:
+        q = VQA_QUESTION.format(prompt=prompt)
+        if getattr(processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+            return processor.apply_chat_template(messages, add_generation_prompt=True)
+        return f"Question: {q} Answer:"
+
+    def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
+        tokenizer.padding_side = "right"  # left padding would shift positions, and so the scores
+        inputs = processor(images=_to_rgb_pil(images), text=[question(p) for p in prompts],
+                           return_tensors="pt", padding=True)
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        logits = model(**inputs).logits
+        mask = inputs["attention_mask"]
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * positions).argmax(dim=1)  # each row's last real token
+        probs = torch.softmax(logits[torch.arange(len(last), device=last.device), last].double(), dim=-1)
+        return probs[:, yes].sum(-1)
+
+    return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,
+                  identity=f"vqascore:{path.resolve()}")
+
+
+def _yes_token_ids(tokenizer: Any) -> list[int]:
+    """Distinct ids of "Yes" and " Yes" where each is a single known token."""
+    ids: list[int] = []
+    for text in ("Yes", " Yes"):
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and encoded[0] != tokenizer.unk_token_id and encoded[0] not in ids:
+            ids.append(int(encoded[0]))
+    return ids
+
+
+def _is_t2v_model(name: str) -> bool:
+    try:
+        t2v_metrics = importlib.import_module("t2v_metrics")
+        return name in t2v_metrics.list_all_vqascore_models()
+    except Exception:  # not installed, or broken: the name is then read as a folder
+        return False
+
+
+def _t2v_vqascore(model_name: str, device: str, spec: str) -> Reward:
+    try:
+        t2v_metrics = importlib.import_module("t2v_metrics")
+    except ImportError:
+        raise RewardError(
+            "reward vqascore needs a model: pass vqascore:/path/to/vlm (a local LLaVA or BLIP-2 folder "
+            f"saved by transformers), set ${VQASCORE_ENV}, or pip install t2v-metrics to use its "
+            f"{T2V_DEFAULT_MODEL} model") from None
+    scorer = t2v_metrics.VQAScore(model=model_name, device=device)
+
+    def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
+        import tempfile
+
+        # t2v_metrics reads image files; PNG keeps the 8-bit images exactly
+        with tempfile.TemporaryDirectory(prefix="pgraft-vqascore-") as tmp:
+            dataset = []
+            for i, (image, prompt) in enumerate(zip(_to_rgb_pil(images), prompts)):
+                image.save(Path(tmp) / f"{i}.png")
+                dataset.append({"images": [str(Path(tmp) / f"{i}.png")], "texts": [prompt]})
+            return scorer.batch_forward(dataset=dataset, batch_size=len(dataset))[:, 0, 0]
+
+    return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,
+                  identity=f"vqascore:t2v_metrics:{model_name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# python:MODULE:FUNCTION
+
+
+@register_reward("python", "python:MODULE:FUNCTION or python:FILE.py:FUNCTION",
+                 "your own fn(images, prompts) -> (N,) scores")
+def python_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """A user's ``fn(images: Tensor, prompts: list[str] | None) -> (N,)`` (tensor, array or list).
+
+    ``images`` are the float (N, C, H, W) images in [0, 1] on the CPU; ``prompts`` is None for
+    unconditional models. The function runs under ``torch.inference_mode``.
+    """
+    usage = "pass python:MODULE:FUNCTION or python:path/to/file.py:FUNCTION"
+    if not args or ":" not in args:
+        raise RewardError(f"reward {spec!r} names no function; {usage}")
+    target, func_name = args.rsplit(":", 1)
+    is_file = target.endswith(".py") or "/" in target or os.sep in target
+    try:
+        if is_file:
+            path = Path(target).expanduser()
+            if not path.is_file():
+                raise RewardError(f"reward {spec}: no such file {target!r}; {usage}")
+            module_name = f"pgraft_user_reward_{abs(hash(str(path.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(module_name, None)
+                raise
+        else:
+            module = importlib.import_module(target)
+    except RewardError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say where, keep it one line
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise RewardError(f"reward {spec}: importing {target!r} failed ({type(exc).__name__}: {detail}); "
+                          f"fix the module or the path") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise RewardError(f"reward {spec}: {target!r} has no function {func_name!r}; {usage}")
+
+    def call(images: Tensor, prompts: Optional[list[str]]) -> Any:
+        return fn(images.cpu(), prompts)
+
+    identity = f"python:sha256={sha256_file(path)}:{func_name}" if is_file else spec
+    return Reward("python", call, spec=spec, identity=identity)

@@ -1,0 +1,106 @@
+"""The score stage: the reward of every sampled image, sharded like the sample stage it reads.
+
+Score shard ``k`` holds the rewards of sample shard ``k`` (``index``, ``reward``), so scoring
+resumes shard by shard and splits across ``accelerate`` processes like sampling does. The stage key
+holds the sample stage's key and the reward's spec: a new reward re-runs scoring (and everything
+after it), never sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import PgraftError
+from .runstore import RunStore
+
+STAGE = "score"
+
+
+def stage_key_of(store: RunStore, name: str) -> str:
+    """The key of a finished stage in ``store``; a clear error when it has not run."""
+    entry = store.read_manifest()["stages"].get(name)
+    if entry is None or entry.get("status") != "done":
+        raise PgraftError(f"{store.root} has no finished '{name}' stage; run `pgraft {name.split('-')[0]}` "
+                          f"with --run-dir {store.root} first")
+    return entry["key"]
+
+
+def sample_prompts(run_dir: Path, sample_stage: str) -> Optional[list[str]]:
+    """The prompt list a sample stage used (text models), from its settings file."""
+    settings = Path(run_dir) / sample_stage / "settings.json"
+    if not settings.is_file():
+        return None
+    return json.loads(settings.read_text()).get("prompts")
+
+
+def shard_prompts(shard: dict[str, Tensor], prompts: Optional[list[str]]) -> Optional[list[str]]:
+    if "prompt_index" not in shard or not prompts:
+        return None
+    return [prompts[int(i)] for i in shard["prompt_index"]]
+
+
+def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sample", stage_name: str = STAGE,
+              process_index: int = 0, num_processes: int = 1, barrier: Any = None) -> Tensor:
+    """Score (or resume scoring) every image of ``sample_stage``; returns rewards in index order."""
+    from safetensors.torch import load_file, save_file
+
+    sample_key = stage_key_of(store, sample_stage)
+    sample_shards = sorted((store.root / sample_stage).glob("shard-*.safetensors"))
+    prompts = sample_prompts(store.root, sample_stage)
+    stage = store.stage(stage_name, {"reward": reward.spec, "batch_size": reward.batch_size},
+                        {"sample": sample_key, "reward_identity": getattr(reward, "identity", reward.spec)},
+                        num_shards=len(sample_shards))
+    if barrier is not None:
+        barrier()
+    if not stage.done:
+        mine = [k for k in range(len(sample_shards)) if k % num_processes == process_index and not stage.shard_done(k)]
+        task = bar.add_task(f"scoring ({reward.name})", total=len(mine), unit="shard")
+        for k in mine:
+            shard = load_file(str(sample_shards[k]))
+            images = shard["images"].permute(0, 3, 1, 2).float() / 255.0
+            scores = reward(images, shard_prompts(shard, prompts))
+            if scores.shape != (len(images),) or not torch.isfinite(scores).all():
+                bad = "non-finite values" if scores.shape == (len(images),) else f"shape {tuple(scores.shape)}"
+                raise PgraftError(f"reward {reward.spec} returned {bad} for shard {k}; it must give one finite "
+                                  f"number per image")
+            with stage.write_shard(k) as tmp:
+                save_file({"index": shard["index"], "reward": scores.double().contiguous()}, str(tmp))
+            bar.advance(task, 1)
+        if barrier is not None:
+            barrier()
+        if store.is_main:
+            missing = [k for k in range(len(sample_shards)) if not stage.shard_done(k)]
+            if missing:
+                raise PgraftError(f"score shards {missing[:5]} are missing; re-run to resume")
+            stage.finish([stage.shard_path(k) for k in range(len(sample_shards))])
+    return load_rewards(store.root, stage_name)[1]
+
+
+def load_rewards(run_dir: Path, stage_name: str = STAGE) -> tuple[Tensor, Tensor]:
+    """``(index, reward)`` of a score stage, in index order."""
+    from safetensors.torch import load_file
+
+    paths = sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors"))
+    if not paths:
+        raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft score {run_dir} --reward R` first")
+    shards = [load_file(str(p)) for p in paths]
+    index = torch.cat([s["index"] for s in shards])
+    order = torch.argsort(index)
+    return index[order], torch.cat([s["reward"] for s in shards])[order]
+
+
+def reward_stats(rewards: Tensor) -> dict[str, float]:
+    r = rewards.double()
+    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
+            "num": int(len(r))}
+
+
+def score_images(reward: Any, images: Tensor, prompts: Optional[list[str]] = None) -> dict[str, float]:
+    """Mean and spread of a reward over images (``evaluate --reward``)."""
+    return reward_stats(reward(images, prompts))
+

@@ -1,0 +1,101 @@
+"""The P-GRAFT training target against closed forms, the composed sampler, and a tiny training round."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pgraft_cli.finetune import intermediate_target, training_times
+from pgraft_cli.samplers import NoiseSchedule
+
+
+def _fit_linear(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Least squares ``y ~ alpha x + beta`` over scalars (the optimal regressor for Gaussian data)."""
+    design = torch.stack([x, torch.ones_like(x)], 1)
+    sol = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
+    return float(sol[0]), float(sol[1])
+
+
+@pytest.mark.parametrize("c,t", [(0.0, 0.4), (0.3, 0.5), (0.6, 0.9), (0.5, 1.0)])
+def test_flow_target_regression_recovers_the_closed_form_velocity(c, t):
+    # y ~ N(mu, sd^2) at level c; x_t = a y + s e is N(a mu, a^2 sd^2 + s^2) and the true velocity of
+    # that marginal is v(x) = -(x + t score(x)) / (1 - t), score = -(x - a mu) / var. The conditional
+    # target's regression on x_t (least squares, linear because everything is Gaussian) must match it.
+    g = torch.Generator().manual_seed(0)
+    n, mu, sd = 400_000, 0.7, 0.5
+    y = mu + sd * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    e = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    tt = torch.full((n,), t, dtype=torch.float64)
+    x_t, target = intermediate_target(NoiseSchedule.flow(), y, e, tt, c)
+    a = (1 - t) / (1 - c)
+    s2 = t**2 - a**2 * c**2
+    assert torch.allclose(x_t, a * y + math.sqrt(s2) * e)
+    var = a**2 * sd**2 + s2
+    if t < 1.0:
+        alpha_true = -(1 - t / var) / (1 - t)
+        beta_true = -(t * a * mu / var) / (1 - t)
+    else:  # t = 1: v = e - E[x0 | x1]; with a = 0 the target's mean is -mu/(1-c) and its slope 1/s = 1
+        alpha_true, beta_true = 1.0, -mu / (1 - c)
+    alpha, beta = _fit_linear(x_t.squeeze(1), target.squeeze(1))
+    assert alpha == pytest.approx(alpha_true, abs=0.01)
+    assert beta == pytest.approx(beta_true, abs=0.01)
+
+
+def test_flow_target_at_cutoff_zero_is_the_ordinary_flow_matching_target():
+    g = torch.Generator().manual_seed(1)
+    y, e = torch.randn(64, 1, 4, 4, generator=g), torch.randn(64, 1, 4, 4, generator=g)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    x_t, target = intermediate_target(NoiseSchedule.flow(), y, e, t, 0.0)
+    tt = t.float().view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, (1 - tt) * y + tt * e, atol=1e-6)
+    assert torch.allclose(target, e - y, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("c", [0.0, 0.4])
+def test_ddpm_target_regression_recovers_the_closed_form_prediction(prediction, c):
+    sched = NoiseSchedule.diffusion(prediction, 1000, "scaled_linear", 0.00085, 0.012)
+    t = 0.7
+    g = torch.Generator().manual_seed(2)
+    n, mu, sd = 400_000, -0.4, 0.6
+    y = mu + sd * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    e = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    tt = torch.full((n,), t, dtype=torch.float64)
+    x_t, target = intermediate_target(sched, y, e, tt, c)
+    a_t, s_t = (float(v) for v in sched.alpha_sigma(torch.tensor(t)))
+    a_c = float(sched.alpha_sigma(torch.tensor(c))[0])
+    a = a_t / a_c
+    var = a**2 * sd**2 + (1 - a**2)
+    # true eps(x) = -s_t * score = s_t (x - a mu) / var; x0 and v follow by the usual conversions
+    eps_alpha, eps_beta = s_t / var, -s_t * a * mu / var
+    if prediction == "epsilon":
+        want = (eps_alpha, eps_beta)
+    elif prediction == "sample":  # x0 = (x - s_t eps) / a_t
+        want = ((1 - s_t * eps_alpha) / a_t, -s_t * eps_beta / a_t)
+    else:  # v = a_t eps - s_t x0
+        x0 = ((1 - s_t * eps_alpha) / a_t, -s_t * eps_beta / a_t)
+        want = (a_t * eps_alpha - s_t * x0[0], a_t * eps_beta - s_t * x0[1])
+    alpha, beta = _fit_linear(x_t.squeeze(1), target.squeeze(1))
+    assert alpha == pytest.approx(want[0], abs=0.01)
+    assert beta == pytest.approx(want[1], abs=0.01)
+
+
+def test_ddpm_target_at_cutoff_zero_is_plain_epsilon():
+    sched = NoiseSchedule.diffusion("epsilon")
+    g = torch.Generator().manual_seed(3)
+    y, e = torch.randn(32, 3, generator=g, dtype=torch.float64), torch.randn(32, 3, generator=g, dtype=torch.float64)
+    t = torch.full((32,), 0.5, dtype=torch.float64)
+    _, target = intermediate_target(sched, y, e, t, 0.0)
+    assert torch.allclose(target, e)
+
+
+@pytest.mark.parametrize("family", ["flow", "diffusion"])
+def test_training_times_lie_strictly_above_the_cutoff(family):
+    sched = NoiseSchedule.flow() if family == "flow" else NoiseSchedule.diffusion()
+    t = training_times(sched, 20_000, 0.6, torch.Generator().manual_seed(0))
+    assert float(t.min()) > 0.6 and float(t.max()) <= 1.0
+    assert float(t.mean()) == pytest.approx(0.8, abs=0.01)
+    if family == "diffusion":  # integer timesteps t * T
+        assert torch.allclose(t * 1000, (t * 1000).round())

@@ -1,0 +1,403 @@
+"""Rewards: every registered reward on its real code path, with tiny randomly initialised models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TOKENIZER_MAX_LENGTH, TOKENIZER_VOCAB, write_tiny_clip_tokenizer_files
+from pgraft_cli.errors import PgraftError
+from pgraft_cli.rewards import Reward, RewardError, available_rewards, jpeg_size_kb, parse_reward
+
+PROMPTS = ["a cat", "a dog on a mat", "cat", "a red cat and a dog"]
+
+
+def rgb(n: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_scores(scores: torch.Tensor, n: int) -> None:
+    assert scores.shape == (n,) and scores.dtype == torch.float64 and scores.device.type == "cpu"
+    assert torch.isfinite(scores).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and parsing
+
+
+def test_registry_lists_every_reward():
+    assert available_rewards() == sorted(
+        ["classifier", "clip", "jpeg-compressibility", "jpeg-incompressibility", "python", "vqascore"])
+
+
+def test_unknown_reward_suggests_the_closest_name():
+    with pytest.raises(RewardError, match=r"unknown reward 'clasifier'; did you mean 'classifier'\?") as info:
+        parse_reward("clasifier:digits:3")
+    assert isinstance(info.value, PgraftError) and "\n" not in str(info.value)
+    assert "jpeg-compressibility" in str(info.value)  # lists what is registered
+    with pytest.raises(RewardError, match="did you mean 'jpeg-compressibility'"):
+        parse_reward("jpeg-compresibility")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("classifier", "classifier:digits:3"),
+    ("classifier:digits", "classifier:digits:3"),
+    ("classifier:digits:three", "not an integer"),
+    ("classifier:digits:10", r"out of range.*0\.\.9"),
+    ("classifier:digits:-1", "out of range"),
+    ("classifier:/no/such/file.safetensors:3", "no classifier file"),
+    ("jpeg-compressibility:9", "takes no arguments"),
+    ("python", "python:MODULE:FUNCTION"),
+    ("python:/no/such/reward.py:score", "no such file"),
+    ("python:pgraft_no_such_module_xyz:score", "ModuleNotFoundError"),
+    ("python:math:no_such_function", "has no function 'no_such_function'"),
+    ("clip:/no/such/clip", "not a folder"),
+    ("vqascore:/no/such/vlm", "not a folder"),
+])
+def test_bad_specs_say_how_to_fix_them(spec, message):
+    with pytest.raises(RewardError, match=message) as info:
+        parse_reward(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_clip_without_a_path_says_what_to_pass(monkeypatch):
+    monkeypatch.delenv("PGRAFT_CLIP_PATH", raising=False)
+    with pytest.raises(RewardError, match="clip:/path/to/clip"):
+        parse_reward("clip")
+
+
+def test_vqascore_without_a_model_says_what_to_install(monkeypatch):
+    monkeypatch.delenv("PGRAFT_VQASCORE_PATH", raising=False)
+    monkeypatch.setitem(sys.modules, "t2v_metrics", None)  # as if not installed
+    with pytest.raises(RewardError, match="pip install t2v-metrics") as info:
+        parse_reward("vqascore")
+    assert "vqascore:/path/to/vlm" in str(info.value)
+
+
+def test_missing_package_says_pip_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(RewardError, match="pip install"):
+        parse_reward(f"clip:{tmp_path}")
+
+
+def test_bad_inputs_are_reward_errors():
+    reward = parse_reward("jpeg-compressibility")
+    with pytest.raises(RewardError, match="shape"):
+        reward(torch.rand(3, 16, 16))
+    with pytest.raises(RewardError, match="float"):
+        reward(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(RewardError, match="2 prompts for 3 images"):
+        reward(torch.rand(3, 1, 8, 8), ["a", "b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# classifier
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from pgraft_cli.data import load_digits
+
+    images, labels = load_digits()
+    return images[:400], labels[:400]
+
+
+def test_classifier_scores_are_log_probabilities(digits):
+    images = digits[0][:50]
+    per_class = torch.stack([parse_reward(f"classifier:digits:{c}")(images) for c in range(10)], dim=1)
+    assert_scores(per_class[:, 3], 50)
+    assert (per_class <= 0).all()
+    torch.testing.assert_close(torch.logsumexp(per_class, dim=1), torch.zeros(50, dtype=torch.float64))
+
+
+def test_classifier_prefers_its_class(digits):
+    images, labels = digits
+    scores = parse_reward("classifier:digits:3")(images)
+    assert scores[labels == 3].mean() > scores[labels != 3].mean() + 1.0
+    assert torch.equal(scores, parse_reward("classifier:digits:3")(images))  # deterministic
+
+
+def test_classifier_reads_rgb_and_other_sizes(digits):
+    """RGB with equal channels has luma equal to the grey image; 32x32 is resized back to 16x16."""
+    images, labels = digits
+    reward = parse_reward("classifier:digits:3")
+    grey = reward(images)
+    torch.testing.assert_close(reward(images.expand(-1, 3, -1, -1)), grey, atol=1e-5, rtol=0)
+    big = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    big_scores = reward(big)
+    assert_scores(big_scores, len(images))
+    assert big_scores[labels == 3].mean() > big_scores[labels != 3].mean()
+
+
+def test_classifier_from_a_path_and_batching(digits):
+    from pgraft_cli.evaluate import CLASSIFIER_PATH
+
+    images = digits[0][:70]
+    one = parse_reward(f"classifier:{CLASSIFIER_PATH}:7")(images)
+    small = parse_reward(f"classifier:{CLASSIFIER_PATH}:7")
+    small.batch_size = 8
+    torch.testing.assert_close(small(images), one, atol=1e-6, rtol=0)
+    assert small.spec == f"classifier:{CLASSIFIER_PATH}:7" and not small.needs_prompts
+    # the identity (for stage keys) follows the file's content, not how it was named
+    assert small.identity == parse_reward("classifier:digits:7").identity != parse_reward("classifier:digits:3").identity
+
+
+def test_classifier_rejects_a_file_that_is_not_a_classifier(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(RewardError, match="not a pgraft classifier"):
+        parse_reward(f"classifier:{path}:1")
+
+
+# ----------------------------------------------------------------------------------------------
+# JPEG
+
+
+def test_jpeg_noise_is_less_compressible_than_flat():
+    flat = torch.full((2, 3, 32, 32), 0.5)
+    noise = rgb(2, 32)
+    images = torch.cat([flat, noise])
+    incompressibility = parse_reward("jpeg-incompressibility")(images)
+    compressibility = parse_reward("jpeg-compressibility")(images)
+    assert_scores(compressibility, 4)
+    assert (incompressibility > 0).all()
+    assert incompressibility[2:].min() > incompressibility[:2].max()
+    torch.testing.assert_close(compressibility, -incompressibility)
+    torch.testing.assert_close(parse_reward("jpeg-incompressibility")(images), incompressibility)
+
+
+def test_jpeg_size_matches_pil_and_reads_grey():
+    import io
+
+    from PIL import Image
+
+    image = rgb(1, 24)
+    array = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    assert jpeg_size_kb(image).item() == buffer.tell() / 1000
+    grey = parse_reward("jpeg-compressibility")(image[:, :1])
+    assert_scores(grey, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# python:
+
+
+REWARD_FILE = """
+import numpy as np
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+def as_list(images, prompts):
+    return [float(len(p)) for p in prompts] if prompts else [0.0] * len(images)
+
+def wrong_shape(images, prompts):
+    return np.zeros((len(images), 2))
+"""
+
+
+def test_python_reward_from_a_file_and_a_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARD_FILE)
+    images = rgb(5)
+    reward = parse_reward(f"python:{tmp_path / 'my_rewards.py'}:brightness")
+    from_file = reward(images)
+    assert reward.identity.startswith("python:sha256=")
+    assert_scores(from_file, 5)
+    torch.testing.assert_close(from_file, images.double().mean(dim=(1, 2, 3)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lengths = parse_reward("python:my_rewards:as_list")(images, ["a", "bb", "ccc", "dddd", "eeeee"])
+    assert lengths.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0] and lengths.dtype == torch.float64
+    with pytest.raises(RewardError, match=r"shape \(5, 2\).*shape \(5,\)"):
+        parse_reward("python:my_rewards:wrong_shape")(images)
+
+
+def test_python_reward_import_error_is_one_line(tmp_path):
+    (tmp_path / "broken.py").write_text("import pgraft_no_such_module_xyz\n")
+    with pytest.raises(RewardError, match="importing .* failed .*ModuleNotFoundError") as info:
+        parse_reward(f"python:{tmp_path / 'broken.py'}:score")
+    assert "\n" not in str(info.value)
+
+
+def test_custom_reward_object_batches():
+    calls = []
+
+    def fn(images, prompts):
+        calls.append(len(images))
+        return images.flatten(1).sum(1)
+
+    images = rgb(10)
+    scores = Reward("sum", fn, batch_size=4)(images)
+    assert calls == [4, 4, 2]
+    torch.testing.assert_close(scores, images.double().flatten(1).sum(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny transformers models for clip and vqascore
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTokenizer, CLIPVisionConfig)
+
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    tok_dir = write_tiny_clip_tokenizer_files(folder.parent / "tokenizer-src")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=TOKENIZER_MAX_LENGTH)
+    torch.manual_seed(0)
+    text = CLIPTextConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=TOKENIZER_MAX_LENGTH,
+                          bos_token_id=TOKENIZER_VOCAB - 2, eos_token_id=TOKENIZER_VOCAB - 1,
+                          pad_token_id=TOKENIZER_VOCAB - 1)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_clip_scores_are_cosines(clip_dir, monkeypatch):
+    reward = parse_reward(f"clip:{clip_dir}")
+    assert reward.needs_prompts and reward.spec == f"clip:{clip_dir}"
+    images = rgb(4, 20)  # not the model's size: the processor resizes
+    scores = reward(images, PROMPTS)
+    assert_scores(scores, 4)
+    assert (scores.abs() <= 1).all() and scores.std() > 0
+    assert torch.equal(reward(images, PROMPTS), scores)
+    reward.batch_size = 3
+    torch.testing.assert_close(reward(images, PROMPTS), scores, atol=1e-6, rtol=0)
+    assert_scores(reward(images[:, :1], PROMPTS), 4)  # grey images are read as RGB
+    with pytest.raises(RewardError, match="prompts"):
+        reward(images)
+    monkeypatch.setenv("PGRAFT_CLIP_PATH", str(clip_dir))
+    torch.testing.assert_close(parse_reward("clip")(images, PROMPTS), scores, atol=1e-6, rtol=0)
+
+
+def _word_tokenizer(words: list[str], image_token: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", "<image>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"} if image_token else None)
+    return tokenizer, vocab
+
+
+VQA_WORDS = ["Yes", "No", "yes", "no", "USER:", "ASSISTANT:", "Question:", "Answer:", "Does", "this", "figure",
+             "show", "Please", "answer", "or", '"a', 'cat"?', "dog", "on", "mat\"?"]
+LLAVA_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                  "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory) -> Path:
+    """A LLaVA folder (CLIP vision tower + Llama) with a chat template, a few thousand parameters."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer, vocab = _word_tokenizer(VQA_WORDS)
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8)
+    text = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=vocab["<image>"]))
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                  crop_size={"height": 16, "width": 16}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    folder = tmp_path_factory.mktemp("llava") / "tiny-llava"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory) -> Path:
+    """A BLIP-2 folder (no chat template: the question is asked as 'Question: ... Answer:')."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig, BlipImageProcessor, OPTConfig)
+
+    tokenizer, vocab = _word_tokenizer(VQA_WORDS, image_token=False)  # Blip2Processor adds its own
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=16, patch_size=8).to_dict(),
+        qformer_config=Blip2QFormerConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, encoder_hidden_size=16).to_dict(),
+        text_config=OPTConfig(vocab_size=len(vocab), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                              num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64,
+                              pad_token_id=0, bos_token_id=2, eos_token_id=3).to_dict(),
+        num_query_tokens=2, image_token_index=vocab["<image>"])
+    model = Blip2ForConditionalGeneration(config)
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}),
+                               tokenizer=tokenizer, num_query_tokens=2)
+    folder = tmp_path_factory.mktemp("blip2") / "tiny-blip2"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("vlm", ["llava_dir", "blip2_dir"])
+def test_vqascore_is_the_probability_of_yes(vlm, request):
+    folder = request.getfixturevalue(vlm)
+    reward = parse_reward(f"vqascore:{folder}")
+    assert reward.needs_prompts
+    images = rgb(4, 20)
+    scores = reward(images, PROMPTS)
+    assert_scores(scores, 4)
+    assert ((scores >= 0) & (scores <= 1)).all() and scores.std() > 0
+    assert torch.equal(reward(images, PROMPTS), scores)
+    reward.batch_size = 1  # prompts of different lengths: padding must not change a score
+    torch.testing.assert_close(reward(images, PROMPTS), scores, atol=1e-6, rtol=0)
+
+
+def test_vqascore_matches_a_direct_computation(llava_dir):
+    """Recompute P(Yes) for one image by hand: the chat-templated question, the last logit, softmax."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    image = rgb(1, 16)
+    score = parse_reward(f"vqascore:{llava_dir}")(image, ["a cat"])
+    processor = AutoProcessor.from_pretrained(str(llava_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(llava_dir)).eval()
+    text = 'USER: <image> Does this figure show "a cat"? Please answer yes or no. ASSISTANT:'
+    pil = Image.fromarray((image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    with torch.no_grad():
+        logits = model(**processor(images=[pil], text=[text], return_tensors="pt")).logits[0, -1]
+    expected = torch.softmax(logits.double(), -1)[processor.tokenizer.convert_tokens_to_ids("Yes")]
+    torch.testing.assert_close(score, expected.reshape(1), atol=1e-6, rtol=0)
+
+
+def test_yes_token_ids_sums_distinct_single_token_spellings():
+    """BPE tokenizers spell "Yes" and " Yes" as two tokens (both counted); multi-token spellings are not."""
+    from pgraft_cli.rewards import _yes_token_ids
+
+    class Fake:
+        unk_token_id = 0
+
+        def __init__(self, table):
+            self.table = table
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": self.table[text]}
+
+    assert _yes_token_ids(Fake({"Yes": [5], " Yes": [9]})) == [5, 9]
+    assert _yes_token_ids(Fake({"Yes": [5], " Yes": [5]})) == [5]
+    assert _yes_token_ids(Fake({"Yes": [5, 6], " Yes": [0]})) == []
