@@ -195,7 +195,9 @@ def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
     model.cutoff = cfg.cutoff
     if cfg.lora_rank > 0:
         if not model.lora:
-            add_lora(model.network, cfg.lora_rank, cfg.lora_alpha)
+            with torch.random.fork_rng(devices=[]):  # a seeded adapter init: reruns are reproducible
+                torch.manual_seed(cfg.seed)
+                add_lora(model.network, cfg.lora_rank, cfg.lora_alpha)
             model.lora = True
         return model.network
     if model.tuned is None:

@@ -25,8 +25,10 @@ def stage_key_of(store: RunStore, name: str) -> str:
     """The key of a finished stage in ``store``; a clear error when it has not run."""
     entry = store.read_manifest()["stages"].get(name)
     if entry is None or entry.get("status") != "done":
-        raise PgraftError(f"{store.root} has no finished '{name}' stage; run `pgraft {name.split('-')[0]}` "
-                          f"with --run-dir {store.root} first")
+        verb = name.split("-")[0]
+        how = {"sample": f"pgraft sample MODEL --run-dir {store.root}",
+               "score": f"pgraft score {store.root} --reward NAME"}.get(verb, f"pgraft {verb} {store.root}")
+        raise PgraftError(f"{store.root} has no finished '{name}' stage; run `{how}` first")
     return entry["key"]
 
 

@@ -99,3 +99,113 @@ def test_training_times_lie_strictly_above_the_cutoff(family):
     assert float(t.mean()) == pytest.approx(0.8, abs=0.01)
     if family == "diffusion":  # integer timesteps t * T
         assert torch.allclose(t * 1000, (t * 1000).round())
+
+
+# ----------------------------------------------------------------------------------------------
+# The composed model and the training stage
+
+
+from pgraft_cli.checkpoints import load_model  # noqa: E402
+from pgraft_cli.finetune import KeptSet, add_lora, base_only, run_finetune  # noqa: E402
+from pgraft_cli.models import Cond  # noqa: E402
+from pgraft_cli.recipes import FinetuneConfig  # noqa: E402
+from pgraft_cli.runstore import RunStore  # noqa: E402
+from pgraft_cli.samplers import sample  # noqa: E402
+from pgraft_cli.ui import progress  # noqa: E402
+
+
+def _sample(model, noise, steps=6):
+    with torch.inference_mode():
+        x, _ = sample(lambda x, t: model.predict(x, t, Cond()), model.schedule, noise, model.schedule.grid(steps))
+    return x
+
+
+def test_composed_sampler_with_an_untrained_adapter_equals_the_base_sampler_exactly():
+    model = load_model("digits")
+    noise = torch.randn(8, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    base = _sample(model, noise)
+    add_lora(model.network, rank=4, alpha=4)
+    model.lora, model.cutoff = True, 0.5
+    assert torch.equal(_sample(model, noise), base)  # B = 0: the adapter adds exact zeros
+
+
+def test_composed_sampler_switches_networks_at_the_cutoff():
+    model = load_model("digits")
+    model.tuned = load_model("digits").network
+    with torch.no_grad():  # a tuned network that visibly differs
+        for p in model.tuned.parameters():
+            p.mul_(0.5)
+    model.cutoff = 0.5
+    calls = []
+    model.tuned.register_forward_hook(lambda *a: calls.append("tuned"))
+    model.network.register_forward_hook(lambda *a: calls.append("base"))
+    noise = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(1))
+    composed = _sample(model, noise, steps=4)  # grid 1, .75, .5, .25, 0: evaluated at 1, .75 | .5, .25
+    assert calls == ["tuned", "tuned", "base", "base"]
+    with base_only(model):
+        assert not torch.equal(_sample(model, noise, steps=4), composed)
+
+
+def _kept(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, 1, 16, 16, generator=g) * 0.5
+    return KeptSet(y=y, t_c=0.5, x0=y.clamp(-1, 1))
+
+
+def _train(tmp_path, name, cfg, interrupt_at=None):
+    model = load_model("digits")
+
+    class Stop(Exception):
+        pass
+
+    class Bar:
+        n = 0
+
+        def add_task(self, *a, **k):
+            return 0
+
+        def advance(self, *a, **k):
+            Bar.n += 1
+            if interrupt_at is not None and Bar.n == interrupt_at:
+                raise Stop
+
+    with RunStore(tmp_path / name) as store:
+        try:
+            run_finetune(model, _kept(), cfg, store, Bar())
+        except Stop:
+            return None
+    return model
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_finetune_resumes_bit_for_bit_after_an_interruption(tmp_path, lora_rank):
+    cfg = FinetuneConfig(cutoff=0.5, steps=8, batch_size=4, checkpoint_every=3, learning_rate=1e-3,
+                         lora_rank=lora_rank, ema=0.9)
+    whole = _train(tmp_path, "whole", cfg)
+    assert _train(tmp_path, "cut", cfg, interrupt_at=5) is None  # killed after step 5; state saved at 3
+    assert (tmp_path / "cut" / "finetune" / "state.safetensors").exists()
+    resumed = _train(tmp_path, "cut", cfg)
+    a = whole.tuned.state_dict() if lora_rank == 0 else whole.network.state_dict()
+    b = resumed.tuned.state_dict() if lora_rank == 0 else resumed.network.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = load_model("digits").network.state_dict()
+    changed = [k for k in base if not torch.equal(a[k.replace("weight", "base_layer.weight").replace(
+        "bias", "base_layer.bias")] if k not in a else a[k], base[k])]
+    if lora_rank:
+        assert not changed  # LoRA leaves the base weights alone ...
+        assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)  # ... and trains B away from 0
+    else:
+        assert changed  # training did move weights
+
+
+def test_finetune_learns_the_tilted_field_of_a_single_kept_state(tmp_path):
+    # All kept states equal one image y: given x_t the target is deterministic (no irreducible
+    # loss), so training must drive the loss well below where the base model starts.
+    y = _kept(1).y.repeat(64, 1, 1, 1)
+    cfg = FinetuneConfig(cutoff=0.5, steps=60, batch_size=16, learning_rate=2e-3, checkpoint_every=100)
+    model = load_model("digits")
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        result = run_finetune(model, KeptSet(y=y, t_c=0.5, x0=y), cfg, store, bar)
+    curve = result["loss_curve"]
+    assert sum(curve[-10:]) / 10 < 0.5 * sum(curve[:10]) / 10

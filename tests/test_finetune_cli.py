@@ -1,0 +1,148 @@
+"""GRAFT / P-GRAFT end to end: the finetune verb, the stage verbs, caching across rewards, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from pgraft_cli.checkpoints import load_model
+from pgraft_cli.cli import app
+from pgraft_cli.errors import PgraftError
+
+runner = CliRunner()
+# The pgraft recipe shrunk to seconds: 32 trajectories (8 groups of 4), 4 Euler steps, 4 training steps.
+SMALL = ["--set", "sample.num=32", "--set", "sample.steps=4", "--set", "sample.batch_size=16",
+         "--set", "finetune.steps=4", "--set", "finetune.batch_size=8", "--set", "finetune.rounds=2",
+         "--set", "finetune.learning_rate=1e-3", "--set", "evaluate.num=32", "--set", "evaluate.kid_subsets=2"]
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _finished(run) -> dict:
+    manifest = json.loads((run / "manifest.json").read_text())
+    return {name: entry.get("finished") for name, entry in manifest["stages"].items()}
+
+
+@pytest.mark.slow
+def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "tuned.safetensors"
+    args = ["finetune", "digits", "--reward", "classifier:digits:3", "--cutoff", "0.5", "--run-dir", str(run),
+            "--out", str(out), "--json", *SMALL]
+    summary = _json(runner.invoke(app, args))
+    assert summary["cutoff"] == 0.5 and summary["reward"] == "classifier:digits:3"
+    for key in ("base", "tuned"):
+        m = summary[key]
+        assert m["num"] == 32 and m["fid"] is not None and m["reward_mean"] <= 0 and m["nfe"] == 4
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["kept"] == 8 for r in summary["rounds"])  # top 1 of every 4
+    # every round's stages are in the run store
+    stages = _finished(run)
+    for name in ("sample", "score", "filter", "finetune", "sample-r2", "score-r2", "filter-r2", "finetune-r2",
+                 "evaluate-base", "evaluate-tuned"):
+        assert stages.get(name), name
+    # P-GRAFT samples carry the state at the cutoff and its time
+    from pgraft_cli.sample import iter_shards
+
+    shard = iter_shards(run, "sample")[0]
+    assert shard["captured"].shape == shard["samples"].shape and float(shard["captured_t"][0]) == 0.5
+
+    # the checkpoint describes itself: cutoff, base identity, recipe, rewards
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["pgraft.kind"] == "finetune"
+    assert json.loads(meta["pgraft.finetune"])["cutoff"] == 0.5
+    assert json.loads(meta["pgraft.base"])["identity"] == load_model("digits").identity
+    assert json.loads(meta["pgraft.metrics"])["tuned"]["reward_mean"] == summary["tuned"]["reward_mean"]
+    assert json.loads(meta["pgraft.provenance"])["recipe"]["finetune"]["cutoff"] == 0.5
+
+    # re-running resumes: nothing is redone
+    again = _json(runner.invoke(app, args))
+    assert _finished(run) == stages and again["tuned"] == summary["tuned"]
+
+    # evaluate on the file composes tuned (t > c) + base and reproduces the run's own numbers
+    ev = _json(runner.invoke(app, ["evaluate", str(out), "--num", "32", "--steps", "4", "--seed", "1", "--reward",
+                                   "classifier:digits:3", "--run-dir", str(tmp_path / "ev"), "--json",
+                                   "--set", "evaluate.kid_subsets=2"]))
+    assert ev["finetuned"] is True and ev["cutoff"] == 0.5
+    assert ev["reward_mean"] == pytest.approx(summary["tuned"]["reward_mean"], abs=1e-9)
+    assert ev["fid"] == pytest.approx(summary["tuned"]["fid"], abs=1e-9)
+
+    # a different reward re-runs scoring onwards, never sampling
+    args2 = [a if a != "classifier:digits:3" else "classifier:digits:7" for a in args]
+    _json(runner.invoke(app, args2))
+    after = _finished(run)
+    assert after["sample"] == stages["sample"]
+    assert after["score"] != stages["score"] and after["finetune"] != stages["finetune"]
+
+
+@pytest.mark.slow
+def test_stage_verbs_sample_score_filter_on_a_run_directory(tmp_path):
+    run = tmp_path / "run"
+    s = _json(runner.invoke(app, ["sample", "digits", "--num", "32", "--steps", "4", "--batch-size", "16",
+                                  "--capture-at", "0.5", "--run-dir", str(run), "--json"]))
+    assert s["num"] == 32
+    # filtering before scoring says what to run
+    early = runner.invoke(app, ["filter", str(run)])
+    assert isinstance(early.exception, PgraftError) and "pgraft score" in str(early.exception)
+    sc = _json(runner.invoke(app, ["score", str(run), "--reward", "jpeg-compressibility", "--json"]))
+    assert sc["num"] == 32 and sc["reward_mean"] < 0  # -kB
+    f = _json(runner.invoke(app, ["filter", str(run), "--rule", "best_of_n", "--m", "4", "--json"]))
+    assert f["kept"] == 8 and f["num"] == 32 and f["expected_kept_fraction"] == 0.25
+    assert f["reward_after"]["mean"] >= f["reward_before"]["mean"]
+    assert sum(f["histogram_before"]) == 32 and sum(f["histogram_after"]) == 8
+    t = _json(runner.invoke(app, ["filter", str(run), "--rule", "threshold", "--quantile", "0.5", "--json"]))
+    assert t["kept"] == 16
+    kept = json.loads((run / "filter" / "summary.json").read_text())
+    assert kept["kept"] == 16 and len(kept["reshaped_reward"]) == 16
+
+
+def test_bad_reward_and_bad_run_directory_are_one_line_errors(tmp_path):
+    cases = [
+        ["finetune", "digits", "--reward", "clasifier:digits:3"],
+        ["finetune", "digits", "--reward", "classifier:digits:12"],
+        ["score", str(tmp_path), "--reward", "jpeg-compressibility"],
+        ["finetune", "digits", "--cutoff", "1.5"],
+    ]
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-m", "pgraft_cli", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert "did you mean 'classifier'" in subprocess.run(
+        [sys.executable, "-m", "pgraft_cli", *cases[0]], capture_output=True, text=True, cwd=tmp_path).stderr
+
+
+@pytest.mark.slow
+def test_text_model_lora_finetune_with_a_python_reward(tiny_sd_dir, tmp_path):
+    """The DDPM (epsilon) + text + LoRA path: prompts flow through sampling, scoring and training."""
+    (tmp_path / "my_reward.py").write_text(
+        "import torch\n"
+        "def brightness(images, prompts):\n"
+        "    assert prompts is not None and len(prompts) == len(images)\n"
+        "    return images.mean(dim=(1, 2, 3)) + torch.tensor([len(p) for p in prompts]) * 0.0\n")
+    out = tmp_path / "lora.safetensors"
+    summary = _json(runner.invoke(app, [
+        "finetune", str(tiny_sd_dir), "--reward", f"python:{tmp_path / 'my_reward.py'}:brightness", "--cutoff", "0.3",
+        "--lora-rank", "2", "--prompt", "a red cube", "--prompt", "a blue ball", "--run-dir", str(tmp_path / "run"),
+        "--out", str(out), "--json", "--set", "sample.num=8", "--set", "sample.steps=3", "--set", "sample.lane=4",
+        "--set", "sample.batch_size=8", "--set", "sample.guidance_scale=1.0", "--set", "finetune.steps=2",
+        "--set", "finetune.batch_size=2", "--set", "finetune.rounds=1", "--set", "evaluate.num=4",
+        "--set", "filter.m=4"]))
+    assert summary["rounds"][0]["kept"] == 2  # 2 prompts x top 1 of 4
+    with safe_open(str(out), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert json.loads(meta["pgraft.finetune"])["lora"]["rank"] == 2
+    assert keys and all("lora_" in k for k in keys)  # the adapter only, not the base weights
+    loaded = load_model(str(out))
+    assert loaded.lora and loaded.cutoff == 0.3 and loaded.model_class == "UNet2DConditionModel"
+    trained = {k: v for k, v in loaded.network.state_dict().items() if "lora_B" in k}
+    assert trained and any(float(v.abs().max()) > 0 for v in trained.values())  # the adapter was trained and loaded
