@@ -45,6 +45,25 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bar
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
 DataOptF = Annotated[Optional[str], typer.Option("--data", help="Real data for FID (image folder, .npz/.safetensors, or alias); default: the model's bundled data set, if any.")]
+FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'METRIC OP NUMBER'",
+                                                        help="CI gate, repeatable: exit 1 when it holds, after writing every output. "
+                                                             "Example: --fail-if \"fid>12\" --fail-if \"reward<0.5\" (OP: > >= < <= == !=; "
+                                                             "metrics of the result; base.fid etc. for the base model).")]
+
+
+def _gates_verdict(results: list[Any], quiet: bool) -> None:
+    """One stderr line per failed gate and exit 1; a single note when all held."""
+    from rich.text import Text
+
+    from .ui import err, note
+
+    failed = [r for r in results if r.failed]
+    for r in failed:
+        err.print(Text(r.line, style="bold red"), soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+    if results:
+        note("gates held: " + ", ".join(r.gate.text for r in results), quiet=quiet)
 
 
 def _resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Recipe:
@@ -468,6 +487,7 @@ def finetune(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    fail_if: FailIfOpt = None,
 ) -> None:
     """GRAFT / P-GRAFT: rounds of sample -> score -> filter -> fine-tune, then evaluate base vs tuned.
 
@@ -492,7 +512,11 @@ def finetune(
     from .sample import Conditions, check_conditions
     from .ui import note, progress
 
+    from .gates import check_gates, gate_metrics, gate_names, parse_gates
+    from .report import render_report
+
     tic = time.perf_counter()
+    gates = parse_gates(fail_if, gate_names("finetune"))
     rec = _resolve_recipe(recipe, set_, score__reward=reward, finetune__cutoff=cutoff, finetune__rounds=rounds,
                           finetune__lora_rank=lora_rank)
     rew = _reward(rec.score.reward)
@@ -533,15 +557,22 @@ def finetune(
     seconds = time.perf_counter() - tic
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
                "seconds": round(seconds, 2), "cutoff": rec.finetune.cutoff, **metrics}
+    summary["report"] = str(render_report(store.root, run={"verb": "finetune", "device": dev, "seconds": round(seconds, 2),
+                                                           "out": str(target)}))
+    results = check_gates(gates, gate_metrics(metrics["tuned"], metrics["base"]))
+    if results:
+        summary["gates"] = [r.to_dict() for r in results]
     if as_json:
         print(json.dumps(summary, sort_keys=True, default=float))
-        return
+        return _gates_verdict(results, quiet=True)
     if quiet:
-        return
+        return _gates_verdict(results, quiet=True)
     from .ui import finetune_report, fmt_bytes, out as console
 
     console.print(finetune_report(summary))
     console.print(f"[green]wrote[/green] {target} ({fmt_bytes(target.stat().st_size)}); run {store.root}; {seconds:.0f}s")
+    console.print(f"report: {summary['report']}")
+    _gates_verdict(results, quiet=False)
 
 
 def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:

@@ -88,8 +88,30 @@ def parse_gate(text: str) -> Gate:
     return Gate(text, name, match["op"], value)
 
 
-def parse_gates(texts: Optional[list[str]]) -> list[Gate]:
-    return [parse_gate(t) for t in texts or []]
+_SAMPLER = ("fid", "kid", "nfe", "flops_per_image", "seconds_per_image", "num", "steps")
+_INVERSION = ("reconstruction_rms_mean", "reconstruction_rms_max", "reconstruction_abs_max", "noise_mean", "noise_std",
+              "noise_norm_mean")
+
+
+def gate_names(verb: str, reward: bool = True) -> set[str]:
+    """The names a verb's gates can read: ``correct`` has no reward, ``evaluate`` one only with --reward."""
+    result = set(_SAMPLER) | ({"reward_mean", "reward_std"} if reward and verb != "correct" else set())
+    if verb == "correct":
+        result |= set(_INVERSION)
+    base = {f"base.{n}" for n in result if n in _SAMPLER or n.startswith("reward")} if verb != "evaluate" else set()
+    return result | base
+
+
+def parse_gates(texts: Optional[list[str]], available: Optional[set[str]] = None) -> list[Gate]:
+    """Parse every ``--fail-if``; with ``available`` (:func:`gate_names`), refuse names the run cannot have
+    before any work starts."""
+    gates = [parse_gate(t) for t in texts or []]
+    for gate in gates:
+        if available is not None and gate.name not in available:
+            hint = " (pass --reward to measure one)" if "reward" in gate.name and "reward_mean" not in available else ""
+            raise PgraftError(f"--fail-if {gate.text!r}: this command measures no {gate.name!r}{hint}; it has: "
+                              f"{', '.join(sorted(available))}")
+    return gates
 
 
 def gate_metrics(result: dict[str, Any], base: Optional[dict[str, Any]] = None,

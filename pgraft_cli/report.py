@@ -1,0 +1,731 @@
+"""The report: one self-contained ``report.html`` per run directory.
+
+:func:`render_report` reads what a run left on disk (manifest, summaries, sample shards, recipe)
+and writes a single HTML file a person opens to see what happened: the metric table, sample grids
+of base and result from the same seeds, the method's plots (inverse noise: FID against FLOPs,
+inversion error, inverted-noise statistics; GRAFT / P-GRAFT: reward histograms before and after
+filtering, the rule's reshaped reward, reward and FID per round, the cutoff on the sampler's time
+grid) and the provenance. Images are inline PNGs (matplotlib's Agg renderer, PIL for grids); the
+page needs no network and no JavaScript.
+
+The verbs call :func:`render_report` with ``run=`` facts only they know (device, total time,
+command line); those are kept in ``provenance.json`` so ``pgraft report RUN`` re-renders the same page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from . import __version__
+from .errors import PgraftError
+from .runstore import MANIFEST, atomic_write_text, sha256_file
+
+REPORT = "report.html"
+PROVENANCE = "provenance.json"
+GRID_IMAGES = 32  # images per sample grid (the first indices, the same seeds for base and result)
+PROMPT_ROWS = 8  # rows of the prompt table of text models
+_PACKAGES = ("pgraft", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "matplotlib")
+
+
+# ----------------------------------------------------------------------------------------------
+# What the run holds
+
+
+def _json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def run_kind(run_dir: Path) -> str:
+    """``correct``, ``finetune``, ``evaluate`` or ``sample``: what the run directory's results are."""
+    run_dir = Path(run_dir)
+    if (run_dir / "correct" / "summary.json").is_file():
+        return "correct"
+    if (run_dir / "finetune" / "summary.json").is_file():
+        return "finetune"
+    if (run_dir / "evaluate.json").is_file():
+        return "evaluate"
+    return "sample"
+
+
+def versions() -> dict[str, Optional[str]]:
+    """Installed versions of the packages a run depends on (None where one is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = __version__ if name == "pgraft" else None
+    return out
+
+
+def record_run(run_dir: Path, verb: str, **info: Any) -> dict[str, Any]:
+    """Merge a verb's facts (device, seconds, out ...) with the environment into ``provenance.json``."""
+    path = Path(run_dir) / PROVENANCE
+    prov = _json(path) or {}
+    entry = {"verb": verb, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
+             "platform": platform.platform(), "command": " ".join(["pgraft", *sys.argv[1:]]), **info}
+    device = str(info.get("device", ""))
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            entry["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    out = info.get("out")
+    if out and Path(out).is_file():
+        entry["out_bytes"] = Path(out).stat().st_size
+        entry["out_sha256"] = sha256_file(out)
+    prov[verb] = entry
+    atomic_write_text(path, json.dumps(prov, indent=2, sort_keys=True, default=str))
+    return prov
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _figure(width: float = 6.4, height: float = 3.6, ncols: int = 1) -> tuple[Any, Any]:
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _fig_png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _grid_png(images: np.ndarray, cols: int = 8, cell: int = 64) -> bytes:
+    """uint8 images (N, H, W, C) as one PNG grid, each cell about ``cell`` pixels (nearest for small)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    scale = max(1, cell // max(h, w)) if max(h, w) < cell else 1
+    if max(h, w) > 4 * cell:  # big images: shrink, a grid is an overview
+        scale = 0
+    tile = (w * scale, h * scale) if scale else (4 * cell * w // max(h, w), 4 * cell * h // max(h, w))
+    rows = math.ceil(n / cols)
+    pad = 2
+    canvas = Image.new("RGB", (cols * (tile[0] + pad) + pad, rows * (tile[1] + pad) + pad), (255, 255, 255))
+    for i, img in enumerate(images):
+        pic = Image.fromarray(img[:, :, 0] if c == 1 else img).convert("RGB")
+        pic = pic.resize(tile, Image.NEAREST if scale else Image.LANCZOS)
+        canvas.paste(pic, (pad + (i % cols) * (tile[0] + pad), pad + (i // cols) * (tile[1] + pad)))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _stage_images(run_dir: Path, stage: str, limit: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """The first ``limit`` images of a sample stage: (index, images uint8 NHWC, prompt_index or None)."""
+    from safetensors import safe_open
+
+    idx, imgs, prompts = [], [], []
+    for path in sorted((run_dir / stage).glob("shard-*.safetensors")):
+        with safe_open(str(path), "np") as f:
+            keys = set(f.keys())
+            idx.append(f.get_tensor("index"))
+            imgs.append(f.get_tensor("images"))
+            if "prompt_index" in keys:
+                prompts.append(f.get_tensor("prompt_index"))
+        if sum(len(i) for i in idx) >= limit:
+            break
+    if not idx:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 1, 1, 1), dtype=np.uint8), None
+    index = np.concatenate(idx)
+    order = np.argsort(index, kind="stable")[:limit]
+    prompt_index = np.concatenate(prompts)[order] if prompts else None
+    return index[order], np.concatenate(imgs)[order], prompt_index
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML pieces
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;padding:16px 24px;color:#1b1f24}
+h1{font-size:22px;margin:8px 0 2px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+h3{font-size:14px;margin:14px 0 6px}.sub{color:#57606a;margin:0 0 12px}
+table{border-collapse:collapse;margin:6px 0 10px}th,td{border:1px solid #d0d7de;padding:4px 9px;text-align:right}
+th{background:#f6f8fa}td.l,th.l{text-align:left}tr.delta td{color:#57606a;font-style:italic}
+tr.delta td.good{color:#1a7f37;font-weight:600}tr.delta td.bad{color:#cf222e;font-weight:600}
+.row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}figure{margin:0}figcaption{color:#57606a;font-size:13px;margin:4px 0}
+img{max-width:100%;image-rendering:pixelated}img.plot{image-rendering:auto}
+pre{background:#f6f8fa;border:1px solid #d0d7de;padding:8px 10px;overflow:auto;font-size:12px;max-height:420px}
+dl.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:6px 0}dl.kv dt{font-weight:600}dl.kv dd{margin:0;word-break:break-all}
+.note{color:#57606a;font-size:13px}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _img(data: bytes, alt: str, css: str = "") -> str:
+    cls = f' class="{css}"' if css else ""
+    return f'<img{cls} alt="{_e(alt)}" src="{_png_uri(data)}">'
+
+
+def _plot(fig: Any, alt: str, caption: str) -> str:
+    return f"<figure>{_img(_fig_png(fig), alt, 'plot')}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _kv(pairs: Iterable[tuple[str, Any]]) -> str:
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in pairs if v is not None)
+    return f'<dl class="kv">{rows}</dl>'
+
+
+_NUMBER = re.compile(r"^[+-]?(\d[\d,]*\.?\d*(e[+-]?\d+)?|-)$")
+
+
+def _table(header: list[str], rows: list[list[Any]], attrs: str = "") -> str:
+    """A plain table: numbers right-aligned, text left-aligned."""
+    def cell(c: Any) -> str:
+        return f'<td{"" if _NUMBER.match(str(c)) else " class=l"}>{_e(c)}</td>'
+
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
+    return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    from .ui import fmt_bytes as fmt
+
+    return fmt(n)
+
+
+# Metric columns of the table: (key, header, format, lower is better?)
+METRIC_COLUMNS = (
+    ("fid", "FID", lambda v: f"{v:.3f}", True),
+    ("kid", "KID", lambda v: f"{v:.4f}", True),
+    ("reward_mean", "reward mean", lambda v: f"{v:.4f}", False),
+    ("reward_std", "reward std", lambda v: f"{v:.4f}", None),
+    ("nfe", "NFE", lambda v: f"{v:d}", True),
+    ("flops_per_image", "GFLOPs/img", lambda v: f"{v / 1e9:.3f}", True),
+    ("seconds_per_image", "ms/img", lambda v: f"{1000 * v:.2f}", True),
+    ("num", "num", lambda v: f"{v:d}", None),
+)
+
+
+def fmt_metric(key: str, value: Any) -> str:
+    """How the report (and its test) writes a metric value."""
+    if value is None:
+        return "-"
+    for k, _, fmt, _ in METRIC_COLUMNS:
+        if k == key:
+            return fmt(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metrics_table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
+    """The metric table: one row per model (``data-row``), one cell per metric (``data-metric``).
+
+    Each cell holds the formatted value and its exact value in ``data-value``; with two rows, a
+    third gives the change, coloured by whether it went the better way.
+    """
+    cols = [c for c in METRIC_COLUMNS if any(r.get(c[0]) is not None for _, _, r in rows)]
+    head = '<th class="l">model</th>' + "".join(f"<th>{_e(h)}</th>" for _, h, _, _ in cols)
+    body = []
+    for row_id, label, r in rows:
+        cells = "".join(f'<td data-metric="{k}" data-value="{_e(json.dumps(r.get(k)))}">{_e(fmt_metric(k, r.get(k)))}</td>'
+                        for k, _, _, _ in cols)
+        body.append(f'<tr data-row="{_e(row_id)}"><td class="l">{_e(label)}</td>{cells}</tr>')
+    if len(rows) == 2:
+        (_, _, a), (_, _, b) = rows
+        cells = []
+        for k, _, fmt, lower in cols:
+            if a.get(k) is None or b.get(k) is None or k == "num":
+                cells.append("<td></td>")
+                continue
+            d = b[k] - a[k]
+            text = ("+" if d >= 0 else "-") + fmt(abs(d))
+            css = "" if lower is None or d == 0 else ("good" if (d < 0) == lower else "bad")
+            cells.append(f'<td class="{css}">{_e(text)}</td>')
+        body.append(f'<tr class="delta"><td class="l">change</td>{"".join(cells)}</tr>')
+    return f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _grids(run_dir: Path, pairs: list[tuple[str, str]]) -> str:
+    """Sample grids side by side (the same indices, so the same seeds), or a prompt table for text models."""
+    loaded = [(label, stage, *_stage_images(run_dir, stage, GRID_IMAGES)) for label, stage in pairs
+              if (run_dir / stage).is_dir()]
+    loaded = [x for x in loaded if len(x[2])]
+    if not loaded:
+        return '<p class="note">no sample images in this run directory</p>'
+    common = set(loaded[0][2].tolist())
+    for x in loaded[1:]:
+        common &= set(x[2].tolist())
+    settings = _json(run_dir / loaded[0][1] / "settings.json") or {}
+    prompts = settings.get("prompts") or (settings.get("conditions") or {}).get("prompts")
+    seed = settings.get("seed")
+    seed_note = f"seed {seed}, images {min(common)}..{max(common)}" if common else ""
+    if prompts:
+        rows = []
+        for i in sorted(common)[:PROMPT_ROWS]:
+            cells = []
+            for _, _, index, images, prompt_index in loaded:
+                j = int(np.nonzero(index == i)[0][0])
+                cells.append(f"<td>{_img(_grid_png(images[j:j + 1], cols=1, cell=128), f'image {i}')}</td>")
+                p = prompts[int(prompt_index[j])] if prompt_index is not None else prompts[i % len(prompts)]
+            rows.append(f'<tr><td>{i}</td><td class="l">{_e(p)}</td>{"".join(cells)}</tr>')
+        head = "".join(f"<th>{_e(label)}</th>" for label, *_ in loaded)
+        return (f'<p class="note">{_e(seed_note)}</p><table class="prompts"><thead><tr><th>#</th>'
+                f'<th class="l">prompt</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    figs = []
+    for label, stage, index, images, _ in loaded:
+        keep = np.isin(index, sorted(common))
+        figs.append(f"<figure>{_img(_grid_png(images[keep]), f'{label} samples')}"
+                    f"<figcaption>{_e(label)} ({_e(stage)}; {int(keep.sum())} images)</figcaption></figure>")
+    return f'<p class="note">{_e(seed_note)}: the same starting noise in every grid</p><div class="row">{"".join(figs)}</div>'
+
+
+def _loss_plot(curves: list[tuple[str, list[float], int]], title: str) -> str:
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return ""
+    fig, ax = _figure(5.2, 3.2)
+    for label, losses, steps in curves:
+        x = np.arange(len(losses)) * (max(steps, len(losses)) / len(losses))
+        ax.plot(x, losses, label=label, lw=1.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend()
+    return _plot(fig, title, f"{title} (as logged; subsampled for long runs)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inverse noise correction
+
+
+def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> list[tuple[str, str]]:
+    base, corr, inv = s["base"], s["corrected"], s.get("inversion") or {}
+    sections = []
+
+    # FID against FLOPs per image
+    fig, ax = _figure(5.2, 3.6)
+    pts = [("base", base, "#57606a", "o"), ("corrected", corr, "#0969da", "s")]
+    plotted = False
+    for label, m, colour, marker in pts:
+        if m.get("fid") is None:
+            continue
+        plotted = True
+        ax.scatter([m["flops_per_image"] / 1e9], [m["fid"]], color=colour, marker=marker, s=60, zorder=3,
+                   label=f"{label}: {m['nfe']} NFE")
+        ax.annotate(f"  {label}\n  FID {m['fid']:.2f}", (m["flops_per_image"] / 1e9, m["fid"]), fontsize=8)
+    if plotted:
+        ax.set_xlabel("GFLOPs per image (measured)")
+        ax.set_ylabel(f"FID ({base.get('features') or 'features'})")
+        ax.set_title("FID against FLOPs per image")
+        ax.margins(0.35)
+        ax.legend(loc="best", fontsize=8)
+        fid_plot = _plot(fig, "FID against FLOPs per image",
+                         "lower left is better: the corrector is worth its FLOPs when its point lies below the base "
+                         "sampler's at similar cost")
+    else:
+        fid_plot = '<p class="note">no FID was measured (no reference data)</p>'
+    sections.append(("FID against FLOPs", f'<div class="row">{fid_plot}</div>'))
+
+    # Inversion: per-image reconstruction RMS, and the inverted noise against N(0, I)
+    rms, noise = _inversion_arrays(run_dir)
+    plots = []
+    limit = (recipe.get("correct") or {}).get("max_reconstruction_rms")
+    if rms is not None and len(rms):
+        fig, ax = _figure(4.8, 3.4)
+        ax.hist(rms, bins=min(30, max(5, len(rms) // 4)), color="#0969da", alpha=0.8)
+        if limit:
+            ax.axvline(limit, color="#cf222e", ls="--", label=f"limit {limit:g}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("RMS of T(T^-1(x)) - x per image")
+        ax.set_ylabel("images")
+        ax.set_title("inversion reconstruction error")
+        plots.append(_plot(fig, "inversion reconstruction error", "per-image round-trip error of the inverted sampler"))
+    if noise is not None and noise.size:
+        fig, (ax1, ax2) = _figure(8.4, 3.4, ncols=2)
+        values = noise.reshape(-1)
+        ax1.hist(values, bins=80, density=True, color="#8250df", alpha=0.7, label="inverted noise")
+        grid = np.linspace(-4.5, 4.5, 300)
+        ax1.plot(grid, np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), color="black", lw=1.2, label="N(0, 1)")
+        ax1.set_xlim(-4.5, 4.5)
+        ax1.set_xlabel("value (all coordinates)")
+        ax1.set_title("inverted noise against N(0, I)")
+        ax1.legend(fontsize=8)
+        dim = noise[0].size
+        norms = np.sqrt((noise.reshape(len(noise), -1) ** 2).sum(1) / dim)
+        ax2.hist(norms, bins=min(30, max(5, len(norms) // 4)), color="#8250df", alpha=0.7)
+        ax2.axvline(1.0, color="black", lw=1.2, label="N(0, I): 1")
+        ax2.set_xlabel("||z|| / sqrt(D) per image")
+        ax2.set_title("norm of each inverted noise")
+        ax2.legend(fontsize=8)
+        plots.append(_plot(fig, "inverted noise statistics",
+                           "the distribution the corrector learns to produce; N(0, I) would match the black lines"))
+    stats = _table(["statistic", "value", "N(0, I)"], [
+        ["reconstruction RMS mean", _f(inv.get("reconstruction_rms_mean")), "-"],
+        ["reconstruction RMS max", _f(inv.get("reconstruction_rms_max")), f"limit {limit:g}" if limit else "-"],
+        ["reconstruction |error| max", _f(inv.get("reconstruction_abs_max")), "-"],
+        ["noise mean", _f(inv.get("noise_mean")), "0"],
+        ["noise std", _f(inv.get("noise_std")), "1"],
+        ["noise norm / sqrt(D), mean", _f(inv.get("noise_norm_mean")), "1"],
+        ["images inverted", inv.get("num", "-"), "-"],
+    ], ' id="inversion"')
+    sections.append(("Inversion", stats + f'<div class="row">{"".join(plots)}</div>'))
+
+    info = s.get("corrector") or {}
+    steps = (recipe.get("correct") or {}).get("corrector_train_steps") or len(s.get("loss_curve") or [])
+    corrector = _kv([("corrector", info.get("kind")), ("parameters", f"{info['parameters']:,}" if info.get("parameters") else None),
+                     ("final loss", _f(info.get("final_loss"))), ("base steps", corr.get("steps")),
+                     ("corrector steps", (corr.get("nfe") or 0) - (corr.get("steps") or 0) or None)])
+    sections.append(("Corrector", corrector + _loss_plot([("corrector", s.get("loss_curve") or [], steps)],
+                                                         "corrector flow-matching loss")))
+    return sections
+
+
+def _inversion_arrays(run_dir: Path) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    from safetensors import safe_open
+
+    rms, noise = [], []
+    for path in sorted((run_dir / "invert").glob("shard-*.safetensors")):
+        with safe_open(str(path), "np") as f:
+            keys = set(f.keys())
+            if "rms" in keys:
+                rms.append(f.get_tensor("rms"))
+            if "noise" in keys and sum(len(n) for n in noise) < 4096:  # enough for the histograms
+                noise.append(f.get_tensor("noise"))
+    return (np.concatenate(rms) if rms else None), (np.concatenate(noise) if noise else None)
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# GRAFT / P-GRAFT
+
+
+def _acceptance_params(filt: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of :func:`selection.reshaped_reward` for a filter summary."""
+    rule, params = filt["rule"], filt.get("params") or {}
+    if rule == "top_k":
+        return {"k": params["k"], "m": params["m"]}
+    if rule == "best_of_n":
+        return {"n": params.get("n", params.get("m"))}
+    return {"F_tau": 1.0 - float(filt.get("expected_kept_fraction") or filt.get("kept_fraction") or 0.0)}
+
+
+def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> list[tuple[str, str]]:
+    sections = []
+    history = s.get("history") or []
+    filters = [(h["round"], h["filter"]) for h in history if h.get("filter")]
+
+    # reward histograms before and after filtering, one panel per round
+    if filters:
+        fig, axes = _figure(min(4.2 * len(filters), 12.6), 3.2, ncols=len(filters))
+        axes = np.atleast_1d(axes)
+        for ax, (r, f) in zip(axes, filters):
+            edges = np.asarray(f["histogram_edges"], dtype=float)
+            widths = np.diff(edges)
+            ax.bar(edges[:-1], f["histogram_before"], width=widths, align="edge", color="#afb8c1", label="sampled")
+            ax.bar(edges[:-1], f["histogram_after"], width=widths, align="edge", color="#1a7f37", alpha=0.85,
+                   label="kept")
+            ax.set_title(f"round {r}: kept {f['kept']} of {f['num']}")
+            ax.set_xlabel(f"reward ({s.get('reward', '')})")
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("samples")
+        rows = [[r, f["rule"], json.dumps(f.get("params")), f["num"], f["kept"],
+                 _f((f.get("reward_before") or {}).get("mean")), _f((f.get("reward_after") or {}).get("mean")),
+                 _f(f.get("reshaped_reward_mean"), 3)] for r, f in filters]
+        table = _table(["round", "rule", "params", "sampled", "kept", "reward sampled", "reward kept",
+                        "mean rhat of kept"], rows, ' id="filter"')
+        sections.append(("Filtering", table + _plot(fig, "reward histograms before and after filtering",
+                                                    "rewards of every sample (grey) and of those the rule kept (green)")))
+
+        # the reshaped reward of the rule: rhat(F) = log g(F), with the kept samples on it
+        from .selection import reshaped_reward
+
+        r0, f0 = filters[-1]
+        acc = _acceptance_params(f0)
+        F = np.linspace(1e-4, 1 - 1e-4, 400)
+        rhat = reshaped_reward(f0["rule"], F, **acc).numpy()
+        fig, (ax1, ax2) = _figure(8.8, 3.4, ncols=2)
+        finite = np.isfinite(rhat)
+        cdf, kept_rhat = f0.get("cdf") or [], f0.get("reshaped_reward") or []
+        kept_finite = [v for v in kept_rhat if v is not None]
+        floor = min(-8.0, min(kept_finite, default=0.0) - 1.0)  # rhat -> -inf as F -> 0: show the useful range
+        ax1.plot(F, np.where(finite, rhat, floor), color="#0969da", lw=1.6, label=f"{f0['rule']} {acc}")
+        if cdf and kept_rhat:
+            y = np.array([floor if v is None else v for v in kept_rhat], dtype=float)
+            ax1.scatter(cdf, y, s=10, color="#1a7f37", zorder=3, label=f"kept samples (round {r0})")
+        ax1.set_ylim(floor, 0.5)
+        ax1.set_xlabel("F(r): reward CDF under the sampling model")
+        ax1.set_ylabel("rhat = log P(keep | F)")
+        ax1.set_title("reshaped reward of the rule")
+        ax1.legend(fontsize=8)
+        ax2.plot(F, np.exp(rhat), color="#0969da", lw=1.6)
+        ax2.set_xlabel("F(r)")
+        ax2.set_ylabel("g(F) = P(keep | F)")
+        ax2.set_title("acceptance probability")
+        ax2.set_ylim(-0.03, 1.03)
+        sections.append(("Reshaped reward", _plot(
+            fig, "reshaped reward curve",
+            "the tilt the rule applies: kept samples follow p(x) exp(rhat(x)) (PAPER.md section 1)")))
+
+    # reward and FID per round
+    base, tuned = s.get("base") or {}, s.get("tuned") or {}
+    rounds = s.get("rounds") or []
+    if rounds or base:
+        fig, (ax1, ax2) = _figure(8.8, 3.4, ncols=2)
+        n = len(rounds)
+        xs = [r["round"] - 1 for r in rounds]
+        if rounds:
+            ax1.plot(xs, [r["sampled"]["reward_mean"] for r in rounds], "o-", color="#57606a",
+                     label="sampled (model entering the round)")
+            ax1.plot(xs, [r["kept_reward_mean"] for r in rounds], "^--", color="#1a7f37", label="kept by the filter")
+        if base.get("reward_mean") is not None:
+            ax1.scatter([0, n], [base["reward_mean"], tuned.get("reward_mean")], marker="s", s=50, color="#0969da",
+                        zorder=3, label="evaluated: base, tuned")
+        ax1.set_xlabel("rounds of fine-tuning done")
+        ax1.set_ylabel("reward mean")
+        ax1.set_title("reward per round")
+        ax1.legend(fontsize=7)
+        fids = [(r["round"] - 1, r["fid"]) for r in rounds if r.get("fid") is not None]
+        if base.get("fid") is not None:
+            fids = [(0, base["fid"])] + fids + ([(n, tuned["fid"])] if tuned.get("fid") is not None else [])
+        if fids:
+            ax2.plot(*zip(*sorted(fids)), "s-", color="#0969da")
+            ax2.set_ylabel(f"FID ({base.get('features') or ''})")
+        else:
+            ax2.text(0.5, 0.5, "no FID measured\n(no reference data)", ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_xlabel("rounds of fine-tuning done")
+        ax2.set_title("FID per round")
+        for ax in (ax1, ax2):
+            ax.set_xticks(range(n + 1))
+        rows = [[r["round"], _f(r["sampled"]["reward_mean"]), r["kept"], _f(r["kept_reward_mean"]),
+                 _f((r.get("finetune") or {}).get("final_loss")), _f(r.get("fid"), 3)] for r in rounds]
+        table = _table(["round", "sampled reward", "kept", "kept reward", "final loss", "FID"], rows, ' id="rounds"')
+        sections.append(("Rounds", table + _plot(
+            fig, "reward and FID per round",
+            "round r samples from the model after r - 1 rounds; FID where measured (base before round 1, tuned after "
+            "the last)")))
+
+    # the cutoff on the sampler's time grid
+    sections.append(("Cutoff", _cutoff_timeline(run_dir, s, recipe)))
+    losses = [(f"round {h['round']}", h.get("loss_curve") or [], (h.get("finetune") or {}).get("steps") or 0)
+              for h in history]
+    loss = _loss_plot(losses, "fine-tuning loss")
+    if loss:
+        sections.append(("Fine-tuning", loss))
+    return sections
+
+
+def _cutoff_timeline(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> str:
+    from .samplers import NoiseSchedule
+
+    cutoff = float(s.get("cutoff", (recipe.get("finetune") or {}).get("cutoff", 0.0)) or 0.0)
+    settings = _json(run_dir / "evaluate-tuned" / "settings.json") or _json(run_dir / "sample" / "settings.json") or {}
+    steps = int(settings.get("steps") or (recipe.get("sample") or {}).get("steps") or 16)
+    family = settings.get("family", "flow")
+    schedule = NoiseSchedule.flow(shift=float(settings.get("shift") or 1.0)) if family == "flow" \
+        else NoiseSchedule.diffusion(settings.get("prediction_type") or "epsilon")
+    grid = schedule.grid(steps).numpy()
+    tuned_steps = int((grid[:-1] > cutoff).sum())
+    fig, ax = _figure(9.0, 1.9)
+    for k in range(steps):
+        colour = "#8250df" if grid[k] > cutoff else "#57606a"
+        ax.plot([grid[k], grid[k + 1]], [0, 0], color=colour, lw=7, solid_capstyle="butt")
+    ax.scatter(grid, np.zeros_like(grid), color="white", edgecolor="black", zorder=3, s=22)
+    if cutoff > 0:
+        ax.axvline(cutoff, color="#cf222e", lw=2)
+        ax.annotate(f"cutoff c = {cutoff:g}", (cutoff, 0.42), color="#cf222e", ha="center", fontsize=9,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+    ax.annotate(f"fine-tuned model: {tuned_steps} steps, t in (c, 1]", (1.0, -0.55), color="#8250df", fontsize=9)
+    ax.annotate(f"base model: {steps - tuned_steps} steps, t in [0, c]", (0.0, -0.55), color="#57606a", fontsize=9,
+                ha="right")
+    ax.set_xlim(1.02, -0.02)  # noise on the left, data on the right: the order the sampler walks
+    ax.set_ylim(-0.8, 0.7)
+    ax.set_yticks([])
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.set_xlabel("t (1 = noise, 0 = data)")
+    ax.set_title(f"the sampler's {steps}-step {settings.get('grid', family)} grid and the hand-over")
+    return _plot(fig, "cutoff on the sampler timeline",
+                 f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'}: each step from t_k uses the fine-tuned model when t_k > c, "
+                 f"the base model otherwise")
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance
+
+
+def _provenance_section(run_dir: Path, manifest: dict[str, Any], prov: dict[str, Any], kind: str) -> str:
+    parts = []
+    entry = prov.get(kind) or (next(iter(prov.values())) if prov else {})
+    vers = entry.get("versions")
+    note = ""
+    if not vers:
+        vers = versions()
+        note = '<p class="note">no provenance.json in this run: versions are those installed when this page was rendered</p>'
+    parts.append("<h3>environment</h3>" + note + _kv(
+        [("command", entry.get("command")), ("finished", entry.get("finished")),
+         ("device", (entry.get("device") or "-") + (f" ({entry['device_name']})" if entry.get("device_name") else "")),
+         ("platform", entry.get("platform")), ("pgraft (run manifest)", manifest.get("pgraft_version"))]
+        + [(k, v) for k, v in vers.items() if v]))
+
+    hashes: dict[str, list[str]] = {}
+    for name, st in manifest["stages"].items():
+        for key in ("model", "base"):
+            ident = (st.get("inputs") or {}).get(key)
+            if ident:
+                hashes.setdefault(str(ident), []).append(name)
+    rows = [[ident, ", ".join(stages)] for ident, stages in hashes.items()]
+    if entry.get("out_sha256"):
+        rows.append([entry["out_sha256"], f"output checkpoint {entry.get('out')} ({fmt_bytes(entry.get('out_bytes'))})"])
+    parts.append("<h3>models</h3>" + _table(["identity (sha256)", "used by"], rows, ' id="hashes"'))
+
+    seeds = []
+    for name, st in manifest["stages"].items():
+        cfg = st.get("config") or {}
+        if "seed" in cfg:
+            seeds.append([name, cfg.get("seed"), cfg.get("steps", "-"), cfg.get("num", "-")])
+    if seeds:
+        parts.append("<h3>seeds</h3>" + _table(["stage", "seed", "steps", "num"], seeds, ' id="seeds"'))
+
+    stage_rows, total = [], 0.0
+    for name, st in sorted(manifest["stages"].items(), key=lambda kv: kv[1].get("started", 0)):
+        secs = st.get("seconds")
+        total += secs or 0.0
+        stage_rows.append([name, st.get("status", "-"), "-" if secs is None else f"{secs:.2f}",
+                           str(st.get("key", ""))[:12]])
+    stage_rows.append(["all stages", "", f"{total:.2f}", ""])
+    if entry.get("seconds") is not None:
+        stage_rows.append([f"whole command ({entry.get('verb', kind)})", "", f"{float(entry['seconds']):.2f}", ""])
+    parts.append("<h3>time per stage</h3>" + _table(["stage", "status", "seconds", "key"], stage_rows, ' id="stages"'))
+
+    recipe_path = run_dir / "recipe.toml"
+    if recipe_path.is_file():
+        parts.append(f"<h3>resolved recipe (recipe.toml)</h3><pre>{_e(recipe_path.read_text())}</pre>")
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The page
+
+
+def _recipe_dict(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "recipe.toml"
+    if not path.is_file():
+        return {}
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text())
+    except Exception:  # a damaged recipe still gets a report, without recipe-derived details
+        return {}
+
+
+def render_report(run_dir: Path | str, run: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``RUN/report.html`` from what the run directory holds; returns its path.
+
+    ``run``: facts of the command that just finished (``verb``, ``device``, ``seconds``, ``out``),
+    merged into ``RUN/provenance.json`` first so later re-renders show them too.
+    """
+    run_dir = Path(run_dir)
+    manifest = _json(run_dir / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise PgraftError(f"{run_dir} is not a pgraft run directory (no valid {MANIFEST}); pass the --run-dir of a run")
+    kind = run_kind(run_dir)
+    if run:
+        run = dict(run)
+        record_run(run_dir, run.pop("verb", kind), **run)
+    prov = _json(run_dir / PROVENANCE) or {}
+    entry = prov.get(kind) or {}
+    recipe = _recipe_dict(run_dir)
+
+    sections: list[tuple[str, str]] = []
+    facts: list[tuple[str, Any]] = [("run directory", str(run_dir.resolve()))]
+    if kind == "correct":
+        s = _json(run_dir / "correct" / "summary.json") or {}
+        base_steps = s["base"].get("steps")
+        title = f"Inverse noise correction ({base_steps} base steps)"
+        rows = [("base", f"base ({base_steps} steps)", s["base"]), ("corrected", "corrected", s["corrected"])]
+        pairs = [(f"base ({base_steps} steps)", "evaluate-base"), ("corrected", "evaluate-corrected")]
+        facts += [("data", s.get("data")), ("FID features", s["base"].get("features"))]
+        out = s.get("out")
+    elif kind == "finetune":
+        s = _json(run_dir / "finetune" / "summary.json") or {}
+        cutoff = float(s.get("cutoff", (recipe.get("finetune") or {}).get("cutoff", 0.0)) or 0.0)
+        s["cutoff"] = cutoff
+        title = f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'} fine-tuning (cutoff {cutoff:g})"
+        rows = [("base", "base", s["base"]), ("tuned", "tuned", s["tuned"])]
+        pairs = [("base", "evaluate-base"), ("tuned", "evaluate-tuned")]
+        facts += [("reward", s.get("reward")), ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
+                  ("FID features", s["base"].get("features"))]
+        out = s.get("out")
+    elif kind == "evaluate":
+        s = _json(run_dir / "evaluate.json") or {}
+        label = "corrected" if s.get("corrected") else ("fine-tuned" if s.get("finetuned") else "model")
+        title = f"Evaluation of {s.get('model', '')}"
+        rows = [("model", f"{label} ({s.get('steps')} steps)", s)]
+        pairs = [(label, "sample")]
+        facts += [("model", s.get("model")), ("data", s.get("data")), ("FID features", s.get("features")),
+                  ("reward", s.get("reward"))]
+        out = None
+    else:
+        s = {}
+        settings = _json(run_dir / "sample" / "settings.json") or {}
+        title = "Samples"
+        rows = []
+        pairs = [("samples", "sample")]
+        facts += [("steps", settings.get("steps")), ("seed", settings.get("seed")), ("num", settings.get("num"))]
+        out = None
+    if out:
+        size = entry.get("out_bytes") or (Path(out).stat().st_size if Path(out).is_file() else None)
+        facts.append(("output checkpoint", f"{out} ({fmt_bytes(size)})"))
+    if entry.get("seconds") is not None:
+        facts.append(("time taken", f"{float(entry['seconds']):.1f} s"))
+    facts.append(("device", entry.get("device")))
+
+    body = [f"<h1>{_e(title)}</h1><p class=\"sub\">pgraft report of {_e(run_dir.name)}, rendered "
+            f"{_e(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>", _kv(facts)]
+    if rows:
+        body.append("<h2>Metrics</h2>" + _metrics_table(rows))
+    body.append("<h2>Samples</h2>" + _grids(run_dir, pairs))
+    if kind == "correct":
+        sections += _correct_sections(run_dir, s, recipe)
+    elif kind == "finetune":
+        sections += _finetune_sections(run_dir, s, recipe)
+    for heading, content in sections:
+        body.append(f"<h2>{_e(heading)}</h2>{content}")
+    body.append("<h2>Provenance</h2>" + _provenance_section(run_dir, manifest, prov, kind))
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)} · pgraft</title><style>{_CSS}</style></head>"
+            f'<body>{"".join(body)}</body></html>\n')
+    path = run_dir / REPORT
+    atomic_write_text(path, page)
+    return path
