@@ -631,6 +631,7 @@ def correct(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    fail_if: FailIfOpt = None,
 ) -> None:
     """Inverse noise correction: invert real data through the flow, train a noise corrector, evaluate.
 
@@ -655,7 +656,11 @@ def correct(
     from .runstore import RunStore, atomic_write_text
     from .ui import note, progress
 
+    from .gates import check_gates, gate_metrics, gate_names, parse_gates
+    from .report import render_report
+
     tic = time.perf_counter()
+    gates = parse_gates(fail_if, gate_names("correct"))
     rec = _resolve_recipe(recipe, set_, correct__base_steps=steps, evaluate__features=features,
                           evaluate__inception_weights=inception_weights)
     state = _state(rec, device)
@@ -694,11 +699,16 @@ def correct(
     seconds = time.perf_counter() - tic
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
                "seconds": round(seconds, 2), **metrics}
+    summary["report"] = str(render_report(store.root, run={"verb": "correct", "device": dev, "seconds": round(seconds, 2),
+                                                           "out": str(target)}))
+    results = check_gates(gates, gate_metrics(corr_metrics, base_metrics, inv))
+    if results:
+        summary["gates"] = [r.to_dict() for r in results]
     if as_json:
         print(json.dumps(summary, sort_keys=True, default=float))
-        return
+        return _gates_verdict(results, quiet=True)
     if quiet:
-        return
+        return _gates_verdict(results, quiet=True)
     from .ui import fmt_bytes, out as console
 
     console.print(_metrics_table(
@@ -713,6 +723,8 @@ def correct(
                   + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else ""))
     console.print(f"[green]wrote[/green] {target} ({fmt_bytes(target.stat().st_size)}); run {store.root}; "
                   f"{seconds:.0f}s")
+    console.print(f"report: {summary['report']}")
+    _gates_verdict(results, quiet=False)
 
 
 @app.command()
@@ -737,6 +749,7 @@ def evaluate(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    fail_if: FailIfOpt = None,
 ) -> None:
     """FID and KID against data, NFE, measured FLOPs and time per image.
 
@@ -758,8 +771,12 @@ def evaluate(
     from .evaluate import evaluate_model, pick_features
     from .recipes import SampleConfig
     from .runstore import RunStore, atomic_write_text
+    from .gates import check_gates, gate_metrics, gate_names, parse_gates
+    from .report import render_report
     from .ui import note, progress
 
+    tic = time.perf_counter()
+    gates = parse_gates(fail_if, gate_names("evaluate", reward=bool(reward)))
     rec = _resolve_recipe(recipe, set_, evaluate__num=num, evaluate__seed=seed, evaluate__steps=steps,
                           evaluate__features=features, evaluate__inception_weights=inception_weights)
     state = _state(rec, device)
@@ -801,8 +818,12 @@ def evaluate(
                    "corrected": loaded.corrector is not None, "finetuned": loaded.tuned is not None or loaded.lora,
                    "cutoff": loaded.cutoff}
         store.write_json("evaluate.json", metrics)
+    seconds = time.perf_counter() - tic
+    report = render_report(store.root, run={"verb": "evaluate", "device": dev, "seconds": round(seconds, 2)})
+    results = check_gates(gates, gate_metrics(metrics))
     if as_json:
-        print(json.dumps(metrics, sort_keys=True, default=float))
+        print(json.dumps({**metrics, "report": str(report), "seconds": round(seconds, 2),
+                          **({"gates": [r.to_dict() for r in results]} if results else {})}, sort_keys=True, default=float))
     elif not quiet:
         from .ui import out as console
 
@@ -810,12 +831,49 @@ def evaluate(
                                      [(f"{_label(metrics)} ({eval_steps} steps)", metrics)]))
         if rew is not None:
             console.print(f"reward {rew.spec}: mean {metrics['reward_mean']:.4f}, std {metrics['reward_std']:.4f}")
+        console.print(f"run {store.root}; {seconds:.0f}s; report: {report}")
+    _gates_verdict(results, quiet=quiet or as_json)
 
 
 def _label(metrics: dict[str, Any]) -> str:
     if metrics["corrected"]:
         return "corrected"
     return f"fine-tuned (cutoff {metrics['cutoff']})" if metrics["finetuned"] else "base"
+
+
+# ================================================================================================
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (of correct, finetune, evaluate or sample).")],
+    open_: Annotated[bool, typer.Option("--open", help="Open the report in the default web browser.")] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-render RUN_DIR/report.html: one self-contained page with the metrics, sample grids, plots and provenance.
+
+    correct, finetune and evaluate write it at the end of every run; this renders it again (after
+    an upgrade, or for a run that was interrupted before its end).
+
+    Examples:
+
+      pgraft report pgraft-runs/correct-1a2b3c4d5e6f --open
+    """
+    from .report import render_report
+
+    path = render_report(run_dir)
+    if as_json:
+        print(json.dumps({"run_dir": str(run_dir), "report": str(path)}, sort_keys=True))
+    elif not quiet:
+        from .ui import out as console
+
+        console.print(f"[green]wrote[/green] {path}")
+    if open_:
+        import webbrowser
+
+        if not webbrowser.open(path.resolve().as_uri()):
+            raise PgraftError(f"no web browser could be started; open {path} yourself")
 
 
 # ================================================================================================

@@ -161,19 +161,28 @@ def distances(gen: np.ndarray, real: np.ndarray, kid_subsets: int = 10) -> dict[
             "kid": kernel_distance(gen, real, subsets=kid_subsets, subset_size=min(1000, len(gen), len(real)))}
 
 
-def flops_per_image(model: Any, steps: int) -> tuple[int, int, dict[str, int]]:
-    """(NFE, FLOPs) per image of ``model``'s sampler: base steps x base call (+ corrector), measured."""
-    from .models import Cond
+def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> tuple[int, int, dict[str, int]]:
+    """(NFE, FLOPs) per image of ``model``'s sampler: base steps x base call (+ corrector), measured.
 
+    Text models are measured with the sampler's classifier-free guidance: with ``guidance_scale > 1``
+    each step runs the network on the conditional and the unconditional half, and so is counted.
+    """
     x = torch.zeros((1, *model.sample_shape), device=model.device, dtype=model.dtype)
     t = torch.tensor(0.5, dtype=torch.float64)
     cond = model.encode([""] if model.conditioning == "text" else None,
-                        [0] if model.conditioning == "class" else None, guidance_scale=1.0)
-    if model.conditioning == "text":
-        cond = Cond(**{**cond.__dict__, "guidance_scale": 1.0})
-    base = measure_flops(lambda: model.predict(x, t, cond))
-    nfe, total = steps, steps * base
+                        [0] if model.conditioning == "class" else None, guidance_scale=guidance_scale)
+    # A fine-tuned model runs its tuned network (or LoRA adapter) above the cutoff and the base
+    # below: count each grid time with the network that really runs there.
+    times = model.schedule.grid(steps)[:-1]
+    cutoff = getattr(model, "cutoff", 0.0)
+    above = int((times > cutoff).sum()) if (getattr(model, "tuned", None) is not None or getattr(model, "lora", False)) else 0
+    base = measure_flops(lambda: model.predict(x, torch.tensor(min(cutoff, 0.5), dtype=torch.float64), cond))
+    nfe, total = steps, (steps - above) * base
     parts = {"base_call": base}
+    if above:
+        parts["tuned_call"] = measure_flops(lambda: model.predict(x, torch.tensor(1.0, dtype=torch.float64), cond))
+        parts["tuned_steps"] = above
+        total += above * parts["tuned_call"]
     corrector = getattr(model, "corrector", None)
     if corrector is not None and corrector.network is not None:
         call = measure_flops(lambda: corrector.velocity(x, t))
@@ -201,7 +210,8 @@ def evaluate_model(model: Any, real: Optional[Tensor], sample_cfg: Any, features
     cond = cond if cond is not None else Conditions()
     run_sample(model, sample_cfg, cond, store, bar, stage_name=stage_name, **dist)
     images = load_images(store.root, stage_name)
-    nfe, flops, parts = flops_per_image(model, sample_cfg.steps)
+    guidance = sample_cfg.guidance_scale if model.conditioning == "text" else 1.0
+    nfe, flops, parts = flops_per_image(model, sample_cfg.steps, guidance)
     out: dict[str, Any] = {
         "num": int(len(images)), "steps": sample_cfg.steps, "nfe": nfe, "flops_per_image": flops,
         "flops_parts": parts, "seconds_per_image": shard_seconds(store.root, stage_name) / max(1, len(images)),

@@ -108,7 +108,8 @@ def parse_gates(texts: Optional[list[str]], available: Optional[set[str]] = None
     gates = [parse_gate(t) for t in texts or []]
     for gate in gates:
         if available is not None and gate.name not in available:
-            hint = " (pass --reward to measure one)" if "reward" in gate.name and "reward_mean" not in available else ""
+            hint = (" (only evaluate --reward and finetune measure a reward)"
+                    if "reward" in gate.name and "reward_mean" not in available else "")
             raise PgraftError(f"--fail-if {gate.text!r}: this command measures no {gate.name!r}{hint}; it has: "
                               f"{', '.join(sorted(available))}")
     return gates

@@ -145,7 +145,9 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
     final = torch.cat([x.float().cpu() for x in finals])[keep]
     prompts, classes = cond.for_indices(model, indices)
     out = {"index": torch.tensor(indices, dtype=torch.int64), "images": images.contiguous(),
-           "samples": final.contiguous()}
+           "samples": final.contiguous(),
+           # the generator seed of each trajectory's initial noise (see noise_seed), for re-use
+           "noise_seed": torch.tensor([noise_seed(cfg.seed, i) for i in indices], dtype=torch.int64)}
     if classes is not None:
         out["class_label"] = torch.tensor(classes, dtype=torch.int64)
     if prompts is not None:

@@ -56,3 +56,28 @@ def test_flops_of_a_conv_layer_match_the_hand_count():
     assert measure_flops(lambda: conv(x)) == 2 * 8 * 16 * 16 * 3 * 3 * 3
     lin = torch.nn.Linear(10, 4)
     assert measure_flops(lambda: lin(torch.zeros(5, 10))) == 2 * 5 * 10 * 4
+
+
+def test_flops_count_the_network_that_runs_at_each_step():
+    from pgraft_cli.checkpoints import load_model
+    from pgraft_cli.evaluate import flops_per_image
+    from pgraft_cli.finetune import add_lora
+
+    model = load_model("digits")
+    nfe, base_total, parts = flops_per_image(model, 8)
+    assert nfe == 8 and base_total == 8 * parts["base_call"] and "tuned_call" not in parts
+    add_lora(model.network, rank=4, alpha=4)
+    model.lora, model.cutoff = True, 0.5
+    nfe, total, parts = flops_per_image(model, 8)  # grid 1, .875, ..., .125: 4 times above 0.5
+    assert parts["tuned_steps"] == 4 and parts["tuned_call"] > parts["base_call"]  # the adapter costs a little
+    assert total == 4 * parts["base_call"] + 4 * parts["tuned_call"]
+
+
+def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tiny_sd_dir):
+    from pgraft_cli.checkpoints import load_model
+    from pgraft_cli.evaluate import flops_per_image
+
+    model = load_model(str(tiny_sd_dir))
+    _, plain, _ = flops_per_image(model, 3, guidance_scale=1.0)
+    _, guided, _ = flops_per_image(model, 3, guidance_scale=5.0)
+    assert guided == 2 * plain

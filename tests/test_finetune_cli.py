@@ -54,6 +54,11 @@ def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
 
     shard = iter_shards(run, "sample")[0]
     assert shard["captured"].shape == shard["samples"].shape and float(shard["captured_t"][0]) == 0.5
+    from pgraft_cli.sample import initial_noise
+
+    first = int(shard["index"][0])  # each trajectory's seed regenerates its initial noise
+    g = torch.Generator().manual_seed(int(shard["noise_seed"][0]))
+    assert torch.equal(torch.randn((1, 16, 16), generator=g), initial_noise(0, [first], (1, 16, 16))[0])
 
     # the checkpoint describes itself: cutoff, base identity, recipe, rewards
     with safe_open(str(out), "pt") as f:
