@@ -282,14 +282,17 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         start, losses, model_state, ema_state = load_training_state(state_path, params, opt)
         load_weights(model_state)
         ema = {n: ema_state[n].to(p.device) for n, p in named}
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              device_placement=False)
+    # accelerate places the model and wraps it for several processes (DDP); mixed precision and
+    # accumulation are done here, per call, because accelerate fixes them once per process.
+    accelerator = Accelerator(device_placement=False)
     if lora:
         set_lora_enabled(network, True)  # sampling may have left it switched off
     net, opt = accelerator.prepare(network, opt)
     schedule = model.schedule
     device, dtype = model.device, model.dtype
     rank = accelerator.process_index
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     task = bar.add_task(f"fine-tuning (round {round_index})", total=cfg.steps, completed=start, unit="step")
     net.train()
     for step in range(start, cfg.steps):
@@ -297,22 +300,25 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
             group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.learning_rate
         total = 0.0
         for micro in range(cfg.grad_accum):
-            with accelerator.accumulate(net):
-                g = torch.Generator().manual_seed(_seed(cfg.seed, round_index, step, micro, rank))
-                idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
-                e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)
-                t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)
-                x_t, target = intermediate_target(schedule, y[idx].double(), e.double(), t, t_c)
-                cond = _conditions(model, kept, idx)
-                with accelerator.autocast():
+            g = torch.Generator().manual_seed(_seed(cfg.seed, round_index, step, micro, rank))
+            idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
+            e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)
+            t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)
+            x_t, target = intermediate_target(schedule, y[idx].double(), e.double(), t, t_c)
+            cond = _conditions(model, kept, idx)
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(net):
+                with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
                     pred = model.predict(x_t.to(device, dtype), t.to(device), cond, network=net)
                 loss = finetune_loss(pred, target.to(device), kernel_weight(schedule, t, t_c).to(device))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                total += float(loss.detach()) / cfg.grad_accum
+                scaler.scale(loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        scaler.unscale_(opt)
+        if cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
         if cfg.ema > 0:
             with torch.no_grad():
                 for n, p in named:

@@ -209,3 +209,25 @@ def test_finetune_learns_the_tilted_field_of_a_single_kept_state(tmp_path):
         result = run_finetune(model, KeptSet(y=y, t_c=0.5, x0=y), cfg, store, bar)
     curve = result["loss_curve"]
     assert sum(curve[-10:]) / 10 < 0.5 * sum(curve[:10]) / 10
+
+
+def test_gradient_accumulation_and_bf16_mixed_precision_train(tmp_path):
+    kept = _kept(16)
+    for name, extra in (("accum", {"grad_accum": 2}), ("bf16", {"mixed_precision": "bf16"})):
+        cfg = FinetuneConfig(cutoff=0.5, steps=2, batch_size=4, learning_rate=1e-3, **extra)
+        model = load_model("digits")
+        before = {k: v.clone() for k, v in model.network.state_dict().items()}
+        with RunStore(tmp_path / name) as store, progress(False) as bar:
+            result = run_finetune(model, kept, cfg, store, bar)
+        assert len(result["loss_curve"]) == 2 and all(math.isfinite(x) for x in result["loss_curve"])
+        after = model.tuned.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), name
+        assert all(v.dtype == torch.float32 for v in after.values())  # master weights stay float32
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path):
+    from pgraft_cli.errors import PgraftError
+
+    cfg = FinetuneConfig(cutoff=0.5, steps=1, batch_size=2, mixed_precision="fp16")
+    with RunStore(tmp_path / "r") as store, progress(False) as bar, pytest.raises(PgraftError, match="bf16"):
+        run_finetune(load_model("digits"), _kept(4), cfg, store, bar)
