@@ -446,6 +446,15 @@ def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
             set_lora_enabled(model.network, True)
 
 
+def main_first(store: RunStore, barrier: Any, fn: Any) -> Any:
+    """Run ``fn`` on the main process, then (after a barrier) on the others, which find it done."""
+    if barrier is None:
+        return fn()
+    result = fn() if store.is_main else None
+    barrier()
+    return result if store.is_main else fn()
+
+
 def round_stage(stage: str, round_index: int) -> str:
     """Stage names of round r: ``sample``, ``score`` ... for round 1, ``sample-r2`` ... after."""
     return stage if round_index == 1 else f"{stage}-r{round_index}"
@@ -474,9 +483,8 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
                              capture_at=cfg.cutoff if cfg.cutoff > 0 else recipe.sample.capture_at)
         run_sample(model, sample_cfg, cond, store, bar, process_index, num_processes, barrier, names["sample"])
         rewards = run_score(store, reward, bar, names["sample"], names["score"], process_index, num_processes, barrier)
-        if barrier is not None:
-            barrier()
-        summary = run_filter(store, recipe.filter, names["sample"], names["score"], names["filter"])
+        summary = main_first(store, barrier, lambda: run_filter(store, recipe.filter, names["sample"], names["score"],
+                                                                names["filter"]))
         kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
         result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r)
         model.identity = tuned_identity(model)

@@ -225,10 +225,10 @@ METRIC_COLUMNS = (
     ("kid", "KID", lambda v: f"{v:.4f}", True),
     ("reward_mean", "reward mean", lambda v: f"{v:.4f}", False),
     ("reward_std", "reward std", lambda v: f"{v:.4f}", None),
-    ("nfe", "NFE", lambda v: f"{v:d}", True),
+    ("nfe", "NFE", lambda v: f"{int(v)}", True),
     ("flops_per_image", "GFLOPs/img", lambda v: f"{v / 1e9:.3f}", True),
     ("seconds_per_image", "ms/img", lambda v: f"{1000 * v:.2f}", True),
-    ("num", "num", lambda v: f"{v:d}", None),
+    ("num", "num", lambda v: f"{int(v)}", None),
 )
 
 
@@ -263,8 +263,9 @@ def _metrics_table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
                 cells.append("<td></td>")
                 continue
             d = b[k] - a[k]
-            text = ("+" if d >= 0 else "-") + fmt(abs(d))
-            css = "" if lower is None or d == 0 else ("good" if (d < 0) == lower else "bad")
+            shown = fmt(abs(d))
+            text = ("+" if d >= 0 else "-") + shown
+            css = "" if lower is None or shown == fmt(0 * d) else ("good" if (d < 0) == lower else "bad")
             cells.append(f'<td class="{css}">{_e(text)}</td>')
         body.append(f'<tr class="delta"><td class="l">change</td>{"".join(cells)}</tr>')
     return f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'

@@ -197,6 +197,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
                 raise PgraftError(f"shards {missing[:5]} of the sample stage are missing after sampling; re-run to resume")
             settings_path = store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})
             stage.finish(shards + [settings_path])
+        if barrier is not None:
+            barrier()  # the others read the finished stage next
     seconds = time.perf_counter() - start
     return SampleResult(store.root, cfg.num, shards, generated, seconds, config)
 

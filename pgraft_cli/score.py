@@ -80,6 +80,8 @@ def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sampl
             if missing:
                 raise PgraftError(f"score shards {missing[:5]} are missing; re-run to resume")
             stage.finish([stage.shard_path(k) for k in range(len(sample_shards))])
+        if barrier is not None:
+            barrier()  # the others read the finished stage next
     return load_rewards(store.root, stage_name)[1]
 
 

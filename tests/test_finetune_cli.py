@@ -151,3 +151,28 @@ def test_text_model_lora_finetune_with_a_python_reward(tiny_sd_dir, tmp_path):
     assert loaded.lora and loaded.cutoff == 0.3 and loaded.model_class == "UNet2DConditionModel"
     trained = {k: v for k, v in loaded.network.state_dict().items() if "lora_B" in k}
     assert trained and any(float(v.abs().max()) > 0 for v in trained.values())  # the adapter was trained and loaded
+
+
+@pytest.mark.slow
+def test_finetune_under_accelerate_with_two_processes(tmp_path):
+    """DDP on the CPU (gloo): sampling and scoring split by shard, training averages gradients."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    out = tmp_path / "t.safetensors"
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "pgraft_cli", "finetune", "digits", "--cutoff", "0.5", "--run-dir",
+         str(tmp_path / "run"), "--out", str(out), "--json", "--device", "cpu", *SMALL, "--set", "finetune.rounds=1"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rounds"][0]["kept"] == 8 and out.is_file()
+    writers = []
+    for k in range(2):  # 32 samples in shards of 16: one per process
+        with safe_open(str(tmp_path / "run" / "sample" / f"shard-{k:05d}.safetensors"), "pt") as f:
+            writers.append(f.metadata()["pgraft.process"])
+    assert writers == ["0/2", "1/2"]
+    assert load_model(str(out)).tuned is not None
