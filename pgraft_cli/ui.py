@@ -98,9 +98,31 @@ def filter_report(summary: dict) -> Group:
              + (f"; the rule's expected {100 * expected:.1f}%)" if expected is not None else ")")]
     if summary.get("reshaped_reward_mean") is not None:
         lines.append(f"reshaped reward rhat = log P(keep | F(r)) of the kept samples: mean {summary['reshaped_reward_mean']:.3f}")
+    curve = _reshaped_curve(summary)
+    if curve:
+        lines.append("the rule's reshaped reward rhat(F), F = the reward's CDF under the model: "
+                     + ", ".join(f"F={f:g}: {v}" for f, v in curve))
     lines.append("reward histogram: all samples | kept")
     lines += _histogram_rows(summary["histogram_edges"], summary["histogram_before"], summary["histogram_after"])
     return Group(table, *lines)
+
+
+def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
+    """rhat at a few CDF values for the rule used (PAPER.md section 1), for the terminal."""
+    from .selection import reshaped_reward
+
+    rule, params = summary["rule"], summary.get("params", {})
+    if rule == "top_k":
+        acc = {"k": params["k"], "m": params["m"]}
+    elif rule == "best_of_n":
+        acc = {"n": params.get("n", params.get("m"))}
+    else:
+        return []  # threshold: 0 above tau, -inf below
+    import torch
+
+    points = [0.1, 0.25, 0.5, 0.75, 0.9]
+    values = reshaped_reward(rule, torch.tensor(points, dtype=torch.float64), **acc)
+    return [(f, f"{float(v):.2f}") for f, v in zip(points, values)]
 
 
 def finetune_report(summary: dict) -> Group:
