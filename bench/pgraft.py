@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=1024, help="sampled trajectories per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sample-steps", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300, help="training steps per round")
+    p.add_argument("--steps", type=int, default=200, help="training steps per round")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--eval-num", type=int, default=1000)

@@ -44,7 +44,9 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading p
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars and notes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
-DataOptF = Annotated[Optional[str], typer.Option("--data", help="Real data for FID (image folder, .npz/.safetensors, or alias); default: the model's bundled data set, if any.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits). Default: the model's bundled data set.")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception or classifier (the bundled digits classifier).")]
+InceptionOpt = Annotated[Optional[str], typer.Option("--inception-weights", help="Local clean-fid Inception TorchScript file (inception-2015-12-05.pt).")]
 FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'METRIC OP NUMBER'",
                                                         help="CI gate, repeatable: exit 1 when it holds, after writing every output. "
                                                              "Example: --fail-if \"fid>12\" --fail-if \"reward<0.5\" (OP: > >= < <= == !=; "
@@ -475,7 +477,7 @@ def finetune(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .safetensors (default RUN_DIR/tuned.safetensors).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
-    data: DataOptF = None,
+    data: DataOpt = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (sample.num = m x prompts).")] = None,
     recipe: RecipeOpt = "pgraft",
@@ -543,8 +545,14 @@ def finetune(
             atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
+            fid_of = None
+            if feats is not None:
+                from .evaluate import distances
+
+                real_feats = feats(real)
+                fid_of = lambda images: distances(feats(images), real_feats, kid_subsets=2)["fid"]  # noqa: E731
             history = run_rounds(loaded, rec, rew, cond, store, bar, state.process_index, state.num_processes,
-                                 state.wait_for_everyone if state.num_processes > 1 else None)
+                                 state.wait_for_everyone if state.num_processes > 1 else None, fid_of=fid_of)
             if not state.is_main_process:
                 return
             metrics = evaluate_pair(loaded, rec, rew, cond, real, feats, store, bar)
@@ -584,9 +592,6 @@ def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
     return out
 
 
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits). Default: the model's bundled data set.")]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception or classifier (the bundled digits classifier).")]
-InceptionOpt = Annotated[Optional[str], typer.Option("--inception-weights", help="Local clean-fid Inception TorchScript file (inception-2015-12-05.pt).")]
 
 
 def _real_data(loaded: Any, data: Optional[str]) -> tuple[Any, str]:

@@ -461,12 +461,14 @@ def round_stage(stage: str, round_index: int) -> str:
 
 
 def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: RunStore, bar: Any,
-               process_index: int = 0, num_processes: int = 1, barrier: Any = None) -> list[dict[str, Any]]:
+               process_index: int = 0, num_processes: int = 1, barrier: Any = None,
+               fid_of: Any = None) -> list[dict[str, Any]]:
     """GRAFT (cutoff 0) or P-GRAFT: ``finetune.rounds`` rounds, each stage cached in ``store``.
 
     Round r samples ``sample.num`` trajectories from the current (composed) model with seed
     ``sample.seed + r - 1``, capturing the state at the cutoff; scores the final images; keeps
-    samples by the filter rule; and continues fine-tuning on what it kept.
+    samples by the filter rule; and continues fine-tuning on what it kept. ``fid_of(images)``, when
+    given, measures each round's samples (the model entering the round) at no extra sampling cost.
     """
     from dataclasses import replace
 
@@ -488,7 +490,12 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
         kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
         result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r)
         model.identity = tuned_identity(model)
-        rounds.append({"round": r, "sampled": reward_stats(rewards), "kept": summary.get("kept"),
+        fid = None
+        if fid_of is not None and store.is_main:
+            from .sample import load_images
+
+            fid = fid_of(load_images(store.root, names["sample"]))
+        rounds.append({"round": r, "sampled": reward_stats(rewards), "fid": fid, "kept": summary.get("kept"),
                        "kept_reward_mean": summary["reward_after"]["mean"], "filter": summary,
                        "finetune": {k: v for k, v in result.items() if k != "loss_curve"},
                        "loss_curve": result.get("loss_curve")})
