@@ -521,8 +521,6 @@ def finetune(
     gates = parse_gates(fail_if, gate_names("finetune"))
     rec = _resolve_recipe(recipe, set_, score__reward=reward, finetune__cutoff=cutoff, finetune__rounds=rounds,
                           finetune__lora_rank=lora_rank)
-    rew = _reward(rec.score.reward)
-    rew.batch_size = rec.score.batch_size
     cond = Conditions(prompts=_prompts(prompt, prompts) or None)
     state = _state(rec, device)
     loaded = _load(model, config, kind, allow_pickle, rec)
@@ -531,12 +529,16 @@ def finetune(
     check_conditions(loaded, cond)
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
+    rew = _reward(rec.score.reward, dev)
+    rew.batch_size = rec.score.batch_size
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
     if data or loaded.default_data:
         real, data_id = _real_data(loaded, data)
-    run_dir = run_dir or _default_run_dir("finetune", {"model": loaded.identity, "recipe": rec.to_dict(),
-                                                       "prompts": cond.prompts})
+    # The default run directory depends only on what sampling depends on, so that a new reward,
+    # rule or training setting re-runs scoring onwards in the same run, never sampling.
+    run_dir = run_dir or _default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
+                                                       "cutoff": rec.finetune.cutoff, "prompts": cond.prompts})
     show = not (quiet or as_json) and state.is_main_process
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev) \
         if real is not None else None
@@ -792,7 +794,7 @@ def evaluate(
 
     cond = Conditions(prompts=_prompts(prompt, prompts) or None)
     check_conditions(loaded, cond)
-    rew = _reward(reward) if reward else None
+    rew = _reward(reward, _device(rec, device, state)) if reward else None
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
     if loaded.corrector is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import PgraftError
+from .samplers import above_cutoff
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "digits-classifier.safetensors"
 
@@ -175,7 +176,7 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> tupl
     # below: count each grid time with the network that really runs there.
     times = model.schedule.grid(steps)[:-1]
     cutoff = getattr(model, "cutoff", 0.0)
-    above = int((times > cutoff).sum()) if (getattr(model, "tuned", None) is not None or getattr(model, "lora", False)) else 0
+    above = int(above_cutoff(times, cutoff).sum()) if (getattr(model, "tuned", None) is not None or getattr(model, "lora", False)) else 0
     base = measure_flops(lambda: model.predict(x, torch.tensor(min(cutoff, 0.5), dtype=torch.float64), cond))
     nfe, total = steps, (steps - above) * base
     parts = {"base_call": base}

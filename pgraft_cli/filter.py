@@ -26,19 +26,32 @@ STAGE = "filter"
 
 
 def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Tensor]:
-    """``(index, group)`` of every sample: its prompt, its class, or ``index // m``."""
+    """``(index, group)`` of every sample: consecutive runs of ``m`` samples of the same prompt/class.
+
+    The j-th sample of a prompt (or class; an unconditional model has one) goes to that prompt's
+    group ``j // m``, so ``sample.num = m x prompts`` gives each prompt one group of m, and more
+    samples give each prompt several.
+    """
     from safetensors.torch import load_file
 
     shards = [load_file(str(p)) for p in sorted((Path(run_dir) / sample_stage).glob("shard-*.safetensors"))]
     index = torch.cat([s["index"] for s in shards])
     if "prompt_index" in shards[0]:
-        group = torch.cat([s["prompt_index"] for s in shards])
+        cond = torch.cat([s["prompt_index"] for s in shards])
     elif "class_label" in shards[0]:
-        group = torch.cat([s["class_label"] for s in shards])
+        cond = torch.cat([s["class_label"] for s in shards])
     else:
-        group = index // m
+        cond = torch.zeros_like(index)
     order = torch.argsort(index)
-    return index[order], group[order]
+    index, cond = index[order], cond[order]
+    seen: dict[int, int] = {}
+    ids: dict[tuple[int, int], int] = {}
+    group = torch.empty_like(index)
+    for row, c in enumerate(cond.tolist()):
+        j = seen.get(c, 0)
+        seen[c] = j + 1
+        group[row] = ids.setdefault((c, j // m), len(ids))
+    return index, group
 
 
 def _samples(run_dir: Path, sample_stage: str) -> Tensor:

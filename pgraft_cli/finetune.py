@@ -237,27 +237,34 @@ def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
 
 
 def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: RunStore, bar: Any,
-                 stage_name: str = STAGE, round_index: int = 1) -> dict[str, Any]:
+                 stage_name: str = STAGE, round_index: int = 1, barrier: Any = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one round's fine-tune; leaves ``model`` composed and tuned.
 
     Each optimizer step draws its batch, noise and times from a generator seeded by
     ``(seed, round, step, micro-batch, process)``, and the state (weights, EMA, optimizer moments)
     is checkpointed in safetensors every ``checkpoint_every`` steps, so a resumed run continues
-    bit for bit. accelerate drives the device, gradient accumulation and mixed precision.
+    bit for bit (in float32 and bf16; fp16's loss-scaler state is not checkpointed). accelerate
+    places and wraps the model (DDP under ``accelerate launch``); autocast and accumulation are here.
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file, save_file
 
     if cfg.mixed_precision == "fp16" and model.device.type == "cpu":
         raise PgraftError("finetune.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
+    if model.dtype != torch.float32:
+        raise PgraftError(f"fine-tuning keeps float32 master weights, but the model is loaded as {model.dtype}; "
+                          f"set model.dtype = float32 and finetune.mixed_precision = bf16 (or fp16 on a GPU) for speed")
     if cfg.target == "renoise":
         y, t_c = kept.x0, 0.0  # the alternative reading: re-noise the final samples, train at t > c only
     else:
         y, t_c = kept.y, kept.t_c
     lora = cfg.lora_rank > 0
     config = {**asdict(cfg), "round": round_index, "t_c": t_c}
-    config.pop("rounds")
+    for unrelated in ("rounds", "checkpoint_every"):  # they do not change this round's weights
+        config.pop(unrelated)
     stage = store.stage(stage_name, config, {"model": model.identity, "kept": kept.digest()})
+    if barrier is not None:
+        barrier()  # the main process may have cleared a stale stage; the others wait for that
     network = prepare_tuning(model, cfg)
     named = trainable(network, lora)
     params = [p for _, p in named]
@@ -284,7 +291,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         ema = {n: ema_state[n].to(p.device) for n, p in named}
     # accelerate places the model and wraps it for several processes (DDP); mixed precision and
     # accumulation are done here, per call, because accelerate fixes them once per process.
-    accelerator = Accelerator(device_placement=False)
+    accelerator = Accelerator(device_placement=False, mixed_precision="no")  # not the launcher's: see above
     if lora:
         set_lora_enabled(network, True)  # sampling may have left it switched off
     net, opt = accelerator.prepare(network, opt)
@@ -309,8 +316,9 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(net):
                 with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-                    pred = model.predict(x_t.to(device, dtype), t.to(device), cond, network=net)
-                loss = finetune_loss(pred, target.to(device), kernel_weight(schedule, t, t_c).to(device))
+                    pred = model.predict(x_t.to(device, dtype), t.to(device, torch.float32), cond, network=net)
+                weight = kernel_weight(schedule, t, t_c).to(device, torch.float32)
+                loss = finetune_loss(pred, target.to(device, torch.float32), weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
         scaler.unscale_(opt)
@@ -320,9 +328,10 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         scaler.update()
         opt.zero_grad(set_to_none=True)
         if cfg.ema > 0:
+            decay = min(cfg.ema, (1 + step) / (10 + step))  # warm-up: early weights do not dominate a short run
             with torch.no_grad():
                 for n, p in named:
-                    ema[n].lerp_(p.detach(), 1.0 - cfg.ema)
+                    ema[n].lerp_(p.detach(), 1.0 - decay)
         losses.append(round(total, 6))
         bar.advance(task, 1)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and store.is_main:
@@ -446,6 +455,23 @@ def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
             set_lora_enabled(model.network, True)
 
 
+def check_groups(model: LoadedModel, recipe: Any, cond: Any) -> None:
+    """Before sampling anything: top-K of M needs ``sample.num`` to fill whole groups of m per prompt."""
+    if recipe.filter.rule == "threshold":
+        return
+    m, num = recipe.filter.m, recipe.sample.num
+    per = 1
+    if model.conditioning == "text":
+        per = len(cond.prompts or [""])
+    elif model.conditioning == "class" and cond.class_label is None:
+        per = model.num_classes or 1
+    if num % (m * per):
+        what = {1: ""}.get(per, f" x {per} {'prompts' if model.conditioning == 'text' else 'classes'}")
+        fix = -(-num // (m * per)) * m * per
+        raise PgraftError(f"filter.rule {recipe.filter.rule} keeps the best of every group of m = {m} samples of a "
+                          f"prompt, so sample.num ({num}) must be a multiple of {m}{what}; use --set sample.num={fix}")
+
+
 def main_first(store: RunStore, barrier: Any, fn: Any) -> Any:
     """Run ``fn`` on the main process, then (after a barrier) on the others, which find it done."""
     if barrier is None:
@@ -477,6 +503,7 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
     from .score import reward_stats, run_score
 
     cfg = recipe.finetune
+    check_groups(model, recipe, cond)
     model.base_identity = model.base_identity or model.identity
     rounds = []
     for r in range(1, cfg.rounds + 1):
@@ -488,7 +515,7 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
         summary = main_first(store, barrier, lambda: run_filter(store, recipe.filter, names["sample"], names["score"],
                                                                 names["filter"]))
         kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
-        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r)
+        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier)
         model.identity = tuned_identity(model)
         fid = None
         if fid_of is not None and store.is_main:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .samplers import NoiseSchedule
+from .samplers import NoiseSchedule, above_cutoff
 
 Conditioning = Literal["none", "class", "text"]
 
@@ -139,7 +139,7 @@ class LoadedModel:
 
         With a LoRA fine-tune this switches the adapter on (t > cutoff) or off (t <= cutoff).
         """
-        above = bool(torch.all(torch.as_tensor(t) > self.cutoff))
+        above = bool(torch.all(above_cutoff(t, self.cutoff)))
         if self.tuned is not None:
             return self.tuned if above else self.network
         if self.lora:

@@ -158,6 +158,18 @@ class NoiseSchedule:
         return a * x0 + s * eps
 
 
+CUTOFF_TOL = 1e-9
+
+
+def above_cutoff(t: Tensor, cutoff: float) -> Tensor:
+    """``t > cutoff`` with a float tolerance: a grid time that rounds onto the cutoff counts as *at* it.
+
+    The one rule for where a P-GRAFT hand-over happens: the sampler captures the state at the first
+    grid time that is not above the cutoff, and the base model runs from there (``network_at``).
+    """
+    return torch.as_tensor(t, dtype=torch.float64) > cutoff + CUTOFF_TOL
+
+
 def _rows(v: Tensor, x: Tensor) -> Tensor:
     """A 0-d or per-row (B,) coefficient shaped to broadcast against ``x`` (B, ...)."""
     v = v.to(device=x.device, dtype=x.dtype)
@@ -181,7 +193,7 @@ def sample(
     captured = None
     capture_index = None
     if capture_at is not None:
-        capture_index = int(torch.nonzero(grid <= capture_at + 1e-12)[0])
+        capture_index = int(torch.nonzero(~above_cutoff(grid, capture_at))[0])
         if capture_index == 0:
             captured = (x.clone(), float(grid[0]))
     for k in range(len(grid) - 1):

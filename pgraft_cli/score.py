@@ -54,7 +54,7 @@ def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sampl
     sample_key = stage_key_of(store, sample_stage)
     sample_shards = sorted((store.root / sample_stage).glob("shard-*.safetensors"))
     prompts = sample_prompts(store.root, sample_stage)
-    stage = store.stage(stage_name, {"reward": reward.spec, "batch_size": reward.batch_size},
+    stage = store.stage(stage_name, {"reward": reward.spec},
                         {"sample": sample_key, "reward_identity": getattr(reward, "identity", reward.spec)},
                         num_shards=len(sample_shards))
     if barrier is not None:

@@ -231,3 +231,45 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
     cfg = FinetuneConfig(cutoff=0.5, steps=1, batch_size=2, mixed_precision="fp16")
     with RunStore(tmp_path / "r") as store, progress(False) as bar, pytest.raises(PgraftError, match="bf16"):
         run_finetune(load_model("digits"), _kept(4), cfg, store, bar)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_the_hand_over_happens_at_the_captured_state_even_when_a_grid_time_rounds_onto_the_cutoff(shift):
+    from pgraft_cli.samplers import above_cutoff
+
+    sched = NoiseSchedule.flow(shift=shift)
+    for steps in range(1, 41):
+        grid = sched.grid(steps)
+        for c in (0.15, 0.25, 0.3, 0.35, 0.5):
+            _, (x_c, t_c) = sample(lambda x, t: torch.zeros_like(x), sched, torch.zeros(1, 1), grid, capture_at=c)
+            k = int((grid == t_c).nonzero()[0])
+            # the tuned model runs exactly the steps before the captured state, the base all after
+            assert bool(above_cutoff(grid[:k], c).all()) and not bool(above_cutoff(grid[k:], c).any())
+
+
+def test_top_k_groups_are_runs_of_m_samples_of_one_class(tmp_path):
+    from safetensors.torch import save_file
+
+    from pgraft_cli.filter import sample_groups
+
+    (tmp_path / "sample").mkdir()
+    idx = torch.arange(12)
+    save_file({"index": idx, "class_label": idx % 3}, str(tmp_path / "sample" / "shard-00000.safetensors"))
+    index, group = sample_groups(tmp_path, "sample", m=2)
+    assert torch.equal(index, idx)
+    for g in group.unique():
+        members = idx[group == g]
+        assert len(members) == 2 and len(set((members % 3).tolist())) == 1
+    assert len(group.unique()) == 6
+
+
+def test_a_sample_count_that_does_not_fill_groups_fails_before_sampling(tmp_path):
+    from pgraft_cli.errors import PgraftError
+    from pgraft_cli.finetune import run_rounds
+    from pgraft_cli.recipes import load_recipe
+    from pgraft_cli.sample import Conditions
+
+    rec = load_recipe("pgraft", ["sample.num=30", "filter.m=4"])
+    with RunStore(tmp_path / "r") as store, progress(False) as bar, pytest.raises(PgraftError, match="sample.num=32"):
+        run_rounds(load_model("digits"), rec, None, Conditions(), store, bar)
+    assert not (tmp_path / "r" / "sample").exists()
