@@ -81,7 +81,24 @@ def main() -> None:
                    help="training targets to compare (default: intermediate; renoise adds c = 0.5 renoise)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "runs" / "pgraft")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="print one table from the results.json of several runs (e.g. seeds run in parallel) and exit")
     args = p.parse_args()
+    if args.merge:
+        merged: dict[str, dict] = {}
+        for path in args.merge:
+            data = json.loads(path.read_text())
+            for row in data["rows"]:
+                if row["method"] in merged and not row["method"].startswith("real"):
+                    merged[row["method"]]["seeds"] += row["seeds"]
+                else:
+                    merged.setdefault(row["method"], row)
+            for k, v in data["args"].items():
+                if k not in ("seeds", "out", "merge"):
+                    setattr(args, k, type(getattr(args, k))(v) if not isinstance(getattr(args, k), list) else v)
+        args.seeds = [0] * len(next(r for r in merged.values() if r["method"] == "base")["seeds"])
+        print_table(list(merged.values()), args)
+        return
     targets = args.target or ["intermediate"]
 
     reward = parse_reward(f"classifier:digits:{args.digit}")

@@ -441,7 +441,7 @@ def filter_(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Keep scored samples by a rejection rule and show the tilt it applies (PAPER.md section 1).
+    """Keep scored samples by a rejection rule and show the tilt it applies (GRAFT, arXiv 2510.02692).
 
     Prints how many were kept, the reward distribution before and after (a histogram) and the
     reshaped reward rhat = log P(accept | F(r)) of the rule.

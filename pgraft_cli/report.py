@@ -494,7 +494,7 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
         ax2.set_ylim(-0.03, 1.03)
         sections.append(("Reshaped reward", _plot(
             fig, "reshaped reward curve",
-            "the tilt the rule applies: kept samples follow p(x) exp(rhat(x)) (PAPER.md section 1)")))
+            "the tilt the rule applies: kept samples follow p(x) exp(rhat(x)) (GRAFT, arXiv 2510.02692)")))
 
     # reward and FID per round
     base, tuned = s.get("base") or {}, s.get("tuned") or {}
