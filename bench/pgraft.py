@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="print one table from the results.json of several runs (e.g. seeds run in parallel) and exit")
     args = p.parse_args()
-    if args.merge:
+    if args.merge:  # one table from several runs' results.json (seeds run in parallel)
         merged: dict[str, dict] = {}
         for path in args.merge:
             data = json.loads(path.read_text())
@@ -93,11 +93,7 @@ def main() -> None:
                     merged[row["method"]]["seeds"] += row["seeds"]
                 else:
                     merged.setdefault(row["method"], row)
-            for k, v in data["args"].items():
-                if k not in ("seeds", "out", "merge"):
-                    setattr(args, k, type(getattr(args, k))(v) if not isinstance(getattr(args, k), list) else v)
-        args.seeds = [0] * len(next(r for r in merged.values() if r["method"] == "base")["seeds"])
-        print_table(list(merged.values()), args)
+        print_table(list(merged.values()), data["args"])
         return
     targets = args.target or ["intermediate"]
 
@@ -143,7 +139,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "rows": rows}, indent=2))
-    print_table(rows, args)
+    print_table(rows, {k: str(v) for k, v in vars(args).items()})
 
 
 def _ms(values: list[float], digits: int = 3) -> str:
@@ -155,7 +151,8 @@ def _ms(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+def print_table(rows: list[dict], a: dict[str, str]) -> None:
+    """The markdown table (mean +- std over seeds); ``a`` holds the run's arguments as strings."""
     header = ["method", "reward (log p)", "target %", "FID (class)", "diversity"]
     lines = [header]
     for r in rows:
@@ -166,8 +163,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print("\n".join(out))
-    print(f"\n{len(args.seeds)} seeds; per method {args.rounds} rounds x {args.num} trajectories ({args.sample_steps} "
-          f"Euler steps), top 1 of 4, {args.steps} steps x batch {args.batch} at lr {args.lr}; {args.eval_num} "
+    seeds = len(next(r for r in rows if r["method"] == "base")["seeds"])
+    print(f"\n{seeds} seeds; per method {a['rounds']} rounds x {a['num']} trajectories ({a['sample_steps']} "
+          f"Euler steps), top 1 of 4, {a['steps']} steps x batch {a['batch']} at lr {a['lr']}; {a['eval_num']} "
           f"evaluation samples; torch {torch.__version__}.")
 
 

@@ -141,6 +141,47 @@ def run_cli(args: argparse.Namespace, num: int, env: dict) -> tuple[float, dict]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+DIFFUSERS_SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+from PIL import Image
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+folder, out, num, steps, batch, seed = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:7])
+unet = UNet2DModel.from_pretrained(folder).eval()
+scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+out.mkdir(parents=True, exist_ok=True)
+g = torch.Generator().manual_seed(seed)
+tic = time.perf_counter()
+with torch.inference_mode():
+    for start in range(0, num, batch):
+        size = unet.config.sample_size
+        x = torch.randn((min(batch, num - start), unet.config.in_channels, size, size), generator=g)
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        images = ((x + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+        for i, im in enumerate(images):
+            Image.fromarray(im[0].numpy()).save(out / f"{start + i:05d}.png")
+print(time.perf_counter() - tic)
+"""
+
+
+def run_diffusers_script(args: argparse.Namespace, folder: Path, num: int, env: dict) -> tuple[float, float]:
+    """The plain diffusers equivalent of ``pgraft sample`` as a script: load, sample, write PNGs."""
+    tmp = Path(tempfile.mkdtemp(prefix="pgraft-bench-"))
+    try:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), str(tmp / "png"), str(num),
+                               str(args.steps), str(args.batch), str(args.seed)], capture_output=True, text=True,
+                              env=env, cwd=tmp)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"the diffusers script failed:\n{proc.stderr[-3000:]}")
+        return wall, float(proc.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -257,8 +298,14 @@ def main() -> None:
     print("\nwarm-up ...", flush=True)
     for make in factories.values():
         make(2)(noise, 0, min(args.batch, args.num))
-    if not args.no_cli:
+    folder = Path(tempfile.mkdtemp(prefix="pgraft-bench-model-"))
+    if not args.no_cli:  # the same network as a diffusers model folder, for the plain script
+        unet.save_pretrained(str(folder))
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).save_pretrained(str(folder / "scheduler"))
         run_cli(argparse.Namespace(**{**vars(args), "steps": 2}), min(args.batch, args.num), env)
+        run_diffusers_script(argparse.Namespace(**{**vars(args), "steps": 2}), folder, min(args.batch, args.num), env)
 
     # Each round: every in-process method samples all `num` images, interleaved batch by batch
     # (the order rotates from batch to batch), so a burst of load from elsewhere hits every method
@@ -268,13 +315,19 @@ def main() -> None:
     names = list(methods)
     times: dict[str, list[float]] = {name: [] for name in methods}
     cli_wall: list[float] = []
+    script_wall: list[float] = []
+    script_loop: list[float] = []
     cli_json: list[dict] = []
 
     def cli_round(r: int) -> None:
         wall, summary = run_cli(args, args.num, env)
         cli_wall.append(wall)
         cli_json.append(summary)
-        print(f"  round {r + 1}: pgraft sample CLI: {wall:.2f}s wall, {summary['seconds']:.2f}s sampling", flush=True)
+        s_wall, s_loop = run_diffusers_script(args, folder, args.num, env)
+        script_wall.append(s_wall)
+        script_loop.append(s_loop)
+        print(f"  round {r + 1}: pgraft sample CLI: {wall:.2f}s wall, {summary['seconds']:.2f}s sampling; "
+              f"diffusers script: {s_wall:.2f}s wall, {s_loop:.2f}s sampling + PNGs", flush=True)
 
     for r in range(args.repeats):
         cli_first = not args.no_cli and r % 2 == 1
@@ -301,6 +354,10 @@ def main() -> None:
         rows.append({"method": name, "steps": args.steps, "batch": args.batch, "images": args.num,
                      "seconds": s, "ips": args.num / s, "ratio": (args.num / s) / base_ips})
     if cli_wall:
+        s = statistics.median(script_wall)
+        rows.append({"method": "diffusers script in a subprocess, wall clock (load, sample, PNGs)", "steps": args.steps,
+                     "batch": args.batch, "images": args.num, "seconds": s, "ips": args.num / s,
+                     "ratio": (args.num / s) / base_ips})
         s = statistics.median(cli_wall)
         rows.append({"method": f"pgraft sample CLI (lane = {args.lane}), wall clock", "steps": args.steps,
                      "batch": args.batch, "images": args.num, "seconds": s, "ips": args.num / s,
