@@ -81,3 +81,31 @@ def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tin
     _, plain, _ = flops_per_image(model, 3, guidance_scale=1.0)
     _, guided, _ = flops_per_image(model, 3, guidance_scale=5.0)
     assert guided == 2 * plain
+
+
+class _TinyInception(torch.nn.Module):
+    """Stands in for clean-fid's TorchScript Inception: same call signature, tiny network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.conv(x / 255.0).mean(dim=(2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # clean-fid ships TorchScript; torch deprecates it
+def test_inception_features_from_a_local_torchscript_file(tmp_path):
+    from pgraft_cli.errors import PgraftError
+    from pgraft_cli.evaluate import pick_features
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(_TinyInception()), str(path))
+    feats = pick_features("auto", (1, 16, 16), str(path))  # weights given: Inception even for digits
+    assert feats.name == "inception:inception-2015-12-05.pt"
+    out = feats(torch.rand(5, 1, 16, 16))
+    assert out.shape == (5, 8)
+    with pytest.raises(PgraftError, match="no such file"):
+        pick_features("inception", (3, 32, 32), str(tmp_path / "missing.pt"))
+    with pytest.raises(PgraftError, match="1x16x16"):
+        pick_features("classifier", (3, 32, 32), None)
