@@ -125,3 +125,15 @@ def test_accelerate_two_processes_match_one(tmp_path):
         with safe_open(str(tmp_path / "r2" / "sample" / f"shard-{k:05d}.safetensors"), "pt") as f:
             writers.append(f.metadata()["pgraft.process"])
     assert writers == ["0/2", "1/2", "0/2"]
+
+
+def test_the_cli_tunes_glibc_malloc_where_it_can():
+    import platform
+
+    from pgraft_cli.cli import tune_allocator
+
+    applied = tune_allocator()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied is False
