@@ -7,7 +7,6 @@ explicit flags), opens the run store and calls the stage function from its own m
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -379,12 +378,15 @@ def _open_run(run_dir: Path) -> Any:
     return RunStore(run_dir)
 
 
-def _reward(spec: str, device: str = "cpu") -> Any:
+def _reward(spec: str, device: str = "cpu", batch_size: Optional[int] = None) -> Any:
     from .rewards import parse_reward
 
     if not spec:
         raise PgraftError("no reward given; pass --reward NAME[:ARGS] (e.g. --reward classifier:digits:3) or set score.reward")
-    return parse_reward(spec, device=device)
+    reward = parse_reward(spec, device=device)
+    if batch_size is not None:
+        reward.batch_size = batch_size
+    return reward
 
 
 @app.command()
@@ -411,8 +413,7 @@ def score(
     from .ui import progress
 
     rec = _resolve_recipe(recipe, set_, score__reward=reward)
-    rew = _reward(rec.score.reward)
-    rew.batch_size = rec.score.batch_size
+    rew = _reward(rec.score.reward, batch_size=rec.score.batch_size)
     score_stage = stage.replace("sample", "score", 1)
     with _open_run(run_dir) as store, progress(not (quiet or as_json)) as bar:
         rewards = run_score(store, rew, bar, stage, score_stage)
@@ -524,13 +525,12 @@ def finetune(
     cond = Conditions(prompts=_prompts(prompt, prompts) or None)
     state = _state(rec, device)
     loaded = _load(model, config, kind, allow_pickle, rec)
-    if loaded.corrector is not None or loaded.tuned is not None or loaded.lora:
+    if loaded.corrector is not None or loaded.finetuned:
         raise PgraftError(f"{model} is a corrected or fine-tuned file; pass its base model to fine-tune")
     check_conditions(loaded, cond)
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
-    rew = _reward(rec.score.reward, dev)
-    rew.batch_size = rec.score.batch_size
+    rew = _reward(rec.score.reward, dev, rec.score.batch_size)
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
     if data or loaded.default_data:
@@ -822,7 +822,7 @@ def evaluate(
         if not state.is_main_process:
             return
         metrics = {**metrics, "model": loaded.source, "data": data_id, "run_dir": str(store.root),
-                   "corrected": loaded.corrector is not None, "finetuned": loaded.tuned is not None or loaded.lora,
+                   "corrected": loaded.corrector is not None, "finetuned": loaded.finetuned,
                    "cutoff": loaded.cutoff}
         store.write_json("evaluate.json", metrics)
     seconds = time.perf_counter() - tic

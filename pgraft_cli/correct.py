@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from .errors import PgraftError
 from .models import Cond, LoadedModel
 from .recipes import CorrectConfig
-from .runstore import RunStore, load_training_state, save_training_state
+from .runstore import RunStore, derive_seed, load_training_state, save_training_state
 from .samplers import NoiseSchedule, invert, sample
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +134,7 @@ def run_invert(model: LoadedModel, images: Tensor, data_id: str, cfg: CorrectCon
         for k in todo:
             chunk = x0[k * size:(k + 1) * size]
             if cfg.data_noise > 0:  # the paper's LSUN trick: tiny noise makes inversion stable
-                g = torch.Generator().manual_seed(_seed(cfg.seed, "data-noise", k))
+                g = torch.Generator().manual_seed(derive_seed(cfg.seed, "data-noise", k))
                 chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
             noises, recon, iters = [], [], 0
             with torch.inference_mode():
@@ -177,11 +176,6 @@ def run_invert(model: LoadedModel, images: Tensor, data_id: str, cfg: CorrectCon
 # Stage 2: training the corrector
 
 
-def _seed(seed: int, *parts: Any) -> int:
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def flow_matching_loss(network: nn.Module, z: Tensor, e: Tensor, t: Tensor) -> Tensor:
     """``E |v(x_t, t) - (e - z)|^2`` with ``x_t = (1 - t) z + t e``: N(0, I) at t = 1, data z at t = 0."""
     tt = t.view(-1, *([1] * (z.ndim - 1)))
@@ -221,7 +215,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         task = bar.add_task("training corrector", total=cfg.corrector_train_steps, completed=start, unit="step")
         network.train()
         for step in range(start, cfg.corrector_train_steps):
-            g = torch.Generator().manual_seed(_seed(cfg.seed, "corrector-step", step))
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
             idx = torch.randint(0, len(data), (cfg.corrector_batch_size,), generator=g)
             e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
             t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)

@@ -9,7 +9,6 @@ FLOPs are **measured** with ``torch.utils.flop_counter`` on the actual modules, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -17,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import PgraftError
 from .samplers import above_cutoff
@@ -175,8 +174,8 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> tupl
     # A fine-tuned model runs its tuned network (or LoRA adapter) above the cutoff and the base
     # below: count each grid time with the network that really runs there.
     times = model.schedule.grid(steps)[:-1]
-    cutoff = getattr(model, "cutoff", 0.0)
-    above = int(above_cutoff(times, cutoff).sum()) if (getattr(model, "tuned", None) is not None or getattr(model, "lora", False)) else 0
+    cutoff = model.cutoff
+    above = int(above_cutoff(times, cutoff).sum()) if model.finetuned else 0
     base = measure_flops(lambda: model.predict(x, torch.tensor(min(cutoff, 0.5), dtype=torch.float64), cond))
     nfe, total = steps, (steps - above) * base
     parts = {"base_call": base}
@@ -223,7 +222,8 @@ def evaluate_model(model: Any, real: Optional[Tensor], sample_cfg: Any, features
         out.update(distances(features(images), ref, kid_subsets=kid_subsets))
     if reward is not None:
         prompts, _ = cond.for_indices(model, list(range(len(images))))
-        scores = reward(images, prompts)
-        out.update({"reward": reward.spec, "reward_mean": float(scores.mean()),
-                    "reward_std": float(scores.std()) if len(scores) > 1 else 0.0})
+        from .score import reward_stats
+
+        stats = reward_stats(reward(images, prompts))
+        out.update({"reward": reward.spec, "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"]})
     return out

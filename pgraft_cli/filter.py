@@ -20,6 +20,7 @@ from .errors import PgraftError
 from .recipes import FilterConfig
 from .runstore import RunStore, atomic_path
 from .score import load_rewards, stage_key_of
+from .sample import stage_tensors
 from .selection import select, summarize, threshold_value
 
 STAGE = "filter"
@@ -32,18 +33,9 @@ def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Ten
     group ``j // m``, so ``sample.num = m x prompts`` gives each prompt one group of m, and more
     samples give each prompt several.
     """
-    from safetensors.torch import load_file
-
-    shards = [load_file(str(p)) for p in sorted((Path(run_dir) / sample_stage).glob("shard-*.safetensors"))]
-    index = torch.cat([s["index"] for s in shards])
-    if "prompt_index" in shards[0]:
-        cond = torch.cat([s["prompt_index"] for s in shards])
-    elif "class_label" in shards[0]:
-        cond = torch.cat([s["class_label"] for s in shards])
-    else:
-        cond = torch.zeros_like(index)
-    order = torch.argsort(index)
-    index, cond = index[order], cond[order]
+    found = stage_tensors(run_dir, sample_stage, "index", "prompt_index", "class_label")
+    index = found["index"]
+    cond = found.get("prompt_index", found.get("class_label", torch.zeros_like(index)))
     seen: dict[int, int] = {}
     ids: dict[tuple[int, int], int] = {}
     group = torch.empty_like(index)
@@ -52,14 +44,6 @@ def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Ten
         seen[c] = j + 1
         group[row] = ids.setdefault((c, j // m), len(ids))
     return index, group
-
-
-def _samples(run_dir: Path, sample_stage: str) -> Tensor:
-    from safetensors.torch import load_file
-
-    shards = [load_file(str(p)) for p in sorted((Path(run_dir) / sample_stage).glob("shard-*.safetensors"))]
-    index = torch.cat([s["index"] for s in shards])
-    return torch.cat([s["samples"] for s in shards])[torch.argsort(index)]
 
 
 def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample", score_stage: str = "score",
@@ -76,14 +60,15 @@ def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample",
         g_index, groups = sample_groups(store.root, sample_stage, cfg.m)
         if not torch.equal(index, g_index):
             raise PgraftError(f"the score stage of {store.root} does not cover the sample stage; re-run `pgraft score`")
-        samples = _samples(store.root, sample_stage) if cfg.dedup else None
+        samples = stage_tensors(store.root, sample_stage, "samples")["samples"] if cfg.dedup else None
         rule = cfg.rule
         keep = select(rule, rewards, groups, k=cfg.k if rule == "top_k" else 1, m=cfg.m, threshold=cfg.threshold,
                       quantile=cfg.quantile, dedup=cfg.dedup, samples=samples, dedup_tol=cfg.dedup_tol)
         if not bool(keep.any()):
             raise PgraftError(f"filter rule {rule} kept no samples; lower filter.threshold or filter.quantile")
-        summary = summarize(rewards, keep, rule, rule_params(cfg, rewards)).to_dict()
-        summary["rule"], summary["params"] = rule, rule_params(cfg, rewards)
+        params = rule_params(cfg, rewards)
+        summary = summarize(rewards, keep, rule, params).to_dict()
+        summary["rule"], summary["params"] = rule, params
         stage.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(kept_path) as tmp:
             save_file({"index": index, "keep": keep.to(torch.bool), "reward": rewards.double(),
@@ -103,12 +88,12 @@ def rule_params(cfg: FilterConfig, rewards: Tensor) -> dict[str, Any]:
     return {"threshold": threshold_value(rewards, value=cfg.threshold, quantile=cfg.quantile)}
 
 
-def load_kept(run_dir: Path, stage_name: str = STAGE) -> tuple[Tensor, Tensor]:
-    """``(index of kept samples, their rewards)`` of a filter stage."""
+def load_kept(run_dir: Path, stage_name: str = STAGE) -> Tensor:
+    """The indices of the samples a filter stage kept."""
     from safetensors.torch import load_file
 
     path = Path(run_dir) / stage_name / "kept.safetensors"
     if not path.is_file():
         raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft filter {run_dir}` first")
     kept = load_file(str(path))
-    return kept["index"][kept["keep"]], kept["reward"][kept["keep"]]
+    return kept["index"][kept["keep"]]

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import PgraftError
 from .models import Cond, LoadedModel, set_lora_enabled
 from .recipes import FinetuneConfig
-from .runstore import RunStore, load_training_state, save_training_state
+from .runstore import RunStore, derive_seed, load_training_state, save_training_state
 from .samplers import NoiseSchedule, _rows
 
 STAGE = "finetune"
@@ -129,30 +128,25 @@ class KeptSet:
 
 def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: float) -> KeptSet:
     """The kept samples of a filter stage: states at the cutoff (P-GRAFT) or final samples (GRAFT)."""
-    from safetensors.torch import load_file
-
     from .filter import load_kept
+    from .sample import stage_tensors
     from .score import sample_prompts
 
-    keep_index, _ = load_kept(run_dir, filter_stage)
-    shards = [load_file(str(p)) for p in sorted((Path(run_dir) / sample_stage).glob("shard-*.safetensors"))]
-    index = torch.cat([s["index"] for s in shards])
-    pos = {int(i): n for n, i in enumerate(index)}
-    rows = torch.tensor([pos[int(i)] for i in keep_index], dtype=torch.long)
-    x0 = torch.cat([s["samples"] for s in shards])[rows]
+    rows = load_kept(run_dir, filter_stage)  # sample indices are 0..num-1, in shard order
+    found = stage_tensors(run_dir, sample_stage, "samples", "captured", "captured_t", "class_label", "prompt_index")
+    x0 = found["samples"][rows]
     if cutoff > 0:
-        if "captured" not in shards[0]:
+        if "captured" not in found:
             raise PgraftError(f"the sample stage of {run_dir} did not capture states at the cutoff; sample with "
                               f"--capture-at {cutoff}")
-        y = torch.cat([s["captured"] for s in shards])[rows]
-        t_c = float(shards[0]["captured_t"][0])
+        y, t_c = found["captured"][rows], float(found["captured_t"][0])
     else:
         y, t_c = x0, 0.0
-    labels = torch.cat([s["class_label"] for s in shards])[rows] if "class_label" in shards[0] else None
+    labels = found["class_label"][rows] if "class_label" in found else None
     prompts = None
-    if "prompt_index" in shards[0]:
+    if "prompt_index" in found:
         all_prompts = sample_prompts(run_dir, sample_stage) or [""]
-        prompts = [all_prompts[int(i)] for i in torch.cat([s["prompt_index"] for s in shards])[rows]]
+        prompts = [all_prompts[int(i)] for i in found["prompt_index"][rows]]
     return KeptSet(y.float(), t_c, x0.float(), labels, prompts)
 
 
@@ -212,11 +206,6 @@ def trainable(network: nn.Module, lora: bool) -> list[tuple[str, nn.Parameter]]:
     else:
         network.requires_grad_(True)
     return [(n, p) for n, p in network.named_parameters() if p.requires_grad]
-
-
-def _seed(*parts: Any) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -307,7 +296,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
             group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.learning_rate
         total = 0.0
         for micro in range(cfg.grad_accum):
-            g = torch.Generator().manual_seed(_seed(cfg.seed, round_index, step, micro, rank))
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, step, micro, rank))
             idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
             e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)
             t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)

@@ -70,6 +70,11 @@ class LoadedModel:
 
     # -- description ----------------------------------------------------------------------------
     @property
+    def finetuned(self) -> bool:
+        """A composed fine-tune: a tuned network or a LoRA adapter above the cutoff."""
+        return self.tuned is not None or self.lora
+
+    @property
     def family(self) -> str:
         return self.schedule.family
 

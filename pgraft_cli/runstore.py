@@ -289,6 +289,12 @@ class StageRun:
 # Training state (corrector, fine-tune): safetensors, never pickle
 
 
+def derive_seed(*parts: Any) -> int:
+    """A generator seed from a tuple (run seed, purpose, step ...): a resumed stage draws the same."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def save_training_state(path: Path | str, model_state: dict[str, Any], ema_state: dict[str, Any],
                         params: list[Any], opt: Any, step: int, losses: list[float]) -> None:
     """Weights, EMA weights and the optimizer's per-parameter moments of ``params``, atomically."""

@@ -204,11 +204,21 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
 
 
 def iter_shards(run_dir: Path, stage_name: str = STAGE) -> list[dict[str, Tensor]]:
-    """A sample stage's shards of a run directory, in index order."""
+    """A stage's shards of a run directory, in index order (shard k holds the k-th run of indices)."""
     from safetensors.torch import load_file
 
     paths = sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors"))
     return [load_file(str(p)) for p in paths]
+
+
+def stage_tensors(run_dir: Path, stage_name: str, *keys: str) -> dict[str, Tensor]:
+    """The named tensors of a stage, concatenated over its shards in index order.
+
+    Keys the shards do not hold (``captured`` without ``--capture-at``, ``class_label`` of an
+    unconditional model ...) are left out of the result.
+    """
+    shards = iter_shards(run_dir, stage_name)
+    return {k: torch.cat([s[k] for s in shards]) for k in keys if shards and k in shards[0]}
 
 
 def shard_seconds(run_dir: Path, stage_name: str = STAGE) -> float:

@@ -87,24 +87,16 @@ def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sampl
 
 def load_rewards(run_dir: Path, stage_name: str = STAGE) -> tuple[Tensor, Tensor]:
     """``(index, reward)`` of a score stage, in index order."""
-    from safetensors.torch import load_file
+    from .sample import stage_tensors
 
-    paths = sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors"))
-    if not paths:
+    found = stage_tensors(run_dir, stage_name, "index", "reward")
+    if not found:
         raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft score {run_dir} --reward R` first")
-    shards = [load_file(str(p)) for p in paths]
-    index = torch.cat([s["index"] for s in shards])
-    order = torch.argsort(index)
-    return index[order], torch.cat([s["reward"] for s in shards])[order]
+    return found["index"], found["reward"]
 
 
 def reward_stats(rewards: Tensor) -> dict[str, float]:
     r = rewards.double()
     return {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
             "num": int(len(r))}
-
-
-def score_images(reward: Any, images: Tensor, prompts: Optional[list[str]] = None) -> dict[str, float]:
-    """Mean and spread of a reward over images (``evaluate --reward``)."""
-    return reward_stats(reward(images, prompts))
 
