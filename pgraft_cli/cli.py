@@ -56,9 +56,10 @@ def _gates_verdict(results: list[Any], quiet: bool) -> None:
     """One stderr line per failed gate and exit 1; a single note when all held."""
     from rich.text import Text
 
+    from .gates import failed as failed_gates
     from .ui import err, note
 
-    failed = [r for r in results if r.failed]
+    failed = failed_gates(results)
     for r in failed:
         err.print(Text(r.line, style="bold red"), soft_wrap=True)
     if failed:
@@ -562,7 +563,7 @@ def finetune(
         metrics["reward"], metrics["data"] = rew.spec, data_id
         target = out or store.root / "tuned.safetensors"
         save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
-        store.write_json("finetune/summary.json", {**metrics, "out": str(target),
+        store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,
                                                    "history": history})
     seconds = time.perf_counter() - tic
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,

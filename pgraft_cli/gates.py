@@ -22,9 +22,11 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 ALIASES = {"reward": "reward_mean"}
 # Every name a gate may use; which of them a run has depends on the verb (see :func:`gate_metrics`).
-METRICS = ("fid", "kid", "reward_mean", "reward_std", "nfe", "flops_per_image", "seconds_per_image", "num", "steps",
-           "reconstruction_rms_mean", "reconstruction_rms_max", "reconstruction_abs_max", "noise_mean", "noise_std",
-           "noise_norm_mean")
+_SAMPLER = ("fid", "kid", "nfe", "flops_per_image", "seconds_per_image", "num", "steps")
+_REWARD = ("reward_mean", "reward_std")
+_INVERSION = ("reconstruction_rms_mean", "reconstruction_rms_max", "reconstruction_abs_max", "noise_mean", "noise_std",
+              "noise_norm_mean")
+METRICS = (*_SAMPLER, *_REWARD, *_INVERSION)
 SYNTAX = 'NAME OP NUMBER with OP one of > >= < <= == != (e.g. --fail-if "fid>12" --fail-if "reward<0.5")'
 _GATE = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>[^<>=!\s]+)\s*$")
 
@@ -88,17 +90,12 @@ def parse_gate(text: str) -> Gate:
     return Gate(text, name, match["op"], value)
 
 
-_SAMPLER = ("fid", "kid", "nfe", "flops_per_image", "seconds_per_image", "num", "steps")
-_INVERSION = ("reconstruction_rms_mean", "reconstruction_rms_max", "reconstruction_abs_max", "noise_mean", "noise_std",
-              "noise_norm_mean")
-
-
 def gate_names(verb: str, reward: bool = True) -> set[str]:
     """The names a verb's gates can read: ``correct`` has no reward, ``evaluate`` one only with --reward."""
-    result = set(_SAMPLER) | ({"reward_mean", "reward_std"} if reward and verb != "correct" else set())
+    result = set(_SAMPLER) | (set(_REWARD) if reward and verb != "correct" else set())
+    base = {f"base.{n}" for n in result} if verb != "evaluate" else set()  # before the inversion-only names
     if verb == "correct":
         result |= set(_INVERSION)
-    base = {f"base.{n}" for n in result if n in _SAMPLER or n.startswith("reward")} if verb != "evaluate" else set()
     return result | base
 
 

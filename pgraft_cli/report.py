@@ -30,7 +30,8 @@ import numpy as np
 
 from . import __version__
 from .errors import PgraftError
-from .runstore import MANIFEST, atomic_write_text, sha256_file
+from .runstore import MANIFEST, RunStore, atomic_write_text, sha256_file
+from .ui import fmt_bytes
 
 REPORT = "report.html"
 PROVENANCE = "provenance.json"
@@ -213,12 +214,6 @@ def _table(header: list[str], rows: list[list[Any]], attrs: str = "") -> str:
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def fmt_bytes(n: Optional[int]) -> str:
-    from .ui import fmt_bytes as fmt
-
-    return fmt(n)
-
-
 # Metric columns of the table: (key, header, format, lower is better?)
 METRIC_COLUMNS = (
     ("fid", "FID", lambda v: f"{v:.3f}", True),
@@ -281,18 +276,21 @@ def _grids(run_dir: Path, pairs: list[tuple[str, str]]) -> str:
     common = set(loaded[0][2].tolist())
     for x in loaded[1:]:
         common &= set(x[2].tolist())
-    settings = _json(run_dir / loaded[0][1] / "settings.json") or {}
-    prompts = settings.get("prompts") or (settings.get("conditions") or {}).get("prompts")
-    seed = settings.get("seed")
+    from .score import sample_prompts
+
+    prompts = sample_prompts(run_dir, loaded[0][1])
+    seed = (_json(run_dir / loaded[0][1] / "settings.json") or {}).get("seed")
     seed_note = f"seed {seed}, images {min(common)}..{max(common)}" if common else ""
     if prompts:
         rows = []
         for i in sorted(common)[:PROMPT_ROWS]:
             cells = []
-            for _, _, index, images, prompt_index in loaded:
+            for _, _, index, images, _ in loaded:
                 j = int(np.nonzero(index == i)[0][0])
                 cells.append(f"<td>{_img(_grid_png(images[j:j + 1], cols=1, cell=128), f'image {i}')}</td>")
-                p = prompts[int(prompt_index[j])] if prompt_index is not None else prompts[i % len(prompts)]
+            _, _, index, _, prompt_index = loaded[0]  # the same index has the same prompt in every stage
+            j = int(np.nonzero(index == i)[0][0])
+            p = prompts[int(prompt_index[j])] if prompt_index is not None else prompts[i % len(prompts)]
             rows.append(f'<tr><td>{i}</td><td class="l">{_e(p)}</td>{"".join(cells)}</tr>')
         head = "".join(f"<th>{_e(label)}</th>" for label, *_ in loaded)
         return (f'<p class="note">{_e(seed_note)}</p><table class="prompts"><thead><tr><th>#</th>'
@@ -429,16 +427,6 @@ def _f(v: Any, digits: int = 4) -> str:
 # GRAFT / P-GRAFT
 
 
-def _acceptance_params(filt: dict[str, Any]) -> dict[str, Any]:
-    """The keywords of :func:`selection.reshaped_reward` for a filter summary."""
-    rule, params = filt["rule"], filt.get("params") or {}
-    if rule == "top_k":
-        return {"k": params["k"], "m": params["m"]}
-    if rule == "best_of_n":
-        return {"n": params.get("n", params.get("m"))}
-    return {"F_tau": 1.0 - float(filt.get("expected_kept_fraction") or filt.get("kept_fraction") or 0.0)}
-
-
 def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> list[tuple[str, str]]:
     sections = []
     history = s.get("history") or []
@@ -470,7 +458,7 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
         from .selection import reshaped_reward
 
         r0, f0 = filters[-1]
-        acc = _acceptance_params(f0)
+        acc = f0["acceptance"]
         F = np.linspace(1e-4, 1 - 1e-4, 400)
         rhat = reshaped_reward(f0["rule"], F, **acc).numpy()
         fig, (ax1, ax2) = _figure(8.8, 3.4, ncols=2)
@@ -545,19 +533,22 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
 
 
 def _cutoff_timeline(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> str:
-    from .samplers import NoiseSchedule
+    import torch
 
-    cutoff = float(s.get("cutoff", (recipe.get("finetune") or {}).get("cutoff", 0.0)) or 0.0)
+    from .samplers import NoiseSchedule, above_cutoff
+
+    cutoff = s["cutoff"]
     settings = _json(run_dir / "evaluate-tuned" / "settings.json") or _json(run_dir / "sample" / "settings.json") or {}
     steps = int(settings.get("steps") or (recipe.get("sample") or {}).get("steps") or 16)
     family = settings.get("family", "flow")
     schedule = NoiseSchedule.flow(shift=float(settings.get("shift") or 1.0)) if family == "flow" \
         else NoiseSchedule.diffusion(settings.get("prediction_type") or "epsilon")
     grid = schedule.grid(steps).numpy()
-    tuned_steps = int((grid[:-1] > cutoff).sum())
+    above = above_cutoff(torch.from_numpy(grid), cutoff).numpy()  # the sampler's own hand-over rule
+    tuned_steps = int(above[:-1].sum())
     fig, ax = _figure(9.0, 1.9)
     for k in range(steps):
-        colour = "#8250df" if grid[k] > cutoff else "#57606a"
+        colour = "#8250df" if above[k] else "#57606a"
         ax.plot([grid[k], grid[k + 1]], [0, 0], color=colour, lw=7, solid_capstyle="butt")
     ax.scatter(grid, np.zeros_like(grid), color="white", edgecolor="black", zorder=3, s=22)
     if cutoff > 0:
@@ -583,9 +574,9 @@ def _cutoff_timeline(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -
 # Provenance
 
 
-def _provenance_section(run_dir: Path, manifest: dict[str, Any], prov: dict[str, Any], kind: str) -> str:
+def _provenance_section(run_dir: Path, manifest: dict[str, Any], prov: dict[str, Any], entry: dict[str, Any],
+                        kind: str) -> str:
     parts = []
-    entry = prov.get(kind) or (next(iter(prov.values())) if prov else {})
     vers = entry.get("versions")
     note = ""
     if not vers:
@@ -656,15 +647,16 @@ def render_report(run_dir: Path | str, run: Optional[dict[str, Any]] = None) -> 
     merged into ``RUN/provenance.json`` first so later re-renders show them too.
     """
     run_dir = Path(run_dir)
-    manifest = _json(run_dir / MANIFEST)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
-        raise PgraftError(f"{run_dir} is not a pgraft run directory (no valid {MANIFEST}); pass the --run-dir of a run")
+    if not (run_dir / MANIFEST).is_file():
+        raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a run")
+    manifest = RunStore(run_dir, is_main=False).read_manifest()
     kind = run_kind(run_dir)
     if run:
         run = dict(run)
-        record_run(run_dir, run.pop("verb", kind), **run)
-    prov = _json(run_dir / PROVENANCE) or {}
-    entry = prov.get(kind) or {}
+        prov = record_run(run_dir, run.pop("verb", kind), **run)
+    else:
+        prov = _json(run_dir / PROVENANCE) or {}
+    entry = prov.get(kind) or (next(iter(prov.values())) if prov else {})
     recipe = _recipe_dict(run_dir)
 
     sections: list[tuple[str, str]] = []
@@ -679,8 +671,7 @@ def render_report(run_dir: Path | str, run: Optional[dict[str, Any]] = None) -> 
         out = s.get("out")
     elif kind == "finetune":
         s = _json(run_dir / "finetune" / "summary.json") or {}
-        cutoff = float(s.get("cutoff", (recipe.get("finetune") or {}).get("cutoff", 0.0)) or 0.0)
-        s["cutoff"] = cutoff
+        cutoff = s["cutoff"]
         title = f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'} fine-tuning (cutoff {cutoff:g})"
         rows = [("base", "base", s["base"]), ("tuned", "tuned", s["tuned"])]
         pairs = [("base", "evaluate-base"), ("tuned", "evaluate-tuned")]
@@ -722,7 +713,7 @@ def render_report(run_dir: Path | str, run: Optional[dict[str, Any]] = None) -> 
         sections += _finetune_sections(run_dir, s, recipe)
     for heading, content in sections:
         body.append(f"<h2>{_e(heading)}</h2>{content}")
-    body.append("<h2>Provenance</h2>" + _provenance_section(run_dir, manifest, prov, kind))
+    body.append("<h2>Provenance</h2>" + _provenance_section(run_dir, manifest, prov, entry, kind))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(title)} · pgraft</title><style>{_CSS}</style></head>"

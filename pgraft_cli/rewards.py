@@ -108,8 +108,9 @@ def _as_scores(value: Any, n: int, spec: str) -> Tensor:
     if tuple(scores.shape) != (n,):
         raise RewardError(f"reward {spec} returned shape {tuple(scores.shape)} for {n} images; "
                           f"return one score per image, shape ({n},)")
-    if torch.isnan(scores).any():
-        raise RewardError(f"reward {spec} returned NaN scores; fix the reward so every image gets a number")
+    if not torch.isfinite(scores).all():
+        raise RewardError(f"reward {spec} returned NaN or infinite scores; fix the reward so every image gets a "
+                          f"finite number")
     return scores
 
 
@@ -164,9 +165,10 @@ def _require(module: str, install: str) -> Any:
 
 def _to_pil(images: Tensor) -> list[Any]:
     """Images in [0, 1] (N, C, H, W) as 8-bit PIL images (mode L for grey, RGB for colour)."""
+    from .sample import to_uint8  # the same quantisation as the PNGs pgraft writes
+
     Image = _require("PIL.Image", "pillow")
-    arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).numpy()
+    arr = to_uint8(images.detach().float().cpu()).numpy()
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
@@ -280,14 +282,13 @@ def _local_folder(args: Optional[str], env: str, spec: str, example: str) -> Opt
 
 
 def _load_pretrained(cls: Any, path: Path, spec: str, **kwargs: Any) -> Any:
-    from .checkpoints import _quiet_loading
+    from .checkpoints import _quiet_loading, _short
 
     try:
         with _quiet_loading():
             return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise RewardError(f"reward {spec}: cannot load {cls.__name__} from {path} ({first}); "
+        raise RewardError(f"reward {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
                           f"pass a folder saved with save_pretrained") from None
 
 

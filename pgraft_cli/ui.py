@@ -111,13 +111,10 @@ def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
     """rhat at a few CDF values for the rule used (PAPER.md section 1), for the terminal."""
     from .selection import reshaped_reward
 
-    rule, params = summary["rule"], summary.get("params", {})
-    if rule == "top_k":
-        acc = {"k": params["k"], "m": params["m"]}
-    elif rule == "best_of_n":
-        acc = {"n": params.get("n", params.get("m"))}
-    else:
-        return []  # threshold: 0 above tau, -inf below
+    rule = summary["rule"]
+    if rule == "threshold":
+        return []  # 0 above tau, -inf below
+    acc = summary["acceptance"]
     import torch
 
     points = [0.1, 0.25, 0.5, 0.75, 0.9]
