@@ -3,6 +3,13 @@
 - ``digits``: scikit-learn's copy of the UCI handwritten digits (1797 images, 8x8, values 0..16),
   shipped inside scikit-learn, so nothing is downloaded. Resize rule: scale to [0, 1] by /16, then
   bilinear up-sampling to 16x16 (``align_corners=False``), one grey channel.
+- ``digits-train`` / ``digits-judge`` / ``digits-test``: a fixed, disjoint 60 / 20 / 20 % split of
+  ``digits`` (1078 / 359 / 360 images), stratified by label. Rule (``digits_split``): within each
+  label, images are ordered by ``sha256(f"pgraft-digits-split:{index}")`` (index into scikit-learn's
+  order); the first ``round(0.6 n)`` go to train, the next ``round(0.2 n)`` to judge, the rest to
+  test. It uses no random generator, so it is the same on every machine and library version. The
+  bundled flow and reward classifier are trained on ``digits-train``, the judge classifier on
+  ``digits-judge``; ``digits-test`` is held out for FID.
 - a folder of ``.png``/``.jpg``/``.jpeg``/``.webp`` images (sorted by name). Resize rule: convert to
   the model's channels (L or RGB), resize so the shorter side equals the model's size (bicubic,
   PIL), then centre-crop to a square of that size.
@@ -25,27 +32,56 @@ from .errors import PgraftError
 
 DIGITS_SIZE = 16
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-ALIASES = ("digits",)
+DIGITS_SPLITS = {"train": 0.6, "judge": 0.2, "test": 0.2}
+ALIASES = ("digits", *(f"digits-{name}" for name in DIGITS_SPLITS))
 
 
-def load_digits(size: int = DIGITS_SIZE) -> tuple[Tensor, Tensor]:
-    """scikit-learn's digits as images in [0, 1], shape (1797, 1, size, size), and their labels."""
+def digits_split(labels: Tensor, split: str) -> Tensor:
+    """Indices (ascending) of one split of the digits: per label, hash order, 60 / 20 / 20 %.
+
+    Within each label with ``n`` images, ordered by ``sha256(f"pgraft-digits-split:{index}")``: the
+    first ``round(0.6 n)`` are ``train``, the next ``round(0.2 n)`` ``judge``, the rest ``test``.
+    """
+    import hashlib
+
+    if split not in DIGITS_SPLITS:
+        raise PgraftError(f"unknown digits split {split!r}; pick one of {', '.join(DIGITS_SPLITS)}")
+    picked: list[int] = []
+    for label in sorted(set(labels.tolist())):
+        members = sorted((i for i in range(len(labels)) if int(labels[i]) == label),
+                         key=lambda i: hashlib.sha256(f"pgraft-digits-split:{i}".encode()).hexdigest())
+        n_train, n_judge = round(DIGITS_SPLITS["train"] * len(members)), round(DIGITS_SPLITS["judge"] * len(members))
+        bounds = {"train": (0, n_train), "judge": (n_train, n_train + n_judge), "test": (n_train + n_judge, len(members))}
+        lo, hi = bounds[split]
+        picked += members[lo:hi]
+    return torch.tensor(sorted(picked), dtype=torch.long)
+
+
+def load_digits(size: int = DIGITS_SIZE, split: str | None = None) -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits as images in [0, 1], shape (N, 1, size, size), and their labels.
+
+    ``split=None`` gives all 1797 images; ``train``/``judge``/``test`` one part of ``digits_split``.
+    """
     from sklearn.datasets import load_digits as _load
 
     bunch = _load()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return images.clamp(0.0, 1.0), torch.tensor(bunch.target, dtype=torch.long)
+    images, labels = images.clamp(0.0, 1.0), torch.tensor(bunch.target, dtype=torch.long)
+    if split is None:
+        return images, labels
+    keep = digits_split(labels, split)
+    return images[keep], labels[keep]
 
 
 def load_data(spec: str, shape: tuple[int, int, int]) -> Tensor:
     """Images in [0, 1] of the given (C, H, W) from a ``--data`` spec (see the module doc)."""
     channels, height, width = shape
-    if spec == "digits":
-        images, _ = load_digits(size=height)
+    if spec in ALIASES:
+        images, _ = load_digits(size=height, split=spec.partition("-")[2] or None)
         if (channels, height, width) != (1, height, height):
-            raise PgraftError(f"--data digits gives 1 x {height} x {height} grey images, but the model "
+            raise PgraftError(f"--data {spec} gives 1 x {height} x {height} grey images, but the model "
                               f"makes {channels} x {height} x {width}; pass data of the model's shape")
         return images
     path = Path(spec).expanduser()
