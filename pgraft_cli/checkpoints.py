@@ -162,12 +162,27 @@ def _conditioning(model_class: str, config: dict[str, Any]) -> tuple[str, Option
     return "none", None
 
 
+def _null_class(metadata: dict[str, str], conditioning: str, num_classes: Optional[int], source: str) -> Optional[int]:
+    """The "no class" label of a class model trained with label dropout (``pgraft.null_class``).
+
+    It must be the last class embedding (as DiT's class 1000), so the real classes stay 0..K-1.
+    """
+    value = metadata.get("pgraft.null_class")
+    if value is None or conditioning != "class":
+        return None
+    if not value.isdigit() or int(value) != (num_classes or 0) - 1:
+        raise ModelLoadError(f"{source}: pgraft.null_class = {value!r} must be the last class index "
+                             f"({(num_classes or 0) - 1}); re-save the model with that null class")
+    return int(value)
+
+
 def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any],
               scheduler_config: dict[str, Any], kind: str, source: str, source_kind: str,
               identity: str, pipeline: Any = None, metadata: Optional[dict[str, str]] = None) -> LoadedModel:
     network.eval().requires_grad_(False)
     conditioning, num_classes = _conditioning(model_class, model_config)
     metadata = metadata or {}
+    null_class = _null_class(metadata, conditioning, num_classes, source)
     provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
     if conditioning == "text" and pipeline is None:
         raise ModelLoadError(
@@ -185,7 +200,8 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
         source=source,
         source_kind=source_kind,
         identity=identity,
-        num_classes=num_classes,
+        num_classes=null_class if null_class is not None else num_classes,
+        null_class=null_class,
         pipeline=pipeline,
         provenance=provenance,
         metadata=metadata,
@@ -580,7 +596,8 @@ def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
         tuning = json.loads(meta["pgraft.finetune"])
         metrics = json.loads(meta.get("pgraft.metrics", "null")) or {}
         return {"kind": "finetune", "cutoff": tuning["cutoff"], "lora": tuning.get("lora"),
-                "target": tuning.get("target"), "base_identity": model.base_identity,
+                "target": tuning.get("target"), "tuned_guidance": model.tuned_guidance,
+                "base_identity": model.base_identity,
                 "reward": metrics.get("reward"),
                 "reward_mean": {k: metrics[k].get("reward_mean") for k in ("base", "tuned") if k in metrics}}
     return None

@@ -171,6 +171,7 @@ def inspect(
         lora = comp["lora"]
         rows.append(("fine-tune", f"cutoff {comp['cutoff']} (tuned for t in (c, 1], base for [0, c]); "
                                   + (f"LoRA rank {lora['rank']}" if lora else "full weights")
+                                  + f"; tuned segment guidance: {comp['tuned_guidance']}"
                                   + f"; reward {comp['reward']}: {comp['reward_mean']}"))
     elif comp:
         rows.append(("corrector", f"{comp['corrector']} ({comp['corrector_steps']} steps) -> base at "
@@ -203,7 +204,7 @@ def sample(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line.")] = None,
     class_label: Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")] = None,
     capture_at: Annotated[Optional[float], typer.Option("--capture-at", help="Also store each trajectory's state at this noise level (P-GRAFT's cutoff).")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models and class models with a null class.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected checkpoint, if not where it was.")] = None,
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,

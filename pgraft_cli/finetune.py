@@ -186,7 +186,7 @@ def set_lora_state(network: nn.Module, state: dict[str, Tensor]) -> None:
 
 def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
     """Make ``model`` a composed model and return the network to train (tuned copy, or the LoRA host)."""
-    model.cutoff = cfg.cutoff
+    model.cutoff, model.tuned_guidance = cfg.cutoff, cfg.tuned_guidance
     if cfg.lora_rank > 0:
         if not model.lora:
             with torch.random.fork_rng(devices=[]):  # a seeded adapter init: reruns are reproducible
@@ -216,6 +216,7 @@ def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.O
 
 
 def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
+    """The batch's conditioning, unguided: training fits the conditional branch only (see models.py)."""
     labels = kept.class_labels[idx].tolist() if kept.class_labels is not None else None
     prompts = [kept.prompts[i] for i in idx.tolist()] if kept.prompts is not None else None
     return model.encode(prompts, labels, guidance_scale=1.0)
@@ -249,7 +250,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         y, t_c = kept.y, kept.t_c
     lora = cfg.lora_rank > 0
     config = {**asdict(cfg), "round": round_index, "t_c": t_c}
-    for unrelated in ("rounds", "checkpoint_every"):  # they do not change this round's weights
+    for unrelated in ("rounds", "checkpoint_every", "tuned_guidance"):  # they do not change this round's weights
         config.pop(unrelated)
     stage = store.stage(stage_name, config, {"model": model.identity, "kept": kept.digest()})
     if barrier is not None:
@@ -352,7 +353,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
 
 def tuned_identity(model: LoadedModel) -> str:
     """A hash of the composed model's weights that differ from the base (tuned net or adapter)."""
-    h = hashlib.sha256(f"{model.base_identity or model.identity}:{model.cutoff}".encode())
+    h = hashlib.sha256(f"{model.base_identity or model.identity}:{model.cutoff}:{model.tuned_guidance}".encode())
     state = lora_state(model.network) if model.lora else (model.tuned.state_dict() if model.tuned is not None else {})
     for k in sorted(state):
         h.update(k.encode())
@@ -369,7 +370,7 @@ def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, An
     """Full tuned weights or the LoRA adapter, with the cutoff, base identity, recipe and rewards."""
     from .checkpoints import save_pgraft_safetensors
 
-    tuning = {"cutoff": model.cutoff, "lora": None, "target": cfg.target}
+    tuning = {"cutoff": model.cutoff, "lora": None, "target": cfg.target, "tuned_guidance": model.tuned_guidance}
     if model.lora:
         tuning["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
                           "target_modules": sorted(model.network.peft_config[LORA_ADAPTER].target_modules)}
@@ -406,6 +407,7 @@ def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: boo
     cutoff = float(tuning["cutoff"])
     model = load_base_for(path, info, base, kind, allow_pickle)
     model.cutoff = cutoff
+    model.tuned_guidance = tuning.get("tuned_guidance", "reapply")  # files written before the key: reapply
     if tuning.get("lora"):
         lora = tuning["lora"]
         add_lora(model.network, lora["rank"], lora["alpha"], lora["target_modules"])

@@ -3,7 +3,12 @@
 pgraft does not wrap diffusers in a second hierarchy. :class:`LoadedModel` only records what the
 sampler needs to call a diffusers network in pgraft's time convention (see ``samplers.py``):
 ``predict(x, t, cond)`` returns the network's native prediction, with classifier-free guidance for
-text models, and ``decode`` turns a final model-space sample into images in [0, 1].
+text models and for class-conditional models trained with a null class (``guided``), and ``decode``
+turns a final model-space sample into images in [0, 1].
+
+Guidance and fine-tunes (docs/guidance.md): kept samples are drawn with guidance and the tuned
+network learns their distribution on its conditional branch, so ``tuned_guidance = "none"`` runs the
+tuned segment above the cutoff unguided (one call per step); ``"reapply"`` guides it again.
 """
 
 from __future__ import annotations
@@ -67,12 +72,22 @@ class LoadedModel:
     tuned: Optional[nn.Module] = None
     lora: bool = False
     cutoff: float = 0.0
+    # How the tuned segment is guided (FinetuneConfig.tuned_guidance); files without it: "reapply".
+    tuned_guidance: str = "reapply"
+    # A class-conditional UNet trained with label dropout: the class index that means "no class"
+    # (file metadata ``pgraft.null_class``); it enables classifier-free guidance for class models.
+    null_class: Optional[int] = None
 
     # -- description ----------------------------------------------------------------------------
     @property
     def finetuned(self) -> bool:
         """A composed fine-tune: a tuned network or a LoRA adapter above the cutoff."""
         return self.tuned is not None or self.lora
+
+    @property
+    def guided(self) -> bool:
+        """Whether ``guidance_scale`` applies: text models, and class models with a null class."""
+        return self.conditioning == "text" or (self.conditioning == "class" and self.null_class is not None)
 
     @property
     def family(self) -> str:
@@ -123,7 +138,8 @@ class LoadedModel:
         device = self.device
         if self.conditioning == "class":
             assert class_labels is not None
-            return Cond(class_labels=torch.tensor(class_labels, device=device, dtype=torch.long))
+            return Cond(class_labels=torch.tensor(class_labels, device=device, dtype=torch.long),
+                        guidance_scale=guidance_scale if self.null_class is not None else 1.0)
         if self.conditioning != "text":
             return Cond()
         assert prompts is not None and self.pipeline is not None
@@ -165,23 +181,35 @@ class LoadedModel:
         # Learned-variance UNets predict (mean, variance) stacked on channels; keep the mean part.
         return out[:, : x.shape[1]]
 
+    def guidance_at(self, t: Tensor, cond: Cond) -> float:
+        """The guidance scale at time t: ``cond.guidance_scale``, except 1 (the conditional branch
+        alone) on the tuned segment ``t > cutoff`` of a fine-tune with ``tuned_guidance = "none"``."""
+        if self.finetuned and self.tuned_guidance == "none" and bool(torch.all(above_cutoff(t, self.cutoff))):
+            return 1.0
+        return cond.guidance_scale
+
     def predict(self, x: Tensor, t: Tensor, cond: Cond, network: Optional[nn.Module] = None) -> Tensor:
-        """The network's native prediction at time t, guided for text models.
+        """The network's native prediction at time t, with classifier-free guidance where ``guided``.
 
         ``t`` is a 0-d tensor (sampling) or one time per row (training). ``network`` overrides the
-        network that runs (training passes the one it trains); by default ``network_at(t)``.
+        network that runs (training passes the one it trains); by default ``network_at(t)``. With
+        scale w > 1 (``guidance_at``) it is ``uncond + w (cond - uncond)``: two calls, one batch.
         """
         net = network if network is not None else self.network_at(t)
         timestep = self.schedule.timestep(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
-        if self.conditioning != "text":
-            return self._call(x, timestep, cond, None, None, net)
-        if cond.guidance_scale <= 1.0:
+        scale = self.guidance_at(t, cond)
+        if not self.guided or scale <= 1.0:
             return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled, net)
-        embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
-        pooled = torch.cat([cond.negative_pooled, cond.pooled]) if cond.pooled is not None else None
-        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), cond, embeds, pooled, net)
-        uncond, text = both.chunk(2)
-        return uncond + cond.guidance_scale * (text - uncond)
+        pair, embeds, pooled = cond, None, None
+        if self.conditioning == "class":  # the null class is the unconditional branch
+            null = torch.full_like(cond.class_labels, self.null_class)
+            pair = Cond(class_labels=torch.cat([null, cond.class_labels]))
+        else:
+            embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+            pooled = torch.cat([cond.negative_pooled, cond.pooled]) if cond.pooled is not None else None
+        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), pair, embeds, pooled, net)
+        uncond, conditional = both.chunk(2)
+        return uncond + scale * (conditional - uncond)
 
     # -- model space <-> images -----------------------------------------------------------------
     @torch.no_grad()

@@ -115,6 +115,10 @@ class FinetuneConfig:
     from c; ``"renoise"`` re-noises the kept final samples and trains only at t > c.
     ``lora_rank`` 0 fine-tunes all weights; > 0 trains a LoRA adapter (needs peft) that is switched
     off at c. ``ema`` 0 disables the EMA of the weights; ``grad_accum`` micro-batches per step.
+    ``tuned_guidance``: kept samples are drawn with classifier-free guidance and the tuned network
+    learns them on its conditional branch, so ``"none"`` samples the tuned segment unguided (one
+    network call per step; the base below c keeps ``sample.guidance_scale``) and ``"reapply"``
+    guides it again (docs/guidance.md). Unguided models are unaffected.
     """
 
     cutoff: float = 0.0
@@ -132,6 +136,7 @@ class FinetuneConfig:
     lora_rank: int = 0
     lora_alpha: float = 0.0
     target: Literal["intermediate", "renoise"] = "intermediate"
+    tuned_guidance: Literal["none", "reapply"] = "none"
     checkpoint_every: int = 50
     seed: int = 0
 

@@ -109,7 +109,7 @@ def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dic
     """Everything that determines the shards: the images (see the module doc) and their layout."""
     return {
         "num": cfg.num, "seed": cfg.seed, "steps": cfg.steps, "lane": cfg.lane,
-        "batch_size": cfg.batch_size, "guidance_scale": cfg.guidance_scale if model.conditioning == "text" else None,
+        "batch_size": cfg.batch_size, "guidance_scale": cfg.guidance_scale if model.guided else None,
         "capture_at": cfg.capture_at, "family": model.family, "prediction_type": model.schedule.prediction_type,
         "grid": "flow-euler" if model.family == "flow" else "ddim-trailing", "shift": model.schedule.shift,
         "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,

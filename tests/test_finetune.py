@@ -273,3 +273,149 @@ def test_a_sample_count_that_does_not_fill_groups_fails_before_sampling(tmp_path
     with RunStore(tmp_path / "r") as store, progress(False) as bar, pytest.raises(PgraftError, match="sample.num=32"):
         run_rounds(load_model("digits"), rec, None, Conditions(), store, bar)
     assert not (tmp_path / "r" / "sample").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Guidance on the tuned segment (docs/guidance.md)
+
+
+def _composed_text_model(tiny_sd_dir, tuned_guidance):
+    import copy
+
+    model = load_model(str(tiny_sd_dir))
+    model.tuned = copy.deepcopy(model.network)
+    with torch.no_grad():  # a tuned network that visibly differs from the base
+        for p in model.tuned.parameters():
+            p.mul_(0.9)
+    model.cutoff, model.tuned_guidance = 0.5, tuned_guidance
+    return model
+
+
+def _record_calls(network, calls, name):
+    def hook(module, args, kwargs):
+        calls.append((name, args[0].shape[0], kwargs["encoder_hidden_states"].clone()))
+
+    network.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_unguided_tuned_segment_makes_one_conditional_call_per_step(tiny_sd_dir):
+    model = _composed_text_model(tiny_sd_dir, "none")
+    calls = []
+    _record_calls(model.tuned, calls, "tuned")
+    _record_calls(model.network, calls, "base")
+    cond = model.encode(["a red cube"], None, guidance_scale=3.0)
+    noise = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # DDIM trailing grid .999 .749 | .499 .249: two steps each side
+        sample(lambda x, t: model.predict(x, t, cond), model.schedule, noise, model.schedule.grid(4))
+    assert [(name, batch) for name, batch, _ in calls] == [("tuned", 1), ("tuned", 1), ("base", 2), ("base", 2)]
+    for name, _, embeds in calls:  # the tuned network never sees the unconditional (negative) prompt
+        want = cond.prompt_embeds if name == "tuned" else torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+        assert torch.equal(embeds, want)
+
+
+def test_flops_count_one_call_per_tuned_step_without_guidance_and_two_when_reapplied(tiny_sd_dir):
+    from pgraft_cli.evaluate import flops_per_image
+
+    parts = {g: flops_per_image(_composed_text_model(tiny_sd_dir, g), 4, 3.0)["flops_calls"] for g in ("none", "reapply")}
+    assert parts["none"]["tuned_steps"] == parts["reapply"]["tuned_steps"] == 2
+    assert parts["none"]["base_call"] == parts["reapply"]["base_call"] == parts["reapply"]["tuned_call"]
+    assert 2 * parts["none"]["tuned_call"] == parts["reapply"]["tuned_call"]
+
+
+def test_reapplied_guidance_reproduces_the_guided_composed_sampler_bit_for_bit(tiny_sd_dir):
+    # The sampler before tuned_guidance existed: uncond + w (cond - uncond) from one doubled batch,
+    # with whichever network runs at t; "reapply" must give exactly its outputs.
+    model = _composed_text_model(tiny_sd_dir, "reapply")
+    cond = model.encode(["a red cube", "two cats"], None, guidance_scale=4.0)
+    embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+
+    def guided(x, t):
+        net = model.network_at(t)
+        timestep = model.schedule.timestep(t).to(dtype=x.dtype).expand(2 * x.shape[0])
+        uncond, text = net(torch.cat([x, x]), timestep, encoder_hidden_states=embeds).sample.chunk(2)
+        return uncond + 4.0 * (text - uncond)
+
+    noise = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(3))
+    grid = model.schedule.grid(4)
+    with torch.inference_mode():
+        want, _ = sample(guided, model.schedule, noise, grid)
+        got, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, noise, grid)
+        model.tuned_guidance = "none"
+        unguided, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, noise, grid)
+    assert torch.equal(got, want)
+    assert not torch.equal(unguided, want)
+
+
+def _null_class_model(tmp_path):
+    from pgraft_cli.checkpoints import save_pgraft_safetensors
+
+    from conftest import build_scheduler, build_tiny_unet
+
+    net = build_tiny_unet(num_class_embeds=4)
+    path = tmp_path / "classes.safetensors"
+    save_pgraft_safetensors(path, net, "UNet2DModel", dict(net.config), dict(build_scheduler("flow").config), {},
+                            extra={"pgraft.null_class": "3"})
+    return path
+
+
+def test_a_class_model_with_a_null_class_is_guided_against_it(tmp_path):
+    model = load_model(str(_null_class_model(tmp_path)))
+    assert model.guided and model.null_class == 3 and model.num_classes == 3  # classes 0..2 stay real
+    x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(0.6, dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    with torch.inference_mode():
+        guided = model.predict(x, t, model.encode(None, [0, 2], guidance_scale=2.5))
+        ts = model.schedule.timestep(t).to(x.dtype).expand(2)
+        uncond = model.network(x, ts, class_labels=torch.full_like(labels, 3)).sample
+        conditional = model.network(x, ts, class_labels=labels).sample
+    assert torch.allclose(guided, uncond + 2.5 * (conditional - uncond), atol=1e-5)
+
+
+def test_a_null_class_that_is_not_the_last_class_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pgraft_cli.errors import ModelLoadError
+    from pgraft_cli.checkpoints import read_safetensors_metadata
+
+    path = _null_class_model(tmp_path)
+    meta = {**read_safetensors_metadata(path), "pgraft.null_class": "1"}
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(ModelLoadError, match="last class index"):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("tuned_guidance", ["none", "reapply"])
+def test_the_tuned_guidance_round_trips_through_the_finetuned_file(tmp_path, tuned_guidance):
+    from pgraft_cli.finetune import base_info_of, prepare_tuning, save_finetuned, tuned_identity
+
+    model = load_model("digits")
+    cfg = FinetuneConfig(cutoff=0.5, tuned_guidance=tuned_guidance)
+    prepare_tuning(model, cfg)
+    assert model.tuned_guidance == tuned_guidance
+    ident = tuned_identity(model)
+    model.tuned_guidance = {"none": "reapply", "reapply": "none"}[tuned_guidance]
+    assert tuned_identity(model) != ident  # the two samplers never share cached samples
+    model.tuned_guidance = tuned_guidance
+    path = save_finetuned(tmp_path / "tuned.safetensors", model, base_info_of(model), cfg, {}, {})
+    loaded = load_model(str(path))
+    assert loaded.finetuned and loaded.cutoff == 0.5 and loaded.tuned_guidance == tuned_guidance
+
+
+def test_a_finetuned_file_without_the_key_reapplies_guidance_as_before(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pgraft_cli.checkpoints import read_safetensors_metadata
+    from pgraft_cli.finetune import base_info_of, prepare_tuning, save_finetuned
+
+    model = load_model("digits")
+    cfg = FinetuneConfig(cutoff=0.5)
+    prepare_tuning(model, cfg)
+    path = save_finetuned(tmp_path / "old.safetensors", model, base_info_of(model), cfg, {}, {})
+    meta = read_safetensors_metadata(path)
+    tuning = json.loads(meta["pgraft.finetune"])
+    del tuning["tuned_guidance"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "pgraft.finetune": json.dumps(tuning)})
+    assert load_model(str(path)).tuned_guidance == "reapply"
