@@ -64,6 +64,7 @@ class LoadedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     default_data: Optional[str] = None
+    default_eval_data: Optional[str] = None  # held-out data FID is also measured against (pgraft.eval_data)
     corrector: Any = None  # a NoiseCorrector (correct.py) applied to the initial noise, if any
     base_identity: Optional[str] = None  # with a corrector or a fine-tune: the base model's own identity
     # A fine-tune (finetune.py): the tuned network runs t in (cutoff, 1], the base [0, cutoff].
@@ -196,7 +197,8 @@ class LoadedModel:
         scale w > 1 (``guidance_at``) it is ``uncond + w (cond - uncond)``: two calls, one batch.
         """
         net = network if network is not None else self.network_at(t)
-        timestep = self.schedule.timestep(t).to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+        # float32 whatever the model's dtype: bf16 has 8 bits of mantissa and turns 999 into 1000
+        timestep = self.schedule.timestep(t).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
         scale = self.guidance_at(t, cond)
         if not self.guided or scale <= 1.0:
             return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled, net)
