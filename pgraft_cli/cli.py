@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from .errors import PgraftError
+from .errors import OutputPathError, PgraftError
 from .recipes import Recipe, dump_recipe, load_recipe
 
 app = typer.Typer(
@@ -32,19 +32,73 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+# -- output paths: refused before any work -------------------------------------------------------
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse a path whose nearest existing folder is a file or cannot be written to."""
+    import tempfile
+
+    ancestor = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{flag} {path} lies under {ancestor}, which is a file, not a folder; pass another path")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"{flag} {path} cannot be written ({(exc.strerror or str(exc)).lower()} in {ancestor}); "
+                              f"pass a path in a folder you can write to") from None
+
+
+def _folder_path(flag: str) -> Any:
+    """A typer callback for an option naming a folder pgraft writes into."""
+
+    def check(value: Optional[Path]) -> Optional[Path]:
+        if value is not None:
+            if value.exists() and not value.is_dir():
+                raise OutputPathError(f"{flag} {value} is a file, but a folder is expected; pass a folder path")
+            _check_writable(value, flag)
+        return value
+
+    return check
+
+
+def _png_folder(value: Optional[Path]) -> Optional[Path]:
+    """``pgraft sample --out``: a writable folder that holds no images pgraft did not write."""
+    from .sample import check_png_folder
+
+    if _folder_path("--out")(value) is not None:
+        check_png_folder(value)
+    return value
+
+
+def _safetensors_path(value: Optional[Path]) -> Optional[Path]:
+    """``--out`` of a verb that writes one .safetensors file."""
+    if value is not None:
+        if value.is_dir():
+            raise OutputPathError(f"--out {value} is a folder, but a .safetensors file is expected; "
+                                  f"pass a file path such as {value / 'model.safetensors'}")
+        if value.suffix.lower() != ".safetensors":
+            raise OutputPathError(f"--out {value} does not end in .safetensors, the one format pgraft writes; "
+                                  f"pass e.g. {value.with_suffix('.safetensors')}")
+        _check_writable(value, "--out")
+    return value
+
+
 # -- options shared by the verbs -----------------------------------------------------------------
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see recipes/) or path to a .toml file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE",
                                                      help="Override one recipe key; repeatable. Example: --set sample.steps=16")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default: ./pgraft-runs/<verb>-<config hash>); re-running resumes it.")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", callback=_folder_path("--run-dir"), help="Run directory (default: ./pgraft-runs/<verb>-<config hash>); re-running resumes it.")]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Model config (config.json or diffusers folder) for weights that do not describe themselves.")]
 KindOpt = Annotated[Optional[str], typer.Option("--kind", help="Override the detected family: flow or diffusion.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle checkpoints (.ckpt/.pt/.bin), which can run code. Only for files you trust.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars and notes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits). Default: the model's bundled data set.")]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception or classifier (the bundled digits classifier).")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits, digits-train, digits-judge, digits-test). Default: the model's own data set (digits-train for the bundled model).")]
+EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data FID/KID are measured against (the numbers gates see); FID against --data is shown beside it. Default: the model's eval data (digits-test for the bundled model) when --data is not given.")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception, classifier (the bundled digits classifier) or judge (the bundled judge: another architecture trained on another split).")]
 InceptionOpt = Annotated[Optional[str], typer.Option("--inception-weights", help="Local clean-fid Inception TorchScript file (inception-2015-12-05.pt).")]
 FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'METRIC OP NUMBER'",
                                                         help="CI gate, repeatable: exit 1 when it holds, after writing every output. "
@@ -165,6 +219,7 @@ def inspect(
                       + (f", shift={info['shift']}" if info["shift"] not in (None, 1.0) else "") + ")"),
         ("identity", f"sha256:{info['identity'][:16]}…" if len(info["identity"]) == 64 else info["identity"]),
         ("default data", info["default_data"] or "-"),
+        ("default eval data", info["default_eval_data"] or "-"),
     ]
     comp = info.get("composition")
     if comp and comp["kind"] == "finetune":
@@ -199,7 +254,7 @@ def sample(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed; image i depends only on (seed, i).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Solver steps (flow: Euler, diffusion: DDIM).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per shard (a multiple of sample.lane); never changes the images.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the PNGs (00000.png ...) and sampler.json; default RUN_DIR/images.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_png_folder, help="Folder for the PNGs (00000.png ...) and sampler.json; default RUN_DIR/images.")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line.")] = None,
     class_label: Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")] = None,
@@ -477,7 +532,7 @@ def finetune(
     model: Annotated[str, typer.Argument(help="Model to fine-tune (alias, folder, .safetensors or hub id).")],
     reward: RewardOpt = None,
     cutoff: Annotated[Optional[float], typer.Option("--cutoff", help="P-GRAFT cutoff c in [0, 1): the tuned model runs t in (c, 1], the base [0, c]; 0 is GRAFT.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .safetensors (default RUN_DIR/tuned.safetensors).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_safetensors_path, help="Output .safetensors (default RUN_DIR/tuned.safetensors).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
     data: DataOpt = None,
@@ -598,36 +653,59 @@ def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
 
 
 
-def _real_data(loaded: Any, data: Optional[str]) -> tuple[Any, str]:
-    from .data import load_data
+def _real_data(loaded: Any, data: Optional[str], stream: bool = False) -> tuple[Any, str]:
+    """The ``--data`` images (or the model's own data set): all at once, or ``stream``ed in batches."""
+    from .data import iter_data, load_data
 
     spec = data or loaded.default_data
     if not spec:
         raise PgraftError(f"{loaded.source} names no data set of its own; pass --data (an image folder, .npz or alias)")
-    return load_data(spec, loaded.image_shape), spec
+    return (iter_data if stream else load_data)(spec, loaded.image_shape), spec
+
+
+def _references(loaded: Any, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,
+                feats: Any, kid_subsets: int) -> tuple[str, dict[str, Any]]:
+    """FID references by name, the one ``fid``/``kid`` (and gates) use first: ``--eval-data``, else
+    the model's ``default_eval_data`` when ``--data`` is not given, else the data itself."""
+    from .data import iter_data
+    from .evaluate import reference
+
+    spec = eval_data or (None if data else loaded.default_eval_data)
+    refs = {}
+    if spec and spec != data_id:
+        refs[spec] = reference(feats, iter_data(spec, loaded.image_shape), kid_subsets)
+    refs[data_id] = reference(feats, real, kid_subsets)
+    return next(iter(refs)), refs
 
 
 def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Any:
+    from rich.console import Group
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for col in ("sampler", "FID", "KID", "NFE", "GFLOPs/img", "ms/img", "num"):
+    from .evaluate import COST_NOTE
+    from .ui import warning_lines
+
+    table = Table(title=title, title_justify="left", caption=COST_NOTE, caption_justify="left")
+    also = list(rows[0][1].get("also_against") or {})  # FID against further data, e.g. the training data
+    for col in ("sampler", "FID", *(f"FID vs {name}" for name in also), "KID", "NFE", "GFLOPs/img", "ms/img", "num"):
         table.add_column(col, justify="left" if col == "sampler" else "right")
     best = min((r["fid"] for _, r in rows if r.get("fid") is not None), default=None)
     for name, r in rows:
         fid = "-" if r.get("fid") is None else f"{r['fid']:.3f}"
         if r.get("fid") is not None and r["fid"] == best and len(rows) > 1:
             fid = f"[green]{fid}[/green]"
-        table.add_row(name, fid, "-" if r.get("kid") is None else f"{r['kid']:.4f}", str(r["nfe"]),
+        table.add_row(name, fid, *(f"{r['also_against'][a]['fid']:.3f}" for a in also),
+                      "-" if r.get("kid") is None else f"{r['kid']:.4f}", str(r["nfe"]),
                       f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
-    return table
+    return Group(table, *warning_lines(rows))
 
 
 @app.command()
 def correct(
     model: Annotated[str, typer.Argument(help="Pretrained flow model to correct.")],
     data: DataOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .safetensors (default RUN_DIR/corrected.safetensors).")] = None,
+    eval_data: EvalDataOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_safetensors_path, help="Output .safetensors (default RUN_DIR/corrected.safetensors).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps the corrector is fitted for (correct.base_steps).")] = None,
     features: FeaturesOpt = None,
     inception_weights: InceptionOpt = None,
@@ -687,20 +765,22 @@ def correct(
         atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
-            noises, inv = run_invert(loaded, to_invert, data_id, rec.correct, rec.sample.lane, store, bar)
+            noises, inv = run_invert(loaded, to_invert, rec.correct, rec.sample.lane, store, bar)
             corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
                                                   store, bar, device=dev)
             eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                     batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-            real_feats = feats(real)
+            fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
+            also = {k: v for k, v in refs.items() if k != fid_data}
             base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
-                                          rec.evaluate.kid_subsets, real_features=real_feats)
+                                          rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
             loaded.corrector = corrector.to(dev)
             corr_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-corrected",
-                                          rec.evaluate.kid_subsets, real_features=real_feats)
+                                          rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
             loaded.corrector = None
         metrics = {"base": base_metrics, "corrected": corr_metrics, "inversion": inv,
-                   "corrector": {k: v for k, v in info.items() if k != "loss_curve"}, "data": data_id}
+                   "corrector": {k: v for k, v in info.items() if k != "loss_curve"}, "data": data_id,
+                   "fid_data": fid_data}
         target = out or store.root / "corrected.safetensors"
         save_corrected(target, corrector, loaded, metrics, rec.to_dict(),
                        {"run_dir": str(store.root), "device": dev})
@@ -722,7 +802,7 @@ def correct(
 
     console.print(_metrics_table(
         f"inverse noise correction of {loaded.source} ({rec.correct.base_steps} base steps, "
-        f"features {base_metrics['features']})",
+        f"features {base_metrics['features']}, FID against {fid_data})",
         [(f"base ({rec.correct.base_steps} steps)", base_metrics),
          (f"corrected ({corrector.kind}, {corrector.steps} + {rec.correct.base_steps} steps)", corr_metrics)]))
     console.print(f"inversion: reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} "
@@ -740,6 +820,7 @@ def correct(
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model, corrected or tuned checkpoint to evaluate.")],
     data: DataOpt = None,
+    eval_data: EvalDataOpt = None,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of samples (evaluate.num).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps (default: the corrector's, else sample.steps).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (evaluate.seed).")] = None,
@@ -805,7 +886,7 @@ def evaluate(
             raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {rec.evaluate.steps}; "
                               f"pass --steps {loaded.corrector.base_steps} or evaluate the base model")
     eval_steps = rec.evaluate.steps or (loaded.corrector.base_steps if loaded.corrector is not None else rec.sample.steps)
-    real, data_id = _real_data(loaded, data)
+    real, data_id = _real_data(loaded, data, stream=True)  # read batch by batch
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane)
@@ -818,12 +899,14 @@ def evaluate(
             atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
-            metrics = evaluate_model(loaded, real, eval_cfg, feats, store, bar, "sample", rec.evaluate.kid_subsets,
+            fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
+            metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "sample", rec.evaluate.kid_subsets,
+                                     real_features=refs[fid_data], also_against={k: v for k, v in refs.items() if k != fid_data},
                                      cond=cond, reward=rew, process_index=state.process_index, num_processes=state.num_processes,
                                      barrier=state.wait_for_everyone if state.num_processes > 1 else None)
         if not state.is_main_process:
             return
-        metrics = {**metrics, "model": loaded.source, "data": data_id, "run_dir": str(store.root),
+        metrics = {**metrics, "model": loaded.source, "data": data_id, "fid_data": fid_data, "run_dir": str(store.root),
                    "corrected": loaded.corrector is not None, "finetuned": loaded.finetuned,
                    "cutoff": loaded.cutoff}
         store.write_json("evaluate.json", metrics)
@@ -836,7 +919,7 @@ def evaluate(
     elif not quiet:
         from .ui import out as console
 
-        console.print(_metrics_table(f"evaluate {model} against {data_id} (features {metrics['features']})",
+        console.print(_metrics_table(f"evaluate {model} against {fid_data} (features {metrics['features']})",
                                      [(f"{_label(metrics)} ({eval_steps} steps)", metrics)]))
         if rew is not None:
             console.print(f"reward {rew.spec}: mean {metrics['reward_mean']:.4f}, std {metrics['reward_std']:.4f}")
@@ -894,12 +977,18 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+_debug = False  # set by the global --debug flag; main() then prints the traceback above the error line
+
+
 @app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
                                                     help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Print the full traceback above an error line "
+                                                         "(e.g. of an exception inside your own reward function).")] = False,
 ) -> None:
-    pass
+    global _debug
+    _debug = debug
 
 
 def tune_allocator() -> bool:
@@ -926,15 +1015,46 @@ def tune_allocator() -> bool:
 
 
 def main() -> None:
-    """Console-script entry: user mistakes become one ``error:`` line and exit code 2."""
+    """Console-script entry: user mistakes become one ``error:`` line and a non-zero exit, never a traceback.
+
+    A :class:`PgraftError` exits with its code (2), a usage error with click's (2), a refused file
+    operation with 1; ``--debug`` adds the traceback above the line.
+    """
     from .ui import error_line
 
     tune_allocator()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors: an unknown option, a value of the wrong type ...
+        if type(exc).__name__ != "NoArgsIsHelpError":  # (that one: typer has printed the help already)
+            ctx = getattr(exc, "ctx", None)
+            error_line(" ".join(exc.format_message().split()) + (f"; see '{ctx.command_path} --help'" if ctx else ""))
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
     except PgraftError as exc:
+        _show_traceback()
         error_line(str(exc))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except OSError as exc:  # the file system refused: a path, a permission, a full disk
+        _show_traceback()
+        error_line(_os_error_line(exc))
+        sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C into exit code 130
         error_line("interrupted; run the same command again to resume from the last finished shard")
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_traceback() -> None:
+    """Under --debug, the traceback of the exception being handled (with its cause) on stderr."""
+    if _debug:
+        import traceback
+
+        traceback.print_exc()
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` of a refused file operation, with what to check."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = (exc.strerror or str(exc)).lower()
+    return f"{paths or 'a file operation'}: {reason}; check the path and its permissions (pgraft --debug shows where)"

@@ -17,12 +17,14 @@
   shape (N, H, W), (N, H, W, C) or (N, C, H, W): uint8 is read as 0..255, floats as [0, 1]; it must
   already have the model's size.
 
-Every loader returns float32 images in [0, 1], shape (N, C, H, W).
+Every loader returns float32 images in [0, 1], shape (N, C, H, W); ``iter_data`` streams the same
+images in batches (a folder file by file), for metrics that need not hold them all.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,9 @@ from .errors import PgraftError
 DIGITS_SIZE = 16
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DIGITS_SPLITS = {"train": 0.6, "judge": 0.2, "test": 0.2}
+# Images per streamed batch; metrics feed reference images in these batches by every route, so the
+# same data gives bit-identical FID whichever verb reads it.
+READ_BATCH = 256
 ALIASES = ("digits", *(f"digits-{name}" for name in DIGITS_SPLITS))
 
 
@@ -95,26 +100,71 @@ def load_data(spec: str, shape: tuple[int, int, int]) -> Tensor:
     raise PgraftError(f"--data {spec}: unsupported file type '{path.suffix}'; use an image folder, .npz or .safetensors")
 
 
-def _load_folder(path: Path, channels: int, height: int, width: int) -> Tensor:
-    from PIL import Image
+def iter_data(spec: str, shape: tuple[int, int, int], batch: int = READ_BATCH) -> Iterator[Tensor]:
+    """``load_data``'s images in batches of at most ``batch``, in the same order, streamed.
 
+    A folder is read file by file and a ``.safetensors`` file row range by row range, so memory
+    holds one batch; the digits and an ``.npz`` (a zip archive, read whole) are split after loading.
+    The spec is checked (and a tensor file's first batch read) before this returns, so a bad
+    ``--data`` fails before any sampling.
+    """
+    path = Path(spec).expanduser()
+    if spec not in ALIASES and path.is_dir():
+        files = _image_files(path)
+        return (torch.stack([_read_image(f, *shape) for f in files[a:a + batch]]) for a in range(0, len(files), batch))
+    if spec not in ALIASES and path.is_file() and path.suffix == ".safetensors":
+        return _safetensors_batches(path, shape, batch)
+    return iter(load_data(spec, shape).split(batch))
+
+
+def _image_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise PgraftError(f"--data {path}: no .png/.jpg/.jpeg/.webp images in the folder")
-    mode = "L" if channels == 1 else "RGB"
-    out = torch.empty(len(files), channels, height, width)
-    for i, f in enumerate(files):
-        try:
-            im = Image.open(f).convert(mode)
-        except OSError as exc:
-            raise PgraftError(f"--data: {f} is not a readable image ({exc}); remove or replace it") from None
-        scale = max(height / im.height, width / im.width)
-        im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - width) // 2, (im.height - height) // 2
-        im = im.crop((left, top, left + width, top + height))
-        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, channels)
-        out[i] = arr.permute(2, 0, 1).float() / 255.0
-    return out
+    return files
+
+
+def _read_image(f: Path, channels: int, height: int, width: int) -> Tensor:
+    """One image file by the folder resize rule (module doc), as floats in [0, 1], (C, H, W)."""
+    from PIL import Image
+
+    try:
+        im = Image.open(f).convert("L" if channels == 1 else "RGB")
+    except OSError as exc:
+        raise PgraftError(f"--data: {f} is not a readable image ({exc}); remove or replace it") from None
+    scale = max(height / im.height, width / im.width)
+    im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    im = im.crop((left, top, left + width, top + height))
+    arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, channels)
+    return arr.permute(2, 0, 1).float() / 255.0
+
+
+def _load_folder(path: Path, channels: int, height: int, width: int) -> Tensor:
+    return torch.cat(list(iter_data(str(path), (channels, height, width))))
+
+
+def _safetensors_batches(path: Path, shape: tuple[int, int, int], batch: int) -> Iterator[Tensor]:
+    """The ``images`` tensor of a .safetensors file, ``batch`` rows at a time (``get_slice``)."""
+    from safetensors import safe_open
+
+    def rows(a: int, b: int) -> Tensor:
+        with safe_open(str(path), "pt") as f:
+            array = f.get_slice("images")[a:b]
+        return _check(array.float() / 255.0 if array.dtype == torch.uint8 else array.float(), path, shape)
+
+    with safe_open(str(path), "pt") as f:
+        if "images" not in f.keys():
+            raise PgraftError(f"--data {path}: no tensor named 'images' (has {sorted(f.keys())})")
+        n = f.get_slice("images").get_shape()[0]
+    first = rows(0, min(batch, n))  # a wrong shape or range fails here, before sampling
+
+    def rest() -> Iterator[Tensor]:
+        yield first
+        for a in range(batch, n, batch):
+            yield rows(a, min(a + batch, n))
+
+    return rest()
 
 
 def _load_tensor_file(path: Path) -> Tensor:

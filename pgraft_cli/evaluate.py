@@ -1,6 +1,7 @@
 """The evaluate stage: FID and KID against data, NFE, measured FLOPs and time per image.
 
-The maths are small pure functions (``frechet_distance``, ``kernel_distance``) pinned by tests.
+FID and KID are torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance``, fed one
+shard of features at a time (``FidKid``): memory does not grow with the number of samples.
 Features come from clean-fid's Inception network when its weights are available (a local
 ``--inception-weights`` TorchScript file, or clean-fid's own download where the network allows),
 and otherwise from a named extractor: the bundled digits classifier for 1x16x16 grey models.
@@ -9,58 +10,104 @@ FLOPs are **measured** with ``torch.utils.flop_counter`` on the actual modules, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import PgraftError
 from .samplers import above_cutoff
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "digits-classifier.safetensors"
+JUDGE_PATH = Path(__file__).resolve().parent / "assets" / "digits-judge.safetensors"  # another net, another split
 
 
 # ----------------------------------------------------------------------------------------------
-# Distances
+# Distances: torchmetrics' FID and KID, fed one batch of features at a time
+
+KID_SUBSETS = 100  # clean-fid's and torchmetrics' default
+KID_SUBSET_SIZE = 1000
+# Printed under every metric table (terminal and report.html).
+COST_NOTE = ("NFE counts a guided step once; FLOPs count both halves of classifier-free guidance, plus the "
+             "text encoders and the VAE decoder per image (flops_parts in the JSON)")
 
 
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) covariance of a (N, D) feature array, in float64."""
-    f = np.asarray(features, dtype=np.float64)
-    return f.mean(axis=0), np.cov(f, rowvar=False)
+class GivenFeatures(nn.Module):
+    """The identity as a torchmetrics feature module: pgraft extracts each batch's features once
+    (``Features``) and feeds the same matrix to FID and KID, instead of running the network twice."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``, the Fréchet distance of two Gaussians."""
-    from scipy import linalg
-
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: regularise, as the reference code does
-        eps = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+def sample_warnings(num_generated: int, num_reference: int, dim: int) -> list[str]:
+    """Warnings for FID from fewer samples than feature dimensions (a singular covariance)."""
+    return [f"{n} {what} images < {dim} feature dimensions: the covariance is singular and FID is biased "
+            f"upwards; use at least {dim} {what} images" + (" (raise evaluate.num)" if what == "generated" else "")
+            for what, n in (("generated", num_generated), ("reference", num_reference)) if n < dim]
 
 
-def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 10, subset_size: int = 1000,
-                    seed: int = 0) -> float:
-    """KID: the unbiased MMD^2 with kernel ``k(x, y) = (x.y / d + 1)^3``, averaged over subsets."""
-    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    d = f1.shape[1]
-    m = min(subset_size, len(f1), len(f2))
-    rng = np.random.default_rng(seed)
-    total = 0.0
-    for _ in range(subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        total += ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
-    return float(total / subsets)
+class FidKid:
+    """FID and KID of generated against reference features, accumulated in streaming updates.
+
+    FID is torchmetrics' ``FrechetInceptionDistance`` (float64 sums of ``f`` and ``f f^T``, so no
+    feature matrix is kept); KID is its ``KernelInceptionDistance`` (kernel ``(x.y / d + 1)^3``,
+    ``kid_subsets`` subsets of ``min(1000, n_gen, n_ref)`` rows, drawn from ``seed``). The reference
+    side survives ``reset_generated``, so one reference serves several models.
+    """
+
+    def __init__(self, num_features: int, kid_subsets: int = KID_SUBSETS, seed: int = 0):
+        import warnings
+
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        given = GivenFeatures(num_features)
+        # Every process computes on all shards (evaluation runs on the main process alone in some
+        # verbs), so no cross-process reduction: it would count each image once per process.
+        self.fid = FrechetInceptionDistance(feature=given, reset_real_features=False, sync_on_compute=False)
+        with warnings.catch_warnings():  # "KID keeps all features": by design, it needs them
+            warnings.simplefilter("ignore", UserWarning)
+            self.kid = KernelInceptionDistance(feature=given, subsets=kid_subsets, subset_size=KID_SUBSET_SIZE,
+                                               reset_real_features=False, sync_on_compute=False)
+        self.num_features, self.seed = int(num_features), seed
+
+    def update(self, features: Tensor | np.ndarray, real: bool) -> None:
+        f = torch.as_tensor(features, dtype=torch.float64).cpu()
+        if f.ndim != 2 or f.shape[1] != self.num_features:
+            raise ValueError(f"expected (N, {self.num_features}) features, got {tuple(f.shape)}")
+        if len(f):
+            self.fid.update(f, real=real)
+            self.kid.update(f, real=real)
+
+    def reset_generated(self) -> None:
+        self.fid.reset()
+        self.kid.reset()
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(generated, reference) sample counts so far."""
+        return int(self.fid.fake_features_num_samples), int(self.fid.real_features_num_samples)
+
+    def compute(self) -> dict[str, Any]:
+        """``{"fid", "kid", "warnings"}``; a clear error below 2 samples on either side."""
+        gen, ref = self.counts
+        if min(gen, ref) < 2:
+            raise PgraftError(f"FID and KID need at least 2 generated and 2 reference images, got {gen} and {ref}; "
+                              f"raise evaluate.num (--num) or pass more --data")
+        self.kid.subset_size = min(KID_SUBSET_SIZE, gen, ref)
+        with torch.random.fork_rng(devices=[]):  # KID's subsets come from torch's global generator
+            torch.manual_seed(self.seed)
+            kid = float(self.kid.compute()[0])
+        return {"fid": float(self.fid.compute()), "kid": kid,
+                "warnings": sample_warnings(gen, ref, self.num_features)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,20 +127,22 @@ def measure_flops(fn: Callable[[], Any]) -> int:
 # Features
 
 
-@dataclass
-class Features:
-    """A named feature extractor: images in [0, 1] (N, C, H, W) -> (N, D) float64 features."""
+class Features(nn.Module):
+    """A named feature extractor: images in [0, 1] (N, C, H, W) -> (N, D) float64 features (CPU).
 
-    name: str
-    fn: Callable[[Tensor], Tensor]
-    batch: int = 256
+    An ``nn.Module`` with ``num_features``, so torchmetrics' FID/KID take it as ``feature=`` too.
+    """
 
-    def __call__(self, images: Tensor) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for chunk in images.split(self.batch):
-                out.append(self.fn(chunk).double().cpu())
-        return torch.cat(out).numpy()
+    def __init__(self, name: str, fn: Callable[[Tensor], Tensor], batch: int = 256,
+                 probe_shape: tuple[int, int, int] = (1, 16, 16)):
+        super().__init__()
+        self.name, self.fn, self.batch = name, fn, batch
+        with torch.no_grad():  # D from one probe image (Inception resizes any size to 299 x 299)
+            self.num_features = int(fn(torch.zeros(1, *probe_shape)).shape[-1])
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([self.fn(chunk).double().cpu() for chunk in images.split(self.batch)])
 
 
 def classifier_features(path: Path | str = CLASSIFIER_PATH) -> Features:
@@ -103,6 +152,15 @@ def classifier_features(path: Path | str = CLASSIFIER_PATH) -> Features:
     return Features(f"classifier:{Path(path).name}", lambda x: model.features(x * 2 - 1))
 
 
+def inception_input(x: Tensor) -> Tensor:
+    """Images in [0, 1] -> Inception's input: 3 channels, bicubic 299 x 299, in [0, 255].
+
+    The clamp comes after the resize: bicubic interpolation overshoots past 0 and 255 at edges.
+    """
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return F.interpolate(x * 255.0, size=(299, 299), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
+
+
 def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
     """clean-fid's Inception-v3 pool features (2048-d) from a local TorchScript file or clean-fid."""
     if weights:
@@ -110,14 +168,8 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
         if not path.is_file():
             raise PgraftError(f"--inception-weights {weights}: no such file; pass clean-fid's inception-2015-12-05.pt")
         net = torch.jit.load(str(path), map_location=device).eval()
-
-        def fn(x: Tensor) -> Tensor:
-            x = x.to(device)
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            x = F.interpolate(x * 255.0, size=(299, 299), mode="bicubic", align_corners=False, antialias=True)
-            return net(x.clamp(0, 255), return_features=True)
-
-        return Features(f"inception:{path.name}", fn, batch=64)
+        return Features(f"inception:{path.name}", lambda x: net(inception_input(x.to(device)), return_features=True),
+                        batch=64)
     try:
         from cleanfid.features import build_feature_extractor
     except ImportError:
@@ -130,23 +182,21 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
     except Exception as exc:
         raise PgraftError(f"clean-fid could not load its Inception weights ({str(exc)[:120]}); pass "
                           f"--inception-weights PATH or use --features classifier") from None
-
-    def fn(x: Tensor) -> Tensor:
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        return model(F.interpolate(x * 255.0, size=(299, 299), mode="bicubic", antialias=True).to(device))
-
-    return Features("inception:clean-fid", fn, batch=64)
+    return Features("inception:clean-fid", lambda x: model(inception_input(x.to(device))), batch=64)
 
 
 def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weights: Optional[str],
                   device: str = "cpu") -> Features:
-    """``auto``: Inception if weights are at hand, else the digits classifier for 1x16x16 images."""
+    """``auto``: Inception if weights are at hand, else the digits classifier for 1x16x16 images.
+
+    ``judge``: the bundled judge (a pixel MLP trained on digits-judge), features not shared with the reward.
+    """
     digits_like = tuple(image_shape) == (1, 16, 16)
-    if choice == "classifier" or (choice == "auto" and digits_like and not inception_weights):
+    if choice in ("classifier", "judge") or (choice == "auto" and digits_like and not inception_weights):
         if not digits_like:
-            raise PgraftError(f"the bundled classifier's features are for 1x16x16 grey images, not "
-                              f"{'x'.join(map(str, image_shape))}; use --features inception")
-        return classifier_features()
+            raise PgraftError(f"the bundled {'judge' if choice == 'judge' else 'classifier'}'s features are for "
+                              f"1x16x16 grey images, not {'x'.join(map(str, image_shape))}; use --features inception")
+        return classifier_features(JUDGE_PATH if choice == "judge" else CLASSIFIER_PATH)
     return inception_features(inception_weights, device)
 
 
@@ -154,76 +204,120 @@ def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weig
 # The metrics of a set of samples
 
 
-def distances(gen: np.ndarray, real: np.ndarray, kid_subsets: int = 10) -> dict[str, float]:
-    mu1, s1 = feature_stats(gen)
-    mu2, s2 = feature_stats(real)
-    return {"fid": frechet_distance(mu1, s1, mu2, s2),
-            "kid": kernel_distance(gen, real, subsets=kid_subsets, subset_size=min(1000, len(gen), len(real)))}
+def distances(gen: Tensor | np.ndarray, real: Tensor | np.ndarray, kid_subsets: int = KID_SUBSETS,
+              seed: int = 0) -> dict[str, Any]:
+    """FID, KID and warnings of two (N, D) feature matrices (``FidKid`` fed in one update each)."""
+    metric = FidKid(np.shape(gen)[1], kid_subsets, seed)
+    metric.update(gen, real=False)
+    metric.update(real, real=True)
+    return metric.compute()
 
 
-def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> tuple[int, int, dict[str, int]]:
-    """(NFE, FLOPs) per image of ``model``'s sampler: base steps x base call (+ corrector), measured.
+def reference(features: Features, real: Tensor | np.ndarray | Iterable[Tensor],
+              kid_subsets: int = KID_SUBSETS) -> FidKid:
+    """The reference side of FID/KID from images (a tensor or an iterable of batches, streamed) or
+    from an (N, D) feature matrix; reusable for several models (``FidKid.reset_generated``)."""
+    from .data import READ_BATCH
 
-    Text models are measured with the sampler's classifier-free guidance: with ``guidance_scale > 1``
-    each step runs the network on the conditional and the unconditional half, and so is counted.
+    metric = FidKid(features.num_features, kid_subsets)
+    if isinstance(real, (Tensor, np.ndarray)):  # in iter_data's batches: the same sums by every route
+        for chunk in torch.as_tensor(real).split(READ_BATCH):
+            metric.update(chunk if chunk.ndim == 2 else features(chunk), real=True)
+        return metric
+    for batch in real:
+        metric.update(features(batch), real=True)
+    return metric
+
+
+def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict[str, Any]:
+    """NFE and measured FLOPs per image of ``model``'s sampler, in parts that sum to the total.
+
+    ``flops_parts`` (per image): ``denoiser`` (the base call at each step below the cutoff, the tuned
+    call above it), ``corrector`` (a corrected model's noise corrector), ``text_encoders`` (each
+    image's prompt encoded once, and the negative prompt too under guidance) and ``vae_decoder``
+    (latent models). ``flops_calls`` holds the per-call counts. Guided models are measured with
+    the sampler's classifier-free guidance: a step with ``guidance_scale > 1`` runs the network on
+    the conditional and the unconditional half, so its FLOPs count both halves while NFE counts the
+    step once. A fine-tune's tuned segment with ``tuned_guidance = "none"`` runs (and is counted)
+    once per step.
     """
     x = torch.zeros((1, *model.sample_shape), device=model.device, dtype=model.dtype)
     t = torch.tensor(0.5, dtype=torch.float64)
-    cond = model.encode([""] if model.conditioning == "text" else None,
-                        [0] if model.conditioning == "class" else None, guidance_scale=guidance_scale)
+    prompts, labels = ([""] if model.conditioning == "text" else None), ([0] if model.conditioning == "class" else None)
+    cond = model.encode(prompts, labels, guidance_scale=guidance_scale)
     # A fine-tuned model runs its tuned network (or LoRA adapter) above the cutoff and the base
     # below: count each grid time with the network that really runs there.
     times = model.schedule.grid(steps)[:-1]
     cutoff = model.cutoff
     above = int(above_cutoff(times, cutoff).sum()) if model.finetuned else 0
-    base = measure_flops(lambda: model.predict(x, torch.tensor(min(cutoff, 0.5), dtype=torch.float64), cond))
-    nfe, total = steps, (steps - above) * base
-    parts = {"base_call": base}
+    calls = {"base_call": measure_flops(lambda: model.predict(x, torch.tensor(min(cutoff, 0.5), dtype=torch.float64), cond))}
+    denoiser, nfe = (steps - above) * calls["base_call"], steps
     if above:
-        parts["tuned_call"] = measure_flops(lambda: model.predict(x, torch.tensor(1.0, dtype=torch.float64), cond))
-        parts["tuned_steps"] = above
-        total += above * parts["tuned_call"]
+        calls["tuned_call"] = measure_flops(lambda: model.predict(x, torch.tensor(1.0, dtype=torch.float64), cond))
+        calls["tuned_steps"] = above
+        denoiser += above * calls["tuned_call"]
+    parts = {"denoiser": denoiser}
     corrector = getattr(model, "corrector", None)
-    if corrector is not None and corrector.network is not None:
-        call = measure_flops(lambda: corrector.velocity(x, t))
-        parts["corrector_call"] = call
-        nfe += corrector.steps
-        total += corrector.steps * call
-    elif corrector is not None:
-        parts["corrector_call"] = measure_flops(lambda: corrector(x))
-        total += parts["corrector_call"]
-    return nfe, total, parts
+    if corrector is not None:
+        flow = corrector.network is not None  # a flow corrector integrates its own network; a Gaussian is one map
+        calls["corrector_call"] = measure_flops(lambda: corrector.velocity(x, t) if flow else corrector(x))
+        calls["corrector_steps"] = corrector.steps if flow else 1
+        parts["corrector"] = calls["corrector_steps"] * calls["corrector_call"]
+        nfe += corrector.steps if flow else 0
+    if model.conditioning == "text":
+        parts["text_encoders"] = measure_flops(lambda: model.encode(prompts, labels, guidance_scale=guidance_scale))
+    if model.latent:
+        parts["vae_decoder"] = measure_flops(lambda: model.decode(x))
+    return {"nfe": nfe, "flops_per_image": sum(parts.values()), "denoiser_flops_per_image": denoiser,
+            "flops_parts": parts, "flops_calls": calls}
 
 
-def evaluate_model(model: Any, real: Optional[Tensor], sample_cfg: Any, features: Optional[Features], store: Any,
-                   bar: Any, stage_name: str = "sample", kid_subsets: int = 10,
-                   real_features: Optional[np.ndarray] = None, cond: Any = None, reward: Any = None,
+def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample_cfg: Any,
+                   features: Optional[Features], store: Any, bar: Any, stage_name: str = "sample",
+                   kid_subsets: int = KID_SUBSETS, real_features: Optional[FidKid | Tensor | np.ndarray] = None,
+                   cond: Any = None, reward: Any = None, also_against: Optional[dict[str, FidKid]] = None,
                    **dist: Any) -> dict[str, Any]:
-    """Sample ``sample_cfg.num`` images into ``store`` (resumable) and measure them.
+    """Sample ``sample_cfg.num`` images into ``store`` (resumable) and measure them, shard by shard.
 
-    Returns the keys ``fid``, ``kid``, ``features``, ``num``, ``nfe``, ``flops_per_image``,
-    ``seconds_per_image`` and ``steps`` (``fid``/``kid`` are None without reference data), plus
-    ``reward_mean`` and ``reward_std`` when a reward is given.
+    The reference is ``real`` (images: a tensor or an iterable of batches) or ``real_features`` (a
+    ``reference`` built once, or an (N, D) feature matrix). Returns ``fid``, ``kid`` (None without
+    a reference), ``warnings``, ``features``, ``num``, ``nfe``, ``flops_per_image``,
+    ``denoiser_flops_per_image``, ``flops_parts``, ``flops_calls``, ``seconds_per_image`` and
+    ``steps``, plus ``reward``, ``reward_mean`` and ``reward_std`` when a reward is given, and
+    ``also_against`` ({name: {fid, kid, warnings}}) for further named references (e.g. held-out
+    and training data), fed the same features.
     """
-    from .sample import Conditions, load_images, run_sample, shard_seconds
+    from .sample import Conditions, iter_images, run_sample, shard_seconds
 
     cond = cond if cond is not None else Conditions()
     run_sample(model, sample_cfg, cond, store, bar, stage_name=stage_name, **dist)
-    images = load_images(store.root, stage_name)
-    guidance = sample_cfg.guidance_scale if model.conditioning == "text" else 1.0
-    nfe, flops, parts = flops_per_image(model, sample_cfg.steps, guidance)
-    out: dict[str, Any] = {
-        "num": int(len(images)), "steps": sample_cfg.steps, "nfe": nfe, "flops_per_image": flops,
-        "flops_parts": parts, "seconds_per_image": shard_seconds(store.root, stage_name) / max(1, len(images)),
-        "features": features.name if features is not None else None, "fid": None, "kid": None,
-    }
+    metric = None
     if features is not None and (real is not None or real_features is not None):
-        ref = real_features if real_features is not None else features(real)
-        out.update(distances(features(images), ref, kid_subsets=kid_subsets))
+        given = real_features if real_features is not None else real
+        metric = given if isinstance(given, FidKid) else reference(features, given, kid_subsets)
+        for m in [metric, *(also_against or {}).values()]:  # each reference serves several models
+            m.reset_generated()
+    num, rewards = 0, []
+    for index, images in iter_images(store.root, stage_name):
+        num += len(images)
+        if metric is not None:
+            f = features(images)
+            for m in [metric, *(also_against or {}).values()]:
+                m.update(f, real=False)
+        if reward is not None:
+            rewards.append(reward(images, cond.for_indices(model, index.tolist())[0]))
+    guidance = sample_cfg.guidance_scale if model.guided else 1.0
+    out: dict[str, Any] = {
+        "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),
+        "seconds_per_image": shard_seconds(store.root, stage_name) / max(1, num),
+        "features": features.name if features is not None else None, "fid": None, "kid": None, "warnings": [],
+    }
+    if metric is not None:
+        out.update(metric.compute())
+        out["also_against"] = {name: m.compute() for name, m in (also_against or {}).items()}
     if reward is not None:
-        prompts, _ = cond.for_indices(model, list(range(len(images))))
         from .score import reward_stats
 
-        stats = reward_stats(reward(images, prompts))
+        stats = reward_stats(torch.cat(rewards))
         out.update({"reward": reward.spec, "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"]})
     return out

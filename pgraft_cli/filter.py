@@ -19,7 +19,7 @@ from torch import Tensor
 from .errors import PgraftError
 from .recipes import FilterConfig
 from .runstore import RunStore, atomic_path
-from .score import load_rewards, stage_key_of
+from .score import load_rewards, stage_outputs_digest
 from .sample import stage_tensors
 from .selection import select, summarize, threshold_value
 
@@ -51,9 +51,9 @@ def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample",
     """Select (or reuse the selection of) the scored samples; returns the summary dict."""
     from safetensors.torch import save_file
 
-    score_key = stage_key_of(store, score_stage)
     config = asdict(cfg)
-    stage = store.stage(stage_name, config, {"score": score_key})
+    inputs = {"score": stage_outputs_digest(store, score_stage), "sample": stage_outputs_digest(store, sample_stage)}
+    stage = store.stage(stage_name, config, inputs)
     kept_path, summary_path = stage.dir / "kept.safetensors", stage.dir / "summary.json"
     if not stage.done:
         index, rewards = load_rewards(store.root, score_stage)
@@ -90,10 +90,10 @@ def rule_params(cfg: FilterConfig, rewards: Tensor) -> dict[str, Any]:
 
 def load_kept(run_dir: Path, stage_name: str = STAGE) -> Tensor:
     """The indices of the samples a filter stage kept."""
-    from safetensors.torch import load_file
+    from .sample import read_shard
 
     path = Path(run_dir) / stage_name / "kept.safetensors"
     if not path.is_file():
         raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft filter {run_dir}` first")
-    kept = load_file(str(path))
+    kept = read_shard(path, "index", "keep")
     return kept["index"][kept["keep"]]

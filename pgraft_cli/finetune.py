@@ -20,10 +20,11 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .checkpoints import model_key
 from .errors import PgraftError
 from .models import Cond, LoadedModel, set_lora_enabled
 from .recipes import FinetuneConfig
-from .runstore import RunStore, derive_seed, load_training_state, save_training_state
+from .runstore import RunStore, content_key, derive_seed, load_training_state, save_training_state
 from .samplers import NoiseSchedule, _rows
 
 STAGE = "finetune"
@@ -118,35 +119,31 @@ class KeptSet:
     prompts: Optional[list[str]] = None
 
     def digest(self) -> str:
-        h = hashlib.sha256(self.y.numpy().tobytes())
-        h.update(self.x0.numpy().tobytes())
-        h.update(json.dumps([self.t_c, self.prompts]).encode())
-        if self.class_labels is not None:
-            h.update(self.class_labels.numpy().tobytes())
-        return h.hexdigest()
+        """sha256 of everything a round trains on (states, final samples, times, conditioning)."""
+        return hashlib.sha256(json.dumps(content_key(self)).encode()).hexdigest()
 
 
 def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: float) -> KeptSet:
     """The kept samples of a filter stage: states at the cutoff (P-GRAFT) or final samples (GRAFT)."""
     from .filter import load_kept
-    from .sample import stage_tensors
+    from .sample import stage_rows
     from .score import sample_prompts
 
-    rows = load_kept(run_dir, filter_stage)  # sample indices are 0..num-1, in shard order
-    found = stage_tensors(run_dir, sample_stage, "samples", "captured", "captured_t", "class_label", "prompt_index")
-    x0 = found["samples"][rows]
+    rows = load_kept(run_dir, filter_stage)  # ascending sample indices; only their rows are read
+    found = stage_rows(run_dir, sample_stage, rows, "samples", "captured", "captured_t", "class_label", "prompt_index")
+    x0 = found["samples"]
     if cutoff > 0:
         if "captured" not in found:
             raise PgraftError(f"the sample stage of {run_dir} did not capture states at the cutoff; sample with "
                               f"--capture-at {cutoff}")
-        y, t_c = found["captured"][rows], float(found["captured_t"][0])
+        y, t_c = found["captured"], float(found["captured_t"][0])
     else:
         y, t_c = x0, 0.0
-    labels = found["class_label"][rows] if "class_label" in found else None
+    labels = found.get("class_label")
     prompts = None
     if "prompt_index" in found:
         all_prompts = sample_prompts(run_dir, sample_stage) or [""]
-        prompts = [all_prompts[int(i)] for i in found["prompt_index"][rows]]
+        prompts = [all_prompts[int(i)] for i in found["prompt_index"]]
     return KeptSet(y.float(), t_c, x0.float(), labels, prompts)
 
 
@@ -175,9 +172,18 @@ def lora_state(network: nn.Module) -> dict[str, Tensor]:
     return get_peft_model_state_dict(network, adapter_name=LORA_ADAPTER)
 
 
-def set_lora_state(network: nn.Module, state: dict[str, Tensor]) -> None:
+def set_lora_state(network: nn.Module, state: dict[str, Tensor], source: str = "the LoRA adapter") -> None:
+    """Load adapter weights; refuses a state that lacks some of the adapter's tensors.
+
+    peft would leave those layers at their initial values (B = 0: the base layer), silently.
+    """
     from peft.utils import set_peft_model_state_dict
 
+    expected = lora_state(network)
+    absent = [k for k in expected if k not in state]
+    if absent:
+        raise PgraftError(f"{source} lacks {len(absent)} of the adapter's {len(expected)} tensors (e.g. '{absent[0]}'), "
+                          f"which would load as zeros; pass the complete adapter file pgraft finetune wrote")
     result = set_peft_model_state_dict(network, state, adapter_name=LORA_ADAPTER)
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if missing:
@@ -252,7 +258,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     config = {**asdict(cfg), "round": round_index, "t_c": t_c}
     for unrelated in ("rounds", "checkpoint_every", "tuned_guidance"):  # they do not change this round's weights
         config.pop(unrelated)
-    stage = store.stage(stage_name, config, {"model": model.identity, "kept": kept.digest()})
+    stage = store.stage(stage_name, config, {"model": model_key(model), "kept": kept.digest()})
     if barrier is not None:
         barrier()  # the main process may have cleared a stale stage; the others wait for that
     network = prepare_tuning(model, cfg)
@@ -386,6 +392,8 @@ def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, An
     }
     if model.default_data:
         extra["pgraft.data"] = model.default_data
+    if model.default_eval_data:
+        extra["pgraft.eval_data"] = model.default_eval_data
     provenance = {"created_by": "pgraft finetune", "recipe": recipe}
     return save_pgraft_safetensors(path, model.network, model.model_class, model.model_config,
                                    model.scheduler_config, provenance, extra, state=state)
@@ -411,7 +419,7 @@ def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: boo
     if tuning.get("lora"):
         lora = tuning["lora"]
         add_lora(model.network, lora["rank"], lora["alpha"], lora["target_modules"])
-        set_lora_state(model.network, state)
+        set_lora_state(model.network, state, str(path))
         model.lora = True
     else:
         tuned = build_network(model.model_class, model.model_config)

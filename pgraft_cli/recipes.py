@@ -195,9 +195,9 @@ class EvaluateConfig:
     num: int = 2000
     seed: int = 1
     steps: Optional[int] = None
-    features: Literal["auto", "inception", "classifier"] = "auto"
+    features: Literal["auto", "inception", "classifier", "judge"] = "auto"
     inception_weights: str = ""
-    kid_subsets: int = 10
+    kid_subsets: int = 100  # clean-fid's default
 
     def validate(self) -> None:
         _positive(self, "evaluate", "num", "kid_subsets")

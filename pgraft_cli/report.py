@@ -179,7 +179,7 @@ tr.delta td.good{color:#1a7f37;font-weight:600}tr.delta td.bad{color:#cf222e;fon
 img{max-width:100%;image-rendering:pixelated}img.plot{image-rendering:auto}
 pre{background:#f6f8fa;border:1px solid #d0d7de;padding:8px 10px;overflow:auto;font-size:12px;max-height:420px}
 dl.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:6px 0}dl.kv dt{font-weight:600}dl.kv dd{margin:0;word-break:break-all}
-.note{color:#57606a;font-size:13px}
+.note{color:#57606a;font-size:13px}p.note.bad{color:#9a6700}
 """
 
 
@@ -263,7 +263,12 @@ def _metrics_table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
             css = "" if lower is None or shown == fmt(0 * d) else ("good" if (d < 0) == lower else "bad")
             cells.append(f'<td class="{css}">{_e(text)}</td>')
         body.append(f'<tr class="delta"><td class="l">change</td>{"".join(cells)}</tr>')
-    return f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    from .evaluate import COST_NOTE
+
+    warnings = "".join(f'<p class="note bad" data-warning="{_e(row_id)}">warning ({_e(label)}): {_e(w)}</p>'
+                       for row_id, label, r in rows for w in r.get("warnings") or [])
+    return (f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f'<p class="note">{_e(COST_NOTE)}</p>{warnings}')
 
 
 def _grids(run_dir: Path, pairs: list[tuple[str, str]]) -> str:

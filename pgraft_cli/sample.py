@@ -16,13 +16,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import PgraftError
+from .checkpoints import model_key
+from .errors import OutputPathError, PgraftError
 from .models import LoadedModel
 from .recipes import SampleConfig
 from .runstore import RunStore, atomic_write_bytes, atomic_write_text
@@ -106,11 +107,14 @@ class SampleResult:
 
 
 def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dict[str, Any]:
-    """Everything that determines the shards: the images (see the module doc) and their layout."""
+    """Everything that determines the shards: the images (see the module doc) and their layout.
+
+    The whole [sample] section (a key added later is keyed automatically); ``guidance_scale`` only
+    where the model is guided (elsewhere the sampler never reads it). The model itself is keyed by
+    :func:`checkpoints.model_key` among the stage's inputs.
+    """
     return {
-        "num": cfg.num, "seed": cfg.seed, "steps": cfg.steps, "lane": cfg.lane,
-        "batch_size": cfg.batch_size, "guidance_scale": cfg.guidance_scale if model.guided else None,
-        "capture_at": cfg.capture_at, "family": model.family, "prediction_type": model.schedule.prediction_type,
+        **asdict(cfg), "guidance_scale": cfg.guidance_scale if model.guided else None, "family": model.family, "prediction_type": model.schedule.prediction_type,
         "grid": "flow-euler" if model.family == "flow" else "ddim-trailing", "shift": model.schedule.shift,
         "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,
         "corrector": None if model.corrector is None else {
@@ -168,7 +172,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     check_conditions(model, cond)
     num_shards = math.ceil(cfg.num / cfg.batch_size)
     config = stage_config(model, cfg, cond)
-    stage = store.stage(stage_name, config, {"model": model.identity}, num_shards=num_shards)
+    stage = store.stage(stage_name, config, {"model": model_key(model)}, num_shards=num_shards)
     if barrier is not None:
         barrier()  # the main process may have cleared a stale stage; others wait for that
     shards = [stage.shard_path(k) for k in range(num_shards)]
@@ -203,22 +207,69 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     return SampleResult(store.root, cfg.num, shards, generated, seconds, config)
 
 
-def iter_shards(run_dir: Path, stage_name: str = STAGE) -> list[dict[str, Tensor]]:
-    """A stage's shards of a run directory, in index order (shard k holds the k-th run of indices)."""
-    from safetensors.torch import load_file
+def shard_paths(run_dir: Path, stage_name: str = STAGE) -> list[Path]:
+    """A stage's shard files, in index order (shard k holds the k-th run of indices)."""
+    return sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors"))
 
-    paths = sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors"))
-    return [load_file(str(p)) for p in paths]
+
+def iter_shards(run_dir: Path, stage_name: str = STAGE, *keys: str) -> Iterator[dict[str, Tensor]]:
+    """A stage's shards, one at a time in index order, each read only for ``keys`` (all if none).
+
+    Keys a shard does not hold are left out, so memory holds one shard's wanted tensors at a time.
+    """
+    for path in shard_paths(run_dir, stage_name):
+        yield read_shard(path, *keys)
+
+
+def read_shard(path: Path, *keys: str) -> dict[str, Tensor]:
+    """The ``keys`` (all if none) of one shard file that it holds, and nothing else."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in (keys or f.keys()) if k in f.keys()}
 
 
 def stage_tensors(run_dir: Path, stage_name: str, *keys: str) -> dict[str, Tensor]:
     """The named tensors of a stage, concatenated over its shards in index order.
 
-    Keys the shards do not hold (``captured`` without ``--capture-at``, ``class_label`` of an
-    unconditional model ...) are left out of the result.
+    Only those keys are read. Keys the shards do not hold (``captured`` without ``--capture-at``,
+    ``class_label`` of an unconditional model ...) are left out of the result.
     """
-    shards = iter_shards(run_dir, stage_name)
-    return {k: torch.cat([s[k] for s in shards]) for k in keys if shards and k in shards[0]}
+    found: dict[str, list[Tensor]] = {}
+    for shard in iter_shards(run_dir, stage_name, *keys):
+        for k, v in shard.items():
+            found.setdefault(k, []).append(v)
+    return {k: torch.cat(found[k]) for k in keys if k in found}
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Ascending positions as half-open runs ``[a, b)`` of consecutive positions."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def stage_rows(run_dir: Path, stage_name: str, indices: Tensor, *keys: str) -> dict[str, Tensor]:
+    """The named tensors of a stage for the sample ``indices`` only (rows in index order).
+
+    Each shard's ``index`` vector says which of its rows are wanted; only those rows are read
+    (``safe_open(...).get_slice``), one run of consecutive rows at a time.
+    """
+    from safetensors import safe_open
+
+    wanted = set(int(i) for i in indices)
+    found: dict[str, list[Tensor]] = {}
+    for path in shard_paths(run_dir, stage_name):
+        with safe_open(str(path), "pt") as f:
+            rows = [r for r, i in enumerate(f.get_tensor("index").tolist()) if i in wanted]
+            for k in (k for k in keys if k in f.keys() and rows):
+                sl = f.get_slice(k)
+                found.setdefault(k, []).extend(sl[a:b] for a, b in _runs(rows))
+    return {k: torch.cat(found[k]) for k in keys if k in found}
 
 
 def shard_seconds(run_dir: Path, stage_name: str = STAGE) -> float:
@@ -226,27 +277,58 @@ def shard_seconds(run_dir: Path, stage_name: str = STAGE) -> float:
     from safetensors import safe_open
 
     total = 0.0
-    for p in sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors")):
+    for p in shard_paths(run_dir, stage_name):
         with safe_open(str(p), "pt") as f:
             total += float(f.metadata().get("pgraft.seconds", "0"))
     return total
 
 
+def iter_images(run_dir: Path, stage_name: str = STAGE) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(index, images)`` of a sample stage, one shard at a time; images are floats in [0, 1], (N, C, H, W)."""
+    for shard in iter_shards(run_dir, stage_name, "index", "images"):
+        yield shard["index"], shard["images"].permute(0, 3, 1, 2).float() / 255.0
+
+
 def load_images(run_dir: Path, stage_name: str = STAGE) -> Tensor:
     """All images of a sample stage as floats in [0, 1], (N, C, H, W), in index order."""
-    shards = iter_shards(run_dir, stage_name)
-    return torch.cat([s["images"] for s in shards]).permute(0, 3, 1, 2).float() / 255.0
+    return torch.cat([images for _, images in iter_images(run_dir, stage_name)])
+
+
+PNG_GLOB = "[0-9][0-9][0-9][0-9][0-9].png"
+
+
+def _written_by_pgraft(out: Path) -> bool:
+    """Whether ``OUT/sampler.json`` is one that :func:`export_pngs` wrote."""
+    try:
+        settings = json.loads((out / "sampler.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and "pgraft_version" in settings
+
+
+def check_png_folder(out: Path) -> None:
+    """Refuse an output folder that is a file, or that holds numbered PNGs or a sampler.json that
+    pgraft did not write (exporting would overwrite them)."""
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is a file, but a folder is expected; pass a folder path")
+    if not out.is_dir() or _written_by_pgraft(out):
+        return
+    clash = next(out.glob(PNG_GLOB), None) or next(out.glob("sampler.json"), None)
+    if clash is not None:
+        raise OutputPathError(f"--out {out} holds {clash.name}, which pgraft did not write and would overwrite; "
+                              f"pass a new or empty folder")
 
 
 def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool = True) -> int:
     """Write ``OUT/00000.png ...`` (atomically, one by one) and ``OUT/sampler.json`` from the shards."""
+    check_png_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "sampler.json").exists():  # a folder pgraft wrote before: drop images past this run's num
-        for old in out.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+        for old in out.glob(PNG_GLOB):
             if int(old.stem) >= settings["num"]:
                 old.unlink()
     n = 0
-    for shard in iter_shards(run_dir):
+    for shard in iter_shards(run_dir, STAGE, "index", "images"):
         for i, image in zip(shard["index"].tolist(), shard["images"].numpy()):
             if i >= settings["num"]:
                 continue

@@ -2,8 +2,8 @@
 
 Score shard ``k`` holds the rewards of sample shard ``k`` (``index``, ``reward``), so scoring
 resumes shard by shard and splits across ``accelerate`` processes like sampling does. The stage key
-holds the sample stage's key and the reward's spec: a new reward re-runs scoring (and everything
-after it), never sampling.
+holds the digest of the sample stage's outputs and the reward's spec, identity and batch size: a
+new reward re-runs scoring (and everything after it), never sampling.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from .runstore import RunStore
 STAGE = "score"
 
 
-def stage_key_of(store: RunStore, name: str) -> str:
-    """The key of a finished stage in ``store``; a clear error when it has not run."""
-    entry = store.read_manifest()["stages"].get(name)
-    if entry is None or entry.get("status") != "done":
+def stage_outputs_digest(store: RunStore, name: str) -> str:
+    """The digest of a finished stage's outputs in ``store`` (a key input); a clear error when it has not run."""
+    digest = store.outputs_digest(name)
+    if digest is None:
         verb = name.split("-")[0]
         how = {"sample": f"pgraft sample MODEL --run-dir {store.root}",
                "score": f"pgraft score {store.root} --reward NAME"}.get(verb, f"pgraft {verb} {store.root}")
         raise PgraftError(f"{store.root} has no finished '{name}' stage; run `{how}` first")
-    return entry["key"]
+    return digest
 
 
 def sample_prompts(run_dir: Path, sample_stage: str) -> Optional[list[str]]:
@@ -48,13 +48,15 @@ def shard_prompts(shard: dict[str, Tensor], prompts: Optional[list[str]]) -> Opt
 def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sample", stage_name: str = STAGE,
               process_index: int = 0, num_processes: int = 1, barrier: Any = None) -> Tensor:
     """Score (or resume scoring) every image of ``sample_stage``; returns rewards in index order."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    sample_key = stage_key_of(store, sample_stage)
+    from .sample import read_shard
+
+    samples = stage_outputs_digest(store, sample_stage)
     sample_shards = sorted((store.root / sample_stage).glob("shard-*.safetensors"))
     prompts = sample_prompts(store.root, sample_stage)
-    stage = store.stage(stage_name, {"reward": reward.spec},
-                        {"sample": sample_key, "reward_identity": getattr(reward, "identity", reward.spec)},
+    stage = store.stage(stage_name, {"reward": reward.spec, "batch_size": getattr(reward, "batch_size", None)},
+                        {"sample": samples, "reward_identity": getattr(reward, "identity", reward.spec)},
                         num_shards=len(sample_shards))
     if barrier is not None:
         barrier()
@@ -62,7 +64,7 @@ def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sampl
         mine = [k for k in range(len(sample_shards)) if k % num_processes == process_index and not stage.shard_done(k)]
         task = bar.add_task(f"scoring ({reward.name})", total=len(mine), unit="shard")
         for k in mine:
-            shard = load_file(str(sample_shards[k]))
+            shard = read_shard(sample_shards[k], "index", "images", "prompt_index")  # not samples/captured
             images = shard["images"].permute(0, 3, 1, 2).float() / 255.0
             scores = reward(images, shard_prompts(shard, prompts))  # checked: one finite score per image
             with stage.write_shard(k) as tmp:

@@ -122,12 +122,19 @@ def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
     return [(f, f"{float(v):.2f}") for f, v in zip(points, values)]
 
 
+def warning_lines(rows: list[tuple[str, dict]]) -> list[Text]:
+    """One yellow line per metric warning of each row (e.g. fewer samples than feature dimensions)."""
+    return [Text(f"warning ({name}): {w}", style="yellow") for name, r in rows for w in r.get("warnings") or []]
+
+
 def finetune_report(summary: dict) -> Group:
     """Base vs tuned after ``pgraft finetune``: reward, FID, cost; then the rounds."""
     from rich.table import Table
 
+    from .evaluate import COST_NOTE
+
     table = Table(title=f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
-                        f"reward {summary['reward']}", title_justify="left")
+                        f"reward {summary['reward']}", title_justify="left", caption=COST_NOTE, caption_justify="left")
     for col in ("model", "reward mean", "reward std", "FID", "NFE", "GFLOPs/img", "ms/img", "num"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name in ("base", "tuned"):
@@ -142,4 +149,4 @@ def finetune_report(summary: dict) -> Group:
         loss = h["finetune"].get("final_loss")
         rounds.add_row(str(h["round"]), f"{h['sampled']['reward_mean']:.4f}", str(h["kept"]),
                        f"{h['kept_reward_mean']:.4f}", "-" if loss is None else f"{loss:.4f}")
-    return Group(table, rounds)
+    return Group(table, *warning_lines([(n, summary[n]) for n in ("base", "tuned")]), rounds)

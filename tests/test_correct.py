@@ -115,9 +115,10 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
         assert m["num"] == 64 and m["fid"] is not None and m["features"].startswith("classifier")
     # measured FLOPs: corrected = base + corrector calls, NFE = 4 + 2
     assert summary["base"]["nfe"] == 4 and summary["corrected"]["nfe"] == 6
-    parts = summary["corrected"]["flops_parts"]
-    assert summary["corrected"]["flops_per_image"] == 4 * parts["base_call"] + 2 * parts["corrector_call"]
-    assert 0 < parts["corrector_call"] < parts["base_call"]
+    calls = summary["corrected"]["flops_calls"]
+    assert summary["corrected"]["flops_per_image"] == 4 * calls["base_call"] + 2 * calls["corrector_call"]
+    assert summary["corrected"]["flops_parts"] == {"denoiser": 4 * calls["base_call"], "corrector": 2 * calls["corrector_call"]}
+    assert 0 < calls["corrector_call"] < calls["base_call"]
 
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()

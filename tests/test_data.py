@@ -55,3 +55,25 @@ def test_unknown_split_is_a_clear_error():
         digits_split(labels, "val")
     with pytest.raises(PgraftError, match="digits-train"):
         load_data("digits-val", (1, 16, 16))
+
+
+def test_iter_data_streams_the_same_images_as_load_data(tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from pgraft_cli.data import iter_data
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(7):
+        pixels = (torch.rand(20, 24, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    tensor_file = tmp_path / "imgs.safetensors"
+    save_file({"images": (torch.rand(9, 3, 8, 8, generator=rng) * 255).to(torch.uint8)}, str(tensor_file))
+    for spec, shape in ((str(folder), (3, 8, 8)), (str(tensor_file), (3, 8, 8)), ("digits-test", (1, 16, 16))):
+        batches = list(iter_data(spec, shape, batch=4))
+        assert all(len(b) <= 4 for b in batches)
+        assert torch.equal(torch.cat(batches), load_data(spec, shape)), spec
+    with pytest.raises(PgraftError, match="images of shape"):  # checked before any batch is asked for
+        iter_data(str(tensor_file), (1, 8, 8))

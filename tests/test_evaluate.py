@@ -1,38 +1,118 @@
-"""Evaluation maths pinned against closed forms; FLOPs against a hand count."""
+"""Evaluation: FID/KID through torchmetrics against independent closed forms, streaming updates,
+warnings and errors; FLOPs against hand and direct counts; the Inception input clamp."""
 
 from __future__ import annotations
+
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from pgraft_cli.data import load_digits
-from pgraft_cli.evaluate import (classifier_features, distances, feature_stats, frechet_distance,
-                                 kernel_distance, measure_flops)
+from pgraft_cli.errors import PgraftError
+from pgraft_cli.evaluate import (KID_SUBSETS, FidKid, classifier_features, distances, inception_input,
+                                 measure_flops)
 
 
-def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
+# ----------------------------------------------------------------------------------------------
+# Independent references (numpy, symmetric square roots): not the library's formulation
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """``|mu1 - mu2|^2 + Tr S1 + Tr S2 - 2 Tr (S1^1/2 S2 S1^1/2)^1/2`` (exact for singular S too)."""
+    r = _psd_sqrt(sigma1)
+    inner = np.linalg.eigvalsh(r @ sigma2 @ r)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def fid_of(f1: np.ndarray, f2: np.ndarray) -> float:
+    return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD^2 with the KID kernel ``k(a, b) = (a.b / d + 1)^3`` over all rows."""
+    d, m = x.shape[1], len(x)
+    kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+    return float(((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def test_reference_frechet_distance_matches_the_diagonal_closed_form():
     """For diagonal covariances, FD = |m1 - m2|^2 + sum (sqrt(a) - sqrt(b))^2."""
     mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([0.5, 1.0, 0.0])
     a, b = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 0.25])
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
 
 
-def test_frechet_distance_is_zero_for_identical_stats():
-    rng = np.random.default_rng(0)
-    f = rng.normal(size=(500, 8))
-    mu, sigma = feature_stats(f)
-    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+@pytest.mark.parametrize("n, d", [(400, 8), (30, 64), (12, 40)])  # more, and fewer, samples than dimensions
+def test_fid_equals_the_independent_computation_on_the_same_features(n, d):
+    rng = np.random.default_rng(n + d)
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    gen = rng.normal(size=(n, d)) @ mix + 0.3
+    real = rng.normal(size=(n + 7, d)) @ mix * 1.2
+    out = distances(gen, real, kid_subsets=3)
+    assert out["fid"] == pytest.approx(fid_of(gen, real), rel=1e-6)
+    scale = np.trace(np.cov(gen, rowvar=False))  # zero up to 1e-6 of the distance's scale
+    assert distances(gen, gen, kid_subsets=2)["fid"] == pytest.approx(0.0, abs=1e-6 * scale)
 
 
-def test_kid_near_zero_for_same_distribution_and_large_for_different():
+def test_kid_equals_the_unbiased_mmd_when_every_subset_is_the_whole_set():
+    """With n <= 1000 samples each subset is a permutation of all of them: KID is the full MMD^2."""
     rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(600, 16)), rng.normal(size=(600, 16))
-    far = rng.normal(loc=1.0, size=(600, 16))
-    same = kernel_distance(x, y, subsets=5, subset_size=300)
-    diff = kernel_distance(x, far, subsets=5, subset_size=300)
-    assert abs(same) < 0.05 and diff > 0.5
+    x, y = rng.normal(size=(60, 16)), rng.normal(loc=0.4, size=(60, 16))
+    assert distances(x, y, kid_subsets=4)["kid"] == pytest.approx(mmd2_unbiased(x, y), rel=1e-9)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_reproducible():
+    rng = np.random.default_rng(2)
+    x, y, far = rng.normal(size=(1500, 8)), rng.normal(size=(1500, 8)), rng.normal(loc=1.0, size=(1500, 8))
+    same, diff = distances(x, y, kid_subsets=5), distances(x, far, kid_subsets=5)
+    assert abs(same["kid"]) < 0.02 and diff["kid"] > 0.5
+    assert distances(x, far, kid_subsets=5)["kid"] == diff["kid"]  # subsets drawn from a fixed seed
+
+
+def test_kid_uses_100_subsets_by_default_like_clean_fid():
+    from pgraft_cli.recipes import EvaluateConfig
+
+    assert KID_SUBSETS == 100 and FidKid(4).kid.subsets == 100 and EvaluateConfig().kid_subsets == 100
+
+
+def test_fewer_than_two_samples_is_a_clear_error():
+    one, many = np.zeros((1, 4)), np.random.default_rng(0).normal(size=(10, 4))
+    for gen, real in ((one, many), (many, one)):
+        with pytest.raises(PgraftError, match="at least 2 generated and 2 reference images"):
+            distances(gen, real)
+
+
+def test_fewer_samples_than_feature_dimensions_is_warned():
+    rng = np.random.default_rng(3)
+    small = distances(rng.normal(size=(10, 16)), rng.normal(size=(40, 16)), kid_subsets=2)
+    assert len(small["warnings"]) == 1 and "10 generated images < 16 feature dimensions" in small["warnings"][0]
+    assert distances(rng.normal(size=(20, 16)), rng.normal(size=(20, 16)), kid_subsets=2)["warnings"] == []
+
+
+def test_batched_updates_give_the_same_fid_and_kid_as_one_update():
+    rng = np.random.default_rng(4)
+    gen, real = rng.normal(size=(300, 12)) + 0.1, rng.normal(size=(250, 12))
+    whole = distances(gen, real, kid_subsets=3)
+    metric = FidKid(12, kid_subsets=3)
+    for chunk in np.array_split(real, 7):
+        metric.update(chunk, real=True)
+    for chunk in np.array_split(gen, 5):
+        metric.update(chunk, real=False)
+    streamed = metric.compute()
+    assert streamed["fid"] == pytest.approx(whole["fid"], rel=1e-9)
+    assert streamed["kid"] == pytest.approx(whole["kid"], rel=1e-9)
+    metric.reset_generated()  # the reference side survives: a second model on the same reference
+    metric.update(real, real=False)
+    assert metric.counts == (250, 250) and metric.compute()["fid"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_fid_with_digits_classifier_features():
@@ -40,13 +120,83 @@ def test_fid_with_digits_classifier_features():
     images, _ = load_digits()
     feats = classifier_features()
     real = feats(images)
-    assert real.shape == (len(images), 64)
+    assert real.shape == (len(images), 64) and real.dtype == torch.float64 and feats.num_features == 64
     same = distances(real, real, kid_subsets=2)
     assert same["fid"] == pytest.approx(0.0, abs=1e-4)
     noise = torch.rand(len(images), 1, 16, 16, generator=torch.Generator().manual_seed(0))
     far = distances(feats(noise), real, kid_subsets=2)
     assert far["fid"] > 100 * max(same["fid"], 1e-3) and far["fid"] > 1.0
     assert far["kid"] > 0.1
+
+
+def test_pgraft_feature_extractors_are_torchmetrics_feature_modules():
+    """torchmetrics' FID with pgraft's classifier as its feature module equals pgraft's FID."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    images, _ = load_digits()
+    feats = classifier_features()
+    fid = FrechetInceptionDistance(feature=feats, normalize=True)
+    fid.update(images[:900], real=True)
+    fid.update(images[900:], real=False)
+    ours = distances(feats(images[900:]), feats(images[:900]), kid_subsets=2)["fid"]
+    assert float(fid.compute()) == pytest.approx(ours, rel=1e-6)
+
+
+def test_evaluate_model_streams_shards_and_matches_features_of_all_images(tmp_path):
+    """FID/KID from shard-by-shard updates and batched real data equal those of the whole sets."""
+    from pgraft_cli.checkpoints import load_model
+    from pgraft_cli.data import iter_data, load_data
+    from pgraft_cli.evaluate import evaluate_model
+    from pgraft_cli.recipes import SampleConfig
+    from pgraft_cli.runstore import RunStore
+    from pgraft_cli.sample import load_images
+    from pgraft_cli.ui import progress
+
+    model, feats = load_model("digits"), classifier_features()
+    cfg = SampleConfig(num=70, seed=3, steps=2, batch_size=16, lane=8)
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        out = evaluate_model(model, iter_data("digits", (1, 16, 16), batch=100), cfg, feats, store, bar,
+                             "sample", kid_subsets=4)
+        whole = distances(feats(load_images(store.root)), feats(load_data("digits", (1, 16, 16))), kid_subsets=4)
+    assert out["num"] == 70 and out["warnings"] == []
+    assert out["fid"] == pytest.approx(whole["fid"], rel=1e-9) and out["kid"] == pytest.approx(whole["kid"], rel=1e-9)
+
+
+def test_evaluate_with_one_sample_is_one_error_line(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "pgraft_cli", "evaluate", "digits", "--num", "1", "--steps", "2",
+                           "--quiet", "--run-dir", str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "at least 2 generated" in proc.stderr
+
+
+def test_both_inception_paths_clamp_after_the_resize(monkeypatch):
+    """Bicubic resizing of a hard edge overshoots [0, 255]; Inception must see the clamped values."""
+    from pgraft_cli.evaluate import inception_features
+
+    edge = torch.zeros(2, 1, 8, 8)
+    edge[:, :, :, 4:] = 1.0
+    raw = torch.nn.functional.interpolate(edge * 255, size=(299, 299), mode="bicubic", antialias=True)
+    assert raw.min() < 0 and raw.max() > 255  # the overshoot the clamp is for
+    x = inception_input(edge)
+    assert x.shape == (2, 3, 299, 299) and x.min() == 0 and x.max() == 255
+    seen = []
+
+    def fake_extractor(name, device, use_dataparallel):  # clean-fid's entry point, without its weights
+        def net(x):
+            seen.append(x)
+            return x.mean(dim=(2, 3))
+        return net
+
+    monkeypatch.setitem(sys.modules, "cleanfid", types.ModuleType("cleanfid"))
+    monkeypatch.setitem(sys.modules, "cleanfid.features",
+                        types.SimpleNamespace(build_feature_extractor=fake_extractor))
+    feats = inception_features(None)
+    assert feats.name == "inception:clean-fid" and feats.num_features == 3
+    feats(edge)
+    assert seen[-1].min() >= 0 and seen[-1].max() <= 255
 
 
 def test_flops_of_a_conv_layer_match_the_hand_count():
@@ -64,13 +214,16 @@ def test_flops_count_the_network_that_runs_at_each_step():
     from pgraft_cli.finetune import add_lora
 
     model = load_model("digits")
-    nfe, base_total, parts = flops_per_image(model, 8)
-    assert nfe == 8 and base_total == 8 * parts["base_call"] and "tuned_call" not in parts
+    base = flops_per_image(model, 8)
+    calls = base["flops_calls"]
+    assert base["nfe"] == 8 and base["flops_per_image"] == 8 * calls["base_call"] and "tuned_call" not in calls
+    assert base["flops_parts"] == {"denoiser": base["denoiser_flops_per_image"]}  # pixel space, no text
     add_lora(model.network, rank=4, alpha=4)
     model.lora, model.cutoff = True, 0.5
-    nfe, total, parts = flops_per_image(model, 8)  # grid 1, .875, ..., .125: 4 times above 0.5
-    assert parts["tuned_steps"] == 4 and parts["tuned_call"] > parts["base_call"]  # the adapter costs a little
-    assert total == 4 * parts["base_call"] + 4 * parts["tuned_call"]
+    tuned = flops_per_image(model, 8)  # grid 1, .875, ..., .125: 4 times above 0.5
+    calls = tuned["flops_calls"]
+    assert calls["tuned_steps"] == 4 and calls["tuned_call"] > calls["base_call"]  # the adapter costs a little
+    assert tuned["flops_per_image"] == 4 * calls["base_call"] + 4 * calls["tuned_call"]
 
 
 def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tiny_sd_dir):
@@ -78,9 +231,30 @@ def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tin
     from pgraft_cli.evaluate import flops_per_image
 
     model = load_model(str(tiny_sd_dir))
-    _, plain, _ = flops_per_image(model, 3, guidance_scale=1.0)
-    _, guided, _ = flops_per_image(model, 3, guidance_scale=5.0)
-    assert guided == 2 * plain
+    plain = flops_per_image(model, 3, guidance_scale=1.0)
+    guided = flops_per_image(model, 3, guidance_scale=5.0)
+    assert guided["nfe"] == plain["nfe"] == 3  # NFE counts a guided step once ...
+    assert guided["denoiser_flops_per_image"] == 2 * plain["denoiser_flops_per_image"]  # ... FLOPs both halves
+    # the negative prompt is encoded too under guidance; the decoder runs once per image either way
+    assert guided["flops_parts"]["text_encoders"] == 2 * plain["flops_parts"]["text_encoders"] > 0
+    assert guided["flops_parts"]["vae_decoder"] == plain["flops_parts"]["vae_decoder"]
+
+
+def test_flops_of_a_latent_text_model_include_the_vae_decoder_and_text_encoders(tiny_sd_dir):
+    from pgraft_cli.checkpoints import load_model
+    from pgraft_cli.evaluate import flops_per_image
+
+    model = load_model(str(tiny_sd_dir))
+    out = flops_per_image(model, 4, guidance_scale=3.0)
+    parts = out["flops_parts"]
+    assert set(parts) == {"denoiser", "text_encoders", "vae_decoder"}
+    assert sum(parts.values()) == out["flops_per_image"] > out["denoiser_flops_per_image"] == parts["denoiser"]
+    assert parts["denoiser"] == 4 * out["flops_calls"]["base_call"]
+    latents = torch.zeros((1, *model.sample_shape))
+    assert parts["vae_decoder"] == measure_flops(lambda: model.vae.decode(latents)) > 0
+    tokens = model.pipeline.tokenizer([""], padding="max_length", max_length=model.pipeline.tokenizer.model_max_length,
+                                      return_tensors="pt").input_ids
+    assert parts["text_encoders"] == 2 * measure_flops(lambda: model.pipeline.text_encoder(tokens)) > 0
 
 
 class _TinyInception(torch.nn.Module):
@@ -104,8 +278,24 @@ def test_inception_features_from_a_local_torchscript_file(tmp_path):
     feats = pick_features("auto", (1, 16, 16), str(path))  # weights given: Inception even for digits
     assert feats.name == "inception:inception-2015-12-05.pt"
     out = feats(torch.rand(5, 1, 16, 16))
-    assert out.shape == (5, 8)
+    assert out.shape == (5, 8) and feats.num_features == 8
     with pytest.raises(PgraftError, match="no such file"):
         pick_features("inception", (3, 32, 32), str(tmp_path / "missing.pt"))
     with pytest.raises(PgraftError, match="1x16x16"):
         pick_features("classifier", (3, 32, 32), None)
+
+
+def test_a_reference_from_images_batches_or_features_gives_bit_identical_fid():
+    """Every route to the reference (a tensor, iter_data's batches, a feature matrix) gives the same bits."""
+    from pgraft_cli.data import iter_data, load_data
+    from pgraft_cli.evaluate import reference
+
+    feats = classifier_features()
+    real = load_data("digits", (1, 16, 16))
+    gen = feats(torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
+    fids = []
+    for given in (real, iter_data("digits", (1, 16, 16)), feats(real)):
+        metric = reference(feats, given, kid_subsets=2)
+        metric.update(gen, real=False)
+        fids.append(metric.compute()["fid"])
+    assert fids[0] == fids[1] == fids[2]

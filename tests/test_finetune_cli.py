@@ -52,7 +52,7 @@ def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
     # P-GRAFT samples carry the state at the cutoff and its time
     from pgraft_cli.sample import iter_shards
 
-    shard = iter_shards(run, "sample")[0]
+    shard = next(iter_shards(run, "sample"))
     assert shard["captured"].shape == shard["samples"].shape and float(shard["captured_t"][0]) == 0.5
     from pgraft_cli.sample import initial_noise
 

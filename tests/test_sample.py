@@ -137,3 +137,25 @@ def test_the_cli_tunes_glibc_malloc_where_it_can():
         assert applied is True
     else:
         assert applied is False
+
+
+def test_stage_readers_read_only_the_keys_and_rows_asked_for(tmp_path):
+    """Streaming readers: one shard at a time, only the named keys, only the wanted rows."""
+    import torch
+
+    from pgraft_cli.sample import iter_images, iter_shards, load_images, stage_rows, stage_tensors
+
+    run = tmp_path / "run"
+    sample(tmp_path, "rows", "--num", "37", "--steps", "2", "--batch-size", "16", "--capture-at", "0.5",
+           "--run-dir", str(run))
+    shards = list(iter_shards(run, "sample", "index", "images"))
+    assert len(shards) == 3 and all(set(s) == {"index", "images"} for s in shards)
+    every = stage_tensors(run, "sample", "index", "samples", "captured", "class_label")
+    assert set(every) == {"index", "samples", "captured"} and torch.equal(every["index"], torch.arange(37))
+    rows = torch.tensor([0, 1, 2, 15, 16, 17, 30, 36])  # runs that cross shard boundaries
+    picked = stage_rows(run, "sample", rows, "samples", "captured")
+    assert torch.equal(picked["samples"], every["samples"][rows])
+    assert torch.equal(picked["captured"], every["captured"][rows])
+    batches = list(iter_images(run))
+    assert [len(b) for _, b in batches] == [16, 16, 5]
+    assert torch.equal(torch.cat([b for _, b in batches]), load_images(run))

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Peak memory of ``pgraft evaluate`` against run size: streamed (today) and materialised (before).
+
+Each point is a fresh subprocess that runs ``pgraft evaluate`` end to end (model load, sampling
+into the run store, features, FID/KID) and reports its own peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) at exit. Two workloads:
+
+1. ``digits``: the bundled 1x16x16 flow and classifier features, against the bundled digits.
+2. ``rgb-S``: a tiny random UNet (flow scheduler) making 3xSxS images, features from a tiny
+   TorchScript stand-in for clean-fid's Inception (``--inception-weights``, so each image is
+   resized to 299 x 299 as with the real network), against a uint8 ``.safetensors`` of N images.
+
+``materialised`` re-runs the same command in the same run directory (its samples are cached, so
+this point measures the metrics alone) with the readers of the old code patched in: every
+generated image loaded at once (``load_images``) and every reference image at once
+(``load_data``). ``streamed (cached)`` is the same cached re-run with today's code: the pair shows
+what streaming saves; ``streamed`` is the first run, sampling included.
+
+    OMP_NUM_THREADS=1 python bench/memory.py                       # defaults, see --help
+    OMP_NUM_THREADS=1 python bench/memory.py --digits 500 2000 8000 --rgb 500 2000 --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs in each fresh subprocess: report peak RSS at exit; in "materialised" mode, patch in the
+# old readers (all generated images, then all reference images, in memory at once).
+CHILD = r"""
+import atexit, json, resource, sys
+atexit.register(lambda: print("PGRAFT_MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))
+mode, args = sys.argv[1], sys.argv[2:]
+if mode == "materialised":
+    import torch
+    import pgraft_cli.data as data, pgraft_cli.sample as sample
+    load_images, load_data = sample.load_images, data.load_data
+    def all_images(run_dir, stage_name="sample"):
+        images = load_images(run_dir, stage_name)
+        yield torch.arange(len(images)), images
+    sample.iter_images = all_images
+    data.iter_data = lambda spec, shape, batch=256: load_data(spec, shape)
+sys.argv = ["pgraft", *args]
+from pgraft_cli.cli import main
+main()
+"""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--digits", type=int, nargs="*", default=[500, 2000, 8000], help="sample counts of the digits model")
+    p.add_argument("--rgb", type=int, nargs="*", default=[500, 2000], help="sample counts of the tiny RGB model")
+    p.add_argument("--size", type=int, default=128, help="image side of the tiny RGB model")
+    p.add_argument("--steps", type=int, default=1, help="sampler steps (memory does not depend on them)")
+    p.add_argument("--workdir", type=Path, default=None, help="where run directories go (default: a temp dir)")
+    return p.parse_args()
+
+
+def tiny_rgb_model(folder: Path, size: int) -> Path:
+    """A DDPMPipeline folder holding a tiny random UNet2DModel and a flow-matching scheduler."""
+    import torch
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    DDPMPipeline(unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)).save_pretrained(
+        folder, safe_serialization=True)
+    return folder
+
+
+class TinyInception:
+    """Builds clean-fid's TorchScript call signature around one strided convolution (8 features)."""
+
+    @staticmethod
+    def save(path: Path) -> Path:
+        import torch
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
+
+            def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+                return self.conv(x / 255.0).mean(dim=(2, 3))
+
+        torch.manual_seed(0)
+        torch.jit.save(torch.jit.script(Net()), str(path))
+        return path
+
+
+def reference_images(path: Path, n: int, size: int) -> Path:
+    """``n`` random uint8 3 x size x size images in a .safetensors file (tensor ``images``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    images = torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    save_file({"images": images}, str(path))
+    return path
+
+
+def measure(mode: str, args: list[str]) -> tuple[float, float, dict]:
+    """(peak RSS in MiB, seconds, the JSON summary) of one fresh ``pgraft`` process."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    tic = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, *args, "--json"], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    seconds = time.perf_counter() - tic
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    kb = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PGRAFT_MAXRSS_KB"))
+    return kb / 1024, seconds, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="pgraft-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    points = [("digits", "1x16x16", n, ["digits", "--data", "digits"]) for n in args.digits]
+    if args.rgb:
+        model = tiny_rgb_model(work / "tiny-rgb", args.size)
+        weights = TinyInception.save(work / "tiny-inception.pt")
+        for n in args.rgb:
+            data = reference_images(work / f"reference-{n}.safetensors", n, args.size)
+            points.append((f"rgb-{args.size}", f"3x{args.size}x{args.size}", n,
+                           [str(model), "--data", str(data), "--inception-weights", str(weights)]))
+    rows = []
+    for name, shape, n, cmd in points:
+        run = work / f"run-{name}-{n}"
+        full = ["evaluate", *cmd, "--num", str(n), "--steps", str(args.steps), "--run-dir", str(run)]
+        first, t_first, summary = measure("streamed", full)
+        cached, _, again = measure("streamed", full)
+        old, _, before = measure("materialised", full)
+        assert abs(before["fid"] - again["fid"]) <= 1e-9 * max(1.0, abs(again["fid"])), (before["fid"], again["fid"])
+        rows.append((name, shape, n, summary["fid"], first, cached, old, t_first))
+        print(f"{name} {shape} n={n}: streamed {first:.0f} MiB, streamed (cached) {cached:.0f} MiB, "
+              f"materialised {old:.0f} MiB, {t_first:.0f}s", file=sys.stderr, flush=True)
+    print("| model | image | samples | FID | peak RSS streamed (MiB) | streamed, cached run (MiB) "
+          "| materialised, cached run (MiB) | s (streamed) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, shape, n, fid, first, cached, old, t in rows:
+        print(f"| {name} | {shape} | {n} | {fid:.3f} | {first:.0f} | {cached:.0f} | {old:.0f} | {t:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
