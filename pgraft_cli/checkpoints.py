@@ -96,6 +96,31 @@ def identity_of(path: Path) -> str:
     return h.hexdigest()
 
 
+# Fields of a LoadedModel that do not enter its stage key: the network and pipeline are the files
+# ``identity`` hashes (LoRA weights added in memory are keyed apart), the rest only describe it.
+_NOT_KEYED = ("network", "pipeline", "source", "source_kind", "provenance", "metadata", "default_data",
+              "default_eval_data")
+
+
+def model_key(model: LoadedModel) -> dict[str, Any]:
+    """What a stage that runs ``model`` depends on, for its stage key.
+
+    The files' identity, then every other field of the loaded model (configs, schedule, cutoff,
+    guidance ...; a field added later is keyed automatically), with a composed model's corrector
+    and tuned network as digests of their weights, its LoRA adapter's weights, and the dtype and
+    device type the network runs in.
+    """
+    import dataclasses
+
+    from .runstore import content_key, state_digest
+
+    key = {f.name: content_key(getattr(model, f.name)) for f in dataclasses.fields(model) if f.name not in _NOT_KEYED}
+    if model.lora:
+        key["lora"] = state_digest({k: v for k, v in model.network.state_dict().items() if "lora_" in k})
+    key["dtype"], key["device_type"] = str(model.dtype), model.device.type
+    return key
+
+
 # ----------------------------------------------------------------------------------------------
 # Networks
 
@@ -206,6 +231,7 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
         provenance=provenance,
         metadata=metadata,
         default_data=metadata.get("pgraft.data") or None,
+        default_eval_data=metadata.get("pgraft.eval_data") or None,
     )
 
 
@@ -425,6 +451,7 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
         loaded.source, loaded.identity, loaded.metadata = str(path), sha256_file(path), metadata
         loaded.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
         loaded.default_data = metadata.get("pgraft.data") or None
+        loaded.default_eval_data = metadata.get("pgraft.eval_data") or None
         return loaded
     if cfg_path.is_dir():
         model_cfg_file = cfg_path / "config.json"
@@ -592,6 +619,7 @@ def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
         return {"kind": "corrector", "corrector": model.corrector.kind, "corrector_steps": model.corrector.steps,
                 "base_steps": model.corrector.base_steps, "base_identity": model.base_identity,
                 "metrics": json.loads(meta.get("pgraft.metrics", "null"))}
+        "default_eval_data": model.default_eval_data,
     if "pgraft.finetune" in meta:
         tuning = json.loads(meta["pgraft.finetune"])
         metrics = json.loads(meta.get("pgraft.metrics", "null")) or {}

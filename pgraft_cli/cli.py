@@ -35,11 +35,11 @@ app = typer.Typer(
 # -- output paths: refused before any work -------------------------------------------------------
 
 
-def _check_writable(path: Path, flag: str) -> None:
-    """Refuse a path whose nearest existing folder is a file or cannot be written to."""
+def _check_writable(path: Path, flag: str, is_file: bool = False) -> None:
+    """Refuse a path whose nearest existing folder (itself, for a folder) is a file or cannot be written to."""
     import tempfile
 
-    ancestor = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    ancestor = next((p for p in (*([] if is_file else [path]), *path.parents) if p.exists()), Path("."))
     if not ancestor.is_dir():
         raise OutputPathError(f"{flag} {path} lies under {ancestor}, which is a file, not a folder; pass another path")
     try:
@@ -81,7 +81,7 @@ def _safetensors_path(value: Optional[Path]) -> Optional[Path]:
         if value.suffix.lower() != ".safetensors":
             raise OutputPathError(f"--out {value} does not end in .safetensors, the one format pgraft writes; "
                                   f"pass e.g. {value.with_suffix('.safetensors')}")
-        _check_writable(value, "--out")
+        _check_writable(value, "--out", is_file=True)
     return value
 
 
@@ -673,7 +673,11 @@ def _references(loaded: Any, data: Optional[str], eval_data: Optional[str], real
     spec = eval_data or (None if data else loaded.default_eval_data)
     refs = {}
     if spec and spec != data_id:
-        refs[spec] = reference(feats, iter_data(spec, loaded.image_shape), kid_subsets)
+        try:
+            batches = iter_data(spec, loaded.image_shape)
+        except PgraftError as exc:  # the same checks as --data, named after the option the user gave
+            raise PgraftError(str(exc).replace("--data", "--eval-data", 1)) from None
+        refs[spec] = reference(feats, batches, kid_subsets)
     refs[data_id] = reference(feats, real, kid_subsets)
     return next(iter(refs)), refs
 

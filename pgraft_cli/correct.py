@@ -289,6 +289,8 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
 
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
                    allow_pickle: bool) -> LoadedModel:
+    if base.default_eval_data:
+        extra["pgraft.eval_data"] = base.default_eval_data
     """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
     from .checkpoints import build_network, load_base_for, load_state, read_safetensors
 

@@ -35,3 +35,7 @@ class RunStoreError(PgraftError):
 
 class NotYetAvailableError(PgraftError):
     """A verb or stage whose implementation has not landed yet."""
+
+
+class OutputPathError(PgraftError):
+    """An output path (--out, --run-dir) is the wrong kind of thing or cannot be written."""

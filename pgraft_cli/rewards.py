@@ -108,9 +108,11 @@ def _as_scores(value: Any, n: int, spec: str) -> Tensor:
     if tuple(scores.shape) != (n,):
         raise RewardError(f"reward {spec} returned shape {tuple(scores.shape)} for {n} images; "
                           f"return one score per image, shape ({n},)")
-    if not torch.isfinite(scores).all():
-        raise RewardError(f"reward {spec} returned NaN or infinite scores; fix the reward so every image gets a "
-                          f"finite number")
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if len(bad):
+        raise RewardError(f"reward {spec} returned {len(bad)} NaN or infinite scores in a batch of {n} "
+                          f"(first {float(scores[bad[0]])} at row {int(bad[0])}); fix the reward so every image "
+                          f"gets a finite number")
     return scores
 
 
@@ -181,7 +183,8 @@ def _to_rgb_pil(images: Tensor) -> list[Any]:
 
 
 @register_reward("classifier", "classifier:PATH:CLASS",
-                 "log-probability of CLASS under a pgraft classifier (PATH 'digits' = the bundled one)")
+                 "log-probability of CLASS under a pgraft classifier (PATH 'digits' = the bundled one, "
+                 "'judge' = the bundled judge)")
 def classifier_reward(args: Optional[str], device: str, spec: str) -> Reward:
     """``r(x) = log softmax(head(body(2 x - 1)))[CLASS]``: the classifier reads images in [-1, 1].
 
@@ -190,16 +193,16 @@ def classifier_reward(args: Optional[str], device: str, spec: str) -> Reward:
     of another size are resized to the classifier's ``image_size`` (bilinear, antialiased,
     ``align_corners=False``).
     """
-    from .evaluate import CLASSIFIER_PATH
+    from .evaluate import CLASSIFIER_PATH, JUDGE_PATH
 
     usage = "pass classifier:PATH:CLASS, e.g. classifier:digits:3"
     if not args or ":" not in args:
         raise RewardError(f"reward {spec!r} needs a classifier and a class; {usage}")
     path_text, class_text = args.rsplit(":", 1)
-    path = CLASSIFIER_PATH if path_text == "digits" else Path(path_text).expanduser()
+    path = {"digits": CLASSIFIER_PATH, "judge": JUDGE_PATH}.get(path_text) or Path(path_text).expanduser()
     if not path.is_file():
         raise RewardError(f"reward {spec}: no classifier file {path_text!r}; pass a pgraft classifier "
-                          f".safetensors, or 'digits' for the bundled one ({usage})")
+                          f".safetensors, 'digits' for the bundled one or 'judge' for the bundled judge ({usage})")
     from .nets import load_classifier
 
     try:
@@ -422,6 +425,12 @@ def _t2v_vqascore(model_name: str, device: str, spec: str) -> Reward:
 # python:MODULE:FUNCTION
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, at most 200 characters of message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
 @register_reward("python", "python:MODULE:FUNCTION or python:FILE.py:FUNCTION",
                  "your own fn(images, prompts) -> (N,) scores")
 def python_reward(args: Optional[str], device: str, spec: str) -> Reward:
@@ -454,15 +463,18 @@ def python_reward(args: Optional[str], device: str, spec: str) -> Reward:
     except RewardError:
         raise
     except Exception as exc:  # the user's module failed to import: say where, keep it one line
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise RewardError(f"reward {spec}: importing {target!r} failed ({type(exc).__name__}: {detail}); "
-                          f"fix the module or the path") from None
+        raise RewardError(f"reward {spec}: importing {target!r} failed ({first_line(exc)}); "
+                          f"fix the module or the path (pgraft --debug shows the traceback)") from exc
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise RewardError(f"reward {spec}: {target!r} has no function {func_name!r}; {usage}")
 
     def call(images: Tensor, prompts: Optional[list[str]]) -> Any:
-        return fn(images.cpu(), prompts)
+        try:
+            return fn(images.cpu(), prompts)
+        except Exception as exc:  # the user's own code: one line naming it; --debug shows the traceback
+            raise RewardError(f"reward {spec}: your function {func_name}() raised {first_line(exc)}; fix it "
+                              f"(pgraft --debug ... shows the traceback)") from exc
 
     identity = f"python:sha256={sha256_file(path)}:{func_name}" if is_file else spec
     return Reward("python", call, spec=spec, identity=identity)
