@@ -529,7 +529,7 @@ def test_inspect_digits_json():
     assert info["family"] == "flow" and info["prediction_type"] == "flow"
     assert info["conditioning"] == "none" and info["num_classes"] is None
     assert info["sample_shape"] == [1, 16, 16] and info["image_shape"] == [1, 16, 16] and info["latent"] is False
-    assert info["default_data"] == "digits"
+    assert info["default_data"] == "digits-train" and info["default_eval_data"] == "digits-test"
     assert info["source_kind"] == "pgraft-safetensors" and info["model_class"] == "UNet2DModel"
     assert "training" in info["provenance"]
     assert info["parameters"] == load_model("digits").parameter_count()
