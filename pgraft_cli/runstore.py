@@ -9,7 +9,10 @@ Layout of a run directory::
       <stage>/shard-00000.safetensors   one finished shard, written atomically
       <stage>/shard-00000.sha256        its checksum, written after the shard
 
-A stage's **key** hashes its config, its inputs' identities and the pgraft version. Work is cut into
+A stage's **key** hashes its config (every recipe key it reads), the content of its inputs (digests
+of the tensors and weights it reads, and :meth:`RunStore.outputs_digest` of the stages it reads
+from) and the pgraft version, so a changed input redoes the stage and everything downstream, and a
+cached stage never stands in for one that would compute something else. Work is cut into
 shards; a shard is done when its file and checksum file both exist and agree, so after Ctrl-C or
 ``kill -9`` at any moment the stage resumes from the last finished shard. A stage whose key changed
 is cleared and redone. Under ``accelerate launch`` every process writes its own shards and only the
@@ -97,6 +100,49 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def tensor_digest(tensor: Any) -> str:
+    """sha256 of a tensor's dtype, shape and values: what a stage that reads it depends on."""
+    import torch
+
+    t = tensor.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """sha256 of a state dict (weights): every name with its tensor's digest, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(f"{name}\0{tensor_digest(state[name])}\n".encode())
+    return h.hexdigest()
+
+
+def content_key(obj: Any) -> Any:
+    """A JSON-able description of ``obj`` for a stage key: tensors and modules become digests.
+
+    Dataclasses become dicts of their fields (so a field added later is keyed automatically),
+    ``nn.Module`` objects the digest of their state dict, tensors their :func:`tensor_digest`.
+    """
+    import dataclasses
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": tensor_digest(obj)}
+    if isinstance(obj, torch.nn.Module):
+        return {"weights": state_digest(obj.state_dict())}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: content_key(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): content_key(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [content_key(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
 
 
 def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, Any]) -> str:
@@ -206,6 +252,18 @@ class RunStore:
             }
             self._write_manifest(manifest)
         return StageRun(self, name, key, directory, num_shards)
+
+    def outputs_digest(self, name: str) -> Optional[str]:
+        """sha256 of a finished stage's outputs (their paths and checksums); None if it is not done.
+
+        A stage that reads another stage's outputs puts this among its inputs, so it is redone
+        whenever those outputs were made again (a new key upstream, or a repaired shard).
+        """
+        entry = self.read_manifest()["stages"].get(name)
+        if entry is None or entry.get("status") != "done":
+            return None
+        blob = json.dumps(entry.get("outputs", {}), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def write_json(self, relpath: str, obj: Any) -> Path:
         path = self.root / relpath
