@@ -741,7 +741,7 @@ def correct(
     """
     import torch
 
-    from .correct import run_invert, run_train_corrector, save_corrected
+    from .correct import check_correctable, run_invert, run_train_corrector, save_corrected
     from .evaluate import evaluate_model, pick_features
     from .recipes import SampleConfig
     from .runstore import RunStore, atomic_write_text
@@ -758,6 +758,7 @@ def correct(
     loaded = _load(model, config, kind, allow_pickle, rec)
     if loaded.corrector is not None:
         raise PgraftError(f"{model} is already a corrected model; pass its base model to correct it again")
+    check_correctable(loaded)
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
     real, data_id = _real_data(loaded, data)
@@ -809,7 +810,11 @@ def correct(
         f"features {base_metrics['features']}, FID against {fid_data})",
         [(f"base ({rec.correct.base_steps} steps)", base_metrics),
          (f"corrected ({corrector.kind}, {corrector.steps} + {rec.correct.base_steps} steps)", corr_metrics)]))
-    console.print(f"inversion: reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} "
+    console.print(f"inversion: {inv['num']} images, {inv['converged']} converged (every step's residual < "
+                  f"{rec.correct.inversion_tol:g}), {inv['dropped']} dropped (round-trip RMS > "
+                  f"{inv['max_reconstruction_rms']:g} per image); network calls per image mean "
+                  f"{inv['iterations_mean']:.1f}, max {inv['iterations_max']} (cap {inv['iterations_cap']})")
+    console.print(f"  reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} "
                   f"(max {inv['reconstruction_rms_max']:.4f}); inverted noise mean {inv['noise_mean']:+.3f}, "
                   f"std {inv['noise_std']:.3f} (N(0, I): 0, 1)")
     console.print(f"corrector: {info['kind']}, {info['parameters']:,} parameters"
@@ -912,7 +917,7 @@ def evaluate(
             return
         metrics = {**metrics, "model": loaded.source, "data": data_id, "fid_data": fid_data, "run_dir": str(store.root),
                    "corrected": loaded.corrector is not None, "finetuned": loaded.finetuned,
-                   "cutoff": loaded.cutoff}
+                   "cutoff": loaded.cutoff, "dtype": str(loaded.dtype).removeprefix("torch.")}
         store.write_json("evaluate.json", metrics)
     seconds = time.perf_counter() - tic
     report = render_report(store.root, run={"verb": "evaluate", "device": dev, "seconds": round(seconds, 2)})

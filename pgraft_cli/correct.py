@@ -1,19 +1,20 @@
 """Inverse noise correction (PAPER.md section 3): invert data, fit a noise corrector, compose.
 
 1. ``run_invert``: freeze the base flow and invert its N-step Euler sampler ``T`` on every real
-   image (backward Euler by fixed-point iteration, ``samplers.invert``); check ``T(T^-1(x)) - x``
-   and refuse to go on when its RMS exceeds ``correct.max_reconstruction_rms``. Sharded, resumable.
+   image (backward Euler, Anderson-accelerated, per image: ``samplers.invert``); check
+   ``T(T^-1(x)) - x`` per image, drop images whose RMS exceeds ``correct.max_reconstruction_rms``
+   and refuse to go on when more than ``correct.max_dropped_fraction`` are dropped. Sharded, resumable.
 2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`) from N(0, I) to the
    inverted noises with the flow-matching loss; checkpoints to the run directory and resumes
    bit-exactly (every step's randomness is seeded by ``(seed, step)``; optimizer state is kept in
    safetensors, never pickled). Or ``corrector = "gaussian"``: the cheapest baseline, a Gaussian
-   with the inverted noises' mean and covariance.
+   with the inverted noises' mean and covariance (more images than dimensions only), or
+   ``"gaussian-diag"``: per-dimension mean and std.
 3. Sampling composes ``e ~ N(0, I) -> corrector -> corrected noise -> base sampler T``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -24,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import model_key
 from .errors import PgraftError
 from .models import Cond, LoadedModel
 from .recipes import CorrectConfig
-from .runstore import RunStore, derive_seed, load_training_state, save_training_state
+from .runstore import RunStore, derive_seed, load_training_state, save_training_state, tensor_digest
 from .samplers import NoiseSchedule, invert, sample
+from .training import ema_decay, ema_update_
 
 # ----------------------------------------------------------------------------------------------
 # The corrector
@@ -39,8 +42,10 @@ class NoiseCorrector:
     """Maps N(0, I) noise to the base sampler's inverse-noise distribution.
 
     ``kind = "flow"``: a small diffusers UNet2DModel flow (``v = e - z``, t = 1 noise, t = 0 the
-    corrected noise z) integrated with ``steps`` Euler steps. ``kind = "gaussian"``: ``z = mean +
-    L e`` with ``L`` the Cholesky factor of the inverted noises' covariance (no network calls).
+    corrected noise z) integrated with ``steps`` Euler steps; it computes in its network's dtype
+    (timesteps in float32) and returns the caller's dtype. ``kind = "gaussian"``: ``z = mean + L e``
+    with ``L`` the Cholesky factor of the inverted noises' covariance; ``"gaussian-diag"``:
+    ``z = mean + std * e`` per dimension (no network calls).
     """
 
     kind: str
@@ -50,6 +55,7 @@ class NoiseCorrector:
     model_config: Optional[dict[str, Any]] = None
     mean: Optional[Tensor] = None
     chol: Optional[Tensor] = None
+    std: Optional[Tensor] = None
 
     schedule = NoiseSchedule.flow()
 
@@ -59,25 +65,34 @@ class NoiseCorrector:
 
     def velocity(self, z: Tensor, t: Tensor) -> Tensor:
         assert self.network is not None
-        timestep = self.schedule.timestep(t).to(device=z.device, dtype=z.dtype).expand(z.shape[0])
+        timestep = self.schedule.timestep(t).to(device=z.device, dtype=torch.float32).expand(z.shape[0])
         return self.network(z, timestep).sample
 
     @torch.no_grad()
     def __call__(self, noise: Tensor) -> Tensor:
-        if self.kind == "gaussian":
-            assert self.mean is not None and self.chol is not None
+        if self.network is None:
+            assert self.mean is not None
             flat = noise.reshape(noise.shape[0], -1).double()
-            z = self.mean.double() + flat @ self.chol.double().T
-            return z.to(noise.dtype).reshape(noise.shape)
-        z, _ = sample(self.velocity, self.schedule, noise, self.schedule.grid(self.steps))
-        return z
+            spread = flat * self.std.double() if self.kind == "gaussian-diag" else flat @ self.chol.double().T
+            return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
+        own = next(self.network.parameters()).dtype
+        z, _ = sample(self.velocity, self.schedule, noise.to(own), self.schedule.grid(self.steps))
+        return z.to(noise.dtype)
 
     def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "NoiseCorrector":
         if self.network is not None:
             self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        if self.mean is not None:
-            self.mean, self.chol = self.mean.to(device), self.chol.to(device)
+        for name in ("mean", "chol", "std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
+
+    def map_flops(self) -> int:
+        """FLOPs per image of a Gaussian corrector (a multiply-add is 2, as torch's flop counter):
+        ``2 D^2`` for the Cholesky matmul, ``2 D`` for the diagonal form."""
+        assert self.mean is not None
+        dim = self.mean.numel()
+        return 2 * dim * (1 if self.kind == "gaussian-diag" else dim)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.network.parameters()) if self.network is not None else 0
@@ -94,12 +109,43 @@ def corrector_config(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> 
             "norm_num_groups": min(8, widths[0]), "attention_head_dim": widths[-1] // 2}
 
 
+MAX_FULL_COVARIANCE_DIM = 16384  # a D x D float64 covariance above this is > 2 GB
+
+
 def fit_gaussian(noises: Tensor, jitter: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """Mean and Cholesky factor of the covariance of (N, ...) samples (float64)."""
+    """Mean and Cholesky factor of the covariance of (N, ...) samples (float64).
+
+    Refused when ``N <= D`` (the covariance has rank < D: samples would stay in the span of the
+    training noises, plus jitter) or ``D > MAX_FULL_COVARIANCE_DIM`` (it would not fit in memory).
+    """
     flat = noises.reshape(noises.shape[0], -1).double()
+    num, dim = flat.shape
+    if num <= dim or dim > MAX_FULL_COVARIANCE_DIM:
+        raise PgraftError(f"a full-covariance Gaussian corrector needs more images than dimensions and at most "
+                          f"{MAX_FULL_COVARIANCE_DIM} dimensions (got {num} images of dimension {dim}); set "
+                          f"correct.corrector = \"gaussian-diag\" (per-dimension mean and std) or \"flow\"")
     mean = flat.mean(0)
     cov = torch.cov(flat.T) + jitter * torch.eye(flat.shape[1], dtype=torch.float64)
     return mean, torch.linalg.cholesky(cov)
+
+
+def fit_gaussian_diag(noises: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation of (N, ...) samples (float64, unbiased std)."""
+    flat = noises.reshape(noises.shape[0], -1).double()
+    return flat.mean(0), flat.std(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage keys: the whole [correct] section, less the keys a stage provably never reads
+
+# The corrector's keys: only training the corrector and sampling it read them, never the inversion.
+def invert_config(cfg: CorrectConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if not k.startswith("corrector")}
+
+
+# Training never reads these: checkpoints resume bit-exactly at any interval, and the corrector's
+# sampling steps are used when it samples (they are in the sample stages' keys via model_key).
+NOT_TRAINING_KEYS = ("corrector_checkpoint_every", "corrector_sample_steps")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,65 +157,95 @@ def _model_space(model: LoadedModel, images: Tensor, lane: int) -> Tensor:
                       for chunk in images.split(lane)])
 
 
-def run_invert(model: LoadedModel, images: Tensor, data_id: str, cfg: CorrectConfig, lane: int,
-               store: RunStore, bar: Any) -> tuple[Tensor, dict[str, float]]:
-    """Invert every image (in shards of ``cfg.invert_shard_size``); returns noises and error stats."""
-    from safetensors.torch import load_file, save_file
-
+def check_correctable(model: LoadedModel) -> None:
+    """Inverse noise correction needs an unconditioned flow (the conditioned case is not supported yet)."""
     if model.family != "flow":
         raise PgraftError(f"inverse noise correction needs a flow model; {model.source} is a {model.family} model "
                           f"(pass --kind flow only if it really is a flow)")
-    x0 = _model_space(model, images, lane)
+    if model.conditioning != "none":
+        raise PgraftError(f"inverse noise correction supports unconditioned flows only; {model.source} is "
+                          f"{model.conditioning}-conditioned (use an unconditional model, or fine-tune with pgraft run)")
+
+
+def run_invert(model: LoadedModel, images: Tensor, cfg: CorrectConfig, lane: int,
+               store: RunStore, bar: Any) -> tuple[Tensor, dict[str, Any]]:
+    """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises and stats.
+
+    An image whose round trip ``RMS(T(T^-1(x)) - x)`` exceeds ``max_reconstruction_rms`` is dropped
+    from training and counted; more than ``max_dropped_fraction`` dropped fails the stage.
+    """
+    from safetensors.torch import load_file, save_file
+
+    check_correctable(model)
     size = cfg.invert_shard_size
-    num_shards = math.ceil(len(x0) / size)
-    config = {"steps": cfg.base_steps, "iterations": cfg.inversion_iterations, "tol": cfg.inversion_tol,
-              "lane": lane, "shard_size": size, "data_noise": cfg.data_noise, "seed": cfg.seed}
-    stage = store.stage("invert", config, {"model": model.identity, "data": data_id}, num_shards)
-    grid = model.schedule.grid(cfg.base_steps)
-    cond = Cond()
-    fn = lambda x, t: model.predict(x, t, cond)  # noqa: E731
+    num_shards = math.ceil(len(images) / size)
+    config = {**invert_config(cfg), "lane": lane}
+    stage = store.stage("invert", config, {"model": model_key(model), "data": tensor_digest(images)}, num_shards)
     if not stage.done:
         todo = [k for k in range(num_shards) if not stage.shard_done(k)]
-        task = bar.add_task("inverting", total=sum(min(size, len(x0) - k * size) for k in todo), unit="img")
+        task = bar.add_task("inverting", total=sum(min(size, len(images) - k * size) for k in todo), unit="img")
         for k in todo:
-            chunk = x0[k * size:(k + 1) * size]
+            chunk = _model_space(model, images[k * size:(k + 1) * size], lane)  # encoded only when not done
             if cfg.data_noise > 0:  # the paper's LSUN trick: tiny noise makes inversion stable
                 g = torch.Generator().manual_seed(derive_seed(cfg.seed, "data-noise", k))
                 chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
-            noises, recon, iters = [], [], 0
-            with torch.inference_mode():
-                for part in chunk.split(lane):
-                    part = part.to(model.device, model.dtype)
-                    z, used = invert(fn, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
-                    back, _ = sample(fn, model.schedule, z, grid)
-                    noises.append(z.float().cpu())
-                    recon.append((back - part).float().cpu().reshape(len(part), -1))
-                    iters = max(iters, used)
-                    bar.advance(task, len(part))
-            err = torch.cat(recon)
-            tensors = {"noise": torch.cat(noises), "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
             with stage.write_shard(k) as tmp:
-                save_file(tensors, str(tmp), metadata={"iterations": str(iters)})
+                save_file(_invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n)), str(tmp))
     shards = [load_file(str(stage.shard_path(k))) for k in range(num_shards)]
-    noises = torch.cat([s["noise"] for s in shards])
-    rms, mx = torch.cat([s["rms"] for s in shards]), torch.cat([s["max"] for s in shards])
-    flat = noises.reshape(len(noises), -1)
-    stats = {
-        "reconstruction_rms_mean": float(rms.mean()), "reconstruction_rms_max": float(rms.max()),
-        "reconstruction_abs_max": float(mx.max()), "noise_mean": float(flat.mean()),
-        "noise_std": float(flat.std()), "noise_norm_mean": float(flat.norm(dim=1).mean() / math.sqrt(flat.shape[1])),
-        "num": len(noises),
-    }
-    if stats["reconstruction_rms_mean"] > cfg.max_reconstruction_rms:
+    stats, kept = inversion_stats({key: torch.cat([s[key] for s in shards]) for key in shards[0]}, cfg)
+    if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
         raise PgraftError(
-            f"inversion is not exact enough: mean RMS reconstruction error {stats['reconstruction_rms_mean']:.4f} > "
-            f"correct.max_reconstruction_rms = {cfg.max_reconstruction_rms}; raise correct.inversion_iterations "
-            f"(now {cfg.inversion_iterations}) or correct.base_steps, or set correct.data_noise = 1e-3"
+            f"inversion failed for {stats['dropped']} of {stats['num']} images (round-trip RMS > "
+            f"correct.max_reconstruction_rms = {cfg.max_reconstruction_rms}), more than correct.max_dropped_fraction = "
+            f"{cfg.max_dropped_fraction}; raise correct.inversion_iterations (now {cfg.inversion_iterations}) or "
+            f"correct.base_steps, set correct.data_noise = 1e-3, or raise those limits"
         )
     if store.is_main and not stage.done:
         stats_path = store.write_json("invert/stats.json", stats)
         stage.finish([stage.shard_path(k) for k in range(num_shards)] + [stats_path])
-    return noises, stats
+    return kept, stats
+
+
+def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any) -> dict[str, Tensor]:
+    """Noise, round-trip error, network evaluations and fixed-point residual of each image of a shard."""
+    grid = model.schedule.grid(cfg.base_steps)
+    cond = Cond()
+    fn = lambda x, t: model.predict(x, t, cond)  # noqa: E731
+    out: dict[str, list[Tensor]] = {"noise": [], "err": [], "iterations": [], "residual": []}
+    with torch.inference_mode():
+        for part in chunk.split(lane):
+            part = part.to(model.device, model.dtype)
+            z, info = invert(fn, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
+            back, _ = sample(fn, model.schedule, z, grid)
+            for key, value in (("noise", z.float()), ("err", (back - part).float().reshape(len(part), -1)),
+                               ("iterations", info.iterations), ("residual", info.residual)):
+                out[key].append(value.cpu())
+            advance(len(part))
+    err = torch.cat(out.pop("err"))
+    return {**{k: torch.cat(v) for k, v in out.items()}, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
+
+
+def inversion_stats(shard: dict[str, Tensor], cfg: CorrectConfig) -> tuple[dict[str, Any], Tensor]:
+    """Round-trip error, convergence and dropped counts, and the kept noises' statistics."""
+    rms, iters = shard["rms"], shard["iterations"]
+    keep = rms <= cfg.max_reconstruction_rms
+    kept = shard["noise"][keep]
+    flat = kept.flatten(1)
+    counts = torch.bincount(iters)
+    stats = {
+        "reconstruction_rms_mean": float(rms.mean()), "reconstruction_rms_max": float(rms.max()),
+        "reconstruction_abs_max": float(shard["max"].max()), "num": len(rms),
+        "converged": int((shard["residual"] < cfg.inversion_tol).sum()), "dropped": int((~keep).sum()),
+        "used": len(kept), "max_reconstruction_rms": cfg.max_reconstruction_rms,
+        "iterations_mean": float(iters.double().mean()), "iterations_max": int(iters.max()),
+        "iterations_cap": cfg.inversion_iterations * cfg.base_steps,
+        "iterations_histogram": {str(n): int(c) for n, c in enumerate(counts.tolist()) if c},
+        "residual_max": float(shard["residual"].max()),
+    }
+    if len(kept):
+        stats.update(noise_mean=float(flat.mean()), noise_std=float(flat.std()),
+                     noise_norm_mean=float(flat.norm(dim=1).mean() / math.sqrt(flat.shape[1])))
+    return stats, kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,14 +265,17 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     from diffusers import UNet2DModel
     from safetensors.torch import load_file, save_file
 
-    config = {k: v for k, v in asdict(cfg).items() if k.startswith("corrector") or k in ("seed",)}
-    config["base_steps"] = cfg.base_steps
-    noise_digest = hashlib.sha256(noises.numpy().tobytes()).hexdigest()
-    stage = store.stage("train_corrector", config, {"base": base_id, "noises": noise_digest})
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING_KEYS}
+    inputs = {"base": base_id, "noises": tensor_digest(noises), "device_type": torch.device(device).type}
+    stage = store.stage("train_corrector", config, inputs)
     if cfg.corrector == "gaussian":
         mean, chol = fit_gaussian(noises)
         corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float())
         return corrector, {"kind": "gaussian", "parameters": 0}
+    if cfg.corrector == "gaussian-diag":
+        mean, std = fit_gaussian_diag(noises)
+        corrector = NoiseCorrector("gaussian-diag", cfg.base_steps, 0, mean=mean.float(), std=std.float())
+        return corrector, {"kind": "gaussian-diag", "parameters": 0}
     model_config = corrector_config(cfg, sample_shape)
     torch.manual_seed(cfg.seed)
     network = UNet2DModel(**model_config).to(device)
@@ -226,9 +305,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
             loss.backward()
             nn.utils.clip_grad_norm_(network.parameters(), 1.0)
             opt.step()
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), network.parameters()):
-                    pe.lerp_(p, 1.0 - cfg.corrector_ema)
+            ema_update_(ema.parameters(), network.parameters(), ema_decay(step, cfg.corrector_ema))
             losses.append(round(float(loss.detach()), 6))
             bar.advance(task, 1)
             if (step + 1) % cfg.corrector_checkpoint_every == 0 and step + 1 < cfg.corrector_train_steps:
@@ -278,9 +355,12 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     }
     if base.default_data:
         extra["pgraft.data"] = base.default_data
+    if base.default_eval_data:
+        extra["pgraft.eval_data"] = base.default_eval_data
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
-    if corrector.kind == "gaussian":
-        state = {"mean": corrector.mean, "chol": corrector.chol}
+    if corrector.network is None:
+        state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
+                                            else {"chol": corrector.chol})}
         return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.numel())},  # type: ignore[arg-type]
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
     return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
@@ -289,8 +369,6 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
 
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
                    allow_pickle: bool) -> LoadedModel:
-    if base.default_eval_data:
-        extra["pgraft.eval_data"] = base.default_eval_data
     """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
     from .checkpoints import build_network, load_base_for, load_state, read_safetensors
 
@@ -299,8 +377,9 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     base_model = load_base_for(path, info, base, kind, allow_pickle)
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
-    if corrector_type == "gaussian":
-        corrector = NoiseCorrector("gaussian", base_steps, 0, mean=state["mean"], chol=state["chol"])
+    if corrector_type in ("gaussian", "gaussian-diag"):
+        corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
+                                   std=state.get("std"))
     else:
         config = json.loads(metadata["pgraft.model_config"])
         network = build_network("UNet2DModel", config)

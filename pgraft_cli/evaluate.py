@@ -260,7 +260,7 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
     corrector = getattr(model, "corrector", None)
     if corrector is not None:
         flow = corrector.network is not None  # a flow corrector integrates its own network; a Gaussian is one map
-        calls["corrector_call"] = measure_flops(lambda: corrector.velocity(x, t) if flow else corrector(x))
+        calls["corrector_call"] = measure_flops(lambda: corrector.velocity(x, t)) if flow else corrector.map_flops()
         calls["corrector_steps"] = corrector.steps if flow else 1
         parts["corrector"] = calls["corrector_steps"] * calls["corrector_call"]
         nfe += corrector.steps if flow else 0

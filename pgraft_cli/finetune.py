@@ -26,6 +26,7 @@ from .models import Cond, LoadedModel, set_lora_enabled
 from .recipes import FinetuneConfig
 from .runstore import RunStore, content_key, derive_seed, load_training_state, save_training_state
 from .samplers import NoiseSchedule, _rows
+from .training import ema_decay, ema_update_
 
 STAGE = "finetune"
 LORA_ADAPTER = "pgraft"
@@ -323,11 +324,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        if cfg.ema > 0:
-            decay = min(cfg.ema, (1 + step) / (10 + step))  # warm-up: early weights do not dominate a short run
-            with torch.no_grad():
-                for n, p in named:
-                    ema[n].lerp_(p.detach(), 1.0 - decay)
+        if cfg.ema > 0:  # warm-up: early weights do not dominate a short run
+            ema_update_([ema[n] for n, _ in named], params, ema_decay(step, cfg.ema))
         losses.append(round(total, 6))
         bar.advance(task, 1)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and store.is_main:

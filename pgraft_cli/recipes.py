@@ -163,10 +163,11 @@ class CorrectConfig:
     inversion_iterations: int = 12
     inversion_tol: float = 1e-5
     max_reconstruction_rms: float = 0.02
+    max_dropped_fraction: float = 0.01
     invert_shard_size: int = 256
     data_noise: float = 0.0
     seed: int = 0
-    corrector: Literal["flow", "gaussian"] = "flow"
+    corrector: Literal["flow", "gaussian", "gaussian-diag"] = "flow"
     corrector_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
     corrector_layers: int = 1
     corrector_attention: bool = False
@@ -186,6 +187,11 @@ class CorrectConfig:
             raise RecipeError("correct.corrector_channels must be a non-empty list of positive widths, e.g. [16, 32, 32]")
         if not 0.0 <= self.corrector_ema < 1.0:
             raise RecipeError(f"correct.corrector_ema must be in [0, 1), got {self.corrector_ema}")
+        if not 0.0 <= self.max_dropped_fraction < 1.0:
+            raise RecipeError(f"correct.max_dropped_fraction must be in [0, 1) (0: every image must invert), "
+                              f"got {self.max_dropped_fraction}")
+        if not self.max_reconstruction_rms > 0.0:
+            raise RecipeError(f"correct.max_reconstruction_rms must be > 0, got {self.max_reconstruction_rms}")
 
 
 @dataclass

@@ -369,7 +369,16 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) 
         ax.set_xlabel("RMS of T(T^-1(x)) - x per image")
         ax.set_ylabel("images")
         ax.set_title("inversion reconstruction error")
-        plots.append(_plot(fig, "inversion reconstruction error", "per-image round-trip error of the inverted sampler"))
+        plots.append(_plot(fig, "inversion reconstruction error",
+                           "per-image round-trip error of the inverted sampler; images right of the limit are dropped"))
+    histogram = inv.get("iterations_histogram") or {}
+    if histogram:
+        fig, ax = _figure(4.8, 3.4)
+        ax.bar([int(k) for k in histogram], list(histogram.values()), color="#0969da", alpha=0.8)
+        ax.set_xlabel("network calls per image (all steps)")
+        ax.set_ylabel("images")
+        ax.set_title(f"inversion iterations (cap {inv.get('iterations_cap', '-')})")
+        plots.append(_plot(fig, "inversion iterations", "each image stops on its own fixed-point residual"))
     if noise is not None and noise.size:
         fig, (ax1, ax2) = _figure(8.4, 3.4, ncols=2)
         values = noise.reshape(-1)[:: max(1, noise.size // 2_000_000)]  # large latents: a strided subset
@@ -389,14 +398,21 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) 
         ax2.legend(fontsize=8)
         plots.append(_plot(fig, "inverted noise statistics",
                            "the distribution the corrector learns to produce; N(0, I) would match the black lines"))
-    stats = _table(["statistic", "value", "N(0, I)"], [
-        ["reconstruction RMS mean", _f(inv.get("reconstruction_rms_mean")), "-"],
-        ["reconstruction RMS max", _f(inv.get("reconstruction_rms_max")), f"limit {limit:g}" if limit else "-"],
-        ["reconstruction |error| max", _f(inv.get("reconstruction_abs_max")), "-"],
-        ["noise mean", _f(inv.get("noise_mean")), "0"],
-        ["noise std", _f(inv.get("noise_std")), "1"],
-        ["noise norm / sqrt(D), mean", _f(inv.get("noise_norm_mean")), "1"],
+    tol = (recipe.get("correct") or {}).get("inversion_tol")
+    fraction = (recipe.get("correct") or {}).get("max_dropped_fraction")
+    stats = _table(["statistic", "value", "reference"], [
         ["images inverted", inv.get("num", "-"), "-"],
+        ["converged", inv.get("converged", "-"), f"every step's residual RMS < {tol:g}" if tol else "-"],
+        ["dropped from training", inv.get("dropped", "-"),
+         f"per image: round-trip RMS > {limit:g}; fails above {fraction:g} of the images" if limit and fraction is not None else "-"],
+        ["network calls per image, mean", _f(inv.get("iterations_mean"), 1), f"cap {inv.get('iterations_cap', '-')}"],
+        ["network calls per image, max", inv.get("iterations_max", "-"), f"cap {inv.get('iterations_cap', '-')}"],
+        ["reconstruction RMS mean", _f(inv.get("reconstruction_rms_mean")), "-"],
+        ["reconstruction RMS max", _f(inv.get("reconstruction_rms_max")), "-"],
+        ["reconstruction |error| max", _f(inv.get("reconstruction_abs_max")), "-"],
+        ["noise mean (kept images)", _f(inv.get("noise_mean")), "N(0, I): 0"],
+        ["noise std", _f(inv.get("noise_std")), "N(0, I): 1"],
+        ["noise norm / sqrt(D), mean", _f(inv.get("noise_norm_mean")), "N(0, I): 1"],
     ], ' id="inversion"')
     sections.append(("Inversion", stats + f'<div class="row">{"".join(plots)}</div>'))
 

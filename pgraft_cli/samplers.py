@@ -206,38 +206,107 @@ def sample(
     return x, captured
 
 
+@dataclass
+class InversionInfo:
+    """How ``invert`` went, per image: network evaluations used (summed over the grid's steps) and
+    the largest fixed-point residual ``RMS(y - F(x))`` left at any step (``< tol`` when converged)."""
+
+    iterations: Tensor  # (B,) int64
+    residual: Tensor  # (B,) float64
+
+    def converged(self, tol: float) -> Tensor:
+        return self.residual < tol
+
+
 def invert(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
     x0: Tensor,
     grid: Tensor,
-    iterations: int = 8,
+    iterations: int = 12,
     tol: float = 1e-5,
+    memory: int = 3,
     callback: Optional[Callable[[int], None]] = None,
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor, InversionInfo]:
     """Invert the deterministic sampler ``T``: find the noise that ``sample`` maps onto ``x0``.
 
-    Walks the grid backwards. For each step ``y = F(x) = step(x, pred(x, t_k), t_k, t_{k+1})`` it
-    solves for ``x`` by the fixed-point iteration ``x <- x + (y - F(x))``, starting from ``x = y``.
-    For a flow ``F(x) = x + (t_{k+1} - t_k) v(x, t_k)``, so this is exactly backward Euler,
-    ``x <- y - (t_{k+1} - t_k) v(x, t_k)``, which converges when the step times the Lipschitz
-    constant of ``v`` is below 1. Stops a step early once the update's largest entry is ``< tol``.
-    Returns the noise and the largest number of iterations any step used.
+    Walks the grid backwards. Step k knows ``y = x_{k+1}`` and solves ``F(x) = y`` for ``x = x_k``,
+    ``F(x) = step(x, pred(x, t_k), t_k, t_{k+1})``, as the fixed point of ``G(x) = x + y - F(x)``;
+    for a flow ``G(x) = y - (t_{k+1} - t_k) v(x, t_k)``: backward Euler, a contraction when the step
+    times the Lipschitz constant of ``v`` is below 1. With ``v = (x - x0_hat(x, t)) / t`` its Jacobian
+    is ``(|dt| / t_k) (I - dx0_hat/dx)``: at most 1/2 for every step but the last, where ``|dt| = t_k``
+    and the directions the denoiser ``x0_hat`` flattens (off the data) barely contract, so the last
+    step converges slowly and real images may keep a residual there (``correct`` gates on it).
+
+    - First guess ``G(y)`` with the previous step's prediction (no network call; exact for a
+      constant field).
+    - Anderson acceleration (type II, ``memory`` m) per image: with ``f_j = G(x_j) - x_j``,
+      ``gamma = argmin_g |f_j - dF g|`` over the last m differences ``dF = [f_{i+1} - f_i]``, then
+      ``x_{j+1} = G(x_j) - dG gamma`` with ``dG = [G(x_{i+1}) - G(x_i)]``. Safeguard: an image
+      whose residual grew takes the plain step ``x_{j+1} = G(x_j)``; ``memory = 0`` is plain.
+    - Each image stops on its own once ``RMS(f_j) < tol`` (taking ``G(x_j)``); only the images
+      still iterating go through the network (so it must treat rows independently), at most
+      ``iterations`` evaluations per step.
     """
-    x = x0
-    most = 0
+    x, pred = x0, None
+    info = InversionInfo(torch.zeros(len(x0), dtype=torch.int64), torch.zeros(len(x0), dtype=torch.float64))
     for k in range(len(grid) - 2, -1, -1):
         t, t_next = grid[k], grid[k + 1]
         y = x
-        guess = y
-        used = 0
-        for used in range(1, iterations + 1):
-            update = y - schedule.step(guess, denoiser(guess, t), t, t_next)
-            guess = guess + update
-            if float(update.abs().max()) < tol:
-                break
-        most = max(most, used)
-        x = guess
+
+        def fixed_point_map(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+            p = denoiser(z, t)
+            return z + (y[rows] - schedule.step(z, p, t, t_next)), p
+
+        guess = y if pred is None else 2 * y - schedule.step(y, pred, t, t_next)
+        x, pred, used, residual = _anderson(fixed_point_map, guess, iterations, tol, memory)
+        info.iterations += used
+        info.residual = torch.maximum(info.residual, residual)
         if callback is not None:
             callback(k)
-    return x, most
+    return x, info
+
+
+def _anderson(fixed_point_map: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, iterations: int,
+              tol: float, memory: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve ``x = G(x)`` row by row (see ``invert``); returns x, the last prediction, evaluations, residual."""
+    rows = torch.arange(len(x))  # the images still iterating (CPU indices)
+    x, pred = x.clone(), None
+    used = torch.zeros(len(x), dtype=torch.int64)
+    residual = torch.full((len(x),), math.inf, dtype=torch.float64)
+    history: list[tuple[Tensor, Tensor]] = []  # (G(x_j), f_j) of those rows, flat float64
+    for _ in range(iterations):
+        g, p = fixed_point_map(x[rows], rows)
+        pred = p.new_empty((len(x), *p.shape[1:])) if pred is None else pred
+        pred[rows] = p
+        g64 = g.reshape(len(rows), -1).double()
+        f = g64 - x[rows].reshape(len(rows), -1).double()
+        size = f.pow(2).mean(1).sqrt().cpu()  # RMS, the unit of the round-trip gate
+        grew = size > residual[rows]
+        used[rows] += 1
+        residual[rows] = size
+        history = (history + [(g64, f)])[-(memory + 1):]
+        x[rows] = _anderson_mix(history, grew.to(g64.device)).to(x.dtype).reshape(g.shape)
+        done = size < tol
+        x[rows[done]] = g[done.to(g.device)]  # a converged image takes its plain step
+        rows, going = rows[~done], (~done).to(g64.device)
+        if not len(rows):
+            break
+        history = [(a[going], b[going]) for a, b in history]
+    return x, pred, used, residual
+
+
+def _anderson_mix(history: list[tuple[Tensor, Tensor]], plain: Tensor) -> Tensor:
+    """``G(x_j) - dG gamma`` with ``gamma = argmin |f_j - dF gamma|`` per row; ``G(x_j)`` where ``plain``."""
+    g, f = history[-1]
+    if len(history) < 2:
+        return g
+    dg = torch.stack([b[0] - a[0] for a, b in zip(history, history[1:])], -1)  # (B, D, m)
+    df = torch.stack([b[1] - a[1] for a, b in zip(history, history[1:])], -1)
+    gram = df.transpose(1, 2) @ df
+    ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(1e-300)  # keeps a flat history solvable
+    eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
+    gamma = torch.linalg.solve(gram + ridge[:, None, None] * eye, df.transpose(1, 2) @ f[..., None])
+    mixed = g - (dg @ gamma)[..., 0]
+    plain = plain | ~torch.isfinite(mixed).all(1)
+    return torch.where(plain[:, None], g, mixed)

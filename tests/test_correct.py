@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from pgraft_cli import correct as correct_mod
 from pgraft_cli.checkpoints import load_model
 from pgraft_cli.cli import app
-from pgraft_cli.correct import NoiseCorrector, fit_gaussian, run_train_corrector
+from pgraft_cli.correct import NoiseCorrector, fit_gaussian, run_invert, run_train_corrector
 from pgraft_cli.data import load_digits
+from pgraft_cli.errors import PgraftError
 from pgraft_cli.models import Cond
 from pgraft_cli.recipes import load_recipe
 from pgraft_cli.runstore import RunStore
@@ -31,21 +32,37 @@ SMALL = ["--set", "correct.base_steps=4", "--set", "correct.num_images=128", "--
 
 
 def test_inversion_round_trip_on_bundled_model():
-    """T(T^-1(x)) = x up to a stated bound: RMS < 0.02 and max < 0.1 (data in [-1, 1])."""
+    """T(T^-1(x)) = x per image: RMS < 0.02 and max < 0.1 (data in [-1, 1]), within the call cap."""
     model = load_model("digits")
     images, _ = load_digits()
     x0 = images[:16] * 2 - 1
     fn = lambda x, t: model.predict(x, t, Cond())  # noqa: E731
     grid = model.schedule.grid(8)
     with torch.inference_mode():
-        z, used = invert(fn, model.schedule, x0, grid, iterations=12)
+        z, info = invert(fn, model.schedule, x0, grid, iterations=12)
         back, _ = sample(fn, model.schedule, z, grid)
-    err = back - x0
-    assert float(err.pow(2).mean().sqrt()) < 0.02
+    err = (back - x0).reshape(16, -1)
+    assert float(err.pow(2).mean(1).sqrt().max()) < 0.02
     assert float(err.abs().max()) < 0.1
-    assert used == 12
+    assert info.iterations.shape == (16,) and info.residual.shape == (16,)
+    assert int(info.iterations.max()) <= 8 * 12
     # the inverted noise is noise-like: roughly zero mean and unit scale
     assert abs(float(z.mean())) < 0.2 and 0.7 < float(z.std()) < 1.4
+
+
+def test_inversion_converges_per_image_on_the_bundled_model():
+    """Every step but the last (where |dt| = t and the map barely contracts, see ``invert``) converges:
+    each image's residual is below tol in well under the cap, and the noise that made x comes back."""
+    model = load_model("digits")
+    fn = lambda x, t: model.predict(x, t, Cond())  # noqa: E731
+    grid = model.schedule.grid(8)[:-1]  # 1 -> 0.125: seven steps
+    noise = torch.randn(16, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        x, _ = sample(fn, model.schedule, noise, grid)
+        z, info = invert(fn, model.schedule, x, grid, iterations=12, tol=1e-5)
+    assert bool((info.residual < 1e-5).all()), info.residual
+    assert float(info.iterations.double().mean()) <= 7 * 6  # at most half the cap of 12 per step, on average
+    assert float((z - noise).pow(2).mean().sqrt()) < 1e-3
 
 
 def test_invert_is_exact_for_a_linear_flow():
@@ -54,11 +71,15 @@ def test_invert_is_exact_for_a_linear_flow():
     fn = lambda x, t: 0.3 * x  # noqa: E731
     y = torch.randn(3, 4, dtype=torch.float64)
     grid = schedule.grid(5)
-    z, _ = invert(fn, schedule, y, grid, iterations=60, tol=1e-14)
+    z, info = invert(fn, schedule, y, grid, iterations=60, tol=1e-14)
     back, _ = sample(fn, schedule, z, grid)
     torch.testing.assert_close(back, y, atol=1e-10, rtol=0)
     # closed form: each Euler step multiplies by (1 + dt a) with dt = -0.2
     torch.testing.assert_close(z, y / (1 - 0.2 * 0.3) ** 5, atol=1e-10, rtol=0)
+    # Anderson solves a linear map from two differences; the plain fixed point contracts by 0.06 a call
+    assert bool((info.iterations <= 5 * 4).all()) and bool((info.residual < 1e-14).all())
+    _, plain = invert(fn, schedule, y, grid, iterations=60, tol=1e-14, memory=0)
+    assert bool((plain.iterations >= 5 * 8).all())
 
 
 def test_fit_gaussian_recovers_mean_and_covariance():
@@ -71,6 +92,145 @@ def test_fit_gaussian_recovers_mean_and_covariance():
     corrector = NoiseCorrector("gaussian", 4, mean=mean.float(), chol=chol.float())
     e = torch.zeros(2, 2)
     torch.testing.assert_close(corrector(e), mean.float().expand(2, 2))
+
+
+def _invert_digits(tmp_path, name, *sets):
+    rec = load_recipe("inverse-noise", ["correct.base_steps=4", "correct.invert_shard_size=8", *sets])
+    model = load_model("digits")
+    images, _ = load_digits()
+    with RunStore(tmp_path / name) as store, progress(False) as bar:
+        return run_invert(model, images[:8], rec.correct, 8, store, bar)
+
+
+def test_inversion_drops_and_counts_images_above_the_per_image_limit(tmp_path):
+    _, full = _invert_digits(tmp_path, "a")
+    assert full["num"] == 8 and full["dropped"] == 0 and full["used"] == 8
+    assert sum(full["iterations_histogram"].values()) == 8 and full["iterations_max"] <= full["iterations_cap"]
+    stored = json.loads((tmp_path / "a" / "invert" / "stats.json").read_text())
+    assert stored["converged"] == full["converged"] and stored["iterations_histogram"] == full["iterations_histogram"]
+    from safetensors.torch import load_file
+
+    rms = load_file(str(next((tmp_path / "a" / "invert").glob("shard-*.safetensors"))))["rms"].sort().values
+    limit = float(rms[5] + rms[6]) / 2  # between the 6th and 7th smallest: two images above it
+    kept, stats = _invert_digits(tmp_path, "b", f"correct.max_reconstruction_rms={limit}",
+                                 "correct.max_dropped_fraction=0.3")
+    assert stats["dropped"] == 2 and stats["used"] == 6 and len(kept) == 6
+
+
+def test_inversion_fails_in_one_line_when_too_many_images_are_dropped(tmp_path):
+    with pytest.raises(PgraftError) as err:
+        _invert_digits(tmp_path, "a", "correct.max_reconstruction_rms=1e-9")
+    message = str(err.value)
+    assert "8 of 8 images" in message and "correct.max_dropped_fraction" in message and "\n" not in message
+
+
+def test_data_is_encoded_only_while_the_inversion_is_not_done(tmp_path, monkeypatch):
+    calls = []
+    real = correct_mod._model_space
+    monkeypatch.setattr(correct_mod, "_model_space", lambda *a: calls.append(1) or real(*a))
+    first, _ = _invert_digits(tmp_path, "a")
+    assert len(calls) == 1
+    again, _ = _invert_digits(tmp_path, "a")
+    assert len(calls) == 1 and torch.equal(first, again)
+
+
+def test_full_covariance_gaussian_is_refused_with_no_more_images_than_dimensions():
+    with pytest.raises(PgraftError, match="gaussian-diag"):
+        fit_gaussian(torch.randn(16, 1, 4, 4))
+    with pytest.raises(PgraftError, match="gaussian-diag"):
+        fit_gaussian(torch.randn(2, 16385))
+
+
+def test_diagonal_gaussian_corrector_fits_saves_loads_and_counts_flops(tmp_path):
+    from pgraft_cli.evaluate import flops_per_image
+
+    g = torch.Generator().manual_seed(0)
+    noises = 0.5 + 2.0 * torch.randn(4000, 1, 16, 16, generator=g)  # fewer images than the 256^2 a full fit needs
+    rec = load_recipe("inverse-noise", ["correct.corrector=gaussian-diag"])
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        corrector, info = run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
+    assert info["kind"] == "gaussian-diag" and corrector.chol is None
+    assert abs(float(corrector.mean.mean()) - 0.5) < 0.01 and abs(float(corrector.std.mean()) - 2.0) < 0.01
+    e = torch.randn(3, 1, 16, 16, generator=g)
+    torch.testing.assert_close(corrector(e), corrector.mean.reshape(1, 1, 16, 16) + corrector.std.reshape(1, 1, 16, 16) * e)
+    base = load_model("digits")
+    out = correct_mod.save_corrected(tmp_path / "diag.safetensors", corrector, base, {}, {})
+    loaded = load_model(str(out))
+    assert loaded.corrector.kind == "gaussian-diag"
+    torch.testing.assert_close(loaded.corrector(e), corrector(e))
+    parts = flops_per_image(loaded, 4)["flops_parts"]
+    assert parts["corrector"] == 2 * 256  # one multiply-add per dimension
+
+
+def _untrained_flow_corrector(base_steps: int = 4) -> NoiseCorrector:
+    from diffusers import UNet2DModel
+
+    rec = load_recipe("inverse-noise", ["correct.corrector_channels=[8, 16]"])
+    config = correct_mod.corrector_config(rec.correct, (1, 16, 16))
+    torch.manual_seed(0)
+    return NoiseCorrector("flow", base_steps, 2, network=UNet2DModel(**config).eval(), model_config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_corrector_composes_with_a_half_precision_base_model(dtype):
+    from pgraft_cli.sample import initial_noise
+    from pgraft_cli.samplers import sample as run_sampler
+
+    model = load_model("digits")
+    model.corrector = _untrained_flow_corrector()
+    noise = initial_noise(0, list(range(4)), model.sample_shape)
+    grid = model.schedule.grid(4)
+
+    def composed():
+        z = model.corrector(noise.to(model.dtype))
+        assert z.dtype == model.dtype
+        with torch.inference_mode():
+            x, _ = run_sampler(lambda x, t: model.predict(x, t, Cond()), model.schedule, z, grid)
+        return x.float()
+
+    reference = composed()
+    model.to("cpu", dtype)
+    half = composed()
+    assert bool(torch.isfinite(half).all())
+    assert float((half - reference).abs().max()) < 0.1
+
+
+def test_the_corrector_network_sees_float32_timesteps():
+    corrector = _untrained_flow_corrector()
+    seen = []
+    network = corrector.network
+    corrector.network = type("Spy", (), {"parameters": network.parameters, "__call__": lambda self, z, ts: (
+        seen.append(ts.dtype) or network(z, ts))})()
+    corrector(torch.randn(2, 1, 16, 16).to(torch.bfloat16))
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_correct_refuses_a_conditioned_flow_in_one_line(unet_model_dir):
+    folder = unet_model_dir(scheduler="flow", num_class_embeds=3)
+    result = subprocess.run([sys.executable, "-m", "pgraft_cli", "correct", str(folder), "--data", "digits"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+    assert "conditioned" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_short_corrector_training_forgets_its_random_init(tmp_path):
+    """With the EMA warm-up, one step leaves 10 % of the initial weights (0.999 without it)."""
+    from diffusers import UNet2DModel
+
+    base = ["correct.corrector_train_steps=1", "correct.corrector_batch_size=4", "correct.corrector_channels=[8, 16]"]
+    noises = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for name, ema in (("ema", 0.999), ("raw", 0.0)):
+        rec = load_recipe("inverse-noise", [*base, f"correct.corrector_ema={ema}"])
+        with RunStore(tmp_path / name) as store, progress(False) as bar:
+            runs[name], _ = run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
+    torch.manual_seed(0)
+    init = UNet2DModel(**runs["raw"].model_config).state_dict()
+    ema, raw = runs["ema"].network.state_dict(), runs["raw"].network.state_dict()
+    moved = sum(float((raw[k] - init[k]).pow(2).sum()) for k in raw) ** 0.5
+    left = sum(float((ema[k] - raw[k]).pow(2).sum()) for k in raw) ** 0.5
+    assert moved > 0 and left / moved == pytest.approx(0.1, rel=1e-3)
 
 
 def test_corrector_training_resumes_bit_exactly(tmp_path, monkeypatch):
