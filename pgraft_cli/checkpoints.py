@@ -272,6 +272,7 @@ def _quiet_loading() -> Iterator[None]:
     They are addressed to library authors, and would break the CLI's one-``error:``-line contract.
     """
     import diffusers.utils.logging as dlog
+    from huggingface_hub.utils import logging as hub_log
 
     try:
         import transformers.utils.logging as tlog
@@ -279,6 +280,8 @@ def _quiet_loading() -> Iterator[None]:
         tlog = None
     libs = [lib for lib in (dlog, tlog) if lib is not None]
     saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    hub_verbosity = hub_log.get_verbosity()  # "Could not reach the Hub ..., using the cached commit"
+    hub_log.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -288,6 +291,7 @@ def _quiet_loading() -> Iterator[None]:
                 lib.disable_progress_bar()
             yield
     finally:
+        hub_log.set_verbosity(hub_verbosity)
         for lib, (verbosity, bars) in zip(libs, saved):
             lib.set_verbosity(verbosity)
             if bars:
@@ -490,7 +494,8 @@ def _load_model_folder(path: Path, kind: str, allow_pickle: bool) -> LoadedModel
                      identity_of(path))
 
 
-def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, source_kind: str) -> LoadedModel:
+def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, source_kind: str,
+                   identity: Optional[str] = None) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
     index = _read_json(path / "model_index.json")
@@ -512,7 +517,7 @@ def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, sourc
                                                      torch_dtype=torch.float32, **absent)
     except Exception as exc:
         raise ModelLoadError(f"could not load the pipeline in {path} ({_short(exc)}); check the folder is complete") from None
-    return _from_pipeline(pipe, source, source_kind, kind, identity_of(path))
+    return _from_pipeline(pipe, source, source_kind, kind, identity or identity_of(path))
 
 
 def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity: str) -> LoadedModel:
@@ -537,18 +542,29 @@ def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity
 
 
 def _load_hub(repo_id: str, kind: str, allow_pickle: bool) -> LoadedModel:
+    """A hub id: resolved to its snapshot in the local Hugging Face cache (downloaded if needed).
+
+    The identity names the snapshot's commit, so an updated upstream model is a new identity.
+    """
     from diffusers import DiffusionPipeline
 
     try:
         with _quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(repo_id, use_safetensors=None if allow_pickle else True,
-                                                     torch_dtype=torch.float32)
+            folder = Path(DiffusionPipeline.download(repo_id, use_safetensors=None if allow_pickle else True))
     except Exception as exc:
         raise ModelLoadError(
             f"could not load '{repo_id}' from the Hugging Face hub ({_short(exc)}); where the hub is "
             f"unreachable, download it elsewhere (hf download {repo_id} --local-dir DIR) and pass DIR"
         ) from None
-    return _from_pipeline(pipe, repo_id, "hub", kind, f"hub:{repo_id}@{getattr(pipe, 'name_or_path', '')}")
+    model = _load_pipeline(str(folder), folder, kind, allow_pickle, "hub", identity=hub_identity(repo_id, folder))
+    model.source = repo_id
+    return model
+
+
+def hub_identity(repo_id: str, folder: Path) -> str:
+    """``hub:ORG/NAME@COMMIT`` for a cache snapshot (``.../snapshots/COMMIT``), else with its files' hash."""
+    revision = folder.name if folder.parent.name == "snapshots" else identity_of(folder)
+    return f"hub:{repo_id}@{revision}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,6 +623,7 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "shift": model.schedule.shift if model.family == "flow" else None,
         "identity": model.identity,
         "default_data": model.default_data,
+        "default_eval_data": model.default_eval_data,
         "provenance": model.provenance,
         "composition": _composition(model),
     }
@@ -619,7 +636,6 @@ def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
         return {"kind": "corrector", "corrector": model.corrector.kind, "corrector_steps": model.corrector.steps,
                 "base_steps": model.corrector.base_steps, "base_identity": model.base_identity,
                 "metrics": json.loads(meta.get("pgraft.metrics", "null"))}
-        "default_eval_data": model.default_eval_data,
     if "pgraft.finetune" in meta:
         tuning = json.loads(meta["pgraft.finetune"])
         metrics = json.loads(meta.get("pgraft.metrics", "null")) or {}

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pgraft_cli.checkpoints import describe, load_model, read_safetensors_metadata, save_pgraft_safetensors
-from pgraft_cli.errors import ModelLoadError, UnsafeFileError
+from pgraft_cli.errors import ModelLoadError, PgraftError, UnsafeFileError
 from pgraft_cli.samplers import sample
 
 from conftest import build_scheduler, build_tiny_unet
@@ -533,3 +533,84 @@ def test_inspect_digits_json():
     assert info["source_kind"] == "pgraft-safetensors" and info["model_class"] == "UNet2DModel"
     assert "training" in info["provenance"]
     assert info["parameters"] == load_model("digits").parameter_count()
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity: what a cached stage is keyed by
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache holding ``org/tiny`` at two commits; returns a function that
+    points ``refs/main`` at one of them (as ``hf download`` after an upstream update would)."""
+    import huggingface_hub.constants as hub_constants
+    from diffusers import DDPMPipeline
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for commit, seed in (("a" * 40, 0), ("b" * 40, 1)):
+        pipe = DDPMPipeline(unet=build_tiny_unet(seed=seed), scheduler=build_scheduler("ddpm"))
+        pipe.save_pretrained(repo / "snapshots" / commit, safe_serialization=True)
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    def point_main_at(commit: str) -> None:
+        (repo / "refs" / "main").write_text(commit)
+
+    return point_main_at
+
+
+def test_a_hub_model_is_identified_by_its_snapshot_commit(hub_cache, capfd):
+    hub_cache("a" * 40)
+    first = load_model("org/tiny")
+    assert first.identity == "hub:org/tiny@" + "a" * 40
+    assert first.source == "org/tiny" and first.source_kind == "hub"
+    assert load_model("org/tiny").identity == first.identity
+    hub_cache("b" * 40)  # upstream updated the model: a new identity, and the new weights
+    second = load_model("org/tiny")
+    assert second.identity == "hub:org/tiny@" + "b" * 40
+    assert not torch.equal(unet_output(first), unet_output(second))
+    assert "Could not reach the Hub" not in capfd.readouterr().err  # the offline note is not printed
+
+
+def test_model_key_holds_the_weights_of_what_is_composed_with_the_base(tmp_path):
+    from pgraft_cli.checkpoints import model_key
+    from pgraft_cli.correct import NoiseCorrector
+    from pgraft_cli.finetune import add_lora
+
+    model = load_model("digits")
+    base = model_key(model)
+    assert base == model_key(load_model("digits")) and base["identity"] == model.identity
+    model.corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(256), std=torch.ones(256))
+    with_corrector = model_key(model)
+    model.corrector.std = torch.full((256,), 2.0)  # another corrector of the same type and steps
+    assert with_corrector != base and model_key(model) != with_corrector
+    model.corrector = None
+    add_lora(model.network, rank=2, alpha=2)
+    model.lora, model.cutoff = True, 0.5
+    adapted = model_key(model)
+    with torch.no_grad():
+        next(p for n, p in model.network.named_parameters() if "lora_B" in n).add_(0.1)
+    assert adapted != base and model_key(model)["lora"] != adapted["lora"]
+    model.cutoff = 0.25
+    assert model_key(model)["cutoff"] == 0.25
+
+
+def test_a_lora_file_with_missing_adapter_tensors_is_refused(tmp_path):
+    from pgraft_cli.finetune import add_lora, base_info_of, save_finetuned
+    from pgraft_cli.recipes import FinetuneConfig
+
+    model = load_model("digits")
+    add_lora(model.network, rank=2, alpha=2)
+    model.lora, model.cutoff = True, 0.5
+    path = save_finetuned(tmp_path / "tuned.safetensors", model, base_info_of(load_model("digits")),
+                          FinetuneConfig(cutoff=0.5, lora_rank=2, lora_alpha=2), {}, {})
+    assert load_model(str(path)).lora  # the complete file loads
+    state, metadata = load_file(str(path)), read_safetensors_metadata(path)
+    dropped = sorted(state)[:3]
+    save_file({k: v for k, v in state.items() if k not in dropped}, str(path), metadata=metadata)
+    with pytest.raises(PgraftError) as err:
+        load_model(str(path))
+    message = str(err.value)
+    assert "lacks 3 of the adapter's" in message and f"'{dropped[0]}'" in message and str(path) in message
+    assert "\n" not in message
