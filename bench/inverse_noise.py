@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--corrector-steps", type=int, default=500,
                         help="corrector training steps (the recipe ships 1500; 500 fits 5 seeds x 2 step counts)")
     parser.add_argument("--iterations", type=int, default=0,
-                        help="inversion iterations per step (default: max(12, 96 / steps))")
+                        help="inversion iterations per step, at most (default: the recipe's)")
     parser.add_argument("--stage", choices=["all", "control"], default="all",
                         help="control: only train the seeds' controls (run first, in parallel)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="inverse-noise recipe override")
@@ -157,8 +157,8 @@ def main() -> None:
         real[f"{name}/train"] = r.compute()["fid"]
     records.append(real)
     for n in args.steps:
-        iterations = args.iterations or max(12, -(-96 // n))
-        inv_rec = load_recipe("inverse-noise", [f"correct.base_steps={n}", f"correct.inversion_iterations={iterations}",
+        its = [f"correct.inversion_iterations={args.iterations}"] if args.iterations else []
+        inv_rec = load_recipe("inverse-noise", [f"correct.base_steps={n}", *its,
                                                 f"correct.corrector_train_steps={args.corrector_steps}", *args.sets])
         with RunStore(args.out / f"steps-{n}" / "invert") as store, progress(not args.quiet) as bar:
             noises, inv = run_invert(model, train_x, inv_rec.correct, inv_rec.sample.lane, store, bar)
