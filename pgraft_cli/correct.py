@@ -66,7 +66,8 @@ class NoiseCorrector:
     def velocity(self, z: Tensor, t: Tensor) -> Tensor:
         assert self.network is not None
         timestep = self.schedule.timestep(t).to(device=z.device, dtype=torch.float32).expand(z.shape[0])
-        return self.network(z, timestep).sample
+        own = next(self.network.parameters()).dtype  # callers (FLOPs probes) may pass the base model's dtype
+        return self.network(z.to(own), timestep).sample
 
     @torch.no_grad()
     def __call__(self, noise: Tensor) -> Tensor:

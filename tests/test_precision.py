@@ -62,10 +62,12 @@ def test_text_models_take_float32_timesteps_in_bf16(pipeline, request):
 # The verbs in bf16 and fp16 against float32 (same seeds). Measured on the bundled digits model,
 # CPU: sample images differ by at most 4/255 in bf16 and 1/255 in fp16 (model-space samples by
 # 0.033 and 0.0027); FID of 32 samples by 0.3 % (bf16) and 0.02 % (fp16); a bf16 mixed-precision
-# fine-tune's final loss by 0.06 %, its tuned reward and FID by 0.2-0.3 %.
+# fine-tune's final loss by 0.06 %, its tuned reward and FID by 0.2-0.3 %; `correct`'s corrected FID
+# (its corrector trained on noises inverted in half precision) by 2.2 % (bf16) and 0.6 % (fp16).
 IMAGE_BOUND = {"bfloat16": 0.06, "float16": 0.02}  # max |difference| of images in [0, 1]
 SAMPLES_BOUND = {"bfloat16": 0.15, "float16": 0.02}
 FID_BOUND = {"bfloat16": 0.03, "float16": 0.01}  # relative
+CORRECTED_FID_BOUND = {"bfloat16": 0.08, "float16": 0.03}
 
 
 def _json(args: list[str]) -> dict:
@@ -124,9 +126,9 @@ def test_correct_in_half_precision_is_close_to_float32(dtype, runs):
     from safetensors import safe_open
 
     ref, half = runs(CORRECT, "correct", "float32"), runs(CORRECT, "correct", dtype)
-    for key in ("base", "corrected"):
+    for key, bound in (("base", FID_BOUND), ("corrected", CORRECTED_FID_BOUND)):
         assert torch.isfinite(torch.tensor(half[key]["fid"]))
-        assert abs(half[key]["fid"] - ref[key]["fid"]) <= FID_BOUND[dtype] * ref[key]["fid"], key
+        assert abs(half[key]["fid"] - ref[key]["fid"]) <= bound[dtype] * ref[key]["fid"], key
     with safe_open(half["out"], "pt") as f:
         provenance = json.loads(f.metadata()["pgraft.provenance"])
     assert provenance["recipe"]["model"]["dtype"] == dtype
