@@ -16,7 +16,7 @@ import pytest
 
 from pgraft_cli.errors import RunLockedError, RunStoreError
 from pgraft_cli.runstore import (MANIFEST, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
-                                 sha256_file, stage_key)
+                                 content_key, sha256_file, stage_key, state_digest, tensor_digest)
 
 # One torch thread per process: on a small, busy CPU, two threads per process fight over the cores and
 # sampling gets ten times slower. Every run of a comparison gets the same setting.
@@ -105,6 +105,59 @@ def test_stage_key_depends_on_config_and_inputs_only():
     assert a != stage_key("sample", {"num": 4, "seed": 2}, {"model": "m"})
     assert a != stage_key("sample", {"num": 4, "seed": 1}, {"model": "other"})
     assert a != stage_key("score", {"num": 4, "seed": 1}, {"model": "m"})
+
+
+def test_tensor_digest_is_the_values_dtype_and_shape():
+    import torch
+
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert tensor_digest(t) == tensor_digest(t.clone()) == tensor_digest(t.T.contiguous().T)  # layout-free
+    for other in (t.double(), t.reshape(3, 2), t + torch.tensor([0, 0, 1e-6]), t.bfloat16()):
+        assert tensor_digest(other) != tensor_digest(t)
+    assert len(tensor_digest(torch.zeros(0))) == 64 and tensor_digest(torch.tensor(1.0)) != tensor_digest(torch.tensor(2.0))
+
+
+def test_state_digest_and_content_key_see_every_weight_and_field():
+    import dataclasses
+
+    import torch
+
+    a, b = torch.zeros(3), torch.ones(2)
+    assert state_digest({"a": a, "b": b}) == state_digest({"b": b, "a": a})  # name order, not dict order
+    assert state_digest({"a": a, "b": b}) != state_digest({"a": a, "c": b})
+
+    @dataclasses.dataclass
+    class Composed:
+        steps: int
+        net: torch.nn.Module
+        table: torch.Tensor
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 2)
+    key = content_key(Composed(2, net, a))
+    assert json.dumps(key) and key == content_key(Composed(2, net, a.clone()))
+    assert key != content_key(Composed(3, net, a)) and key != content_key(Composed(2, net, a + 1))
+    with torch.no_grad():
+        net.bias.add_(1e-3)
+    assert key != content_key(Composed(2, net, a))
+
+
+def test_a_stage_reading_another_stages_outputs_is_redone_when_they_are_remade(tmp_path):
+    with RunStore(tmp_path) as store:
+        assert store.outputs_digest("up") is None  # not run: nothing to key on
+        up = store.stage("up", {"seed": 1}, {}, num_shards=1)
+        fill(up, [0])
+        up.finish([up.shard_path(0)])
+        first = store.outputs_digest("up")
+        down = store.stage("down", {}, {"up": first}, num_shards=1)
+        fill(down, [0])
+        down.finish([down.shard_path(0)])
+        up = store.stage("up", {"seed": 2}, {}, num_shards=1)  # redone with other outputs
+        with up.write_shard(0) as tmp:
+            tmp.write_bytes(b"other samples")
+        up.finish([up.shard_path(0)])
+        assert store.outputs_digest("up") != first
+        assert not store.stage("down", {}, {"up": store.outputs_digest("up")}, num_shards=1).done
 
 
 def test_same_key_resumes_finished_shards(tmp_path):
