@@ -536,6 +536,7 @@ def finetune(
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
     data: DataOpt = None,
+    eval_data: EvalDataOpt = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (sample.num = m x prompts).")] = None,
     recipe: RecipeOpt = "pgraft",
@@ -604,19 +605,22 @@ def finetune(
             atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
-            fid_of = None
+            fid_of, fid_data, refs = None, None, {}
             if feats is not None:
-                from .evaluate import distances
+                fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
 
-                real_feats = feats(real)
-                fid_of = lambda images: distances(feats(images), real_feats, kid_subsets=2)["fid"]  # noqa: E731
+                def fid_of(images: Any) -> float:  # each round's samples against the same reference
+                    ref = refs[fid_data]
+                    ref.reset_generated()
+                    ref.update(feats(images), real=False)
+                    return ref.compute()["fid"]
             history = run_rounds(loaded, rec, rew, cond, store, bar, state.process_index, state.num_processes,
                                  state.wait_for_everyone if state.num_processes > 1 else None, fid_of=fid_of)
             if not state.is_main_process:
                 return
-            metrics = evaluate_pair(loaded, rec, rew, cond, real, feats, store, bar)
+            metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, bar, refs, fid_data)
         metrics["rounds"] = [{k: v for k, v in h.items() if k not in ("filter", "loss_curve")} for h in history]
-        metrics["reward"], metrics["data"] = rew.spec, data_id
+        metrics["reward"], metrics["data"], metrics["fid_data"] = rew.spec, data_id, fid_data
         target = out or store.root / "tuned.safetensors"
         save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
         store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,

@@ -526,17 +526,18 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
     return rounds
 
 
-def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, real: Optional[Tensor], features: Any,
-                  store: RunStore, bar: Any) -> dict[str, Any]:
-    """Base and tuned model on the same seeds: reward mean/std, FID/KID (with data), NFE, FLOPs."""
+def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, features: Any, store: RunStore,
+                  bar: Any, refs: dict[str, Any], fid_data: Optional[str]) -> dict[str, Any]:
+    """Base and tuned model on the same seeds: reward mean/std, FID/KID against ``refs[fid_data]``
+    (and the other named references in ``refs``), NFE, FLOPs."""
     from .evaluate import evaluate_model
     from .recipes import SampleConfig
 
     cfg = SampleConfig(num=recipe.evaluate.num, seed=recipe.evaluate.seed,
                        steps=recipe.evaluate.steps or recipe.sample.steps, batch_size=recipe.sample.batch_size,
                        lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale)
-    real_features = features(real) if features is not None and real is not None else None
-    common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=real_features, cond=cond, reward=reward)
+    common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=refs.get(fid_data) if fid_data else None,
+                  also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward)
     with base_only(model):
         base = evaluate_model(model, None, cfg, features, store, bar, "evaluate-base", **common)
     tuned = evaluate_model(model, None, cfg, features, store, bar, "evaluate-tuned", **common)

@@ -79,7 +79,10 @@ def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
                                    "--set", "evaluate.kid_subsets=2"]))
     assert ev["finetuned"] is True and ev["cutoff"] == 0.5
     assert ev["reward_mean"] == pytest.approx(summary["tuned"]["reward_mean"], abs=1e-9)
-    assert ev["fid"] == pytest.approx(summary["tuned"]["fid"], abs=1e-9)
+    # the same samples against the same held-out reference; torchmetrics' FID takes eigenvalues of a
+    # nearly singular product (32 samples < 64 feature dimensions), which differ at ~1e-9 relative
+    assert ev["fid_data"] == summary["fid_data"] == "digits-test"
+    assert ev["fid"] == pytest.approx(summary["tuned"]["fid"], rel=1e-7)
 
     # a different reward re-runs scoring onwards, never sampling
     args2 = [a if a != "classifier:digits:3" else "classifier:digits:7" for a in args]
@@ -105,9 +108,15 @@ def test_stage_verbs_sample_score_filter_on_a_run_directory(tmp_path):
     assert f["reward_after"]["mean"] >= f["reward_before"]["mean"]
     assert sum(f["histogram_before"]) == 32 and sum(f["histogram_after"]) == 8
     t = _json(runner.invoke(app, ["filter", str(run), "--rule", "threshold", "--quantile", "0.5", "--json"]))
-    assert t["kept"] == 16
+    # kept: every reward at or above the median (JPEG sizes tie, so possibly more than half)
+    from pgraft_cli.score import load_rewards
+    from pgraft_cli.selection import threshold_value
+
+    rewards = load_rewards(run, "score")[1]
+    expected = int((rewards >= threshold_value(rewards, value=None, quantile=0.5)).sum())
+    assert 16 <= expected < 32 and t["kept"] == expected
     kept = json.loads((run / "filter" / "summary.json").read_text())
-    assert kept["kept"] == 16 and len(kept["reshaped_reward"]) == 16
+    assert kept["kept"] == expected and len(kept["reshaped_reward"]) == expected
 
 
 def test_bad_reward_and_bad_run_directory_are_one_line_errors(tmp_path):
