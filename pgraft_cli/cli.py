@@ -592,7 +592,7 @@ def finetune(
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
     if data or loaded.default_data:
-        real, data_id = _real_data(loaded, data)
+        real, data_id = _real_data(loaded, data)  # streamed: only the FID reference reads it
     # The default run directory depends only on what sampling depends on, so that a new reward,
     # rule or training setting re-runs scoring onwards in the same run, never sampling.
     run_dir = run_dir or _default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
@@ -657,14 +657,15 @@ def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
 
 
 
-def _real_data(loaded: Any, data: Optional[str], stream: bool = False) -> tuple[Any, str]:
-    """The ``--data`` images (or the model's own data set): all at once, or ``stream``ed in batches."""
-    from .data import iter_data, load_data
+def _real_data(loaded: Any, data: Optional[str], rows: bool = False) -> tuple[Any, str]:
+    """The ``--data`` images (or the model's own data set), never all at once: streamed in batches
+    (``iter_data``), or as ``rows`` read by range on demand (``data_rows``)."""
+    from .data import data_rows, iter_data
 
     spec = data or loaded.default_data
     if not spec:
         raise PgraftError(f"{loaded.source} names no data set of its own; pass --data (an image folder, .npz or alias)")
-    return (iter_data if stream else load_data)(spec, loaded.image_shape), spec
+    return (data_rows if rows else iter_data)(spec, loaded.image_shape), spec
 
 
 def _references(loaded: Any, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,
@@ -765,8 +766,7 @@ def correct(
     check_correctable(loaded)
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
-    real, data_id = _real_data(loaded, data)
-    to_invert = real[: rec.correct.num_images] if rec.correct.num_images else real
+    rows, data_id = _real_data(loaded, data, rows=True)  # the inversion reads the rows of its undone shards
     run_dir = run_dir or _default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
     show = not (quiet or as_json) and state.is_main_process
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
@@ -774,11 +774,13 @@ def correct(
         atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
-            noises, inv = run_invert(loaded, to_invert, rec.correct, rec.sample.lane, store, bar)
+            noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane,
+                                     store, bar)
             corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
                                                   store, bar, device=dev)
             eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                     batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+            real, _ = _real_data(loaded, data)  # streamed into the reference features
             fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
             also = {k: v for k, v in refs.items() if k != fid_data}
             base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
@@ -899,7 +901,7 @@ def evaluate(
             raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {rec.evaluate.steps}; "
                               f"pass --steps {loaded.corrector.base_steps} or evaluate the base model")
     eval_steps = rec.evaluate.steps or (loaded.corrector.base_steps if loaded.corrector is not None else rec.sample.steps)
-    real, data_id = _real_data(loaded, data, stream=True)  # read batch by batch
+    real, data_id = _real_data(loaded, data)  # read batch by batch
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane)

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoints import model_key
+from .data import DataRows
 from .errors import PgraftError
 from .models import Cond, LoadedModel
 from .recipes import CorrectConfig
-from .runstore import RunStore, derive_seed, load_training_state, save_training_state, tensor_digest
+from .runstore import RunStore, derive_seed, load_training_state, save_training_state, rows_digest, tensor_digest
 from .samplers import NoiseSchedule, invert, sample
 from .training import ema_decay, ema_update_
 
@@ -139,9 +140,15 @@ def fit_gaussian_diag(noises: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Stage keys: the whole [correct] section, less the keys a stage provably never reads
 
-# The corrector's keys: only training the corrector and sampling it read them, never the inversion.
+# The inversion's shards never read the corrector's keys, nor the per-image gate (its verdict is
+# recomputed from the shards on every run, so raising a limit never throws the inversion away), nor
+# the seed unless it seeds the data noise.
+GATE_KEYS = ("max_reconstruction_rms", "max_dropped_fraction")
+
+
 def invert_config(cfg: CorrectConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if not k.startswith("corrector")}
+    return {k: v for k, v in asdict(cfg).items()
+            if not k.startswith("corrector") and k not in GATE_KEYS and (k != "seed" or cfg.data_noise > 0)}
 
 
 # Training never reads these: checkpoints resume bit-exactly at any interval, and the corrector's
@@ -168,20 +175,25 @@ def check_correctable(model: LoadedModel) -> None:
                           f"{model.conditioning}-conditioned (use an unconditional model, or fine-tune with pgraft run)")
 
 
-def run_invert(model: LoadedModel, images: Tensor, cfg: CorrectConfig, lane: int,
+def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
                store: RunStore, bar: Any) -> tuple[Tensor, dict[str, Any]]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises and stats.
+
+    ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
+    stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
+    Afterwards only the kept noises are in memory (the corrector's training set, see
+    :func:`read_inversion`).
 
     An image whose round trip ``RMS(T(T^-1(x)) - x)`` exceeds ``max_reconstruction_rms`` is dropped
     from training and counted; more than ``max_dropped_fraction`` dropped fails the stage.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     check_correctable(model)
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
     config = {**invert_config(cfg), "lane": lane}
-    stage = store.stage("invert", config, {"model": model_key(model), "data": tensor_digest(images)}, num_shards)
+    stage = store.stage("invert", config, {"model": model_key(model), "data": rows_digest(images)}, num_shards)
     if not stage.done:
         todo = [k for k in range(num_shards) if not stage.shard_done(k)]
         task = bar.add_task("inverting", total=sum(min(size, len(images) - k * size) for k in todo), unit="img")
@@ -192,8 +204,8 @@ def run_invert(model: LoadedModel, images: Tensor, cfg: CorrectConfig, lane: int
                 chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
             with stage.write_shard(k) as tmp:
                 save_file(_invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n)), str(tmp))
-    shards = [load_file(str(stage.shard_path(k))) for k in range(num_shards)]
-    stats, kept = inversion_stats({key: torch.cat([s[key] for s in shards]) for key in shards[0]}, cfg)
+    per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
+    stats = inversion_stats(per_image, kept, cfg)
     if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
         raise PgraftError(
             f"inversion failed for {stats['dropped']} of {stats['num']} images (round-trip RMS > "
@@ -201,9 +213,10 @@ def run_invert(model: LoadedModel, images: Tensor, cfg: CorrectConfig, lane: int
             f"{cfg.max_dropped_fraction}; raise correct.inversion_iterations (now {cfg.inversion_iterations}) or "
             f"correct.base_steps, set correct.data_noise = 1e-3, or raise those limits"
         )
-    if store.is_main and not stage.done:
-        stats_path = store.write_json("invert/stats.json", stats)
-        stage.finish([stage.shard_path(k) for k in range(num_shards)] + [stats_path])
+    if store.is_main:
+        if not stage.done:
+            stage.finish([stage.shard_path(k) for k in range(num_shards)])
+        store.write_json("invert/stats.json", stats)  # this run's gate, not part of the cached shards
     return kept, stats
 
 
@@ -212,13 +225,16 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
     grid = model.schedule.grid(cfg.base_steps)
     cond = Cond()
     fn = lambda x, t: model.predict(x, t, cond)  # noqa: E731
+    # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is the
+    # size of the tolerance); the round trip runs the sampler as it samples, in the model's dtype.
+    fn32 = lambda x, t: model.predict(x.to(model.dtype), t, cond).float()  # noqa: E731
     out: dict[str, list[Tensor]] = {"noise": [], "err": [], "iterations": [], "residual": []}
     with torch.inference_mode():
         for part in chunk.split(lane):
-            part = part.to(model.device, model.dtype)
-            z, info = invert(fn, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
-            back, _ = sample(fn, model.schedule, z, grid)
-            for key, value in (("noise", z.float()), ("err", (back - part).float().reshape(len(part), -1)),
+            part = part.to(model.device, torch.float32)
+            z, info = invert(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
+            back, _ = sample(fn, model.schedule, z.to(model.dtype), grid)
+            for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
                                ("iterations", info.iterations), ("residual", info.residual)):
                 out[key].append(value.cpu())
             advance(len(part))
@@ -226,27 +242,54 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
     return {**{k: torch.cat(v) for k, v in out.items()}, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
 
 
-def inversion_stats(shard: dict[str, Tensor], cfg: CorrectConfig) -> tuple[dict[str, Any], Tensor]:
+PER_IMAGE_KEYS = ("rms", "max", "iterations", "residual")  # one number per image in each shard
+
+
+def read_inversion(paths: list[Path], cfg: CorrectConfig) -> tuple[dict[str, Tensor], Tensor]:
+    """Every image's per-image numbers (``PER_IMAGE_KEYS``) and the kept noises (round-trip RMS at
+    most ``max_reconstruction_rms``), in image order.
+
+    The kept noises are the corrector's training set, so they are in memory; nothing else is: each
+    shard's noises are read alone and only its kept rows are copied into one preallocated tensor.
+    """
+    from safetensors import safe_open
+
+    columns: dict[str, list[Tensor]] = {key: [] for key in PER_IMAGE_KEYS}
+    for path in paths:
+        with safe_open(str(path), "pt") as f:
+            for key in PER_IMAGE_KEYS:
+                columns[key].append(f.get_tensor(key))
+            shape = f.get_slice("noise").get_shape()[1:]
+    keep = torch.cat(columns["rms"]) <= cfg.max_reconstruction_rms
+    kept, row = torch.empty((int(keep.sum()), *shape)), 0
+    for path, mask in zip(paths, keep.split([len(r) for r in columns["rms"]])):
+        if mask.any():
+            with safe_open(str(path), "pt") as f:
+                noise = f.get_tensor("noise")[mask]
+            kept[row:row + len(noise)], row = noise, row + len(noise)
+    return {key: torch.cat(parts) for key, parts in columns.items()}, kept
+
+
+def inversion_stats(per_image: dict[str, Tensor], kept: Tensor, cfg: CorrectConfig) -> dict[str, Any]:
     """Round-trip error, convergence and dropped counts, and the kept noises' statistics."""
-    rms, iters = shard["rms"], shard["iterations"]
+    rms, iters = per_image["rms"], per_image["iterations"]
     keep = rms <= cfg.max_reconstruction_rms
-    kept = shard["noise"][keep]
     flat = kept.flatten(1)
     counts = torch.bincount(iters)
     stats = {
         "reconstruction_rms_mean": float(rms.mean()), "reconstruction_rms_max": float(rms.max()),
-        "reconstruction_abs_max": float(shard["max"].max()), "num": len(rms),
-        "converged": int((shard["residual"] < cfg.inversion_tol).sum()), "dropped": int((~keep).sum()),
+        "reconstruction_abs_max": float(per_image["max"].max()), "num": len(rms),
+        "converged": int((per_image["residual"] < cfg.inversion_tol).sum()), "dropped": int((~keep).sum()),
         "used": len(kept), "max_reconstruction_rms": cfg.max_reconstruction_rms,
         "iterations_mean": float(iters.double().mean()), "iterations_max": int(iters.max()),
         "iterations_cap": cfg.inversion_iterations * cfg.base_steps,
         "iterations_histogram": {str(n): int(c) for n, c in enumerate(counts.tolist()) if c},
-        "residual_max": float(shard["residual"].max()),
+        "residual_max": float(per_image["residual"].max()),
     }
     if len(kept):
         stats.update(noise_mean=float(flat.mean()), noise_std=float(flat.std()),
                      noise_norm_mean=float(flat.norm(dim=1).mean() / math.sqrt(flat.shape[1])))
-    return stats, kept
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +305,11 @@ def flow_matching_loss(network: nn.Module, z: Tensor, e: Tensor, t: Tensor) -> T
 
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
                         store: RunStore, bar: Any, device: Any = "cpu") -> tuple[NoiseCorrector, dict[str, Any]]:
-    """Train (or resume, or fit) the corrector on the inverted noises."""
+    """Train (or resume, or fit) the corrector on the inverted noises.
+
+    ``noises`` (the kept ones, from :func:`run_invert`) is the one data set held in memory, in host
+    memory: each step moves only its batch to ``device``.
+    """
     from diffusers import UNet2DModel
     from safetensors.torch import load_file, save_file
 
@@ -291,17 +338,17 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         network.load_state_dict(model_state)
         ema.load_state_dict(ema_state)
     if not stage.done:
-        data = noises.to(device)
         task = bar.add_task("training corrector", total=cfg.corrector_train_steps, completed=start, unit="step")
         network.train()
         for step in range(start, cfg.corrector_train_steps):
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
-            idx = torch.randint(0, len(data), (cfg.corrector_batch_size,), generator=g)
+            idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
             e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
             t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
             for group in opt.param_groups:
                 group["lr"] = cfg.corrector_learning_rate * min(1.0, (step + 1) / cfg.corrector_warmup)
-            loss = flow_matching_loss(network, data[idx], e, t)
+            # the training set stays in host memory; only each step's batch goes to the device
+            loss = flow_matching_loss(network, noises[idx].to(device), e, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(network.parameters(), 1.0)
