@@ -598,7 +598,8 @@ def finetune(
     run_dir = run_dir or _default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
                                                        "cutoff": rec.finetune.cutoff, "prompts": cond.prompts})
     show = not (quiet or as_json) and state.is_main_process
-    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev) \
+    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
+                          reward_identity=rew.identity) \
         if real is not None else None
     with RunStore(run_dir, is_main=state.is_main_process) as store:
         if state.is_main_process:

@@ -213,12 +213,19 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
 
 
 def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weights: Optional[str],
-                  device: str = "cpu") -> Features:
-    """``auto``: Inception if weights are at hand, else the digits classifier for 1x16x16 images.
+                  device: str = "cpu", reward_identity: str = "") -> Features:
+    """``auto``: Inception if weights are at hand, else the digits classifier for 1x16x16 images,
+    or the judge when the reward being optimised is that classifier (an FID in the reward's own
+    features shares its blind spots, so a tuned model could game both).
 
     ``judge``: the bundled judge (a pixel MLP trained on digits-judge), features not shared with the reward.
     """
+    from .runstore import sha256_file
+
     digits_like = tuple(image_shape) == (1, 16, 16)
+    if choice == "auto" and digits_like and not inception_weights and reward_identity:
+        if reward_identity.startswith(f"classifier:sha256={sha256_file(CLASSIFIER_PATH)}:"):
+            choice = "judge"
     if choice in ("classifier", "judge") or (choice == "auto" and digits_like and not inception_weights):
         if not digits_like:
             raise PgraftError(f"the bundled {'judge' if choice == 'judge' else 'classifier'}'s features are for "

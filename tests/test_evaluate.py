@@ -310,3 +310,18 @@ def test_a_reference_from_images_batches_or_features_gives_bit_identical_fid():
         metric.update(gen, real=False)
         fids.append(metric.compute()["fid"])
     assert fids[0] == fids[1] == fids[2]
+
+
+def test_auto_features_avoid_the_reward_being_optimised():
+    """FID of a fine-tune that optimises the bundled classifier is measured in the judge's features."""
+    from pgraft_cli.evaluate import pick_features
+    from pgraft_cli.rewards import parse_reward
+
+    shape = (1, 16, 16)
+    assert pick_features("auto", shape, None).name.startswith("classifier:digits-classifier")
+    reward = parse_reward("classifier:digits:3")
+    assert pick_features("auto", shape, None, reward_identity=reward.identity).name.startswith("classifier:digits-judge")
+    other = parse_reward("jpeg-compressibility")
+    assert pick_features("auto", shape, None, reward_identity=other.identity).name.startswith("classifier:digits-classifier")
+    # an explicit choice is kept
+    assert pick_features("classifier", shape, None, reward_identity=reward.identity).name.startswith("classifier:digits-classifier")
