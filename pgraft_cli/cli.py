@@ -841,6 +841,7 @@ def evaluate(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps (default: the corrector's, else sample.steps).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (evaluate.seed).")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected or fine-tuned checkpoint, if not where it was.")] = None,
+    tuned_guidance: Annotated[Optional[str], typer.Option("--tuned-guidance", help="A fine-tune's tuned segment: none (unguided) or reapply (guided again); default: the file's choice.")] = None,
     reward: RewardOpt = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")] = None,
@@ -889,6 +890,11 @@ def evaluate(
     if kind is not None and kind not in ("flow", "diffusion", "auto"):
         raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
     loaded = load_model(model, config=config, kind=kind or rec.model.kind, allow_pickle=allow_pickle, base=base)
+    if tuned_guidance is not None:
+        if tuned_guidance not in ("none", "reapply") or not loaded.finetuned:
+            raise PgraftError(f"--tuned-guidance {tuned_guidance}: pass none or reapply, for a fine-tuned file "
+                              f"(pgraft finetune's output); {model} is {'one' if loaded.finetuned else 'not one'}")
+        loaded.tuned_guidance = tuned_guidance
     from .sample import Conditions, check_conditions
 
     cond = Conditions(prompts=_prompts(prompt, prompts) or None)
