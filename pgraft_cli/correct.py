@@ -1,4 +1,4 @@
-"""Inverse noise correction (PAPER.md section 3): invert data, fit a noise corrector, compose.
+"""Inverse noise correction (docs/methods.md section 3): invert data, fit a noise corrector, compose.
 
 1. ``run_invert``: freeze the base flow and invert its N-step Euler sampler ``T`` on every real
    image (backward Euler, Anderson-accelerated, per image: ``samplers.invert``); check

@@ -80,7 +80,7 @@ def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample",
 
 
 def rule_params(cfg: FilterConfig, rewards: Tensor) -> dict[str, Any]:
-    """The parameters of the rule's acceptance formula (PAPER.md section 1)."""
+    """The parameters of the rule's acceptance formula (docs/methods.md section 1)."""
     if cfg.rule == "top_k":
         return {"k": cfg.k, "m": cfg.m}
     if cfg.rule == "best_of_n":

@@ -1,6 +1,6 @@
 """The finetune stage: GRAFT and P-GRAFT training on kept samples, and the composed model.
 
-The loss (PAPER.md section 2, derived there): kept states ``y`` at the cutoff time ``c`` are data for
+The loss (docs/methods.md section 2, derived there): kept states ``y`` at the cutoff time ``c`` are data for
 the forward kernel from ``c``, and the model is trained only at ``t in (c, 1]``. With ``c = 0`` this
 is exactly the ordinary flow-matching / denoising loss on final samples (GRAFT). The tuned model then
 runs ``t in (c, 1]`` and the base model ``[0, c]`` (``LoadedModel.network_at``): two networks for

@@ -77,7 +77,7 @@ class ScoreConfig:
 
 @dataclass
 class FilterConfig:
-    """Selection rule over scored samples (PAPER.md section 1; the maths is in ``selection.py``).
+    """Selection rule over scored samples (docs/methods.md section 1; the maths is in ``selection.py``).
 
     ``top_k``: keep the ``k`` best of each group of ``m`` (the ``m`` samples of one prompt or class,
     or ``m`` consecutive samples of an unconditional model). ``best_of_n``: ``k = 1`` of ``m``.
@@ -108,7 +108,7 @@ class FilterConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning on kept samples (PAPER.md sections 1-2).
+    """Fine-tuning on kept samples (docs/methods.md sections 1-2).
 
     ``cutoff`` c: the tuned model runs t in (c, 1], the base model [0, c]; c = 0 is GRAFT. With
     ``target = "intermediate"`` (P-GRAFT) it trains on the kept states at c with the forward kernel

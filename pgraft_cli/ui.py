@@ -108,7 +108,7 @@ def filter_report(summary: dict) -> Group:
 
 
 def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
-    """rhat at a few CDF values for the rule used (PAPER.md section 1), for the terminal."""
+    """rhat at a few CDF values for the rule used (docs/methods.md section 1), for the terminal."""
     from .selection import reshaped_reward
 
     rule = summary["rule"]
