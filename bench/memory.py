@@ -41,7 +41,7 @@ atexit.register(lambda: print("PGRAFT_MAXRSS_KB", resource.getrusage(resource.RU
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "materialised":
     import torch
-    import pgraft_cli.data as data, pgraft_cli.sample as sample
+    import pgraft_cli.io.data as data, pgraft_cli.stages.sample as sample
     from safetensors.torch import load_file
     load_data = data.load_data
     def all_images(run_dir, stage_name="sample"):  # the old reader: every shard, every key, at once

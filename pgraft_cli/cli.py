@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .errors import OutputPathError, PgraftError
-from .recipes import Recipe, dump_recipe, load_recipe
+from .io.recipes import Recipe, dump_recipe, load_recipe
 
 app = typer.Typer(
     name="pgraft",
@@ -65,7 +65,7 @@ def _folder_path(flag: str) -> Any:
 
 def _png_folder(value: Optional[Path]) -> Optional[Path]:
     """``pgraft sample --out``: a writable folder that holds no images pgraft did not write."""
-    from .sample import check_png_folder
+    from .stages.sample import check_png_folder
 
     if _folder_path("--out")(value) is not None:
         check_png_folder(value)
@@ -110,8 +110,8 @@ def _gates_verdict(results: list[Any], quiet: bool) -> None:
     """One stderr line per failed gate and exit 1; a single note when all held."""
     from rich.text import Text
 
-    from .gates import failed as failed_gates
-    from .ui import err, note
+    from .report.gates import failed as failed_gates
+    from .report.ui import err, note
 
     failed = failed_gates(results)
     for r in failed:
@@ -135,7 +135,7 @@ def _resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Rec
 
 def _load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool, recipe: Recipe,
           base: Optional[str] = None):
-    from .checkpoints import load_model
+    from .io.checkpoints import load_model
 
     if kind is not None and kind not in ("flow", "diffusion", "auto"):
         raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
@@ -193,7 +193,7 @@ def inspect(
 
       pgraft inspect weights.safetensors --config ./my-unet/config.json
     """
-    from .checkpoints import describe
+    from .io.checkpoints import describe
 
     info = describe(_load(model, config, kind, allow_pickle, load_recipe("default")))
     if as_json:
@@ -201,7 +201,7 @@ def inspect(
         return
     from rich.table import Table
 
-    from .ui import out
+    from .report.ui import out
 
     table = Table(title=f"pgraft inspect {model}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -285,9 +285,9 @@ def sample(
 
       accelerate launch --num_processes 2 -m pgraft_cli sample digits --num 3000 --out big/
     """
-    from .runstore import RunStore
-    from .sample import Conditions, export_pngs, run_sample
-    from .ui import note, progress
+    from .io.runstore import RunStore
+    from .stages.sample import Conditions, export_pngs, run_sample
+    from .report.ui import note, progress
 
     rec = _resolve_recipe(recipe, set_, sample__num=num, sample__seed=seed, sample__steps=steps,
                           sample__batch_size=batch_size, sample__capture_at=capture_at,
@@ -305,14 +305,14 @@ def sample(
             raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {steps}; "
                               f"pass --steps {loaded.corrector.base_steps} or sample the base model")
         rec.sample.steps = loaded.corrector.base_steps
-    from .sample import check_conditions, stage_config
+    from .stages.sample import check_conditions, stage_config
 
     check_conditions(loaded, cond)
     run_dir = run_dir or _default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
     show = not (quiet or as_json) and state.is_main_process
     with RunStore(run_dir, is_main=state.is_main_process) as store:
         if state.is_main_process:
-            from .runstore import atomic_write_text
+            from .io.runstore import atomic_write_text
 
             atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
@@ -333,7 +333,7 @@ def sample(
     if as_json:
         print(json.dumps(summary, sort_keys=True))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import out as console
 
         resumed = "" if result.generated == written else f" ({written - result.generated} already done)"
         console.print(f"[green]wrote[/green] {written} images to {target}{resumed} in {result.seconds:.1f}s")
@@ -399,7 +399,7 @@ def status(
 
       pgraft status pgraft-runs/sample-1a2b3c4d5e6f
     """
-    from .runstore import MANIFEST, RunStore
+    from .io.runstore import MANIFEST, RunStore
 
     if not (run_dir / MANIFEST).is_file():
         raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a run")
@@ -409,7 +409,7 @@ def status(
         return
     from rich.table import Table
 
-    from .ui import out
+    from .report.ui import out
 
     colours = {"done": "green", "partial": "yellow", "pending": "dim", "stale": "red"}
     table = Table(title=f"run {run_dir}", title_justify="left")
@@ -428,7 +428,7 @@ RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[
 
 
 def _open_run(run_dir: Path) -> Any:
-    from .runstore import MANIFEST, RunStore
+    from .io.runstore import MANIFEST, RunStore
 
     if not (run_dir / MANIFEST).is_file():
         raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a `pgraft sample` run")
@@ -436,7 +436,7 @@ def _open_run(run_dir: Path) -> Any:
 
 
 def _reward(spec: str, device: str = "cpu", batch_size: Optional[int] = None) -> Any:
-    from .rewards import parse_reward
+    from .stages.rewards import parse_reward
 
     if not spec:
         raise PgraftError("no reward given; pass --reward NAME[:ARGS] (e.g. --reward classifier:digits:3) or set score.reward")
@@ -466,8 +466,8 @@ def score(
 
       pgraft score runs/d3 --reward python:my_rewards:brightness
     """
-    from .score import reward_stats, run_score
-    from .ui import progress
+    from .stages.score import reward_stats, run_score
+    from .report.ui import progress
 
     rec = _resolve_recipe(recipe, set_, score__reward=reward)
     rew = _reward(rec.score.reward, batch_size=rec.score.batch_size)
@@ -478,7 +478,7 @@ def score(
     if as_json:
         print(json.dumps(summary, sort_keys=True))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import out as console
 
         console.print(f"[green]scored[/green] {summary['num']} samples with {rew.spec}: mean "
                       f"{summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
@@ -510,7 +510,7 @@ def filter_(
 
       pgraft filter runs/d3 --rule threshold --quantile 0.75 --dedup
     """
-    from .filter import run_filter
+    from .stages.filter import run_filter
 
     rec = _resolve_recipe(recipe, set_, filter__rule=rule, filter__k=k, filter__m=m, filter__threshold=threshold,
                           filter__quantile=quantile, filter__dedup=dedup)
@@ -522,7 +522,7 @@ def filter_(
                                                        if k_ not in ("kept_indices", "cdf", "reshaped_reward")}},
                          sort_keys=True))
     elif not quiet:
-        from .ui import filter_report, out as console
+        from .report.ui import filter_report, out as console
 
         console.print(filter_report(summary))
 
@@ -567,14 +567,15 @@ def finetune(
     """
     import torch
 
-    from .evaluate import pick_features
-    from .finetune import base_info_of, evaluate_pair, run_rounds, save_finetuned
-    from .runstore import RunStore, atomic_write_text
-    from .sample import Conditions, check_conditions
-    from .ui import note, progress
+    from .stages.evaluate import pick_features
+    from .io.checkpoints import base_info_of, save_finetuned
+    from .stages.finetune import evaluate_pair, run_rounds
+    from .io.runstore import RunStore, atomic_write_text
+    from .stages.sample import Conditions, check_conditions
+    from .report.ui import note, progress
 
-    from .gates import check_gates, gate_metrics, gate_names, parse_gates
-    from .report import render_report
+    from .report.gates import check_gates, gate_metrics, gate_names, parse_gates
+    from .report.html import render_report
 
     tic = time.perf_counter()
     gates = parse_gates(fail_if, gate_names("finetune"))
@@ -638,7 +639,7 @@ def finetune(
         return _gates_verdict(results, quiet=True)
     if quiet:
         return _gates_verdict(results, quiet=True)
-    from .ui import finetune_report, fmt_bytes, out as console
+    from .report.ui import finetune_report, fmt_bytes, out as console
 
     console.print(finetune_report(summary))
     console.print(f"[green]wrote[/green] {target} ({fmt_bytes(target.stat().st_size)}); run {store.root}; {seconds:.0f}s")
@@ -659,7 +660,7 @@ def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
 
 def _real_data(loaded: Any, data: Optional[str], stream: bool = False) -> tuple[Any, str]:
     """The ``--data`` images (or the model's own data set): all at once, or ``stream``ed in batches."""
-    from .data import iter_data, load_data
+    from .io.data import iter_data, load_data
 
     spec = data or loaded.default_data
     if not spec:
@@ -671,8 +672,8 @@ def _references(loaded: Any, data: Optional[str], eval_data: Optional[str], real
                 feats: Any, kid_subsets: int) -> tuple[str, dict[str, Any]]:
     """FID references by name, the one ``fid``/``kid`` (and gates) use first: ``--eval-data``, else
     the model's ``default_eval_data`` when ``--data`` is not given, else the data itself."""
-    from .data import iter_data
-    from .evaluate import reference
+    from .io.data import iter_data
+    from .stages.evaluate import reference
 
     spec = eval_data or (None if data else loaded.default_eval_data)
     refs = {}
@@ -690,8 +691,8 @@ def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Any:
     from rich.console import Group
     from rich.table import Table
 
-    from .evaluate import COST_NOTE
-    from .ui import warning_lines
+    from .stages.evaluate import COST_NOTE
+    from .report.ui import warning_lines
 
     table = Table(title=title, title_justify="left", caption=COST_NOTE, caption_justify="left")
     also = list(rows[0][1].get("also_against") or {})  # FID against further data, e.g. the training data
@@ -745,14 +746,15 @@ def correct(
     """
     import torch
 
-    from .correct import check_correctable, run_invert, run_train_corrector, save_corrected
-    from .evaluate import evaluate_model, pick_features
-    from .recipes import SampleConfig
-    from .runstore import RunStore, atomic_write_text
-    from .ui import note, progress
+    from .stages.correct import check_correctable, run_invert, run_train_corrector
+    from .io.checkpoints import save_corrected
+    from .stages.evaluate import evaluate_model, pick_features
+    from .io.recipes import SampleConfig
+    from .io.runstore import RunStore, atomic_write_text
+    from .report.ui import note, progress
 
-    from .gates import check_gates, gate_metrics, gate_names, parse_gates
-    from .report import render_report
+    from .report.gates import check_gates, gate_metrics, gate_names, parse_gates
+    from .report.html import render_report
 
     tic = time.perf_counter()
     gates = parse_gates(fail_if, gate_names("correct"))
@@ -807,7 +809,7 @@ def correct(
         return _gates_verdict(results, quiet=True)
     if quiet:
         return _gates_verdict(results, quiet=True)
-    from .ui import fmt_bytes, out as console
+    from .report.ui import fmt_bytes, out as console
 
     console.print(_metrics_table(
         f"inverse noise correction of {loaded.source} ({rec.correct.base_steps} base steps, "
@@ -870,13 +872,13 @@ def evaluate(
     """
     import torch
 
-    from .checkpoints import load_model
-    from .evaluate import evaluate_model, pick_features
-    from .recipes import SampleConfig
-    from .runstore import RunStore, atomic_write_text
-    from .gates import check_gates, gate_metrics, gate_names, parse_gates
-    from .report import render_report
-    from .ui import note, progress
+    from .io.checkpoints import load_model
+    from .stages.evaluate import evaluate_model, pick_features
+    from .io.recipes import SampleConfig
+    from .io.runstore import RunStore, atomic_write_text
+    from .report.gates import check_gates, gate_metrics, gate_names, parse_gates
+    from .report.html import render_report
+    from .report.ui import note, progress
 
     tic = time.perf_counter()
     gates = parse_gates(fail_if, gate_names("evaluate", reward=bool(reward)))
@@ -886,7 +888,7 @@ def evaluate(
     if kind is not None and kind not in ("flow", "diffusion", "auto"):
         raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
     loaded = load_model(model, config=config, kind=kind or rec.model.kind, allow_pickle=allow_pickle, base=base)
-    from .sample import Conditions, check_conditions
+    from .stages.sample import Conditions, check_conditions
 
     cond = Conditions(prompts=_prompts(prompt, prompts) or None)
     check_conditions(loaded, cond)
@@ -930,7 +932,7 @@ def evaluate(
         print(json.dumps({**metrics, "report": str(report), "seconds": round(seconds, 2),
                           **({"gates": [r.to_dict() for r in results]} if results else {})}, sort_keys=True, default=float))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import out as console
 
         console.print(_metrics_table(f"evaluate {model} against {fid_data} (features {metrics['features']})",
                                      [(f"{_label(metrics)} ({eval_steps} steps)", metrics)]))
@@ -965,13 +967,13 @@ def report(
 
       pgraft report pgraft-runs/correct-1a2b3c4d5e6f --open
     """
-    from .report import render_report
+    from .report.html import render_report
 
     path = render_report(run_dir)
     if as_json:
         print(json.dumps({"run_dir": str(run_dir), "report": str(path)}, sort_keys=True))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import out as console
 
         console.print(f"[green]wrote[/green] {path}")
     if open_:
@@ -1033,7 +1035,7 @@ def main() -> None:
     A :class:`PgraftError` exits with its code (2), a usage error with click's (2), a refused file
     operation with 1; ``--debug`` adds the traceback above the line.
     """
-    from .ui import error_line
+    from .report.ui import error_line
 
     tune_allocator()
     try:

@@ -11,17 +11,18 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from pgraft_cli import correct as correct_mod
-from pgraft_cli.checkpoints import load_model
+from pgraft_cli.stages import correct as correct_mod
+from pgraft_cli.io.checkpoints import load_model, save_corrected
 from pgraft_cli.cli import app
-from pgraft_cli.correct import NoiseCorrector, fit_gaussian, run_invert, run_train_corrector
-from pgraft_cli.data import load_digits
+from pgraft_cli.models.corrector import NoiseCorrector, fit_gaussian
+from pgraft_cli.stages.correct import run_invert, run_train_corrector
+from pgraft_cli.io.data import load_digits
 from pgraft_cli.errors import PgraftError
-from pgraft_cli.models import Cond
-from pgraft_cli.recipes import load_recipe
-from pgraft_cli.runstore import RunStore
-from pgraft_cli.samplers import NoiseSchedule, invert, sample
-from pgraft_cli.ui import progress
+from pgraft_cli.models.loaded import Cond
+from pgraft_cli.io.recipes import load_recipe
+from pgraft_cli.io.runstore import RunStore
+from pgraft_cli.core.samplers import NoiseSchedule, invert, sample
+from pgraft_cli.report.ui import progress
 
 runner = CliRunner()
 # A shrunk inverse-noise recipe: few images, steps and training steps (the real defaults run minutes).
@@ -142,7 +143,7 @@ def test_full_covariance_gaussian_is_refused_with_no_more_images_than_dimensions
 
 
 def test_diagonal_gaussian_corrector_fits_saves_loads_and_counts_flops(tmp_path):
-    from pgraft_cli.evaluate import flops_per_image
+    from pgraft_cli.stages.evaluate import flops_per_image
 
     g = torch.Generator().manual_seed(0)
     noises = 0.5 + 2.0 * torch.randn(4000, 1, 16, 16, generator=g)  # fewer images than the 256^2 a full fit needs
@@ -154,7 +155,7 @@ def test_diagonal_gaussian_corrector_fits_saves_loads_and_counts_flops(tmp_path)
     e = torch.randn(3, 1, 16, 16, generator=g)
     torch.testing.assert_close(corrector(e), corrector.mean.reshape(1, 1, 16, 16) + corrector.std.reshape(1, 1, 16, 16) * e)
     base = load_model("digits")
-    out = correct_mod.save_corrected(tmp_path / "diag.safetensors", corrector, base, {}, {})
+    out = save_corrected(tmp_path / "diag.safetensors", corrector, base, {}, {})
     loaded = load_model(str(out))
     assert loaded.corrector.kind == "gaussian-diag"
     torch.testing.assert_close(loaded.corrector(e), corrector(e))
@@ -173,8 +174,8 @@ def _untrained_flow_corrector(base_steps: int = 4) -> NoiseCorrector:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_corrector_composes_with_a_half_precision_base_model(dtype):
-    from pgraft_cli.sample import initial_noise
-    from pgraft_cli.samplers import sample as run_sampler
+    from pgraft_cli.stages.sample import initial_noise
+    from pgraft_cli.core.samplers import sample as run_sampler
 
     model = load_model("digits")
     model.corrector = _untrained_flow_corrector()
@@ -312,7 +313,7 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
 
     # a base that is not the one the corrector was fitted for is refused with one line
     other = tmp_path / "other.safetensors"
-    from pgraft_cli.checkpoints import save_pgraft_safetensors
+    from pgraft_cli.io.checkpoints import save_pgraft_safetensors
 
     m = load_model("digits")
     state = {k: v + 0.01 for k, v in m.network.state_dict().items()}

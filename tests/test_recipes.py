@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from pgraft_cli.errors import RecipeError
-from pgraft_cli.recipes import (SECTIONS, Recipe, available_recipes, dump_recipe, find_recipe, load_recipe,
-                                parse_override, recipe_dirs, recipe_from_dict)
+from pgraft_cli.io.recipes import (SECTIONS, Recipe, available_recipes, dump_recipe, find_recipe, load_recipe,
+                                parse_override, recipe_dirs, recipe_from_dict, tomllib)
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = sorted((REPO / "recipes").glob("*.toml"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pgraft_cli.errors import RunLockedError, RunStoreError
-from pgraft_cli.runstore import (MANIFEST, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
+from pgraft_cli.io.runstore import (MANIFEST, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
                                  content_key, sha256_file, stage_key, state_digest, tensor_digest)
 
 # One torch thread per process: on a small, busy CPU, two threads per process fight over the cores and
@@ -329,7 +329,7 @@ def test_run_dir_that_is_a_file(tmp_path):
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from pgraft_cli.runstore import RunStore
+    from pgraft_cli.io.runstore import RunStore
     store = RunStore(sys.argv[1]).__enter__()
     print("locked", flush=True)
     time.sleep(120)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgraft_cli.samplers import NoiseSchedule, invert, sample
+from pgraft_cli.core.samplers import NoiseSchedule, invert, sample
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import ASSETS, save_pgraft_safetensors
-from ..data import load_digits
-from ..nets import ClassifierConfig, DigitsClassifier, save_classifier
+from ..io.checkpoints import ASSETS, save_pgraft_safetensors
+from ..io.data import load_digits
+from ..models.nets import ClassifierConfig, DigitsClassifier
+from ..io.checkpoints import save_classifier
 
 FLOW_CONFIG = {
     "sample_size": 16,

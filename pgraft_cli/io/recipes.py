@@ -11,14 +11,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .errors import RecipeError
+from ..errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -77,7 +82,7 @@ class ScoreConfig:
 
 @dataclass
 class FilterConfig:
-    """Selection rule over scored samples (PAPER.md section 1; the maths is in ``selection.py``).
+    """Selection rule over scored samples (docs/methods.md section 1; the maths is in ``selection.py``).
 
     ``top_k``: keep the ``k`` best of each group of ``m`` (the ``m`` samples of one prompt or class,
     or ``m`` consecutive samples of an unconditional model). ``best_of_n``: ``k = 1`` of ``m``.
@@ -108,7 +113,7 @@ class FilterConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning on kept samples (PAPER.md sections 1-2).
+    """Fine-tuning on kept samples (docs/methods.md sections 1-2).
 
     ``cutoff`` c: the tuned model runs t in (c, 1], the base model [0, c]; c = 0 is GRAFT. With
     ``target = "intermediate"`` (P-GRAFT) it trains on the kept states at c with the forward kernel
@@ -251,8 +256,8 @@ SECTIONS = [f.name for f in dataclasses.fields(Recipe) if dataclasses.is_datacla
 
 def recipe_dirs() -> list[Path]:
     """Where named recipes live: the wheel's bundled copy, then the source tree's ``recipes/``."""
-    here = Path(__file__).resolve().parent
-    return [d for d in (here / "_recipes", here.parent / "recipes") if d.is_dir()]
+    package = Path(__file__).resolve().parents[1]
+    return [d for d in (package / "_recipes", package.parent / "recipes") if d.is_dir()]
 
 
 def available_recipes() -> list[str]:

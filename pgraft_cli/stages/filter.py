@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import PgraftError
-from .recipes import FilterConfig
-from .runstore import RunStore, atomic_path
+from ..errors import PgraftError
+from ..io.recipes import FilterConfig
+from ..io.runstore import RunStore, atomic_path
 from .score import load_rewards, stage_outputs_digest
 from .sample import stage_tensors
-from .selection import select, summarize, threshold_value
+from ..core.selection import select, summarize, threshold_value
 
 STAGE = "filter"
 
@@ -80,7 +80,7 @@ def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample",
 
 
 def rule_params(cfg: FilterConfig, rewards: Tensor) -> dict[str, Any]:
-    """The parameters of the rule's acceptance formula (PAPER.md section 1)."""
+    """The parameters of the rule's acceptance formula (docs/methods.md section 1)."""
     if cfg.rule == "top_k":
         return {"k": cfg.k, "m": cfg.m}
     if cfg.rule == "best_of_n":

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from .errors import PgraftError
-from .runstore import RunStore
+from ..errors import PgraftError
+from ..io.runstore import RunStore
 
 STAGE = "score"
 

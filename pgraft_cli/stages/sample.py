@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoints import model_key
-from .errors import OutputPathError, PgraftError
-from .models import LoadedModel
-from .recipes import SampleConfig
-from .runstore import RunStore, atomic_write_bytes, atomic_write_text
-from .samplers import sample as run_sampler
+from ..io.checkpoints import model_key
+from ..errors import OutputPathError, PgraftError
+from ..models.loaded import LoadedModel
+from ..io.recipes import SampleConfig
+from ..io.runstore import RunStore, atomic_write_bytes, atomic_write_text
+from ..core.samplers import sample as run_sampler
 
 STAGE = "sample"
 

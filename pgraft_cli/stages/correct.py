@@ -1,4 +1,4 @@
-"""Inverse noise correction (PAPER.md section 3): invert data, fit a noise corrector, compose.
+"""Inverse noise correction (docs/methods.md section 3): invert data, fit a noise corrector, compose.
 
 1. ``run_invert``: freeze the base flow and invert its N-step Euler sampler ``T`` on every real
    image (backward Euler, Anderson-accelerated, per image: ``samplers.invert``); check
@@ -17,86 +17,24 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import asdict
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import model_key
-from .errors import PgraftError
-from .models import Cond, LoadedModel
-from .recipes import CorrectConfig
-from .runstore import RunStore, derive_seed, load_training_state, save_training_state, tensor_digest
-from .samplers import NoiseSchedule, invert, sample
-from .training import ema_decay, ema_update_
+from ..core.ema import ema_decay, ema_update_
+from ..core.losses import flow_matching_loss
+from ..core.samplers import invert, sample
+from ..errors import PgraftError
+from ..io.checkpoints import model_key
+from ..io.recipes import CorrectConfig
+from ..io.runstore import RunStore, derive_seed, load_training_state, save_training_state, tensor_digest
+from ..models.corrector import NoiseCorrector, fit_gaussian, fit_gaussian_diag
+from ..models.loaded import Cond, LoadedModel
 
 # ----------------------------------------------------------------------------------------------
-# The corrector
-
-
-@dataclass
-class NoiseCorrector:
-    """Maps N(0, I) noise to the base sampler's inverse-noise distribution.
-
-    ``kind = "flow"``: a small diffusers UNet2DModel flow (``v = e - z``, t = 1 noise, t = 0 the
-    corrected noise z) integrated with ``steps`` Euler steps; it computes in its network's dtype
-    (timesteps in float32) and returns the caller's dtype. ``kind = "gaussian"``: ``z = mean + L e``
-    with ``L`` the Cholesky factor of the inverted noises' covariance; ``"gaussian-diag"``:
-    ``z = mean + std * e`` per dimension (no network calls).
-    """
-
-    kind: str
-    base_steps: int
-    steps: int = 0
-    network: Optional[nn.Module] = None
-    model_config: Optional[dict[str, Any]] = None
-    mean: Optional[Tensor] = None
-    chol: Optional[Tensor] = None
-    std: Optional[Tensor] = None
-
-    schedule = NoiseSchedule.flow()
-
-    @staticmethod
-    def schedule_config() -> dict[str, Any]:
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
-
-    def velocity(self, z: Tensor, t: Tensor) -> Tensor:
-        assert self.network is not None
-        timestep = self.schedule.timestep(t).to(device=z.device, dtype=torch.float32).expand(z.shape[0])
-        own = next(self.network.parameters()).dtype  # callers (FLOPs probes) may pass the base model's dtype
-        return self.network(z.to(own), timestep).sample
-
-    @torch.no_grad()
-    def __call__(self, noise: Tensor) -> Tensor:
-        if self.network is None:
-            assert self.mean is not None
-            flat = noise.reshape(noise.shape[0], -1).double()
-            spread = flat * self.std.double() if self.kind == "gaussian-diag" else flat @ self.chol.double().T
-            return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
-        own = next(self.network.parameters()).dtype
-        z, _ = sample(self.velocity, self.schedule, noise.to(own), self.schedule.grid(self.steps))
-        return z.to(noise.dtype)
-
-    def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "NoiseCorrector":
-        if self.network is not None:
-            self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        for name in ("mean", "chol", "std"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def map_flops(self) -> int:
-        """FLOPs per image of a Gaussian corrector (a multiply-add is 2, as torch's flop counter):
-        ``2 D^2`` for the Cholesky matmul, ``2 D`` for the diagonal form."""
-        assert self.mean is not None
-        dim = self.mean.numel()
-        return 2 * dim * (1 if self.kind == "gaussian-diag" else dim)
-
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.network.parameters()) if self.network is not None else 0
+# The corrector's network
 
 
 def corrector_config(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -108,32 +46,6 @@ def corrector_config(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> 
     return {"sample_size": h, "in_channels": c, "out_channels": c, "block_out_channels": widths,
             "layers_per_block": cfg.corrector_layers, "down_block_types": down, "up_block_types": up,
             "norm_num_groups": min(8, widths[0]), "attention_head_dim": widths[-1] // 2}
-
-
-MAX_FULL_COVARIANCE_DIM = 16384  # a D x D float64 covariance above this is > 2 GB
-
-
-def fit_gaussian(noises: Tensor, jitter: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """Mean and Cholesky factor of the covariance of (N, ...) samples (float64).
-
-    Refused when ``N <= D`` (the covariance has rank < D: samples would stay in the span of the
-    training noises, plus jitter) or ``D > MAX_FULL_COVARIANCE_DIM`` (it would not fit in memory).
-    """
-    flat = noises.reshape(noises.shape[0], -1).double()
-    num, dim = flat.shape
-    if num <= dim or dim > MAX_FULL_COVARIANCE_DIM:
-        raise PgraftError(f"a full-covariance Gaussian corrector needs more images than dimensions and at most "
-                          f"{MAX_FULL_COVARIANCE_DIM} dimensions (got {num} images of dimension {dim}); set "
-                          f"correct.corrector = \"gaussian-diag\" (per-dimension mean and std) or \"flow\"")
-    mean = flat.mean(0)
-    cov = torch.cov(flat.T) + jitter * torch.eye(flat.shape[1], dtype=torch.float64)
-    return mean, torch.linalg.cholesky(cov)
-
-
-def fit_gaussian_diag(noises: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and standard deviation of (N, ...) samples (float64, unbiased std)."""
-    flat = noises.reshape(noises.shape[0], -1).double()
-    return flat.mean(0), flat.std(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,13 +165,6 @@ def inversion_stats(shard: dict[str, Tensor], cfg: CorrectConfig) -> tuple[dict[
 # Stage 2: training the corrector
 
 
-def flow_matching_loss(network: nn.Module, z: Tensor, e: Tensor, t: Tensor) -> Tensor:
-    """``E |v(x_t, t) - (e - z)|^2`` with ``x_t = (1 - t) z + t e``: N(0, I) at t = 1, data z at t = 0."""
-    tt = t.view(-1, *([1] * (z.ndim - 1)))
-    xt = (1 - tt) * z + tt * e
-    return F.mse_loss(network(xt, t * 1000).sample, e - z)
-
-
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
                         store: RunStore, bar: Any, device: Any = "cpu") -> tuple[NoiseCorrector, dict[str, Any]]:
     """Train (or resume, or fit) the corrector on the inverted noises."""
@@ -333,68 +238,3 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
                        "loss_curve": losses[:: max(1, len(losses) // 200)]}
 
 
-# ----------------------------------------------------------------------------------------------
-# The corrected checkpoint: one self-describing safetensors
-
-
-def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedModel, metrics: dict[str, Any],
-                   recipe: dict[str, Any], extra_provenance: Optional[dict[str, Any]] = None) -> Path:
-    """Write the corrector, the base model's identity and sampler, and the measured metrics."""
-    from .checkpoints import save_pgraft_safetensors
-
-    base_info = {
-        "source": base.source, "identity": base.identity, "model_class": base.model_class,
-        "model_config": base.model_config, "scheduler_config": base.scheduler_config,
-        "solver": "euler", "steps": corrector.base_steps,
-    }
-    extra = {
-        "pgraft.kind": "corrector",
-        "pgraft.corrector_type": corrector.kind,
-        "pgraft.corrector_steps": str(corrector.steps),
-        "pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
-        "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float),
-    }
-    if base.default_data:
-        extra["pgraft.data"] = base.default_data
-    if base.default_eval_data:
-        extra["pgraft.eval_data"] = base.default_eval_data
-    provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
-    if corrector.network is None:
-        state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
-                                            else {"chol": corrector.chol})}
-        return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.numel())},  # type: ignore[arg-type]
-                                       NoiseCorrector.schedule_config(), provenance, extra, state=state)
-    return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
-                                   NoiseCorrector.schedule_config(), provenance, extra)
-
-
-def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
-                   allow_pickle: bool) -> LoadedModel:
-    """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
-    from .checkpoints import build_network, load_base_for, load_state, read_safetensors
-
-    state, metadata = read_safetensors(path)
-    info = json.loads(metadata["pgraft.base"])
-    base_model = load_base_for(path, info, base, kind, allow_pickle)
-    corrector_type = metadata.get("pgraft.corrector_type", "flow")
-    base_steps = int(info["steps"])
-    if corrector_type in ("gaussian", "gaussian-diag"):
-        corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
-                                   std=state.get("std"))
-    else:
-        config = json.loads(metadata["pgraft.model_config"])
-        network = build_network("UNet2DModel", config)
-        load_state(network, state, str(path))
-        network.eval().requires_grad_(False)
-        corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
-                                   network=network, model_config=config)
-    base_model.corrector = corrector
-    base_model.source = str(path)
-    base_model.source_kind = "pgraft-corrector"
-    base_model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
-    base_model.metadata = metadata
-    base_model.base_identity = base_model.identity
-    from .runstore import sha256_file
-
-    base_model.identity = sha256_file(path)
-    return base_model

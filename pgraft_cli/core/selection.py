@@ -1,6 +1,6 @@
 """Selection rules of generalised rejection sampling (GRS / GRAFT) and the rewards they reshape.
 
-PAPER.md section 1: draw ``m`` samples per prompt from the model ``p``, score them with a reward
+docs/methods.md section 1: draw ``m`` samples per prompt from the model ``p``, score them with a reward
 ``r``, keep some by a rule, fine-tune on what was kept. The kept samples follow
 ``p_acc(x) ~ p(x) exp(rhat(x))`` with ``rhat = log g(F(r(x)))``, where ``F`` is the CDF of the reward
 under ``p`` and ``g`` the rule's acceptance probability given ``F`` (continuous rewards, no ties):
@@ -282,7 +282,7 @@ def empirical_cdf(rewards: Tensor) -> Callable[[Any], Tensor]:
 
 
 def reshaped_reward(rule: str, F: Any, **params: Any) -> Tensor:
-    """``rhat(F) = log g(F)`` (PAPER.md section 1, alpha = 1, up to a constant), float64, -inf where g = 0.
+    """``rhat(F) = log g(F)`` (docs/methods.md section 1, alpha = 1, up to a constant), float64, -inf where g = 0.
 
     - ``top_k`` (``k``, ``m``): ``logsumexp_{j < min(k, m)} [log C(m-1, j) + j log(1-F) + (m-1-j) log F]``
       (0 everywhere when ``k >= m``);

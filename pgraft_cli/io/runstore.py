@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from . import __version__
-from .errors import RunLockedError, RunStoreError
+from .. import __version__
+from ..errors import RunLockedError, RunStoreError
 
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0)

@@ -108,8 +108,8 @@ def filter_report(summary: dict) -> Group:
 
 
 def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
-    """rhat at a few CDF values for the rule used (PAPER.md section 1), for the terminal."""
-    from .selection import reshaped_reward
+    """rhat at a few CDF values for the rule used (docs/methods.md section 1), for the terminal."""
+    from ..core.selection import reshaped_reward
 
     rule = summary["rule"]
     if rule == "threshold":
@@ -131,7 +131,7 @@ def finetune_report(summary: dict) -> Group:
     """Base vs tuned after ``pgraft finetune``: reward, FID, cost; then the rounds."""
     from rich.table import Table
 
-    from .evaluate import COST_NOTE
+    from ..stages.evaluate import COST_NOTE
 
     table = Table(title=f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
                         f"reward {summary['reward']}", title_justify="left", caption=COST_NOTE, caption_justify="left")
