@@ -615,3 +615,53 @@ def test_a_lora_file_with_missing_adapter_tensors_is_refused(tmp_path):
     message = str(err.value)
     assert "lacks 3 of the adapter's" in message and f"'{dropped[0]}'" in message and str(path) in message
     assert "\n" not in message
+
+
+def corrected_file_of(model, path: Path) -> Path:
+    """A Gaussian corrector file made from ``model`` (stores its base's source and identity)."""
+    from pgraft_cli.io.checkpoints import save_corrected
+    from pgraft_cli.models.corrector import NoiseCorrector
+
+    dim = 1
+    for n in model.sample_shape:
+        dim *= n
+    corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(dim), std=torch.ones(dim))
+    return save_corrected(path, corrector, model, {}, {})
+
+
+def test_a_file_made_from_a_hub_model_loads_its_commit_after_an_upstream_update(hub_cache, tmp_path):
+    hub_cache("a" * 40)
+    base = load_model("org/tiny")
+    path = corrected_file_of(base, tmp_path / "corrected.safetensors")
+    hub_cache("b" * 40)  # upstream moved on; the file still names commit a
+    loaded = load_model(str(path))
+    assert loaded.base_identity == base.identity == "hub:org/tiny@" + "a" * 40 and loaded.corrector is not None
+    assert torch.equal(unet_output(loaded), unet_output(base))
+
+
+def test_a_hub_snapshot_folder_of_the_stored_commit_is_accepted_as_base(hub_cache, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    hub_cache("a" * 40)
+    base = load_model("org/tiny")
+    path = corrected_file_of(base, tmp_path / "corrected.safetensors")
+    snapshots = Path(hub_constants.HF_HUB_CACHE) / "models--org--tiny" / "snapshots"
+    loaded = load_model(str(path), base=str(snapshots / ("a" * 40)))
+    assert loaded.base_identity == base.identity and torch.equal(unet_output(loaded), unet_output(base))
+    with pytest.raises(PgraftError) as err:  # another commit's snapshot is another model
+        load_model(str(path), base=str(snapshots / ("b" * 40)))
+    assert "a" * 40 in str(err.value) and "--base" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_hub_base_whose_commit_is_not_cached_offline_is_one_clear_line(hub_cache, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    hub_cache("a" * 40)
+    path = corrected_file_of(load_model("org/tiny"), tmp_path / "corrected.safetensors")
+    hub_cache("b" * 40)
+    shutil.rmtree(Path(hub_constants.HF_HUB_CACHE) / "models--org--tiny" / "snapshots" / ("a" * 40))
+    with pytest.raises(PgraftError) as err:
+        load_model(str(path))
+    message = str(err.value)
+    assert "org/tiny" in message and "a" * 40 in message and "\n" not in message
+    assert "--revision " + "a" * 40 in message and "snapshots/" + "a" * 40 in message and "--base" in message

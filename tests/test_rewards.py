@@ -401,3 +401,74 @@ def test_yes_token_ids_sums_distinct_single_token_spellings():
     assert _yes_token_ids(Fake({"Yes": [5], " Yes": [9]})) == [5, 9]
     assert _yes_token_ids(Fake({"Yes": [5], " Yes": [5]})) == [5]
     assert _yes_token_ids(Fake({"Yes": [5, 6], " Yes": [0]})) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# A reward's identity follows what its scores depend on (the score stage's key holds it)
+
+
+def _resave_with_seed(src: Path, dst: Path, seed: int, model_class: str) -> Path:
+    """``src`` copied to ``dst`` with the weights re-initialised from ``seed`` (same config, same files)."""
+    import shutil
+
+    import transformers
+
+    shutil.copytree(src, dst)
+    cls = getattr(transformers, model_class)
+    config = cls.from_pretrained(str(src)).config
+    torch.manual_seed(seed)
+    cls(config).save_pretrained(dst)
+    return dst
+
+
+@pytest.mark.parametrize("name, fixture, model_class", [("clip", "clip_dir", "CLIPModel"),
+                                                        ("vqascore", "llava_dir", "LlavaForConditionalGeneration")])
+def test_a_local_model_reward_is_identified_by_its_files(name, fixture, model_class, request, tmp_path):
+    import shutil
+
+    folder = request.getfixturevalue(fixture)
+    identity = parse_reward(f"{name}:{folder}").identity
+    copy = shutil.copytree(folder, tmp_path / "elsewhere")
+    assert parse_reward(f"{name}:{copy}").identity == identity  # where the folder lies does not matter
+    changed = _resave_with_seed(folder, tmp_path / "changed", seed=1, model_class=model_class)
+    shutil.rmtree(copy)
+    shutil.move(changed, copy)  # new weights at the same path: a new identity
+    assert parse_reward(f"{name}:{copy}").identity != identity
+
+
+SCORE_MODULE = """
+from pathlib import Path
+
+def score(images, prompts):
+    with open(Path(__file__).with_suffix(".calls"), "a") as log:
+        log.write("called\\n")
+    return images.mean(dim=(1, 2, 3)) * {scale}
+"""
+
+
+def test_rescoring_a_run_after_the_reward_module_changed_gives_new_scores(tmp_path, monkeypatch):
+    """``python:MODULE:FN`` is identified by the module's source: an edited module re-scores, an unchanged one is cached."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pgraft_cli.cli import app
+
+    runner = CliRunner()
+    run, module = tmp_path / "run", tmp_path / "pgraft_test_score_mod.py"
+    sampled = runner.invoke(app, ["sample", "digits", "--num", "4", "--steps", "2", "--set", "sample.batch_size=4",
+                                  "--set", "sample.lane=4", "--run-dir", str(run), "-q"])
+    assert sampled.exit_code == 0, sampled.output
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def score(scale: int) -> float:
+        module.write_text(SCORE_MODULE.format(scale=scale))
+        sys.modules.pop(module.stem, None)  # each pgraft command is a new process: it imports the module afresh
+        result = runner.invoke(app, ["score", str(run), "--reward", f"python:{module.stem}:score", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])["reward_mean"]
+
+    first = score(1)
+    calls = module.with_suffix(".calls").read_text().count("called")
+    assert score(1) == first and module.with_suffix(".calls").read_text().count("called") == calls  # cached
+    assert score(3) == pytest.approx(3 * first, rel=1e-6) and first > 0  # the edited module's (float32) scores

@@ -47,6 +47,7 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
 FORMAT_VERSION = "1"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_COMMIT = re.compile(r"^hub:(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})$")  # a git commit, not a files hash
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,8 +393,11 @@ def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: s
     """The base model a corrector or fine-tune file was made from: its stored source, or ``--base``.
 
     Its sha256 must match the identity stored in the file, so the file is never composed with
-    another model by accident.
+    another model by accident. A hub base stored as ``hub:ORG/NAME@COMMIT`` is loaded at that commit.
     """
+    pinned = _HUB_COMMIT.match(info["identity"])
+    if pinned:
+        return _hub_base_at(path, pinned["repo"], pinned["commit"], base, kind, allow_pickle)
     source = base or info["source"]
     try:
         model = load_model(source, kind=kind, allow_pickle=allow_pickle)
@@ -546,19 +550,56 @@ def _load_hub(repo_id: str, kind: str, allow_pickle: bool) -> LoadedModel:
 
     The identity names the snapshot's commit, so an updated upstream model is a new identity.
     """
-    from diffusers import DiffusionPipeline
-
     try:
-        with _quiet_loading():
-            folder = Path(DiffusionPipeline.download(repo_id, use_safetensors=None if allow_pickle else True))
+        folder = _hub_snapshot(repo_id, allow_pickle)
     except Exception as exc:
         raise ModelLoadError(
             f"could not load '{repo_id}' from the Hugging Face hub ({_short(exc)}); where the hub is "
             f"unreachable, download it elsewhere (hf download {repo_id} --local-dir DIR) and pass DIR"
         ) from None
+    return _load_snapshot(repo_id, folder, kind, allow_pickle)
+
+
+def _hub_snapshot(repo_id: str, allow_pickle: bool, revision: Optional[str] = None) -> Path:
+    """The snapshot folder of ``repo_id`` at ``revision`` (default: the latest), from the local cache when offline."""
+    from diffusers import DiffusionPipeline
+
+    with _quiet_loading():
+        return Path(DiffusionPipeline.download(repo_id, revision=revision,
+                                               use_safetensors=None if allow_pickle else True))
+
+
+def _load_snapshot(repo_id: str, folder: Path, kind: str, allow_pickle: bool) -> LoadedModel:
     model = _load_pipeline(str(folder), folder, kind, allow_pickle, "hub", identity=hub_identity(repo_id, folder))
     model.source = repo_id
     return model
+
+
+def _hub_base_at(path: Path, repo_id: str, commit: str, base: Optional[str], kind: str,
+                 allow_pickle: bool) -> LoadedModel:
+    """The hub model ``repo_id`` at the ``commit`` a file was made from, whatever the hub's latest is.
+
+    ``base`` may be that commit's snapshot folder in a Hugging Face cache
+    (``.../models--ORG--NAME/snapshots/COMMIT``); without it the commit is loaded from the cache or the hub.
+    """
+    snapshot = f".../models--{repo_id.replace('/', '--')}/snapshots/{commit}"
+    if base is not None and base != repo_id:
+        folder = Path(base).expanduser().absolute()
+        if not (folder.is_dir() and "/".join(folder.parts[-3:]) == snapshot[4:]):
+            raise PgraftError(
+                f"--base {base} is not the model {path.name} was made from ({repo_id} at commit {commit}); "
+                f"pass that commit's snapshot folder ({snapshot}) with --base, or no --base"
+            )
+        return _load_snapshot(repo_id, folder, kind, allow_pickle)
+    try:
+        folder = _hub_snapshot(repo_id, allow_pickle, revision=commit)
+    except Exception as exc:
+        raise PgraftError(
+            f"the base model of {path} is {repo_id} at commit {commit}, which could not be loaded ({_short(exc)}); "
+            f"download it (hf download {repo_id} --revision {commit}) or pass its snapshot folder ({snapshot}) "
+            f"with --base"
+        ) from None
+    return _load_snapshot(repo_id, folder, kind, allow_pickle)
 
 
 def hub_identity(repo_id: str, folder: Path) -> str:

@@ -57,8 +57,8 @@ class Reward:
 
     ``fn`` scores one batch of at most ``batch_size`` images; ``spec`` is the string the user
     passed (kept for provenance and stage keys); ``needs_prompts`` says whether ``fn`` reads them;
-    ``identity`` is what the scores depend on beyond the spec (the sha256 of a classifier or reward
-    file, the resolved model folder), so a changed file gives a new stage key.
+    ``identity`` is what the scores depend on beyond the spec (the sha256 of a classifier, of a
+    reward's source file, of a model folder's files), so a changed file gives a new stage key.
     """
 
     name: str
@@ -284,6 +284,14 @@ def _local_folder(args: Optional[str], env: str, spec: str, example: str) -> Opt
     return path
 
 
+def _folder_digest(path: Path) -> str:
+    """``sha256=`` of a model folder's files (weights, configs, tokenizer): the same files anywhere, the
+    same digest; new weights at the same path, a new one. Reads the folder once (about 1 s per GB)."""
+    from ..io.checkpoints import identity_of
+
+    return f"sha256={identity_of(path)}"
+
+
 def _load_pretrained(cls: Any, path: Path, spec: str, **kwargs: Any) -> Any:
     from ..io.checkpoints import _quiet_loading, _short
 
@@ -318,7 +326,7 @@ def clip_reward(args: Optional[str], device: str, spec: str) -> Reward:
         text = F.normalize(out.text_embeds.double(), dim=-1)
         return (image * text).sum(-1)
 
-    return Reward("clip", fn, batch_size=64, spec=spec, needs_prompts=True, identity=f"clip:{path.resolve()}")
+    return Reward("clip", fn, batch_size=64, spec=spec, needs_prompts=True, identity=f"clip:{_folder_digest(path)}")
 
 
 @register_reward("vqascore", "vqascore[:PATH]",
@@ -375,7 +383,7 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
         return probs[:, yes].sum(-1)
 
     return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,
-                  identity=f"vqascore:{path.resolve()}")
+                  identity=f"vqascore:{dtype}:{_folder_digest(path)}")
 
 
 def _yes_token_ids(tokenizer: Any) -> list[int]:
@@ -476,5 +484,6 @@ def python_reward(args: Optional[str], device: str, spec: str) -> Reward:
             raise RewardError(f"reward {spec}: your function {func_name}() raised {first_line(exc)}; fix it "
                               f"(pgraft --debug ... shows the traceback)") from exc
 
-    identity = f"python:sha256={sha256_file(path)}:{func_name}" if is_file else spec
+    source = path if is_file else getattr(module, "__file__", None)
+    identity = f"python:sha256={sha256_file(source)}:{func_name}" if source else spec
     return Reward("python", call, spec=spec, identity=identity)
