@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_sample_in_half_precision_is_close_to_float32(dtype, runs):
-    from pgraft_cli.stages.sample import stage_tensors
+    from pgraft_cli.io.runstore import stage_tensors
 
     args = ["sample", "digits", "--num", "16", "--steps", "4"]
     ref, half = runs(args, "sample", "float32"), runs(args, "sample", dtype)

@@ -29,16 +29,13 @@ def intermediate_target(schedule: NoiseSchedule, y: Tensor, e: Tensor, t: Tensor
     """
     t = torch.as_tensor(t, dtype=torch.float64)
     c = torch.as_tensor(c, dtype=torch.float64).expand_as(t)
+    a, s2 = schedule.kernel(t, c)
+    s = s2.clamp_min(1e-12).sqrt()
     if schedule.family == "flow":
-        a = (1 - t) / (1 - c)
-        s = (t**2 - a**2 * c**2).clamp_min(1e-12).sqrt()
         coef = (t + (1 - t) * c**2 / (1 - c) ** 2) / s
         a_, s_, coef_, inv = (_rows(v, y) for v in (a, s, coef, 1 / (1 - c)))
         return a_ * y + s_ * e, coef_ * e - inv * y
     a_t, s_t = schedule.alpha_sigma(t)
-    a_c, _ = schedule.alpha_sigma(c)
-    a = a_t / a_c
-    s = (1 - a**2).clamp_min(1e-12).sqrt()
     a_, s_, at_, st_ = (_rows(v, y) for v in (a, s, a_t, s_t))
     x_t = a_ * y + s_ * e
     eps = st_ * e / s_
@@ -66,14 +63,9 @@ def kernel_weight(schedule: NoiseSchedule, t: Tensor, c: Tensor | float) -> Tens
     the cutoff. A weight that depends on t only leaves the minimiser at every t unchanged (the
     conditional mean), and this one keeps the target's noise term O(1). It is exactly 1 at c = 0.
     """
-    t = torch.as_tensor(t, dtype=torch.float64)
-    c = torch.as_tensor(c, dtype=torch.float64).expand_as(t)
-    if schedule.family == "flow":
-        a = (1 - t) / (1 - c)
-        return ((t**2 - a**2 * c**2).clamp_min(0) / t**2).clamp(max=1.0)
-    a_t, s_t = schedule.alpha_sigma(t)
-    a = a_t / schedule.alpha_sigma(c)[0]
-    return ((1 - a**2).clamp_min(0) / s_t**2).clamp(max=1.0)
+    _, s2 = schedule.kernel(t, c)
+    sigma_t = schedule.alpha_sigma(t)[1]
+    return (s2.clamp_min(0) / sigma_t**2).clamp(max=1.0)
 
 
 def finetune_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:

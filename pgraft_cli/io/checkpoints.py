@@ -692,6 +692,17 @@ def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
 # Composed models: a corrector or a fine-tune stored beside the identity of its base model
 
 
+def _composed_metadata(base: LoadedModel, base_info: dict[str, Any], metrics: dict[str, Any]) -> dict[str, str]:
+    """What a composed file records of its base (and the base's default data), and its metrics."""
+    extra = {"pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
+             "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float)}
+    if base.default_data:
+        extra["pgraft.data"] = base.default_data
+    if base.default_eval_data:
+        extra["pgraft.eval_data"] = base.default_eval_data
+    return extra
+
+
 def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedModel, metrics: dict[str, Any],
                    recipe: dict[str, Any], extra_provenance: Optional[dict[str, Any]] = None) -> Path:
     """Write the corrector, the base model's identity and sampler, and the measured metrics."""
@@ -704,13 +715,8 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
         "pgraft.kind": "corrector",
         "pgraft.corrector_type": corrector.kind,
         "pgraft.corrector_steps": str(corrector.steps),
-        "pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
-        "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float),
+        **_composed_metadata(base, base_info, metrics),
     }
-    if base.default_data:
-        extra["pgraft.data"] = base.default_data
-    if base.default_eval_data:
-        extra["pgraft.eval_data"] = base.default_eval_data
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
     if corrector.network is None:
         state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
@@ -763,13 +769,8 @@ def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, An
     extra = {
         "pgraft.kind": "finetune",
         "pgraft.finetune": json.dumps(tuning, sort_keys=True),
-        "pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
-        "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float),
+        **_composed_metadata(model, base_info, metrics),
     }
-    if model.default_data:
-        extra["pgraft.data"] = model.default_data
-    if model.default_eval_data:
-        extra["pgraft.eval_data"] = model.default_eval_data
     provenance = {"created_by": "pgraft finetune", "recipe": recipe}
     return save_pgraft_safetensors(path, model.network, model.model_class, model.model_config,
                                    model.scheduler_config, provenance, extra, state=state)

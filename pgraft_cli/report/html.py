@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import PgraftError
-from ..io.runstore import MANIFEST, RunStore, atomic_write_text, sha256_file
+from ..io.runstore import MANIFEST, RunStore, atomic_write_text, sha256_file, shard_paths
 from .ui import fmt_bytes
 
 REPORT = "report.html"
@@ -148,7 +148,7 @@ def _stage_images(run_dir: Path, stage: str, limit: int) -> tuple[np.ndarray, np
     from safetensors import safe_open
 
     idx, imgs, prompts = [], [], []
-    for path in sorted((run_dir / stage).glob("shard-*.safetensors")):
+    for path in shard_paths(run_dir, stage):
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
             idx.append(f.get_tensor("index"))
@@ -430,7 +430,7 @@ def _inversion_arrays(run_dir: Path) -> tuple[Optional[np.ndarray], Optional[np.
     from safetensors import safe_open
 
     rms, noise = [], []
-    for path in sorted((run_dir / "invert").glob("shard-*.safetensors")):
+    for path in shard_paths(run_dir, "invert"):
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
             if "rms" in keys:

@@ -5,7 +5,7 @@
    ``T(T^-1(x)) - x`` per image, drop images whose RMS exceeds ``correct.max_reconstruction_rms``
    and refuse to go on when more than ``correct.max_dropped_fraction`` are dropped. Sharded, resumable.
 2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`) from N(0, I) to the
-   inverted noises with the flow-matching loss; checkpoints to the run directory and resumes
+   inverted noises with the flow-matching loss in the shared loop (``train_loop.py``); checkpoints and resumes
    bit-exactly (every step's randomness is seeded by ``(seed, step)``; optimizer state is kept in
    safetensors, never pickled). Or ``corrector = "gaussian"``: the cheapest baseline, a Gaussian
    with the inverted noises' mean and covariance (more images than dimensions only), or
@@ -18,20 +18,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core.ema import ema_decay, ema_update_
 from ..core.losses import flow_matching_loss
 from ..core.samplers import invert, sample
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.recipes import CorrectConfig
-from ..io.runstore import RunStore, derive_seed, load_training_state, save_training_state, tensor_digest
+from ..io.runstore import RunStore, StageRun, derive_seed, tensor_digest
 from ..models.corrector import NoiseCorrector, fit_gaussian, fit_gaussian_diag
 from ..models.loaded import Cond, LoadedModel
+from .train_loop import LoopConfig, Training, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
 # The corrector's network
@@ -87,35 +88,44 @@ def run_invert(model: LoadedModel, images: Tensor, cfg: CorrectConfig, lane: int
     An image whose round trip ``RMS(T(T^-1(x)) - x)`` exceeds ``max_reconstruction_rms`` is dropped
     from training and counted; more than ``max_dropped_fraction`` dropped fails the stage.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     check_correctable(model)
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
     config = {**invert_config(cfg), "lane": lane}
-    stage = store.stage("invert", config, {"model": model_key(model), "data": tensor_digest(images)}, num_shards)
-    if not stage.done:
-        todo = [k for k in range(num_shards) if not stage.shard_done(k)]
-        task = bar.add_task("inverting", total=sum(min(size, len(images) - k * size) for k in todo), unit="img")
-        for k in todo:
-            chunk = _model_space(model, images[k * size:(k + 1) * size], lane)  # encoded only when not done
-            if cfg.data_noise > 0:  # the paper's LSUN trick: tiny noise makes inversion stable
-                g = torch.Generator().manual_seed(derive_seed(cfg.seed, "data-noise", k))
-                chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
-            with stage.write_shard(k) as tmp:
-                save_file(_invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n)), str(tmp))
-    shards = [load_file(str(stage.shard_path(k))) for k in range(num_shards)]
-    stats, kept = inversion_stats({key: torch.cat([s[key] for s in shards]) for key in shards[0]}, cfg)
-    if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
-        raise PgraftError(
-            f"inversion failed for {stats['dropped']} of {stats['num']} images (round-trip RMS > "
-            f"correct.max_reconstruction_rms = {cfg.max_reconstruction_rms}), more than correct.max_dropped_fraction = "
-            f"{cfg.max_dropped_fraction}; raise correct.inversion_iterations (now {cfg.inversion_iterations}) or "
-            f"correct.base_steps, set correct.data_noise = 1e-3, or raise those limits"
-        )
-    if store.is_main and not stage.done:
-        stats_path = store.write_json("invert/stats.json", stats)
-        stage.finish([stage.shard_path(k) for k in range(num_shards)] + [stats_path])
+    task = None
+
+    def todo(mine: list[int]) -> None:
+        nonlocal task
+        task = bar.add_task("inverting", total=sum(min(size, len(images) - k * size) for k in mine), unit="img")
+
+    def work(k: int) -> dict[str, Tensor]:
+        chunk = _model_space(model, images[k * size:(k + 1) * size], lane)  # encoded only when not done
+        if cfg.data_noise > 0:  # the paper's LSUN trick: tiny noise makes inversion stable
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, "data-noise", k))
+            chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
+        return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n))
+
+    def checked(stage: StageRun) -> tuple[dict[str, Any], Tensor]:
+        shards = [load_file(str(stage.shard_path(k))) for k in range(num_shards)]
+        stats, kept = inversion_stats({key: torch.cat([s[key] for s in shards]) for key in shards[0]}, cfg)
+        if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
+            raise PgraftError(
+                f"inversion failed for {stats['dropped']} of {stats['num']} images (round-trip RMS > "
+                f"correct.max_reconstruction_rms = {cfg.max_reconstruction_rms}), more than "
+                f"correct.max_dropped_fraction = {cfg.max_dropped_fraction}; raise correct.inversion_iterations "
+                f"(now {cfg.inversion_iterations}) or correct.base_steps, set correct.data_noise = 1e-3, or raise "
+                f"those limits"
+            )
+        return stats, kept
+
+    def stats_file(stage: StageRun) -> list[Path]:
+        return [store.write_json("invert/stats.json", checked(stage)[0])]
+
+    stage = store.run_sharded("invert", config, {"model": model_key(model), "data": tensor_digest(images)},
+                              num_shards, work, todo=todo, outputs=stats_file)
+    stats, kept = checked(stage)
     return kept, stats
 
 
@@ -185,42 +195,28 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     model_config = corrector_config(cfg, sample_shape)
     torch.manual_seed(cfg.seed)
     network = UNet2DModel(**model_config).to(device)
-    ema = UNet2DModel(**model_config).to(device)
-    ema.load_state_dict(network.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
-    state_path = stage.dir / "state.safetensors"
-    start, losses = 0, []
-    if state_path.exists():
-        start, losses, model_state, ema_state = load_training_state(state_path, list(network.parameters()), opt)
-        network.load_state_dict(model_state)
-        ema.load_state_dict(ema_state)
     if not stage.done:
+        opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
+        run = Training.resume(list(network.named_parameters()), opt, stage.dir / "state.safetensors",
+                              network.load_state_dict)
         data = noises.to(device)
-        task = bar.add_task("training corrector", total=cfg.corrector_train_steps, completed=start, unit="step")
-        network.train()
-        for step in range(start, cfg.corrector_train_steps):
+
+        def step_loss(step: int) -> float:
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
             idx = torch.randint(0, len(data), (cfg.corrector_batch_size,), generator=g)
             e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
             t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
-            for group in opt.param_groups:
-                group["lr"] = cfg.corrector_learning_rate * min(1.0, (step + 1) / cfg.corrector_warmup)
             loss = flow_matching_loss(network, data[idx], e, t)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-            opt.step()
-            ema_update_(ema.parameters(), network.parameters(), ema_decay(step, cfg.corrector_ema))
-            losses.append(round(float(loss.detach()), 6))
-            bar.advance(task, 1)
-            if (step + 1) % cfg.corrector_checkpoint_every == 0 and step + 1 < cfg.corrector_train_steps:
-                save_training_state(state_path, network.state_dict(), ema.state_dict(), list(network.parameters()),
-                                    opt, step + 1, losses)
-        final = ema if cfg.corrector_ema > 0 else network
+            return float(loss.detach())
+
+        loop = LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
+                          cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every)
+        network.train()
+        train(run, opt, step_loss, loop, bar, "training corrector", network.state_dict)
         with stage.write_shard(0) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in final.state_dict().items()}, str(tmp),
-                      metadata={"losses": json.dumps(losses)})
+            save_file({k: v.contiguous().cpu() for k, v in network.state_dict().items()}, str(tmp),
+                      metadata={"losses": json.dumps(run.losses)})
         if store.is_main:
             stage.finish([stage.shard_path(0)])
     from safetensors import safe_open
@@ -232,9 +228,6 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     network.eval().requires_grad_(False)
     corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps, network=network,
                                model_config=model_config)
-    recent = losses[-50:]
-    return corrector, {"kind": "flow", "parameters": corrector.parameter_count(),
-                       "final_loss": sum(recent) / len(recent) if recent else None,
-                       "loss_curve": losses[:: max(1, len(losses) // 200)]}
+    return corrector, {"kind": "flow", "parameters": corrector.parameter_count(), **loss_summary(losses)}
 
 

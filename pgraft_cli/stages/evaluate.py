@@ -194,7 +194,8 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     ``also_against`` ({name: {fid, kid, warnings}}) for further named references (e.g. held-out
     and training data), fed the same features.
     """
-    from .sample import Conditions, iter_images, run_sample, shard_seconds
+    from ..io.runstore import shard_seconds
+    from .sample import Conditions, iter_images, run_sample
 
     cond = cond if cond is not None else Conditions()
     run_sample(model, sample_cfg, cond, store, bar, stage_name=stage_name, **dist)

@@ -20,14 +20,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.ema import ema_decay, ema_update_
 from ..core.losses import finetune_loss, intermediate_target, kernel_weight, training_times
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.recipes import FinetuneConfig
-from ..io.runstore import RunStore, content_key, derive_seed, load_training_state, save_training_state
+from ..io.runstore import RunStore, atomic_path, content_key, derive_seed, stage_rows
 from ..models.loaded import Cond, LoadedModel, base_only, tuned_identity
 from ..models.lora import add_lora, lora_state, set_lora_enabled, set_lora_state
+from .train_loop import LoopConfig, Training, train
 
 STAGE = "finetune"
 
@@ -54,7 +54,6 @@ class KeptSet:
 def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: float) -> KeptSet:
     """The kept samples of a filter stage: states at the cutoff (P-GRAFT) or final samples (GRAFT)."""
     from .filter import load_kept
-    from .sample import stage_rows
     from .score import sample_prompts
 
     rows = load_kept(run_dir, filter_stage)  # ascending sample indices; only their rows are read
@@ -148,12 +147,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         barrier()  # the main process may have cleared a stale stage; the others wait for that
     network = prepare_tuning(model, cfg)
     named = trainable(network, lora)
-    params = [p for _, p in named]
-    opt = _optimizer(cfg, params)
-    ema = {n: p.detach().clone() for n, p in named}
-    state_path = stage.dir / "state.safetensors"
+    opt = _optimizer(cfg, [p for _, p in named])
     weights_path = stage.dir / "weights.safetensors"
-    losses: list[float] = []
 
     def current_state() -> dict[str, Tensor]:
         return lora_state(network) if lora else network.state_dict()
@@ -165,11 +160,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         load_weights(load_file(str(weights_path)))
         network.eval().requires_grad_(False)
         return json.loads((stage.dir / "result.json").read_text())
-    start = 0
-    if state_path.exists():
-        start, losses, model_state, ema_state = load_training_state(state_path, params, opt)
-        load_weights(model_state)
-        ema = {n: ema_state[n].to(p.device) for n, p in named}
+    run = Training.resume(named, opt, stage.dir / "state.safetensors", load_weights)
     # accelerate places the model and wraps it for several processes (DDP); mixed precision and
     # accumulation are done here, per call, because accelerate fixes them once per process.
     accelerator = Accelerator(device_placement=False, mixed_precision="no")  # not the launcher's: see above
@@ -181,11 +172,9 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     rank = accelerator.process_index
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    task = bar.add_task(f"fine-tuning (round {round_index})", total=cfg.steps, completed=start, unit="step")
     net.train()
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.learning_rate
+
+    def step_loss(step: int) -> float:
         total = 0.0
         for micro in range(cfg.grad_accum):
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, step, micro, rank))
@@ -202,40 +191,22 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                 loss = finetune_loss(pred, target.to(device, torch.float32), weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        scaler.unscale_(opt)
-        if cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if cfg.ema > 0:  # warm-up: early weights do not dominate a short run
-            ema_update_([ema[n] for n, _ in named], params, ema_decay(step, cfg.ema))
-        losses.append(round(total, 6))
-        bar.advance(task, 1)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and store.is_main:
-            ema_state = {n: v for n, v in ema.items()}
-            save_training_state(state_path, current_state(), ema_state, params, opt, step + 1, losses)
+        return total
+
+    loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
+    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
     network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
-    if cfg.ema > 0:
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(ema[n])
     network.eval().requires_grad_(False)
     accelerator.free_memory()
-    recent = losses[-20:]
     result = {"round": round_index, "steps": cfg.steps, "t_c": t_c, "kept": len(y), "lora": lora,
-              "trainable_parameters": sum(p.numel() for p in params),
-              "final_loss": sum(recent) / len(recent) if recent else None,
-              "loss_curve": losses[:: max(1, len(losses) // 200)]}
+              "trainable_parameters": sum(p.numel() for p in run.params), **run.summary()}
     if store.is_main:
         stage.dir.mkdir(parents=True, exist_ok=True)
-        from ..io.runstore import atomic_path
-
         with atomic_path(weights_path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in current_state().items()}, str(tmp))
         result_path = store.write_json(f"{stage_name}/result.json", result)
         stage.finish([weights_path, result_path])
-        state_path.unlink(missing_ok=True)
+        run.path.unlink(missing_ok=True)
     return result
 
 
