@@ -593,13 +593,14 @@ def finetune(
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
     if data or loaded.default_data:
-        real, data_id = _real_data(loaded, data)
+        real, data_id = _real_data(loaded, data)  # streamed: only the FID reference reads it
     # The default run directory depends only on what sampling depends on, so that a new reward,
     # rule or training setting re-runs scoring onwards in the same run, never sampling.
     run_dir = run_dir or _default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
                                                        "cutoff": rec.finetune.cutoff, "prompts": cond.prompts})
     show = not (quiet or as_json) and state.is_main_process
-    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev) \
+    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
+                          reward_identity=rew.identity) \
         if real is not None else None
     with RunStore(run_dir, is_main=state.is_main_process) as store:
         if state.is_main_process:
@@ -658,14 +659,15 @@ def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
 
 
 
-def _real_data(loaded: Any, data: Optional[str], stream: bool = False) -> tuple[Any, str]:
-    """The ``--data`` images (or the model's own data set): all at once, or ``stream``ed in batches."""
-    from .io.data import iter_data, load_data
+def _real_data(loaded: Any, data: Optional[str], rows: bool = False) -> tuple[Any, str]:
+    """The ``--data`` images (or the model's own data set), never all at once: streamed in batches
+    (``iter_data``), or as ``rows`` read by range on demand (``data_rows``)."""
+    from .io.data import data_rows, iter_data
 
     spec = data or loaded.default_data
     if not spec:
         raise PgraftError(f"{loaded.source} names no data set of its own; pass --data (an image folder, .npz or alias)")
-    return (iter_data if stream else load_data)(spec, loaded.image_shape), spec
+    return (data_rows if rows else iter_data)(spec, loaded.image_shape), spec
 
 
 def _references(loaded: Any, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,
@@ -767,8 +769,7 @@ def correct(
     check_correctable(loaded)
     dev = _device(rec, device, state)
     loaded.to(dev, getattr(torch, rec.model.dtype))
-    real, data_id = _real_data(loaded, data)
-    to_invert = real[: rec.correct.num_images] if rec.correct.num_images else real
+    rows, data_id = _real_data(loaded, data, rows=True)  # the inversion reads the rows of its undone shards
     run_dir = run_dir or _default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
     show = not (quiet or as_json) and state.is_main_process
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
@@ -776,11 +777,13 @@ def correct(
         atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
         note(f"run directory: {store.root}", quiet=not show)
         with progress(show) as bar:
-            noises, inv = run_invert(loaded, to_invert, rec.correct, rec.sample.lane, store, bar)
+            noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane,
+                                     store, bar)
             corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
                                                   store, bar, device=dev)
             eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                     batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+            real, _ = _real_data(loaded, data)  # streamed into the reference features
             fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
             also = {k: v for k, v in refs.items() if k != fid_data}
             base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
@@ -840,6 +843,7 @@ def evaluate(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps (default: the corrector's, else sample.steps).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (evaluate.seed).")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected or fine-tuned checkpoint, if not where it was.")] = None,
+    tuned_guidance: Annotated[Optional[str], typer.Option("--tuned-guidance", help="A fine-tune's tuned segment: none (unguided) or reapply (guided again); default: the file's choice.")] = None,
     reward: RewardOpt = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")] = None,
@@ -888,6 +892,11 @@ def evaluate(
     if kind is not None and kind not in ("flow", "diffusion", "auto"):
         raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
     loaded = load_model(model, config=config, kind=kind or rec.model.kind, allow_pickle=allow_pickle, base=base)
+    if tuned_guidance is not None:
+        if tuned_guidance not in ("none", "reapply") or not loaded.finetuned:
+            raise PgraftError(f"--tuned-guidance {tuned_guidance}: pass none or reapply, for a fine-tuned file "
+                              f"(pgraft finetune's output); {model} is {'one' if loaded.finetuned else 'not one'}")
+        loaded.tuned_guidance = tuned_guidance
     from .stages.sample import Conditions, check_conditions
 
     cond = Conditions(prompts=_prompts(prompt, prompts) or None)
@@ -901,7 +910,7 @@ def evaluate(
             raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {rec.evaluate.steps}; "
                               f"pass --steps {loaded.corrector.base_steps} or evaluate the base model")
     eval_steps = rec.evaluate.steps or (loaded.corrector.base_steps if loaded.corrector is not None else rec.sample.steps)
-    real, data_id = _real_data(loaded, data, stream=True)  # read batch by batch
+    real, data_id = _real_data(loaded, data)  # read batch by batch
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane)

@@ -64,10 +64,21 @@ def test_fid_equals_the_independent_computation_on_the_same_features(n, d):
 
 
 def test_kid_equals_the_unbiased_mmd_when_every_subset_is_the_whole_set():
-    """With n <= 1000 samples each subset is a permutation of all of them: KID is the full MMD^2."""
+    """With n <= 1000 samples each subset is a permutation of all of them: KID is the full MMD^2.
+
+    KID keeps its rows in float32 (features are float32 network outputs), so the data here are
+    float32 values; the kernel is computed in float64, as the float64 closed form."""
     rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(60, 16)), rng.normal(loc=0.4, size=(60, 16))
+    x, y = (a.astype(np.float32).astype(np.float64) for a in (rng.normal(size=(60, 16)), rng.normal(loc=0.4, size=(60, 16))))
     assert distances(x, y, kid_subsets=4)["kid"] == pytest.approx(mmd2_unbiased(x, y), rel=1e-9)
+
+
+def test_kid_keeps_float32_rows_and_fid_float64_sums():
+    """KID's subsets need every row: kept in float32 (half of float64's memory); FID keeps sums only."""
+    metric = FidKid(6, kid_subsets=2)
+    metric.update(np.random.default_rng(5).normal(size=(40, 6)), real=True)
+    assert [r.dtype for r in metric.kid.real_features] == [torch.float32]
+    assert metric.fid.real_features_sum.dtype == metric.fid.real_features_cov_sum.dtype == torch.float64
 
 
 def test_kid_is_near_zero_for_one_distribution_and_reproducible():
@@ -194,7 +205,7 @@ def test_both_inception_paths_clamp_after_the_resize(monkeypatch):
     monkeypatch.setitem(sys.modules, "cleanfid.features",
                         types.SimpleNamespace(build_feature_extractor=fake_extractor))
     feats = inception_features(None)
-    assert feats.name == "inception:clean-fid" and feats.num_features == 3
+    assert feats.name == "inception:clean-fid+torch-bicubic-aa" and feats.num_features == 3
     feats(edge)
     assert seen[-1].min() >= 0 and seen[-1].max() <= 255
 
@@ -276,7 +287,7 @@ def test_inception_features_from_a_local_torchscript_file(tmp_path):
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.save(torch.jit.script(_TinyInception()), str(path))
     feats = pick_features("auto", (1, 16, 16), str(path))  # weights given: Inception even for digits
-    assert feats.name == "inception:inception-2015-12-05.pt"
+    assert feats.name == "inception:inception-2015-12-05.pt+torch-bicubic-aa"
     out = feats(torch.rand(5, 1, 16, 16))
     assert out.shape == (5, 8) and feats.num_features == 8
     with pytest.raises(PgraftError, match="no such file"):
@@ -299,3 +310,18 @@ def test_a_reference_from_images_batches_or_features_gives_bit_identical_fid():
         metric.update(gen, real=False)
         fids.append(metric.compute()["fid"])
     assert fids[0] == fids[1] == fids[2]
+
+
+def test_auto_features_avoid_the_reward_being_optimised():
+    """FID of a fine-tune that optimises the bundled classifier is measured in the judge's features."""
+    from pgraft_cli.stages.evaluate import pick_features
+    from pgraft_cli.stages.rewards import parse_reward
+
+    shape = (1, 16, 16)
+    assert pick_features("auto", shape, None).name.startswith("classifier:digits-classifier")
+    reward = parse_reward("classifier:digits:3")
+    assert pick_features("auto", shape, None, reward_identity=reward.identity).name.startswith("classifier:digits-judge")
+    other = parse_reward("jpeg-compressibility")
+    assert pick_features("auto", shape, None, reward_identity=other.identity).name.startswith("classifier:digits-classifier")
+    # an explicit choice is kept
+    assert pick_features("classifier", shape, None, reward_identity=reward.identity).name.startswith("classifier:digits-classifier")

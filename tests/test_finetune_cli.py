@@ -76,8 +76,10 @@ def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
     # evaluate on the file composes tuned (t > c) + base and reproduces the run's own numbers
     ev = _json(runner.invoke(app, ["evaluate", str(out), "--num", "32", "--steps", "4", "--seed", "1", "--reward",
                                    "classifier:digits:3", "--run-dir", str(tmp_path / "ev"), "--json",
-                                   "--set", "evaluate.kid_subsets=2"]))
+                                   "--set", "evaluate.kid_subsets=2", "--features", "judge"]))
     assert ev["finetuned"] is True and ev["cutoff"] == 0.5
+    # finetune measured FID in the judge's features: the reward is the bundled classifier
+    assert summary["tuned"]["features"] == ev["features"] and "judge" in ev["features"]
     assert ev["reward_mean"] == pytest.approx(summary["tuned"]["reward_mean"], abs=1e-9)
     # the same samples against the same held-out reference; torchmetrics' FID takes eigenvalues of a
     # nearly singular product (32 samples < 64 feature dimensions), which differ at ~1e-9 relative
@@ -185,3 +187,30 @@ def test_finetune_under_accelerate_with_two_processes(tmp_path):
             writers.append(f.metadata()["pgraft.process"])
     assert writers == ["0/2", "1/2"]
     assert load_model(str(out)).tuned is not None
+
+
+def test_finetune_streams_its_fid_reference_and_never_loads_the_whole_data_set(tmp_path, monkeypatch):
+    """`--data` only feeds the FID reference: read in batches of at most 256 images, `load_data` never."""
+    from safetensors.torch import save_file
+
+    import pgraft_cli.io.data as data_mod
+    from pgraft_cli.io.data import load_digits
+
+    path = tmp_path / "digits.safetensors"
+    save_file({"images": load_digits(split="train")[0][:300].contiguous()}, str(path))
+    read_sizes = []
+    check = data_mod._check
+    monkeypatch.setattr(data_mod, "_check", lambda images, *a: read_sizes.append(len(images)) or check(images, *a))
+    monkeypatch.setattr(data_mod, "load_data", lambda *a: pytest.fail("load_data read the whole data set"))
+    summary = _json(runner.invoke(app, ["finetune", "digits", "--reward", "classifier:digits:3", "--cutoff", "0.5",
+                                        "--data", str(path), "--run-dir", str(tmp_path / "run"), "--json", *SMALL,
+                                        "--set", "finetune.rounds=1"]))
+    assert summary["fid_data"] == str(path) and summary["tuned"]["fid"] is not None
+    assert sorted(read_sizes) == [44, 256]  # 300 images in read batches of 256
+
+
+def test_tuned_guidance_override_needs_a_fine_tuned_file():
+    bad = runner.invoke(app, ["evaluate", "digits", "--tuned-guidance", "reapply", "--num", "4"])
+    assert isinstance(bad.exception, PgraftError) and "--tuned-guidance" in str(bad.exception)
+    bad = runner.invoke(app, ["evaluate", "digits", "--tuned-guidance", "sometimes", "--num", "4"])
+    assert isinstance(bad.exception, PgraftError) and "none or reapply" in str(bad.exception)

@@ -172,3 +172,5 @@ def test_finetune_half_precision_it_cannot_do_is_one_error_line(sets, message, t
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    # refused before any work: nothing was sampled
+    assert not list(tmp_path.rglob("shard-*.safetensors"))

@@ -1,4 +1,4 @@
-"""The selection rules pinned against their acceptance formulas (PAPER.md section 1)."""
+"""The selection rules pinned against their acceptance formulas (docs/methods.md section 1)."""
 
 from __future__ import annotations
 

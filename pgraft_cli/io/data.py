@@ -18,13 +18,15 @@
   already have the model's size.
 
 Every loader returns float32 images in [0, 1], shape (N, C, H, W); ``iter_data`` streams the same
-images in batches (a folder file by file), for metrics that need not hold them all.
+images in batches (a folder file by file), for metrics that need not hold them all, and
+``data_rows`` reads any row range on demand (an inversion shard).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -100,21 +102,57 @@ def load_data(spec: str, shape: tuple[int, int, int]) -> Tensor:
     raise PgraftError(f"--data {spec}: unsupported file type '{path.suffix}'; use an image folder, .npz or .safetensors")
 
 
+@dataclass(frozen=True)
+class DataRows:
+    """``load_data``'s images read by row range on demand: ``len(rows)`` and ``rows[a:b]`` (the
+    values of ``load_data(...)[a:b]``). A folder decodes only those files and a ``.safetensors`` file
+    reads only those rows; the digits and an ``.npz`` (a zip archive) are held whole."""
+
+    num: int
+    read: Callable[[int, int], Tensor]
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        start, stop, step = rows.indices(self.num)
+        assert step == 1, "DataRows reads contiguous row ranges"
+        return self.read(start, max(start, stop))
+
+    def head(self, num: int) -> "DataRows":
+        """The first ``num`` rows (all of them when ``num`` is 0 or more than there are)."""
+        return DataRows(min(num, self.num) if num else self.num, self.read)
+
+
+def data_rows(spec: str, shape: tuple[int, int, int]) -> DataRows:
+    """A ``--data`` spec as :class:`DataRows`: the spec is checked, no image is read yet."""
+    path = Path(spec).expanduser()
+    if spec not in ALIASES and path.is_dir():
+        files = _image_files(path)
+        return DataRows(len(files), lambda a, b: torch.stack([_read_image(f, *shape) for f in files[a:b]]))
+    if spec not in ALIASES and path.is_file() and path.suffix == ".safetensors":
+        return _safetensors_rows(path, shape)
+    images = load_data(spec, shape)
+    return DataRows(len(images), lambda a, b: images[a:b])
+
+
 def iter_data(spec: str, shape: tuple[int, int, int], batch: int = READ_BATCH) -> Iterator[Tensor]:
     """``load_data``'s images in batches of at most ``batch``, in the same order, streamed.
 
     A folder is read file by file and a ``.safetensors`` file row range by row range, so memory
     holds one batch; the digits and an ``.npz`` (a zip archive, read whole) are split after loading.
-    The spec is checked (and a tensor file's first batch read) before this returns, so a bad
-    ``--data`` fails before any sampling.
+    The spec is checked (and the first batch read) before this returns, so a bad ``--data`` fails
+    before any sampling.
     """
-    path = Path(spec).expanduser()
-    if spec not in ALIASES and path.is_dir():
-        files = _image_files(path)
-        return (torch.stack([_read_image(f, *shape) for f in files[a:a + batch]]) for a in range(0, len(files), batch))
-    if spec not in ALIASES and path.is_file() and path.suffix == ".safetensors":
-        return _safetensors_batches(path, shape, batch)
-    return iter(load_data(spec, shape).split(batch))
+    rows = data_rows(spec, shape)
+    first = rows[0:batch]  # a wrong shape or range fails here, before sampling
+
+    def rest() -> Iterator[Tensor]:
+        yield first
+        for a in range(batch, len(rows), batch):
+            yield rows[a:a + batch]
+
+    return rest()
 
 
 def _image_files(path: Path) -> list[Path]:
@@ -144,8 +182,8 @@ def _load_folder(path: Path, channels: int, height: int, width: int) -> Tensor:
     return torch.cat(list(iter_data(str(path), (channels, height, width))))
 
 
-def _safetensors_batches(path: Path, shape: tuple[int, int, int], batch: int) -> Iterator[Tensor]:
-    """The ``images`` tensor of a .safetensors file, ``batch`` rows at a time (``get_slice``)."""
+def _safetensors_rows(path: Path, shape: tuple[int, int, int]) -> DataRows:
+    """The ``images`` tensor of a .safetensors file, read row range by row range (``get_slice``)."""
     from safetensors import safe_open
 
     def rows(a: int, b: int) -> Tensor:
@@ -156,15 +194,7 @@ def _safetensors_batches(path: Path, shape: tuple[int, int, int], batch: int) ->
     with safe_open(str(path), "pt") as f:
         if "images" not in f.keys():
             raise PgraftError(f"--data {path}: no tensor named 'images' (has {sorted(f.keys())})")
-        n = f.get_slice("images").get_shape()[0]
-    first = rows(0, min(batch, n))  # a wrong shape or range fails here, before sampling
-
-    def rest() -> Iterator[Tensor]:
-        yield first
-        for a in range(batch, n, batch):
-            yield rows(a, min(a + batch, n))
-
-    return rest()
+        return DataRows(f.get_slice("images").get_shape()[0], rows)
 
 
 def _load_tensor_file(path: Path) -> Tensor:

@@ -107,12 +107,29 @@ def sha256_file(path: Path | str) -> str:
 
 def tensor_digest(tensor: Any) -> str:
     """sha256 of a tensor's dtype, shape and values: what a stage that reads it depends on."""
+    t = tensor.detach()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    _hash_values(h, t)
+    return h.hexdigest()
+
+
+def rows_digest(rows: Any, batch: int = 256) -> str:
+    """:func:`tensor_digest` of ``rows`` (a tensor, or a reader sliced by row ranges such as
+    ``data.DataRows``), read ``batch`` rows at a time: the same digest without holding every row."""
+    first = rows[0:batch]
+    h = hashlib.sha256(f"{first.dtype}:{(len(rows), *first.shape[1:])}:".encode())
+    for start in range(0, len(rows), batch):
+        _hash_values(h, first if start == 0 else rows[start:start + batch])
+    return h.hexdigest()
+
+
+def _hash_values(h: Any, tensor: Any) -> None:
+    """Feed a tensor's bytes (C order) to a hash, through a buffer view rather than a copy."""
     import torch
 
     t = tensor.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def state_digest(state: dict[str, Any]) -> str:

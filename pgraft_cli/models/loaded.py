@@ -117,13 +117,22 @@ class LoadedModel:
         return next(self.network.parameters()).device
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "LoadedModel":
+        from diffusers.utils import logging as diffusers_logging
+
         if dtype == self.dtype:
             dtype = None  # no cast: diffusers warns on casts it cannot see through
-        for net in (self.network, self.tuned):
-            if net is not None:
-                net.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        if self.pipeline is not None:
-            self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
+        # diffusers warns on every cast that it cannot see which modules to keep in float32; pgraft
+        # casts the whole model on purpose (model.dtype), so the warning is noise on stderr
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            for net in (self.network, self.tuned):
+                if net is not None:
+                    net.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+            if self.pipeline is not None:
+                self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
+        finally:
+            diffusers_logging.set_verbosity(level)
         return self
 
     # -- conditioning ---------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from ..core.losses import flow_matching_loss
 from ..core.samplers import invert, sample
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
+from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
-from ..io.runstore import RunStore, StageRun, derive_seed, tensor_digest
+from ..io.runstore import RunStore, derive_seed, rows_digest, tensor_digest
 from ..models.corrector import NoiseCorrector, fit_gaussian, fit_gaussian_diag
 from ..models.loaded import Cond, LoadedModel
 from .train_loop import LoopConfig, Training, loss_summary, train
@@ -52,9 +53,15 @@ def corrector_config(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> 
 # ----------------------------------------------------------------------------------------------
 # Stage keys: the whole [correct] section, less the keys a stage provably never reads
 
-# The corrector's keys: only training the corrector and sampling it read them, never the inversion.
+# The inversion's shards never read the corrector's keys, nor the per-image gate (its verdict is
+# recomputed from the shards on every run, so raising a limit never throws the inversion away), nor
+# the seed unless it seeds the data noise.
+GATE_KEYS = ("max_reconstruction_rms", "max_dropped_fraction")
+
+
 def invert_config(cfg: CorrectConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if not k.startswith("corrector")}
+    return {k: v for k, v in asdict(cfg).items()
+            if not k.startswith("corrector") and k not in GATE_KEYS and (k != "seed" or cfg.data_noise > 0)}
 
 
 # Training never reads these: checkpoints resume bit-exactly at any interval, and the corrector's
@@ -81,15 +88,19 @@ def check_correctable(model: LoadedModel) -> None:
                           f"{model.conditioning}-conditioned (use an unconditional model, or fine-tune with pgraft run)")
 
 
-def run_invert(model: LoadedModel, images: Tensor, cfg: CorrectConfig, lane: int,
+def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
                store: RunStore, bar: Any) -> tuple[Tensor, dict[str, Any]]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises and stats.
 
-    An image whose round trip ``RMS(T(T^-1(x)) - x)`` exceeds ``max_reconstruction_rms`` is dropped
-    from training and counted; more than ``max_dropped_fraction`` dropped fails the stage.
-    """
-    from safetensors.torch import load_file
+    ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
+    stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
+    Afterwards only the kept noises are in memory (the corrector's training set, see
+    :func:`read_inversion`).
 
+    An image whose round trip ``RMS(T(T^-1(x)) - x)`` exceeds ``max_reconstruction_rms`` is dropped
+    from training and counted; more than ``max_dropped_fraction`` dropped fails the run (the shards
+    stay: the gate is judged again on every run, so raising a limit never inverts again).
+    """
     check_correctable(model)
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
@@ -101,31 +112,25 @@ def run_invert(model: LoadedModel, images: Tensor, cfg: CorrectConfig, lane: int
         task = bar.add_task("inverting", total=sum(min(size, len(images) - k * size) for k in mine), unit="img")
 
     def work(k: int) -> dict[str, Tensor]:
-        chunk = _model_space(model, images[k * size:(k + 1) * size], lane)  # encoded only when not done
+        chunk = _model_space(model, images[k * size:(k + 1) * size], lane)  # read and encoded only when not done
         if cfg.data_noise > 0:  # the paper's LSUN trick: tiny noise makes inversion stable
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "data-noise", k))
             chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
         return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n))
 
-    def checked(stage: StageRun) -> tuple[dict[str, Any], Tensor]:
-        shards = [load_file(str(stage.shard_path(k))) for k in range(num_shards)]
-        stats, kept = inversion_stats({key: torch.cat([s[key] for s in shards]) for key in shards[0]}, cfg)
-        if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
-            raise PgraftError(
-                f"inversion failed for {stats['dropped']} of {stats['num']} images (round-trip RMS > "
-                f"correct.max_reconstruction_rms = {cfg.max_reconstruction_rms}), more than "
-                f"correct.max_dropped_fraction = {cfg.max_dropped_fraction}; raise correct.inversion_iterations "
-                f"(now {cfg.inversion_iterations}) or correct.base_steps, set correct.data_noise = 1e-3, or raise "
-                f"those limits"
-            )
-        return stats, kept
-
-    def stats_file(stage: StageRun) -> list[Path]:
-        return [store.write_json("invert/stats.json", checked(stage)[0])]
-
-    stage = store.run_sharded("invert", config, {"model": model_key(model), "data": tensor_digest(images)},
-                              num_shards, work, todo=todo, outputs=stats_file)
-    stats, kept = checked(stage)
+    stage = store.run_sharded("invert", config, {"model": model_key(model), "data": rows_digest(images)},
+                              num_shards, work, todo=todo)
+    per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
+    stats = inversion_stats(per_image, kept, cfg)
+    if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
+        raise PgraftError(
+            f"inversion failed for {stats['dropped']} of {stats['num']} images (round-trip RMS > "
+            f"correct.max_reconstruction_rms = {cfg.max_reconstruction_rms}), more than correct.max_dropped_fraction = "
+            f"{cfg.max_dropped_fraction}; raise correct.inversion_iterations (now {cfg.inversion_iterations}) or "
+            f"correct.base_steps, set correct.data_noise = 1e-3, or raise those limits"
+        )
+    if store.is_main:
+        store.write_json("invert/stats.json", stats)  # this run's gate, not part of the cached shards
     return kept, stats
 
 
@@ -134,13 +139,16 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
     grid = model.schedule.grid(cfg.base_steps)
     cond = Cond()
     fn = lambda x, t: model.predict(x, t, cond)  # noqa: E731
+    # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is the
+    # size of the tolerance); the round trip runs the sampler as it samples, in the model's dtype.
+    fn32 = lambda x, t: model.predict(x.to(model.dtype), t, cond).float()  # noqa: E731
     out: dict[str, list[Tensor]] = {"noise": [], "err": [], "iterations": [], "residual": []}
     with torch.inference_mode():
         for part in chunk.split(lane):
-            part = part.to(model.device, model.dtype)
-            z, info = invert(fn, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
-            back, _ = sample(fn, model.schedule, z, grid)
-            for key, value in (("noise", z.float()), ("err", (back - part).float().reshape(len(part), -1)),
+            part = part.to(model.device, torch.float32)
+            z, info = invert(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
+            back, _ = sample(fn, model.schedule, z.to(model.dtype), grid)
+            for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
                                ("iterations", info.iterations), ("residual", info.residual)):
                 out[key].append(value.cpu())
             advance(len(part))
@@ -148,27 +156,54 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
     return {**{k: torch.cat(v) for k, v in out.items()}, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
 
 
-def inversion_stats(shard: dict[str, Tensor], cfg: CorrectConfig) -> tuple[dict[str, Any], Tensor]:
+PER_IMAGE_KEYS = ("rms", "max", "iterations", "residual")  # one number per image in each shard
+
+
+def read_inversion(paths: list[Path], cfg: CorrectConfig) -> tuple[dict[str, Tensor], Tensor]:
+    """Every image's per-image numbers (``PER_IMAGE_KEYS``) and the kept noises (round-trip RMS at
+    most ``max_reconstruction_rms``), in image order.
+
+    The kept noises are the corrector's training set, so they are in memory; nothing else is: each
+    shard's noises are read alone and only its kept rows are copied into one preallocated tensor.
+    """
+    from safetensors import safe_open
+
+    columns: dict[str, list[Tensor]] = {key: [] for key in PER_IMAGE_KEYS}
+    for path in paths:
+        with safe_open(str(path), "pt") as f:
+            for key in PER_IMAGE_KEYS:
+                columns[key].append(f.get_tensor(key))
+            shape = f.get_slice("noise").get_shape()[1:]
+    keep = torch.cat(columns["rms"]) <= cfg.max_reconstruction_rms
+    kept, row = torch.empty((int(keep.sum()), *shape)), 0
+    for path, mask in zip(paths, keep.split([len(r) for r in columns["rms"]])):
+        if mask.any():
+            with safe_open(str(path), "pt") as f:
+                noise = f.get_tensor("noise")[mask]
+            kept[row:row + len(noise)], row = noise, row + len(noise)
+    return {key: torch.cat(parts) for key, parts in columns.items()}, kept
+
+
+def inversion_stats(per_image: dict[str, Tensor], kept: Tensor, cfg: CorrectConfig) -> dict[str, Any]:
     """Round-trip error, convergence and dropped counts, and the kept noises' statistics."""
-    rms, iters = shard["rms"], shard["iterations"]
+    rms, iters = per_image["rms"], per_image["iterations"]
     keep = rms <= cfg.max_reconstruction_rms
-    kept = shard["noise"][keep]
     flat = kept.flatten(1)
     counts = torch.bincount(iters)
     stats = {
         "reconstruction_rms_mean": float(rms.mean()), "reconstruction_rms_max": float(rms.max()),
-        "reconstruction_abs_max": float(shard["max"].max()), "num": len(rms),
-        "converged": int((shard["residual"] < cfg.inversion_tol).sum()), "dropped": int((~keep).sum()),
+        "reconstruction_abs_max": float(per_image["max"].max()), "num": len(rms),
+        "converged": int((per_image["residual"] < cfg.inversion_tol).sum()), "dropped": int((~keep).sum()),
         "used": len(kept), "max_reconstruction_rms": cfg.max_reconstruction_rms,
         "iterations_mean": float(iters.double().mean()), "iterations_max": int(iters.max()),
         "iterations_cap": cfg.inversion_iterations * cfg.base_steps,
         "iterations_histogram": {str(n): int(c) for n, c in enumerate(counts.tolist()) if c},
-        "residual_max": float(shard["residual"].max()),
+        "residual_max": float(per_image["residual"].max()),
     }
     if len(kept):
         stats.update(noise_mean=float(flat.mean()), noise_std=float(flat.std()),
                      noise_norm_mean=float(flat.norm(dim=1).mean() / math.sqrt(flat.shape[1])))
-    return stats, kept
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +212,11 @@ def inversion_stats(shard: dict[str, Tensor], cfg: CorrectConfig) -> tuple[dict[
 
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
                         store: RunStore, bar: Any, device: Any = "cpu") -> tuple[NoiseCorrector, dict[str, Any]]:
-    """Train (or resume, or fit) the corrector on the inverted noises."""
+    """Train (or resume, or fit) the corrector on the inverted noises.
+
+    ``noises`` (the kept ones, from :func:`run_invert`) is the one data set held in memory, in host
+    memory: each step moves only its batch to ``device``.
+    """
     from diffusers import UNet2DModel
     from safetensors.torch import load_file, save_file
 
@@ -199,14 +238,14 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
         run = Training.resume(list(network.named_parameters()), opt, stage.dir / "state.safetensors",
                               network.load_state_dict)
-        data = noises.to(device)
 
         def step_loss(step: int) -> float:
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
-            idx = torch.randint(0, len(data), (cfg.corrector_batch_size,), generator=g)
+            idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
             e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
             t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
-            loss = flow_matching_loss(network, data[idx], e, t)
+            # the training set stays in host memory; only each step's batch goes to the device
+            loss = flow_matching_loss(network, noises[idx].to(device), e, t)
             loss.backward()
             return float(loss.detach())
 

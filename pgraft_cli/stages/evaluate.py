@@ -68,10 +68,16 @@ def classifier_features(path: Path | str = CLASSIFIER_PATH) -> Features:
     return Features(f"classifier:{Path(path).name}", lambda x: model.features(x * 2 - 1))
 
 
+RESIZE = "torch-bicubic-aa"  # the resize rule, part of every Inception feature name
+
+
 def inception_input(x: Tensor) -> Tensor:
     """Images in [0, 1] -> Inception's input: 3 channels, bicubic 299 x 299, in [0, 255].
 
     The clamp comes after the resize: bicubic interpolation overshoots past 0 and 255 at edges.
+    This is torch's antialiased bicubic resize of float images, not clean-fid's PIL resize of
+    uint8 images, so the numbers are close to but not comparable with published clean-fid FIDs;
+    the feature name says so (``RESIZE``).
     """
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     return F.interpolate(x * 255.0, size=(299, 299), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
@@ -84,7 +90,7 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
         if not path.is_file():
             raise PgraftError(f"--inception-weights {weights}: no such file; pass clean-fid's inception-2015-12-05.pt")
         net = torch.jit.load(str(path), map_location=device).eval()
-        return Features(f"inception:{path.name}", lambda x: net(inception_input(x.to(device)), return_features=True),
+        return Features(f"inception:{path.name}+{RESIZE}", lambda x: net(inception_input(x.to(device)), return_features=True),
                         batch=64)
     try:
         from cleanfid.features import build_feature_extractor
@@ -98,16 +104,23 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
     except Exception as exc:
         raise PgraftError(f"clean-fid could not load its Inception weights ({str(exc)[:120]}); pass "
                           f"--inception-weights PATH or use --features classifier") from None
-    return Features("inception:clean-fid", lambda x: model(inception_input(x.to(device))), batch=64)
+    return Features(f"inception:clean-fid+{RESIZE}", lambda x: model(inception_input(x.to(device))), batch=64)
 
 
 def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weights: Optional[str],
-                  device: str = "cpu") -> Features:
-    """``auto``: Inception if weights are at hand, else the digits classifier for 1x16x16 images.
+                  device: str = "cpu", reward_identity: str = "") -> Features:
+    """``auto``: Inception if weights are at hand, else the digits classifier for 1x16x16 images,
+    or the judge when the reward being optimised is that classifier (an FID in the reward's own
+    features shares its blind spots, so a tuned model could game both).
 
     ``judge``: the bundled judge (a pixel MLP trained on digits-judge), features not shared with the reward.
     """
+    from ..io.runstore import sha256_file
+
     digits_like = tuple(image_shape) == (1, 16, 16)
+    if choice == "auto" and digits_like and not inception_weights and reward_identity:
+        if reward_identity.startswith(f"classifier:sha256={sha256_file(CLASSIFIER_PATH)}:"):
+            choice = "judge"
     if choice in ("classifier", "judge") or (choice == "auto" and digits_like and not inception_weights):
         if not digits_like:
             raise PgraftError(f"the bundled {'judge' if choice == 'judge' else 'classifier'}'s features are for "

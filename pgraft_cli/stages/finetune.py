@@ -129,11 +129,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     from accelerate import Accelerator
     from safetensors.torch import load_file, save_file
 
-    if cfg.mixed_precision == "fp16" and model.device.type == "cpu":
-        raise PgraftError("finetune.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
-    if model.dtype != torch.float32:
-        raise PgraftError(f"fine-tuning keeps float32 master weights, but the model is loaded as {model.dtype}; "
-                          f"set model.dtype = float32 and finetune.mixed_precision = bf16 (or fp16 on a GPU) for speed")
+    check_precision(model, cfg)
     if cfg.target == "renoise":
         y, t_c = kept.x0, 0.0  # the alternative reading: re-noise the final samples, train at t > c only
     else:
@@ -214,6 +210,15 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
 # The rounds: sample -> score -> filter -> fine-tune
 
 
+def check_precision(model: LoadedModel, cfg: FinetuneConfig) -> None:
+    """Float32 master weights, and fp16 autocast only on a GPU (checked before sampling anything)."""
+    if cfg.mixed_precision == "fp16" and model.device.type == "cpu":
+        raise PgraftError("finetune.mixed_precision = fp16 needs a GPU; use bf16 or no on the CPU")
+    if model.dtype != torch.float32:
+        raise PgraftError(f"fine-tuning keeps float32 master weights, but the model is loaded as {model.dtype}; "
+                          f"set model.dtype = float32 and finetune.mixed_precision = bf16 (or fp16 on a GPU) for speed")
+
+
 def check_groups(model: LoadedModel, recipe: Any, cond: Any) -> None:
     """Before sampling anything: top-K of M needs ``sample.num`` to fill whole groups of m per prompt."""
     if recipe.filter.rule == "threshold":
@@ -262,6 +267,7 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
     from .score import reward_stats, run_score
 
     cfg = recipe.finetune
+    check_precision(model, recipe.finetune)
     check_groups(model, recipe, cond)
     model.base_identity = model.base_identity or model.identity
     rounds = []
