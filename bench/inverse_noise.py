@@ -65,7 +65,7 @@ def train_step_flops(network: torch.nn.Module, shape: tuple[int, int, int]) -> i
     net = copy.deepcopy(network).float().train().requires_grad_(True)
     z = torch.zeros(1, *shape)
     with FlopCounterMode(display=False) as counter:
-        flow_matching_loss(net, z, torch.ones_like(z), torch.full((1,), 0.5)).backward()
+        flow_matching_loss(net, NoiseCorrector.schedule, z, torch.ones_like(z), torch.full((1,), 0.5)).backward()
     return int(counter.get_total_flops())
 
 

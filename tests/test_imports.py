@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pgraft_cli"
 # Top to bottom; a module may import from its own layer (without cycles) and from layers below.
-LAYERS = ["cli", "report", "stages", "io", "models", "core"]
+LAYERS = ["cli", "pipelines", "report", "stages", "io", "models", "core"]
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:

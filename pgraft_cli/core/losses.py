@@ -76,8 +76,8 @@ def finetune_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None)
     return (weight.to(err) * err).mean()
 
 
-def flow_matching_loss(network: nn.Module, z: Tensor, e: Tensor, t: Tensor) -> Tensor:
-    """``E |v(x_t, t) - (e - z)|^2`` with ``x_t = (1 - t) z + t e``: N(0, I) at t = 1, data z at t = 0."""
-    tt = t.view(-1, *([1] * (z.ndim - 1)))
-    xt = (1 - tt) * z + tt * e
-    return F.mse_loss(network(xt, t * 1000).sample, e - z)
+def flow_matching_loss(network: nn.Module, schedule: NoiseSchedule, z: Tensor, e: Tensor, t: Tensor) -> Tensor:
+    """``E |v(x_t, t) - (e - z)|^2`` on a flow ``schedule``'s path ``x_t = (1 - t) z + t e`` (N(0, I) at
+    t = 1, data z at t = 0); the network takes the schedule's timesteps. It is the P-GRAFT loss at
+    ``c = 0`` (``intermediate_target``), in the data's dtype."""
+    return F.mse_loss(network(schedule.noised(z, e, t), schedule.timestep(t)).sample, e - z)

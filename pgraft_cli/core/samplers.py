@@ -104,6 +104,14 @@ class NoiseSchedule:
         a = self.alpha_sigma(t)[0] / self.alpha_sigma(c)[0]
         return a, 1 - a**2
 
+    def noised(self, x0: Tensor, e: Tensor, t: Tensor) -> Tensor:
+        """``x_t = alpha(t) x0 + sigma(t) e`` for per-row times ``t``, in ``x0``'s dtype (flow: ``(1 - t) x0 + t e``)."""
+        if self.family == "flow":
+            tt = _rows(t, x0)
+            return (1 - tt) * x0 + tt * e
+        a, s = (_rows(v, x0) for v in self.alpha_sigma(t))
+        return a * x0 + s * e
+
     def timestep(self, t: Tensor) -> Tensor:
         """The network's timestep input for time t (diffusers convention: ``t * T``)."""
         return t * self.num_train_timesteps

@@ -245,7 +245,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
             e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
             t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
             # the training set stays in host memory; only each step's batch goes to the device
-            loss = flow_matching_loss(network, noises[idx].to(device), e, t)
+            loss = flow_matching_loss(network, NoiseCorrector.schedule, noises[idx].to(device), e, t)
             loss.backward()
             return float(loss.detach())
 
