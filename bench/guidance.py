@@ -38,16 +38,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pgraft_cli.checkpoints import load_model, save_pgraft_safetensors  # noqa: E402
-from pgraft_cli.data import load_digits  # noqa: E402
-from pgraft_cli.evaluate import CLASSIFIER_PATH, classifier_features, distances  # noqa: E402
-from pgraft_cli.finetune import load_kept_set, round_stage, run_rounds, tuned_identity  # noqa: E402
-from pgraft_cli.nets import load_classifier  # noqa: E402
-from pgraft_cli.recipes import load_recipe  # noqa: E402
-from pgraft_cli.rewards import Reward  # noqa: E402
-from pgraft_cli.runstore import RunStore  # noqa: E402
-from pgraft_cli.sample import Conditions, load_images, run_sample  # noqa: E402
-from pgraft_cli.ui import progress  # noqa: E402
+from pgraft_cli.io.checkpoints import load_model, save_pgraft_safetensors  # noqa: E402
+from pgraft_cli.io.data import load_digits  # noqa: E402
+from pgraft_cli.stages.evaluate import CLASSIFIER_PATH, classifier_features  # noqa: E402
+from pgraft_cli.core.metrics import distances  # noqa: E402
+from pgraft_cli.stages.finetune import load_kept_set, round_stage, run_rounds  # noqa: E402
+from pgraft_cli.models.loaded import tuned_identity  # noqa: E402
+from pgraft_cli.io.checkpoints import load_classifier  # noqa: E402
+from pgraft_cli.io.recipes import load_recipe  # noqa: E402
+from pgraft_cli.stages.rewards import Reward  # noqa: E402
+from pgraft_cli.io.runstore import RunStore  # noqa: E402
+from pgraft_cli.stages.sample import Conditions, load_images, run_sample  # noqa: E402
+from pgraft_cli.report.ui import progress  # noqa: E402
 
 NULL = 10
 FLOW_CONFIG = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 64, 64],

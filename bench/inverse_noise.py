@@ -7,7 +7,7 @@
     python bench/inverse_noise.py                                                     # cached: the tables
 
 The bundled flow was trained on ``digits-train`` (1078 images); ``digits-test`` (360) is held out and
-``digits-judge`` (359) trained the judge (``pgraft_cli.data.digits_split``). For every base step
+``digits-judge`` (359) trained the judge (``pgraft_cli.io.data.digits_split``). For every base step
 count N (Euler) the train split is inverted through the N-step sampler once; then, for every seed s:
 
 - ``corrector``: a flow corrector trained on the inverted noises with ``correct.seed = s`` (the
@@ -41,16 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from paired import mean_std, paired_t, paired_text  # noqa: E402
-from pgraft_cli.checkpoints import load_model, save_pgraft_safetensors  # noqa: E402
-from pgraft_cli.correct import (NoiseCorrector, corrector_config, fit_gaussian, flow_matching_loss,  # noqa: E402
-                                run_invert, run_train_corrector)
-from pgraft_cli.data import load_digits  # noqa: E402
+from pgraft_cli.io.checkpoints import load_model, save_pgraft_safetensors  # noqa: E402
+from pgraft_cli.models.corrector import NoiseCorrector, fit_gaussian  # noqa: E402
+from pgraft_cli.stages.correct import corrector_config, run_invert, run_train_corrector  # noqa: E402
+from pgraft_cli.core.losses import flow_matching_loss  # noqa: E402
+from pgraft_cli.io.data import load_digits  # noqa: E402
 from pgraft_cli.demo.train import FlowTraining, fit_flow  # noqa: E402
-from pgraft_cli.evaluate import CLASSIFIER_PATH, JUDGE_PATH, FidKid, classifier_features, evaluate_model, reference  # noqa: E402
-from pgraft_cli.recipes import SampleConfig, load_recipe  # noqa: E402
-from pgraft_cli.runstore import RunStore  # noqa: E402
-from pgraft_cli.sample import iter_images  # noqa: E402
-from pgraft_cli.ui import progress  # noqa: E402
+from pgraft_cli.stages.evaluate import CLASSIFIER_PATH, JUDGE_PATH, classifier_features, evaluate_model, reference  # noqa: E402
+from pgraft_cli.core.metrics import FidKid  # noqa: E402
+from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
+from pgraft_cli.io.runstore import RunStore  # noqa: E402
+from pgraft_cli.stages.sample import iter_images  # noqa: E402
+from pgraft_cli.report.ui import progress  # noqa: E402
 
 METHODS = ("base", "control", "gaussian", "corrector")
 FID_KEYS = ("classifier/test", "classifier/train", "judge/test", "judge/train")
@@ -63,7 +65,7 @@ def train_step_flops(network: torch.nn.Module, shape: tuple[int, int, int]) -> i
     net = copy.deepcopy(network).float().train().requires_grad_(True)
     z = torch.zeros(1, *shape)
     with FlopCounterMode(display=False) as counter:
-        flow_matching_loss(net, z, torch.ones_like(z), torch.full((1,), 0.5)).backward()
+        flow_matching_loss(net, NoiseCorrector.schedule, z, torch.ones_like(z), torch.full((1,), 0.5)).backward()
     return int(counter.get_total_flops())
 
 

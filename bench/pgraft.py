@@ -38,16 +38,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from paired import mean_std, paired_t, paired_text  # noqa: E402
-from pgraft_cli.checkpoints import load_model  # noqa: E402
-from pgraft_cli.data import load_digits  # noqa: E402
-from pgraft_cli.evaluate import CLASSIFIER_PATH, JUDGE_PATH, classifier_features, distances  # noqa: E402
-from pgraft_cli.finetune import run_rounds  # noqa: E402
-from pgraft_cli.nets import load_classifier  # noqa: E402
-from pgraft_cli.recipes import SampleConfig, load_recipe  # noqa: E402
-from pgraft_cli.rewards import parse_reward  # noqa: E402
-from pgraft_cli.runstore import RunStore  # noqa: E402
-from pgraft_cli.sample import Conditions, load_images, run_sample  # noqa: E402
-from pgraft_cli.ui import progress  # noqa: E402
+from pgraft_cli.io.checkpoints import load_model  # noqa: E402
+from pgraft_cli.io.data import load_digits  # noqa: E402
+from pgraft_cli.stages.evaluate import CLASSIFIER_PATH, JUDGE_PATH, classifier_features  # noqa: E402
+from pgraft_cli.core.metrics import distances  # noqa: E402
+from pgraft_cli.stages.finetune import run_rounds  # noqa: E402
+from pgraft_cli.io.checkpoints import load_classifier  # noqa: E402
+from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
+from pgraft_cli.stages.rewards import parse_reward  # noqa: E402
+from pgraft_cli.io.runstore import RunStore  # noqa: E402
+from pgraft_cli.stages.sample import Conditions, load_images, run_sample  # noqa: E402
+from pgraft_cli.report.ui import progress  # noqa: E402
 
 COLUMNS = [("reward", "reward (log p)", 3), ("judge_reward", "judge reward (log p)", 3), ("gap", "gap", 3),
            ("target", "target %", 1), ("judge_target", "judge %", 1), ("fid_judge", "FID (judge)", 3),

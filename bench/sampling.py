@@ -10,7 +10,7 @@ by batch (rotating the order), so bursts of load from other processes hit every 
 1. ``diffusers loop``: the canonical hand-written loop of the diffusers docs,
    ``scheduler.set_timesteps(steps)``, then ``v = unet(x, t).sample; x = scheduler.step(v, t, x)
    .prev_sample`` for every ``t`` in ``scheduler.timesteps``, on batches of B images.
-2. ``pgraft sampler (lane = B)``: ``pgraft_cli.samplers.sample`` driving ``model.predict`` with the
+2. ``pgraft sampler (lane = B)``: ``pgraft_cli.core.samplers.sample`` driving ``model.predict`` with the
    whole batch of B images as one lane (one network call per step sees B images).
 3. ``pgraft sampler (lane = L)``: what ``pgraft sample`` does by default: B images per shard, cut
    into lanes of L = 16 images (one network call per step sees L images).
@@ -70,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-cli", action="store_true", help="skip method 4 (the CLI subprocess)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw timings to this file")
     args = p.parse_args()
-    from pgraft_cli.recipes import SampleConfig
+    from pgraft_cli.io.recipes import SampleConfig
 
     args.lane = args.lane or SampleConfig().lane
     if args.batch % args.lane:
@@ -103,8 +103,8 @@ def diffusers_loop(unet: torch.nn.Module, scheduler_config: dict, steps: int) ->
 
 def pgraft_sampler(model, steps: int, lane: int) -> Callable:
     """pgraft's sampler on one shard, cut into lanes of `lane` images (as ``pgraft sample`` does)."""
-    from pgraft_cli.models import Cond
-    from pgraft_cli.samplers import sample
+    from pgraft_cli.models.loaded import Cond
+    from pgraft_cli.core.samplers import sample
 
     def run(noise: torch.Tensor, start: int, end: int) -> torch.Tensor:
         cond = Cond()
@@ -188,8 +188,8 @@ def run_diffusers_script(args: argparse.Namespace, folder: Path, num: int, env: 
 def equivalence_check(model, unet, scheduler_config: dict, steps: int, noise: torch.Tensor) -> dict:
     """Max |diffusers loop - pgraft sampler| on the same noise, native grids and the shared grid."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from pgraft_cli.models import Cond
-    from pgraft_cli.samplers import sample
+    from pgraft_cli.models.loaded import Cond
+    from pgraft_cli.core.samplers import sample
 
     d = diffusers_loop(unet, scheduler_config, steps)(noise, 0, len(noise))
     cond = Cond()
@@ -244,8 +244,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import diffusers
 
-    from pgraft_cli.checkpoints import load_model
-    from pgraft_cli.sample import initial_noise
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.stages.sample import initial_noise
 
     model = load_model(args.model)
     if model.family != "flow" or model.model_class != "UNet2DModel" or model.conditioning != "none":

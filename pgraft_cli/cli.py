@@ -1,14 +1,15 @@
-"""The ``pgraft`` command line: parses options, loads the recipe and the model, calls a stage.
+"""The ``pgraft`` command line: each verb parses its options, calls its pipeline and prints the result.
 
-This module holds no method logic: each verb resolves its recipe (``--recipe`` + ``--set`` +
-explicit flags), opens the run store and calls the stage function from its own module.
+The pipelines (``pipelines/``) resolve the recipe (``--recipe`` + ``--set`` + explicit flags), load the
+model, open the run directory, run the stages and write the report; they return plain data, which
+this module prints as tables, or as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,7 +17,6 @@ import typer
 
 from . import __version__
 from .errors import OutputPathError, PgraftError
-from .recipes import Recipe, dump_recipe, load_recipe
 
 app = typer.Typer(
     name="pgraft",
@@ -65,7 +65,7 @@ def _folder_path(flag: str) -> Any:
 
 def _png_folder(value: Optional[Path]) -> Optional[Path]:
     """``pgraft sample --out``: a writable folder that holds no images pgraft did not write."""
-    from .sample import check_png_folder
+    from .stages.sample import check_png_folder
 
     if _folder_path("--out")(value) is not None:
         check_png_folder(value)
@@ -106,12 +106,24 @@ FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'M
                                                              "metrics of the result; base.fid etc. for the base model).")]
 
 
+RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, vqascore[:PATH], python:module:function.")]
+PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")]
+
+
+def _options(cls: type, given: dict[str, Any]) -> Any:
+    """A pipeline's options from a command's parameters (``set_`` is ``sets``; ``--json`` implies quiet)."""
+    given = {("sets" if k == "set_" else k): v for k, v in given.items()}
+    given["quiet"] = given.get("quiet", False) or given.get("as_json", False)
+    return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+
+
 def _gates_verdict(results: list[Any], quiet: bool) -> None:
     """One stderr line per failed gate and exit 1; a single note when all held."""
     from rich.text import Text
 
-    from .gates import failed as failed_gates
-    from .ui import err, note
+    from .report.gates import failed as failed_gates
+    from .report.ui import err, note
 
     failed = failed_gates(results)
     for r in failed:
@@ -120,55 +132,6 @@ def _gates_verdict(results: list[Any], quiet: bool) -> None:
         raise typer.Exit(1)
     if results:
         note("gates held: " + ", ".join(r.gate.text for r in results), quiet=quiet)
-
-
-def _resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Recipe:
-    """Recipe file, then ``--set`` overrides, then explicit flags (``section__key=value``)."""
-    overrides = list(sets or [])
-    for name, value in flags.items():
-        if value is None:
-            continue
-        section, key = name.split("__")
-        overrides.append(f"{section}.{key}={json.dumps(value) if isinstance(value, str) else value}")
-    return load_recipe(recipe, overrides)
-
-
-def _load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool, recipe: Recipe,
-          base: Optional[str] = None):
-    from .checkpoints import load_model
-
-    if kind is not None and kind not in ("flow", "diffusion", "auto"):
-        raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
-    return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle, base=base)
-
-
-def _device(recipe: Recipe, override: Optional[str], state: Any) -> str:
-    import torch
-
-    want = override or recipe.model.device
-    if want == "auto":
-        return str(state.device)
-    if want == "cuda" and not torch.cuda.is_available():
-        raise PgraftError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    if want == "cuda" and state.num_processes > 1:
-        return str(state.device)
-    return want
-
-
-def _state(recipe: Recipe, override: Optional[str]) -> Any:
-    """accelerate's process state; CPU-only machines get the gloo backend (cpu=True)."""
-    import torch
-    from accelerate import PartialState
-
-    want = override or recipe.model.device
-    return PartialState(cpu=want == "cpu" or not torch.cuda.is_available())
-
-
-def _default_run_dir(verb: str, payload: dict[str, Any]) -> Path:
-    import hashlib
-
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path("pgraft-runs") / f"{verb}-{digest}"
 
 
 # ================================================================================================
@@ -193,54 +156,17 @@ def inspect(
 
       pgraft inspect weights.safetensors --config ./my-unet/config.json
     """
-    from .checkpoints import describe
+    from .io.checkpoints import describe
+    from .io.recipes import load_recipe
+    from .pipelines.skeleton import load
 
-    info = describe(_load(model, config, kind, allow_pickle, load_recipe("default")))
+    info = describe(load(model, config, kind, allow_pickle, load_recipe("default")))
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
-    from rich.table import Table
+    from .report.ui import inspect_table, out
 
-    from .ui import out
-
-    table = Table(title=f"pgraft inspect {model}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    rows = [
-        ("source", f"{info['source']} ({info['source_kind']})"),
-        ("network", info["model_class"]),
-        ("family", f"{info['family']} (prediction: {info['prediction_type']})"),
-        ("conditioning", info["conditioning"] + (f" ({info['num_classes']} classes)" if info["num_classes"] else "")),
-        ("sample shape", " x ".join(map(str, info["sample_shape"])) + (" latent" if info["latent"] else "")),
-        ("image shape", " x ".join(map(str, info["image_shape"]))),
-        ("parameters", f"{info['parameters']:,}"),
-        ("dtype", info["dtype"]),
-        ("scheduler", f"{info['scheduler']} (T={info['num_train_timesteps']}"
-                      + (f", shift={info['shift']}" if info["shift"] not in (None, 1.0) else "") + ")"),
-        ("identity", f"sha256:{info['identity'][:16]}…" if len(info["identity"]) == 64 else info["identity"]),
-        ("default data", info["default_data"] or "-"),
-        ("default eval data", info["default_eval_data"] or "-"),
-    ]
-    comp = info.get("composition")
-    if comp and comp["kind"] == "finetune":
-        lora = comp["lora"]
-        rows.append(("fine-tune", f"cutoff {comp['cutoff']} (tuned for t in (c, 1], base for [0, c]); "
-                                  + (f"LoRA rank {lora['rank']}" if lora else "full weights")
-                                  + f"; tuned segment guidance: {comp['tuned_guidance']}"
-                                  + f"; reward {comp['reward']}: {comp['reward_mean']}"))
-    elif comp:
-        rows.append(("corrector", f"{comp['corrector']} ({comp['corrector_steps']} steps) -> base at "
-                                  f"{comp['base_steps']} Euler steps"))
-    if comp:
-        rows.append(("base identity", f"sha256:{(comp['base_identity'] or '')[:16]}…"))
-    for k, v in rows:
-        table.add_row(k, str(v))
-    prov = info["provenance"]
-    if prov:
-        table.add_row("provenance", json.dumps(prov, sort_keys=True)[:400])
-    else:
-        table.add_row("provenance", "none recorded")
-    out.print(table)
+    out.print(inspect_table(model, info))
 
 
 # ================================================================================================
@@ -255,8 +181,8 @@ def sample(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Solver steps (flow: Euler, diffusion: DDIM).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per shard (a multiple of sample.lane); never changes the images.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_png_folder, help="Folder for the PNGs (00000.png ...) and sampler.json; default RUN_DIR/images.")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line.")] = None,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
     class_label: Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")] = None,
     capture_at: Annotated[Optional[float], typer.Option("--capture-at", help="Also store each trajectory's state at this noise level (P-GRAFT's cutoff).")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models and class models with a null class.")] = None,
@@ -285,58 +211,22 @@ def sample(
 
       accelerate launch --num_processes 2 -m pgraft_cli sample digits --num 3000 --out big/
     """
-    from .runstore import RunStore
-    from .sample import Conditions, export_pngs, run_sample
-    from .ui import note, progress
+    from .pipelines.sample import SampleOptions, sample as sample_pipeline
 
-    rec = _resolve_recipe(recipe, set_, sample__num=num, sample__seed=seed, sample__steps=steps,
-                          sample__batch_size=batch_size, sample__capture_at=capture_at,
-                          sample__guidance_scale=guidance_scale)
-    cond = Conditions(prompts=_prompts(prompt, prompts) or None, class_label=class_label)
-    state = _state(rec, device)
-    loaded = _load(model, config, kind, allow_pickle, rec, base)
-    dev = _device(rec, device, state)
-    import torch
+    _show_sample(sample_pipeline(model, _options(SampleOptions, locals())), as_json, quiet)
 
-    loaded.to(dev, getattr(torch, rec.model.dtype))
-    if loaded.corrector is not None:  # one corrector per base step count
-        loaded.corrector.to(dev)
-        if steps is not None and steps != loaded.corrector.base_steps:
-            raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {steps}; "
-                              f"pass --steps {loaded.corrector.base_steps} or sample the base model")
-        rec.sample.steps = loaded.corrector.base_steps
-    from .sample import check_conditions, stage_config
 
-    check_conditions(loaded, cond)
-    run_dir = run_dir or _default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
-    show = not (quiet or as_json) and state.is_main_process
-    with RunStore(run_dir, is_main=state.is_main_process) as store:
-        if state.is_main_process:
-            from .runstore import atomic_write_text
-
-            atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
-        note(f"run directory: {store.root}", quiet=not show)
-        with progress(show) as bar:
-            result = run_sample(loaded, rec.sample, cond, store, bar, state.process_index,
-                                state.num_processes, barrier=state.wait_for_everyone if state.num_processes > 1 else None)
-        if not state.is_main_process:
-            return
-        target = out or store.root / "images"
-        written = export_pngs(store.root, target, {**result.settings, "prompts": cond.prompts, "model": loaded.source,
-                                                   "model_identity": loaded.identity, "pgraft_version": __version__})
-    summary = {
-        "run_dir": str(store.root), "out": str(target), "num": written, "generated_now": result.generated,
-        "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 2),
-        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": rec.sample.lane,
-        "processes": state.num_processes, "device": dev,
-    }
+def _show_sample(summary: Optional[dict[str, Any]], as_json: bool, quiet: bool) -> None:
+    if summary is None:  # another process of a multi-process run
+        return
     if as_json:
         print(json.dumps(summary, sort_keys=True))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import out as console
 
-        resumed = "" if result.generated == written else f" ({written - result.generated} already done)"
-        console.print(f"[green]wrote[/green] {written} images to {target}{resumed} in {result.seconds:.1f}s")
+        done = summary["num"] - summary["generated_now"]
+        console.print(f"[green]wrote[/green] {summary['num']} images to {summary['out']}"
+                      f"{f' ({done} already done)' if done else ''} in {summary['seconds']:.1f}s")
 
 
 # ================================================================================================
@@ -364,28 +254,10 @@ def run(
 
       pgraft run digits --recipe my-recipe.toml --run-dir runs/exp1
     """
-    rec = _resolve_recipe(recipe, set_)
-    if rec.run.stages == ["invert", "train_corrector", "evaluate"]:
-        correct(model, recipe=recipe, set_=set_, run_dir=run_dir, config=config, kind=kind, allow_pickle=allow_pickle,
-                device=device, quiet=quiet, as_json=as_json, data=None, out=None, steps=None, features=None,
-                inception_weights=None)
-        return
-    if rec.run.stages == ["sample", "score", "filter", "finetune"]:
-        finetune(model, recipe=recipe, set_=set_, run_dir=run_dir, config=config, kind=kind, allow_pickle=allow_pickle,
-                 device=device, quiet=quiet, as_json=as_json, reward=None, cutoff=None, out=None, rounds=None,
-                 lora_rank=None, data=None, prompt=None, prompts=None)
-        return
-    if rec.run.stages != ["sample"]:
-        raise PgraftError(
-            f"recipe '{rec.name}' lists stages {rec.run.stages}; pgraft runs [\"sample\"], "
-            f"[\"sample\", \"score\", \"filter\", \"finetune\"] or [\"invert\", \"train_corrector\", \"evaluate\"]"
-        )
-    for stage in rec.run.stages:
-        if stage == "sample":
-            sample(model, recipe=recipe, set_=set_, run_dir=run_dir, config=config, kind=kind,
-                   allow_pickle=allow_pickle, device=device, quiet=quiet, as_json=as_json,
-                   num=None, seed=None, steps=None, batch_size=None, out=None, prompt=None, prompts=None,
-                   class_label=None, capture_at=None, guidance_scale=None, base=None)
+    from .pipelines.run import run as run_pipeline
+
+    verb, outcome = run_pipeline(model, recipe, set_, run_dir, config, kind, allow_pickle, device, quiet or as_json)
+    {"sample": _show_sample, "finetune": _show_finetune, "correct": _show_correct}[verb](outcome, as_json, quiet)
 
 
 @app.command()
@@ -399,7 +271,7 @@ def status(
 
       pgraft status pgraft-runs/sample-1a2b3c4d5e6f
     """
-    from .runstore import MANIFEST, RunStore
+    from .io.runstore import MANIFEST, RunStore
 
     if not (run_dir / MANIFEST).is_file():
         raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a run")
@@ -407,43 +279,13 @@ def status(
     if as_json:
         print(json.dumps({"run_dir": str(run_dir), "stages": [s.__dict__ for s in stages]}, sort_keys=True))
         return
-    from rich.table import Table
+    from .report.ui import out, status_table
 
-    from .ui import out
-
-    colours = {"done": "green", "partial": "yellow", "pending": "dim", "stale": "red"}
-    table = Table(title=f"run {run_dir}", title_justify="left")
-    for col in ("stage", "state", "shards", "key"):
-        table.add_column(col)
-    for s in stages:
-        shards = f"{s.shards_done}/{s.shards_total}" if s.shards_total is not None else str(s.shards_done)
-        table.add_row(s.name, f"[{colours.get(s.state, 'white')}]{s.state}[/]", shards, (s.key or "")[:12])
-    out.print(table)
+    out.print(status_table(run_dir, stages))
 
 
 # ================================================================================================
 # GRAFT / P-GRAFT: score, filter, finetune
-
-RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, vqascore[:PATH], python:module:function.")]
-
-
-def _open_run(run_dir: Path) -> Any:
-    from .runstore import MANIFEST, RunStore
-
-    if not (run_dir / MANIFEST).is_file():
-        raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a `pgraft sample` run")
-    return RunStore(run_dir)
-
-
-def _reward(spec: str, device: str = "cpu", batch_size: Optional[int] = None) -> Any:
-    from .rewards import parse_reward
-
-    if not spec:
-        raise PgraftError("no reward given; pass --reward NAME[:ARGS] (e.g. --reward classifier:digits:3) or set score.reward")
-    reward = parse_reward(spec, device=device)
-    if batch_size is not None:
-        reward.batch_size = batch_size
-    return reward
 
 
 @app.command()
@@ -466,21 +308,15 @@ def score(
 
       pgraft score runs/d3 --reward python:my_rewards:brightness
     """
-    from .score import reward_stats, run_score
-    from .ui import progress
+    from .pipelines.finetune import score as score_pipeline
 
-    rec = _resolve_recipe(recipe, set_, score__reward=reward)
-    rew = _reward(rec.score.reward, batch_size=rec.score.batch_size)
-    score_stage = stage.replace("sample", "score", 1)
-    with _open_run(run_dir) as store, progress(not (quiet or as_json)) as bar:
-        rewards = run_score(store, rew, bar, stage, score_stage)
-    summary = {"run_dir": str(run_dir), "reward": rew.spec, "stage": score_stage, **reward_stats(rewards)}
+    summary = score_pipeline(run_dir, reward, stage, recipe, set_, quiet or as_json)
     if as_json:
         print(json.dumps(summary, sort_keys=True))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import out as console
 
-        console.print(f"[green]scored[/green] {summary['num']} samples with {rew.spec}: mean "
+        console.print(f"[green]scored[/green] {summary['num']} samples with {summary['reward']}: mean "
                       f"{summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
 
 
@@ -510,19 +346,16 @@ def filter_(
 
       pgraft filter runs/d3 --rule threshold --quantile 0.75 --dedup
     """
-    from .filter import run_filter
+    from .pipelines.finetune import filter_ as filter_pipeline
 
-    rec = _resolve_recipe(recipe, set_, filter__rule=rule, filter__k=k, filter__m=m, filter__threshold=threshold,
-                          filter__quantile=quantile, filter__dedup=dedup)
-    names = {s: stage.replace("sample", s, 1) for s in ("score", "filter")}
-    with _open_run(run_dir) as store:
-        summary = run_filter(store, rec.filter, stage, names["score"], names["filter"])
+    summary = filter_pipeline(run_dir, stage, recipe, set_, filter__rule=rule, filter__k=k, filter__m=m,
+                              filter__threshold=threshold, filter__quantile=quantile, filter__dedup=dedup)
     if as_json:
         print(json.dumps({"run_dir": str(run_dir), **{k_: v for k_, v in summary.items()
                                                        if k_ not in ("kept_indices", "cdf", "reshaped_reward")}},
                          sort_keys=True))
     elif not quiet:
-        from .ui import filter_report, out as console
+        from .report.ui import filter_report, out as console
 
         console.print(filter_report(summary))
 
@@ -537,8 +370,8 @@ def finetune(
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
     data: DataOpt = None,
     eval_data: EvalDataOpt = None,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (sample.num = m x prompts).")] = None,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -565,149 +398,36 @@ def finetune(
 
       pgraft finetune ./sd2 --reward vqascore:./llava --prompts train.txt --cutoff 0.25 --set sample.num=4000
     """
-    import torch
+    from .pipelines.finetune import FinetuneOptions, finetune as finetune_pipeline
 
-    from .evaluate import pick_features
-    from .finetune import base_info_of, evaluate_pair, run_rounds, save_finetuned
-    from .runstore import RunStore, atomic_write_text
-    from .sample import Conditions, check_conditions
-    from .ui import note, progress
+    _show_finetune(finetune_pipeline(model, _options(FinetuneOptions, locals())), as_json, quiet)
 
-    from .gates import check_gates, gate_metrics, gate_names, parse_gates
-    from .report import render_report
 
-    tic = time.perf_counter()
-    gates = parse_gates(fail_if, gate_names("finetune"))
-    rec = _resolve_recipe(recipe, set_, score__reward=reward, finetune__cutoff=cutoff, finetune__rounds=rounds,
-                          finetune__lora_rank=lora_rank)
-    cond = Conditions(prompts=_prompts(prompt, prompts) or None)
-    state = _state(rec, device)
-    loaded = _load(model, config, kind, allow_pickle, rec)
-    if loaded.corrector is not None or loaded.finetuned:
-        raise PgraftError(f"{model} is a corrected or fine-tuned file; pass its base model to fine-tune")
-    check_conditions(loaded, cond)
-    dev = _device(rec, device, state)
-    loaded.to(dev, getattr(torch, rec.model.dtype))
-    rew = _reward(rec.score.reward, dev, rec.score.batch_size)
-    base_info = base_info_of(loaded)
-    real, data_id = (None, None)
-    if data or loaded.default_data:
-        real, data_id = _real_data(loaded, data)  # streamed: only the FID reference reads it
-    # The default run directory depends only on what sampling depends on, so that a new reward,
-    # rule or training setting re-runs scoring onwards in the same run, never sampling.
-    run_dir = run_dir or _default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
-                                                       "cutoff": rec.finetune.cutoff, "prompts": cond.prompts})
-    show = not (quiet or as_json) and state.is_main_process
-    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
-                          reward_identity=rew.identity) \
-        if real is not None else None
-    with RunStore(run_dir, is_main=state.is_main_process) as store:
-        if state.is_main_process:
-            atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
-        note(f"run directory: {store.root}", quiet=not show)
-        with progress(show) as bar:
-            fid_of, fid_data, refs = None, None, {}
-            if feats is not None:
-                fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
-
-                def fid_of(images: Any) -> float:  # each round's samples against the same reference
-                    ref = refs[fid_data]
-                    ref.reset_generated()
-                    ref.update(feats(images), real=False)
-                    return ref.compute()["fid"]
-            history = run_rounds(loaded, rec, rew, cond, store, bar, state.process_index, state.num_processes,
-                                 state.wait_for_everyone if state.num_processes > 1 else None, fid_of=fid_of)
-            if not state.is_main_process:
-                return
-            metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, bar, refs, fid_data)
-        metrics["rounds"] = [{k: v for k, v in h.items() if k not in ("filter", "loss_curve")} for h in history]
-        metrics["reward"], metrics["data"], metrics["fid_data"] = rew.spec, data_id, fid_data
-        target = out or store.root / "tuned.safetensors"
-        save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
-        store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,
-                                                   "history": history})
-    seconds = time.perf_counter() - tic
-    summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(seconds, 2), "cutoff": rec.finetune.cutoff, **metrics}
-    summary["report"] = str(render_report(store.root, run={"verb": "finetune", "device": dev, "seconds": round(seconds, 2),
-                                                           "out": str(target)}))
-    results = check_gates(gates, gate_metrics(metrics["tuned"], metrics["base"]))
-    if results:
-        summary["gates"] = [r.to_dict() for r in results]
+def _show_finetune(outcome: Optional[tuple[dict[str, Any], list[Any]]], as_json: bool, quiet: bool) -> None:
+    if outcome is None:  # another process of a multi-process run
+        return
+    summary, results = outcome
     if as_json:
         print(json.dumps(summary, sort_keys=True, default=float))
-        return _gates_verdict(results, quiet=True)
-    if quiet:
-        return _gates_verdict(results, quiet=True)
-    from .ui import finetune_report, fmt_bytes, out as console
+    elif not quiet:
+        from .report.ui import finetune_report, out as console
 
-    console.print(finetune_report(summary))
-    console.print(f"[green]wrote[/green] {target} ({fmt_bytes(target.stat().st_size)}); run {store.root}; {seconds:.0f}s")
+        console.print(finetune_report(summary))
+        _wrote(summary)
+    _gates_verdict(results, quiet=quiet or as_json)
+
+
+def _wrote(summary: dict[str, Any]) -> None:
+    """The file a verb wrote, its run directory, time and report."""
+    from .report.ui import fmt_bytes, out as console
+
+    console.print(f"[green]wrote[/green] {summary['out']} ({fmt_bytes(summary['out_bytes'])}); run {summary['run_dir']}; "
+                  f"{summary['seconds']:.0f}s")
     console.print(f"report: {summary['report']}")
-    _gates_verdict(results, quiet=False)
 
 
-def _prompts(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
-    out = list(prompt or [])
-    if prompts is not None:
-        if not prompts.is_file():
-            raise PgraftError(f"--prompts {prompts}: no such file; pass a text file with one prompt per line")
-        out += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-    return out
-
-
-
-
-def _real_data(loaded: Any, data: Optional[str], rows: bool = False) -> tuple[Any, str]:
-    """The ``--data`` images (or the model's own data set), never all at once: streamed in batches
-    (``iter_data``), or as ``rows`` read by range on demand (``data_rows``)."""
-    from .data import data_rows, iter_data
-
-    spec = data or loaded.default_data
-    if not spec:
-        raise PgraftError(f"{loaded.source} names no data set of its own; pass --data (an image folder, .npz or alias)")
-    return (data_rows if rows else iter_data)(spec, loaded.image_shape), spec
-
-
-def _references(loaded: Any, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,
-                feats: Any, kid_subsets: int) -> tuple[str, dict[str, Any]]:
-    """FID references by name, the one ``fid``/``kid`` (and gates) use first: ``--eval-data``, else
-    the model's ``default_eval_data`` when ``--data`` is not given, else the data itself."""
-    from .data import iter_data
-    from .evaluate import reference
-
-    spec = eval_data or (None if data else loaded.default_eval_data)
-    refs = {}
-    if spec and spec != data_id:
-        try:
-            batches = iter_data(spec, loaded.image_shape)
-        except PgraftError as exc:  # the same checks as --data, named after the option the user gave
-            raise PgraftError(str(exc).replace("--data", "--eval-data", 1)) from None
-        refs[spec] = reference(feats, batches, kid_subsets)
-    refs[data_id] = reference(feats, real, kid_subsets)
-    return next(iter(refs)), refs
-
-
-def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Any:
-    from rich.console import Group
-    from rich.table import Table
-
-    from .evaluate import COST_NOTE
-    from .ui import warning_lines
-
-    table = Table(title=title, title_justify="left", caption=COST_NOTE, caption_justify="left")
-    also = list(rows[0][1].get("also_against") or {})  # FID against further data, e.g. the training data
-    for col in ("sampler", "FID", *(f"FID vs {name}" for name in also), "KID", "NFE", "GFLOPs/img", "ms/img", "num"):
-        table.add_column(col, justify="left" if col == "sampler" else "right")
-    best = min((r["fid"] for _, r in rows if r.get("fid") is not None), default=None)
-    for name, r in rows:
-        fid = "-" if r.get("fid") is None else f"{r['fid']:.3f}"
-        if r.get("fid") is not None and r["fid"] == best and len(rows) > 1:
-            fid = f"[green]{fid}[/green]"
-        table.add_row(name, fid, *(f"{r['also_against'][a]['fid']:.3f}" for a in also),
-                      "-" if r.get("kid") is None else f"{r['kid']:.4f}", str(r["nfe"]),
-                      f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
-    return Group(table, *warning_lines(rows))
+# ================================================================================================
+# inverse noise correction, evaluation
 
 
 @app.command()
@@ -745,91 +465,22 @@ def correct(
 
       pgraft correct digits --set correct.corrector=gaussian --set evaluate.num=500
     """
-    import torch
+    from .pipelines.correct import CorrectOptions, correct as correct_pipeline
 
-    from .correct import check_correctable, run_invert, run_train_corrector, save_corrected
-    from .evaluate import evaluate_model, pick_features
-    from .recipes import SampleConfig
-    from .runstore import RunStore, atomic_write_text
-    from .ui import note, progress
+    _show_correct(correct_pipeline(model, _options(CorrectOptions, locals())), as_json, quiet)
 
-    from .gates import check_gates, gate_metrics, gate_names, parse_gates
-    from .report import render_report
 
-    tic = time.perf_counter()
-    gates = parse_gates(fail_if, gate_names("correct"))
-    rec = _resolve_recipe(recipe, set_, correct__base_steps=steps, evaluate__features=features,
-                          evaluate__inception_weights=inception_weights)
-    state = _state(rec, device)
-    loaded = _load(model, config, kind, allow_pickle, rec)
-    if loaded.corrector is not None:
-        raise PgraftError(f"{model} is already a corrected model; pass its base model to correct it again")
-    check_correctable(loaded)
-    dev = _device(rec, device, state)
-    loaded.to(dev, getattr(torch, rec.model.dtype))
-    rows, data_id = _real_data(loaded, data, rows=True)  # the inversion reads the rows of its undone shards
-    run_dir = run_dir or _default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
-    show = not (quiet or as_json) and state.is_main_process
-    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
-    with RunStore(run_dir, is_main=state.is_main_process) as store:
-        atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
-        note(f"run directory: {store.root}", quiet=not show)
-        with progress(show) as bar:
-            noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane,
-                                     store, bar)
-            corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
-                                                  store, bar, device=dev)
-            eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
-                                    batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-            real, _ = _real_data(loaded, data)  # streamed into the reference features
-            fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
-            also = {k: v for k, v in refs.items() if k != fid_data}
-            base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
-                                          rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
-            loaded.corrector = corrector.to(dev)
-            corr_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-corrected",
-                                          rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
-            loaded.corrector = None
-        metrics = {"base": base_metrics, "corrected": corr_metrics, "inversion": inv,
-                   "corrector": {k: v for k, v in info.items() if k != "loss_curve"}, "data": data_id,
-                   "fid_data": fid_data}
-        target = out or store.root / "corrected.safetensors"
-        save_corrected(target, corrector, loaded, metrics, rec.to_dict(),
-                       {"run_dir": str(store.root), "device": dev})
-        store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve")})
-    seconds = time.perf_counter() - tic
-    summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(seconds, 2), **metrics}
-    summary["report"] = str(render_report(store.root, run={"verb": "correct", "device": dev, "seconds": round(seconds, 2),
-                                                           "out": str(target)}))
-    results = check_gates(gates, gate_metrics(corr_metrics, base_metrics, inv))
-    if results:
-        summary["gates"] = [r.to_dict() for r in results]
+def _show_correct(outcome: tuple[dict[str, Any], list[Any], dict[str, Any]], as_json: bool, quiet: bool) -> None:
+    summary, results, labels = outcome
     if as_json:
         print(json.dumps(summary, sort_keys=True, default=float))
-        return _gates_verdict(results, quiet=True)
-    if quiet:
-        return _gates_verdict(results, quiet=True)
-    from .ui import fmt_bytes, out as console
+    elif not quiet:
+        from .report.ui import correct_report, out as console
 
-    console.print(_metrics_table(
-        f"inverse noise correction of {loaded.source} ({rec.correct.base_steps} base steps, "
-        f"features {base_metrics['features']}, FID against {fid_data})",
-        [(f"base ({rec.correct.base_steps} steps)", base_metrics),
-         (f"corrected ({corrector.kind}, {corrector.steps} + {rec.correct.base_steps} steps)", corr_metrics)]))
-    console.print(f"inversion: {inv['num']} images, {inv['converged']} converged (every step's residual < "
-                  f"{rec.correct.inversion_tol:g}), {inv['dropped']} dropped (round-trip RMS > "
-                  f"{inv['max_reconstruction_rms']:g} per image); network calls per image mean "
-                  f"{inv['iterations_mean']:.1f}, max {inv['iterations_max']} (cap {inv['iterations_cap']})")
-    console.print(f"  reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} "
-                  f"(max {inv['reconstruction_rms_max']:.4f}); inverted noise mean {inv['noise_mean']:+.3f}, "
-                  f"std {inv['noise_std']:.3f} (N(0, I): 0, 1)")
-    console.print(f"corrector: {info['kind']}, {info['parameters']:,} parameters"
-                  + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else ""))
-    console.print(f"[green]wrote[/green] {target} ({fmt_bytes(target.stat().st_size)}); run {store.root}; "
-                  f"{seconds:.0f}s")
-    console.print(f"report: {summary['report']}")
-    _gates_verdict(results, quiet=False)
+        for part in correct_report(summary, labels):
+            console.print(part)
+        _wrote(summary)
+    _gates_verdict(results, quiet=quiet or as_json)
 
 
 @app.command()
@@ -843,8 +494,8 @@ def evaluate(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected or fine-tuned checkpoint, if not where it was.")] = None,
     tuned_guidance: Annotated[Optional[str], typer.Option("--tuned-guidance", help="A fine-tune's tuned segment: none (unguided) or reapply (guided again); default: the file's choice.")] = None,
     reward: RewardOpt = None,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")] = None,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
     features: FeaturesOpt = None,
     inception_weights: InceptionOpt = None,
     recipe: RecipeOpt = "default",
@@ -872,90 +523,29 @@ def evaluate(
 
       pgraft evaluate ./sd2 --data ./coco-val --inception-weights inception-2015-12-05.pt --prompts p.txt
     """
-    import torch
+    from .pipelines.evaluate import EvaluateOptions, evaluate as evaluate_pipeline
 
-    from .checkpoints import load_model
-    from .evaluate import evaluate_model, pick_features
-    from .recipes import SampleConfig
-    from .runstore import RunStore, atomic_write_text
-    from .gates import check_gates, gate_metrics, gate_names, parse_gates
-    from .report import render_report
-    from .ui import note, progress
-
-    tic = time.perf_counter()
-    gates = parse_gates(fail_if, gate_names("evaluate", reward=bool(reward)))
-    rec = _resolve_recipe(recipe, set_, evaluate__num=num, evaluate__seed=seed, evaluate__steps=steps,
-                          evaluate__features=features, evaluate__inception_weights=inception_weights)
-    state = _state(rec, device)
-    if kind is not None and kind not in ("flow", "diffusion", "auto"):
-        raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
-    loaded = load_model(model, config=config, kind=kind or rec.model.kind, allow_pickle=allow_pickle, base=base)
-    if tuned_guidance is not None:
-        if tuned_guidance not in ("none", "reapply") or not loaded.finetuned:
-            raise PgraftError(f"--tuned-guidance {tuned_guidance}: pass none or reapply, for a fine-tuned file "
-                              f"(pgraft finetune's output); {model} is {'one' if loaded.finetuned else 'not one'}")
-        loaded.tuned_guidance = tuned_guidance
-    from .sample import Conditions, check_conditions
-
-    cond = Conditions(prompts=_prompts(prompt, prompts) or None)
-    check_conditions(loaded, cond)
-    rew = _reward(reward, _device(rec, device, state)) if reward else None
-    dev = _device(rec, device, state)
-    loaded.to(dev, getattr(torch, rec.model.dtype))
-    if loaded.corrector is not None:
-        loaded.corrector.to(dev)
-        if rec.evaluate.steps is not None and rec.evaluate.steps != loaded.corrector.base_steps:
-            raise PgraftError(f"{model} was fitted for {loaded.corrector.base_steps} base steps, not {rec.evaluate.steps}; "
-                              f"pass --steps {loaded.corrector.base_steps} or evaluate the base model")
-    eval_steps = rec.evaluate.steps or (loaded.corrector.base_steps if loaded.corrector is not None else rec.sample.steps)
-    real, data_id = _real_data(loaded, data)  # read batch by batch
-    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
-    eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=eval_steps,
-                            batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-    eval_cfg.guidance_scale = rec.sample.guidance_scale
-    run_dir = run_dir or _default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
-                                                       "steps": eval_steps, "prompts": cond.prompts})
-    show = not (quiet or as_json) and state.is_main_process
-    with RunStore(run_dir, is_main=state.is_main_process) as store:
-        if state.is_main_process:
-            atomic_write_text(store.root / "recipe.toml", dump_recipe(rec))
-        note(f"run directory: {store.root}", quiet=not show)
-        with progress(show) as bar:
-            fid_data, refs = _references(loaded, data, eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
-            metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "sample", rec.evaluate.kid_subsets,
-                                     real_features=refs[fid_data], also_against={k: v for k, v in refs.items() if k != fid_data},
-                                     cond=cond, reward=rew, process_index=state.process_index, num_processes=state.num_processes,
-                                     barrier=state.wait_for_everyone if state.num_processes > 1 else None)
-        if not state.is_main_process:
-            return
-        metrics = {**metrics, "model": loaded.source, "data": data_id, "fid_data": fid_data, "run_dir": str(store.root),
-                   "corrected": loaded.corrector is not None, "finetuned": loaded.finetuned,
-                   "cutoff": loaded.cutoff, "dtype": str(loaded.dtype).removeprefix("torch.")}
-        store.write_json("evaluate.json", metrics)
-    seconds = time.perf_counter() - tic
-    report = render_report(store.root, run={"verb": "evaluate", "device": dev, "seconds": round(seconds, 2)})
-    results = check_gates(gates, gate_metrics(metrics))
+    outcome = evaluate_pipeline(model, _options(EvaluateOptions, locals()))
+    if outcome is None:  # another process of a multi-process run
+        return
+    summary, results = outcome
     if as_json:
-        print(json.dumps({**metrics, "report": str(report), "seconds": round(seconds, 2),
-                          **({"gates": [r.to_dict() for r in results]} if results else {})}, sort_keys=True, default=float))
+        print(json.dumps(summary, sort_keys=True, default=float))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import metrics_table, out as console
 
-        console.print(_metrics_table(f"evaluate {model} against {fid_data} (features {metrics['features']})",
-                                     [(f"{_label(metrics)} ({eval_steps} steps)", metrics)]))
-        if rew is not None:
-            console.print(f"reward {rew.spec}: mean {metrics['reward_mean']:.4f}, std {metrics['reward_std']:.4f}")
-        console.print(f"run {store.root}; {seconds:.0f}s; report: {report}")
+        label = "corrected" if summary["corrected"] else (
+            f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
+        console.print(metrics_table(f"evaluate {model} against {summary['fid_data']} (features {summary['features']})",
+                                    [(f"{label} ({summary['steps']} steps)", summary)]))
+        if summary.get("reward"):
+            console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
+        console.print(f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}")
     _gates_verdict(results, quiet=quiet or as_json)
 
 
-def _label(metrics: dict[str, Any]) -> str:
-    if metrics["corrected"]:
-        return "corrected"
-    return f"fine-tuned (cutoff {metrics['cutoff']})" if metrics["finetuned"] else "base"
-
-
 # ================================================================================================
+# report
 
 
 @app.command()
@@ -974,13 +564,13 @@ def report(
 
       pgraft report pgraft-runs/correct-1a2b3c4d5e6f --open
     """
-    from .report import render_report
+    from .report.html import render_report
 
     path = render_report(run_dir)
     if as_json:
         print(json.dumps({"run_dir": str(run_dir), "report": str(path)}, sort_keys=True))
     elif not quiet:
-        from .ui import out as console
+        from .report.ui import out as console
 
         console.print(f"[green]wrote[/green] {path}")
     if open_:
@@ -988,6 +578,78 @@ def report(
 
         if not webbrowser.open(path.resolve().as_uri()):
             raise PgraftError(f"no web browser could be started; open {path} yourself")
+
+
+# ================================================================================================
+# recipes
+
+recipes_app = typer.Typer(help="The bundled recipes: list them, show one, copy one to edit.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("ls")
+def recipes_ls(as_json: JsonOpt = False) -> None:
+    """List the bundled recipes with their descriptions.
+
+    Example:
+
+      pgraft recipes ls
+    """
+    from .io.recipes import available_recipes, load_recipe
+
+    found = {name: load_recipe(name).description for name in available_recipes()}
+    if as_json:
+        print(json.dumps(found, sort_keys=True))
+        return
+    from rich.table import Table
+
+    from .report.ui import out
+
+    table = Table(title="recipes (pgraft recipes show NAME; pgraft recipes cp NAME my.toml)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, description in found.items():
+        table.add_row(name, description)
+    out.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="A recipe name (pgraft recipes ls) or a .toml path.")]) -> None:
+    """Print a recipe file as it is.
+
+    Example:
+
+      pgraft recipes show pgraft
+    """
+    from .io.recipes import find_recipe
+
+    sys.stdout.write(find_recipe(name).read_text())
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="A recipe name (pgraft recipes ls).")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the copy: a .toml file, or a folder for NAME.toml.")],
+) -> None:
+    """Copy a bundled recipe to edit it; run it with --recipe DEST.
+
+    Example:
+
+      pgraft recipes cp pgraft my-pgraft.toml && pgraft finetune digits --recipe my-pgraft.toml
+    """
+    from .io.recipes import find_recipe
+    from .io.runstore import atomic_write_text
+
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise OutputPathError(f"{target} exists; pass a new file name (pgraft never overwrites a recipe)")
+    if target.suffix != ".toml":
+        raise OutputPathError(f"{target} does not end in .toml; pass e.g. {target.with_suffix('.toml')}")
+    _check_writable(target, "DEST", is_file=True)
+    atomic_write_text(target, source.read_text())
+    print(target)
+
 
 
 # ================================================================================================
@@ -1042,7 +704,7 @@ def main() -> None:
     A :class:`PgraftError` exits with its code (2), a usage error with click's (2), a refused file
     operation with 1; ``--debug`` adds the traceback above the line.
     """
-    from .ui import error_line
+    from .report.ui import error_line
 
     tune_allocator()
     try:

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
 from pgraft_cli.errors import RecipeError
-from pgraft_cli.recipes import Recipe, load_recipe
+from pgraft_cli.io.recipes import Recipe, load_recipe
 
 runner = CliRunner()
 
@@ -208,7 +208,7 @@ def check_cached_equals_fresh(model: Path, verb: str, tmp_path: Path, data: Path
 @pytest.fixture
 def data_files(tmp_path: Path) -> tuple[Path, Path]:
     """A few digits as ``--data``, and the same digits mirrored: other data in every image."""
-    from pgraft_cli.data import load_digits
+    from pgraft_cli.io.data import load_digits
 
     images = load_digits()[0][:32]
     paths = (tmp_path / "digits.npz", tmp_path / "mirrored.npz")
@@ -222,7 +222,7 @@ def tiny_flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pgraft file of a tiny flow UNet on 1 x 16 x 16 images (digits-shaped, many times cheaper)."""
     from conftest import build_tiny_unet
 
-    from pgraft_cli.checkpoints import default_scheduler_config, save_pgraft_safetensors
+    from pgraft_cli.io.checkpoints import default_scheduler_config, save_pgraft_safetensors
 
     unet = build_tiny_unet(channels=1, sample_size=16)
     path = tmp_path_factory.mktemp("tiny-flow") / "tiny-flow.safetensors"
@@ -238,7 +238,7 @@ def fast_runs(monkeypatch: pytest.MonkeyPatch):
     import gc
     import os
 
-    from pgraft_cli import report
+    from pgraft_cli.report import html as report
 
     monkeypatch.setattr(report, "render_report", lambda run_dir, run=None: Path(run_dir) / "report.html")
     monkeypatch.setattr(os, "fsync", lambda fd: None)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pgraft_cli.checkpoints import describe, load_model, read_safetensors_metadata, save_pgraft_safetensors
+from pgraft_cli.io.checkpoints import describe, load_model, read_safetensors_metadata, save_pgraft_safetensors
 from pgraft_cli.errors import ModelLoadError, PgraftError, UnsafeFileError
-from pgraft_cli.samplers import sample
+from pgraft_cli.core.samplers import sample
 
 from conftest import build_scheduler, build_tiny_unet
 
@@ -574,9 +574,9 @@ def test_a_hub_model_is_identified_by_its_snapshot_commit(hub_cache, capfd):
 
 
 def test_model_key_holds_the_weights_of_what_is_composed_with_the_base(tmp_path):
-    from pgraft_cli.checkpoints import model_key
-    from pgraft_cli.correct import NoiseCorrector
-    from pgraft_cli.finetune import add_lora
+    from pgraft_cli.io.checkpoints import model_key
+    from pgraft_cli.models.corrector import NoiseCorrector
+    from pgraft_cli.models.lora import add_lora
 
     model = load_model("digits")
     base = model_key(model)
@@ -597,8 +597,9 @@ def test_model_key_holds_the_weights_of_what_is_composed_with_the_base(tmp_path)
 
 
 def test_a_lora_file_with_missing_adapter_tensors_is_refused(tmp_path):
-    from pgraft_cli.finetune import add_lora, base_info_of, save_finetuned
-    from pgraft_cli.recipes import FinetuneConfig
+    from pgraft_cli.models.lora import add_lora
+    from pgraft_cli.io.checkpoints import base_info_of, save_finetuned
+    from pgraft_cli.io.recipes import FinetuneConfig
 
     model = load_model("digits")
     add_lora(model.network, rank=2, alpha=2)
@@ -618,7 +619,8 @@ def test_a_lora_file_with_missing_adapter_tensors_is_refused(tmp_path):
 
 def corrected_file_of(model, path: Path) -> Path:
     """A Gaussian corrector file made from ``model`` (stores its base's source and identity)."""
-    from pgraft_cli.correct import NoiseCorrector, save_corrected
+    from pgraft_cli.io.checkpoints import save_corrected
+    from pgraft_cli.models.corrector import NoiseCorrector
 
     dim = 1
     for n in model.sample_shape:

@@ -11,17 +11,18 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from pgraft_cli import correct as correct_mod
-from pgraft_cli.checkpoints import load_model
+from pgraft_cli.stages import correct as correct_mod
+from pgraft_cli.io.checkpoints import load_model, save_corrected
 from pgraft_cli.cli import app
-from pgraft_cli.correct import NoiseCorrector, fit_gaussian, run_invert, run_train_corrector
-from pgraft_cli.data import load_digits
+from pgraft_cli.models.corrector import NoiseCorrector, fit_gaussian
+from pgraft_cli.stages.correct import run_invert, run_train_corrector
+from pgraft_cli.io.data import load_digits
 from pgraft_cli.errors import PgraftError
-from pgraft_cli.models import Cond
-from pgraft_cli.recipes import load_recipe
-from pgraft_cli.runstore import RunStore
-from pgraft_cli.samplers import NoiseSchedule, invert, sample
-from pgraft_cli.ui import progress
+from pgraft_cli.models.loaded import Cond
+from pgraft_cli.io.recipes import load_recipe
+from pgraft_cli.io.runstore import RunStore
+from pgraft_cli.core.samplers import NoiseSchedule, invert, sample
+from pgraft_cli.report.ui import progress
 
 runner = CliRunner()
 # A shrunk inverse-noise recipe: few images, steps and training steps (the real defaults run minutes).
@@ -142,7 +143,7 @@ def test_full_covariance_gaussian_is_refused_with_no_more_images_than_dimensions
 
 
 def test_diagonal_gaussian_corrector_fits_saves_loads_and_counts_flops(tmp_path):
-    from pgraft_cli.evaluate import flops_per_image
+    from pgraft_cli.stages.evaluate import flops_per_image
 
     g = torch.Generator().manual_seed(0)
     noises = 0.5 + 2.0 * torch.randn(4000, 1, 16, 16, generator=g)  # fewer images than the 256^2 a full fit needs
@@ -154,7 +155,7 @@ def test_diagonal_gaussian_corrector_fits_saves_loads_and_counts_flops(tmp_path)
     e = torch.randn(3, 1, 16, 16, generator=g)
     torch.testing.assert_close(corrector(e), corrector.mean.reshape(1, 1, 16, 16) + corrector.std.reshape(1, 1, 16, 16) * e)
     base = load_model("digits")
-    out = correct_mod.save_corrected(tmp_path / "diag.safetensors", corrector, base, {}, {})
+    out = save_corrected(tmp_path / "diag.safetensors", corrector, base, {}, {})
     loaded = load_model(str(out))
     assert loaded.corrector.kind == "gaussian-diag"
     torch.testing.assert_close(loaded.corrector(e), corrector(e))
@@ -173,8 +174,8 @@ def _untrained_flow_corrector(base_steps: int = 4) -> NoiseCorrector:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_corrector_composes_with_a_half_precision_base_model(dtype):
-    from pgraft_cli.sample import initial_noise
-    from pgraft_cli.samplers import sample as run_sampler
+    from pgraft_cli.stages.sample import initial_noise
+    from pgraft_cli.core.samplers import sample as run_sampler
 
     model = load_model("digits")
     model.corrector = _untrained_flow_corrector()
@@ -312,7 +313,7 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
 
     # a base that is not the one the corrector was fitted for is refused with one line
     other = tmp_path / "other.safetensors"
-    from pgraft_cli.checkpoints import save_pgraft_safetensors
+    from pgraft_cli.io.checkpoints import save_pgraft_safetensors
 
     m = load_model("digits")
     state = {k: v + 0.01 for k, v in m.network.state_dict().items()}
@@ -324,9 +325,9 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
 
 
 def _invert_shard_digits(dtype: torch.dtype, num: int = 32) -> dict:
-    from pgraft_cli.correct import _invert_shard
-    from pgraft_cli.data import load_data
-    from pgraft_cli.recipes import CorrectConfig
+    from pgraft_cli.stages.correct import _invert_shard
+    from pgraft_cli.io.data import load_data
+    from pgraft_cli.io.recipes import CorrectConfig
 
     model = load_model("digits").to("cpu", dtype)
     x = load_data("digits-train", model.image_shape)[:num] * 2 - 1
@@ -339,7 +340,7 @@ def test_inversion_at_the_recipe_defaults_converges_for_most_images_and_bf16_sta
     converge. In bf16 the network's own rounding sets a residual floor near that tolerance
     (measured: median 2.4e-3 against 1.9e-3 in float32), so few bf16 images pass ``tol``; the solver
     still iterates in float32 and the round trip, which the gate judges, stays well inside it."""
-    from pgraft_cli.recipes import CorrectConfig
+    from pgraft_cli.io.recipes import CorrectConfig
 
     cfg = CorrectConfig()
     f32, bf16 = _invert_shard_digits(torch.float32), _invert_shard_digits(torch.bfloat16)
@@ -372,7 +373,7 @@ def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_b
     shard, and the noises and stats equal those of the whole tensor, bit for bit."""
     from safetensors.torch import load_file
 
-    from pgraft_cli.data import DataRows
+    from pgraft_cli.io.data import DataRows
 
     rec = load_recipe("inverse-noise", ["correct.base_steps=4", "correct.invert_shard_size=8"])
     model = load_model("digits")
@@ -403,7 +404,7 @@ def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, monkeypatch)
     of the 300-image file holds more than a 256-image batch (inversion shards are 64)."""
     from safetensors.torch import save_file
 
-    import pgraft_cli.data as data_mod
+    import pgraft_cli.io.data as data_mod
 
     path = tmp_path / "digits.safetensors"
     save_file({"images": load_digits(split="train")[0][:300].contiguous()}, str(path))

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 import torch
 
-from pgraft_cli.data import ALIASES, digits_split, load_data, load_digits
+from pgraft_cli.io.data import ALIASES, digits_split, load_data, load_digits
 from pgraft_cli.errors import PgraftError
 
 
@@ -61,7 +61,7 @@ def test_iter_data_streams_the_same_images_as_load_data(tmp_path):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from pgraft_cli.data import iter_data
+    from pgraft_cli.io.data import iter_data
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -10,19 +10,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pgraft_cli.checkpoints import load_model
+from pgraft_cli.io.checkpoints import load_model
 from pgraft_cli.cli import app
-from pgraft_cli.data import load_digits
-from pgraft_cli.evaluate import CLASSIFIER_PATH, JUDGE_PATH, classifier_features, distances, pick_features
-from pgraft_cli.nets import load_classifier
-from pgraft_cli.rewards import parse_reward
-from pgraft_cli.sample import load_images
+from pgraft_cli.io.data import load_digits
+from pgraft_cli.stages.evaluate import CLASSIFIER_PATH, JUDGE_PATH, classifier_features, pick_features
+from pgraft_cli.core.metrics import distances
+from pgraft_cli.io.checkpoints import load_classifier
+from pgraft_cli.stages.rewards import parse_reward
+from pgraft_cli.stages.sample import load_images
 
 runner = CliRunner()
 
 
 def _provenance(path) -> dict:
-    from pgraft_cli.checkpoints import read_safetensors_metadata
+    from pgraft_cli.io.checkpoints import read_safetensors_metadata
 
     return json.loads(read_safetensors_metadata(path)["pgraft.provenance"])
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pgraft_cli.data import load_digits
+from pgraft_cli.io.data import load_digits
 from pgraft_cli.errors import PgraftError
-from pgraft_cli.evaluate import (KID_SUBSETS, FidKid, classifier_features, distances, inception_input,
-                                 measure_flops)
+from pgraft_cli.core.metrics import KID_SUBSETS, FidKid, distances, measure_flops
+from pgraft_cli.stages.evaluate import classifier_features, inception_input
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_kid_is_near_zero_for_one_distribution_and_reproducible():
 
 
 def test_kid_uses_100_subsets_by_default_like_clean_fid():
-    from pgraft_cli.recipes import EvaluateConfig
+    from pgraft_cli.io.recipes import EvaluateConfig
 
     assert KID_SUBSETS == 100 and FidKid(4).kid.subsets == 100 and EvaluateConfig().kid_subsets == 100
 
@@ -155,13 +155,13 @@ def test_pgraft_feature_extractors_are_torchmetrics_feature_modules():
 
 def test_evaluate_model_streams_shards_and_matches_features_of_all_images(tmp_path):
     """FID/KID from shard-by-shard updates and batched real data equal those of the whole sets."""
-    from pgraft_cli.checkpoints import load_model
-    from pgraft_cli.data import iter_data, load_data
-    from pgraft_cli.evaluate import evaluate_model
-    from pgraft_cli.recipes import SampleConfig
-    from pgraft_cli.runstore import RunStore
-    from pgraft_cli.sample import load_images
-    from pgraft_cli.ui import progress
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.data import iter_data, load_data
+    from pgraft_cli.stages.evaluate import evaluate_model
+    from pgraft_cli.io.recipes import SampleConfig
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.stages.sample import load_images
+    from pgraft_cli.report.ui import progress
 
     model, feats = load_model("digits"), classifier_features()
     cfg = SampleConfig(num=70, seed=3, steps=2, batch_size=16, lane=8)
@@ -185,7 +185,7 @@ def test_evaluate_with_one_sample_is_one_error_line(tmp_path):
 
 def test_both_inception_paths_clamp_after_the_resize(monkeypatch):
     """Bicubic resizing of a hard edge overshoots [0, 255]; Inception must see the clamped values."""
-    from pgraft_cli.evaluate import inception_features
+    from pgraft_cli.stages.evaluate import inception_features
 
     edge = torch.zeros(2, 1, 8, 8)
     edge[:, :, :, 4:] = 1.0
@@ -220,9 +220,9 @@ def test_flops_of_a_conv_layer_match_the_hand_count():
 
 
 def test_flops_count_the_network_that_runs_at_each_step():
-    from pgraft_cli.checkpoints import load_model
-    from pgraft_cli.evaluate import flops_per_image
-    from pgraft_cli.finetune import add_lora
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.stages.evaluate import flops_per_image
+    from pgraft_cli.models.lora import add_lora
 
     model = load_model("digits")
     base = flops_per_image(model, 8)
@@ -238,8 +238,8 @@ def test_flops_count_the_network_that_runs_at_each_step():
 
 
 def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tiny_sd_dir):
-    from pgraft_cli.checkpoints import load_model
-    from pgraft_cli.evaluate import flops_per_image
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.stages.evaluate import flops_per_image
 
     model = load_model(str(tiny_sd_dir))
     plain = flops_per_image(model, 3, guidance_scale=1.0)
@@ -252,8 +252,8 @@ def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tin
 
 
 def test_flops_of_a_latent_text_model_include_the_vae_decoder_and_text_encoders(tiny_sd_dir):
-    from pgraft_cli.checkpoints import load_model
-    from pgraft_cli.evaluate import flops_per_image
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.stages.evaluate import flops_per_image
 
     model = load_model(str(tiny_sd_dir))
     out = flops_per_image(model, 4, guidance_scale=3.0)
@@ -282,7 +282,7 @@ class _TinyInception(torch.nn.Module):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # clean-fid ships TorchScript; torch deprecates it
 def test_inception_features_from_a_local_torchscript_file(tmp_path):
     from pgraft_cli.errors import PgraftError
-    from pgraft_cli.evaluate import pick_features
+    from pgraft_cli.stages.evaluate import pick_features
 
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.save(torch.jit.script(_TinyInception()), str(path))
@@ -298,8 +298,8 @@ def test_inception_features_from_a_local_torchscript_file(tmp_path):
 
 def test_a_reference_from_images_batches_or_features_gives_bit_identical_fid():
     """Every route to the reference (a tensor, iter_data's batches, a feature matrix) gives the same bits."""
-    from pgraft_cli.data import iter_data, load_data
-    from pgraft_cli.evaluate import reference
+    from pgraft_cli.io.data import iter_data, load_data
+    from pgraft_cli.stages.evaluate import reference
 
     feats = classifier_features()
     real = load_data("digits", (1, 16, 16))
@@ -314,8 +314,8 @@ def test_a_reference_from_images_batches_or_features_gives_bit_identical_fid():
 
 def test_auto_features_avoid_the_reward_being_optimised():
     """FID of a fine-tune that optimises the bundled classifier is measured in the judge's features."""
-    from pgraft_cli.evaluate import pick_features
-    from pgraft_cli.rewards import parse_reward
+    from pgraft_cli.stages.evaluate import pick_features
+    from pgraft_cli.stages.rewards import parse_reward
 
     shape = (1, 16, 16)
     assert pick_features("auto", shape, None).name.startswith("classifier:digits-classifier")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pgraft_cli.finetune import intermediate_target, training_times
-from pgraft_cli.samplers import NoiseSchedule
+from pgraft_cli.core.losses import intermediate_target, training_times
+from pgraft_cli.core.samplers import NoiseSchedule
 
 
 def _fit_linear(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -105,13 +105,15 @@ def test_training_times_lie_strictly_above_the_cutoff(family):
 # The composed model and the training stage
 
 
-from pgraft_cli.checkpoints import load_model  # noqa: E402
-from pgraft_cli.finetune import KeptSet, add_lora, base_only, run_finetune  # noqa: E402
-from pgraft_cli.models import Cond  # noqa: E402
-from pgraft_cli.recipes import FinetuneConfig  # noqa: E402
-from pgraft_cli.runstore import RunStore  # noqa: E402
-from pgraft_cli.samplers import sample  # noqa: E402
-from pgraft_cli.ui import progress  # noqa: E402
+from pgraft_cli.io.checkpoints import load_model  # noqa: E402
+from pgraft_cli.stages.finetune import KeptSet, run_finetune  # noqa: E402
+from pgraft_cli.models.lora import add_lora  # noqa: E402
+from pgraft_cli.models.loaded import base_only  # noqa: E402
+from pgraft_cli.models.loaded import Cond  # noqa: E402
+from pgraft_cli.io.recipes import FinetuneConfig  # noqa: E402
+from pgraft_cli.io.runstore import RunStore  # noqa: E402
+from pgraft_cli.core.samplers import sample  # noqa: E402
+from pgraft_cli.report.ui import progress  # noqa: E402
 
 
 def _sample(model, noise, steps=6):
@@ -235,7 +237,7 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_the_hand_over_happens_at_the_captured_state_even_when_a_grid_time_rounds_onto_the_cutoff(shift):
-    from pgraft_cli.samplers import above_cutoff
+    from pgraft_cli.core.samplers import above_cutoff
 
     sched = NoiseSchedule.flow(shift=shift)
     for steps in range(1, 41):
@@ -250,7 +252,7 @@ def test_the_hand_over_happens_at_the_captured_state_even_when_a_grid_time_round
 def test_top_k_groups_are_runs_of_m_samples_of_one_class(tmp_path):
     from safetensors.torch import save_file
 
-    from pgraft_cli.filter import sample_groups
+    from pgraft_cli.stages.filter import sample_groups
 
     (tmp_path / "sample").mkdir()
     idx = torch.arange(12)
@@ -265,9 +267,9 @@ def test_top_k_groups_are_runs_of_m_samples_of_one_class(tmp_path):
 
 def test_a_sample_count_that_does_not_fill_groups_fails_before_sampling(tmp_path):
     from pgraft_cli.errors import PgraftError
-    from pgraft_cli.finetune import run_rounds
-    from pgraft_cli.recipes import load_recipe
-    from pgraft_cli.sample import Conditions
+    from pgraft_cli.stages.finetune import run_rounds
+    from pgraft_cli.io.recipes import load_recipe
+    from pgraft_cli.stages.sample import Conditions
 
     rec = load_recipe("pgraft", ["sample.num=30", "filter.m=4"])
     with RunStore(tmp_path / "r") as store, progress(False) as bar, pytest.raises(PgraftError, match="sample.num=32"):
@@ -314,7 +316,7 @@ def test_unguided_tuned_segment_makes_one_conditional_call_per_step(tiny_sd_dir)
 
 
 def test_flops_count_one_call_per_tuned_step_without_guidance_and_two_when_reapplied(tiny_sd_dir):
-    from pgraft_cli.evaluate import flops_per_image
+    from pgraft_cli.stages.evaluate import flops_per_image
 
     parts = {g: flops_per_image(_composed_text_model(tiny_sd_dir, g), 4, 3.0)["flops_calls"] for g in ("none", "reapply")}
     assert parts["none"]["tuned_steps"] == parts["reapply"]["tuned_steps"] == 2
@@ -347,7 +349,7 @@ def test_reapplied_guidance_reproduces_the_guided_composed_sampler_bit_for_bit(t
 
 
 def _null_class_model(tmp_path):
-    from pgraft_cli.checkpoints import save_pgraft_safetensors
+    from pgraft_cli.io.checkpoints import save_pgraft_safetensors
 
     from conftest import build_scheduler, build_tiny_unet
 
@@ -376,7 +378,7 @@ def test_a_null_class_that_is_not_the_last_class_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from pgraft_cli.errors import ModelLoadError
-    from pgraft_cli.checkpoints import read_safetensors_metadata
+    from pgraft_cli.io.checkpoints import read_safetensors_metadata
 
     path = _null_class_model(tmp_path)
     meta = {**read_safetensors_metadata(path), "pgraft.null_class": "1"}
@@ -387,7 +389,9 @@ def test_a_null_class_that_is_not_the_last_class_is_refused(tmp_path):
 
 @pytest.mark.parametrize("tuned_guidance", ["none", "reapply"])
 def test_the_tuned_guidance_round_trips_through_the_finetuned_file(tmp_path, tuned_guidance):
-    from pgraft_cli.finetune import base_info_of, prepare_tuning, save_finetuned, tuned_identity
+    from pgraft_cli.io.checkpoints import base_info_of, save_finetuned
+    from pgraft_cli.stages.finetune import prepare_tuning
+    from pgraft_cli.models.loaded import tuned_identity
 
     model = load_model("digits")
     cfg = FinetuneConfig(cutoff=0.5, tuned_guidance=tuned_guidance)
@@ -407,8 +411,9 @@ def test_a_finetuned_file_without_the_key_reapplies_guidance_as_before(tmp_path)
 
     from safetensors.torch import load_file, save_file
 
-    from pgraft_cli.checkpoints import read_safetensors_metadata
-    from pgraft_cli.finetune import base_info_of, prepare_tuning, save_finetuned
+    from pgraft_cli.io.checkpoints import read_safetensors_metadata
+    from pgraft_cli.io.checkpoints import base_info_of, save_finetuned
+    from pgraft_cli.stages.finetune import prepare_tuning
 
     model = load_model("digits")
     cfg = FinetuneConfig(cutoff=0.5)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from pgraft_cli.checkpoints import load_model
+from pgraft_cli.io.checkpoints import load_model
 from pgraft_cli.cli import app
 from pgraft_cli.errors import PgraftError
 
@@ -50,11 +50,11 @@ def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
                  "evaluate-base", "evaluate-tuned"):
         assert stages.get(name), name
     # P-GRAFT samples carry the state at the cutoff and its time
-    from pgraft_cli.sample import iter_shards
+    from pgraft_cli.io.runstore import iter_shards
 
     shard = next(iter_shards(run, "sample"))
     assert shard["captured"].shape == shard["samples"].shape and float(shard["captured_t"][0]) == 0.5
-    from pgraft_cli.sample import initial_noise
+    from pgraft_cli.stages.sample import initial_noise
 
     first = int(shard["index"][0])  # each trajectory's seed regenerates its initial noise
     g = torch.Generator().manual_seed(int(shard["noise_seed"][0]))
@@ -111,8 +111,8 @@ def test_stage_verbs_sample_score_filter_on_a_run_directory(tmp_path):
     assert sum(f["histogram_before"]) == 32 and sum(f["histogram_after"]) == 8
     t = _json(runner.invoke(app, ["filter", str(run), "--rule", "threshold", "--quantile", "0.5", "--json"]))
     # kept: every reward at or above the median (JPEG sizes tie, so possibly more than half)
-    from pgraft_cli.score import load_rewards
-    from pgraft_cli.selection import threshold_value
+    from pgraft_cli.stages.score import load_rewards
+    from pgraft_cli.core.selection import threshold_value
 
     rewards = load_rewards(run, "score")[1]
     expected = int((rewards >= threshold_value(rewards, value=None, quantile=0.5)).sum())
@@ -193,8 +193,8 @@ def test_finetune_streams_its_fid_reference_and_never_loads_the_whole_data_set(t
     """`--data` only feeds the FID reference: read in batches of at most 256 images, `load_data` never."""
     from safetensors.torch import save_file
 
-    import pgraft_cli.data as data_mod
-    from pgraft_cli.data import load_digits
+    import pgraft_cli.io.data as data_mod
+    from pgraft_cli.io.data import load_digits
 
     path = tmp_path / "digits.safetensors"
     save_file({"images": load_digits(split="train")[0][:300].contiguous()}, str(path))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
 from pgraft_cli.errors import PgraftError
-from pgraft_cli.gates import check_gates, gate_metrics, gate_names, parse_gate, parse_gates
+from pgraft_cli.report.gates import check_gates, gate_metrics, gate_names, parse_gate, parse_gates
 
 runner = CliRunner()
 

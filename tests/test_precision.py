@@ -13,9 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pgraft_cli.checkpoints import load_model
+from pgraft_cli.io.checkpoints import load_model
 from pgraft_cli.cli import app
-from pgraft_cli.models import Cond
+from pgraft_cli.models.loaded import Cond
 
 runner = CliRunner()
 HALF = ("bfloat16", "float16")
@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_sample_in_half_precision_is_close_to_float32(dtype, runs):
-    from pgraft_cli.sample import stage_tensors
+    from pgraft_cli.io.runstore import stage_tensors
 
     args = ["sample", "digits", "--num", "16", "--steps", "4"]
     ref, half = runs(args, "sample", "float32"), runs(args, "sample", dtype)

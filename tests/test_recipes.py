@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from pgraft_cli.errors import RecipeError
-from pgraft_cli.recipes import (SECTIONS, Recipe, available_recipes, dump_recipe, find_recipe, load_recipe,
-                                parse_override, recipe_dirs, recipe_from_dict)
+from pgraft_cli.io.recipes import (SECTIONS, Recipe, available_recipes, dump_recipe, find_recipe, load_recipe,
+                                parse_override, recipe_dirs, recipe_from_dict, tomllib)
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = sorted((REPO / "recipes").glob("*.toml"))
@@ -346,3 +346,31 @@ def test_cli_writes_the_resolved_recipe(tmp_path):
     expected = load_recipe("default", ["sample.num=16", "sample.steps=2", "sample.batch_size=16"])
     assert recipe == expected
     assert written == dump_recipe(expected)
+
+
+def test_recipes_ls_show_and_cp_list_print_and_copy_the_bundled_recipes(tmp_path):
+    listed = json.loads(cli("recipes", "ls", "--json", cwd=tmp_path).stdout)
+    assert listed == {p.stem: load_recipe(p.stem).description for p in BUNDLED} and all(listed.values())
+    shown = cli("recipes", "show", "pgraft", cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout == (REPO / "recipes" / "pgraft.toml").read_text()
+    copied = cli("recipes", "cp", "pgraft", "mine.toml", cwd=tmp_path)
+    assert copied.returncode == 0 and (tmp_path / "mine.toml").read_bytes() == (REPO / "recipes" / "pgraft.toml").read_bytes()
+    assert load_recipe(str(tmp_path / "mine.toml")) == load_recipe("pgraft")
+    again = cli("recipes", "cp", "pgraft", "mine.toml", cwd=tmp_path)  # never overwrites an edited copy
+    assert again.returncode == 2 and again.stderr.count("error:") == 1 and "mine.toml exists" in again.stderr
+    (tmp_path / "into").mkdir()
+    assert cli("recipes", "cp", "graft", "into", cwd=tmp_path).returncode == 0 and (tmp_path / "into" / "graft.toml").is_file()
+
+
+def test_run_refuses_a_stage_list_it_has_no_pipeline_for_in_one_line(tmp_path):
+    result = cli("run", "digits", "--set", 'run.stages=["sample", "score"]', cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1
+    assert "lists stages ['sample', 'score']" in result.stderr and not (tmp_path / "pgraft-runs").exists()
+
+
+def test_run_with_the_default_recipe_is_the_sample_pipeline(tmp_path):
+    sets = ["--set", "sample.num=4", "--set", "sample.steps=2"]
+    ran = json.loads(cli("run", "digits", *sets, "--json", cwd=tmp_path).stdout)
+    sampled = json.loads(cli("sample", "digits", *sets, "--json", cwd=tmp_path).stdout)
+    assert ran["run_dir"] == sampled["run_dir"] and ran["generated_now"] == 4 and sampled["generated_now"] == 0
+    assert sorted(p.name for p in Path(tmp_path, ran["out"]).glob("*.png")) == [f"{i:05d}.png" for i in range(4)]

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TOKENIZER_MAX_LENGTH, TOKENIZER_VOCAB, write_tiny_clip_tokenizer_files
 from pgraft_cli.errors import PgraftError
-from pgraft_cli.rewards import Reward, RewardError, available_rewards, jpeg_size_kb, parse_reward
+from pgraft_cli.stages.rewards import Reward, RewardError, available_rewards, jpeg_size_kb, parse_reward
 
 PROMPTS = ["a cat", "a dog on a mat", "cat", "a red cat and a dog"]
 
@@ -99,7 +99,7 @@ def test_bad_inputs_are_reward_errors():
 
 @pytest.fixture(scope="module")
 def digits():
-    from pgraft_cli.data import load_digits
+    from pgraft_cli.io.data import load_digits
 
     images, labels = load_digits()
     return images[:400], labels[:400]
@@ -133,7 +133,7 @@ def test_classifier_reads_rgb_and_other_sizes(digits):
 
 
 def test_classifier_from_a_path_and_batching(digits):
-    from pgraft_cli.evaluate import CLASSIFIER_PATH
+    from pgraft_cli.stages.evaluate import CLASSIFIER_PATH
 
     images = digits[0][:70]
     one = parse_reward(f"classifier:{CLASSIFIER_PATH}:7")(images)
@@ -387,7 +387,7 @@ def test_vqascore_matches_a_direct_computation(llava_dir):
 
 def test_yes_token_ids_sums_distinct_single_token_spellings():
     """BPE tokenizers spell "Yes" and " Yes" as two tokens (both counted); multi-token spellings are not."""
-    from pgraft_cli.rewards import _yes_token_ids
+    from pgraft_cli.stages.rewards import _yes_token_ids
 
     class Fake:
         unk_token_id = 0

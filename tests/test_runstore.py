@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pgraft_cli.errors import RunLockedError, RunStoreError
-from pgraft_cli.runstore import (MANIFEST, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
-                                 content_key, sha256_file, stage_key, state_digest, tensor_digest)
+from pgraft_cli.io.runstore import (MANIFEST, Dist, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
+                                 content_key, sha256_file, stage_key, stage_tensors, state_digest, tensor_digest)
 
 # One torch thread per process: on a small, busy CPU, two threads per process fight over the cores and
 # sampling gets ten times slower. Every run of a comparison gets the same setting.
@@ -329,7 +329,7 @@ def test_run_dir_that_is_a_file(tmp_path):
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from pgraft_cli.runstore import RunStore
+    from pgraft_cli.io.runstore import RunStore
     store = RunStore(sys.argv[1]).__enter__()
     print("locked", flush=True)
     time.sleep(120)
@@ -520,3 +520,36 @@ def test_status_human_table(tmp_path):
     result = cli("status", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "sample" in result.stdout and "partial" in result.stdout and "1/4" in result.stdout
+
+
+def test_run_sharded_splits_shards_over_processes_and_resumes_only_missing_ones(tmp_path):
+    import torch
+
+    calls: list[tuple[int, int]] = []
+
+    def work(rank):
+        def shard(k):
+            calls.append((rank, k))
+            return {"index": torch.arange(3 * k, 3 * k + 3), "value": torch.full((3,), float(k))}
+        return shard
+
+    config, inputs = {"n": 5}, {"data": "x"}
+    with RunStore(tmp_path / "run") as store:
+        store.stage("demo", config, inputs, 5)  # the main process opens the stage before the others start
+        other = RunStore(tmp_path / "run", is_main=False)  # process 1 of 2: writes its shards, finishes nothing
+        assert not other.run_sharded("demo", config, inputs, 5, work(1), Dist(1, 2)).done
+        assert calls == [(1, 1), (1, 3)]
+        (store.root / "demo" / "shard-00001.safetensors").unlink()  # process 1's shard 1 got lost
+        with pytest.raises(RunStoreError, match=r"shards \[1\] of the demo stage are missing"):
+            store.run_sharded("demo", config, inputs, 5, work(0), Dist(0, 2))
+        assert calls[2:] == [(0, 0), (0, 2), (0, 4)]
+        calls.clear()
+        done = []
+        stage = store.run_sharded("demo", config, inputs, 5, work(0), todo=done.extend,
+                                  outputs=lambda s: [store.write_json("demo/extra.json", {"ok": True})])
+        assert stage.done and done == [1] and calls == [(0, 1)]  # only the lost shard is redone
+        assert "demo/extra.json" in store.read_manifest()["stages"]["demo"]["outputs"]
+        calls.clear()
+        assert store.run_sharded("demo", config, inputs, 5, work(0)).done and calls == []
+    found = stage_tensors(tmp_path / "run", "demo", "index", "value")
+    assert found["index"].tolist() == list(range(15)) and found["value"].tolist() == [k for k in range(5) for _ in range(3)]

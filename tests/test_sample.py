@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
-from pgraft_cli.sample import noise_seed
+from pgraft_cli.stages.sample import noise_seed
 
 runner = CliRunner()
 
@@ -143,7 +143,8 @@ def test_stage_readers_read_only_the_keys_and_rows_asked_for(tmp_path):
     """Streaming readers: one shard at a time, only the named keys, only the wanted rows."""
     import torch
 
-    from pgraft_cli.sample import iter_images, iter_shards, load_images, stage_rows, stage_tensors
+    from pgraft_cli.stages.sample import iter_images, load_images
+    from pgraft_cli.io.runstore import iter_shards, stage_rows, stage_tensors
 
     run = tmp_path / "run"
     sample(tmp_path, "rows", "--num", "37", "--steps", "2", "--batch-size", "16", "--capture-at", "0.5",

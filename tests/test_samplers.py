@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgraft_cli.samplers import NoiseSchedule, invert, sample
+from pgraft_cli.core.samplers import NoiseSchedule, invert, sample
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 
@@ -150,3 +150,17 @@ def test_invert_stops_each_image_on_its_own_residual():
     assert min(seen) == 2 and torch.equal(z[:2], y[:2])
     back, _ = sample(fn, schedule, z, schedule.grid(3))
     torch.testing.assert_close(back, y, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", [NoiseSchedule.flow(), NoiseSchedule.diffusion("epsilon"),
+                                      NoiseSchedule.diffusion(beta_schedule="squaredcos_cap_v2")])
+def test_the_kernel_from_c_composes_with_the_marginal_at_c_into_the_marginal_at_t(schedule):
+    """x_c = alpha_c x0 + sigma_c e' and x_t = a x_c + sqrt(s2) e give x_t = alpha_t x0 + sigma_t e'':
+    ``a alpha_c = alpha_t`` and ``a^2 sigma_c^2 + s2 = sigma_t^2``, with ``s2 = 0`` at ``t = c``."""
+    c = torch.tensor([0.1, 0.3, 0.5, 0.7], dtype=torch.float64)
+    t = c + (1 - c) * torch.tensor([0.9, 0.5, 0.2, 0.0], dtype=torch.float64)
+    a, s2 = schedule.kernel(t, c)
+    (alpha_c, sigma_c), (alpha_t, sigma_t) = schedule.alpha_sigma(c), schedule.alpha_sigma(t)
+    torch.testing.assert_close(a * alpha_c, alpha_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a**2 * sigma_c**2 + s2, sigma_t**2, rtol=1e-12, atol=1e-12)
+    assert abs(float(s2[-1])) < 1e-12 and bool((s2[:-1] > 0).all())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pgraft_cli.errors import PgraftError
-from pgraft_cli.selection import (
+from pgraft_cli.core.selection import (
     acceptance_probability,
     deduplicate,
     empirical_cdf,

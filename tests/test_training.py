@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pgraft_cli.training import ema_decay, ema_update_
+from pgraft_cli.core.training import ema_decay, ema_update_
 
 
 def test_ema_warm_up_leaves_almost_nothing_of_the_initial_weights():

@@ -3,7 +3,7 @@
     python -m pgraft_cli.demo.train            # writes pgraft_cli/assets/*.safetensors
 
 - ``digits-flow.safetensors``: a rectified-flow diffusers ``UNet2DModel`` (about 1.2M parameters,
-  16x16 grey), trained on ``digits-train`` (see ``pgraft_cli.data.digits_split``) with the
+  16x16 grey), trained on ``digits-train`` (see ``pgraft_cli.io.data.digits_split``) with the
   flow-matching loss ``|v(x_t, t) - (e - x_0)|^2`` for a deliberately modest number of steps so that
   correction and fine-tuning have room to help. Its default data is ``digits-train`` (what
   ``pgraft correct digits`` inverts), its default evaluation data the held-out ``digits-test``.
@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import ASSETS, save_pgraft_safetensors
-from ..data import load_digits
-from ..nets import ClassifierConfig, DigitsClassifier, save_classifier
+from ..io.checkpoints import ASSETS, save_pgraft_safetensors
+from ..io.data import load_digits
+from ..models.nets import ClassifierConfig, DigitsClassifier
+from ..io.checkpoints import save_classifier
 
 FLOW_CONFIG = {
     "sample_size": 16,

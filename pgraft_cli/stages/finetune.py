@@ -15,94 +15,21 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoints import model_key
-from .errors import PgraftError
-from .models import Cond, LoadedModel, set_lora_enabled
-from .recipes import FinetuneConfig
-from .runstore import RunStore, content_key, derive_seed, load_training_state, save_training_state
-from .samplers import NoiseSchedule, _rows
-from .training import ema_decay, ema_update_
+from ..core.losses import finetune_loss, intermediate_target, kernel_weight, training_times
+from ..errors import PgraftError
+from ..io.checkpoints import model_key
+from ..io.recipes import FinetuneConfig
+from ..io.runstore import RunStore, atomic_path, content_key, derive_seed, stage_rows
+from ..models.loaded import Cond, LoadedModel, base_only, tuned_identity
+from ..models.lora import add_lora, lora_state, set_lora_enabled, set_lora_state
+from .train_loop import LoopConfig, Training, train
 
 STAGE = "finetune"
-LORA_ADAPTER = "pgraft"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj",
-                "ff.net.2", "time_emb_proj"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The maths
-
-
-def intermediate_target(schedule: NoiseSchedule, y: Tensor, e: Tensor, t: Tensor, c: Tensor | float
-                        ) -> tuple[Tensor, Tensor]:
-    """``(x_t, target)`` for kept states ``y`` at time ``c``, noise ``e`` and times ``t > c`` (per row).
-
-    Flow: ``x_t = a y + s e`` with ``a = (1 - t)/(1 - c)``, ``s^2 = t^2 - a^2 c^2``; the conditional
-    score is ``-e / s`` and ``v = -(x + t score)/(1 - t)``, which simplifies to the form stable at
-    ``t = 1``: ``v* = e (t + (1 - t) c^2 / (1 - c)^2) / s - y / (1 - c)`` (``e - y`` at ``c = 0``).
-    Diffusion: ``a = sqrt(abar_t / abar_c)``, ``s^2 = 1 - a^2``, ``e* = sqrt(1 - abar_t) e / s``, and
-    ``x0* = (x_t - sqrt(1 - abar_t) e*) / sqrt(abar_t)``, converted to the model's prediction type.
-    """
-    t = torch.as_tensor(t, dtype=torch.float64)
-    c = torch.as_tensor(c, dtype=torch.float64).expand_as(t)
-    if schedule.family == "flow":
-        a = (1 - t) / (1 - c)
-        s = (t**2 - a**2 * c**2).clamp_min(1e-12).sqrt()
-        coef = (t + (1 - t) * c**2 / (1 - c) ** 2) / s
-        a_, s_, coef_, inv = (_rows(v, y) for v in (a, s, coef, 1 / (1 - c)))
-        return a_ * y + s_ * e, coef_ * e - inv * y
-    a_t, s_t = schedule.alpha_sigma(t)
-    a_c, _ = schedule.alpha_sigma(c)
-    a = a_t / a_c
-    s = (1 - a**2).clamp_min(1e-12).sqrt()
-    a_, s_, at_, st_ = (_rows(v, y) for v in (a, s, a_t, s_t))
-    x_t = a_ * y + s_ * e
-    eps = st_ * e / s_
-    x0 = (x_t - st_ * eps) / at_
-    return x_t, schedule.from_x0_eps(x_t, x0, eps, t)
-
-
-def training_times(schedule: NoiseSchedule, n: int, cutoff: float, generator: torch.Generator) -> Tensor:
-    """``n`` times uniform on ``(cutoff, 1]`` (diffusion: integer timesteps above ``cutoff * T``)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    if schedule.family == "flow":
-        return cutoff + (1 - cutoff) * (1 - u)
-    T = schedule.num_train_timesteps
-    low = int(cutoff * T) + 1  # smallest timestep strictly above the cutoff
-    if low > T - 1:
-        raise PgraftError(f"cutoff {cutoff} leaves no training timesteps below {T}; lower --cutoff")
-    return (low + (u * (T - low)).floor().clamp(max=T - 1 - low)) / T
-
-
-def kernel_weight(schedule: NoiseSchedule, t: Tensor, c: Tensor | float) -> Tensor:
-    """Per-row loss weight ``s^2 / sigma_t^2``: the kernel-from-c noise over the model's own noise.
-
-    As ``t -> c`` the kernel's noise ``s -> 0`` and the target's noise term grows like ``1/s``
-    (denoising score matching at small noise), so unweighted gradients are dominated by rows near
-    the cutoff. A weight that depends on t only leaves the minimiser at every t unchanged (the
-    conditional mean), and this one keeps the target's noise term O(1). It is exactly 1 at c = 0.
-    """
-    t = torch.as_tensor(t, dtype=torch.float64)
-    c = torch.as_tensor(c, dtype=torch.float64).expand_as(t)
-    if schedule.family == "flow":
-        a = (1 - t) / (1 - c)
-        return ((t**2 - a**2 * c**2).clamp_min(0) / t**2).clamp(max=1.0)
-    a_t, s_t = schedule.alpha_sigma(t)
-    a = a_t / schedule.alpha_sigma(c)[0]
-    return ((1 - a**2).clamp_min(0) / s_t**2).clamp(max=1.0)
-
-
-def finetune_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """(Weighted) mean squared error in float32: its minimiser at each t is the tilted field."""
-    err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    if weight is None:
-        return err.mean()
-    return (weight.to(err) * err).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +54,6 @@ class KeptSet:
 def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: float) -> KeptSet:
     """The kept samples of a filter stage: states at the cutoff (P-GRAFT) or final samples (GRAFT)."""
     from .filter import load_kept
-    from .sample import stage_rows
     from .score import sample_prompts
 
     rows = load_kept(run_dir, filter_stage)  # ascending sample indices; only their rows are read
@@ -146,49 +72,6 @@ def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: f
         all_prompts = sample_prompts(run_dir, sample_stage) or [""]
         prompts = [all_prompts[int(i)] for i in found["prompt_index"]]
     return KeptSet(y.float(), t_c, x0.float(), labels, prompts)
-
-
-def add_lora(network: nn.Module, rank: int, alpha: float, targets: Optional[list[str]] = None) -> list[str]:
-    """Inject pgraft's LoRA adapter (peft; B = 0, so it starts as the identity); returns its targets.
-
-    By default it targets every attention projection, resnet convolution and time projection the
-    network has (``LORA_TARGETS``).
-    """
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise PgraftError("finetune.lora_rank > 0 needs peft: pip install 'pgraft[lora]' (or pip install peft)") from None
-    names = [n for n, _ in network.named_modules()]
-    wanted = targets or [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
-    if not wanted:
-        raise PgraftError(f"no LoRA target layers ({', '.join(LORA_TARGETS)}) in this network; use finetune.lora_rank = 0")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=wanted, init_lora_weights=True)
-    inject_adapter_in_model(config, network, adapter_name=LORA_ADAPTER)
-    return wanted
-
-
-def lora_state(network: nn.Module) -> dict[str, Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(network, adapter_name=LORA_ADAPTER)
-
-
-def set_lora_state(network: nn.Module, state: dict[str, Tensor], source: str = "the LoRA adapter") -> None:
-    """Load adapter weights; refuses a state that lacks some of the adapter's tensors.
-
-    peft would leave those layers at their initial values (B = 0: the base layer), silently.
-    """
-    from peft.utils import set_peft_model_state_dict
-
-    expected = lora_state(network)
-    absent = [k for k in expected if k not in state]
-    if absent:
-        raise PgraftError(f"{source} lacks {len(absent)} of the adapter's {len(expected)} tensors (e.g. '{absent[0]}'), "
-                          f"which would load as zeros; pass the complete adapter file pgraft finetune wrote")
-    result = set_peft_model_state_dict(network, state, adapter_name=LORA_ADAPTER)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-    if missing:
-        raise PgraftError(f"the LoRA adapter does not fit this model ({missing[0]}); pass the base it was trained on")
 
 
 def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
@@ -260,12 +143,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         barrier()  # the main process may have cleared a stale stage; the others wait for that
     network = prepare_tuning(model, cfg)
     named = trainable(network, lora)
-    params = [p for _, p in named]
-    opt = _optimizer(cfg, params)
-    ema = {n: p.detach().clone() for n, p in named}
-    state_path = stage.dir / "state.safetensors"
+    opt = _optimizer(cfg, [p for _, p in named])
     weights_path = stage.dir / "weights.safetensors"
-    losses: list[float] = []
 
     def current_state() -> dict[str, Tensor]:
         return lora_state(network) if lora else network.state_dict()
@@ -277,11 +156,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         load_weights(load_file(str(weights_path)))
         network.eval().requires_grad_(False)
         return json.loads((stage.dir / "result.json").read_text())
-    start = 0
-    if state_path.exists():
-        start, losses, model_state, ema_state = load_training_state(state_path, params, opt)
-        load_weights(model_state)
-        ema = {n: ema_state[n].to(p.device) for n, p in named}
+    run = Training.resume(named, opt, stage.dir / "state.safetensors", load_weights)
     # accelerate places the model and wraps it for several processes (DDP); mixed precision and
     # accumulation are done here, per call, because accelerate fixes them once per process.
     accelerator = Accelerator(device_placement=False, mixed_precision="no")  # not the launcher's: see above
@@ -293,11 +168,9 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     rank = accelerator.process_index
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    task = bar.add_task(f"fine-tuning (round {round_index})", total=cfg.steps, completed=start, unit="step")
     net.train()
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.learning_rate
+
+    def step_loss(step: int) -> float:
         total = 0.0
         for micro in range(cfg.grad_accum):
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, step, micro, rank))
@@ -314,138 +187,27 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                 loss = finetune_loss(pred, target.to(device, torch.float32), weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        scaler.unscale_(opt)
-        if cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if cfg.ema > 0:  # warm-up: early weights do not dominate a short run
-            ema_update_([ema[n] for n, _ in named], params, ema_decay(step, cfg.ema))
-        losses.append(round(total, 6))
-        bar.advance(task, 1)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and store.is_main:
-            ema_state = {n: v for n, v in ema.items()}
-            save_training_state(state_path, current_state(), ema_state, params, opt, step + 1, losses)
+        return total
+
+    loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
+    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
     network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
-    if cfg.ema > 0:
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(ema[n])
     network.eval().requires_grad_(False)
     accelerator.free_memory()
-    recent = losses[-20:]
     result = {"round": round_index, "steps": cfg.steps, "t_c": t_c, "kept": len(y), "lora": lora,
-              "trainable_parameters": sum(p.numel() for p in params),
-              "final_loss": sum(recent) / len(recent) if recent else None,
-              "loss_curve": losses[:: max(1, len(losses) // 200)]}
+              "trainable_parameters": sum(p.numel() for p in run.params), **run.summary()}
     if store.is_main:
         stage.dir.mkdir(parents=True, exist_ok=True)
-        from .runstore import atomic_path
-
         with atomic_path(weights_path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in current_state().items()}, str(tmp))
         result_path = store.write_json(f"{stage_name}/result.json", result)
         stage.finish([weights_path, result_path])
-        state_path.unlink(missing_ok=True)
+        run.path.unlink(missing_ok=True)
     return result
-
-
-def tuned_identity(model: LoadedModel) -> str:
-    """A hash of the composed model's weights that differ from the base (tuned net or adapter)."""
-    h = hashlib.sha256(f"{model.base_identity or model.identity}:{model.cutoff}:{model.tuned_guidance}".encode())
-    state = lora_state(model.network) if model.lora else (model.tuned.state_dict() if model.tuned is not None else {})
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# The fine-tuned checkpoint: one self-describing safetensors
-
-
-def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, Any], cfg: FinetuneConfig,
-                   metrics: dict[str, Any], recipe: dict[str, Any]) -> Path:
-    """Full tuned weights or the LoRA adapter, with the cutoff, base identity, recipe and rewards."""
-    from .checkpoints import save_pgraft_safetensors
-
-    tuning = {"cutoff": model.cutoff, "lora": None, "target": cfg.target, "tuned_guidance": model.tuned_guidance}
-    if model.lora:
-        tuning["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
-                          "target_modules": sorted(model.network.peft_config[LORA_ADAPTER].target_modules)}
-        state = lora_state(model.network)
-    else:
-        assert model.tuned is not None
-        state = model.tuned.state_dict()
-    extra = {
-        "pgraft.kind": "finetune",
-        "pgraft.finetune": json.dumps(tuning, sort_keys=True),
-        "pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
-        "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float),
-    }
-    if model.default_data:
-        extra["pgraft.data"] = model.default_data
-    if model.default_eval_data:
-        extra["pgraft.eval_data"] = model.default_eval_data
-    provenance = {"created_by": "pgraft finetune", "recipe": recipe}
-    return save_pgraft_safetensors(path, model.network, model.model_class, model.model_config,
-                                   model.scheduler_config, provenance, extra, state=state)
-
-
-def base_info_of(model: LoadedModel) -> dict[str, Any]:
-    return {"source": model.source, "identity": model.identity, "model_class": model.model_class,
-            "model_config": model.model_config, "scheduler_config": model.scheduler_config}
-
-
-def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool) -> LoadedModel:
-    """A fine-tune file composed with its base model (stored source, or ``base``; hash-checked)."""
-    from .checkpoints import build_network, load_base_for, load_state, read_safetensors
-    from .runstore import sha256_file
-
-    state, metadata = read_safetensors(path)
-    tuning = json.loads(metadata["pgraft.finetune"])
-    info = json.loads(metadata["pgraft.base"])
-    cutoff = float(tuning["cutoff"])
-    model = load_base_for(path, info, base, kind, allow_pickle)
-    model.cutoff = cutoff
-    model.tuned_guidance = tuning.get("tuned_guidance", "reapply")  # files written before the key: reapply
-    if tuning.get("lora"):
-        lora = tuning["lora"]
-        add_lora(model.network, lora["rank"], lora["alpha"], lora["target_modules"])
-        set_lora_state(model.network, state, str(path))
-        model.lora = True
-    else:
-        tuned = build_network(model.model_class, model.model_config)
-        load_state(tuned, state, str(path))
-        model.tuned = tuned.eval().requires_grad_(False)
-    model.network.eval().requires_grad_(False)
-    model.base_identity = model.identity
-    model.identity = sha256_file(path)
-    model.source, model.source_kind = str(path), "pgraft-finetune"
-    model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
-    model.metadata = metadata
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
 # The rounds: sample -> score -> filter -> fine-tune
-
-
-@contextlib.contextmanager
-def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
-    """The base model inside a composed one (tuned network set aside, LoRA adapter off)."""
-    saved = (model.tuned, model.lora, model.identity)
-    if model.lora:
-        set_lora_enabled(model.network, False)
-    model.tuned, model.lora = None, False
-    model.identity = model.base_identity or model.identity
-    try:
-        yield model
-    finally:
-        model.tuned, model.lora, model.identity = saved
-        if model.lora:
-            set_lora_enabled(model.network, True)
 
 
 def check_precision(model: LoadedModel, cfg: FinetuneConfig) -> None:
@@ -537,7 +299,7 @@ def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, featu
     """Base and tuned model on the same seeds: reward mean/std, FID/KID against ``refs[fid_data]``
     (and the other named references in ``refs``), NFE, FLOPs."""
     from .evaluate import evaluate_model
-    from .recipes import SampleConfig
+    from ..io.recipes import SampleConfig
 
     cfg = SampleConfig(num=recipe.evaluate.num, seed=recipe.evaluate.seed,
                        steps=recipe.evaluate.steps or recipe.sample.steps, batch_size=recipe.sample.batch_size,

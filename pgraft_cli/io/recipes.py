@@ -11,14 +11,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .errors import RecipeError
+from ..errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -251,8 +256,8 @@ SECTIONS = [f.name for f in dataclasses.fields(Recipe) if dataclasses.is_datacla
 
 def recipe_dirs() -> list[Path]:
     """Where named recipes live: the wheel's bundled copy, then the source tree's ``recipes/``."""
-    here = Path(__file__).resolve().parent
-    return [d for d in (here / "_recipes", here.parent / "recipes") if d.is_dir()]
+    package = Path(__file__).resolve().parents[1]
+    return [d for d in (package / "_recipes", package.parent / "recipes") if d.is_dir()]
 
 
 def available_recipes() -> list[str]:

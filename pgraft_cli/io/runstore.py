@@ -31,10 +31,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional
 
-from . import __version__
-from .errors import RunLockedError, RunStoreError
+from .. import __version__
+from ..errors import RunLockedError, RunStoreError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: `pgraft status` stays fast
+    from torch import Tensor
 
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0)
@@ -182,6 +185,19 @@ class StageStatus:
     key: Optional[str]
 
 
+class Dist(NamedTuple):
+    """This process among the processes a stage runs on: process ``rank`` of ``size`` does the shards
+    ``k % size == rank``; ``barrier`` (None for one process) waits for all of them."""
+
+    rank: int = 0
+    size: int = 1
+    barrier: Optional[Callable[[], None]] = None
+
+    def wait(self) -> None:
+        if self.barrier is not None:
+            self.barrier()
+
+
 class RunStore:
     """One run directory. Use as a context manager to hold its lock (main process only)."""
 
@@ -270,6 +286,48 @@ class RunStore:
             self._write_manifest(manifest)
         return StageRun(self, name, key, directory, num_shards)
 
+    def run_sharded(self, name: str, config: dict[str, Any], inputs: dict[str, Any], num_shards: int,
+                    work: Callable[[int], dict[str, Any]], dist: Dist = Dist(),
+                    todo: Optional[Callable[[list[int]], None]] = None,
+                    outputs: Optional[Callable[["StageRun"], list[Path]]] = None, stamp: bool = False) -> "StageRun":
+        """Run (or resume) a stage of ``num_shards`` safetensors shards; returns it, finished.
+
+        This process writes its shards (``k % dist.size == dist.rank``) that are not done yet:
+        ``work(k)`` returns shard k's tensors; ``todo(ks)`` is told which shards this process will
+        write (a progress bar's total). ``stamp`` records in each shard's metadata the stage, its key,
+        the shard, the process and the seconds ``work`` took. Once every process is through, the main
+        process checks that all shards are there, writes ``outputs(stage)`` (further files, e.g.
+        settings; it may refuse the stage by raising) and records the stage as done.
+        """
+        from safetensors.torch import save_file
+
+        stage = self.stage(name, config, inputs, num_shards=num_shards)
+        dist.wait()  # the main process may have cleared a stale stage; the others wait for that
+        if stage.done:
+            return stage
+        mine = [k for k in range(num_shards) if k % dist.size == dist.rank and not stage.shard_done(k)]
+        if todo is not None:
+            todo(mine)
+        for k in mine:
+            tic = time.perf_counter()
+            tensors = work(k)
+            metadata = None
+            if stamp:
+                metadata = {"pgraft.stage": name, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
+                            "pgraft.process": f"{dist.rank}/{dist.size}",
+                            "pgraft.seconds": f"{time.perf_counter() - tic:.6f}"}
+            with stage.write_shard(k) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+        dist.wait()
+        if self.is_main:
+            missing = [k for k in range(num_shards) if not stage.shard_done(k)]
+            if missing:
+                raise RunStoreError(f"shards {missing[:5]} of the {name} stage are missing; re-run to resume")
+            shards = [stage.shard_path(k) for k in range(num_shards)]
+            stage.finish(shards + (outputs(stage) if outputs is not None else []))
+        dist.wait()  # the others read the finished stage next
+        return stage
+
     def outputs_digest(self, name: str) -> Optional[str]:
         """sha256 of a finished stage's outputs (their paths and checksums); None if it is not done.
 
@@ -337,7 +395,7 @@ class StageRun:
     def done_shards(self) -> list[int]:
         if not self.dir.exists():
             return []
-        indices = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.safetensors"))
+        indices = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob(SHARD_GLOB))
         return [i for i in indices if self.shard_done(i)]
 
     @contextlib.contextmanager
@@ -408,3 +466,88 @@ def load_training_state(path: Path | str, params: list[Any], opt: Any) -> tuple[
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return int(meta["step"]), json.loads(meta.get("losses", "[]")), model_state, ema_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a stage's shards
+
+SHARD_GLOB = "shard-*.safetensors"
+
+
+def shard_paths(run_dir: Path, stage_name: str) -> list[Path]:
+    """A stage's shard files, in index order (shard k holds the k-th run of indices)."""
+    return sorted((Path(run_dir) / stage_name).glob(SHARD_GLOB))
+
+
+def iter_shards(run_dir: Path, stage_name: str, *keys: str) -> Iterator[dict[str, Tensor]]:
+    """A stage's shards, one at a time in index order, each read only for ``keys`` (all if none).
+
+    Keys a shard does not hold are left out, so memory holds one shard's wanted tensors at a time.
+    """
+    for path in shard_paths(run_dir, stage_name):
+        yield read_shard(path, *keys)
+
+
+def read_shard(path: Path, *keys: str) -> dict[str, Tensor]:
+    """The ``keys`` (all if none) of one shard file that it holds, and nothing else."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in (keys or f.keys()) if k in f.keys()}
+
+
+def stage_tensors(run_dir: Path, stage_name: str, *keys: str) -> dict[str, Tensor]:
+    """The named tensors of a stage, concatenated over its shards in index order.
+
+    Only those keys are read. Keys the shards do not hold (``captured`` without ``--capture-at``,
+    ``class_label`` of an unconditional model ...) are left out of the result.
+    """
+    import torch
+
+    found: dict[str, list[Tensor]] = {}
+    for shard in iter_shards(run_dir, stage_name, *keys):
+        for k, v in shard.items():
+            found.setdefault(k, []).append(v)
+    return {k: torch.cat(found[k]) for k in keys if k in found}
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Ascending positions as half-open runs ``[a, b)`` of consecutive positions."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def stage_rows(run_dir: Path, stage_name: str, indices: Tensor, *keys: str) -> dict[str, Tensor]:
+    """The named tensors of a stage for the sample ``indices`` only (rows in index order).
+
+    Each shard's ``index`` vector says which of its rows are wanted; only those rows are read
+    (``safe_open(...).get_slice``), one run of consecutive rows at a time.
+    """
+    import torch
+    from safetensors import safe_open
+
+    wanted = set(int(i) for i in indices)
+    found: dict[str, list[Tensor]] = {}
+    for path in shard_paths(run_dir, stage_name):
+        with safe_open(str(path), "pt") as f:
+            rows = [r for r, i in enumerate(f.get_tensor("index").tolist()) if i in wanted]
+            for k in (k for k in keys if k in f.keys() and rows):
+                sl = f.get_slice(k)
+                found.setdefault(k, []).extend(sl[a:b] for a, b in _runs(rows))
+    return {k: torch.cat(found[k]) for k in keys if k in found}
+
+
+def shard_seconds(run_dir: Path, stage_name: str) -> float:
+    """Total sampling wall time recorded in a stage's shards (survives resumes)."""
+    from safetensors import safe_open
+
+    total = 0.0
+    for p in shard_paths(run_dir, stage_name):
+        with safe_open(str(p), "pt") as f:
+            total += float(f.metadata().get("pgraft.seconds", "0"))
+    return total

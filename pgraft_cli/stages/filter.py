@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import PgraftError
-from .recipes import FilterConfig
-from .runstore import RunStore, atomic_path
+from ..errors import PgraftError
+from ..io.recipes import FilterConfig
+from ..io.runstore import RunStore, atomic_path, read_shard, stage_tensors
 from .score import load_rewards, stage_outputs_digest
-from .sample import stage_tensors
-from .selection import select, summarize, threshold_value
+from ..core.selection import select, summarize, threshold_value
 
 STAGE = "filter"
 
@@ -90,8 +89,6 @@ def rule_params(cfg: FilterConfig, rewards: Tensor) -> dict[str, Any]:
 
 def load_kept(run_dir: Path, stage_name: str = STAGE) -> Tensor:
     """The indices of the samples a filter stage kept."""
-    from .sample import read_shard
-
     path = Path(run_dir) / stage_name / "kept.safetensors"
     if not path.is_file():
         raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft filter {run_dir}` first")

@@ -28,9 +28,9 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from . import __version__
-from .errors import PgraftError
-from .runstore import MANIFEST, RunStore, atomic_write_text, sha256_file
+from .. import __version__
+from ..errors import PgraftError
+from ..io.runstore import MANIFEST, RunStore, atomic_write_text, sha256_file, shard_paths
 from .ui import fmt_bytes
 
 REPORT = "report.html"
@@ -148,7 +148,7 @@ def _stage_images(run_dir: Path, stage: str, limit: int) -> tuple[np.ndarray, np
     from safetensors import safe_open
 
     idx, imgs, prompts = [], [], []
-    for path in sorted((run_dir / stage).glob("shard-*.safetensors")):
+    for path in shard_paths(run_dir, stage):
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
             idx.append(f.get_tensor("index"))
@@ -263,7 +263,7 @@ def _metrics_table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
             css = "" if lower is None or shown == fmt(0 * d) else ("good" if (d < 0) == lower else "bad")
             cells.append(f'<td class="{css}">{_e(text)}</td>')
         body.append(f'<tr class="delta"><td class="l">change</td>{"".join(cells)}</tr>')
-    from .evaluate import COST_NOTE
+    from ..stages.evaluate import COST_NOTE
 
     warnings = "".join(f'<p class="note bad" data-warning="{_e(row_id)}">warning ({_e(label)}): {_e(w)}</p>'
                        for row_id, label, r in rows for w in r.get("warnings") or [])
@@ -281,7 +281,7 @@ def _grids(run_dir: Path, pairs: list[tuple[str, str]]) -> str:
     common = set(loaded[0][2].tolist())
     for x in loaded[1:]:
         common &= set(x[2].tolist())
-    from .score import sample_prompts
+    from ..stages.score import sample_prompts
 
     prompts = sample_prompts(run_dir, loaded[0][1])
     seed = (_json(run_dir / loaded[0][1] / "settings.json") or {}).get("seed")
@@ -430,7 +430,7 @@ def _inversion_arrays(run_dir: Path) -> tuple[Optional[np.ndarray], Optional[np.
     from safetensors import safe_open
 
     rms, noise = [], []
-    for path in sorted((run_dir / "invert").glob("shard-*.safetensors")):
+    for path in shard_paths(run_dir, "invert"):
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
             if "rms" in keys:
@@ -476,7 +476,7 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
                                                     "rewards of every sample (grey) and of those the rule kept (green)")))
 
         # the reshaped reward of the rule: rhat(F) = log g(F), with the kept samples on it
-        from .selection import reshaped_reward
+        from ..core.selection import reshaped_reward
 
         r0, f0 = filters[-1]
         acc = f0["acceptance"]
@@ -556,7 +556,7 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
 def _cutoff_timeline(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> str:
     import torch
 
-    from .samplers import NoiseSchedule, above_cutoff
+    from ..core.samplers import NoiseSchedule, above_cutoff
 
     cutoff = s["cutoff"]
     settings = _json(run_dir / "evaluate-tuned" / "settings.json") or _json(run_dir / "sample" / "settings.json") or {}
@@ -653,7 +653,7 @@ def _recipe_dict(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "recipe.toml"
     if not path.is_file():
         return {}
-    import tomllib
+    from ..io.recipes import tomllib
 
     try:
         return tomllib.loads(path.read_text())

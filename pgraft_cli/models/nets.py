@@ -8,10 +8,7 @@ optimises without sharing its blind spots.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -55,34 +52,3 @@ class DigitsClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def save_classifier(path: Path | str, model: DigitsClassifier, provenance: dict[str, Any]) -> Path:
-    from .checkpoints import FORMAT_VERSION
-    from .runstore import atomic_path
-    from safetensors.torch import save_file
-
-    metadata = {
-        "format": "pt",
-        "pgraft.format_version": FORMAT_VERSION,
-        "pgraft.kind": "classifier",
-        "pgraft.classifier_config": json.dumps(asdict(model.config), sort_keys=True),
-        "pgraft.provenance": json.dumps(provenance, sort_keys=True, default=str),
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
-    return path
-
-
-def load_classifier(path: Path | str) -> DigitsClassifier:
-    from .checkpoints import load_state, read_safetensors
-    from .errors import ModelLoadError
-
-    state, metadata = read_safetensors(Path(path))
-    if metadata.get("pgraft.kind") != "classifier":
-        raise ModelLoadError(f"{path} is not a pgraft classifier (no pgraft.kind=classifier in its metadata)")
-    config = ClassifierConfig(**json.loads(metadata["pgraft.classifier_config"]))
-    if config.arch not in ("cnn", "mlp"):
-        raise ModelLoadError(f"{path}: classifier architecture {config.arch!r} is not one pgraft builds (cnn, mlp)")
-    model = DigitsClassifier(config)
-    load_state(model, state, str(path))
-    return model.eval().requires_grad_(False)

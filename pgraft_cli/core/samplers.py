@@ -90,6 +90,28 @@ class NoiseSchedule:
         abar = torch.where(t <= 0, torch.ones_like(abar), abar)
         return abar.sqrt(), (1.0 - abar).sqrt()
 
+    def kernel(self, t: Tensor, c: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(a, s2)`` of the forward kernel from time ``c`` to ``t > c``: ``x_t = a x_c + sqrt(s2) e``.
+
+        Flow: ``a = (1 - t) / (1 - c)``, ``s2 = t^2 - a^2 c^2``. Diffusion: ``a = alpha_t / alpha_c``,
+        ``s2 = 1 - a^2``. ``s2`` is unclamped: it is 0 at ``t = c`` and may round below 0 there (float64).
+        """
+        t = torch.as_tensor(t, dtype=torch.float64)
+        c = torch.as_tensor(c, dtype=torch.float64).expand_as(t)
+        if self.family == "flow":
+            a = (1 - t) / (1 - c)
+            return a, t**2 - a**2 * c**2
+        a = self.alpha_sigma(t)[0] / self.alpha_sigma(c)[0]
+        return a, 1 - a**2
+
+    def noised(self, x0: Tensor, e: Tensor, t: Tensor) -> Tensor:
+        """``x_t = alpha(t) x0 + sigma(t) e`` for per-row times ``t``, in ``x0``'s dtype (flow: ``(1 - t) x0 + t e``)."""
+        if self.family == "flow":
+            tt = _rows(t, x0)
+            return (1 - tt) * x0 + tt * e
+        a, s = (_rows(v, x0) for v in self.alpha_sigma(t))
+        return a * x0 + s * e
+
     def timestep(self, t: Tensor) -> Tensor:
         """The network's timestep input for time t (diffusers convention: ``t * T``)."""
         return t * self.num_train_timesteps

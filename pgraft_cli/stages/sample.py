@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoints import model_key
-from .errors import OutputPathError, PgraftError
-from .models import LoadedModel
-from .recipes import SampleConfig
-from .runstore import RunStore, atomic_write_bytes, atomic_write_text
-from .samplers import sample as run_sampler
+from ..io.checkpoints import model_key
+from ..errors import OutputPathError, PgraftError
+from ..models.loaded import LoadedModel
+from ..io.recipes import SampleConfig
+from ..io.runstore import Dist, RunStore, atomic_write_bytes, atomic_write_text, iter_shards
+from ..core.samplers import sample as run_sampler
 
 STAGE = "sample"
 
@@ -167,120 +167,31 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
                bar: Any, process_index: int = 0, num_processes: int = 1,
                barrier: Any = None, stage_name: str = STAGE) -> SampleResult:
     """Run (or resume) the sample stage in ``store``; this process does shards ``k % P == rank``."""
-    from safetensors.torch import save_file
-
     check_conditions(model, cond)
     num_shards = math.ceil(cfg.num / cfg.batch_size)
     config = stage_config(model, cfg, cond)
-    stage = store.stage(stage_name, config, {"model": model_key(model)}, num_shards=num_shards)
-    if barrier is not None:
-        barrier()  # the main process may have cleared a stale stage; others wait for that
-    shards = [stage.shard_path(k) for k in range(num_shards)]
+    rows = lambda k: list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))  # noqa: E731
+    task, generated = None, 0
+
+    def todo(mine: list[int]) -> None:
+        nonlocal task
+        task = bar.add_task("sampling", total=sum(len(rows(k)) for k in mine), unit="img")
+
+    def work(k: int) -> dict[str, Tensor]:
+        nonlocal generated
+        with torch.inference_mode():
+            tensors = _shard_tensors(model, cfg, cond, rows(k), lambda n: bar.advance(task, n))
+        generated += len(tensors["index"])
+        return tensors
+
+    def settings(stage: Any) -> list[Path]:
+        return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
+
     start = time.perf_counter()
-    generated = 0
-    if not stage.done:
-        mine = [k for k in range(num_shards) if k % num_processes == process_index and not stage.shard_done(k)]
-        todo = sum(min(cfg.batch_size, cfg.num - k * cfg.batch_size) for k in mine)
-        task = bar.add_task("sampling", total=todo, unit="img")
-        for k in mine:
-            indices = list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))
-            tic = time.perf_counter()
-            with torch.inference_mode():
-                tensors = _shard_tensors(model, cfg, cond, indices, lambda n: bar.advance(task, n))
-            metadata = {"pgraft.stage": stage_name, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
-                        "pgraft.process": f"{process_index}/{num_processes}",
-                        "pgraft.seconds": f"{time.perf_counter() - tic:.6f}"}
-            with stage.write_shard(k) as tmp:
-                save_file(tensors, str(tmp), metadata=metadata)
-            generated += len(indices)
-        if barrier is not None:
-            barrier()
-        if store.is_main:
-            missing = [k for k in range(num_shards) if not stage.shard_done(k)]
-            if missing:
-                raise PgraftError(f"shards {missing[:5]} of the sample stage are missing after sampling; re-run to resume")
-            settings_path = store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})
-            stage.finish(shards + [settings_path])
-        if barrier is not None:
-            barrier()  # the others read the finished stage next
-    seconds = time.perf_counter() - start
-    return SampleResult(store.root, cfg.num, shards, generated, seconds, config)
-
-
-def shard_paths(run_dir: Path, stage_name: str = STAGE) -> list[Path]:
-    """A stage's shard files, in index order (shard k holds the k-th run of indices)."""
-    return sorted((Path(run_dir) / stage_name).glob("shard-*.safetensors"))
-
-
-def iter_shards(run_dir: Path, stage_name: str = STAGE, *keys: str) -> Iterator[dict[str, Tensor]]:
-    """A stage's shards, one at a time in index order, each read only for ``keys`` (all if none).
-
-    Keys a shard does not hold are left out, so memory holds one shard's wanted tensors at a time.
-    """
-    for path in shard_paths(run_dir, stage_name):
-        yield read_shard(path, *keys)
-
-
-def read_shard(path: Path, *keys: str) -> dict[str, Tensor]:
-    """The ``keys`` (all if none) of one shard file that it holds, and nothing else."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in (keys or f.keys()) if k in f.keys()}
-
-
-def stage_tensors(run_dir: Path, stage_name: str, *keys: str) -> dict[str, Tensor]:
-    """The named tensors of a stage, concatenated over its shards in index order.
-
-    Only those keys are read. Keys the shards do not hold (``captured`` without ``--capture-at``,
-    ``class_label`` of an unconditional model ...) are left out of the result.
-    """
-    found: dict[str, list[Tensor]] = {}
-    for shard in iter_shards(run_dir, stage_name, *keys):
-        for k, v in shard.items():
-            found.setdefault(k, []).append(v)
-    return {k: torch.cat(found[k]) for k in keys if k in found}
-
-
-def _runs(positions: list[int]) -> list[tuple[int, int]]:
-    """Ascending positions as half-open runs ``[a, b)`` of consecutive positions."""
-    runs: list[tuple[int, int]] = []
-    for p in positions:
-        if runs and runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], p + 1)
-        else:
-            runs.append((p, p + 1))
-    return runs
-
-
-def stage_rows(run_dir: Path, stage_name: str, indices: Tensor, *keys: str) -> dict[str, Tensor]:
-    """The named tensors of a stage for the sample ``indices`` only (rows in index order).
-
-    Each shard's ``index`` vector says which of its rows are wanted; only those rows are read
-    (``safe_open(...).get_slice``), one run of consecutive rows at a time.
-    """
-    from safetensors import safe_open
-
-    wanted = set(int(i) for i in indices)
-    found: dict[str, list[Tensor]] = {}
-    for path in shard_paths(run_dir, stage_name):
-        with safe_open(str(path), "pt") as f:
-            rows = [r for r, i in enumerate(f.get_tensor("index").tolist()) if i in wanted]
-            for k in (k for k in keys if k in f.keys() and rows):
-                sl = f.get_slice(k)
-                found.setdefault(k, []).extend(sl[a:b] for a, b in _runs(rows))
-    return {k: torch.cat(found[k]) for k in keys if k in found}
-
-
-def shard_seconds(run_dir: Path, stage_name: str = STAGE) -> float:
-    """Total sampling wall time recorded in a stage's shards (survives resumes)."""
-    from safetensors import safe_open
-
-    total = 0.0
-    for p in shard_paths(run_dir, stage_name):
-        with safe_open(str(p), "pt") as f:
-            total += float(f.metadata().get("pgraft.seconds", "0"))
-    return total
+    stage = store.run_sharded(stage_name, config, {"model": model_key(model)}, num_shards, work,
+                              Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True)
+    shards = [stage.shard_path(k) for k in range(num_shards)]
+    return SampleResult(store.root, cfg.num, shards, generated, time.perf_counter() - start, config)
 
 
 def iter_images(run_dir: Path, stage_name: str = STAGE) -> Iterator[tuple[Tensor, Tensor]]:

@@ -1,4 +1,4 @@
-"""Pieces every training loop shares (fine-tuning and the noise corrector)."""
+"""The maths every training loop shares (fine-tuning and the noise corrector): warm-up and EMA."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
+
+
+def warmup_lr(learning_rate: float, step: int, warmup: int) -> float:
+    """The learning rate at 0-based ``step``: linear warm-up ``lr * min(1, (step + 1) / warmup)``, then
+    ``lr`` (no warm-up when ``warmup`` is 0)."""
+    return learning_rate * min(1.0, (step + 1) / warmup) if warmup else learning_rate
 
 
 def ema_decay(step: int, ema: float) -> float:

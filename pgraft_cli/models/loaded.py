@@ -13,13 +13,17 @@ tuned segment above the cutoff unguided (one call per step); ``"reapply"`` guide
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .samplers import NoiseSchedule, above_cutoff
+from ..core.samplers import NoiseSchedule, above_cutoff
+from .corrector import NoiseCorrector
+from .lora import lora_state, set_lora_enabled
 
 Conditioning = Literal["none", "class", "text"]
 
@@ -34,15 +38,6 @@ class Cond:
     pooled: Optional[Tensor] = None
     negative_pooled: Optional[Tensor] = None
     guidance_scale: float = 1.0
-
-
-def set_lora_enabled(network: nn.Module, on: bool) -> None:
-    """Switch every peft LoRA layer of ``network`` on or off (a disabled layer is the base layer)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in network.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(on)
 
 
 @dataclass
@@ -65,7 +60,7 @@ class LoadedModel:
     metadata: dict[str, str] = field(default_factory=dict)
     default_data: Optional[str] = None
     default_eval_data: Optional[str] = None  # held-out data FID is also measured against (pgraft.eval_data)
-    corrector: Any = None  # a NoiseCorrector (correct.py) applied to the initial noise, if any
+    corrector: Optional[NoiseCorrector] = None  # applied to the initial noise, if any
     base_identity: Optional[str] = None  # with a corrector or a fine-tune: the base model's own identity
     # A fine-tune (finetune.py): the tuned network runs t in (cutoff, 1], the base [0, cutoff].
     # Full fine-tuning keeps both networks (``tuned`` and ``network``); LoRA keeps one network
@@ -241,3 +236,29 @@ class LoadedModel:
             latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
             x = (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
         return x
+
+
+def tuned_identity(model: LoadedModel) -> str:
+    """A hash of the composed model's weights that differ from the base (tuned net or adapter)."""
+    h = hashlib.sha256(f"{model.base_identity or model.identity}:{model.cutoff}:{model.tuned_guidance}".encode())
+    state = lora_state(model.network) if model.lora else (model.tuned.state_dict() if model.tuned is not None else {})
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
+    """The base model inside a composed one (tuned network set aside, LoRA adapter off)."""
+    saved = (model.tuned, model.lora, model.identity)
+    if model.lora:
+        set_lora_enabled(model.network, False)
+    model.tuned, model.lora = None, False
+    model.identity = model.base_identity or model.identity
+    try:
+        yield model
+    finally:
+        model.tuned, model.lora, model.identity = saved
+        if model.lora:
+            set_lora_enabled(model.network, True)

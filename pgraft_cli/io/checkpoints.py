@@ -24,19 +24,24 @@ import hashlib
 import json
 import re
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import ModelLoadError, PgraftError, UnsafeFileError
-from .models import LoadedModel
-from .runstore import atomic_path, sha256_file
-from .samplers import NoiseSchedule
+from .. import __version__
+from ..core.samplers import NoiseSchedule
+from ..errors import ModelLoadError, PgraftError, UnsafeFileError
+from ..models.corrector import NoiseCorrector
+from ..models.loaded import LoadedModel
+from ..models.lora import LORA_ADAPTER, add_lora, lora_state, set_lora_state
+from ..models.nets import ClassifierConfig, DigitsClassifier
+from .recipes import FinetuneConfig
+from .runstore import atomic_path, content_key, sha256_file, state_digest
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ALIASES = {"digits": ASSETS / "digits-flow.safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
@@ -113,7 +118,6 @@ def model_key(model: LoadedModel) -> dict[str, Any]:
     """
     import dataclasses
 
-    from .runstore import content_key, state_digest
 
     key = {f.name: content_key(getattr(model, f.name)) for f in dataclasses.fields(model) if f.name not in _NOT_KEYED}
     if model.lora:
@@ -360,12 +364,8 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
         if suffix == ".safetensors":
             metadata = read_safetensors_metadata(path)
             if metadata.get("pgraft.kind") == "corrector":
-                from .correct import load_corrected
-
                 return load_corrected(path, metadata, base, kind, allow_pickle)
             if metadata.get("pgraft.kind") == "finetune":
-                from .finetune import load_finetuned
-
                 return load_finetuned(path, base, kind, allow_pickle)
             if "pgraft.model_class" in metadata and config is None:
                 return _load_pgraft_file(path, str(path), kind, metadata)
@@ -686,3 +686,156 @@ def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
                 "reward": metrics.get("reward"),
                 "reward_mean": {k: metrics[k].get("reward_mean") for k in ("base", "tuned") if k in metrics}}
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Composed models: a corrector or a fine-tune stored beside the identity of its base model
+
+
+def _composed_metadata(base: LoadedModel, base_info: dict[str, Any], metrics: dict[str, Any]) -> dict[str, str]:
+    """What a composed file records of its base (and the base's default data), and its metrics."""
+    extra = {"pgraft.base": json.dumps(base_info, sort_keys=True, default=list),
+             "pgraft.metrics": json.dumps(metrics, sort_keys=True, default=float)}
+    if base.default_data:
+        extra["pgraft.data"] = base.default_data
+    if base.default_eval_data:
+        extra["pgraft.eval_data"] = base.default_eval_data
+    return extra
+
+
+def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedModel, metrics: dict[str, Any],
+                   recipe: dict[str, Any], extra_provenance: Optional[dict[str, Any]] = None) -> Path:
+    """Write the corrector, the base model's identity and sampler, and the measured metrics."""
+    base_info = {
+        "source": base.source, "identity": base.identity, "model_class": base.model_class,
+        "model_config": base.model_config, "scheduler_config": base.scheduler_config,
+        "solver": "euler", "steps": corrector.base_steps,
+    }
+    extra = {
+        "pgraft.kind": "corrector",
+        "pgraft.corrector_type": corrector.kind,
+        "pgraft.corrector_steps": str(corrector.steps),
+        **_composed_metadata(base, base_info, metrics),
+    }
+    provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
+    if corrector.network is None:
+        state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
+                                            else {"chol": corrector.chol})}
+        return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.numel())},  # type: ignore[arg-type]
+                                       NoiseCorrector.schedule_config(), provenance, extra, state=state)
+    return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
+                                   NoiseCorrector.schedule_config(), provenance, extra)
+
+
+def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
+                   allow_pickle: bool) -> LoadedModel:
+    """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
+    state, metadata = read_safetensors(path)
+    info = json.loads(metadata["pgraft.base"])
+    base_model = load_base_for(path, info, base, kind, allow_pickle)
+    corrector_type = metadata.get("pgraft.corrector_type", "flow")
+    base_steps = int(info["steps"])
+    if corrector_type in ("gaussian", "gaussian-diag"):
+        corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
+                                   std=state.get("std"))
+    else:
+        config = json.loads(metadata["pgraft.model_config"])
+        network = build_network("UNet2DModel", config)
+        load_state(network, state, str(path))
+        network.eval().requires_grad_(False)
+        corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
+                                   network=network, model_config=config)
+    base_model.corrector = corrector
+    base_model.source = str(path)
+    base_model.source_kind = "pgraft-corrector"
+    base_model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    base_model.metadata = metadata
+    base_model.base_identity = base_model.identity
+    base_model.identity = sha256_file(path)
+    return base_model
+
+
+def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, Any], cfg: FinetuneConfig,
+                   metrics: dict[str, Any], recipe: dict[str, Any]) -> Path:
+    """Full tuned weights or the LoRA adapter, with the cutoff, base identity, recipe and rewards."""
+    tuning = {"cutoff": model.cutoff, "lora": None, "target": cfg.target, "tuned_guidance": model.tuned_guidance}
+    if model.lora:
+        tuning["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
+                          "target_modules": sorted(model.network.peft_config[LORA_ADAPTER].target_modules)}
+        state = lora_state(model.network)
+    else:
+        assert model.tuned is not None
+        state = model.tuned.state_dict()
+    extra = {
+        "pgraft.kind": "finetune",
+        "pgraft.finetune": json.dumps(tuning, sort_keys=True),
+        **_composed_metadata(model, base_info, metrics),
+    }
+    provenance = {"created_by": "pgraft finetune", "recipe": recipe}
+    return save_pgraft_safetensors(path, model.network, model.model_class, model.model_config,
+                                   model.scheduler_config, provenance, extra, state=state)
+
+
+def base_info_of(model: LoadedModel) -> dict[str, Any]:
+    return {"source": model.source, "identity": model.identity, "model_class": model.model_class,
+            "model_config": model.model_config, "scheduler_config": model.scheduler_config}
+
+
+def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool) -> LoadedModel:
+    """A fine-tune file composed with its base model (stored source, or ``base``; hash-checked)."""
+    state, metadata = read_safetensors(path)
+    tuning = json.loads(metadata["pgraft.finetune"])
+    info = json.loads(metadata["pgraft.base"])
+    cutoff = float(tuning["cutoff"])
+    model = load_base_for(path, info, base, kind, allow_pickle)
+    model.cutoff = cutoff
+    model.tuned_guidance = tuning.get("tuned_guidance", "reapply")  # files written before the key: reapply
+    if tuning.get("lora"):
+        lora = tuning["lora"]
+        add_lora(model.network, lora["rank"], lora["alpha"], lora["target_modules"])
+        set_lora_state(model.network, state, str(path))
+        model.lora = True
+    else:
+        tuned = build_network(model.model_class, model.model_config)
+        load_state(tuned, state, str(path))
+        model.tuned = tuned.eval().requires_grad_(False)
+    model.network.eval().requires_grad_(False)
+    model.base_identity = model.identity
+    model.identity = sha256_file(path)
+    model.source, model.source_kind = str(path), "pgraft-finetune"
+    model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    model.metadata = metadata
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The bundled classifiers
+
+
+def save_classifier(path: Path | str, model: DigitsClassifier, provenance: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    metadata = {
+        "format": "pt",
+        "pgraft.format_version": FORMAT_VERSION,
+        "pgraft.kind": "classifier",
+        "pgraft.classifier_config": json.dumps(asdict(model.config), sort_keys=True),
+        "pgraft.provenance": json.dumps(provenance, sort_keys=True, default=str),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+    return path
+
+
+def load_classifier(path: Path | str) -> DigitsClassifier:
+
+    state, metadata = read_safetensors(Path(path))
+    if metadata.get("pgraft.kind") != "classifier":
+        raise ModelLoadError(f"{path} is not a pgraft classifier (no pgraft.kind=classifier in its metadata)")
+    config = ClassifierConfig(**json.loads(metadata["pgraft.classifier_config"]))
+    if config.arch not in ("cnn", "mlp"):
+        raise ModelLoadError(f"{path}: classifier architecture {config.arch!r} is not one pgraft builds (cnn, mlp)")
+    model = DigitsClassifier(config)
+    load_state(model, state, str(path))
+    return model.eval().requires_grad_(False)

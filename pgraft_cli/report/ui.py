@@ -109,7 +109,7 @@ def filter_report(summary: dict) -> Group:
 
 def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
     """rhat at a few CDF values for the rule used (docs/methods.md section 1), for the terminal."""
-    from .selection import reshaped_reward
+    from ..core.selection import reshaped_reward
 
     rule = summary["rule"]
     if rule == "threshold":
@@ -131,7 +131,7 @@ def finetune_report(summary: dict) -> Group:
     """Base vs tuned after ``pgraft finetune``: reward, FID, cost; then the rounds."""
     from rich.table import Table
 
-    from .evaluate import COST_NOTE
+    from ..stages.evaluate import COST_NOTE
 
     table = Table(title=f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
                         f"reward {summary['reward']}", title_justify="left", caption=COST_NOTE, caption_justify="left")
@@ -150,3 +150,103 @@ def finetune_report(summary: dict) -> Group:
         rounds.add_row(str(h["round"]), f"{h['sampled']['reward_mean']:.4f}", str(h["kept"]),
                        f"{h['kept_reward_mean']:.4f}", "-" if loss is None else f"{loss:.4f}")
     return Group(table, *warning_lines([(n, summary[n]) for n in ("base", "tuned")]), rounds)
+
+
+def metrics_table(title: str, rows: list[tuple[str, dict]]) -> Group:
+    """FID (against each reference), KID, NFE, FLOPs and time per image, one row per sampler."""
+    from rich.table import Table
+
+    from ..stages.evaluate import COST_NOTE
+
+    table = Table(title=title, title_justify="left", caption=COST_NOTE, caption_justify="left")
+    also = list(rows[0][1].get("also_against") or {})  # FID against further data, e.g. the training data
+    for col in ("sampler", "FID", *(f"FID vs {name}" for name in also), "KID", "NFE", "GFLOPs/img", "ms/img", "num"):
+        table.add_column(col, justify="left" if col == "sampler" else "right")
+    best = min((r["fid"] for _, r in rows if r.get("fid") is not None), default=None)
+    for name, r in rows:
+        fid = "-" if r.get("fid") is None else f"{r['fid']:.3f}"
+        if r.get("fid") is not None and r["fid"] == best and len(rows) > 1:
+            fid = f"[green]{fid}[/green]"
+        table.add_row(name, fid, *(f"{r['also_against'][a]['fid']:.3f}" for a in also),
+                      "-" if r.get("kid") is None else f"{r['kid']:.4f}", str(r["nfe"]),
+                      f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
+    return Group(table, *warning_lines(rows))
+
+
+def correct_report(summary: dict, labels: dict) -> list:
+    """Base vs corrected after ``pgraft correct``, then lines on the inversion and the corrector (print each)."""
+    base, corrected, inv, info = (summary[k] for k in ("base", "corrected", "inversion", "corrector"))
+    steps = labels["base_steps"]
+    table = metrics_table(
+        f"inverse noise correction of {labels['source']} ({steps} base steps, features {base['features']}, "
+        f"FID against {summary['fid_data']})",
+        [(f"base ({steps} steps)", base),
+         (f"corrected ({info['kind']}, {labels['corrector_steps']} + {steps} steps)", corrected)])
+    lines = [
+        f"inversion: {inv['num']} images, {inv['converged']} converged (every step's residual < "
+        f"{labels['inversion_tol']:g}), {inv['dropped']} dropped (round-trip RMS > {inv['max_reconstruction_rms']:g} "
+        f"per image); network calls per image mean {inv['iterations_mean']:.1f}, max {inv['iterations_max']} "
+        f"(cap {inv['iterations_cap']})",
+        f"  reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} (max {inv['reconstruction_rms_max']:.4f}); "
+        f"inverted noise mean {inv['noise_mean']:+.3f}, std {inv['noise_std']:.3f} (N(0, I): 0, 1)",
+        f"corrector: {info['kind']}, {info['parameters']:,} parameters"
+        + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else ""),
+    ]
+    return [table, *lines]
+
+
+def inspect_table(model: str, info: dict) -> "Table":  # noqa: F821 - rich.table is imported on use
+    """``pgraft inspect``: what a model is, one row per property."""
+    import json
+
+    from rich.table import Table
+
+    table = Table(title=f"pgraft inspect {model}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("source", f"{info['source']} ({info['source_kind']})"),
+        ("network", info["model_class"]),
+        ("family", f"{info['family']} (prediction: {info['prediction_type']})"),
+        ("conditioning", info["conditioning"] + (f" ({info['num_classes']} classes)" if info["num_classes"] else "")),
+        ("sample shape", " x ".join(map(str, info["sample_shape"])) + (" latent" if info["latent"] else "")),
+        ("image shape", " x ".join(map(str, info["image_shape"]))),
+        ("parameters", f"{info['parameters']:,}"),
+        ("dtype", info["dtype"]),
+        ("scheduler", f"{info['scheduler']} (T={info['num_train_timesteps']}"
+                      + (f", shift={info['shift']}" if info["shift"] not in (None, 1.0) else "") + ")"),
+        ("identity", f"sha256:{info['identity'][:16]}…" if len(info["identity"]) == 64 else info["identity"]),
+        ("default data", info["default_data"] or "-"),
+        ("default eval data", info["default_eval_data"] or "-"),
+    ]
+    comp = info.get("composition")
+    if comp and comp["kind"] == "finetune":
+        lora = comp["lora"]
+        rows.append(("fine-tune", f"cutoff {comp['cutoff']} (tuned for t in (c, 1], base for [0, c]); "
+                                  + (f"LoRA rank {lora['rank']}" if lora else "full weights")
+                                  + f"; tuned segment guidance: {comp['tuned_guidance']}"
+                                  + f"; reward {comp['reward']}: {comp['reward_mean']}"))
+    elif comp:
+        rows.append(("corrector", f"{comp['corrector']} ({comp['corrector_steps']} steps) -> base at "
+                                  f"{comp['base_steps']} Euler steps"))
+    if comp:
+        rows.append(("base identity", f"sha256:{(comp['base_identity'] or '')[:16]}…"))
+    for k, v in rows:
+        table.add_row(k, str(v))
+    prov = info["provenance"]
+    table.add_row("provenance", json.dumps(prov, sort_keys=True)[:400] if prov else "none recorded")
+    return table
+
+
+def status_table(run_dir: object, stages: list) -> "Table":  # noqa: F821 - rich.table is imported on use
+    """``pgraft status``: each stage of a run as done, partial (with shard counts), pending or stale."""
+    from rich.table import Table
+
+    colours = {"done": "green", "partial": "yellow", "pending": "dim", "stale": "red"}
+    table = Table(title=f"run {run_dir}", title_justify="left")
+    for col in ("stage", "state", "shards", "key"):
+        table.add_column(col)
+    for s in stages:
+        shards = f"{s.shards_done}/{s.shards_total}" if s.shards_total is not None else str(s.shards_done)
+        table.add_row(s.name, f"[{colours.get(s.state, 'white')}]{s.state}[/]", shards, (s.key or "")[:12])
+    return table

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from .errors import PgraftError
-from .runstore import RunStore
+from ..errors import PgraftError
+from ..io.runstore import Dist, RunStore, read_shard, shard_paths, stage_tensors
 
 STAGE = "score"
 
@@ -48,44 +48,30 @@ def shard_prompts(shard: dict[str, Tensor], prompts: Optional[list[str]]) -> Opt
 def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sample", stage_name: str = STAGE,
               process_index: int = 0, num_processes: int = 1, barrier: Any = None) -> Tensor:
     """Score (or resume scoring) every image of ``sample_stage``; returns rewards in index order."""
-    from safetensors.torch import save_file
-
-    from .sample import read_shard
-
     samples = stage_outputs_digest(store, sample_stage)
-    sample_shards = sorted((store.root / sample_stage).glob("shard-*.safetensors"))
+    sample_shards = shard_paths(store.root, sample_stage)
     prompts = sample_prompts(store.root, sample_stage)
-    stage = store.stage(stage_name, {"reward": reward.spec, "batch_size": getattr(reward, "batch_size", None)},
-                        {"sample": samples, "reward_identity": getattr(reward, "identity", reward.spec)},
-                        num_shards=len(sample_shards))
-    if barrier is not None:
-        barrier()
-    if not stage.done:
-        mine = [k for k in range(len(sample_shards)) if k % num_processes == process_index and not stage.shard_done(k)]
+    task = None
+
+    def todo(mine: list[int]) -> None:
+        nonlocal task
         task = bar.add_task(f"scoring ({reward.name})", total=len(mine), unit="shard")
-        for k in mine:
-            shard = read_shard(sample_shards[k], "index", "images", "prompt_index")  # not samples/captured
-            images = shard["images"].permute(0, 3, 1, 2).float() / 255.0
-            scores = reward(images, shard_prompts(shard, prompts))  # checked: one finite score per image
-            with stage.write_shard(k) as tmp:
-                save_file({"index": shard["index"], "reward": scores.double().contiguous()}, str(tmp))
-            bar.advance(task, 1)
-        if barrier is not None:
-            barrier()
-        if store.is_main:
-            missing = [k for k in range(len(sample_shards)) if not stage.shard_done(k)]
-            if missing:
-                raise PgraftError(f"score shards {missing[:5]} are missing; re-run to resume")
-            stage.finish([stage.shard_path(k) for k in range(len(sample_shards))])
-        if barrier is not None:
-            barrier()  # the others read the finished stage next
+
+    def work(k: int) -> dict[str, Tensor]:
+        shard = read_shard(sample_shards[k], "index", "images", "prompt_index")  # not samples/captured
+        images = shard["images"].permute(0, 3, 1, 2).float() / 255.0
+        scores = reward(images, shard_prompts(shard, prompts))  # checked: one finite score per image
+        bar.advance(task, 1)
+        return {"index": shard["index"], "reward": scores.double().contiguous()}
+
+    store.run_sharded(stage_name, {"reward": reward.spec, "batch_size": getattr(reward, "batch_size", None)},
+                      {"sample": samples, "reward_identity": getattr(reward, "identity", reward.spec)},
+                      len(sample_shards), work, Dist(process_index, num_processes, barrier), todo=todo)
     return load_rewards(store.root, stage_name)[1]
 
 
 def load_rewards(run_dir: Path, stage_name: str = STAGE) -> tuple[Tensor, Tensor]:
     """``(index, reward)`` of a score stage, in index order."""
-    from .sample import stage_tensors
-
     found = stage_tensors(run_dir, stage_name, "index", "reward")
     if not found:
         raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft score {run_dir} --reward R` first")

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import PgraftError
-from .runstore import sha256_file
+from ..errors import PgraftError
+from ..io.runstore import sha256_file
 
 VQA_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
 T2V_DEFAULT_MODEL = "clip-flant5-xxl"  # t2v_metrics' recommended VQAScore model
@@ -203,7 +203,7 @@ def classifier_reward(args: Optional[str], device: str, spec: str) -> Reward:
     if not path.is_file():
         raise RewardError(f"reward {spec}: no classifier file {path_text!r}; pass a pgraft classifier "
                           f".safetensors, 'digits' for the bundled one or 'judge' for the bundled judge ({usage})")
-    from .nets import load_classifier
+    from ..io.checkpoints import load_classifier
 
     try:
         model = load_classifier(path)
@@ -287,13 +287,13 @@ def _local_folder(args: Optional[str], env: str, spec: str, example: str) -> Opt
 def _folder_digest(path: Path) -> str:
     """``sha256=`` of a model folder's files (weights, configs, tokenizer): the same files anywhere, the
     same digest; new weights at the same path, a new one. Reads the folder once (about 1 s per GB)."""
-    from .checkpoints import identity_of
+    from ..io.checkpoints import identity_of
 
     return f"sha256={identity_of(path)}"
 
 
 def _load_pretrained(cls: Any, path: Path, spec: str, **kwargs: Any) -> Any:
-    from .checkpoints import _quiet_loading, _short
+    from ..io.checkpoints import _quiet_loading, _short
 
     try:
         with _quiet_loading():

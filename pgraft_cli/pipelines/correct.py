@@ -1,0 +1,72 @@
+"""``pgraft correct``: invert -> train_corrector -> evaluate base vs corrected, then the corrected file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import PgraftError
+from .skeleton import Options, Verb, default_run_dir, real_data, references, resolve_recipe, start
+
+
+@dataclass
+class CorrectOptions(Options):
+    """What ``pgraft correct`` takes besides MODEL (None: the recipe's value)."""
+
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+    out: Optional[Path] = None
+    steps: Optional[int] = None
+    features: Optional[str] = None
+    inception_weights: Optional[str] = None
+    recipe: str = "inverse-noise"
+
+
+def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+    """Inverse noise correction of MODEL; the summary, the gate results, and labels for the terminal."""
+    from ..io.checkpoints import save_corrected
+    from ..io.recipes import SampleConfig
+    from ..report.gates import gate_metrics, gate_names, parse_gates
+    from ..stages.correct import check_correctable, run_invert, run_train_corrector
+    from ..stages.evaluate import evaluate_model, pick_features
+
+    gates = parse_gates(o.fail_if, gate_names("correct"))
+    rec = resolve_recipe(o.recipe, o.sets, correct__base_steps=o.steps, evaluate__features=o.features,
+                         evaluate__inception_weights=o.inception_weights)
+    verb: Verb = start("correct", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
+    loaded, dev = verb.model, verb.device
+    if loaded.corrector is not None:
+        raise PgraftError(f"{model} is already a corrected model; pass its base model to correct it again")
+    check_correctable(loaded)
+    rows, data_id = real_data(loaded, o.data, rows=True)  # the inversion reads the rows of its undone shards
+    run_dir = o.run_dir or default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
+    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
+    with verb.run_dir(run_dir) as store:
+        bar = verb.bar
+        noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane, store, bar)
+        corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
+                                              store, bar, device=dev)
+        eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
+                                batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+        real, _ = real_data(loaded, o.data)  # streamed into the reference features
+        fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
+        also = {k: v for k, v in refs.items() if k != fid_data}
+        base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
+                                      rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
+        loaded.corrector = corrector.to(dev)
+        corr_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-corrected",
+                                      rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
+        loaded.corrector = None
+        metrics = {"base": base_metrics, "corrected": corr_metrics, "inversion": inv,
+                   "corrector": {k: v for k, v in info.items() if k != "loss_curve"}, "data": data_id,
+                   "fid_data": fid_data}
+        target = o.out or store.root / "corrected.safetensors"
+        save_corrected(target, corrector, loaded, metrics, rec.to_dict(), {"run_dir": str(store.root), "device": dev})
+        store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve")})
+    summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
+               "seconds": round(verb.seconds, 2), **metrics}
+    results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), out=target)
+    labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "corrector_steps": corrector.steps,
+              "inversion_tol": rec.correct.inversion_tol}
+    return summary, results, labels

@@ -1,0 +1,57 @@
+"""``pgraft sample``: the sample stage into a run directory, then the PNGs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from .skeleton import Options, Verb, corrector_steps, default_run_dir, prompt_list, resolve_recipe, start
+
+
+@dataclass
+class SampleOptions(Options):
+    """What ``pgraft sample`` takes besides MODEL (None: the recipe's value)."""
+
+    num: Optional[int] = None
+    seed: Optional[int] = None
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    out: Optional[Path] = None
+    prompt: Optional[list[str]] = None
+    prompts: Optional[Path] = None
+    class_label: Optional[int] = None
+    capture_at: Optional[float] = None
+    guidance_scale: Optional[float] = None
+    base: Optional[str] = None
+
+
+def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
+    """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
+    from ..stages.sample import Conditions, check_conditions, export_pngs, run_sample, stage_config
+
+    rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
+                         sample__batch_size=o.batch_size, sample__capture_at=o.capture_at,
+                         sample__guidance_scale=o.guidance_scale)
+    cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None, class_label=o.class_label)
+    verb: Verb = start("sample", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
+    loaded = verb.model
+    if loaded.corrector is not None:  # one corrector per base step count
+        rec.sample.steps = corrector_steps(loaded, o.steps, "sample")
+    check_conditions(loaded, cond)
+    run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
+    with verb.run_dir(run_dir) as store:
+        dist = verb.dist
+        result = run_sample(loaded, rec.sample, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)
+        if not verb.is_main:
+            return None
+        target = o.out or store.root / "images"
+        written = export_pngs(store.root, target, {**result.settings, "prompts": cond.prompts, "model": loaded.source,
+                                                   "model_identity": loaded.identity, "pgraft_version": __version__})
+    return {
+        "run_dir": str(store.root), "out": str(target), "num": written, "generated_now": result.generated,
+        "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 2),
+        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": rec.sample.lane,
+        "processes": dist.size, "device": verb.device,
+    }

@@ -1,0 +1,226 @@
+"""The skeleton every verb runs: recipe, process state, model, device, run directory, stages, report, gates.
+
+A verb is ``start`` (recipe, accelerate's process state, the model loaded and placed on its device),
+then ``with verb.run_dir(path)`` (the run store, ``recipe.toml`` written by the main process, progress
+bars) around its stages, then ``verb.conclude`` (report.html and the ``--fail-if`` gates). Each verb's
+module in this package only fills in its stages and what it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from ..errors import PgraftError
+from ..io.recipes import Recipe, dump_recipe, load_recipe
+from ..io.runstore import MANIFEST, Dist, RunStore, atomic_write_text
+from ..models.loaded import LoadedModel
+
+
+def resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Recipe:
+    """Recipe file, then ``--set`` overrides, then explicit flags (``section__key=value``; None: not given)."""
+    overrides = list(sets or [])
+    for name, value in flags.items():
+        if value is None:
+            continue
+        section, key = name.split("__")
+        overrides.append(f"{section}.{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return load_recipe(recipe, overrides)
+
+
+def load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool, recipe: Recipe,
+         base: Optional[str] = None) -> LoadedModel:
+    """MODEL as ``--config``, ``--kind`` (else the recipe's model.kind), ``--allow-pickle`` and ``--base`` say."""
+    from ..io.checkpoints import load_model
+
+    if kind is not None and kind not in ("flow", "diffusion", "auto"):
+        raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
+    return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle, base=base)
+
+
+def process_state(recipe: Recipe, override: Optional[str]) -> Any:
+    """accelerate's process state; CPU-only machines get the gloo backend (cpu=True)."""
+    import torch
+    from accelerate import PartialState
+
+    want = override or recipe.model.device
+    return PartialState(cpu=want == "cpu" or not torch.cuda.is_available())
+
+
+def pick_device(recipe: Recipe, override: Optional[str], state: Any) -> str:
+    import torch
+
+    want = override or recipe.model.device
+    if want == "auto":
+        return str(state.device)
+    if want == "cuda" and not torch.cuda.is_available():
+        raise PgraftError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    if want == "cuda" and state.num_processes > 1:
+        return str(state.device)
+    return want
+
+
+def default_run_dir(verb: str, payload: dict[str, Any]) -> Path:
+    """``pgraft-runs/<verb>-<hash of what the verb's results depend on>``: the same command resumes it."""
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path("pgraft-runs") / f"{verb}-{digest}"
+
+
+def prompt_list(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str]:
+    """``--prompt`` values, then the lines of the ``--prompts`` file."""
+    out = list(prompt or [])
+    if prompts is not None:
+        if not prompts.is_file():
+            raise PgraftError(f"--prompts {prompts}: no such file; pass a text file with one prompt per line")
+        out += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+    return out
+
+
+def real_data(loaded: LoadedModel, data: Optional[str], rows: bool = False) -> tuple[Any, str]:
+    """The ``--data`` images (or the model's own data set), never all at once: streamed in batches
+    (``iter_data``), or as ``rows`` read by range on demand (``data_rows``)."""
+    from ..io.data import data_rows, iter_data
+
+    spec = data or loaded.default_data
+    if not spec:
+        raise PgraftError(f"{loaded.source} names no data set of its own; pass --data (an image folder, .npz or alias)")
+    return (data_rows if rows else iter_data)(spec, loaded.image_shape), spec
+
+
+def references(loaded: LoadedModel, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,
+               feats: Any, kid_subsets: int) -> tuple[str, dict[str, Any]]:
+    """FID references by name, the one ``fid``/``kid`` (and gates) use first: ``--eval-data``, else
+    the model's ``default_eval_data`` when ``--data`` is not given, else the data itself."""
+    from ..io.data import iter_data
+    from ..stages.evaluate import reference
+
+    spec = eval_data or (None if data else loaded.default_eval_data)
+    refs = {}
+    if spec and spec != data_id:
+        try:
+            batches = iter_data(spec, loaded.image_shape)
+        except PgraftError as exc:  # the same checks as --data, named after the option the user gave
+            raise PgraftError(str(exc).replace("--data", "--eval-data", 1)) from None
+        refs[spec] = reference(feats, batches, kid_subsets)
+    refs[data_id] = reference(feats, real, kid_subsets)
+    return next(iter(refs)), refs
+
+
+def reward_from(spec: Optional[str], device: str = "cpu", batch_size: Optional[int] = None) -> Any:
+    from ..stages.rewards import parse_reward
+
+    if not spec:
+        raise PgraftError("no reward given; pass --reward NAME[:ARGS] (e.g. --reward classifier:digits:3) or set score.reward")
+    reward = parse_reward(spec, device=device)
+    if batch_size is not None:
+        reward.batch_size = batch_size
+    return reward
+
+
+def open_run(run_dir: Path) -> RunStore:
+    """An existing run directory (of ``pgraft sample``), for the verbs that continue one."""
+    if not (run_dir / MANIFEST).is_file():
+        raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a `pgraft sample` run")
+    return RunStore(run_dir)
+
+
+def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str) -> int:
+    """The base steps a corrected model runs at: it is fitted for one count, so another is refused."""
+    assert model.corrector is not None
+    if steps is not None and steps != model.corrector.base_steps:
+        raise PgraftError(f"{model.source} was fitted for {model.corrector.base_steps} base steps, not {steps}; "
+                          f"pass --steps {model.corrector.base_steps} or {verb} the base model")
+    return model.corrector.base_steps
+
+
+@dataclass
+class Options:
+    """What every verb that loads a model takes (None: the recipe's value); each verb adds its own."""
+
+    recipe: str = "default"
+    sets: Optional[list[str]] = None
+    run_dir: Optional[Path] = None
+    config: Optional[str] = None
+    kind: Optional[str] = None
+    allow_pickle: bool = False
+    device: Optional[str] = None
+    quiet: bool = False
+    fail_if: Optional[list[str]] = None
+
+
+@dataclass
+class Verb:
+    """One run of a verb: its recipe, processes, model and device, then its run store and progress bar."""
+
+    name: str
+    recipe: Recipe
+    state: Any
+    model: LoadedModel
+    device: str
+    quiet: bool
+    started: float = field(default_factory=time.perf_counter)
+    store: Optional[RunStore] = None
+    bar: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def dist(self) -> Dist:
+        n = self.state.num_processes
+        return Dist(self.state.process_index, n, self.state.wait_for_everyone if n > 1 else None)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    @contextlib.contextmanager
+    def run_dir(self, path: Path) -> Iterator[RunStore]:
+        """The run store (locked by the main process, which also writes ``recipe.toml``), with progress bars."""
+        from ..report.ui import note, progress
+
+        show = not self.quiet and self.is_main
+        with RunStore(path, is_main=self.is_main) as store:
+            if self.is_main:
+                atomic_write_text(store.root / "recipe.toml", dump_recipe(self.recipe))
+            note(f"run directory: {store.root}", quiet=not show)
+            self.store = store
+            with progress(show) as bar:
+                self.bar = bar
+                yield store
+
+    def conclude(self, summary: dict[str, Any], gates: list[Any], gate_values: dict[str, Any],
+                 out: Optional[Path] = None) -> list[Any]:
+        """Write report.html into the summary, and check the gates on ``gate_values`` (recorded when any)."""
+        from ..report.gates import check_gates
+        from ..report.html import render_report
+
+        assert self.store is not None
+        run = {"verb": self.name, "device": self.device, "seconds": round(self.seconds, 2),
+               **({"out": str(out)} if out is not None else {})}
+        summary["report"] = str(render_report(self.store.root, run=run))
+        results = check_gates(gates, gate_values)
+        if results:
+            summary["gates"] = [r.to_dict() for r in results]
+        return results
+
+
+def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool,
+          device: Optional[str], quiet: bool, base: Optional[str] = None) -> Verb:
+    """The process state, then MODEL loaded and placed on its device in the recipe's dtype."""
+    import torch
+
+    started = time.perf_counter()
+    state = process_state(recipe, device)
+    loaded = load(model, config, kind, allow_pickle, recipe, base)
+    dev = pick_device(recipe, device, state)
+    loaded.to(dev, getattr(torch, recipe.model.dtype))
+    if loaded.corrector is not None:
+        loaded.corrector.to(dev)
+    return Verb(verb, recipe, state, loaded, dev, quiet, started)
