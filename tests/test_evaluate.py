@@ -170,7 +170,9 @@ def test_evaluate_model_streams_shards_and_matches_features_of_all_images(tmp_pa
                              "sample", kid_subsets=4)
         whole = distances(feats(load_images(store.root)), feats(load_data("digits", (1, 16, 16))), kid_subsets=4)
     assert out["num"] == 70 and out["warnings"] == []
-    assert out["fid"] == pytest.approx(whole["fid"], rel=1e-9) and out["kid"] == pytest.approx(whole["kid"], rel=1e-9)
+    # the features come from batches of another size, and with torch's default threads the
+    # classifier's float32 sums differ in their last bits; FID's eigenvalues amplify that to ~3e-9
+    assert out["fid"] == pytest.approx(whole["fid"], rel=1e-7) and out["kid"] == pytest.approx(whole["kid"], rel=1e-7)
 
 
 def test_evaluate_with_one_sample_is_one_error_line(tmp_path):

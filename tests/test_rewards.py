@@ -139,7 +139,8 @@ def test_classifier_from_a_path_and_batching(digits):
     one = parse_reward(f"classifier:{CLASSIFIER_PATH}:7")(images)
     small = parse_reward(f"classifier:{CLASSIFIER_PATH}:7")
     small.batch_size = 8
-    torch.testing.assert_close(small(images), one, atol=1e-6, rtol=0)
+    # float32 log-probabilities (|value| up to ~15) from batches of another size: a few ulp apart
+    torch.testing.assert_close(small(images), one, atol=1e-5, rtol=0)
     assert small.spec == f"classifier:{CLASSIFIER_PATH}:7" and not small.needs_prompts
     # the identity (for stage keys) follows the file's content, not how it was named
     assert small.identity == parse_reward("classifier:digits:7").identity != parse_reward("classifier:digits:3").identity
