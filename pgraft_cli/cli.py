@@ -403,18 +403,27 @@ def finetune(
     _show_finetune(finetune_pipeline(model, _options(FinetuneOptions, locals())), as_json, quiet)
 
 
-def _show_finetune(outcome: Optional[tuple[dict[str, Any], list[Any]]], as_json: bool, quiet: bool) -> None:
+def _show(outcome: Optional[tuple[Any, ...]], as_json: bool, quiet: bool, render: Any) -> None:
+    """A verb's summary as JSON or ``render(summary)``, then its gates (nothing on other processes)."""
     if outcome is None:  # another process of a multi-process run
         return
-    summary, results = outcome
+    summary, results = outcome[0], outcome[1]
     if as_json:
         print(json.dumps(summary, sort_keys=True, default=float))
     elif not quiet:
-        from .report.ui import finetune_report, out as console
-
-        console.print(finetune_report(summary))
-        _wrote(summary)
+        render(summary)
     _gates_verdict(results, quiet=quiet or as_json)
+
+
+def _render_finetune(summary: dict[str, Any]) -> None:
+    from .report.ui import finetune_report, out as console
+
+    console.print(finetune_report(summary))
+    _wrote(summary)
+
+
+def _show_finetune(outcome: Optional[tuple[dict[str, Any], list[Any]]], as_json: bool, quiet: bool) -> None:
+    _show(outcome, as_json, quiet, _render_finetune)
 
 
 def _wrote(summary: dict[str, Any]) -> None:
@@ -470,17 +479,16 @@ def correct(
     _show_correct(correct_pipeline(model, _options(CorrectOptions, locals())), as_json, quiet)
 
 
-def _show_correct(outcome: tuple[dict[str, Any], list[Any], dict[str, Any]], as_json: bool, quiet: bool) -> None:
-    summary, results, labels = outcome
-    if as_json:
-        print(json.dumps(summary, sort_keys=True, default=float))
-    elif not quiet:
+def _show_correct(outcome: Optional[tuple[dict[str, Any], list[Any], dict[str, Any]]], as_json: bool,
+                  quiet: bool) -> None:
+    def render(summary: dict[str, Any]) -> None:
         from .report.ui import correct_report, out as console
 
-        for part in correct_report(summary, labels):
+        for part in correct_report(summary, outcome[2]):
             console.print(part)
         _wrote(summary)
-    _gates_verdict(results, quiet=quiet or as_json)
+
+    _show(outcome, as_json, quiet, render)
 
 
 @app.command()
@@ -526,22 +534,19 @@ def evaluate(
     from .pipelines.evaluate import EvaluateOptions, evaluate as evaluate_pipeline
 
     outcome = evaluate_pipeline(model, _options(EvaluateOptions, locals()))
-    if outcome is None:  # another process of a multi-process run
-        return
-    summary, results = outcome
-    if as_json:
-        print(json.dumps(summary, sort_keys=True, default=float))
-    elif not quiet:
-        from .report.ui import metrics_table, out as console
+    _show(outcome, as_json, quiet, lambda summary: _render_evaluate(model, summary))
 
-        label = "corrected" if summary["corrected"] else (
-            f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
-        console.print(metrics_table(f"evaluate {model} against {summary['fid_data']} (features {summary['features']})",
-                                    [(f"{label} ({summary['steps']} steps)", summary)]))
-        if summary.get("reward"):
-            console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
-        console.print(f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}")
-    _gates_verdict(results, quiet=quiet or as_json)
+
+def _render_evaluate(model: str, summary: dict[str, Any]) -> None:
+    from .report.ui import metrics_table, out as console
+
+    label = "corrected" if summary["corrected"] else (
+        f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
+    console.print(metrics_table(f"evaluate {model} against {summary['fid_data']} (features {summary['features']})",
+                                [(f"{label} ({summary['steps']} steps)", summary)]))
+    if summary.get("reward"):
+        console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
+    console.print(f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}")
 
 
 # ================================================================================================
