@@ -205,3 +205,20 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny SD3 pipeline folder, shift 3.0, no T5 (built once per session; do not modify)."""
     return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+@pytest.fixture
+def streamed_digits_file(tmp_path, monkeypatch):
+    """A 300-image .safetensors data file, the sizes of every read of it (``_check`` sees each
+    batch), and ``load_data`` made to fail: a verb given it must read it batch by batch."""
+    from safetensors.torch import save_file
+
+    import pgraft_cli.io.data as data_mod
+
+    path = tmp_path / "digits.safetensors"
+    save_file({"images": data_mod.load_digits(split="train")[0][:300].contiguous()}, str(path))
+    read_sizes: list[int] = []
+    check = data_mod._check
+    monkeypatch.setattr(data_mod, "_check", lambda images, *a: read_sizes.append(len(images)) or check(images, *a))
+    monkeypatch.setattr(data_mod, "load_data", lambda *a: pytest.fail("load_data read the whole data set"))
+    return path, read_sizes

@@ -399,19 +399,10 @@ def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_b
     assert reads == [(0, 24), (8, 16)] and torch.equal(again, whole)
 
 
-def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, monkeypatch):
+def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, streamed_digits_file):
     """`pgraft correct` never loads the data set at once: `load_data` may not be called, and no read
     of the 300-image file holds more than a 256-image batch (inversion shards are 64)."""
-    from safetensors.torch import save_file
-
-    import pgraft_cli.io.data as data_mod
-
-    path = tmp_path / "digits.safetensors"
-    save_file({"images": load_digits(split="train")[0][:300].contiguous()}, str(path))
-    read_sizes = []
-    check = data_mod._check
-    monkeypatch.setattr(data_mod, "_check", lambda images, *a: read_sizes.append(len(images)) or check(images, *a))
-    monkeypatch.setattr(data_mod, "load_data", lambda *a: pytest.fail("load_data read the whole data set"))
+    path, read_sizes = streamed_digits_file
     result = runner.invoke(app, ["correct", "digits", "--data", str(path), "--run-dir", str(tmp_path / "run"), "--json",
                                  *SMALL, "--set", "correct.invert_shard_size=64", "--set", "correct.corrector_train_steps=2"])
     assert result.exit_code == 0, result.output

@@ -189,19 +189,9 @@ def test_finetune_under_accelerate_with_two_processes(tmp_path):
     assert load_model(str(out)).tuned is not None
 
 
-def test_finetune_streams_its_fid_reference_and_never_loads_the_whole_data_set(tmp_path, monkeypatch):
+def test_finetune_streams_its_fid_reference_and_never_loads_the_whole_data_set(tmp_path, streamed_digits_file):
     """`--data` only feeds the FID reference: read in batches of at most 256 images, `load_data` never."""
-    from safetensors.torch import save_file
-
-    import pgraft_cli.io.data as data_mod
-    from pgraft_cli.io.data import load_digits
-
-    path = tmp_path / "digits.safetensors"
-    save_file({"images": load_digits(split="train")[0][:300].contiguous()}, str(path))
-    read_sizes = []
-    check = data_mod._check
-    monkeypatch.setattr(data_mod, "_check", lambda images, *a: read_sizes.append(len(images)) or check(images, *a))
-    monkeypatch.setattr(data_mod, "load_data", lambda *a: pytest.fail("load_data read the whole data set"))
+    path, read_sizes = streamed_digits_file
     summary = _json(runner.invoke(app, ["finetune", "digits", "--reward", "classifier:digits:3", "--cutoff", "0.5",
                                         "--data", str(path), "--run-dir", str(tmp_path / "run"), "--json", *SMALL,
                                         "--set", "finetune.rounds=1"]))
