@@ -33,9 +33,5 @@ class RunStoreError(PgraftError):
     """The run directory is inconsistent with the requested work."""
 
 
-class NotYetAvailableError(PgraftError):
-    """A verb or stage whose implementation has not landed yet."""
-
-
 class OutputPathError(PgraftError):
     """An output path (--out, --run-dir) is the wrong kind of thing or cannot be written."""

@@ -236,9 +236,6 @@ class InversionInfo:
     iterations: Tensor  # (B,) int64
     residual: Tensor  # (B,) float64
 
-    def converged(self, tol: float) -> Tensor:
-        return self.residual < tol
-
 
 def invert(
     denoiser: Denoiser,
