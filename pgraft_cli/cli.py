@@ -109,6 +109,7 @@ FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'M
 RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, vqascore[:PATH], python:module:function.")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")]
+ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")]
 
 
 def _options(cls: type, given: dict[str, Any]) -> Any:
@@ -183,7 +184,7 @@ def sample(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_png_folder, help="Folder for the PNGs (00000.png ...) and sampler.json; default RUN_DIR/images.")] = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
-    class_label: Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")] = None,
+    class_label: ClassOpt = None,
     capture_at: Annotated[Optional[float], typer.Option("--capture-at", help="Also store each trajectory's state at this noise level (P-GRAFT's cutoff).")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models and class models with a null class.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected checkpoint, if not where it was.")] = None,
@@ -372,6 +373,7 @@ def finetune(
     eval_data: EvalDataOpt = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
+    class_label: ClassOpt = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,

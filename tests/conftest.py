@@ -195,6 +195,54 @@ def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0) -> Path:
     return folder
 
 
+def build_tiny_sdxl_pipeline(folder: Path) -> Path:
+    """An SDXL-layout pipeline folder: two CLIP encoders (hidden states concatenated to 64), the
+    second's pooled projection, six time ids; Euler scheduler as SDXL ships; 8x8 latents, 16x16 images."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
+                                in_channels=4, out_channels=4, cross_attention_dim=64, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = _tiny_vae(scaling_factor=0.13025)
+    tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(_clip_config()), tokenizer=tokenizer,
+                                     text_encoder_2=CLIPTextModelWithProjection(_clip_config()), tokenizer_2=tokenizer,
+                                     unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_dit_pipeline(folder: Path) -> Path:
+    """A DiT-layout pipeline folder: 1000 ImageNet classes plus the null class 1000, learned sigma
+    (8 output channels for 4 latent ones), DDIM trailing; 8x8 latents, 16x16 images."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+                ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SDXL pipeline folder (built once per session; do not modify)."""
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny DiT pipeline folder (built once per session; do not modify)."""
+    return build_tiny_dit_pipeline(tmp_path_factory.mktemp("dit") / "tiny-dit")
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny Stable Diffusion 1.x pipeline folder (built once per session; do not modify)."""

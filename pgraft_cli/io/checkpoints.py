@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import re
 import warnings
 from dataclasses import asdict
@@ -35,6 +36,7 @@ from .. import __version__
 from ..core.samplers import NoiseSchedule
 from ..errors import ModelLoadError, PgraftError, UnsafeFileError
 from ..models.corrector import NoiseCorrector
+from ..models.families import SUPPORTED_CLASSES, family_for, unsupported
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, add_lora, lora_state, set_lora_state
 from ..models.nets import ClassifierConfig, DigitsClassifier
@@ -44,7 +46,6 @@ from .runstore import atomic_path, content_key, sha256_file, state_digest
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ALIASES = {"digits": ASSETS / "digits-flow.safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
 FORMAT_VERSION = "1"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_COMMIT = re.compile(r"^hub:(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})$")  # a git commit, not a files hash
@@ -54,14 +55,25 @@ _HUB_COMMIT = re.compile(r"^hub:(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})$")  # a
 # Schedules from scheduler configs
 
 
-def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto") -> NoiseSchedule:
-    """The noise schedule a diffusers scheduler config describes (``kind`` overrides the family)."""
+def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
+                         image_seq_len: Optional[int] = None) -> NoiseSchedule:
+    """The noise schedule a diffusers scheduler config describes (``kind`` overrides the family).
+
+    A flow scheduler with ``use_dynamic_shifting`` (Flux) shifts by the sample's token count
+    ``image_seq_len`` (:func:`dynamic_shift`).
+    """
     name = scheduler_config.get("_class_name", "")
     T = int(scheduler_config.get("num_train_timesteps", 1000))
     detected = "flow" if "FlowMatch" in name else "diffusion"
     family = detected if kind == "auto" else kind
     if family == "flow":
         shift = float(scheduler_config.get("shift", 1.0)) if detected == "flow" else 1.0
+        for key in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                    "stochastic_sampling"):
+            if detected == "flow" and scheduler_config.get(key):
+                raise ModelLoadError(f"flow schedulers with {key} are not supported; pgraft samples the plain shifted grid")
+        if detected == "flow" and scheduler_config.get("use_dynamic_shifting"):
+            shift = dynamic_shift(scheduler_config, image_seq_len or 256)
         return NoiseSchedule.flow(T, shift)
     if scheduler_config.get("trained_betas") is not None:
         raise ModelLoadError("schedulers with trained_betas are not supported; use a beta_schedule")
@@ -79,6 +91,20 @@ def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto") -
         )
     except ValueError as exc:
         raise ModelLoadError(f"scheduler config not supported: {exc}") from None
+
+
+def dynamic_shift(scheduler_config: dict[str, Any], image_seq_len: int) -> float:
+    """The static shift ``s`` equal to a dynamically shifted flow scheduler's time shift.
+
+    diffusers interpolates ``mu`` linearly in the token count between ``(base_image_seq_len,
+    base_shift)`` and ``(max_image_seq_len, max_shift)``; its time shift ``e^mu / (e^mu + 1/t - 1)``
+    (exponential) or ``mu / (mu + 1/t - 1)`` (linear) is ``s t / (1 + (s - 1) t)`` with ``s = e^mu`` or ``mu``.
+    """
+    lo, hi = int(scheduler_config.get("base_image_seq_len", 256)), int(scheduler_config.get("max_image_seq_len", 4096))
+    base, top = float(scheduler_config.get("base_shift", 0.5)), float(scheduler_config.get("max_shift", 1.15))
+    m = (top - base) / (hi - lo)
+    mu = image_seq_len * m + (base - m * lo)
+    return mu if scheduler_config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
 def default_scheduler_config(kind: str) -> dict[str, Any]:
@@ -131,10 +157,8 @@ def model_key(model: LoadedModel) -> dict[str, Any]:
 
 
 def _network_class(name: str) -> type:
-    if name not in DENOISER_CLASSES:
-        raise ModelLoadError(
-            f"model class '{name}' is not supported; pgraft loads {', '.join(DENOISER_CLASSES)}"
-        )
+    if name not in SUPPORTED_CLASSES:
+        raise unsupported(name)
     import diffusers
 
     return getattr(diffusers, name)
@@ -172,26 +196,6 @@ def load_state(network: nn.Module, state: dict[str, torch.Tensor], source: str) 
     network.load_state_dict(state, strict=True)
 
 
-def _sample_shape(model_class: str, config: dict[str, Any]) -> tuple[int, int, int]:
-    size = config.get("sample_size", 64)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(config.get("in_channels", 4)), int(h), int(w))
-
-
-def _conditioning(model_class: str, config: dict[str, Any]) -> tuple[str, Optional[int]]:
-    if config.get("addition_embed_type") or config.get("class_embed_type") or (
-            model_class == "UNet2DConditionModel" and config.get("num_class_embeds")):
-        raise ModelLoadError(
-            f"this {model_class} takes extra conditioning (addition_embed_type/class_embed_type, as SDXL and "
-            f"upscalers do), which pgraft does not support; use SD 1.x/2.x, SD3 or a UNet2DModel"
-        )
-    if model_class in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-        return "text", None
-    if config.get("num_class_embeds"):
-        return "class", int(config["num_class_embeds"])
-    return "none", None
-
-
 def _null_class(metadata: dict[str, str], conditioning: str, num_classes: Optional[int], source: str) -> Optional[int]:
     """The "no class" label of a class model trained with label dropout (``pgraft.null_class``).
 
@@ -210,9 +214,12 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
               scheduler_config: dict[str, Any], kind: str, source: str, source_kind: str,
               identity: str, pipeline: Any = None, metadata: Optional[dict[str, str]] = None) -> LoadedModel:
     network.eval().requires_grad_(False)
-    conditioning, num_classes = _conditioning(model_class, model_config)
+    family = family_for(model_class, model_config)
+    conditioning, num_classes, null_class = family.conditioning(model_config)
     metadata = metadata or {}
-    null_class = _null_class(metadata, conditioning, num_classes, source)
+    if null_class is None:
+        null_class = _null_class(metadata, conditioning, num_classes, source)
+    shape = family.sample_shape(model_config, getattr(pipeline, "vae", None))
     provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
     if conditioning == "text" and pipeline is None:
         raise ModelLoadError(
@@ -221,12 +228,12 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
         )
     return LoadedModel(
         network=network,
-        schedule=schedule_from_config(scheduler_config, kind),
+        schedule=schedule_from_config(scheduler_config, kind, family.image_seq_len(model_config, shape)),
         model_class=model_class,
         model_config=dict(model_config),
         scheduler_config=dict(scheduler_config),
         conditioning=conditioning,  # type: ignore[arg-type]
-        sample_shape=_sample_shape(model_class, model_config),
+        sample_shape=shape,
         source=source,
         source_kind=source_kind,
         identity=identity,
@@ -650,6 +657,7 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "source": model.source,
         "source_kind": model.source_kind,
         "model_class": model.model_class,
+        "architecture": model.adapter.name,
         "family": model.family,
         "prediction_type": model.schedule.prediction_type,
         "conditioning": model.conditioning,

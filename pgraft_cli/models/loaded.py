@@ -16,28 +16,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..core.samplers import NoiseSchedule, above_cutoff
 from .corrector import NoiseCorrector
+from .families import Cond, Conditioning, Family, family_for
 from .lora import lora_state, set_lora_enabled
 
-Conditioning = Literal["none", "class", "text"]
-
-
-@dataclass
-class Cond:
-    """Per-batch conditioning: class labels, or encoded prompts (with the unconditional half)."""
-
-    class_labels: Optional[Tensor] = None
-    prompt_embeds: Optional[Tensor] = None
-    negative_prompt_embeds: Optional[Tensor] = None
-    pooled: Optional[Tensor] = None
-    negative_pooled: Optional[Tensor] = None
-    guidance_scale: float = 1.0
+__all__ = ["Cond", "Conditioning", "LoadedModel", "base_only", "tuned_identity"]
 
 
 @dataclass
@@ -83,7 +72,14 @@ class LoadedModel:
     @property
     def guided(self) -> bool:
         """Whether ``guidance_scale`` applies: text models, and class models with a null class."""
+        if not self.adapter.classifier_free:
+            return False
         return self.conditioning == "text" or (self.conditioning == "class" and self.null_class is not None)
+
+    @property
+    def adapter(self) -> Family:
+        """The family adapter that encodes, calls and decodes this network (``models/families``)."""
+        return family_for(self.model_class, self.model_config)
 
     @property
     def family(self) -> str:
@@ -138,8 +134,11 @@ class LoadedModel:
     # -- conditioning ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: Optional[list[str]], class_labels: Optional[list[int]],
-               guidance_scale: float) -> Cond:
-        """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders."""
+               guidance_scale: float, distilled_guidance: Optional[float] = None) -> Cond:
+        """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders.
+
+        ``distilled_guidance`` is the guidance input of a guidance-distilled network (Flux dev).
+        """
         device = self.device
         if self.conditioning == "class":
             assert class_labels is not None
@@ -148,16 +147,10 @@ class LoadedModel:
         if self.conditioning != "text":
             return Cond()
         assert prompts is not None and self.pipeline is not None
-        cfg = guidance_scale > 1.0
-        if self.model_class == "SD3Transformer2DModel":
-            pe, npe, pooled, npooled = self.pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            )
-            return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, pooled=pooled,
-                        negative_pooled=npooled, guidance_scale=guidance_scale)
-        pe, npe = self.pipeline.encode_prompt(prompts, device, 1, cfg)
-        return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale)
+        cond = self.adapter.encode_text(self.pipeline, prompts, device, self.guided and guidance_scale > 1.0,
+                                        self.sample_shape)
+        cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
+        return cond
 
     # -- the network in pgraft's convention -----------------------------------------------------
     def network_at(self, t: Tensor) -> nn.Module:
@@ -172,18 +165,9 @@ class LoadedModel:
             set_lora_enabled(self.network, above)
         return self.network
 
-    def _call(self, x: Tensor, timestep: Tensor, cond: Cond, embeds: Optional[Tensor],
-              pooled: Optional[Tensor], network: nn.Module) -> Tensor:
-        if self.model_class == "UNet2DModel":
-            out = network(x, timestep, class_labels=cond.class_labels).sample
-        elif self.model_class == "UNet2DConditionModel":
-            out = network(x, timestep, encoder_hidden_states=embeds).sample
-        elif self.model_class == "SD3Transformer2DModel":
-            out = network(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                          pooled_projections=pooled).sample
-        else:  # pragma: no cover - checkpoints.py only admits the classes above
-            raise TypeError(self.model_class)
-        # Learned-variance UNets predict (mean, variance) stacked on channels; keep the mean part.
+    def _call(self, x: Tensor, timestep: Tensor, cond: Cond, network: nn.Module) -> Tensor:
+        out = self.adapter.call(network, x, timestep, cond)
+        # Learned-variance networks predict (mean, variance) stacked on channels; keep the mean part.
         return out[:, : x.shape[1]]
 
     def guidance_at(self, t: Tensor, cond: Cond) -> float:
@@ -205,15 +189,8 @@ class LoadedModel:
         timestep = self.schedule.timestep(t).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
         scale = self.guidance_at(t, cond)
         if not self.guided or scale <= 1.0:
-            return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled, net)
-        pair, embeds, pooled = cond, None, None
-        if self.conditioning == "class":  # the null class is the unconditional branch
-            null = torch.full_like(cond.class_labels, self.null_class)
-            pair = Cond(class_labels=torch.cat([null, cond.class_labels]))
-        else:
-            embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
-            pooled = torch.cat([cond.negative_pooled, cond.pooled]) if cond.pooled is not None else None
-        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), pair, embeds, pooled, net)
+            return self._call(x, timestep, cond, net)
+        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), cond.guided_batch(self.null_class), net)
         uncond, conditional = both.chunk(2)
         return uncond + scale * (conditional - uncond)
 
@@ -221,21 +198,12 @@ class LoadedModel:
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         """Final model-space samples to images in [0, 1], shape (B, C, H, W)."""
-        if self.latent:
-            cfg = self.vae.config
-            latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-            x = self.vae.decode(latents.to(self.vae.dtype)).sample
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return ((self.adapter.decode(self.vae, x).float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, C, H, W) to model space (latents for a pipeline with a VAE)."""
-        x = images * 2.0 - 1.0
-        if self.latent:
-            cfg = self.vae.config
-            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
-            x = (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
-        return x
+        return self.adapter.encode_images(self.vae, images * 2.0 - 1.0)
 
 
 def tuned_identity(model: LoadedModel) -> str:

@@ -48,6 +48,7 @@ class FinetuneOptions(Options):
     eval_data: Optional[str] = None
     prompt: Optional[list[str]] = None
     prompts: Optional[Path] = None
+    class_label: Optional[int] = None
     recipe: str = "pgraft"
 
 
@@ -65,7 +66,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     gates = parse_gates(o.fail_if, gate_names("finetune"))
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward, finetune__cutoff=o.cutoff,
                          finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank)
-    cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None)
+    cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None, class_label=o.class_label)
     verb: Verb = start("finetune", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
     loaded, dev = verb.model, verb.device
     if loaded.corrector is not None or loaded.finetuned:
