@@ -134,6 +134,31 @@ def build_tiny_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=TOKENIZER_MAX_LENGTH)
 
 
+T5_CHARS = [chr(c) for c in range(32, 127)]
+T5_VOCAB = 3 + 2 * len(T5_CHARS) + 1
+
+
+def build_tiny_t5_tokenizer():
+    """A T5TokenizerFast over printable ASCII, bare and word-initial (unigram, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in T5_CHARS]
+    pieces += [("\u2581" + c, -1.0) for c in T5_CHARS] + [("\u2581", -1.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def build_tiny_t5_encoder(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+
+
 def _clip_config(hidden: int = 32, projection: int = 32):
     from transformers import CLIPTextConfig
 
@@ -229,6 +254,56 @@ def build_tiny_dit_pipeline(folder: Path) -> Path:
     DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
                 ).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_pixart_pipeline(folder: Path) -> Path:
+    """A PixArt-alpha-layout pipeline folder: T5 states with their attention mask, learned sigma,
+    DDIM trailing; 8x8 latents, 16x16 images."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=2, caption_channels=32, in_channels=4, out_channels=8,
+                                           cross_attention_dim=16, attention_bias=True, num_embeds_ada_norm=1000,
+                                           activation_fn="gelu-approximate", norm_type="ada_norm_single",
+                                           norm_elementwise_affine=False, norm_eps=1e-6)
+    PixArtAlphaPipeline(tokenizer=build_tiny_t5_tokenizer(), text_encoder=build_tiny_t5_encoder(), vae=_tiny_vae(),
+                        transformer=transformer, scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+                        ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_flux_pipeline(folder: Path, guidance_embeds: bool = True) -> Path:
+    """A Flux.1-layout pipeline folder (dev: guidance-distilled; ``guidance_embeds=False``: schnell):
+    CLIP pooled + T5 states, 2x2-packed 4-channel latents, dynamically shifted flow; 8x8 latents, 16x16 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    vae = _tiny_vae(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_clip_config()), tokenizer=tokenizer,
+                 text_encoder_2=build_tiny_t5_encoder(), tokenizer_2=build_tiny_t5_tokenizer(), transformer=transformer
+                 ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny PixArt-alpha pipeline folder (built once per session; do not modify)."""
+    return build_tiny_pixart_pipeline(tmp_path_factory.mktemp("pixart") / "tiny-pixart")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny guidance-distilled Flux pipeline folder (built once per session; do not modify)."""
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "tiny-flux")
 
 
 @pytest.fixture(scope="session")

@@ -540,9 +540,10 @@ def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity
     model_config = dict(network.config)
     model_config["_class_name"] = model_class
     vae = getattr(pipe, "vae", None)
-    if vae is not None and model_config.get("in_channels") != vae.config.latent_channels:
+    channels = family_for(model_class, model_config).sample_shape(model_config, vae)[0]
+    if vae is not None and channels != vae.config.latent_channels:
         raise ModelLoadError(
-            f"{source}: the {model_class} takes {model_config.get('in_channels')} input channels but the VAE makes "
+            f"{source}: the {model_class} takes {channels} latent channels but the VAE makes "
             f"{vae.config.latent_channels} (an inpainting or image-conditioned pipeline); pgraft loads text-to-image "
             f"pipelines only"
         )

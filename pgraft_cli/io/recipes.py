@@ -55,6 +55,8 @@ class SampleConfig:
     batch_size: int = 64
     lane: int = 16
     guidance_scale: float = 5.0
+    # the guidance input of guidance-distilled networks (Flux dev), which take no classifier-free guidance
+    distilled_guidance: float = 3.5
     capture_at: Optional[float] = None
 
     def validate(self) -> None:

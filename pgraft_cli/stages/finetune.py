@@ -105,11 +105,12 @@ def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.O
     return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
-    """The batch's conditioning, unguided: training fits the conditional branch only (see models.py)."""
+def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor, distilled_guidance: Optional[float]) -> Cond:
+    """The batch's conditioning, unguided: training fits the conditional branch only (see models.py);
+    a guidance-distilled network (Flux dev) trains at the distilled guidance its samples were drawn with."""
     labels = kept.class_labels[idx].tolist() if kept.class_labels is not None else None
     prompts = [kept.prompts[i] for i in idx.tolist()] if kept.prompts is not None else None
-    return model.encode(prompts, labels, guidance_scale=1.0)
+    return model.encode(prompts, labels, guidance_scale=1.0, distilled_guidance=distilled_guidance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
 
 
 def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: RunStore, bar: Any,
-                 stage_name: str = STAGE, round_index: int = 1, barrier: Any = None) -> dict[str, Any]:
+                 stage_name: str = STAGE, round_index: int = 1, barrier: Any = None,
+                 distilled_guidance: Optional[float] = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one round's fine-tune; leaves ``model`` composed and tuned.
 
     Each optimizer step draws its batch, noise and times from a generator seeded by
@@ -135,7 +137,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     else:
         y, t_c = kept.y, kept.t_c
     lora = cfg.lora_rank > 0
-    config = {**asdict(cfg), "round": round_index, "t_c": t_c}
+    config = {**asdict(cfg), "round": round_index, "t_c": t_c,
+              **({"distilled_guidance": distilled_guidance} if distilled_guidance is not None else {})}
     for unrelated in ("rounds", "checkpoint_every", "tuned_guidance"):  # they do not change this round's weights
         config.pop(unrelated)
     stage = store.stage(stage_name, config, {"model": model_key(model), "kept": kept.digest()})
@@ -178,7 +181,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
             e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)
             t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)
             x_t, target = intermediate_target(schedule, y[idx].double(), e.double(), t, t_c)
-            cond = _conditions(model, kept, idx)
+            cond = _conditions(model, kept, idx, distilled_guidance)
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(net):
                 with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
@@ -280,7 +283,8 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
         summary = main_first(store, barrier, lambda: run_filter(store, recipe.filter, names["sample"], names["score"],
                                                                 names["filter"]))
         kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
-        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier)
+        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier,
+                              None if model.adapter.classifier_free else recipe.sample.distilled_guidance)
         model.identity = tuned_identity(model)
         fid = None
         if fid_of is not None and store.is_main:
@@ -303,7 +307,8 @@ def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, featu
 
     cfg = SampleConfig(num=recipe.evaluate.num, seed=recipe.evaluate.seed,
                        steps=recipe.evaluate.steps or recipe.sample.steps, batch_size=recipe.sample.batch_size,
-                       lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale)
+                       lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale,
+                       distilled_guidance=recipe.sample.distilled_guidance)
     common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=refs.get(fid_data) if fid_data else None,
                   also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward)
     with base_only(model):

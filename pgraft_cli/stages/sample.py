@@ -113,13 +113,16 @@ def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dic
     where the model is guided (elsewhere the sampler never reads it). The model itself is keyed by
     :func:`checkpoints.model_key` among the stage's inputs.
     """
-    return {
+    config = {
         **asdict(cfg), "guidance_scale": cfg.guidance_scale if model.guided else None, "family": model.family, "prediction_type": model.schedule.prediction_type,
         "grid": "flow-euler" if model.family == "flow" else "ddim-trailing", "shift": model.schedule.shift,
         "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,
         "corrector": None if model.corrector is None else {
             "type": model.corrector.kind, "steps": model.corrector.steps, "base_steps": model.corrector.base_steps},
     }
+    if model.adapter.classifier_free:  # only guidance-distilled networks read it
+        config.pop("distilled_guidance")
+    return config
 
 
 def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indices: list[int],
@@ -134,7 +137,8 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
         noise = initial_noise(cfg.seed, members, model.sample_shape).to(model.device, model.dtype)
         if model.corrector is not None:  # inverse noise correction: e -> corrector -> base sampler
             noise = model.corrector(noise)
-        c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale)
+        c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale,
+                         distilled_guidance=cfg.distilled_guidance)
         real = sum(1 for i in members if indices[0] <= i <= indices[-1])
         x, captured = run_sampler(
             lambda x, t: model.predict(x, t, c), model.schedule, noise, grid,

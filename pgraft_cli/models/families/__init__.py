@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import ModelLoadError
-from . import dit, sd, sd3, sdxl, unet2d
+from . import dit, flux, pixart, sd, sd3, sdxl, unet2d
 from .base import Cond, Conditioning, Family
 
-_MODULES = (unet2d, sd, sdxl, sd3, dit)
+_MODULES = (unet2d, sd, sdxl, sd3, flux, pixart, dit)
 FAMILIES: dict[str, list[Family]] = {}
 for _module in _MODULES:
     FAMILIES.setdefault(_module.FAMILY.network_class, []).append(_module.FAMILY)
