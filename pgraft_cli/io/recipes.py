@@ -46,20 +46,23 @@ class SampleConfig:
     Image ``i`` is computed from noise seeded by ``(seed, i)`` inside lane ``i // lane``: the network
     always sees whole lanes of ``lane`` images, so an image does not depend on ``num``, on
     ``batch_size`` (images per shard: the unit of work that is committed and resumed) or on the
-    number of processes. Raise ``lane`` for throughput on a GPU; images then change once.
+    number of processes. ``lane = "auto"`` (the default) picks ``min(16, num)`` (a small run does
+    no padded work), a divisor of ``batch_size`` when there are several shards, and on a GPU at most
+    what fits its free memory; the lane used is written to the run's settings. A fixed ``lane = N``
+    keeps an image's bytes independent of ``num`` too; raise it for throughput on a GPU.
     """
 
     num: int = 64
     seed: int = 0
     steps: int = 32
     batch_size: int = 64
-    lane: int = 16
+    lane: int | Literal["auto"] = "auto"
     guidance_scale: float = 5.0
     capture_at: Optional[float] = None
 
     def validate(self) -> None:
-        _positive(self, "sample", "num", "steps", "batch_size", "lane")
-        if self.batch_size % self.lane:
+        _positive(self, "sample", "num", "steps", "batch_size", *(() if self.lane == "auto" else ("lane",)))
+        if self.lane != "auto" and self.batch_size % self.lane:
             lo = max(self.lane, self.batch_size - self.batch_size % self.lane)
             raise RecipeError(
                 f"sample.batch_size ({self.batch_size}) must be a multiple of sample.lane "

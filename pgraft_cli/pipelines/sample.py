@@ -29,7 +29,7 @@ class SampleOptions(Options):
 
 def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
     """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
-    from ..stages.sample import Conditions, check_conditions, export_pngs, run_sample, stage_config
+    from ..stages.sample import Conditions, check_conditions, export_pngs, resolve_lane, run_sample, stage_config
 
     rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
                          sample__batch_size=o.batch_size, sample__capture_at=o.capture_at,
@@ -40,6 +40,7 @@ def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
     if loaded.corrector is not None:  # one corrector per base step count
         rec.sample.steps = corrector_steps(loaded, o.steps, "sample")
     check_conditions(loaded, cond)
+    rec.sample = resolve_lane(loaded, rec.sample)
     run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
     with verb.run_dir(run_dir) as store:
         dist = verb.dist
