@@ -323,7 +323,7 @@ def test_cli_bad_set_is_one_error_line_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--set", "model.kind=flwo"], "did you mean 'flow'"),
     (["--recipe", "pgraf"], "did you mean 'pgraft'"),
-    (["--batch-size", "20"], "multiple of sample.lane"),
+    (["--batch-size", "20", "--set", "sample.lane=16"], "multiple of sample.lane"),
 ])
 def test_cli_recipe_errors(tmp_path, args, needle):
     result = cli("sample", "digits", *args, "--run-dir", str(tmp_path / "run"), cwd=tmp_path)

@@ -40,11 +40,11 @@ def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
     if loaded.corrector is not None:  # one corrector per base step count
         rec.sample.steps = corrector_steps(loaded, o.steps, "sample")
     check_conditions(loaded, cond)
-    rec.sample = resolve_lane(loaded, rec.sample)
-    run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
+    cfg = resolve_lane(loaded, rec.sample)  # the recipe keeps "auto"; the lane used goes in the settings
+    run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, cfg, cond)})
     with verb.run_dir(run_dir) as store:
         dist = verb.dist
-        result = run_sample(loaded, rec.sample, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)
+        result = run_sample(loaded, cfg, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)
         if not verb.is_main:
             return None
         target = o.out or store.root / "images"
@@ -53,6 +53,6 @@ def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
     return {
         "run_dir": str(store.root), "out": str(target), "num": written, "generated_now": result.generated,
         "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 2),
-        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": rec.sample.lane,
+        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": cfg.lane,
         "processes": dist.size, "device": verb.device,
     }
