@@ -369,7 +369,7 @@ def finetune(
     cutoff: Annotated[Optional[float], typer.Option("--cutoff", help="P-GRAFT cutoff c in [0, 1): the tuned model runs t in (c, 1], the base [0, c]; 0 is GRAFT.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_safetensors_path, help="Output .safetensors (default RUN_DIR/tuned.safetensors).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning; default auto: LoRA above finetune.lora_above parameters).")] = None,
     data: DataOpt = None,
     eval_data: EvalDataOpt = None,
     prompt: PromptOpt = None,
@@ -421,6 +421,7 @@ def _render_finetune(summary: dict[str, Any]) -> None:
     from .report.ui import finetune_report, out as console
 
     console.print(finetune_report(summary))
+    console.print(f"trained: {summary['tuning']}")
     _wrote(summary)
 
 

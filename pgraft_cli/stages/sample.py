@@ -153,6 +153,7 @@ def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dic
         **asdict(cfg), "guidance_scale": cfg.guidance_scale if model.guided else None, "family": model.family, "prediction_type": model.schedule.prediction_type,
         "grid": "flow-euler" if model.family == "flow" else "ddim-trailing", "shift": model.schedule.shift,
         "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,
+        "autocast": None if model.autocast is None else str(model.autocast),
         "corrector": None if model.corrector is None else {
             "type": model.corrector.kind, "steps": model.corrector.steps, "base_steps": model.corrector.base_steps},
     }
@@ -172,10 +173,11 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
             noise = model.corrector(noise)
         c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale)
         real = sum(1 for i in members if indices[0] <= i <= indices[-1])
-        x, captured = run_sampler(
-            lambda x, t: model.predict(x, t, c), model.schedule, noise, grid,
-            capture_at=cfg.capture_at, callback=lambda k: on_step(real / cfg.steps),
-        )
+        with model.autocast_context():
+            x, captured = run_sampler(
+                lambda x, t: model.predict(x, t, c), model.schedule, noise, grid,
+                capture_at=cfg.capture_at, callback=lambda k: on_step(real / cfg.steps),
+            )
         finals.append(x)
         if captured is not None:
             captures.append(captured[0].float().cpu())
