@@ -202,7 +202,9 @@ def sample(
 
     Image i starts from noise seeded by (seed, i) and always goes through the network in the same
     lane of sample.lane images, so the same seed gives the same bytes whatever --batch-size or --num
-    (64 images are the prefix of 3000) and however many processes share the work.
+    (64 images are the prefix of 3000) and however many processes share the work. The default lane
+    "auto" is min(16, --num) (capped by GPU memory), so under 16 images fix it (--set sample.lane=16)
+    to keep that promise; the lane used is in sampler.json.
 
     Examples:
 
@@ -368,7 +370,7 @@ def finetune(
     cutoff: Annotated[Optional[float], typer.Option("--cutoff", help="P-GRAFT cutoff c in [0, 1): the tuned model runs t in (c, 1], the base [0, c]; 0 is GRAFT.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_safetensors_path, help="Output .safetensors (default RUN_DIR/tuned.safetensors).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning; default auto: LoRA above finetune.lora_above parameters).")] = None,
     data: DataOpt = None,
     eval_data: EvalDataOpt = None,
     prompt: PromptOpt = None,
@@ -421,6 +423,7 @@ def _render_finetune(summary: dict[str, Any]) -> None:
     from .report.ui import finetune_report, out as console
 
     console.print(finetune_report(summary))
+    console.print(f"trained: {summary['tuning']}")
     _wrote(summary)
 
 

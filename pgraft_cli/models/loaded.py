@@ -27,6 +27,8 @@ from .families import Cond, Conditioning, Family, family_for
 from .lora import lora_state, set_lora_enabled
 
 __all__ = ["Cond", "Conditioning", "LoadedModel", "base_only", "tuned_identity"]
+VAE_SLICE_ABOVE = 512 * 512  # pixels per image above which the VAE decodes a batch image by image
+VAE_TILE_ABOVE = 1024 * 1024  # and above which it decodes in overlapping tiles (diffusers' tiling)
 
 
 @dataclass
@@ -62,6 +64,8 @@ class LoadedModel:
     # A class-conditional UNet trained with label dropout: the class index that means "no class"
     # (file metadata ``pgraft.null_class``); it enables classifier-free guidance for class models.
     null_class: Optional[int] = None
+    # Sampling under autocast to this dtype (model.autocast: bf16 on GPUs), float32 weights kept.
+    autocast: Optional[torch.dtype] = None
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -105,12 +109,18 @@ class LoadedModel:
         return sum(p.numel() for p in self.network.parameters())
 
     @property
+    def base_runs(self) -> bool:
+        """Whether sampling ever calls the base network: not under a full fine-tune at cutoff 0."""
+        return self.tuned is None or self.cutoff > 0
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.network.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+        """The device the model runs on (the base may wait on the CPU: see ``base_runs``)."""
+        return next((self.network if self.tuned is None else self.tuned).parameters()).device
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "LoadedModel":
         from diffusers.utils import logging as diffusers_logging
@@ -122,9 +132,9 @@ class LoadedModel:
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()
         try:
-            for net in (self.network, self.tuned):
+            for net, where in ((self.network, device if self.base_runs else "cpu"), (self.tuned, device)):
                 if net is not None:
-                    net.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+                    net.to(device=where, **({"dtype": dtype} if dtype is not None else {}))
             if self.pipeline is not None:
                 self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
         finally:
@@ -195,9 +205,25 @@ class LoadedModel:
         return uncond + scale * (conditional - uncond)
 
     # -- model space <-> images -----------------------------------------------------------------
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Where the recipe asks for it (``model.autocast``), the network runs under autocast."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
-        """Final model-space samples to images in [0, 1], shape (B, C, H, W)."""
+        """Final model-space samples to images in [0, 1], shape (B, C, H, W).
+
+        Large images decode one at a time (``VAE_SLICE_ABOVE`` pixels) and in tiles
+        (``VAE_TILE_ABOVE``): the VAE decoder's activations, not the UNet's, set the peak there.
+        """
+        if self.latent:
+            pixels = self.image_shape[1] * self.image_shape[2]
+            if pixels > VAE_SLICE_ABOVE and hasattr(self.vae, "enable_slicing"):
+                self.vae.enable_slicing()
+            if pixels > VAE_TILE_ABOVE and hasattr(self.vae, "enable_tiling"):
+                self.vae.enable_tiling()
         return ((self.adapter.decode(self.vae, x).float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
@@ -220,6 +246,9 @@ def tuned_identity(model: LoadedModel) -> str:
 def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
     """The base model inside a composed one (tuned network set aside, LoRA adapter off)."""
     saved = (model.tuned, model.lora, model.identity)
+    parked = None if model.base_runs else next(model.network.parameters()).device
+    if parked is not None:  # a full fine-tune at cutoff 0 keeps its base on the CPU: bring it over
+        model.network.to(model.device)
     if model.lora:
         set_lora_enabled(model.network, False)
     model.tuned, model.lora = None, False
@@ -228,5 +257,7 @@ def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
         yield model
     finally:
         model.tuned, model.lora, model.identity = saved
+        if parked is not None:
+            model.network.to(parked)
         if model.lora:
             set_lora_enabled(model.network, True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +30,7 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..stages.correct import check_correctable, run_invert, run_train_corrector
     from ..stages.evaluate import evaluate_model, pick_features
+    from ..stages.sample import resolve_lane
 
     gates = parse_gates(o.fail_if, gate_names("correct"))
     rec = resolve_recipe(o.recipe, o.sets, correct__base_steps=o.steps, evaluate__features=o.features,
@@ -44,7 +45,9 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     with verb.run_dir(run_dir) as store:
         bar = verb.bar
-        noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane, store, bar)
+        shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
+        lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
+        noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, lane, store, bar)
         corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
                                               store, bar, device=dev)
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,7 +60,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     from ..io.checkpoints import base_info_of, save_finetuned
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..stages.evaluate import pick_features
-    from ..stages.finetune import evaluate_pair, run_rounds
+    from ..stages.finetune import evaluate_pair, resolve_lora, run_rounds, tuning_choice
     from ..stages.sample import Conditions, check_conditions
 
     gates = parse_gates(o.fail_if, gate_names("finetune"))
@@ -72,6 +72,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     if loaded.corrector is not None or loaded.finetuned:
         raise PgraftError(f"{model} is a corrected or fine-tuned file; pass its base model to fine-tune")
     check_conditions(loaded, cond)
+    rec = replace(rec, finetune=resolve_lora(loaded, rec.finetune))  # the run dir's recipe.toml keeps "auto"
     rew = reward_from(rec.score.reward, dev, rec.score.batch_size)
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
@@ -105,6 +106,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
         store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,
                                                    "history": history})
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff, **metrics}
+               "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff,
+               "tuning": tuning_choice(loaded, rec.finetune), **metrics}
     results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), out=target)
     return summary, results

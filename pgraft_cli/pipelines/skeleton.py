@@ -211,6 +211,15 @@ class Verb:
         return results
 
 
+def autocast_dtype(setting: str, device_type: str, dtype: Any) -> Any:
+    """The dtype sampling autocasts to: bf16 when asked, or by default ("auto") for float32 weights
+    on CUDA (the GPU's bf16 tensor cores); None (no autocast) otherwise."""
+    import torch
+
+    wanted = setting == "bf16" or (setting == "auto" and device_type == "cuda")
+    return torch.bfloat16 if wanted and dtype == torch.float32 else None
+
+
 def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool,
           device: Optional[str], quiet: bool, base: Optional[str] = None) -> Verb:
     """The process state, then MODEL loaded and placed on its device in the recipe's dtype."""
@@ -221,6 +230,7 @@ def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Op
     loaded = load(model, config, kind, allow_pickle, recipe, base)
     dev = pick_device(recipe, device, state)
     loaded.to(dev, getattr(torch, recipe.model.dtype))
+    loaded.autocast = autocast_dtype(recipe.model.autocast, loaded.device.type, loaded.dtype)
     if loaded.corrector is not None:
         loaded.corrector.to(dev)
     return Verb(verb, recipe, state, loaded, dev, quiet, started)

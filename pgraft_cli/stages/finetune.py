@@ -13,7 +13,7 @@ import contextlib
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,9 +74,36 @@ def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: f
     return KeptSet(y.float(), t_c, x0.float(), labels, prompts)
 
 
+AUTO_LORA_RANK = 16  # the adapter rank lora_rank = "auto" picks above finetune.lora_above parameters
+
+
+def resolve_lora(model: LoadedModel, cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with ``lora_rank = "auto"`` decided: all weights (0) for a network of at most
+    ``lora_above`` parameters, a LoRA adapter of rank ``AUTO_LORA_RANK`` above (a fixed rank is kept)."""
+    if cfg.lora_rank != "auto":
+        return cfg
+    return replace(cfg, lora_rank=AUTO_LORA_RANK if model.parameter_count() > cfg.lora_above else 0)
+
+
+def tuning_choice(model: LoadedModel, cfg: FinetuneConfig) -> str:
+    """One line for the run's output: what is trained, and why when ``lora_rank`` was "auto"."""
+    what = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "all weights"
+    return f"{what} of {model.parameter_count() / 1e6:.1f} M network parameters (finetune.lora_above {cfg.lora_above / 1e6:g} M)"
+
+
 def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
-    """Make ``model`` a composed model and return the network to train (tuned copy, or the LoRA host)."""
+    """Make ``model`` a composed model and return the network to train (tuned copy, or the LoRA host).
+
+    With full fine-tuning at cutoff 0 the base never runs while sampling; it waits on the CPU
+    (``LoadedModel.to``), so the device holds one copy of the network.
+    """
+    cfg = resolve_lora(model, cfg)
     model.cutoff, model.tuned_guidance = cfg.cutoff, cfg.tuned_guidance
+    if cfg.gradient_checkpointing:
+        if not getattr(model.network, "_supports_gradient_checkpointing", False):
+            raise PgraftError(f"{model.model_class} does not support gradient checkpointing; "
+                              f"set finetune.gradient_checkpointing = false")
+        model.network.enable_gradient_checkpointing()  # a deep copy below keeps it
     if cfg.lora_rank > 0:
         if not model.lora:
             with torch.random.fork_rng(devices=[]):  # a seeded adapter init: reruns are reproducible
@@ -86,6 +113,7 @@ def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
         return model.network
     if model.tuned is None:
         model.tuned = copy.deepcopy(model.network)
+        model.to(model.device)  # places the base: on the CPU at cutoff 0
     return model.tuned
 
 
@@ -132,6 +160,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     from safetensors.torch import load_file, save_file
 
     check_precision(model, cfg)
+    cfg = resolve_lora(model, cfg)
     if cfg.target == "renoise":
         y, t_c = kept.x0, 0.0  # the alternative reading: re-noise the final samples, train at t > c only
     else:
@@ -263,8 +292,6 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
     samples by the filter rule; and continues fine-tuning on what it kept. ``fid_of(images)``, when
     given, measures each round's samples (the model entering the round) at no extra sampling cost.
     """
-    from dataclasses import replace
-
     from .filter import run_filter
     from .sample import run_sample
     from .score import reward_stats, run_score
