@@ -359,7 +359,7 @@ def test_raising_the_gate_reuses_the_inversion_and_reports_the_new_verdict(tmp_p
     finished = json.loads((run / "manifest.json").read_text())["stages"]["invert"]["finished"]
     gate = first["inversion"]["reconstruction_rms_mean"]  # drops roughly half of the images
     strict = runner.invoke(app, ["correct", "digits", "--run-dir", str(run), *base, "--set",
-                                 f"correct.max_reconstruction_rms={gate}", "--set", "correct.max_dropped_fraction=0.9"])
+                                 f"correct.max_reconstruction_rms={gate}", "--set", "correct.max_dropped_fraction=0.9", "--features", "classifier"])
     assert strict.exit_code == 0, strict.output
     again = json.loads((run / "manifest.json").read_text())["stages"]["invert"]
     assert again["finished"] == finished  # the inversion was not redone
@@ -409,3 +409,40 @@ def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, streamed_dig
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["inversion"]["num"] == 128 and summary["base"]["num"] == 64
     assert max(read_sizes) <= 256 and sorted(set(read_sizes)) == [44, 64, 128, 256]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_correct_inverts_a_diffusion_checkpoint_and_the_corrected_file_samples(tmp_path, scheduler):
+    """A DDPM/DDIM checkpoint, sampled by DDIM (eta = 0): invert, fit a corrector, write, sample it back.
+
+    v-prediction: with a small random head it is near the exact denoiser of N(0, I) data. A random
+    epsilon head is no denoiser (x0_hat = x / a - ...: its inverse noise is ~a_T x0, where the
+    network's GroupNorm blows up); the epsilon and x0 conversions are pinned in test_samplers."""
+    prediction = "v_prediction"
+    from conftest import build_scheduler, build_tiny_unet
+
+    folder = tmp_path / "model"  # 16 px, the bundled classifier's features
+    unet = build_tiny_unet(sample_size=16)
+    with torch.no_grad():  # a small nonlinear term on v = 0
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    unet.save_pretrained(folder, safe_serialization=True)
+    build_scheduler(scheduler, prediction).save_config(folder)
+    out = tmp_path / "corrected.safetensors"
+    result = runner.invoke(app, ["correct", str(folder), "--data", "digits", "--out", str(out), "--run-dir",
+                                 str(tmp_path / "run"), "--json", *SMALL, "--set", "correct.corrector=gaussian-diag",
+                                 "--set", "correct.max_reconstruction_rms=1e-3", "--set", "correct.inversion_tol=1e-5",
+                                 "--features", "classifier"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    inv = summary["inversion"]
+    assert inv["num"] == 128 and inv["dropped"] == 0 and inv["reconstruction_rms_max"] < 1e-4
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["pgraft.base"])["solver"] == "ddim"
+    loaded = load_model(str(out))
+    assert loaded.family == "diffusion" and loaded.corrector is not None
+    assert 0.5 < inv["noise_std"] < 2 and summary["corrected"]["fid"] is not None
+    s = runner.invoke(app, ["sample", str(out), "--num", "16", "--batch-size", "16", "--run-dir",
+                            str(tmp_path / "s"), "--out", str(tmp_path / "png"), "--json"])
+    assert s.exit_code == 0, s.output

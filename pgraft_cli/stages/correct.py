@@ -1,7 +1,8 @@
 """Inverse noise correction (docs/methods.md section 3): invert data, fit a noise corrector, compose.
 
-1. ``run_invert``: freeze the base flow and invert its N-step Euler sampler ``T`` on every real
-   image (backward Euler, Anderson-accelerated, per image: ``samplers.invert``); check
+1. ``run_invert``: freeze the base model and invert its N-step deterministic sampler ``T`` (a
+   flow's Euler, a diffusion model's DDIM with eta = 0) on every real image (backward Euler,
+   Anderson-accelerated, per image: ``samplers.invert_sampler``); check
    ``T(T^-1(x)) - x`` per image, drop images whose RMS exceeds ``correct.max_reconstruction_rms``
    and refuse to go on when more than ``correct.max_dropped_fraction`` are dropped. Sharded, resumable.
 2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`) from N(0, I) to the
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..core.losses import flow_matching_loss
-from ..core.samplers import invert, sample
+from ..core.samplers import invert_sampler, sample
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.data import DataRows
@@ -79,12 +80,10 @@ def _model_space(model: LoadedModel, images: Tensor, lane: int) -> Tensor:
 
 
 def check_correctable(model: LoadedModel) -> None:
-    """Inverse noise correction needs an unconditioned flow (the conditioned case is not supported yet)."""
-    if model.family != "flow":
-        raise PgraftError(f"inverse noise correction needs a flow model; {model.source} is a {model.family} model "
-                          f"(pass --kind flow only if it really is a flow)")
+    """Inverse noise correction inverts a deterministic sampler: a flow's Euler or a diffusion model's
+    DDIM (eta = 0); the conditioned case is not supported yet."""
     if model.conditioning != "none":
-        raise PgraftError(f"inverse noise correction supports unconditioned flows only; {model.source} is "
+        raise PgraftError(f"inverse noise correction supports unconditioned models only; {model.source} is "
                           f"{model.conditioning}-conditioned (use an unconditional model, or fine-tune with pgraft run)")
 
 
@@ -146,7 +145,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
     with torch.inference_mode():
         for part in chunk.split(lane):
             part = part.to(model.device, torch.float32)
-            z, info = invert(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
+            z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
             back, _ = sample(fn, model.schedule, z.to(model.dtype), grid)
             for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
                                ("iterations", info.iterations), ("residual", info.residual)):
