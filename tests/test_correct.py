@@ -446,3 +446,32 @@ def test_correct_inverts_a_diffusion_checkpoint_and_the_corrected_file_samples(t
     s = runner.invoke(app, ["sample", str(out), "--num", "16", "--batch-size", "16", "--run-dir",
                             str(tmp_path / "s"), "--out", str(tmp_path / "png"), "--json"])
     assert s.exit_code == 0, s.output
+
+
+@pytest.mark.slow
+def test_correct_under_accelerate_with_two_processes_equals_one_process(tmp_path):
+    """Inversion and evaluation split their shards across the processes; the corrector trains once;
+    the summary and the corrected file are those of one process."""
+    from conftest import accelerate_launch
+
+    args = ["correct", "digits", "--json", "--device", "cpu", *SMALL, "--set", "correct.invert_shard_size=32",
+            "--set", "sample.batch_size=32"]
+    proc = accelerate_launch([*args, "--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.safetensors")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    one = json.loads(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "one"), "--out",
+                                         str(tmp_path / "one.safetensors")]).stdout.strip().splitlines()[-1])
+    writers = set()
+    for stage in ("invert", "evaluate-base", "evaluate-corrected"):
+        for path in sorted((tmp_path / "two" / stage).glob("shard-*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                writers.add((stage, (f.metadata() or {}).get("pgraft.process")))
+    assert {w for _, w in writers} == {"0/2", "1/2"}, writers  # both processes did shards of every stage
+    for key in ("reconstruction_rms_mean", "used", "noise_std", "iterations_mean"):
+        assert two["inversion"][key] == pytest.approx(one["inversion"][key], rel=1e-6), key
+    assert two["corrector"]["final_loss"] == pytest.approx(one["corrector"]["final_loss"], rel=1e-6)
+    for model in ("base", "corrected"):
+        assert two[model]["fid"] == pytest.approx(one[model]["fid"], rel=1e-4), model
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "two.safetensors")), load_file(str(tmp_path / "one.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

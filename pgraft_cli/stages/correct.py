@@ -31,7 +31,7 @@ from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
-from ..io.runstore import RunStore, derive_seed, rows_digest, tensor_digest
+from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
 from ..models.corrector import NoiseCorrector, fit_gaussian, fit_gaussian_diag
 from ..models.loaded import Cond, LoadedModel
 from .train_loop import LoopConfig, Training, loss_summary, train
@@ -88,13 +88,13 @@ def check_correctable(model: LoadedModel) -> None:
 
 
 def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
-               store: RunStore, bar: Any) -> tuple[Tensor, dict[str, Any]]:
+               store: RunStore, bar: Any, dist: Dist = Dist()) -> tuple[Tensor, dict[str, Any]]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises and stats.
 
     ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
     stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
     Afterwards only the kept noises are in memory (the corrector's training set, see
-    :func:`read_inversion`).
+    :func:`read_inversion`). Under several processes each inverts its shards (``dist``); all read all.
 
     An image whose round trip ``RMS(T(T^-1(x)) - x)`` exceeds ``max_reconstruction_rms`` is dropped
     from training and counted; more than ``max_dropped_fraction`` dropped fails the run (the shards
@@ -118,7 +118,7 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n))
 
     stage = store.run_sharded("invert", config, {"model": model_key(model), "data": rows_digest(images)},
-                              num_shards, work, todo=todo)
+                              num_shards, work, dist, todo=todo, stamp=True)
     per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
     stats = inversion_stats(per_image, kept, cfg)
     if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
