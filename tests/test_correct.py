@@ -475,3 +475,20 @@ def test_correct_under_accelerate_with_two_processes_equals_one_process(tmp_path
     from safetensors.torch import load_file
     a, b = load_file(str(tmp_path / "two.safetensors")), load_file(str(tmp_path / "one.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_class_conditioned_diagonal_gaussian_fits_each_class_and_pools_the_rare_ones():
+    from pgraft_cli.models.corrector import fit_gaussian_diag_by_class
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 50 + [2] * 60 + [1])  # class 1 has one sample, class 3 none
+    shift = torch.tensor([3.0, 0.0, -2.0, 0.0])[labels].view(-1, 1, 1, 1)
+    noises = torch.randn(len(labels), 1, 2, 2, generator=g) * (1 + labels.view(-1, 1, 1, 1)) + shift
+    mean, std = fit_gaussian_diag_by_class(noises, labels, 4)
+    flat = noises.flatten(1).double()
+    for c in (0, 2):
+        torch.testing.assert_close(mean[c], flat[labels == c].mean(0))
+        torch.testing.assert_close(std[c], flat[labels == c].std(0))
+    for c in (1, 3):
+        torch.testing.assert_close(mean[c], flat.mean(0))
+        torch.testing.assert_close(std[c], flat.std(0))
