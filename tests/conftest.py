@@ -345,3 +345,17 @@ def streamed_digits_file(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "_check", lambda images, *a: read_sizes.append(len(images)) or check(images, *a))
     monkeypatch.setattr(data_mod, "load_data", lambda *a: pytest.fail("load_data read the whole data set"))
     return path, read_sizes
+
+
+def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 600):
+    """``accelerate launch`` (CPU, gloo) of ``python -m pgraft_cli ARGS`` on ``num_processes`` processes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    return subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pgraft_cli", *args],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)

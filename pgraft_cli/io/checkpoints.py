@@ -718,7 +718,7 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     base_info = {
         "source": base.source, "identity": base.identity, "model_class": base.model_class,
         "model_config": base.model_config, "scheduler_config": base.scheduler_config,
-        "solver": "euler", "steps": corrector.base_steps,
+        "solver": "euler" if base.family == "flow" else "ddim", "steps": corrector.base_steps,
     }
     extra = {
         "pgraft.kind": "corrector",

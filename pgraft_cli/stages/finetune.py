@@ -151,7 +151,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     """Train (or resume, or reuse) one round's fine-tune; leaves ``model`` composed and tuned.
 
     Each optimizer step draws its batch, noise and times from a generator seeded by
-    ``(seed, round, step, micro-batch, process)``, and the state (weights, EMA, optimizer moments)
+    ``(seed, round, step, micro-batch)``; under several processes each takes its slice of that batch
+    (so n processes train as one does), and the state (weights, EMA, optimizer moments)
     is checkpointed in safetensors every ``checkpoint_every`` steps, so a resumed run continues
     bit for bit (in float32 and bf16; fp16's loss-scaler state is not checkpointed). accelerate
     places and wraps the model (DDP under ``accelerate launch``); autocast and accumulation are here.
@@ -202,13 +203,21 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     net.train()
 
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise PgraftError(f"finetune.batch_size ({cfg.batch_size}) is split across the {world} processes, so it must "
+                          f"be a multiple of {world}; use --set finetune.batch_size={-(-cfg.batch_size // world) * world}")
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
     def step_loss(step: int) -> float:
         total = 0.0
         for micro in range(cfg.grad_accum):
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, step, micro, rank))
-            idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
-            e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)
-            t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)
+            # One global batch per micro-step (the seed's last 0 keeps one process's draws as they
+            # were), split across the processes: DDP's mean of their means is the one-process loss.
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, step, micro, 0))
+            idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)[mine]
+            e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)[mine]
+            t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)[mine]
             x_t, target = intermediate_target(schedule, y[idx].double(), e.double(), t, t_c)
             cond = _conditions(model, kept, idx, distilled_guidance)
             last = micro == cfg.grad_accum - 1
@@ -219,7 +228,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                 loss = finetune_loss(pred, target.to(device, torch.float32), weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        return total
+        return float(accelerator.reduce(torch.tensor(total, device=device), "mean")) if world > 1 else total
 
     loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
     train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
