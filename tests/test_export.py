@@ -63,6 +63,11 @@ def _pgraft_sample(tmp_path, checkpoint, num, steps, *args):
     return torch.cat([s["samples"] for s in iter_shards(run, "sample", "samples")])
 
 
+def _assert_same(got, want):
+    """Equal to 1e-5 of the samples' scale (random tiny SD latents reach |x| ~ 50; float32 rounds at ~1e-6 of it)."""
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
 def _exported_sample(folder, num, steps, **kw):
     from diffusers import DiffusionPipeline
 
@@ -107,7 +112,7 @@ def test_graft_lora_at_cutoff_zero_is_a_plain_stable_diffusion_folder(tmp_path, 
     pipe.set_progress_bar_config(disable=True)
     noise = initial_noise(0, [0, 1], (4, 8, 8))
     got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=noise, output_type="latent").images
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    _assert_same(got, want)
 
 
 def test_pgraft_text_model_with_unguided_tuned_segment_exports_its_composed_sampler(tmp_path, tiny_sd_dir):
@@ -117,7 +122,7 @@ def test_pgraft_text_model_with_unguided_tuned_segment_exports_its_composed_samp
     want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                           "--guidance-scale", "3")
     got, _ = _exported_sample(tmp_path / "pipe", 2, 4, prompt=PROMPTS, guidance_scale=3.0)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    _assert_same(got, want)
 
 
 # ----------------------------------------------------------------------------------------------

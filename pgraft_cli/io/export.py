@@ -8,18 +8,17 @@
 - ``lora``: the adapter as diffusers' ``load_lora_weights`` reads it (``pytorch_lora_weights.safetensors``,
   ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
   (``lora_unet_...lora_down/lora_up/alpha``) that ComfyUI and A1111 read.
-- ``single-file``: see :mod:`.single_file`.
+- ``single-file`` (the original LDM key layout) is not written yet; ``pipelines/export.py`` refuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
-
-import contextlib
 
 import torch
 from torch import nn

@@ -175,7 +175,7 @@ class PgraftPipeline(DiffusionPipeline):
         if text:
             embeds, negative = self._encode(prompts or [""] * batch_size, guidance_scale > 1.0)
 
-        def call(net: Any, x: torch.Tensor, timestep: torch.Tensor, conditional: bool, both: bool) -> torch.Tensor:
+        def call(net: Any, x: torch.Tensor, timestep: torch.Tensor, both: bool) -> torch.Tensor:
             if text:
                 e = torch.cat([negative, embeds]) if both else embeds
                 out = net(x, timestep, encoder_hidden_states=e).sample
@@ -192,8 +192,8 @@ class PgraftPipeline(DiffusionPipeline):
             scale = 1.0 if above and cfg.tuned_guidance == "none" else guidance_scale
             timestep = (t * schedule.T).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
             if not guided or scale <= 1.0:
-                return call(net, x, timestep, True, False)
-            uncond, conditional = call(net, torch.cat([x, x]), torch.cat([timestep, timestep]), True, True).chunk(2)
+                return call(net, x, timestep, False)
+            uncond, conditional = call(net, torch.cat([x, x]), torch.cat([timestep, timestep]), True).chunk(2)
             return uncond + scale * (conditional - uncond)
 
         grid = schedule.grid(steps)
