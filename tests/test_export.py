@@ -189,6 +189,7 @@ torch.save(out, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_an_exported_folder_samples_in_a_fresh_process_where_pgraft_is_not_importable(tmp_path):
     checkpoint = _corrected_file(tmp_path)
     _export(checkpoint, tmp_path / "pipe")
@@ -213,6 +214,7 @@ def _fails(*args, cwd=None):
     return result.stderr
 
 
+@pytest.mark.slow
 def test_bad_exports_fail_in_one_line_and_leave_out_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
