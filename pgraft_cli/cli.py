@@ -557,10 +557,11 @@ def _render_evaluate(model: str, summary: dict[str, Any]) -> None:
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint: a plain model, or a file written by pgraft correct / finetune.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (refused if it is not empty, unless --force).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="diffusers (a pipeline folder) or lora (the adapter); single-file is not available yet.")] = "diffusers",
+    format: Annotated[str, typer.Option("--format", "-f", help="diffusers (a pipeline folder), lora (the adapter) or single-file (fused weights, SD 1.x/2.x).")] = "diffusers",
     lora_format: Annotated[str, typer.Option("--lora-format", help="With --format lora: diffusers (load_lora_weights) or kohya (ComfyUI, A1111).")] = "diffusers",
     keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="GRAFT LoRA at cutoff 0: write the base pipeline plus the adapter, not the fused network.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype: float32, float16 or bfloat16 (default: the checkpoint's).")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected / fine-tuned checkpoint, if not where it was.")] = None,
     config: ConfigOpt = None,
     kind: KindOpt = None,
@@ -574,6 +575,8 @@ def export(
       pgraft export tuned.safetensors --out tuned-pipe/     (DiffusionPipeline.from_pretrained(..., trust_remote_code=True))
 
       pgraft export tuned.safetensors --out lora/ --format lora --lora-format kohya
+
+      pgraft export tuned.safetensors --out sd/ --format single-file --dtype float16   (ComfyUI, A1111)
     """
     from .pipelines.export import ExportOptions, export as export_pipeline
 

@@ -8,7 +8,10 @@
 - ``lora``: the adapter as diffusers' ``load_lora_weights`` reads it (``pytorch_lora_weights.safetensors``,
   ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
   (``lora_unet_...lora_down/lora_up/alpha``) that ComfyUI and A1111 read.
-- ``single-file`` (the original LDM key layout) is not written yet; ``pipelines/export.py`` refuses it.
+- ``single-file``: SD 1.x/2.x as one ``model.safetensors`` in the original CompVis/SAI key layout
+  (``single_file.py``), the network fused; composed samplers cannot be one file and are refused.
+
+Every writer takes the weights' ``dtype`` (pgraft export --dtype); a noise corrector keeps its own.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -27,11 +30,14 @@ from ..errors import OutputPathError, PgraftError
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, lora_state
 from .checkpoints import _quiet_loading, build_network
+from .single_file import to_single_file
 
 FORMATS = ("diffusers", "lora", "single-file")
 LORA_LAYOUTS = ("diffusers", "kohya")
 TEMPLATE = Path(__file__).with_name("export_pipeline.py")
 KOHYA_FILE = "lora_kohya.safetensors"
+SINGLE_FILE = "model.safetensors"
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline",)
 
 
 class ExportError(PgraftError):
@@ -137,14 +143,12 @@ def _scheduler(model: LoadedModel) -> Any:
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
-def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False) -> dict[str, Any]:
+def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
+                     dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
     """Write the pipeline folder (see the module doc); returns what was written."""
     if model.model_class == "SD3Transformer2DModel":
         raise ExportError("--format diffusers does not support SD3 models yet; export --format lora, and load "
                           "it onto the base pipeline with load_lora_weights")
-    if model.corrector is not None and model.corrector.network is None:
-        raise ExportError(f"{model.source} has a Gaussian noise corrector, which --format diffusers cannot carry yet; "
-                          f"refit it with correct.corrector = \"flow\"")
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
                           "network that diffusers' load_lora_weights can take); drop --keep-adapter")
@@ -156,14 +160,20 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False) 
             pipe = _plain_pipeline(model, network)
         else:
             pipe = _pgraft_pipeline(model)
+        for name, part in pipe.components.items():  # the corrector keeps its dtype, as in pgraft sample
+            if isinstance(part, nn.Module) and name != "corrector":
+                part.to(dtype or model.dtype)
         pipe.save_pretrained(out, safe_serialization=True)
     written = {"pipeline": type(pipe).__name__}
     if keep_adapter:
-        written["lora"] = export_lora(model, out)["file"]
+        written["lora"] = export_lora(model, out, dtype=dtype)["file"]
     if not plain:
         shutil.copyfile(TEMPLATE, out / "pipeline.py")
         index = json.loads((out / "model_index.json").read_text())
         index["_class_name"] = ["pipeline", "PgraftPipeline"]
+        if model.corrector is not None and model.corrector.network is None:  # a custom component: its class beside it
+            shutil.copyfile(TEMPLATE, out / "corrector" / "pipeline.py")
+            index["corrector"] = ["pipeline", "GaussianCorrector"]
         (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         written["custom_pipeline"] = "pipeline.py"
     return written
@@ -180,7 +190,7 @@ def _plain_pipeline(model: LoadedModel, network: nn.Module) -> Any:
 
 
 def _pgraft_pipeline(model: LoadedModel) -> Any:
-    from .export_pipeline import PgraftPipeline
+    from .export_pipeline import GaussianCorrector, PgraftPipeline
 
     parts: dict[str, Any] = {}
     if model.conditioning == "text":
@@ -189,11 +199,16 @@ def _pgraft_pipeline(model: LoadedModel) -> Any:
             raise ExportError(f"{model.source}: the composed pipeline supports Stable Diffusion 1.x/2.x layouts "
                               f"(vae, text_encoder, tokenizer); this one is {type(pipe).__name__}")
         parts = {"vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
-    corrector = model.corrector
+    corrector, network = model.corrector, None
+    if corrector is not None and corrector.network is None:
+        diagonal = corrector.kind == "gaussian-diag"
+        network = GaussianCorrector(corrector.mean.numel(), diagonal)
+        network.load_state_dict({"mean": corrector.mean, "scale": corrector.std if diagonal else corrector.chol})
+    elif corrector is not None:
+        network = corrector.network
     return PgraftPipeline(
         unet=base_network(model), scheduler=_scheduler(model),
-        tuned_unet=tuned_network(model) if model.finetuned else None,
-        corrector=corrector.network if corrector is not None else None, **parts,
+        tuned_unet=tuned_network(model) if model.finetuned else None, corrector=network, **parts,
         cutoff=float(model.cutoff), tuned_guidance=model.tuned_guidance,
         corrector_steps=corrector.steps if corrector is not None else 0,
         base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class)
@@ -207,7 +222,8 @@ def _lora_prefix(model: LoadedModel) -> str:
     return "transformer" if model.model_class == "SD3Transformer2DModel" else "unet"
 
 
-def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers") -> dict[str, Any]:
+def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
+                dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
     """Write the adapter in diffusers' (or kohya's) layout; returns the file and a note on the cutoff."""
     if layout not in LORA_LAYOUTS:
         raise ExportError(f"--lora-format {layout!r} is unknown; use {' or '.join(LORA_LAYOUTS)}")
@@ -215,7 +231,8 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers") -> dic
         raise ExportError(f"{model.source} holds no LoRA adapter (a full fine-tune or a plain model); export it with "
                           f"--format diffusers or single-file")
     config = model.network.peft_config[LORA_ADAPTER]
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state(model.network).items()}
+    dtype = dtype or model.dtype
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state(model.network).items()}
     prefix = _lora_prefix(model)
     if layout == "kohya":
         if model.model_class != "UNet2DConditionModel":
@@ -225,7 +242,7 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers") -> dic
         from safetensors.torch import save_file
 
         kohya = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
-        kohya = {k: torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v for k, v in kohya.items()}
+        kohya = {k: torch.tensor(float(config.lora_alpha), dtype=dtype) if k.endswith(".alpha") else v for k, v in kohya.items()}
         save_file(kohya, str(out / KOHYA_FILE), metadata={"ss_network_dim": str(config.r),
                                                          "ss_network_alpha": str(config.lora_alpha)})
         file = out / KOHYA_FILE
@@ -244,3 +261,39 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers") -> dic
         result["note"] = (f"the adapter was trained for t > {model.cutoff:g}; load_lora_weights applies it at every "
                           f"step, which is not the P-GRAFT sampler (export --format diffusers for that)")
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# single file
+
+
+def export_single_file(model: LoadedModel, out: Path, dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+    """UNet (fine-tune fused), VAE and text encoder of an SD 1.x/2.x model as one ``model.safetensors``
+    in the original key layout; SD 2.x (an OpenCLIP text encoder, GELU) gets the OpenCLIP text keys."""
+    from safetensors.torch import save_file
+
+    pipe = model.pipeline
+    kind = type(pipe).__name__ if pipe is not None else model.model_class
+    if kind not in SINGLE_FILE_PIPELINES:
+        raise ExportError(f"--format single-file supports Stable Diffusion 1.x/2.x ({', '.join(SINGLE_FILE_PIPELINES)})"
+                          f"; {model.source} is a {kind}: use --format diffusers")
+    if not one_network(model):
+        why = "a noise corrector runs before the base model" if model.corrector is not None else (
+            f"the tuned network runs above t = {model.cutoff:g} and the base below" if model.cutoff > 0 else
+            "its tuned segment is sampled unguided (tuned_guidance = none)")
+        raise ExportError(f"{model.source} cannot be one single file: {why}, which one set of weights cannot "
+                          f"express; use --format diffusers (a pipeline folder that runs the composed sampler)")
+    unet = tuned_network(model) if model.finetuned else model.network
+    layers = unet.config.layers_per_block
+    if not isinstance(layers, int):
+        raise ExportError(f"{model.source}: the single-file layout needs one layers_per_block for every block (got "
+                          f"{layers}); use --format diffusers")
+    open_clip = pipe.text_encoder.config.hidden_act == "gelu"  # OpenCLIP (SD 2.x); OpenAI CLIP is quick_gelu
+    try:
+        state = to_single_file(unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(), layers,
+                               open_clip)
+    except ValueError as e:
+        raise ExportError(f"{model.source}: {e}; use --format diffusers") from None
+    dtype = dtype or model.dtype
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(out / SINGLE_FILE))
+    return {"file": SINGLE_FILE, "layout": "SD 2.x (OpenCLIP)" if open_clip else "SD 1.x (CLIP)"}

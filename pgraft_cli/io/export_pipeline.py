@@ -7,7 +7,8 @@ without pgraft installed. It must import nothing but torch and diffusers.
 The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x_0 + sigma(t) e``.
 
 - inverse noise correction: the initial noise ``e`` goes through the ``corrector`` (a flow,
-  ``corrector_steps`` Euler steps on a uniform grid) before the base sampler;
+  ``corrector_steps`` Euler steps on a uniform grid, or a ``GaussianCorrector``: ``z = mean + L e``)
+  before the base sampler;
 - P-GRAFT: ``tuned_unet`` runs for grid times ``t > cutoff`` and ``unet`` below; with
   ``tuned_guidance = "none"`` the tuned segment runs the conditional branch alone (scale 1);
 - grid: flow ``u = linspace(1, 0, N + 1)`` shifted to ``s u / (1 + (s - 1) u)``, Euler steps;
@@ -23,7 +24,8 @@ import math
 from typing import Any, Optional, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 CUTOFF_TOL = 1e-9
 
@@ -97,6 +99,25 @@ class Schedule:
         return x
 
 
+class GaussianCorrector(ModelMixin, ConfigMixin):
+    """A Gaussian noise corrector on flattened noise: ``z = mean + L e`` (``scale`` = L, the Cholesky
+    factor of the inverted noises' covariance) or, ``diagonal``, ``z = mean + std * e``; in float64.
+
+    ``pgraft export`` writes this file a second time as ``corrector/pipeline.py``, where diffusers looks
+    for a custom component's class."""
+
+    @register_to_config
+    def __init__(self, dim: int, diagonal: bool = False):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("scale", torch.zeros((dim,) if diagonal else (dim, dim), dtype=torch.float64))
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        flat = noise.reshape(noise.shape[0], -1).double()
+        spread = flat * self.scale.double() if self.config.diagonal else flat @ self.scale.double().T
+        return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
+
+
 class PgraftPipeline(DiffusionPipeline):
     """A base network, optionally a tuned network above ``cutoff`` and a noise corrector, as pgraft composes them.
 
@@ -130,7 +151,10 @@ class PgraftPipeline(DiffusionPipeline):
         return sd.encode_prompt(prompts, self.unet.device, 1, guided)
 
     def _corrected(self, noise: torch.Tensor) -> torch.Tensor:
-        """``e -> z``: the corrector flow (``v = e - z``, t = 1 noise) in its own dtype, back in the caller's."""
+        """``e -> z``: the corrector flow (``v = e - z``, t = 1 noise) in its own dtype, back in the caller's;
+        or the Gaussian map (by name: the class loaded from corrector/pipeline.py is another module's)."""
+        if type(self.corrector).__name__ == "GaussianCorrector":
+            return self.corrector(noise)
         own = self.corrector.dtype
         flow = Schedule({}, flow=True)
 
