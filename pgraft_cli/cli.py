@@ -555,6 +555,48 @@ def _render_evaluate(model: str, summary: dict[str, Any]) -> None:
 
 
 # ================================================================================================
+# export
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint: a plain model, or a file written by pgraft correct / finetune.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (refused if it is not empty, unless --force).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="diffusers (a pipeline folder), lora (the adapter) or single-file (fused weights, SD 1.x/2.x).")] = "diffusers",
+    lora_format: Annotated[str, typer.Option("--lora-format", help="With --format lora: diffusers (load_lora_weights) or kohya (ComfyUI, A1111).")] = "diffusers",
+    keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="GRAFT LoRA at cutoff 0: write the base pipeline plus the adapter, not the fused network.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype: float32, float16 or bfloat16 (default: the checkpoint's).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected / fine-tuned checkpoint, if not where it was.")] = None,
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write CHECKPOINT as files other tools read without pgraft.
+
+    Examples:
+
+      pgraft export tuned.safetensors --out tuned-pipe/     (DiffusionPipeline.from_pretrained(..., trust_remote_code=True))
+
+      pgraft export tuned.safetensors --out lora/ --format lora --lora-format kohya
+
+      pgraft export tuned.safetensors --out sd/ --format single-file --dtype float16   (ComfyUI, A1111)
+    """
+    from .pipelines.export import ExportOptions, export as export_pipeline
+
+    summary = export_pipeline(checkpoint, out, _options(ExportOptions, locals()))
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    from .report.ui import out as console
+
+    console.print(f"wrote {summary['format']} export of {checkpoint} to {out}: {', '.join(summary['files'])}")
+    if summary.get("note"):
+        console.print(f"note: {summary['note']}")
+
+
+# ================================================================================================
 # report
 
 

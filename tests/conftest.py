@@ -159,10 +159,10 @@ def build_tiny_t5_encoder(d_model: int = 32):
                                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
 
 
-def _clip_config(hidden: int = 32, projection: int = 32):
+def _clip_config(hidden: int = 32, projection: int = 32, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=hidden, intermediate_size=37,
+    return CLIPTextConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=hidden, intermediate_size=37, hidden_act=hidden_act,
                           num_hidden_layers=1, num_attention_heads=2, projection_dim=projection,
                           max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=TOKENIZER_VOCAB - 2,
                           eos_token_id=TOKENIZER_VOCAB - 1, pad_token_id=TOKENIZER_VOCAB - 1)
@@ -177,8 +177,9 @@ def _tiny_vae(latent_channels: int = 4, **extra: Any):
                          norm_num_groups=4, sample_size=16, **extra)
 
 
-def build_tiny_sd_pipeline(folder: Path) -> Path:
-    """A Stable Diffusion 1.x-layout pipeline folder: 8x8 latents, 16x16 RGB images."""
+def build_tiny_sd_pipeline(folder: Path, sd2: bool = False) -> Path:
+    """A Stable Diffusion 1.x-layout pipeline folder: 8x8 latents, 16x16 RGB images. ``sd2``: the 2.x
+    layout (linear attention projections, a GELU text encoder as OpenCLIP's, v-prediction)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -186,12 +187,13 @@ def build_tiny_sd_pipeline(folder: Path) -> Path:
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
                                 in_channels=4, out_channels=4, cross_attention_dim=32, attention_head_dim=2,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=sd2)
     vae = _tiny_vae()
-    text_encoder = CLIPTextModel(_clip_config())
+    text_encoder = CLIPTextModel(_clip_config(hidden_act="gelu" if sd2 else "quick_gelu"))
     tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction" if sd2 else "epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
