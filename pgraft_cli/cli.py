@@ -98,7 +98,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits, digits-train, digits-judge, digits-test). Default: the model's own data set (digits-train for the bundled model).")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data FID/KID are measured against (the numbers gates see); FID against --data is shown beside it. Default: the model's eval data (digits-test for the bundled model) when --data is not given.")]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception, classifier (the bundled digits classifier) or judge (the bundled judge: another architecture trained on another split).")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, none (skip FID), inception, classifier (the bundled digits classifier), judge (the bundled judge: another architecture trained on another split), clip:PATH or dinov2:PATH (a local transformers folder).")]
 InceptionOpt = Annotated[Optional[str], typer.Option("--inception-weights", help="Local clean-fid Inception TorchScript file (inception-2015-12-05.pt).")]
 FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'METRIC OP NUMBER'",
                                                         help="CI gate, repeatable: exit 1 when it holds, after writing every output. "
@@ -372,6 +372,7 @@ def finetune(
     eval_data: EvalDataOpt = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
+    features: FeaturesOpt = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -506,6 +507,7 @@ def evaluate(
     prompts: PromptsOpt = None,
     features: FeaturesOpt = None,
     inception_weights: InceptionOpt = None,
+    best_of: Annotated[Optional[int], typer.Option("--best-of", help="Samples per prompt; reports the mean over prompts of each prompt's best reward (the paper's protocol).")] = None,
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -530,6 +532,8 @@ def evaluate(
       pgraft evaluate corrected.safetensors --data digits --num 2000
 
       pgraft evaluate ./sd2 --data ./coco-val --inception-weights inception-2015-12-05.pt --prompts p.txt
+
+      pgraft evaluate ./sd2 --prompts p.txt --reward vqascore:./vlm --best-of 4   (reward only: no FID)
     """
     from .pipelines.evaluate import EvaluateOptions, evaluate as evaluate_pipeline
 
@@ -542,10 +546,13 @@ def _render_evaluate(model: str, summary: dict[str, Any]) -> None:
 
     label = "corrected" if summary["corrected"] else (
         f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
-    console.print(metrics_table(f"evaluate {model} against {summary['fid_data']} (features {summary['features']})",
+    against = f" against {summary['fid_data']}" if summary.get("fid_data") else ""
+    console.print(metrics_table(f"evaluate {model}{against} (features {summary['features'] or 'none'})",
                                 [(f"{label} ({summary['steps']} steps)", summary)]))
     if summary.get("reward"):
-        console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
+        best = (f"; best of {summary['best_of']} over {summary['groups']} groups: mean {summary['reward_best_of_mean']:.4f}, "
+                f"std {summary['reward_best_of_std']:.4f}" if summary.get("best_of") else "")
+        console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}{best}")
     console.print(f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}")
 
 

@@ -295,9 +295,10 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
 
 
 def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, features: Any, store: RunStore,
-                  bar: Any, refs: dict[str, Any], fid_data: Optional[str]) -> dict[str, Any]:
+                  bar: Any, refs: dict[str, Any], fid_data: Optional[str],
+                  notes: Optional[list[str]] = None) -> dict[str, Any]:
     """Base and tuned model on the same seeds: reward mean/std, FID/KID against ``refs[fid_data]``
-    (and the other named references in ``refs``), NFE, FLOPs."""
+    (and the other named references in ``refs``), NFE, FLOPs; ``notes`` (why FID was skipped) on both."""
     from .evaluate import evaluate_model
     from ..io.recipes import SampleConfig
 
@@ -305,7 +306,8 @@ def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, featu
                        steps=recipe.evaluate.steps or recipe.sample.steps, batch_size=recipe.sample.batch_size,
                        lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale)
     common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=refs.get(fid_data) if fid_data else None,
-                  also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward)
+                  also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward,
+                  notes=notes)
     with base_only(model):
         base = evaluate_model(model, None, cfg, features, store, bar, "evaluate-base", **common)
     tuned = evaluate_model(model, None, cfg, features, store, bar, "evaluate-tuned", **common)

@@ -193,7 +193,7 @@ def classifier_reward(args: Optional[str], device: str, spec: str) -> Reward:
     of another size are resized to the classifier's ``image_size`` (bilinear, antialiased,
     ``align_corners=False``).
     """
-    from .evaluate import CLASSIFIER_PATH, JUDGE_PATH
+    from ..io.checkpoints import CLASSIFIER_PATH, JUDGE_PATH
 
     usage = "pass classifier:PATH:CLASS, e.g. classifier:digits:3"
     if not args or ":" not in args:
@@ -292,14 +292,14 @@ def _folder_digest(path: Path) -> str:
     return f"sha256={identity_of(path)}"
 
 
-def _load_pretrained(cls: Any, path: Path, spec: str, **kwargs: Any) -> Any:
+def _load_pretrained(cls: Any, path: Path, spec: str, what: str = "reward", **kwargs: Any) -> Any:
     from ..io.checkpoints import _quiet_loading, _short
 
     try:
         with _quiet_loading():
             return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise RewardError(f"reward {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
+        raise RewardError(f"{what} {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
                           f"pass a folder saved with save_pretrained") from None
 
 
