@@ -556,6 +556,30 @@ def _render_evaluate(model: str, summary: dict[str, Any]) -> None:
     console.print(f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}")
 
 
+@app.command()
+def stats(
+    data: Annotated[str, typer.Argument(help="Reference images: a folder, .npz or .safetensors file, or alias.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The stats file to write (.npz).")],
+    features: FeaturesOpt = "auto",
+    shape: Annotated[Optional[str], typer.Option("--shape", help="Images' CxHxW (the model's); digits: 1x16x16.")] = None,
+    inception_weights: InceptionOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Precompute DATA's FID reference statistics (mean, covariance, feature rows) once: pass the
+    file as --data to evaluate, finetune or correct's FID, without the images.
+
+    Examples:
+
+      pgraft stats ./coco-val --features dinov2:./dinov2-base --shape 3x512x512 --out coco-dinov2.npz
+    """
+    from .pipelines.evaluate import stats as stats_pipeline
+
+    summary = stats_pipeline(data, features or "auto", out, shape, inception_weights, device or "cpu")
+    print(json.dumps(summary, sort_keys=True) if as_json else f"wrote {summary['out']}: {summary['num']} images, "
+          f"{summary['dim']}-d {summary['features']} features")
+
+
 # ================================================================================================
 # report
 

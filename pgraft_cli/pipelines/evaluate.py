@@ -71,7 +71,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
         eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate")
     num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
     has_data = bool(o.data or loaded.default_data)
-    real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch
+    data_id = real_data(loaded, o.data)[1] if has_data else None  # checked before sampling
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
@@ -80,7 +80,8 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
     run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
                                                          "steps": eval_steps, "prompts": cond.prompts})
     with verb.run_dir(run_dir) as store:
-        fid_data, refs = (references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
+        fid_data, refs = (references(loaded, o.data, o.eval_data, data_id, feats, rec.evaluate.kid_subsets,
+                                                 store.root)
                           if not notes else (None, {}))
         dist = verb.dist
         metrics = evaluate_model(loaded, None, eval_cfg, feats, store, verb.bar, "sample", rec.evaluate.kid_subsets,
@@ -95,3 +96,40 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
         store.write_json("evaluate.json", metrics)
     summary = {**metrics, "seconds": round(verb.seconds, 2)}
     return summary, verb.conclude(summary, gates, gate_metrics(metrics))
+
+
+def parse_shape(text: Optional[str], data: str) -> tuple[int, int, int]:
+    """``--shape CxHxW``; the bundled digits default to 1x16x16."""
+    from ..io.data import ALIASES
+
+    if text is None:
+        if data in ALIASES:
+            return (1, 16, 16)
+        raise PgraftError("pgraft stats needs the images' shape: pass --shape CxHxW (the model's, e.g. 3x512x512)")
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) not in (1, 3):
+        raise PgraftError(f"--shape {text!r}: write CxHxW with C 1 or 3, e.g. 3x512x512")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def stats(data: str, features: str, out: Path, shape: Optional[str], inception_weights: Optional[str],
+          device: str = "cpu", kid_subsets: int = 100) -> dict[str, Any]:
+    """``pgraft stats``: DATA's feature statistics in ``out`` (``io.refstats``), for ``--data out``."""
+    from ..io.recipes import check_feature_choice
+    from ..io.refstats import data_identity, save_stats
+    from ..stages.evaluate import cached_reference, pick_features
+
+    check_feature_choice(features)
+    image_shape = parse_shape(shape, data)
+    if out.suffix != ".npz":
+        raise PgraftError(f"--out {out}: a stats file ends in .npz; pass e.g. --out ref.npz")
+    feats = pick_features(features, image_shape, inception_weights, device)
+    if feats is None:
+        raise PgraftError(f"--features {features}: no feature extractor at hand; pass --features inception "
+                          f"--inception-weights PATH, classifier, judge, clip:PATH or dinov2:PATH")
+    metric = cached_reference(feats, data, image_shape, kid_subsets)  # the user cache: a second call is free
+    meta = {"features": feats.identity, "image_shape": list(image_shape), "data": data_identity(data)}
+    state = metric.reference_state()
+    save_stats(out, state, meta)
+    return {**meta, "out": str(out), "num": int(state["n"]), "dim": int(state["mu"].shape[0]), "features": feats.name,
+            "identity": feats.identity}

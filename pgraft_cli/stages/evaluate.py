@@ -45,12 +45,14 @@ class Features(nn.Module):
     """A named feature extractor: images in [0, 1] (N, C, H, W) -> (N, D) float64 features (CPU).
 
     An ``nn.Module`` with ``num_features``, so torchmetrics' FID/KID take it as ``feature=`` too.
+    ``identity`` (default: ``name``) is what the features depend on (weights' hash, resize rule):
+    the key of cached reference statistics.
     """
 
     def __init__(self, name: str, fn: Callable[[Tensor], Tensor], batch: int = 256,
-                 probe_shape: tuple[int, int, int] = (1, 16, 16)):
+                 probe_shape: tuple[int, int, int] = (1, 16, 16), identity: str = ""):
         super().__init__()
-        self.name, self.fn, self.batch = name, fn, batch
+        self.name, self.fn, self.batch, self.identity = name, fn, batch, identity or name
         with torch.no_grad():  # D from one probe image (Inception resizes any size to 299 x 299)
             self.num_features = int(fn(torch.zeros(1, *probe_shape)).shape[-1])
 
@@ -62,8 +64,11 @@ class Features(nn.Module):
 def classifier_features(path: Path | str = CLASSIFIER_PATH) -> Features:
     from ..io.checkpoints import load_classifier
 
+    from ..io.runstore import sha256_file
+
     model = load_classifier(path)
-    return Features(f"classifier:{Path(path).name}", lambda x: model.features(x * 2 - 1))
+    return Features(f"classifier:{Path(path).name}", lambda x: model.features(x * 2 - 1),
+                    identity=f"classifier:sha256={sha256_file(path)}")
 
 
 RESIZE = "torch-bicubic-aa"  # the resize rule, part of every Inception feature name
@@ -88,8 +93,10 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
         if not path.is_file():
             raise PgraftError(f"--inception-weights {weights}: no such file; pass clean-fid's inception-2015-12-05.pt")
         net = torch.jit.load(str(path), map_location=device).eval()
+        from ..io.runstore import sha256_file
+
         return Features(f"inception:{path.name}+{RESIZE}", lambda x: net(inception_input(x.to(device)), return_features=True),
-                        batch=64)
+                        batch=64, identity=f"inception:sha256={sha256_file(path)}+{RESIZE}")
     try:
         from cleanfid.features import build_feature_extractor
     except ImportError:
@@ -201,6 +208,49 @@ def reference(features: Features, real: Tensor | np.ndarray | Iterable[Tensor],
     for batch in real:
         metric.update(features(batch), real=True)
     return metric
+
+
+def cached_reference(features: Features, spec: str, image_shape: tuple[int, int, int],
+                     kid_subsets: int = KID_SUBSETS, run_root: Optional[Path] = None) -> FidKid:
+    """The reference of ``spec`` in ``features``: a pgraft stats file as it is (its extractor and
+    shape must match), else cached statistics (``io.refstats.cache_dirs``: the run directory, then
+    the user cache) keyed by extractor, shape and the data's hash, else computed from the images
+    (streamed) and written to both caches. Cached and computed references give the same FID bit for bit."""
+    from ..io.data import iter_data
+    from ..io.refstats import cache_dirs, data_identity, is_stats_file, load_stats, stats_key
+
+    if is_stats_file(spec):
+        state, meta = load_stats(spec)
+        if meta.get("features") != features.identity or tuple(meta.get("image_shape", ())) != tuple(image_shape):
+            raise PgraftError(f"--data {spec} holds statistics of {meta.get('features')} features of "
+                              f"{meta.get('image_shape')} images, but this run measures {features.identity} of "
+                              f"{list(image_shape)}; pass matching --features, or write new ones with pgraft stats")
+        return FidKid.from_reference_state(state, kid_subsets)
+    meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec)}
+    name = f"{stats_key(meta['features'], tuple(image_shape), meta['data'])}.npz"
+    dirs = cache_dirs(run_root)
+    for folder in dirs:
+        if (folder / name).is_file():
+            state, _ = load_stats(folder / name)
+            for other in dirs[:dirs.index(folder)]:  # a user-cache hit is kept in the run directory too
+                _save_quietly(other / name, state, meta)
+            return FidKid.from_reference_state(state, kid_subsets)
+    metric = reference(features, iter_data(spec, image_shape), kid_subsets)
+    state = metric.reference_state()
+    for folder in dirs:
+        _save_quietly(folder / name, state, meta)
+    return metric
+
+
+def _save_quietly(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """A cache write that may fail (read-only home, full disk): the run goes on without that copy."""
+    from ..io.refstats import save_stats
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_stats(path, state, meta)
+    except OSError:
+        pass
 
 
 def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict[str, Any]:
