@@ -106,7 +106,7 @@ FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'M
                                                              "metrics of the result; base.fid etc. for the base model).")]
 
 
-RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, vqascore[:PATH], python:module:function.")]
+RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, pickscore:PATH, aesthetic:PATH, vqascore[:PATH], python:module:function; or a weighted sum \"0.7*pickscore:P+0.3*aesthetic:A\".")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")]
 
