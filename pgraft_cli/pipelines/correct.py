@@ -51,7 +51,8 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane)
         fid_data, refs, notes = None, {}, [fid_skipped(rec.evaluate.features, True)]
         if feats is not None:
-            fid_data, refs = references(loaded, o.data, o.eval_data, data_id, feats, rec.evaluate.kid_subsets,
+            real, _ = real_data(loaded, o.data)  # streamed into the reference features
+            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets,
                                         store.root)
             notes = []
         common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},

@@ -71,7 +71,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
         eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate")
     num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
     has_data = bool(o.data or loaded.default_data)
-    data_id = real_data(loaded, o.data)[1] if has_data else None  # checked before sampling
+    real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
@@ -80,7 +80,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
     run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
                                                          "steps": eval_steps, "prompts": cond.prompts})
     with verb.run_dir(run_dir) as store:
-        fid_data, refs = (references(loaded, o.data, o.eval_data, data_id, feats, rec.evaluate.kid_subsets,
+        fid_data, refs = (references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets,
                                                  store.root)
                           if not notes else (None, {}))
         dist = verb.dist

@@ -74,9 +74,9 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     check_conditions(loaded, cond)
     rew = reward_from(rec.score.reward, dev, rec.score.batch_size)
     base_info = base_info_of(loaded)
-    data_id = None
+    real, data_id = (None, None)
     if o.data or loaded.default_data:
-        data_id = real_data(loaded, o.data)[1]  # checked here; only the FID reference reads it
+        real, data_id = real_data(loaded, o.data)  # streamed: only the FID reference reads it
     # The default run directory depends only on what sampling depends on, so that a new reward,
     # rule or training setting re-runs scoring onwards in the same run, never sampling.
     run_dir = o.run_dir or default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
@@ -87,7 +87,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     with verb.run_dir(run_dir) as store:
         fid_of, fid_data, refs = None, None, {}
         if feats is not None:
-            fid_data, refs = references(loaded, o.data, o.eval_data, data_id, feats, rec.evaluate.kid_subsets, store.root)
+            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets, store.root)
 
             def fid_of(images: Any) -> float:  # each round's samples against the same reference
                 ref = refs[fid_data]

@@ -98,11 +98,12 @@ def real_data(loaded: LoadedModel, data: Optional[str], rows: bool = False) -> t
     return (data_rows if rows else iter_data)(spec, loaded.image_shape), spec
 
 
-def references(loaded: LoadedModel, data: Optional[str], eval_data: Optional[str], data_id: str,
+def references(loaded: LoadedModel, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,
                feats: Any, kid_subsets: int, run_root: Optional[Path] = None) -> tuple[str, dict[str, Any]]:
     """FID references by name, the one ``fid``/``kid`` (and gates) use first: ``--eval-data``, else
     the model's ``default_eval_data`` when ``--data`` is not given, else the data itself. Each is a
-    stats file or cached statistics where they exist (``cached_reference``)."""
+    stats file or cached statistics where they exist (``cached_reference``); else ``real`` (``real_data``'s
+    batches, already open) is read for the data's."""
     from ..stages.evaluate import cached_reference
 
     spec = eval_data or (None if data else loaded.default_eval_data)
@@ -112,7 +113,7 @@ def references(loaded: LoadedModel, data: Optional[str], eval_data: Optional[str
             refs[spec] = cached_reference(feats, spec, loaded.image_shape, kid_subsets, run_root)
         except PgraftError as exc:  # the same checks as --data, named after the option the user gave
             raise PgraftError(str(exc).replace("--data", "--eval-data", 1)) from None
-    refs[data_id] = cached_reference(feats, data_id, loaded.image_shape, kid_subsets, run_root)
+    refs[data_id] = cached_reference(feats, data_id, loaded.image_shape, kid_subsets, run_root, images=real)
     return next(iter(refs)), refs
 
 

@@ -211,11 +211,13 @@ def reference(features: Features, real: Tensor | np.ndarray | Iterable[Tensor],
 
 
 def cached_reference(features: Features, spec: str, image_shape: tuple[int, int, int],
-                     kid_subsets: int = KID_SUBSETS, run_root: Optional[Path] = None) -> FidKid:
+                     kid_subsets: int = KID_SUBSETS, run_root: Optional[Path] = None,
+                     images: Optional[Iterable[Tensor]] = None) -> FidKid:
     """The reference of ``spec`` in ``features``: a pgraft stats file as it is (its extractor and
     shape must match), else cached statistics (``io.refstats.cache_dirs``: the run directory, then
     the user cache) keyed by extractor, shape and the data's hash, else computed from the images
-    (streamed) and written to both caches. Cached and computed references give the same FID bit for bit."""
+    (``images``, batches already open, else read streamed) and written to both caches. Cached and
+    computed references give the same FID bit for bit."""
     from ..io.data import iter_data
     from ..io.refstats import cache_dirs, data_identity, is_stats_file, load_stats, stats_key
 
@@ -235,7 +237,7 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
             for other in dirs[:dirs.index(folder)]:  # a user-cache hit is kept in the run directory too
                 _save_quietly(other / name, state, meta)
             return FidKid.from_reference_state(state, kid_subsets)
-    metric = reference(features, iter_data(spec, image_shape), kid_subsets)
+    metric = reference(features, images if images is not None else iter_data(spec, image_shape), kid_subsets)
     state = metric.reference_state()
     for folder in dirs:
         _save_quietly(folder / name, state, meta)
