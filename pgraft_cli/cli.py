@@ -98,7 +98,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits, digits-train, digits-judge, digits-test). Default: the model's own data set (digits-train for the bundled model).")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data FID/KID are measured against (the numbers gates see); FID against --data is shown beside it. Default: the model's eval data (digits-test for the bundled model) when --data is not given.")]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception, classifier (the bundled digits classifier) or judge (the bundled judge: another architecture trained on another split).")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, none (skip FID), inception, classifier (the bundled digits classifier), judge (the bundled judge: another architecture trained on another split), clip:PATH or dinov2:PATH (a local transformers folder).")]
 InceptionOpt = Annotated[Optional[str], typer.Option("--inception-weights", help="Local clean-fid Inception TorchScript file (inception-2015-12-05.pt).")]
 FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'METRIC OP NUMBER'",
                                                         help="CI gate, repeatable: exit 1 when it holds, after writing every output. "
@@ -106,7 +106,7 @@ FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'M
                                                              "metrics of the result; base.fid etc. for the base model).")]
 
 
-RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, vqascore[:PATH], python:module:function.")]
+RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, pickscore:PATH, aesthetic:PATH, vqascore[:PATH], python:module:function; or a weighted sum \"0.7*pickscore:P+0.3*aesthetic:A\".")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")]
 ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")]
@@ -376,6 +376,7 @@ def finetune(
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
     class_label: ClassOpt = None,
+    features: FeaturesOpt = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -511,6 +512,7 @@ def evaluate(
     prompts: PromptsOpt = None,
     features: FeaturesOpt = None,
     inception_weights: InceptionOpt = None,
+    best_of: Annotated[Optional[int], typer.Option("--best-of", help="Samples per prompt; reports the mean over prompts of each prompt's best reward (the paper's protocol).")] = None,
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -535,6 +537,8 @@ def evaluate(
       pgraft evaluate corrected.safetensors --data digits --num 2000
 
       pgraft evaluate ./sd2 --data ./coco-val --inception-weights inception-2015-12-05.pt --prompts p.txt
+
+      pgraft evaluate ./sd2 --prompts p.txt --reward vqascore:./vlm --best-of 4   (reward only: no FID)
     """
     from .pipelines.evaluate import EvaluateOptions, evaluate as evaluate_pipeline
 
@@ -547,11 +551,38 @@ def _render_evaluate(model: str, summary: dict[str, Any]) -> None:
 
     label = "corrected" if summary["corrected"] else (
         f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
-    console.print(metrics_table(f"evaluate {model} against {summary['fid_data']} (features {summary['features']})",
+    against = f" against {summary['fid_data']}" if summary.get("fid_data") else ""
+    console.print(metrics_table(f"evaluate {model}{against} (features {summary['features'] or 'none'})",
                                 [(f"{label} ({summary['steps']} steps)", summary)]))
     if summary.get("reward"):
-        console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
+        best = (f"; best of {summary['best_of']} over {summary['groups']} groups: mean {summary['reward_best_of_mean']:.4f}, "
+                f"std {summary['reward_best_of_std']:.4f}" if summary.get("best_of") else "")
+        console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}{best}")
     console.print(f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}")
+
+
+@app.command()
+def stats(
+    data: Annotated[str, typer.Argument(help="Reference images: a folder, .npz or .safetensors file, or alias.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The stats file to write (.npz).")],
+    features: FeaturesOpt = "auto",
+    shape: Annotated[Optional[str], typer.Option("--shape", help="Images' CxHxW (the model's); digits: 1x16x16.")] = None,
+    inception_weights: InceptionOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Precompute DATA's FID reference statistics (mean, covariance, feature rows) once: pass the
+    file as --data to evaluate, finetune or correct's FID, without the images.
+
+    Examples:
+
+      pgraft stats ./coco-val --features dinov2:./dinov2-base --shape 3x512x512 --out coco-dinov2.npz
+    """
+    from .pipelines.evaluate import stats as stats_pipeline
+
+    summary = stats_pipeline(data, features or "auto", out, shape, inception_weights, device or "cpu")
+    print(json.dumps(summary, sort_keys=True) if as_json else f"wrote {summary['out']}: {summary['num']} images, "
+          f"{summary['dim']}-d {summary['features']} features")
 
 
 # ================================================================================================

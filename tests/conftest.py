@@ -18,6 +18,12 @@ TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups
 SCHEDULERS = ("ddpm", "ddim", "flow")
 
 
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's own user cache (reference statistics): none written to the real home, none shared."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pixel-space UNet2DModel
 

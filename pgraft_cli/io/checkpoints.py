@@ -44,6 +44,8 @@ from .recipes import FinetuneConfig
 from .runstore import atomic_path, content_key, sha256_file, state_digest
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CLASSIFIER_PATH = ASSETS / "digits-classifier.safetensors"
+JUDGE_PATH = ASSETS / "digits-judge.safetensors"  # another net, another split
 ALIASES = {"digits": ASSETS / "digits-flow.safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 FORMAT_VERSION = "1"

@@ -219,12 +219,24 @@ class EvaluateConfig:
     num: int = 2000
     seed: int = 1
     steps: Optional[int] = None
-    features: Literal["auto", "inception", "classifier", "judge"] = "auto"
+    features: str = "auto"  # one of FEATURE_CHOICES
     inception_weights: str = ""
     kid_subsets: int = 100  # clean-fid's default
 
     def validate(self) -> None:
         _positive(self, "evaluate", "num", "kid_subsets")
+        check_feature_choice(self.features, "evaluate.features")
+
+
+FEATURE_CHOICES = ("auto", "none", "inception", "classifier", "judge", "clip:PATH", "dinov2:PATH")
+
+
+def check_feature_choice(choice: str, where: str = "--features") -> None:
+    """A feature extractor's name: one of ``FEATURE_CHOICES`` (``clip:`` / ``dinov2:`` with a folder)."""
+    name, _, path = choice.partition(":")
+    if (name in ("clip", "dinov2") and path) or (not path and choice in FEATURE_CHOICES[:5]):
+        return
+    raise RecipeError(f"{where} {choice!r} is not a feature extractor; pass one of {', '.join(FEATURE_CHOICES)}")
 
 
 @dataclass

@@ -30,7 +30,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[tuple[dict[str, Any], lis
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..stages.correct import check_correctable, run_invert, run_train_corrector
-    from ..stages.evaluate import evaluate_model, pick_features
+    from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
     from ..stages.finetune import main_first
     from ..stages.sample import resolve_lane
 
@@ -56,14 +56,19 @@ def correct(model: str, o: CorrectOptions) -> Optional[tuple[dict[str, Any], lis
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-        real, _ = real_data(loaded, o.data)  # streamed into the reference features
-        fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
-        also = {k: v for k, v in refs.items() if k != fid_data}
+        fid_data, refs, notes = None, {}, [fid_skipped(rec.evaluate.features, True)]
+        if feats is not None:
+            real, _ = real_data(loaded, o.data)  # streamed into the reference features
+            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets,
+                                        store.root)
+            notes = []
+        common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
+                      notes=notes)
         base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
-                                      rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also, **split)
+                                      rec.evaluate.kid_subsets, **common, **split)
         loaded.corrector = corrector.to(dev)
         corr_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-corrected",
-                                      rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also, **split)
+                                      rec.evaluate.kid_subsets, **common, **split)
         loaded.corrector = None
         if not verb.is_main:
             return None

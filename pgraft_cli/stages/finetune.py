@@ -335,9 +335,10 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
 
 
 def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, features: Any, store: RunStore,
-                  bar: Any, refs: dict[str, Any], fid_data: Optional[str]) -> dict[str, Any]:
+                  bar: Any, refs: dict[str, Any], fid_data: Optional[str],
+                  notes: Optional[list[str]] = None) -> dict[str, Any]:
     """Base and tuned model on the same seeds: reward mean/std, FID/KID against ``refs[fid_data]``
-    (and the other named references in ``refs``), NFE, FLOPs."""
+    (and the other named references in ``refs``), NFE, FLOPs; ``notes`` (why FID was skipped) on both."""
     from .evaluate import evaluate_model
     from ..io.recipes import SampleConfig
 
@@ -346,7 +347,8 @@ def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, featu
                        lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale,
                        distilled_guidance=recipe.sample.distilled_guidance)
     common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=refs.get(fid_data) if fid_data else None,
-                  also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward)
+                  also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward,
+                  notes=notes)
     with base_only(model):
         base = evaluate_model(model, None, cfg, features, store, bar, "evaluate-base", **common)
     tuned = evaluate_model(model, None, cfg, features, store, bar, "evaluate-tuned", **common)
