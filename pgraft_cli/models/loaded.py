@@ -73,6 +73,7 @@ class LoadedModel:
     # A class-conditional UNet trained with label dropout: the class index that means "no class"
     # (file metadata ``pgraft.null_class``); it enables classifier-free guidance for class models.
     null_class: Optional[int] = None
+    config_dir: Optional[str] = None  # a single-file checkpoint's diffusers config folder (its identity has its hash)
 
     # -- description ----------------------------------------------------------------------------
     @property
