@@ -90,7 +90,7 @@ RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE",
                                                      help="Override one recipe key; repeatable. Example: --set sample.steps=16")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", callback=_folder_path("--run-dir"), help="Run directory (default: ./pgraft-runs/<verb>-<config hash>); re-running resumes it.")]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Model config (config.json or diffusers folder) for weights that do not describe themselves.")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Model config (config.json or diffusers folder) for weights that do not describe themselves; for a single-file SD/SDXL/Flux checkpoint, the diffusers pipeline folder with its configs.")]
 KindOpt = Annotated[Optional[str], typer.Option("--kind", help="Override the detected family: flow or diffusion.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle checkpoints (.ckpt/.pt/.bin), which can run code. Only for files you trust.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars and notes.")]

@@ -6,6 +6,8 @@ MODEL may be
 - a diffusers pipeline folder (``model_index.json``) or model folder (``config.json`` + weights);
 - a ``.safetensors`` file written by pgraft: its header metadata carries the model class and
   config, the scheduler config and provenance, so it needs nothing beside it;
+- a released single-file checkpoint (the original SD 1.x/2.x, SDXL or Flux.1 key layout) plus ``--config``,
+  a diffusers pipeline folder with its configs (io/single_file.py names the layout from the keys);
 - any other ``.safetensors`` plus ``--config DIR_OR_JSON``;
 - a pickle checkpoint (``.ckpt``/``.pt``/``.bin``/``.pth``) plus ``--config``, only with
   ``--allow-pickle`` (unpickling runs arbitrary code);
@@ -42,6 +44,7 @@ from ..models.lora import LORA_ADAPTER, add_lora, lora_state, set_lora_state
 from ..models.nets import ClassifierConfig, DigitsClassifier
 from .recipes import FinetuneConfig
 from .runstore import atomic_path, content_key, sha256_file, state_digest
+from .single_file import LAYOUTS, Layout, detect_layout, looks_original
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CLASSIFIER_PATH = ASSETS / "digits-classifier.safetensors"
@@ -133,7 +136,7 @@ def identity_of(path: Path) -> str:
 # Fields of a LoadedModel that do not enter its stage key: the network and pipeline are the files
 # ``identity`` hashes (LoRA weights added in memory are keyed apart), the rest only describe it.
 _NOT_KEYED = ("network", "pipeline", "source", "source_kind", "provenance", "metadata", "default_data",
-              "default_eval_data")
+              "default_eval_data", "config_dir")
 
 
 def model_key(model: LoadedModel) -> dict[str, Any]:
@@ -373,11 +376,21 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
         if suffix == ".safetensors":
             metadata = read_safetensors_metadata(path)
             if metadata.get("pgraft.kind") == "corrector":
-                return load_corrected(path, metadata, base, kind, allow_pickle)
+                return load_corrected(path, metadata, base, kind, allow_pickle, config)
             if metadata.get("pgraft.kind") == "finetune":
-                return load_finetuned(path, base, kind, allow_pickle)
+                return load_finetuned(path, base, kind, allow_pickle, config)
             if "pgraft.model_class" in metadata and config is None:
                 return _load_pgraft_file(path, str(path), kind, metadata)
+            if "pgraft.model_class" not in metadata:
+                keys = _safetensors_keys(path)
+                layout = detect_layout(keys)
+                if layout is not None:
+                    return _load_single_file(path, layout, config, kind)
+                if config is None or looks_original(keys):
+                    raise ModelLoadError(
+                        f"{path} is neither a pgraft file nor a single-file checkpoint pgraft reads ("
+                        f"{', '.join(sorted({lay.name for lay in LAYOUTS}))} original key layouts); for a diffusers "
+                        f"network's bare weights pass --config with its config.json or diffusers folder")
             return _load_bare_weights(path, config, kind, allow_pickle, metadata)
         if suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
@@ -398,8 +411,9 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
 
 
 def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: str,
-                  allow_pickle: bool) -> LoadedModel:
-    """The base model a corrector or fine-tune file was made from: its stored source, or ``--base``.
+                  allow_pickle: bool, config: Optional[str] = None) -> LoadedModel:
+    """The base model a corrector or fine-tune file was made from: its stored source, or ``--base``
+    (a single-file base with its stored config folder, or ``config``).
 
     Its sha256 must match the identity stored in the file, so the file is never composed with
     another model by accident. A hub base stored as ``hub:ORG/NAME@COMMIT`` is loaded at that commit.
@@ -409,7 +423,7 @@ def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: s
         return _hub_base_at(path, pinned["repo"], pinned["commit"], base, kind, allow_pickle)
     source = base or info["source"]
     try:
-        model = load_model(source, kind=kind, allow_pickle=allow_pickle)
+        model = load_model(source, config or info.get("config"), kind=kind, allow_pickle=allow_pickle)
     except PgraftError as exc:
         raise PgraftError(f"the base model of {path} could not be loaded from '{source}' ({exc}); pass it with --base") from None
     if model.identity != info["identity"]:
@@ -439,6 +453,44 @@ def _load_pgraft_file(path: Path, source: str, kind: str, metadata: dict[str, st
     load_state(network, state, str(path))
     return _assemble(network, model_class, model_config, scheduler_config, kind, source,
                      "pgraft-safetensors", sha256_file(path), metadata=metadata)
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # read_safetensors_metadata has checked it opens
+        return list(f.keys())
+
+
+def _load_single_file(path: Path, layout: Layout, config: Optional[str], kind: str) -> LoadedModel:
+    """A released single-file checkpoint through diffusers' ``from_single_file``, offline, with the local
+    pipeline folder ``config`` (configs, tokenizers, and the weights the file lacks). Its identity is the file's
+    sha256 and the folder's, so the same file with another config is another model."""
+    import diffusers
+
+    folder = Path(config).expanduser().absolute() if config else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a {layout.name} single-file checkpoint, which needs "
+            f"{'--config' if folder is None else f'--config {config} to be'} a diffusers pipeline folder laid out as "
+            f"{layout.config_repo} (hf download {layout.config_repo} --exclude {layout.skip} --local-dir DIR); "
+            f"pass --config DIR")
+    kw: dict[str, Any] = dict(config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    try:
+        with _quiet_loading():
+            if layout.network:  # the denoiser alone: put it into the folder's pipeline
+                net = getattr(diffusers, layout.network).from_single_file(str(path), subfolder="transformer", **kw)
+                kw.pop("config")
+                pipe = getattr(diffusers, layout.pipeline).from_pretrained(str(folder), transformer=net, **kw)
+            else:
+                pipe = getattr(diffusers, layout.pipeline).from_single_file(str(path), **kw)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {path} as a {layout.name} single file with --config {config} "
+                             f"({_short(exc)}); pass the config folder of the model it was released as") from None
+    model = _from_pipeline(pipe, str(path), f"single-file {layout.name}", kind,
+                           f"{sha256_file(path)}+{identity_of(folder)}")
+    model.config_dir = str(folder)
+    return model
 
 
 def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickle: bool,
@@ -720,7 +772,7 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     base_info = {
         "source": base.source, "identity": base.identity, "model_class": base.model_class,
         "model_config": base.model_config, "scheduler_config": base.scheduler_config,
-        "solver": "euler" if base.family == "flow" else "ddim", "steps": corrector.base_steps,
+        "solver": "euler" if base.family == "flow" else "ddim", "steps": corrector.base_steps, **_config_dir(base),
     }
     extra = {
         "pgraft.kind": "corrector",
@@ -739,11 +791,11 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
 
 
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
-                   allow_pickle: bool) -> LoadedModel:
+                   allow_pickle: bool, config: Optional[str] = None) -> LoadedModel:
     """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
     state, metadata = read_safetensors(path)
     info = json.loads(metadata["pgraft.base"])
-    base_model = load_base_for(path, info, base, kind, allow_pickle)
+    base_model = load_base_for(path, info, base, kind, allow_pickle, config)
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
     if corrector_type in ("gaussian", "gaussian-diag"):
@@ -789,16 +841,22 @@ def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, An
 
 def base_info_of(model: LoadedModel) -> dict[str, Any]:
     return {"source": model.source, "identity": model.identity, "model_class": model.model_class,
-            "model_config": model.model_config, "scheduler_config": model.scheduler_config}
+            "model_config": model.model_config, "scheduler_config": model.scheduler_config, **_config_dir(model)}
 
 
-def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool) -> LoadedModel:
+def _config_dir(model: LoadedModel) -> dict[str, str]:
+    """A single-file base's config folder, which loading it again needs (nothing for other bases)."""
+    return {"config": model.config_dir} if model.config_dir else {}
+
+
+def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool,
+                   config: Optional[str] = None) -> LoadedModel:
     """A fine-tune file composed with its base model (stored source, or ``base``; hash-checked)."""
     state, metadata = read_safetensors(path)
     tuning = json.loads(metadata["pgraft.finetune"])
     info = json.loads(metadata["pgraft.base"])
     cutoff = float(tuning["cutoff"])
-    model = load_base_for(path, info, base, kind, allow_pickle)
+    model = load_base_for(path, info, base, kind, allow_pickle, config)
     model.cutoff = cutoff
     model.tuned_guidance = tuning.get("tuned_guidance", "reapply")  # files written before the key: reapply
     if tuning.get("lora"):

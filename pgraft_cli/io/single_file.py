@@ -13,6 +13,10 @@ One checkpoint holds three networks under fixed prefixes:
   stacked into ``attn.in_proj_*``). An SD 2.x file from diffusers has the 23 layers SD 2 runs (the
   original's unused 24th and ``text_projection`` are not invented).
 
+Reading such files back (``pgraft sample model.safetensors --config DIR``): :func:`detect_layout` names
+the released layout (SD 1.x/2.x, SDXL, Flux.1) from the keys alone; the loading itself is diffusers'
+``from_single_file`` (io/checkpoints.py).
+
 Pure: tensors in, tensors out, no files. Each network is a table of ``(pattern, prefix, renames)``
 rules: the first rule whose regex matches the start of a key gives the new prefix (a function of
 the matched indices), and ``renames`` rewrites the head of the rest of the key.
@@ -21,7 +25,8 @@ the matched indices), and ``renames`` rewrites the head of the rest of the key.
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,6 +62,8 @@ def _up(g: Sequence[int], c: dict) -> int:
 UNET_RULES: list[Rule] = [
     (r"time_embedding\.linear_1\.", _fixed("time_embed.0."), {}),
     (r"time_embedding\.linear_2\.", _fixed("time_embed.2."), {}),
+    (r"add_embedding\.linear_1\.", _fixed("label_emb.0.0."), {}),  # SDXL's pooled text + time ids
+    (r"add_embedding\.linear_2\.", _fixed("label_emb.0.2."), {}),
     (r"conv_in\.", _fixed("input_blocks.0.0."), {}),
     (r"conv_norm_out\.", _fixed("out.0."), {}),
     (r"conv_out\.", _fixed("out.2."), {}),
@@ -144,3 +151,60 @@ def to_single_file(unet: Mapping[str, Tensor], vae: Mapping[str, Tensor], text_e
     """The three networks of an SD 1.x (``open_clip=False``) or 2.x pipeline as one single-file state dict."""
     return {**unet_to_single_file(unet, layers_per_block), **vae_to_single_file(vae),
             **clip_to_single_file(text_encoder, open_clip)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection: which released layout a file's keys are
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A released single-file layout: the diffusers class that reads it, and the hub repo whose folder
+    layout its ``config=`` must have. ``network``: files holding only the denoiser (Flux's releases), loaded
+    as that class and put into the config folder's pipeline."""
+
+    name: str
+    pipeline: str
+    config_repo: str
+    network: Optional[str] = None
+    skip: str = "'*.safetensors' '*.bin' '*.ckpt'"  # what a config folder need not hold (hf download --exclude)
+
+
+SD1 = Layout("SD 1.x", "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+SD2 = Layout("SD 2.x", "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1")  # -2-1-base: 512 px, epsilon
+SDXL = Layout("SDXL", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0")
+# Flux files hold the transformer only: the folder also brings the text encoders' and VAE's weights.
+FLUX_DEV = Layout("Flux.1-dev", "FluxPipeline", "black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel",
+                  "'transformer/*' 'flux1-*' 'ae.*'")
+FLUX_SCHNELL = Layout("Flux.1-schnell", "FluxPipeline", "black-forest-labs/FLUX.1-schnell", "FluxTransformer2DModel",
+                      "'transformer/*' 'flux1-*' 'ae.*'")
+LAYOUTS = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL)
+# Top-level prefixes of the original layouts: a file with such keys and no known layout is refused by name.
+ORIGINAL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.", "double_blocks.", "single_blocks.")
+
+
+def detect_layout(keys: Collection[str]) -> Optional[Layout]:
+    """The layout of a state dict from characteristic keys (None: not a layout pgraft reads).
+
+    Flux: ``double_blocks.0.img_attn.qkv.weight`` (bare or under ``model.diffusion_model.``), dev when the
+    guidance embedding ``guidance_in`` is there; SDXL: the OpenCLIP-bigG ``conditioner.embedders.1.model.*``
+    or the UNet's ``label_emb`` (the time ids); SD 2.x / 1.x: the UNet with an OpenCLIP / OpenAI CLIP encoder.
+    """
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    for root in ("", UNET_PREFIX):
+        if root + "double_blocks.0.img_attn.qkv.weight" in keys:
+            return FLUX_DEV if has(root + "guidance_in.") else FLUX_SCHNELL
+    if has("conditioner.embedders.1.model.") or has(UNET_PREFIX + "label_emb."):
+        return SDXL
+    if has(UNET_PREFIX + "input_blocks.0.0."):
+        if has(OPEN_CLIP_PREFIX):
+            return SD2
+        if has("cond_stage_model.transformer."):
+            return SD1
+    return None
+
+
+def looks_original(keys: Collection[str]) -> bool:
+    return any(k.startswith(ORIGINAL_PREFIXES) for k in keys)

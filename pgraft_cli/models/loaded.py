@@ -66,6 +66,7 @@ class LoadedModel:
     null_class: Optional[int] = None
     # Sampling under autocast to this dtype (model.autocast: bf16 on GPUs), float32 weights kept.
     autocast: Optional[torch.dtype] = None
+    config_dir: Optional[str] = None  # a single-file checkpoint's diffusers config folder (its identity has its hash)
 
     # -- description ----------------------------------------------------------------------------
     @property
