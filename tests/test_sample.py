@@ -130,7 +130,7 @@ def test_accelerate_two_processes_match_one(tmp_path):
 def test_the_cli_tunes_glibc_malloc_where_it_can():
     import platform
 
-    from pgraft_cli.cli import tune_allocator
+    from pgraft_cli.io.host import tune_allocator
 
     applied = tune_allocator()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import PgraftError
-from .skeleton import Options, Verb, default_run_dir, real_data, references, resolve_recipe, start
+from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Outcome, Verb, default_run_dir, real_data, references,
+                       resolve_recipe, start)
 
 
 @dataclass
-class CorrectOptions(Options):
+class CorrectOptions(ModelOptions, DataOptions, FeatureOptions):
     """What ``pgraft correct`` takes besides MODEL (None: the recipe's value)."""
 
-    data: Optional[str] = None
-    eval_data: Optional[str] = None
     out: Optional[Path] = None
     steps: Optional[int] = None
-    features: Optional[str] = None
-    inception_weights: Optional[str] = None
     recipe: str = "inverse-noise"
 
 
-def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
-    """Inverse noise correction of MODEL; the summary, the gate results, and labels for the terminal."""
+def correct(model: str, o: CorrectOptions) -> Outcome:
+    """Inverse noise correction of MODEL: the summary, its terminal view and the gate results."""
     from ..io.checkpoints import save_corrected
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
+    from ..report.ui import correct_report, wrote_lines
     from ..stages.correct import check_correctable, run_invert, run_train_corrector
     from ..stages.evaluate import evaluate_model, pick_features
 
@@ -69,4 +67,4 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
     results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), out=target)
     labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "corrector_steps": corrector.steps,
               "inversion_tol": rec.correct.inversion_tol}
-    return summary, results, labels
+    return Outcome(summary, [*correct_report(summary, labels), *wrote_lines(summary)], results)

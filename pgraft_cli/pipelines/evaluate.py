@@ -3,37 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import PgraftError
-from .skeleton import (Options, Verb, corrector_steps, default_run_dir, prompt_list,
-                       real_data, references, resolve_recipe, reward_from, start)
+from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Outcome, PromptOptions, Verb, corrector_steps,
+                       default_run_dir, prompt_list, real_data, references, resolve_recipe, reward_from, start)
 
 
 @dataclass
-class EvaluateOptions(Options):
+class EvaluateOptions(ModelOptions, DataOptions, PromptOptions, FeatureOptions):
     """What ``pgraft evaluate`` takes besides MODEL (None: the recipe's value)."""
 
-    data: Optional[str] = None
-    eval_data: Optional[str] = None
     num: Optional[int] = None
     steps: Optional[int] = None
     seed: Optional[int] = None
     base: Optional[str] = None
     tuned_guidance: Optional[str] = None
     reward: Optional[str] = None
-    prompt: Optional[list[str]] = None
-    prompts: Optional[Path] = None
-    features: Optional[str] = None
-    inception_weights: Optional[str] = None
 
 
-def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], list[Any]]]:
+def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     """FID/KID, NFE, FLOPs and time per image of MODEL (evaluate.json, and the seconds and report);
     the gate results. None on processes other than the main one."""
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
+    from ..report.ui import evaluate_view
     from ..stages.evaluate import evaluate_model, pick_features
     from ..stages.sample import Conditions, check_conditions
 
@@ -74,4 +68,5 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
                    "cutoff": loaded.cutoff, "dtype": str(loaded.dtype).removeprefix("torch.")}
         store.write_json("evaluate.json", metrics)
     summary = {**metrics, "seconds": round(verb.seconds, 2)}
-    return summary, verb.conclude(summary, gates, gate_metrics(metrics))
+    results = verb.conclude(summary, gates, gate_metrics(metrics))
+    return Outcome(summary, evaluate_view(model, summary), results)

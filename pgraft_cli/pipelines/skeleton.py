@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -140,17 +140,65 @@ def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str) -> int:
 
 @dataclass
 class Options:
-    """What every verb that loads a model takes (None: the recipe's value); each verb adds its own."""
+    """What every verb takes (None: the recipe's value); each verb's dataclass adds its own."""
 
     recipe: str = "default"
     sets: Optional[list[str]] = None
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, given: dict[str, Any]) -> Any:
+        """The options from a command's parameters, its shared ones in ``given["shared"]`` (``set_`` is
+        ``sets``; ``--json`` implies quiet)."""
+        given = {("sets" if k == "set_" else k): v for k, v in {**given, **given.get("shared", {})}.items()}
+        given["quiet"] = given.get("quiet", False) or given.get("as_json", False)
+        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+
+
+@dataclass
+class ModelOptions(Options):
+    """What every verb that loads a model into a run directory takes."""
+
     run_dir: Optional[Path] = None
     config: Optional[str] = None
     kind: Optional[str] = None
     allow_pickle: bool = False
     device: Optional[str] = None
-    quiet: bool = False
     fail_if: Optional[list[str]] = None
+
+
+@dataclass
+class DataOptions:
+    """Real data (``--data``) and the held-out data FID is measured against (``--eval-data``)."""
+
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+
+
+@dataclass
+class PromptOptions:
+    """Prompts of text models: ``--prompt`` values and a ``--prompts`` file."""
+
+    prompt: Optional[list[str]] = None
+    prompts: Optional[Path] = None
+
+
+@dataclass
+class FeatureOptions:
+    """FID features (``--features``) and a local Inception file."""
+
+    features: Optional[str] = None
+    inception_weights: Optional[str] = None
+
+
+@dataclass
+class Outcome:
+    """What a verb hands the command line: its ``--json`` object, its terminal view, its gate results."""
+
+    summary: dict[str, Any]
+    view: list[Any] = field(default_factory=list)  # rich renderables and markup lines, printed in order
+    gates: list[Any] = field(default_factory=list)
+    indent: Optional[int] = None  # of the JSON object (inspect's is indented)
 
 
 @dataclass
