@@ -3,8 +3,10 @@
 Layout of a run directory::
 
     RUN/
-      manifest.json            stage -> {key, status, config, inputs, outputs {path: sha256}, ...}
+      manifest.json            stage -> {key, status, config, inputs, outputs {path: sha256}, ...};
+                               the verb whose result the run holds and its named artifacts
       recipe.toml              the fully resolved recipe of the last command
+      provenance.json          per verb: command, versions, device, time, the output's hash
       .lock                    held (flock) by the process working in RUN
       <stage>/shard-00000.safetensors   one finished shard, written atomically
       <stage>/shard-00000.sha256        its checksum, written after the shard
@@ -40,6 +42,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: `pgraft status` s
     from torch import Tensor
 
 MANIFEST = "manifest.json"
+RECIPE = "recipe.toml"  # the fully resolved recipe of the last command
+PROVENANCE = "provenance.json"  # per verb: command, versions, device, time, the output's hash
+_PACKAGES = ("pgraft", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "matplotlib")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -198,6 +203,20 @@ class Dist(NamedTuple):
             self.barrier()
 
 
+def versions() -> dict[str, Optional[str]]:
+    """Installed versions of the packages a run depends on (None where one is not installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = __version__ if name == "pgraft" else None
+    return out
+
+
 class RunStore:
     """One run directory. Use as a context manager to hold its lock (main process only)."""
 
@@ -339,6 +358,57 @@ class RunStore:
             return None
         blob = json.dumps(entry.get("outputs", {}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    # -- named artifacts and provenance ----------------------------------------------------------
+    def record_artifacts(self, verb: str, artifacts: dict[str, Any]) -> None:
+        """Name what the verb's result is made of (``summary``, ``samples``, ``checkpoint`` ...) in the
+        manifest, as paths relative to the run directory (or JSON values): the report reads only these."""
+        manifest = self.read_manifest()
+        manifest["verb"], manifest["artifacts"] = verb, {"recipe": RECIPE, **artifacts}
+        self._write_manifest(manifest)
+
+    def artifacts(self) -> tuple[Optional[str], dict[str, Any]]:
+        """The verb whose result the run holds and its named artifacts (None and {} before one finished)."""
+        manifest = self.read_manifest()
+        return manifest.get("verb"), manifest.get("artifacts") or {}
+
+    def read_artifact(self, name: str) -> Any:
+        """A JSON artifact by name; None when the run has none of that name or its file is unreadable."""
+        rel = self.artifacts()[1].get(name)
+        if not isinstance(rel, str):
+            return None
+        try:
+            return json.loads((self.root / rel).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def record_provenance(self, verb: str, **info: Any) -> dict[str, Any]:
+        """Merge a verb's facts (device, seconds, out ...) with the environment into ``provenance.json``."""
+        import platform
+        import sys
+
+        prov = self.read_provenance()
+        entry = {"verb": verb, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
+                 "platform": platform.platform(), "command": " ".join(["pgraft", *sys.argv[1:]]), **info}
+        device = str(info.get("device", ""))
+        if device.startswith("cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                entry["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        out = info.get("out")
+        if out and Path(out).is_file():
+            entry["out_bytes"] = Path(out).stat().st_size
+            entry["out_sha256"] = sha256_file(out)
+        prov[verb] = entry
+        atomic_write_text(self.root / PROVENANCE, json.dumps(prov, indent=2, sort_keys=True, default=str))
+        return prov
+
+    def read_provenance(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / PROVENANCE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
 
     def write_json(self, relpath: str, obj: Any) -> Path:
         path = self.root / relpath

@@ -125,7 +125,21 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
         save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
         store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,
                                                    "history": history})
+        store.write_json("finetune/timeline.json", timeline(loaded, rec.evaluate.steps or rec.sample.steps,
+                                                            rec.finetune.cutoff))
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
                "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff, **metrics}
-    results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), out=target)
+    artifacts = {"summary": "finetune/summary.json", "timeline": "finetune/timeline.json",
+                 "samples": [["base", "evaluate-base"], ["tuned", "evaluate-tuned"]]}
+    results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), artifacts, out=target)
     return Outcome(summary, [finetune_report(summary), *wrote_lines(summary)], results)
+
+
+def timeline(loaded: Any, steps: int, cutoff: float) -> dict[str, Any]:
+    """The sampler's time grid and which of its steps the fine-tuned model takes (the report's cutoff plot)."""
+    from ..core.samplers import above_cutoff
+
+    grid = loaded.schedule.grid(steps).double()
+    return {"grid": grid.tolist(), "tuned": above_cutoff(grid, cutoff).tolist(), "steps": steps, "cutoff": cutoff,
+            "name": "flow-euler" if loaded.family == "flow" else "ddim-trailing"}
+

@@ -47,6 +47,7 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
         if not verb.is_main:
             return None
         target = o.out or store.root / "images"
+        store.record_artifacts("sample", {"samples": [["samples", "sample"]], "settings": "sample/settings.json"})
         written = export_pngs(store.root, target, {**result.settings, "prompts": cond.prompts, "model": loaded.source,
                                                    "model_identity": loaded.identity, "pgraft_version": __version__})
     summary = {

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 from ..errors import PgraftError
 from ..io.recipes import Recipe, dump_recipe, load_recipe
-from ..io.runstore import MANIFEST, Dist, RunStore, atomic_write_text
+from ..io.runstore import MANIFEST, RECIPE, Dist, RunStore, atomic_write_text
 from ..models.loaded import LoadedModel
 
 
@@ -236,7 +236,7 @@ class Verb:
         show = not self.quiet and self.is_main
         with RunStore(path, is_main=self.is_main) as store:
             if self.is_main:
-                atomic_write_text(store.root / "recipe.toml", dump_recipe(self.recipe))
+                atomic_write_text(store.root / RECIPE, dump_recipe(self.recipe))
             note(f"run directory: {store.root}", quiet=not show)
             self.store = store
             with progress(show) as bar:
@@ -244,15 +244,18 @@ class Verb:
                 yield store
 
     def conclude(self, summary: dict[str, Any], gates: list[Any], gate_values: dict[str, Any],
-                 out: Optional[Path] = None) -> list[Any]:
-        """Write report.html into the summary, and check the gates on ``gate_values`` (recorded when any)."""
+                 artifacts: dict[str, Any], out: Optional[Path] = None) -> list[Any]:
+        """Record the verb's named artifacts and provenance, write report.html (its path into the
+        summary), and check the gates on ``gate_values`` (recorded in the summary when any)."""
         from ..report.gates import check_gates
         from ..report.html import render_report
 
         assert self.store is not None
-        run = {"verb": self.name, "device": self.device, "seconds": round(self.seconds, 2),
-               **({"out": str(out)} if out is not None else {})}
-        summary["report"] = str(render_report(self.store.root, run=run))
+        checkpoint = {"checkpoint": str(out)} if out is not None else {}
+        self.store.record_artifacts(self.name, {**artifacts, **checkpoint})
+        self.store.record_provenance(self.name, device=self.device, seconds=round(self.seconds, 2),
+                                     **({"out": str(out)} if out is not None else {}))
+        summary["report"] = str(render_report(self.store.root))
         results = check_gates(gates, gate_values)
         if results:
             summary["gates"] = [r.to_dict() for r in results]
