@@ -280,8 +280,12 @@ class RunStore:
             manifest["pgraft_version"] = __version__
             atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
-    def stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any],
-              num_shards: Optional[int] = None) -> "StageRun":
+    def stage(self, name: str) -> "Stage":
+        """A stage's finished shards, to read: ``store.stage("sample").tensors("index", "images")``."""
+        return Stage(self.root / name)
+
+    def open_stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any],
+                   num_shards: Optional[int] = None) -> "StageRun":
         """Open a stage; clears its old shards when its key changed. Returns a :class:`StageRun`.
 
         The main process also clears shards the manifest does not account for (no entry: their key
@@ -320,7 +324,7 @@ class RunStore:
         """
         from safetensors.torch import save_file
 
-        stage = self.stage(name, config, inputs, num_shards=num_shards)
+        stage = self.open_stage(name, config, inputs, num_shards=num_shards)
         dist.wait()  # the main process may have cleared a stale stage; the others wait for that
         if stage.done:
             return stage
@@ -544,41 +548,12 @@ def load_training_state(path: Path | str, params: list[Any], opt: Any) -> tuple[
 SHARD_GLOB = "shard-*.safetensors"
 
 
-def shard_paths(run_dir: Path, stage_name: str) -> list[Path]:
-    """A stage's shard files, in index order (shard k holds the k-th run of indices)."""
-    return sorted((Path(run_dir) / stage_name).glob(SHARD_GLOB))
-
-
-def iter_shards(run_dir: Path, stage_name: str, *keys: str) -> Iterator[dict[str, Tensor]]:
-    """A stage's shards, one at a time in index order, each read only for ``keys`` (all if none).
-
-    Keys a shard does not hold are left out, so memory holds one shard's wanted tensors at a time.
-    """
-    for path in shard_paths(run_dir, stage_name):
-        yield read_shard(path, *keys)
-
-
 def read_shard(path: Path, *keys: str) -> dict[str, Tensor]:
     """The ``keys`` (all if none) of one shard file that it holds, and nothing else."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in (keys or f.keys()) if k in f.keys()}
-
-
-def stage_tensors(run_dir: Path, stage_name: str, *keys: str) -> dict[str, Tensor]:
-    """The named tensors of a stage, concatenated over its shards in index order.
-
-    Only those keys are read. Keys the shards do not hold (``captured`` without ``--capture-at``,
-    ``class_label`` of an unconditional model ...) are left out of the result.
-    """
-    import torch
-
-    found: dict[str, list[Tensor]] = {}
-    for shard in iter_shards(run_dir, stage_name, *keys):
-        for k, v in shard.items():
-            found.setdefault(k, []).append(v)
-    return {k: torch.cat(found[k]) for k in keys if k in found}
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -592,32 +567,57 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def stage_rows(run_dir: Path, stage_name: str, indices: Tensor, *keys: str) -> dict[str, Tensor]:
-    """The named tensors of a stage for the sample ``indices`` only (rows in index order).
+class Stage:
+    """A stage's shards, read by name (:meth:`RunStore.stage`); keys the shards do not hold
+    (``captured`` without ``--capture-at``, ``class_label`` of an unconditional model ...) are left out."""
 
-    Each shard's ``index`` vector says which of its rows are wanted; only those rows are read
-    (``safe_open(...).get_slice``), one run of consecutive rows at a time.
-    """
-    import torch
-    from safetensors import safe_open
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
 
-    wanted = set(int(i) for i in indices)
-    found: dict[str, list[Tensor]] = {}
-    for path in shard_paths(run_dir, stage_name):
-        with safe_open(str(path), "pt") as f:
-            rows = [r for r, i in enumerate(f.get_tensor("index").tolist()) if i in wanted]
-            for k in (k for k in keys if k in f.keys() and rows):
-                sl = f.get_slice(k)
-                found.setdefault(k, []).extend(sl[a:b] for a, b in _runs(rows))
-    return {k: torch.cat(found[k]) for k in keys if k in found}
+    def paths(self) -> list[Path]:
+        """The shard files, in index order (shard k holds the k-th run of indices)."""
+        return sorted(self.dir.glob(SHARD_GLOB))
 
+    def shards(self, *keys: str) -> Iterator[dict[str, Tensor]]:
+        """The shards one at a time in index order, each read only for ``keys`` (all if none)."""
+        for path in self.paths():
+            yield read_shard(path, *keys)
 
-def shard_seconds(run_dir: Path, stage_name: str) -> float:
-    """Total sampling wall time recorded in a stage's shards (survives resumes)."""
-    from safetensors import safe_open
+    def tensors(self, *keys: str) -> dict[str, Tensor]:
+        """The named tensors, concatenated over the shards in index order; only those keys are read."""
+        import torch
 
-    total = 0.0
-    for p in shard_paths(run_dir, stage_name):
-        with safe_open(str(p), "pt") as f:
-            total += float(f.metadata().get("pgraft.seconds", "0"))
-    return total
+        found: dict[str, list[Tensor]] = {}
+        for shard in self.shards(*keys):
+            for k, v in shard.items():
+                found.setdefault(k, []).append(v)
+        return {k: torch.cat(found[k]) for k in keys if k in found}
+
+    def rows(self, indices: Tensor, *keys: str) -> dict[str, Tensor]:
+        """The named tensors for the sample ``indices`` only (rows in index order).
+
+        Each shard's ``index`` vector says which of its rows are wanted; only those rows are read
+        (``safe_open(...).get_slice``), one run of consecutive rows at a time.
+        """
+        import torch
+        from safetensors import safe_open
+
+        wanted = set(int(i) for i in indices)
+        found: dict[str, list[Tensor]] = {}
+        for path in self.paths():
+            with safe_open(str(path), "pt") as f:
+                rows = [r for r, i in enumerate(f.get_tensor("index").tolist()) if i in wanted]
+                for k in (k for k in keys if k in f.keys() and rows):
+                    sl = f.get_slice(k)
+                    found.setdefault(k, []).extend(sl[a:b] for a, b in _runs(rows))
+        return {k: torch.cat(found[k]) for k in keys if k in found}
+
+    def seconds(self) -> float:
+        """Total work time recorded in the shards (survives resumes)."""
+        from safetensors import safe_open
+
+        total = 0.0
+        for p in self.paths():
+            with safe_open(str(p), "pt") as f:
+                total += float(f.metadata().get("pgraft.seconds", "0"))
+        return total

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from ..errors import PgraftError
-from ..io.runstore import MANIFEST, RunStore, atomic_write_text, shard_paths, versions
+from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
 from .ui import fmt_bytes
 
 REPORT = "report.html"
@@ -97,7 +97,7 @@ def _stage_images(run_dir: Path, stage: str, limit: int) -> tuple[np.ndarray, np
     from safetensors import safe_open
 
     idx, imgs, prompts = [], [], []
-    for path in shard_paths(run_dir, stage):
+    for path in RunStore(run_dir, is_main=False).stage(stage).paths():
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
             if not {"index", "images"} <= keys:  # a stage of other tensors (scores, inverted noise ...)
@@ -381,7 +381,7 @@ def _inversion_arrays(run_dir: Path, stage: str) -> tuple[Optional[np.ndarray], 
     from safetensors import safe_open
 
     rms, noise = [], []
-    for path in shard_paths(run_dir, stage):
+    for path in RunStore(run_dir, is_main=False).stage(stage).paths():
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
             if "rms" in keys:

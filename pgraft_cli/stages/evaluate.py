@@ -207,7 +207,6 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     ``also_against`` ({name: {fid, kid, warnings}}) for further named references (e.g. held-out
     and training data), fed the same features.
     """
-    from ..io.runstore import shard_seconds
     from .sample import Conditions, iter_images, run_sample
 
     cond = cond if cond is not None else Conditions()
@@ -230,7 +229,7 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     guidance = sample_cfg.guidance_scale if model.guided else 1.0
     out: dict[str, Any] = {
         "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),
-        "seconds_per_image": shard_seconds(store.root, stage_name) / max(1, num),
+        "seconds_per_image": store.stage(stage_name).seconds() / max(1, num),
         "features": features.name if features is not None else None, "fid": None, "kid": None, "warnings": [],
     }
     if metric is not None:
