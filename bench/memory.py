@@ -50,10 +50,10 @@ if mode == "materialised":
     import torch
     import pgraft_cli.stages.correct as correct, pgraft_cli.io.data as data, pgraft_cli.stages.sample as sample
     from safetensors.torch import load_file
-    from pgraft_cli.io.runstore import shard_paths
+    from pgraft_cli.io.runstore import RunStore
     load_data = data.load_data
     def all_images(run_dir, stage_name="sample"):  # the old reader: every shard, every key, at once
-        shards = [load_file(str(p)) for p in shard_paths(run_dir, stage_name)]
+        shards = [load_file(str(p)) for p in RunStore(run_dir, is_main=False).stage(stage_name).paths()]
         index = torch.cat([s["index"] for s in shards])
         images = torch.cat([s["images"] for s in shards]).permute(0, 3, 1, 2).float() / 255.0
         sizes = [len(s["index"]) for s in shards]  # fed in the shards' sizes: the same sums, so the same FID

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pgraft_cli.cli import app
 from pgraft_cli.io.checkpoints import base_info_of, load_model, save_corrected, save_finetuned
 from pgraft_cli.io.recipes import FinetuneConfig
-from pgraft_cli.io.runstore import iter_shards
+from pgraft_cli.io.runstore import RunStore
 from pgraft_cli.models.corrector import NoiseCorrector
 from pgraft_cli.stages.finetune import prepare_tuning
 from pgraft_cli.stages.sample import initial_noise
@@ -70,7 +70,7 @@ def _pgraft_sample(tmp_path, checkpoint, num, steps, *args):
     result = runner.invoke(app, ["sample", str(checkpoint), "--num", str(num), "--steps", str(steps), "--batch-size", "16",
                                  "--run-dir", str(run), "--out", str(run / "png"), "--quiet", *args])
     assert result.exit_code == 0, result.output
-    return torch.cat([s["samples"] for s in iter_shards(run, "sample", "samples")])
+    return RunStore(run, is_main=False).stage("sample").tensors("samples")["samples"]
 
 
 def _assert_same(got, want):

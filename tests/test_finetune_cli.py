@@ -50,9 +50,9 @@ def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
                  "evaluate-base", "evaluate-tuned"):
         assert stages.get(name), name
     # P-GRAFT samples carry the state at the cutoff and its time
-    from pgraft_cli.io.runstore import iter_shards
+    from pgraft_cli.io.runstore import RunStore
 
-    shard = next(iter_shards(run, "sample"))
+    shard = next(RunStore(run, is_main=False).stage("sample").shards())
     assert shard["captured"].shape == shard["samples"].shape and float(shard["captured_t"][0]) == 0.5
     from pgraft_cli.stages.sample import initial_noise
 

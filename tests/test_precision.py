@@ -89,12 +89,12 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_sample_in_half_precision_is_close_to_float32(dtype, runs):
-    from pgraft_cli.io.runstore import stage_tensors
+    from pgraft_cli.io.runstore import RunStore
 
     args = ["sample", "digits", "--num", "16", "--steps", "4"]
     ref, half = runs(args, "sample", "float32"), runs(args, "sample", dtype)
-    a = stage_tensors(ref["run_dir"], "sample", "images", "samples")
-    b = stage_tensors(half["run_dir"], "sample", "images", "samples")
+    a = RunStore(ref["run_dir"], is_main=False).stage("sample").tensors("images", "samples")
+    b = RunStore(half["run_dir"], is_main=False).stage("sample").tensors("images", "samples")
     assert torch.isfinite(b["samples"]).all()
     image_diff = (b["images"].float() - a["images"].float()).abs().max() / 255
     assert 0 < image_diff <= IMAGE_BOUND[dtype]  # > 0: the run really was in half precision

@@ -16,7 +16,7 @@ import pytest
 
 from pgraft_cli.errors import RunLockedError, RunStoreError
 from pgraft_cli.io.runstore import (MANIFEST, Dist, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
-                                 content_key, sha256_file, stage_key, stage_tensors, state_digest, tensor_digest)
+                                 content_key, sha256_file, stage_key, state_digest, tensor_digest)
 
 # One torch thread per process: on a small, busy CPU, two threads per process fight over the cores and
 # sampling gets ten times slower. Every run of a comparison gets the same setting.
@@ -145,26 +145,26 @@ def test_state_digest_and_content_key_see_every_weight_and_field():
 def test_a_stage_reading_another_stages_outputs_is_redone_when_they_are_remade(tmp_path):
     with RunStore(tmp_path) as store:
         assert store.outputs_digest("up") is None  # not run: nothing to key on
-        up = store.stage("up", {"seed": 1}, {}, num_shards=1)
+        up = store.open_stage("up", {"seed": 1}, {}, num_shards=1)
         fill(up, [0])
         up.finish([up.shard_path(0)])
         first = store.outputs_digest("up")
-        down = store.stage("down", {}, {"up": first}, num_shards=1)
+        down = store.open_stage("down", {}, {"up": first}, num_shards=1)
         fill(down, [0])
         down.finish([down.shard_path(0)])
-        up = store.stage("up", {"seed": 2}, {}, num_shards=1)  # redone with other outputs
+        up = store.open_stage("up", {"seed": 2}, {}, num_shards=1)  # redone with other outputs
         with up.write_shard(0) as tmp:
             tmp.write_bytes(b"other samples")
         up.finish([up.shard_path(0)])
         assert store.outputs_digest("up") != first
-        assert not store.stage("down", {}, {"up": store.outputs_digest("up")}, num_shards=1).done
+        assert not store.open_stage("down", {}, {"up": store.outputs_digest("up")}, num_shards=1).done
 
 
 def test_same_key_resumes_finished_shards(tmp_path):
     with RunStore(tmp_path) as store:
-        stage = store.stage("s", {"a": 1}, {"m": "x"}, num_shards=3)
+        stage = store.open_stage("s", {"a": 1}, {"m": "x"}, num_shards=3)
         fill(stage, [0, 1])
-        again = store.stage("s", {"a": 1}, {"m": "x"}, num_shards=3)
+        again = store.open_stage("s", {"a": 1}, {"m": "x"}, num_shards=3)
         assert again.key == stage.key
         assert again.done_shards() == [0, 1]
         assert not again.shard_done(2) and not again.done
@@ -172,11 +172,11 @@ def test_same_key_resumes_finished_shards(tmp_path):
 
 def test_changed_config_clears_the_stage(tmp_path):
     with RunStore(tmp_path) as store:
-        stage = store.stage("s", {"a": 1}, {"m": "x"}, num_shards=2)
+        stage = store.open_stage("s", {"a": 1}, {"m": "x"}, num_shards=2)
         fill(stage, [0, 1])
         stage.finish([stage.shard_path(0), stage.shard_path(1)])
-        assert store.stage("s", {"a": 1}, {"m": "x"}, num_shards=2).done
-        other = store.stage("s", {"a": 2}, {"m": "x"}, num_shards=2)
+        assert store.open_stage("s", {"a": 1}, {"m": "x"}, num_shards=2).done
+        other = store.open_stage("s", {"a": 2}, {"m": "x"}, num_shards=2)
         assert other.key != stage.key
         assert other.done_shards() == [] and not other.done
         assert list(other.dir.glob("shard-*")) == []
@@ -185,37 +185,37 @@ def test_changed_config_clears_the_stage(tmp_path):
         assert manifest["stages"]["s"]["key"] == other.key and manifest["stages"]["s"]["config"] == {"a": 2}
         # changed inputs clear it too
         fill(other, [0])
-        third = store.stage("s", {"a": 2}, {"m": "y"}, num_shards=2)
+        third = store.open_stage("s", {"a": 2}, {"m": "y"}, num_shards=2)
         assert third.done_shards() == []
 
 
 def test_shards_the_manifest_does_not_know_are_not_reused(tmp_path):
     with RunStore(tmp_path) as store:
-        fill(store.stage("s", {"a": 1}, {}, num_shards=2), [0, 1])
+        fill(store.open_stage("s", {"a": 1}, {}, num_shards=2), [0, 1])
         (tmp_path / MANIFEST).unlink()  # e.g. a user deleted it: the shards' key is unknown
-        assert store.stage("s", {"a": 2}, {}, num_shards=2).done_shards() == []
+        assert store.open_stage("s", {"a": 2}, {}, num_shards=2).done_shards() == []
 
 
 def test_stages_are_independent(tmp_path):
     with RunStore(tmp_path) as store:
-        a = store.stage("a", {}, {}, num_shards=1)
+        a = store.open_stage("a", {}, {}, num_shards=1)
         fill(a, [0])
         a.finish([a.shard_path(0)])
-        store.stage("b", {"x": 1}, {}, num_shards=1)
-        store.stage("b", {"x": 2}, {}, num_shards=1)  # changing b leaves a alone
+        store.open_stage("b", {"x": 1}, {}, num_shards=1)
+        store.open_stage("b", {"x": 2}, {}, num_shards=1)  # changing b leaves a alone
         assert states(store) == {"a": ("done", 1, 1), "b": ("pending", 0, 1)}
 
 
 def test_status_reports_every_state(tmp_path):
     with RunStore(tmp_path) as store:
-        pending = store.stage("pending", {}, {}, num_shards=2)
-        partial = store.stage("partial", {}, {}, num_shards=3)
+        pending = store.open_stage("pending", {}, {}, num_shards=2)
+        partial = store.open_stage("partial", {}, {}, num_shards=3)
         fill(partial, [0, 2])
-        done = store.stage("done", {}, {}, num_shards=2)
+        done = store.open_stage("done", {}, {}, num_shards=2)
         fill(done, [0, 1])
         extra = store.write_json("done/settings.json", {"k": 1})
         done.finish([done.shard_path(0), done.shard_path(1), extra], extra={"note": "x"})
-        stale = store.stage("stale", {}, {}, num_shards=1)
+        stale = store.open_stage("stale", {}, {}, num_shards=1)
         fill(stale, [0])
         settings = store.write_json("stale/settings.json", {"k": 1})
         stale.finish([stale.shard_path(0), settings])
@@ -238,7 +238,7 @@ def test_status_reports_every_state(tmp_path):
 
 def test_a_deleted_output_makes_a_stage_stale(tmp_path):
     with RunStore(tmp_path) as store:
-        stage = store.stage("s", {}, {}, num_shards=2)
+        stage = store.open_stage("s", {}, {}, num_shards=2)
         fill(stage, [0, 1])
         stage.finish([stage.shard_path(0), stage.shard_path(1)])
         stage.shard_path(1).unlink()
@@ -247,11 +247,11 @@ def test_a_deleted_output_makes_a_stage_stale(tmp_path):
 
 def test_a_stale_stage_is_reopened_as_partial_and_redoes_only_broken_shards(tmp_path):
     with RunStore(tmp_path) as store:
-        stage = store.stage("s", {}, {}, num_shards=3)
+        stage = store.open_stage("s", {}, {}, num_shards=3)
         fill(stage, [0, 1, 2])
         stage.finish([stage.shard_path(k) for k in range(3)])
         stage.shard_path(1).write_bytes(b"tampered")
-        reopened = store.stage("s", {}, {}, num_shards=3)
+        reopened = store.open_stage("s", {}, {}, num_shards=3)
         assert not reopened.done
         assert reopened.done_shards() == [0, 2]
         assert states(store) == {"s": ("partial", 2, 3)}
@@ -262,7 +262,7 @@ def test_a_stale_stage_is_reopened_as_partial_and_redoes_only_broken_shards(tmp_
 
 def test_corrupted_shard_is_not_done(tmp_path):
     with RunStore(tmp_path) as store:
-        stage = store.stage("s", {}, {}, num_shards=3)
+        stage = store.open_stage("s", {}, {}, num_shards=3)
         fill(stage, [0, 1, 2], payload=b"x" * 1000)
         assert stage.done_shards() == [0, 1, 2]
         data = bytearray(stage.shard_path(1).read_bytes())
@@ -278,7 +278,7 @@ def test_corrupted_shard_is_not_done(tmp_path):
 
 def test_shard_without_checksum_or_with_a_bad_one_is_not_done(tmp_path):
     with RunStore(tmp_path) as store:
-        stage = store.stage("s", {}, {}, num_shards=3)
+        stage = store.open_stage("s", {}, {}, num_shards=3)
         fill(stage, [0, 1, 2])
         (stage.dir / "shard-00000.sha256").unlink()  # killed between the shard and its checksum
         (stage.dir / "shard-00001.sha256").write_bytes(b"\xff\xfe garbage")
@@ -287,22 +287,22 @@ def test_shard_without_checksum_or_with_a_bad_one_is_not_done(tmp_path):
 
 def test_temp_files_of_a_killed_writer_are_cleared(tmp_path):
     with RunStore(tmp_path) as store:
-        stage = store.stage("s", {}, {}, num_shards=2)
+        stage = store.open_stage("s", {}, {}, num_shards=2)
         fill(stage, [0])
         leftover = stage.dir / ".shard-00001.safetensors.k1ll3d.tmp"
         leftover.write_bytes(b"half")
-        again = store.stage("s", {}, {}, num_shards=2)
+        again = store.open_stage("s", {}, {}, num_shards=2)
         assert not leftover.exists()
         assert again.done_shards() == [0]
 
 
 def test_non_main_process_does_not_clear_or_write(tmp_path):
     with RunStore(tmp_path) as store:
-        fill(store.stage("s", {"a": 1}, {}, num_shards=2), [0])
+        fill(store.open_stage("s", {"a": 1}, {}, num_shards=2), [0])
     before = (tmp_path / MANIFEST).read_bytes()
     worker = RunStore(tmp_path, is_main=False)
     with worker:
-        stage = worker.stage("s", {"a": 2}, {}, num_shards=2)
+        stage = worker.open_stage("s", {"a": 2}, {}, num_shards=2)
         assert (tmp_path / "s" / "shard-00000.safetensors").exists()
         assert not stage.done
     assert (tmp_path / MANIFEST).read_bytes() == before
@@ -516,7 +516,7 @@ def test_status_on_a_damaged_manifest(tmp_path):
 
 def test_status_human_table(tmp_path):
     with RunStore(tmp_path) as store:
-        fill(store.stage("sample", {}, {}, num_shards=4), [0])
+        fill(store.open_stage("sample", {}, {}, num_shards=4), [0])
     result = cli("status", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "sample" in result.stdout and "partial" in result.stdout and "1/4" in result.stdout
@@ -535,7 +535,7 @@ def test_run_sharded_splits_shards_over_processes_and_resumes_only_missing_ones(
 
     config, inputs = {"n": 5}, {"data": "x"}
     with RunStore(tmp_path / "run") as store:
-        store.stage("demo", config, inputs, 5)  # the main process opens the stage before the others start
+        store.open_stage("demo", config, inputs, 5)  # the main process opens the stage before the others start
         other = RunStore(tmp_path / "run", is_main=False)  # process 1 of 2: writes its shards, finishes nothing
         assert not other.run_sharded("demo", config, inputs, 5, work(1), Dist(1, 2)).done
         assert calls == [(1, 1), (1, 3)]
@@ -551,5 +551,5 @@ def test_run_sharded_splits_shards_over_processes_and_resumes_only_missing_ones(
         assert "demo/extra.json" in store.read_manifest()["stages"]["demo"]["outputs"]
         calls.clear()
         assert store.run_sharded("demo", config, inputs, 5, work(0)).done and calls == []
-    found = stage_tensors(tmp_path / "run", "demo", "index", "value")
+    found = RunStore(tmp_path / "run", is_main=False).stage("demo").tensors("index", "value")
     assert found["index"].tolist() == list(range(15)) and found["value"].tolist() == [k for k in range(5) for _ in range(3)]

@@ -130,7 +130,7 @@ def test_accelerate_two_processes_match_one(tmp_path):
 def test_the_cli_tunes_glibc_malloc_where_it_can():
     import platform
 
-    from pgraft_cli.cli import tune_allocator
+    from pgraft_cli.io.host import tune_allocator
 
     applied = tune_allocator()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -144,17 +144,18 @@ def test_stage_readers_read_only_the_keys_and_rows_asked_for(tmp_path):
     import torch
 
     from pgraft_cli.stages.sample import iter_images, load_images
-    from pgraft_cli.io.runstore import iter_shards, stage_rows, stage_tensors
+    from pgraft_cli.io.runstore import RunStore
 
     run = tmp_path / "run"
     sample(tmp_path, "rows", "--num", "37", "--steps", "2", "--batch-size", "16", "--capture-at", "0.5",
            "--run-dir", str(run))
-    shards = list(iter_shards(run, "sample", "index", "images"))
+    stage = RunStore(run, is_main=False).stage("sample")
+    shards = list(stage.shards("index", "images"))
     assert len(shards) == 3 and all(set(s) == {"index", "images"} for s in shards)
-    every = stage_tensors(run, "sample", "index", "samples", "captured", "class_label")
+    every = stage.tensors("index", "samples", "captured", "class_label")
     assert set(every) == {"index", "samples", "captured"} and torch.equal(every["index"], torch.arange(37))
     rows = torch.tensor([0, 1, 2, 15, 16, 17, 30, 36])  # runs that cross shard boundaries
-    picked = stage_rows(run, "sample", rows, "samples", "captured")
+    picked = stage.rows(rows, "samples", "captured")
     assert torch.equal(picked["samples"], every["samples"][rows])
     assert torch.equal(picked["captured"], every["captured"][rows])
     batches = list(iter_images(run))

@@ -3,8 +3,10 @@
 Layout of a run directory::
 
     RUN/
-      manifest.json            stage -> {key, status, config, inputs, outputs {path: sha256}, ...}
+      manifest.json            stage -> {key, status, config, inputs, outputs {path: sha256}, ...};
+                               the verb whose result the run holds and its named artifacts
       recipe.toml              the fully resolved recipe of the last command
+      provenance.json          per verb: command, versions, device, time, the output's hash
       .lock                    held (flock) by the process working in RUN
       <stage>/shard-00000.safetensors   one finished shard, written atomically
       <stage>/shard-00000.sha256        its checksum, written after the shard
@@ -40,6 +42,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: `pgraft status` s
     from torch import Tensor
 
 MANIFEST = "manifest.json"
+RECIPE = "recipe.toml"  # the fully resolved recipe of the last command
+PROVENANCE = "provenance.json"  # per verb: command, versions, device, time, the output's hash
+_PACKAGES = ("pgraft", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "matplotlib")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -198,6 +203,20 @@ class Dist(NamedTuple):
             self.barrier()
 
 
+def versions() -> dict[str, Optional[str]]:
+    """Installed versions of the packages a run depends on (None where one is not installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = __version__ if name == "pgraft" else None
+    return out
+
+
 class RunStore:
     """One run directory. Use as a context manager to hold its lock (main process only)."""
 
@@ -261,8 +280,12 @@ class RunStore:
             manifest["pgraft_version"] = __version__
             atomic_write_text(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
-    def stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any],
-              num_shards: Optional[int] = None) -> "StageRun":
+    def stage(self, name: str) -> "Stage":
+        """A stage's finished shards, to read: ``store.stage("sample").tensors("index", "images")``."""
+        return Stage(self.root / name)
+
+    def open_stage(self, name: str, config: dict[str, Any], inputs: dict[str, Any],
+                   num_shards: Optional[int] = None) -> "StageRun":
         """Open a stage; clears its old shards when its key changed. Returns a :class:`StageRun`.
 
         The main process also clears shards the manifest does not account for (no entry: their key
@@ -301,7 +324,7 @@ class RunStore:
         """
         from safetensors.torch import save_file
 
-        stage = self.stage(name, config, inputs, num_shards=num_shards)
+        stage = self.open_stage(name, config, inputs, num_shards=num_shards)
         dist.wait()  # the main process may have cleared a stale stage; the others wait for that
         if stage.done:
             return stage
@@ -339,6 +362,57 @@ class RunStore:
             return None
         blob = json.dumps(entry.get("outputs", {}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    # -- named artifacts and provenance ----------------------------------------------------------
+    def record_artifacts(self, verb: str, artifacts: dict[str, Any]) -> None:
+        """Name what the verb's result is made of (``summary``, ``samples``, ``checkpoint`` ...) in the
+        manifest, as paths relative to the run directory (or JSON values): the report reads only these."""
+        manifest = self.read_manifest()
+        manifest["verb"], manifest["artifacts"] = verb, {"recipe": RECIPE, **artifacts}
+        self._write_manifest(manifest)
+
+    def artifacts(self) -> tuple[Optional[str], dict[str, Any]]:
+        """The verb whose result the run holds and its named artifacts (None and {} before one finished)."""
+        manifest = self.read_manifest()
+        return manifest.get("verb"), manifest.get("artifacts") or {}
+
+    def read_artifact(self, name: str) -> Any:
+        """A JSON artifact by name; None when the run has none of that name or its file is unreadable."""
+        rel = self.artifacts()[1].get(name)
+        if not isinstance(rel, str):
+            return None
+        try:
+            return json.loads((self.root / rel).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def record_provenance(self, verb: str, **info: Any) -> dict[str, Any]:
+        """Merge a verb's facts (device, seconds, out ...) with the environment into ``provenance.json``."""
+        import platform
+        import sys
+
+        prov = self.read_provenance()
+        entry = {"verb": verb, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
+                 "platform": platform.platform(), "command": " ".join(["pgraft", *sys.argv[1:]]), **info}
+        device = str(info.get("device", ""))
+        if device.startswith("cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                entry["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        out = info.get("out")
+        if out and Path(out).is_file():
+            entry["out_bytes"] = Path(out).stat().st_size
+            entry["out_sha256"] = sha256_file(out)
+        prov[verb] = entry
+        atomic_write_text(self.root / PROVENANCE, json.dumps(prov, indent=2, sort_keys=True, default=str))
+        return prov
+
+    def read_provenance(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / PROVENANCE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}
 
     def write_json(self, relpath: str, obj: Any) -> Path:
         path = self.root / relpath
@@ -474,41 +548,12 @@ def load_training_state(path: Path | str, params: list[Any], opt: Any) -> tuple[
 SHARD_GLOB = "shard-*.safetensors"
 
 
-def shard_paths(run_dir: Path, stage_name: str) -> list[Path]:
-    """A stage's shard files, in index order (shard k holds the k-th run of indices)."""
-    return sorted((Path(run_dir) / stage_name).glob(SHARD_GLOB))
-
-
-def iter_shards(run_dir: Path, stage_name: str, *keys: str) -> Iterator[dict[str, Tensor]]:
-    """A stage's shards, one at a time in index order, each read only for ``keys`` (all if none).
-
-    Keys a shard does not hold are left out, so memory holds one shard's wanted tensors at a time.
-    """
-    for path in shard_paths(run_dir, stage_name):
-        yield read_shard(path, *keys)
-
-
 def read_shard(path: Path, *keys: str) -> dict[str, Tensor]:
     """The ``keys`` (all if none) of one shard file that it holds, and nothing else."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in (keys or f.keys()) if k in f.keys()}
-
-
-def stage_tensors(run_dir: Path, stage_name: str, *keys: str) -> dict[str, Tensor]:
-    """The named tensors of a stage, concatenated over its shards in index order.
-
-    Only those keys are read. Keys the shards do not hold (``captured`` without ``--capture-at``,
-    ``class_label`` of an unconditional model ...) are left out of the result.
-    """
-    import torch
-
-    found: dict[str, list[Tensor]] = {}
-    for shard in iter_shards(run_dir, stage_name, *keys):
-        for k, v in shard.items():
-            found.setdefault(k, []).append(v)
-    return {k: torch.cat(found[k]) for k in keys if k in found}
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -522,32 +567,57 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def stage_rows(run_dir: Path, stage_name: str, indices: Tensor, *keys: str) -> dict[str, Tensor]:
-    """The named tensors of a stage for the sample ``indices`` only (rows in index order).
+class Stage:
+    """A stage's shards, read by name (:meth:`RunStore.stage`); keys the shards do not hold
+    (``captured`` without ``--capture-at``, ``class_label`` of an unconditional model ...) are left out."""
 
-    Each shard's ``index`` vector says which of its rows are wanted; only those rows are read
-    (``safe_open(...).get_slice``), one run of consecutive rows at a time.
-    """
-    import torch
-    from safetensors import safe_open
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
 
-    wanted = set(int(i) for i in indices)
-    found: dict[str, list[Tensor]] = {}
-    for path in shard_paths(run_dir, stage_name):
-        with safe_open(str(path), "pt") as f:
-            rows = [r for r, i in enumerate(f.get_tensor("index").tolist()) if i in wanted]
-            for k in (k for k in keys if k in f.keys() and rows):
-                sl = f.get_slice(k)
-                found.setdefault(k, []).extend(sl[a:b] for a, b in _runs(rows))
-    return {k: torch.cat(found[k]) for k in keys if k in found}
+    def paths(self) -> list[Path]:
+        """The shard files, in index order (shard k holds the k-th run of indices)."""
+        return sorted(self.dir.glob(SHARD_GLOB))
 
+    def shards(self, *keys: str) -> Iterator[dict[str, Tensor]]:
+        """The shards one at a time in index order, each read only for ``keys`` (all if none)."""
+        for path in self.paths():
+            yield read_shard(path, *keys)
 
-def shard_seconds(run_dir: Path, stage_name: str) -> float:
-    """Total sampling wall time recorded in a stage's shards (survives resumes)."""
-    from safetensors import safe_open
+    def tensors(self, *keys: str) -> dict[str, Tensor]:
+        """The named tensors, concatenated over the shards in index order; only those keys are read."""
+        import torch
 
-    total = 0.0
-    for p in shard_paths(run_dir, stage_name):
-        with safe_open(str(p), "pt") as f:
-            total += float(f.metadata().get("pgraft.seconds", "0"))
-    return total
+        found: dict[str, list[Tensor]] = {}
+        for shard in self.shards(*keys):
+            for k, v in shard.items():
+                found.setdefault(k, []).append(v)
+        return {k: torch.cat(found[k]) for k in keys if k in found}
+
+    def rows(self, indices: Tensor, *keys: str) -> dict[str, Tensor]:
+        """The named tensors for the sample ``indices`` only (rows in index order).
+
+        Each shard's ``index`` vector says which of its rows are wanted; only those rows are read
+        (``safe_open(...).get_slice``), one run of consecutive rows at a time.
+        """
+        import torch
+        from safetensors import safe_open
+
+        wanted = set(int(i) for i in indices)
+        found: dict[str, list[Tensor]] = {}
+        for path in self.paths():
+            with safe_open(str(path), "pt") as f:
+                rows = [r for r, i in enumerate(f.get_tensor("index").tolist()) if i in wanted]
+                for k in (k for k in keys if k in f.keys() and rows):
+                    sl = f.get_slice(k)
+                    found.setdefault(k, []).extend(sl[a:b] for a, b in _runs(rows))
+        return {k: torch.cat(found[k]) for k in keys if k in found}
+
+    def seconds(self) -> float:
+        """Total work time recorded in the shards (survives resumes)."""
+        from safetensors import safe_open
+
+        total = 0.0
+        for p in self.paths():
+            with safe_open(str(p), "pt") as f:
+                total += float(f.metadata().get("pgraft.seconds", "0"))
+        return total

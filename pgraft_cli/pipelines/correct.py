@@ -4,31 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import PgraftError
-from .skeleton import Options, Verb, default_run_dir, real_data, references, resolve_recipe, start
+from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Outcome, Verb, default_run_dir, real_data, references,
+                       resolve_recipe, start)
 
 
 @dataclass
-class CorrectOptions(Options):
+class CorrectOptions(ModelOptions, DataOptions, FeatureOptions):
     """What ``pgraft correct`` takes besides MODEL (None: the recipe's value)."""
 
-    data: Optional[str] = None
-    eval_data: Optional[str] = None
     out: Optional[Path] = None
     steps: Optional[int] = None
-    features: Optional[str] = None
-    inception_weights: Optional[str] = None
     recipe: str = "inverse-noise"
 
 
-def correct(model: str, o: CorrectOptions) -> Optional[tuple[dict[str, Any], list[Any], dict[str, Any]]]:
-    """Inverse noise correction of MODEL; the summary, the gate results, and labels for the terminal
-    (None on the other processes of a multi-process run)."""
+def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
+    """Inverse noise correction of MODEL: the summary, its terminal view and the gate results (None on
+    the other processes of a multi-process run)."""
     from ..io.checkpoints import save_corrected
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
+    from ..report.ui import correct_report, wrote_lines
     from ..stages.correct import check_correctable, run_invert, run_train_corrector
     from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
     from ..stages.finetune import main_first
@@ -80,7 +78,10 @@ def correct(model: str, o: CorrectOptions) -> Optional[tuple[dict[str, Any], lis
         store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve")})
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
                "seconds": round(verb.seconds, 2), **metrics}
-    results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), out=target)
+    steps = rec.correct.base_steps
+    artifacts = {"summary": "correct/summary.json", "inversion": "invert",
+                 "samples": [[f"base ({steps} steps)", "evaluate-base"], ["corrected", "evaluate-corrected"]]}
+    results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), artifacts, out=target)
     labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "corrector_steps": corrector.steps,
               "inversion_tol": rec.correct.inversion_tol}
-    return summary, results, labels
+    return Outcome(summary, [*correct_report(summary, labels), *wrote_lines(summary)], results)

@@ -4,29 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import PgraftError
-from .skeleton import (Options, Verb, corrector_steps, default_run_dir, prompt_list,
-                       real_data, references, resolve_recipe, reward_from, start)
+from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb,
+                       corrector_steps, default_run_dir, prompt_list, real_data, references, resolve_recipe, reward_from, start)
 
 
 @dataclass
-class EvaluateOptions(Options):
+class EvaluateOptions(ModelOptions, DataOptions, PromptOptions, FeatureOptions):
     """What ``pgraft evaluate`` takes besides MODEL (None: the recipe's value)."""
 
-    data: Optional[str] = None
-    eval_data: Optional[str] = None
     num: Optional[int] = None
     steps: Optional[int] = None
     seed: Optional[int] = None
     base: Optional[str] = None
     tuned_guidance: Optional[str] = None
     reward: Optional[str] = None
-    prompt: Optional[list[str]] = None
-    prompts: Optional[Path] = None
-    features: Optional[str] = None
-    inception_weights: Optional[str] = None
     best_of: Optional[int] = None
 
 
@@ -45,11 +39,12 @@ def best_of_num(best_of: Optional[int], num: Optional[int], prompts: Optional[li
     return want
 
 
-def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], list[Any]]]:
+def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     """FID/KID, NFE, FLOPs and time per image of MODEL (evaluate.json, and the seconds and report);
     the gate results. None on processes other than the main one."""
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
+    from ..report.ui import evaluate_view
     from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
     from ..stages.sample import Conditions, check_conditions
 
@@ -95,7 +90,10 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
                    "cutoff": loaded.cutoff, "dtype": str(loaded.dtype).removeprefix("torch.")}
         store.write_json("evaluate.json", metrics)
     summary = {**metrics, "seconds": round(verb.seconds, 2)}
-    return summary, verb.conclude(summary, gates, gate_metrics(metrics))
+    label = "corrected" if metrics["corrected"] else ("fine-tuned" if metrics["finetuned"] else "model")
+    artifacts = {"summary": "evaluate.json", "samples": [[label, "sample"]]}
+    results = verb.conclude(summary, gates, gate_metrics(metrics), artifacts)
+    return Outcome(summary, evaluate_view(model, summary), results)
 
 
 def parse_shape(text: Optional[str], data: str) -> tuple[int, int, int]:
@@ -112,24 +110,35 @@ def parse_shape(text: Optional[str], data: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
-def stats(data: str, features: str, out: Path, shape: Optional[str], inception_weights: Optional[str],
-          device: str = "cpu", kid_subsets: int = 100) -> dict[str, Any]:
-    """``pgraft stats``: DATA's feature statistics in ``out`` (``io.refstats``), for ``--data out``."""
+@dataclass
+class StatsOptions(Options, FeatureOptions):
+    """What ``pgraft stats`` takes besides DATA."""
+
+    out: Optional[Path] = None
+    shape: Optional[str] = None
+    device: Optional[str] = None
+
+
+def stats(data: str, o: StatsOptions) -> Outcome:
+    """``pgraft stats``: DATA's feature statistics in ``o.out`` (``io.refstats``), for ``--data out``."""
     from ..io.recipes import check_feature_choice
     from ..io.refstats import data_identity, save_stats
     from ..stages.evaluate import cached_reference, pick_features
 
+    features, out = o.features or "auto", o.out
     check_feature_choice(features)
-    image_shape = parse_shape(shape, data)
-    if out.suffix != ".npz":
+    image_shape = parse_shape(o.shape, data)
+    if out is None or out.suffix != ".npz":
         raise PgraftError(f"--out {out}: a stats file ends in .npz; pass e.g. --out ref.npz")
-    feats = pick_features(features, image_shape, inception_weights, device)
+    rec = resolve_recipe(o.recipe, o.sets)
+    feats = pick_features(features, image_shape, o.inception_weights, o.device or "cpu")
     if feats is None:
         raise PgraftError(f"--features {features}: no feature extractor at hand; pass --features inception "
                           f"--inception-weights PATH, classifier, judge, clip:PATH or dinov2:PATH")
-    metric = cached_reference(feats, data, image_shape, kid_subsets)  # the user cache: a second call is free
+    metric = cached_reference(feats, data, image_shape, rec.evaluate.kid_subsets)  # the user cache: a second call is free
     meta = {"features": feats.identity, "image_shape": list(image_shape), "data": data_identity(data)}
     state = metric.reference_state()
     save_stats(out, state, meta)
-    return {**meta, "out": str(out), "num": int(state["n"]), "dim": int(state["mu"].shape[0]), "features": feats.name,
-            "identity": feats.identity}
+    summary = {**meta, "out": str(out), "num": int(state["n"]), "dim": int(state["mu"].shape[0]),
+               "features": feats.name, "identity": feats.identity}
+    return Outcome(summary, [f"[green]wrote[/green] {out}: {summary['num']} images, {summary['dim']}-d {feats.name} features"])

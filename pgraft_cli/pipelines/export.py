@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from .skeleton import load, resolve_recipe
+from .skeleton import LoadOptions, Options, Outcome, load, resolve_recipe
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
-class ExportOptions:
+class ExportOptions(Options, LoadOptions):
     """What ``pgraft export`` takes besides CHECKPOINT and --out."""
 
     format: str = "diffusers"
@@ -20,14 +20,12 @@ class ExportOptions:
     keep_adapter: bool = False
     force: bool = False
     base: Optional[str] = None
-    config: Optional[str] = None
-    kind: Optional[str] = None
-    allow_pickle: bool = False
     dtype: Optional[str] = None  # the written weights' dtype; None: the checkpoint's
 
 
-def export(checkpoint: str, out: Path, o: ExportOptions) -> dict[str, Any]:
-    """Check the format against the checkpoint, write everything into a fresh folder, move it onto ``out``."""
+def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
+    """Check the format against the checkpoint, write everything into a fresh folder, move it onto ``out``;
+    the summary lists the files written (``files``, relative to ``out``)."""
     import torch
 
     from ..io.export import FORMATS, ExportError, export_diffusers, export_lora, export_single_file, output_folder
@@ -41,7 +39,7 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> dict[str, Any]:
     if o.dtype not in (None, *DTYPES):
         raise ExportError(f"--dtype {o.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     dtype = getattr(torch, o.dtype) if o.dtype else None
-    model = load(checkpoint, o.config, o.kind, o.allow_pickle, resolve_recipe("default", None), o.base)
+    model = load(checkpoint, o.config, o.kind, o.allow_pickle, resolve_recipe(o.recipe, o.sets), o.base)
     with output_folder(out, o.force) as tmp:
         if o.format == "diffusers":
             written = export_diffusers(model, tmp, o.keep_adapter, dtype)
@@ -50,4 +48,6 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> dict[str, Any]:
         else:
             written = export_lora(model, tmp, o.lora_format, dtype)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    return {"checkpoint": checkpoint, "out": str(out), "format": o.format, **written, "files": files}
+    summary = {"checkpoint": checkpoint, "out": str(out), "format": o.format, **written, "files": files}
+    view = [f"[green]wrote[/green] {o.format} export of {checkpoint} to {out}: {', '.join(files)}"]
+    return Outcome(summary, view + ([f"note: {summary['note']}"] if summary.get("note") else []))

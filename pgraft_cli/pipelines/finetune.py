@@ -7,36 +7,61 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError
-from .skeleton import (Options, Verb, default_run_dir, open_run, prompt_list,
-                       real_data, references, resolve_recipe, reward_from, start)
-
-
-def score(run_dir: Path, reward: Optional[str], stage: str, recipe: str, sets: Optional[list[str]],
-          quiet: bool) -> dict[str, Any]:
-    """Score the images of a run's sample ``stage`` (``score`` for ``sample``, ``score-r2`` for ``sample-r2`` ...)."""
-    from ..report.ui import progress
-    from ..stages.score import reward_stats, run_score
-
-    rec = resolve_recipe(recipe, sets, score__reward=reward)
-    rew = reward_from(rec.score.reward, batch_size=rec.score.batch_size)
-    score_stage = stage.replace("sample", "score", 1)
-    with open_run(run_dir) as store, progress(not quiet) as bar:
-        rewards = run_score(store, rew, bar, stage, score_stage)
-    return {"run_dir": str(run_dir), "reward": rew.spec, "stage": score_stage, **reward_stats(rewards)}
-
-
-def filter_(run_dir: Path, stage: str, recipe: str, sets: Optional[list[str]], **flags: Any) -> dict[str, Any]:
-    """Keep a run's scored samples by the recipe's rule (``flags``: ``filter__rule=...`` overrides)."""
-    from ..stages.filter import run_filter
-
-    rec = resolve_recipe(recipe, sets, **flags)
-    names = {s: stage.replace("sample", s, 1) for s in ("score", "filter")}
-    with open_run(run_dir) as store:
-        return run_filter(store, rec.filter, stage, names["score"], names["filter"])
+from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, default_run_dir, open_run,
+                       prompt_list, real_data, references, resolve_recipe, reward_from, start)
 
 
 @dataclass
-class FinetuneOptions(Options):
+class ScoreOptions(Options):
+    """What ``pgraft score`` takes besides RUN_DIR."""
+
+    reward: Optional[str] = None
+    stage: str = "sample"
+
+
+def score(run_dir: Path, o: ScoreOptions) -> Outcome:
+    """Score the images of a run's sample ``stage`` (``score`` for ``sample``, ``score-r2`` for ``sample-r2`` ...)."""
+    from ..report.ui import progress, score_view
+    from ..stages.score import reward_stats, run_score
+
+    rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward)
+    rew = reward_from(rec.score.reward, batch_size=rec.score.batch_size)
+    score_stage = o.stage.replace("sample", "score", 1)
+    with open_run(run_dir) as store, progress(not o.quiet) as bar:
+        rewards = run_score(store, rew, bar, o.stage, score_stage)
+    summary = {"run_dir": str(run_dir), "reward": rew.spec, "stage": score_stage, **reward_stats(rewards)}
+    return Outcome(summary, score_view(summary))
+
+
+@dataclass
+class FilterOptions(Options):
+    """What ``pgraft filter`` takes besides RUN_DIR (None: the recipe's value)."""
+
+    stage: str = "sample"
+    rule: Optional[str] = None
+    k: Optional[int] = None
+    m: Optional[int] = None
+    threshold: Optional[float] = None
+    quantile: Optional[float] = None
+    dedup: Optional[bool] = None
+
+
+def filter_(run_dir: Path, o: FilterOptions) -> Outcome:
+    """Keep a run's scored samples by the recipe's rule (the options override its keys)."""
+    from ..report.ui import filter_report
+    from ..stages.filter import run_filter
+
+    rec = resolve_recipe(o.recipe, o.sets, filter__rule=o.rule, filter__k=o.k, filter__m=o.m,
+                         filter__threshold=o.threshold, filter__quantile=o.quantile, filter__dedup=o.dedup)
+    names = {s: o.stage.replace("sample", s, 1) for s in ("score", "filter")}
+    with open_run(run_dir) as store:
+        summary = run_filter(store, rec.filter, o.stage, names["score"], names["filter"])
+    shown = {k: v for k, v in summary.items() if k not in ("kept_indices", "cdf", "reshaped_reward")}
+    return Outcome({"run_dir": str(run_dir), **shown}, [filter_report(summary)])
+
+
+@dataclass
+class FinetuneOptions(ModelOptions, DataOptions, PromptOptions, FeatureOptions):
     """What ``pgraft finetune`` takes besides MODEL (None: the recipe's value)."""
 
     reward: Optional[str] = None
@@ -44,30 +69,26 @@ class FinetuneOptions(Options):
     out: Optional[Path] = None
     rounds: Optional[int] = None
     lora_rank: Optional[int] = None
-    data: Optional[str] = None
-    eval_data: Optional[str] = None
-    prompt: Optional[list[str]] = None
-    prompts: Optional[Path] = None
     class_label: Optional[int] = None
-    features: Optional[str] = None
     recipe: str = "pgraft"
 
 
-def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], list[Any]]]:
+def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     """Rounds of sample -> score -> filter -> fine-tune, base vs tuned, the tuned file and the report.
 
-    Returns the summary and the gate results (None on processes other than the main one).
+    None on processes other than the main one.
     """
     from ..io.checkpoints import base_info_of, save_finetuned
     from ..report.gates import gate_metrics, gate_names, parse_gates
+    from ..report.ui import finetune_report, wrote_lines
     from ..stages.evaluate import fid_skipped, pick_features
-    from ..stages.finetune import evaluate_pair, resolve_lora, run_rounds, tuning_choice
+    from ..stages.finetune import evaluate_pair, resolve_lora, round_stage, run_rounds, tuning_choice
     from ..stages.sample import Conditions, check_conditions
 
     gates = parse_gates(o.fail_if, gate_names("finetune"))
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward, finetune__cutoff=o.cutoff,
                          finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank,
-                         evaluate__features=o.features)
+                         evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
     cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None, class_label=o.class_label)
     verb: Verb = start("finetune", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
     loaded, dev = verb.model, verb.device
@@ -108,8 +129,23 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
         save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
         store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,
                                                    "history": history})
+        store.write_json("finetune/timeline.json", timeline(loaded, rec.evaluate.steps or rec.sample.steps,
+                                                            rec.finetune.cutoff))
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
                "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff,
                "tuning": tuning_choice(loaded, rec.finetune), **metrics}
-    results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), out=target)
-    return summary, results
+    artifacts = {"summary": "finetune/summary.json", "timeline": "finetune/timeline.json",
+                 "rounds": [f"{round_stage('finetune', h['round'])}/result.json" for h in history],
+                 "samples": [["base", "evaluate-base"], ["tuned", "evaluate-tuned"]]}
+    results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), artifacts, out=target)
+    return Outcome(summary, [finetune_report(summary), f"trained: {summary['tuning']}", *wrote_lines(summary)], results)
+
+
+def timeline(loaded: Any, steps: int, cutoff: float) -> dict[str, Any]:
+    """The sampler's time grid and which of its steps the fine-tuned model takes (the report's cutoff plot)."""
+    from ..core.samplers import above_cutoff
+
+    grid = loaded.schedule.grid(steps).double()
+    return {"grid": grid.tolist(), "tuned": above_cutoff(grid, cutoff).tolist(), "steps": steps, "cutoff": cutoff,
+            "name": "flow-euler" if loaded.family == "flow" else "ddim-trailing"}
+

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .. import __version__
-from .skeleton import Options, Verb, corrector_steps, default_run_dir, prompt_list, resolve_recipe, start
+from .skeleton import (ModelOptions, Outcome, PromptOptions, Verb, corrector_steps, default_run_dir, prompt_list,
+                       resolve_recipe, start)
 
 
 @dataclass
-class SampleOptions(Options):
+class SampleOptions(ModelOptions, PromptOptions):
     """What ``pgraft sample`` takes besides MODEL (None: the recipe's value)."""
 
     num: Optional[int] = None
@@ -19,16 +20,15 @@ class SampleOptions(Options):
     steps: Optional[int] = None
     batch_size: Optional[int] = None
     out: Optional[Path] = None
-    prompt: Optional[list[str]] = None
-    prompts: Optional[Path] = None
     class_label: Optional[int] = None
     capture_at: Optional[float] = None
     guidance_scale: Optional[float] = None
     base: Optional[str] = None
 
 
-def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
+def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
+    from ..report.ui import sample_view
     from ..stages.sample import Conditions, check_conditions, export_pngs, resolve_lane, run_sample, stage_config
 
     rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
@@ -48,11 +48,13 @@ def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
         if not verb.is_main:
             return None
         target = o.out or store.root / "images"
+        store.record_artifacts("sample", {"samples": [["samples", "sample"]], "settings": "sample/settings.json"})
         written = export_pngs(store.root, target, {**result.settings, "prompts": cond.prompts, "model": loaded.source,
                                                    "model_identity": loaded.identity, "pgraft_version": __version__})
-    return {
+    summary = {
         "run_dir": str(store.root), "out": str(target), "num": written, "generated_now": result.generated,
         "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 2),
         "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": cfg.lane,
         "processes": dist.size, "device": verb.device,
     }
+    return Outcome(summary, sample_view(summary))

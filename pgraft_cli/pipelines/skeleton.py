@@ -12,13 +12,13 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import PgraftError
 from ..io.recipes import Recipe, dump_recipe, load_recipe
-from ..io.runstore import MANIFEST, Dist, RunStore, atomic_write_text
+from ..io.runstore import MANIFEST, RECIPE, Dist, RunStore, atomic_write_text
 from ..models.loaded import LoadedModel
 
 
@@ -146,17 +146,71 @@ def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str) -> int:
 
 @dataclass
 class Options:
-    """What every verb that loads a model takes (None: the recipe's value); each verb adds its own."""
+    """What every verb takes (None: the recipe's value); each verb's dataclass adds its own."""
 
     recipe: str = "default"
     sets: Optional[list[str]] = None
-    run_dir: Optional[Path] = None
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, given: dict[str, Any]) -> Any:
+        """The options from a command's parameters, its shared ones in ``given["shared"]`` (``set_`` is
+        ``sets``; ``--json`` implies quiet)."""
+        given = {("sets" if k == "set_" else k): v for k, v in {**given, **given.get("shared", {})}.items()}
+        given["quiet"] = given.get("quiet", False) or given.get("as_json", False)
+        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+
+
+@dataclass
+class LoadOptions:
+    """How a model file is read: ``--config``, ``--kind``, ``--allow-pickle``."""
+
     config: Optional[str] = None
     kind: Optional[str] = None
     allow_pickle: bool = False
+
+
+@dataclass
+class ModelOptions(Options, LoadOptions):
+    """What every verb that loads a model into a run directory takes."""
+
+    run_dir: Optional[Path] = None
     device: Optional[str] = None
-    quiet: bool = False
     fail_if: Optional[list[str]] = None
+
+
+@dataclass
+class DataOptions:
+    """Real data (``--data``) and the held-out data FID is measured against (``--eval-data``)."""
+
+    data: Optional[str] = None
+    eval_data: Optional[str] = None
+
+
+@dataclass
+class PromptOptions:
+    """Prompts of text models: ``--prompt`` values and a ``--prompts`` file."""
+
+    prompt: Optional[list[str]] = None
+    prompts: Optional[Path] = None
+
+
+@dataclass
+class FeatureOptions:
+    """FID features (``--features``) and a local Inception file."""
+
+    features: Optional[str] = None
+    inception_weights: Optional[str] = None
+
+
+@dataclass
+class Outcome:
+    """What a verb hands the command line: its ``--json`` object, its terminal view, its gate results."""
+
+    summary: dict[str, Any]
+    view: list[Any] = field(default_factory=list)  # rich renderables and markup lines, printed in order
+    gates: list[Any] = field(default_factory=list)
+    indent: Optional[int] = None  # of the JSON object (inspect's is indented)
 
 
 @dataclass
@@ -194,7 +248,7 @@ class Verb:
         show = not self.quiet and self.is_main
         with RunStore(path, is_main=self.is_main) as store:
             if self.is_main:
-                atomic_write_text(store.root / "recipe.toml", dump_recipe(self.recipe))
+                atomic_write_text(store.root / RECIPE, dump_recipe(self.recipe))
             note(f"run directory: {store.root}", quiet=not show)
             self.store = store
             with progress(show) as bar:
@@ -202,15 +256,18 @@ class Verb:
                 yield store
 
     def conclude(self, summary: dict[str, Any], gates: list[Any], gate_values: dict[str, Any],
-                 out: Optional[Path] = None) -> list[Any]:
-        """Write report.html into the summary, and check the gates on ``gate_values`` (recorded when any)."""
+                 artifacts: dict[str, Any], out: Optional[Path] = None) -> list[Any]:
+        """Record the verb's named artifacts and provenance, write report.html (its path into the
+        summary), and check the gates on ``gate_values`` (recorded in the summary when any)."""
         from ..report.gates import check_gates
         from ..report.html import render_report
 
         assert self.store is not None
-        run = {"verb": self.name, "device": self.device, "seconds": round(self.seconds, 2),
-               **({"out": str(out)} if out is not None else {})}
-        summary["report"] = str(render_report(self.store.root, run=run))
+        checkpoint = {"checkpoint": str(out)} if out is not None else {}
+        self.store.record_artifacts(self.name, {**artifacts, **checkpoint})
+        self.store.record_provenance(self.name, device=self.device, seconds=round(self.seconds, 2),
+                                     **({"out": str(out)} if out is not None else {}))
+        summary["report"] = str(render_report(self.store.root))
         results = check_gates(gates, gate_values)
         if results:
             summary["gates"] = [r.to_dict() for r in results]

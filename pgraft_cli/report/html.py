@@ -1,15 +1,15 @@
 """The report: one self-contained ``report.html`` per run directory.
 
-:func:`render_report` reads what a run left on disk (manifest, summaries, sample shards, recipe)
-and writes a single HTML file a person opens to see what happened: the metric table, sample grids
+:func:`render_report` reads the artifacts the run's manifest names (the verb's summary, its sample
+stages, the inversion, the cutoff timeline, the recipe, the provenance) and writes a single HTML file a person opens to see what happened: the metric table, sample grids
 of base and result from the same seeds, the method's plots (inverse noise: FID against FLOPs,
 inversion error, inverted-noise statistics; GRAFT / P-GRAFT: reward histograms before and after
 filtering, the rule's reshaped reward, reward and FID per round, the cutoff on the sampler's time
 grid) and the provenance. Images are inline PNGs (matplotlib's Agg renderer, PIL for grids); the
 page needs no network and no JavaScript.
 
-The verbs call :func:`render_report` with ``run=`` facts only they know (device, total time,
-command line); those are kept in ``provenance.json`` so ``pgraft report RUN`` re-renders the same page.
+The run store records the artifacts and ``provenance.json`` (device, total time, command line) when
+a verb finishes, so ``pgraft report RUN`` re-renders the same page; the report writes nothing else.
 """
 
 from __future__ import annotations
@@ -19,25 +19,20 @@ import html
 import io
 import json
 import math
-import platform
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .. import __version__
 from ..errors import PgraftError
-from ..io.runstore import MANIFEST, RunStore, atomic_write_text, sha256_file, shard_paths
+from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
 from .ui import fmt_bytes
 
 REPORT = "report.html"
-PROVENANCE = "provenance.json"
 GRID_IMAGES = 32  # images per sample grid (the first indices, the same seeds for base and result)
 PROMPT_ROWS = 8  # rows of the prompt table of text models
-_PACKAGES = ("pgraft", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "matplotlib")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,52 +44,6 @@ def _json(path: Path) -> Optional[dict[str, Any]]:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-
-
-def run_kind(run_dir: Path) -> str:
-    """``correct``, ``finetune``, ``evaluate`` or ``sample``: what the run directory's results are."""
-    run_dir = Path(run_dir)
-    if (run_dir / "correct" / "summary.json").is_file():
-        return "correct"
-    if (run_dir / "finetune" / "summary.json").is_file():
-        return "finetune"
-    if (run_dir / "evaluate.json").is_file():
-        return "evaluate"
-    return "sample"
-
-
-def versions() -> dict[str, Optional[str]]:
-    """Installed versions of the packages a run depends on (None where one is not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = __version__ if name == "pgraft" else None
-    return out
-
-
-def record_run(run_dir: Path, verb: str, **info: Any) -> dict[str, Any]:
-    """Merge a verb's facts (device, seconds, out ...) with the environment into ``provenance.json``."""
-    path = Path(run_dir) / PROVENANCE
-    prov = _json(path) or {}
-    entry = {"verb": verb, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
-             "platform": platform.platform(), "command": " ".join(["pgraft", *sys.argv[1:]]), **info}
-    device = str(info.get("device", ""))
-    if device.startswith("cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            entry["device_name"] = torch.cuda.get_device_name(torch.device(device))
-    out = info.get("out")
-    if out and Path(out).is_file():
-        entry["out_bytes"] = Path(out).stat().st_size
-        entry["out_sha256"] = sha256_file(out)
-    prov[verb] = entry
-    atomic_write_text(path, json.dumps(prov, indent=2, sort_keys=True, default=str))
-    return prov
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,9 +97,11 @@ def _stage_images(run_dir: Path, stage: str, limit: int) -> tuple[np.ndarray, np
     from safetensors import safe_open
 
     idx, imgs, prompts = [], [], []
-    for path in shard_paths(run_dir, stage):
+    for path in RunStore(run_dir, is_main=False).stage(stage).paths():
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
+            if not {"index", "images"} <= keys:  # a stage of other tensors (scores, inverted noise ...)
+                break
             idx.append(f.get_tensor("index"))
             imgs.append(f.get_tensor("images"))
             if "prompt_index" in keys:
@@ -334,7 +285,7 @@ def _loss_plot(curves: list[tuple[str, list[float], int]], title: str) -> str:
 # Inverse noise correction
 
 
-def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> list[tuple[str, str]]:
+def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any], inversion: str) -> list[tuple[str, str]]:
     base, corr, inv = s["base"], s["corrected"], s.get("inversion") or {}
     sections = []
 
@@ -363,7 +314,7 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) 
     sections.append(("FID against FLOPs", f'<div class="row">{fid_plot}</div>'))
 
     # Inversion: per-image reconstruction RMS, and the inverted noise against N(0, I)
-    rms, noise = _inversion_arrays(run_dir)
+    rms, noise = _inversion_arrays(run_dir, inversion)
     plots = []
     limit = (recipe.get("correct") or {}).get("max_reconstruction_rms")
     if rms is not None and len(rms):
@@ -432,11 +383,11 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) 
     return sections
 
 
-def _inversion_arrays(run_dir: Path) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+def _inversion_arrays(run_dir: Path, stage: str) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     from safetensors import safe_open
 
     rms, noise = [], []
-    for path in shard_paths(run_dir, "invert"):
+    for path in RunStore(run_dir, is_main=False).stage(stage).paths():
         with safe_open(str(path), "np") as f:
             keys = set(f.keys())
             if "rms" in keys:
@@ -454,7 +405,7 @@ def _f(v: Any, digits: int = 4) -> str:
 # GRAFT / P-GRAFT
 
 
-def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> list[tuple[str, str]]:
+def _finetune_sections(s: dict[str, Any], timeline: Optional[dict[str, Any]]) -> list[tuple[str, str]]:
     sections = []
     history = s.get("history") or []
     filters = [(h["round"], h["filter"]) for h in history if h.get("filter")]
@@ -550,7 +501,8 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
             "the last)")))
 
     # the cutoff on the sampler's time grid
-    sections.append(("Cutoff", _cutoff_timeline(run_dir, s, recipe)))
+    if timeline:
+        sections.append(("Cutoff", _cutoff_timeline(timeline)))
     losses = [(f"round {h['round']}", h.get("loss_curve") or [], (h.get("finetune") or {}).get("steps") or 0)
               for h in history]
     loss = _loss_plot(losses, "fine-tuning loss")
@@ -559,19 +511,10 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
     return sections
 
 
-def _cutoff_timeline(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -> str:
-    import torch
-
-    from ..core.samplers import NoiseSchedule, above_cutoff
-
-    cutoff = s["cutoff"]
-    settings = _json(run_dir / "evaluate-tuned" / "settings.json") or _json(run_dir / "sample" / "settings.json") or {}
-    steps = int(settings.get("steps") or (recipe.get("sample") or {}).get("steps") or 16)
-    family = settings.get("family", "flow")
-    schedule = NoiseSchedule.flow(shift=float(settings.get("shift") or 1.0)) if family == "flow" \
-        else NoiseSchedule.diffusion(settings.get("prediction_type") or "epsilon")
-    grid = schedule.grid(steps).numpy()
-    above = above_cutoff(torch.from_numpy(grid), cutoff).numpy()  # the sampler's own hand-over rule
+def _cutoff_timeline(t: dict[str, Any]) -> str:
+    """The sampler's grid with the steps of the fine-tuned model marked (the run's ``timeline`` artifact)."""
+    cutoff, steps = t["cutoff"], t["steps"]
+    grid, above = np.asarray(t["grid"], dtype=float), np.asarray(t["tuned"], dtype=bool)
     tuned_steps = int(above[:-1].sum())
     fig, ax = _figure(9.0, 1.9)
     for k in range(steps):
@@ -591,7 +534,7 @@ def _cutoff_timeline(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -
     for side in ("left", "right", "top"):
         ax.spines[side].set_visible(False)
     ax.set_xlabel("t (1 = noise, 0 = data)")
-    ax.set_title(f"the sampler's {steps}-step {settings.get('grid', family)} grid and the hand-over")
+    ax.set_title(f"the sampler's {steps}-step {t['name']} grid and the hand-over")
     return _plot(fig, "cutoff on the sampler timeline",
                  f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'}: each step from t_k uses the fine-tuned model when t_k > c, "
                  f"the base model otherwise")
@@ -601,8 +544,8 @@ def _cutoff_timeline(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any]) -
 # Provenance
 
 
-def _provenance_section(run_dir: Path, manifest: dict[str, Any], prov: dict[str, Any], entry: dict[str, Any],
-                        kind: str) -> str:
+def _provenance_section(run_dir: Path, manifest: dict[str, Any], entry: dict[str, Any], kind: str,
+                        recipe_path: Optional[Path]) -> str:
     parts = []
     vers = entry.get("versions")
     note = ""
@@ -645,9 +588,8 @@ def _provenance_section(run_dir: Path, manifest: dict[str, Any], prov: dict[str,
         stage_rows.append([f"whole command ({entry.get('verb', kind)})", "", f"{float(entry['seconds']):.2f}", ""])
     parts.append("<h3>time per stage</h3>" + _table(["stage", "status", "seconds", "key"], stage_rows, ' id="stages"'))
 
-    recipe_path = run_dir / "recipe.toml"
-    if recipe_path.is_file():
-        parts.append(f"<h3>resolved recipe (recipe.toml)</h3><pre>{_e(recipe_path.read_text())}</pre>")
+    if recipe_path is not None and recipe_path.is_file():
+        parts.append(f"<h3>resolved recipe ({_e(recipe_path.name)})</h3><pre>{_e(recipe_path.read_text())}</pre>")
     return "".join(parts)
 
 
@@ -655,9 +597,8 @@ def _provenance_section(run_dir: Path, manifest: dict[str, Any], prov: dict[str,
 # The page
 
 
-def _recipe_dict(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "recipe.toml"
-    if not path.is_file():
+def _recipe_dict(path: Optional[Path]) -> dict[str, Any]:
+    if path is None or not path.is_file():
         return {}
     from ..io.recipes import tomllib
 
@@ -667,61 +608,51 @@ def _recipe_dict(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def render_report(run_dir: Path | str, run: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``RUN/report.html`` from what the run directory holds; returns its path.
+def render_report(run_dir: Path | str) -> Path:
+    """Write ``RUN/report.html`` from the artifacts the run's manifest names; returns its path.
 
-    ``run``: facts of the command that just finished (``verb``, ``device``, ``seconds``, ``out``),
-    merged into ``RUN/provenance.json`` first so later re-renders show them too.
+    A run no verb has finished yet (interrupted, or sampled by an older pgraft) shows the images of
+    its stages and its provenance.
     """
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
         raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a run")
-    manifest = RunStore(run_dir, is_main=False).read_manifest()
-    kind = run_kind(run_dir)
-    if run:
-        run = dict(run)
-        prov = record_run(run_dir, run.pop("verb", kind), **run)
-    else:
-        prov = _json(run_dir / PROVENANCE) or {}
+    store = RunStore(run_dir, is_main=False)
+    manifest = store.read_manifest()
+    verb, artifacts = store.artifacts()
+    kind = verb or "sample"
+    prov = store.read_provenance()
     entry = prov.get(kind) or (next(iter(prov.values())) if prov else {})
-    recipe = _recipe_dict(run_dir)
+    recipe_path = run_dir / artifacts["recipe"] if "recipe" in artifacts else None
+    s = store.read_artifact("summary") or {}
+    pairs = [tuple(p) for p in artifacts.get("samples") or [(name, name) for name in manifest["stages"]]]
 
     sections: list[tuple[str, str]] = []
     facts: list[tuple[str, Any]] = [("run directory", str(run_dir.resolve()))]
+    rows: list[tuple[str, str, dict[str, Any]]] = []
     if kind == "correct":
-        s = _json(run_dir / "correct" / "summary.json") or {}
         base_steps = s["base"].get("steps")
         title = f"Inverse noise correction ({base_steps} base steps)"
-        rows = [("base", f"base ({base_steps} steps)", s["base"]), ("corrected", "corrected", s["corrected"])]
-        pairs = [(f"base ({base_steps} steps)", "evaluate-base"), ("corrected", "evaluate-corrected")]
+        rows = [("base", pairs[0][0], s["base"]), ("corrected", pairs[1][0], s["corrected"])]
         facts += [("data", s.get("data")), ("FID features", s["base"].get("features"))]
-        out = s.get("out")
+        sections += _correct_sections(run_dir, s, _recipe_dict(recipe_path), artifacts["inversion"])
     elif kind == "finetune":
-        s = _json(run_dir / "finetune" / "summary.json") or {}
         cutoff = s["cutoff"]
         title = f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'} fine-tuning (cutoff {cutoff:g})"
         rows = [("base", "base", s["base"]), ("tuned", "tuned", s["tuned"])]
-        pairs = [("base", "evaluate-base"), ("tuned", "evaluate-tuned")]
         facts += [("reward", s.get("reward")), ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
                   ("FID features", s["base"].get("features"))]
-        out = s.get("out")
+        sections += _finetune_sections(s, store.read_artifact("timeline"))
     elif kind == "evaluate":
-        s = _json(run_dir / "evaluate.json") or {}
-        label = "corrected" if s.get("corrected") else ("fine-tuned" if s.get("finetuned") else "model")
         title = f"Evaluation of {s.get('model', '')}"
-        rows = [("model", f"{label} ({s.get('steps')} steps)", s)]
-        pairs = [(label, "sample")]
+        rows = [("model", f"{pairs[0][0]} ({s.get('steps')} steps)", s)]
         facts += [("model", s.get("model")), ("data", s.get("data")), ("FID features", s.get("features")),
                   ("reward", s.get("reward"))]
-        out = None
     else:
-        s = {}
-        settings = _json(run_dir / "sample" / "settings.json") or {}
+        settings = store.read_artifact("settings") or {}
         title = "Samples"
-        rows = []
-        pairs = [("samples", "sample")]
         facts += [("steps", settings.get("steps")), ("seed", settings.get("seed")), ("num", settings.get("num"))]
-        out = None
+    out = artifacts.get("checkpoint")
     if out:
         size = entry.get("out_bytes") or (Path(out).stat().st_size if Path(out).is_file() else None)
         facts.append(("output checkpoint", f"{out} ({fmt_bytes(size)})"))
@@ -734,13 +665,9 @@ def render_report(run_dir: Path | str, run: Optional[dict[str, Any]] = None) -> 
     if rows:
         body.append("<h2>Metrics</h2>" + _metrics_table(rows))
     body.append("<h2>Samples</h2>" + _grids(run_dir, pairs))
-    if kind == "correct":
-        sections += _correct_sections(run_dir, s, recipe)
-    elif kind == "finetune":
-        sections += _finetune_sections(run_dir, s, recipe)
     for heading, content in sections:
         body.append(f"<h2>{_e(heading)}</h2>{content}")
-    body.append("<h2>Provenance</h2>" + _provenance_section(run_dir, manifest, prov, entry, kind))
+    body.append("<h2>Provenance</h2>" + _provenance_section(run_dir, manifest, entry, kind, recipe_path))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(title)} · pgraft</title><style>{_CSS}</style></head>"

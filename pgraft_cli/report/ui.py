@@ -253,3 +253,68 @@ def status_table(run_dir: object, stages: list) -> "Table":  # noqa: F821 - rich
         shards = f"{s.shards_done}/{s.shards_total}" if s.shards_total is not None else str(s.shards_done)
         table.add_row(s.name, f"[{colours.get(s.state, 'white')}]{s.state}[/]", shards, (s.key or "")[:12])
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# What each verb prints when it is done (its terminal view; --json prints its summary instead)
+
+
+def wrote_lines(summary: dict) -> list[str]:
+    """The file a verb wrote, its run directory, time and report."""
+    return [f"[green]wrote[/green] {summary['out']} ({fmt_bytes(summary['out_bytes'])}); run {summary['run_dir']}; "
+            f"{summary['seconds']:.0f}s", f"report: {summary['report']}"]
+
+
+def sample_view(summary: dict) -> list[str]:
+    done = summary["num"] - summary["generated_now"]
+    return [f"[green]wrote[/green] {summary['num']} images to {summary['out']}"
+            f"{f' ({done} already done)' if done else ''} in {summary['seconds']:.1f}s"]
+
+
+def score_view(summary: dict) -> list[str]:
+    return [f"[green]scored[/green] {summary['num']} samples with {summary['reward']}: mean "
+            f"{summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}"]
+
+
+def recipes_table(found: dict) -> "Table":  # noqa: F821 - rich.table is imported on use
+    """``pgraft recipes ls``: each bundled recipe and its description."""
+    from rich.table import Table
+
+    table = Table(title="recipes (pgraft recipes show NAME; pgraft recipes cp NAME my.toml)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, description in found.items():
+        table.add_row(name, description)
+    return table
+
+
+def gate_lines(results: list, quiet: bool) -> bool:
+    """One red stderr line per failed gate (True if any failed); a single note when all held."""
+    from .gates import failed as failed_gates
+
+    failed = failed_gates(results)
+    for r in failed:
+        err.print(Text(r.line, style="bold red"), soft_wrap=True)
+    if results and not failed:
+        note("gates held: " + ", ".join(r.gate.text for r in results), quiet=quiet)
+    return bool(failed)
+
+
+def evaluate_view(model: str, summary: dict) -> list:
+    label = "corrected" if summary["corrected"] else (
+        f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
+    against = f" against {summary['fid_data']}" if summary.get("fid_data") else ""
+    lines: list = [metrics_table(f"evaluate {model}{against} (features {summary['features'] or 'none'})",
+                                 [(f"{label} ({summary['steps']} steps)", summary)])]
+    if summary.get("reward"):
+        best = (f"; best of {summary['best_of']} over {summary['groups']} groups: mean {summary['reward_best_of_mean']:.4f}, "
+                f"std {summary['reward_best_of_std']:.4f}" if summary.get("best_of") else "")
+        lines.append(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}{best}")
+    return [*lines, f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}"]
+
+
+def os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` of a refused file operation, with what to check."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = (exc.strerror or str(exc)).lower()
+    return f"{paths or 'a file operation'}: {reason}; check the path and its permissions (pgraft --debug shows where)"

@@ -221,7 +221,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
 
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING_KEYS}
     inputs = {"base": base_id, "noises": tensor_digest(noises), "device_type": torch.device(device).type}
-    stage = store.stage("train_corrector", config, inputs)
+    stage = store.open_stage("train_corrector", config, inputs)
     if cfg.corrector == "gaussian":
         mean, chol = fit_gaussian(noises)
         corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float())

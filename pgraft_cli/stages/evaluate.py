@@ -318,7 +318,6 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     over those groups, and ``pairwise_distance`` the mean distance between a group's samples in the
     features (``mean_pairwise_distance``). ``notes`` (e.g. why FID was skipped) are passed through.
     """
-    from ..io.runstore import shard_seconds
     from .sample import Conditions, iter_images, run_sample
 
     cond = cond if cond is not None else Conditions()
@@ -348,7 +347,7 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     guidance = sample_cfg.guidance_scale if model.guided else 1.0
     out: dict[str, Any] = {
         "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),
-        "seconds_per_image": shard_seconds(store.root, stage_name) / max(1, num),
+        "seconds_per_image": store.stage(stage_name).seconds() / max(1, num),
         "features": features.name if features is not None else None, "fid": None, "kid": None, "precision": None,
         "recall": None, "pairwise_distance": None, "warnings": [], "notes": list(notes or []),
     }

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import PgraftError
 from ..io.recipes import FilterConfig
-from ..io.runstore import RunStore, atomic_path, read_shard, stage_tensors
+from ..io.runstore import RunStore, atomic_path, read_shard
 from .score import load_rewards, stage_outputs_digest
 from ..core.selection import select, summarize, threshold_value
 
@@ -32,7 +32,7 @@ def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Ten
     group ``j // m``, so ``sample.num = m x prompts`` gives each prompt one group of m, and more
     samples give each prompt several.
     """
-    found = stage_tensors(run_dir, sample_stage, "index", "prompt_index", "class_label")
+    found = RunStore(run_dir, is_main=False).stage(sample_stage).tensors("index", "prompt_index", "class_label")
     index = found["index"]
     cond = found.get("prompt_index", found.get("class_label", torch.zeros_like(index)))
     seen: dict[int, int] = {}
@@ -52,14 +52,14 @@ def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample",
 
     config = asdict(cfg)
     inputs = {"score": stage_outputs_digest(store, score_stage), "sample": stage_outputs_digest(store, sample_stage)}
-    stage = store.stage(stage_name, config, inputs)
+    stage = store.open_stage(stage_name, config, inputs)
     kept_path, summary_path = stage.dir / "kept.safetensors", stage.dir / "summary.json"
     if not stage.done:
         index, rewards = load_rewards(store.root, score_stage)
         g_index, groups = sample_groups(store.root, sample_stage, cfg.m)
         if not torch.equal(index, g_index):
             raise PgraftError(f"the score stage of {store.root} does not cover the sample stage; re-run `pgraft score`")
-        samples = stage_tensors(store.root, sample_stage, "samples")["samples"] if cfg.dedup else None
+        samples = store.stage(sample_stage).tensors("samples")["samples"] if cfg.dedup else None
         rule = cfg.rule
         keep = select(rule, rewards, groups, k=cfg.k if rule == "top_k" else 1, m=cfg.m, threshold=cfg.threshold,
                       quantile=cfg.quantile, dedup=cfg.dedup, samples=samples, dedup_tol=cfg.dedup_tol)

@@ -24,7 +24,7 @@ from ..core.losses import finetune_loss, intermediate_target, kernel_weight, tra
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.recipes import FinetuneConfig
-from ..io.runstore import RunStore, atomic_path, content_key, derive_seed, stage_rows
+from ..io.runstore import RunStore, atomic_path, content_key, derive_seed
 from ..models.loaded import Cond, LoadedModel, base_only, tuned_identity
 from ..models.lora import add_lora, lora_state, set_lora_enabled, set_lora_state
 from .train_loop import LoopConfig, Training, train
@@ -57,7 +57,8 @@ def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: f
     from .score import sample_prompts
 
     rows = load_kept(run_dir, filter_stage)  # ascending sample indices; only their rows are read
-    found = stage_rows(run_dir, sample_stage, rows, "samples", "captured", "captured_t", "class_label", "prompt_index")
+    found = RunStore(run_dir, is_main=False).stage(sample_stage).rows(rows, "samples", "captured", "captured_t",
+                                                                      "class_label", "prompt_index")
     x0 = found["samples"]
     if cutoff > 0:
         if "captured" not in found:
@@ -171,7 +172,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
               **({"distilled_guidance": distilled_guidance} if distilled_guidance is not None else {})}
     for unrelated in ("rounds", "checkpoint_every", "tuned_guidance"):  # they do not change this round's weights
         config.pop(unrelated)
-    stage = store.stage(stage_name, config, {"model": model_key(model), "kept": kept.digest()})
+    stage = store.open_stage(stage_name, config, {"model": model_key(model), "kept": kept.digest()})
     if barrier is not None:
         barrier()  # the main process may have cleared a stale stage; the others wait for that
     network = prepare_tuning(model, cfg)

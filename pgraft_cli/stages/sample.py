@@ -26,7 +26,7 @@ from ..io.checkpoints import model_key
 from ..errors import OutputPathError, PgraftError
 from ..models.loaded import LoadedModel
 from ..io.recipes import SampleConfig
-from ..io.runstore import Dist, RunStore, atomic_write_bytes, atomic_write_text, iter_shards
+from ..io.runstore import Dist, RunStore, atomic_write_bytes, atomic_write_text
 from ..core.samplers import sample as run_sampler
 
 STAGE = "sample"
@@ -239,7 +239,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
 
 def iter_images(run_dir: Path, stage_name: str = STAGE) -> Iterator[tuple[Tensor, Tensor]]:
     """``(index, images)`` of a sample stage, one shard at a time; images are floats in [0, 1], (N, C, H, W)."""
-    for shard in iter_shards(run_dir, stage_name, "index", "images"):
+    for shard in RunStore(run_dir, is_main=False).stage(stage_name).shards("index", "images"):
         yield shard["index"], shard["images"].permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -282,7 +282,7 @@ def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool 
             if int(old.stem) >= settings["num"]:
                 old.unlink()
     n = 0
-    for shard in iter_shards(run_dir, STAGE, "index", "images"):
+    for shard in RunStore(run_dir, is_main=False).stage(STAGE).shards("index", "images"):
         for i, image in zip(shard["index"].tolist(), shard["images"].numpy()):
             if i >= settings["num"]:
                 continue

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..errors import PgraftError
-from ..io.runstore import Dist, RunStore, read_shard, shard_paths, stage_tensors
+from ..io.runstore import Dist, RunStore, read_shard
 
 STAGE = "score"
 
@@ -49,7 +49,7 @@ def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sampl
               process_index: int = 0, num_processes: int = 1, barrier: Any = None) -> Tensor:
     """Score (or resume scoring) every image of ``sample_stage``; returns rewards in index order."""
     samples = stage_outputs_digest(store, sample_stage)
-    sample_shards = shard_paths(store.root, sample_stage)
+    sample_shards = store.stage(sample_stage).paths()
     prompts = sample_prompts(store.root, sample_stage)
     task = None
 
@@ -72,7 +72,7 @@ def run_score(store: RunStore, reward: Any, bar: Any, sample_stage: str = "sampl
 
 def load_rewards(run_dir: Path, stage_name: str = STAGE) -> tuple[Tensor, Tensor]:
     """``(index, reward)`` of a score stage, in index order."""
-    found = stage_tensors(run_dir, stage_name, "index", "reward")
+    found = RunStore(run_dir, is_main=False).stage(stage_name).tensors("index", "reward")
     if not found:
         raise PgraftError(f"{run_dir} has no '{stage_name}' outputs; run `pgraft score {run_dir} --reward R` first")
     return found["index"], found["reward"]
