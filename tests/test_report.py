@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
-from pgraft_cli.report.html import fmt_metric, render_report
+from pgraft_cli.report.html import render_report
+from pgraft_cli.report.metrics import fmt_metric
 
 runner = CliRunner()
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -75,13 +75,13 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                    "fid_data": fid_data}
         target = o.out or store.root / "corrected.safetensors"
         save_corrected(target, corrector, loaded, metrics, rec.to_dict(), {"run_dir": str(store.root), "device": dev})
-        store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve")})
+        store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve"),
+                                                  "corrector_steps": corrector.steps})
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), **metrics}
+               "seconds": round(verb.seconds, 2), "corrector_steps": corrector.steps, **metrics}
     steps = rec.correct.base_steps
     artifacts = {"summary": "correct/summary.json", "inversion": "invert",
                  "samples": [[f"base ({steps} steps)", "evaluate-base"], ["corrected", "evaluate-corrected"]]}
     results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), artifacts, out=target)
-    labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "corrector_steps": corrector.steps,
-              "inversion_tol": rec.correct.inversion_tol}
+    labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "inversion_tol": rec.correct.inversion_tol}
     return Outcome(summary, [*correct_report(summary, labels), *wrote_lines(summary)], results)

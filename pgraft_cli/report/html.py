@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import PgraftError
 from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
+from .metrics import MetricsTable, metrics_table_of
 from .ui import fmt_bytes
 
 REPORT = "report.html"
@@ -165,65 +166,29 @@ def _table(header: list[str], rows: list[list[Any]], attrs: str = "") -> str:
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-# Metric columns of the table: (key, header, format, lower is better?)
-METRIC_COLUMNS = (
-    ("fid", "FID", lambda v: f"{v:.3f}", True),
-    ("kid", "KID", lambda v: f"{v:.4f}", True),
-    ("precision", "precision", lambda v: f"{v:.3f}", False),
-    ("recall", "recall", lambda v: f"{v:.3f}", False),
-    ("pairwise_distance", "within-prompt distance", lambda v: f"{v:.4g}", False),
-    ("reward_mean", "reward mean", lambda v: f"{v:.4f}", False),
-    ("reward_std", "reward std", lambda v: f"{v:.4f}", None),
-    ("reward_best_of_mean", "best-of-n reward", lambda v: f"{v:.4f}", False),
-    ("nfe", "NFE", lambda v: f"{int(v)}", True),
-    ("flops_per_image", "GFLOPs/img", lambda v: f"{v / 1e9:.3f}", True),
-    ("seconds_per_image", "ms/img", lambda v: f"{1000 * v:.2f}", True),
-    ("num", "num", lambda v: f"{int(v)}", None),
-)
-
-
-def fmt_metric(key: str, value: Any) -> str:
-    """How the report (and its test) writes a metric value."""
-    if value is None:
-        return "-"
-    for k, _, fmt, _ in METRIC_COLUMNS:
-        if k == key:
-            return fmt(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _metrics_table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
-    """The metric table: one row per model (``data-row``), one cell per metric (``data-metric``).
+def _metrics_html(model: MetricsTable) -> str:
+    """The metrics table (``report.metrics``, as the terminal shows it): one row per sampler
+    (``data-row``), one cell per metric (``data-metric``).
 
     Each cell holds the formatted value and its exact value in ``data-value``; with two rows, a
     third gives the change, coloured by whether it went the better way.
     """
-    cols = [c for c in METRIC_COLUMNS if any(r.get(c[0]) is not None for _, _, r in rows)]
-    head = '<th class="l">model</th>' + "".join(f"<th>{_e(h)}</th>" for _, h, _, _ in cols)
-    body = []
-    for row_id, label, r in rows:
-        cells = "".join(f'<td data-metric="{k}" data-value="{_e(json.dumps(r.get(k)))}">{_e(fmt_metric(k, r.get(k)))}</td>'
-                        for k, _, _, _ in cols)
-        body.append(f'<tr data-row="{_e(row_id)}"><td class="l">{_e(label)}</td>{cells}</tr>')
-    if len(rows) == 2:
-        (_, _, a), (_, _, b) = rows
-        cells = []
-        for k, _, fmt, lower in cols:
-            if a.get(k) is None or b.get(k) is None or k == "num":
-                cells.append("<td></td>")
-                continue
-            d = b[k] - a[k]
-            shown = fmt(abs(d))
-            text = ("+" if d >= 0 else "-") + shown
-            css = "" if lower is None or shown == fmt(0 * d) else ("good" if (d < 0) == lower else "bad")
-            cells.append(f'<td class="{css}">{_e(text)}</td>')
-        body.append(f'<tr class="delta"><td class="l">change</td>{"".join(cells)}</tr>')
     from ..stages.evaluate import COST_NOTE
 
-    warnings = "".join(f'<p class="note bad" data-warning="{_e(row_id)}">warning ({_e(label)}): {_e(w)}</p>'
-                       for row_id, label, r in rows for w in r.get("warnings") or [])
-    warnings += "".join(f'<p class="note">note: {_e(n)}</p>' for n in dict.fromkeys(n for _, _, r in rows
-                                                                                  for n in r.get("notes") or []))
+    head = '<th class="l">model</th>' + "".join(f"<th>{_e(c.header)}</th>" for c in model.columns)
+    body = []
+    for row in model.rows:
+        cells = "".join(f'<td data-metric="{_e(c.key)}" data-value="{_e(json.dumps(row.get(c.key)))}">'
+                        f"{_e(model.cell(row, c))}</td>" for c in model.columns)
+        body.append(f'<tr data-row="{_e(row.id)}"><td class="l">{_e(row.label)}</td>{cells}</tr>')
+    change = model.change()
+    if change:
+        css = {True: "good", False: "bad", None: ""}
+        cells = "".join(f'<td class="{css[b]}">{_e(t)}</td>' if t else "<td></td>" for t, b in change)
+        body.append(f'<tr class="delta"><td class="l">change</td>{cells}</tr>')
+    warnings = "".join(f'<p class="note bad" data-warning="{_e(row.id)}">warning ({_e(row.label)}): {_e(w)}</p>'
+                       for row, w in model.warnings())
+    warnings += "".join(f'<p class="note">note: {_e(n)}</p>' for n in model.notes())
     return (f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
             f'<p class="note">{_e(COST_NOTE)}</p>{warnings}')
 
@@ -629,23 +594,19 @@ def render_report(run_dir: Path | str) -> Path:
 
     sections: list[tuple[str, str]] = []
     facts: list[tuple[str, Any]] = [("run directory", str(run_dir.resolve()))]
-    rows: list[tuple[str, str, dict[str, Any]]] = []
     if kind == "correct":
         base_steps = s["base"].get("steps")
         title = f"Inverse noise correction ({base_steps} base steps)"
-        rows = [("base", pairs[0][0], s["base"]), ("corrected", pairs[1][0], s["corrected"])]
         facts += [("data", s.get("data")), ("FID features", s["base"].get("features"))]
         sections += _correct_sections(run_dir, s, _recipe_dict(recipe_path), artifacts["inversion"])
     elif kind == "finetune":
         cutoff = s["cutoff"]
         title = f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'} fine-tuning (cutoff {cutoff:g})"
-        rows = [("base", "base", s["base"]), ("tuned", "tuned", s["tuned"])]
         facts += [("reward", s.get("reward")), ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
                   ("FID features", s["base"].get("features"))]
         sections += _finetune_sections(s, store.read_artifact("timeline"))
     elif kind == "evaluate":
         title = f"Evaluation of {s.get('model', '')}"
-        rows = [("model", f"{pairs[0][0]} ({s.get('steps')} steps)", s)]
         facts += [("model", s.get("model")), ("data", s.get("data")), ("FID features", s.get("features")),
                   ("reward", s.get("reward"))]
     else:
@@ -662,8 +623,9 @@ def render_report(run_dir: Path | str) -> Path:
 
     body = [f"<h1>{_e(title)}</h1><p class=\"sub\">pgraft report of {_e(run_dir.name)}, rendered "
             f"{_e(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>", _kv(facts)]
-    if rows:
-        body.append("<h2>Metrics</h2>" + _metrics_table(rows))
+    model = metrics_table_of(kind, s) if s else None
+    if model is not None:
+        body.append("<h2>Metrics</h2>" + _metrics_html(model))
     body.append("<h2>Samples</h2>" + _grids(run_dir, pairs))
     for heading, content in sections:
         body.append(f"<h2>{_e(heading)}</h2>{content}")

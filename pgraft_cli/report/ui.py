@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
@@ -122,29 +122,12 @@ def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
     return [(f, f"{float(v):.2f}") for f, v in zip(points, values)]
 
 
-def warning_lines(rows: list[tuple[str, dict]]) -> list[Text]:
-    """One yellow line per metric warning of each row (e.g. fewer samples than feature dimensions), and
-    one plain line per note (e.g. why FID was skipped; a note shared by the rows is printed once)."""
-    notes = dict.fromkeys(n for _, r in rows for n in r.get("notes") or [])
-    return [*(Text(f"warning ({name}): {w}", style="yellow") for name, r in rows for w in r.get("warnings") or []),
-            *(Text(f"note: {n}") for n in notes)]
-
-
 def finetune_report(summary: dict) -> Group:
-    """Base vs tuned after ``pgraft finetune``: reward, FID, cost; then the rounds."""
+    """Base vs tuned after ``pgraft finetune``: the metrics table, then the rounds."""
     from rich.table import Table
 
-    from ..stages.evaluate import COST_NOTE
-
-    table = Table(title=f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
-                        f"reward {summary['reward']}", title_justify="left", caption=COST_NOTE, caption_justify="left")
-    for col in ("model", "reward mean", "reward std", "FID", "NFE", "GFLOPs/img", "ms/img", "num"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for name in ("base", "tuned"):
-        r = summary[name]
-        table.add_row(name, f"{r['reward_mean']:.4f}", f"{r['reward_std']:.4f}",
-                      "-" if r.get("fid") is None else f"{r['fid']:.3f}", str(r["nfe"]),
-                      f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
+    title = (f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
+             f"reward {summary['reward']}")
     rounds = Table(title="rounds", title_justify="left")
     for col in ("round", "sampled reward", "kept", "kept reward", "final loss"):
         rounds.add_column(col, justify="right")
@@ -152,39 +135,61 @@ def finetune_report(summary: dict) -> Group:
         loss = h["finetune"].get("final_loss")
         rounds.add_row(str(h["round"]), f"{h['sampled']['reward_mean']:.4f}", str(h["kept"]),
                        f"{h['kept_reward_mean']:.4f}", "-" if loss is None else f"{loss:.4f}")
-    return Group(table, *warning_lines([(n, summary[n]) for n in ("base", "tuned")]), rounds)
+    return Group(metrics_view(title, "finetune", summary), rounds)
 
 
-def metrics_table(title: str, rows: list[tuple[str, dict]]) -> Group:
-    """FID (against each reference), KID, NFE, FLOPs and time per image, one row per sampler."""
+class _Fit:
+    """The first of ``choices`` whose unwrapped width fits the console (else the last), chosen when printed."""
+
+    def __init__(self, *choices: object) -> None:
+        self.choices = choices
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[object]:
+        from rich.measure import Measurement
+
+        wide = options.update(max_width=10_000)  # the unwrapped width, not the width it would be squeezed to
+        fits = (c for c in self.choices[:-1] if Measurement.get(console, wide, c).maximum <= options.max_width)
+        yield next(fits, self.choices[-1])
+
+
+def metrics_view(title: str, verb: str, summary: dict) -> Group:
+    """The verb's metrics table (``report.metrics``, as report.html shows it): one row per sampler, the
+    lowest FID in green, the change between two rows (one column per sampler where the terminal is too
+    narrow for one per metric); then one line per warning and note."""
     from rich.table import Table
 
     from ..stages.evaluate import COST_NOTE
+    from .metrics import metrics_table_of
 
-    table = Table(title=title, title_justify="left", caption=COST_NOTE, caption_justify="left")
-    also = list(rows[0][1].get("also_against") or {})  # FID against further data, e.g. the training data
-    for col in ("sampler", "FID", *(f"FID vs {name}" for name in also), "KID", "NFE", "GFLOPs/img", "ms/img", "num"):
-        table.add_column(col, justify="left" if col == "sampler" else "right")
-    best = min((r["fid"] for _, r in rows if r.get("fid") is not None), default=None)
-    for name, r in rows:
-        fid = "-" if r.get("fid") is None else f"{r['fid']:.3f}"
-        if r.get("fid") is not None and r["fid"] == best and len(rows) > 1:
-            fid = f"[green]{fid}[/green]"
-        table.add_row(name, fid, *(f"{r['also_against'][a]['fid']:.3f}" for a in also),
-                      "-" if r.get("kid") is None else f"{r['kid']:.4f}", str(r["nfe"]),
-                      f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
-    return Group(table, *warning_lines(rows))
+    model = metrics_table_of(verb, summary)
+    best, change = model.best_fid(), model.change()
+    colour = {True: "green", False: "red", None: "dim"}
+    cells = {row.id: [f"[green]{model.cell(row, c)}[/green]" if c.key == "fid" and row.id == best else model.cell(row, c)
+                      for c in model.columns] for row in model.rows}
+    changed = [f"[{colour[b]}]{t}[/]" if t else "" for t, b in change or []]
+    wide, tall = (Table(title=title, title_justify="left", caption=COST_NOTE, caption_justify="left") for _ in "ab")
+    wide.add_column("sampler", justify="left")
+    tall.add_column("metric", justify="left")
+    for c in model.columns:
+        wide.add_column(c.header, justify="right")
+    for row in model.rows:
+        wide.add_row(row.label, *cells[row.id])
+        tall.add_column(row.label, justify="right")
+    if change:
+        wide.add_row("[dim]change[/dim]", *changed)
+        tall.add_column("change", justify="right")
+    for i, c in enumerate(model.columns):
+        tall.add_row(c.header, *(cells[r.id][i] for r in model.rows), *changed[i:i + 1])
+    return Group(_Fit(wide, tall), *(Text(f"warning ({row.label}): {w}", style="yellow") for row, w in model.warnings()),
+                 *(Text(f"note: {n}") for n in model.notes()))
 
 
 def correct_report(summary: dict, labels: dict) -> list:
     """Base vs corrected after ``pgraft correct``, then lines on the inversion and the corrector (print each)."""
-    base, corrected, inv, info = (summary[k] for k in ("base", "corrected", "inversion", "corrector"))
-    steps = labels["base_steps"]
-    table = metrics_table(
-        f"inverse noise correction of {labels['source']} ({steps} base steps, features {base['features']}, "
-        f"FID against {summary['fid_data'] or '-'})",
-        [(f"base ({steps} steps)", base),
-         (f"corrected ({info['kind']}, {labels['corrector_steps']} + {steps} steps)", corrected)])
+    base, inv, info = (summary[k] for k in ("base", "inversion", "corrector"))
+    table = metrics_view(
+        f"inverse noise correction of {labels['source']} ({labels['base_steps']} base steps, features "
+        f"{base['features']}, FID against {summary['fid_data'] or '-'})", "correct", summary)
     lines = [
         f"inversion: {inv['num']} images, {inv['converged']} converged (every step's residual < "
         f"{labels['inversion_tol']:g}), {inv['dropped']} dropped (round-trip RMS > {inv['max_reconstruction_rms']:g} "
@@ -301,11 +306,9 @@ def gate_lines(results: list, quiet: bool) -> bool:
 
 
 def evaluate_view(model: str, summary: dict) -> list:
-    label = "corrected" if summary["corrected"] else (
-        f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
     against = f" against {summary['fid_data']}" if summary.get("fid_data") else ""
-    lines: list = [metrics_table(f"evaluate {model}{against} (features {summary['features'] or 'none'})",
-                                 [(f"{label} ({summary['steps']} steps)", summary)])]
+    lines: list = [metrics_view(f"evaluate {model}{against} (features {summary['features'] or 'none'})", "evaluate",
+                                summary)]
     if summary.get("reward"):
         best = (f"; best of {summary['best_of']} over {summary['groups']} groups: mean {summary['reward_best_of_mean']:.4f}, "
                 f"std {summary['reward_best_of_std']:.4f}" if summary.get("best_of") else "")
