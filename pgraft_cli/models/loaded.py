@@ -149,7 +149,15 @@ class LoadedModel:
     @torch.no_grad()
     def encode(self, prompts: Optional[list[str]], class_labels: Optional[list[int]],
                guidance_scale: float) -> Cond:
-        """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders."""
+        """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders.
+
+        Each distinct prompt goes through the text encoders once and its rows are repeated (as
+        diffusers' ``num_images_per_prompt``): a lane of N images of one prompt encodes 1 + 1 rows
+        under guidance, not N + N. The bytes are those of encoding every row (CLIP pads each prompt
+        to its full length alone, so a row does not depend on the others in its batch). SD3 keeps
+        encoding every row: its pooled projection is a (rows, width) matmul whose last bits change
+        with the number of rows on the CPU, so deduplicating would change its images' bytes.
+        """
         device = self.device
         if self.conditioning == "class":
             assert class_labels is not None
@@ -159,15 +167,19 @@ class LoadedModel:
             return Cond()
         assert prompts is not None and self.pipeline is not None
         cfg = guidance_scale > 1.0
-        if self.model_class == "SD3Transformer2DModel":
+        sd3 = self.model_class == "SD3Transformer2DModel"
+        unique = prompts if sd3 else list(dict.fromkeys(prompts))
+        order = torch.tensor([unique.index(p) for p in prompts], device=device)
+        rows = lambda t: t if sd3 or t is None else t[order]  # noqa: E731
+        if sd3:
             pe, npe, pooled, npooled = self.pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                prompt=unique, prompt_2=None, prompt_3=None, device=device,
                 num_images_per_prompt=1, do_classifier_free_guidance=cfg,
             )
-            return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, pooled=pooled,
-                        negative_pooled=npooled, guidance_scale=guidance_scale)
-        pe, npe = self.pipeline.encode_prompt(prompts, device, 1, cfg)
-        return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale)
+            return Cond(prompt_embeds=rows(pe), negative_prompt_embeds=rows(npe), pooled=rows(pooled),
+                        negative_pooled=rows(npooled), guidance_scale=guidance_scale)
+        pe, npe = self.pipeline.encode_prompt(unique, device, 1, cfg)
+        return Cond(prompt_embeds=rows(pe), negative_prompt_embeds=rows(npe), guidance_scale=guidance_scale)
 
     # -- the network in pgraft's convention -----------------------------------------------------
     def network_at(self, t: Tensor) -> nn.Module:
