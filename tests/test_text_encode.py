@@ -85,3 +85,16 @@ def test_sampled_images_are_the_old_paths_bytes(tiny_sd_dir, tmp_path, monkeypat
     old = sample_images(model, tmp_path, "old", prompts)
     assert sum(rows) == 12  # the old path really ran: 2 lanes x (3 prompts + 3 negatives)
     assert new.dtype == torch.uint8 and new.shape[0] == 6 and torch.equal(new, old)
+
+
+def test_a_sampler_time_gives_the_bytes_of_the_same_time_per_row(tiny_sd_dir):
+    # predict fills a 0-d (sampler) time in on the device instead of copying it over; the network
+    # sees the same float32 timesteps as with one time per row (the copying path)
+    model = load_model(str(tiny_sd_dir))
+    x = torch.randn(3, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cond = model.encode(["a", "b", "a"], None, guidance_scale=4.0)
+        for t in (0.999, 0.5137, 0.001):
+            filled = model.predict(x, torch.tensor(t, dtype=torch.float64), cond)
+            copied = model.predict(x, torch.full((3,), t, dtype=torch.float64), cond)
+            assert filled.shape == x.shape and torch.equal(filled, copied)

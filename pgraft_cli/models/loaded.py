@@ -223,8 +223,14 @@ class LoadedModel:
         scale w > 1 (``guidance_at``) it is ``uncond + w (cond - uncond)``: two calls, one batch.
         """
         net = network if network is not None else self.network_at(t)
-        # float32 whatever the model's dtype: bf16 has 8 bits of mantissa and turns 999 into 1000
-        timestep = self.schedule.timestep(t).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+        # float32 whatever the model's dtype (bf16 has 8 bits of mantissa and turns 999 into 1000); a
+        # sampler's time (0-d, on the host) is filled in on the device: copying it over would make the
+        # host wait for the previous step on CUDA (a synchronising host-to-device copy per step)
+        timestep = self.schedule.timestep(t)
+        if timestep.ndim == 0 and timestep.device.type == "cpu":
+            timestep = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=torch.float32)
+        else:
+            timestep = timestep.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
         scale = self.guidance_at(t, cond)
         if not self.guided or scale <= 1.0:
             return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled, net)
