@@ -149,6 +149,12 @@ class LoadedModel:
         """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders.
 
         ``distilled_guidance`` is the guidance input of a guidance-distilled network (Flux dev).
+        Where the family allows it (``Family.dedupe_prompts``), each distinct prompt goes through the
+        text encoders once and its rows are repeated (as diffusers' ``num_images_per_prompt``): a lane
+        of N images of one prompt encodes 1 + 1 rows under guidance, not N + N. The bytes are those of
+        encoding every row (CLIP pads each prompt to its full length alone, so a row does not depend on
+        the others in its batch). Families with a pooled projection (SD3, SDXL) keep encoding every
+        row: that (rows, width) matmul's last bits change with the number of rows on the CPU.
         """
         device = self.device
         if self.conditioning == "class":
@@ -158,8 +164,11 @@ class LoadedModel:
         if self.conditioning != "text":
             return Cond()
         assert prompts is not None and self.pipeline is not None
-        cond = self.adapter.encode_text(self.pipeline, prompts, device, self.guided and guidance_scale > 1.0,
+        unique = list(dict.fromkeys(prompts)) if self.adapter.dedupe_prompts else prompts
+        cond = self.adapter.encode_text(self.pipeline, unique, device, self.guided and guidance_scale > 1.0,
                                         self.sample_shape)
+        if len(unique) < len(prompts):
+            cond = cond.rows(torch.tensor([unique.index(p) for p in prompts], device=device))
         cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
         return cond
 
@@ -196,8 +205,14 @@ class LoadedModel:
         scale w > 1 (``guidance_at``) it is ``uncond + w (cond - uncond)``: two calls, one batch.
         """
         net = network if network is not None else self.network_at(t)
-        # float32 whatever the model's dtype: bf16 has 8 bits of mantissa and turns 999 into 1000
-        timestep = self.schedule.timestep(t).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+        # float32 whatever the model's dtype (bf16 has 8 bits of mantissa and turns 999 into 1000); a
+        # sampler's time (0-d, on the host) is filled in on the device: copying it over would make the
+        # host wait for the previous step on CUDA (a synchronising host-to-device copy per step)
+        timestep = self.schedule.timestep(t)
+        if timestep.ndim == 0 and timestep.device.type == "cpu":
+            timestep = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=torch.float32)
+        else:
+            timestep = timestep.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
         scale = self.guidance_at(t, cond)
         if not self.guided or scale <= 1.0:
             return self._call(x, timestep, cond, net)

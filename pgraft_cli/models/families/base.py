@@ -67,6 +67,9 @@ class Family:
     network_class = ""
     # False for guidance-distilled networks, which take the guidance as an input (Flux dev)
     classifier_free = True
+    # Whether a batch's repeated prompts may be encoded once and their rows repeated (bytes unchanged;
+    # see LoadedModel.encode): only where tested bitwise, not for pooled projections (SD3, SDXL)
+    dedupe_prompts = False
 
     def accepts(self, config: dict[str, Any]) -> bool:
         """Whether a network of ``network_class`` with this config belongs to this family."""
