@@ -449,6 +449,7 @@ def _wrote(summary: dict[str, Any]) -> None:
 def correct(
     model: Annotated[str, typer.Argument(help="Pretrained flow model to correct.")],
     data: DataOpt = None,
+    captions: Annotated[Optional[str], typer.Option("--captions", help="Text models: one caption per line, in data order (default: captions.txt in the image folder).")] = None,
     eval_data: EvalDataOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_safetensors_path, help="Output .safetensors (default RUN_DIR/corrected.safetensors).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps the corrector is fitted for (correct.base_steps).")] = None,
