@@ -163,7 +163,7 @@ def main() -> None:
         inv_rec = load_recipe("inverse-noise", [f"correct.base_steps={n}", *its,
                                                 f"correct.corrector_train_steps={args.corrector_steps}", *args.sets])
         with RunStore(args.out / f"steps-{n}" / "invert") as store, progress(not args.quiet) as bar:
-            noises, inv = run_invert(model, train_x, inv_rec.correct, inv_rec.sample.lane, store, bar)
+            noises, inv, _ = run_invert(model, train_x, inv_rec.correct, inv_rec.sample.lane, store, bar)
         noise_ref = FidKid(noises[0].numel())
         noise_ref.update(noises.reshape(len(noises), -1), real=True)
         mean, chol = fit_gaussian(noises)

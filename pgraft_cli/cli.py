@@ -235,6 +235,7 @@ def finetune(
 def correct(
     model: Annotated[str, typer.Argument(help="Pretrained flow model to correct.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=safetensors_path, help="Output .safetensors (default RUN_DIR/corrected.safetensors).")] = None,
+    captions: Annotated[Optional[str], typer.Option("--captions", help="Text models: one caption per line, in data order (default: captions.txt in the image folder).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps the corrector is fitted for (correct.base_steps).")] = None,
     **shared: Any,
 ) -> None:

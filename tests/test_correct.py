@@ -100,7 +100,7 @@ def _invert_digits(tmp_path, name, *sets):
     model = load_model("digits")
     images, _ = load_digits()
     with RunStore(tmp_path / name) as store, progress(False) as bar:
-        return run_invert(model, images[:8], rec.correct, 8, store, bar)
+        return run_invert(model, images[:8], rec.correct, 8, store, bar)[:2]
 
 
 def test_inversion_drops_and_counts_images_above_the_per_image_limit(tmp_path):
@@ -204,15 +204,6 @@ def test_the_corrector_network_sees_float32_timesteps():
         seen.append(ts.dtype) or network(z, ts))})()
     corrector(torch.randn(2, 1, 16, 16).to(torch.bfloat16))
     assert seen and set(seen) == {torch.float32}
-
-
-def test_correct_refuses_a_conditioned_flow_in_one_line(unet_model_dir):
-    folder = unet_model_dir(scheduler="flow", num_class_embeds=3)
-    result = subprocess.run([sys.executable, "-m", "pgraft_cli", "correct", str(folder), "--data", "digits"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
-    assert "conditioned" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_short_corrector_training_forgets_its_random_init(tmp_path):
@@ -383,7 +374,7 @@ def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_b
 
     def invert(name, data):
         with RunStore(tmp_path / name) as store, progress(False) as bar:
-            return run_invert(model, data, rec.correct, 8, store, bar)
+            return run_invert(model, data, rec.correct, 8, store, bar)[:2]
 
     kept, stats = invert("rows", rows)
     assert reads == [(0, 24), (0, 8), (8, 16), (16, 24)]  # the key's digest, then one read per shard

@@ -224,3 +224,37 @@ def test_invert_ddim_then_sample_round_trips_a_nonlinear_denoiser(prediction):
     back, _ = sample(lambda x, t: denoiser(x.double(), t), schedule, noise.double(), grid)
     assert float((back - x0.double()).pow(2).mean().sqrt()) < 1e-5
     assert 0.5 < float(noise.std()) < 2  # noise-sized, not the image
+
+
+def test_invert_tells_a_row_indexed_denoiser_which_rows_it_is_given():
+    """Per-image conditioning follows the rows still iterating: ``v = a_i x`` with ``a_0 = 0`` (that
+    image leaves after one call) inverts to the closed form ``y_i / (1 - 0.2 a_i)^5`` of each row."""
+    schedule = NoiseSchedule.flow()
+    a = torch.tensor([0.0, 0.3, 0.6], dtype=torch.float64)
+    seen = []
+
+    def fn(x, t, rows):
+        seen.append(rows.tolist())
+        return a[rows].view(-1, 1) * x
+
+    y = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z, info = invert(fn, schedule, y, schedule.grid(5), iterations=60, tol=1e-14, row_indexed=True)
+    torch.testing.assert_close(z, y / (1 - 0.2 * a.view(-1, 1)) ** 5, atol=1e-10, rtol=0)
+    assert [1, 2] in seen and bool((info.residual < 1e-14).all())
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_invert_ddim_tells_a_row_indexed_denoiser_which_rows_it_is_given(prediction):
+    """Each row's data is N(0, c_i^2): the row-indexed inverse equals inverting each row on its own."""
+    schedule = NoiseSchedule.diffusion(prediction)
+    cs = [0.3, 0.5, 0.9]
+    grid = schedule.grid(6)
+
+    def fn(x, t, rows):
+        return torch.cat([gaussian_data_denoiser(schedule, cs[int(r)])(x[i:i + 1], t) for i, r in enumerate(rows)])
+
+    x0 = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5
+    noise, _ = invert_sampler(fn, schedule, x0, grid, 30, 1e-10, row_indexed=True)
+    for i, c in enumerate(cs):
+        alone, _ = invert_ddim(gaussian_data_denoiser(schedule, c), schedule, x0[i:i + 1], grid, 30, 1e-10)
+        torch.testing.assert_close(noise[i:i + 1], alone, rtol=1e-7, atol=1e-9)

@@ -246,6 +246,7 @@ def invert(
     tol: float = 1e-5,
     memory: int = 3,
     callback: Optional[Callable[[int], None]] = None,
+    row_indexed: bool = False,
 ) -> tuple[Tensor, InversionInfo]:
     """Invert the deterministic sampler ``T``: find the noise that ``sample`` maps onto ``x0``.
 
@@ -265,7 +266,9 @@ def invert(
       whose residual grew takes the plain step ``x_{j+1} = G(x_j)``; ``memory = 0`` is plain.
     - Each image stops on its own once ``RMS(f_j) < tol`` (taking ``G(x_j)``); only the images
       still iterating go through the network (so it must treat rows independently), at most
-      ``iterations`` evaluations per step.
+      ``iterations`` evaluations per step. With ``row_indexed`` the denoiser is called as
+      ``denoiser(x, t, rows)``, ``rows`` the indices into ``x0`` of the rows it is given, so
+      per-image conditioning (a class, a caption) can follow them.
     """
     x, pred = x0, None
     info = InversionInfo(torch.zeros(len(x0), dtype=torch.int64), torch.zeros(len(x0), dtype=torch.float64))
@@ -274,7 +277,7 @@ def invert(
         y = x
 
         def fixed_point_map(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-            p = denoiser(z, t)
+            p = denoiser(z, t, rows) if row_indexed else denoiser(z, t)
             return z + (y[rows] - schedule.step(z, p, t, t_next)), p
 
         guess = y if pred is None else 2 * y - schedule.step(y, pred, t, t_next)
@@ -295,6 +298,7 @@ def invert_ddim(
     tol: float = 1e-5,
     memory: int = 3,
     callback: Optional[Callable[[int], None]] = None,
+    row_indexed: bool = False,
 ) -> tuple[Tensor, InversionInfo]:
     """Invert the DDIM (eta = 0) sampler of a diffusion ``schedule``: the noise at ``grid[0]`` that
     ``sample`` maps onto ``x0``.
@@ -307,27 +311,29 @@ def invert_ddim(
     Anderson's mixing rescues it (not always: NaN on a random-weight epsilon UNet, where this form
     stays finite); in ``u`` its Jacobian is ``(|dr| / r)(I - dx0_hat/dx)`` as for the flow. The residual and ``tol`` are in ``u`` units, which DDIM carries to the data
     unscaled (``u = x`` at ``t = 0``): the unit of the round-trip error. The iterate is float64
-    (``u`` reaches ~1e2); the denoiser receives ``x`` in float64 and casts as it needs.
+    (``u`` reaches ~1e2); the denoiser receives ``x`` in float64 and casts as it needs (and the
+    rows it is given, with ``row_indexed``, as in ``invert``).
     """
     alpha, sigma = schedule.alpha_sigma(grid)
     ratio = sigma / alpha
     time_of = {float(r): t for r, t in zip(ratio, grid)}
 
-    def eps(u: Tensor, r: Tensor) -> Tensor:
+    def eps(u: Tensor, r: Tensor, *rows: Tensor) -> Tensor:
         t = time_of[float(r)]
         x = u * schedule.alpha_sigma(t)[0]
-        return schedule.to_x0_eps(x, denoiser(x, t), t)[1].double()
+        return schedule.to_x0_eps(x, denoiser(x, t, *rows), t)[1].double()
 
-    u, info = invert(eps, NoiseSchedule.flow(), x0.double(), ratio, iterations, tol, memory, callback)
+    u, info = invert(eps, NoiseSchedule.flow(), x0.double(), ratio, iterations, tol, memory, callback, row_indexed)
     return (u * alpha[0]).to(x0.dtype), info
 
 
 def invert_sampler(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, grid: Tensor, iterations: int = 12,
                    tol: float = 1e-5, memory: int = 3,
-                   callback: Optional[Callable[[int], None]] = None) -> tuple[Tensor, InversionInfo]:
+                   callback: Optional[Callable[[int], None]] = None,
+                   row_indexed: bool = False) -> tuple[Tensor, InversionInfo]:
     """The inverse of ``sample`` for either family: ``invert`` (flow Euler) or ``invert_ddim`` (DDIM)."""
     solver = invert if schedule.family == "flow" else invert_ddim
-    return solver(denoiser, schedule, x0, grid, iterations, tol, memory, callback)
+    return solver(denoiser, schedule, x0, grid, iterations, tol, memory, callback, row_indexed)
 
 
 def _anderson(fixed_point_map: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, iterations: int,

@@ -780,11 +780,15 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
         "pgraft.corrector_steps": str(corrector.steps),
         **_composed_metadata(base, base_info, metrics),
     }
+    if corrector.conditioning != "none":  # one fit per class / caption group (NoiseCorrector)
+        extra["pgraft.corrector_conditioning"] = corrector.conditioning
+        if corrector.captions is not None:
+            extra["pgraft.corrector_captions"] = json.dumps(corrector.captions)
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
     if corrector.network is None:
         state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
                                             else {"chol": corrector.chol})}
-        return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.numel())},  # type: ignore[arg-type]
+        return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.shape[-1])},  # type: ignore[arg-type]
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
     return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
                                    NoiseCorrector.schedule_config(), provenance, extra)
@@ -798,16 +802,18 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     base_model = load_base_for(path, info, base, kind, allow_pickle, config)
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
+    given = {"conditioning": metadata.get("pgraft.corrector_conditioning", "none"),
+             "captions": json.loads(metadata.get("pgraft.corrector_captions", "null"))}
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
-                                   std=state.get("std"))
+                                   std=state.get("std"), **given)
     else:
         config = json.loads(metadata["pgraft.model_config"])
         network = build_network("UNet2DModel", config)
         load_state(network, state, str(path))
         network.eval().requires_grad_(False)
         corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
-                                   network=network, model_config=config)
+                                   network=network, model_config=config, **given)
     base_model.corrector = corrector
     base_model.source = str(path)
     base_model.source_kind = "pgraft-corrector"

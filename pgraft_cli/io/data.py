@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +106,16 @@ def load_data(spec: str, shape: tuple[int, int, int]) -> Tensor:
 class DataRows:
     """``load_data``'s images read by row range on demand: ``len(rows)`` and ``rows[a:b]`` (the
     values of ``load_data(...)[a:b]``). A folder decodes only those files and a ``.safetensors`` file
-    reads only those rows; the digits and an ``.npz`` (a zip archive) are held whole."""
+    reads only those rows; the digits and an ``.npz`` (a zip archive) are held whole.
+
+    A row also carries its condition where the data has one: ``labels`` (the digits' labels, or a
+    ``labels`` array beside ``images`` in an .npz/.safetensors file) and ``captions`` (one a line of
+    ``--captions FILE``, else of ``captions.txt`` in an image folder), in row order."""
 
     num: int
     read: Callable[[int, int], Tensor]
+    labels: Optional[Tensor] = None
+    captions: Optional[tuple[str, ...]] = None
 
     def __len__(self) -> int:
         return self.num
@@ -121,19 +127,51 @@ class DataRows:
 
     def head(self, num: int) -> "DataRows":
         """The first ``num`` rows (all of them when ``num`` is 0 or more than there are)."""
-        return DataRows(min(num, self.num) if num else self.num, self.read)
+        n = min(num, self.num) if num else self.num
+        return DataRows(n, self.read, None if self.labels is None else self.labels[:n],
+                        None if self.captions is None else self.captions[:n])
 
 
-def data_rows(spec: str, shape: tuple[int, int, int]) -> DataRows:
+def data_rows(spec: str, shape: tuple[int, int, int], captions: Optional[str] = None) -> DataRows:
     """A ``--data`` spec as :class:`DataRows`: the spec is checked, no image is read yet."""
+    from dataclasses import replace
+
     path = Path(spec).expanduser()
     if spec not in ALIASES and path.is_dir():
         files = _image_files(path)
-        return DataRows(len(files), lambda a, b: torch.stack([_read_image(f, *shape) for f in files[a:b]]))
-    if spec not in ALIASES and path.is_file() and path.suffix == ".safetensors":
-        return _safetensors_rows(path, shape)
-    images = load_data(spec, shape)
-    return DataRows(len(images), lambda a, b: images[a:b])
+        rows = DataRows(len(files), lambda a, b: torch.stack([_read_image(f, *shape) for f in files[a:b]]))
+        captions = captions or (str(path / "captions.txt") if (path / "captions.txt").is_file() else None)
+    elif spec not in ALIASES and path.is_file() and path.suffix == ".safetensors":
+        rows = _safetensors_rows(path, shape)
+    else:
+        images = load_data(spec, shape)
+        rows = DataRows(len(images), lambda a, b: images[a:b], _labels(spec, path, shape))
+    return rows if captions is None else replace(rows, captions=_captions(Path(captions).expanduser(), rows.num))
+
+
+def _labels(spec: str, path: Path, shape: tuple[int, int, int]) -> Optional[Tensor]:
+    """The class labels of a digits alias, or the ``labels`` array of an .npz / .safetensors file."""
+    if spec in ALIASES:
+        return load_digits(size=shape[1], split=spec.partition("-")[2] or None)[1]
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as z:
+            return torch.from_numpy(z["labels"].copy()).long() if "labels" in z.files else None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor("labels").long() if "labels" in f.keys() else None
+
+
+def _captions(path: Path, num: int) -> tuple[str, ...]:
+    """One caption a line, one line per image in data order."""
+    if not path.is_file():
+        raise PgraftError(f"--captions {path}: no such file; pass a text file with one caption per line, in data order")
+    lines = tuple(path.read_text(encoding="utf-8").splitlines())
+    if len(lines) != num:
+        raise PgraftError(f"{path} holds {len(lines)} captions for {num} images; give one caption per line, in data order")
+    return lines
 
 
 def iter_data(spec: str, shape: tuple[int, int, int], batch: int = READ_BATCH) -> Iterator[Tensor]:
@@ -194,7 +232,7 @@ def _safetensors_rows(path: Path, shape: tuple[int, int, int]) -> DataRows:
     with safe_open(str(path), "pt") as f:
         if "images" not in f.keys():
             raise PgraftError(f"--data {path}: no tensor named 'images' (has {sorted(f.keys())})")
-        return DataRows(f.get_slice("images").get_shape()[0], rows)
+        return DataRows(f.get_slice("images").get_shape()[0], rows, _labels(str(path), path, shape))
 
 
 def _load_tensor_file(path: Path) -> Tensor:

@@ -200,6 +200,9 @@ def _pgraft_pipeline(model: LoadedModel) -> Any:
                               f"(vae, text_encoder, tokenizer); this one is {type(pipe).__name__}")
         parts = {"vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
     corrector, network = model.corrector, None
+    if corrector is not None and corrector.conditioning != "none":
+        raise ExportError(f"{model.source}'s noise corrector is conditioned on each sample's {corrector.conditioning}, "
+                          f"which the exported pipeline does not take; sample it with pgraft sample, or export its base")
     if corrector is not None and corrector.network is None:
         diagonal = corrector.kind == "gaussian-diag"
         network = GaussianCorrector(corrector.mean.numel(), diagonal)

@@ -21,6 +21,12 @@ class NoiseCorrector:
     (timesteps in float32) and returns the caller's dtype. ``kind = "gaussian"``: ``z = mean + L e``
     with ``L`` the Cholesky factor of the inverted noises' covariance; ``"gaussian-diag"``:
     ``z = mean + std * e`` per dimension (no network calls).
+
+    A conditioned corrector (``conditioning = "class"`` or ``"caption"``) holds one fit per group:
+    ``mean`` (G, D), ``std`` (G, D) or ``chol`` (G, D, D), or a flow network with a class embedding
+    (``num_class_embeds = G``), and maps each row with its group's: a class model's group is the
+    sample's class; a text model's is the index of its prompt in ``captions`` (the training captions
+    seen at least twice), or ``len(captions)``, the pooled fit, for any other prompt.
     """
 
     kind: str
@@ -31,6 +37,8 @@ class NoiseCorrector:
     mean: Optional[Tensor] = None
     chol: Optional[Tensor] = None
     std: Optional[Tensor] = None
+    conditioning: str = "none"  # "none" | "class" | "caption"
+    captions: Optional[list[str]] = None
 
     schedule = NoiseSchedule.flow()
 
@@ -38,21 +46,44 @@ class NoiseCorrector:
     def schedule_config() -> dict[str, Any]:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
-    def velocity(self, z: Tensor, t: Tensor) -> Tensor:
+    def groups_for(self, prompts: Optional[list[str]], classes: Optional[list[int]]) -> Optional[Tensor]:
+        """Each row's group (see the class doc), or None for an unconditioned corrector."""
+        if self.conditioning == "class":
+            assert classes is not None
+            return torch.tensor(classes, dtype=torch.long)
+        if self.conditioning == "caption":
+            assert prompts is not None and self.captions is not None
+            known = {c: i for i, c in enumerate(self.captions)}
+            return torch.tensor([known.get(p, len(self.captions)) for p in prompts], dtype=torch.long)
+        return None
+
+    def velocity(self, z: Tensor, t: Tensor, groups: Optional[Tensor] = None) -> Tensor:
         assert self.network is not None
         timestep = self.schedule.timestep(t).to(device=z.device, dtype=torch.float32).expand(z.shape[0])
         own = next(self.network.parameters()).dtype  # callers (FLOPs probes) may pass the base model's dtype
-        return self.network(z.to(own), timestep).sample
+        if self.conditioning != "none" and groups is None:  # a FLOPs probe: any group costs the same
+            groups = torch.zeros(z.shape[0], dtype=torch.long)
+        if groups is None:
+            return self.network(z.to(own), timestep).sample
+        return self.network(z.to(own), timestep, class_labels=groups.to(z.device)).sample
 
     @torch.no_grad()
-    def __call__(self, noise: Tensor) -> Tensor:
+    def __call__(self, noise: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+        if self.conditioning != "none" and groups is None:
+            raise ValueError("a conditioned noise corrector needs each row's group (groups_for)")
         if self.network is None:
             assert self.mean is not None
             flat = noise.reshape(noise.shape[0], -1).double()
-            spread = flat * self.std.double() if self.kind == "gaussian-diag" else flat @ self.chol.double().T
-            return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
+            g = None if groups is None else groups.to(self.mean.device)
+            mean = self.mean.double() if g is None else self.mean[g].double()
+            if self.kind == "gaussian-diag":
+                spread = flat * (self.std.double() if g is None else self.std[g].double())
+            else:
+                spread = flat @ self.chol.double().T if g is None else (self.chol[g].double() @ flat[..., None])[..., 0]
+            return (mean + spread).to(noise.dtype).reshape(noise.shape)
         own = next(self.network.parameters()).dtype
-        z, _ = sample(self.velocity, self.schedule, noise.to(own), self.schedule.grid(self.steps))
+        z, _ = sample(lambda x, t: self.velocity(x, t, groups), self.schedule, noise.to(own),
+                      self.schedule.grid(self.steps))
         return z.to(noise.dtype)
 
     def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "NoiseCorrector":
@@ -67,7 +98,7 @@ class NoiseCorrector:
         """FLOPs per image of a Gaussian corrector (a multiply-add is 2, as torch's flop counter):
         ``2 D^2`` for the Cholesky matmul, ``2 D`` for the diagonal form."""
         assert self.mean is not None
-        dim = self.mean.numel()
+        dim = self.mean.shape[-1]
         return 2 * dim * (1 if self.kind == "gaussian-diag" else dim)
 
     def parameter_count(self) -> int:
@@ -114,3 +145,29 @@ def fit_gaussian_diag_by_class(noises: Tensor, labels: Tensor, num_classes: int)
         if len(rows) >= 2:
             mean[c], std[c] = rows.mean(0), rows.std(0)
     return mean, std
+
+
+def fit_gaussian_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class mean and Cholesky factor of (N, ...) samples: ``(C, D)`` and ``(C, D, D)`` (float64).
+
+    A class with no more samples than dimensions takes the pooled fit (``fit_gaussian``, which
+    refuses when the pool itself is too small).
+    """
+    pooled_mean, pooled_chol = fit_gaussian(noises)
+    flat = noises.reshape(noises.shape[0], -1)
+    mean, chol = pooled_mean.repeat(num_classes, 1), pooled_chol.repeat(num_classes, 1, 1)
+    for c in range(num_classes):
+        if int((labels == c).sum()) > flat.shape[1]:
+            mean[c], chol[c] = fit_gaussian(flat[labels == c])
+    return mean, chol
+
+
+def caption_groups(captions: list[str]) -> tuple[list[str], Tensor]:
+    """The captions seen at least twice (first-seen order) and each image's group: the index of its
+    caption there, or ``len(vocabulary)`` (the pooled group) for a caption seen once."""
+    counts: dict[str, int] = {}
+    for c in captions:
+        counts[c] = counts.get(c, 0) + 1
+    vocabulary = [c for c in counts if counts[c] >= 2]
+    index = {c: i for i, c in enumerate(vocabulary)}
+    return vocabulary, torch.tensor([index.get(c, len(vocabulary)) for c in captions], dtype=torch.long)

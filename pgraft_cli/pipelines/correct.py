@@ -15,6 +15,7 @@ from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Outcome, Verb,
 class CorrectOptions(ModelOptions, DataOptions, FeatureOptions):
     """What ``pgraft correct`` takes besides MODEL (None: the recipe's value)."""
 
+    captions: Optional[str] = None
     out: Optional[Path] = None
     steps: Optional[int] = None
     recipe: str = "inverse-noise"
@@ -27,7 +28,8 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import correct_report, wrote_lines
-    from ..stages.correct import check_correctable, run_invert, run_train_corrector
+    from ..stages.correct import check_correctable, corrector_groups, run_invert, run_train_corrector
+    from ..stages.sample import Conditions
     from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
     from ..stages.finetune import main_first
     from ..stages.sample import resolve_lane
@@ -39,8 +41,11 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     loaded, dev = verb.model, verb.device
     if loaded.corrector is not None:
         raise PgraftError(f"{model} is already a corrected model; pass its base model to correct it again")
-    check_correctable(loaded)
-    rows, data_id = real_data(loaded, o.data, rows=True)  # the inversion reads the rows of its undone shards
+    check_correctable(loaded, rec.correct, check_data=False)
+    # the inversion reads the rows of its undone shards; a row carries its label or caption
+    rows, data_id = real_data(loaded, o.data, rows=True, captions=o.captions)
+    rows = rows.head(rec.correct.num_images)
+    check_correctable(loaded, rec.correct, rows.labels, rows.captions)
     run_dir = o.run_dir or default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     with verb.run_dir(run_dir) as store:
@@ -48,12 +53,18 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         dist = verb.dist  # several processes: each inverts and samples its shards; the corrector trains once
         shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
         lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
-        noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, lane, store, bar, dist)
+        noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale)
+        groups = corrector_groups(rows.labels[keep] if loaded.conditioning == "class" else None,
+                                  [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
+                                  loaded.num_classes)
         corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
-            noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev))
+            noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, groups=groups))
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
-                                batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+                                batch_size=rec.sample.batch_size, lane=rec.sample.lane,
+                                guidance_scale=rec.sample.guidance_scale)
+        # text models are evaluated on the data's captions (image i: caption i mod P); class models by i mod C
+        prompts = Conditions(prompts=list(dict.fromkeys(rows.captions))) if loaded.conditioning == "text" else None
         fid_data, refs, notes = None, {}, [fid_skipped(rec.evaluate.features, True)]
         if feats is not None:
             real, _ = real_data(loaded, o.data)  # streamed into the reference features
@@ -61,7 +72,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                                         store.root)
             notes = []
         common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
-                      notes=notes)
+                      notes=notes, cond=prompts)
         base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
                                       rec.evaluate.kid_subsets, **common, **split)
         loaded.corrector = corrector.to(dev)

@@ -81,9 +81,10 @@ def prompt_list(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[st
     return out
 
 
-def real_data(loaded: LoadedModel, data: Optional[str], rows: bool = False) -> tuple[Any, str]:
+def real_data(loaded: LoadedModel, data: Optional[str], rows: bool = False,
+              captions: Optional[str] = None) -> tuple[Any, str]:
     """The ``--data`` images (or the model's own data set), never all at once: streamed in batches
-    (``iter_data``), or as ``rows`` read by range on demand (``data_rows``)."""
+    (``iter_data``), or as ``rows`` read by range on demand (``data_rows``, with ``captions``)."""
     from ..io.data import data_rows, iter_data
     from ..io.refstats import is_stats_file
 
@@ -95,7 +96,7 @@ def real_data(loaded: LoadedModel, data: Optional[str], rows: bool = False) -> t
             raise PgraftError(f"--data {spec} holds feature statistics, not images; this command reads the images: "
                               f"pass the image folder or file")
         return None, spec
-    return (data_rows if rows else iter_data)(spec, loaded.image_shape), spec
+    return (data_rows(spec, loaded.image_shape, captions) if rows else iter_data(spec, loaded.image_shape)), spec
 
 
 def references(loaded: LoadedModel, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,

@@ -16,11 +16,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,8 +33,9 @@ from ..io.checkpoints import model_key
 from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
 from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
-from ..models.corrector import NoiseCorrector, fit_gaussian, fit_gaussian_diag
-from ..models.loaded import Cond, LoadedModel
+from ..models.corrector import (NoiseCorrector, caption_groups, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
+                                fit_gaussian_diag_by_class)
+from ..models.loaded import LoadedModel
 from .train_loop import LoopConfig, Training, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
@@ -79,17 +81,37 @@ def _model_space(model: LoadedModel, images: Tensor, lane: int) -> Tensor:
                       for chunk in images.split(lane)])
 
 
-def check_correctable(model: LoadedModel) -> None:
-    """Inverse noise correction inverts a deterministic sampler: a flow's Euler or a diffusion model's
-    DDIM (eta = 0); the conditioned case is not supported yet."""
-    if model.conditioning != "none":
-        raise PgraftError(f"inverse noise correction supports unconditioned models only; {model.source} is "
-                          f"{model.conditioning}-conditioned (use an unconditional model, or fine-tune with pgraft run)")
+def check_correctable(model: LoadedModel, cfg: CorrectConfig, labels: Optional[Tensor] = None,
+                      captions: Optional[Sequence[str]] = None, check_data: bool = True) -> None:
+    """Inverse noise correction inverts a deterministic sampler (a flow's Euler or a diffusion model's
+    DDIM, eta = 0) under each image's condition: a class model needs the data's labels, in its range;
+    a text model its captions, and a Gaussian corrector (per caption group: docs/methods.md)."""
+    if model.conditioning == "text" and cfg.corrector == "flow":
+        raise PgraftError(f"{model.source} is text-conditioned and the flow corrector takes no caption; set "
+                          f"correct.corrector = \"gaussian-diag\" (or \"gaussian\"), fitted per caption group")
+    if not check_data:
+        return
+    if model.conditioning == "class":
+        n = model.num_classes or 0
+        if labels is None:
+            raise PgraftError(f"{model.source} is class-conditioned but the data carries no labels; pass the digits "
+                              f"data, or an .npz/.safetensors file with a 'labels' array beside 'images'")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < n):
+            raise PgraftError(f"the data has labels {int(labels.min())}..{int(labels.max())} but {model.source} has "
+                              f"classes 0..{n - 1}; pass data labelled for this model")
+    if model.conditioning == "text" and captions is None:
+        raise PgraftError(f"{model.source} is text-to-image: each image is inverted under its caption; pass "
+                          f"--captions FILE (one per line, in data order) or put captions.txt in the image folder")
 
 
 def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
-               store: RunStore, bar: Any, dist: Dist = Dist()) -> tuple[Tensor, dict[str, Any]]:
-    """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises and stats.
+               store: RunStore, bar: Any, dist: Dist = Dist(), guidance_scale: float = 1.0,
+               ) -> tuple[Tensor, dict[str, Any], Tensor]:
+    """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises, stats and
+    which images were kept (a mask).
+
+    A conditioned model inverts each image under its own condition (``DataRows.labels`` or
+    ``.captions``), with ``guidance_scale`` where the model is guided.
 
     ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
     stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
@@ -100,10 +122,16 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     from training and counted; more than ``max_dropped_fraction`` dropped fails the run (the shards
     stay: the gate is judged again on every run, so raising a limit never inverts again).
     """
-    check_correctable(model)
+    labels, captions = getattr(images, "labels", None), getattr(images, "captions", None)
+    check_correctable(model, cfg, labels, captions)
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
     config = {**invert_config(cfg), "lane": lane}
+    inputs = {"model": model_key(model), "data": rows_digest(images)}
+    if model.conditioning != "none":  # each image's condition, and the guidance it is inverted with
+        config["guidance_scale"] = guidance_scale if model.guided else None
+        inputs["conditions"] = (tensor_digest(labels) if model.conditioning == "class" else
+                                hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest())
     task = None
 
     def todo(mine: list[int]) -> None:
@@ -115,10 +143,12 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         if cfg.data_noise > 0:  # the paper's LSUN trick: tiny noise makes inversion stable
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "data-noise", k))
             chunk = chunk + cfg.data_noise * torch.randn(chunk.shape, generator=g)
-        return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n))
+        rows = slice(k * size, (k + 1) * size)
+        classes = labels[rows].tolist() if model.conditioning == "class" else None
+        prompts = list(captions[rows]) if model.conditioning == "text" else None
+        return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n), classes, prompts, guidance_scale)
 
-    stage = store.run_sharded("invert", config, {"model": model_key(model), "data": rows_digest(images)},
-                              num_shards, work, dist, todo=todo, stamp=True)
+    stage = store.run_sharded("invert", config, inputs, num_shards, work, dist, todo=todo, stamp=True)
     per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
     stats = inversion_stats(per_image, kept, cfg)
     if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
@@ -130,29 +160,35 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         )
     if store.is_main:
         store.write_json("invert/stats.json", stats)  # this run's gate, not part of the cached shards
-    return kept, stats
+    return kept, stats, per_image["rms"] <= cfg.max_reconstruction_rms
 
 
-def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any) -> dict[str, Tensor]:
-    """Noise, round-trip error, network evaluations and fixed-point residual of each image of a shard."""
+def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any,
+                  classes: Optional[list[int]] = None, prompts: Optional[list[str]] = None,
+                  guidance_scale: float = 1.0) -> dict[str, Tensor]:
+    """Noise, round-trip error, network evaluations and fixed-point residual of each image of a shard,
+    each inverted under its own class or prompt where given."""
     grid = model.schedule.grid(cfg.base_steps)
-    cond = Cond()
-    fn = lambda x, t: model.predict(x, t, cond)  # noqa: E731
-    # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is the
-    # size of the tolerance); the round trip runs the sampler as it samples, in the model's dtype.
-    fn32 = lambda x, t: model.predict(x.to(model.dtype), t, cond).float()  # noqa: E731
     out: dict[str, list[Tensor]] = {"noise": [], "err": [], "iterations": [], "residual": []}
     with torch.inference_mode():
-        for part in chunk.split(lane):
-            part = part.to(model.device, torch.float32)
-            z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
-            back, _ = sample(fn, model.schedule, z.to(model.dtype), grid)
+        for start in range(0, len(chunk), lane):
+            part = chunk[start:start + lane].to(model.device, torch.float32)
+            members = slice(start, start + len(part))
+            cond = model.encode(None if prompts is None else prompts[members],
+                                None if classes is None else classes[members], guidance_scale)
+            # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is
+            # the size of the tolerance); the round trip runs the sampler as it samples, in the model's
+            # dtype. The solver names the rows still iterating, so each keeps its own condition.
+            fn32 = lambda x, t, rows: model.predict(x.to(model.dtype), t, cond.rows(rows)).float()  # noqa: E731
+            z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol,
+                                     row_indexed=True)
+            back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
             for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
                                ("iterations", info.iterations), ("residual", info.residual)):
                 out[key].append(value.cpu())
             advance(len(part))
     err = torch.cat(out.pop("err"))
-    return {**{k: torch.cat(v) for k, v in out.items()}, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
+    return {**{k: torch.cat(v).contiguous() for k, v in out.items()}, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
 
 
 PER_IMAGE_KEYS = ("rms", "max", "iterations", "residual")  # one number per image in each shard
@@ -209,28 +245,49 @@ def inversion_stats(per_image: dict[str, Tensor], kept: Tensor, cfg: CorrectConf
 # Stage 2: training the corrector
 
 
+def corrector_groups(labels: Optional[Tensor], captions: Optional[Sequence[str]],
+                     num_classes: Optional[int]) -> dict[str, Any]:
+    """How the corrector is conditioned on the kept images' conditions: ``conditioning``, each image's
+    group (``groups``), their number and, for captions, the caption of each group (``caption_groups``)."""
+    if labels is not None:
+        return {"conditioning": "class", "groups": labels, "num_groups": int(num_classes or 0), "captions": None}
+    if captions is not None:
+        vocabulary, groups = caption_groups(list(captions))
+        return {"conditioning": "caption", "groups": groups, "num_groups": len(vocabulary) + 1, "captions": vocabulary}
+    return {"conditioning": "none", "groups": None, "num_groups": 0, "captions": None}
+
+
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
-                        store: RunStore, bar: Any, device: Any = "cpu") -> tuple[NoiseCorrector, dict[str, Any]]:
+                        store: RunStore, bar: Any, device: Any = "cpu",
+                        groups: Optional[dict[str, Any]] = None) -> tuple[NoiseCorrector, dict[str, Any]]:
     """Train (or resume, or fit) the corrector on the inverted noises.
 
     ``noises`` (the kept ones, from :func:`run_invert`) is the one data set held in memory, in host
-    memory: each step moves only its batch to ``device``.
+    memory: each step moves only its batch to ``device``. ``groups`` (:func:`corrector_groups`)
+    conditions it: one Gaussian per group, or a class embedding in the flow's network.
     """
     from diffusers import UNet2DModel
     from safetensors.torch import load_file, save_file
 
+    groups = groups or corrector_groups(None, None, None)
+    group_of, num = groups["groups"], groups["num_groups"]
+    cond = {"conditioning": groups["conditioning"], "captions": groups["captions"]}
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING_KEYS}
     inputs = {"base": base_id, "noises": tensor_digest(noises), "device_type": torch.device(device).type}
+    if group_of is not None:
+        inputs["groups"] = tensor_digest(group_of)
     stage = store.open_stage("train_corrector", config, inputs)
     if cfg.corrector == "gaussian":
-        mean, chol = fit_gaussian(noises)
-        corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float())
-        return corrector, {"kind": "gaussian", "parameters": 0}
+        mean, chol = fit_gaussian(noises) if group_of is None else fit_gaussian_by_class(noises, group_of, num)
+        corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float(), **cond)
+        return corrector, {"kind": "gaussian", "parameters": 0, "conditioning": cond["conditioning"]}
     if cfg.corrector == "gaussian-diag":
-        mean, std = fit_gaussian_diag(noises)
-        corrector = NoiseCorrector("gaussian-diag", cfg.base_steps, 0, mean=mean.float(), std=std.float())
-        return corrector, {"kind": "gaussian-diag", "parameters": 0}
+        mean, std = fit_gaussian_diag(noises) if group_of is None else fit_gaussian_diag_by_class(noises, group_of, num)
+        corrector = NoiseCorrector("gaussian-diag", cfg.base_steps, 0, mean=mean.float(), std=std.float(), **cond)
+        return corrector, {"kind": "gaussian-diag", "parameters": 0, "conditioning": cond["conditioning"]}
     model_config = corrector_config(cfg, sample_shape)
+    if group_of is not None:  # a class embedding (only class models reach here: check_correctable)
+        model_config["num_class_embeds"] = num
     torch.manual_seed(cfg.seed)
     network = UNet2DModel(**model_config).to(device)
     if not stage.done:
@@ -244,7 +301,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
             e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
             t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
             # the training set stays in host memory; only each step's batch goes to the device
-            loss = flow_matching_loss(network, NoiseCorrector.schedule, noises[idx].to(device), e, t)
+            net = network if group_of is None else lambda x, ts: network(x, ts, class_labels=group_of[idx].to(device))
+            loss = flow_matching_loss(net, NoiseCorrector.schedule, noises[idx].to(device), e, t)
             loss.backward()
             return float(loss.detach())
 
@@ -265,7 +323,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     network.load_state_dict(weights)
     network.eval().requires_grad_(False)
     corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps, network=network,
-                               model_config=model_config)
-    return corrector, {"kind": "flow", "parameters": corrector.parameter_count(), **loss_summary(losses)}
+                               model_config=model_config, **cond)
+    return corrector, {"kind": "flow", "parameters": corrector.parameter_count(), "conditioning": cond["conditioning"],
+                       **loss_summary(losses)}
 
 

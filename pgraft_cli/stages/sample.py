@@ -172,10 +172,10 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
     for start in range(first, indices[-1] + 1, lane):
         members = list(range(start, start + lane))
         noise = initial_noise(cfg.seed, members, model.sample_shape).to(model.device, model.dtype)
-        if model.corrector is not None:  # inverse noise correction: e -> corrector -> base sampler
-            noise = model.corrector(noise)
-        c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale,
-                         distilled_guidance=cfg.distilled_guidance)
+        conditions = cond.for_indices(model, members)
+        if model.corrector is not None:  # inverse noise correction: e -> corrector (under each image's condition) -> base
+            noise = model.corrector(noise, model.corrector.groups_for(*conditions))
+        c = model.encode(*conditions, guidance_scale=cfg.guidance_scale, distilled_guidance=cfg.distilled_guidance)
         real = sum(1 for i in members if indices[0] <= i <= indices[-1])
         with model.autocast_context():
             x, captured = run_sampler(

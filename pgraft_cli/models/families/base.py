@@ -36,6 +36,16 @@ class Cond:
     negative_extra: dict[str, Tensor] = field(default_factory=dict)
     distilled_guidance: Optional[float] = None
 
+    def rows(self, index: Tensor) -> "Cond":
+        """The conditioning of rows ``index`` of the batch (every per-row input indexed alike)."""
+        def pick(v: Optional[Tensor]) -> Optional[Tensor]:
+            return None if v is None else v[index.to(v.device)]
+
+        return Cond(pick(self.class_labels), pick(self.prompt_embeds), pick(self.negative_prompt_embeds),
+                    pick(self.pooled), pick(self.negative_pooled), self.guidance_scale,
+                    {k: pick(v) for k, v in self.extra.items()}, {k: pick(v) for k, v in self.negative_extra.items()},
+                    self.distilled_guidance)
+
     def guided_batch(self, null_class: Optional[int]) -> "Cond":
         """The batch ``[unconditional; conditional]`` of one guided call (null class or negative prompt first)."""
         def both(neg: Optional[Tensor], pos: Optional[Tensor]) -> Optional[Tensor]:

@@ -1,0 +1,237 @@
+"""Inverse noise correction of conditioned models: each image inverted under its own label or
+caption, a corrector conditioned on it, saved, loaded and applied with each sample's condition."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from pgraft_cli.cli import app
+from pgraft_cli.core.samplers import invert_sampler
+from pgraft_cli.errors import PgraftError
+from pgraft_cli.io.checkpoints import load_model, save_corrected
+from pgraft_cli.io.data import data_rows, load_digits
+from pgraft_cli.io.recipes import CorrectConfig
+from pgraft_cli.models.corrector import NoiseCorrector, caption_groups
+from pgraft_cli.models.loaded import Cond
+
+runner = CliRunner()
+TINY = ["--set", "correct.base_steps=2", "--set", "correct.num_images=24", "--set", "correct.inversion_iterations=6",
+        "--set", "correct.invert_shard_size=12", "--set", "correct.corrector=gaussian-diag", "--set", "evaluate.num=8",
+        "--set", "sample.batch_size=8", "--set", "correct.max_reconstruction_rms=1.0", "--set",
+        "correct.max_dropped_fraction=0.5", "--set", "evaluate.kid_subsets=2", "--features", "classifier"]
+
+
+def _class_flow(tmp_path):
+    from conftest import build_scheduler, build_tiny_unet
+
+    folder = tmp_path / "class-flow"  # 16 px: the digits' size
+    build_tiny_unet(sample_size=16, num_class_embeds=10).save_pretrained(folder, safe_serialization=True)
+    build_scheduler("flow").save_config(folder)
+    return folder
+
+
+def test_cond_rows_selects_every_per_row_input():
+    cond = Cond(class_labels=torch.tensor([3, 4, 5]), prompt_embeds=torch.arange(6.0).view(3, 2),
+                negative_prompt_embeds=torch.zeros(3, 2), extra={"m": torch.tensor([7, 8, 9])}, guidance_scale=2.0)
+    part = cond.rows(torch.tensor([2, 0]))
+    assert part.class_labels.tolist() == [5, 3] and part.prompt_embeds.tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    assert part.negative_prompt_embeds.shape == (2, 2) and part.extra["m"].tolist() == [9, 7]
+    assert part.guidance_scale == 2.0 and Cond().rows(torch.tensor([1])).class_labels is None
+
+
+def test_data_rows_carry_the_digits_labels_and_a_folders_captions(tmp_path):
+    rows = data_rows("digits-train", (1, 16, 16))
+    assert torch.equal(rows.labels, load_digits(split="train")[1]) and rows.head(5).labels.tolist() == rows.labels[:5].tolist()
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (16, 16), 40 * i).save(folder / f"{i}.png")
+    (folder / "captions.txt").write_text("a cat\na dog\na cat\n")
+    assert data_rows(str(folder), (1, 16, 16)).captions == ("a cat", "a dog", "a cat")
+    given = tmp_path / "other.txt"
+    given.write_text("x\ny\nz\n")
+    assert data_rows(str(folder), (1, 16, 16), captions=str(given)).captions == ("x", "y", "z")
+    given.write_text("x\ny\n")
+    with pytest.raises(PgraftError, match="2 captions"):
+        data_rows(str(folder), (1, 16, 16), captions=str(given))
+
+
+def test_caption_groups_pool_the_captions_seen_once():
+    vocab, groups = caption_groups(["a", "b", "a", "c", "b", "a"])
+    assert vocab == ["a", "b"] and groups.tolist() == [0, 1, 0, 2, 1, 0]
+
+
+def test_class_inversion_uses_each_images_own_label(tmp_path):
+    """A shard of mixed labels: each image's noise is the one inverting it alone under its label gives."""
+    from pgraft_cli.stages.correct import _invert_shard
+
+    model = load_model(str(_class_flow(tmp_path)))
+    images, labels = load_digits(split="train")
+    x = images[:6] * 2 - 1
+    cfg = CorrectConfig(base_steps=3, inversion_iterations=10, inversion_tol=1e-6)
+    with torch.inference_mode():
+        out = _invert_shard(model, x, cfg, 6, lambda n: None, classes=labels[:6].tolist())
+        grid = model.schedule.grid(3)
+        for i in range(6):
+            c = Cond(class_labels=labels[i:i + 1])
+            alone, _ = invert_sampler(lambda z, t: model.predict(z, t, c), model.schedule, x[i:i + 1], grid, 10, 1e-6)
+            torch.testing.assert_close(out["noise"][i:i + 1], alone, atol=1e-5, rtol=0)
+        other = _invert_shard(model, x, cfg, 6, lambda n: None, classes=[(c + 1) % 10 for c in labels[:6].tolist()])
+    assert float((other["noise"] - out["noise"]).abs().max()) > 1e-3
+
+
+def test_class_conditioned_gaussian_corrector_round_trips_through_the_file(tmp_path):
+    model = load_model(str(_class_flow(tmp_path)))
+    mean = torch.randn(10, 256, dtype=torch.float64)
+    for kind, spread in (("gaussian-diag", {"std": torch.rand(10, 256) + 0.5}),
+                         ("gaussian", {"chol": torch.eye(256).repeat(10, 1, 1) * 0.5})):
+        corrector = NoiseCorrector(kind, 4, mean=mean.float(), conditioning="class", **spread)
+        e = torch.randn(3, 1, 16, 16)
+        z = corrector(e, torch.tensor([2, 0, 2]))
+        scale = spread["std"][[2, 0, 2]] if kind == "gaussian-diag" else 0.5
+        torch.testing.assert_close(z.flatten(1), (mean[[2, 0, 2]] + scale * e.flatten(1)).float(), atol=1e-5, rtol=0)
+        path = save_corrected(tmp_path / f"{kind}.safetensors", corrector, model, {}, {})
+        back = load_model(str(path)).corrector
+        assert back.conditioning == "class" and back.kind == kind
+        torch.testing.assert_close(back(e, torch.tensor([2, 0, 2])), z)
+
+
+@pytest.mark.slow
+def test_correct_a_class_conditional_flow_end_to_end_then_sample_by_class(tmp_path):
+    folder = _class_flow(tmp_path)
+    out = tmp_path / "corrected.safetensors"
+    result = runner.invoke(app, ["correct", str(folder), "--data", "digits-train", "--out", str(out), "--run-dir",
+                                 str(tmp_path / "run"), "--json", *TINY, "--set", "sample.guidance_scale=1"])
+    assert result.exit_code == 0, result.output
+    loaded = load_model(str(out))
+    c = loaded.corrector
+    assert c.conditioning == "class" and c.mean.shape == (10, 256)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["pgraft.corrector_conditioning"] == "class"
+    _, labels = load_digits(split="train")
+    for k in range(10):  # the classes seen at least twice have their own mean
+        if int((labels[:24] == k).sum()) >= 2:
+            assert float((c.mean[k] - c.mean.mean(0)).abs().max()) > 0
+    pngs = {}
+    for k in (1, 7):
+        s = runner.invoke(app, ["sample", str(out), "--num", "2", "--class", str(k), "--run-dir",
+                                str(tmp_path / f"s{k}"), "--out", str(tmp_path / f"png{k}"), "--json"])
+        assert s.exit_code == 0, s.output
+        pngs[k] = (tmp_path / f"png{k}" / "00000.png").read_bytes()
+    assert pngs[1] != pngs[7]
+
+
+def test_class_models_need_labels_in_range_and_text_models_refuse_a_flow_corrector(tmp_path, unet_model_dir,
+                                                                                     tiny_sd_dir):
+    folder = unet_model_dir(scheduler="flow", num_class_embeds=3)
+    cases = [[str(folder), "--data", "digits"], [str(tiny_sd_dir), "--data", "digits", "--captions", "x"]]
+    for args, needle in zip(cases, ("labels 0..9", "gaussian-diag")):
+        proc = subprocess.run([sys.executable, "-m", "pgraft_cli", "correct", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
+        assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _invertible_sd(tmp_path):
+    """The tiny SD pipeline with its UNet's head scaled by 0.05: a random epsilon head is no denoiser
+    (its DDIM inverse leaves the latents' scale, see test_correct's diffusion test), a small one is."""
+    from conftest import build_tiny_sd_pipeline
+    from diffusers import UNet2DConditionModel
+
+    folder = build_tiny_sd_pipeline(tmp_path / "sd")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    return folder
+
+
+@pytest.mark.slow
+def test_correct_a_text_to_image_model_with_captions_then_sample_with_prompts(tmp_path):
+    from PIL import Image
+
+    sd = _invertible_sd(tmp_path)
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(folder / f"{i:02d}.png")
+    captions = ["a red square", "a blue circle"] * 3 + ["a green star", "a tree"]
+    (folder / "captions.txt").write_text("\n".join(captions) + "\n")
+    out = tmp_path / "corrected.safetensors"
+    args = ["correct", str(sd), "--data", str(folder), "--json", *TINY, "--set", "correct.num_images=8",
+            "--set", "correct.invert_shard_size=4", "--set", "sample.guidance_scale=2", "--features", "none"]
+    result = runner.invoke(app, [*args, "--out", str(out), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    c = load_model(str(out)).corrector
+    assert c.conditioning == "caption" and c.captions == ["a red square", "a blue circle"] and c.mean.shape[0] == 3
+    s = runner.invoke(app, ["sample", str(out), "--num", "2", "--prompt", "a blue circle", "--run-dir",
+                            str(tmp_path / "s"), "--out", str(tmp_path / "png"), "--json"])
+    assert s.exit_code == 0, s.output
+    # the inversion used each image's caption: another caption for image 0 changes its noise only
+    from safetensors.torch import load_file
+
+    first = load_file(str(tmp_path / "run" / "invert" / "shard-00000.safetensors"))["noise"]
+    (folder / "captions.txt").write_text("\n".join(["a tree", *captions[1:]]) + "\n")
+    again = runner.invoke(app, [*args, "--out", str(tmp_path / "c2.safetensors"), "--run-dir", str(tmp_path / "run2")])
+    assert again.exit_code == 0, again.output
+    second = load_file(str(tmp_path / "run2" / "invert" / "shard-00000.safetensors"))["noise"]
+    assert float((second[0] - first[0]).abs().max()) > 1e-4
+    torch.testing.assert_close(second[1:], first[1:])
+
+
+def test_fit_gaussian_by_class_fits_classes_with_more_samples_than_dimensions_and_pools_the_rest():
+    from pgraft_cli.models.corrector import fit_gaussian, fit_gaussian_by_class
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 40 + [1] * 2)
+    noises = torch.randn(42, 1, 1, 2, generator=g) + labels.view(-1, 1, 1, 1) * 3.0
+    mean, chol = fit_gaussian_by_class(noises, labels, 3)
+    own, pooled = fit_gaussian(noises[labels == 0]), fit_gaussian(noises)
+    torch.testing.assert_close((mean[0], chol[0]), own)
+    for c in (1, 2):
+        torch.testing.assert_close((mean[c], chol[c]), pooled)
+
+
+def test_a_class_conditioned_flow_corrector_trains_with_a_class_embedding_and_round_trips(tmp_path):
+    """The flow corrector of a class model: UNet2DModel with ``num_class_embeds``; each row follows its class."""
+    from pgraft_cli.io.recipes import load_recipe
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.report.ui import progress
+    from pgraft_cli.stages.correct import corrector_groups, run_train_corrector
+
+    rec = load_recipe("inverse-noise", ["correct.corrector_train_steps=2", "correct.corrector_batch_size=4",
+                                        "correct.corrector_channels=[8, 16]", "correct.corrector_sample_steps=2"])
+    labels = torch.tensor([0, 1, 2] * 4)
+    noises = torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(1)) + labels.view(-1, 1, 1, 1)
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        corrector, info = run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar,
+                                              groups=corrector_groups(labels, None, 3))
+    assert info["conditioning"] == "class" and corrector.model_config["num_class_embeds"] == 3
+    e = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    a, b = corrector(e, torch.tensor([0, 0])), corrector(e, torch.tensor([0, 2]))
+    torch.testing.assert_close(a[0], b[0])
+    assert float((a[1] - b[1]).abs().max()) > 0
+    model = load_model(str(_class_flow(tmp_path)))
+    back = load_model(str(save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {}))).corrector
+    torch.testing.assert_close(back(e, torch.tensor([0, 2])), b)
+
+
+def test_export_refuses_a_conditioned_corrector_in_one_line(tmp_path):
+    model = load_model(str(_class_flow(tmp_path)))
+    corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(10, 256), std=torch.ones(10, 256),
+                               conditioning="class")
+    path = save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})
+    proc = subprocess.run([sys.executable, "-m", "pgraft_cli", "export", str(path), "--out", str(tmp_path / "pipe")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "class" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "pipe").exists()
