@@ -373,6 +373,8 @@ def finetune(
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
     features: FeaturesOpt = None,
+    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="[NAME=]REWARD measured on every round's samples, never optimised (repeatable); gates and --stop-if call it judge.NAME.")] = None,
+    stop_if: Annotated[Optional[list[str]], typer.Option("--stop-if", help='End the rounds early, e.g. "judge.NAME dropped by more than 0.5" or "fid rose by more than 10%" (against round 1); the checkpoint is the last model that passed.')] = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,

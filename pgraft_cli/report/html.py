@@ -31,7 +31,7 @@ import numpy as np
 from .. import __version__
 from ..errors import PgraftError
 from ..io.runstore import MANIFEST, RunStore, atomic_write_text, sha256_file, shard_paths
-from .ui import fmt_bytes
+from .ui import fmt_bytes, stopped_line
 
 REPORT = "report.html"
 PROVENANCE = "provenance.json"
@@ -450,6 +450,10 @@ def _f(v: Any, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _nan(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
 # ----------------------------------------------------------------------------------------------
 # GRAFT / P-GRAFT
 
@@ -515,15 +519,21 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
     base, tuned = s.get("base") or {}, s.get("tuned") or {}
     rounds = s.get("rounds") or []
     if rounds or base:
-        fig, (ax1, ax2) = _figure(8.8, 3.4, ncols=2)
+        judges = list(s.get("judges") or {})
+        diverse = any(r.get("pairwise_distance") is not None for r in rounds)
+        third = bool(judges or diverse)
+        fig, axes = _figure(13.2 if third else 8.8, 3.4, ncols=3 if third else 2)
+        ax1, ax2 = axes[0], axes[1]
         n = len(rounds)
         xs = [r["round"] - 1 for r in rounds]
+        last = (s.get("stopped") or {}).get("rounds_kept", n)  # the rounds the tuned model had
         if rounds:
             ax1.plot(xs, [r["sampled"]["reward_mean"] for r in rounds], "o-", color="#57606a",
                      label="sampled (model entering the round)")
-            ax1.plot(xs, [r["kept_reward_mean"] for r in rounds], "^--", color="#1a7f37", label="kept by the filter")
+            ax1.plot(xs, [_nan(r.get("kept_reward_mean")) for r in rounds], "^--", color="#1a7f37",
+                     label="kept by the filter")
         if base.get("reward_mean") is not None:
-            ax1.scatter([0, n], [base["reward_mean"], tuned.get("reward_mean")], marker="s", s=50, color="#0969da",
+            ax1.scatter([0, last], [base["reward_mean"], tuned.get("reward_mean")], marker="s", s=50, color="#0969da",
                         zorder=3, label="evaluated: base, tuned")
         ax1.set_xlabel("rounds of fine-tuning done")
         ax1.set_ylabel("reward mean")
@@ -531,7 +541,7 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
         ax1.legend(fontsize=7)
         fids = [(r["round"] - 1, r["fid"]) for r in rounds if r.get("fid") is not None]
         if base.get("fid") is not None:
-            fids = [(0, base["fid"])] + fids + ([(n, tuned["fid"])] if tuned.get("fid") is not None else [])
+            fids = [(0, base["fid"])] + fids + ([(last, tuned["fid"])] if tuned.get("fid") is not None else [])
         if fids:
             ax2.plot(*zip(*sorted(fids)), "s-", color="#0969da")
             ax2.set_ylabel(f"FID ({base.get('features') or ''})")
@@ -539,15 +549,35 @@ def _finetune_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any])
             ax2.text(0.5, 0.5, "no FID measured\n(no reference data)", ha="center", va="center", transform=ax2.transAxes)
         ax2.set_xlabel("rounds of fine-tuning done")
         ax2.set_title("FID per round")
-        for ax in (ax1, ax2):
+        if third:  # the guards against reward hacking: judges never optimised, and diversity
+            ax3 = axes[2]
+            for name in judges:
+                ax3.plot(xs, [_nan(r.get("judges", {}).get(name)) for r in rounds], "o-", label=f"judge.{name}")
+            ax3.set_ylabel("judge mean")
+            if diverse:
+                twin = ax3.twinx()
+                twin.plot(xs, [_nan(r.get("pairwise_distance")) for r in rounds], "d:", color="#8250df",
+                          label="diversity")
+                twin.set_ylabel("within-prompt distance", color="#8250df")
+                ax3.plot([], [], "d:", color="#8250df", label="diversity (right axis)")
+            ax3.set_xlabel("rounds of fine-tuning done")
+            ax3.set_title("judges and diversity per round")
+            ax3.legend(fontsize=7)
+        for ax in axes:
             ax.set_xticks(range(n + 1))
-        rows = [[r["round"], _f(r["sampled"]["reward_mean"]), r["kept"], _f(r["kept_reward_mean"]),
-                 _f((r.get("finetune") or {}).get("final_loss")), _f(r.get("fid"), 3)] for r in rounds]
-        table = _table(["round", "sampled reward", "kept", "kept reward", "final loss", "FID"], rows, ' id="rounds"')
+        extra = [k for k in ("precision", "recall", "pairwise_distance") if any(r.get(k) is not None for r in rounds)]
+        rows = [[r["round"], _f(r["sampled"]["reward_mean"]), *(_f(r.get("judges", {}).get(j)) for j in judges),
+                 _f(r.get("fid"), 3), *(_f(r.get(k)) for k in extra), "-" if r.get("kept") is None else r["kept"],
+                 _f(r.get("kept_reward_mean")), _f((r.get("finetune") or {}).get("final_loss"))] for r in rounds]
+        header = ["round", "training reward", *(f"judge.{j}" for j in judges), "FID",
+                  *({"pairwise_distance": "diversity"}.get(k, k) for k in extra), "kept", "kept reward", "final loss"]
+        table = _table(header, rows, ' id="rounds"')
+        if s.get("stopped"):
+            table += f'<p class="note bad" id="stopped">{_e(stopped_line(s["stopped"]))}</p>'
         sections.append(("Rounds", table + _plot(
-            fig, "reward and FID per round",
-            "round r samples from the model after r - 1 rounds; FID where measured (base before round 1, tuned after "
-            "the last)")))
+            fig, "reward, judges, FID and diversity per round",
+            "round r samples from the model after r - 1 rounds: the training reward, the judges (never optimised), "
+            "FID and within-prompt distance of those samples; evaluated base before round 1, tuned after the last")))
 
     # the cutoff on the sampler's time grid
     sections.append(("Cutoff", _cutoff_timeline(run_dir, s, recipe)))
@@ -702,7 +732,8 @@ def render_report(run_dir: Path | str, run: Optional[dict[str, Any]] = None) -> 
         title = f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'} fine-tuning (cutoff {cutoff:g})"
         rows = [("base", "base", s["base"]), ("tuned", "tuned", s["tuned"])]
         pairs = [("base", "evaluate-base"), ("tuned", "evaluate-tuned")]
-        facts += [("reward", s.get("reward")), ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
+        facts += [("reward", s.get("reward")), ("judges", ", ".join(f"{k} = {v}" for k, v in (s.get("judges") or {}).items()) or None),
+                  ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
                   ("FID features", s["base"].get("features"))]
         out = s.get("out")
     elif kind == "evaluate":

@@ -138,21 +138,43 @@ def finetune_report(summary: dict) -> Group:
 
     table = Table(title=f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
                         f"reward {summary['reward']}", title_justify="left", caption=COST_NOTE, caption_justify="left")
-    for col in ("model", "reward mean", "reward std", "FID", "NFE", "GFLOPs/img", "ms/img", "num"):
+    judges = list(summary.get("judges") or {})
+    for col in ("model", "reward mean", "reward std", *(f"judge.{n}" for n in judges), "FID", "NFE", "GFLOPs/img",
+                "ms/img", "num"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name in ("base", "tuned"):
         r = summary[name]
         table.add_row(name, f"{r['reward_mean']:.4f}", f"{r['reward_std']:.4f}",
-                      "-" if r.get("fid") is None else f"{r['fid']:.3f}", str(r["nfe"]),
+                      *(_num((r.get("judges") or {}).get(n), 4) for n in judges), _num(r.get("fid"), 3), str(r["nfe"]),
                       f"{r['flops_per_image'] / 1e9:.3f}", f"{1000 * r['seconds_per_image']:.2f}", str(r["num"]))
-    rounds = Table(title="rounds", title_justify="left")
-    for col in ("round", "sampled reward", "kept", "kept reward", "final loss"):
-        rounds.add_column(col, justify="right")
-    for h in summary.get("rounds", []):
-        loss = h["finetune"].get("final_loss")
-        rounds.add_row(str(h["round"]), f"{h['sampled']['reward_mean']:.4f}", str(h["kept"]),
-                       f"{h['kept_reward_mean']:.4f}", "-" if loss is None else f"{loss:.4f}")
-    return Group(table, *warning_lines([(n, summary[n]) for n in ("base", "tuned")]), rounds)
+    rounds = Table(title="rounds (training reward, judges, FID and diversity of each round's samples)",
+                   title_justify="left")
+    history = summary.get("rounds", [])
+    extra = [k for k in ("fid", "precision", "recall", "pairwise_distance") if any(h.get(k) is not None for h in history)]
+    for col in ("round", "sampled reward", *(f"judge.{n}" for n in judges), *extra, "kept", "kept reward", "final loss"):
+        rounds.add_column({"pairwise_distance": "diversity", "fid": "FID"}.get(col, col), justify="right")
+    for h in history:
+        rounds.add_row(str(h["round"]), f"{h['sampled']['reward_mean']:.4f}",
+                       *(_num(h["judges"].get(n), 4) for n in judges), *(_num(h.get(k), 4) for k in extra),
+                       _num(h.get("kept")), _num(h.get("kept_reward_mean"), 4),
+                       _num((h.get("finetune") or {}).get("final_loss"), 4))
+    lines = warning_lines([(n, summary[n]) for n in ("base", "tuned")])
+    if summary.get("stopped"):
+        lines.append(Text(stopped_line(summary["stopped"]), style="yellow"))
+    return Group(table, *lines, rounds)
+
+
+def stopped_line(stopped: dict) -> str:
+    """What ``--stop-if`` did: where, why, and which model the checkpoint holds."""
+    k = stopped["rounds_kept"]
+    return (f"stopped early at round {stopped['round']}: {stopped['reason']}; the checkpoint holds the last model that "
+            f"passed, after {k} round{'s' * (k != 1)} of fine-tuning (round {k + 1}'s samples)")
+
+
+def _num(value: object, digits: Optional[int] = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if digits is not None else str(value)
 
 
 def metrics_table(title: str, rows: list[tuple[str, dict]]) -> Group:
