@@ -375,6 +375,7 @@ def finetune(
     features: FeaturesOpt = None,
     judge: Annotated[Optional[list[str]], typer.Option("--judge", help="[NAME=]REWARD measured on every round's samples, never optimised (repeatable); gates and --stop-if call it judge.NAME.")] = None,
     stop_if: Annotated[Optional[list[str]], typer.Option("--stop-if", help='End the rounds early, e.g. "judge.NAME dropped by more than 0.5" or "fid rose by more than 10%" (against round 1); the checkpoint is the last model that passed.')] = None,
+    log_with: Annotated[Optional[str], typer.Option("--log-with", help="Log training and per-round metrics to tensorboard or wandb (accelerate's trackers) in the run directory; off by default.")] = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError
-from .skeleton import (Options, Verb, default_run_dir, open_run, prompt_list,
-                       real_data, references, resolve_recipe, reward_from, start)
+from .skeleton import (Options, Verb, check_tracker, default_run_dir, open_run, prompt_list,
+                       real_data, references, resolve_recipe, reward_from, start, trackers)
 
 
 def score(run_dir: Path, reward: Optional[str], stage: str, recipe: str, sets: Optional[list[str]],
@@ -51,6 +51,7 @@ class FinetuneOptions(Options):
     features: Optional[str] = None
     judge: Optional[list[str]] = None
     stop_if: Optional[list[str]] = None
+    log_with: Optional[str] = None
     recipe: str = "pgraft"
 
 
@@ -69,6 +70,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     gates = parse_gates(o.fail_if, gate_names("finetune", judges=[n for n, _ in judge_specs]))
     for text in o.stop_if or []:
         parse_stop(text)  # the syntax, before anything loads
+    check_tracker(o.log_with)
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward, finetune__cutoff=o.cutoff,
                          finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank, evaluate__features=o.features)
     cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None)
@@ -101,11 +103,16 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
             fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets, store.root)
         measure = None if feats is None else (lambda images, groups: sample_metrics(feats, images, groups, refs.get(fid_data)))
         dist = verb.dist
-        history = run_rounds(loaded, rec, rew, cond, store, verb.bar, dist.rank, dist.size, dist.barrier, measure=measure,
-                             judges=judges, stop=(lambda rounds: check_stop(stops, rounds)) if stops else None)
-        if not verb.is_main:
-            return None
-        metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, verb.bar, refs, fid_data, notes, judges)
+        with trackers(o.log_with, store.root, rec.to_dict()) as log:
+            history = run_rounds(loaded, rec, rew, cond, store, verb.bar, dist.rank, dist.size, dist.barrier,
+                                 measure=measure, judges=judges, log=log,
+                                 stop=(lambda rounds: check_stop(stops, rounds)) if stops else None)
+            if not verb.is_main:
+                return None
+            metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, verb.bar, refs, fid_data, notes, judges)
+            if log is not None:  # base and tuned on the evaluation's seeds, after the last round's steps
+                log({f"eval/{name}/{k}": v for name in ("base", "tuned") for k, v in gate_metrics(metrics[name]).items()
+                     if isinstance(v, (int, float))}, step=len(history) * rec.finetune.steps)
         metrics["rounds"] = [{k: v for k, v in h.items() if k not in ("filter", "loss_curve")} for h in history]
         if history[-1].get("stopped"):  # the model is back to the last one that passed
             r = history[-1]["round"]

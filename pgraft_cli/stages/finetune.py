@@ -117,8 +117,11 @@ def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
 
 
 def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: RunStore, bar: Any,
-                 stage_name: str = STAGE, round_index: int = 1, barrier: Any = None) -> dict[str, Any]:
+                 stage_name: str = STAGE, round_index: int = 1, barrier: Any = None, log: Any = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one round's fine-tune; leaves ``model`` composed and tuned.
+
+    ``log(values, step)`` (the ``--log-with`` trackers) gets ``train/loss`` and ``train/learning_rate``
+    at every step, counted across rounds.
 
     Each optimizer step draws its batch, noise and times from a generator seeded by
     ``(seed, round, step, micro-batch, process)``, and the state (weights, EMA, optimizer moments)
@@ -190,7 +193,13 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         return total
 
     loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
-    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
+    first = (round_index - 1) * cfg.steps
+
+    def on_step(done: int, loss: float, lr: float) -> None:
+        log({"train/loss": loss, "train/learning_rate": lr}, step=first + done)
+
+    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler,
+          save=store.is_main, on_step=on_step if log is not None else None)
     network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     network.eval().requires_grad_(False)
     accelerator.free_memory()
@@ -276,7 +285,7 @@ def restore_round(model: LoadedModel, cfg: FinetuneConfig, store: RunStore, k: i
 
 def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: RunStore, bar: Any,
                process_index: int = 0, num_processes: int = 1, barrier: Any = None, measure: Any = None,
-               judges: Optional[dict[str, Any]] = None, stop: Any = None) -> list[dict[str, Any]]:
+               judges: Optional[dict[str, Any]] = None, stop: Any = None, log: Any = None) -> list[dict[str, Any]]:
     """GRAFT (cutoff 0) or P-GRAFT: ``finetune.rounds`` rounds, each stage cached in ``store``.
 
     Round r samples ``sample.num`` trajectories from the current (composed) model with seed
@@ -290,6 +299,9 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
     model entering round r failed: the rounds end there (round r's record says ``stopped``) and the
     model is put back to the last one whose samples passed, round r - 1's (after r - 2 rounds of
     fine-tuning); with r = 2 that is the base model and nothing was gained (:class:`StoppedError`).
+
+    ``log(values, step)`` (the ``--log-with`` trackers) gets each round's measurements as ``round/...``
+    at step ``(r - 1) x finetune.steps``, the training steps its samples' model had, and each step's loss.
     """
     from dataclasses import replace
 
@@ -316,6 +328,10 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
             groups = found.get("prompt_index", found.get("class_label", torch.zeros(len(rewards), dtype=torch.long)))
             record.update(measure(load_images(store.root, names["sample"]), groups))
         rounds.append(record)
+        if log is not None:
+            values = {"reward": record["sampled"]["reward_mean"], **{f"judge.{n}": v for n, v in record["judges"].items()},
+                      **{k: record.get(k) for k in ("fid", "kid", "precision", "recall", "pairwise_distance")}}
+            log({f"round/{k}": v for k, v in values.items() if v is not None}, step=(r - 1) * cfg.steps)
         reason = stop(rounds) if stop is not None and r > 1 else None
         if reason:
             record["stopped"] = reason
@@ -327,7 +343,7 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
         summary = main_first(store, barrier, lambda: run_filter(store, recipe.filter, names["sample"], names["score"],
                                                                 names["filter"]))
         kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
-        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier)
+        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier, log)
         model.identity = tuned_identity(model)
         record.update({"kept": summary.get("kept"), "kept_reward_mean": summary["reward_after"]["mean"],
                        "filter": summary, "finetune": {k: v for k, v in result.items() if k != "loss_curve"},
