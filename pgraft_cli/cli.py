@@ -16,8 +16,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from .cli_options import (DATA, DEVICE, FEATURES, GATES, JSON, LOAD, OUTPUT, PROMPTS, RUN, BaseOpt, ClassOpt, ModelArg,
-                          RewardOpt, RunArg, StageOpt, png_folder, recipe, safetensors_path, takes)
+from .cli_options import (DATA, DEVICE, FEATURES, GATES, JSON, LOAD, OUTPUT, PROMPTS, RUN, BaseOpt, ClassOpt, JudgeOpt,
+                          LogWithOpt, ModelArg, RewardOpt, RunArg, StageOpt, StopIfOpt, png_folder, recipe,
+                          safetensors_path, takes)
 from .errors import PgraftError
 
 app = typer.Typer(
@@ -205,6 +206,9 @@ def finetune(
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning; default auto: LoRA above finetune.lora_above parameters).")] = None,
     class_label: ClassOpt = None,
+    judge: JudgeOpt = None,
+    stop_if: StopIfOpt = None,
+    log_with: LogWithOpt = None,
     **shared: Any,
 ) -> None:
     """GRAFT / P-GRAFT: rounds of sample -> score -> filter -> fine-tune, then evaluate base vs tuned.

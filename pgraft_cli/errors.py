@@ -35,3 +35,9 @@ class RunStoreError(PgraftError):
 
 class OutputPathError(PgraftError):
     """An output path (--out, --run-dir) is the wrong kind of thing or cannot be written."""
+
+
+class StoppedError(PgraftError):
+    """``finetune --stop-if`` ended the rounds before any fine-tuned model passed: nothing was written."""
+
+    exit_code = 1

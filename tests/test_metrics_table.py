@@ -7,8 +7,8 @@ import html.parser
 from rich.console import Console
 
 from pgraft_cli.report.html import _metrics_html
-from pgraft_cli.report.metrics import metrics_table_of
-from pgraft_cli.report.ui import metrics_view
+from pgraft_cli.report.metrics import metrics_table_of, rounds_table_of
+from pgraft_cli.report.ui import finetune_report, metrics_view
 
 
 def _sampler(fid, kid, flops, seconds, **extra):
@@ -95,3 +95,36 @@ def test_evaluate_and_finetune_tables_are_built_from_their_summaries():
     assert change["fid"] == ("+1.000", False) and change["reward_mean"] == ("+0.2500", True)
     assert change["kid"] == ("+0.0000", None)
     assert metrics_table_of("sample", {}) is None
+
+
+def test_judges_are_columns_after_the_reward_and_rounds_use_the_same_model_without_a_change_row():
+    base = _sampler(5.0, 0.1, 1e9, 0.001, reward_mean=0.5, reward_std=0.25, judges={"aes": 2.0, "j": -1.0})
+    tuned = _sampler(6.0, 0.1, 1e9, 0.001, reward_mean=0.75, reward_std=0.25, judges={"aes": 1.5, "j": -0.5})
+    rounds = [{"round": 1, "sampled": {"reward_mean": 0.5}, "judges": {"aes": 2.0, "j": -1.0}, "fid": 7.0,
+               "pairwise_distance": 0.125, "kept": 8, "kept_reward_mean": 0.875, "finetune": {"final_loss": 0.0625}},
+              {"round": 2, "sampled": {"reward_mean": 0.625}, "judges": {"aes": 1.75, "j": -0.75}, "fid": 6.5,
+               "pairwise_distance": 0.0625, "stopped": "judge.aes dropped by 0.25"}]
+    summary = {"cutoff": 0.5, "reward": "classifier:digits:3", "base": base, "tuned": tuned, "rounds": rounds,
+               "stopped": {"round": 2, "reason": "judge.aes dropped by 0.25", "rounds_kept": 0}}
+    pair = metrics_table_of("finetune", summary)
+    keys = [c.key for c in pair.columns]
+    assert keys[keys.index("reward_std") + 1:][:2] == ["judge.aes", "judge.j"]
+    change = dict(zip(keys, pair.change()))
+    assert change["judge.aes"] == ("-0.5000", False) and change["judge.j"] == ("+0.5000", True)  # judges: higher is better
+    table = rounds_table_of(summary)
+    assert [c.header for c in table.columns] == ["FID", "within-prompt distance", "reward mean", "judge.aes", "judge.j",
+                                                 "kept", "kept reward", "final loss"]
+    assert table.change() is None and table.best_fid() == "round-2"
+    parser = _Cells()
+    parser.feed(_metrics_html(table, "rounds", "round", note=""))
+    head, one, two = parser.rows
+    assert head[0] == "round" and one == ["round 1", "7.000", "0.125", "0.5000", "2.0000", "-1.0000", "8", "0.8750",
+                                          "0.0625"]
+    assert two == ["round 2", "6.500", "0.0625", "0.6250", "1.7500", "-0.7500", "-", "-", "-"]  # stopped: not trained
+    console = Console(record=True, width=400)
+    console.print(finetune_report(summary))
+    text = console.export_text()
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in text.splitlines()
+             if line.startswith("│")}
+    assert lines["round 1"] == one[1:] and lines["round 2"] == two[1:]
+    assert "stopped early at round 2: judge.aes dropped by 0.25" in text

@@ -30,7 +30,8 @@ def assert_scores(scores: torch.Tensor, n: int) -> None:
 
 def test_registry_lists_every_reward():
     assert available_rewards() == sorted(
-        ["aesthetic", "classifier", "clip", "jpeg-compressibility", "jpeg-incompressibility", "pickscore", "python", "vqascore"])
+        ["aesthetic", "classifier", "clip", "hpsv2", "imagereward", "jpeg-compressibility", "jpeg-incompressibility",
+         "pickscore", "python", "vqascore"])
 
 
 def test_unknown_reward_suggests_the_closest_name():
@@ -551,3 +552,74 @@ def test_aesthetic_without_its_head_says_what_to_pass(clip_dir):
         parse_reward(f"aesthetic:{clip_dir}")
     with pytest.raises(RewardError, match="PGRAFT_AESTHETIC_PATH"):
         parse_reward("aesthetic")
+
+
+# ----------------------------------------------------------------------------------------------
+# HPSv2 and ImageReward from local folders
+
+
+def test_hpsv2_is_the_clip_cosine_of_its_folder(clip_dir, monkeypatch):
+    images = rgb(3, 20)
+    hps = parse_reward(f"hpsv2:{clip_dir}")
+    assert hps.needs_prompts and hps.identity.startswith("hpsv2:sha256=")
+    torch.testing.assert_close(hps(images, PROMPTS[:3]), parse_reward(f"clip:{clip_dir}")(images, PROMPTS[:3]),
+                               atol=0, rtol=0)
+    monkeypatch.delenv("PGRAFT_HPSV2_PATH", raising=False)
+    with pytest.raises(RewardError, match="hpsv2:/path/to/hpsv2"):
+        parse_reward("hpsv2")
+
+
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory) -> Path:
+    """A tiny random BlipForImageTextRetrieval with a BERT word-piece tokenizer and 16 px images."""
+    from transformers import (BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor,
+                              BertTokenizer)
+
+    folder = tmp_path_factory.mktemp("blip") / "tiny-blip"
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "dog", "on", "mat", "red", "and"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                encoder_hidden_size=16, max_position_embeddings=40)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    model = BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}),
+                              tokenizer=BertTokenizer(str(folder / "vocab.txt")))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_imagereward_is_its_head_on_blips_image_grounded_cls_state(blip_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    from pgraft_cli.stages.rewards import IMAGEREWARD_HEAD, _to_rgb_pil
+
+    folder = tmp_path / "imagereward"
+    with pytest.raises(RewardError, match=IMAGEREWARD_HEAD):
+        parse_reward(f"imagereward:{blip_dir}")
+    shutil.copytree(blip_dir, folder)
+    g = torch.Generator().manual_seed(1)
+    dims = [16, 8, 4, 1]
+    head = {f"layers.{2 * i}.{k}": torch.randn(*((dims[i + 1], dims[i]) if k == "weight" else (dims[i + 1],)), generator=g)
+            for i in range(len(dims) - 1) for k in ("weight", "bias")}
+    save_file(head, str(folder / IMAGEREWARD_HEAD))
+    images, prompts = rgb(3, 20), PROMPTS[:3]
+    reward = parse_reward(f"imagereward:{folder}")
+    assert reward.needs_prompts and reward.identity.startswith("imagereward:sha256=")
+    scores = reward(images, prompts)
+    # the reference: the model's own image-text matching forward, whose question_embeds are that state
+    model, processor = BlipForImageTextRetrieval.from_pretrained(blip_dir).eval(), BlipProcessor.from_pretrained(blip_dir)
+    inputs = processor(images=_to_rgb_pil(images), text=prompts, padding="max_length", max_length=35,
+                       truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**inputs, use_itm_head=True).question_embeds[:, 0].double()
+    for i in (0, 2, 4):
+        h = h @ head[f"layers.{i}.weight"].double().T + head[f"layers.{i}.bias"].double()
+    torch.testing.assert_close(scores, (h[:, 0] - 0.16717362830052426) / 1.0333394966054072, atol=1e-9, rtol=0)
+    assert len(set(scores.tolist())) == 3  # the prompt and the image both matter

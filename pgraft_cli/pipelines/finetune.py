@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError
-from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, default_run_dir, open_run,
-                       prompt_list, real_data, references, resolve_recipe, reward_from, start)
+from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, check_tracker,
+                       default_run_dir, open_run, prompt_list, real_data, references, resolve_recipe, reward_from, start,
+                       trackers)
 
 
 @dataclass
@@ -70,6 +71,9 @@ class FinetuneOptions(ModelOptions, DataOptions, PromptOptions, FeatureOptions):
     rounds: Optional[int] = None
     lora_rank: Optional[int] = None
     class_label: Optional[int] = None
+    judge: Optional[list[str]] = None  # [NAME=]REWARD, measured each round, never optimised
+    stop_if: Optional[list[str]] = None
+    log_with: Optional[str] = None
     recipe: str = "pgraft"
 
 
@@ -79,13 +83,17 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     None on processes other than the main one.
     """
     from ..io.checkpoints import base_info_of, save_finetuned
-    from ..report.gates import gate_metrics, gate_names, parse_gates
+    from ..report.gates import check_stop, gate_metrics, gate_names, judge_names, parse_gates, parse_stop
     from ..report.ui import finetune_report, wrote_lines
-    from ..stages.evaluate import fid_skipped, pick_features
+    from ..stages.evaluate import fid_skipped, pick_features, sample_metrics
     from ..stages.finetune import evaluate_pair, resolve_lora, round_stage, run_rounds, tuning_choice
     from ..stages.sample import Conditions, check_conditions
 
-    gates = parse_gates(o.fail_if, gate_names("finetune"))
+    judge_specs = judge_names(o.judge)
+    gates = parse_gates(o.fail_if, gate_names("finetune", judges=[n for n, _ in judge_specs]))
+    for text in o.stop_if or []:
+        parse_stop(text)  # the syntax, before anything loads
+    check_tracker(o.log_with)
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward, finetune__cutoff=o.cutoff,
                          finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank,
                          evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
@@ -97,6 +105,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     check_conditions(loaded, cond)
     rec = replace(rec, finetune=resolve_lora(loaded, rec.finetune))  # the run dir's recipe.toml keeps "auto"
     rew = reward_from(rec.score.reward, dev, rec.score.batch_size)
+    judges = {name: reward_from(spec, dev, rec.score.batch_size) for name, spec in judge_specs}  # never optimised
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
     if o.data or loaded.default_data:
@@ -105,37 +114,46 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     # rule or training setting re-runs scoring onwards in the same run, never sampling.
     run_dir = o.run_dir or default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
                                                          "cutoff": rec.finetune.cutoff, "prompts": cond.prompts})
+    # Features without data still measure diversity (an explicit --features clip:PATH on a text model).
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
-                          reward_identity=rew.identity) if data_id is not None else None
-    notes = [] if feats is not None else [fid_skipped(rec.evaluate.features, data_id is not None)]
+                          reward_identity=rew.identity) if data_id is not None or rec.evaluate.features != "auto" else None
+    has_fid = feats is not None and data_id is not None
+    notes = [] if has_fid else [fid_skipped(rec.evaluate.features, data_id is not None)]
+    per_round = {"reward", *(f"judge.{n}" for n in judges), *(["pairwise_distance"] if feats is not None else []),
+                 *(["fid", "kid", "precision", "recall"] if has_fid else [])}
+    stops = [parse_stop(text, per_round) for text in o.stop_if or []]
     with verb.run_dir(run_dir) as store:
-        fid_of, fid_data, refs = None, None, {}
-        if feats is not None:
+        fid_data, refs = None, {}
+        if has_fid:
             fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets, store.root)
-
-            def fid_of(images: Any) -> float:  # each round's samples against the same reference
-                ref = refs[fid_data]
-                ref.reset_generated()
-                ref.update(feats(images), real=False)
-                return ref.compute()["fid"]
+        measure = None if feats is None else (lambda images, groups: sample_metrics(feats, images, groups, refs.get(fid_data)))
         dist = verb.dist
-        history = run_rounds(loaded, rec, rew, cond, store, verb.bar, dist.rank, dist.size, dist.barrier, fid_of=fid_of)
-        if not verb.is_main:
-            return None
-        metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, verb.bar, refs, fid_data, notes)
+        with trackers(o.log_with, store.root, rec.to_dict()) as log:
+            history = run_rounds(loaded, rec, rew, cond, store, verb.bar, dist.rank, dist.size, dist.barrier,
+                                 measure=measure, judges=judges, log=log,
+                                 stop=(lambda rounds: check_stop(stops, rounds)) if stops else None)
+            if not verb.is_main:
+                return None
+            metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, verb.bar, refs, fid_data, notes, judges)
+            if log is not None:  # base and tuned on the evaluation's seeds, after the last round's steps
+                log({f"eval/{name}/{k}": v for name in ("base", "tuned") for k, v in gate_metrics(metrics[name]).items()
+                     if isinstance(v, (int, float))}, step=len(history) * rec.finetune.steps)
         metrics["rounds"] = [{k: v for k, v in h.items() if k not in ("filter", "loss_curve")} for h in history]
+        if history[-1].get("stopped"):  # the model is back to the last one that passed
+            r = history[-1]["round"]
+            metrics["stopped"] = {"round": r, "reason": history[-1]["stopped"], "rounds_kept": r - 2}
         metrics["reward"], metrics["data"], metrics["fid_data"] = rew.spec, data_id, fid_data
         target = o.out or store.root / "tuned.safetensors"
         save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
         store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,
-                                                   "history": history})
+                                                   "judges": dict(judge_specs), "history": history})
         store.write_json("finetune/timeline.json", timeline(loaded, rec.evaluate.steps or rec.sample.steps,
                                                             rec.finetune.cutoff))
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff,
+               "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff, "judges": dict(judge_specs),
                "tuning": tuning_choice(loaded, rec.finetune), **metrics}
     artifacts = {"summary": "finetune/summary.json", "timeline": "finetune/timeline.json",
-                 "rounds": [f"{round_stage('finetune', h['round'])}/result.json" for h in history],
+                 "rounds": [f"{round_stage('finetune', h['round'])}/result.json" for h in history if "finetune" in h],
                  "samples": [["base", "evaluate-base"], ["tuned", "evaluate-tuned"]]}
     results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), artifacts, out=target)
     return Outcome(summary, [finetune_report(summary), f"trained: {summary['tuning']}", *wrote_lines(summary)], results)
@@ -148,4 +166,3 @@ def timeline(loaded: Any, steps: int, cutoff: float) -> dict[str, Any]:
     grid = loaded.schedule.grid(steps).double()
     return {"grid": grid.tolist(), "tuned": above_cutoff(grid, cutoff).tolist(), "steps": steps, "cutoff": cutoff,
             "name": "flow-euler" if loaded.family == "flow" else "ddim-trailing"}
-

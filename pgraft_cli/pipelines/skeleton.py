@@ -145,6 +145,41 @@ def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str) -> int:
     return model.corrector.base_steps
 
 
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log-with NAME: the package it needs
+
+
+def check_tracker(log_with: Optional[str]) -> None:
+    """``--log-with`` names a tracker accelerate supports whose package is installed (before any work)."""
+    import importlib.util
+
+    if log_with is None:
+        return
+    if log_with not in TRACKERS:
+        raise PgraftError(f"--log-with {log_with!r} is not a tracker pgraft logs to; use tensorboard or wandb")
+    if importlib.util.find_spec(TRACKERS[log_with]) is None:
+        raise PgraftError(f"--log-with {log_with} needs the {TRACKERS[log_with]} package: pip install {TRACKERS[log_with]}")
+
+
+@contextlib.contextmanager
+def trackers(log_with: Optional[str], run_root: Path, config: dict[str, Any]) -> Iterator[Any]:
+    """accelerate's trackers for ``--log-with`` (None: off), writing into the run directory beside
+    report.html (tensorboard: ``RUN_DIR/pgraft/events.out.tfevents.*``; wandb: ``RUN_DIR/wandb``);
+    yields ``log(values, step)`` (None when off). ``config``: the recipe, flattened to ``section.key``."""
+    if log_with is None:
+        yield None
+        return
+    from accelerate import Accelerator
+
+    flat = {f"{section}.{k}": v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+            for section, keys in config.items() if isinstance(keys, dict) for k, v in keys.items()}
+    accelerator = Accelerator(log_with=log_with, project_dir=str(run_root))
+    accelerator.init_trackers("pgraft", config=flat, init_kwargs={"wandb": {"dir": str(run_root)}})
+    try:
+        yield accelerator.log
+    finally:
+        accelerator.end_training()
+
+
 @dataclass
 class Options:
     """What every verb takes (None: the recipe's value); each verb's dataclass adds its own."""

@@ -3,8 +3,12 @@
 A gate is ``NAME OP NUMBER`` with OP one of ``> >= < <= == !=``; it *fails* (exit 1) when the
 comparison holds. NAME is a metric of the run's result (the corrected or tuned model for
 ``correct`` / ``finetune``, the evaluated model for ``evaluate``); ``base.NAME`` reads the base
-model's metric instead. ``reward`` is short for ``reward_mean``. A malformed gate or an unknown
-name is a user mistake (:class:`PgraftError`, exit 2), reported before any work starts where it can be.
+model's metric instead. ``reward`` is short for ``reward_mean``. ``judge.NAME`` (``base.judge.NAME``)
+reads a ``finetune --judge``'s mean. A malformed gate or an unknown name is a user mistake
+(:class:`PgraftError`, exit 2), reported before any work starts where it can be.
+
+``finetune --stop-if "NAME dropped|rose by more than Y[%]"`` (:func:`parse_stop`) ends the rounds
+early when a per-round metric moved that far from round 1's (the base model's samples).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from ..errors import PgraftError
 
@@ -84,6 +88,8 @@ def parse_gate(text: str) -> Gate:
         raise PgraftError(f"--fail-if {text!r}: the threshold must be a number, not NaN; write {SYNTAX}")
     name = _canonical(match["name"])
     prefix, _, metric = name.rpartition(".")
+    if prefix in ("judge", "base.judge"):  # a judge's name; which judges the run has is checked later
+        return Gate(text, match["name"], match["op"], value)
     if prefix not in ("", "base") or metric not in METRICS:
         known = ", ".join(sorted({*METRICS, *ALIASES}))
         raise PgraftError(f"--fail-if {text!r}: unknown metric {match['name']!r}; use one of {known} "
@@ -91,9 +97,10 @@ def parse_gate(text: str) -> Gate:
     return Gate(text, name, match["op"], value)
 
 
-def gate_names(verb: str, reward: bool = True) -> set[str]:
-    """The names a verb's gates can read: ``correct`` has no reward, ``evaluate`` one only with --reward."""
-    result = set(_SAMPLER) | (set(_REWARD) if reward and verb != "correct" else set())
+def gate_names(verb: str, reward: bool = True, judges: Iterable[str] = ()) -> set[str]:
+    """The names a verb's gates can read: ``correct`` has no reward, ``evaluate`` one only with --reward;
+    ``judges``: the names of finetune's ``--judge`` rewards (``judge.NAME``)."""
+    result = set(_SAMPLER) | (set(_REWARD) if reward and verb != "correct" else set()) | {f"judge.{n}" for n in judges}
     base = {f"base.{n}" for n in result} if verb != "evaluate" else set()  # before the inversion-only names
     if verb == "correct":
         result |= set(_INVERSION)
@@ -115,11 +122,14 @@ def parse_gates(texts: Optional[list[str]], available: Optional[set[str]] = None
 
 def gate_metrics(result: dict[str, Any], base: Optional[dict[str, Any]] = None,
                  extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The flat metric namespace gates read: ``result``'s and ``extra``'s keys, ``base.`` + ``base``'s."""
-    flat = {k: v for k, v in {**(extra or {}), **result}.items() if k in METRICS}
-    for k, v in (base or {}).items():
-        if k in METRICS:
-            flat[f"base.{k}"] = v
+    """The flat metric namespace gates read: ``result``'s and ``extra``'s keys, ``base.`` + ``base``'s
+    (``judge.NAME`` for each of a result's ``judges``)."""
+    def names(r: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in r.items() if k in METRICS},
+                **{f"judge.{n}": v for n, v in (r.get("judges") or {}).items()}}
+
+    flat = names({**(extra or {}), **result})
+    flat.update({f"base.{k}": v for k, v in names(base or {}).items()})
     return flat
 
 
@@ -145,3 +155,105 @@ def check_gates(gates: list[Gate], metrics: dict[str, Any]) -> list[GateResult]:
 
 def failed(results: list[GateResult]) -> list[GateResult]:
     return [r for r in results if r.failed]
+
+
+# ----------------------------------------------------------------------------------------------
+# finetune --judge NAME=SPEC and --stop-if "NAME dropped by more than Y"
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def judge_names(specs: Optional[list[str]]) -> list[tuple[str, str]]:
+    """``--judge [NAME=]SPEC`` -> ``[(name, spec)]``. Without ``NAME=``, the name is the reward's
+    (``pickscore:P`` -> ``pickscore``; a weighted sum -> ``weighted``), numbered from the second of a
+    name on (``pickscore_2``); ``judge.NAME`` is how gates, ``--stop-if`` and the report call it."""
+    out: dict[str, str] = {}
+    for text in specs or []:
+        name, eq, spec = (part.strip() for part in text.partition("="))
+        if not (eq and _IDENT.match(name)):
+            name, spec = ("weighted" if "*" in text else re.sub(r"\W", "_", text.split(":")[0].strip()) or "judge"), text.strip()
+            base, k = name, 1
+            while name in out:
+                k += 1
+                name = f"{base}_{k}"
+        elif name in out:
+            raise PgraftError(f"--judge {text!r}: a judge is already called {name!r}; give each its own NAME=")
+        if not spec:
+            raise PgraftError(f"--judge {text!r} names no reward; write --judge [NAME=]REWARD (e.g. judge=classifier:judge:3)")
+        out[name] = spec
+    return list(out.items())
+
+
+STOP_SYNTAX = ('"NAME dropped by more than Y" or "NAME rose by more than Y" (Y a number, or a percentage of '
+               'round 1\'s value: 10%), e.g. --stop-if "judge.aesthetic dropped by more than 0.5"')
+STOP_ALIASES = {"diversity": "pairwise_distance", "reward_mean": "reward"}
+_STOP = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\s+(?P<dir>dropped|rose)\s+by\s+more\s+than\s+"
+                   r"(?P<value>[^%\s]+)\s*(?P<pct>%)?\s*$", re.IGNORECASE)
+# What each round measures: the training reward of its samples, each judge, FID and diversity.
+ROUND_METRICS = ("reward", "fid", "kid", "precision", "recall", "pairwise_distance")
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Stop when ``name`` moved the ``direction`` way from round 1's value by more than ``amount``
+    (``relative``: ``amount`` percent of ``|round 1's value|``)."""
+
+    text: str
+    name: str
+    direction: str  # "dropped" or "rose"
+    amount: float
+    relative: bool = False
+
+    def moved(self, first: float, now: float) -> float:
+        """How far the metric moved the rule's way: ``first - now`` (dropped) or ``now - first`` (rose),
+        in percent of ``|first|`` when relative."""
+        d = first - now if self.direction == "dropped" else now - first
+        return 100 * d / abs(first) if self.relative else d
+
+    def fires(self, first: float, now: float) -> bool:
+        if self.relative and first == 0:
+            return False
+        return self.moved(first, now) > self.amount
+
+
+def parse_stop(text: str, available: Optional[set[str]] = None) -> StopRule:
+    """Parse one ``--stop-if``; ``available`` (the metrics the run measures every round) refuses the others."""
+    match = _STOP.match(text or "")
+    if match is None:
+        raise PgraftError(f"--stop-if {text!r} is not a stop rule: write {STOP_SYNTAX}")
+    try:
+        amount = float(match["value"])
+    except ValueError:
+        raise PgraftError(f"--stop-if {text!r}: {match['value']!r} is not a number; write {STOP_SYNTAX}") from None
+    if not math.isfinite(amount) or amount < 0:
+        raise PgraftError(f"--stop-if {text!r}: the amount must be a finite number >= 0; write {STOP_SYNTAX}")
+    name = STOP_ALIASES.get(match["name"], match["name"])
+    known = name in ROUND_METRICS or (name.startswith("judge.") and _IDENT.match(name[6:]))
+    if not known or (available is not None and name not in available):
+        have = ", ".join(sorted(available if available is not None else ROUND_METRICS))
+        raise PgraftError(f"--stop-if {text!r}: this run measures no {match['name']!r} every round; it has: {have}")
+    return StopRule(text, name, match["dir"].lower(), amount, bool(match["pct"]))
+
+
+def round_metrics(record: dict[str, Any]) -> dict[str, Optional[float]]:
+    """The per-round values stop rules read from one round's record (``stages.finetune.run_rounds``)."""
+    values = {k: record.get(k) for k in ROUND_METRICS if k != "reward"}
+    values["reward"] = (record.get("sampled") or {}).get("reward_mean")
+    values.update({f"judge.{n}": v for n, v in (record.get("judges") or {}).items()})
+    return values
+
+
+def check_stop(rules: list[StopRule], history: list[dict[str, Any]]) -> Optional[str]:
+    """Why the rounds stop after ``history``'s last round (None: they go on). Each rule compares the
+    last round's value with round 1's (the base model's samples); unmeasured values never fire."""
+    if len(history) < 2:
+        return None
+    first, last = round_metrics(history[0]), round_metrics(history[-1])
+    for rule in rules:
+        a, b = first.get(rule.name), last.get(rule.name)
+        if a is None or b is None or not rule.fires(float(a), float(b)):
+            continue
+        unit = "%" if rule.relative else ""
+        return (f"{rule.name} {rule.direction} by {rule.moved(float(a), float(b)):.4g}{unit} (from {float(a):.4g} in "
+                f"round 1 to {float(b):.4g} in round {history[-1]['round']}), more than {rule.amount:g}{unit}")
+    return None

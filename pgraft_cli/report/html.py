@@ -28,8 +28,8 @@ import numpy as np
 
 from ..errors import PgraftError
 from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
-from .metrics import MetricsTable, metrics_table_of
-from .ui import fmt_bytes
+from .metrics import MetricsTable, metrics_table_of, rounds_table_of
+from .ui import fmt_bytes, stopped_line
 
 REPORT = "report.html"
 GRID_IMAGES = 32  # images per sample grid (the first indices, the same seeds for base and result)
@@ -166,16 +166,18 @@ def _table(header: list[str], rows: list[list[Any]], attrs: str = "") -> str:
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _metrics_html(model: MetricsTable) -> str:
-    """The metrics table (``report.metrics``, as the terminal shows it): one row per sampler
-    (``data-row``), one cell per metric (``data-metric``).
+def _metrics_html(model: MetricsTable, table_id: str = "metrics", first: str = "model",
+                  note: Optional[str] = None) -> str:
+    """A metrics table (``report.metrics``, as the terminal shows it): one row per sampler (or round;
+    ``data-row``), one cell per metric (``data-metric``), then ``note`` (default: how cost is measured).
 
-    Each cell holds the formatted value and its exact value in ``data-value``; with two rows, a
-    third gives the change, coloured by whether it went the better way.
+    Each cell holds the formatted value and its exact value in ``data-value``; with two rows compared,
+    a third gives the change, coloured by whether it went the better way.
     """
     from ..stages.evaluate import COST_NOTE
 
-    head = '<th class="l">model</th>' + "".join(f"<th>{_e(c.header)}</th>" for c in model.columns)
+    note = COST_NOTE if note is None else note
+    head = f'<th class="l">{_e(first)}</th>' + "".join(f"<th>{_e(c.header)}</th>" for c in model.columns)
     body = []
     for row in model.rows:
         cells = "".join(f'<td data-metric="{_e(c.key)}" data-value="{_e(json.dumps(row.get(c.key)))}">'
@@ -189,8 +191,9 @@ def _metrics_html(model: MetricsTable) -> str:
     warnings = "".join(f'<p class="note bad" data-warning="{_e(row.id)}">warning ({_e(row.label)}): {_e(w)}</p>'
                        for row, w in model.warnings())
     warnings += "".join(f'<p class="note">note: {_e(n)}</p>' for n in model.notes())
-    return (f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-            f'<p class="note">{_e(COST_NOTE)}</p>{warnings}')
+    note_html = f'<p class="note">{_e(note)}</p>' if note else ""
+    return (f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f"{note_html}{warnings}")
 
 
 def _grids(run_dir: Path, pairs: list[tuple[str, str]]) -> str:
@@ -366,6 +369,10 @@ def _f(v: Any, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _nan(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
 # ----------------------------------------------------------------------------------------------
 # GRAFT / P-GRAFT
 
@@ -431,15 +438,21 @@ def _finetune_sections(s: dict[str, Any], timeline: Optional[dict[str, Any]]) ->
     base, tuned = s.get("base") or {}, s.get("tuned") or {}
     rounds = s.get("rounds") or []
     if rounds or base:
-        fig, (ax1, ax2) = _figure(8.8, 3.4, ncols=2)
+        judges = list(s.get("judges") or {})
+        diverse = any(r.get("pairwise_distance") is not None for r in rounds)
+        third = bool(judges or diverse)
+        fig, axes = _figure(13.2 if third else 8.8, 3.4, ncols=3 if third else 2)
+        ax1, ax2 = axes[0], axes[1]
         n = len(rounds)
         xs = [r["round"] - 1 for r in rounds]
+        last = (s.get("stopped") or {}).get("rounds_kept", n)  # the rounds the tuned model had
         if rounds:
             ax1.plot(xs, [r["sampled"]["reward_mean"] for r in rounds], "o-", color="#57606a",
                      label="sampled (model entering the round)")
-            ax1.plot(xs, [r["kept_reward_mean"] for r in rounds], "^--", color="#1a7f37", label="kept by the filter")
+            ax1.plot(xs, [_nan(r.get("kept_reward_mean")) for r in rounds], "^--", color="#1a7f37",
+                     label="kept by the filter")
         if base.get("reward_mean") is not None:
-            ax1.scatter([0, n], [base["reward_mean"], tuned.get("reward_mean")], marker="s", s=50, color="#0969da",
+            ax1.scatter([0, last], [base["reward_mean"], tuned.get("reward_mean")], marker="s", s=50, color="#0969da",
                         zorder=3, label="evaluated: base, tuned")
         ax1.set_xlabel("rounds of fine-tuning done")
         ax1.set_ylabel("reward mean")
@@ -447,7 +460,7 @@ def _finetune_sections(s: dict[str, Any], timeline: Optional[dict[str, Any]]) ->
         ax1.legend(fontsize=7)
         fids = [(r["round"] - 1, r["fid"]) for r in rounds if r.get("fid") is not None]
         if base.get("fid") is not None:
-            fids = [(0, base["fid"])] + fids + ([(n, tuned["fid"])] if tuned.get("fid") is not None else [])
+            fids = [(0, base["fid"])] + fids + ([(last, tuned["fid"])] if tuned.get("fid") is not None else [])
         if fids:
             ax2.plot(*zip(*sorted(fids)), "s-", color="#0969da")
             ax2.set_ylabel(f"FID ({base.get('features') or ''})")
@@ -455,15 +468,29 @@ def _finetune_sections(s: dict[str, Any], timeline: Optional[dict[str, Any]]) ->
             ax2.text(0.5, 0.5, "no FID measured\n(no reference data)", ha="center", va="center", transform=ax2.transAxes)
         ax2.set_xlabel("rounds of fine-tuning done")
         ax2.set_title("FID per round")
-        for ax in (ax1, ax2):
+        if third:  # the guards against reward hacking: judges never optimised, and diversity
+            ax3 = axes[2]
+            for name in judges:
+                ax3.plot(xs, [_nan(r.get("judges", {}).get(name)) for r in rounds], "o-", label=f"judge.{name}")
+            ax3.set_ylabel("judge mean")
+            if diverse:
+                twin = ax3.twinx()
+                twin.plot(xs, [_nan(r.get("pairwise_distance")) for r in rounds], "d:", color="#8250df",
+                          label="diversity")
+                twin.set_ylabel("within-prompt distance", color="#8250df")
+                ax3.plot([], [], "d:", color="#8250df", label="diversity (right axis)")
+            ax3.set_xlabel("rounds of fine-tuning done")
+            ax3.set_title("judges and diversity per round")
+            ax3.legend(fontsize=7)
+        for ax in axes:
             ax.set_xticks(range(n + 1))
-        rows = [[r["round"], _f(r["sampled"]["reward_mean"]), r["kept"], _f(r["kept_reward_mean"]),
-                 _f((r.get("finetune") or {}).get("final_loss")), _f(r.get("fid"), 3)] for r in rounds]
-        table = _table(["round", "sampled reward", "kept", "kept reward", "final loss", "FID"], rows, ' id="rounds"')
+        table = _metrics_html(rounds_table_of(s), "rounds", "round", note="") if rounds else ""
+        if s.get("stopped"):
+            table += f'<p class="note bad" id="stopped">{_e(stopped_line(s["stopped"]))}</p>'
         sections.append(("Rounds", table + _plot(
-            fig, "reward and FID per round",
-            "round r samples from the model after r - 1 rounds; FID where measured (base before round 1, tuned after "
-            "the last)")))
+            fig, "reward, judges, FID and diversity per round",
+            "round r samples from the model after r - 1 rounds: the training reward, the judges (never optimised), "
+            "FID and within-prompt distance of those samples; evaluated base before round 1, tuned after the last")))
 
     # the cutoff on the sampler's time grid
     if timeline:
@@ -602,7 +629,9 @@ def render_report(run_dir: Path | str) -> Path:
     elif kind == "finetune":
         cutoff = s["cutoff"]
         title = f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'} fine-tuning (cutoff {cutoff:g})"
-        facts += [("reward", s.get("reward")), ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
+        facts += [("reward", s.get("reward")),
+                  ("judges", ", ".join(f"{k} = {v}" for k, v in (s.get("judges") or {}).items()) or None),
+                  ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
                   ("FID features", s["base"].get("features"))]
         sections += _finetune_sections(s, store.read_artifact("timeline"))
     elif kind == "evaluate":

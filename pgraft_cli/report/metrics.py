@@ -32,8 +32,13 @@ COLUMNS = (
     Column("flops_per_image", "GFLOPs/img", lambda v: f"{v / 1e9:.3f}", True),
     Column("seconds_per_image", "ms/img", lambda v: f"{1000 * v:.2f}", True),
     Column("num", "num", lambda v: f"{int(v)}", None),
+    # what a fine-tuning round kept and trained (rows of the rounds table only)
+    Column("kept", "kept", lambda v: f"{int(v)}", None),
+    Column("kept_reward_mean", "kept reward", lambda v: f"{v:.4f}", None),
+    Column("final_loss", "final loss", lambda v: f"{v:.4f}", None),
 )
 ALSO = "fid_vs:"  # key prefix of the FID against a further reference (``also_against``)
+JUDGE = "judge."  # key prefix of a judge's mean (``judges``: rewards measured, never optimised)
 
 
 def fmt_metric(key: str, value: Any) -> str:
@@ -43,6 +48,8 @@ def fmt_metric(key: str, value: Any) -> str:
     for c in COLUMNS:
         if c.key == key:
             return c.fmt(value)
+    if key.startswith(JUDGE):
+        return f"{value:.4f}"
     return f"{value:.3f}" if key.startswith(ALSO) else (f"{value:.4g}" if isinstance(value, float) else str(value))
 
 
@@ -55,25 +62,34 @@ class MetricRow:
     values: dict[str, Any]
 
     def get(self, key: str) -> Any:
-        """A metric by key; ``fid_vs:NAME`` is the FID against the further reference NAME."""
+        """A metric by key; ``fid_vs:NAME`` is the FID against the further reference NAME, ``judge.NAME``
+        the mean of judge NAME."""
         if key.startswith(ALSO):
             return ((self.values.get("also_against") or {}).get(key[len(ALSO):]) or {}).get("fid")
+        if key.startswith(JUDGE):
+            return (self.values.get("judges") or {}).get(key[len(JUDGE):])
         return self.values.get(key)
 
 
 @dataclass
 class MetricsTable:
-    """Rows of samplers measured alike; the columns are the metrics some row has."""
+    """Rows of samplers measured alike; the columns are the metrics some row has (``compare``: a change
+    row between two rows)."""
 
     rows: list[MetricRow]
+    compare: bool = True
     columns: list[Column] = field(init=False)
 
     def __post_init__(self) -> None:
         also = list((self.rows[0].values.get("also_against") or {}) if self.rows else [])
+        judges = dict.fromkeys(n for r in self.rows for n in r.values.get("judges") or {})
         found = [c for c in COLUMNS if any(r.get(c.key) is not None for r in self.rows)]
         at = next((i + 1 for i, c in enumerate(found) if c.key == "fid"), 0)
         extra = [Column(f"{ALSO}{name}", f"FID vs {name}", lambda v: f"{v:.3f}", True) for name in also]
-        self.columns = found[:at] + extra + found[at:]
+        found = found[:at] + extra + found[at:]
+        at = 1 + max((i for i, c in enumerate(found) if c.key.startswith("reward")), default=len(found) - 1)
+        judged = [Column(f"{JUDGE}{n}", f"{JUDGE}{n}", lambda v: f"{v:.4f}", False) for n in judges]
+        self.columns = found[:at] + judged + found[at:]
 
     def cell(self, row: MetricRow, column: Column) -> str:
         return fmt_metric(column.key, row.get(column.key))
@@ -86,7 +102,7 @@ class MetricsTable:
     def change(self) -> Optional[list[tuple[str, Optional[bool]]]]:
         """Second row minus first, per column, with two rows: (text, True if it went the better way,
         False the worse, None for no verdict or no change); None with another number of rows."""
-        if len(self.rows) != 2:
+        if len(self.rows) != 2 or not self.compare:
             return None
         a, b = self.rows
         cells: list[tuple[str, Optional[bool]]] = []
@@ -125,3 +141,17 @@ def metrics_table_of(verb: str, summary: dict[str, Any]) -> Optional[MetricsTabl
             f"fine-tuned (cutoff {summary.get('cutoff')})" if summary.get("finetuned") else "base")
         return MetricsTable([MetricRow("model", f"{label} ({summary.get('steps')} steps)", summary)])
     return None
+
+
+ROUND_KEYS = ("fid", "kid", "precision", "recall", "pairwise_distance", "kept", "kept_reward_mean")
+
+
+def rounds_table_of(summary: dict[str, Any]) -> Optional[MetricsTable]:
+    """``pgraft finetune``'s rounds, one row each: the training reward, the judges, FID and diversity
+    of the round's samples (the model entering it), then what it kept and its final loss."""
+    rounds = summary.get("rounds") or []
+    if not rounds:
+        return None
+    return MetricsTable([MetricRow(f"round-{h['round']}", f"round {h['round']}", {
+        "reward_mean": h["sampled"]["reward_mean"], "judges": h.get("judges"), **{k: h.get(k) for k in ROUND_KEYS},
+        "final_loss": (h.get("finetune") or {}).get("final_loss")}) for h in rounds], compare=False)

@@ -10,6 +10,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from .metrics import MetricsTable
+
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -124,18 +126,25 @@ def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
 
 def finetune_report(summary: dict) -> Group:
     """Base vs tuned after ``pgraft finetune``: the metrics table, then the rounds."""
-    from rich.table import Table
+    from .metrics import rounds_table_of
 
     title = (f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
              f"reward {summary['reward']}")
-    rounds = Table(title="rounds", title_justify="left")
-    for col in ("round", "sampled reward", "kept", "kept reward", "final loss"):
-        rounds.add_column(col, justify="right")
-    for h in summary.get("rounds", []):
-        loss = h["finetune"].get("final_loss")
-        rounds.add_row(str(h["round"]), f"{h['sampled']['reward_mean']:.4f}", str(h["kept"]),
-                       f"{h['kept_reward_mean']:.4f}", "-" if loss is None else f"{loss:.4f}")
-    return Group(metrics_view(title, "finetune", summary), rounds)
+    parts: list = [metrics_view(title, "finetune", summary)]
+    if summary.get("stopped"):
+        parts.append(Text(stopped_line(summary["stopped"]), style="yellow"))
+    rounds = rounds_table_of(summary)
+    if rounds is not None:
+        parts.append(table_view("rounds (training reward, judges, FID and diversity of each round's samples)",
+                                rounds, "round"))
+    return Group(*parts)
+
+
+def stopped_line(stopped: dict) -> str:
+    """What ``--stop-if`` did: where, why, and which model the checkpoint holds."""
+    k = stopped["rounds_kept"]
+    return (f"stopped early at round {stopped['round']}: {stopped['reason']}; the checkpoint holds the last model that "
+            f"passed, after {k} round{'s' * (k != 1)} of fine-tuning (round {k + 1}'s samples)")
 
 
 class _Fit:
@@ -156,19 +165,23 @@ def metrics_view(title: str, verb: str, summary: dict) -> Group:
     """The verb's metrics table (``report.metrics``, as report.html shows it): one row per sampler, the
     lowest FID in green, the change between two rows (one column per sampler where the terminal is too
     narrow for one per metric); then one line per warning and note."""
-    from rich.table import Table
-
     from ..stages.evaluate import COST_NOTE
     from .metrics import metrics_table_of
 
-    model = metrics_table_of(verb, summary)
+    return table_view(title, metrics_table_of(verb, summary), "sampler", COST_NOTE)
+
+
+def table_view(title: str, model: MetricsTable, first: str, caption: Optional[str] = None) -> Group:
+    """A :class:`report.metrics.MetricsTable` in the terminal (``first``: the header of the rows' labels)."""
+    from rich.table import Table
+
     best, change = model.best_fid(), model.change()
     colour = {True: "green", False: "red", None: "dim"}
     cells = {row.id: [f"[green]{model.cell(row, c)}[/green]" if c.key == "fid" and row.id == best else model.cell(row, c)
                       for c in model.columns] for row in model.rows}
     changed = [f"[{colour[b]}]{t}[/]" if t else "" for t, b in change or []]
-    wide, tall = (Table(title=title, title_justify="left", caption=COST_NOTE, caption_justify="left") for _ in "ab")
-    wide.add_column("sampler", justify="left")
+    wide, tall = (Table(title=title, title_justify="left", caption=caption, caption_justify="left") for _ in "ab")
+    wide.add_column(first, justify="left")
     tall.add_column("metric", justify="left")
     for c in model.columns:
         wide.add_column(c.header, justify="right")

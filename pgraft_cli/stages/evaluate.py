@@ -255,6 +255,19 @@ def _save_quietly(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]
         pass
 
 
+def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Optional[FidKid] = None) -> dict[str, Any]:
+    """One set of samples in ``features``: ``fid``, ``kid``, ``precision``, ``recall`` against ``ref``
+    (its generated side reset first; None without one) and ``pairwise_distance`` within ``groups``."""
+    f = features(images)
+    out: dict[str, Any] = {"fid": None, "kid": None, "precision": None, "recall": None,
+                           "pairwise_distance": mean_pairwise_distance(f.float(), groups)}
+    if ref is not None:
+        ref.reset_generated()
+        ref.update(f, real=False)
+        out.update({k: v for k, v in ref.compute().items() if k in out})
+    return out
+
+
 def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict[str, Any]:
     """NFE and measured FLOPs per image of ``model``'s sampler, in parts that sum to the total.
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.losses import finetune_loss, intermediate_target, kernel_weight, training_times
-from ..errors import PgraftError
+from ..errors import PgraftError, StoppedError
 from ..io.checkpoints import model_key
 from ..io.recipes import FinetuneConfig
 from ..io.runstore import RunStore, atomic_path, content_key, derive_seed
@@ -148,8 +148,11 @@ def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor, distilled_guidan
 
 def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: RunStore, bar: Any,
                  stage_name: str = STAGE, round_index: int = 1, barrier: Any = None,
-                 distilled_guidance: Optional[float] = None) -> dict[str, Any]:
+                 distilled_guidance: Optional[float] = None, log: Any = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one round's fine-tune; leaves ``model`` composed and tuned.
+
+    ``log(values, step)`` (the ``--log-with`` trackers) gets ``train/loss`` and ``train/learning_rate``
+    at every step, counted across rounds.
 
     Each optimizer step draws its batch, noise and times from a generator seeded by
     ``(seed, round, step, micro-batch)``; under several processes each takes its slice of that batch
@@ -232,7 +235,13 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         return float(accelerator.reduce(torch.tensor(total, device=device), "mean")) if world > 1 else total
 
     loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
-    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
+    first = (round_index - 1) * cfg.steps
+
+    def on_step(done: int, loss: float, lr: float) -> None:
+        log({"train/loss": loss, "train/learning_rate": lr}, step=first + done)
+
+    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler,
+          save=store.is_main, on_step=on_step if log is not None else None)
     network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     network.eval().requires_grad_(False)
     accelerator.free_memory()
@@ -292,54 +301,104 @@ def round_stage(stage: str, round_index: int) -> str:
     return stage if round_index == 1 else f"{stage}-r{round_index}"
 
 
+def judge_stage(name: str, sample_stage: str) -> str:
+    """The score stage of judge ``name`` on ``sample_stage``: ``judge-NAME-sample``, ``judge-NAME-sample-r2`` ..."""
+    return f"judge-{name}-{sample_stage}"
+
+
+def judge_means(store: RunStore, judges: dict[str, Any], bar: Any, sample_stage: str, process_index: int = 0,
+                num_processes: int = 1, barrier: Any = None) -> dict[str, float]:
+    """Each judge's mean over ``sample_stage``'s images, scored (and cached) like the training reward."""
+    from .score import run_score
+
+    return {name: float(run_score(store, judge, bar, sample_stage, judge_stage(name, sample_stage), process_index,
+                                  num_processes, barrier).mean()) for name, judge in judges.items()}
+
+
+def restore_round(model: LoadedModel, cfg: FinetuneConfig, store: RunStore, k: int) -> None:
+    """Put back the weights round ``k``'s fine-tune wrote (``--stop-if``: the last model that passed)."""
+    from safetensors.torch import load_file
+
+    cfg = resolve_lora(model, cfg)
+    network = prepare_tuning(model, cfg)
+    state = load_file(str(store.root / round_stage(STAGE, k) / "weights.safetensors"))
+    set_lora_state(network, state) if cfg.lora_rank > 0 else network.load_state_dict(state)
+    model.identity = tuned_identity(model)
+
+
 def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: RunStore, bar: Any,
-               process_index: int = 0, num_processes: int = 1, barrier: Any = None,
-               fid_of: Any = None) -> list[dict[str, Any]]:
+               process_index: int = 0, num_processes: int = 1, barrier: Any = None, measure: Any = None,
+               judges: Optional[dict[str, Any]] = None, stop: Any = None, log: Any = None) -> list[dict[str, Any]]:
     """GRAFT (cutoff 0) or P-GRAFT: ``finetune.rounds`` rounds, each stage cached in ``store``.
 
     Round r samples ``sample.num`` trajectories from the current (composed) model with seed
     ``sample.seed + r - 1``, capturing the state at the cutoff; scores the final images; keeps
-    samples by the filter rule; and continues fine-tuning on what it kept. ``fid_of(images)``, when
-    given, measures each round's samples (the model entering the round) at no extra sampling cost.
+    samples by the filter rule; and continues fine-tuning on what it kept. Each round's samples
+    (the model entering the round, at no extra sampling cost) are also scored by every judge
+    (``{name: reward}``, never optimised) and measured by ``measure(images, groups)`` (FID,
+    precision/recall, within-prompt distance: ``stages.evaluate.sample_metrics``).
+
+    ``stop(rounds)``, from round 2 on, returns why to stop (or None). When it fires at round r, the
+    model entering round r failed: the rounds end there (round r's record says ``stopped``) and the
+    model is put back to the last one whose samples passed, round r - 1's (after r - 2 rounds of
+    fine-tuning); with r = 2 that is the base model and nothing was gained (:class:`StoppedError`).
+
+    ``log(values, step)`` (the ``--log-with`` trackers) gets each round's measurements as ``round/...``
+    at step ``(r - 1) x finetune.steps``, the training steps its samples' model had, and each step's loss.
     """
     from .filter import run_filter
-    from .sample import run_sample
+    from .sample import load_images, run_sample
     from .score import reward_stats, run_score
 
     cfg = recipe.finetune
     check_precision(model, recipe.finetune)
     check_groups(model, recipe, cond)
     model.base_identity = model.base_identity or model.identity
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for r in range(1, cfg.rounds + 1):
         names = {s: round_stage(s, r) for s in ("sample", "score", "filter", "finetune")}
         sample_cfg = replace(recipe.sample, seed=recipe.sample.seed + r - 1,
                              capture_at=cfg.cutoff if cfg.cutoff > 0 else recipe.sample.capture_at)
         run_sample(model, sample_cfg, cond, store, bar, process_index, num_processes, barrier, names["sample"])
         rewards = run_score(store, reward, bar, names["sample"], names["score"], process_index, num_processes, barrier)
+        record: dict[str, Any] = {"round": r, "sampled": reward_stats(rewards), "fid": None,
+                                  "judges": judge_means(store, judges or {}, bar, names["sample"], process_index,
+                                                        num_processes, barrier)}
+        if measure is not None and (store.is_main or stop is not None):  # every process decides to stop alike
+            found = store.stage(names["sample"]).tensors("prompt_index", "class_label")
+            groups = found.get("prompt_index", found.get("class_label", torch.zeros(len(rewards), dtype=torch.long)))
+            record.update(measure(load_images(store.root, names["sample"]), groups))
+        rounds.append(record)
+        if log is not None:
+            values = {"reward": record["sampled"]["reward_mean"], **{f"judge.{n}": v for n, v in record["judges"].items()},
+                      **{k: record.get(k) for k in ("fid", "kid", "precision", "recall", "pairwise_distance")}}
+            log({f"round/{k}": v for k, v in values.items() if v is not None}, step=(r - 1) * cfg.steps)
+        reason = stop(rounds) if stop is not None and r > 1 else None
+        if reason:
+            record["stopped"] = reason
+            if r == 2:
+                raise StoppedError(f"stopped at round 2: {reason}; the model after 1 round failed, so no round passed "
+                                   f"and no checkpoint was written (lower finetune.learning_rate or loosen --stop-if)")
+            restore_round(model, cfg, store, r - 2)
+            break
         summary = main_first(store, barrier, lambda: run_filter(store, recipe.filter, names["sample"], names["score"],
                                                                 names["filter"]))
         kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
         result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier,
-                              None if model.adapter.classifier_free else recipe.sample.distilled_guidance)
+                              None if model.adapter.classifier_free else recipe.sample.distilled_guidance, log)
         model.identity = tuned_identity(model)
-        fid = None
-        if fid_of is not None and store.is_main:
-            from .sample import load_images
-
-            fid = fid_of(load_images(store.root, names["sample"]))
-        rounds.append({"round": r, "sampled": reward_stats(rewards), "fid": fid, "kept": summary.get("kept"),
-                       "kept_reward_mean": summary["reward_after"]["mean"], "filter": summary,
-                       "finetune": {k: v for k, v in result.items() if k != "loss_curve"},
+        record.update({"kept": summary.get("kept"), "kept_reward_mean": summary["reward_after"]["mean"],
+                       "filter": summary, "finetune": {k: v for k, v in result.items() if k != "loss_curve"},
                        "loss_curve": result.get("loss_curve")})
     return rounds
 
 
 def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, features: Any, store: RunStore,
                   bar: Any, refs: dict[str, Any], fid_data: Optional[str],
-                  notes: Optional[list[str]] = None) -> dict[str, Any]:
+                  notes: Optional[list[str]] = None, judges: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Base and tuned model on the same seeds: reward mean/std, FID/KID against ``refs[fid_data]``
-    (and the other named references in ``refs``), NFE, FLOPs; ``notes`` (why FID was skipped) on both."""
+    (and the other named references in ``refs``), NFE, FLOPs, each judge's mean (``judges``);
+    ``notes`` (why FID was skipped) on both."""
     from .evaluate import evaluate_model
     from ..io.recipes import SampleConfig
 
@@ -353,4 +412,6 @@ def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, featu
     with base_only(model):
         base = evaluate_model(model, None, cfg, features, store, bar, "evaluate-base", **common)
     tuned = evaluate_model(model, None, cfg, features, store, bar, "evaluate-tuned", **common)
+    for stage, metrics in (("evaluate-base", base), ("evaluate-tuned", tuned)):
+        metrics["judges"] = judge_means(store, judges or {}, bar, stage)
     return {"base": base, "tuned": tuned}

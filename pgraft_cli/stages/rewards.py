@@ -379,14 +379,30 @@ def pickscore_reward(args: Optional[str], device: str, spec: str) -> Reward:
     """PickScore (Kirstain et al. 2023): ``r(x, prompt) = exp(logit_scale) cos(E_image(x), E_text(prompt))``
     with the fine-tuned CLIP-H of ``yuvalkirstain/PickScore_v1`` (a transformers ``CLIPModel`` folder;
     its processor is ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s: save both into PATH)."""
-    example = "pickscore:/path/to/pickscore (PickScore_v1 saved with its CLIPProcessor)"
-    path = _local_folder(args, "PGRAFT_PICKSCORE_PATH", spec, example)
+    return _clip_family("pickscore", args, device, spec, "PickScore_v1 saved with its CLIPProcessor", scaled=True)
+
+
+@register_reward("hpsv2", "hpsv2:PATH", "HPSv2: a human-preference fine-tune of CLIP ViT-H/14, from a local folder")
+def hpsv2_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """HPSv2 (Wu et al. 2023): ``r(x, prompt) = cos(E_image(x), E_text(prompt))`` of the HPS v2 / v2.1
+    fine-tune of open_clip's ViT-H/14, as the hpsv2 package scores (the diagonal of its normalised
+    image-text product: about 0.2..0.35; its benchmark tables print 100 x this). PATH: a transformers
+    ``CLIPModel`` folder converted from the open_clip checkpoint, with
+    ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s ``CLIPProcessor`` (README: Rewards)."""
+    return _clip_family("hpsv2", args, device, spec, "HPS v2.1 converted to a CLIPModel folder with its CLIPProcessor")
+
+
+def _clip_family(name: str, args: Optional[str], device: str, spec: str, what: str, scaled: bool = False) -> Reward:
+    """A CLIP-cosine reward from the folder ``args`` (or ``$PGRAFT_<NAME>_PATH``), times ``exp(logit_scale)``
+    when ``scaled``."""
+    env, example = f"PGRAFT_{name.upper()}_PATH", f"{name}:/path/to/{name} ({what})"
+    path = _local_folder(args, env, spec, example)
     if path is None:
-        raise RewardError(f"reward pickscore needs a local model: pass {example} or set $PGRAFT_PICKSCORE_PATH")
+        raise RewardError(f"reward {name} needs a local model: pass {example} or set ${env}")
     cosine, model = _clip_cosine(path, device, spec)
-    scale = float(model.logit_scale.exp())
-    return Reward("pickscore", lambda x, p: scale * cosine(x, p), batch_size=64, spec=spec, needs_prompts=True,
-                  identity=f"pickscore:{_folder_digest(path)}")
+    scale = float(model.logit_scale.exp()) if scaled else 1.0
+    return Reward(name, lambda x, p: scale * cosine(x, p), batch_size=64, spec=spec, needs_prompts=True,
+                  identity=f"{name}:{_folder_digest(path)}")
 
 
 AESTHETIC_HEAD = "aesthetic-head.safetensors"
@@ -412,7 +428,7 @@ def aesthetic_reward(args: Optional[str], device: str, spec: str) -> Reward:
     from safetensors.torch import load_file
 
     weights = load_file(str(path / AESTHETIC_HEAD), device=device)
-    layers = _linear_layers(weights, spec)
+    layers = _linear_layers(weights, spec, AESTHETIC_HEAD)
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
     model = _load_pretrained(transformers.AutoModel, path, spec).to(device).eval()
     processor = _load_pretrained(transformers.AutoImageProcessor, path, spec)
@@ -424,26 +440,74 @@ def aesthetic_reward(args: Optional[str], device: str, spec: str) -> Reward:
             out = out if isinstance(out, Tensor) else out.pooler_output
         else:  # a CLIPVisionModelWithProjection
             out = model(pixel_values=pixels).image_embeds
-        x = F.normalize(out.double(), dim=-1)
-        for w, b in layers:
-            x = x @ w.double().T + b.double()
-        return x[:, 0]
+        return _head(F.normalize(out.double(), dim=-1), layers)
 
     return Reward("aesthetic", fn, batch_size=64, spec=spec, identity=f"aesthetic:{_folder_digest(path)}")
 
 
-def _linear_layers(weights: dict[str, Tensor], spec: str) -> list[tuple[Tensor, Tensor]]:
+def _linear_layers(weights: dict[str, Tensor], spec: str, file: str) -> list[tuple[Tensor, Tensor]]:
     """A head's Linear layers in order: ``weight``/``bias``, or ``layers.{i}.weight``/``.bias`` by index i."""
     if set(weights) == {"weight", "bias"}:
         return [(weights["weight"], weights["bias"])]
     found = sorted({int(m.group(1)) for k in weights if (m := re.fullmatch(r"layers\.(\d+)\.weight", k))})
     if not found or any(f"layers.{i}.bias" not in weights for i in found):
-        raise RewardError(f"reward {spec}: {AESTHETIC_HEAD} holds {sorted(weights)[:6]}; expected weight/bias or "
-                          f"layers.N.weight/layers.N.bias (the aesthetic predictor's Linear layers)")
+        raise RewardError(f"reward {spec}: {file} holds {sorted(weights)[:6]}; expected weight/bias or "
+                          f"layers.N.weight/layers.N.bias (the head's Linear layers)")
     layers = [(weights[f"layers.{i}.weight"], weights[f"layers.{i}.bias"]) for i in found]
     if layers[-1][0].shape[0] != 1:
         raise RewardError(f"reward {spec}: the head's last layer has {layers[-1][0].shape[0]} outputs, not 1")
     return layers
+
+
+def _head(x: Tensor, layers: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``x W_1^T + b_1 ... W_L^T + b_L`` in float64 (the heads have no activations), first column: (N,)."""
+    for w, b in layers:
+        x = x @ w.double().T + b.double()
+    return x[:, 0]
+
+
+IMAGEREWARD_HEAD = "imagereward-head.safetensors"
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own normalisation
+IMAGEREWARD_MAX_TOKENS = 35  # its prompts are padded or truncated to 35 tokens
+
+
+@register_reward("imagereward", "imagereward:PATH",
+                 "ImageReward: an MLP on BLIP's image-grounded text encoding, from a local folder")
+def imagereward_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """ImageReward (Xu et al. 2023): ``r(x, prompt) = (head(h(prompt | x)) - 0.16717) / 1.03334``, where
+    ``h`` is BLIP's text encoder's [CLS] state with cross-attention to the image's ViT states and
+    ``head`` the MLP (Linear 768-1024-128-64-16-1, no activations).
+
+    PATH holds a transformers ``BlipForImageTextRetrieval`` folder (the ImageReward checkpoint's
+    ``blip.*`` weights converted, ViT-L/16 at 224 px, with a ``BlipProcessor``) and
+    ``imagereward-head.safetensors``: the checkpoint's ``mlp.layers.{i}.weight``/``.bias`` saved as
+    ``layers.{i}.weight``/``.bias`` (README: Rewards). Prompts are padded/truncated to 35 tokens.
+    """
+    example = f"imagereward:/path/to/folder (a BlipForImageTextRetrieval folder with {IMAGEREWARD_HEAD} in it)"
+    path = _local_folder(args, "PGRAFT_IMAGEREWARD_PATH", spec, example)
+    if path is None:
+        raise RewardError(f"reward imagereward needs a local model: pass {example} or set $PGRAFT_IMAGEREWARD_PATH")
+    if not (path / IMAGEREWARD_HEAD).is_file():
+        raise RewardError(f"reward {spec}: no {IMAGEREWARD_HEAD} in {path}; pass {example}")
+    from safetensors.torch import load_file
+
+    layers = _linear_layers(load_file(str(path / IMAGEREWARD_HEAD), device=device), spec, IMAGEREWARD_HEAD)
+    transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
+    model = _load_pretrained(transformers.BlipForImageTextRetrieval, path, spec).to(device).eval()
+    processor = _load_pretrained(transformers.BlipProcessor, path, spec)
+
+    def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
+        pixels = processor.image_processor(images=_to_rgb_pil(images), return_tensors="pt")["pixel_values"]
+        text = processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_TOKENS,
+                                   return_tensors="pt")
+        states = model.vision_model(pixel_values=pixels.to(device)).last_hidden_state
+        h = model.text_encoder(input_ids=text.input_ids.to(device), attention_mask=text.attention_mask.to(device),
+                               encoder_hidden_states=states,
+                               encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long, device=device))
+        return (_head(h.last_hidden_state[:, 0].double(), layers) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+    return Reward("imagereward", fn, batch_size=64, spec=spec, needs_prompts=True,
+                  identity=f"imagereward:{_folder_digest(path)}")
 
 
 @register_reward("vqascore", "vqascore[:PATH]",

@@ -76,12 +76,14 @@ def loss_summary(losses: list[float]) -> dict[str, Any]:
 
 
 def train(run: Training, opt: Any, step_loss: Callable[[int], float], cfg: LoopConfig, bar: Any, label: str,
-          weights: Callable[[], dict[str, Tensor]], scaler: Optional[Any] = None, save: bool = True) -> None:
+          weights: Callable[[], dict[str, Tensor]], scaler: Optional[Any] = None, save: bool = True,
+          on_step: Optional[Callable[[int, float, float], None]] = None) -> None:
     """Steps ``run.step .. cfg.steps - 1``; leaves the parameters at their EMA when ``cfg.ema > 0``.
 
     ``step_loss(step)`` runs the forward and backward passes (through ``scaler`` when given) and
     returns the step's loss; ``weights()`` is what a checkpoint stores as the model's weights, and
-    only a process with ``save`` writes checkpoints.
+    only a process with ``save`` writes checkpoints. ``on_step(steps done, loss, learning rate)``
+    follows every step (the trackers of ``--log-with``).
     """
     scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
     task = bar.add_task(label, total=cfg.steps, completed=run.step, unit="step")
@@ -100,6 +102,8 @@ def train(run: Training, opt: Any, step_loss: Callable[[int], float], cfg: LoopC
         run.losses.append(round(loss, 6))
         run.step = step + 1
         bar.advance(task, 1)
+        if on_step is not None:
+            on_step(run.step, loss, opt.param_groups[0]["lr"])
         if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps and save:
             run.save(opt, weights())
     if cfg.ema > 0:
