@@ -17,7 +17,7 @@ from pgraft_cli.errors import PgraftError
 from pgraft_cli.io.checkpoints import load_model, save_corrected
 from pgraft_cli.io.data import data_rows, load_digits
 from pgraft_cli.io.recipes import CorrectConfig
-from pgraft_cli.models.corrector import NoiseCorrector, caption_groups
+from pgraft_cli.models.corrector import NoiseCorrector
 from pgraft_cli.models.loaded import Cond
 
 runner = CliRunner()
@@ -62,11 +62,6 @@ def test_data_rows_carry_the_digits_labels_and_a_folders_captions(tmp_path):
     given.write_text("x\ny\n")
     with pytest.raises(PgraftError, match="2 captions"):
         data_rows(str(folder), (1, 16, 16), captions=str(given))
-
-
-def test_caption_groups_pool_the_captions_seen_once():
-    vocab, groups = caption_groups(["a", "b", "a", "c", "b", "a"])
-    assert vocab == ["a", "b"] and groups.tolist() == [0, 1, 0, 2, 1, 0]
 
 
 def test_class_inversion_uses_each_images_own_label(tmp_path):
@@ -129,11 +124,11 @@ def test_correct_a_class_conditional_flow_end_to_end_then_sample_by_class(tmp_pa
     assert pngs[1] != pngs[7]
 
 
-def test_class_models_need_labels_in_range_and_text_models_refuse_a_flow_corrector(tmp_path, unet_model_dir,
-                                                                                     tiny_sd_dir):
+def test_class_models_need_labels_in_range_and_text_families_without_a_pooled_embedding_are_refused(
+        tmp_path, unet_model_dir, tiny_pixart_dir):
     folder = unet_model_dir(scheduler="flow", num_class_embeds=3)
-    cases = [[str(folder), "--data", "digits"], [str(tiny_sd_dir), "--data", "digits", "--captions", "x"]]
-    for args, needle in zip(cases, ("labels 0..9", "gaussian-diag")):
+    cases = [[str(folder), "--data", "digits"], [str(tiny_pixart_dir), "--data", "digits", "--captions", "x"]]
+    for args, needle in zip(cases, ("labels 0..9", "no pooled text embedding")):
         proc = subprocess.run([sys.executable, "-m", "pgraft_cli", "correct", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
         assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -172,11 +167,23 @@ def test_correct_a_text_to_image_model_with_captions_then_sample_with_prompts(tm
             "--set", "correct.invert_shard_size=4", "--set", "sample.guidance_scale=2", "--features", "none"]
     result = runner.invoke(app, [*args, "--out", str(out), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    c = load_model(str(out)).corrector
-    assert c.conditioning == "caption" and c.captions == ["a red square", "a blue circle"] and c.mean.shape[0] == 3
-    s = runner.invoke(app, ["sample", str(out), "--num", "2", "--prompt", "a blue circle", "--run-dir",
-                            str(tmp_path / "s"), "--out", str(tmp_path / "png"), "--json"])
-    assert s.exit_code == 0, s.output
+    loaded = load_model(str(out))
+    c = loaded.corrector
+    embed_dim = loaded.pipeline.text_encoder.config.hidden_size
+    assert c.conditioning == "text" and c.weight.shape == (embed_dim, c.mean.shape[-1])
+    # the corrector's mean follows the prompt's pooled CLIP embedding: seen or not, prompts differ
+    e = torch.zeros(3, *loaded.sample_shape)
+    prompts = ["a blue circle", "a tree", "a prompt never seen"]
+    means = c(e, c.condition_of(prompts, None, loaded.pooled_text))
+    torch.testing.assert_close(means[0].flatten(), (c.mean + loaded.pooled_text(prompts[:1])[0] @ c.weight).flatten())
+    assert float((means[1] - means[2]).abs().max()) > 1e-6 and float((means[0] - means[1]).abs().max()) > 1e-6
+    pngs = []
+    for k, prompt in enumerate(("a blue circle", "a prompt never seen")):
+        s = runner.invoke(app, ["sample", str(out), "--num", "2", "--prompt", prompt, "--run-dir",
+                                str(tmp_path / f"s{k}"), "--out", str(tmp_path / f"png{k}"), "--json"])
+        assert s.exit_code == 0, s.output
+        pngs.append((tmp_path / f"png{k}" / "00000.png").read_bytes())
+    assert pngs[0] != pngs[1]
     # the inversion used each image's caption: another caption for image 0 changes its noise only
     from safetensors.torch import load_file
 
@@ -207,7 +214,7 @@ def test_a_class_conditioned_flow_corrector_trains_with_a_class_embedding_and_ro
     from pgraft_cli.io.recipes import load_recipe
     from pgraft_cli.io.runstore import RunStore
     from pgraft_cli.report.ui import progress
-    from pgraft_cli.stages.correct import corrector_groups, run_train_corrector
+    from pgraft_cli.stages.correct import run_train_corrector
 
     rec = load_recipe("inverse-noise", ["correct.corrector_train_steps=2", "correct.corrector_batch_size=4",
                                         "correct.corrector_channels=[8, 16]", "correct.corrector_sample_steps=2"])
@@ -215,7 +222,7 @@ def test_a_class_conditioned_flow_corrector_trains_with_a_class_embedding_and_ro
     noises = torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(1)) + labels.view(-1, 1, 1, 1)
     with RunStore(tmp_path / "run") as store, progress(False) as bar:
         corrector, info = run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar,
-                                              groups=corrector_groups(labels, None, 3))
+                                              conds={"conditioning": "class", "condition": labels, "num_classes": 3})
     assert info["conditioning"] == "class" and corrector.model_config["num_class_embeds"] == 3
     e = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     a, b = corrector(e, torch.tensor([0, 0])), corrector(e, torch.tensor([0, 2]))
@@ -235,3 +242,63 @@ def test_export_refuses_a_conditioned_corrector_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "class" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "pipe").exists()
+
+
+def test_text_gaussian_corrector_regresses_the_mean_on_the_pooled_embedding():
+    """Noises whose mean is a linear map of the embedding: the fit recovers it, predicts an unseen
+    embedding, and its leave-one-out gain over the pooled mean is near 1; unrelated noises gain nothing."""
+    from pgraft_cli.models.corrector import fit_gaussian_on_text
+
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    true = torch.randn(4, 32, generator=g, dtype=torch.float64) * 3
+    noises = (embeds @ true + 0.1 * torch.randn(60, 32, generator=g, dtype=torch.float64)).view(60, 2, 4, 4)
+    mean, weight, std, info = fit_gaussian_on_text(noises, embeds, "gaussian-diag")
+    unseen = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(mean + unseen @ weight, unseen @ true, atol=0.1, rtol=0)
+    assert info["loo_gain"] > 0.99 and float((std - 0.1).abs().max()) < 0.05
+    _, _, _, none = fit_gaussian_on_text(torch.randn(60, 32, generator=g), embeds, "gaussian")
+    assert none["loo_gain"] < 0.05
+
+
+def test_each_text_family_gives_its_pooled_embedding(tiny_sd_dir, tiny_sdxl_dir, tiny_sd3_dir):
+    """SD: the CLIP text encoder's pooler_output; SDXL, SD3: the pooled embedding their network reads."""
+    prompts = ["a cat", "a dog"]
+    sd = load_model(str(tiny_sd_dir))
+    tok = sd.pipeline.tokenizer(prompts, padding="max_length", max_length=sd.pipeline.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(sd.pooled_text(prompts), sd.pipeline.text_encoder(tok.input_ids).pooler_output)
+    for folder in (tiny_sdxl_dir, tiny_sd3_dir):
+        model = load_model(str(folder))
+        want = model.encode(prompts, None, 1.0).pooled
+        torch.testing.assert_close(model.pooled_text(prompts), want.float())
+        assert float((want[0] - want[1]).abs().max()) > 0
+
+
+def test_a_text_conditioned_flow_corrector_trains_on_embeddings_and_round_trips(tmp_path, tiny_sd_dir):
+    """The flow corrector of a text model: UNet2DModel with ``class_embed_type = "identity"`` fed a
+    learned projection of the pooled embedding; saved and loaded with the projection."""
+    from pgraft_cli.io.recipes import load_recipe
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.report.ui import progress
+    from pgraft_cli.stages.correct import corrector_conditions, run_train_corrector
+
+    model = load_model(str(tiny_sd_dir))
+    rec = load_recipe("inverse-noise", ["correct.corrector_train_steps=2", "correct.corrector_batch_size=4",
+                                        "correct.corrector_channels=[8, 16]", "correct.corrector_sample_steps=2"])
+    captions = ["a cat", "a dog", "a tree"] * 2
+    conds = corrector_conditions(model, None, captions, 4)
+    assert conds["condition"].shape == (6, model.pipeline.text_encoder.config.hidden_size)
+    noises = torch.randn(6, *model.sample_shape, generator=torch.Generator().manual_seed(1))
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        corrector, info = run_train_corrector(noises, model.sample_shape, rec.correct, "base", store, bar, conds=conds)
+    assert info["conditioning"] == "text" and corrector.model_config["class_embed_type"] == "identity"
+    e = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(2))
+    a = corrector(e, corrector.condition_of(["a cat", "a cat"], None, model.pooled_text))
+    b = corrector(e, corrector.condition_of(["a cat", "never seen"], None, model.pooled_text))
+    torch.testing.assert_close(a[0], b[0])
+    assert float((a[1] - b[1]).abs().max()) > 0
+    back = load_model(str(save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})))
+    cond = back.corrector.condition_of(["a cat", "never seen"], None, back.pooled_text)
+    torch.testing.assert_close(back.corrector(e, cond), b)

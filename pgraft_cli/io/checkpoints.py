@@ -766,6 +766,9 @@ def _composed_metadata(base: LoadedModel, base_info: dict[str, Any], metrics: di
     return extra
 
 
+TEXT_PROJECTION = "pgraft_text_projection"  # a text flow corrector's projection, beside its network's weights
+
+
 def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedModel, metrics: dict[str, Any],
                    recipe: dict[str, Any], extra_provenance: Optional[dict[str, Any]] = None) -> Path:
     """Write the corrector, the base model's identity and sampler, and the measured metrics."""
@@ -780,18 +783,20 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
         "pgraft.corrector_steps": str(corrector.steps),
         **_composed_metadata(base, base_info, metrics),
     }
-    if corrector.conditioning != "none":  # one fit per class / caption group (NoiseCorrector)
+    if corrector.conditioning != "none":  # per class, or on the pooled text embedding (NoiseCorrector)
         extra["pgraft.corrector_conditioning"] = corrector.conditioning
-        if corrector.captions is not None:
-            extra["pgraft.corrector_captions"] = json.dumps(corrector.captions)
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
     if corrector.network is None:
         state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
-                                            else {"chol": corrector.chol})}
+                                            else {"chol": corrector.chol}),
+                 **({"weight": corrector.weight} if corrector.weight is not None else {})}
         return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.shape[-1])},  # type: ignore[arg-type]
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
+    projection = {} if corrector.projection is None else {
+        f"{TEXT_PROJECTION}.{k}": v for k, v in corrector.projection.state_dict().items()}
     return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
-                                   NoiseCorrector.schedule_config(), provenance, extra)
+                                   NoiseCorrector.schedule_config(), provenance, extra,
+                                   state={**corrector.network.state_dict(), **projection})
 
 
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
@@ -802,18 +807,27 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     base_model = load_base_for(path, info, base, kind, allow_pickle, config)
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
-    given = {"conditioning": metadata.get("pgraft.corrector_conditioning", "none"),
-             "captions": json.loads(metadata.get("pgraft.corrector_captions", "null"))}
+    conditioning = metadata.get("pgraft.corrector_conditioning", "none")
+    if conditioning not in ("none", "class", "text"):
+        raise ModelLoadError(f"{path} has a corrector conditioned on {conditioning!r}, a form this version no longer "
+                             f"reads; run pgraft correct again")
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
-                                   std=state.get("std"), **given)
+                                   std=state.get("std"), weight=state.get("weight"), conditioning=conditioning)
     else:
         config = json.loads(metadata["pgraft.model_config"])
         network = build_network("UNet2DModel", config)
+        prefix = f"{TEXT_PROJECTION}."
+        projection = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         load_state(network, state, str(path))
         network.eval().requires_grad_(False)
+        linear = None
+        if projection:  # a text corrector: pooled embedding -> the network's class embedding
+            linear = torch.nn.Linear(*projection["weight"].shape[::-1])
+            linear.load_state_dict(projection)
+            linear.requires_grad_(False)
         corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
-                                   network=network, model_config=config, **given)
+                                   network=network, model_config=config, conditioning=conditioning, projection=linear)
     base_model.corrector = corrector
     base_model.source = str(path)
     base_model.source_kind = "pgraft-corrector"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..core.ridge import ridge_fit
 from ..core.samplers import NoiseSchedule, sample
 from ..errors import PgraftError
 
@@ -22,11 +23,14 @@ class NoiseCorrector:
     with ``L`` the Cholesky factor of the inverted noises' covariance; ``"gaussian-diag"``:
     ``z = mean + std * e`` per dimension (no network calls).
 
-    A conditioned corrector (``conditioning = "class"`` or ``"caption"``) holds one fit per group:
-    ``mean`` (G, D), ``std`` (G, D) or ``chol`` (G, D, D), or a flow network with a class embedding
-    (``num_class_embeds = G``), and maps each row with its group's: a class model's group is the
-    sample's class; a text model's is the index of its prompt in ``captions`` (the training captions
-    seen at least twice), or ``len(captions)``, the pooled fit, for any other prompt.
+    A class-conditioned corrector (``conditioning = "class"``) holds one fit per class: ``mean``
+    (C, D), ``std`` (C, D) or ``chol`` (C, D, D), or a flow network with a class embedding
+    (``num_class_embeds = C``); each row takes its class's. A text-conditioned one
+    (``conditioning = "text"``) takes each sample's pooled text embedding ``c`` (E,): the Gaussian
+    kinds' mean is ``mean + c @ weight`` (a ridge regression, :func:`fit_gaussian_on_text`; ``weight``
+    (E, D)) with one ``std``/``chol`` from the residuals; the flow's network gets
+    ``projection(c)`` as its class embedding (``class_embed_type = "identity"``). Any prompt works,
+    seen in training or not.
     """
 
     kind: str
@@ -37,8 +41,9 @@ class NoiseCorrector:
     mean: Optional[Tensor] = None
     chol: Optional[Tensor] = None
     std: Optional[Tensor] = None
-    conditioning: str = "none"  # "none" | "class" | "caption"
-    captions: Optional[list[str]] = None
+    conditioning: str = "none"  # "none" | "class" | "text"
+    weight: Optional[Tensor] = None  # text Gaussians: (E, D), the mean's map of the pooled embedding
+    projection: Optional[nn.Linear] = None  # text flow: pooled embedding -> the network's class embedding
 
     schedule = NoiseSchedule.flow()
 
@@ -46,50 +51,61 @@ class NoiseCorrector:
     def schedule_config() -> dict[str, Any]:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
-    def groups_for(self, prompts: Optional[list[str]], classes: Optional[list[int]]) -> Optional[Tensor]:
-        """Each row's group (see the class doc), or None for an unconditioned corrector."""
+    def condition_of(self, prompts: Optional[list[str]], classes: Optional[list[int]],
+                     pooled_text: Callable[[list[str]], Tensor]) -> Optional[Tensor]:
+        """Each row's condition: its class (long), its prompt's pooled text embedding (``pooled_text``,
+        the base model's), or None for an unconditioned corrector."""
         if self.conditioning == "class":
             assert classes is not None
             return torch.tensor(classes, dtype=torch.long)
-        if self.conditioning == "caption":
-            assert prompts is not None and self.captions is not None
-            known = {c: i for i, c in enumerate(self.captions)}
-            return torch.tensor([known.get(p, len(self.captions)) for p in prompts], dtype=torch.long)
+        if self.conditioning == "text":
+            assert prompts is not None
+            return pooled_text(prompts).float()
         return None
 
-    def velocity(self, z: Tensor, t: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+    def velocity(self, z: Tensor, t: Tensor, condition: Optional[Tensor] = None) -> Tensor:
         assert self.network is not None
         timestep = self.schedule.timestep(t).to(device=z.device, dtype=torch.float32).expand(z.shape[0])
         own = next(self.network.parameters()).dtype  # callers (FLOPs probes) may pass the base model's dtype
-        if self.conditioning != "none" and groups is None:  # a FLOPs probe: any group costs the same
-            groups = torch.zeros(z.shape[0], dtype=torch.long)
-        if groups is None:
+        if self.conditioning != "none" and condition is None:  # a FLOPs probe: any condition costs the same
+            condition = (torch.zeros(z.shape[0], dtype=torch.long) if self.projection is None
+                         else torch.zeros(z.shape[0], self.projection.in_features))
+        if condition is None:
             return self.network(z.to(own), timestep).sample
-        return self.network(z.to(own), timestep, class_labels=groups.to(z.device)).sample
+        labels = condition.to(z.device) if self.projection is None else self.projection(condition.to(z.device, own))
+        return self.network(z.to(own), timestep, class_labels=labels).sample
 
     @torch.no_grad()
-    def __call__(self, noise: Tensor, groups: Optional[Tensor] = None) -> Tensor:
-        if self.conditioning != "none" and groups is None:
-            raise ValueError("a conditioned noise corrector needs each row's group (groups_for)")
+    def __call__(self, noise: Tensor, condition: Optional[Tensor] = None) -> Tensor:
+        """Corrected noise for ``noise``; ``condition`` is each row's class or pooled text embedding
+        (:meth:`condition_of`) for a conditioned corrector."""
+        if self.conditioning != "none" and condition is None:
+            raise ValueError("a conditioned noise corrector needs each row's condition (condition_of)")
         if self.network is None:
             assert self.mean is not None
             flat = noise.reshape(noise.shape[0], -1).double()
-            g = None if groups is None else groups.to(self.mean.device)
-            mean = self.mean.double() if g is None else self.mean[g].double()
-            if self.kind == "gaussian-diag":
-                spread = flat * (self.std.double() if g is None else self.std[g].double())
+            g = None if condition is None else condition.to(self.mean.device)
+            per_row = g is not None and self.weight is None  # class fits: one row of parameters per class
+            if self.weight is not None:  # text: the regression's mean, one spread
+                mean = self.mean.double() + g.double() @ self.weight.double()
             else:
-                spread = flat @ self.chol.double().T if g is None else (self.chol[g].double() @ flat[..., None])[..., 0]
+                mean = self.mean.double() if g is None else self.mean[g].double()
+            if self.kind == "gaussian-diag":
+                spread = flat * (self.std[g].double() if per_row else self.std.double())
+            else:
+                spread = (self.chol[g].double() @ flat[..., None])[..., 0] if per_row else flat @ self.chol.double().T
             return (mean + spread).to(noise.dtype).reshape(noise.shape)
         own = next(self.network.parameters()).dtype
-        z, _ = sample(lambda x, t: self.velocity(x, t, groups), self.schedule, noise.to(own),
+        z, _ = sample(lambda x, t: self.velocity(x, t, condition), self.schedule, noise.to(own),
                       self.schedule.grid(self.steps))
         return z.to(noise.dtype)
 
     def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "NoiseCorrector":
         if self.network is not None:
             self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        for name in ("mean", "chol", "std"):
+        if self.projection is not None:
+            self.projection.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+        for name in ("mean", "chol", "std", "weight"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -102,7 +118,10 @@ class NoiseCorrector:
         return 2 * dim * (1 if self.kind == "gaussian-diag" else dim)
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.network.parameters()) if self.network is not None else 0
+        if self.network is None:
+            return 0
+        return sum(p.numel() for p in self.network.parameters()) + (
+            0 if self.projection is None else sum(p.numel() for p in self.projection.parameters()))
 
 
 MAX_FULL_COVARIANCE_DIM = 16384  # a D x D float64 covariance above this is > 2 GB
@@ -162,12 +181,31 @@ def fit_gaussian_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> t
     return mean, chol
 
 
-def caption_groups(captions: list[str]) -> tuple[list[str], Tensor]:
-    """The captions seen at least twice (first-seen order) and each image's group: the index of its
-    caption there, or ``len(vocabulary)`` (the pooled group) for a caption seen once."""
-    counts: dict[str, int] = {}
-    for c in captions:
-        counts[c] = counts.get(c, 0) + 1
-    vocabulary = [c for c in counts if counts[c] >= 2]
-    index = {c: i for i, c in enumerate(vocabulary)}
-    return vocabulary, torch.tensor([index.get(c, len(vocabulary)) for c in captions], dtype=torch.long)
+RIDGE_SCALES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # lam = scale * mean squared centred embedding norm
+
+
+def fit_gaussian_on_text(noises: Tensor, embeds: Tensor, kind: str) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+    """The text-conditioned Gaussian corrector: ``z = mean + c @ weight + spread(e)``.
+
+    The mean is the ridge regression of the noises on the pooled text embeddings ``c``
+    (:func:`core.ridge.ridge_fit`), its ``lam = s tr(Xc Xc^T) / N`` with ``s`` the one of
+    ``RIDGE_SCALES`` of least leave-one-out error; the spread is ``std`` (``gaussian-diag``) or the
+    Cholesky factor (``gaussian``) of the residuals. Returns ``(mean, weight, spread, info)``, info
+    with the chosen ``ridge``, its leave-one-out error per row and that of the pooled mean
+    (``mean_i ||y_i - ybar||^2 (N / (N - 1))^2``), and ``loo_gain = 1 - ridge / pooled``: the share of
+    a held-out image's squared mean error the text embedding explains (0 or less: it does not help).
+    """
+    y = noises.reshape(len(noises), -1).double()
+    x = embeds.reshape(len(embeds), -1).double()
+    num = len(y)
+    if num < 3:
+        raise PgraftError(f"a text-conditioned corrector needs at least 3 images (got {num}); raise correct.num_images")
+    scale = float((x - x.mean(0)).pow(2).sum()) / num or 1.0
+    fits = [(s * scale, *ridge_fit(x, y, s * scale)) for s in RIDGE_SCALES]
+    lam, mean, weight, loo = min(fits, key=lambda f: f[3])
+    residual = y - mean - x @ weight
+    spread = fit_gaussian_diag(residual)[1] if kind == "gaussian-diag" else fit_gaussian(residual)[1]
+    pooled = float((y - y.mean(0)).pow(2).sum(1).mean()) * (num / (num - 1)) ** 2
+    info = {"ridge": lam, "loo_mse": loo / y.shape[1], "loo_mse_pooled": pooled / y.shape[1],
+            "loo_gain": 1 - loo / pooled if pooled > 0 else 0.0}
+    return mean, weight, spread, info

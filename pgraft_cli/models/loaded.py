@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.samplers import NoiseSchedule, above_cutoff
+from ..errors import PgraftError
 from .corrector import NoiseCorrector
 from .families import Cond, Conditioning, Family, family_for
 from .lora import lora_state, set_lora_enabled
@@ -171,6 +172,15 @@ class LoadedModel:
             cond = cond.rows(torch.tensor([unique.index(p) for p in prompts], device=device))
         cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
         return cond
+
+    @torch.no_grad()
+    def pooled_text(self, prompts: list[str]) -> Tensor:
+        """Each prompt's pooled text embedding (``Family.pooled_text``): the text corrector's input."""
+        pooled = self.adapter.pooled_text(self.pipeline, prompts, self.device, self.sample_shape)
+        if pooled is None:
+            raise PgraftError(f"{self.source} ({self.family}) has no pooled text embedding for a text-conditioned "
+                              f"corrector; SD 1.x/2.x, SDXL, SD3 and Flux have one")
+        return pooled.float()
 
     # -- the network in pgraft's convention -----------------------------------------------------
     def network_at(self, t: Tensor) -> nn.Module:

@@ -28,7 +28,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import correct_report, wrote_lines
-    from ..stages.correct import check_correctable, corrector_groups, run_invert, run_train_corrector
+    from ..stages.correct import check_correctable, corrector_conditions, run_invert, run_train_corrector
     from ..stages.sample import Conditions
     from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
     from ..stages.finetune import main_first
@@ -54,11 +54,11 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
         lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
         noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale)
-        groups = corrector_groups(rows.labels[keep] if loaded.conditioning == "class" else None,
-                                  [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
-                                  loaded.num_classes)
+        conds = corrector_conditions(loaded, rows.labels[keep] if loaded.conditioning == "class" else None,
+                                     [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
+                                     lane)
         corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
-            noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, groups=groups))
+            noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, conds=conds))
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane,

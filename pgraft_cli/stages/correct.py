@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.losses import flow_matching_loss
 from ..core.samplers import invert_sampler, sample
@@ -33,8 +33,8 @@ from ..io.checkpoints import model_key
 from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
 from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
-from ..models.corrector import (NoiseCorrector, caption_groups, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
-                                fit_gaussian_diag_by_class)
+from ..models.corrector import (NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
+                                fit_gaussian_diag_by_class, fit_gaussian_on_text)
 from ..models.loaded import LoadedModel
 from .train_loop import LoopConfig, Training, loss_summary, train
 
@@ -85,10 +85,9 @@ def check_correctable(model: LoadedModel, cfg: CorrectConfig, labels: Optional[T
                       captions: Optional[Sequence[str]] = None, check_data: bool = True) -> None:
     """Inverse noise correction inverts a deterministic sampler (a flow's Euler or a diffusion model's
     DDIM, eta = 0) under each image's condition: a class model needs the data's labels, in its range;
-    a text model its captions, and a Gaussian corrector (per caption group: docs/methods.md)."""
-    if model.conditioning == "text" and cfg.corrector == "flow":
-        raise PgraftError(f"{model.source} is text-conditioned and the flow corrector takes no caption; set "
-                          f"correct.corrector = \"gaussian-diag\" (or \"gaussian\"), fitted per caption group")
+    a text model its captions and a pooled text embedding (the corrector's input: docs/methods.md)."""
+    if model.conditioning == "text":
+        model.pooled_text([""])  # refuses, in one line, a family without one
     if not check_data:
         return
     if model.conditioning == "class":
@@ -245,55 +244,69 @@ def inversion_stats(per_image: dict[str, Tensor], kept: Tensor, cfg: CorrectConf
 # Stage 2: training the corrector
 
 
-def corrector_groups(labels: Optional[Tensor], captions: Optional[Sequence[str]],
-                     num_classes: Optional[int]) -> dict[str, Any]:
-    """How the corrector is conditioned on the kept images' conditions: ``conditioning``, each image's
-    group (``groups``), their number and, for captions, the caption of each group (``caption_groups``)."""
+def corrector_conditions(model: LoadedModel, labels: Optional[Tensor], captions: Optional[Sequence[str]],
+                         lane: int) -> dict[str, Any]:
+    """How the corrector is conditioned on the kept images' conditions: ``conditioning`` and each
+    image's ``condition``: its class (and ``num_classes``) or its caption's pooled text embedding
+    (encoded ``lane`` captions at a time)."""
     if labels is not None:
-        return {"conditioning": "class", "groups": labels, "num_groups": int(num_classes or 0), "captions": None}
+        return {"conditioning": "class", "condition": labels, "num_classes": int(model.num_classes or 0)}
     if captions is not None:
-        vocabulary, groups = caption_groups(list(captions))
-        return {"conditioning": "caption", "groups": groups, "num_groups": len(vocabulary) + 1, "captions": vocabulary}
-    return {"conditioning": "none", "groups": None, "num_groups": 0, "captions": None}
+        embeds = [model.pooled_text(list(captions[i:i + lane])).cpu() for i in range(0, len(captions), lane)]
+        return {"conditioning": "text", "condition": torch.cat(embeds), "num_classes": 0}
+    return {"conditioning": "none", "condition": None, "num_classes": 0}
 
 
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
                         store: RunStore, bar: Any, device: Any = "cpu",
-                        groups: Optional[dict[str, Any]] = None) -> tuple[NoiseCorrector, dict[str, Any]]:
+                        conds: Optional[dict[str, Any]] = None) -> tuple[NoiseCorrector, dict[str, Any]]:
     """Train (or resume, or fit) the corrector on the inverted noises.
 
     ``noises`` (the kept ones, from :func:`run_invert`) is the one data set held in memory, in host
-    memory: each step moves only its batch to ``device``. ``groups`` (:func:`corrector_groups`)
-    conditions it: one Gaussian per group, or a class embedding in the flow's network.
+    memory: each step moves only its batch to ``device``. ``conds`` (:func:`corrector_conditions`)
+    conditions it: per class, one Gaussian or a class embedding in the flow's network; per pooled
+    text embedding, a ridge-regressed Gaussian mean or a projection into the flow's class embedding.
     """
     from diffusers import UNet2DModel
     from safetensors.torch import load_file, save_file
 
-    groups = groups or corrector_groups(None, None, None)
-    group_of, num = groups["groups"], groups["num_groups"]
-    cond = {"conditioning": groups["conditioning"], "captions": groups["captions"]}
+    conds = conds or {"conditioning": "none", "condition": None, "num_classes": 0}
+    kind, cond_of, num = conds["conditioning"], conds["condition"], conds["num_classes"]
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING_KEYS}
     inputs = {"base": base_id, "noises": tensor_digest(noises), "device_type": torch.device(device).type}
-    if group_of is not None:
-        inputs["groups"] = tensor_digest(group_of)
+    if cond_of is not None:
+        inputs["conditions"] = tensor_digest(cond_of)
     stage = store.open_stage("train_corrector", config, inputs)
-    if cfg.corrector == "gaussian":
-        mean, chol = fit_gaussian(noises) if group_of is None else fit_gaussian_by_class(noises, group_of, num)
-        corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float(), **cond)
-        return corrector, {"kind": "gaussian", "parameters": 0, "conditioning": cond["conditioning"]}
-    if cfg.corrector == "gaussian-diag":
-        mean, std = fit_gaussian_diag(noises) if group_of is None else fit_gaussian_diag_by_class(noises, group_of, num)
-        corrector = NoiseCorrector("gaussian-diag", cfg.base_steps, 0, mean=mean.float(), std=std.float(), **cond)
-        return corrector, {"kind": "gaussian-diag", "parameters": 0, "conditioning": cond["conditioning"]}
+    summary: dict[str, Any] = {"kind": cfg.corrector, "parameters": 0, "conditioning": kind}
+    if cfg.corrector in ("gaussian", "gaussian-diag"):
+        diag, spread_info = cfg.corrector == "gaussian-diag", {}
+        if kind == "text":  # the mean a ridge map of the pooled text embedding, one spread
+            mean, weight, spread, spread_info = fit_gaussian_on_text(noises, cond_of, cfg.corrector)
+        else:
+            weight = None
+            fit = ((fit_gaussian_diag if diag else fit_gaussian) if kind == "none" else
+                   (fit_gaussian_diag_by_class if diag else fit_gaussian_by_class))
+            mean, spread = fit(noises) if kind == "none" else fit(noises, cond_of, num)
+        corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, 0, mean=mean.float(), conditioning=kind,
+                                   weight=None if weight is None else weight.float(),
+                                   **{("std" if diag else "chol"): spread.float()})
+        return corrector, {**summary, **spread_info}
     model_config = corrector_config(cfg, sample_shape)
-    if group_of is not None:  # a class embedding (only class models reach here: check_correctable)
+    projection = None
+    if kind == "class":
         model_config["num_class_embeds"] = num
+    elif kind == "text":  # the pooled embedding, projected to the time embedding's width, added to it
+        model_config["class_embed_type"] = "identity"
     torch.manual_seed(cfg.seed)
     network = UNet2DModel(**model_config).to(device)
+    trained: nn.Module = network
+    if kind == "text":
+        projection = nn.Linear(cond_of.shape[1], network.time_embedding.linear_2.out_features).to(device)
+        trained = nn.ModuleDict({"network": network, "projection": projection})
     if not stage.done:
-        opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
-        run = Training.resume(list(network.named_parameters()), opt, stage.dir / "state.safetensors",
-                              network.load_state_dict)
+        opt = torch.optim.AdamW(trained.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
+        run = Training.resume(list(trained.named_parameters()), opt, stage.dir / "state.safetensors",
+                              trained.load_state_dict)
 
         def step_loss(step: int) -> float:
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
@@ -301,17 +314,20 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
             e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
             t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
             # the training set stays in host memory; only each step's batch goes to the device
-            net = network if group_of is None else lambda x, ts: network(x, ts, class_labels=group_of[idx].to(device))
+            labels = None if cond_of is None else cond_of[idx].to(device)
+            if projection is not None:
+                labels = projection(labels)
+            net = network if labels is None else lambda x, ts: network(x, ts, class_labels=labels)
             loss = flow_matching_loss(net, NoiseCorrector.schedule, noises[idx].to(device), e, t)
             loss.backward()
             return float(loss.detach())
 
         loop = LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
                           cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every)
-        network.train()
-        train(run, opt, step_loss, loop, bar, "training corrector", network.state_dict)
+        trained.train()
+        train(run, opt, step_loss, loop, bar, "training corrector", trained.state_dict)
         with stage.write_shard(0) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in network.state_dict().items()}, str(tmp),
+            save_file({k: v.contiguous().cpu() for k, v in trained.state_dict().items()}, str(tmp),
                       metadata={"losses": json.dumps(run.losses)})
         if store.is_main:
             stage.finish([stage.shard_path(0)])
@@ -320,11 +336,10 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     weights = load_file(str(stage.shard_path(0)))
     with safe_open(str(stage.shard_path(0)), "pt") as f:
         losses = json.loads(f.metadata().get("losses", "[]"))
-    network.load_state_dict(weights)
-    network.eval().requires_grad_(False)
+    trained.load_state_dict(weights)
+    trained.eval().requires_grad_(False)
     corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps, network=network,
-                               model_config=model_config, **cond)
-    return corrector, {"kind": "flow", "parameters": corrector.parameter_count(), "conditioning": cond["conditioning"],
-                       **loss_summary(losses)}
+                               model_config=model_config, conditioning=kind, projection=projection)
+    return corrector, {**summary, "parameters": corrector.parameter_count(), **loss_summary(losses)}
 
 

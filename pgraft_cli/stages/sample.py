@@ -174,7 +174,7 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
         noise = initial_noise(cfg.seed, members, model.sample_shape).to(model.device, model.dtype)
         conditions = cond.for_indices(model, members)
         if model.corrector is not None:  # inverse noise correction: e -> corrector (under each image's condition) -> base
-            noise = model.corrector(noise, model.corrector.groups_for(*conditions))
+            noise = model.corrector(noise, model.corrector.condition_of(*conditions, model.pooled_text))
         c = model.encode(*conditions, guidance_scale=cfg.guidance_scale, distilled_guidance=cfg.distilled_guidance)
         real = sum(1 for i in members if indices[0] <= i <= indices[-1])
         with model.autocast_context():

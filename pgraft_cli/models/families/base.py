@@ -106,6 +106,12 @@ class Family:
         pe, npe = pipeline.encode_prompt(prompts, device, 1, cfg)
         return Cond(prompt_embeds=pe, negative_prompt_embeds=npe)
 
+    def pooled_text(self, pipeline: Any, prompts: list[str], device: torch.device,
+                    shape: tuple[int, int, int]) -> Optional[Tensor]:
+        """Each prompt's pooled text embedding (B, E), the text-conditioned corrector's input: the pooled
+        output the family's network takes (SDXL, SD3, Flux), or None where it has none."""
+        return self.encode_text(pipeline, prompts, device, False, shape).pooled
+
     def call(self, network: nn.Module, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
         """The network's prediction for model-space ``x`` (B, C, H, W) at ``timestep`` (B,), ``t * T``."""
         return network(x, timestep, encoder_hidden_states=cond.prompt_embeds).sample
