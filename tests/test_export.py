@@ -170,53 +170,66 @@ def test_a_plain_pixel_model_is_a_stock_ddim_pipeline_on_pgraft_grid(tmp_path, u
 # Single file
 
 
-@pytest.mark.parametrize("sd2", [False, True])
-def test_single_file_loads_in_from_single_file_and_gives_the_images_of_pgraft_sample(tmp_path, tiny_sd_dir, sd2):
-    """SD 1.x with a LoRA fused, SD 2.x (OpenCLIP keys, v-prediction) with a full fine-tune; diffusers takes the
-    file with the tiny folder as its config, and pgraft's grid (DDIM trailing, alpha = 1 at the end)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_loads_in_from_single_file_and_gives_the_images_of_pgraft_sample(tmp_path, request, family):
+    """SD 1.x and SDXL with a LoRA fused, SD 2.x (OpenCLIP keys, v-prediction) with a full fine-tune; diffusers
+    takes the file with the tiny folder as its config, and pgraft's grid (DDIM trailing, alpha = 1 at the end)."""
+    import diffusers
+    from diffusers import DDIMScheduler
 
     from conftest import build_tiny_sd_pipeline
 
-    base = build_tiny_sd_pipeline(tmp_path / "sd2", sd2=True) if sd2 else tiny_sd_dir
-    checkpoint, _ = _tuned_file(tmp_path, base, 0.0, lora_rank=0 if sd2 else 2)
+    base = {"sd1": lambda: request.getfixturevalue("tiny_sd_dir"),
+            "sd2": lambda: build_tiny_sd_pipeline(tmp_path / "sd2", sd2=True),
+            "sdxl": lambda: request.getfixturevalue("tiny_sdxl_released_dir")}[family]()
+    checkpoint, _ = _tuned_file(tmp_path, base, 0.0, lora_rank=0 if family == "sd2" else 2)
     summary = _export(checkpoint, tmp_path / "sf", "--format", "single-file")
-    assert summary["files"] == ["model.safetensors"] and ("OpenCLIP" in summary["layout"]) == sd2
-    pipe = StableDiffusionPipeline.from_single_file(str(tmp_path / "sf" / "model.safetensors"), config=str(base),
-                                                    local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                               set_alpha_to_one=True, steps_offset=0)
+    assert summary["files"] == ["model.safetensors"]
+    assert summary["layout"].split()[:2] == {"sd1": ["SD", "1.x"], "sd2": ["SD", "2.x"], "sdxl": ["SDXL", "(CLIP-L,"]}[family]
+    cls = getattr(diffusers, "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
+    pipe = cls.from_single_file(str(tmp_path / "sf" / "model.safetensors"), config=str(base), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",  # SDXL ships Euler
+                                               set_alpha_to_one=True, steps_offset=0, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
-    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                          "--guidance-scale", "3")
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, *prompts)
     got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=initial_noise(0, [0, 1], (4, 8, 8)),
                output_type="latent").images
     _assert_same(got, want)
-    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                                        "--guidance-scale", "3")).abs().max()) > 1e-3  # the tune is in the file
+    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, *prompts)).abs().max()) > 1e-3  # the tune is in the file
 
 
 def test_single_file_keys_of_full_size_sd_networks_convert_back_through_diffusers(tmp_path):
-    """SD 1.5 / 2.1 sized UNets and VAE (on the meta device): the original keys diffusers' own converter reads
-    back to every diffusers key, and the ones known from the released checkpoints are there."""
+    """SD 1.5 / 2.1 / XL sized UNets and an SD VAE (on the meta device): the original keys diffusers' own converter
+    reads back to every diffusers key, and the ones known from the released checkpoints are there."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     from pgraft_cli.io.single_file import unet_to_single_file, vae_to_single_file
 
+    sd = ("input_blocks.3.0.op.weight", "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+          "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_in.weight",
+          "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "time_embed.2.bias")
+    xl = ("label_emb.0.0.weight", "label_emb.0.2.bias", "input_blocks.3.0.op.weight", "output_blocks.2.2.conv.weight",
+          "output_blocks.5.2.conv.weight", "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight",
+          "output_blocks.8.0.skip_connection.weight", "middle_block.1.transformer_blocks.9.ff.net.2.bias")
     with init_empty_weights():
-        unets = [UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
-                 UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
-                                      use_linear_projection=True)]
+        unets = [(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8), sd),
+                 (UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                                       use_linear_projection=True), sd),
+                 (UNet2DConditionModel(block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+                                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                       transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                       use_linear_projection=True, addition_embed_type="text_time",
+                                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816), xl)]
         vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                             up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2)
-    for unet in unets:
+    for unet, known in unets:
         state = unet.state_dict()
         ldm = unet_to_single_file(state, 2)
-        assert {f"model.diffusion_model.{k}" for k in ("input_blocks.3.0.op.weight", "output_blocks.2.1.conv.weight",
-                "output_blocks.5.2.conv.weight", "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_in.weight",
-                "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "time_embed.2.bias")} <= set(ldm)
+        assert {f"model.diffusion_model.{k}" for k in known} <= set(ldm)
         back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
         assert set(back) == set(state) and all(back[k] is state[k] for k in state)
     state = vae.state_dict()
@@ -234,7 +247,7 @@ def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tm
     with pytest.raises(ExportError, match="--dtype 'int8' is unknown; use one of float32, float16, bfloat16"):
         export("digits", tmp_path / "a", ExportOptions(dtype="int8"))
     single = ExportOptions(format="single-file")
-    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x .* use --format diffusers") as e:
+    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x/XL .* use --format diffusers") as e:
         export("digits", tmp_path / "a", single)
     pgraft, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5)
     with pytest.raises(ExportError, match=r"cannot be one single file: the tuned network runs above t = 0\.5") as e2:
