@@ -278,24 +278,40 @@ def test_dtype_sets_the_written_weights_dtype(tmp_path, tiny_sd_dir, fmt, dtype)
 
 
 def _unet_output(unet, seed=0):
+    """The UNet on random latents and text states (and, for SDXL, a random pooled embedding and time ids)."""
     g = torch.Generator().manual_seed(seed)
-    x, embeds = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    c = unet.config
+    x, embeds = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, c.cross_attention_dim, generator=g)
+    added = {}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, generator=g),
+                                       "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}}
     with torch.no_grad():
-        return unet(x, torch.tensor([700.0, 300.0]), encoder_hidden_states=embeds).sample
+        return unet(x, torch.tensor([700.0, 300.0]), encoder_hidden_states=embeds, **added).sample
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
-def test_lora_round_trip_through_load_lora_weights_changes_the_output_as_pgraft_adapter_does(tmp_path, tiny_sd_dir, layout):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("family, layout", [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"),
+                                            ("sdxl", "kohya")])
+def test_lora_round_trip_through_load_lora_weights_changes_the_output_as_pgraft_adapter_does(tmp_path, request, family,
+                                                                                             layout):
+    """SDXL's kohya file names the original UNet's modules (``lora_unet_input_blocks_...``), as kohya's own."""
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
 
     from pgraft_cli.io.export import KOHYA_FILE
 
-    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    base = request.getfixturevalue("tiny_sdxl_released_dir" if family == "sdxl" else "tiny_sd_dir")
+    checkpoint, _ = _tuned_file(tmp_path, base, 0.0)
     summary = _export(checkpoint, tmp_path / "lora", "--format", "lora", "--lora-format", layout)
     assert summary["alpha"] == 4 and summary["rank"] == 2  # alpha != rank: the scale must travel with the file
+    if layout == "kohya":
+        with safe_open(str(tmp_path / "lora" / KOHYA_FILE), "pt") as f:
+            heads = {k.removeprefix("lora_unet_").split("_")[0] for k in f.keys()}
+        assert heads == ({"input", "middle", "output"} if family == "sdxl" else {"down", "mid", "up"})
     pgraft = load_model(str(checkpoint))
     want = _unet_output(pgraft.network)
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    pipe = DiffusionPipeline.from_pretrained(str(base))
     before = _unet_output(pipe.unet)
     assert float((want - before).abs().max()) > 1e-3
     pipe.load_lora_weights(str(tmp_path / "lora"), **({"weight_name": KOHYA_FILE} if layout == "kohya" else {}))

@@ -7,7 +7,8 @@
   (``export_pipeline.py``, copied into the folder as ``pipeline.py``).
 - ``lora``: the adapter as diffusers' ``load_lora_weights`` reads it (``pytorch_lora_weights.safetensors``,
   ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
-  (``lora_unet_...lora_down/lora_up/alpha``) that ComfyUI and A1111 read.
+  (``lora_unet_...lora_down/lora_up/alpha``; SDXL with the original UNet's module names) that ComfyUI and
+  A1111 read.
 - ``single-file``: SD 1.x/2.x/SDXL as one ``model.safetensors`` in the original CompVis/SAI key layout
   (``single_file.py``), the network fused; composed samplers cannot be one file and are refused.
 
@@ -30,7 +31,7 @@ from ..errors import OutputPathError, PgraftError
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, lora_state
 from .checkpoints import _quiet_loading, build_network
-from .single_file import to_single_file
+from .single_file import to_single_file, unet_names
 
 FORMATS = ("diffusers", "lora", "single-file")
 LORA_LAYOUTS = ("diffusers", "kohya")
@@ -239,12 +240,12 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
     prefix = _lora_prefix(model)
     if layout == "kohya":
         if model.model_class != "UNet2DConditionModel":
-            raise ExportError(f"--lora-format kohya is for Stable Diffusion UNets; {model.source} is a "
+            raise ExportError(f"--lora-format kohya is for Stable Diffusion 1.x/2.x/XL UNets; {model.source} is a "
                               f"{model.model_class}: use --lora-format diffusers")
         from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
-        kohya = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
+        kohya = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in _kohya_names(model, state).items()})
         kohya = {k: torch.tensor(float(config.lora_alpha), dtype=dtype) if k.endswith(".alpha") else v for k, v in kohya.items()}
         save_file(kohya, str(out / KOHYA_FILE), metadata={"ss_network_dim": str(config.r),
                                                          "ss_network_alpha": str(config.lora_alpha)})
@@ -264,6 +265,22 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
         result["note"] = (f"the adapter was trained for t > {model.cutoff:g}; load_lora_weights applies it at every "
                           f"step, which is not the P-GRAFT sampler (export --format diffusers for that)")
     return result
+
+
+def _kohya_names(model: LoadedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 1.x/2.x adapters keep diffusers' module names (kohya trains those on the diffusers UNet); SDXL's take
+    the original UNet's (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``), as kohya trains SDXL on it."""
+    config = model.network.config
+    if config.get("addition_embed_type") != "text_time":
+        return state
+    if not isinstance(config.layers_per_block, int):
+        raise ExportError(f"{model.source}: kohya's SDXL names need one layers_per_block for every block (got "
+                          f"{config.layers_per_block}); use --lora-format diffusers")
+    up_attention = {i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
+    try:
+        return unet_names(state, config.layers_per_block, up_attention)
+    except ValueError as e:
+        raise ExportError(f"{model.source}: {e} (kohya's SDXL names); use --lora-format diffusers") from None
 
 
 # ----------------------------------------------------------------------------------------------
