@@ -392,3 +392,48 @@ def test_bad_exports_fail_in_one_line_and_leave_out_untouched(tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     summary = _export("digits", out, "--force")
     assert not (out / "keep.txt").exists() and "pipeline.py" in summary["files"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's Export section, run as written
+
+
+def _readme_export_blocks():
+    """The fenced code blocks of README.md's Export section, in order, as (language, text)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_export_round_trip_runs_as_written(tmp_path, tiny_sd_dir, monkeypatch):
+    """Every `pgraft export` line of the section through the CLI, then each Python block (the base folder the
+    text calls ./sd2-base is the tiny SD one): the adapter and the single file give pgraft's network output."""
+    import shlex
+
+    blocks = _readme_export_blocks()
+    commands = [shlex.split(line, comments=True) for lang, text in blocks if lang == "bash"
+                for line in text.splitlines() if line.startswith("pgraft export")]
+    assert len(commands) == 4 and {c[c.index("--format") + 1] for c in commands if "--format" in c} == {"lora",
+                                                                                                      "single-file"}
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    assert checkpoint.name == "tuned.safetensors" and all(c[2] == checkpoint.name for c in commands)
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        result = runner.invoke(app, command[1:])
+        assert result.exit_code == 0, f"{shlex.join(command)}: {result.output}"
+    want = _unet_output(load_model(str(checkpoint)).network)
+    checked = 0
+    for lang, text in blocks:
+        if lang != "python":
+            continue
+        scope: dict = {}
+        exec(compile(text.replace("./sd2-base", str(tiny_sd_dir)), "README.md", "exec"), scope)
+        if "images" in scope:
+            assert len(scope["images"]) == 1 and scope["images"][0].size == (16, 16)
+        else:  # the adapter loaded onto the base, or the single file: pgraft's tuned network
+            torch.testing.assert_close(_unet_output(scope["pipe"].unet), want, atol=1e-5, rtol=0)
+        checked += 1
+    assert checked == 3
