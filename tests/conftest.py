@@ -228,24 +228,32 @@ def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0) -> Path:
     return folder
 
 
-def build_tiny_sdxl_pipeline(folder: Path) -> Path:
+def build_tiny_sdxl_pipeline(folder: Path, released: bool = False) -> Path:
     """An SDXL-layout pipeline folder: two CLIP encoders (hidden states concatenated to 64), the
-    second's pooled projection, six time ids; Euler scheduler as SDXL ships; 8x8 latents, 16x16 images."""
+    second's pooled projection, six time ids; Euler scheduler as SDXL ships; 8x8 latents, 16x16 images.
+    ``released``: as the released SDXL is shaped where tools rely on it: encoders of different widths (32, 48,
+    as 768 and 1280: diffusers' from_single_file tells the two apart by width; the second GELU, as OpenCLIP),
+    attention in the deeper block only (down: plain, cross; up: cross, plain), linear projections."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
+    width_2 = 48 if released else 32
+    down, up = ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
-                                in_channels=4, out_channels=4, cross_attention_dim=64, attention_head_dim=2,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+                                in_channels=4, out_channels=4, cross_attention_dim=32 + width_2, attention_head_dim=2,
+                                down_block_types=down[::-1] if released else down,
+                                up_block_types=up[::-1] if released else up, addition_embed_type="text_time",
+                                use_linear_projection=released,
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
     vae = _tiny_vae(scaling_factor=0.13025)
     tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(_clip_config()), tokenizer=tokenizer,
-                                     text_encoder_2=CLIPTextModelWithProjection(_clip_config()), tokenizer_2=tokenizer,
+    text_encoder = CLIPTextModel(_clip_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(width_2, hidden_act="gelu" if released else "quick_gelu"))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
                                      unet=unet, scheduler=scheduler, add_watermarker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -318,6 +326,12 @@ def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny SDXL pipeline folder (built once per session; do not modify)."""
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_released_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SDXL folder shaped as the release (``build_tiny_sdxl_pipeline(released=True)``)."""
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl-released") / "tiny-sdxl", released=True)
 
 
 @pytest.fixture(scope="session")

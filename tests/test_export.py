@@ -170,53 +170,66 @@ def test_a_plain_pixel_model_is_a_stock_ddim_pipeline_on_pgraft_grid(tmp_path, u
 # Single file
 
 
-@pytest.mark.parametrize("sd2", [False, True])
-def test_single_file_loads_in_from_single_file_and_gives_the_images_of_pgraft_sample(tmp_path, tiny_sd_dir, sd2):
-    """SD 1.x with a LoRA fused, SD 2.x (OpenCLIP keys, v-prediction) with a full fine-tune; diffusers takes the
-    file with the tiny folder as its config, and pgraft's grid (DDIM trailing, alpha = 1 at the end)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_loads_in_from_single_file_and_gives_the_images_of_pgraft_sample(tmp_path, request, family):
+    """SD 1.x and SDXL with a LoRA fused, SD 2.x (OpenCLIP keys, v-prediction) with a full fine-tune; diffusers
+    takes the file with the tiny folder as its config, and pgraft's grid (DDIM trailing, alpha = 1 at the end)."""
+    import diffusers
+    from diffusers import DDIMScheduler
 
     from conftest import build_tiny_sd_pipeline
 
-    base = build_tiny_sd_pipeline(tmp_path / "sd2", sd2=True) if sd2 else tiny_sd_dir
-    checkpoint, _ = _tuned_file(tmp_path, base, 0.0, lora_rank=0 if sd2 else 2)
+    base = {"sd1": lambda: request.getfixturevalue("tiny_sd_dir"),
+            "sd2": lambda: build_tiny_sd_pipeline(tmp_path / "sd2", sd2=True),
+            "sdxl": lambda: request.getfixturevalue("tiny_sdxl_released_dir")}[family]()
+    checkpoint, _ = _tuned_file(tmp_path, base, 0.0, lora_rank=0 if family == "sd2" else 2)
     summary = _export(checkpoint, tmp_path / "sf", "--format", "single-file")
-    assert summary["files"] == ["model.safetensors"] and ("OpenCLIP" in summary["layout"]) == sd2
-    pipe = StableDiffusionPipeline.from_single_file(str(tmp_path / "sf" / "model.safetensors"), config=str(base),
-                                                    local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                               set_alpha_to_one=True, steps_offset=0)
+    assert summary["files"] == ["model.safetensors"]
+    assert summary["layout"].split()[:2] == {"sd1": ["SD", "1.x"], "sd2": ["SD", "2.x"], "sdxl": ["SDXL", "(CLIP-L,"]}[family]
+    cls = getattr(diffusers, "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
+    pipe = cls.from_single_file(str(tmp_path / "sf" / "model.safetensors"), config=str(base), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",  # SDXL ships Euler
+                                               set_alpha_to_one=True, steps_offset=0, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
-    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                          "--guidance-scale", "3")
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, *prompts)
     got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=initial_noise(0, [0, 1], (4, 8, 8)),
                output_type="latent").images
     _assert_same(got, want)
-    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                                        "--guidance-scale", "3")).abs().max()) > 1e-3  # the tune is in the file
+    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, *prompts)).abs().max()) > 1e-3  # the tune is in the file
 
 
 def test_single_file_keys_of_full_size_sd_networks_convert_back_through_diffusers(tmp_path):
-    """SD 1.5 / 2.1 sized UNets and VAE (on the meta device): the original keys diffusers' own converter reads
-    back to every diffusers key, and the ones known from the released checkpoints are there."""
+    """SD 1.5 / 2.1 / XL sized UNets and an SD VAE (on the meta device): the original keys diffusers' own converter
+    reads back to every diffusers key, and the ones known from the released checkpoints are there."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     from pgraft_cli.io.single_file import unet_to_single_file, vae_to_single_file
 
+    sd = ("input_blocks.3.0.op.weight", "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+          "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_in.weight",
+          "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "time_embed.2.bias")
+    xl = ("label_emb.0.0.weight", "label_emb.0.2.bias", "input_blocks.3.0.op.weight", "output_blocks.2.2.conv.weight",
+          "output_blocks.5.2.conv.weight", "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight",
+          "output_blocks.8.0.skip_connection.weight", "middle_block.1.transformer_blocks.9.ff.net.2.bias")
     with init_empty_weights():
-        unets = [UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
-                 UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
-                                      use_linear_projection=True)]
+        unets = [(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8), sd),
+                 (UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                                       use_linear_projection=True), sd),
+                 (UNet2DConditionModel(block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+                                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                       transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                       use_linear_projection=True, addition_embed_type="text_time",
+                                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816), xl)]
         vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                             up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2)
-    for unet in unets:
+    for unet, known in unets:
         state = unet.state_dict()
         ldm = unet_to_single_file(state, 2)
-        assert {f"model.diffusion_model.{k}" for k in ("input_blocks.3.0.op.weight", "output_blocks.2.1.conv.weight",
-                "output_blocks.5.2.conv.weight", "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_in.weight",
-                "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "time_embed.2.bias")} <= set(ldm)
+        assert {f"model.diffusion_model.{k}" for k in known} <= set(ldm)
         back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
         assert set(back) == set(state) and all(back[k] is state[k] for k in state)
     state = vae.state_dict()
@@ -234,7 +247,7 @@ def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tm
     with pytest.raises(ExportError, match="--dtype 'int8' is unknown; use one of float32, float16, bfloat16"):
         export("digits", tmp_path / "a", ExportOptions(dtype="int8"))
     single = ExportOptions(format="single-file")
-    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x .* use --format diffusers") as e:
+    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x/XL .* use --format diffusers") as e:
         export("digits", tmp_path / "a", single)
     pgraft, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5)
     with pytest.raises(ExportError, match=r"cannot be one single file: the tuned network runs above t = 0\.5") as e2:
@@ -265,24 +278,40 @@ def test_dtype_sets_the_written_weights_dtype(tmp_path, tiny_sd_dir, fmt, dtype)
 
 
 def _unet_output(unet, seed=0):
+    """The UNet on random latents and text states (and, for SDXL, a random pooled embedding and time ids)."""
     g = torch.Generator().manual_seed(seed)
-    x, embeds = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    c = unet.config
+    x, embeds = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, c.cross_attention_dim, generator=g)
+    added = {}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, generator=g),
+                                       "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}}
     with torch.no_grad():
-        return unet(x, torch.tensor([700.0, 300.0]), encoder_hidden_states=embeds).sample
+        return unet(x, torch.tensor([700.0, 300.0]), encoder_hidden_states=embeds, **added).sample
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
-def test_lora_round_trip_through_load_lora_weights_changes_the_output_as_pgraft_adapter_does(tmp_path, tiny_sd_dir, layout):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("family, layout", [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"),
+                                            ("sdxl", "kohya")])
+def test_lora_round_trip_through_load_lora_weights_changes_the_output_as_pgraft_adapter_does(tmp_path, request, family,
+                                                                                             layout):
+    """SDXL's kohya file names the original UNet's modules (``lora_unet_input_blocks_...``), as kohya's own."""
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
 
     from pgraft_cli.io.export import KOHYA_FILE
 
-    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    base = request.getfixturevalue("tiny_sdxl_released_dir" if family == "sdxl" else "tiny_sd_dir")
+    checkpoint, _ = _tuned_file(tmp_path, base, 0.0)
     summary = _export(checkpoint, tmp_path / "lora", "--format", "lora", "--lora-format", layout)
     assert summary["alpha"] == 4 and summary["rank"] == 2  # alpha != rank: the scale must travel with the file
+    if layout == "kohya":
+        with safe_open(str(tmp_path / "lora" / KOHYA_FILE), "pt") as f:
+            heads = {k.removeprefix("lora_unet_").split("_")[0] for k in f.keys()}
+        assert heads == ({"input", "middle", "output"} if family == "sdxl" else {"down", "mid", "up"})
     pgraft = load_model(str(checkpoint))
     want = _unet_output(pgraft.network)
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    pipe = DiffusionPipeline.from_pretrained(str(base))
     before = _unet_output(pipe.unet)
     assert float((want - before).abs().max()) > 1e-3
     pipe.load_lora_weights(str(tmp_path / "lora"), **({"weight_name": KOHYA_FILE} if layout == "kohya" else {}))
@@ -363,3 +392,48 @@ def test_bad_exports_fail_in_one_line_and_leave_out_untouched(tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     summary = _export("digits", out, "--force")
     assert not (out / "keep.txt").exists() and "pipeline.py" in summary["files"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's Export section, run as written
+
+
+def _readme_export_blocks():
+    """The fenced code blocks of README.md's Export section, in order, as (language, text)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_export_round_trip_runs_as_written(tmp_path, tiny_sd_dir, monkeypatch):
+    """Every `pgraft export` line of the section through the CLI, then each Python block (the base folder the
+    text calls ./sd2-base is the tiny SD one): the adapter and the single file give pgraft's network output."""
+    import shlex
+
+    blocks = _readme_export_blocks()
+    commands = [shlex.split(line, comments=True) for lang, text in blocks if lang == "bash"
+                for line in text.splitlines() if line.startswith("pgraft export")]
+    assert len(commands) == 4 and {c[c.index("--format") + 1] for c in commands if "--format" in c} == {"lora",
+                                                                                                      "single-file"}
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    assert checkpoint.name == "tuned.safetensors" and all(c[2] == checkpoint.name for c in commands)
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        result = runner.invoke(app, command[1:])
+        assert result.exit_code == 0, f"{shlex.join(command)}: {result.output}"
+    want = _unet_output(load_model(str(checkpoint)).network)
+    checked = 0
+    for lang, text in blocks:
+        if lang != "python":
+            continue
+        scope: dict = {}
+        exec(compile(text.replace("./sd2-base", str(tiny_sd_dir)), "README.md", "exec"), scope)
+        if "images" in scope:
+            assert len(scope["images"]) == 1 and scope["images"][0].size == (16, 16)
+        else:  # the adapter loaded onto the base, or the single file: pgraft's tuned network
+            torch.testing.assert_close(_unet_output(scope["pipe"].unet), want, atol=1e-5, rtol=0)
+        checked += 1
+    assert checked == 3

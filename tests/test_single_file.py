@@ -142,35 +142,16 @@ def test_files_made_from_a_single_file_find_it_again(tmp_path, tiny_sd_dir):
 
 
 def _tiny_sdxl(folder, out):
-    """A tiny SDXL pipeline folder (two CLIP encoders, text_time embedding) and its file in the original layout:
-    ``conditioner.embedders.0`` OpenAI CLIP, ``.1`` OpenCLIP with ``text_projection`` as (in, out). Their widths
-    differ, as 768 and 1280 do: diffusers tells the two encoders apart by width."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    """A tiny SDXL pipeline folder shaped as the release and its file in the original layout:
+    ``conditioner.embedders.0`` OpenAI CLIP, ``.1`` OpenCLIP with ``text_projection`` as (in, out)."""
+    from diffusers import StableDiffusionXLPipeline
 
-    from conftest import _clip_config, _tiny_vae, build_tiny_clip_tokenizer
-    from pgraft_cli.io.single_file import CLIP_PREFIX, OPEN_CLIP_PREFIX, clip_to_single_file
+    from conftest import build_tiny_sdxl_pipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
-                                cross_attention_dim=32 + 48, attention_head_dim=2, use_linear_projection=True,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
-                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    tokenizer = build_tiny_clip_tokenizer(folder.parent / "sdxl-tokenizer")
-    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=CLIPTextModel(_clip_config()),
-                                     text_encoder_2=CLIPTextModelWithProjection(_clip_config(48, hidden_act="gelu")),
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                                     scheduler=EulerDiscreteScheduler())
-    pipe.save_pretrained(folder, safe_serialization=True)
-    second = pipe.text_encoder_2.state_dict()
-    projection = second.pop("text_projection.weight")
-    state = {**to_single_file(unet.state_dict(), pipe.vae.state_dict(), {}, 1, False),
-             **{k.replace(CLIP_PREFIX, "conditioner.embedders.0.transformer.text_model."): v
-                for k, v in clip_to_single_file(pipe.text_encoder.state_dict(), False).items()},
-             **{k.replace(OPEN_CLIP_PREFIX, "conditioner.embedders.1.model."): v
-                for k, v in clip_to_single_file(second, True).items()},
-             "conditioner.embedders.1.model.text_projection": projection.T}
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(build_tiny_sdxl_pipeline(folder, released=True)))
+    state = to_single_file(pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(), 1, False,
+                           pipe.text_encoder_2.state_dict())
+    assert state["conditioner.embedders.1.model.text_projection"].shape == (48, 32)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     return pipe
 

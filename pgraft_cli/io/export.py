@@ -7,8 +7,9 @@
   (``export_pipeline.py``, copied into the folder as ``pipeline.py``).
 - ``lora``: the adapter as diffusers' ``load_lora_weights`` reads it (``pytorch_lora_weights.safetensors``,
   ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
-  (``lora_unet_...lora_down/lora_up/alpha``) that ComfyUI and A1111 read.
-- ``single-file``: SD 1.x/2.x as one ``model.safetensors`` in the original CompVis/SAI key layout
+  (``lora_unet_...lora_down/lora_up/alpha``; SDXL with the original UNet's module names) that ComfyUI and
+  A1111 read.
+- ``single-file``: SD 1.x/2.x/SDXL as one ``model.safetensors`` in the original CompVis/SAI key layout
   (``single_file.py``), the network fused; composed samplers cannot be one file and are refused.
 
 Every writer takes the weights' ``dtype`` (pgraft export --dtype); a noise corrector keeps its own.
@@ -30,14 +31,14 @@ from ..errors import OutputPathError, PgraftError
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, lora_state
 from .checkpoints import _quiet_loading, build_network
-from .single_file import to_single_file
+from .single_file import to_single_file, unet_names
 
 FORMATS = ("diffusers", "lora", "single-file")
 LORA_LAYOUTS = ("diffusers", "kohya")
 TEMPLATE = Path(__file__).with_name("export_pipeline.py")
 KOHYA_FILE = "lora_kohya.safetensors"
 SINGLE_FILE = "model.safetensors"
-SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline",)
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 class ExportError(PgraftError):
@@ -239,12 +240,12 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
     prefix = _lora_prefix(model)
     if layout == "kohya":
         if model.model_class != "UNet2DConditionModel":
-            raise ExportError(f"--lora-format kohya is for Stable Diffusion UNets; {model.source} is a "
+            raise ExportError(f"--lora-format kohya is for Stable Diffusion 1.x/2.x/XL UNets; {model.source} is a "
                               f"{model.model_class}: use --lora-format diffusers")
         from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
-        kohya = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
+        kohya = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in _kohya_names(model, state).items()})
         kohya = {k: torch.tensor(float(config.lora_alpha), dtype=dtype) if k.endswith(".alpha") else v for k, v in kohya.items()}
         save_file(kohya, str(out / KOHYA_FILE), metadata={"ss_network_dim": str(config.r),
                                                          "ss_network_alpha": str(config.lora_alpha)})
@@ -266,19 +267,36 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
     return result
 
 
+def _kohya_names(model: LoadedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 1.x/2.x adapters keep diffusers' module names (kohya trains those on the diffusers UNet); SDXL's take
+    the original UNet's (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``), as kohya trains SDXL on it."""
+    config = model.network.config
+    if config.get("addition_embed_type") != "text_time":
+        return state
+    if not isinstance(config.layers_per_block, int):
+        raise ExportError(f"{model.source}: kohya's SDXL names need one layers_per_block for every block (got "
+                          f"{config.layers_per_block}); use --lora-format diffusers")
+    up_attention = {i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
+    try:
+        return unet_names(state, config.layers_per_block, up_attention)
+    except ValueError as e:
+        raise ExportError(f"{model.source}: {e} (kohya's SDXL names); use --lora-format diffusers") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # single file
 
 
 def export_single_file(model: LoadedModel, out: Path, dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
-    """UNet (fine-tune fused), VAE and text encoder of an SD 1.x/2.x model as one ``model.safetensors``
-    in the original key layout; SD 2.x (an OpenCLIP text encoder, GELU) gets the OpenCLIP text keys."""
+    """UNet (fine-tune fused), VAE and text encoder(s) of an SD 1.x/2.x/SDXL model as one ``model.safetensors``
+    in the original key layout; SD 2.x (an OpenCLIP text encoder, GELU) gets the OpenCLIP text keys, SDXL
+    its two embedders (CLIP-L, OpenCLIP bigG)."""
     from safetensors.torch import save_file
 
     pipe = model.pipeline
     kind = type(pipe).__name__ if pipe is not None else model.model_class
     if kind not in SINGLE_FILE_PIPELINES:
-        raise ExportError(f"--format single-file supports Stable Diffusion 1.x/2.x ({', '.join(SINGLE_FILE_PIPELINES)})"
+        raise ExportError(f"--format single-file supports Stable Diffusion 1.x/2.x/XL ({', '.join(SINGLE_FILE_PIPELINES)})"
                           f"; {model.source} is a {kind}: use --format diffusers")
     if not one_network(model):
         why = "a noise corrector runs before the base model" if model.corrector is not None else (
@@ -291,12 +309,14 @@ def export_single_file(model: LoadedModel, out: Path, dtype: Optional[torch.dtyp
     if not isinstance(layers, int):
         raise ExportError(f"{model.source}: the single-file layout needs one layers_per_block for every block (got "
                           f"{layers}); use --format diffusers")
+    xl = kind == "StableDiffusionXLPipeline"
     open_clip = pipe.text_encoder.config.hidden_act == "gelu"  # OpenCLIP (SD 2.x); OpenAI CLIP is quick_gelu
     try:
         state = to_single_file(unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(), layers,
-                               open_clip)
+                               open_clip, pipe.text_encoder_2.state_dict() if xl else None)
     except ValueError as e:
         raise ExportError(f"{model.source}: {e}; use --format diffusers") from None
     dtype = dtype or model.dtype
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(out / SINGLE_FILE))
-    return {"file": SINGLE_FILE, "layout": "SD 2.x (OpenCLIP)" if open_clip else "SD 1.x (CLIP)"}
+    layout = "SDXL (CLIP-L, OpenCLIP bigG)" if xl else "SD 2.x (OpenCLIP)" if open_clip else "SD 1.x (CLIP)"
+    return {"file": SINGLE_FILE, "layout": layout}

@@ -11,7 +11,9 @@ One checkpoint holds three networks under fixed prefixes:
 - text encoder -> ``cond_stage_model.transformer.text_model.*`` (SD 1.x, OpenAI CLIP: transformers' own
   keys) or ``cond_stage_model.model.*`` (SD 2.x, OpenCLIP: ``transformer.resblocks.i`` with q, k, v
   stacked into ``attn.in_proj_*``). An SD 2.x file from diffusers has the 23 layers SD 2 runs (the
-  original's unused 24th and ``text_projection`` are not invented).
+  original's unused 24th and ``text_projection`` are not invented). SDXL has two: CLIP-L under
+  ``conditioner.embedders.0.transformer.text_model.*`` and OpenCLIP bigG under
+  ``conditioner.embedders.1.model.*`` with its ``text_projection`` (the pooled embedding's).
 
 Reading such files back (``pgraft sample model.safetensors --config DIR``): :func:`detect_layout` names
 the released layout (SD 1.x/2.x, SDXL, Flux.1) from the keys alone; the loading itself is diffusers'
@@ -35,6 +37,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 Prefix = Callable[[Sequence[int], dict], str]
 Rule = tuple[str, Prefix, Mapping[str, str]]
@@ -94,6 +98,7 @@ OPEN_CLIP_RULES: list[Rule] = [
     (r"embeddings\.token_embedding\.", _fixed("token_embedding."), {}),
     (r"embeddings\.position_embedding\.weight$", _fixed("positional_embedding"), {}),
     (r"final_layer_norm\.", _fixed("ln_final."), {}),
+    (r"text_projection\.weight$", _fixed("text_projection"), {}),  # transposed in clip_to_single_file
     (r"encoder\.layers\.(\d+)\.", lambda g, c: f"transformer.resblocks.{g[0]}.", OPEN_CLIP_LAYER),
 ]
 
@@ -120,10 +125,17 @@ def convert(state: Mapping[str, Tensor], rules: list[Rule], context: dict) -> di
     return out
 
 
+def unet_names(state: Mapping[str, Tensor], layers_per_block: int,
+               up_attention: Optional[Collection[int]] = None) -> dict[str, Tensor]:
+    """The UNet's keys in the original layout, without ``UNET_PREFIX`` (kohya's SDXL LoRA names its modules so).
+    ``up_attention``: the up blocks with attention (default: those ``state`` has); an upsampler follows it."""
+    if up_attention is None:
+        up_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    return convert(state, UNET_RULES, {"L": layers_per_block, "up_attention": set(up_attention)})
+
+
 def unet_to_single_file(state: Mapping[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
-    up_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
-    converted = convert(state, UNET_RULES, {"L": layers_per_block, "up_attention": up_attention})
-    return {UNET_PREFIX + k: v for k, v in converted.items()}
+    return {UNET_PREFIX + k: v for k, v in unet_names(state, layers_per_block).items()}
 
 
 def vae_to_single_file(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -134,23 +146,34 @@ def vae_to_single_file(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             for k, v in converted.items()}
 
 
-def clip_to_single_file(state: Mapping[str, Tensor], open_clip: bool) -> dict[str, Tensor]:
+def clip_to_single_file(state: Mapping[str, Tensor], open_clip: bool,
+                        prefix: Optional[str] = None) -> dict[str, Tensor]:
     """SD 1.x: transformers' CLIP keys under ``CLIP_PREFIX``; SD 2.x: the OpenCLIP layout, where
-    ``in_proj = [W_q; W_k; W_v]`` stacked along the output dimension."""
+    ``in_proj = [W_q; W_k; W_v]`` stacked along the output dimension, and the pooled projection
+    ``text_projection = W^T`` (OpenCLIP computes ``x @ P``, a Linear ``x W^T``). ``prefix``: another root
+    (SDXL's embedders)."""
     flat = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
     if not open_clip:
-        return {CLIP_PREFIX + k: v for k, v in flat.items()}
+        return {(prefix or CLIP_PREFIX) + k: v for k, v in flat.items()}
     for key in [k for k in flat if ".self_attn.q_proj." in k]:
         parts = [flat.pop(key.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
         flat[key.replace("q_proj.", "in_proj_")] = torch.cat(parts, dim=0)
-    return {OPEN_CLIP_PREFIX + k: v for k, v in convert(flat, OPEN_CLIP_RULES, {}).items()}
+    converted = convert(flat, OPEN_CLIP_RULES, {})
+    return {(prefix or OPEN_CLIP_PREFIX) + k: v.T if k == "text_projection" else v for k, v in converted.items()}
 
 
 def to_single_file(unet: Mapping[str, Tensor], vae: Mapping[str, Tensor], text_encoder: Mapping[str, Tensor],
-                   layers_per_block: int, open_clip: bool) -> dict[str, Tensor]:
-    """The three networks of an SD 1.x (``open_clip=False``) or 2.x pipeline as one single-file state dict."""
-    return {**unet_to_single_file(unet, layers_per_block), **vae_to_single_file(vae),
-            **clip_to_single_file(text_encoder, open_clip)}
+                   layers_per_block: int, open_clip: bool,
+                   text_encoder_2: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """The networks of an SD 1.x (``open_clip=False``) or 2.x pipeline as one single-file state dict; with
+    ``text_encoder_2``, SDXL's: ``text_encoder`` (CLIP-L) and ``text_encoder_2`` (OpenCLIP bigG) under the
+    ``conditioner.embedders`` prefixes (``open_clip`` is then moot)."""
+    if text_encoder_2 is None:
+        text = clip_to_single_file(text_encoder, open_clip)
+    else:
+        text = {**clip_to_single_file(text_encoder, False, SDXL_CLIP_PREFIX),
+                **clip_to_single_file(text_encoder_2, True, SDXL_OPEN_CLIP_PREFIX)}
+    return {**unet_to_single_file(unet, layers_per_block), **vae_to_single_file(vae), **text}
 
 
 # ----------------------------------------------------------------------------------------------
