@@ -93,6 +93,16 @@ def test_sd3_matches_stable_diffusion_3_pipeline(tiny_sd3_dir, guidance):
     assert_parity(decoded, images)
 
 
+def test_sd3_with_its_t5_encoder_matches_stable_diffusion_3_pipeline(tmp_path):
+    from conftest import build_tiny_sd3_pipeline
+
+    model = load_model(str(build_tiny_sd3_pipeline(tmp_path / "sd3-t5", t5=True)))
+    assert model.pipeline.text_encoder_3 is not None
+    ours, latents, decoded, images = text_parity(model, 3.0)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
 def test_pixart_matches_pixart_alpha_pipeline(tiny_pixart_dir, guidance):
     model = load_model(str(tiny_pixart_dir))
@@ -116,6 +126,29 @@ def test_flux_matches_flux_pipeline(tiny_flux_dir, distilled):
     assert_parity(decoded, images)
     # the dynamic shift at 16 tokens: pgraft's own grid is the pipeline's
     torch.testing.assert_close(model.schedule.grid(STEPS), diffusers_grid(model), rtol=0, atol=1e-6)
+
+
+def test_pixart_sigma_matches_pixart_sigma_pipeline(tmp_path):
+    from conftest import build_tiny_pixart_pipeline
+
+    model = load_model(str(build_tiny_pixart_pipeline(tmp_path / "sigma", sigma=True)))
+    assert type(model.pipeline).__name__ == "PixArtSigmaPipeline"
+    ours, latents, decoded, images = text_parity(model, 4.5, pipe_kwargs=dict(use_resolution_binning=False))
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
+def test_flux_schnell_matches_flux_pipeline_with_no_guidance_input(tmp_path):
+    from conftest import build_tiny_flux_pipeline
+    from pgraft_cli.models.families.flux import pack
+
+    model = load_model(str(build_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)))
+    assert not model.network.config.guidance_embeds and not model.guided
+    size = dict(zip(("height", "width"), model.image_shape[1:]))
+    # the pipeline ignores its guidance_scale for schnell; pgraft ignores the distilled guidance
+    ours, latents, decoded, images = text_parity(model, 3.5, pipe_kwargs=size, pack=pack, distilled_guidance=7.0)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
 
 
 def test_flux_guidance_is_the_distilled_input_and_moves_the_sample(tiny_flux_dir):
