@@ -175,21 +175,15 @@ def _tiny_sdxl(folder, out):
     return pipe
 
 
-def test_sdxl_file_loads_through_from_single_file_with_every_weight_of_its_folder(tmp_path, monkeypatch):
-    """Up to the pipeline: SDXL's sampling needs the families adapters (the network is refused until then)."""
-    import pgraft_cli.io.checkpoints as checkpoints
-
+def test_sdxl_file_samples_the_images_of_its_folder_with_every_weight_of_it(tmp_path):
     want = _tiny_sdxl(tmp_path / "sdxl", tmp_path / "sdxl.safetensors")
-    loaded = []
-
-    def seen(pipe, *args):
-        loaded.append(pipe)
-        raise LookupError("seen")
-
-    monkeypatch.setattr(checkpoints, "_from_pipeline", seen)
-    with pytest.raises(LookupError, match="seen"):
-        load_model(str(tmp_path / "sdxl.safetensors"), config=str(tmp_path / "sdxl"))
-    assert type(loaded[0]).__name__ == "StableDiffusionXLPipeline"
+    file, folder = tmp_path / "sdxl.safetensors", tmp_path / "sdxl"
+    loaded = load_model(str(file), config=str(folder))
+    assert type(loaded.pipeline).__name__ == "StableDiffusionXLPipeline" and loaded.adapter.name == "sdxl"
+    assert loaded.source_kind == "single-file SDXL"
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        got, ref = getattr(loaded[0], part).state_dict(), getattr(want, part).state_dict()
+        got, ref = getattr(loaded.pipeline, part).state_dict(), getattr(want, part).state_dict()
         assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), part
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
+    got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
+    assert torch.equal(got, _pgraft_sample(tmp_path, folder, 2, 3, *prompts))
