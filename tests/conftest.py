@@ -207,8 +207,9 @@ def build_tiny_sd_pipeline(folder: Path, sd2: bool = False) -> Path:
     return folder
 
 
-def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0) -> Path:
-    """An SD3-layout pipeline folder with two CLIP encoders and no T5: 8x8 latents, 16x16 images."""
+def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0, t5: bool = False) -> Path:
+    """An SD3-layout pipeline folder with two CLIP encoders (``t5``: and a T5 one, as released; else
+    none): 8x8 latents, 16x16 images."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -223,7 +224,8 @@ def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0) -> Path:
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
                                     vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=build_tiny_t5_encoder(d_model=64) if t5 else None,
+                                    tokenizer_3=build_tiny_t5_tokenizer() if t5 else None)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -272,10 +274,10 @@ def build_tiny_dit_pipeline(folder: Path) -> Path:
     return folder
 
 
-def build_tiny_pixart_pipeline(folder: Path) -> Path:
-    """A PixArt-alpha-layout pipeline folder: T5 states with their attention mask, learned sigma,
-    DDIM trailing; 8x8 latents, 16x16 images."""
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+def build_tiny_pixart_pipeline(folder: Path, sigma: bool = False) -> Path:
+    """A PixArt-alpha-layout pipeline folder (``sigma``: a PixArtSigmaPipeline's): T5 states with
+    their attention mask, learned sigma, DDIM trailing; 8x8 latents, 16x16 images."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
@@ -283,7 +285,7 @@ def build_tiny_pixart_pipeline(folder: Path) -> Path:
                                            cross_attention_dim=16, attention_bias=True, num_embeds_ada_norm=1000,
                                            activation_fn="gelu-approximate", norm_type="ada_norm_single",
                                            norm_elementwise_affine=False, norm_eps=1e-6)
-    PixArtAlphaPipeline(tokenizer=build_tiny_t5_tokenizer(), text_encoder=build_tiny_t5_encoder(), vae=_tiny_vae(),
+    (PixArtSigmaPipeline if sigma else PixArtAlphaPipeline)(tokenizer=build_tiny_t5_tokenizer(), text_encoder=build_tiny_t5_encoder(), vae=_tiny_vae(),
                         transformer=transformer, scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
                         ).save_pretrained(folder, safe_serialization=True)
     return folder

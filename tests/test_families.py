@@ -93,6 +93,16 @@ def test_sd3_matches_stable_diffusion_3_pipeline(tiny_sd3_dir, guidance):
     assert_parity(decoded, images)
 
 
+def test_sd3_with_its_t5_encoder_matches_stable_diffusion_3_pipeline(tmp_path):
+    from conftest import build_tiny_sd3_pipeline
+
+    model = load_model(str(build_tiny_sd3_pipeline(tmp_path / "sd3-t5", t5=True)))
+    assert model.pipeline.text_encoder_3 is not None
+    ours, latents, decoded, images = text_parity(model, 3.0)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
 def test_pixart_matches_pixart_alpha_pipeline(tiny_pixart_dir, guidance):
     model = load_model(str(tiny_pixart_dir))
@@ -116,6 +126,29 @@ def test_flux_matches_flux_pipeline(tiny_flux_dir, distilled):
     assert_parity(decoded, images)
     # the dynamic shift at 16 tokens: pgraft's own grid is the pipeline's
     torch.testing.assert_close(model.schedule.grid(STEPS), diffusers_grid(model), rtol=0, atol=1e-6)
+
+
+def test_pixart_sigma_matches_pixart_sigma_pipeline(tmp_path):
+    from conftest import build_tiny_pixart_pipeline
+
+    model = load_model(str(build_tiny_pixart_pipeline(tmp_path / "sigma", sigma=True)))
+    assert type(model.pipeline).__name__ == "PixArtSigmaPipeline"
+    ours, latents, decoded, images = text_parity(model, 4.5, pipe_kwargs=dict(use_resolution_binning=False))
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
+def test_flux_schnell_matches_flux_pipeline_with_no_guidance_input(tmp_path):
+    from conftest import build_tiny_flux_pipeline
+    from pgraft_cli.models.families.flux import pack
+
+    model = load_model(str(build_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)))
+    assert not model.network.config.guidance_embeds and not model.guided
+    size = dict(zip(("height", "width"), model.image_shape[1:]))
+    # the pipeline ignores its guidance_scale for schnell; pgraft ignores the distilled guidance
+    ours, latents, decoded, images = text_parity(model, 3.5, pipe_kwargs=size, pack=pack, distilled_guidance=7.0)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
 
 
 def test_flux_guidance_is_the_distilled_input_and_moves_the_sample(tiny_flux_dir):
@@ -177,14 +210,21 @@ def test_registry_names_every_family_and_refuses_the_rest(tiny_sdxl_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Each family through the CLI: inspect, guided sample, LoRA finetune with a reward, sampled back
+# Each family through the CLI: inspect, guided sample, reward-only evaluate, LoRA and full finetune with a
+# reward, each sampled back
 
-FAMILY_RUNS = {  # fixture: (architecture, conditioning options)
-    "tiny_sdxl_dir": ("sdxl", ["--prompt", "a red cube", "--prompt", "a blue ball"]),
-    "tiny_dit_dir": ("dit", ["--class", "3"]),
-    "tiny_pixart_dir": ("pixart", ["--prompt", "a red cube", "--prompt", "a blue ball"]),
-    "tiny_flux_dir": ("flux", ["--prompt", "a red cube", "--prompt", "a blue ball", "--set", "sample.distilled_guidance=4.0"]),
+TWO_PROMPTS = ["--prompt", "a red cube", "--prompt", "a blue ball"]
+GUIDED = ["--guidance-scale", "3.0"]
+FAMILY_RUNS = {  # fixture: (architecture, conditioning options, sample's guidance options, image shape)
+    "tiny_sd_dir": ("sd", TWO_PROMPTS, GUIDED, [3, 16, 16]),
+    "tiny_sdxl_dir": ("sdxl", TWO_PROMPTS, GUIDED, [3, 16, 16]),
+    "tiny_sd3_dir": ("sd3", TWO_PROMPTS, GUIDED, [3, 16, 16]),
+    "tiny_dit_dir": ("dit", ["--class", "3"], GUIDED, [3, 16, 16]),
+    "tiny_pixart_dir": ("pixart", TWO_PROMPTS, GUIDED, [3, 16, 16]),
+    "tiny_flux_dir": ("flux", [*TWO_PROMPTS, "--set", "sample.distilled_guidance=4.0"], [], [3, 16, 16]),
+    "pixel_class_unet": ("unet2d", ["--class", "3"], [], [3, 8, 8]),  # no null class: unguided
 }
+TINY = ["--set", "sample.lane=2", "--set", "sample.batch_size=4", "--set", "sample.steps=2"]
 
 
 def _cli(*args):
@@ -192,7 +232,7 @@ def _cli(*args):
 
     from pgraft_cli.cli import app
 
-    result = CliRunner().invoke(app, [*args, "--json"])
+    result = CliRunner().invoke(app, [*map(str, args), "--json"])
     assert result.exit_code == 0, result.output
     text = result.stdout.strip()
     return json.loads(text if text.startswith("{\n") else text.splitlines()[-1])  # inspect prints it indented
@@ -205,32 +245,55 @@ def _pngs(folder):
     return [Image.open(p) for p in images]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fixture", sorted(FAMILY_RUNS))
-def test_family_inspect_sample_finetune_and_sample_back(fixture, request, tmp_path):
+def _finetune_and_sample_back(folder, tmp_path, name, lora_rank, conditioning, guided):
+    """``pgraft finetune`` with a reward at ``lora_rank`` (0: full), then the tuned file sampled back;
+    returns the loaded tuned model and the file's keys."""
     from safetensors import safe_open
 
-    folder = request.getfixturevalue(fixture)
-    architecture, conditioning = FAMILY_RUNS[fixture]
-    info = _cli("inspect", str(folder))
-    assert info["architecture"] == architecture and info["latent"] and info["image_shape"] == [3, 16, 16]
-    tiny = ["--set", "sample.lane=2", "--set", "sample.batch_size=4", "--set", "sample.steps=2"]
-    _cli("sample", str(folder), "--num", "4", "--guidance-scale", "3.0", "--run-dir", str(tmp_path / "s"),
-         "--out", str(tmp_path / "base"), *conditioning, *tiny)
-    base = _pngs(tmp_path / "base")
-    assert len(base) == 4 and all(im.size == (16, 16) and im.mode == "RGB" for im in base)
-    out = tmp_path / "lora.safetensors"
-    _cli("finetune", str(folder), "--reward", "jpeg-compressibility", "--cutoff", "0.5", "--lora-rank", "2",
-         "--run-dir", str(tmp_path / "f"), "--out", str(out), *conditioning, "--set", "sample.num=8",
+    out = tmp_path / f"{name}.safetensors"
+    _cli("finetune", folder, "--reward", "jpeg-compressibility", "--cutoff", "0.5", "--lora-rank", lora_rank,
+         "--run-dir", tmp_path / f"f-{name}", "--out", out, *conditioning, "--set", "sample.num=8",
          "--set", "sample.steps=2", "--set", "sample.lane=4", "--set", "sample.batch_size=8",
          "--set", "finetune.steps=2", "--set", "finetune.batch_size=2", "--set", "finetune.rounds=1",
          "--set", "finetune.learning_rate=1e-2", "--set", "evaluate.num=4", "--set", "filter.m=4")
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
+    _cli("sample", out, "--num", "4", "--run-dir", tmp_path / f"t-{name}",
+         "--out", tmp_path / f"images-{name}", *conditioning, *guided, *TINY)
+    assert len(_pngs(tmp_path / f"images-{name}")) == 4
+    return load_model(str(out)), keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", sorted(FAMILY_RUNS))
+def test_family_inspect_sample_evaluate_finetune_and_sample_back(fixture, request, tmp_path):
+    architecture, conditioning, guided, shape = FAMILY_RUNS[fixture]
+    if fixture == "pixel_class_unet":
+        folder = request.getfixturevalue("unet_pipeline_dir")("ddim", channels=3, num_class_embeds=10)
+    else:
+        folder = request.getfixturevalue(fixture)
+    info = _cli("inspect", folder)
+    assert info["architecture"] == architecture and info["latent"] == (architecture != "unet2d")
+    assert info["image_shape"] == shape
+    _cli("sample", folder, "--num", "4", "--run-dir", tmp_path / "s", "--out", tmp_path / "base", *conditioning, *guided,
+         *TINY)
+    base = _pngs(tmp_path / "base")
+    assert len(base) == 4 and all(im.size == tuple(shape[1:]) and im.mode == "RGB" for im in base)
+    # evaluate takes no --class: it samples every class
+    prompts = [] if conditioning[0] == "--class" else conditioning
+    scores = _cli("evaluate", folder, "--reward", "jpeg-compressibility", "--features", "none", "--num", "4",
+                  "--run-dir", tmp_path / "e", *prompts, *TINY)
+    assert (scores["reward"], scores["num"], scores["nfe"]) == ("jpeg-compressibility", 4, 2), scores
+    assert math.isfinite(scores["reward_mean"]) and scores["reward_mean"] < 0  # minus the JPEG size in kB
+
+    tuned, keys = _finetune_and_sample_back(folder, tmp_path, "lora", 2, conditioning, guided)
     assert keys and all("lora_" in k for k in keys)
-    tuned = load_model(str(out))
     assert tuned.lora and tuned.adapter.name == architecture
     assert any(float(v.abs().max()) > 0 for k, v in tuned.network.state_dict().items() if "lora_B" in k)
-    _cli("sample", str(out), "--num", "4", "--guidance-scale", "3.0", "--run-dir", str(tmp_path / "t"),
-         "--out", str(tmp_path / "tuned"), *conditioning, *tiny)
-    assert len(_pngs(tmp_path / "tuned")) == 4
+
+    full, keys = _finetune_and_sample_back(folder, tmp_path, "full", 0, conditioning, guided)
+    assert keys and not any("lora_" in k for k in keys)
+    assert not full.lora and full.tuned is not None and full.adapter.name == architecture
+    reference, tuned_state = full.network.state_dict(), full.tuned.state_dict()  # base below the cutoff, tuned above
+    assert set(tuned_state) == set(reference) and len(keys) == len(reference)
+    assert any(not torch.equal(tuned_state[k], reference[k]) for k in reference)  # the full weights moved

@@ -156,21 +156,101 @@ def _tiny_sdxl(folder, out):
     return pipe
 
 
-def test_sdxl_file_loads_through_from_single_file_with_every_weight_of_its_folder(tmp_path, monkeypatch):
-    """Up to the pipeline: SDXL's sampling needs the families adapters (the network is refused until then)."""
-    import pgraft_cli.io.checkpoints as checkpoints
-
+def test_sdxl_file_samples_the_images_of_its_folder_with_every_weight_of_it(tmp_path):
     want = _tiny_sdxl(tmp_path / "sdxl", tmp_path / "sdxl.safetensors")
-    loaded = []
-
-    def seen(pipe, *args):
-        loaded.append(pipe)
-        raise LookupError("seen")
-
-    monkeypatch.setattr(checkpoints, "_from_pipeline", seen)
-    with pytest.raises(LookupError, match="seen"):
-        load_model(str(tmp_path / "sdxl.safetensors"), config=str(tmp_path / "sdxl"))
-    assert type(loaded[0]).__name__ == "StableDiffusionXLPipeline"
+    file, folder = tmp_path / "sdxl.safetensors", tmp_path / "sdxl"
+    loaded = load_model(str(file), config=str(folder))
+    assert type(loaded.pipeline).__name__ == "StableDiffusionXLPipeline" and loaded.adapter.name == "sdxl"
+    assert loaded.source_kind == "single-file SDXL"
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        got, ref = getattr(loaded[0], part).state_dict(), getattr(want, part).state_dict()
+        got, ref = getattr(loaded.pipeline, part).state_dict(), getattr(want, part).state_dict()
         assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), part
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
+    got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
+    assert torch.equal(got, _pgraft_sample(tmp_path, folder, 2, 3, *prompts))
+
+
+def flux_to_single_file(state: dict) -> dict:
+    """A FluxTransformer2DModel state dict in the released (BFL) layout: the inverse of diffusers'
+    ``convert_flux_transformer_checkpoint_to_diffusers``, bare keys as flux1-dev.safetensors has them."""
+    out, state = {}, dict(state)
+
+    def take(*names):
+        return [state.pop(n) for n in names]
+
+    def swap_halves(w):  # the final norm's (scale, shift) is BFL's (shift, scale): the swap is its own inverse
+        return torch.cat(w.chunk(2, dim=0)[::-1])
+
+    renames = {"time_text_embed.timestep_embedder.": "time_in.", "time_text_embed.text_embedder.": "vector_in.",
+               "time_text_embed.guidance_embedder.": "guidance_in.", "context_embedder.": "txt_in.",
+               "x_embedder.": "img_in.", "proj_out.": "final_layer.linear."}
+    layers = {"linear_1.": "in_layer.", "linear_2.": "out_layer."}
+    double = {"norm1.linear.": "img_mod.lin.", "norm1_context.linear.": "txt_mod.lin.",
+              "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+              "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+              "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "ff.net.0.proj.": "img_mlp.0.",
+              "ff.net.2.": "img_mlp.2.", "ff_context.net.0.proj.": "txt_mlp.0.", "ff_context.net.2.": "txt_mlp.2.",
+              "attn.to_out.0.": "img_attn.proj.", "attn.to_add_out.": "txt_attn.proj."}
+    single = {"norm.linear.": "modulation.lin.", "attn.norm_q.weight": "norm.query_norm.scale",
+              "attn.norm_k.weight": "norm.key_norm.scale", "proj_out.": "linear2."}
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = swap_halves(state.pop(f"norm_out.linear.{kind}"))
+        for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}):
+            p = f"transformer_blocks.{i}.attn."
+            out[f"double_blocks.{i}.img_attn.qkv.{kind}"] = torch.cat(take(*(f"{p}to_{c}.{kind}" for c in "qkv")))
+            out[f"double_blocks.{i}.txt_attn.qkv.{kind}"] = torch.cat(take(*(f"{p}add_{c}_proj.{kind}" for c in "qkv")))
+        for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}):
+            p = f"single_transformer_blocks.{i}."
+            out[f"single_blocks.{i}.linear1.{kind}"] = torch.cat(
+                take(*(f"{p}attn.to_{c}.{kind}" for c in "qkv"), f"{p}proj_mlp.{kind}"))
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in ("transformer_blocks", "single_transformer_blocks"):
+            i, _, rest = rest.partition(".")
+            table = double if head == "transformer_blocks" else single
+            src = next(s for s in table if rest.startswith(s))
+            new = f"{'double' if table is double else 'single'}_blocks.{i}.{table[src]}{rest[len(src):]}"
+        else:
+            src = next(s for s in renames if key.startswith(s))
+            new, rest = renames[src], key[len(src):]
+            new += next((layers[s] + rest[len(s):] for s in layers if rest.startswith(s)), rest)
+        out[new] = value
+    return out
+
+
+def _flux_converter_at_the_file_width():
+    """diffusers' own Flux converter, reading the transformer's width from the file (img_in's rows) where
+    0.42 fixes Flux.1's 3072, so that a tiny file converts; unchanged where diffusers already reads it."""
+    import inspect
+
+    from diffusers.loaders import single_file_utils as utils
+
+    source = inspect.getsource(utils.convert_flux_transformer_checkpoint_to_diffusers)
+    fixed = "    inner_dim = 3072\n"
+    if fixed not in source:
+        return utils.convert_flux_transformer_checkpoint_to_diffusers
+    namespace = dict(vars(utils))
+    exec(source.replace(fixed, '    inner_dim = checkpoint["img_in.weight"].shape[0]\n'), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+@pytest.mark.parametrize("dev", [True, False], ids=["dev", "schnell"])
+def test_flux_file_samples_the_images_of_its_folder(tmp_path, monkeypatch, dev):
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from conftest import build_tiny_flux_pipeline
+
+    monkeypatch.setitem(SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"], "checkpoint_mapping_fn",
+                        _flux_converter_at_the_file_width())
+    folder = build_tiny_flux_pipeline(tmp_path / "flux", guidance_embeds=dev)
+    want = load_model(str(folder)).network.state_dict()
+    file = tmp_path / "flux1.safetensors"
+    save_file({k: v.contiguous() for k, v in flux_to_single_file(want).items()}, str(file))
+    assert detect_layout(flux_to_single_file(want)) is (FLUX_DEV if dev else FLUX_SCHNELL)
+    loaded = load_model(str(file), config=str(folder))
+    assert loaded.adapter.name == "flux" and loaded.source_kind == f"single-file {(FLUX_DEV if dev else FLUX_SCHNELL).name}"
+    got = loaded.network.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--set", "sample.distilled_guidance=5.0")
+    got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
+    assert torch.equal(got, _pgraft_sample(tmp_path, folder, 2, 3, *prompts))
