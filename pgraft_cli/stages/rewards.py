@@ -323,6 +323,17 @@ def _local_folder(args: Optional[str], env: str, spec: str, example: str) -> Opt
     return path
 
 
+def _head_folder(args: Optional[str], env: str, spec: str, name: str, head: str, kind: str) -> Path:
+    """A reward's local folder that must hold ``head`` beside the ``kind`` weights (aesthetic, imagereward)."""
+    example = f"{name}:/path/to/folder (a {kind} folder with {head} in it)"
+    path = _local_folder(args, env, spec, example)
+    if path is None:
+        raise RewardError(f"reward {name} needs a local model: pass {example} or set ${env}")
+    if not (path / head).is_file():
+        raise RewardError(f"reward {spec}: no {head} in {path}; pass {example}")
+    return path
+
+
 def _folder_digest(path: Path) -> str:
     """``sha256=`` of a model folder's files (weights, configs, tokenizer): the same files anywhere, the
     same digest; new weights at the same path, a new one. Reads the folder once (about 1 s per GB)."""
@@ -419,12 +430,7 @@ def aesthetic_reward(args: Optional[str], device: str, spec: str) -> Reward:
     768-1024-128-64-16-1 with dropout between, no activations), or one ``weight`` / ``bias`` (the
     linear head). Convert the original ``.pth`` once with ``safetensors.torch.save_file(torch.load(..))``.
     """
-    example = f"aesthetic:/path/to/folder (a CLIP ViT-L/14 folder with {AESTHETIC_HEAD} in it)"
-    path = _local_folder(args, "PGRAFT_AESTHETIC_PATH", spec, example)
-    if path is None:
-        raise RewardError(f"reward aesthetic needs a local model: pass {example} or set $PGRAFT_AESTHETIC_PATH")
-    if not (path / AESTHETIC_HEAD).is_file():
-        raise RewardError(f"reward {spec}: no {AESTHETIC_HEAD} in {path}; pass {example}")
+    path = _head_folder(args, "PGRAFT_AESTHETIC_PATH", spec, "aesthetic", AESTHETIC_HEAD, "CLIP ViT-L/14")
     from safetensors.torch import load_file
 
     weights = load_file(str(path / AESTHETIC_HEAD), device=device)
@@ -483,12 +489,7 @@ def imagereward_reward(args: Optional[str], device: str, spec: str) -> Reward:
     ``imagereward-head.safetensors``: the checkpoint's ``mlp.layers.{i}.weight``/``.bias`` saved as
     ``layers.{i}.weight``/``.bias`` (README: Rewards). Prompts are padded/truncated to 35 tokens.
     """
-    example = f"imagereward:/path/to/folder (a BlipForImageTextRetrieval folder with {IMAGEREWARD_HEAD} in it)"
-    path = _local_folder(args, "PGRAFT_IMAGEREWARD_PATH", spec, example)
-    if path is None:
-        raise RewardError(f"reward imagereward needs a local model: pass {example} or set $PGRAFT_IMAGEREWARD_PATH")
-    if not (path / IMAGEREWARD_HEAD).is_file():
-        raise RewardError(f"reward {spec}: no {IMAGEREWARD_HEAD} in {path}; pass {example}")
+    path = _head_folder(args, "PGRAFT_IMAGEREWARD_PATH", spec, "imagereward", IMAGEREWARD_HEAD, "BlipForImageTextRetrieval")
     from safetensors.torch import load_file
 
     layers = _linear_layers(load_file(str(path / IMAGEREWARD_HEAD), device=device), spec, IMAGEREWARD_HEAD)
