@@ -112,18 +112,20 @@ def test_exported_digits_pipeline_gives_the_images_of_pgraft_sample(tmp_path, ki
     torch.testing.assert_close(images, ((want[:1] + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
 
 
-def test_graft_lora_at_cutoff_zero_is_a_plain_stable_diffusion_folder(tmp_path, tiny_sd_dir):
+@pytest.mark.parametrize("steps", [4, 7])  # 7 does not divide T = 1000: diffusers' DDIM steps off pgraft's grid
+def test_graft_lora_at_cutoff_zero_is_a_plain_stable_diffusion_folder(tmp_path, tiny_sd_dir, steps):
     from diffusers import StableDiffusionPipeline
 
     checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
     summary = _export(checkpoint, tmp_path / "pipe")
     assert summary["pipeline"] == "StableDiffusionPipeline" and "pipeline.py" not in summary["files"]
-    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+    assert "defaults to guidance_scale=7.5; pgraft samples at 5" in summary["note"]
+    want = _pgraft_sample(tmp_path, checkpoint, 2, steps, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                           "--guidance-scale", "3")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
     pipe.set_progress_bar_config(disable=True)
     noise = initial_noise(0, [0, 1], (4, 8, 8))
-    got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=noise, output_type="latent").images
+    got = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=3.0, latents=noise, output_type="latent").images
     _assert_same(got, want)
 
 
@@ -149,21 +151,13 @@ def test_class_guided_model_exports_a_pipeline_guided_against_its_null_class(tmp
     assert float((unguided - want).abs().max()) > 1e-3  # guidance changes the images: the match above is not vacuous
 
 
-def test_a_plain_pixel_model_is_a_stock_ddim_pipeline_on_pgraft_grid(tmp_path, unet_pipeline_dir):
-    from diffusers import DDIMPipeline
-
-    from pgraft_cli.stages.sample import noise_seed
-
+def test_a_plain_pixel_model_exports_the_pgraft_pipeline_on_pgraft_grid_for_any_step_count(tmp_path, unet_pipeline_dir):
+    """DDIMPipeline forces diffusers' DDIM, which steps to t - T // N: off pgraft's grid at N = 7."""
     model = unet_pipeline_dir("ddpm", prediction_type="v_prediction")  # epsilon: random weights saturate every pixel
-    assert _export(model, tmp_path / "pipe")["pipeline"] == "DDIMPipeline"
-    want = _pgraft_sample(tmp_path, model, 3, 4)
-    assert float((want.abs() < 1).float().mean()) > 0.5  # most pixels survive the clamp: the match below means something
-    pipe = DDIMPipeline.from_pretrained(str(tmp_path / "pipe"))
-    pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(noise_seed(0, i)) for i in range(3)]  # pgraft's noise, per image
-    got = pipe(batch_size=3, generator=generators, num_inference_steps=4, eta=0.0, output_type="np").images
-    torch.testing.assert_close(torch.from_numpy(got).permute(0, 3, 1, 2), ((want + 1) / 2).clamp(0, 1),
-                               atol=1e-5, rtol=0)
+    assert _export(model, tmp_path / "pipe")["pipeline"] == "PgraftPipeline"
+    want = _pgraft_sample(tmp_path, model, 3, 7)
+    got, _ = _exported_sample(tmp_path / "pipe", 3, 7)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,3 +431,89 @@ def test_the_readme_export_round_trip_runs_as_written(tmp_path, tiny_sd_dir, mon
             torch.testing.assert_close(_unet_output(scope["pipe"].unet), want, atol=1e-5, rtol=0)
         checked += 1
     assert checked == 3
+# Families: what each exports to, and what it refuses
+
+
+def _flux_output(transformer):
+    g = torch.Generator().manual_seed(0)
+    x, text, pooled = torch.randn(1, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    with torch.no_grad():
+        return transformer(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.tensor([0.7]),
+                           img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5])).sample
+
+
+def test_flux_lora_loads_through_flux_pipeline_load_lora_weights(tmp_path, tiny_flux_dir):
+    from diffusers import FluxPipeline
+
+    checkpoint, _ = _tuned_file(tmp_path, tiny_flux_dir, 0.0)
+    _export(checkpoint, tmp_path / "lora", "--format", "lora")
+    want = _flux_output(load_model(str(checkpoint)).network)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux_dir))
+    assert float((want - _flux_output(pipe.transformer)).abs().max()) > 1e-3
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(_flux_output(pipe.transformer), want, atol=1e-5, rtol=0)
+
+
+def test_pixart_plain_export_is_its_own_pipeline_and_samples_as_pgraft(tmp_path, tiny_pixart_dir):
+    from diffusers import PixArtAlphaPipeline
+
+    checkpoint, _ = _tuned_file(tmp_path, tiny_pixart_dir, 0.0)
+    summary = _export(checkpoint, tmp_path / "pipe")
+    assert summary["pipeline"] == "PixArtAlphaPipeline" and summary["guidance_scale"] == 5.0
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 7, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                          "--guidance-scale", "3")
+    pipe = PixArtAlphaPipeline.from_pretrained(str(tmp_path / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(PROMPTS, num_inference_steps=7, guidance_scale=3.0, latents=initial_noise(0, [0, 1], (4, 8, 8)),
+               output_type="latent", use_resolution_binning=False).images
+    _assert_same(got, want)
+
+
+def test_dit_plain_export_carries_its_vae_and_samples_as_pgraft(tmp_path, tiny_dit_dir):
+    from diffusers import DiTPipeline
+
+    from pgraft_cli.stages.sample import noise_seed
+
+    summary = _export(tiny_dit_dir, tmp_path / "pipe")
+    assert summary["pipeline"] == "DiTPipeline" and "vae/config.json" in summary["files"]
+    want = _pgraft_sample(tmp_path, tiny_dit_dir, 2, 7, "--class", "3", "--guidance-scale", "1")
+    pipe = DiTPipeline.from_pretrained(str(tmp_path / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(noise_seed(0, i)) for i in range(2)]
+    got = pipe([3, 3], guidance_scale=1.0, generator=generators, num_inference_steps=7, output_type="np").images
+    with torch.no_grad():
+        images = load_model(str(tiny_dit_dir)).decode(want)  # in [0, 1]
+    assert float(images.std()) > 1e-2
+    torch.testing.assert_close(torch.from_numpy(got).permute(0, 3, 1, 2), images, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux", "pixart"])
+def test_composed_exports_of_families_the_pipeline_cannot_run_are_refused_in_one_line(tmp_path, family, request):
+    from pgraft_cli.io.export import ExportError
+    from pgraft_cli.pipelines.export import ExportOptions, export
+
+    checkpoint, _ = _tuned_file(tmp_path, request.getfixturevalue(f"tiny_{family}_dir"), 0.5)
+    with pytest.raises(ExportError, match="sample it with pgraft sample, or export --format lora") as e:
+        export(str(checkpoint), tmp_path / "out", ExportOptions())
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["pixart", "dit"])
+def test_lora_of_a_family_without_load_lora_weights_is_refused_in_one_line(tmp_path, family, request):
+    from pgraft_cli.io.export import ExportError
+    from pgraft_cli.pipelines.export import ExportOptions, export
+
+    checkpoint, _ = _tuned_file(tmp_path, request.getfixturevalue(f"tiny_{family}_dir"), 0.0)
+    with pytest.raises(ExportError, match="has no load_lora_weights") as e:
+        export(str(checkpoint), tmp_path / "out", ExportOptions(format="lora"))
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_the_composed_pipeline_defaults_to_the_guidance_pgraft_samples_at(tmp_path, tiny_sd_dir):
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5)
+    summary = _export(checkpoint, tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "pgraft_export.json").read_text())["guidance_scale"] == 5.0
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
+    got, _ = _exported_sample(tmp_path / "pipe", 2, 4, prompt=PROMPTS)
+    _assert_same(got, want)
+    assert summary["pipeline"] == "PgraftPipeline"

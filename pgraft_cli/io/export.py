@@ -1,10 +1,10 @@
 """Writers for ``pgraft export``: a loaded model as files other tools read, without pgraft.
 
 - ``diffusers``: a pipeline folder. One network (a plain model, or GRAFT at cutoff 0 with the LoRA
-  fused) is a stock pipeline (StableDiffusionPipeline, DDIMPipeline ...) whose scheduler is set to
-  pgraft's grid (DDIM trailing, alpha = 1 at the end, no clipping); anything composed (a noise
-  corrector, P-GRAFT's tuned network above a cutoff, a pixel flow) is ``PgraftPipeline``
-  (``export_pipeline.py``, copied into the folder as ``pipeline.py``).
+  fused) is the family's own stock pipeline (``SUPPORT``) whose scheduler is set to pgraft's grid
+  (``stock_scheduler``); anything composed (a noise corrector, P-GRAFT's tuned network above a cutoff),
+  and any pixel UNet, is ``PgraftPipeline`` (``export_pipeline.py``, copied into the folder as
+  ``pipeline.py``), for the families it runs; the others are refused.
 - ``lora``: the adapter as diffusers' ``load_lora_weights`` reads it (``pytorch_lora_weights.safetensors``,
   ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
   (``lora_unet_...lora_down/lora_up/alpha``; SDXL with the original UNet's module names) that ComfyUI and
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -39,6 +41,30 @@ TEMPLATE = Path(__file__).with_name("export_pipeline.py")
 KOHYA_FILE = "lora_kohya.safetensors"
 SINGLE_FILE = "model.safetensors"
 SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+EXPORT_INFO = "pgraft_export.json"
+
+
+@dataclass(frozen=True)
+class Support:
+    """What ``pgraft export`` writes for one model family (``Family.name``).
+
+    ``lora``: the key prefix the family pipeline's ``load_lora_weights`` reads (None: it has none);
+    ``plain``: one network is the family's own diffusers pipeline; ``composed``: ``PgraftPipeline`` runs
+    its composed sampler (it encodes SD 1.x/2.x prompts and pixel-UNet classes, nothing else)."""
+
+    lora: Optional[str]
+    plain: bool
+    composed: bool
+
+
+SUPPORT = {"unet2d": Support("unet", False, True), "sd": Support("unet", True, True),
+           "sdxl": Support("unet", True, False), "sd3": Support("transformer", False, False),
+           "flux": Support("transformer", True, False), "pixart": Support(None, True, False),
+           "dit": Support(None, True, False)}
+
+
+def support_of(model: LoadedModel) -> Support:
+    return SUPPORT[model.adapter.name]
 
 
 class ExportError(PgraftError):
@@ -145,27 +171,30 @@ def _scheduler(model: LoadedModel) -> Any:
 
 
 def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
-                     dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
-    """Write the pipeline folder (see the module doc); returns what was written."""
-    if model.model_class == "SD3Transformer2DModel":
-        raise ExportError("--format diffusers does not support SD3 models yet; export --format lora, and load "
-                          "it onto the base pipeline with load_lora_weights")
+                     dtype: Optional[torch.dtype] = None, guidance: float = 1.0) -> dict[str, Any]:
+    """Write the pipeline folder (see the module doc); returns what was written. ``guidance``: the scale
+    pgraft samples at, the composed pipeline's default, noted in ``pgraft_export.json``."""
+    support = support_of(model)
+    plain = one_network(model) and support.plain and model.pipeline is not None
+    if not plain and not support.composed:
+        what = "one network" if one_network(model) else "a composed sampler (corrector or cutoff > 0)"
+        raise ExportError(f"--format diffusers cannot write {model.source}, {what} of the {model.adapter.name} family "
+                          f"(the exported pipeline runs SD 1.x/2.x and pixel UNets only); sample it with pgraft sample, "
+                          f"or export --format lora")
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
                           "network that diffusers' load_lora_weights can take); drop --keep-adapter")
-    text = model.pipeline is not None and model.conditioning == "text"
-    plain = one_network(model) and model.family == "diffusion" and (text or model.conditioning == "none")
     with _quiet_loading():
         if plain:
             network = base_network(model) if keep_adapter else tuned_network(model) if model.finetuned else model.network
             pipe = _plain_pipeline(model, network)
         else:
-            pipe = _pgraft_pipeline(model)
+            pipe = _pgraft_pipeline(model, guidance)
         for name, part in pipe.components.items():  # the corrector keeps its dtype, as in pgraft sample
             if isinstance(part, nn.Module) and name != "corrector":
                 part.to(dtype or model.dtype)
         pipe.save_pretrained(out, safe_serialization=True)
-    written = {"pipeline": type(pipe).__name__}
+    written = {"pipeline": type(pipe).__name__, **_guidance_info(model, pipe, plain, guidance, out)}
     if keep_adapter:
         written["lora"] = export_lora(model, out, dtype=dtype)["file"]
     if not plain:
@@ -181,16 +210,42 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
 
 
 def _plain_pipeline(model: LoadedModel, network: nn.Module) -> Any:
-    if model.pipeline is not None:
-        parts = dict(model.pipeline.components)
-        parts.update(unet=network, scheduler=_trailing_ddim(model.scheduler_config))
-        return type(model.pipeline)(**parts)
-    from diffusers import DDIMPipeline
-
-    return DDIMPipeline(unet=network, scheduler=_trailing_ddim(model.scheduler_config))
+    """The family's own pipeline class with ``network`` and a scheduler on pgraft's grid (``stock_scheduler``)."""
+    parts = dict(model.pipeline.components)
+    parts.update({"transformer" if "transformer" in parts else "unet": network, "scheduler": stock_scheduler(model)})
+    return type(model.pipeline)(**parts)
 
 
-def _pgraft_pipeline(model: LoadedModel) -> Any:
+def stock_scheduler(model: LoadedModel) -> Any:
+    """pgraft's grid in a stock pipeline, for every step count N. Diffusion: DPM-Solver++ of order 1, which is
+    DDIM (``x' = alpha' x0 + sigma' e``), on the trailing timesteps ``round(T - k T / N) - 1`` then alpha = 1;
+    diffusers' DDIMScheduler steps to ``t - T // N`` instead, off pgraft's grid whenever N does not divide T.
+    Flow: the model's own scheduler (the family pipeline sets its shift)."""
+    import diffusers
+
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    if model.family == "flow":
+        return getattr(diffusers, model.scheduler_config["_class_name"]).from_config(config)
+    return diffusers.DPMSolverMultistepScheduler.from_config(
+        {**config, "solver_order": 1, "algorithm_type": "dpmsolver++", "timestep_spacing": "trailing",
+         "final_sigmas_type": "zero", "thresholding": False, "steps_offset": 0, "lower_order_final": True,
+         "use_karras_sigmas": False, "variance_type": None})
+
+
+def _guidance_info(model: LoadedModel, pipe: Any, plain: bool, guidance: float, out: Path) -> dict[str, Any]:
+    """``pgraft_export.json``: the guidance scale pgraft samples at (a guidance-distilled network's guidance
+    input); a stock pipeline's own default beside it, in a note."""
+    scale = guidance if model.guided or model.model_config.get("guidance_embeds") else 1.0  # Flux dev: its input
+    info: dict[str, Any] = {"guidance_scale": scale}
+    default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    if plain and default is not None and default.default != scale:
+        info["note"] = (f"{type(pipe).__name__} defaults to guidance_scale={default.default:g}; pgraft samples at "
+                        f"{scale:g} (pass guidance_scale={scale:g})")
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _pgraft_pipeline(model: LoadedModel, guidance: float) -> Any:
     from .export_pipeline import GaussianCorrector, PgraftPipeline
 
     parts: dict[str, Any] = {}
@@ -211,7 +266,7 @@ def _pgraft_pipeline(model: LoadedModel) -> Any:
     elif corrector is not None:
         network = corrector.network
     return PgraftPipeline(
-        unet=base_network(model), scheduler=_scheduler(model),
+        unet=base_network(model), scheduler=_scheduler(model), guidance_scale=guidance if model.guided else 1.0,
         tuned_unet=tuned_network(model) if model.finetuned else None, corrector=network, **parts,
         cutoff=float(model.cutoff), tuned_guidance=model.tuned_guidance,
         corrector_steps=corrector.steps if corrector is not None else 0,
@@ -223,7 +278,21 @@ def _pgraft_pipeline(model: LoadedModel) -> Any:
 
 
 def _lora_prefix(model: LoadedModel) -> str:
-    return "transformer" if model.model_class == "SD3Transformer2DModel" else "unet"
+    """``unet`` or ``transformer``: the family pipeline's key prefix (``SUPPORT``); refused where it cannot load one."""
+    prefix = support_of(model).lora
+    if prefix is None:
+        raise ExportError(f"--format lora: {type(model.pipeline).__name__} has no load_lora_weights to read it; "
+                          f"export --format diffusers (the LoRA fused) instead")
+    return prefix
+
+
+def _save_lora(model: LoadedModel, out: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """``save_lora_weights`` of the family's pipeline class (a pixel UNet: Stable Diffusion's ``unet.`` layout)."""
+    from diffusers import StableDiffusionPipeline
+
+    prefix = _lora_prefix(model)
+    saver = type(model.pipeline) if model.pipeline is not None else StableDiffusionPipeline
+    saver.save_lora_weights(out, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": meta})
 
 
 def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
@@ -251,14 +320,8 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
                                                          "ss_network_alpha": str(config.lora_alpha)})
         file = out / KOHYA_FILE
     else:
-        from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
-
         meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        if prefix == "transformer":
-            StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=state,
-                                                       transformer_lora_adapter_metadata=meta)
-        else:
-            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=meta)
+        _save_lora(model, out, state, meta)
         file = out / "pytorch_lora_weights.safetensors"
     result = {"file": file.name, "layout": layout, "rank": config.r, "alpha": config.lora_alpha}
     if model.cutoff > 0:

@@ -130,12 +130,13 @@ class PgraftPipeline(DiffusionPipeline):
 
     def __init__(self, unet: Any, scheduler: Any, tuned_unet: Any = None, corrector: Any = None, vae: Any = None,
                  text_encoder: Any = None, tokenizer: Any = None, cutoff: float = 0.0, tuned_guidance: str = "reapply",
-                 corrector_steps: int = 0, base_steps: Optional[int] = None, null_class: Optional[int] = None):
+                 corrector_steps: int = 0, base_steps: Optional[int] = None, null_class: Optional[int] = None,
+                 guidance_scale: float = 1.0):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, tuned_unet=tuned_unet, corrector=corrector, vae=vae,
                               text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(cutoff=cutoff, tuned_guidance=tuned_guidance, corrector_steps=corrector_steps,
-                                base_steps=base_steps, null_class=null_class)
+                                base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale)
 
     # -- pieces -----------------------------------------------------------------------------------
     def _above(self, t: torch.Tensor) -> bool:
@@ -167,13 +168,16 @@ class PgraftPipeline(DiffusionPipeline):
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str], None] = None, batch_size: int = 1,
-                 num_inference_steps: Optional[int] = None, guidance_scale: float = 1.0,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  class_labels: Optional[list[int]] = None, generator: Optional[torch.Generator] = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = "pil",
                  return_dict: bool = True) -> Union[ImagePipelineOutput, tuple]:
         """Sample images. ``latents`` is the initial N(0, I) noise (before the corrector);
-        ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (final model-space x)."""
+        ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (final model-space x);
+        ``guidance_scale``: by default the one ``pgraft sample`` used (the export's config)."""
         cfg = self.config
+        if guidance_scale is None:
+            guidance_scale = float(cfg.get("guidance_scale", 1.0))
         steps = num_inference_steps or cfg.base_steps
         if steps is None:
             raise ValueError("pass num_inference_steps")

@@ -39,10 +39,12 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
     if o.dtype not in (None, *DTYPES):
         raise ExportError(f"--dtype {o.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     dtype = getattr(torch, o.dtype) if o.dtype else None
-    model = load(checkpoint, o.config, o.kind, o.allow_pickle, resolve_recipe(o.recipe, o.sets), o.base)
+    recipe = resolve_recipe(o.recipe, o.sets)
+    model = load(checkpoint, o.config, o.kind, o.allow_pickle, recipe, o.base)
     with output_folder(out, o.force) as tmp:
         if o.format == "diffusers":
-            written = export_diffusers(model, tmp, o.keep_adapter, dtype)
+            written = export_diffusers(model, tmp, o.keep_adapter, dtype, recipe.sample.guidance_scale
+                                       if model.adapter.classifier_free else recipe.sample.distilled_guidance)
         elif o.format == "single-file":
             written = export_single_file(model, tmp, dtype)
         else:
