@@ -215,10 +215,10 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
                      images: Optional[Iterable[Tensor]] = None) -> FidKid:
     """The reference of ``spec`` in ``features``: a pgraft stats file as it is (its extractor and
     shape must match), else cached statistics (``io.refstats.cache_dirs``: the run directory, then
-    the user cache) keyed by extractor, shape and the data's hash, else computed from the images
+    the user cache) keyed by extractor, shape, the data's hash and resize rule, else computed from the images
     (``images``, batches already open, else read streamed) and written to both caches. Cached and
     computed references give the same FID bit for bit."""
-    from ..io.data import iter_data
+    from ..io.data import iter_data, resize_rule
     from ..io.refstats import cache_dirs, data_identity, is_stats_file, load_stats, stats_key
 
     if is_stats_file(spec):
@@ -228,8 +228,9 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
                               f"{meta.get('image_shape')} images, but this run measures {features.identity} of "
                               f"{list(image_shape)}; pass matching --features, or write new ones with pgraft stats")
         return FidKid.from_reference_state(state, kid_subsets)
-    meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec)}
-    name = f"{stats_key(meta['features'], tuple(image_shape), meta['data'])}.npz"
+    meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec),
+            "resize": resize_rule(spec)}
+    name = f"{stats_key(meta['features'], tuple(image_shape), meta['data'], meta['resize'])}.npz"
     dirs = cache_dirs(run_root)
     for folder in dirs:
         if (folder / name).is_file():
