@@ -72,3 +72,21 @@ def test_reference_state_round_trips_fid_kid_bit_identically():
     out = no_rows.compute()
     assert out["fid"] == metric.compute()["fid"] and out["kid"] is None and out["precision"] is None
     assert any("KID and precision/recall skipped" in w for w in out["warnings"])
+
+
+def test_precision_recall_compare_equally_many_rows_of_each_side():
+    """Ten times more reference rows than generated ones: both sides are cut to the smaller count
+    (a seeded draw, the same on every call) before the k-NN manifolds are built."""
+    from pgraft_cli.core.metrics import equal_rows
+
+    g = torch.Generator().manual_seed(0)
+    real, gen = torch.randn(400, 6, generator=g), torch.randn(40, 6, generator=g)
+    metric = FidKid(6, kid_subsets=2)
+    metric.update(real, real=True)
+    metric.update(gen, real=False)
+    first, again = metric.compute(), metric.compute()
+    want = precision_recall(equal_rows(real, 40, seed=0), gen)
+    assert (first["precision"], first["recall"]) == (again["precision"], again["recall"])
+    assert (first["precision"], first["recall"]) == (want["precision"], want["recall"])
+    assert len(equal_rows(real, 40, seed=0)) == 40 and equal_rows(gen, 40, seed=0) is gen
+    assert (first["precision"], first["recall"]) != tuple(precision_recall(real, gen).values())  # all rows differ
