@@ -78,7 +78,7 @@ PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")]
 ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")]
 JudgeOpt = Annotated[Optional[list[str]], typer.Option("--judge", metavar="[NAME=]REWARD", help="A reward measured on every round's samples and on base/tuned, never optimised (repeatable); gates and --stop-if call it judge.NAME.")]
-StopIfOpt = Annotated[Optional[list[str]], typer.Option("--stop-if", help='End the rounds early, e.g. "judge.NAME dropped by more than 0.5" or "fid rose by more than 10%" (against round 1); the checkpoint is the last model that passed.')]
+StopIfOpt = Annotated[Optional[list[str]], typer.Option("--stop-if", help='End the rounds early, e.g. "judge.NAME dropped by more than 0.5" or "fid rose by more than 10%" (against round 1; the final model against the base on the evaluation seeds); the checkpoint is the last model that passed.')]
 LogWithOpt = Annotated[Optional[str], typer.Option("--log-with", help="Log training and per-round metrics to tensorboard or wandb (accelerate's trackers) in the run directory; off by default.")]
 BaseOpt = Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected or fine-tuned checkpoint, if not where it was.")]
 StageOpt = Annotated[str, typer.Option("--stage", help="Sample stage to read (sample-r2 ... for later rounds).")]

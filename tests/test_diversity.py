@@ -72,3 +72,43 @@ def test_reference_state_round_trips_fid_kid_bit_identically():
     out = no_rows.compute()
     assert out["fid"] == metric.compute()["fid"] and out["kid"] is None and out["precision"] is None
     assert any("KID and precision/recall skipped" in w for w in out["warnings"])
+
+
+def test_precision_recall_compare_equally_many_rows_of_each_side():
+    """Ten times more reference rows than generated ones: both sides are cut to the smaller count
+    (a seeded draw, the same on every call) before the k-NN manifolds are built."""
+    from pgraft_cli.core.metrics import equal_rows
+
+    g = torch.Generator().manual_seed(0)
+    real, gen = torch.randn(400, 6, generator=g), torch.randn(40, 6, generator=g)
+    metric = FidKid(6, kid_subsets=2)
+    metric.update(real, real=True)
+    metric.update(gen, real=False)
+    first, again = metric.compute(), metric.compute()
+    want = precision_recall(equal_rows(real, 40, seed=0), gen)
+    assert (first["precision"], first["recall"]) == (again["precision"], again["recall"])
+    assert (first["precision"], first["recall"]) == (want["precision"], want["recall"])
+    assert len(equal_rows(real, 40, seed=0)) == 40 and equal_rows(gen, 40, seed=0) is gen
+    assert (first["precision"], first["recall"]) != tuple(precision_recall(real, gen).values())  # all rows differ
+
+
+def test_best_of_groups_of_a_class_model_hold_one_class(tmp_path):
+    """Image i of a class model has class i mod n: a best-of group (and a pairwise-distance group)
+    is best_of images of one class, never consecutive images of several."""
+    from conftest import build_scheduler, build_tiny_unet
+    from pgraft_cli.io.checkpoints import load_model, save_pgraft_safetensors
+    from pgraft_cli.stages.evaluate import image_groups
+    from pgraft_cli.stages.sample import Conditions
+
+    net = build_tiny_unet(num_class_embeds=3)
+    path = tmp_path / "classes.safetensors"
+    save_pgraft_safetensors(path, net, "UNet2DModel", dict(net.config), dict(build_scheduler("flow").config), {})
+    model, cond = load_model(str(path)), Conditions()
+    index = torch.tensor([5, 0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11])  # shards may come in any order
+    groups = image_groups(model, cond, index, best_of=2)
+    _, labels = cond.for_indices(model, index.tolist())
+    by_group: dict[int, list[int]] = {}
+    for g, c in zip(groups.tolist(), labels):
+        by_group.setdefault(g, []).append(c)
+    assert sorted(len(v) for v in by_group.values()) == [2] * 6 and all(len(set(v)) == 1 for v in by_group.values())
+    assert image_groups(model, Conditions(class_label=1), index, best_of=4).unique().numel() == 3

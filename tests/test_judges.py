@@ -137,3 +137,26 @@ def test_stop_if_and_judge_gates_are_checked_before_any_work(tmp_path):
         result = runner.invoke(app, [*base, *extra])
         assert isinstance(result.exception, PgraftError) and message in str(result.exception)
     assert not (tmp_path / "run").exists()
+
+
+def test_final_stop_compares_the_tuned_model_with_the_base_on_the_evaluation_seeds():
+    from pgraft_cli.report.gates import check_final_stop
+
+    rule = parse_stop("reward dropped by more than 0.5")
+    base, tuned = {"reward_mean": 2.0, "judges": {}}, {"reward_mean": 1.0, "judges": {}}
+    assert "from 2 in the base model to 1 in the tuned model" in check_final_stop([rule], base, tuned)
+    assert check_final_stop([rule], base, {"reward_mean": 1.6}) is None
+
+
+@pytest.mark.slow
+def test_stop_if_checks_the_final_model_even_with_one_round(tmp_path):
+    """One round: the rounds measure only the base; evaluate-base scores -1, evaluate-tuned -2 by the
+    counter judge (16 images each after round 1's), so the final check fires and nothing is written."""
+    (tmp_path / "counter.py").write_text(COUNTER)
+    out = tmp_path / "tuned.safetensors"
+    args = ["finetune", "digits", "--reward", "classifier:digits:3", "--cutoff", "0", "--run-dir", str(tmp_path / "r"),
+            "--out", str(out), "--judge", f"counter=python:{tmp_path / 'counter.py'}:counter", *TINY,
+            "--set", "finetune.rounds=1", "--stop-if", "judge.counter dropped by more than 0.5"]
+    proc = runner.invoke(app, args)
+    assert isinstance(proc.exception, StoppedError) and proc.exception.exit_code == 1, proc.output
+    assert "final model failed --stop-if: judge.counter dropped by 1 " in str(proc.exception) and not out.exists()

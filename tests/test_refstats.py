@@ -89,3 +89,22 @@ def test_an_npz_of_images_is_not_a_stats_file(tmp_path):
 def test_stats_needs_a_shape_for_a_folder(tmp_path):
     result = runner.invoke(app, ["stats", str(tmp_path), "--out", str(tmp_path / "r.npz")])
     assert isinstance(result.exception, PgraftError) and "--shape" in str(result.exception)
+
+
+def test_a_changed_resize_rule_or_stats_version_misses_the_cache(tmp_path, monkeypatch):
+    """Data resized by another rule gives other statistics: the cache key holds the rule and a version."""
+    import pgraft_cli.io.data as data
+    import pgraft_cli.io.refstats as refstats
+
+    feats, calls = ev.classifier_features(), []
+    real_reference = ev.reference
+    monkeypatch.setattr(ev, "reference", lambda *a, **k: calls.append(1) or real_reference(*a, **k))
+    ev.cached_reference(feats, "digits-test", (1, 16, 16), run_root=tmp_path)
+    ev.cached_reference(feats, "digits-test", (1, 16, 16), run_root=tmp_path)
+    assert len(calls) == 1  # the second found the first's statistics
+    monkeypatch.setattr(data, "RESIZE_RULES", {**data.RESIZE_RULES, "digits": "nearest"})
+    ev.cached_reference(feats, "digits-test", (1, 16, 16), run_root=tmp_path)
+    assert len(calls) == 2
+    monkeypatch.setattr(refstats, "STATS_VERSION", refstats.STATS_VERSION + 1)
+    ev.cached_reference(feats, "digits-test", (1, 16, 16), run_root=tmp_path)
+    assert len(calls) == 3 and len(list((tmp_path / "refstats").glob("*.npz"))) == 3

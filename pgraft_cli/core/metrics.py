@@ -108,15 +108,16 @@ class FidKid:
                 "warnings": warnings}
 
     def _precision_recall(self) -> tuple[Optional[float], Optional[float]]:
-        """``precision_recall`` (k = PR_K) on at most ``PR_MAX_ROWS`` random rows per side (the k-NN
-        radii cost N^2 distances); None when a side has too few rows."""
+        """``precision_recall`` (k = PR_K) on ``n = min(n_real, n_gen, PR_MAX_ROWS)`` rows of each side
+        (``equal_rows``: unequal counts make the two manifolds' radii incomparable, and the k-NN radii
+        cost N^2 distances); None when a side has too few rows."""
         from torchmetrics.utilities import dim_zero_cat
 
         real, fake = dim_zero_cat(self.kid.real_features), dim_zero_cat(self.kid.fake_features)
         if min(len(real), len(fake)) <= PR_K:
             return None, None
-        real, fake = (x[torch.randperm(len(x))[:PR_MAX_ROWS]] if len(x) > PR_MAX_ROWS else x for x in (real, fake))
-        pr = precision_recall(real, fake, PR_K)
+        n = min(len(real), len(fake), PR_MAX_ROWS)
+        pr = precision_recall(equal_rows(real, n, self.seed), equal_rows(fake, n, self.seed), PR_K)
         return pr["precision"], pr["recall"]
 
     def reference_state(self) -> dict[str, np.ndarray]:
@@ -221,6 +222,14 @@ def manifold_coverage(queries: Tensor, support: Tensor, k: int = 3) -> float:
     radii = knn_radii(support, k)
     inside = [(d <= radii).any(dim=1) for _, d in _pairwise(queries, support)]
     return float(torch.cat(inside).double().mean())
+
+
+def equal_rows(x: Tensor, n: int, seed: int) -> Tensor:
+    """``n`` rows of ``x`` drawn without replacement from ``seed`` (the same rows on every call);
+    ``x`` itself when it has at most ``n``."""
+    if len(x) <= n:
+        return x
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
 def precision_recall(real: Tensor | np.ndarray, gen: Tensor | np.ndarray, k: int = 3) -> dict[str, float]:

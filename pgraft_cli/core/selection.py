@@ -103,6 +103,19 @@ def _rule_params(rule: str, params: dict) -> dict:
 # Selection: rewards -> keep mask
 
 
+def condition_groups(condition: Tensor, m: Optional[int]) -> Tensor:
+    """Group ids of samples in sample order: the j-th sample of a condition (prompt or class id in
+    ``condition``) goes to that condition's group ``j // m`` (one group per condition when ``m`` is None)."""
+    seen: dict[int, int] = {}
+    ids: dict[tuple[int, int], int] = {}
+    group = torch.empty(len(condition), dtype=torch.long)
+    for row, c in enumerate(torch.as_tensor(condition).tolist()):
+        j = seen.get(c, 0)
+        seen[c] = j + 1
+        group[row] = ids.setdefault((c, j // m if m else 0), len(ids))
+    return group
+
+
 def select_top_k(rewards: Tensor, groups: Optional[Tensor], k: int) -> Tensor:
     """Keep the ``k`` highest rewards of each group: ``keep_i = #{j in G(i): r_j > r_i or
     (r_j = r_i and j < i)} < k``.

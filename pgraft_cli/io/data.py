@@ -41,6 +41,17 @@ DIGITS_SPLITS = {"train": 0.6, "judge": 0.2, "test": 0.2}
 # same data gives bit-identical FID whichever verb reads it.
 READ_BATCH = 256
 ALIASES = ("digits", *(f"digits-{name}" for name in DIGITS_SPLITS))
+# How each kind of data is brought to the model's size (the module doc); part of the reference
+# statistics' cache key, so edit the text whenever a rule changes.
+RESIZE_RULES = {"digits": "/16, bilinear align_corners=False, clamp [0, 1]",
+                "folder": "PIL convert L/RGB, bicubic shorter side, centre crop, /255",
+                "tensor": "none: the model's size; uint8 /255"}
+
+
+def resize_rule(spec: str) -> str:
+    """The rule (``RESIZE_RULES``) that brings ``spec``'s images to the model's size."""
+    kind = "digits" if spec in ALIASES else "folder" if Path(spec).expanduser().is_dir() else "tensor"
+    return f"{kind}: {RESIZE_RULES[kind]}"
 
 
 def digits_split(labels: Tensor, split: str) -> Tensor:

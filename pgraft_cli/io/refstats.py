@@ -9,8 +9,8 @@ read with ``np.load(allow_pickle=False)``, never unpickled.
 
 Caches (``cache_dirs``): ``RUN_DIR/refstats`` and the user cache ``$XDG_CACHE_HOME/pgraft/stats``
 (``~/.cache/pgraft/stats``), each file named by ``stats_key``, a hash of what the statistics
-depend on: the extractor's identity (its weights' hash and resize rule), the image shape and the
-data's content hash.
+depend on: the extractor's identity (its weights' hash and resize rule), the image shape, the
+data's content hash, the rule that resized the data (``io.data.RESIZE_RULES``) and ``STATS_VERSION``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from .runstore import atomic_write_bytes
 
 FORMAT = "pgraft-stats-1"
 ARRAYS = ("sum", "cov_sum", "n", "mu", "sigma", "features")
+# Bump when the statistics of the same data, features and resize rule would change (how they are
+# accumulated): cached files of an older version are then missed, never reused.
+STATS_VERSION = 2
 
 
 def user_cache_dir() -> Path:
@@ -52,9 +55,11 @@ def data_identity(spec: str) -> str:
     return f"sha256={identity_of(path)}"
 
 
-def stats_key(features: str, image_shape: tuple[int, ...], data: str) -> str:
-    """sha256 of (extractor identity, image shape, data identity): the cache file's name."""
-    payload = json.dumps({"features": features, "image_shape": list(image_shape), "data": data}, sort_keys=True)
+def stats_key(features: str, image_shape: tuple[int, ...], data: str, resize: str) -> str:
+    """sha256 of (extractor identity, image shape, data identity, the data's resize rule,
+    ``STATS_VERSION``): the cache file's name."""
+    payload = json.dumps({"features": features, "image_shape": list(image_shape), "data": data, "resize": resize,
+                          "version": STATS_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

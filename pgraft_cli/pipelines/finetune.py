@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import PgraftError
+from ..errors import PgraftError, StoppedError
 from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, check_tracker,
                        default_run_dir, open_run, prompt_list, real_data, references, resolve_recipe, reward_from, start,
                        trackers)
@@ -83,7 +83,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     None on processes other than the main one.
     """
     from ..io.checkpoints import base_info_of, save_finetuned
-    from ..report.gates import check_stop, gate_metrics, gate_names, judge_names, parse_gates, parse_stop
+    from ..report.gates import check_final_stop, check_stop, gate_metrics, gate_names, judge_names, parse_gates, parse_stop
     from ..report.ui import finetune_report, wrote_lines
     from ..stages.evaluate import fid_skipped, pick_features, sample_metrics
     from ..stages.finetune import evaluate_pair, resolve_lora, round_stage, run_rounds, tuning_choice
@@ -135,6 +135,10 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
             if not verb.is_main:
                 return None
             metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, verb.bar, refs, fid_data, notes, judges)
+            reason = check_final_stop(stops, metrics["base"], metrics["tuned"]) if stops else None
+            if reason:  # the rounds measure the model entering each round, never the final one
+                raise StoppedError(f"the final model failed --stop-if: {reason} on the evaluation seeds; no checkpoint "
+                                   f"was written (lower finetune.learning_rate, fewer rounds, or loosen --stop-if)")
             if log is not None:  # base and tuned on the evaluation's seeds, after the last round's steps
                 log({f"eval/{name}/{k}": v for name in ("base", "tuned") for k, v in gate_metrics(metrics[name]).items()
                      if isinstance(v, (int, float))}, step=len(history) * rec.finetune.steps)

@@ -248,12 +248,25 @@ def check_stop(rules: list[StopRule], history: list[dict[str, Any]]) -> Optional
     last round's value with round 1's (the base model's samples); unmeasured values never fire."""
     if len(history) < 2:
         return None
-    first, last = round_metrics(history[0]), round_metrics(history[-1])
+    return _fired(rules, round_metrics(history[0]), round_metrics(history[-1]), "round 1",
+                  f"round {history[-1]['round']}")
+
+
+def check_final_stop(rules: list[StopRule], base: dict[str, Any], tuned: dict[str, Any]) -> Optional[str]:
+    """Why the final tuned model fails (None: it passes): each rule compares ``evaluate_pair``'s tuned
+    model with the base model, both sampled on the evaluation's seeds (the rounds never measure it)."""
+    def values(m: dict[str, Any]) -> dict[str, Optional[float]]:
+        return round_metrics({**m, "sampled": {"reward_mean": m.get("reward_mean")}})
+
+    return _fired(rules, values(base), values(tuned), "the base model", "the tuned model")
+
+
+def _fired(rules: list[StopRule], first: dict[str, Any], last: dict[str, Any], was: str, now: str) -> Optional[str]:
     for rule in rules:
         a, b = first.get(rule.name), last.get(rule.name)
         if a is None or b is None or not rule.fires(float(a), float(b)):
             continue
         unit = "%" if rule.relative else ""
         return (f"{rule.name} {rule.direction} by {rule.moved(float(a), float(b)):.4g}{unit} (from {float(a):.4g} in "
-                f"round 1 to {float(b):.4g} in round {history[-1]['round']}), more than {rule.amount:g}{unit}")
+                f"{was} to {float(b):.4g} in {now}), more than {rule.amount:g}{unit}")
     return None

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..core.metrics import KID_SUBSETS, FidKid, best_of_n, mean_pairwise_distance, measure_flops
 from ..core.samplers import above_cutoff
+from ..core.selection import condition_groups
 from ..errors import PgraftError
 from ..io.checkpoints import CLASSIFIER_PATH, JUDGE_PATH  # noqa: F401  (re-exported: the features' nets)
 from ..io.recipes import check_feature_choice
@@ -215,10 +216,10 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
                      images: Optional[Iterable[Tensor]] = None) -> FidKid:
     """The reference of ``spec`` in ``features``: a pgraft stats file as it is (its extractor and
     shape must match), else cached statistics (``io.refstats.cache_dirs``: the run directory, then
-    the user cache) keyed by extractor, shape and the data's hash, else computed from the images
+    the user cache) keyed by extractor, shape, the data's hash and resize rule, else computed from the images
     (``images``, batches already open, else read streamed) and written to both caches. Cached and
     computed references give the same FID bit for bit."""
-    from ..io.data import iter_data
+    from ..io.data import iter_data, resize_rule
     from ..io.refstats import cache_dirs, data_identity, is_stats_file, load_stats, stats_key
 
     if is_stats_file(spec):
@@ -228,8 +229,9 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
                               f"{meta.get('image_shape')} images, but this run measures {features.identity} of "
                               f"{list(image_shape)}; pass matching --features, or write new ones with pgraft stats")
         return FidKid.from_reference_state(state, kid_subsets)
-    meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec)}
-    name = f"{stats_key(meta['features'], tuple(image_shape), meta['data'])}.npz"
+    meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec),
+            "resize": resize_rule(spec)}
+    name = f"{stats_key(meta['features'], tuple(image_shape), meta['data'], meta['resize'])}.npz"
     dirs = cache_dirs(run_root)
     for folder in dirs:
         if (folder / name).is_file():
@@ -311,6 +313,19 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
             "flops_parts": parts, "flops_calls": calls}
 
 
+def image_groups(model: Any, cond: Any, index: Tensor, best_of: Optional[int]) -> Tensor:
+    """Each image's group (``index``: the images' sample indices, in any order): its condition
+    (prompt, or class by ``Conditions.for_indices``) and, within it in index order, runs of ``best_of``."""
+    prompts, labels = cond.for_indices(model, index.tolist())
+    ids: dict[str, int] = {}
+    key = ([ids.setdefault(p, len(ids)) for p in prompts] if prompts is not None
+           else labels if labels is not None else [0] * len(index))
+    order = index.argsort()
+    groups = torch.empty(len(index), dtype=torch.long)
+    groups[order] = condition_groups(torch.tensor(key, dtype=torch.long)[order], best_of)
+    return groups
+
+
 def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample_cfg: Any,
                    features: Optional[Features], store: Any, bar: Any, stage_name: str = "sample",
                    kid_subsets: int = KID_SUBSETS, real_features: Optional[FidKid | Tensor | np.ndarray] = None,
@@ -326,8 +341,8 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     ``also_against`` ({name: {fid, kid, warnings}}) for further named references (e.g. held-out
     and training data), fed the same features.
 
-    Samples are grouped by prompt (image ``i`` has prompt ``i mod P``) for text models, else in
-    consecutive runs of ``best_of``: ``reward_best_of_mean``/``_std`` is ``best_of_n`` of the rewards
+    Samples are grouped by their condition (``image_groups``: prompt or class) in runs of ``best_of``
+    (a text model's prompt is one group): ``reward_best_of_mean``/``_std`` is ``best_of_n`` of the rewards
     over those groups, and ``pairwise_distance`` the mean distance between a group's samples in the
     features (``mean_pairwise_distance``). ``notes`` (e.g. why FID was skipped) are passed through.
     """
@@ -356,7 +371,7 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         if reward is not None:
             rewards.append(reward(images, cond.for_indices(model, index.tolist())[0]))
     index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-    groups = (index % prompts if prompts else index // best_of) if grouped else None
+    groups = image_groups(model, cond, index, best_of) if grouped else None
     guidance = sample_cfg.guidance_scale if model.guided else 1.0
     out: dict[str, Any] = {
         "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),

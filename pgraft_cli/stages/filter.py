@@ -20,7 +20,7 @@ from ..errors import PgraftError
 from ..io.recipes import FilterConfig
 from ..io.runstore import RunStore, atomic_path, read_shard
 from .score import load_rewards, stage_outputs_digest
-from ..core.selection import select, summarize, threshold_value
+from ..core.selection import condition_groups, select, summarize, threshold_value
 
 STAGE = "filter"
 
@@ -35,14 +35,7 @@ def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Ten
     found = RunStore(run_dir, is_main=False).stage(sample_stage).tensors("index", "prompt_index", "class_label")
     index = found["index"]
     cond = found.get("prompt_index", found.get("class_label", torch.zeros_like(index)))
-    seen: dict[int, int] = {}
-    ids: dict[tuple[int, int], int] = {}
-    group = torch.empty_like(index)
-    for row, c in enumerate(cond.tolist()):
-        j = seen.get(c, 0)
-        seen[c] = j + 1
-        group[row] = ids.setdefault((c, j // m), len(ids))
-    return index, group
+    return index, condition_groups(cond, m)
 
 
 def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample", score_stage: str = "score",

@@ -113,8 +113,11 @@ def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
             model.lora = True
         return model.network
     if model.tuned is None:
+        device = model.device
+        if cfg.cutoff == 0:  # the base leaves the device before the copy: it never holds two copies
+            model.network.to("cpu")
         model.tuned = copy.deepcopy(model.network)
-        model.to(model.device)  # places the base: on the CPU at cutoff 0
+        model.to(device)  # places the tuned copy, and the base: on the CPU at cutoff 0
     return model.tuned
 
 
