@@ -195,11 +195,40 @@ def test_fit_gaussian_by_class_fits_classes_with_more_samples_than_dimensions_an
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0] * 40 + [1] * 2)
     noises = torch.randn(42, 1, 1, 2, generator=g) + labels.view(-1, 1, 1, 1) * 3.0
-    mean, chol = fit_gaussian_by_class(noises, labels, 3)
+    mean, chol, chol_of = fit_gaussian_by_class(noises, labels, 3)
     own, pooled = fit_gaussian(noises[labels == 0]), fit_gaussian(noises)
-    torch.testing.assert_close((mean[0], chol[0]), own)
+    torch.testing.assert_close((mean[0], chol[chol_of[0]]), own)
     for c in (1, 2):
-        torch.testing.assert_close((mean[c], chol[c]), pooled)
+        torch.testing.assert_close((mean[c], chol[chol_of[c]]), pooled)
+
+
+def test_the_pooled_cholesky_factor_is_stored_once_not_per_class(tmp_path):
+    """1000 classes sharing the pooled fit hold one D x D factor (DiT's 1000 x 4096^2 was ~134 GB), and
+    each row still maps with its class's factor, also after a save and load."""
+    from pgraft_cli.models.corrector import fit_gaussian_by_class
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([5] * 30 + [7] * 3)
+    noises = torch.randn(33, 1, 2, 2, generator=g) + labels.view(-1, 1, 1, 1)
+    mean, chol, chol_of = fit_gaussian_by_class(noises, labels, 1000)
+    assert chol.shape == (2, 4, 4) and chol_of.shape == (1000,)
+    assert chol_of[5] == 1 and int((chol_of == 0).sum()) == 999
+    corrector = NoiseCorrector("gaussian", 4, 0, mean=mean.float(), chol=chol.float(), chol_of=chol_of,
+                               conditioning="class")
+    e = torch.randn(3, 1, 2, 2, generator=g)
+    z = corrector(e, torch.tensor([5, 7, 5]))
+    for row, c in enumerate((5, 7, 5)):
+        want = mean[c].float() + chol[chol_of[c]].float() @ e[row].reshape(-1)
+        torch.testing.assert_close(z[row].reshape(-1), want)
+    # through the file: the shared factor stays one row (a 10-class model of 256 dimensions)
+    chol = torch.stack([torch.eye(256) * 0.5, torch.eye(256) * 2.0])
+    corrector = NoiseCorrector("gaussian", 4, mean=torch.zeros(10, 256), chol=chol,
+                               chol_of=torch.tensor([0, 0, 1] + [0] * 7), conditioning="class")
+    back = load_model(str(save_corrected(tmp_path / "c.safetensors", corrector, load_model(str(_class_flow(tmp_path))),
+                                         {}, {}))).corrector
+    assert back.chol.shape == (2, 256, 256)
+    e = torch.randn(2, 1, 16, 16, generator=g)
+    torch.testing.assert_close(back(e, torch.tensor([2, 0])), torch.stack([e[0] * 2.0, e[1] * 0.5]))
 
 
 def test_a_class_conditioned_flow_corrector_trains_with_a_class_embedding_and_round_trips(tmp_path):

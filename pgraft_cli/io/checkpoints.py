@@ -788,6 +788,8 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     if corrector.network is None:
         state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
                                             else {"chol": corrector.chol})}
+        if corrector.chol_of is not None:
+            state["chol_of"] = corrector.chol_of
         return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.shape[-1])},  # type: ignore[arg-type]
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
     return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
@@ -806,7 +808,7 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
              "captions": json.loads(metadata.get("pgraft.corrector_captions", "null"))}
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
-                                   std=state.get("std"), **given)
+                                   std=state.get("std"), chol_of=state.get("chol_of"), **given)
     else:
         config = json.loads(metadata["pgraft.model_config"])
         network = build_network("UNet2DModel", config)

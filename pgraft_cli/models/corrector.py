@@ -23,7 +23,8 @@ class NoiseCorrector:
     ``z = mean + std * e`` per dimension (no network calls).
 
     A conditioned corrector (``conditioning = "class"`` or ``"caption"``) holds one fit per group:
-    ``mean`` (G, D), ``std`` (G, D) or ``chol`` (G, D, D), or a flow network with a class embedding
+    ``mean`` (G, D), ``std`` (G, D) or ``chol`` (K, D, D) with ``chol_of`` (G,) naming each group's
+    factor (the pooled factor is stored once, not per group), or a flow network with a class embedding
     (``num_class_embeds = G``), and maps each row with its group's: a class model's group is the
     sample's class; a text model's is the index of its prompt in ``captions`` (the training captions
     seen at least twice), or ``len(captions)``, the pooled fit, for any other prompt.
@@ -39,6 +40,7 @@ class NoiseCorrector:
     std: Optional[Tensor] = None
     conditioning: str = "none"  # "none" | "class" | "caption"
     captions: Optional[list[str]] = None
+    chol_of: Optional[Tensor] = None  # group -> row of ``chol`` (None: row g is group g's)
 
     schedule = NoiseSchedule.flow()
 
@@ -78,8 +80,14 @@ class NoiseCorrector:
             mean = self.mean.double() if g is None else self.mean[g].double()
             if self.kind == "gaussian-diag":
                 spread = flat * (self.std.double() if g is None else self.std[g].double())
-            else:
-                spread = flat @ self.chol.double().T if g is None else (self.chol[g].double() @ flat[..., None])[..., 0]
+            elif g is None:
+                spread = flat @ self.chol.double().T
+            else:  # one matmul per factor used, never a (B, D, D) gather
+                factor = g if self.chol_of is None else self.chol_of.to(g.device)[g]
+                spread = torch.empty_like(flat)
+                for k in factor.unique().tolist():
+                    rows = factor == k
+                    spread[rows] = flat[rows] @ self.chol[k].double().T
             return (mean + spread).to(noise.dtype).reshape(noise.shape)
         own = next(self.network.parameters()).dtype
         z, _ = sample(lambda x, t: self.velocity(x, t, groups), self.schedule, noise.to(own),
@@ -89,7 +97,7 @@ class NoiseCorrector:
     def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "NoiseCorrector":
         if self.network is not None:
             self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        for name in ("mean", "chol", "std"):
+        for name in ("mean", "chol", "std", "chol_of"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -147,19 +155,23 @@ def fit_gaussian_diag_by_class(noises: Tensor, labels: Tensor, num_classes: int)
     return mean, std
 
 
-def fit_gaussian_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class mean and Cholesky factor of (N, ...) samples: ``(C, D)`` and ``(C, D, D)`` (float64).
+def fit_gaussian_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class mean ``(C, D)``, Cholesky factors ``(K, D, D)`` and each class's factor ``(C,)`` (float64).
 
-    A class with no more samples than dimensions takes the pooled fit (``fit_gaussian``, which
-    refuses when the pool itself is too small).
+    Factor 0 is the pooled fit (``fit_gaussian``, which refuses when the pool itself is too small),
+    stored once and taken by every class with no more samples than dimensions; each other class has
+    its own factor (``K = 1 +`` their number), so memory is ``K D^2``, not ``C D^2``.
     """
     pooled_mean, pooled_chol = fit_gaussian(noises)
     flat = noises.reshape(noises.shape[0], -1)
-    mean, chol = pooled_mean.repeat(num_classes, 1), pooled_chol.repeat(num_classes, 1, 1)
+    mean, factors = pooled_mean.repeat(num_classes, 1), [pooled_chol]
+    chol_of = torch.zeros(num_classes, dtype=torch.long)
     for c in range(num_classes):
         if int((labels == c).sum()) > flat.shape[1]:
-            mean[c], chol[c] = fit_gaussian(flat[labels == c])
-    return mean, chol
+            mean[c], own = fit_gaussian(flat[labels == c])
+            chol_of[c] = len(factors)
+            factors.append(own)
+    return mean, torch.stack(factors), chol_of
 
 
 def caption_groups(captions: list[str]) -> tuple[list[str], Tensor]:

@@ -278,8 +278,10 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         inputs["groups"] = tensor_digest(group_of)
     stage = store.open_stage("train_corrector", config, inputs)
     if cfg.corrector == "gaussian":
-        mean, chol = fit_gaussian(noises) if group_of is None else fit_gaussian_by_class(noises, group_of, num)
-        corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float(), **cond)
+        mean, chol, chol_of = (*fit_gaussian(noises), None) if group_of is None else fit_gaussian_by_class(
+            noises, group_of, num)
+        corrector = NoiseCorrector("gaussian", cfg.base_steps, 0, mean=mean.float(), chol=chol.float(), chol_of=chol_of,
+                                   **cond)
         return corrector, {"kind": "gaussian", "parameters": 0, "conditioning": cond["conditioning"]}
     if cfg.corrector == "gaussian-diag":
         mean, std = fit_gaussian_diag(noises) if group_of is None else fit_gaussian_diag_by_class(noises, group_of, num)
