@@ -224,6 +224,8 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
     metadata = metadata or {}
     if null_class is None:
         null_class = _null_class(metadata, conditioning, num_classes, source)
+    if pipeline is not None:
+        family.check_pipeline(pipeline, model_config, source)
     shape = family.sample_shape(model_config, getattr(pipeline, "vae", None))
     provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
     if conditioning == "text" and pipeline is None:
