@@ -127,6 +127,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
     config = {**invert_config(cfg), "lane": lane}
+    if model.autocast is not None:  # the network ran under autocast (model.autocast), as it samples
+        config["autocast"] = str(model.autocast)
     inputs = {"model": model_key(model), "data": rows_digest(images)}
     if model.conditioning != "none":  # each image's condition, and the guidance it is inverted with
         config["guidance_scale"] = guidance_scale if model.guided else None
@@ -177,12 +179,17 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
             cond = model.encode(None if prompts is None else prompts[members],
                                 None if classes is None else classes[members], guidance_scale)
             # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is
-            # the size of the tolerance); the round trip runs the sampler as it samples, in the model's
-            # dtype. The solver names the rows still iterating, so each keeps its own condition.
-            fn32 = lambda x, t, rows: model.predict(x.to(model.dtype), t, cond.rows(rows)).float()  # noqa: E731
+            # the size of the tolerance); only the network runs as it samples: in the model's dtype, under
+            # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
+            # The solver names the rows still iterating, so each keeps its own condition.
+            def fn32(x: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+                with model.autocast_context():
+                    return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
+
             z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol,
                                      row_indexed=True)
-            back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
+            with model.autocast_context():  # the round trip, as run_sample samples
+                back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
             for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
                                ("iterations", info.iterations), ("residual", info.residual)):
                 out[key].append(value.cpu())
