@@ -264,3 +264,26 @@ def test_export_refuses_a_conditioned_corrector_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "class" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "pipe").exists()
+
+
+def test_a_corrected_file_records_its_inversion_guidance_and_refuses_another(tmp_path):
+    """A corrector is fitted to the base sampler at one guidance scale (and autocast): the file records
+    both, and sampling the conditioned model at another scale ends in one error line; a corrector
+    with no recorded guidance (an unconditional base) takes any."""
+    from pgraft_cli.pipelines.skeleton import corrector_steps
+
+    model = load_model(str(_class_flow(tmp_path)))
+    corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(10, 256), std=torch.ones(10, 256),
+                               conditioning="class", guidance_scale=3.0, autocast="torch.bfloat16")
+    path = save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})
+    back = load_model(str(path))
+    assert (back.corrector.guidance_scale, back.corrector.autocast) == (3.0, "torch.bfloat16")
+    assert corrector_steps(back, None, "sample", 3.0) == 4
+    with pytest.raises(PgraftError, match="guidance scale 3, not 5"):
+        corrector_steps(back, None, "sample", 5.0)
+    result = runner.invoke(app, ["sample", str(path), "--num", "1", "--class", "1", "--guidance-scale", "5",
+                                 "--run-dir", str(tmp_path / "run")])
+    assert isinstance(result.exception, PgraftError) and "guidance scale 3, not 5" in str(result.exception)
+    assert "\n" not in str(result.exception) and not (tmp_path / "run").exists()  # refused before any work
+    back.corrector.guidance_scale = None  # as an unconditional base's corrector records it
+    assert corrector_steps(back, None, "sample", 5.0) == 4

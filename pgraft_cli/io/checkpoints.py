@@ -786,6 +786,8 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
         extra["pgraft.corrector_conditioning"] = corrector.conditioning
         if corrector.captions is not None:
             extra["pgraft.corrector_captions"] = json.dumps(corrector.captions)
+    extra["pgraft.corrector_inversion"] = json.dumps({"guidance_scale": corrector.guidance_scale,
+                                                      "autocast": corrector.autocast})
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
     if corrector.network is None:
         state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
@@ -807,7 +809,8 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
     given = {"conditioning": metadata.get("pgraft.corrector_conditioning", "none"),
-             "captions": json.loads(metadata.get("pgraft.corrector_captions", "null"))}
+             "captions": json.loads(metadata.get("pgraft.corrector_captions", "null")),
+             **json.loads(metadata.get("pgraft.corrector_inversion", "{}"))}
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
                                    std=state.get("std"), chol_of=state.get("chol_of"), **given)

@@ -41,6 +41,9 @@ class NoiseCorrector:
     conditioning: str = "none"  # "none" | "class" | "caption"
     captions: Optional[list[str]] = None
     chol_of: Optional[Tensor] = None  # group -> row of ``chol`` (None: row g is group g's)
+    # The sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
+    guidance_scale: Optional[float] = None
+    autocast: Optional[str] = None
 
     schedule = NoiseSchedule.flow()
 

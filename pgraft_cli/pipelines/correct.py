@@ -59,6 +59,10 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                                   loaded.num_classes)
         corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
             noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, groups=groups))
+        # the sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
+        if loaded.conditioning != "none" and (loaded.guided or not loaded.adapter.classifier_free):
+            corrector.guidance_scale = rec.sample.guidance_scale
+        corrector.autocast = None if loaded.autocast is None else str(loaded.autocast)
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane,

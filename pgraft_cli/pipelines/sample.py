@@ -38,7 +38,7 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     verb: Verb = start("sample", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
     loaded = verb.model
     if loaded.corrector is not None:  # one corrector per base step count
-        rec.sample.steps = corrector_steps(loaded, o.steps, "sample")
+        rec.sample.steps = corrector_steps(loaded, o.steps, "sample", rec.sample.guidance_scale)
     check_conditions(loaded, cond)
     cfg = resolve_lane(loaded, rec.sample)  # the recipe keeps "auto"; the lane used goes in the settings
     run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, cfg, cond)})
