@@ -53,7 +53,8 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         dist = verb.dist  # several processes: each inverts and samples its shards; the corrector trains once
         shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
         lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
-        noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale)
+        noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale,
+                                       auto_lane=rec.sample.lane == "auto")
         groups = corrector_groups(rows.labels[keep] if loaded.conditioning == "class" else None,
                                   [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
                                   loaded.num_classes)

@@ -36,6 +36,7 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (NoiseCorrector, caption_groups, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class)
 from ..models.loaded import LoadedModel
+from .sample import resumed_lane
 from .train_loop import LoopConfig, Training, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
@@ -106,12 +107,13 @@ def check_correctable(model: LoadedModel, cfg: CorrectConfig, labels: Optional[T
 
 def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
                store: RunStore, bar: Any, dist: Dist = Dist(), guidance_scale: float = 1.0,
-               ) -> tuple[Tensor, dict[str, Any], Tensor]:
+               auto_lane: bool = False) -> tuple[Tensor, dict[str, Any], Tensor]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises, stats and
     which images were kept (a mask).
 
     A conditioned model inverts each image under its own condition (``DataRows.labels`` or
-    ``.captions``), with ``guidance_scale`` where the model is guided.
+    ``.captions``), with ``guidance_scale`` where the model is guided. An ``auto_lane`` (picked from
+    free memory) gives way to the lane of the shards being resumed (``sample.resumed_lane``).
 
     ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
     stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
@@ -134,6 +136,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         config["guidance_scale"] = guidance_scale if model.guided else None
         inputs["conditions"] = (tensor_digest(labels) if model.conditioning == "class" else
                                 hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest())
+    if auto_lane:
+        lane = config["lane"] = resumed_lane(store, "invert", config, inputs, lane)
     task = None
 
     def todo(mine: list[int]) -> None:
