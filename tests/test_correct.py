@@ -326,6 +326,27 @@ def _invert_shard_digits(dtype: torch.dtype, num: int = 32) -> dict:
         return _invert_shard(model, x, CorrectConfig(), 16, lambda n: None)
 
 
+def test_inversion_runs_the_network_under_the_samplers_autocast_and_keeps_a_float32_iterate(monkeypatch):
+    """With model.autocast set (bf16 on CUDA by default; bf16 on the CPU here), every network call of the
+    inversion and of its round trip runs under autocast, as sampling does; the iterate stays float32."""
+    from pgraft_cli.stages.correct import _invert_shard
+    from pgraft_cli.io.recipes import CorrectConfig
+
+    model = load_model("digits")
+    model.autocast = torch.bfloat16
+    seen, predict = [], model.predict
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(model, "predict", recording)
+    x = load_digits()[0][:2] * 2 - 1
+    out = _invert_shard(model, x, CorrectConfig(base_steps=4, inversion_iterations=3), 2, lambda n: None)
+    assert len(seen) > 4 and all(seen) and out["noise"].dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_inversion_at_the_recipe_defaults_converges_for_most_images_and_bf16_stays_close():
     """On the real 8-step grid (last step included) at the recipe's tolerance most float32 images
     converge. In bf16 the network's own rounding sets a residual floor near that tolerance

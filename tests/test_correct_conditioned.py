@@ -171,6 +171,7 @@ def test_correct_a_text_to_image_model_with_captions_then_sample_with_prompts(tm
     c = loaded.corrector
     embed_dim = loaded.pipeline.text_encoder.config.hidden_size
     assert c.conditioning == "text" and c.weight.shape == (embed_dim, c.mean.shape[-1])
+    assert c.guidance_scale == 2.0  # fitted to the guided sampler: the file records its scale
     # the corrector's mean follows the prompt's pooled CLIP embedding: seen or not, prompts differ
     e = torch.zeros(3, *loaded.sample_shape)
     prompts = ["a blue circle", "a tree", "a prompt never seen"]
@@ -179,8 +180,8 @@ def test_correct_a_text_to_image_model_with_captions_then_sample_with_prompts(tm
     assert float((means[1] - means[2]).abs().max()) > 1e-6 and float((means[0] - means[1]).abs().max()) > 1e-6
     pngs = []
     for k, prompt in enumerate(("a blue circle", "a prompt never seen")):
-        s = runner.invoke(app, ["sample", str(out), "--num", "2", "--prompt", prompt, "--run-dir",
-                                str(tmp_path / f"s{k}"), "--out", str(tmp_path / f"png{k}"), "--json"])
+        s = runner.invoke(app, ["sample", str(out), "--num", "2", "--prompt", prompt, "--guidance-scale", "2",
+                                "--run-dir", str(tmp_path / f"s{k}"), "--out", str(tmp_path / f"png{k}"), "--json"])
         assert s.exit_code == 0, s.output
         pngs.append((tmp_path / f"png{k}" / "00000.png").read_bytes())
     assert pngs[0] != pngs[1]
@@ -202,11 +203,40 @@ def test_fit_gaussian_by_class_fits_classes_with_more_samples_than_dimensions_an
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0] * 40 + [1] * 2)
     noises = torch.randn(42, 1, 1, 2, generator=g) + labels.view(-1, 1, 1, 1) * 3.0
-    mean, chol = fit_gaussian_by_class(noises, labels, 3)
+    mean, chol, chol_of = fit_gaussian_by_class(noises, labels, 3)
     own, pooled = fit_gaussian(noises[labels == 0]), fit_gaussian(noises)
-    torch.testing.assert_close((mean[0], chol[0]), own)
+    torch.testing.assert_close((mean[0], chol[chol_of[0]]), own)
     for c in (1, 2):
-        torch.testing.assert_close((mean[c], chol[c]), pooled)
+        torch.testing.assert_close((mean[c], chol[chol_of[c]]), pooled)
+
+
+def test_the_pooled_cholesky_factor_is_stored_once_not_per_class(tmp_path):
+    """1000 classes sharing the pooled fit hold one D x D factor (DiT's 1000 x 4096^2 was ~134 GB), and
+    each row still maps with its class's factor, also after a save and load."""
+    from pgraft_cli.models.corrector import fit_gaussian_by_class
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([5] * 30 + [7] * 3)
+    noises = torch.randn(33, 1, 2, 2, generator=g) + labels.view(-1, 1, 1, 1)
+    mean, chol, chol_of = fit_gaussian_by_class(noises, labels, 1000)
+    assert chol.shape == (2, 4, 4) and chol_of.shape == (1000,)
+    assert chol_of[5] == 1 and int((chol_of == 0).sum()) == 999
+    corrector = NoiseCorrector("gaussian", 4, 0, mean=mean.float(), chol=chol.float(), chol_of=chol_of,
+                               conditioning="class")
+    e = torch.randn(3, 1, 2, 2, generator=g)
+    z = corrector(e, torch.tensor([5, 7, 5]))
+    for row, c in enumerate((5, 7, 5)):
+        want = mean[c].float() + chol[chol_of[c]].float() @ e[row].reshape(-1)
+        torch.testing.assert_close(z[row].reshape(-1), want)
+    # through the file: the shared factor stays one row (a 10-class model of 256 dimensions)
+    chol = torch.stack([torch.eye(256) * 0.5, torch.eye(256) * 2.0])
+    corrector = NoiseCorrector("gaussian", 4, mean=torch.zeros(10, 256), chol=chol,
+                               chol_of=torch.tensor([0, 0, 1] + [0] * 7), conditioning="class")
+    back = load_model(str(save_corrected(tmp_path / "c.safetensors", corrector, load_model(str(_class_flow(tmp_path))),
+                                         {}, {}))).corrector
+    assert back.chol.shape == (2, 256, 256)
+    e = torch.randn(2, 1, 16, 16, generator=g)
+    torch.testing.assert_close(back(e, torch.tensor([2, 0])), torch.stack([e[0] * 2.0, e[1] * 0.5]))
 
 
 def test_a_class_conditioned_flow_corrector_trains_with_a_class_embedding_and_round_trips(tmp_path):
@@ -302,3 +332,26 @@ def test_a_text_conditioned_flow_corrector_trains_on_embeddings_and_round_trips(
     back = load_model(str(save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})))
     cond = back.corrector.condition_of(["a cat", "never seen"], None, back.pooled_text)
     torch.testing.assert_close(back.corrector(e, cond), b)
+
+
+def test_a_corrected_file_records_its_inversion_guidance_and_refuses_another(tmp_path):
+    """A corrector is fitted to the base sampler at one guidance scale (and autocast): the file records
+    both, and sampling the conditioned model at another scale ends in one error line; a corrector
+    with no recorded guidance (an unconditional base) takes any."""
+    from pgraft_cli.pipelines.skeleton import corrector_steps
+
+    model = load_model(str(_class_flow(tmp_path)))
+    corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(10, 256), std=torch.ones(10, 256),
+                               conditioning="class", guidance_scale=3.0, autocast="torch.bfloat16")
+    path = save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})
+    back = load_model(str(path))
+    assert (back.corrector.guidance_scale, back.corrector.autocast) == (3.0, "torch.bfloat16")
+    assert corrector_steps(back, None, "sample", 3.0) == 4
+    with pytest.raises(PgraftError, match="guidance scale 3, not 5"):
+        corrector_steps(back, None, "sample", 5.0)
+    result = runner.invoke(app, ["sample", str(path), "--num", "1", "--class", "1", "--guidance-scale", "5",
+                                 "--run-dir", str(tmp_path / "run")])
+    assert isinstance(result.exception, PgraftError) and "guidance scale 3, not 5" in str(result.exception)
+    assert "\n" not in str(result.exception) and not (tmp_path / "run").exists()  # refused before any work
+    back.corrector.guidance_scale = None  # as an unconditional base's corrector records it
+    assert corrector_steps(back, None, "sample", 5.0) == 4

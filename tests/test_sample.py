@@ -195,3 +195,36 @@ def test_choose_lane(num, batch_size, cap, lane):
     from pgraft_cli.stages.sample import choose_lane
 
     assert choose_lane(num, batch_size, cap) == lane
+
+
+def test_lane_cap_counts_reserved_but_unallocated_memory_as_free():
+    """``mem_get_info`` does not see PyTorch's cached blocks: 1 GiB free + 3 GiB reserved of which 1 GiB
+    allocated is 3 GiB usable; half of it over 100 MiB per image is 15 images (the old rule gave 5)."""
+    from pgraft_cli.stages.sample import AUTO_LANE, lane_cap
+
+    gib, mib = 1 << 30, 1 << 20
+    assert lane_cap(gib, 3 * gib, gib, 100 * mib) == 15
+    assert lane_cap(gib, gib, gib, 100 * mib) == 5 and lane_cap(0, 0, 0, gib) == 1
+    assert lane_cap(100 * gib, 0, 0, mib) == AUTO_LANE
+
+
+def test_a_resume_on_a_busier_gpu_keeps_the_recorded_lane_and_its_shards(tmp_path, monkeypatch):
+    """The automatic lane depends on free memory; a resume that would pick a smaller one keeps the lane
+    its shards were made with (recorded in the manifest and settings) instead of deleting them, and
+    the default run directory does not move with it."""
+    import pgraft_cli.stages.sample as sample_mod
+
+    monkeypatch.setattr(sample_mod, "memory_lane_cap", lambda model, g: 4)
+    run = tmp_path / "run-a"
+    _, first = sample(tmp_path, "a", "--num", "8", "--steps", "2", "--batch-size", "8")
+    shard = run / "sample" / "shard-00000.safetensors"
+    before = shard.stat().st_mtime_ns
+    monkeypatch.setattr(sample_mod, "memory_lane_cap", lambda model, g: 2)  # a busier GPU
+    batches = _network_batches(monkeypatch)
+    _, again = sample(tmp_path, "a", "--num", "8", "--steps", "2", "--batch-size", "8")
+    assert first["lane"] == again["lane"] == 4 and again["generated_now"] == 0 and batches == []
+    assert shard.stat().st_mtime_ns == before
+    assert json.loads((run / "sample" / "settings.json").read_text())["lane"] == 4
+    # a fresh run (another seed) picks the lane from memory as before
+    _, other = sample(tmp_path, "c", "--num", "8", "--steps", "2", "--batch-size", "8", "--seed", "1")
+    assert other["lane"] == 2

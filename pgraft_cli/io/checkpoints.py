@@ -224,6 +224,8 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
     metadata = metadata or {}
     if null_class is None:
         null_class = _null_class(metadata, conditioning, num_classes, source)
+    if pipeline is not None:
+        family.check_pipeline(pipeline, model_config, source)
     shape = family.sample_shape(model_config, getattr(pipeline, "vae", None))
     provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
     if conditioning == "text" and pipeline is None:
@@ -785,11 +787,14 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     }
     if corrector.conditioning != "none":  # per class, or on the pooled text embedding (NoiseCorrector)
         extra["pgraft.corrector_conditioning"] = corrector.conditioning
+    extra["pgraft.corrector_inversion"] = json.dumps({"guidance_scale": corrector.guidance_scale,
+                                                      "autocast": corrector.autocast})
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
     if corrector.network is None:
         state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
                                             else {"chol": corrector.chol}),
-                 **({"weight": corrector.weight} if corrector.weight is not None else {})}
+                 **({"weight": corrector.weight} if corrector.weight is not None else {}),
+                 **({"chol_of": corrector.chol_of} if corrector.chol_of is not None else {})}
         return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.shape[-1])},  # type: ignore[arg-type]
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
     projection = {} if corrector.projection is None else {
@@ -811,9 +816,11 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     if conditioning not in ("none", "class", "text"):
         raise ModelLoadError(f"{path} has a corrector conditioned on {conditioning!r}, a form this version no longer "
                              f"reads; run pgraft correct again")
+    given = {"conditioning": conditioning, **json.loads(metadata.get("pgraft.corrector_inversion", "{}"))}
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
-                                   std=state.get("std"), weight=state.get("weight"), conditioning=conditioning)
+                                   std=state.get("std"), weight=state.get("weight"), chol_of=state.get("chol_of"),
+                                   **given)
     else:
         config = json.loads(metadata["pgraft.model_config"])
         network = build_network("UNet2DModel", config)
@@ -827,7 +834,7 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
             linear.load_state_dict(projection)
             linear.requires_grad_(False)
         corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
-                                   network=network, model_config=config, conditioning=conditioning, projection=linear)
+                                   network=network, model_config=config, projection=linear, **given)
     base_model.corrector = corrector
     base_model.source = str(path)
     base_model.source_kind = "pgraft-corrector"

@@ -24,7 +24,8 @@ class NoiseCorrector:
     ``z = mean + std * e`` per dimension (no network calls).
 
     A class-conditioned corrector (``conditioning = "class"``) holds one fit per class: ``mean``
-    (C, D), ``std`` (C, D) or ``chol`` (C, D, D), or a flow network with a class embedding
+    (C, D), ``std`` (C, D) or ``chol`` (K, D, D) with ``chol_of`` (C,) naming each class's factor (the
+    pooled factor is stored once, not per class), or a flow network with a class embedding
     (``num_class_embeds = C``); each row takes its class's. A text-conditioned one
     (``conditioning = "text"``) takes each sample's pooled text embedding ``c`` (E,): the Gaussian
     kinds' mean is ``mean + c @ weight`` (a ridge regression, :func:`fit_gaussian_on_text`; ``weight``
@@ -44,6 +45,10 @@ class NoiseCorrector:
     conditioning: str = "none"  # "none" | "class" | "text"
     weight: Optional[Tensor] = None  # text Gaussians: (E, D), the mean's map of the pooled embedding
     projection: Optional[nn.Linear] = None  # text flow: pooled embedding -> the network's class embedding
+    chol_of: Optional[Tensor] = None  # class -> row of ``chol`` (None: row c is class c's)
+    # The sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
+    guidance_scale: Optional[float] = None
+    autocast: Optional[str] = None
 
     schedule = NoiseSchedule.flow()
 
@@ -92,8 +97,14 @@ class NoiseCorrector:
                 mean = self.mean.double() if g is None else self.mean[g].double()
             if self.kind == "gaussian-diag":
                 spread = flat * (self.std[g].double() if per_row else self.std.double())
-            else:
-                spread = (self.chol[g].double() @ flat[..., None])[..., 0] if per_row else flat @ self.chol.double().T
+            elif not per_row:
+                spread = flat @ self.chol.double().T
+            else:  # one matmul per factor used, never a (B, D, D) gather
+                factor = g if self.chol_of is None else self.chol_of.to(g.device)[g]
+                spread = torch.empty_like(flat)
+                for k in factor.unique().tolist():
+                    rows = factor == k
+                    spread[rows] = flat[rows] @ self.chol[k].double().T
             return (mean + spread).to(noise.dtype).reshape(noise.shape)
         own = next(self.network.parameters()).dtype
         z, _ = sample(lambda x, t: self.velocity(x, t, condition), self.schedule, noise.to(own),
@@ -105,7 +116,7 @@ class NoiseCorrector:
             self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
         if self.projection is not None:
             self.projection.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        for name in ("mean", "chol", "std", "weight"):
+        for name in ("mean", "chol", "std", "weight", "chol_of"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -166,19 +177,23 @@ def fit_gaussian_diag_by_class(noises: Tensor, labels: Tensor, num_classes: int)
     return mean, std
 
 
-def fit_gaussian_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class mean and Cholesky factor of (N, ...) samples: ``(C, D)`` and ``(C, D, D)`` (float64).
+def fit_gaussian_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class mean ``(C, D)``, Cholesky factors ``(K, D, D)`` and each class's factor ``(C,)`` (float64).
 
-    A class with no more samples than dimensions takes the pooled fit (``fit_gaussian``, which
-    refuses when the pool itself is too small).
+    Factor 0 is the pooled fit (``fit_gaussian``, which refuses when the pool itself is too small),
+    stored once and taken by every class with no more samples than dimensions; each other class has
+    its own factor (``K = 1 +`` their number), so memory is ``K D^2``, not ``C D^2``.
     """
     pooled_mean, pooled_chol = fit_gaussian(noises)
     flat = noises.reshape(noises.shape[0], -1)
-    mean, chol = pooled_mean.repeat(num_classes, 1), pooled_chol.repeat(num_classes, 1, 1)
+    mean, factors = pooled_mean.repeat(num_classes, 1), [pooled_chol]
+    chol_of = torch.zeros(num_classes, dtype=torch.long)
     for c in range(num_classes):
         if int((labels == c).sum()) > flat.shape[1]:
-            mean[c], chol[c] = fit_gaussian(flat[labels == c])
-    return mean, chol
+            mean[c], own = fit_gaussian(flat[labels == c])
+            chol_of[c] = len(factors)
+            factors.append(own)
+    return mean, torch.stack(factors), chol_of
 
 
 RIDGE_SCALES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # lam = scale * mean squared centred embedding norm

@@ -53,12 +53,17 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         dist = verb.dist  # several processes: each inverts and samples its shards; the corrector trains once
         shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
         lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
-        noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale)
+        noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale,
+                                       auto_lane=rec.sample.lane == "auto")
         conds = corrector_conditions(loaded, rows.labels[keep] if loaded.conditioning == "class" else None,
                                      [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
                                      lane)
         corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
             noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, conds=conds))
+        # the sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
+        if loaded.conditioning != "none" and (loaded.guided or not loaded.adapter.classifier_free):
+            corrector.guidance_scale = rec.sample.guidance_scale
+        corrector.autocast = None if loaded.autocast is None else str(loaded.autocast)
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane,

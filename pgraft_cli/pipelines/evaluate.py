@@ -63,7 +63,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     rew = reward_from(o.reward, dev) if o.reward else None
     eval_steps = rec.evaluate.steps or rec.sample.steps
     if loaded.corrector is not None:
-        eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate")
+        eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate", rec.sample.guidance_scale)
     num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
     has_data = bool(o.data or loaded.default_data)
     real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch

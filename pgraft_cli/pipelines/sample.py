@@ -29,7 +29,7 @@ class SampleOptions(ModelOptions, PromptOptions):
 def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
     from ..report.ui import sample_view
-    from ..stages.sample import Conditions, check_conditions, export_pngs, resolve_lane, run_sample, stage_config
+    from ..stages.sample import Conditions, check_conditions, export_pngs, run_sample, stage_config
 
     rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
                          sample__batch_size=o.batch_size, sample__capture_at=o.capture_at,
@@ -38,13 +38,14 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     verb: Verb = start("sample", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
     loaded = verb.model
     if loaded.corrector is not None:  # one corrector per base step count
-        rec.sample.steps = corrector_steps(loaded, o.steps, "sample")
+        rec.sample.steps = corrector_steps(loaded, o.steps, "sample", rec.sample.guidance_scale)
     check_conditions(loaded, cond)
-    cfg = resolve_lane(loaded, rec.sample)  # the recipe keeps "auto"; the lane used goes in the settings
-    run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, cfg, cond)})
+    # the recipe keeps "auto" (also in the default run directory: free memory must not move it); the
+    # lane used goes in the settings, and a resume reuses it
+    run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
     with verb.run_dir(run_dir) as store:
         dist = verb.dist
-        result = run_sample(loaded, cfg, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)
+        result = run_sample(loaded, rec.sample, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)
         if not verb.is_main:
             return None
         target = o.out or store.root / "images"
@@ -54,7 +55,7 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     summary = {
         "run_dir": str(store.root), "out": str(target), "num": written, "generated_now": result.generated,
         "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 2),
-        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": cfg.lane,
+        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": result.settings["lane"],
         "processes": dist.size, "device": verb.device,
     }
     return Outcome(summary, sample_view(summary))

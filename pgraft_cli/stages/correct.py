@@ -36,6 +36,7 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text)
 from ..models.loaded import LoadedModel
+from .sample import resumed_lane
 from .train_loop import LoopConfig, Training, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
@@ -105,12 +106,13 @@ def check_correctable(model: LoadedModel, cfg: CorrectConfig, labels: Optional[T
 
 def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
                store: RunStore, bar: Any, dist: Dist = Dist(), guidance_scale: float = 1.0,
-               ) -> tuple[Tensor, dict[str, Any], Tensor]:
+               auto_lane: bool = False) -> tuple[Tensor, dict[str, Any], Tensor]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises, stats and
     which images were kept (a mask).
 
     A conditioned model inverts each image under its own condition (``DataRows.labels`` or
-    ``.captions``), with ``guidance_scale`` where the model is guided.
+    ``.captions``), with ``guidance_scale`` where the model is guided. An ``auto_lane`` (picked from
+    free memory) gives way to the lane of the shards being resumed (``sample.resumed_lane``).
 
     ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
     stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
@@ -126,11 +128,15 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
     config = {**invert_config(cfg), "lane": lane}
+    if model.autocast is not None:  # the network ran under autocast (model.autocast), as it samples
+        config["autocast"] = str(model.autocast)
     inputs = {"model": model_key(model), "data": rows_digest(images)}
     if model.conditioning != "none":  # each image's condition, and the guidance it is inverted with
         config["guidance_scale"] = guidance_scale if model.guided else None
         inputs["conditions"] = (tensor_digest(labels) if model.conditioning == "class" else
                                 hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest())
+    if auto_lane:
+        lane = config["lane"] = resumed_lane(store, "invert", config, inputs, lane)
     task = None
 
     def todo(mine: list[int]) -> None:
@@ -176,12 +182,17 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
             cond = model.encode(None if prompts is None else prompts[members],
                                 None if classes is None else classes[members], guidance_scale)
             # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is
-            # the size of the tolerance); the round trip runs the sampler as it samples, in the model's
-            # dtype. The solver names the rows still iterating, so each keeps its own condition.
-            fn32 = lambda x, t, rows: model.predict(x.to(model.dtype), t, cond.rows(rows)).float()  # noqa: E731
+            # the size of the tolerance); only the network runs as it samples: in the model's dtype, under
+            # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
+            # The solver names the rows still iterating, so each keeps its own condition.
+            def fn32(x: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+                with model.autocast_context():
+                    return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
+
             z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol,
                                      row_indexed=True)
-            back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
+            with model.autocast_context():  # the round trip, as run_sample samples
+                back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
             for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
                                ("iterations", info.iterations), ("residual", info.residual)):
                 out[key].append(value.cpu())
@@ -279,16 +290,16 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     stage = store.open_stage("train_corrector", config, inputs)
     summary: dict[str, Any] = {"kind": cfg.corrector, "parameters": 0, "conditioning": kind}
     if cfg.corrector in ("gaussian", "gaussian-diag"):
-        diag, spread_info = cfg.corrector == "gaussian-diag", {}
+        diag, spread_info, weight, chol_of = cfg.corrector == "gaussian-diag", {}, None, None
         if kind == "text":  # the mean a ridge map of the pooled text embedding, one spread
             mean, weight, spread, spread_info = fit_gaussian_on_text(noises, cond_of, cfg.corrector)
+        elif kind == "class":  # per class; full covariance: the pooled factor stored once (chol_of)
+            mean, spread, *rest = (fit_gaussian_diag_by_class if diag else fit_gaussian_by_class)(noises, cond_of, num)
+            chol_of = rest[0] if rest else None
         else:
-            weight = None
-            fit = ((fit_gaussian_diag if diag else fit_gaussian) if kind == "none" else
-                   (fit_gaussian_diag_by_class if diag else fit_gaussian_by_class))
-            mean, spread = fit(noises) if kind == "none" else fit(noises, cond_of, num)
+            mean, spread = (fit_gaussian_diag if diag else fit_gaussian)(noises)
         corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, 0, mean=mean.float(), conditioning=kind,
-                                   weight=None if weight is None else weight.float(),
+                                   weight=None if weight is None else weight.float(), chol_of=chol_of,
                                    **{("std" if diag else "chol"): spread.float()})
         return corrector, {**summary, **spread_info}
     model_config = corrector_config(cfg, sample_shape)

@@ -26,7 +26,7 @@ from ..io.checkpoints import model_key
 from ..errors import OutputPathError, PgraftError
 from ..models.loaded import LoadedModel
 from ..io.recipes import SampleConfig
-from ..io.runstore import Dist, RunStore, atomic_write_bytes, atomic_write_text
+from ..io.runstore import Dist, RunStore, atomic_write_bytes, atomic_write_text, stage_key
 from ..core.samplers import sample as run_sampler
 
 STAGE = "sample"
@@ -118,9 +118,16 @@ def choose_lane(num: int, batch_size: int, cap: int = AUTO_LANE) -> int:
     return lane
 
 
+def lane_cap(free: int, reserved: int, allocated: int, per_image: int) -> int:
+    """``min(AUTO_LANE, (free + reserved - allocated) / 2 / per_image)``, at least 1: the device's free
+    memory counts the blocks PyTorch holds but has not allocated (``mem_get_info`` does not)."""
+    return max(1, min(AUTO_LANE, int((free + max(0, reserved - allocated)) // 2 // max(1, per_image))))
+
+
 def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
-    """How many images fit one network call on the model's GPU: half its free memory over the peak
-    memory one image takes (measured by one call at batch 1). No cap off CUDA."""
+    """How many images fit one network call on the model's GPU (:func:`lane_cap`, one image's peak
+    measured by one call at batch 1); under several processes every one takes process 0's. No cap
+    off CUDA."""
     if model.device.type != "cuda":
         return AUTO_LANE
     x = torch.zeros((1, *model.sample_shape), device=model.device, dtype=model.dtype)
@@ -132,7 +139,23 @@ def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
         model.predict(x, torch.tensor(1.0), model.encode(prompts, classes, guidance_scale))
     per_image = max(1, torch.cuda.max_memory_allocated(model.device) - before)
     free, _ = torch.cuda.mem_get_info(model.device)
-    return max(1, min(AUTO_LANE, int(free // 2 // per_image)))
+    cap = lane_cap(free, torch.cuda.memory_reserved(model.device), torch.cuda.memory_allocated(model.device), per_image)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        shared = torch.tensor([cap], device=model.device)  # one lane on every process: the shards' key holds it
+        torch.distributed.broadcast(shared, src=0)
+        cap = int(shared.item())
+    return cap
+
+
+def resumed_lane(store: RunStore, name: str, config: dict[str, Any], inputs: dict[str, Any], lane: int) -> int:
+    """The automatic lane a stage runs at: the one its recorded shards were made with where that is
+    all that differs from this run's key (free memory, which picks the lane, must never turn a
+    resume into redoing finished shards), else ``lane``."""
+    entry = store.read_manifest()["stages"].get(name) or {}
+    old = (entry.get("config") or {}).get("lane")
+    if isinstance(old, int) and old != lane and entry.get("key") == stage_key(name, {**config, "lane": old}, inputs):
+        return old
+    return lane
 
 
 def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
@@ -210,7 +233,10 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
                barrier: Any = None, stage_name: str = STAGE) -> SampleResult:
     """Run (or resume) the sample stage in ``store``; this process does shards ``k % P == rank``."""
     check_conditions(model, cond)
-    cfg = resolve_lane(model, cfg)
+    auto, cfg = cfg.lane == "auto", resolve_lane(model, cfg)
+    inputs = {"model": model_key(model)}
+    if auto:  # a resume keeps the lane its shards were made with
+        cfg = replace(cfg, lane=resumed_lane(store, stage_name, stage_config(model, cfg, cond), inputs, cfg.lane))
     num_shards = math.ceil(cfg.num / cfg.batch_size)
     config = stage_config(model, cfg, cond)
     rows = lambda k: list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))  # noqa: E731
@@ -231,7 +257,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
 
     start = time.perf_counter()
-    stage = store.run_sharded(stage_name, config, {"model": model_key(model)}, num_shards, work,
+    stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
                               Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True)
     shards = [stage.shard_path(k) for k in range(num_shards)]
     return SampleResult(store.root, cfg.num, shards, generated, time.perf_counter() - start, config)

@@ -8,8 +8,9 @@ VAE. Classifier-free guidance and the schedule stay in ``LoadedModel.predict`` a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +67,21 @@ def vae_scale_factor(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+@contextlib.contextmanager
+def vae_precision(vae: Any) -> Iterator[torch.dtype]:
+    """The dtype the VAE runs in: a float16 VAE whose config sets ``force_upcast`` (SDXL's, which
+    overflows in float16: black images) runs in float32 for the call and goes back to float16
+    afterwards, as diffusers' pipelines ``upcast_vae``."""
+    if vae.dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
+
+
 class Family:
     """A network family: pixel or latent, unconditional, class- or text-conditional.
 
@@ -84,6 +100,9 @@ class Family:
     def accepts(self, config: dict[str, Any]) -> bool:
         """Whether a network of ``network_class`` with this config belongs to this family."""
         return True
+
+    def check_pipeline(self, pipeline: Any, config: dict[str, Any], source: str) -> None:
+        """Refuse (one ``ModelLoadError`` line) a pipeline this family's network (``config``) cannot run from."""
 
     def conditioning(self, config: dict[str, Any]) -> tuple[Conditioning, Optional[int], Optional[int]]:
         """``(conditioning, number of class embeddings, built-in null class)``."""
@@ -123,12 +142,14 @@ class Family:
             return x
         cfg = vae.config
         latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return vae.decode(latents.to(vae.dtype)).sample
+        with vae_precision(vae) as dtype:
+            return vae.decode(latents.to(dtype)).sample
 
     def encode_images(self, vae: Any, x: Tensor) -> Tensor:
         """Images in [-1, 1] to model space: ``(mean of vae.encode(x) - shift) * scale``."""
         if vae is None:
             return x
         cfg = vae.config
-        latents = vae.encode(x.to(vae.dtype)).latent_dist.mean
+        with vae_precision(vae) as dtype:
+            latents = vae.encode(x.to(dtype)).latent_dist.mean
         return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor

@@ -1,8 +1,9 @@
 """PixArt-alpha / PixArt-sigma: ``PixArtTransformer2DModel`` on T5 states, with learned sigma.
 
 The prompt's attention mask is a network input (and the empty negative prompt's under guidance);
-1024-px PixArt-alpha (``sample_size`` 128) also takes the image's resolution and aspect ratio, as
-``PixArtAlphaPipeline`` passes them. Prompts are encoded uncleaned, at the pipeline's own
+A network with ``use_additional_conditions`` (1024-px PixArt-alpha; diffusers' rule when the config
+leaves it unset: ``sample_size == 128``) also takes the image's resolution and aspect ratio, as
+``PixArtAlphaPipeline`` passes them; PixArt-sigma 1024 (``sample_size`` 128, the flag off) does not. Prompts are encoded uncleaned, at the pipeline's own
 ``max_sequence_length`` (120 for alpha, 300 for sigma).
 """
 
@@ -28,7 +29,7 @@ class PixArt(Family):
                                                       clean_caption=False, max_sequence_length=length)
         cond = Cond(prompt_embeds=pe, negative_prompt_embeds=npe, extra={"mask": mask},
                     negative_extra={"mask": nmask} if cfg else {})
-        if pipeline.transformer.config.sample_size == 128:  # the pipeline's micro-conditions
+        if pipeline.transformer.use_additional_conditions:  # the micro-conditions (set from the config at init)
             h, w = (n * vae_scale_factor(pipeline.vae) for n in shape[1:])
             rows = len(prompts)
             cond.extra["resolution"] = torch.tensor([[h, w]], dtype=pe.dtype, device=device).expand(rows, 2)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import ModelLoadError
 from .base import Cond, Family, vae_scale_factor
 
 
@@ -21,6 +22,17 @@ class StableDiffusionXL(Family):
 
     def accepts(self, config: dict[str, Any]) -> bool:
         return config.get("addition_embed_type") == "text_time"
+
+    def check_pipeline(self, pipeline: Any, config: dict[str, Any], source: str) -> None:
+        """The refiner's network takes 5 time ids (an aesthetic score instead of the crop): diffusers'
+        rule, ``addition_time_embed_dim * ids + pooled dim == projection_class_embeddings_input_dim``."""
+        encoder = getattr(pipeline, "text_encoder_2", None)
+        pooled = encoder.config.projection_dim if encoder is not None else None
+        six = pooled is None or config.get("addition_time_embed_dim", 0) * 6 + pooled == config.get(
+            "projection_class_embeddings_input_dim")
+        if getattr(pipeline.config, "requires_aesthetics_score", False) or not six:
+            raise ModelLoadError(f"{source} is an SDXL refiner (its network takes an aesthetic score, not SDXL's six "
+                                 f"time ids); pgraft runs text-to-image SDXL base models: pass the base model")
 
     def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device, cfg: bool,
                     shape: tuple[int, int, int]) -> Cond:
