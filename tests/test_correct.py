@@ -366,6 +366,12 @@ def test_raising_the_gate_reuses_the_inversion_and_reports_the_new_verdict(tmp_p
     stats = json.loads((run / "invert" / "stats.json").read_text())
     assert first["inversion"]["dropped"] == 0 and 0 < stats["dropped"] < stats["num"] == first["inversion"]["num"]
     assert stats["max_reconstruction_rms"] == gate
+    # where each run's time went: the second read the inversion from its shards
+    stages = {"load", "inversion", "corrector_training", "sampling", "evaluation", "report"}
+    timed = [first["stage_seconds"], json.loads(strict.stdout)["stage_seconds"]]
+    assert all(set(t) == stages and min(t.values()) >= 0 for t in timed)
+    assert sum(v for k, v in timed[0].items() if k != "report") <= first["seconds"] + 0.01
+    assert timed[1]["inversion"] < timed[0]["inversion"]
 
 
 def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_bit_for_bit(tmp_path):

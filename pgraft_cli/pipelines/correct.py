@@ -30,6 +30,7 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..stages.correct import check_correctable, run_invert, run_train_corrector
     from ..stages.evaluate import evaluate_model, pick_features
+    from ..stages.sample import Conditions, run_sample
 
     gates = parse_gates(o.fail_if, gate_names("correct"))
     rec = resolve_recipe(o.recipe, o.sets, correct__base_steps=o.steps, evaluate__features=o.features,
@@ -44,19 +45,28 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     with verb.run_dir(run_dir) as store:
         bar = verb.bar
-        noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane, store, bar)
-        corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
-                                              store, bar, device=dev)
+        with verb.timed("inversion"):
+            noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane, store, bar)
+        with verb.timed("corrector_training"):
+            corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
+                                                  store, bar, device=dev)
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-        real, _ = real_data(loaded, o.data)  # streamed into the reference features
-        fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
+        with verb.timed("evaluation"):
+            real, _ = real_data(loaded, o.data)  # streamed into the reference features
+            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
         also = {k: v for k, v in refs.items() if k != fid_data}
-        base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
+
+        def measured(stage_name: str) -> dict[str, Any]:
+            with verb.timed("sampling"):  # then evaluate_model finds the samples done
+                run_sample(loaded, eval_cfg, Conditions(), store, bar, stage_name=stage_name)
+            with verb.timed("evaluation"):
+                return evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
                                       rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
+
+        base_metrics = measured("evaluate-base")
         loaded.corrector = corrector.to(dev)
-        corr_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-corrected",
-                                      rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
+        corr_metrics = measured("evaluate-corrected")
         loaded.corrector = None
         metrics = {"base": base_metrics, "corrected": corr_metrics, "inversion": inv,
                    "corrector": {k: v for k, v in info.items() if k != "loss_curve"}, "data": data_id,
@@ -65,8 +75,9 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
         save_corrected(target, corrector, loaded, metrics, rec.to_dict(), {"run_dir": str(store.root), "device": dev})
         store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve")})
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), **metrics}
-    results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), out=target)
+               "seconds": round(verb.seconds, 2), "stage_seconds": verb.stage_seconds, **metrics}
+    with verb.timed("report"):
+        results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), out=target)
     labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "corrector_steps": corrector.steps,
               "inversion_tol": rec.correct.inversion_tol}
     return summary, results, labels

@@ -210,6 +210,28 @@ def inversion_stats(per_image: dict[str, Tensor], kept: Tensor, cfg: CorrectConf
 # Stage 2: training the corrector
 
 
+def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device: Any = "cpu") -> Any:
+    """``step_loss(step)`` of the corrector: the flow-matching loss on a batch seeded by ``(seed, step)``, backward."""
+    shape = tuple(noises.shape[1:])
+
+    def step_loss(step: int) -> float:
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
+        idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
+        e = torch.randn((cfg.corrector_batch_size, *shape), generator=g).to(device)
+        t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
+        # the training set stays in host memory; only each step's batch goes to the device
+        loss = flow_matching_loss(network, NoiseCorrector.schedule, noises[idx].to(device), e, t)
+        loss.backward()
+        return float(loss.detach())
+
+    return step_loss
+
+
+def corrector_loop(cfg: CorrectConfig) -> LoopConfig:
+    return LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
+                      cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every)
+
+
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
                         store: RunStore, bar: Any, device: Any = "cpu") -> tuple[NoiseCorrector, dict[str, Any]]:
     """Train (or resume, or fit) the corrector on the inverted noises.
@@ -239,20 +261,9 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         run = Training.resume(list(network.named_parameters()), opt, stage.dir / "state.safetensors",
                               network.load_state_dict)
 
-        def step_loss(step: int) -> float:
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
-            idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
-            e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
-            t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
-            # the training set stays in host memory; only each step's batch goes to the device
-            loss = flow_matching_loss(network, NoiseCorrector.schedule, noises[idx].to(device), e, t)
-            loss.backward()
-            return float(loss.detach())
-
-        loop = LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
-                          cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every)
         network.train()
-        train(run, opt, step_loss, loop, bar, "training corrector", network.state_dict)
+        train(run, opt, corrector_step_loss(network, noises, cfg, device), corrector_loop(cfg), bar,
+              "training corrector", network.state_dict)
         with stage.write_shard(0) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in network.state_dict().items()}, str(tmp),
                       metadata={"losses": json.dumps(run.losses)})
