@@ -338,15 +338,15 @@ def _invert_shard_digits(dtype: torch.dtype, num: int = 32) -> dict:
 def test_inversion_at_the_recipe_defaults_converges_for_most_images_and_bf16_stays_close():
     """On the real 8-step grid (last step included) at the recipe's tolerance most float32 images
     converge. In bf16 the network's own rounding sets a residual floor near that tolerance
-    (measured: median 2.4e-3 against 1.9e-3 in float32), so few bf16 images pass ``tol``; the solver
-    still iterates in float32 and the round trip, which the gate judges, stays well inside it."""
+    (measured at tol 2e-3: median 2.4e-3 against 1.9e-3 in float32), so few bf16 images pass ``tol``; the
+    solver still iterates in float32 and the round trip, which the gate judges, stays well inside it."""
     from pgraft_cli.io.recipes import CorrectConfig
 
     cfg = CorrectConfig()
     f32, bf16 = _invert_shard_digits(torch.float32), _invert_shard_digits(torch.bfloat16)
     assert int((f32["residual"] < cfg.inversion_tol).sum()) >= 0.8 * 32, f32["residual"]
     assert float(bf16["residual"].median()) < 1.5 * cfg.inversion_tol
-    assert float(bf16["rms"].max()) < 0.25 * cfg.max_reconstruction_rms
+    assert float(bf16["rms"].max()) < 0.5 * cfg.max_reconstruction_rms  # the round trip scales with tol (5e-3)
     assert float(bf16["iterations"].double().mean()) <= 1.3 * float(f32["iterations"].double().mean())
 
 
