@@ -7,11 +7,17 @@ Folders are written with ``save_pretrained(safe_serialization=True)``, exactly a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import pytest
-import torch
+# Under pytest-xdist (``-n 2``) the workers share the cores: one thread each, for the CLI
+# subprocesses too, rather than every worker's OpenMP pool spinning on every core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
