@@ -90,7 +90,7 @@ RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE",
                                                      help="Override one recipe key; repeatable. Example: --set sample.steps=16")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", callback=_folder_path("--run-dir"), help="Run directory (default: ./pgraft-runs/<verb>-<config hash>); re-running resumes it.")]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Model config (config.json or diffusers folder) for weights that do not describe themselves.")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="Model config (config.json or diffusers folder) for weights that do not describe themselves; for a single-file SD/SDXL/Flux checkpoint, the diffusers pipeline folder with its configs.")]
 KindOpt = Annotated[Optional[str], typer.Option("--kind", help="Override the detected family: flow or diffusion.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle checkpoints (.ckpt/.pt/.bin), which can run code. Only for files you trust.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars and notes.")]
@@ -98,7 +98,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps (default: the recipe's model.device).")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Real data: image folder, .npz/.safetensors (tensor 'images'), or alias (digits, digits-train, digits-judge, digits-test). Default: the model's own data set (digits-train for the bundled model).")]
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data FID/KID are measured against (the numbers gates see); FID against --data is shown beside it. Default: the model's eval data (digits-test for the bundled model) when --data is not given.")]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, inception, classifier (the bundled digits classifier) or judge (the bundled judge: another architecture trained on another split).")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="FID features: auto, none (skip FID), inception, classifier (the bundled digits classifier), judge (the bundled judge: another architecture trained on another split), clip:PATH or dinov2:PATH (a local transformers folder).")]
 InceptionOpt = Annotated[Optional[str], typer.Option("--inception-weights", help="Local clean-fid Inception TorchScript file (inception-2015-12-05.pt).")]
 FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'METRIC OP NUMBER'",
                                                         help="CI gate, repeatable: exit 1 when it holds, after writing every output. "
@@ -106,9 +106,10 @@ FailIfOpt = Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="'M
                                                              "metrics of the result; base.fid etc. for the base model).")]
 
 
-RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, vqascore[:PATH], python:module:function.")]
+RewardOpt = Annotated[Optional[str], typer.Option("--reward", help="Reward NAME[:ARGS]: classifier:digits:3, classifier:PATH:CLASS, jpeg-compressibility, jpeg-incompressibility, clip:PATH, pickscore:PATH, aesthetic:PATH, vqascore[:PATH], python:module:function; or a weighted sum \"0.7*pickscore:P+0.3*aesthetic:A\".")]
 PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt for text models; repeatable (image i takes prompt i mod P).")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line (text models).")]
+ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")]
 
 
 def _options(cls: type, given: dict[str, Any]) -> Any:
@@ -183,7 +184,7 @@ def sample(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_png_folder, help="Folder for the PNGs (00000.png ...) and sampler.json; default RUN_DIR/images.")] = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
-    class_label: Annotated[Optional[int], typer.Option("--class", help="Class label for class-conditional models (default: i mod classes).")] = None,
+    class_label: ClassOpt = None,
     capture_at: Annotated[Optional[float], typer.Option("--capture-at", help="Also store each trajectory's state at this noise level (P-GRAFT's cutoff).")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models and class models with a null class.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected checkpoint, if not where it was.")] = None,
@@ -201,7 +202,9 @@ def sample(
 
     Image i starts from noise seeded by (seed, i) and always goes through the network in the same
     lane of sample.lane images, so the same seed gives the same bytes whatever --batch-size or --num
-    (64 images are the prefix of 3000) and however many processes share the work.
+    (64 images are the prefix of 3000) and however many processes share the work. The default lane
+    "auto" is min(16, --num) (capped by GPU memory), so under 16 images fix it (--set sample.lane=16)
+    to keep that promise; the lane used is in sampler.json.
 
     Examples:
 
@@ -367,11 +370,13 @@ def finetune(
     cutoff: Annotated[Optional[float], typer.Option("--cutoff", help="P-GRAFT cutoff c in [0, 1): the tuned model runs t in (c, 1], the base [0, c]; 0 is GRAFT.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", callback=_safetensors_path, help="Output .safetensors (default RUN_DIR/tuned.safetensors).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", help="Rounds of sample -> score -> filter -> fine-tune.")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (0: full fine-tuning; default auto: LoRA above finetune.lora_above parameters).")] = None,
     data: DataOpt = None,
     eval_data: EvalDataOpt = None,
     prompt: PromptOpt = None,
     prompts: PromptsOpt = None,
+    class_label: ClassOpt = None,
+    features: FeaturesOpt = None,
     recipe: RecipeOpt = "pgraft",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -419,6 +424,7 @@ def _render_finetune(summary: dict[str, Any]) -> None:
     from .report.ui import finetune_report, out as console
 
     console.print(finetune_report(summary))
+    console.print(f"trained: {summary['tuning']}")
     _wrote(summary)
 
 
@@ -506,6 +512,7 @@ def evaluate(
     prompts: PromptsOpt = None,
     features: FeaturesOpt = None,
     inception_weights: InceptionOpt = None,
+    best_of: Annotated[Optional[int], typer.Option("--best-of", help="Samples per prompt; reports the mean over prompts of each prompt's best reward (the paper's protocol).")] = None,
     recipe: RecipeOpt = "default",
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -530,6 +537,8 @@ def evaluate(
       pgraft evaluate corrected.safetensors --data digits --num 2000
 
       pgraft evaluate ./sd2 --data ./coco-val --inception-weights inception-2015-12-05.pt --prompts p.txt
+
+      pgraft evaluate ./sd2 --prompts p.txt --reward vqascore:./vlm --best-of 4   (reward only: no FID)
     """
     from .pipelines.evaluate import EvaluateOptions, evaluate as evaluate_pipeline
 
@@ -542,11 +551,80 @@ def _render_evaluate(model: str, summary: dict[str, Any]) -> None:
 
     label = "corrected" if summary["corrected"] else (
         f"fine-tuned (cutoff {summary['cutoff']})" if summary["finetuned"] else "base")
-    console.print(metrics_table(f"evaluate {model} against {summary['fid_data']} (features {summary['features']})",
+    against = f" against {summary['fid_data']}" if summary.get("fid_data") else ""
+    console.print(metrics_table(f"evaluate {model}{against} (features {summary['features'] or 'none'})",
                                 [(f"{label} ({summary['steps']} steps)", summary)]))
     if summary.get("reward"):
-        console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}")
+        best = (f"; best of {summary['best_of']} over {summary['groups']} groups: mean {summary['reward_best_of_mean']:.4f}, "
+                f"std {summary['reward_best_of_std']:.4f}" if summary.get("best_of") else "")
+        console.print(f"reward {summary['reward']}: mean {summary['reward_mean']:.4f}, std {summary['reward_std']:.4f}{best}")
     console.print(f"run {summary['run_dir']}; {summary['seconds']:.0f}s; report: {summary['report']}")
+
+
+@app.command()
+def stats(
+    data: Annotated[str, typer.Argument(help="Reference images: a folder, .npz or .safetensors file, or alias.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The stats file to write (.npz).")],
+    features: FeaturesOpt = "auto",
+    shape: Annotated[Optional[str], typer.Option("--shape", help="Images' CxHxW (the model's); digits: 1x16x16.")] = None,
+    inception_weights: InceptionOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Precompute DATA's FID reference statistics (mean, covariance, feature rows) once: pass the
+    file as --data to evaluate, finetune or correct's FID, without the images.
+
+    Examples:
+
+      pgraft stats ./coco-val --features dinov2:./dinov2-base --shape 3x512x512 --out coco-dinov2.npz
+    """
+    from .pipelines.evaluate import stats as stats_pipeline
+
+    summary = stats_pipeline(data, features or "auto", out, shape, inception_weights, device or "cpu")
+    print(json.dumps(summary, sort_keys=True) if as_json else f"wrote {summary['out']}: {summary['num']} images, "
+          f"{summary['dim']}-d {summary['features']} features")
+
+
+# ================================================================================================
+# export
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint: a plain model, or a file written by pgraft correct / finetune.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (refused if it is not empty, unless --force).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="diffusers (a pipeline folder), lora (the adapter) or single-file (fused weights, SD 1.x/2.x).")] = "diffusers",
+    lora_format: Annotated[str, typer.Option("--lora-format", help="With --format lora: diffusers (load_lora_weights) or kohya (ComfyUI, A1111).")] = "diffusers",
+    keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="GRAFT LoRA at cutoff 0: write the base pipeline plus the adapter, not the fused network.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype: float32, float16 or bfloat16 (default: the checkpoint's).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected / fine-tuned checkpoint, if not where it was.")] = None,
+    config: ConfigOpt = None,
+    kind: KindOpt = None,
+    allow_pickle: PickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write CHECKPOINT as files other tools read without pgraft.
+
+    Examples:
+
+      pgraft export tuned.safetensors --out tuned-pipe/     (DiffusionPipeline.from_pretrained(..., trust_remote_code=True))
+
+      pgraft export tuned.safetensors --out lora/ --format lora --lora-format kohya
+
+      pgraft export tuned.safetensors --out sd/ --format single-file --dtype float16   (ComfyUI, A1111)
+    """
+    from .pipelines.export import ExportOptions, export as export_pipeline
+
+    summary = export_pipeline(checkpoint, out, _options(ExportOptions, locals()))
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    from .report.ui import out as console
+
+    console.print(f"wrote {summary['format']} export of {checkpoint} to {out}: {', '.join(summary['files'])}")
+    if summary.get("note"):
+        console.print(f"note: {summary['note']}")
 
 
 # ================================================================================================

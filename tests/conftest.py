@@ -24,6 +24,12 @@ TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups
 SCHEDULERS = ("ddpm", "ddim", "flow")
 
 
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's own user cache (reference statistics): none written to the real home, none shared."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pixel-space UNet2DModel
 
@@ -140,10 +146,35 @@ def build_tiny_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=TOKENIZER_MAX_LENGTH)
 
 
-def _clip_config(hidden: int = 32, projection: int = 32):
+T5_CHARS = [chr(c) for c in range(32, 127)]
+T5_VOCAB = 3 + 2 * len(T5_CHARS) + 1
+
+
+def build_tiny_t5_tokenizer():
+    """A T5TokenizerFast over printable ASCII, bare and word-initial (unigram, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in T5_CHARS]
+    pieces += [("\u2581" + c, -1.0) for c in T5_CHARS] + [("\u2581", -1.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def build_tiny_t5_encoder(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+
+
+def _clip_config(hidden: int = 32, projection: int = 32, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=hidden, intermediate_size=37,
+    return CLIPTextConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=hidden, intermediate_size=37, hidden_act=hidden_act,
                           num_hidden_layers=1, num_attention_heads=2, projection_dim=projection,
                           max_position_embeddings=TOKENIZER_MAX_LENGTH, bos_token_id=TOKENIZER_VOCAB - 2,
                           eos_token_id=TOKENIZER_VOCAB - 1, pad_token_id=TOKENIZER_VOCAB - 1)
@@ -158,8 +189,9 @@ def _tiny_vae(latent_channels: int = 4, **extra: Any):
                          norm_num_groups=4, sample_size=16, **extra)
 
 
-def build_tiny_sd_pipeline(folder: Path) -> Path:
-    """A Stable Diffusion 1.x-layout pipeline folder: 8x8 latents, 16x16 RGB images."""
+def build_tiny_sd_pipeline(folder: Path, sd2: bool = False) -> Path:
+    """A Stable Diffusion 1.x-layout pipeline folder: 8x8 latents, 16x16 RGB images. ``sd2``: the 2.x
+    layout (linear attention projections, a GELU text encoder as OpenCLIP's, v-prediction)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -167,12 +199,13 @@ def build_tiny_sd_pipeline(folder: Path) -> Path:
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
                                 in_channels=4, out_channels=4, cross_attention_dim=32, attention_head_dim=2,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=sd2)
     vae = _tiny_vae()
-    text_encoder = CLIPTextModel(_clip_config())
+    text_encoder = CLIPTextModel(_clip_config(hidden_act="gelu" if sd2 else "quick_gelu"))
     tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction" if sd2 else "epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -199,6 +232,104 @@ def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0) -> Path:
                                     text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_sdxl_pipeline(folder: Path) -> Path:
+    """An SDXL-layout pipeline folder: two CLIP encoders (hidden states concatenated to 64), the
+    second's pooled projection, six time ids; Euler scheduler as SDXL ships; 8x8 latents, 16x16 images."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
+                                in_channels=4, out_channels=4, cross_attention_dim=64, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = _tiny_vae(scaling_factor=0.13025)
+    tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(_clip_config()), tokenizer=tokenizer,
+                                     text_encoder_2=CLIPTextModelWithProjection(_clip_config()), tokenizer_2=tokenizer,
+                                     unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_dit_pipeline(folder: Path) -> Path:
+    """A DiT-layout pipeline folder: 1000 ImageNet classes plus the null class 1000, learned sigma
+    (8 output channels for 4 latent ones), DDIM trailing; 8x8 latents, 16x16 images."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+                ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_pixart_pipeline(folder: Path) -> Path:
+    """A PixArt-alpha-layout pipeline folder: T5 states with their attention mask, learned sigma,
+    DDIM trailing; 8x8 latents, 16x16 images."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=2, caption_channels=32, in_channels=4, out_channels=8,
+                                           cross_attention_dim=16, attention_bias=True, num_embeds_ada_norm=1000,
+                                           activation_fn="gelu-approximate", norm_type="ada_norm_single",
+                                           norm_elementwise_affine=False, norm_eps=1e-6)
+    PixArtAlphaPipeline(tokenizer=build_tiny_t5_tokenizer(), text_encoder=build_tiny_t5_encoder(), vae=_tiny_vae(),
+                        transformer=transformer, scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+                        ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_flux_pipeline(folder: Path, guidance_embeds: bool = True) -> Path:
+    """A Flux.1-layout pipeline folder (dev: guidance-distilled; ``guidance_embeds=False``: schnell):
+    CLIP pooled + T5 states, 2x2-packed 4-channel latents, dynamically shifted flow; 8x8 latents, 16x16 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    vae = _tiny_vae(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_clip_config()), tokenizer=tokenizer,
+                 text_encoder_2=build_tiny_t5_encoder(), tokenizer_2=build_tiny_t5_tokenizer(), transformer=transformer
+                 ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny PixArt-alpha pipeline folder (built once per session; do not modify)."""
+    return build_tiny_pixart_pipeline(tmp_path_factory.mktemp("pixart") / "tiny-pixart")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny guidance-distilled Flux pipeline folder (built once per session; do not modify)."""
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SDXL pipeline folder (built once per session; do not modify)."""
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny DiT pipeline folder (built once per session; do not modify)."""
+    return build_tiny_dit_pipeline(tmp_path_factory.mktemp("dit") / "tiny-dit")
 
 
 @pytest.fixture(scope="session")
@@ -228,3 +359,17 @@ def streamed_digits_file(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "_check", lambda images, *a: read_sizes.append(len(images)) or check(images, *a))
     monkeypatch.setattr(data_mod, "load_data", lambda *a: pytest.fail("load_data read the whole data set"))
     return path, read_sizes
+
+
+def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 600):
+    """``accelerate launch`` (CPU, gloo) of ``python -m pgraft_cli ARGS`` on ``num_processes`` processes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    return subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pgraft_cli", *args],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)

@@ -77,6 +77,10 @@ CHOSEN_VALUES = {
     "correct.corrector": "gaussian-diag",  # a full covariance needs more images than dimensions
     "sample.num": 8,  # top-k of m = 4 needs whole groups
     "filter.m": 2,  # sample.num = 4 is whole groups of 2
+    "sample.lane": 2,  # an integer or "auto"; 2 divides the shard of 4
+    "finetune.lora_rank": 2,  # an integer or "auto"
+    "finetune.lora_above": 1,  # "auto" then trains a LoRA adapter
+    "model.autocast": "bf16",  # "auto" is no autocast on the CPU, like "no"
 }
 
 # Changes tried besides the one per key: fewer images as well as more (old shards must not be reused).

@@ -359,7 +359,7 @@ def test_raising_the_gate_reuses_the_inversion_and_reports_the_new_verdict(tmp_p
     finished = json.loads((run / "manifest.json").read_text())["stages"]["invert"]["finished"]
     gate = first["inversion"]["reconstruction_rms_mean"]  # drops roughly half of the images
     strict = runner.invoke(app, ["correct", "digits", "--run-dir", str(run), *base, "--set",
-                                 f"correct.max_reconstruction_rms={gate}", "--set", "correct.max_dropped_fraction=0.9"])
+                                 f"correct.max_reconstruction_rms={gate}", "--set", "correct.max_dropped_fraction=0.9", "--features", "classifier"])
     assert strict.exit_code == 0, strict.output
     again = json.loads((run / "manifest.json").read_text())["stages"]["invert"]
     assert again["finished"] == finished  # the inversion was not redone
@@ -415,3 +415,86 @@ def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, streamed_dig
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["inversion"]["num"] == 128 and summary["base"]["num"] == 64
     assert max(read_sizes) <= 256 and sorted(set(read_sizes)) == [44, 64, 128, 256]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_correct_inverts_a_diffusion_checkpoint_and_the_corrected_file_samples(tmp_path, scheduler):
+    """A DDPM/DDIM checkpoint, sampled by DDIM (eta = 0): invert, fit a corrector, write, sample it back.
+
+    v-prediction: with a small random head it is near the exact denoiser of N(0, I) data. A random
+    epsilon head is no denoiser (x0_hat = x / a - ...: its inverse noise is ~a_T x0, where the
+    network's GroupNorm blows up); the epsilon and x0 conversions are pinned in test_samplers."""
+    prediction = "v_prediction"
+    from conftest import build_scheduler, build_tiny_unet
+
+    folder = tmp_path / "model"  # 16 px, the bundled classifier's features
+    unet = build_tiny_unet(sample_size=16)
+    with torch.no_grad():  # a small nonlinear term on v = 0
+        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.bias.mul_(0.05)
+    unet.save_pretrained(folder, safe_serialization=True)
+    build_scheduler(scheduler, prediction).save_config(folder)
+    out = tmp_path / "corrected.safetensors"
+    result = runner.invoke(app, ["correct", str(folder), "--data", "digits", "--out", str(out), "--run-dir",
+                                 str(tmp_path / "run"), "--json", *SMALL, "--set", "correct.corrector=gaussian-diag",
+                                 "--set", "correct.max_reconstruction_rms=1e-3", "--set", "correct.inversion_tol=1e-5",
+                                 "--features", "classifier"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    inv = summary["inversion"]
+    assert inv["num"] == 128 and inv["dropped"] == 0 and inv["reconstruction_rms_max"] < 1e-4
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["pgraft.base"])["solver"] == "ddim"
+    loaded = load_model(str(out))
+    assert loaded.family == "diffusion" and loaded.corrector is not None
+    assert 0.5 < inv["noise_std"] < 2 and summary["corrected"]["fid"] is not None
+    s = runner.invoke(app, ["sample", str(out), "--num", "16", "--batch-size", "16", "--run-dir",
+                            str(tmp_path / "s"), "--out", str(tmp_path / "png"), "--json"])
+    assert s.exit_code == 0, s.output
+
+
+@pytest.mark.slow
+def test_correct_under_accelerate_with_two_processes_equals_one_process(tmp_path):
+    """Inversion and evaluation split their shards across the processes; the corrector trains once;
+    the summary and the corrected file are those of one process."""
+    from conftest import accelerate_launch
+
+    args = ["correct", "digits", "--json", "--device", "cpu", *SMALL, "--set", "correct.invert_shard_size=32",
+            "--set", "sample.batch_size=32"]
+    proc = accelerate_launch([*args, "--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.safetensors")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    one = json.loads(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "one"), "--out",
+                                         str(tmp_path / "one.safetensors")]).stdout.strip().splitlines()[-1])
+    writers = set()
+    for stage in ("invert", "evaluate-base", "evaluate-corrected"):
+        for path in sorted((tmp_path / "two" / stage).glob("shard-*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                writers.add((stage, (f.metadata() or {}).get("pgraft.process")))
+    assert {w for _, w in writers} == {"0/2", "1/2"}, writers  # both processes did shards of every stage
+    for key in ("reconstruction_rms_mean", "used", "noise_std", "iterations_mean"):
+        assert two["inversion"][key] == pytest.approx(one["inversion"][key], rel=1e-6), key
+    assert two["corrector"]["final_loss"] == pytest.approx(one["corrector"]["final_loss"], rel=1e-6)
+    for model in ("base", "corrected"):
+        assert two[model]["fid"] == pytest.approx(one[model]["fid"], rel=1e-4), model
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "two.safetensors")), load_file(str(tmp_path / "one.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_class_conditioned_diagonal_gaussian_fits_each_class_and_pools_the_rare_ones():
+    from pgraft_cli.models.corrector import fit_gaussian_diag_by_class
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 50 + [2] * 60 + [1])  # class 1 has one sample, class 3 none
+    shift = torch.tensor([3.0, 0.0, -2.0, 0.0])[labels].view(-1, 1, 1, 1)
+    noises = torch.randn(len(labels), 1, 2, 2, generator=g) * (1 + labels.view(-1, 1, 1, 1)) + shift
+    mean, std = fit_gaussian_diag_by_class(noises, labels, 4)
+    flat = noises.flatten(1).double()
+    for c in (0, 2):
+        torch.testing.assert_close(mean[c], flat[labels == c].mean(0))
+        torch.testing.assert_close(std[c], flat[labels == c].std(0))
+    for c in (1, 3):
+        torch.testing.assert_close(mean[c], flat.mean(0))
+        torch.testing.assert_close(std[c], flat.std(0))

@@ -85,7 +85,7 @@ def test_default_values_match_the_dataclasses():
     # the default recipe spells out the dataclass defaults; if they drift, one of them is wrong
     assert load_recipe("default") == recipe_from_dict({"name": "default",
                                                       "description": load_recipe("default").description})
-    assert Recipe().sample.lane == 16
+    assert Recipe().sample.lane == "auto"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,8 +154,8 @@ def test_literal_out_of_its_set_suggests():
 
 
 @pytest.mark.parametrize("sets, size, lane", [
-    (["sample.batch_size=20"], 20, 16),
-    (["sample.batch_size=8"], 8, 16),
+    (["sample.lane=16", "sample.batch_size=20"], 20, 16),
+    (["sample.lane=16", "sample.batch_size=8"], 8, 16),
     (["sample.lane=32", "sample.batch_size=48"], 48, 32),
 ])
 def test_batch_size_must_be_a_multiple_of_lane(sets, size, lane):
@@ -164,7 +164,7 @@ def test_batch_size_must_be_a_multiple_of_lane(sets, size, lane):
 
 
 def test_batch_size_hint_is_valid():
-    msg = error_of("sample.batch_size=40")
+    msg = error_of("sample.lane=16", "sample.batch_size=40")
     assert "--batch-size 32 or 48" in msg
     load_recipe("default", ["sample.batch_size=32"])
     load_recipe("default", ["sample.batch_size=48"])
@@ -323,7 +323,7 @@ def test_cli_bad_set_is_one_error_line_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--set", "model.kind=flwo"], "did you mean 'flow'"),
     (["--recipe", "pgraf"], "did you mean 'pgraft'"),
-    (["--batch-size", "20"], "multiple of sample.lane"),
+    (["--batch-size", "20", "--set", "sample.lane=16"], "multiple of sample.lane"),
 ])
 def test_cli_recipe_errors(tmp_path, args, needle):
     result = cli("sample", "digits", *args, "--run-dir", str(tmp_path / "run"), cwd=tmp_path)

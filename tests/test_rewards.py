@@ -30,7 +30,7 @@ def assert_scores(scores: torch.Tensor, n: int) -> None:
 
 def test_registry_lists_every_reward():
     assert available_rewards() == sorted(
-        ["classifier", "clip", "jpeg-compressibility", "jpeg-incompressibility", "python", "vqascore"])
+        ["aesthetic", "classifier", "clip", "jpeg-compressibility", "jpeg-incompressibility", "pickscore", "python", "vqascore"])
 
 
 def test_unknown_reward_suggests_the_closest_name():
@@ -473,3 +473,81 @@ def test_rescoring_a_run_after_the_reward_module_changed_gives_new_scores(tmp_pa
     calls = module.with_suffix(".calls").read_text().count("called")
     assert score(1) == first and module.with_suffix(".calls").read_text().count("called") == calls  # cached
     assert score(3) == pytest.approx(3 * first, rel=1e-6) and first > 0  # the edited module's (float32) scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Weighted sums, PickScore, LAION aesthetic
+
+
+@pytest.mark.parametrize("spec, terms", [
+    ("0.7*pickscore:P+0.3*aesthetic:A", [(0.7, "pickscore:P"), (0.3, "aesthetic:A")]),
+    ("1*classifier:digits:3", [(1.0, "classifier:digits:3")]),
+    (" 2 * a:/x+y/z + -0.5*b ", [(2.0, "a:/x+y/z"), (-0.5, "b")]),  # a '+' inside a path is kept
+    ("1e-1*a+.5*b", [(0.1, "a"), (0.5, "b")]),
+    ("classifier:digits:3", None), ("python:f.py:g", None), ("a+0.5*b", None),
+])
+def test_parse_weighted(spec, terms):
+    from pgraft_cli.stages.rewards import parse_weighted
+
+    assert parse_weighted(spec) == terms
+
+
+def test_a_weight_without_a_reward_is_one_error():
+    with pytest.raises(RewardError, match="names no reward"):
+        parse_reward("0.5*classifier:digits:3+0.5*")
+
+
+def test_weighted_reward_is_the_weighted_sum_of_its_terms(digits):
+    images = digits[0][:6]
+    a, b = parse_reward("classifier:digits:3")(images), parse_reward("jpeg-compressibility")(images)
+    both = parse_reward("0.7*classifier:digits:3+0.3*jpeg-compressibility")
+    torch.testing.assert_close(both(images), 0.7 * a + 0.3 * b, atol=1e-12, rtol=0)
+    assert not both.needs_prompts and both.identity.startswith("0.7*classifier:sha256=")
+
+
+def test_pickscore_is_the_scaled_clip_cosine(clip_dir):
+    from transformers import CLIPModel
+
+    images = rgb(3, 20)
+    cos = parse_reward(f"clip:{clip_dir}")(images, PROMPTS[:3])
+    scale = float(CLIPModel.from_pretrained(clip_dir).logit_scale.exp())
+    pick = parse_reward(f"pickscore:{clip_dir}")
+    assert pick.needs_prompts
+    torch.testing.assert_close(pick(images, PROMPTS[:3]), scale * cos, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("mlp", [True, False])
+def test_aesthetic_is_the_head_on_normalised_clip_image_embeddings(clip_dir, tmp_path, mlp):
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import CLIPModel, CLIPProcessor
+
+    from pgraft_cli.stages.rewards import AESTHETIC_HEAD, _to_rgb_pil
+
+    folder = tmp_path / "aesthetic"
+    shutil.copytree(clip_dir, folder)
+    g = torch.Generator().manual_seed(0)
+    dims = [8, 6, 4, 1] if mlp else [8, 1]
+    head = {f"layers.{2 * i}.{k}": (torch.randn(dims[i + 1], dims[i], generator=g) if k == "weight"
+                                     else torch.randn(dims[i + 1], generator=g))
+            for i in range(len(dims) - 1) for k in ("weight", "bias")}
+    if not mlp:
+        head = {"weight": head["layers.0.weight"], "bias": head["layers.0.bias"]}
+    save_file(head, str(folder / AESTHETIC_HEAD))
+    images = rgb(4, 16)
+    scores = parse_reward(f"aesthetic:{folder}")(images)
+    model, processor = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        emb = model.get_image_features(**processor(images=_to_rgb_pil(images), return_tensors="pt")).pooler_output
+    x = torch.nn.functional.normalize(emb.double(), dim=-1)
+    for w, b in ([(head[k], head[k.replace("weight", "bias")]) for k in sorted(head) if k.endswith("weight")]):
+        x = x @ w.double().T + b.double()
+    torch.testing.assert_close(scores, x[:, 0], atol=1e-9, rtol=0)
+
+
+def test_aesthetic_without_its_head_says_what_to_pass(clip_dir):
+    with pytest.raises(RewardError, match="aesthetic-head.safetensors"):
+        parse_reward(f"aesthetic:{clip_dir}")
+    with pytest.raises(RewardError, match="PGRAFT_AESTHETIC_PATH"):
+        parse_reward("aesthetic")

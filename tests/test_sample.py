@@ -160,3 +160,37 @@ def test_stage_readers_read_only_the_keys_and_rows_asked_for(tmp_path):
     batches = list(iter_images(run))
     assert [len(b) for _, b in batches] == [16, 16, 5]
     assert torch.equal(torch.cat([b for _, b in batches]), load_images(run))
+
+
+def _network_batches(monkeypatch) -> list[int]:
+    from pgraft_cli.models.loaded import LoadedModel
+
+    batches, call = [], LoadedModel._call
+    monkeypatch.setattr(LoadedModel, "_call", lambda self, x, *a: batches.append(x.shape[0]) or call(self, x, *a))
+    return batches
+
+
+def test_auto_lane_pads_nothing_for_a_small_run(tmp_path, monkeypatch):
+    batches = _network_batches(monkeypatch)
+    out, summary = sample(tmp_path, "one", "--num", "1", "--steps", "2")
+    assert batches == [1, 1]  # one image, two steps: no padded lane of 16
+    assert summary["lane"] == 1 and json.loads((out / "sampler.json").read_text())["lane"] == 1
+
+
+def test_a_fixed_lane_is_honoured_and_keeps_bytes_whatever_num(tmp_path, monkeypatch):
+    batches = _network_batches(monkeypatch)
+    one, summary = sample(tmp_path, "one", "--num", "1", "--steps", "2", "--set", "sample.lane=16")
+    assert batches == [16, 16] and summary["lane"] == 16
+    many, _ = sample(tmp_path, "many", "--num", "20", "--steps", "2", "--batch-size", "32", "--set", "sample.lane=16")
+    assert pngs(one)["00000.png"] == pngs(many)["00000.png"]
+
+
+@pytest.mark.parametrize("num, batch_size, cap, lane", [
+    (1, 64, 16, 1), (5, 64, 16, 5), (64, 64, 16, 16), (1000, 64, 16, 16),
+    (100, 20, 16, 10),  # several shards: a divisor of the shard, so no lane straddles two
+    (100, 64, 3, 2),  # a GPU that fits 3 images per call
+])
+def test_choose_lane(num, batch_size, cap, lane):
+    from pgraft_cli.stages.sample import choose_lane
+
+    assert choose_lane(num, batch_size, cap) == lane

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -15,6 +15,12 @@ KID_SUBSETS = 100  # clean-fid's and torchmetrics' default
 
 
 KID_SUBSET_SIZE = 1000
+
+
+PR_K = 3  # Kynkaanniemi et al.'s k for the k-NN manifolds
+
+
+PR_MAX_ROWS = 10_000  # per side, drawn at random: the radii cost N^2 distances
 
 
 class GivenFeatures(nn.Module):
@@ -87,12 +93,58 @@ class FidKid:
         if min(gen, ref) < 2:
             raise PgraftError(f"FID and KID need at least 2 generated and 2 reference images, got {gen} and {ref}; "
                               f"raise evaluate.num (--num) or pass more --data")
-        self.kid.subset_size = min(KID_SUBSET_SIZE, gen, ref)
-        with torch.random.fork_rng(devices=[]):  # KID's subsets come from torch's global generator
-            torch.manual_seed(self.seed)
-            kid = self._kid()
-        return {"fid": float(self.fid.compute()), "kid": kid,
-                "warnings": sample_warnings(gen, ref, self.num_features)}
+        warnings = sample_warnings(gen, ref, self.num_features)
+        kid = precision = recall = None
+        if self.kid.real_features:
+            self.kid.subset_size = min(KID_SUBSET_SIZE, gen, ref)
+            with torch.random.fork_rng(devices=[]):  # KID's subsets come from torch's global generator
+                torch.manual_seed(self.seed)
+                kid = self._kid()
+                precision, recall = self._precision_recall()
+        else:
+            warnings.append("the reference statistics hold no feature rows: KID and precision/recall skipped "
+                            "(write them with pgraft stats, which keeps the rows)")
+        return {"fid": float(self.fid.compute()), "kid": kid, "precision": precision, "recall": recall,
+                "warnings": warnings}
+
+    def _precision_recall(self) -> tuple[Optional[float], Optional[float]]:
+        """``precision_recall`` (k = PR_K) on at most ``PR_MAX_ROWS`` random rows per side (the k-NN
+        radii cost N^2 distances); None when a side has too few rows."""
+        from torchmetrics.utilities import dim_zero_cat
+
+        real, fake = dim_zero_cat(self.kid.real_features), dim_zero_cat(self.kid.fake_features)
+        if min(len(real), len(fake)) <= PR_K:
+            return None, None
+        real, fake = (x[torch.randperm(len(x))[:PR_MAX_ROWS]] if len(x) > PR_MAX_ROWS else x for x in (real, fake))
+        pr = precision_recall(real, fake, PR_K)
+        return pr["precision"], pr["recall"]
+
+    def reference_state(self) -> dict[str, np.ndarray]:
+        """The reference side as arrays (``sum``, ``cov_sum`` float64 as torchmetrics accumulates them,
+        ``n``, ``mu``, ``sigma`` and the float32 feature rows) for ``from_reference_state``."""
+        from torchmetrics.utilities import dim_zero_cat
+
+        fid, n = self.fid, int(self.fid.real_features_num_samples)
+        total, cov_sum = fid.real_features_sum.double(), fid.real_features_cov_sum.double()
+        mu = total / max(n, 1)
+        sigma = (cov_sum - n * torch.outer(mu, mu)) / max(n - 1, 1)
+        rows = dim_zero_cat(self.kid.real_features) if self.kid.real_features else torch.zeros(0, self.num_features)
+        return {"sum": total.numpy(), "cov_sum": cov_sum.numpy(), "n": np.array(n), "mu": mu.numpy(),
+                "sigma": sigma.numpy(), "features": rows.float().numpy()}
+
+    @classmethod
+    def from_reference_state(cls, state: dict[str, np.ndarray], kid_subsets: int = KID_SUBSETS,
+                             seed: int = 0) -> "FidKid":
+        """A ``FidKid`` whose reference side is ``state`` (``reference_state``'s arrays; ``features``
+        may be empty: FID is then exact, KID and precision/recall skipped)."""
+        metric = cls(int(np.shape(state["sum"])[0]), kid_subsets, seed)
+        metric.fid.real_features_sum = torch.as_tensor(np.asarray(state["sum"]), dtype=torch.float64).clone()
+        metric.fid.real_features_cov_sum = torch.as_tensor(np.asarray(state["cov_sum"]), dtype=torch.float64).clone()
+        metric.fid.real_features_num_samples = torch.tensor(int(state["n"]))
+        rows = np.asarray(state.get("features", np.zeros((0, metric.num_features))))
+        if len(rows):
+            metric.kid.update(torch.as_tensor(rows, dtype=torch.float32), real=True)
+        return metric
 
     def _kid(self) -> float:
         """``KernelInceptionDistance.compute``'s mean over subsets (the same ``randperm`` draws, reference
@@ -130,3 +182,64 @@ def distances(gen: Tensor | np.ndarray, real: Tensor | np.ndarray, kid_subsets: 
     metric.update(gen, real=False)
     metric.update(real, real=True)
     return metric.compute()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards per prompt, and diversity in feature space
+
+
+def best_of_n(rewards: Tensor, groups: Tensor) -> dict[str, Any]:
+    """The paper's best-of-n protocol: ``b_g = max_{i in g} r_i`` per group (a prompt's samples),
+    then ``mean_g b_g`` and ``std_g b_g`` (population std) over the G groups."""
+    rewards, groups = torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(groups, dtype=torch.long)
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    best = torch.full((len(ids),), -torch.inf, dtype=torch.float64).scatter_reduce(0, inverse, rewards, "amax")
+    sizes = torch.bincount(inverse, minlength=len(ids))
+    return {"mean": float(best.mean()), "std": float(best.std(unbiased=False)), "groups": len(ids),
+            "min_group_size": int(sizes.min()), "max_group_size": int(sizes.max())}
+
+
+def _pairwise(a: Tensor, b: Tensor, chunk: int = 1024) -> Iterator[tuple[int, Tensor]]:
+    """Row chunks of the Euclidean distance matrix ``||a_i - b_j||`` in float64."""
+    b = b.double()
+    for start in range(0, len(a), chunk):
+        yield start, torch.cdist(a[start:start + chunk].double(), b)
+
+
+def knn_radii(features: Tensor, k: int = 3) -> Tensor:
+    """``rho_i`` = the distance from row i to its k-th nearest other row (the point itself excluded)."""
+    if len(features) <= k:
+        raise PgraftError(f"precision/recall with k={k} needs more than {k} samples per side, got {len(features)}")
+    radii = torch.empty(len(features), dtype=torch.float64)
+    for start, d in _pairwise(features, features):
+        radii[start:start + len(d)] = d.kthvalue(k + 1, dim=1).values  # the 1st is the point itself (0)
+    return radii
+
+
+def manifold_coverage(queries: Tensor, support: Tensor, k: int = 3) -> float:
+    """Fraction of ``queries`` inside the k-NN manifold of ``support``: ``mean_q 1[exists s: ||q - s|| <= rho_s]``."""
+    radii = knn_radii(support, k)
+    inside = [(d <= radii).any(dim=1) for _, d in _pairwise(queries, support)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real: Tensor | np.ndarray, gen: Tensor | np.ndarray, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): precision is the fraction of
+    generated samples inside the real k-NN manifold (fidelity), recall the fraction of real samples
+    inside the generated one (diversity); each manifold is the union of balls around its points
+    of radius the distance to the k-th nearest neighbour."""
+    real, gen = torch.as_tensor(real), torch.as_tensor(gen)
+    return {"precision": manifold_coverage(gen, real, k), "recall": manifold_coverage(real, gen, k)}
+
+
+def mean_pairwise_distance(features: Tensor | np.ndarray, groups: Tensor | np.ndarray) -> Optional[float]:
+    """Within-prompt diversity: ``mean_g [ 2 / (n_g (n_g - 1)) sum_{i<j in g} ||f_i - f_j|| ]`` over the
+    groups with at least two samples (None if there is none)."""
+    features, groups = torch.as_tensor(features, dtype=torch.float64), torch.as_tensor(groups)
+    means = []
+    for g in torch.unique(groups):
+        f = features[groups == g]
+        if len(f) >= 2:
+            d = torch.cdist(f, f)
+            means.append(float(d.sum() / (len(f) * (len(f) - 1))))
+    return float(np.mean(means)) if means else None

@@ -6,6 +6,8 @@ MODEL may be
 - a diffusers pipeline folder (``model_index.json``) or model folder (``config.json`` + weights);
 - a ``.safetensors`` file written by pgraft: its header metadata carries the model class and
   config, the scheduler config and provenance, so it needs nothing beside it;
+- a released single-file checkpoint (the original SD 1.x/2.x, SDXL or Flux.1 key layout) plus ``--config``,
+  a diffusers pipeline folder with its configs (io/single_file.py names the layout from the keys);
 - any other ``.safetensors`` plus ``--config DIR_OR_JSON``;
 - a pickle checkpoint (``.ckpt``/``.pt``/``.bin``/``.pth``) plus ``--config``, only with
   ``--allow-pickle`` (unpickling runs arbitrary code);
@@ -22,6 +24,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import re
 import warnings
 from dataclasses import asdict
@@ -35,16 +38,19 @@ from .. import __version__
 from ..core.samplers import NoiseSchedule
 from ..errors import ModelLoadError, PgraftError, UnsafeFileError
 from ..models.corrector import NoiseCorrector
+from ..models.families import SUPPORTED_CLASSES, family_for, unsupported
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, add_lora, lora_state, set_lora_state
 from ..models.nets import ClassifierConfig, DigitsClassifier
 from .recipes import FinetuneConfig
 from .runstore import atomic_path, content_key, sha256_file, state_digest
+from .single_file import LAYOUTS, Layout, detect_layout, looks_original
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CLASSIFIER_PATH = ASSETS / "digits-classifier.safetensors"
+JUDGE_PATH = ASSETS / "digits-judge.safetensors"  # another net, another split
 ALIASES = {"digits": ASSETS / "digits-flow.safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
 FORMAT_VERSION = "1"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_COMMIT = re.compile(r"^hub:(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})$")  # a git commit, not a files hash
@@ -54,14 +60,25 @@ _HUB_COMMIT = re.compile(r"^hub:(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})$")  # a
 # Schedules from scheduler configs
 
 
-def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto") -> NoiseSchedule:
-    """The noise schedule a diffusers scheduler config describes (``kind`` overrides the family)."""
+def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
+                         image_seq_len: Optional[int] = None) -> NoiseSchedule:
+    """The noise schedule a diffusers scheduler config describes (``kind`` overrides the family).
+
+    A flow scheduler with ``use_dynamic_shifting`` (Flux) shifts by the sample's token count
+    ``image_seq_len`` (:func:`dynamic_shift`).
+    """
     name = scheduler_config.get("_class_name", "")
     T = int(scheduler_config.get("num_train_timesteps", 1000))
     detected = "flow" if "FlowMatch" in name else "diffusion"
     family = detected if kind == "auto" else kind
     if family == "flow":
         shift = float(scheduler_config.get("shift", 1.0)) if detected == "flow" else 1.0
+        for key in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                    "stochastic_sampling"):
+            if detected == "flow" and scheduler_config.get(key):
+                raise ModelLoadError(f"flow schedulers with {key} are not supported; pgraft samples the plain shifted grid")
+        if detected == "flow" and scheduler_config.get("use_dynamic_shifting"):
+            shift = dynamic_shift(scheduler_config, image_seq_len or 256)
         return NoiseSchedule.flow(T, shift)
     if scheduler_config.get("trained_betas") is not None:
         raise ModelLoadError("schedulers with trained_betas are not supported; use a beta_schedule")
@@ -79,6 +96,20 @@ def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto") -
         )
     except ValueError as exc:
         raise ModelLoadError(f"scheduler config not supported: {exc}") from None
+
+
+def dynamic_shift(scheduler_config: dict[str, Any], image_seq_len: int) -> float:
+    """The static shift ``s`` equal to a dynamically shifted flow scheduler's time shift.
+
+    diffusers interpolates ``mu`` linearly in the token count between ``(base_image_seq_len,
+    base_shift)`` and ``(max_image_seq_len, max_shift)``; its time shift ``e^mu / (e^mu + 1/t - 1)``
+    (exponential) or ``mu / (mu + 1/t - 1)`` (linear) is ``s t / (1 + (s - 1) t)`` with ``s = e^mu`` or ``mu``.
+    """
+    lo, hi = int(scheduler_config.get("base_image_seq_len", 256)), int(scheduler_config.get("max_image_seq_len", 4096))
+    base, top = float(scheduler_config.get("base_shift", 0.5)), float(scheduler_config.get("max_shift", 1.15))
+    m = (top - base) / (hi - lo)
+    mu = image_seq_len * m + (base - m * lo)
+    return mu if scheduler_config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
 def default_scheduler_config(kind: str) -> dict[str, Any]:
@@ -105,7 +136,7 @@ def identity_of(path: Path) -> str:
 # Fields of a LoadedModel that do not enter its stage key: the network and pipeline are the files
 # ``identity`` hashes (LoRA weights added in memory are keyed apart), the rest only describe it.
 _NOT_KEYED = ("network", "pipeline", "source", "source_kind", "provenance", "metadata", "default_data",
-              "default_eval_data")
+              "default_eval_data", "config_dir")
 
 
 def model_key(model: LoadedModel) -> dict[str, Any]:
@@ -131,10 +162,8 @@ def model_key(model: LoadedModel) -> dict[str, Any]:
 
 
 def _network_class(name: str) -> type:
-    if name not in DENOISER_CLASSES:
-        raise ModelLoadError(
-            f"model class '{name}' is not supported; pgraft loads {', '.join(DENOISER_CLASSES)}"
-        )
+    if name not in SUPPORTED_CLASSES:
+        raise unsupported(name)
     import diffusers
 
     return getattr(diffusers, name)
@@ -172,26 +201,6 @@ def load_state(network: nn.Module, state: dict[str, torch.Tensor], source: str) 
     network.load_state_dict(state, strict=True)
 
 
-def _sample_shape(model_class: str, config: dict[str, Any]) -> tuple[int, int, int]:
-    size = config.get("sample_size", 64)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(config.get("in_channels", 4)), int(h), int(w))
-
-
-def _conditioning(model_class: str, config: dict[str, Any]) -> tuple[str, Optional[int]]:
-    if config.get("addition_embed_type") or config.get("class_embed_type") or (
-            model_class == "UNet2DConditionModel" and config.get("num_class_embeds")):
-        raise ModelLoadError(
-            f"this {model_class} takes extra conditioning (addition_embed_type/class_embed_type, as SDXL and "
-            f"upscalers do), which pgraft does not support; use SD 1.x/2.x, SD3 or a UNet2DModel"
-        )
-    if model_class in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-        return "text", None
-    if config.get("num_class_embeds"):
-        return "class", int(config["num_class_embeds"])
-    return "none", None
-
-
 def _null_class(metadata: dict[str, str], conditioning: str, num_classes: Optional[int], source: str) -> Optional[int]:
     """The "no class" label of a class model trained with label dropout (``pgraft.null_class``).
 
@@ -210,9 +219,12 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
               scheduler_config: dict[str, Any], kind: str, source: str, source_kind: str,
               identity: str, pipeline: Any = None, metadata: Optional[dict[str, str]] = None) -> LoadedModel:
     network.eval().requires_grad_(False)
-    conditioning, num_classes = _conditioning(model_class, model_config)
+    family = family_for(model_class, model_config)
+    conditioning, num_classes, null_class = family.conditioning(model_config)
     metadata = metadata or {}
-    null_class = _null_class(metadata, conditioning, num_classes, source)
+    if null_class is None:
+        null_class = _null_class(metadata, conditioning, num_classes, source)
+    shape = family.sample_shape(model_config, getattr(pipeline, "vae", None))
     provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
     if conditioning == "text" and pipeline is None:
         raise ModelLoadError(
@@ -221,12 +233,12 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
         )
     return LoadedModel(
         network=network,
-        schedule=schedule_from_config(scheduler_config, kind),
+        schedule=schedule_from_config(scheduler_config, kind, family.image_seq_len(model_config, shape)),
         model_class=model_class,
         model_config=dict(model_config),
         scheduler_config=dict(scheduler_config),
         conditioning=conditioning,  # type: ignore[arg-type]
-        sample_shape=_sample_shape(model_class, model_config),
+        sample_shape=shape,
         source=source,
         source_kind=source_kind,
         identity=identity,
@@ -364,11 +376,21 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
         if suffix == ".safetensors":
             metadata = read_safetensors_metadata(path)
             if metadata.get("pgraft.kind") == "corrector":
-                return load_corrected(path, metadata, base, kind, allow_pickle)
+                return load_corrected(path, metadata, base, kind, allow_pickle, config)
             if metadata.get("pgraft.kind") == "finetune":
-                return load_finetuned(path, base, kind, allow_pickle)
+                return load_finetuned(path, base, kind, allow_pickle, config)
             if "pgraft.model_class" in metadata and config is None:
                 return _load_pgraft_file(path, str(path), kind, metadata)
+            if "pgraft.model_class" not in metadata:
+                keys = _safetensors_keys(path)
+                layout = detect_layout(keys)
+                if layout is not None:
+                    return _load_single_file(path, layout, config, kind)
+                if config is None or looks_original(keys):
+                    raise ModelLoadError(
+                        f"{path} is neither a pgraft file nor a single-file checkpoint pgraft reads ("
+                        f"{', '.join(sorted({lay.name for lay in LAYOUTS}))} original key layouts); for a diffusers "
+                        f"network's bare weights pass --config with its config.json or diffusers folder")
             return _load_bare_weights(path, config, kind, allow_pickle, metadata)
         if suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
@@ -389,8 +411,9 @@ def load_model(model: str, config: Optional[str] = None, kind: str = "auto",
 
 
 def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: str,
-                  allow_pickle: bool) -> LoadedModel:
-    """The base model a corrector or fine-tune file was made from: its stored source, or ``--base``.
+                  allow_pickle: bool, config: Optional[str] = None) -> LoadedModel:
+    """The base model a corrector or fine-tune file was made from: its stored source, or ``--base``
+    (a single-file base with its stored config folder, or ``config``).
 
     Its sha256 must match the identity stored in the file, so the file is never composed with
     another model by accident. A hub base stored as ``hub:ORG/NAME@COMMIT`` is loaded at that commit.
@@ -400,7 +423,7 @@ def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: s
         return _hub_base_at(path, pinned["repo"], pinned["commit"], base, kind, allow_pickle)
     source = base or info["source"]
     try:
-        model = load_model(source, kind=kind, allow_pickle=allow_pickle)
+        model = load_model(source, config or info.get("config"), kind=kind, allow_pickle=allow_pickle)
     except PgraftError as exc:
         raise PgraftError(f"the base model of {path} could not be loaded from '{source}' ({exc}); pass it with --base") from None
     if model.identity != info["identity"]:
@@ -430,6 +453,44 @@ def _load_pgraft_file(path: Path, source: str, kind: str, metadata: dict[str, st
     load_state(network, state, str(path))
     return _assemble(network, model_class, model_config, scheduler_config, kind, source,
                      "pgraft-safetensors", sha256_file(path), metadata=metadata)
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # read_safetensors_metadata has checked it opens
+        return list(f.keys())
+
+
+def _load_single_file(path: Path, layout: Layout, config: Optional[str], kind: str) -> LoadedModel:
+    """A released single-file checkpoint through diffusers' ``from_single_file``, offline, with the local
+    pipeline folder ``config`` (configs, tokenizers, and the weights the file lacks). Its identity is the file's
+    sha256 and the folder's, so the same file with another config is another model."""
+    import diffusers
+
+    folder = Path(config).expanduser().absolute() if config else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a {layout.name} single-file checkpoint, which needs "
+            f"{'--config' if folder is None else f'--config {config} to be'} a diffusers pipeline folder laid out as "
+            f"{layout.config_repo} (hf download {layout.config_repo} --exclude {layout.skip} --local-dir DIR); "
+            f"pass --config DIR")
+    kw: dict[str, Any] = dict(config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    try:
+        with _quiet_loading():
+            if layout.network:  # the denoiser alone: put it into the folder's pipeline
+                net = getattr(diffusers, layout.network).from_single_file(str(path), subfolder="transformer", **kw)
+                kw.pop("config")
+                pipe = getattr(diffusers, layout.pipeline).from_pretrained(str(folder), transformer=net, **kw)
+            else:
+                pipe = getattr(diffusers, layout.pipeline).from_single_file(str(path), **kw)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {path} as a {layout.name} single file with --config {config} "
+                             f"({_short(exc)}); pass the config folder of the model it was released as") from None
+    model = _from_pipeline(pipe, str(path), f"single-file {layout.name}", kind,
+                           f"{sha256_file(path)}+{identity_of(folder)}")
+    model.config_dir = str(folder)
+    return model
 
 
 def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickle: bool,
@@ -533,9 +594,10 @@ def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity
     model_config = dict(network.config)
     model_config["_class_name"] = model_class
     vae = getattr(pipe, "vae", None)
-    if vae is not None and model_config.get("in_channels") != vae.config.latent_channels:
+    channels = family_for(model_class, model_config).sample_shape(model_config, vae)[0]
+    if vae is not None and channels != vae.config.latent_channels:
         raise ModelLoadError(
-            f"{source}: the {model_class} takes {model_config.get('in_channels')} input channels but the VAE makes "
+            f"{source}: the {model_class} takes {channels} latent channels but the VAE makes "
             f"{vae.config.latent_channels} (an inpainting or image-conditioned pipeline); pgraft loads text-to-image "
             f"pipelines only"
         )
@@ -650,6 +712,7 @@ def describe(model: LoadedModel) -> dict[str, Any]:
         "source": model.source,
         "source_kind": model.source_kind,
         "model_class": model.model_class,
+        "architecture": model.adapter.name,
         "family": model.family,
         "prediction_type": model.schedule.prediction_type,
         "conditioning": model.conditioning,
@@ -709,7 +772,7 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     base_info = {
         "source": base.source, "identity": base.identity, "model_class": base.model_class,
         "model_config": base.model_config, "scheduler_config": base.scheduler_config,
-        "solver": "euler", "steps": corrector.base_steps,
+        "solver": "euler" if base.family == "flow" else "ddim", "steps": corrector.base_steps, **_config_dir(base),
     }
     extra = {
         "pgraft.kind": "corrector",
@@ -728,11 +791,11 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
 
 
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
-                   allow_pickle: bool) -> LoadedModel:
+                   allow_pickle: bool, config: Optional[str] = None) -> LoadedModel:
     """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
     state, metadata = read_safetensors(path)
     info = json.loads(metadata["pgraft.base"])
-    base_model = load_base_for(path, info, base, kind, allow_pickle)
+    base_model = load_base_for(path, info, base, kind, allow_pickle, config)
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
     if corrector_type in ("gaussian", "gaussian-diag"):
@@ -778,16 +841,22 @@ def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, An
 
 def base_info_of(model: LoadedModel) -> dict[str, Any]:
     return {"source": model.source, "identity": model.identity, "model_class": model.model_class,
-            "model_config": model.model_config, "scheduler_config": model.scheduler_config}
+            "model_config": model.model_config, "scheduler_config": model.scheduler_config, **_config_dir(model)}
 
 
-def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool) -> LoadedModel:
+def _config_dir(model: LoadedModel) -> dict[str, str]:
+    """A single-file base's config folder, which loading it again needs (nothing for other bases)."""
+    return {"config": model.config_dir} if model.config_dir else {}
+
+
+def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool,
+                   config: Optional[str] = None) -> LoadedModel:
     """A fine-tune file composed with its base model (stored source, or ``base``; hash-checked)."""
     state, metadata = read_safetensors(path)
     tuning = json.loads(metadata["pgraft.finetune"])
     info = json.loads(metadata["pgraft.base"])
     cutoff = float(tuning["cutoff"])
-    model = load_base_for(path, info, base, kind, allow_pickle)
+    model = load_base_for(path, info, base, kind, allow_pickle, config)
     model.cutoff = cutoff
     model.tuned_guidance = tuning.get("tuned_guidance", "reapply")  # files written before the key: reapply
     if tuning.get("lora"):

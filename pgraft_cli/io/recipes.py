@@ -37,6 +37,8 @@ class ModelConfig:
     kind: Literal["auto", "flow", "diffusion"] = "auto"
     device: Device = "auto"
     dtype: DType = "float32"
+    # sampling under bf16 autocast (float32 weights): "auto" = on CUDA only; fine-tuning has its own key
+    autocast: Literal["auto", "no", "bf16"] = "auto"
 
 
 @dataclass
@@ -46,20 +48,25 @@ class SampleConfig:
     Image ``i`` is computed from noise seeded by ``(seed, i)`` inside lane ``i // lane``: the network
     always sees whole lanes of ``lane`` images, so an image does not depend on ``num``, on
     ``batch_size`` (images per shard: the unit of work that is committed and resumed) or on the
-    number of processes. Raise ``lane`` for throughput on a GPU; images then change once.
+    number of processes. ``lane = "auto"`` (the default) picks ``min(16, num)`` (a small run does
+    no padded work), a divisor of ``batch_size`` when there are several shards, and on a GPU at most
+    what fits its free memory; the lane used is written to the run's settings. A fixed ``lane = N``
+    keeps an image's bytes independent of ``num`` too; raise it for throughput on a GPU.
     """
 
     num: int = 64
     seed: int = 0
     steps: int = 32
     batch_size: int = 64
-    lane: int = 16
+    lane: int | Literal["auto"] = "auto"
     guidance_scale: float = 5.0
+    # the guidance input of guidance-distilled networks (Flux dev), which take no classifier-free guidance
+    distilled_guidance: float = 3.5
     capture_at: Optional[float] = None
 
     def validate(self) -> None:
-        _positive(self, "sample", "num", "steps", "batch_size", "lane")
-        if self.batch_size % self.lane:
+        _positive(self, "sample", "num", "steps", "batch_size", *(() if self.lane == "auto" else ("lane",)))
+        if self.lane != "auto" and self.batch_size % self.lane:
             lo = max(self.lane, self.batch_size - self.batch_size % self.lane)
             raise RecipeError(
                 f"sample.batch_size ({self.batch_size}) must be a multiple of sample.lane "
@@ -119,7 +126,11 @@ class FinetuneConfig:
     ``target = "intermediate"`` (P-GRAFT) it trains on the kept states at c with the forward kernel
     from c; ``"renoise"`` re-noises the kept final samples and trains only at t > c.
     ``lora_rank`` 0 fine-tunes all weights; > 0 trains a LoRA adapter (needs peft) that is switched
-    off at c. ``ema`` 0 disables the EMA of the weights; ``grad_accum`` micro-batches per step.
+    off at c; ``"auto"`` (the default) is 0 up to ``lora_above`` network parameters (200 M: the
+    bundled and small models) and rank 16 above (SD 1.x/2.x's 865 M UNet, SDXL's 2.6 B).
+    ``gradient_checkpointing`` recomputes activations in the backward pass (diffusers'
+    ``enable_gradient_checkpointing``): less memory, about a third more compute.
+    ``ema`` 0 disables the EMA of the weights; ``grad_accum`` micro-batches per step.
     ``tuned_guidance``: kept samples are drawn with classifier-free guidance and the tuned network
     learns them on its conditional branch, so ``"none"`` samples the tuned segment unguided (one
     network call per step; the base below c keeps ``sample.guidance_scale``) and ``"reapply"``
@@ -138,12 +149,14 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     ema: float = 0.0
-    lora_rank: int = 0
+    lora_rank: int | Literal["auto"] = "auto"
     lora_alpha: float = 0.0
     target: Literal["intermediate", "renoise"] = "intermediate"
     tuned_guidance: Literal["none", "reapply"] = "none"
     checkpoint_every: int = 50
     seed: int = 0
+    gradient_checkpointing: bool = False
+    lora_above: int = 200_000_000
 
     def validate(self) -> None:
         if not 0.0 <= self.cutoff < 1.0:
@@ -151,7 +164,7 @@ class FinetuneConfig:
         _positive(self, "finetune", "rounds", "steps", "batch_size", "grad_accum", "checkpoint_every")
         if not self.learning_rate > 0.0:
             raise RecipeError(f"finetune.learning_rate must be > 0, got {self.learning_rate}")
-        if self.lora_rank < 0:
+        if self.lora_rank != "auto" and self.lora_rank < 0:
             raise RecipeError(f"finetune.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
         if not 0.0 <= self.ema < 1.0:
             raise RecipeError(f"finetune.ema must be in [0, 1) (0: no EMA), got {self.ema}")
@@ -206,12 +219,24 @@ class EvaluateConfig:
     num: int = 2000
     seed: int = 1
     steps: Optional[int] = None
-    features: Literal["auto", "inception", "classifier", "judge"] = "auto"
+    features: str = "auto"  # one of FEATURE_CHOICES
     inception_weights: str = ""
     kid_subsets: int = 100  # clean-fid's default
 
     def validate(self) -> None:
         _positive(self, "evaluate", "num", "kid_subsets")
+        check_feature_choice(self.features, "evaluate.features")
+
+
+FEATURE_CHOICES = ("auto", "none", "inception", "classifier", "judge", "clip:PATH", "dinov2:PATH")
+
+
+def check_feature_choice(choice: str, where: str = "--features") -> None:
+    """A feature extractor's name: one of ``FEATURE_CHOICES`` (``clip:`` / ``dinov2:`` with a folder)."""
+    name, _, path = choice.partition(":")
+    if (name in ("clip", "dinov2") and path) or (not path and choice in FEATURE_CHOICES[:5]):
+        return
+    raise RecipeError(f"{where} {choice!r} is not a feature extractor; pass one of {', '.join(FEATURE_CHOICES)}")
 
 
 @dataclass

@@ -98,3 +98,19 @@ def fit_gaussian_diag(noises: Tensor) -> tuple[Tensor, Tensor]:
     """Per-dimension mean and standard deviation of (N, ...) samples (float64, unbiased std)."""
     flat = noises.reshape(noises.shape[0], -1).double()
     return flat.mean(0), flat.std(0)
+
+
+def fit_gaussian_diag_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class, per-dimension mean and std of (N, ...) samples: ``(C, D)`` each (float64).
+
+    The class-conditioned corrector ``z = mean[y] + std[y] * e``; a class with fewer than 2 samples
+    takes the pooled fit (``fit_gaussian_diag``).
+    """
+    pooled_mean, pooled_std = fit_gaussian_diag(noises)
+    flat = noises.reshape(noises.shape[0], -1).double()
+    mean, std = pooled_mean.repeat(num_classes, 1), pooled_std.repeat(num_classes, 1)
+    for c in range(num_classes):
+        rows = flat[labels == c]
+        if len(rows) >= 2:
+            mean[c], std[c] = rows.mean(0), rows.std(0)
+    return mean, std

@@ -16,28 +16,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..core.samplers import NoiseSchedule, above_cutoff
 from .corrector import NoiseCorrector
+from .families import Cond, Conditioning, Family, family_for
 from .lora import lora_state, set_lora_enabled
 
-Conditioning = Literal["none", "class", "text"]
-
-
-@dataclass
-class Cond:
-    """Per-batch conditioning: class labels, or encoded prompts (with the unconditional half)."""
-
-    class_labels: Optional[Tensor] = None
-    prompt_embeds: Optional[Tensor] = None
-    negative_prompt_embeds: Optional[Tensor] = None
-    pooled: Optional[Tensor] = None
-    negative_pooled: Optional[Tensor] = None
-    guidance_scale: float = 1.0
+__all__ = ["Cond", "Conditioning", "LoadedModel", "base_only", "tuned_identity"]
+VAE_SLICE_ABOVE = 512 * 512  # pixels per image above which the VAE decodes a batch image by image
+VAE_TILE_ABOVE = 1024 * 1024  # and above which it decodes in overlapping tiles (diffusers' tiling)
 
 
 @dataclass
@@ -73,6 +64,9 @@ class LoadedModel:
     # A class-conditional UNet trained with label dropout: the class index that means "no class"
     # (file metadata ``pgraft.null_class``); it enables classifier-free guidance for class models.
     null_class: Optional[int] = None
+    # Sampling under autocast to this dtype (model.autocast: bf16 on GPUs), float32 weights kept.
+    autocast: Optional[torch.dtype] = None
+    config_dir: Optional[str] = None  # a single-file checkpoint's diffusers config folder (its identity has its hash)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -83,7 +77,14 @@ class LoadedModel:
     @property
     def guided(self) -> bool:
         """Whether ``guidance_scale`` applies: text models, and class models with a null class."""
+        if not self.adapter.classifier_free:
+            return False
         return self.conditioning == "text" or (self.conditioning == "class" and self.null_class is not None)
+
+    @property
+    def adapter(self) -> Family:
+        """The family adapter that encodes, calls and decodes this network (``models/families``)."""
+        return family_for(self.model_class, self.model_config)
 
     @property
     def family(self) -> str:
@@ -109,12 +110,18 @@ class LoadedModel:
         return sum(p.numel() for p in self.network.parameters())
 
     @property
+    def base_runs(self) -> bool:
+        """Whether sampling ever calls the base network: not under a full fine-tune at cutoff 0."""
+        return self.tuned is None or self.cutoff > 0
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.network.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+        """The device the model runs on (the base may wait on the CPU: see ``base_runs``)."""
+        return next((self.network if self.tuned is None else self.tuned).parameters()).device
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "LoadedModel":
         from diffusers.utils import logging as diffusers_logging
@@ -126,9 +133,9 @@ class LoadedModel:
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()
         try:
-            for net in (self.network, self.tuned):
+            for net, where in ((self.network, device if self.base_runs else "cpu"), (self.tuned, device)):
                 if net is not None:
-                    net.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+                    net.to(device=where, **({"dtype": dtype} if dtype is not None else {}))
             if self.pipeline is not None:
                 self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
         finally:
@@ -138,8 +145,11 @@ class LoadedModel:
     # -- conditioning ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: Optional[list[str]], class_labels: Optional[list[int]],
-               guidance_scale: float) -> Cond:
-        """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders."""
+               guidance_scale: float, distilled_guidance: Optional[float] = None) -> Cond:
+        """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders.
+
+        ``distilled_guidance`` is the guidance input of a guidance-distilled network (Flux dev).
+        """
         device = self.device
         if self.conditioning == "class":
             assert class_labels is not None
@@ -148,16 +158,10 @@ class LoadedModel:
         if self.conditioning != "text":
             return Cond()
         assert prompts is not None and self.pipeline is not None
-        cfg = guidance_scale > 1.0
-        if self.model_class == "SD3Transformer2DModel":
-            pe, npe, pooled, npooled = self.pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            )
-            return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, pooled=pooled,
-                        negative_pooled=npooled, guidance_scale=guidance_scale)
-        pe, npe = self.pipeline.encode_prompt(prompts, device, 1, cfg)
-        return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale)
+        cond = self.adapter.encode_text(self.pipeline, prompts, device, self.guided and guidance_scale > 1.0,
+                                        self.sample_shape)
+        cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
+        return cond
 
     # -- the network in pgraft's convention -----------------------------------------------------
     def network_at(self, t: Tensor) -> nn.Module:
@@ -172,18 +176,9 @@ class LoadedModel:
             set_lora_enabled(self.network, above)
         return self.network
 
-    def _call(self, x: Tensor, timestep: Tensor, cond: Cond, embeds: Optional[Tensor],
-              pooled: Optional[Tensor], network: nn.Module) -> Tensor:
-        if self.model_class == "UNet2DModel":
-            out = network(x, timestep, class_labels=cond.class_labels).sample
-        elif self.model_class == "UNet2DConditionModel":
-            out = network(x, timestep, encoder_hidden_states=embeds).sample
-        elif self.model_class == "SD3Transformer2DModel":
-            out = network(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                          pooled_projections=pooled).sample
-        else:  # pragma: no cover - checkpoints.py only admits the classes above
-            raise TypeError(self.model_class)
-        # Learned-variance UNets predict (mean, variance) stacked on channels; keep the mean part.
+    def _call(self, x: Tensor, timestep: Tensor, cond: Cond, network: nn.Module) -> Tensor:
+        out = self.adapter.call(network, x, timestep, cond)
+        # Learned-variance networks predict (mean, variance) stacked on channels; keep the mean part.
         return out[:, : x.shape[1]]
 
     def guidance_at(self, t: Tensor, cond: Cond) -> float:
@@ -205,37 +200,37 @@ class LoadedModel:
         timestep = self.schedule.timestep(t).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
         scale = self.guidance_at(t, cond)
         if not self.guided or scale <= 1.0:
-            return self._call(x, timestep, cond, cond.prompt_embeds, cond.pooled, net)
-        pair, embeds, pooled = cond, None, None
-        if self.conditioning == "class":  # the null class is the unconditional branch
-            null = torch.full_like(cond.class_labels, self.null_class)
-            pair = Cond(class_labels=torch.cat([null, cond.class_labels]))
-        else:
-            embeds = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
-            pooled = torch.cat([cond.negative_pooled, cond.pooled]) if cond.pooled is not None else None
-        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), pair, embeds, pooled, net)
+            return self._call(x, timestep, cond, net)
+        both = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), cond.guided_batch(self.null_class), net)
         uncond, conditional = both.chunk(2)
         return uncond + scale * (conditional - uncond)
 
     # -- model space <-> images -----------------------------------------------------------------
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Where the recipe asks for it (``model.autocast``), the network runs under autocast."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
-        """Final model-space samples to images in [0, 1], shape (B, C, H, W)."""
+        """Final model-space samples to images in [0, 1], shape (B, C, H, W).
+
+        Large images decode one at a time (``VAE_SLICE_ABOVE`` pixels) and in tiles
+        (``VAE_TILE_ABOVE``): the VAE decoder's activations, not the UNet's, set the peak there.
+        """
         if self.latent:
-            cfg = self.vae.config
-            latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-            x = self.vae.decode(latents.to(self.vae.dtype)).sample
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+            pixels = self.image_shape[1] * self.image_shape[2]
+            if pixels > VAE_SLICE_ABOVE and hasattr(self.vae, "enable_slicing"):
+                self.vae.enable_slicing()
+            if pixels > VAE_TILE_ABOVE and hasattr(self.vae, "enable_tiling"):
+                self.vae.enable_tiling()
+        return ((self.adapter.decode(self.vae, x).float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, C, H, W) to model space (latents for a pipeline with a VAE)."""
-        x = images * 2.0 - 1.0
-        if self.latent:
-            cfg = self.vae.config
-            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
-            x = (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
-        return x
+        return self.adapter.encode_images(self.vae, images * 2.0 - 1.0)
 
 
 def tuned_identity(model: LoadedModel) -> str:
@@ -252,6 +247,9 @@ def tuned_identity(model: LoadedModel) -> str:
 def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
     """The base model inside a composed one (tuned network set aside, LoRA adapter off)."""
     saved = (model.tuned, model.lora, model.identity)
+    parked = None if model.base_runs else next(model.network.parameters()).device
+    if parked is not None:  # a full fine-tune at cutoff 0 keeps its base on the CPU: bring it over
+        model.network.to(model.device)
     if model.lora:
         set_lora_enabled(model.network, False)
     model.tuned, model.lora = None, False
@@ -260,5 +258,7 @@ def base_only(model: LoadedModel) -> Iterator[LoadedModel]:
         yield model
     finally:
         model.tuned, model.lora, model.identity = saved
+        if parked is not None:
+            model.network.to(parked)
         if model.lora:
             set_lora_enabled(model.network, True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,14 +23,16 @@ class CorrectOptions(Options):
     recipe: str = "inverse-noise"
 
 
-def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
-    """Inverse noise correction of MODEL; the summary, the gate results, and labels for the terminal."""
+def correct(model: str, o: CorrectOptions) -> Optional[tuple[dict[str, Any], list[Any], dict[str, Any]]]:
+    """Inverse noise correction of MODEL; the summary, the gate results, and labels for the terminal
+    (None on the other processes of a multi-process run)."""
     from ..io.checkpoints import save_corrected
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..stages.correct import check_correctable, run_invert, run_train_corrector
-    from ..stages.evaluate import evaluate_model, pick_features
-    from ..stages.sample import Conditions, run_sample
+    from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
+    from ..stages.finetune import main_first
+    from ..stages.sample import Conditions, resolve_lane, run_sample
 
     gates = parse_gates(o.fail_if, gate_names("correct"))
     rec = resolve_recipe(o.recipe, o.sets, correct__base_steps=o.steps, evaluate__features=o.features,
@@ -45,29 +47,40 @@ def correct(model: str, o: CorrectOptions) -> tuple[dict[str, Any], list[Any], d
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     with verb.run_dir(run_dir) as store:
         bar = verb.bar
+        dist = verb.dist  # several processes: each inverts and samples its shards; the corrector trains once
+        shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
+        lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
         with verb.timed("inversion"):
-            noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, rec.sample.lane, store, bar)
+            noises, inv = run_invert(loaded, rows.head(rec.correct.num_images), rec.correct, lane, store, bar, dist)
         with verb.timed("corrector_training"):
-            corrector, info = run_train_corrector(noises, loaded.sample_shape, rec.correct, loaded.identity,
-                                                  store, bar, device=dev)
+            corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
+                noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev))
+        split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-        with verb.timed("evaluation"):
-            real, _ = real_data(loaded, o.data)  # streamed into the reference features
-            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
-        also = {k: v for k, v in refs.items() if k != fid_data}
+        fid_data, refs, notes = None, {}, [fid_skipped(rec.evaluate.features, True)]
+        if feats is not None:
+            with verb.timed("evaluation"):
+                real, _ = real_data(loaded, o.data)  # streamed into the reference features
+                fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats,
+                                            rec.evaluate.kid_subsets, store.root)
+            notes = []
+        common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
+                      notes=notes)
 
         def measured(stage_name: str) -> dict[str, Any]:
             with verb.timed("sampling"):  # then evaluate_model finds the samples done
-                run_sample(loaded, eval_cfg, Conditions(), store, bar, stage_name=stage_name)
+                run_sample(loaded, eval_cfg, Conditions(), store, bar, stage_name=stage_name, **split)
             with verb.timed("evaluation"):
                 return evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
-                                      rec.evaluate.kid_subsets, real_features=refs[fid_data], also_against=also)
+                                      rec.evaluate.kid_subsets, **common, **split)
 
         base_metrics = measured("evaluate-base")
         loaded.corrector = corrector.to(dev)
         corr_metrics = measured("evaluate-corrected")
         loaded.corrector = None
+        if not verb.is_main:
+            return None
         metrics = {"base": base_metrics, "corrected": corr_metrics, "inversion": inv,
                    "corrector": {k: v for k, v in info.items() if k != "loss_curve"}, "data": data_id,
                    "fid_data": fid_data}

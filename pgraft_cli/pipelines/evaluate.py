@@ -27,6 +27,22 @@ class EvaluateOptions(Options):
     prompts: Optional[Path] = None
     features: Optional[str] = None
     inception_weights: Optional[str] = None
+    best_of: Optional[int] = None
+
+
+def best_of_num(best_of: Optional[int], num: Optional[int], prompts: Optional[list[str]], default: int) -> int:
+    """How many images to sample: ``best_of`` per prompt (``P x N``, the paper's protocol), else ``--num``."""
+    if best_of is None:
+        return num or default
+    if best_of < 1:
+        raise PgraftError(f"--best-of {best_of}: pass a number of samples per prompt >= 1")
+    want = best_of * len(prompts) if prompts else (num or default)
+    if num is not None and num != want:
+        raise PgraftError(f"--num {num} disagrees with --best-of {best_of} for {len(prompts or [])} prompts "
+                          f"({want} images); drop --num")
+    if not prompts and want % best_of:
+        raise PgraftError(f"--best-of {best_of} must divide the number of samples ({want}); pass --num as a multiple")
+    return want
 
 
 def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], list[Any]]]:
@@ -34,7 +50,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
     the gate results. None on processes other than the main one."""
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
-    from ..stages.evaluate import evaluate_model, pick_features
+    from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
     from ..stages.sample import Conditions, check_conditions
 
     gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward)))
@@ -53,20 +69,25 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
     eval_steps = rec.evaluate.steps or rec.sample.steps
     if loaded.corrector is not None:
         eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate")
-    real, data_id = real_data(loaded, o.data)  # read batch by batch
+    num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
+    has_data = bool(o.data or loaded.default_data)
+    real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
-    eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=eval_steps,
+    notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
+    eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane)
     eval_cfg.guidance_scale = rec.sample.guidance_scale
     run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
                                                          "steps": eval_steps, "prompts": cond.prompts})
     with verb.run_dir(run_dir) as store:
-        fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
+        fid_data, refs = (references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets,
+                                                 store.root)
+                          if not notes else (None, {}))
         dist = verb.dist
         metrics = evaluate_model(loaded, None, eval_cfg, feats, store, verb.bar, "sample", rec.evaluate.kid_subsets,
-                                 real_features=refs[fid_data], also_against={k: v for k, v in refs.items() if k != fid_data},
-                                 cond=cond, reward=rew, process_index=dist.rank, num_processes=dist.size,
-                                 barrier=dist.barrier)
+                                 real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
+                                 cond=cond, reward=rew, best_of=o.best_of, notes=notes, process_index=dist.rank,
+                                 num_processes=dist.size, barrier=dist.barrier)
         if not verb.is_main:
             return None
         metrics = {**metrics, "model": loaded.source, "data": data_id, "fid_data": fid_data, "run_dir": str(store.root),
@@ -75,3 +96,40 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[tuple[dict[str, Any], l
         store.write_json("evaluate.json", metrics)
     summary = {**metrics, "seconds": round(verb.seconds, 2)}
     return summary, verb.conclude(summary, gates, gate_metrics(metrics))
+
+
+def parse_shape(text: Optional[str], data: str) -> tuple[int, int, int]:
+    """``--shape CxHxW``; the bundled digits default to 1x16x16."""
+    from ..io.data import ALIASES
+
+    if text is None:
+        if data in ALIASES:
+            return (1, 16, 16)
+        raise PgraftError("pgraft stats needs the images' shape: pass --shape CxHxW (the model's, e.g. 3x512x512)")
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) not in (1, 3):
+        raise PgraftError(f"--shape {text!r}: write CxHxW with C 1 or 3, e.g. 3x512x512")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def stats(data: str, features: str, out: Path, shape: Optional[str], inception_weights: Optional[str],
+          device: str = "cpu", kid_subsets: int = 100) -> dict[str, Any]:
+    """``pgraft stats``: DATA's feature statistics in ``out`` (``io.refstats``), for ``--data out``."""
+    from ..io.recipes import check_feature_choice
+    from ..io.refstats import data_identity, save_stats
+    from ..stages.evaluate import cached_reference, pick_features
+
+    check_feature_choice(features)
+    image_shape = parse_shape(shape, data)
+    if out.suffix != ".npz":
+        raise PgraftError(f"--out {out}: a stats file ends in .npz; pass e.g. --out ref.npz")
+    feats = pick_features(features, image_shape, inception_weights, device)
+    if feats is None:
+        raise PgraftError(f"--features {features}: no feature extractor at hand; pass --features inception "
+                          f"--inception-weights PATH, classifier, judge, clip:PATH or dinov2:PATH")
+    metric = cached_reference(feats, data, image_shape, kid_subsets)  # the user cache: a second call is free
+    meta = {"features": feats.identity, "image_shape": list(image_shape), "data": data_identity(data)}
+    state = metric.reference_state()
+    save_stats(out, state, meta)
+    return {**meta, "out": str(out), "num": int(state["n"]), "dim": int(state["mu"].shape[0]), "features": feats.name,
+            "identity": feats.identity}

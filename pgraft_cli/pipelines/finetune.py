@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,6 +48,8 @@ class FinetuneOptions(Options):
     eval_data: Optional[str] = None
     prompt: Optional[list[str]] = None
     prompts: Optional[Path] = None
+    class_label: Optional[int] = None
+    features: Optional[str] = None
     recipe: str = "pgraft"
 
 
@@ -58,19 +60,21 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     """
     from ..io.checkpoints import base_info_of, save_finetuned
     from ..report.gates import gate_metrics, gate_names, parse_gates
-    from ..stages.evaluate import pick_features
-    from ..stages.finetune import evaluate_pair, run_rounds
+    from ..stages.evaluate import fid_skipped, pick_features
+    from ..stages.finetune import evaluate_pair, resolve_lora, run_rounds, tuning_choice
     from ..stages.sample import Conditions, check_conditions
 
     gates = parse_gates(o.fail_if, gate_names("finetune"))
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward, finetune__cutoff=o.cutoff,
-                         finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank)
-    cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None)
+                         finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank,
+                         evaluate__features=o.features)
+    cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None, class_label=o.class_label)
     verb: Verb = start("finetune", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
     loaded, dev = verb.model, verb.device
     if loaded.corrector is not None or loaded.finetuned:
         raise PgraftError(f"{model} is a corrected or fine-tuned file; pass its base model to fine-tune")
     check_conditions(loaded, cond)
+    rec = replace(rec, finetune=resolve_lora(loaded, rec.finetune))  # the run dir's recipe.toml keeps "auto"
     rew = reward_from(rec.score.reward, dev, rec.score.batch_size)
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
@@ -81,11 +85,12 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
     run_dir = o.run_dir or default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
                                                          "cutoff": rec.finetune.cutoff, "prompts": cond.prompts})
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
-                          reward_identity=rew.identity) if real is not None else None
+                          reward_identity=rew.identity) if data_id is not None else None
+    notes = [] if feats is not None else [fid_skipped(rec.evaluate.features, data_id is not None)]
     with verb.run_dir(run_dir) as store:
         fid_of, fid_data, refs = None, None, {}
         if feats is not None:
-            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets)
+            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets, store.root)
 
             def fid_of(images: Any) -> float:  # each round's samples against the same reference
                 ref = refs[fid_data]
@@ -96,7 +101,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
         history = run_rounds(loaded, rec, rew, cond, store, verb.bar, dist.rank, dist.size, dist.barrier, fid_of=fid_of)
         if not verb.is_main:
             return None
-        metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, verb.bar, refs, fid_data)
+        metrics = evaluate_pair(loaded, rec, rew, cond, feats, store, verb.bar, refs, fid_data, notes)
         metrics["rounds"] = [{k: v for k, v in h.items() if k not in ("filter", "loss_curve")} for h in history]
         metrics["reward"], metrics["data"], metrics["fid_data"] = rew.spec, data_id, fid_data
         target = o.out or store.root / "tuned.safetensors"
@@ -104,6 +109,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[tuple[dict[str, Any], l
         store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,
                                                    "history": history})
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff, **metrics}
+               "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff,
+               "tuning": tuning_choice(loaded, rec.finetune), **metrics}
     results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), out=target)
     return summary, results

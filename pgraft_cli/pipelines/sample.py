@@ -29,7 +29,7 @@ class SampleOptions(Options):
 
 def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
     """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
-    from ..stages.sample import Conditions, check_conditions, export_pngs, run_sample, stage_config
+    from ..stages.sample import Conditions, check_conditions, export_pngs, resolve_lane, run_sample, stage_config
 
     rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
                          sample__batch_size=o.batch_size, sample__capture_at=o.capture_at,
@@ -40,10 +40,11 @@ def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
     if loaded.corrector is not None:  # one corrector per base step count
         rec.sample.steps = corrector_steps(loaded, o.steps, "sample")
     check_conditions(loaded, cond)
-    run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
+    cfg = resolve_lane(loaded, rec.sample)  # the recipe keeps "auto"; the lane used goes in the settings
+    run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, cfg, cond)})
     with verb.run_dir(run_dir) as store:
         dist = verb.dist
-        result = run_sample(loaded, rec.sample, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)
+        result = run_sample(loaded, cfg, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)
         if not verb.is_main:
             return None
         target = o.out or store.root / "images"
@@ -52,6 +53,6 @@ def sample(model: str, o: SampleOptions) -> Optional[dict[str, Any]]:
     return {
         "run_dir": str(store.root), "out": str(target), "num": written, "generated_now": result.generated,
         "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 2),
-        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": rec.sample.lane,
+        "steps": rec.sample.steps, "seed": rec.sample.seed, "lane": cfg.lane,
         "processes": dist.size, "device": verb.device,
     }

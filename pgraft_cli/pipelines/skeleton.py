@@ -85,29 +85,35 @@ def real_data(loaded: LoadedModel, data: Optional[str], rows: bool = False) -> t
     """The ``--data`` images (or the model's own data set), never all at once: streamed in batches
     (``iter_data``), or as ``rows`` read by range on demand (``data_rows``)."""
     from ..io.data import data_rows, iter_data
+    from ..io.refstats import is_stats_file
 
     spec = data or loaded.default_data
     if not spec:
         raise PgraftError(f"{loaded.source} names no data set of its own; pass --data (an image folder, .npz or alias)")
+    if is_stats_file(spec):  # feature statistics (pgraft stats): a reference for FID, no images
+        if rows:
+            raise PgraftError(f"--data {spec} holds feature statistics, not images; this command reads the images: "
+                              f"pass the image folder or file")
+        return None, spec
     return (data_rows if rows else iter_data)(spec, loaded.image_shape), spec
 
 
 def references(loaded: LoadedModel, data: Optional[str], eval_data: Optional[str], real: Any, data_id: str,
-               feats: Any, kid_subsets: int) -> tuple[str, dict[str, Any]]:
+               feats: Any, kid_subsets: int, run_root: Optional[Path] = None) -> tuple[str, dict[str, Any]]:
     """FID references by name, the one ``fid``/``kid`` (and gates) use first: ``--eval-data``, else
-    the model's ``default_eval_data`` when ``--data`` is not given, else the data itself."""
-    from ..io.data import iter_data
-    from ..stages.evaluate import reference
+    the model's ``default_eval_data`` when ``--data`` is not given, else the data itself. Each is a
+    stats file or cached statistics where they exist (``cached_reference``); else ``real`` (``real_data``'s
+    batches, already open) is read for the data's."""
+    from ..stages.evaluate import cached_reference
 
     spec = eval_data or (None if data else loaded.default_eval_data)
     refs = {}
     if spec and spec != data_id:
         try:
-            batches = iter_data(spec, loaded.image_shape)
+            refs[spec] = cached_reference(feats, spec, loaded.image_shape, kid_subsets, run_root)
         except PgraftError as exc:  # the same checks as --data, named after the option the user gave
             raise PgraftError(str(exc).replace("--data", "--eval-data", 1)) from None
-        refs[spec] = reference(feats, batches, kid_subsets)
-    refs[data_id] = reference(feats, real, kid_subsets)
+    refs[data_id] = cached_reference(feats, data_id, loaded.image_shape, kid_subsets, run_root, images=real)
     return next(iter(refs)), refs
 
 
@@ -221,6 +227,15 @@ class Verb:
         return results
 
 
+def autocast_dtype(setting: str, device_type: str, dtype: Any) -> Any:
+    """The dtype sampling autocasts to: bf16 when asked, or by default ("auto") for float32 weights
+    on CUDA (the GPU's bf16 tensor cores); None (no autocast) otherwise."""
+    import torch
+
+    wanted = setting == "bf16" or (setting == "auto" and device_type == "cuda")
+    return torch.bfloat16 if wanted and dtype == torch.float32 else None
+
+
 def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool,
           device: Optional[str], quiet: bool, base: Optional[str] = None) -> Verb:
     """The process state, then MODEL loaded and placed on its device in the recipe's dtype."""
@@ -231,6 +246,7 @@ def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Op
     loaded = load(model, config, kind, allow_pickle, recipe, base)
     dev = pick_device(recipe, device, state)
     loaded.to(dev, getattr(torch, recipe.model.dtype))
+    loaded.autocast = autocast_dtype(recipe.model.autocast, loaded.device.type, loaded.dtype)
     if loaded.corrector is not None:
         loaded.corrector.to(dev)
     return Verb(verb, recipe, state, loaded, dev, quiet, started,

@@ -22,8 +22,9 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 ALIASES = {"reward": "reward_mean"}
 # Every name a gate may use; which of them a run has depends on the verb (see :func:`gate_metrics`).
-_SAMPLER = ("fid", "kid", "nfe", "flops_per_image", "seconds_per_image", "num", "steps")
-_REWARD = ("reward_mean", "reward_std")
+_SAMPLER = ("fid", "kid", "precision", "recall", "pairwise_distance", "nfe", "flops_per_image", "seconds_per_image",
+            "num", "steps")
+_REWARD = ("reward_mean", "reward_std", "reward_best_of_mean")
 _INVERSION = ("reconstruction_rms_mean", "reconstruction_rms_max", "reconstruction_abs_max", "noise_mean", "noise_std",
               "noise_norm_mean")
 METRICS = (*_SAMPLER, *_REWARD, *_INVERSION)

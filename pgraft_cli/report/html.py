@@ -218,8 +218,12 @@ def _table(header: list[str], rows: list[list[Any]], attrs: str = "") -> str:
 METRIC_COLUMNS = (
     ("fid", "FID", lambda v: f"{v:.3f}", True),
     ("kid", "KID", lambda v: f"{v:.4f}", True),
+    ("precision", "precision", lambda v: f"{v:.3f}", False),
+    ("recall", "recall", lambda v: f"{v:.3f}", False),
+    ("pairwise_distance", "within-prompt distance", lambda v: f"{v:.4g}", False),
     ("reward_mean", "reward mean", lambda v: f"{v:.4f}", False),
     ("reward_std", "reward std", lambda v: f"{v:.4f}", None),
+    ("reward_best_of_mean", "best-of-n reward", lambda v: f"{v:.4f}", False),
     ("nfe", "NFE", lambda v: f"{int(v)}", True),
     ("flops_per_image", "GFLOPs/img", lambda v: f"{v / 1e9:.3f}", True),
     ("seconds_per_image", "ms/img", lambda v: f"{1000 * v:.2f}", True),
@@ -267,6 +271,8 @@ def _metrics_table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
 
     warnings = "".join(f'<p class="note bad" data-warning="{_e(row_id)}">warning ({_e(label)}): {_e(w)}</p>'
                        for row_id, label, r in rows for w in r.get("warnings") or [])
+    warnings += "".join(f'<p class="note">note: {_e(n)}</p>' for n in dict.fromkeys(n for _, _, r in rows
+                                                                                  for n in r.get("notes") or []))
     return (f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
             f'<p class="note">{_e(COST_NOTE)}</p>{warnings}')
 

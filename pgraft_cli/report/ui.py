@@ -123,8 +123,11 @@ def _reshaped_curve(summary: dict) -> list[tuple[float, str]]:
 
 
 def warning_lines(rows: list[tuple[str, dict]]) -> list[Text]:
-    """One yellow line per metric warning of each row (e.g. fewer samples than feature dimensions)."""
-    return [Text(f"warning ({name}): {w}", style="yellow") for name, r in rows for w in r.get("warnings") or []]
+    """One yellow line per metric warning of each row (e.g. fewer samples than feature dimensions), and
+    one plain line per note (e.g. why FID was skipped; a note shared by the rows is printed once)."""
+    notes = dict.fromkeys(n for _, r in rows for n in r.get("notes") or [])
+    return [*(Text(f"warning ({name}): {w}", style="yellow") for name, r in rows for w in r.get("warnings") or []),
+            *(Text(f"note: {n}") for n in notes)]
 
 
 def finetune_report(summary: dict) -> Group:
@@ -179,7 +182,7 @@ def correct_report(summary: dict, labels: dict) -> list:
     steps = labels["base_steps"]
     table = metrics_table(
         f"inverse noise correction of {labels['source']} ({steps} base steps, features {base['features']}, "
-        f"FID against {summary['fid_data']})",
+        f"FID against {summary['fid_data'] or '-'})",
         [(f"base ({steps} steps)", base),
          (f"corrected ({info['kind']}, {labels['corrector_steps']} + {steps} steps)", corrected)])
     lines = [

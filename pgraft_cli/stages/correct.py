@@ -1,7 +1,8 @@
 """Inverse noise correction (docs/methods.md section 3): invert data, fit a noise corrector, compose.
 
-1. ``run_invert``: freeze the base flow and invert its N-step Euler sampler ``T`` on every real
-   image (backward Euler, Anderson-accelerated, per image: ``samplers.invert``); check
+1. ``run_invert``: freeze the base model and invert its N-step deterministic sampler ``T`` (a
+   flow's Euler, a diffusion model's DDIM with eta = 0) on every real image (backward Euler,
+   Anderson-accelerated, per image: ``samplers.invert_sampler``); check
    ``T(T^-1(x)) - x`` per image, drop images whose RMS exceeds ``correct.max_reconstruction_rms``
    and refuse to go on when more than ``correct.max_dropped_fraction`` are dropped. Sharded, resumable.
 2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`) from N(0, I) to the
@@ -25,12 +26,12 @@ import torch
 from torch import Tensor
 
 from ..core.losses import flow_matching_loss
-from ..core.samplers import invert, sample
+from ..core.samplers import invert_sampler, sample
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
-from ..io.runstore import RunStore, derive_seed, rows_digest, tensor_digest
+from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
 from ..models.corrector import NoiseCorrector, fit_gaussian, fit_gaussian_diag
 from ..models.loaded import Cond, LoadedModel
 from .train_loop import LoopConfig, Training, loss_summary, train
@@ -79,23 +80,21 @@ def _model_space(model: LoadedModel, images: Tensor, lane: int) -> Tensor:
 
 
 def check_correctable(model: LoadedModel) -> None:
-    """Inverse noise correction needs an unconditioned flow (the conditioned case is not supported yet)."""
-    if model.family != "flow":
-        raise PgraftError(f"inverse noise correction needs a flow model; {model.source} is a {model.family} model "
-                          f"(pass --kind flow only if it really is a flow)")
+    """Inverse noise correction inverts a deterministic sampler: a flow's Euler or a diffusion model's
+    DDIM (eta = 0); the conditioned case is not supported yet."""
     if model.conditioning != "none":
-        raise PgraftError(f"inverse noise correction supports unconditioned flows only; {model.source} is "
+        raise PgraftError(f"inverse noise correction supports unconditioned models only; {model.source} is "
                           f"{model.conditioning}-conditioned (use an unconditional model, or fine-tune with pgraft run)")
 
 
 def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
-               store: RunStore, bar: Any) -> tuple[Tensor, dict[str, Any]]:
+               store: RunStore, bar: Any, dist: Dist = Dist()) -> tuple[Tensor, dict[str, Any]]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises and stats.
 
     ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
     stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
     Afterwards only the kept noises are in memory (the corrector's training set, see
-    :func:`read_inversion`).
+    :func:`read_inversion`). Under several processes each inverts its shards (``dist``); all read all.
 
     An image whose round trip ``RMS(T(T^-1(x)) - x)`` exceeds ``max_reconstruction_rms`` is dropped
     from training and counted; more than ``max_dropped_fraction`` dropped fails the run (the shards
@@ -119,7 +118,7 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n))
 
     stage = store.run_sharded("invert", config, {"model": model_key(model), "data": rows_digest(images)},
-                              num_shards, work, todo=todo)
+                              num_shards, work, dist, todo=todo, stamp=True)
     per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
     stats = inversion_stats(per_image, kept, cfg)
     if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:
@@ -146,7 +145,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
     with torch.inference_mode():
         for part in chunk.split(lane):
             part = part.to(model.device, torch.float32)
-            z, info = invert(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
+            z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol)
             back, _ = sample(fn, model.schedule, z.to(model.dtype), grid)
             for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
                                ("iterations", info.iterations), ("residual", info.residual)):

@@ -18,13 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.metrics import KID_SUBSETS, FidKid, measure_flops
+from ..core.metrics import KID_SUBSETS, FidKid, best_of_n, mean_pairwise_distance, measure_flops
 from ..core.samplers import above_cutoff
 from ..errors import PgraftError
-from ..io.checkpoints import ASSETS
-
-CLASSIFIER_PATH = ASSETS / "digits-classifier.safetensors"
-JUDGE_PATH = ASSETS / "digits-judge.safetensors"  # another net, another split
+from ..io.checkpoints import CLASSIFIER_PATH, JUDGE_PATH  # noqa: F401  (re-exported: the features' nets)
+from ..io.recipes import check_feature_choice
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,12 +45,14 @@ class Features(nn.Module):
     """A named feature extractor: images in [0, 1] (N, C, H, W) -> (N, D) float64 features (CPU).
 
     An ``nn.Module`` with ``num_features``, so torchmetrics' FID/KID take it as ``feature=`` too.
+    ``identity`` (default: ``name``) is what the features depend on (weights' hash, resize rule):
+    the key of cached reference statistics.
     """
 
     def __init__(self, name: str, fn: Callable[[Tensor], Tensor], batch: int = 256,
-                 probe_shape: tuple[int, int, int] = (1, 16, 16)):
+                 probe_shape: tuple[int, int, int] = (1, 16, 16), identity: str = ""):
         super().__init__()
-        self.name, self.fn, self.batch = name, fn, batch
+        self.name, self.fn, self.batch, self.identity = name, fn, batch, identity or name
         with torch.no_grad():  # D from one probe image (Inception resizes any size to 299 x 299)
             self.num_features = int(fn(torch.zeros(1, *probe_shape)).shape[-1])
 
@@ -64,8 +64,11 @@ class Features(nn.Module):
 def classifier_features(path: Path | str = CLASSIFIER_PATH) -> Features:
     from ..io.checkpoints import load_classifier
 
+    from ..io.runstore import sha256_file
+
     model = load_classifier(path)
-    return Features(f"classifier:{Path(path).name}", lambda x: model.features(x * 2 - 1))
+    return Features(f"classifier:{Path(path).name}", lambda x: model.features(x * 2 - 1),
+                    identity=f"classifier:sha256={sha256_file(path)}")
 
 
 RESIZE = "torch-bicubic-aa"  # the resize rule, part of every Inception feature name
@@ -90,8 +93,10 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
         if not path.is_file():
             raise PgraftError(f"--inception-weights {weights}: no such file; pass clean-fid's inception-2015-12-05.pt")
         net = torch.jit.load(str(path), map_location=device).eval()
+        from ..io.runstore import sha256_file
+
         return Features(f"inception:{path.name}+{RESIZE}", lambda x: net(inception_input(x.to(device)), return_features=True),
-                        batch=64)
+                        batch=64, identity=f"inception:sha256={sha256_file(path)}+{RESIZE}")
     try:
         from cleanfid.features import build_feature_extractor
     except ImportError:
@@ -107,16 +112,56 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
     return Features(f"inception:clean-fid+{RESIZE}", lambda x: model(inception_input(x.to(device))), batch=64)
 
 
+PRETRAINED = {"clip": "a transformers CLIP folder (CLIPModel or CLIPVisionModel)", "dinov2": "a transformers Dinov2Model folder"}
+def pretrained_features(name: str, folder: str, device: str = "cpu",
+                        probe_shape: tuple[int, int, int] = (3, 224, 224)) -> Features:
+    """Image embeddings from a local transformers folder: CLIP's projected image embedding (a
+    ``CLIPModel``) or pooled output (a ``CLIPVisionModel``), DINOv2's pooled CLS token (a ``Dinov2Model``).
+
+    Images go in as 8-bit RGB PIL images through the folder's own image processor (its resize,
+    crop and normalisation): that rule is part of the features' name, with the folder's sha256.
+    """
+    from .rewards import _folder_digest, _load_pretrained, _require, _to_rgb_pil
+
+    path = Path(folder).expanduser()
+    spec = f"{name}:{folder}"
+    if not path.is_dir():
+        raise PgraftError(f"--features {spec}: no such folder; pass {PRETRAINED[name]} saved with save_pretrained")
+    transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
+    model = _load_pretrained(transformers.AutoModel, path, spec, what="--features").to(device).eval()
+    processor = _load_pretrained(transformers.AutoImageProcessor, path, spec, what="--features")
+    kind = type(model).__name__
+    if not (kind.startswith("CLIP") if name == "clip" else kind.startswith("Dinov2")):
+        raise PgraftError(f"--features {spec}: the folder holds a {kind}; pass {PRETRAINED[name]}")
+
+    def fn(images: Tensor) -> Tensor:
+        pixels = processor(images=_to_rgb_pil(images), return_tensors="pt")["pixel_values"].to(device)
+        out = model.get_image_features(pixel_values=pixels) if hasattr(model, "get_image_features") else model(pixel_values=pixels)
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    size = getattr(processor, "crop_size", None) or getattr(processor, "size", None)
+    rule = f"{type(processor).__name__}{dict(size) if size else ''}"
+    return Features(f"{name}:{_folder_digest(path)}+{rule}", fn, batch=64, probe_shape=probe_shape)
+
+
 def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weights: Optional[str],
-                  device: str = "cpu", reward_identity: str = "") -> Features:
+                  device: str = "cpu", reward_identity: str = "") -> Optional[Features]:
     """``auto``: Inception if weights are at hand, else the digits classifier for 1x16x16 images,
     or the judge when the reward being optimised is that classifier (an FID in the reward's own
-    features shares its blind spots, so a tuned model could game both).
+    features shares its blind spots, so a tuned model could game both); None (FID skipped, see
+    ``fid_skipped``) for other images when no Inception weights are at hand.
 
     ``judge``: the bundled judge (a pixel MLP trained on digits-judge), features not shared with the reward.
+    ``none``: no features (None). ``clip:PATH`` / ``dinov2:PATH``: ``pretrained_features``.
     """
     from ..io.runstore import sha256_file
 
+    check_feature_choice(choice)
+    name, _, folder = choice.partition(":")
+    if choice == "none":
+        return None
+    if name in PRETRAINED:
+        return pretrained_features(name, folder, device, probe_shape=tuple(image_shape))
     digits_like = tuple(image_shape) == (1, 16, 16)
     if choice == "auto" and digits_like and not inception_weights and reward_identity:
         if reward_identity.startswith(f"classifier:sha256={sha256_file(CLASSIFIER_PATH)}:"):
@@ -126,7 +171,23 @@ def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weig
             raise PgraftError(f"the bundled {'judge' if choice == 'judge' else 'classifier'}'s features are for "
                               f"1x16x16 grey images, not {'x'.join(map(str, image_shape))}; use --features inception")
         return classifier_features(JUDGE_PATH if choice == "judge" else CLASSIFIER_PATH)
-    return inception_features(inception_weights, device)
+    try:
+        return inception_features(inception_weights, device)
+    except PgraftError:
+        if choice == "auto":
+            return None
+        raise
+
+
+def fid_skipped(choice: str, has_data: bool) -> str:
+    """The one note a run without FID prints, saying why and what would measure it."""
+    if not has_data:
+        why = "no reference data (pass --data: images, an alias, or a pgraft stats .npz)"
+    elif choice == "none":
+        why = "--features none"
+    else:
+        why = "no feature extractor at hand (pass --inception-weights PATH, or --features clip:PATH or dinov2:PATH)"
+    return f"FID skipped: {why}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +208,51 @@ def reference(features: Features, real: Tensor | np.ndarray | Iterable[Tensor],
     for batch in real:
         metric.update(features(batch), real=True)
     return metric
+
+
+def cached_reference(features: Features, spec: str, image_shape: tuple[int, int, int],
+                     kid_subsets: int = KID_SUBSETS, run_root: Optional[Path] = None,
+                     images: Optional[Iterable[Tensor]] = None) -> FidKid:
+    """The reference of ``spec`` in ``features``: a pgraft stats file as it is (its extractor and
+    shape must match), else cached statistics (``io.refstats.cache_dirs``: the run directory, then
+    the user cache) keyed by extractor, shape and the data's hash, else computed from the images
+    (``images``, batches already open, else read streamed) and written to both caches. Cached and
+    computed references give the same FID bit for bit."""
+    from ..io.data import iter_data
+    from ..io.refstats import cache_dirs, data_identity, is_stats_file, load_stats, stats_key
+
+    if is_stats_file(spec):
+        state, meta = load_stats(spec)
+        if meta.get("features") != features.identity or tuple(meta.get("image_shape", ())) != tuple(image_shape):
+            raise PgraftError(f"--data {spec} holds statistics of {meta.get('features')} features of "
+                              f"{meta.get('image_shape')} images, but this run measures {features.identity} of "
+                              f"{list(image_shape)}; pass matching --features, or write new ones with pgraft stats")
+        return FidKid.from_reference_state(state, kid_subsets)
+    meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec)}
+    name = f"{stats_key(meta['features'], tuple(image_shape), meta['data'])}.npz"
+    dirs = cache_dirs(run_root)
+    for folder in dirs:
+        if (folder / name).is_file():
+            state, _ = load_stats(folder / name)
+            for other in dirs[:dirs.index(folder)]:  # a user-cache hit is kept in the run directory too
+                _save_quietly(other / name, state, meta)
+            return FidKid.from_reference_state(state, kid_subsets)
+    metric = reference(features, images if images is not None else iter_data(spec, image_shape), kid_subsets)
+    state = metric.reference_state()
+    for folder in dirs:
+        _save_quietly(folder / name, state, meta)
+    return metric
+
+
+def _save_quietly(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """A cache write that may fail (read-only home, full disk): the run goes on without that copy."""
+    from ..io.refstats import save_stats
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_stats(path, state, meta)
+    except OSError:
+        pass
 
 
 def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict[str, Any]:
@@ -196,7 +302,7 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
                    features: Optional[Features], store: Any, bar: Any, stage_name: str = "sample",
                    kid_subsets: int = KID_SUBSETS, real_features: Optional[FidKid | Tensor | np.ndarray] = None,
                    cond: Any = None, reward: Any = None, also_against: Optional[dict[str, FidKid]] = None,
-                   **dist: Any) -> dict[str, Any]:
+                   best_of: Optional[int] = None, notes: Optional[list[str]] = None, **dist: Any) -> dict[str, Any]:
     """Sample ``sample_cfg.num`` images into ``store`` (resumable) and measure them, shard by shard.
 
     The reference is ``real`` (images: a tensor or an iterable of batches) or ``real_features`` (a
@@ -206,6 +312,11 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     ``steps``, plus ``reward``, ``reward_mean`` and ``reward_std`` when a reward is given, and
     ``also_against`` ({name: {fid, kid, warnings}}) for further named references (e.g. held-out
     and training data), fed the same features.
+
+    Samples are grouped by prompt (image ``i`` has prompt ``i mod P``) for text models, else in
+    consecutive runs of ``best_of``: ``reward_best_of_mean``/``_std`` is ``best_of_n`` of the rewards
+    over those groups, and ``pairwise_distance`` the mean distance between a group's samples in the
+    features (``mean_pairwise_distance``). ``notes`` (e.g. why FID was skipped) are passed through.
     """
     from ..io.runstore import shard_seconds
     from .sample import Conditions, iter_images, run_sample
@@ -218,27 +329,42 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         metric = given if isinstance(given, FidKid) else reference(features, given, kid_subsets)
         for m in [metric, *(also_against or {}).values()]:  # each reference serves several models
             m.reset_generated()
-    num, rewards = 0, []
+    prompts = len(cond.prompts or []) if model.conditioning == "text" else 0
+    grouped = bool(prompts or best_of)
+    num, rewards, indices, rows = 0, [], [], []
     for index, images in iter_images(store.root, stage_name):
         num += len(images)
+        indices.append(index)
+        f = features(images) if features is not None and (metric is not None or grouped) else None
         if metric is not None:
-            f = features(images)
             for m in [metric, *(also_against or {}).values()]:
                 m.update(f, real=False)
+        if f is not None and grouped:
+            rows.append(f.float())
         if reward is not None:
             rewards.append(reward(images, cond.for_indices(model, index.tolist())[0]))
+    index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    groups = (index % prompts if prompts else index // best_of) if grouped else None
     guidance = sample_cfg.guidance_scale if model.guided else 1.0
     out: dict[str, Any] = {
         "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),
         "seconds_per_image": shard_seconds(store.root, stage_name) / max(1, num),
-        "features": features.name if features is not None else None, "fid": None, "kid": None, "warnings": [],
+        "features": features.name if features is not None else None, "fid": None, "kid": None, "precision": None,
+        "recall": None, "pairwise_distance": None, "warnings": [], "notes": list(notes or []),
     }
     if metric is not None:
         out.update(metric.compute())
         out["also_against"] = {name: m.compute() for name, m in (also_against or {}).items()}
+    if rows:
+        out["pairwise_distance"] = mean_pairwise_distance(torch.cat(rows), groups)
     if reward is not None:
         from .score import reward_stats
 
-        stats = reward_stats(torch.cat(rewards))
+        scores = torch.cat(rewards)
+        stats = reward_stats(scores)
         out.update({"reward": reward.spec, "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"]})
+        if grouped:
+            best = best_of_n(scores, groups)
+            out.update({"best_of": best["min_group_size"], "reward_best_of_mean": best["mean"],
+                        "reward_best_of_std": best["std"], "groups": best["groups"]})
     return out

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,9 +74,36 @@ def load_kept_set(run_dir: Path, sample_stage: str, filter_stage: str, cutoff: f
     return KeptSet(y.float(), t_c, x0.float(), labels, prompts)
 
 
+AUTO_LORA_RANK = 16  # the adapter rank lora_rank = "auto" picks above finetune.lora_above parameters
+
+
+def resolve_lora(model: LoadedModel, cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with ``lora_rank = "auto"`` decided: all weights (0) for a network of at most
+    ``lora_above`` parameters, a LoRA adapter of rank ``AUTO_LORA_RANK`` above (a fixed rank is kept)."""
+    if cfg.lora_rank != "auto":
+        return cfg
+    return replace(cfg, lora_rank=AUTO_LORA_RANK if model.parameter_count() > cfg.lora_above else 0)
+
+
+def tuning_choice(model: LoadedModel, cfg: FinetuneConfig) -> str:
+    """One line for the run's output: what is trained, and why when ``lora_rank`` was "auto"."""
+    what = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "all weights"
+    return f"{what} of {model.parameter_count() / 1e6:.1f} M network parameters (finetune.lora_above {cfg.lora_above / 1e6:g} M)"
+
+
 def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
-    """Make ``model`` a composed model and return the network to train (tuned copy, or the LoRA host)."""
+    """Make ``model`` a composed model and return the network to train (tuned copy, or the LoRA host).
+
+    With full fine-tuning at cutoff 0 the base never runs while sampling; it waits on the CPU
+    (``LoadedModel.to``), so the device holds one copy of the network.
+    """
+    cfg = resolve_lora(model, cfg)
     model.cutoff, model.tuned_guidance = cfg.cutoff, cfg.tuned_guidance
+    if cfg.gradient_checkpointing:
+        if not getattr(model.network, "_supports_gradient_checkpointing", False):
+            raise PgraftError(f"{model.model_class} does not support gradient checkpointing; "
+                              f"set finetune.gradient_checkpointing = false")
+        model.network.enable_gradient_checkpointing()  # a deep copy below keeps it
     if cfg.lora_rank > 0:
         if not model.lora:
             with torch.random.fork_rng(devices=[]):  # a seeded adapter init: reruns are reproducible
@@ -86,6 +113,7 @@ def prepare_tuning(model: LoadedModel, cfg: FinetuneConfig) -> nn.Module:
         return model.network
     if model.tuned is None:
         model.tuned = copy.deepcopy(model.network)
+        model.to(model.device)  # places the base: on the CPU at cutoff 0
     return model.tuned
 
 
@@ -105,11 +133,12 @@ def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.O
     return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
-    """The batch's conditioning, unguided: training fits the conditional branch only (see models.py)."""
+def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor, distilled_guidance: Optional[float]) -> Cond:
+    """The batch's conditioning, unguided: training fits the conditional branch only (see models.py);
+    a guidance-distilled network (Flux dev) trains at the distilled guidance its samples were drawn with."""
     labels = kept.class_labels[idx].tolist() if kept.class_labels is not None else None
     prompts = [kept.prompts[i] for i in idx.tolist()] if kept.prompts is not None else None
-    return model.encode(prompts, labels, guidance_scale=1.0)
+    return model.encode(prompts, labels, guidance_scale=1.0, distilled_guidance=distilled_guidance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,11 +146,13 @@ def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor) -> Cond:
 
 
 def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: RunStore, bar: Any,
-                 stage_name: str = STAGE, round_index: int = 1, barrier: Any = None) -> dict[str, Any]:
+                 stage_name: str = STAGE, round_index: int = 1, barrier: Any = None,
+                 distilled_guidance: Optional[float] = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one round's fine-tune; leaves ``model`` composed and tuned.
 
     Each optimizer step draws its batch, noise and times from a generator seeded by
-    ``(seed, round, step, micro-batch, process)``, and the state (weights, EMA, optimizer moments)
+    ``(seed, round, step, micro-batch)``; under several processes each takes its slice of that batch
+    (so n processes train as one does), and the state (weights, EMA, optimizer moments)
     is checkpointed in safetensors every ``checkpoint_every`` steps, so a resumed run continues
     bit for bit (in float32 and bf16; fp16's loss-scaler state is not checkpointed). accelerate
     places and wraps the model (DDP under ``accelerate launch``); autocast and accumulation are here.
@@ -130,12 +161,14 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     from safetensors.torch import load_file, save_file
 
     check_precision(model, cfg)
+    cfg = resolve_lora(model, cfg)
     if cfg.target == "renoise":
         y, t_c = kept.x0, 0.0  # the alternative reading: re-noise the final samples, train at t > c only
     else:
         y, t_c = kept.y, kept.t_c
     lora = cfg.lora_rank > 0
-    config = {**asdict(cfg), "round": round_index, "t_c": t_c}
+    config = {**asdict(cfg), "round": round_index, "t_c": t_c,
+              **({"distilled_guidance": distilled_guidance} if distilled_guidance is not None else {})}
     for unrelated in ("rounds", "checkpoint_every", "tuned_guidance"):  # they do not change this round's weights
         config.pop(unrelated)
     stage = store.stage(stage_name, config, {"model": model_key(model), "kept": kept.digest()})
@@ -170,15 +203,23 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     net.train()
 
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise PgraftError(f"finetune.batch_size ({cfg.batch_size}) is split across the {world} processes, so it must "
+                          f"be a multiple of {world}; use --set finetune.batch_size={-(-cfg.batch_size // world) * world}")
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
     def step_loss(step: int) -> float:
         total = 0.0
         for micro in range(cfg.grad_accum):
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, step, micro, rank))
-            idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
-            e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)
-            t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)
+            # One global batch per micro-step (the seed's last 0 keeps one process's draws as they
+            # were), split across the processes: DDP's mean of their means is the one-process loss.
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, step, micro, 0))
+            idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)[mine]
+            e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)[mine]
+            t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)[mine]
             x_t, target = intermediate_target(schedule, y[idx].double(), e.double(), t, t_c)
-            cond = _conditions(model, kept, idx)
+            cond = _conditions(model, kept, idx, distilled_guidance)
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(net):
                 with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
@@ -187,7 +228,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                 loss = finetune_loss(pred, target.to(device, torch.float32), weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        return total
+        return float(accelerator.reduce(torch.tensor(total, device=device), "mean")) if world > 1 else total
 
     loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
     train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
@@ -260,8 +301,6 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
     samples by the filter rule; and continues fine-tuning on what it kept. ``fid_of(images)``, when
     given, measures each round's samples (the model entering the round) at no extra sampling cost.
     """
-    from dataclasses import replace
-
     from .filter import run_filter
     from .sample import run_sample
     from .score import reward_stats, run_score
@@ -280,7 +319,8 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
         summary = main_first(store, barrier, lambda: run_filter(store, recipe.filter, names["sample"], names["score"],
                                                                 names["filter"]))
         kept = load_kept_set(store.root, names["sample"], names["filter"], cfg.cutoff)
-        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier)
+        result = run_finetune(model, kept, cfg, store, bar, names["finetune"], r, barrier,
+                              None if model.adapter.classifier_free else recipe.sample.distilled_guidance)
         model.identity = tuned_identity(model)
         fid = None
         if fid_of is not None and store.is_main:
@@ -295,17 +335,20 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
 
 
 def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, features: Any, store: RunStore,
-                  bar: Any, refs: dict[str, Any], fid_data: Optional[str]) -> dict[str, Any]:
+                  bar: Any, refs: dict[str, Any], fid_data: Optional[str],
+                  notes: Optional[list[str]] = None) -> dict[str, Any]:
     """Base and tuned model on the same seeds: reward mean/std, FID/KID against ``refs[fid_data]``
-    (and the other named references in ``refs``), NFE, FLOPs."""
+    (and the other named references in ``refs``), NFE, FLOPs; ``notes`` (why FID was skipped) on both."""
     from .evaluate import evaluate_model
     from ..io.recipes import SampleConfig
 
     cfg = SampleConfig(num=recipe.evaluate.num, seed=recipe.evaluate.seed,
                        steps=recipe.evaluate.steps or recipe.sample.steps, batch_size=recipe.sample.batch_size,
-                       lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale)
+                       lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale,
+                       distilled_guidance=recipe.sample.distilled_guidance)
     common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=refs.get(fid_data) if fid_data else None,
-                  also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward)
+                  also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward,
+                  notes=notes)
     with base_only(model):
         base = evaluate_model(model, None, cfg, features, store, bar, "evaluate-base", **common)
     tuned = evaluate_model(model, None, cfg, features, store, bar, "evaluate-tuned", **common)

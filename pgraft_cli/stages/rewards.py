@@ -12,6 +12,10 @@ prompt per image, to N float64 scores on the CPU; larger is better. Registered r
 - ``vqascore[:PATH]``: VQAScore, the probability that a vision-language model answers "Yes" to
   ``Does this figure show "{prompt}"? Please answer yes or no.``, in [0, 1]; from a local
   transformers folder (or ``$PGRAFT_VQASCORE_PATH``), else from the ``t2v_metrics`` package.
+- ``pickscore:PATH``: PickScore, ``exp(logit_scale)`` times CLIP's cosine, from a local PickScore_v1 folder.
+- ``aesthetic:PATH``: LAION's aesthetic predictor, a linear/MLP head (``aesthetic-head.safetensors``)
+  on a local CLIP ViT-L/14 folder's normalised image embeddings.
+- ``W1*SPEC1+W2*SPEC2...``: the weighted sum of those rewards (``parse_weighted``).
 - ``python:MODULE:FUNCTION`` or ``python:path/to/file.py:FUNCTION``: a user's
   ``fn(images, prompts) -> (N,)`` scores.
 
@@ -27,6 +31,7 @@ import importlib
 import importlib.util
 import io
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,9 +151,43 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS)
 
 
-def parse_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
-    """Build the reward a ``NAME[:ARGS]`` spec names (see the module doc for the names)."""
+_TERM = re.compile(r"(?:^|\+)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*")
+
+
+def parse_weighted(spec: str) -> Optional[list[tuple[float, str]]]:
+    """``"0.7*pickscore:P+0.3*aesthetic:A"`` -> ``[(0.7, "pickscore:P"), (0.3, "aesthetic:A")]``; None
+    for a spec that is not a weighted sum (no leading ``W*``). A term starts at the beginning or at a
+    ``+`` followed by ``NUMBER*``, so paths may hold ``+`` and ``*`` elsewhere."""
     spec = (spec or "").strip()
+    starts = list(_TERM.finditer(spec))
+    if not starts or starts[0].start() != 0:
+        return None
+    ends = [m.start() for m in starts[1:]] + [len(spec)]
+    terms = [(float(m.group(1)), spec[m.end():end].strip()) for m, end in zip(starts, ends)]
+    for weight, term in terms:
+        if not term:
+            raise RewardError(f"reward {spec!r}: the weight {weight:g} names no reward; write W*NAME[:ARGS]+W*NAME[:ARGS], "
+                              f"e.g. 0.7*pickscore:P+0.3*aesthetic:A")
+    return terms
+
+
+def weighted_reward(terms: list[tuple[float, Reward]], spec: str) -> Reward:
+    """``r(x) = sum_i w_i r_i(x)``: one reward of several, each scoring the same images (and prompts)."""
+
+    def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
+        return sum(w * r(images, prompts if r.needs_prompts else None) for w, r in terms)
+
+    return Reward("weighted", fn, batch_size=min(r.batch_size for _, r in terms), spec=spec,
+                  needs_prompts=any(r.needs_prompts for _, r in terms),
+                  identity="+".join(f"{w!r}*{r.identity}" for w, r in terms))
+
+
+def parse_reward(spec: str, device: str | torch.device = "cpu") -> Reward:
+    """Build the reward a ``NAME[:ARGS]`` spec (or a weighted sum of them, ``parse_weighted``) names."""
+    spec = (spec or "").strip()
+    terms = parse_weighted(spec)
+    if terms is not None:
+        return weighted_reward([(w, parse_reward(term, device)) for w, term in terms], spec)
     name, _, args = spec.partition(":")
     if name not in REWARDS:
         close = difflib.get_close_matches(name, REWARDS, n=1)
@@ -193,7 +232,7 @@ def classifier_reward(args: Optional[str], device: str, spec: str) -> Reward:
     of another size are resized to the classifier's ``image_size`` (bilinear, antialiased,
     ``align_corners=False``).
     """
-    from .evaluate import CLASSIFIER_PATH, JUDGE_PATH
+    from ..io.checkpoints import CLASSIFIER_PATH, JUDGE_PATH
 
     usage = "pass classifier:PATH:CLASS, e.g. classifier:digits:3"
     if not args or ":" not in args:
@@ -292,14 +331,14 @@ def _folder_digest(path: Path) -> str:
     return f"sha256={identity_of(path)}"
 
 
-def _load_pretrained(cls: Any, path: Path, spec: str, **kwargs: Any) -> Any:
+def _load_pretrained(cls: Any, path: Path, spec: str, what: str = "reward", **kwargs: Any) -> Any:
     from ..io.checkpoints import _quiet_loading, _short
 
     try:
         with _quiet_loading():
             return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise RewardError(f"reward {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
+        raise RewardError(f"{what} {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
                           f"pass a folder saved with save_pretrained") from None
 
 
@@ -313,6 +352,12 @@ def clip_reward(args: Optional[str], device: str, spec: str) -> Reward:
     path = _local_folder(args, CLIP_ENV, spec, example)
     if path is None:
         raise RewardError(f"reward clip needs a local CLIP model: pass {example} or set ${CLIP_ENV}")
+    fn, _ = _clip_cosine(path, device, spec)
+    return Reward("clip", fn, batch_size=64, spec=spec, needs_prompts=True, identity=f"clip:{_folder_digest(path)}")
+
+
+def _clip_cosine(path: Path, device: str, spec: str) -> tuple[Callable[[Tensor, Optional[list[str]]], Tensor], Any]:
+    """``fn(images, prompts) = cos(E_image, E_text)`` of the CLIPModel + CLIPProcessor in ``path``, and the model."""
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
     model = _load_pretrained(transformers.CLIPModel, path, spec).to(device).eval()
     processor = _load_pretrained(transformers.CLIPProcessor, path, spec)
@@ -326,7 +371,79 @@ def clip_reward(args: Optional[str], device: str, spec: str) -> Reward:
         text = F.normalize(out.text_embeds.double(), dim=-1)
         return (image * text).sum(-1)
 
-    return Reward("clip", fn, batch_size=64, spec=spec, needs_prompts=True, identity=f"clip:{_folder_digest(path)}")
+    return fn, model
+
+
+@register_reward("pickscore", "pickscore:PATH", "PickScore: CLIP's scaled image-prompt similarity, from a local folder")
+def pickscore_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """PickScore (Kirstain et al. 2023): ``r(x, prompt) = exp(logit_scale) cos(E_image(x), E_text(prompt))``
+    with the fine-tuned CLIP-H of ``yuvalkirstain/PickScore_v1`` (a transformers ``CLIPModel`` folder;
+    its processor is ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s: save both into PATH)."""
+    example = "pickscore:/path/to/pickscore (PickScore_v1 saved with its CLIPProcessor)"
+    path = _local_folder(args, "PGRAFT_PICKSCORE_PATH", spec, example)
+    if path is None:
+        raise RewardError(f"reward pickscore needs a local model: pass {example} or set $PGRAFT_PICKSCORE_PATH")
+    cosine, model = _clip_cosine(path, device, spec)
+    scale = float(model.logit_scale.exp())
+    return Reward("pickscore", lambda x, p: scale * cosine(x, p), batch_size=64, spec=spec, needs_prompts=True,
+                  identity=f"pickscore:{_folder_digest(path)}")
+
+
+AESTHETIC_HEAD = "aesthetic-head.safetensors"
+
+
+@register_reward("aesthetic", "aesthetic:PATH",
+                 "LAION aesthetic score: a linear/MLP head on CLIP ViT-L/14 image embeddings, from a local folder")
+def aesthetic_reward(args: Optional[str], device: str, spec: str) -> Reward:
+    """LAION's aesthetic predictor: ``r(x) = head(E_image(x) / ||E_image(x)||)`` (about 1..10).
+
+    PATH holds a transformers CLIP folder (``CLIPModel`` or ``CLIPVisionModelWithProjection`` of
+    ViT-L/14, with its image processor) and ``aesthetic-head.safetensors``: the head's Linear layers
+    as ``layers.{i}.weight`` / ``.bias`` (the improved-aesthetic-predictor MLP's own keys: Linear
+    768-1024-128-64-16-1 with dropout between, no activations), or one ``weight`` / ``bias`` (the
+    linear head). Convert the original ``.pth`` once with ``safetensors.torch.save_file(torch.load(..))``.
+    """
+    example = f"aesthetic:/path/to/folder (a CLIP ViT-L/14 folder with {AESTHETIC_HEAD} in it)"
+    path = _local_folder(args, "PGRAFT_AESTHETIC_PATH", spec, example)
+    if path is None:
+        raise RewardError(f"reward aesthetic needs a local model: pass {example} or set $PGRAFT_AESTHETIC_PATH")
+    if not (path / AESTHETIC_HEAD).is_file():
+        raise RewardError(f"reward {spec}: no {AESTHETIC_HEAD} in {path}; pass {example}")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / AESTHETIC_HEAD), device=device)
+    layers = _linear_layers(weights, spec)
+    transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
+    model = _load_pretrained(transformers.AutoModel, path, spec).to(device).eval()
+    processor = _load_pretrained(transformers.AutoImageProcessor, path, spec)
+
+    def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
+        pixels = processor(images=_to_rgb_pil(images), return_tensors="pt")["pixel_values"].to(device)
+        if hasattr(model, "get_image_features"):  # a CLIPModel: the projected embedding (pooler_output here)
+            out = model.get_image_features(pixel_values=pixels)
+            out = out if isinstance(out, Tensor) else out.pooler_output
+        else:  # a CLIPVisionModelWithProjection
+            out = model(pixel_values=pixels).image_embeds
+        x = F.normalize(out.double(), dim=-1)
+        for w, b in layers:
+            x = x @ w.double().T + b.double()
+        return x[:, 0]
+
+    return Reward("aesthetic", fn, batch_size=64, spec=spec, identity=f"aesthetic:{_folder_digest(path)}")
+
+
+def _linear_layers(weights: dict[str, Tensor], spec: str) -> list[tuple[Tensor, Tensor]]:
+    """A head's Linear layers in order: ``weight``/``bias``, or ``layers.{i}.weight``/``.bias`` by index i."""
+    if set(weights) == {"weight", "bias"}:
+        return [(weights["weight"], weights["bias"])]
+    found = sorted({int(m.group(1)) for k in weights if (m := re.fullmatch(r"layers\.(\d+)\.weight", k))})
+    if not found or any(f"layers.{i}.bias" not in weights for i in found):
+        raise RewardError(f"reward {spec}: {AESTHETIC_HEAD} holds {sorted(weights)[:6]}; expected weight/bias or "
+                          f"layers.N.weight/layers.N.bias (the aesthetic predictor's Linear layers)")
+    layers = [(weights[f"layers.{i}.weight"], weights[f"layers.{i}.bias"]) for i in found]
+    if layers[-1][0].shape[0] != 1:
+        raise RewardError(f"reward {spec}: the head's last layer has {layers[-1][0].shape[0]} outputs, not 1")
+    return layers
 
 
 @register_reward("vqascore", "vqascore[:PATH]",

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -106,6 +106,42 @@ class SampleResult:
         return self.generated / self.seconds if self.seconds > 0 and self.generated else 0.0
 
 
+AUTO_LANE = 16  # the most images per network call that lane = "auto" picks
+
+
+def choose_lane(num: int, batch_size: int, cap: int = AUTO_LANE) -> int:
+    """The automatic lane: ``min(cap, num)``, so a small run pads nothing; with several shards the
+    largest divisor of ``batch_size`` not above that, so no lane straddles two shards."""
+    lane = max(1, min(cap, num, batch_size))
+    if num > batch_size:
+        lane = max(d for d in range(1, lane + 1) if batch_size % d == 0)
+    return lane
+
+
+def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
+    """How many images fit one network call on the model's GPU: half its free memory over the peak
+    memory one image takes (measured by one call at batch 1). No cap off CUDA."""
+    if model.device.type != "cuda":
+        return AUTO_LANE
+    x = torch.zeros((1, *model.sample_shape), device=model.device, dtype=model.dtype)
+    prompts, classes = Conditions(prompts=[""], class_label=0).for_indices(model, [0])
+    torch.cuda.synchronize(model.device)
+    before = torch.cuda.memory_allocated(model.device)
+    torch.cuda.reset_peak_memory_stats(model.device)
+    with torch.inference_mode():
+        model.predict(x, torch.tensor(1.0), model.encode(prompts, classes, guidance_scale))
+    per_image = max(1, torch.cuda.max_memory_allocated(model.device) - before)
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, min(AUTO_LANE, int(free // 2 // per_image)))
+
+
+def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
+    """``cfg`` with ``lane = "auto"`` replaced by the lane this run uses (a fixed lane is kept)."""
+    if cfg.lane != "auto":
+        return cfg
+    return replace(cfg, lane=choose_lane(cfg.num, cfg.batch_size, memory_lane_cap(model, cfg.guidance_scale)))
+
+
 def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dict[str, Any]:
     """Everything that determines the shards: the images (see the module doc) and their layout.
 
@@ -113,13 +149,17 @@ def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dic
     where the model is guided (elsewhere the sampler never reads it). The model itself is keyed by
     :func:`checkpoints.model_key` among the stage's inputs.
     """
-    return {
+    config = {
         **asdict(cfg), "guidance_scale": cfg.guidance_scale if model.guided else None, "family": model.family, "prediction_type": model.schedule.prediction_type,
         "grid": "flow-euler" if model.family == "flow" else "ddim-trailing", "shift": model.schedule.shift,
         "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,
+        "autocast": None if model.autocast is None else str(model.autocast),
         "corrector": None if model.corrector is None else {
             "type": model.corrector.kind, "steps": model.corrector.steps, "base_steps": model.corrector.base_steps},
     }
+    if model.adapter.classifier_free:  # only guidance-distilled networks read it
+        config.pop("distilled_guidance")
+    return config
 
 
 def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indices: list[int],
@@ -134,12 +174,14 @@ def _shard_tensors(model: LoadedModel, cfg: SampleConfig, cond: Conditions, indi
         noise = initial_noise(cfg.seed, members, model.sample_shape).to(model.device, model.dtype)
         if model.corrector is not None:  # inverse noise correction: e -> corrector -> base sampler
             noise = model.corrector(noise)
-        c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale)
+        c = model.encode(*cond.for_indices(model, members), guidance_scale=cfg.guidance_scale,
+                         distilled_guidance=cfg.distilled_guidance)
         real = sum(1 for i in members if indices[0] <= i <= indices[-1])
-        x, captured = run_sampler(
-            lambda x, t: model.predict(x, t, c), model.schedule, noise, grid,
-            capture_at=cfg.capture_at, callback=lambda k: on_step(real / cfg.steps),
-        )
+        with model.autocast_context():
+            x, captured = run_sampler(
+                lambda x, t: model.predict(x, t, c), model.schedule, noise, grid,
+                capture_at=cfg.capture_at, callback=lambda k: on_step(real / cfg.steps),
+            )
         finals.append(x)
         if captured is not None:
             captures.append(captured[0].float().cpu())
@@ -168,6 +210,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
                barrier: Any = None, stage_name: str = STAGE) -> SampleResult:
     """Run (or resume) the sample stage in ``store``; this process does shards ``k % P == rank``."""
     check_conditions(model, cond)
+    cfg = resolve_lane(model, cfg)
     num_shards = math.ceil(cfg.num / cfg.batch_size)
     config = stage_config(model, cfg, cond)
     rows = lambda k: list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))  # noqa: E731

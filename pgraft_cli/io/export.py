@@ -1,0 +1,299 @@
+"""Writers for ``pgraft export``: a loaded model as files other tools read, without pgraft.
+
+- ``diffusers``: a pipeline folder. One network (a plain model, or GRAFT at cutoff 0 with the LoRA
+  fused) is a stock pipeline (StableDiffusionPipeline, DDIMPipeline ...) whose scheduler is set to
+  pgraft's grid (DDIM trailing, alpha = 1 at the end, no clipping); anything composed (a noise
+  corrector, P-GRAFT's tuned network above a cutoff, a pixel flow) is ``PgraftPipeline``
+  (``export_pipeline.py``, copied into the folder as ``pipeline.py``).
+- ``lora``: the adapter as diffusers' ``load_lora_weights`` reads it (``pytorch_lora_weights.safetensors``,
+  ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
+  (``lora_unet_...lora_down/lora_up/alpha``) that ComfyUI and A1111 read.
+- ``single-file``: SD 1.x/2.x as one ``model.safetensors`` in the original CompVis/SAI key layout
+  (``single_file.py``), the network fused; composed samplers cannot be one file and are refused.
+
+Every writer takes the weights' ``dtype`` (pgraft export --dtype); a noise corrector keeps its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..errors import OutputPathError, PgraftError
+from ..models.loaded import LoadedModel
+from ..models.lora import LORA_ADAPTER, lora_state
+from .checkpoints import _quiet_loading, build_network
+from .single_file import to_single_file
+
+FORMATS = ("diffusers", "lora", "single-file")
+LORA_LAYOUTS = ("diffusers", "kohya")
+TEMPLATE = Path(__file__).with_name("export_pipeline.py")
+KOHYA_FILE = "lora_kohya.safetensors"
+SINGLE_FILE = "model.safetensors"
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline",)
+
+
+class ExportError(PgraftError):
+    """The checkpoint cannot be written in the asked format, or --out is in the way."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, force: bool) -> Iterator[Path]:
+    """A fresh folder to write into, moved onto ``out`` only when everything was written.
+
+    An existing non-empty ``out`` is refused without ``force``; with it, it is replaced at the end.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is a file, but a folder is expected; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputPathError(f"--out {out} is not empty; pass a new folder, or --force to replace it")
+    tmp = out.parent / f".{out.name}.pgraft-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks without pgraft's adapter
+
+
+def without_adapter(network: nn.Module, model: LoadedModel, fuse: bool) -> nn.Module:
+    """A fresh copy of ``network`` with the LoRA adapter merged in (``fuse``) or dropped.
+
+    ``W' = W + (alpha / r) B A`` per adapted layer (peft's merge); the copy has the stock key layout.
+    """
+    if not model.lora:
+        return network
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    work = copy.deepcopy(network)
+    if fuse:
+        for module in work.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(True)
+                module.merge(adapter_names=[LORA_ADAPTER])
+    state = {k.replace(".base_layer.", "."): v for k, v in work.state_dict().items() if "lora_" not in k}
+    clean = build_network(model.model_class, model.model_config)
+    clean.load_state_dict(state, strict=True)
+    return clean.to(model.dtype).eval().requires_grad_(False)
+
+
+def tuned_network(model: LoadedModel) -> nn.Module:
+    """The network that runs above the cutoff, as one stock network."""
+    return model.tuned if model.tuned is not None else without_adapter(model.network, model, fuse=True)
+
+
+def base_network(model: LoadedModel) -> nn.Module:
+    return without_adapter(model.network, model, fuse=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers
+
+
+def one_network(model: LoadedModel) -> bool:
+    """Whether sampling runs one network all the way: no corrector, and any fine-tune at cutoff 0
+    with guidance applied as to the base (``tuned_guidance`` is moot where nothing is guided)."""
+    if model.corrector is not None:
+        return False
+    if not model.finetuned:
+        return True
+    return model.cutoff <= 0 and (model.tuned_guidance == "reapply" or not model.guided)
+
+
+def _trailing_ddim(scheduler_config: dict[str, Any]) -> Any:
+    """DDIMScheduler on pgraft's diffusion grid: trailing timesteps, t = 0 clean (alpha = 1), no clipping."""
+    from diffusers import DDIMScheduler
+
+    keep = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return DDIMScheduler.from_config({**keep, "timestep_spacing": "trailing", "set_alpha_to_one": True,
+                                      "clip_sample": False, "thresholding": False, "steps_offset": 0})
+
+
+def _scheduler(model: LoadedModel) -> Any:
+    import diffusers
+
+    config = dict(model.scheduler_config)
+    is_flow_class = "FlowMatch" in config.get("_class_name", "")
+    if model.family == "flow" and not is_flow_class:  # --kind flow on a DDPM config: a plain flow, shift 1
+        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=model.schedule.num_train_timesteps)
+    if model.family == "diffusion" and is_flow_class:
+        raise ExportError(f"{model.source} was loaded with --kind diffusion over a flow scheduler; export it as the "
+                          f"flow it is (drop --kind)")
+    if model.family == "diffusion":
+        return _trailing_ddim(config)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
+                     dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+    """Write the pipeline folder (see the module doc); returns what was written."""
+    if model.model_class == "SD3Transformer2DModel":
+        raise ExportError("--format diffusers does not support SD3 models yet; export --format lora, and load "
+                          "it onto the base pipeline with load_lora_weights")
+    if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
+        raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
+                          "network that diffusers' load_lora_weights can take); drop --keep-adapter")
+    text = model.pipeline is not None and model.conditioning == "text"
+    plain = one_network(model) and model.family == "diffusion" and (text or model.conditioning == "none")
+    with _quiet_loading():
+        if plain:
+            network = base_network(model) if keep_adapter else tuned_network(model) if model.finetuned else model.network
+            pipe = _plain_pipeline(model, network)
+        else:
+            pipe = _pgraft_pipeline(model)
+        for name, part in pipe.components.items():  # the corrector keeps its dtype, as in pgraft sample
+            if isinstance(part, nn.Module) and name != "corrector":
+                part.to(dtype or model.dtype)
+        pipe.save_pretrained(out, safe_serialization=True)
+    written = {"pipeline": type(pipe).__name__}
+    if keep_adapter:
+        written["lora"] = export_lora(model, out, dtype=dtype)["file"]
+    if not plain:
+        shutil.copyfile(TEMPLATE, out / "pipeline.py")
+        index = json.loads((out / "model_index.json").read_text())
+        index["_class_name"] = ["pipeline", "PgraftPipeline"]
+        if model.corrector is not None and model.corrector.network is None:  # a custom component: its class beside it
+            shutil.copyfile(TEMPLATE, out / "corrector" / "pipeline.py")
+            index["corrector"] = ["pipeline", "GaussianCorrector"]
+        (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        written["custom_pipeline"] = "pipeline.py"
+    return written
+
+
+def _plain_pipeline(model: LoadedModel, network: nn.Module) -> Any:
+    if model.pipeline is not None:
+        parts = dict(model.pipeline.components)
+        parts.update(unet=network, scheduler=_trailing_ddim(model.scheduler_config))
+        return type(model.pipeline)(**parts)
+    from diffusers import DDIMPipeline
+
+    return DDIMPipeline(unet=network, scheduler=_trailing_ddim(model.scheduler_config))
+
+
+def _pgraft_pipeline(model: LoadedModel) -> Any:
+    from .export_pipeline import GaussianCorrector, PgraftPipeline
+
+    parts: dict[str, Any] = {}
+    if model.conditioning == "text":
+        pipe = model.pipeline
+        if not all(hasattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer")):
+            raise ExportError(f"{model.source}: the composed pipeline supports Stable Diffusion 1.x/2.x layouts "
+                              f"(vae, text_encoder, tokenizer); this one is {type(pipe).__name__}")
+        parts = {"vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+    corrector, network = model.corrector, None
+    if corrector is not None and corrector.network is None:
+        diagonal = corrector.kind == "gaussian-diag"
+        network = GaussianCorrector(corrector.mean.numel(), diagonal)
+        network.load_state_dict({"mean": corrector.mean, "scale": corrector.std if diagonal else corrector.chol})
+    elif corrector is not None:
+        network = corrector.network
+    return PgraftPipeline(
+        unet=base_network(model), scheduler=_scheduler(model),
+        tuned_unet=tuned_network(model) if model.finetuned else None, corrector=network, **parts,
+        cutoff=float(model.cutoff), tuned_guidance=model.tuned_guidance,
+        corrector_steps=corrector.steps if corrector is not None else 0,
+        base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _lora_prefix(model: LoadedModel) -> str:
+    return "transformer" if model.model_class == "SD3Transformer2DModel" else "unet"
+
+
+def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
+                dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+    """Write the adapter in diffusers' (or kohya's) layout; returns the file and a note on the cutoff."""
+    if layout not in LORA_LAYOUTS:
+        raise ExportError(f"--lora-format {layout!r} is unknown; use {' or '.join(LORA_LAYOUTS)}")
+    if not model.lora:
+        raise ExportError(f"{model.source} holds no LoRA adapter (a full fine-tune or a plain model); export it with "
+                          f"--format diffusers or single-file")
+    config = model.network.peft_config[LORA_ADAPTER]
+    dtype = dtype or model.dtype
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state(model.network).items()}
+    prefix = _lora_prefix(model)
+    if layout == "kohya":
+        if model.model_class != "UNet2DConditionModel":
+            raise ExportError(f"--lora-format kohya is for Stable Diffusion UNets; {model.source} is a "
+                              f"{model.model_class}: use --lora-format diffusers")
+        from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+        from safetensors.torch import save_file
+
+        kohya = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
+        kohya = {k: torch.tensor(float(config.lora_alpha), dtype=dtype) if k.endswith(".alpha") else v for k, v in kohya.items()}
+        save_file(kohya, str(out / KOHYA_FILE), metadata={"ss_network_dim": str(config.r),
+                                                         "ss_network_alpha": str(config.lora_alpha)})
+        file = out / KOHYA_FILE
+    else:
+        from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+        meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+        if prefix == "transformer":
+            StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=state,
+                                                       transformer_lora_adapter_metadata=meta)
+        else:
+            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=meta)
+        file = out / "pytorch_lora_weights.safetensors"
+    result = {"file": file.name, "layout": layout, "rank": config.r, "alpha": config.lora_alpha}
+    if model.cutoff > 0:
+        result["note"] = (f"the adapter was trained for t > {model.cutoff:g}; load_lora_weights applies it at every "
+                          f"step, which is not the P-GRAFT sampler (export --format diffusers for that)")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# single file
+
+
+def export_single_file(model: LoadedModel, out: Path, dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+    """UNet (fine-tune fused), VAE and text encoder of an SD 1.x/2.x model as one ``model.safetensors``
+    in the original key layout; SD 2.x (an OpenCLIP text encoder, GELU) gets the OpenCLIP text keys."""
+    from safetensors.torch import save_file
+
+    pipe = model.pipeline
+    kind = type(pipe).__name__ if pipe is not None else model.model_class
+    if kind not in SINGLE_FILE_PIPELINES:
+        raise ExportError(f"--format single-file supports Stable Diffusion 1.x/2.x ({', '.join(SINGLE_FILE_PIPELINES)})"
+                          f"; {model.source} is a {kind}: use --format diffusers")
+    if not one_network(model):
+        why = "a noise corrector runs before the base model" if model.corrector is not None else (
+            f"the tuned network runs above t = {model.cutoff:g} and the base below" if model.cutoff > 0 else
+            "its tuned segment is sampled unguided (tuned_guidance = none)")
+        raise ExportError(f"{model.source} cannot be one single file: {why}, which one set of weights cannot "
+                          f"express; use --format diffusers (a pipeline folder that runs the composed sampler)")
+    unet = tuned_network(model) if model.finetuned else model.network
+    layers = unet.config.layers_per_block
+    if not isinstance(layers, int):
+        raise ExportError(f"{model.source}: the single-file layout needs one layers_per_block for every block (got "
+                          f"{layers}); use --format diffusers")
+    open_clip = pipe.text_encoder.config.hidden_act == "gelu"  # OpenCLIP (SD 2.x); OpenAI CLIP is quick_gelu
+    try:
+        state = to_single_file(unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(), layers,
+                               open_clip)
+    except ValueError as e:
+        raise ExportError(f"{model.source}: {e}; use --format diffusers") from None
+    dtype = dtype or model.dtype
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(out / SINGLE_FILE))
+    return {"file": SINGLE_FILE, "layout": "SD 2.x (OpenCLIP)" if open_clip else "SD 1.x (CLIP)"}

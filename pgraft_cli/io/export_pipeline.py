@@ -1,0 +1,242 @@
+"""PgraftPipeline: pgraft's composed sampler as a diffusers custom pipeline (diffusers + torch only).
+
+``pgraft export`` copies this file verbatim into an exported folder as ``pipeline.py``, so that
+``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` samples as ``pgraft sample`` does,
+without pgraft installed. It must import nothing but torch and diffusers.
+
+The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x_0 + sigma(t) e``.
+
+- inverse noise correction: the initial noise ``e`` goes through the ``corrector`` (a flow,
+  ``corrector_steps`` Euler steps on a uniform grid, or a ``GaussianCorrector``: ``z = mean + L e``)
+  before the base sampler;
+- P-GRAFT: ``tuned_unet`` runs for grid times ``t > cutoff`` and ``unet`` below; with
+  ``tuned_guidance = "none"`` the tuned segment runs the conditional branch alone (scale 1);
+- grid: flow ``u = linspace(1, 0, N + 1)`` shifted to ``s u / (1 + (s - 1) u)``, Euler steps;
+  diffusion DDIM "trailing" timesteps ``round(T - k T / N) - 1``, then t = 0, DDIM steps (eta = 0).
+
+The maths repeats pgraft's core/samplers.py on purpose (this file travels alone); the export tests
+pin it to ``pgraft sample`` to 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+CUTOFF_TOL = 1e-9
+
+
+def _alphas_cumprod(config: dict) -> torch.Tensor:
+    """``prod(1 - beta)`` of a DDPM/DDIM scheduler config, in float64."""
+    T, start, end = int(config.get("num_train_timesteps", 1000)), config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    kind = config.get("beta_schedule", "linear")
+    if kind == "linear":
+        betas = torch.linspace(start, end, T, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+    elif kind == "squaredcos_cap_v2":
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    else:
+        raise ValueError(f"unsupported beta_schedule {kind!r}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class Schedule:
+    """pgraft's noise schedule for one scheduler config (flow if its class is a FlowMatch scheduler)."""
+
+    def __init__(self, config: dict, flow: Optional[bool] = None):
+        self.flow = "FlowMatch" in config.get("_class_name", "") if flow is None else flow
+        self.T = int(config.get("num_train_timesteps", 1000))
+        self.shift = float(config.get("shift", 1.0)) if self.flow else 1.0
+        self.prediction = "flow" if self.flow else config.get("prediction_type", "epsilon")
+        self.abar = None if self.flow else _alphas_cumprod(config)
+
+    def grid(self, steps: int) -> torch.Tensor:
+        if self.flow:
+            u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+            return self.shift * u / (1.0 + (self.shift - 1.0) * u)
+        k = torch.arange(steps, dtype=torch.float64)
+        return torch.cat([(torch.round(self.T - k * self.T / steps) - 1) / self.T, torch.zeros(1, dtype=torch.float64)])
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.flow:
+            return 1.0 - t, t
+        pos = (t * self.T).clamp(0, self.T - 1)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=self.T - 1)
+        w = pos - lo
+        abar = (1 - w) * self.abar[lo] + w * self.abar[hi]
+        abar = torch.where(t <= 0, torch.ones_like(abar), abar)
+        return abar.sqrt(), (1.0 - abar).sqrt()
+
+    def step(self, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """Flow: Euler ``x + (t' - t) v``. Diffusion: DDIM ``alpha(t') x0_hat + sigma(t') e_hat``."""
+        if self.flow:
+            return x + (t_next - t).to(x.dtype) * pred
+        a, s = (v.to(x.dtype) for v in self.alpha_sigma(t))
+        if self.prediction == "epsilon":
+            x0, eps = (x - s * pred) / a, pred
+        elif self.prediction == "v_prediction":
+            x0, eps = a * x - s * pred, s * x + a * pred
+        else:  # sample
+            x0, eps = pred, (x - a * pred) / s
+        a, s = (v.to(x.dtype) for v in self.alpha_sigma(t_next))
+        return a * x0 + s * eps
+
+    def run(self, denoiser: Any, x: torch.Tensor, grid: torch.Tensor, callback: Any = None) -> torch.Tensor:
+        for k in range(len(grid) - 1):
+            x = self.step(x, denoiser(x, grid[k]), grid[k], grid[k + 1])
+            if callback is not None:
+                callback(k)
+        return x
+
+
+class GaussianCorrector(ModelMixin, ConfigMixin):
+    """A Gaussian noise corrector on flattened noise: ``z = mean + L e`` (``scale`` = L, the Cholesky
+    factor of the inverted noises' covariance) or, ``diagonal``, ``z = mean + std * e``; in float64.
+
+    ``pgraft export`` writes this file a second time as ``corrector/pipeline.py``, where diffusers looks
+    for a custom component's class."""
+
+    @register_to_config
+    def __init__(self, dim: int, diagonal: bool = False):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("scale", torch.zeros((dim,) if diagonal else (dim, dim), dtype=torch.float64))
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        flat = noise.reshape(noise.shape[0], -1).double()
+        spread = flat * self.scale.double() if self.config.diagonal else flat @ self.scale.double().T
+        return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
+
+
+class PgraftPipeline(DiffusionPipeline):
+    """A base network, optionally a tuned network above ``cutoff`` and a noise corrector, as pgraft composes them.
+
+    ``unet`` is the base network (a UNet2DModel, or a UNet2DConditionModel with ``vae``,
+    ``text_encoder`` and ``tokenizer``); ``scheduler`` carries its schedule's config.
+    """
+
+    model_cpu_offload_seq = "text_encoder->corrector->tuned_unet->unet->vae"
+    _optional_components = ["tuned_unet", "corrector", "vae", "text_encoder", "tokenizer"]
+
+    def __init__(self, unet: Any, scheduler: Any, tuned_unet: Any = None, corrector: Any = None, vae: Any = None,
+                 text_encoder: Any = None, tokenizer: Any = None, cutoff: float = 0.0, tuned_guidance: str = "reapply",
+                 corrector_steps: int = 0, base_steps: Optional[int] = None, null_class: Optional[int] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, tuned_unet=tuned_unet, corrector=corrector, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_to_config(cutoff=cutoff, tuned_guidance=tuned_guidance, corrector_steps=corrector_steps,
+                                base_steps=base_steps, null_class=null_class)
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def _above(self, t: torch.Tensor) -> bool:
+        return bool(t > self.config.cutoff + CUTOFF_TOL)
+
+    def _encode(self, prompts: list[str], guided: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Prompt embeddings (and the negative ones when ``guided``), as StableDiffusionPipeline encodes them."""
+        from diffusers import StableDiffusionPipeline
+
+        sd = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                     unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+                                     feature_extractor=None, requires_safety_checker=False)
+        return sd.encode_prompt(prompts, self.unet.device, 1, guided)
+
+    def _corrected(self, noise: torch.Tensor) -> torch.Tensor:
+        """``e -> z``: the corrector flow (``v = e - z``, t = 1 noise) in its own dtype, back in the caller's;
+        or the Gaussian map (by name: the class loaded from corrector/pipeline.py is another module's)."""
+        if type(self.corrector).__name__ == "GaussianCorrector":
+            return self.corrector(noise)
+        own = self.corrector.dtype
+        flow = Schedule({}, flow=True)
+
+        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            timestep = (t * flow.T).to(device=z.device, dtype=torch.float32).expand(z.shape[0])
+            return self.corrector(z.to(own), timestep).sample
+
+        return flow.run(velocity, noise.to(own), flow.grid(self.config.corrector_steps)).to(noise.dtype)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, batch_size: int = 1,
+                 num_inference_steps: Optional[int] = None, guidance_scale: float = 1.0,
+                 class_labels: Optional[list[int]] = None, generator: Optional[torch.Generator] = None,
+                 latents: Optional[torch.Tensor] = None, output_type: str = "pil",
+                 return_dict: bool = True) -> Union[ImagePipelineOutput, tuple]:
+        """Sample images. ``latents`` is the initial N(0, I) noise (before the corrector);
+        ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (final model-space x)."""
+        cfg = self.config
+        steps = num_inference_steps or cfg.base_steps
+        if steps is None:
+            raise ValueError("pass num_inference_steps")
+        if self.corrector is not None and cfg.base_steps is not None and steps != cfg.base_steps:
+            raise ValueError(f"the noise corrector was fitted for {cfg.base_steps} base steps; pass num_inference_steps={cfg.base_steps}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if prompts is not None:
+            batch_size = len(prompts)
+        if class_labels is not None:
+            batch_size = len(class_labels)
+        unet, device = self.unet, self.unet.device
+        shape = (batch_size, unet.config.in_channels, *_size(unet.config.sample_size))
+        noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = noise.to(device, unet.dtype)
+        if self.corrector is not None:
+            noise = self._corrected(noise)
+
+        schedule = Schedule(dict(self.scheduler.config) | {"_class_name": type(self.scheduler).__name__})
+        text = self.text_encoder is not None
+        labels = None if class_labels is None else torch.tensor(class_labels, device=device, dtype=torch.long)
+        guided = (text or (labels is not None and cfg.null_class is not None)) and guidance_scale > 1.0
+        embeds = negative = None
+        if text:
+            embeds, negative = self._encode(prompts or [""] * batch_size, guidance_scale > 1.0)
+
+        def call(net: Any, x: torch.Tensor, timestep: torch.Tensor, both: bool) -> torch.Tensor:
+            if text:
+                e = torch.cat([negative, embeds]) if both else embeds
+                out = net(x, timestep, encoder_hidden_states=e).sample
+            else:
+                lab = labels
+                if both:
+                    lab = torch.cat([torch.full_like(labels, cfg.null_class), labels])
+                out = net(x, timestep, class_labels=lab).sample
+            return out[:, : x.shape[1]]  # learned-variance UNets stack (mean, variance)
+
+        def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            above = self.tuned_unet is not None and self._above(t)
+            net = self.tuned_unet if above else unet
+            scale = 1.0 if above and cfg.tuned_guidance == "none" else guidance_scale
+            timestep = (t * schedule.T).to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+            if not guided or scale <= 1.0:
+                return call(net, x, timestep, False)
+            uncond, conditional = call(net, torch.cat([x, x]), torch.cat([timestep, timestep]), True).chunk(2)
+            return uncond + scale * (conditional - uncond)
+
+        grid = schedule.grid(steps)
+        with self.progress_bar(total=steps) as bar:
+            x = schedule.run(denoiser, noise, grid, callback=lambda k: bar.update())
+        if output_type == "latent":
+            images = x
+        else:
+            if self.vae is not None:
+                vc = self.vae.config
+                x = self.vae.decode((x / vc.scaling_factor + (getattr(vc, "shift_factor", None) or 0.0)).to(self.vae.dtype)).sample
+            images = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _size(sample_size: Any) -> tuple[int, int]:
+    return (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)

@@ -1,0 +1,210 @@
+"""diffusers state dicts -> the original single-file layout of Stable Diffusion 1.x/2.x (CompVis / Stability AI).
+
+One checkpoint holds three networks under fixed prefixes:
+
+- UNet -> ``model.diffusion_model.*``: ``input_blocks.k`` (k = 0 ``conv_in``, then per down block ``i``
+  its ``L`` layers at ``1 + i (L + 1) + j`` and its downsampler at ``(i + 1)(L + 1)``), ``middle_block.{0,1,2}``,
+  ``output_blocks.k`` (per up block ``i`` its ``L + 1`` layers at ``i (L + 1) + j``, the upsampler beside
+  the last one); ``L`` = layers per block. A layer is ``.0`` resnet, ``.1`` attention.
+- VAE -> ``first_stage_model.*``: ``down.i.block.j``, ``mid.block_1/attn_1/block_2``, ``up.(n-1-i)``; the
+  mid-block attention's Linear weights become 1x1 convolutions.
+- text encoder -> ``cond_stage_model.transformer.text_model.*`` (SD 1.x, OpenAI CLIP: transformers' own
+  keys) or ``cond_stage_model.model.*`` (SD 2.x, OpenCLIP: ``transformer.resblocks.i`` with q, k, v
+  stacked into ``attn.in_proj_*``). An SD 2.x file from diffusers has the 23 layers SD 2 runs (the
+  original's unused 24th and ``text_projection`` are not invented).
+
+Reading such files back (``pgraft sample model.safetensors --config DIR``): :func:`detect_layout` names
+the released layout (SD 1.x/2.x, SDXL, Flux.1) from the keys alone; the loading itself is diffusers'
+``from_single_file`` (io/checkpoints.py).
+
+Pure: tensors in, tensors out, no files. Each network is a table of ``(pattern, prefix, renames)``
+rules: the first rule whose regex matches the start of a key gives the new prefix (a function of
+the matched indices), and ``renames`` rewrites the head of the rest of the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Collection, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+Prefix = Callable[[Sequence[int], dict], str]
+Rule = tuple[str, Prefix, Mapping[str, str]]
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+OPEN_CLIP_LAYER = {"self_attn": "attn", "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                   "mlp.fc2": "mlp.c_proj"}
+
+
+def _fixed(prefix: str) -> Prefix:
+    return lambda g, c: prefix
+
+
+def _down(g: Sequence[int], c: dict) -> int:
+    return 1 + g[0] * (c["L"] + 1) + g[1]
+
+
+def _up(g: Sequence[int], c: dict) -> int:
+    return g[0] * (c["L"] + 1) + g[1]
+
+
+UNET_RULES: list[Rule] = [
+    (r"time_embedding\.linear_1\.", _fixed("time_embed.0."), {}),
+    (r"time_embedding\.linear_2\.", _fixed("time_embed.2."), {}),
+    (r"add_embedding\.linear_1\.", _fixed("label_emb.0.0."), {}),  # SDXL's pooled text + time ids
+    (r"add_embedding\.linear_2\.", _fixed("label_emb.0.2."), {}),
+    (r"conv_in\.", _fixed("input_blocks.0.0."), {}),
+    (r"conv_norm_out\.", _fixed("out.0."), {}),
+    (r"conv_out\.", _fixed("out.2."), {}),
+    (r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda g, c: f"input_blocks.{_down(g, c)}.0.", RESNET),
+    (r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda g, c: f"input_blocks.{_down(g, c)}.1.", {}),
+    (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda g, c: f"input_blocks.{(g[0] + 1) * (c['L'] + 1)}.0.op.", {}),
+    (r"mid_block\.resnets\.(\d+)\.", lambda g, c: f"middle_block.{2 * g[0]}.", RESNET),
+    (r"mid_block\.attentions\.0\.", _fixed("middle_block.1."), {}),
+    (r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda g, c: f"output_blocks.{_up(g, c)}.0.", RESNET),
+    (r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda g, c: f"output_blocks.{_up(g, c)}.1.", {}),
+    (r"up_blocks\.(\d+)\.upsamplers\.0\.",  # beside the block's last layer: after its attention, if any
+     lambda g, c: f"output_blocks.{_up((g[0], c['L']), c)}.{1 + (g[0] in c['up_attention'])}.", {}),
+]
+
+VAE_RULES: list[Rule] = [
+    (r"(?:encoder|decoder)\.conv_(?:in|out)\.|(?:post_)?quant_conv\.", lambda g, c: c["match"], {}),
+    (r"(encoder|decoder)\.conv_norm_out\.", lambda g, c: f"{c['part']}.norm_out.", {}),
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda g, c: f"encoder.down.{g[0]}.block.{g[1]}.", VAE_RESNET),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda g, c: f"encoder.down.{g[0]}.downsample.", {}),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda g, c: f"decoder.up.{c['n'] - 1 - g[0]}.block.{g[1]}.",
+     VAE_RESNET),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda g, c: f"decoder.up.{c['n'] - 1 - g[0]}.upsample.", {}),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda g, c: f"{c['part']}.mid.block_{g[0] + 1}.", VAE_RESNET),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.", lambda g, c: f"{c['part']}.mid.attn_1.", VAE_ATTENTION),
+]
+
+OPEN_CLIP_RULES: list[Rule] = [
+    (r"embeddings\.token_embedding\.", _fixed("token_embedding."), {}),
+    (r"embeddings\.position_embedding\.weight$", _fixed("positional_embedding"), {}),
+    (r"final_layer_norm\.", _fixed("ln_final."), {}),
+    (r"encoder\.layers\.(\d+)\.", lambda g, c: f"transformer.resblocks.{g[0]}.", OPEN_CLIP_LAYER),
+]
+
+
+def convert(state: Mapping[str, Tensor], rules: list[Rule], context: dict) -> dict[str, Tensor]:
+    """Each key through the first matching rule: ``prefix(indices) + renames(rest)``; unknown keys are refused
+    (a weight silently dropped would load as random weights elsewhere)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        for pattern, prefix, renames in rules:
+            m = re.match(pattern, key)
+            if m:
+                break
+        else:
+            raise ValueError(f"{key} has no place in the single-file layout")
+        words = [w for w in m.groups() if w is not None]
+        ctx = {**context, "match": m.group(0), "part": words[0] if words and not words[0].isdigit() else ""}
+        rest = key[m.end():]
+        for old, new in renames.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+                break
+        out[prefix([int(w) for w in words if w.isdigit()], ctx) + rest] = value
+    return out
+
+
+def unet_to_single_file(state: Mapping[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
+    up_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    converted = convert(state, UNET_RULES, {"L": layers_per_block, "up_attention": up_attention})
+    return {UNET_PREFIX + k: v for k, v in converted.items()}
+
+
+def vae_to_single_file(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Also ``(out, in) -> (out, in, 1, 1)`` for the mid-block attention (a 1x1 conv in the original)."""
+    n = len({k.split(".")[2] for k in state if k.startswith("decoder.up_blocks.")})
+    converted = convert(state, VAE_RULES, {"n": n})
+    return {VAE_PREFIX + k: v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+            for k, v in converted.items()}
+
+
+def clip_to_single_file(state: Mapping[str, Tensor], open_clip: bool) -> dict[str, Tensor]:
+    """SD 1.x: transformers' CLIP keys under ``CLIP_PREFIX``; SD 2.x: the OpenCLIP layout, where
+    ``in_proj = [W_q; W_k; W_v]`` stacked along the output dimension."""
+    flat = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    if not open_clip:
+        return {CLIP_PREFIX + k: v for k, v in flat.items()}
+    for key in [k for k in flat if ".self_attn.q_proj." in k]:
+        parts = [flat.pop(key.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        flat[key.replace("q_proj.", "in_proj_")] = torch.cat(parts, dim=0)
+    return {OPEN_CLIP_PREFIX + k: v for k, v in convert(flat, OPEN_CLIP_RULES, {}).items()}
+
+
+def to_single_file(unet: Mapping[str, Tensor], vae: Mapping[str, Tensor], text_encoder: Mapping[str, Tensor],
+                   layers_per_block: int, open_clip: bool) -> dict[str, Tensor]:
+    """The three networks of an SD 1.x (``open_clip=False``) or 2.x pipeline as one single-file state dict."""
+    return {**unet_to_single_file(unet, layers_per_block), **vae_to_single_file(vae),
+            **clip_to_single_file(text_encoder, open_clip)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection: which released layout a file's keys are
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A released single-file layout: the diffusers class that reads it, and the hub repo whose folder
+    layout its ``config=`` must have. ``network``: files holding only the denoiser (Flux's releases), loaded
+    as that class and put into the config folder's pipeline."""
+
+    name: str
+    pipeline: str
+    config_repo: str
+    network: Optional[str] = None
+    skip: str = "'*.safetensors' '*.bin' '*.ckpt'"  # what a config folder need not hold (hf download --exclude)
+
+
+SD1 = Layout("SD 1.x", "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+SD2 = Layout("SD 2.x", "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1")  # -2-1-base: 512 px, epsilon
+SDXL = Layout("SDXL", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0")
+# Flux files hold the transformer only: the folder also brings the text encoders' and VAE's weights.
+FLUX_DEV = Layout("Flux.1-dev", "FluxPipeline", "black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel",
+                  "'transformer/*' 'flux1-*' 'ae.*'")
+FLUX_SCHNELL = Layout("Flux.1-schnell", "FluxPipeline", "black-forest-labs/FLUX.1-schnell", "FluxTransformer2DModel",
+                      "'transformer/*' 'flux1-*' 'ae.*'")
+LAYOUTS = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL)
+# Top-level prefixes of the original layouts: a file with such keys and no known layout is refused by name.
+ORIGINAL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.", "double_blocks.", "single_blocks.")
+
+
+def detect_layout(keys: Collection[str]) -> Optional[Layout]:
+    """The layout of a state dict from characteristic keys (None: not a layout pgraft reads).
+
+    Flux: ``double_blocks.0.img_attn.qkv.weight`` (bare or under ``model.diffusion_model.``), dev when the
+    guidance embedding ``guidance_in`` is there; SDXL: the OpenCLIP-bigG ``conditioner.embedders.1.model.*``
+    or the UNet's ``label_emb`` (the time ids); SD 2.x / 1.x: the UNet with an OpenCLIP / OpenAI CLIP encoder.
+    """
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    for root in ("", UNET_PREFIX):
+        if root + "double_blocks.0.img_attn.qkv.weight" in keys:
+            return FLUX_DEV if has(root + "guidance_in.") else FLUX_SCHNELL
+    if has("conditioner.embedders.1.model.") or has(UNET_PREFIX + "label_emb."):
+        return SDXL
+    if has(UNET_PREFIX + "input_blocks.0.0."):
+        if has(OPEN_CLIP_PREFIX):
+            return SD2
+        if has("cond_stage_model.transformer."):
+            return SD1
+    return None
+
+
+def looks_original(keys: Collection[str]) -> bool:
+    return any(k.startswith(ORIGINAL_PREFIXES) for k in keys)

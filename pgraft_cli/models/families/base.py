@@ -1,0 +1,115 @@
+"""What every family adapter does, with the defaults most families share.
+
+An adapter knows one kind of diffusers network: which conditioning it takes, the shape of a sample
+in pgraft's model space, how to encode prompts with its pipeline's text encoders, how to call the
+network at a timestep (``t * T``, diffusers' count), and how model space maps to images through the
+VAE. Classifier-free guidance and the schedule stay in ``LoadedModel.predict`` and ``core``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+Conditioning = Literal["none", "class", "text"]
+
+
+@dataclass
+class Cond:
+    """Per-batch conditioning: class labels, or encoded prompts with the unconditional half.
+
+    ``extra`` holds further per-row network inputs (SDXL's time ids, PixArt's attention mask) and
+    ``negative_extra`` their unconditional rows where those differ; ``distilled_guidance`` is the
+    guidance a guidance-distilled network (Flux dev) takes as an input instead of two calls.
+    """
+
+    class_labels: Optional[Tensor] = None
+    prompt_embeds: Optional[Tensor] = None
+    negative_prompt_embeds: Optional[Tensor] = None
+    pooled: Optional[Tensor] = None
+    negative_pooled: Optional[Tensor] = None
+    guidance_scale: float = 1.0
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    negative_extra: dict[str, Tensor] = field(default_factory=dict)
+    distilled_guidance: Optional[float] = None
+
+    def guided_batch(self, null_class: Optional[int]) -> "Cond":
+        """The batch ``[unconditional; conditional]`` of one guided call (null class or negative prompt first)."""
+        def both(neg: Optional[Tensor], pos: Optional[Tensor]) -> Optional[Tensor]:
+            return None if pos is None else torch.cat([pos if neg is None else neg, pos])
+
+        labels = None
+        if self.class_labels is not None:
+            assert null_class is not None
+            labels = torch.cat([torch.full_like(self.class_labels, null_class), self.class_labels])
+        return Cond(class_labels=labels, prompt_embeds=both(self.negative_prompt_embeds, self.prompt_embeds),
+                    pooled=both(self.negative_pooled, self.pooled),
+                    extra={k: both(self.negative_extra.get(k), v) for k, v in self.extra.items()},
+                    distilled_guidance=self.distilled_guidance)
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """How many image pixels one latent pixel spans: ``2 ** (len(block_out_channels) - 1)``."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class Family:
+    """A network family: pixel or latent, unconditional, class- or text-conditional.
+
+    Subclasses set ``name`` and ``network_class`` and override what differs; the defaults are those
+    of a diffusers network called as ``network(x, timestep, ...).sample`` on an unpacked latent.
+    """
+
+    name = ""
+    network_class = ""
+    # False for guidance-distilled networks, which take the guidance as an input (Flux dev)
+    classifier_free = True
+
+    def accepts(self, config: dict[str, Any]) -> bool:
+        """Whether a network of ``network_class`` with this config belongs to this family."""
+        return True
+
+    def conditioning(self, config: dict[str, Any]) -> tuple[Conditioning, Optional[int], Optional[int]]:
+        """``(conditioning, number of class embeddings, built-in null class)``."""
+        return "text", None, None
+
+    def sample_shape(self, config: dict[str, Any], vae: Any) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one sample in model space (the network's native size)."""
+        size = config.get("sample_size", 64)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(config.get("in_channels", 4)), int(h), int(w))
+
+    def image_seq_len(self, config: dict[str, Any], shape: tuple[int, int, int]) -> int:
+        """Tokens the network sees for one sample (sets the shift of dynamically shifted flows)."""
+        patch = int(config.get("patch_size") or 1)
+        return (shape[1] // patch) * (shape[2] // patch)
+
+    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device, cfg: bool,
+                    shape: tuple[int, int, int]) -> Cond:
+        """Prompts encoded by the pipeline's text encoders (and the empty negative prompt under ``cfg``)."""
+        pe, npe = pipeline.encode_prompt(prompts, device, 1, cfg)
+        return Cond(prompt_embeds=pe, negative_prompt_embeds=npe)
+
+    def call(self, network: nn.Module, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        """The network's prediction for model-space ``x`` (B, C, H, W) at ``timestep`` (B,), ``t * T``."""
+        return network(x, timestep, encoder_hidden_states=cond.prompt_embeds).sample
+
+    # -- model space <-> images (latents: ``z = (vae_latent - shift) * scale``) ------------------
+    def decode(self, vae: Any, x: Tensor) -> Tensor:
+        """Model-space samples to images in [-1, 1]: ``vae.decode(z / scale + shift)``."""
+        if vae is None:
+            return x
+        cfg = vae.config
+        latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return vae.decode(latents.to(vae.dtype)).sample
+
+    def encode_images(self, vae: Any, x: Tensor) -> Tensor:
+        """Images in [-1, 1] to model space: ``(mean of vae.encode(x) - shift) * scale``."""
+        if vae is None:
+            return x
+        cfg = vae.config
+        latents = vae.encode(x.to(vae.dtype)).latent_dist.mean
+        return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor

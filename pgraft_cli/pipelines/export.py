@@ -1,0 +1,53 @@
+"""``pgraft export``: a checkpoint as files diffusers, ComfyUI or A1111 read without pgraft."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .skeleton import load, resolve_recipe
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ExportOptions:
+    """What ``pgraft export`` takes besides CHECKPOINT and --out."""
+
+    format: str = "diffusers"
+    lora_format: str = "diffusers"
+    keep_adapter: bool = False
+    force: bool = False
+    base: Optional[str] = None
+    config: Optional[str] = None
+    kind: Optional[str] = None
+    allow_pickle: bool = False
+    dtype: Optional[str] = None  # the written weights' dtype; None: the checkpoint's
+
+
+def export(checkpoint: str, out: Path, o: ExportOptions) -> dict[str, Any]:
+    """Check the format against the checkpoint, write everything into a fresh folder, move it onto ``out``."""
+    import torch
+
+    from ..io.export import FORMATS, ExportError, export_diffusers, export_lora, export_single_file, output_folder
+
+    if o.format not in FORMATS:
+        raise ExportError(f"--format {o.format!r} is unknown; use one of {', '.join(FORMATS)}")
+    if o.lora_format != "diffusers" and o.format != "lora":
+        raise ExportError("--lora-format applies to --format lora only; drop it or pass --format lora")
+    if o.keep_adapter and o.format != "diffusers":
+        raise ExportError("--keep-adapter applies to --format diffusers only; drop it")
+    if o.dtype not in (None, *DTYPES):
+        raise ExportError(f"--dtype {o.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    dtype = getattr(torch, o.dtype) if o.dtype else None
+    model = load(checkpoint, o.config, o.kind, o.allow_pickle, resolve_recipe("default", None), o.base)
+    with output_folder(out, o.force) as tmp:
+        if o.format == "diffusers":
+            written = export_diffusers(model, tmp, o.keep_adapter, dtype)
+        elif o.format == "single-file":
+            written = export_single_file(model, tmp, dtype)
+        else:
+            written = export_lora(model, tmp, o.lora_format, dtype)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return {"checkpoint": checkpoint, "out": str(out), "format": o.format, **written, "files": files}

@@ -1,0 +1,27 @@
+"""bench/gpu.py at a tiny size on the CPU: every row runs and the JSON holds its numbers."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_gpu_bench_runs_tiny_on_the_cpu(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--size", "tiny", "--resolution", "32", "--steps", "2", "--train-steps",
+                                      "1", "--nums", "2", "--batch", "2", "--device", "cpu", "--dtype", "float32",
+                                      "--peak-tflops", "1", "--cache", str(tmp_path), "--out", str(out)])
+    monkeypatch.syspath_prepend(str(BENCH))
+    runpy.run_path(str(BENCH / "gpu.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"pgraft sample", "diffusers sample", "pgraft LoRA step", "diffusers LoRA step"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["rate"] > 0 and r["tflops_per_s"] > 0 and 0 < r["mfu"] < 1
+    table = capsys.readouterr().out
+    assert "pgraft sample" in table and "MFU" in table

@@ -1,0 +1,365 @@
+"""pgraft export: the folders sample as `pgraft sample` does, adapters load in diffusers, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pgraft_cli.cli import app
+from pgraft_cli.io.checkpoints import base_info_of, load_model, save_corrected, save_finetuned
+from pgraft_cli.io.recipes import FinetuneConfig
+from pgraft_cli.io.runstore import iter_shards
+from pgraft_cli.models.corrector import NoiseCorrector
+from pgraft_cli.stages.finetune import prepare_tuning
+from pgraft_cli.stages.sample import initial_noise
+
+runner = CliRunner()
+PROMPTS = ["a red cube", "two cats"]
+
+
+def _tuned_file(tmp_path, source, cutoff, lora_rank=2, tuned_guidance="reapply", name="tuned"):
+    """A fine-tune file whose tuned part visibly differs from the base (random LoRA B, or scaled weights)."""
+    model = load_model(str(source))
+    cfg = FinetuneConfig(cutoff=cutoff, lora_rank=lora_rank, lora_alpha=2 * lora_rank, tuned_guidance=tuned_guidance)
+    net = prepare_tuning(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if lora_rank and "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif not lora_rank:
+                p.mul_(0.8)
+    return save_finetuned(tmp_path / f"{name}.safetensors", model, base_info_of(model), cfg, {}, {}), model
+
+
+def _corrected_file(tmp_path, kind="flow"):
+    """A corrector for 4 digits steps: a random flow UNet, or a random Gaussian map (``gaussian``: L lower
+    triangular with a positive diagonal; ``gaussian-diag``: std in (0.5, 1.5))."""
+    from diffusers import UNet2DModel
+
+    base = load_model("digits")
+    torch.manual_seed(0)
+    if kind == "flow":
+        config = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, sample_size=16, in_channels=1,
+                      out_channels=1, down_block_types=["DownBlock2D", "DownBlock2D"],
+                      up_block_types=["UpBlock2D", "UpBlock2D"])
+        corrector = NoiseCorrector("flow", 4, 2, network=UNet2DModel(**config).eval(), model_config=config)
+    else:
+        dim = 16 * 16
+        mean = 0.3 * torch.randn(dim, dtype=torch.float64)
+        chol = torch.eye(dim, dtype=torch.float64) + 0.05 * torch.randn(dim, dim, dtype=torch.float64).tril(-1)
+        corrector = NoiseCorrector(kind, 4, 0, mean=mean, chol=chol if kind == "gaussian" else None,
+                                   std=0.5 + torch.rand(dim, dtype=torch.float64) if kind == "gaussian-diag" else None)
+    return save_corrected(tmp_path / "corrected.safetensors", corrector, base, {}, {})
+
+
+def _export(checkpoint, out, *args):
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(out), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _pgraft_sample(tmp_path, checkpoint, num, steps, *args):
+    """The final model-space states of `pgraft sample` (seed 0), in index order."""
+    run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+    result = runner.invoke(app, ["sample", str(checkpoint), "--num", str(num), "--steps", str(steps), "--batch-size", "16",
+                                 "--run-dir", str(run), "--out", str(run / "png"), "--quiet", *args])
+    assert result.exit_code == 0, result.output
+    return torch.cat([s["samples"] for s in iter_shards(run, "sample", "samples")])
+
+
+def _assert_same(got, want):
+    """Equal to 1e-5 of the samples' scale (random tiny SD latents reach |x| ~ 50; float32 rounds at ~1e-6 of it)."""
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+def _exported_sample(folder, num, steps, **kw):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    noise = initial_noise(0, list(range(num)), tuple(pipe.unet.config[k] for k in ("in_channels",)) +
+                          (pipe.unet.config.sample_size,) * 2)
+    with torch.no_grad():
+        return pipe(num_inference_steps=steps, latents=noise, output_type="latent", **kw).images.float(), pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# The exported pipeline samples as `pgraft sample`
+
+
+@pytest.mark.parametrize("kind", ["plain", "corrected", "gaussian", "gaussian-diag", "lora-pgraft", "full-pgraft"])
+def test_exported_digits_pipeline_gives_the_images_of_pgraft_sample(tmp_path, kind):
+    checkpoint = {"plain": lambda: "digits", "corrected": lambda: _corrected_file(tmp_path),
+                  "gaussian": lambda: _corrected_file(tmp_path, "gaussian"),
+                  "gaussian-diag": lambda: _corrected_file(tmp_path, "gaussian-diag"),
+                  "lora-pgraft": lambda: _tuned_file(tmp_path, "digits", 0.5)[0],
+                  "full-pgraft": lambda: _tuned_file(tmp_path, "digits", 0.5, lora_rank=0)[0]}[kind]()
+    summary = _export(checkpoint, tmp_path / "pipe")
+    assert summary["pipeline"] == "PgraftPipeline" and "pipeline.py" in summary["files"]
+    want = _pgraft_sample(tmp_path, checkpoint, 3, 4)
+    got, pipe = _exported_sample(tmp_path / "pipe", 3, 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    if kind != "plain":  # the composition changes the images (so the comparison above is not vacuous)
+        base = _pgraft_sample(tmp_path, "digits", 3, 4)
+        assert float((base - want).abs().max()) > 1e-2
+    images = pipe(num_inference_steps=4, latents=initial_noise(0, [0], (1, 16, 16)), output_type="pt").images
+    torch.testing.assert_close(images, ((want[:1] + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_graft_lora_at_cutoff_zero_is_a_plain_stable_diffusion_folder(tmp_path, tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    summary = _export(checkpoint, tmp_path / "pipe")
+    assert summary["pipeline"] == "StableDiffusionPipeline" and "pipeline.py" not in summary["files"]
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                          "--guidance-scale", "3")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    noise = initial_noise(0, [0, 1], (4, 8, 8))
+    got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=noise, output_type="latent").images
+    _assert_same(got, want)
+
+
+def test_pgraft_text_model_with_unguided_tuned_segment_exports_its_composed_sampler(tmp_path, tiny_sd_dir):
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5, tuned_guidance="none")
+    summary = _export(checkpoint, tmp_path / "pipe")
+    assert summary["pipeline"] == "PgraftPipeline"
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                          "--guidance-scale", "3")
+    got, _ = _exported_sample(tmp_path / "pipe", 2, 4, prompt=PROMPTS, guidance_scale=3.0)
+    _assert_same(got, want)
+
+
+def test_class_guided_model_exports_a_pipeline_guided_against_its_null_class(tmp_path):
+    from test_finetune import _null_class_model
+
+    checkpoint = _null_class_model(tmp_path)
+    assert _export(checkpoint, tmp_path / "pipe")["pipeline"] == "PgraftPipeline"
+    want = _pgraft_sample(tmp_path, checkpoint, 3, 4, "--class", "1", "--guidance-scale", "2.5")
+    got, _ = _exported_sample(tmp_path / "pipe", 3, 4, class_labels=[1, 1, 1], guidance_scale=2.5)
+    _assert_same(got, want)  # random weights: |x| ~ 500
+    unguided, _ = _exported_sample(tmp_path / "pipe", 3, 4, class_labels=[1, 1, 1])
+    assert float((unguided - want).abs().max()) > 1e-3  # guidance changes the images: the match above is not vacuous
+
+
+def test_a_plain_pixel_model_is_a_stock_ddim_pipeline_on_pgraft_grid(tmp_path, unet_pipeline_dir):
+    from diffusers import DDIMPipeline
+
+    from pgraft_cli.stages.sample import noise_seed
+
+    model = unet_pipeline_dir("ddpm", prediction_type="v_prediction")  # epsilon: random weights saturate every pixel
+    assert _export(model, tmp_path / "pipe")["pipeline"] == "DDIMPipeline"
+    want = _pgraft_sample(tmp_path, model, 3, 4)
+    assert float((want.abs() < 1).float().mean()) > 0.5  # most pixels survive the clamp: the match below means something
+    pipe = DDIMPipeline.from_pretrained(str(tmp_path / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(noise_seed(0, i)) for i in range(3)]  # pgraft's noise, per image
+    got = pipe(batch_size=3, generator=generators, num_inference_steps=4, eta=0.0, output_type="np").images
+    torch.testing.assert_close(torch.from_numpy(got).permute(0, 3, 1, 2), ((want + 1) / 2).clamp(0, 1),
+                               atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single file
+
+
+@pytest.mark.parametrize("sd2", [False, True])
+def test_single_file_loads_in_from_single_file_and_gives_the_images_of_pgraft_sample(tmp_path, tiny_sd_dir, sd2):
+    """SD 1.x with a LoRA fused, SD 2.x (OpenCLIP keys, v-prediction) with a full fine-tune; diffusers takes the
+    file with the tiny folder as its config, and pgraft's grid (DDIM trailing, alpha = 1 at the end)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from conftest import build_tiny_sd_pipeline
+
+    base = build_tiny_sd_pipeline(tmp_path / "sd2", sd2=True) if sd2 else tiny_sd_dir
+    checkpoint, _ = _tuned_file(tmp_path, base, 0.0, lora_rank=0 if sd2 else 2)
+    summary = _export(checkpoint, tmp_path / "sf", "--format", "single-file")
+    assert summary["files"] == ["model.safetensors"] and ("OpenCLIP" in summary["layout"]) == sd2
+    pipe = StableDiffusionPipeline.from_single_file(str(tmp_path / "sf" / "model.safetensors"), config=str(base),
+                                                    local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                               set_alpha_to_one=True, steps_offset=0)
+    pipe.set_progress_bar_config(disable=True)
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                          "--guidance-scale", "3")
+    got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, latents=initial_noise(0, [0, 1], (4, 8, 8)),
+               output_type="latent").images
+    _assert_same(got, want)
+    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                                        "--guidance-scale", "3")).abs().max()) > 1e-3  # the tune is in the file
+
+
+def test_single_file_keys_of_full_size_sd_networks_convert_back_through_diffusers(tmp_path):
+    """SD 1.5 / 2.1 sized UNets and VAE (on the meta device): the original keys diffusers' own converter reads
+    back to every diffusers key, and the ones known from the released checkpoints are there."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from pgraft_cli.io.single_file import unet_to_single_file, vae_to_single_file
+
+    with init_empty_weights():
+        unets = [UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
+                 UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                                      use_linear_projection=True)]
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2)
+    for unet in unets:
+        state = unet.state_dict()
+        ldm = unet_to_single_file(state, 2)
+        assert {f"model.diffusion_model.{k}" for k in ("input_blocks.3.0.op.weight", "output_blocks.2.1.conv.weight",
+                "output_blocks.5.2.conv.weight", "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_in.weight",
+                "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "time_embed.2.bias")} <= set(ldm)
+        back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+        assert set(back) == set(state) and all(back[k] is state[k] for k in state)
+    state = vae.state_dict()
+    ldm = vae_to_single_file(state)
+    assert {f"first_stage_model.{k}" for k in ("decoder.up.3.upsample.conv.weight", "encoder.down.1.block.0.nin_shortcut.weight",
+            "decoder.up.0.block.2.conv2.weight", "decoder.norm_out.bias", "post_quant_conv.weight")} <= set(ldm)
+    assert ldm["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    assert set(convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == set(state)
+
+
+def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tmp_path, tiny_sd_dir):
+    from pgraft_cli.io.export import ExportError
+    from pgraft_cli.pipelines.export import ExportOptions, export
+
+    with pytest.raises(ExportError, match="--dtype 'int8' is unknown; use one of float32, float16, bfloat16"):
+        export("digits", tmp_path / "a", ExportOptions(dtype="int8"))
+    single = ExportOptions(format="single-file")
+    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x .* use --format diffusers") as e:
+        export("digits", tmp_path / "a", single)
+    pgraft, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5)
+    with pytest.raises(ExportError, match=r"cannot be one single file: the tuned network runs above t = 0\.5") as e2:
+        export(str(pgraft), tmp_path / "b", single)
+    assert "\n" not in str(e.value) + str(e2.value) and sorted(p.name for p in tmp_path.iterdir()) == ["tuned.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# --dtype
+
+
+@pytest.mark.parametrize("fmt, dtype", [("diffusers", None), ("diffusers", "float16"), ("single-file", "bfloat16"),
+                                        ("lora", "float16")])
+def test_dtype_sets_the_written_weights_dtype(tmp_path, tiny_sd_dir, fmt, dtype):
+    from safetensors import safe_open
+
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    _export(checkpoint, tmp_path / "out", "--format", fmt, *(["--dtype", dtype] if dtype else []))
+    files = sorted((tmp_path / "out").rglob("*.safetensors"))
+    assert len(files) >= (3 if fmt == "diffusers" else 1)
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype or "float32")}, file
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA files
+
+
+def _unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, embeds = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([700.0, 300.0]), encoder_hidden_states=embeds).sample
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_lora_round_trip_through_load_lora_weights_changes_the_output_as_pgraft_adapter_does(tmp_path, tiny_sd_dir, layout):
+    from diffusers import StableDiffusionPipeline
+
+    from pgraft_cli.io.export import KOHYA_FILE
+
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    summary = _export(checkpoint, tmp_path / "lora", "--format", "lora", "--lora-format", layout)
+    assert summary["alpha"] == 4 and summary["rank"] == 2  # alpha != rank: the scale must travel with the file
+    pgraft = load_model(str(checkpoint))
+    want = _unet_output(pgraft.network)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir))
+    before = _unet_output(pipe.unet)
+    assert float((want - before).abs().max()) > 1e-3
+    pipe.load_lora_weights(str(tmp_path / "lora"), **({"weight_name": KOHYA_FILE} if layout == "kohya" else {}))
+    torch.testing.assert_close(_unet_output(pipe.unet), want, atol=1e-5, rtol=0)
+
+
+def test_kept_adapter_loads_onto_the_exported_base_pipeline(tmp_path, tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
+    summary = _export(checkpoint, tmp_path / "pipe", "--keep-adapter")
+    assert summary["lora"] == "pytorch_lora_weights.safetensors"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    torch.testing.assert_close(_unet_output(pipe.unet), _unet_output(StableDiffusionPipeline.from_pretrained(
+        str(tiny_sd_dir)).unet), atol=0, rtol=0)  # the base, unfused
+    pipe.load_lora_weights(str(tmp_path / "pipe"))
+    torch.testing.assert_close(_unet_output(pipe.unet), _unet_output(load_model(str(checkpoint)).network),
+                               atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Without pgraft
+
+
+BLOCK_PGRAFT = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] == 'pgraft_cli':
+            raise ImportError('pgraft_cli is blocked in this process')
+sys.meta_path.insert(0, Block())
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+noise = torch.load(sys.argv[2])
+out = pipe(num_inference_steps=4, latents=noise, output_type='latent').images
+assert 'pgraft_cli' not in sys.modules
+torch.save(out, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corrector", ["flow", "gaussian"])
+def test_an_exported_folder_samples_in_a_fresh_process_where_pgraft_is_not_importable(tmp_path, corrector):
+    checkpoint = _corrected_file(tmp_path, corrector)
+    _export(checkpoint, tmp_path / "pipe")
+    noise = initial_noise(0, [0, 1], (1, 16, 16))
+    torch.save(noise, tmp_path / "noise.pt")
+    result = subprocess.run([sys.executable, "-c", BLOCK_PGRAFT, str(tmp_path / "pipe"), str(tmp_path / "noise.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    got, pipe = _exported_sample(tmp_path / "pipe", 2, 4)
+    assert not type(pipe.corrector).__module__.startswith("pgraft_cli")  # the class written beside the weights
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), got, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, nothing overwritten
+
+
+def _fails(*args, cwd=None):
+    result = subprocess.run([sys.executable, "-m", "pgraft_cli", "export", *map(str, args)],
+                            capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_bad_exports_fail_in_one_line_and_leave_out_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "not empty" in _fails("digits", "--out", out)
+    assert "--format 'onnx' is unknown" in _fails("digits", "--out", tmp_path / "a", "--format", "onnx")
+    assert "no LoRA adapter" in _fails("digits", "--out", tmp_path / "b", "--format", "lora")
+    assert "single-file" in _fails("digits", "--out", tmp_path / "c", "--format", "single-file")
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    summary = _export("digits", out, "--force")
+    assert not (out / "keep.txt").exists() and "pipeline.py" in summary["files"]

@@ -1,0 +1,236 @@
+"""Parity of every model family with its own diffusers pipeline, and the family registry.
+
+Each family's tiny random-weight pipeline (conftest.py) runs twice from the same initial noise on
+the pipeline's own timestep/sigma grid: once through diffusers' pipeline, once through pgraft's
+adapter, guidance and sampler. The final latents and the decoded images must agree to 1e-4, which
+pins latent packing, VAE scaling and shift, guidance and the prediction conversions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pgraft_cli.core.samplers import sample
+from pgraft_cli.errors import ModelLoadError
+from pgraft_cli.io.checkpoints import describe, load_model
+from pgraft_cli.models.families import SUPPORTED_CLASSES, family_for
+
+ATOL = 1e-4
+STEPS = 4
+
+
+def diffusers_grid(model) -> torch.Tensor:
+    """The pipeline scheduler's own grid in pgraft's time: sigmas for flows, timesteps / T then 0 for diffusion."""
+    scheduler = model.pipeline.scheduler
+    if model.family == "flow":
+        return scheduler.sigmas.double()
+    return torch.cat([scheduler.timesteps.double() / model.schedule.num_train_timesteps, torch.zeros(1, dtype=torch.float64)])
+
+
+def pgraft_sample(model, noise, prompts=None, classes=None, guidance=1.0, **encode):
+    """pgraft's sampler on the diffusers grid (the pipeline has just set its scheduler's timesteps)."""
+    cond = model.encode(prompts, classes, guidance, **encode)
+    with torch.inference_mode():
+        x, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, noise, diffusers_grid(model))
+        return x, model.decode(x)
+
+
+def assert_parity(ours, theirs):
+    """Equal to 1e-4 of the output's scale: images in [0, 1]; random-weight latents reach |x| ~ 300
+    (x0 = (x - s e) / a with a ~ 0.006 at t ~ 1), where float32 rounding alone is ~1e-5 per operation."""
+    assert ours.shape == theirs.shape
+    assert torch.isfinite(ours).all() and ours.abs().max() > 1e-3  # a real output, not zeros
+    scale = max(1.0, float(theirs.abs().max()))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL * scale)
+
+
+def noise_for(model, n, seed=0):
+    return torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
+
+
+def text_parity(model, guidance, pipe_kwargs=None, pack=lambda x: x, **encode):
+    pipe, prompts = model.pipeline, ["a red square", "two blue circles"]
+    noise = noise_for(model, len(prompts))
+    kwargs = dict(prompt=prompts, num_inference_steps=STEPS, guidance_scale=guidance, **(pipe_kwargs or {}))
+    with torch.inference_mode():
+        latents = pipe(latents=pack(noise.clone()), output_type="latent", **kwargs).images
+        images = pipe(latents=pack(noise.clone()), output_type="pt", **kwargs).images
+    ours, decoded = pgraft_sample(model, noise, prompts=prompts, guidance=guidance, **encode)
+    return pack(ours), latents, decoded, images
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sd_matches_stable_diffusion_pipeline(tiny_sd_dir, guidance):
+    from diffusers import DDIMScheduler
+
+    model = load_model(str(tiny_sd_dir))
+    # the folder's DDIM ends on alphas_cumprod[0]; pgraft's sampler ends on clean data (alpha = 1)
+    model.pipeline.scheduler = DDIMScheduler.from_config(model.pipeline.scheduler.config, set_alpha_to_one=True)
+    ours, latents, decoded, images = text_parity(model, guidance)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sdxl_matches_stable_diffusion_xl_pipeline(tiny_sdxl_dir, guidance):
+    model = load_model(str(tiny_sdxl_dir))
+    assert describe(model)["architecture"] == "sdxl" and model.conditioning == "text"
+    # diffusers' Euler (epsilon, sigma space) is pgraft's DDIM step on its own grid
+    ours, latents, decoded, images = text_parity(model, guidance)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sd3_matches_stable_diffusion_3_pipeline(tiny_sd3_dir, guidance):
+    model = load_model(str(tiny_sd3_dir))
+    ours, latents, decoded, images = text_parity(model, guidance)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_pixart_matches_pixart_alpha_pipeline(tiny_pixart_dir, guidance):
+    model = load_model(str(tiny_pixart_dir))
+    assert describe(model)["architecture"] == "pixart" and model.network.config.out_channels == 8  # learned sigma
+    ours, latents, decoded, images = text_parity(
+        model, guidance, pipe_kwargs=dict(use_resolution_binning=False, clean_caption=False))
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+
+
+@pytest.mark.parametrize("distilled", [3.5, 7.0])
+def test_flux_matches_flux_pipeline(tiny_flux_dir, distilled):
+    from pgraft_cli.models.families.flux import pack
+
+    model = load_model(str(tiny_flux_dir))
+    assert describe(model)["architecture"] == "flux" and not model.guided  # guidance is an input, not two calls
+    size = dict(zip(("height", "width"), model.image_shape[1:]))  # FluxPipeline defaults to 128 latent pixels
+    ours, latents, decoded, images = text_parity(model, distilled, pipe_kwargs=size, pack=pack,
+                                                 distilled_guidance=distilled)
+    assert_parity(ours, latents)
+    assert_parity(decoded, images)
+    # the dynamic shift at 16 tokens: pgraft's own grid is the pipeline's
+    torch.testing.assert_close(model.schedule.grid(STEPS), diffusers_grid(model), rtol=0, atol=1e-6)
+
+
+def test_flux_guidance_is_the_distilled_input_and_moves_the_sample(tiny_flux_dir):
+    model = load_model(str(tiny_flux_dir))
+    noise = noise_for(model, 1)
+    model.pipeline.scheduler.set_timesteps(sigmas=None, num_inference_steps=STEPS, mu=math.log(model.schedule.shift))
+    low, high = (pgraft_sample(model, noise, prompts=["a cat"], distilled_guidance=g)[0] for g in (1.0, 6.0))
+    assert (low - high).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_dit_matches_dit_pipeline(tiny_dit_dir, guidance):
+    model = load_model(str(tiny_dit_dir))
+    info = describe(model)
+    assert (info["architecture"], model.conditioning, model.num_classes, model.null_class) == ("dit", "class", 1000, 1000)
+    assert model.guided
+    classes, seed = [3, 999], 7
+    # DiTPipeline draws its own noise: the same generator gives pgraft the same draw
+    noise = torch.randn((len(classes), *model.sample_shape), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        images = model.pipeline(class_labels=classes, guidance_scale=guidance, num_inference_steps=STEPS,
+                                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    _, decoded = pgraft_sample(model, noise, classes=classes, guidance=guidance)
+    assert_parity(decoded, images)
+
+
+def test_pixel_unet_matches_ddim_pipeline(unet_pipeline_dir):
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    model = load_model(str(unet_pipeline_dir("ddim", channels=3)))
+    # pgraft's sampler neither clips x0 nor evaluates at t = 0 (leading spacing's last timestep)
+    scheduler = DDIMScheduler.from_config(model.scheduler_config, clip_sample=False, timestep_spacing="trailing")
+    pipe, seed = DDIMPipeline(unet=model.network, scheduler=scheduler), 5
+    noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=STEPS, eta=0.0,
+                      output_type="np").images
+    grid = torch.cat([pipe.scheduler.timesteps.double() / 1000, torch.zeros(1, dtype=torch.float64)])
+    with torch.inference_mode():
+        x, _ = sample(lambda x, t: model.predict(x, t, model.encode(None, None, 1.0)), model.schedule, noise, grid)
+    assert_parity(model.decode(x).permute(0, 2, 3, 1), torch.from_numpy(theirs))  # DDIMPipeline: channels last
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry
+
+
+def test_registry_names_every_family_and_refuses_the_rest(tiny_sdxl_dir):
+    assert {"UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "DiTTransformer2DModel"} <= set(SUPPORTED_CLASSES)
+    unet_config = json.loads((tiny_sdxl_dir / "unet" / "config.json").read_text())
+    assert family_for("UNet2DConditionModel", unet_config).name == "sdxl"
+    assert family_for("UNet2DConditionModel", {**unet_config, "addition_embed_type": None}).name == "sd"
+    with pytest.raises(ModelLoadError, match="extra conditioning") as exc:
+        family_for("UNet2DConditionModel", {**unet_config, "addition_embed_type": "image"})
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ModelLoadError, match="not supported; pgraft loads UNet2DModel, ") as exc:
+        family_for("AutoencoderKL", {})
+    assert all(name in str(exc.value) for name in SUPPORTED_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each family through the CLI: inspect, guided sample, LoRA finetune with a reward, sampled back
+
+FAMILY_RUNS = {  # fixture: (architecture, conditioning options)
+    "tiny_sdxl_dir": ("sdxl", ["--prompt", "a red cube", "--prompt", "a blue ball"]),
+    "tiny_dit_dir": ("dit", ["--class", "3"]),
+    "tiny_pixart_dir": ("pixart", ["--prompt", "a red cube", "--prompt", "a blue ball"]),
+    "tiny_flux_dir": ("flux", ["--prompt", "a red cube", "--prompt", "a blue ball", "--set", "sample.distilled_guidance=4.0"]),
+}
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from pgraft_cli.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout.strip()
+    return json.loads(text if text.startswith("{\n") else text.splitlines()[-1])  # inspect prints it indented
+
+
+def _pngs(folder):
+    from PIL import Image
+
+    images = sorted(folder.glob("*.png"))
+    return [Image.open(p) for p in images]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", sorted(FAMILY_RUNS))
+def test_family_inspect_sample_finetune_and_sample_back(fixture, request, tmp_path):
+    from safetensors import safe_open
+
+    folder = request.getfixturevalue(fixture)
+    architecture, conditioning = FAMILY_RUNS[fixture]
+    info = _cli("inspect", str(folder))
+    assert info["architecture"] == architecture and info["latent"] and info["image_shape"] == [3, 16, 16]
+    tiny = ["--set", "sample.lane=2", "--set", "sample.batch_size=4", "--set", "sample.steps=2"]
+    _cli("sample", str(folder), "--num", "4", "--guidance-scale", "3.0", "--run-dir", str(tmp_path / "s"),
+         "--out", str(tmp_path / "base"), *conditioning, *tiny)
+    base = _pngs(tmp_path / "base")
+    assert len(base) == 4 and all(im.size == (16, 16) and im.mode == "RGB" for im in base)
+    out = tmp_path / "lora.safetensors"
+    _cli("finetune", str(folder), "--reward", "jpeg-compressibility", "--cutoff", "0.5", "--lora-rank", "2",
+         "--run-dir", str(tmp_path / "f"), "--out", str(out), *conditioning, "--set", "sample.num=8",
+         "--set", "sample.steps=2", "--set", "sample.lane=4", "--set", "sample.batch_size=8",
+         "--set", "finetune.steps=2", "--set", "finetune.batch_size=2", "--set", "finetune.rounds=1",
+         "--set", "finetune.learning_rate=1e-2", "--set", "evaluate.num=4", "--set", "filter.m=4")
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)
+    tuned = load_model(str(out))
+    assert tuned.lora and tuned.adapter.name == architecture
+    assert any(float(v.abs().max()) > 0 for k, v in tuned.network.state_dict().items() if "lora_B" in k)
+    _cli("sample", str(out), "--num", "4", "--guidance-scale", "3.0", "--run-dir", str(tmp_path / "t"),
+         "--out", str(tmp_path / "tuned"), *conditioning, *tiny)
+    assert len(_pngs(tmp_path / "tuned")) == 4

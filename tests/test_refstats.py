@@ -1,0 +1,91 @@
+"""Reference statistics: ``pgraft stats`` files, ``--data ref.npz``, and the run/user caches."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pgraft_cli.cli import app
+from pgraft_cli.errors import PgraftError
+from pgraft_cli.io.data import load_data
+from pgraft_cli.io.refstats import FORMAT, is_stats_file, load_stats, user_cache_dir
+from pgraft_cli.stages import evaluate as ev
+
+runner = CliRunner()
+EVAL = ["--num", "16", "--steps", "2", "--json", "--quiet"]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.output)
+
+
+def test_stats_file_holds_the_features_mean_covariance_and_rows(tmp_path):
+    out = tmp_path / "ref.npz"
+    summary = invoke("stats", "digits-test", "--features", "classifier", "--out", out, "--json")
+    state, meta = load_stats(out)  # np.load(allow_pickle=False) inside
+    feats = ev.classifier_features()(load_data("digits-test", (1, 16, 16))).numpy()
+    assert meta["format"] == FORMAT and meta["features"] == ev.classifier_features().identity
+    assert meta["image_shape"] == [1, 16, 16] and summary["num"] == len(feats) == int(state["n"])
+    np.testing.assert_allclose(state["mu"], feats.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(state["sigma"], np.cov(feats, rowvar=False), rtol=1e-8, atol=1e-10)
+    np.testing.assert_array_equal(state["features"], feats.astype(np.float32))
+    assert is_stats_file(str(out))
+    with np.load(out, allow_pickle=False) as z:  # plain arrays: no object arrays anywhere
+        assert all(z[k].dtype != object for k in z.files)
+
+
+def test_data_from_a_stats_file_gives_the_same_metrics_as_the_images(tmp_path):
+    out = tmp_path / "ref.npz"
+    invoke("stats", "digits-test", "--features", "classifier", "--out", out, "--json")
+    a = invoke("evaluate", "digits", "--data", "digits-test", "--features", "classifier", "--run-dir", tmp_path / "a", *EVAL)
+    b = invoke("evaluate", "digits", "--data", out, "--features", "classifier", "--run-dir", tmp_path / "b", *EVAL)
+    assert a["fid"] is not None
+    assert (a["fid"], a["kid"], a["precision"], a["recall"]) == (b["fid"], b["kid"], b["precision"], b["recall"])
+
+
+def test_a_stats_file_of_other_features_is_one_error(tmp_path):
+    out = tmp_path / "ref.npz"
+    invoke("stats", "digits-test", "--features", "judge", "--out", out, "--json")
+    result = runner.invoke(app, ["evaluate", "digits", "--data", str(out), "--features", "classifier",
+                                 "--run-dir", str(tmp_path / "r"), *EVAL])
+    assert isinstance(result.exception, PgraftError) and "pass matching --features" in str(result.exception)
+
+
+def test_correct_refuses_statistics_for_the_images_it_inverts(tmp_path):
+    out = tmp_path / "ref.npz"
+    invoke("stats", "digits-test", "--features", "classifier", "--out", out, "--json")
+    result = runner.invoke(app, ["correct", "digits", "--data", str(out), "--run-dir", str(tmp_path / "r")])
+    assert isinstance(result.exception, PgraftError) and "not images" in str(result.exception)
+
+
+def test_references_are_cached_in_the_run_and_user_cache_and_reused(tmp_path, monkeypatch):
+    first = invoke("evaluate", "digits", "--data", "digits-test", "--features", "classifier",
+                   "--run-dir", tmp_path / "a", *EVAL)
+    assert len(list((tmp_path / "a" / "refstats").glob("*.npz"))) == 1
+    assert len(list(user_cache_dir().glob("*.npz"))) == 1
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("the reference was recomputed from images")
+
+    monkeypatch.setattr(ev, "reference", no_images)
+    again = invoke("evaluate", "digits", "--data", "digits-test", "--features", "classifier",
+                   "--run-dir", tmp_path / "b", *EVAL)  # a new run: found in the user cache
+    assert again["fid"] == first["fid"] and len(list((tmp_path / "b" / "refstats").glob("*.npz"))) == 1
+    with pytest.raises(AssertionError, match="recomputed"):  # other features: another key
+        invoke("evaluate", "digits", "--data", "digits-test", "--features", "judge", "--run-dir", tmp_path / "c", *EVAL)
+
+
+def test_an_npz_of_images_is_not_a_stats_file(tmp_path):
+    path = tmp_path / "images.npz"
+    np.savez(path, images=np.zeros((4, 16, 16, 1), np.uint8))
+    assert not is_stats_file(str(path))
+    with pytest.raises(PgraftError, match="not a pgraft stats file"):
+        load_stats(path)
+
+
+def test_stats_needs_a_shape_for_a_folder(tmp_path):
+    result = runner.invoke(app, ["stats", str(tmp_path), "--out", str(tmp_path / "r.npz")])
+    assert isinstance(result.exception, PgraftError) and "--shape" in str(result.exception)

@@ -1,0 +1,195 @@
+"""Released single-file checkpoints: detected from their keys, loaded through diffusers' from_single_file with a
+local --config folder, keyed by the file and the folder, and found again as the base of files made from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from conftest import build_tiny_sd_pipeline
+from pgraft_cli.cli import app
+from pgraft_cli.errors import ModelLoadError
+from pgraft_cli.io.checkpoints import base_info_of, identity_of, load_model, save_corrected, save_finetuned
+from pgraft_cli.io.recipes import FinetuneConfig
+from pgraft_cli.io.runstore import sha256_file
+from pgraft_cli.io.single_file import FLUX_DEV, FLUX_SCHNELL, SD1, SD2, SDXL, detect_layout, to_single_file
+from pgraft_cli.models.corrector import NoiseCorrector
+from pgraft_cli.stages.finetune import prepare_tuning
+from test_export import PROMPTS, _pgraft_sample
+
+runner = CliRunner()
+
+
+def _single_file(folder, out):
+    """The folder's UNet, VAE and text encoder in the original layout, as a released file has them."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    open_clip = pipe.unet.config.use_linear_projection  # the tiny SD 2 pipeline's marker
+    state = to_single_file(pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(),
+                           pipe.unet.config.layers_per_block, open_clip)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+@pytest.fixture(params=[False, True], ids=["sd1", "sd2"])
+def sd(request, tmp_path, tiny_sd_dir):
+    """(pipeline folder, its single file, layout) for SD 1.x and SD 2.x (OpenCLIP keys, v-prediction)."""
+    folder = build_tiny_sd_pipeline(tmp_path / "sd2", sd2=True) if request.param else tiny_sd_dir
+    return folder, _single_file(folder, tmp_path / "model.safetensors"), SD2 if request.param else SD1
+
+
+def _fail(*args):
+    result = runner.invoke(app, [*map(str, args)])
+    assert result.exit_code != 0 and isinstance(result.exception, ModelLoadError), result.output
+    assert "\n" not in str(result.exception)
+    return str(result.exception)
+
+
+def test_single_file_samples_the_images_of_its_folder_and_inspect_names_the_layout(tmp_path, sd):
+    folder, file, layout = sd
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
+    got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
+    want = _pgraft_sample(tmp_path, folder, 2, 3, *prompts)
+    assert torch.equal(got, want)
+    result = runner.invoke(app, ["inspect", str(file), "--config", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["source_kind"] == f"single-file {layout.name}" and info["model_class"] == "UNet2DConditionModel"
+    assert info["prediction_type"] == ("v_prediction" if layout is SD2 else "epsilon")
+    assert info["identity"] == f"{sha256_file(file)}+{identity_of(folder.absolute())}"
+
+
+def test_identity_changes_with_the_config_folder(tmp_path, tiny_sd_dir):
+    import shutil
+
+    file = _single_file(tiny_sd_dir, tmp_path / "model.safetensors")
+    other = shutil.copytree(tiny_sd_dir, tmp_path / "other")
+    sched = other / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps(json.loads(sched.read_text()) | {"beta_end": 0.02}))
+    a, b = load_model(str(file), config=str(tiny_sd_dir)), load_model(str(file), config=str(other))
+    assert a.identity.split("+")[0] == b.identity.split("+")[0] and a.identity != b.identity
+    assert a.schedule.alphas_cumprod[-1] != b.schedule.alphas_cumprod[-1]
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    state["model.diffusion_model.out.2.bias"] += 1.0  # the weights come from the file, not from the folder
+    save_file(state, str(file))
+    c = load_model(str(file), config=str(tiny_sd_dir))
+    assert torch.equal(c.network.conv_out.bias, a.network.conv_out.bias + 1.0) and c.identity != a.identity
+
+
+def test_without_config_one_line_names_the_layout_and_the_folder_and_writes_nothing(tmp_path, sd):
+    folder, file, layout = sd
+    run = tmp_path / "run"
+    message = _fail("sample", file, "--num", "2", "--run-dir", run)
+    assert f"is a {layout.name} single-file checkpoint" in message and layout.config_repo in message
+    assert "--config" in message and not run.exists()
+    assert "needs --config" in _fail("inspect", file, "--config", folder / "unet")  # a folder, but not a pipeline's
+
+
+@pytest.mark.parametrize("keys, layout", [
+    (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+      "conditioner.embedders.1.model.token_embedding.weight", "model.diffusion_model.input_blocks.0.0.weight"], SDXL),
+    (["model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.input_blocks.0.0.weight"], SDXL),
+    (["double_blocks.0.img_attn.qkv.weight", "guidance_in.in_layer.weight", "img_in.weight"], FLUX_DEV),
+    (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.img_in.weight"],
+     FLUX_SCHNELL),
+])
+def test_sdxl_and_flux_are_detected_and_ask_for_their_config_folder(tmp_path, keys, layout):
+    file = tmp_path / "model.safetensors"
+    save_file({k: torch.zeros(2) for k in keys}, str(file))
+    assert detect_layout(keys) is layout
+    message = _fail("inspect", file)
+    assert f"is a {layout.name} single-file checkpoint" in message and f"laid out as {layout.config_repo}" in message
+
+
+def test_unknown_keys_are_one_line_listing_the_supported_layouts(tmp_path, tiny_sd_dir):
+    for i, keys in enumerate([["encoder.weight"], ["model.diffusion_model.something.weight"]]):
+        file = tmp_path / f"m{i}.safetensors"
+        save_file({k: torch.zeros(2) for k in keys}, str(file))
+        message = _fail("inspect", file, *(["--config", tiny_sd_dir] if i else []))
+        assert "neither a pgraft file nor a single-file checkpoint" in message
+        assert all(name in message for name in ("SD 1.x", "SD 2.x", "SDXL", "Flux.1-dev"))
+
+
+def test_files_made_from_a_single_file_find_it_again(tmp_path, tiny_sd_dir):
+    """A full fine-tune of the single file samples as the same fine-tune of the folder, with no --config; a
+    corrector file records the base's config folder and hash too."""
+    file = _single_file(tiny_sd_dir, tmp_path / "model.safetensors")
+    tuned = {}
+    for name, source, config in (("file", file, str(tiny_sd_dir)), ("folder", tiny_sd_dir, None)):
+        model = load_model(str(source), config=config)
+        cfg = FinetuneConfig(cutoff=0.5, lora_rank=0)
+        with torch.no_grad():
+            for p in prepare_tuning(model, cfg).parameters():
+                p.mul_(0.8)
+        tuned[name] = save_finetuned(tmp_path / f"tuned-{name}.safetensors", model, base_info_of(model), cfg, {}, {})
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
+    assert torch.equal(_pgraft_sample(tmp_path, tuned["file"], 2, 3, *prompts),
+                       _pgraft_sample(tmp_path, tuned["folder"], 2, 3, *prompts))
+    loaded = load_model(str(tuned["file"]))
+    base = load_model(str(file), config=str(tiny_sd_dir))
+    assert loaded.base_identity == base.identity and loaded.source_kind == "pgraft-finetune"
+    corrector = NoiseCorrector("gaussian-diag", 3, 0, mean=torch.zeros(256, dtype=torch.float64),
+                               std=torch.ones(256, dtype=torch.float64))
+    corrected = load_model(str(save_corrected(tmp_path / "corrected.safetensors", corrector, base, {}, {})))
+    assert corrected.base_identity == base.identity and corrected.config_dir == str(tiny_sd_dir.absolute())
+
+
+def _tiny_sdxl(folder, out):
+    """A tiny SDXL pipeline folder (two CLIP encoders, text_time embedding) and its file in the original layout:
+    ``conditioner.embedders.0`` OpenAI CLIP, ``.1`` OpenCLIP with ``text_projection`` as (in, out). Their widths
+    differ, as 768 and 1280 do: diffusers tells the two encoders apart by width."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from conftest import _clip_config, _tiny_vae, build_tiny_clip_tokenizer
+    from pgraft_cli.io.single_file import CLIP_PREFIX, OPEN_CLIP_PREFIX, clip_to_single_file
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
+                                cross_attention_dim=32 + 48, attention_head_dim=2, use_linear_projection=True,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    tokenizer = build_tiny_clip_tokenizer(folder.parent / "sdxl-tokenizer")
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=CLIPTextModel(_clip_config()),
+                                     text_encoder_2=CLIPTextModelWithProjection(_clip_config(48, hidden_act="gelu")),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=EulerDiscreteScheduler())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    second = pipe.text_encoder_2.state_dict()
+    projection = second.pop("text_projection.weight")
+    state = {**to_single_file(unet.state_dict(), pipe.vae.state_dict(), {}, 1, False),
+             **{k.replace(CLIP_PREFIX, "conditioner.embedders.0.transformer.text_model."): v
+                for k, v in clip_to_single_file(pipe.text_encoder.state_dict(), False).items()},
+             **{k.replace(OPEN_CLIP_PREFIX, "conditioner.embedders.1.model."): v
+                for k, v in clip_to_single_file(second, True).items()},
+             "conditioner.embedders.1.model.text_projection": projection.T}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return pipe
+
+
+def test_sdxl_file_loads_through_from_single_file_with_every_weight_of_its_folder(tmp_path, monkeypatch):
+    """Up to the pipeline: SDXL's sampling needs the families adapters (the network is refused until then)."""
+    import pgraft_cli.io.checkpoints as checkpoints
+
+    want = _tiny_sdxl(tmp_path / "sdxl", tmp_path / "sdxl.safetensors")
+    loaded = []
+
+    def seen(pipe, *args):
+        loaded.append(pipe)
+        raise LookupError("seen")
+
+    monkeypatch.setattr(checkpoints, "_from_pipeline", seen)
+    with pytest.raises(LookupError, match="seen"):
+        load_model(str(tmp_path / "sdxl.safetensors"), config=str(tmp_path / "sdxl"))
+    assert type(loaded[0]).__name__ == "StableDiffusionXLPipeline"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, ref = getattr(loaded[0], part).state_dict(), getattr(want, part).state_dict()
+        assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), part
