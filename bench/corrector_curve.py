@@ -69,7 +69,7 @@ def main() -> None:
         snapshots: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         step_loss, start = corrector_step_loss(network, noises, cfg), time.perf_counter()
 
-        def snapshot_then_step(step: int) -> float:
+        def snapshot_then_step(step: int) -> torch.Tensor:
             if step in budgets:  # the EMA after `step` steps, before this one
                 snapshots[step] = ({n: v.clone() for n, v in run.ema.items()}, time.perf_counter() - start)
             return step_loss(step)

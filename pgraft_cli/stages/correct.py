@@ -213,7 +213,7 @@ def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device
     """``step_loss(step)`` of the corrector: the flow-matching loss on a batch seeded by ``(seed, step)``, backward."""
     shape = tuple(noises.shape[1:])
 
-    def step_loss(step: int) -> float:
+    def step_loss(step: int) -> Tensor:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
         idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
         e = torch.randn((cfg.corrector_batch_size, *shape), generator=g).to(device)
@@ -221,7 +221,7 @@ def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device
         # the training set stays in host memory; only each step's batch goes to the device
         loss = flow_matching_loss(network, NoiseCorrector.schedule, noises[idx].to(device), e, t)
         loss.backward()
-        return float(loss.detach())
+        return loss.detach()
 
     return step_loss
 

@@ -209,8 +209,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                           f"be a multiple of {world}; use --set finetune.batch_size={-(-cfg.batch_size // world) * world}")
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
-    def step_loss(step: int) -> float:
-        total = 0.0
+    def step_loss(step: int) -> Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=device)  # float64: as a Python float sum, no host sync
         for micro in range(cfg.grad_accum):
             # One global batch per micro-step (the seed's last 0 keeps one process's draws as they
             # were), split across the processes: DDP's mean of their means is the one-process loss.
@@ -227,8 +227,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                 weight = kernel_weight(schedule, t, t_c).to(device, torch.float32)
                 loss = finetune_loss(pred, target.to(device, torch.float32), weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
-        return float(accelerator.reduce(torch.tensor(total, device=device), "mean")) if world > 1 else total
+            total = total + loss.detach().double() / cfg.grad_accum
+        return accelerator.reduce(total.float(), "mean") if world > 1 else total
 
     loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
     train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
