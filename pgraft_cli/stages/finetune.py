@@ -26,7 +26,7 @@ from ..io.checkpoints import model_key
 from ..io.recipes import FinetuneConfig
 from ..io.runstore import RunStore, atomic_path, content_key, derive_seed, stage_rows
 from ..models.loaded import Cond, LoadedModel, base_only, tuned_identity
-from ..models.lora import add_lora, lora_state, set_lora_enabled, set_lora_state
+from ..models.lora import add_lora, frozen_layers_in, lora_state, set_lora_enabled, set_lora_state
 from .train_loop import LoopConfig, Training, train
 
 STAGE = "finetune"
@@ -231,7 +231,9 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         return accelerator.reduce(total.float(), "mean") if world > 1 else total
 
     loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
-    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler, save=store.is_main)
+    with frozen_layers_in(network, half if lora else None):  # the frozen base in autocast's dtype while it trains
+        train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler,
+              save=store.is_main)
     network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     network.eval().requires_grad_(False)
     accelerator.free_memory()
