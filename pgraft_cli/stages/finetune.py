@@ -195,7 +195,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     accelerator = Accelerator(device_placement=False, mixed_precision="no")  # not the launcher's: see above
     if lora:
         set_lora_enabled(network, True)  # sampling may have left it switched off
-    net, opt = accelerator.prepare(network, opt)
+    net = accelerator.prepare(network)  # the optimizer is not wrapped: its wrapper adds nothing here but per-step checks
     schedule = model.schedule
     device, dtype = model.device, model.dtype
     rank = accelerator.process_index
