@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -373,3 +374,21 @@ def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 60
         [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pgraft_cli", *args],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[tuple[str, str], int]:
+    """``pgraft ARGS`` through the console entry (``cli.main``) in this process, without a new
+    interpreter's start-up and imports: ((stdout, stderr), exit code)."""
+    from pgraft_cli.cli import main
+
+    capsys.readouterr()
+    old, sys.argv = sys.argv, ["pgraft", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return (out.out, out.err), code
