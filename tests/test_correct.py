@@ -350,6 +350,7 @@ def test_inversion_at_the_recipe_defaults_converges_for_most_images_and_bf16_sta
     assert float(bf16["iterations"].double().mean()) <= 1.3 * float(f32["iterations"].double().mean())
 
 
+@pytest.mark.slow  # the whole command end to end
 def test_raising_the_gate_reuses_the_inversion_and_reports_the_new_verdict(tmp_path):
     """max_reconstruction_rms / max_dropped_fraction only judge the shards: changing them re-judges
     without inverting again, and the stats say what the new gate dropped."""
@@ -405,6 +406,7 @@ def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_b
     assert reads == [(0, 24), (8, 16)] and torch.equal(again, whole)
 
 
+@pytest.mark.slow  # the whole command end to end
 def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, streamed_digits_file):
     """`pgraft correct` never loads the data set at once: `load_data` may not be called, and no read
     of the 300-image file holds more than a 256-image batch (inversion shards are 64)."""
