@@ -6,8 +6,9 @@ its released config values, tiny tokenizer, real-size text encoder), then, in on
 
 * images/s of pgraft's sample stage (lane = N, bf16 weights) against ``StableDiffusionPipeline``
   (bf16) at N = 8 and 32 images, ``--steps`` DDIM steps, guidance 7.5 (both decode with the VAE);
-* LoRA fine-tuning steps/s of pgraft's finetune stage (float32 master weights, bf16 autocast)
-  against the plain ``train_text_to_image_lora``-style loop (bf16 frozen weights, float32 adapter);
+* LoRA fine-tuning steps/s of pgraft's finetune stage (float32 master weights, bf16 autocast, the
+  frozen layers held in bf16 while training) against the plain ``train_text_to_image_lora``-style
+  loop (bf16 frozen weights, float32 adapter), both timing steps only (setup outside the clock);
 * peak memory (``torch.cuda.max_memory_allocated``) of each row;
 * model FLOPs utilisation: the row's FLOPs (``torch.utils.flop_counter`` on one UNet call, one VAE
   decode, one training step) per second over the GPU's dense bf16 peak (``--peak-tflops``; H100/H200
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from real_size import ROWS, build_pipeline, latents_shape  # noqa: E402
+from real_size import ROWS, build_pipeline, latents_shape, timed  # noqa: E402
 
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -84,13 +85,7 @@ def measure(name: str, folder: Path, n: int, steps: int, device: str, dtype: tor
         torch.cuda.reset_peak_memory_stats(device)
     run = ROWS[name](folder, n, device, dtype)
     run(2)  # warm-up: kernels chosen, memory pools grown
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run(steps)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = timed(run, steps, device)  # steps only: pgraft's LoRA row keeps its stage's setup outside
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     del run
     return {"seconds": seconds, "peak_gb": peak}

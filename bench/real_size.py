@@ -7,9 +7,10 @@ the text encoders are at their real size. Rows, each in a fresh subprocess so pe
 
 * ``sample N`` (N = 1 and 8): ``pgraft``'s sample stage (``run_sample``, one lane of N) against
   ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with the same steps and guidance;
-* ``LoRA step``: one LoRA fine-tuning step of ``pgraft``'s finetune stage against a plain diffusers
+* ``LoRA step``: LoRA fine-tuning steps of ``pgraft``'s finetune stage against a plain diffusers
   LoRA training step (``train_text_to_image_lora`` style: noise, timesteps, ``unet(...)``, MSE,
   backward, AdamW step), the same adapter targets, rank and batch, latents given (no VAE encode).
+  Both time steps only: setup and a warm-up step are outside the clock on both sides.
 
 SDXL is built and timed for diffusers; pgraft's row says what loading it answers (SDXL support
 comes with the families work). ``bench/gpu.py`` runs the same builders on a GPU.
@@ -124,6 +125,32 @@ class NoBar:
         pass
 
 
+class StepClock(NoBar):
+    """A bar that reads the clock at the end of step ``start`` and of step ``stop`` (a GPU synchronized
+    there), so a stage's steps are timed without its setup."""
+
+    def __init__(self, start: int, stop: int, device: str) -> None:
+        self.start, self.stop, self.device, self.done, self.marks = start, stop, device, 0, []
+
+    def advance(self, *a: Any, **k: Any) -> None:
+        self.done += 1
+        if self.done in (self.start, self.stop):
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
+            self.marks.append(time.perf_counter())
+
+
+def timed(run: Any, steps: int, device: str) -> float:
+    """Seconds of ``run(steps)``: the row's own count where it returns a float (a stage timing its
+    steps without its setup), else the wall clock around the call (a GPU synchronized)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    own = run(steps)
+    sync()
+    return own if isinstance(own, float) else time.perf_counter() - start
+
+
 # ----------------------------------------------------------------------------------------------
 # The rows: each returns a function of the step count that runs the measured work once
 
@@ -160,7 +187,10 @@ def latents_shape(folder: Path, batch: int) -> tuple[int, ...]:
 
 
 def pgraft_lora(folder: Path, batch: int, device: str, dtype: torch.dtype, rank: int = 16) -> Any:
-    """pgraft's finetune stage on random latents (float32 master weights, ``dtype`` autocast)."""
+    """pgraft's finetune stage on random latents (float32 master weights, ``dtype`` autocast; the
+    frozen layers held in ``dtype`` while training). ``run(steps)`` runs the stage for ``steps + 1``
+    steps and returns the seconds of the last ``steps``: the stage's setup (run store, optimizer,
+    accelerate, weights file) and its first step are outside, as the plain loop's setup and warm-up are."""
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.recipes import FinetuneConfig
     from pgraft_cli.io.runstore import RunStore
@@ -172,11 +202,13 @@ def pgraft_lora(folder: Path, batch: int, device: str, dtype: torch.dtype, rank:
 
     model = load_model(str(folder)).to(device)  # the first run adds the adapter; later runs go on training it
 
-    def run(steps: int) -> None:
-        cfg = FinetuneConfig(steps=steps, batch_size=batch, lora_rank=rank, mixed_precision=precision,
+    def run(steps: int) -> float:
+        cfg = FinetuneConfig(steps=steps + 1, batch_size=batch, lora_rank=rank, mixed_precision=precision,
                              checkpoint_every=10**6, max_grad_norm=1.0)
+        clock = StepClock(1, steps + 1, device)
         with tempfile.TemporaryDirectory() as d, RunStore(Path(d)) as store:
-            run_finetune(model, kept, cfg, store, NoBar())
+            run_finetune(model, kept, cfg, store, clock)
+        return clock.marks[1] - clock.marks[0]
     return run
 
 
@@ -237,9 +269,7 @@ def child(args: argparse.Namespace) -> None:
     try:
         run = ROWS[args.row](folder, n, "cpu", dtype)
         run(1)
-        start = time.perf_counter()
-        run(args.steps)
-        out = {"seconds": time.perf_counter() - start}
+        out = {"seconds": timed(run, args.steps, "cpu")}
     except Exception as e:  # noqa: BLE001 - a row that cannot run says why (e.g. SDXL before its adapter)
         out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

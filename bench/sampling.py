@@ -18,7 +18,15 @@ by batch (rotating the order), so bursts of load from other processes hit every 
    load, noise, sampling, safetensors shards, PNGs), reported twice: wall clock, and the JSON
    ``images_per_second`` (the sample stage only: noise, sampling, decode, shard writing).
 
-Methods 1-3 time the sampling loop only (``torch.inference_mode``, float32, the model's device):
+5. ``pgraft sampler, channels_last``: method 3 with the network's weights in channels_last memory
+   format (a measured alternative, not pgraft's path: its convolutions round differently, so the
+   bytes differ from the contiguous path's).
+
+Beside each rate the table prints the network's achieved GFLOP/s (``torch.utils.flop_counter``'s
+count of one call, per image and step, times steps and images, over the seconds) and its share of
+the float32 matmul rate (a 1024^2 ``torch.mm`` at the same thread count) measured in the same run.
+
+Methods 1-3 and 5 time the sampling loop only (``torch.inference_mode``, float32, the model's device):
 the initial noise (pgraft's per-image seeded noise, the same tensors for every method) is drawn
 before the clock starts.
 
@@ -72,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     from pgraft_cli.io.recipes import SampleConfig
 
-    args.lane = args.lane or SampleConfig().lane
+    args.lane = args.lane or (16 if SampleConfig().lane == "auto" else SampleConfig().lane)  # auto: min(16, num)
     if args.batch % args.lane:
         p.error(f"--batch ({args.batch}) must be a multiple of the lane ({args.lane}), as for pgraft sample --batch-size")
     if min(args.num, args.steps, args.batch, args.repeats) < 1:
@@ -119,6 +127,41 @@ def pgraft_sampler(model, steps: int, lane: int) -> Callable:
         return torch.cat(outs)
 
     return run
+
+
+def channels_last_copy(model):
+    """The model with its network's weights in channels_last memory format (NHWC convolutions)."""
+    import copy
+
+    other = copy.copy(model)
+    other.network = copy.deepcopy(model.network).to(memory_format=torch.channels_last)
+    return other
+
+
+def flops_per_image_step(model, lane: int) -> float:
+    """``torch.utils.flop_counter``'s count of one network call on a lane, per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pgraft_cli.models.loaded import Cond
+
+    x = torch.zeros((lane, *model.sample_shape), dtype=model.dtype, device=model.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.predict(x, torch.tensor(0.5, dtype=torch.float64), Cond())
+    return counter.get_total_flops() / lane
+
+
+def matmul_rate(size: int = 1024, seconds: float = 0.5, rounds: int = 3) -> float:
+    """FLOP/s of a float32 ``torch.mm`` of two ``size`` x ``size`` matrices at the current thread
+    count: the best of ``rounds`` windows of ``seconds`` (the machine's roofline for this code)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = 0.0
+    for _ in range(rounds):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+    return best
 
 
 def run_cli(args: argparse.Namespace, num: int, env: dict) -> tuple[float, dict]:
@@ -211,9 +254,11 @@ def equivalence_check(model, unet, scheduler_config: dict, steps: int, noise: to
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    headers = ["method", "steps", "batch", "images", "seconds", "images/s", "ratio vs diffusers"]
+    headers = ["method", "steps", "batch", "images", "seconds", "images/s", "ratio vs diffusers", "GFLOP/s",
+               "of matmul"]
     cells = [[r["method"], str(r["steps"]), str(r["batch"]), str(r["images"]), f"{r['seconds']:.2f}",
-              f"{r['ips']:.2f}", f"{r['ratio']:.2f}x"] for r in rows]
+              f"{r['ips']:.2f}", f"{r['ratio']:.2f}x", f"{r['gflops']:.1f}", f"{100 * r['of_matmul']:.0f} %"]
+             for r in rows]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -288,7 +333,16 @@ def main() -> None:
     }
     if args.lane != args.batch:
         factories[f"pgraft sampler (lane = {args.lane})"] = lambda steps: pgraft_sampler(model, steps, args.lane)
+    nhwc = channels_last_copy(model)
+    cl_name = f"pgraft sampler, channels_last (lane = {args.lane}; other bytes)"
+    factories[cl_name] = lambda steps: pgraft_sampler(nhwc, steps, args.lane)
+    first = min(args.lane, args.num)
+    cl_diff = (pgraft_sampler(nhwc, args.steps, args.lane)(noise, 0, first)
+               - pgraft_sampler(model, args.steps, args.lane)(noise, 0, first)).abs().max()
+    print(f"  pgraft sampler, channels_last vs contiguous weights, same {first} images: max |diff| = {cl_diff:.3e}")
     methods = {name: make(args.steps) for name, make in factories.items()}
+    per_image_step = flops_per_image_step(model, args.lane)
+    print(f"network FLOPs per image and step (torch.utils.flop_counter): {per_image_step / 1e6:.1f} M")
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -313,6 +367,7 @@ def main() -> None:
     # its batches. The CLI's place in the round rotates too.
     batches = [(start, min(start + args.batch, args.num)) for start in range(0, args.num, args.batch)]
     names = list(methods)
+    matmul_before = matmul_rate()
     times: dict[str, list[float]] = {name: [] for name in methods}
     cli_wall: list[float] = []
     script_wall: list[float] = []
@@ -346,6 +401,9 @@ def main() -> None:
         if not args.no_cli and not cli_first:
             cli_round(r)
 
+    matmul = max(matmul_rate(), matmul_before)  # before and after the rounds, the better (load comes and goes)
+    print(f"float32 matmul rate (1024^2 torch.mm, {threads} threads): {matmul_before / 1e9:.1f} GFLOP/s before the "
+          f"rounds, {matmul / 1e9:.1f} GFLOP/s the better of before and after")
     base = statistics.median(times["diffusers loop"])
     base_ips = args.num / base
     rows = []
@@ -366,6 +424,9 @@ def main() -> None:
         ips = statistics.median(j["images_per_second"] for j in cli_json)
         rows.append({"method": f"pgraft sample CLI (lane = {args.lane}), JSON images_per_second", "steps": args.steps,
                      "batch": args.batch, "images": args.num, "seconds": s, "ips": ips, "ratio": ips / base_ips})
+    for row in rows:  # the network's FLOPs only (the CLI rows' seconds also hold loading, noise, PNGs)
+        row["gflops"] = per_image_step * args.steps * args.num / row["seconds"] / 1e9
+        row["of_matmul"] = row["gflops"] * 1e9 / matmul
     load = os.getloadavg()
     print(f"\nload average after: {' '.join(f'{v:.2f}' for v in load)}")
     if load[1] > 1.25 * (os.cpu_count() or 1):
@@ -384,7 +445,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "equivalence": eq,
                                          "times": times, "cli_wall": cli_wall, "cli_json": cli_json,
-                                         "rows": rows, "torch": torch.__version__, "threads": threads}, indent=2))
+                                         "rows": rows, "torch": torch.__version__, "threads": threads,
+                                         "matmul_flops": matmul, "flops_per_image_step": per_image_step}, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,18 @@ Folders are written with ``save_pretrained(safe_serialization=True)``, exactly a
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import pytest
-import torch
+# Under pytest-xdist (``-n 2``) the workers share the cores: one thread each, for the CLI
+# subprocesses too, rather than every worker's OpenMP pool spinning on every core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
@@ -383,3 +390,21 @@ def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 60
         [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pgraft_cli", *args],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[tuple[str, str], int]:
+    """``pgraft ARGS`` through the console entry (``cli.main``) in this process, without a new
+    interpreter's start-up and imports: ((stdout, stderr), exit code)."""
+    from pgraft_cli.cli import main
+
+    capsys.readouterr()
+    old, sys.argv = sys.argv, ["pgraft", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return (out.out, out.err), code

@@ -18,7 +18,7 @@ from pgraft_cli.io.checkpoints import describe, load_model, read_safetensors_met
 from pgraft_cli.errors import ModelLoadError, PgraftError, UnsafeFileError
 from pgraft_cli.core.samplers import sample
 
-from conftest import build_scheduler, build_tiny_unet
+from conftest import build_scheduler, build_tiny_unet, cli_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -488,14 +488,22 @@ def run_inspect(*args: str, env: dict | None = None) -> subprocess.Popen:
                                  "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def test_cli_errors_are_one_line_and_loading_is_quiet(bad_inputs, tiny_sd3_dir):
+IN_A_FRESH_PROCESS = {"garbage", "hub"}  # the rest through the same console entry in this process
+
+
+def test_cli_errors_are_one_line_and_loading_is_quiet(bad_inputs, tiny_sd3_dir, capsys, monkeypatch):
     cases = {name: (str(path), *[a for k, v in kw.items() for a in (f"--{k}", v)])
              for name, (path, kw, _) in bad_inputs.items() if name in CLI_BAD}
     cases["hub"] = ("nonexistent-org/nonexistent-model",)
-    # All at once: each is mostly interpreter start-up and imports.
-    procs = {name: run_inspect(*args) for name, args in cases.items()}
+    # A fresh process is mostly interpreter start-up and imports: two bad inputs and the good one run
+    # in their own processes (at once), the other bad inputs through the same entry in this one.
+    procs = {name: run_inspect(*args) for name, args in cases.items() if name in IN_A_FRESH_PROCESS}
     good = run_inspect(str(tiny_sd3_dir), "--json")
-    results = {name: (p.communicate(timeout=180), p.returncode) for name, p in procs.items()}
+    for key, value in {"HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "300"}.items():
+        monkeypatch.setenv(key, value)
+    results = {name: cli_in_process(capsys, "inspect", *args) for name, args in cases.items() if name not in procs}
+    results.update({name: (p.communicate(timeout=180), p.returncode) for name, p in procs.items()})
+    assert sorted(results) == sorted(cases)
     for name, ((stdout, stderr), code) in results.items():
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert code == 2, (name, code, stderr)

@@ -350,18 +350,19 @@ def test_inversion_runs_the_network_under_the_samplers_autocast_and_keeps_a_floa
 def test_inversion_at_the_recipe_defaults_converges_for_most_images_and_bf16_stays_close():
     """On the real 8-step grid (last step included) at the recipe's tolerance most float32 images
     converge. In bf16 the network's own rounding sets a residual floor near that tolerance
-    (measured: median 2.4e-3 against 1.9e-3 in float32), so few bf16 images pass ``tol``; the solver
-    still iterates in float32 and the round trip, which the gate judges, stays well inside it."""
+    (measured at tol 2e-3: median 2.4e-3 against 1.9e-3 in float32), so few bf16 images pass ``tol``; the
+    solver still iterates in float32 and the round trip, which the gate judges, stays well inside it."""
     from pgraft_cli.io.recipes import CorrectConfig
 
     cfg = CorrectConfig()
     f32, bf16 = _invert_shard_digits(torch.float32), _invert_shard_digits(torch.bfloat16)
     assert int((f32["residual"] < cfg.inversion_tol).sum()) >= 0.8 * 32, f32["residual"]
     assert float(bf16["residual"].median()) < 1.5 * cfg.inversion_tol
-    assert float(bf16["rms"].max()) < 0.25 * cfg.max_reconstruction_rms
+    assert float(bf16["rms"].max()) < 0.5 * cfg.max_reconstruction_rms  # the round trip scales with tol (5e-3)
     assert float(bf16["iterations"].double().mean()) <= 1.3 * float(f32["iterations"].double().mean())
 
 
+@pytest.mark.slow  # the whole command end to end
 def test_raising_the_gate_reuses_the_inversion_and_reports_the_new_verdict(tmp_path):
     """max_reconstruction_rms / max_dropped_fraction only judge the shards: changing them re-judges
     without inverting again, and the stats say what the new gate dropped."""
@@ -378,6 +379,12 @@ def test_raising_the_gate_reuses_the_inversion_and_reports_the_new_verdict(tmp_p
     stats = json.loads((run / "invert" / "stats.json").read_text())
     assert first["inversion"]["dropped"] == 0 and 0 < stats["dropped"] < stats["num"] == first["inversion"]["num"]
     assert stats["max_reconstruction_rms"] == gate
+    # where each run's time went: the second read the inversion from its shards
+    stages = {"load", "inversion", "corrector_training", "sampling", "evaluation", "report"}
+    timed = [first["stage_seconds"], json.loads(strict.stdout)["stage_seconds"]]
+    assert all(set(t) == stages and min(t.values()) >= 0 for t in timed)
+    assert sum(v for k, v in timed[0].items() if k != "report") <= first["seconds"] + 0.01
+    assert timed[1]["inversion"] < timed[0]["inversion"]
 
 
 def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_bit_for_bit(tmp_path):
@@ -411,6 +418,7 @@ def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_b
     assert reads == [(0, 24), (8, 16)] and torch.equal(again, whole)
 
 
+@pytest.mark.slow  # the whole command end to end
 def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, streamed_digits_file):
     """`pgraft correct` never loads the data set at once: `load_data` may not be called, and no read
     of the 300-image file holds more than a 256-image batch (inversion shards are 64)."""

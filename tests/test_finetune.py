@@ -424,3 +424,46 @@ def test_a_finetuned_file_without_the_key_reapplies_guidance_as_before(tmp_path)
     del tuning["tuned_guidance"]
     save_file(load_file(str(path)), str(path), metadata={**meta, "pgraft.finetune": json.dumps(tuning)})
     assert load_model(str(path)).tuned_guidance == "reapply"
+
+
+@pytest.mark.parametrize("source", ["digits", "class", "text"])
+def test_lora_under_bf16_trains_its_frozen_layers_in_bf16_with_the_same_bits_and_restores_them(
+        tmp_path, monkeypatch, unet_model_dir, tiny_sd_dir, source):
+    """Autocast casts the linear and convolution layers' frozen weights to bf16 on every call; held in
+    bf16 while the adapter trains, the run computes the same adapter bit for bit, and the base is
+    float32 again afterwards."""
+    import contextlib
+
+    from pgraft_cli.stages import finetune
+
+    path = {"digits": "digits", "class": str(unet_model_dir("flow", num_class_embeds=3)), "text": str(tiny_sd_dir)}[source]
+    base = load_model(path)
+    y = torch.randn((8, *base.sample_shape), generator=torch.Generator().manual_seed(0))
+    kept = KeptSet(y=y, t_c=0.0, x0=y, class_labels=torch.arange(8) % 3 if source == "class" else None,
+                   prompts=["a cat", "a dog"] * 4 if source == "text" else None)
+    cfg = FinetuneConfig(steps=3, batch_size=4, learning_rate=1e-2, lora_rank=2, mixed_precision="bf16")
+    seen: list[set] = []
+
+    class Bar:
+        def add_task(self, *a, **k):
+            return 0
+
+        def advance(self, *a, **k):
+            seen.append({p.dtype for n, p in model.network.named_parameters() if "lora_" not in n})
+
+    runs = {}
+    for name in ("bf16 frozen layers", "float32 frozen layers"):
+        if name.startswith("float32"):
+            monkeypatch.setattr(finetune, "frozen_layers_in", lambda network, dtype: contextlib.nullcontext())
+        model = load_model(path)
+        with RunStore(tmp_path / name.split()[0]) as store:
+            runs[name] = (run_finetune(model, kept, cfg, store, Bar()), model.network.state_dict())
+        if name.startswith("bf16"):
+            assert len(seen) == 3 and all(d == {torch.float32, torch.bfloat16} for d in seen)  # bf16 while training
+    (result_a, a), (result_b, b) = runs.values()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same adapter, same base
+    assert result_a["loss_curve"] == result_b["loss_curve"]
+    assert all(v.dtype == torch.float32 for v in a.values())  # the base is float32 again ...
+    frozen = {k: v for k, v in base.network.state_dict().items()}
+    restored = {k.replace("base_layer.", ""): v for k, v in a.items() if "lora_" not in k}
+    assert all(torch.equal(restored[k], frozen[k]) for k in frozen)  # ... with its original bits

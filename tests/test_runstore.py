@@ -453,6 +453,7 @@ def test_kill_9_then_resume_gives_the_same_bytes(tmp_path, reference):
         assert got[name] == want[name], f"{name} differs from the uninterrupted run"
 
 
+@pytest.mark.slow  # the whole command end to end
 def test_rerun_of_a_finished_command_generates_nothing(tmp_path, reference):
     ref_run, ref_out, _ = reference
     run_dir = tmp_path / "run"

@@ -179,7 +179,7 @@ class CorrectConfig:
     base_steps: int = 8
     num_images: int = 0
     inversion_iterations: int = 24
-    inversion_tol: float = 2e-3
+    inversion_tol: float = 5e-3
     max_reconstruction_rms: float = 0.02
     max_dropped_fraction: float = 0.01
     invert_shard_size: int = 256

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import PgraftError
@@ -63,3 +65,36 @@ def set_lora_enabled(network: nn.Module, on: bool) -> None:
     for module in network.modules():
         if isinstance(module, BaseTunerLayer):
             module.enable_adapters(on)
+
+
+# Layers whose calls autocast runs in its lower dtype, casting input, weight and bias alike.
+AUTOCAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@contextlib.contextmanager
+def frozen_layers_in(network: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """While an adapter trains under autocast to ``dtype``: the frozen weights and biases of the
+    linear and convolution layers held in ``dtype``, their float32 originals on the CPU until exit.
+
+    Autocast casts these layers' weights and biases to ``dtype`` on every call, so the passes
+    compute the same bits; what goes is a cast per layer and call, and the cast copies saved for the
+    backward pass (the frozen weights take half the memory, as in diffusers' LoRA training scripts).
+    The layer holding the network's first parameter stays float32: ``ModelMixin.dtype`` reads it.
+    """
+    if dtype is None:
+        yield
+        return
+    first = next(network.parameters(), None)
+    originals: list[tuple[nn.Parameter, Tensor]] = []
+    for module in network.modules():
+        if not isinstance(module, AUTOCAST_LAYERS) or any(p is first for p in module.parameters(recurse=False)):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.dtype == torch.float32:
+                originals.append((p, p.data.to("cpu")))
+                p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in originals:
+            p.data = data.to(p.device)

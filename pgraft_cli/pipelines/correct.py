@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import PgraftError
 from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Outcome, Verb, default_run_dir, real_data, references,
@@ -29,10 +29,9 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import correct_report, wrote_lines
     from ..stages.correct import check_correctable, corrector_conditions, run_invert, run_train_corrector
-    from ..stages.sample import Conditions
     from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
     from ..stages.finetune import main_first
-    from ..stages.sample import resolve_lane
+    from ..stages.sample import Conditions, resolve_lane, run_sample
 
     gates = parse_gates(o.fail_if, gate_names("correct"))
     rec = resolve_recipe(o.recipe, o.sets, correct__base_steps=o.steps, evaluate__features=o.features,
@@ -53,13 +52,15 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         dist = verb.dist  # several processes: each inverts and samples its shards; the corrector trains once
         shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
         lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
-        noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale,
-                                       auto_lane=rec.sample.lane == "auto")
+        with verb.timed("inversion"):
+            noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale,
+                                           auto_lane=rec.sample.lane == "auto")
         conds = corrector_conditions(loaded, rows.labels[keep] if loaded.conditioning == "class" else None,
                                      [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
                                      lane)
-        corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
-            noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, conds=conds))
+        with verb.timed("corrector_training"):
+            corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
+                noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, conds=conds))
         # the sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
         if loaded.conditioning != "none" and (loaded.guided or not loaded.adapter.classifier_free):
             corrector.guidance_scale = rec.sample.guidance_scale
@@ -72,17 +73,24 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         prompts = Conditions(prompts=list(dict.fromkeys(rows.captions))) if loaded.conditioning == "text" else None
         fid_data, refs, notes = None, {}, [fid_skipped(rec.evaluate.features, True)]
         if feats is not None:
-            real, _ = real_data(loaded, o.data)  # streamed into the reference features
-            fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets,
-                                        store.root)
+            with verb.timed("evaluation"):
+                real, _ = real_data(loaded, o.data)  # streamed into the reference features
+                fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats,
+                                            rec.evaluate.kid_subsets, store.root)
             notes = []
         common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
                       notes=notes, cond=prompts)
-        base_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-base",
+
+        def measured(stage_name: str) -> dict[str, Any]:
+            with verb.timed("sampling"):  # then evaluate_model finds the samples done
+                run_sample(loaded, eval_cfg, prompts or Conditions(), store, bar, stage_name=stage_name, **split)
+            with verb.timed("evaluation"):
+                return evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
                                       rec.evaluate.kid_subsets, **common, **split)
+
+        base_metrics = measured("evaluate-base")
         loaded.corrector = corrector.to(dev)
-        corr_metrics = evaluate_model(loaded, None, eval_cfg, feats, store, bar, "evaluate-corrected",
-                                      rec.evaluate.kid_subsets, **common, **split)
+        corr_metrics = measured("evaluate-corrected")
         loaded.corrector = None
         if not verb.is_main:
             return None
@@ -94,10 +102,12 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve"),
                                                   "corrector_steps": corrector.steps})
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), "corrector_steps": corrector.steps, **metrics}
+               "seconds": round(verb.seconds, 2), "corrector_steps": corrector.steps,
+               "stage_seconds": verb.stage_seconds, **metrics}
     steps = rec.correct.base_steps
     artifacts = {"summary": "correct/summary.json", "inversion": "invert",
                  "samples": [[f"base ({steps} steps)", "evaluate-base"], ["corrected", "evaluate-corrected"]]}
-    results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), artifacts, out=target)
+    with verb.timed("report"):
+        results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), artifacts, out=target)
     labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "inversion_tol": rec.correct.inversion_tol}
     return Outcome(summary, [*correct_report(summary, labels), *wrote_lines(summary)], results)

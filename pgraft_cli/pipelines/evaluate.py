@@ -74,6 +74,8 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     eval_cfg.guidance_scale = rec.sample.guidance_scale
     run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
                                                          "steps": eval_steps, "prompts": cond.prompts})
+    if not notes and num < 2:  # before the reference features are computed, not after sampling
+        raise PgraftError(f"FID and KID need at least 2 generated images, got evaluate.num = {num}; raise it (--num)")
     with verb.run_dir(run_dir) as store:
         fid_data, refs = (references(loaded, o.data, o.eval_data, real, data_id, feats, rec.evaluate.kid_subsets,
                                                  store.root)

@@ -267,6 +267,7 @@ class Verb:
     started: float = field(default_factory=time.perf_counter)
     store: Optional[RunStore] = None
     bar: Any = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # where this run's time went
 
     @property
     def is_main(self) -> bool:
@@ -280,6 +281,15 @@ class Verb:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the wall seconds of the block to ``stage_seconds[name]`` (a cached stage counts its reading)."""
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + time.perf_counter() - tic, 2)
 
     @contextlib.contextmanager
     def run_dir(self, path: Path) -> Iterator[RunStore]:
@@ -337,4 +347,5 @@ def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Op
     loaded.autocast = autocast_dtype(recipe.model.autocast, loaded.device.type, loaded.dtype)
     if loaded.corrector is not None:
         loaded.corrector.to(dev)
-    return Verb(verb, recipe, state, loaded, dev, quiet, started)
+    return Verb(verb, recipe, state, loaded, dev, quiet, started,
+                stage_seconds={"load": round(time.perf_counter() - started, 2)})

@@ -213,6 +213,9 @@ def correct_report(summary: dict, labels: dict) -> list:
         f"corrector: {info['kind']}, {info['parameters']:,} parameters"
         + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else ""),
     ]
+    if summary.get("stage_seconds"):
+        lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in summary["stage_seconds"].items())
+                     + f"; total {summary['seconds']:.1f} s")
     return [table, *lines]
 
 

@@ -268,6 +268,36 @@ def corrector_conditions(model: LoadedModel, labels: Optional[Tensor], captions:
     return {"conditioning": "none", "condition": None, "num_classes": 0}
 
 
+def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device: Any = "cpu",
+                        condition: Optional[Tensor] = None, projection: Optional[nn.Module] = None) -> Any:
+    """``step_loss(step)`` of the corrector: the flow-matching loss on a batch seeded by ``(seed, step)``, backward.
+
+    ``condition`` holds each noise's class label or pooled text embedding (through ``projection``),
+    given to the network as its class embedding."""
+    shape = tuple(noises.shape[1:])
+
+    def step_loss(step: int) -> Tensor:
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
+        idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
+        e = torch.randn((cfg.corrector_batch_size, *shape), generator=g).to(device)
+        t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
+        # the training set stays in host memory; only each step's batch goes to the device
+        labels = None if condition is None else condition[idx].to(device)
+        if projection is not None:
+            labels = projection(labels)
+        net = network if labels is None else lambda x, ts: network(x, ts, class_labels=labels)
+        loss = flow_matching_loss(net, NoiseCorrector.schedule, noises[idx].to(device), e, t)
+        loss.backward()
+        return loss.detach()
+
+    return step_loss
+
+
+def corrector_loop(cfg: CorrectConfig) -> LoopConfig:
+    return LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
+                      cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every)
+
+
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
                         store: RunStore, bar: Any, device: Any = "cpu",
                         conds: Optional[dict[str, Any]] = None) -> tuple[NoiseCorrector, dict[str, Any]]:
@@ -319,24 +349,9 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         run = Training.resume(list(trained.named_parameters()), opt, stage.dir / "state.safetensors",
                               trained.load_state_dict)
 
-        def step_loss(step: int) -> float:
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
-            idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
-            e = torch.randn((cfg.corrector_batch_size, *sample_shape), generator=g).to(device)
-            t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
-            # the training set stays in host memory; only each step's batch goes to the device
-            labels = None if cond_of is None else cond_of[idx].to(device)
-            if projection is not None:
-                labels = projection(labels)
-            net = network if labels is None else lambda x, ts: network(x, ts, class_labels=labels)
-            loss = flow_matching_loss(net, NoiseCorrector.schedule, noises[idx].to(device), e, t)
-            loss.backward()
-            return float(loss.detach())
-
-        loop = LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
-                          cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every)
         trained.train()
-        train(run, opt, step_loss, loop, bar, "training corrector", trained.state_dict)
+        train(run, opt, corrector_step_loss(network, noises, cfg, device, cond_of, projection), corrector_loop(cfg),
+              bar, "training corrector", trained.state_dict)
         with stage.write_shard(0) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in trained.state_dict().items()}, str(tmp),
                       metadata={"losses": json.dumps(run.losses)})

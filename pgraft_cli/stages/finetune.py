@@ -26,7 +26,7 @@ from ..io.checkpoints import model_key
 from ..io.recipes import FinetuneConfig
 from ..io.runstore import RunStore, atomic_path, content_key, derive_seed
 from ..models.loaded import Cond, LoadedModel, base_only, tuned_identity
-from ..models.lora import add_lora, lora_state, set_lora_enabled, set_lora_state
+from ..models.lora import add_lora, frozen_layers_in, lora_state, set_lora_enabled, set_lora_state
 from .train_loop import LoopConfig, Training, train
 
 STAGE = "finetune"
@@ -202,7 +202,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     accelerator = Accelerator(device_placement=False, mixed_precision="no")  # not the launcher's: see above
     if lora:
         set_lora_enabled(network, True)  # sampling may have left it switched off
-    net, opt = accelerator.prepare(network, opt)
+    net = accelerator.prepare(network)  # the optimizer is not wrapped: its wrapper adds nothing here but per-step checks
     schedule = model.schedule
     device, dtype = model.device, model.dtype
     rank = accelerator.process_index
@@ -216,8 +216,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                           f"be a multiple of {world}; use --set finetune.batch_size={-(-cfg.batch_size // world) * world}")
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
-    def step_loss(step: int) -> float:
-        total = 0.0
+    def step_loss(step: int) -> Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=device)  # float64: as a Python float sum, no host sync
         for micro in range(cfg.grad_accum):
             # One global batch per micro-step (the seed's last 0 keeps one process's draws as they
             # were), split across the processes: DDP's mean of their means is the one-process loss.
@@ -234,8 +234,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
                 weight = kernel_weight(schedule, t, t_c).to(device, torch.float32)
                 loss = finetune_loss(pred, target.to(device, torch.float32), weight)
                 scaler.scale(loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
-        return float(accelerator.reduce(torch.tensor(total, device=device), "mean")) if world > 1 else total
+            total = total + loss.detach().double() / cfg.grad_accum
+        return accelerator.reduce(total.float(), "mean") if world > 1 else total
 
     loop = LoopConfig(cfg.steps, cfg.learning_rate, cfg.warmup, cfg.ema, cfg.max_grad_norm, cfg.checkpoint_every)
     first = (round_index - 1) * cfg.steps
@@ -243,8 +243,9 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     def on_step(done: int, loss: float, lr: float) -> None:
         log({"train/loss": loss, "train/learning_rate": lr}, step=first + done)
 
-    train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler,
-          save=store.is_main, on_step=on_step if log is not None else None)
+    with frozen_layers_in(network, half if lora else None):  # the frozen base in autocast's dtype while it trains
+        train(run, opt, step_loss, loop, bar, f"fine-tuning (round {round_index})", current_state, scaler,
+              save=store.is_main, on_step=on_step if log is not None else None)
     network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     network.eval().requires_grad_(False)
     accelerator.free_memory()

@@ -75,18 +75,32 @@ def loss_summary(losses: list[float]) -> dict[str, Any]:
             "loss_curve": losses[:: max(1, len(losses) // CURVE_POINTS)]}
 
 
-def train(run: Training, opt: Any, step_loss: Callable[[int], float], cfg: LoopConfig, bar: Any, label: str,
+def _floats(values: list[Tensor | float]) -> list[float]:
+    """The losses as Python floats, read from the device in one transfer (float64: exact)."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    read = iter(torch.stack([v.detach().double() for v in tensors]).tolist() if tensors else [])
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def train(run: Training, opt: Any, step_loss: Callable[[int], Tensor | float], cfg: LoopConfig, bar: Any, label: str,
           weights: Callable[[], dict[str, Tensor]], scaler: Optional[Any] = None, save: bool = True,
           on_step: Optional[Callable[[int, float, float], None]] = None) -> None:
     """Steps ``run.step .. cfg.steps - 1``; leaves the parameters at their EMA when ``cfg.ema > 0``.
 
     ``step_loss(step)`` runs the forward and backward passes (through ``scaler`` when given) and
-    returns the step's loss; ``weights()`` is what a checkpoint stores as the model's weights, and
-    only a process with ``save`` writes checkpoints. ``on_step(steps done, loss, learning rate)``
-    follows every step (the trackers of ``--log-with``).
+    returns the step's loss, a 0-d tensor (read back only at checkpoints and at the end, so a GPU
+    never waits for the host between steps) or a float; ``weights()`` is what a checkpoint stores
+    as the model's weights, and only a process with ``save`` writes checkpoints. ``on_step(steps done,
+    loss, learning rate)`` follows every step (the trackers of ``--log-with``; it reads the loss back).
     """
     scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
     task = bar.add_task(label, total=cfg.steps, completed=run.step, unit="step")
+    pending: list[Tensor | float] = []  # this stretch's losses, not yet read back
+
+    def read_losses() -> None:
+        run.losses.extend(round(v, 6) for v in _floats(pending))
+        pending.clear()
+
     for step in range(run.step, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup)
@@ -99,13 +113,15 @@ def train(run: Training, opt: Any, step_loss: Callable[[int], float], cfg: LoopC
         opt.zero_grad(set_to_none=True)
         if cfg.ema > 0:  # with warm-up: early weights do not dominate a short run
             ema_update_([run.ema[n] for n, _ in run.named], run.params, ema_decay(step, cfg.ema))
-        run.losses.append(round(loss, 6))
+        pending.append(loss.detach() if isinstance(loss, Tensor) else loss)
         run.step = step + 1
         bar.advance(task, 1)
         if on_step is not None:
-            on_step(run.step, loss, opt.param_groups[0]["lr"])
+            on_step(run.step, float(loss), opt.param_groups[0]["lr"])
         if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps and save:
+            read_losses()
             run.save(opt, weights())
+    read_losses()
     if cfg.ema > 0:
         with torch.no_grad():
             for n, p in run.named:
