@@ -31,7 +31,7 @@ from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
 from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.models.corrector import NoiseCorrector  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
-from pgraft_cli.stages.correct import corrector_config, corrector_loop, corrector_step_loss, run_invert  # noqa: E402
+from pgraft_cli.stages.correct import corrector_loop, corrector_network, corrector_step_loss, run_invert  # noqa: E402
 from pgraft_cli.stages.evaluate import classifier_features, evaluate_model, reference  # noqa: E402
 from pgraft_cli.stages.train_loop import Training, train  # noqa: E402
 
@@ -46,8 +46,6 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
 
-    from diffusers import UNet2DModel
-
     rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}", *a.sets])
     cfg = rec.correct
     model = load_model("digits")
@@ -61,8 +59,7 @@ def main() -> None:
                                  rec.sample.lane, store, bar)
         invert_seconds = time.perf_counter() - tic
         torch.manual_seed(cfg.seed)
-        model_config = corrector_config(cfg, model.sample_shape)
-        network = UNet2DModel(**model_config)
+        network, model_config = corrector_network(cfg, model.sample_shape)
         opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
         run = Training(list(network.named_parameters()), store.root / "unused-state", ema={
             n: p.detach().clone() for n, p in network.named_parameters()})
@@ -87,7 +84,7 @@ def main() -> None:
             if budget:
                 weights, seconds = snapshots[budget]
                 network.load_state_dict(weights, strict=False)
-                model.corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps,
+                model.corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, cfg.corrector_sample_steps,
                                                  network=network, model_config=model_config)
             else:
                 model.corrector, seconds = None, 0.0
@@ -95,7 +92,9 @@ def main() -> None:
                                real_features=refs["digits-test"], also_against={"digits-train": refs["digits-train"]})
             rows.append((budget, seconds, m["fid"], m["also_against"]["digits-train"]["fid"]))
     load = os.getloadavg()
-    print(f"\ninversion: {inv['used']} of {inv['num']} images kept, {inv['iterations_mean']:.1f} network calls per image, "
+    print(f"\ncorrector: {cfg.corrector}, {sum(p.numel() for p in network.parameters()):,} parameters, "
+          f"{cfg.corrector_batch_size} per step, lr {cfg.corrector_learning_rate}")
+    print(f"inversion: {inv['used']} of {inv['num']} images kept, {inv['iterations_mean']:.1f} network calls per image, "
           f"{invert_seconds:.1f} s (cached when 0); {a.num} samples per budget; load average {load[0]:.1f} {load[1]:.1f}")
     print("| corrector steps | training s | FID test (clf) | FID train (clf) |")
     print("|---:|---:|---:|---:|")

@@ -34,7 +34,7 @@ from torch import nn
 from .. import __version__
 from ..core.samplers import NoiseSchedule
 from ..errors import ModelLoadError, PgraftError, UnsafeFileError
-from ..models.corrector import NoiseCorrector
+from ..models.corrector import MLPFlow, NoiseCorrector
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, add_lora, lora_state, set_lora_state
 from ..models.nets import ClassifierConfig, DigitsClassifier
@@ -723,8 +723,8 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
                                             else {"chol": corrector.chol})}
         return save_pgraft_safetensors(path, None, "Gaussian", {"dim": int(corrector.mean.numel())},  # type: ignore[arg-type]
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
-    return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
-                                   NoiseCorrector.schedule_config(), provenance, extra)
+    return save_pgraft_safetensors(path, corrector.network, "MLPFlow" if corrector.kind == "mlp" else "UNet2DModel",
+                                   corrector.model_config or {}, NoiseCorrector.schedule_config(), provenance, extra)
 
 
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
@@ -739,11 +739,11 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
                                    std=state.get("std"))
     else:
-        config = json.loads(metadata["pgraft.model_config"])
-        network = build_network("UNet2DModel", config)
+        config = {k: v for k, v in json.loads(metadata["pgraft.model_config"]).items() if not k.startswith("_")}
+        network = MLPFlow(**config) if corrector_type == "mlp" else build_network("UNet2DModel", config)
         load_state(network, state, str(path))
         network.eval().requires_grad_(False)
-        corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
+        corrector = NoiseCorrector(corrector_type, base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
                                    network=network, model_config=config)
     base_model.corrector = corrector
     base_model.source = str(path)

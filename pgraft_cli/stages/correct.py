@@ -4,7 +4,8 @@
    image (backward Euler, Anderson-accelerated, per image: ``samplers.invert``); check
    ``T(T^-1(x)) - x`` per image, drop images whose RMS exceeds ``correct.max_reconstruction_rms``
    and refuse to go on when more than ``correct.max_dropped_fraction`` are dropped. Sharded, resumable.
-2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`) from N(0, I) to the
+2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`; a UNet, or with
+   ``corrector = "mlp"`` a residual MLP on the flattened noise) from N(0, I) to the
    inverted noises with the flow-matching loss in the shared loop (``train_loop.py``); checkpoints and resumes
    bit-exactly (every step's randomness is seeded by ``(seed, step)``; optimizer state is kept in
    safetensors, never pickled). Or ``corrector = "gaussian"``: the cheapest baseline, a Gaussian
@@ -31,12 +32,23 @@ from ..io.checkpoints import model_key
 from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
 from ..io.runstore import RunStore, derive_seed, rows_digest, tensor_digest
-from ..models.corrector import NoiseCorrector, fit_gaussian, fit_gaussian_diag
+from ..models.corrector import MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_diag
 from ..models.loaded import Cond, LoadedModel
 from .train_loop import LoopConfig, Training, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
 # The corrector's network
+
+
+def corrector_network(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> tuple[Any, dict[str, Any]]:
+    """The untrained network of a ``flow`` (UNet2DModel) or ``mlp`` (:class:`MLPFlow`) corrector, and its config."""
+    if cfg.corrector == "mlp":
+        config = {"sample_shape": list(sample_shape), "width": cfg.corrector_width, "blocks": cfg.corrector_blocks}
+        return MLPFlow(**config), config
+    from diffusers import UNet2DModel
+
+    config = corrector_config(cfg, sample_shape)
+    return UNet2DModel(**config), config
 
 
 def corrector_config(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -239,7 +251,6 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     ``noises`` (the kept ones, from :func:`run_invert`) is the one data set held in memory, in host
     memory: each step moves only its batch to ``device``.
     """
-    from diffusers import UNet2DModel
     from safetensors.torch import load_file, save_file
 
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING_KEYS}
@@ -253,9 +264,9 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         mean, std = fit_gaussian_diag(noises)
         corrector = NoiseCorrector("gaussian-diag", cfg.base_steps, 0, mean=mean.float(), std=std.float())
         return corrector, {"kind": "gaussian-diag", "parameters": 0}
-    model_config = corrector_config(cfg, sample_shape)
     torch.manual_seed(cfg.seed)
-    network = UNet2DModel(**model_config).to(device)
+    network, model_config = corrector_network(cfg, sample_shape)
+    network = network.to(device)
     if not stage.done:
         opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
         run = Training.resume(list(network.named_parameters()), opt, stage.dir / "state.safetensors",
@@ -276,8 +287,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         losses = json.loads(f.metadata().get("losses", "[]"))
     network.load_state_dict(weights)
     network.eval().requires_grad_(False)
-    corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps, network=network,
+    corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, cfg.corrector_sample_steps, network=network,
                                model_config=model_config)
-    return corrector, {"kind": "flow", "parameters": corrector.parameter_count(), **loss_summary(losses)}
+    return corrector, {"kind": cfg.corrector, "parameters": corrector.parameter_count(), **loss_summary(losses)}
 
 
