@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -207,6 +208,27 @@ def test_mlp_corrector_learns_a_shift_saves_loads_and_counts_flops(tmp_path):
     assert torch.equal(loaded.corrector(e), corrector(e))
     parts = flops_per_image(loaded, 4)["flops_parts"]
     assert parts["corrector"] == 4 * mlp_flow_flops(256, 64, rec.correct.corrector_blocks, 64)
+
+
+@pytest.mark.parametrize("scale", [1.1, 2.0])
+def test_few_euler_steps_of_the_exact_corrector_flow_shrink_the_spread_as_derived(scale):
+    """docs/methods.md: from N(0, I) to N(0, s^2 I) along x_t = (1 - t) z + t e the exact velocity is
+    ``v = a(t) x``, ``a = (t - (1 - t) s^2) / ((1 - t)^2 s^2 + t^2)``, so N Euler steps scale the
+    std by ``prod_k (1 - h a(t_k))`` (0.79 at 4 steps for s = 1.1): the corrector's own sampler
+    step count, not its training, is what narrows its samples."""
+    schedule = NoiseSchedule.flow()
+    e = torch.randn(20000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def a(t):
+        return (t - (1 - t) * scale**2) / ((1 - t) ** 2 * scale**2 + t**2)
+
+    for steps in (4, 16, 64):
+        grid = schedule.grid(steps)
+        z, _ = sample(lambda x, t: a(t) * x, schedule, e, grid)
+        factor = math.prod(1 - float(grid[k] - grid[k + 1]) * float(a(grid[k])) for k in range(steps))
+        assert float(z.std() / e.std()) == pytest.approx(factor, rel=1e-9)
+        assert factor < scale and (steps < 64 or factor > 0.97 * scale)
+    assert scale != 1.1 or 0.78 < math.prod(1 - 0.25 * a(1 - 0.25 * k) for k in range(4)) < 0.80
 
 
 def _untrained_flow_corrector(base_steps: int = 4) -> NoiseCorrector:

@@ -176,15 +176,15 @@ class CorrectConfig:
     corrector_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
     corrector_layers: int = 1
     corrector_attention: bool = False
-    corrector_width: int = 512
+    corrector_width: int = 256
     corrector_blocks: int = 2
-    corrector_train_steps: int = 1500
+    corrector_train_steps: int = 500
     corrector_batch_size: int = 128
     corrector_learning_rate: float = 1e-3
     corrector_warmup: int = 50
     corrector_ema: float = 0.999
     corrector_checkpoint_every: int = 100
-    corrector_sample_steps: int = 4
+    corrector_sample_steps: int = 16
 
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",
