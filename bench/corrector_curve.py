@@ -9,7 +9,9 @@ warm-up and the EMA's warm-up depends on the step only, so the weights at step S
 those of a run trained for S steps. Each budget's corrector -> base is sampled ``--num`` times
 (evaluation seed 1, the recipe's) and its FID measured against held-out ``digits-test`` and against
 ``digits-train`` with the bundled classifier's features, the main job's protocol; budget 0 is the
-base (no corrector). Seconds are the cumulative training wall time at that budget.
+base (no corrector). ``--sample-steps 4 16`` measures each budget's corrector at each count of
+its Euler steps when sampling (the same weights). Seconds are the cumulative training wall time
+at that budget.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
 from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.models.corrector import NoiseCorrector  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
-from pgraft_cli.stages.correct import corrector_config, corrector_loop, corrector_step_loss, run_invert  # noqa: E402
+from pgraft_cli.stages.correct import corrector_loop, corrector_network, corrector_step_loss, run_invert  # noqa: E402
 from pgraft_cli.stages.evaluate import classifier_features, evaluate_model, reference  # noqa: E402
 from pgraft_cli.stages.train_loop import Training, train  # noqa: E402
 
@@ -41,12 +43,12 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[0, 50, 100, 200, 400, 800, 1500])
     ap.add_argument("--images", type=int, default=0, help="training digits to invert (0 = all 1078)")
     ap.add_argument("--num", type=int, default=2000, help="samples per budget")
+    ap.add_argument("--sample-steps", type=int, nargs="+", default=None,
+                    help="the corrector's Euler steps when sampling, each measured at every budget (default: the recipe's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, KEY=VALUE")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "runs" / "corrector-curve")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
-
-    from diffusers import UNet2DModel
 
     rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}", *a.sets])
     cfg = rec.correct
@@ -61,8 +63,7 @@ def main() -> None:
                                  rec.sample.lane, store, bar)
         invert_seconds = time.perf_counter() - tic
         torch.manual_seed(cfg.seed)
-        model_config = corrector_config(cfg, model.sample_shape)
-        network = UNet2DModel(**model_config)
+        network, model_config = corrector_network(cfg, model.sample_shape)
         opt = torch.optim.AdamW(network.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0)
         run = Training(list(network.named_parameters()), store.root / "unused-state", ema={
             n: p.detach().clone() for n, p in network.named_parameters()})
@@ -83,24 +84,28 @@ def main() -> None:
         network.eval().requires_grad_(False)
         sample_cfg = SampleConfig(num=a.num, seed=rec.evaluate.seed, steps=cfg.base_steps,
                                   batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-        for budget in budgets:
+        for budget, steps in [(b, s) for b in budgets for s in (a.sample_steps or [cfg.corrector_sample_steps])]:
             if budget:
                 weights, seconds = snapshots[budget]
                 network.load_state_dict(weights, strict=False)
-                model.corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps,
+                model.corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, steps,
                                                  network=network, model_config=model_config)
+            elif steps != (a.sample_steps or [cfg.corrector_sample_steps])[0]:
+                continue  # the base has no corrector steps
             else:
                 model.corrector, seconds = None, 0.0
-            m = evaluate_model(model, None, sample_cfg, feats, store, bar, f"curve-{budget}-{a.num}",
+            m = evaluate_model(model, None, sample_cfg, feats, store, bar, f"curve-{budget}-s{steps}-{a.num}",
                                real_features=refs["digits-test"], also_against={"digits-train": refs["digits-train"]})
-            rows.append((budget, seconds, m["fid"], m["also_against"]["digits-train"]["fid"]))
+            rows.append((budget, steps if budget else 0, seconds, m["fid"], m["also_against"]["digits-train"]["fid"]))
     load = os.getloadavg()
-    print(f"\ninversion: {inv['used']} of {inv['num']} images kept, {inv['iterations_mean']:.1f} network calls per image, "
+    print(f"\ncorrector: {cfg.corrector}, {sum(p.numel() for p in network.parameters()):,} parameters, "
+          f"{cfg.corrector_batch_size} per step, lr {cfg.corrector_learning_rate}")
+    print(f"inversion: {inv['used']} of {inv['num']} images kept, {inv['iterations_mean']:.1f} network calls per image, "
           f"{invert_seconds:.1f} s (cached when 0); {a.num} samples per budget; load average {load[0]:.1f} {load[1]:.1f}")
-    print("| corrector steps | training s | FID test (clf) | FID train (clf) |")
-    print("|---:|---:|---:|---:|")
-    for budget, seconds, fid_test, fid_train in rows:
-        print(f"| {budget if budget else '0 (base)'} | {seconds:.1f} | {fid_test:.3f} | {fid_train:.3f} |")
+    print("| corrector training steps | sampling steps | training s | FID test (clf) | FID train (clf) |")
+    print("|---:|---:|---:|---:|---:|")
+    for budget, steps, seconds, fid_test, fid_train in rows:
+        print(f"| {budget if budget else '0 (base)'} | {steps} | {seconds:.1f} | {fid_test:.3f} | {fid_train:.3f} |")
 
 
 if __name__ == "__main__":

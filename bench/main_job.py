@@ -34,8 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The inverse-noise recipe's values before issue 13 (README: held-out FID 5.03 -> 1.70, 11.5 min under load).
 BEFORE = ["correct.num_images=0", "correct.inversion_iterations=24", "correct.inversion_tol=2e-3",
-          "correct.corrector_train_steps=1500", "correct.corrector_batch_size=128", "evaluate.num=2000"]
-JOBS = {"before": BEFORE, "after": []}
+          "correct.corrector_train_steps=1500", "correct.corrector_batch_size=128", "evaluate.num=2000",
+          "correct.corrector_sample_steps=4"]
+# Cheaper correctors than the recipe's UNet flow (issue 13): no training, or an MLP flow (bench/RESULTS.md).
+MLP = ["correct.corrector=mlp", "correct.corrector_width=256", "correct.corrector_blocks=2",
+       "correct.corrector_train_steps=3000", "correct.corrector_sample_steps=64"]
+# The defaults before the corrector's budget was moved from training to sampling steps (issue 13).
+PREVIOUS = ["correct.corrector_train_steps=1500", "correct.corrector_sample_steps=4"]
+JOBS = {"before": BEFORE, "previous": PREVIOUS, "after": [], "gaussian": ["correct.corrector=gaussian"], "mlp": MLP,
+        "images-512": ["correct.num_images=512"]}
 STAGES = ("invert", "train_corrector", "evaluate-base", "evaluate-corrected")
 
 
@@ -56,7 +63,7 @@ def run_job(name: str, out: Path) -> dict:
     wall, load_after = time.perf_counter() - tic, os.getloadavg()[0]
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     result = {"wall": wall, "load": [load_before, load_after], "sets": JOBS[name], "summary": summary,
-              "stage_seconds": {s: stages[s]["seconds"] for s in STAGES if s in stages}}
+              "stage_seconds": {s: stages[s].get("seconds", 0.0) for s in STAGES if s in stages}}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return result
 

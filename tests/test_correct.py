@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -161,6 +162,73 @@ def test_diagonal_gaussian_corrector_fits_saves_loads_and_counts_flops(tmp_path)
     torch.testing.assert_close(loaded.corrector(e), corrector(e))
     parts = flops_per_image(loaded, 4)["flops_parts"]
     assert parts["corrector"] == 2 * 256  # one multiply-add per dimension
+
+
+@pytest.mark.parametrize("width, blocks", [(32, 1), (64, 3)])
+def test_mlp_flow_flops_match_the_closed_form(width, blocks):
+    from pgraft_cli.core.metrics import measure_flops
+    from pgraft_cli.models.corrector import MLPFlow, mlp_flow_flops
+
+    network = MLPFlow([2, 4, 3], width, blocks, time_dim=16)
+    measured = measure_flops(lambda: network(torch.randn(1, 2, 4, 3), torch.tensor([500.0])))
+    d = 2 * 4 * 3
+    assert measured == mlp_flow_flops(d, width, blocks, 16)
+    assert measured == 2 * (d * width + 16 * width + width**2 + 2 * blocks * width**2 + width * d)
+
+
+def test_an_untrained_mlp_corrector_is_the_identity():
+    from pgraft_cli.models.corrector import MLPFlow
+
+    corrector = NoiseCorrector("mlp", 4, 3, network=MLPFlow([1, 16, 16], 32, 1).eval())
+    e = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(corrector(e), e)
+
+
+def test_mlp_corrector_learns_a_shift_saves_loads_and_counts_flops(tmp_path):
+    """Trained on 0.5 + e (constant velocity, so Euler is exact), the MLP corrector's samples have
+    mean ~0.5 and std ~1; the file round-trips bit for bit and the corrected model's FLOPs are its
+    steps times the closed form."""
+    from pgraft_cli.models.corrector import mlp_flow_flops
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    g = torch.Generator().manual_seed(0)
+    noises = 0.5 + torch.randn(512, 1, 16, 16, generator=g)
+    rec = load_recipe("inverse-noise", ["correct.corrector=mlp", "correct.corrector_width=64",
+                                        "correct.corrector_train_steps=300", "correct.corrector_batch_size=64",
+                                        "correct.corrector_learning_rate=3e-3", "correct.corrector_sample_steps=4"])
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        corrector, info = run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
+    assert info["kind"] == "mlp" and info["parameters"] == corrector.parameter_count() > 0
+    z = corrector(torch.randn(2000, 1, 16, 16, generator=g))
+    assert abs(float(z.mean()) - 0.5) < 0.05 and abs(float(z.std()) - 1.0) < 0.05
+    out = save_corrected(tmp_path / "mlp.safetensors", corrector, load_model("digits"), {}, {})
+    loaded = load_model(str(out))
+    assert loaded.corrector.kind == "mlp" and loaded.corrector.steps == 4
+    e = torch.randn(3, 1, 16, 16, generator=g)
+    assert torch.equal(loaded.corrector(e), corrector(e))
+    parts = flops_per_image(loaded, 4)["flops_parts"]
+    assert parts["corrector"] == 4 * mlp_flow_flops(256, 64, rec.correct.corrector_blocks, 64)
+
+
+@pytest.mark.parametrize("scale", [1.1, 2.0])
+def test_few_euler_steps_of_the_exact_corrector_flow_shrink_the_spread_as_derived(scale):
+    """docs/methods.md: from N(0, I) to N(0, s^2 I) along x_t = (1 - t) z + t e the exact velocity is
+    ``v = a(t) x``, ``a = (t - (1 - t) s^2) / ((1 - t)^2 s^2 + t^2)``, so N Euler steps scale the
+    std by ``prod_k (1 - h a(t_k))`` (0.79 at 4 steps for s = 1.1): the corrector's own sampler
+    step count, not its training, is what narrows its samples."""
+    schedule = NoiseSchedule.flow()
+    e = torch.randn(20000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def a(t):
+        return (t - (1 - t) * scale**2) / ((1 - t) ** 2 * scale**2 + t**2)
+
+    for steps in (4, 16, 64):
+        grid = schedule.grid(steps)
+        z, _ = sample(lambda x, t: a(t) * x, schedule, e, grid)
+        factor = math.prod(1 - float(grid[k] - grid[k + 1]) * float(a(grid[k])) for k in range(steps))
+        assert float(z.std() / e.std()) == pytest.approx(factor, rel=1e-9)
+        assert factor < scale and (steps < 64 or factor > 0.97 * scale)
+    assert scale != 1.1 or 0.78 < math.prod(1 - 0.25 * a(1 - 0.25 * k) for k in range(4)) < 0.80
 
 
 def _untrained_flow_corrector(base_steps: int = 4) -> NoiseCorrector:

@@ -37,7 +37,7 @@ from torch import nn
 from .. import __version__
 from ..core.samplers import NoiseSchedule
 from ..errors import ModelLoadError, PgraftError, UnsafeFileError
-from ..models.corrector import NoiseCorrector
+from ..models.corrector import MLPFlow, NoiseCorrector
 from ..models.families import SUPPORTED_CLASSES, family_for, unsupported
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, add_lora, lora_state, set_lora_state
@@ -799,8 +799,8 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
     projection = {} if corrector.projection is None else {
         f"{TEXT_PROJECTION}.{k}": v for k, v in corrector.projection.state_dict().items()}
-    return save_pgraft_safetensors(path, corrector.network, "UNet2DModel", corrector.model_config or {},
-                                   NoiseCorrector.schedule_config(), provenance, extra,
+    return save_pgraft_safetensors(path, corrector.network, "MLPFlow" if corrector.kind == "mlp" else "UNet2DModel",
+                                   corrector.model_config or {}, NoiseCorrector.schedule_config(), provenance, extra,
                                    state={**corrector.network.state_dict(), **projection})
 
 
@@ -822,8 +822,8 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
                                    std=state.get("std"), weight=state.get("weight"), chol_of=state.get("chol_of"),
                                    **given)
     else:
-        config = json.loads(metadata["pgraft.model_config"])
-        network = build_network("UNet2DModel", config)
+        config = {k: v for k, v in json.loads(metadata["pgraft.model_config"]).items() if not k.startswith("_")}
+        network = MLPFlow(**config) if corrector_type == "mlp" else build_network("UNet2DModel", config)
         prefix = f"{TEXT_PROJECTION}."
         projection = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         load_state(network, state, str(path))
@@ -833,7 +833,7 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
             linear = torch.nn.Linear(*projection["weight"].shape[::-1])
             linear.load_state_dict(projection)
             linear.requires_grad_(False)
-        corrector = NoiseCorrector("flow", base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
+        corrector = NoiseCorrector(corrector_type, base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
                                    network=network, model_config=config, projection=linear, **given)
     base_model.corrector = corrector
     base_model.source = str(path)

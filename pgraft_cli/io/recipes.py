@@ -185,21 +185,23 @@ class CorrectConfig:
     invert_shard_size: int = 256
     data_noise: float = 0.0
     seed: int = 0
-    corrector: Literal["flow", "gaussian", "gaussian-diag"] = "flow"
+    corrector: Literal["flow", "mlp", "gaussian", "gaussian-diag"] = "flow"
     corrector_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
     corrector_layers: int = 1
     corrector_attention: bool = False
-    corrector_train_steps: int = 1500
+    corrector_width: int = 256
+    corrector_blocks: int = 2
+    corrector_train_steps: int = 500
     corrector_batch_size: int = 128
     corrector_learning_rate: float = 1e-3
     corrector_warmup: int = 50
     corrector_ema: float = 0.999
     corrector_checkpoint_every: int = 100
-    corrector_sample_steps: int = 4
+    corrector_sample_steps: int = 16
 
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",
-                  "corrector_layers", "corrector_train_steps", "corrector_batch_size", "corrector_warmup",
+                  "corrector_layers", "corrector_width", "corrector_blocks", "corrector_train_steps", "corrector_batch_size", "corrector_warmup",
                   "corrector_checkpoint_every", "corrector_sample_steps")
         if not self.corrector_channels or min(self.corrector_channels) < 1:
             raise RecipeError("correct.corrector_channels must be a non-empty list of positive widths, e.g. [16, 32, 32]")

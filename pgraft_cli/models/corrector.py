@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -19,7 +20,8 @@ class NoiseCorrector:
 
     ``kind = "flow"``: a small diffusers UNet2DModel flow (``v = e - z``, t = 1 noise, t = 0 the
     corrected noise z) integrated with ``steps`` Euler steps; it computes in its network's dtype
-    (timesteps in float32) and returns the caller's dtype. ``kind = "gaussian"``: ``z = mean + L e``
+    (timesteps in float32) and returns the caller's dtype. ``kind = "mlp"``: the same flow with an
+    :class:`MLPFlow` network on the flattened sample. ``kind = "gaussian"``: ``z = mean + L e``
     with ``L`` the Cholesky factor of the inverted noises' covariance; ``"gaussian-diag"``:
     ``z = mean + std * e`` per dimension (no network calls).
 
@@ -133,6 +135,50 @@ class NoiseCorrector:
             return 0
         return sum(p.numel() for p in self.network.parameters()) + (
             0 if self.projection is None else sum(p.numel() for p in self.projection.parameters()))
+
+
+@dataclass
+class VelocityOutput:
+    """What :class:`MLPFlow` returns: the velocity as ``.sample``, as a diffusers UNet's output."""
+
+    sample: Tensor
+
+
+class MLPFlow(nn.Module):
+    """A residual MLP velocity field ``v(x, timestep)`` on the flattened sample (D = C H W values).
+
+    ``h = W_in x + b(t)``, ``b(t) = W_t2 silu(W_t1 sin_cos(timestep))``; each of ``blocks`` blocks adds
+    ``W_2 silu(W_1 LN(h))`` to ``h``; ``v = W_out silu(LN(h))``, reshaped to the sample. ``W_out`` starts
+    at zero, so an untrained corrector is the identity map. FLOPs: :func:`mlp_flow_flops`.
+    """
+
+    def __init__(self, sample_shape: list[int] | tuple[int, ...], width: int = 512, blocks: int = 2,
+                 time_dim: int = 64) -> None:
+        super().__init__()
+        self.sample_shape, self.time_dim = tuple(sample_shape), time_dim
+        dim = math.prod(self.sample_shape)
+        self.inp = nn.Linear(dim, width)
+        self.time = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(),
+                                                  nn.Linear(width, width)) for _ in range(blocks))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, timestep: Tensor) -> VelocityOutput:
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        emb = get_timestep_embedding(timestep.reshape(-1).expand(x.shape[0]), self.time_dim).to(x.dtype)
+        h = self.inp(x.reshape(x.shape[0], -1)) + self.time(emb)
+        for block in self.blocks:
+            h = h + block(h)
+        return VelocityOutput(self.out(h).reshape(x.shape))
+
+
+def mlp_flow_flops(dim: int, width: int, blocks: int, time_dim: int) -> int:
+    """Matmul FLOPs of one :class:`MLPFlow` call per sample (a multiply-add is 2, as torch's counter):
+    ``2 (D W + T W + W^2 + 2 B W^2 + W D)`` for input, time MLP, blocks and output layers."""
+    return 2 * (dim * width + time_dim * width + width * width + 2 * blocks * width * width + width * dim)
 
 
 MAX_FULL_COVARIANCE_DIM = 16384  # a D x D float64 covariance above this is > 2 GB

@@ -5,7 +5,8 @@
    Anderson-accelerated, per image: ``samplers.invert_sampler``); check
    ``T(T^-1(x)) - x`` per image, drop images whose RMS exceeds ``correct.max_reconstruction_rms``
    and refuse to go on when more than ``correct.max_dropped_fraction`` are dropped. Sharded, resumable.
-2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`) from N(0, I) to the
+2. ``run_train_corrector``: train a small flow (:class:`NoiseCorrector`; a UNet, or with
+   ``corrector = "mlp"`` a residual MLP on the flattened noise) from N(0, I) to the
    inverted noises with the flow-matching loss in the shared loop (``train_loop.py``); checkpoints and resumes
    bit-exactly (every step's randomness is seeded by ``(seed, step)``; optimizer state is kept in
    safetensors, never pickled). Or ``corrector = "gaussian"``: the cheapest baseline, a Gaussian
@@ -33,7 +34,7 @@ from ..io.checkpoints import model_key
 from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
 from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
-from ..models.corrector import (NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
+from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text)
 from ..models.loaded import LoadedModel
 from .sample import resumed_lane
@@ -41,6 +42,19 @@ from .train_loop import LoopConfig, Training, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
 # The corrector's network
+
+
+def corrector_network(cfg: CorrectConfig, sample_shape: tuple[int, int, int],
+                      extra: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
+    """The untrained network of a ``flow`` (UNet2DModel; ``extra`` config keys: its class embedding) or
+    ``mlp`` (:class:`MLPFlow`) corrector, and its config."""
+    if cfg.corrector == "mlp":
+        config = {"sample_shape": list(sample_shape), "width": cfg.corrector_width, "blocks": cfg.corrector_blocks}
+        return MLPFlow(**config), config
+    from diffusers import UNet2DModel
+
+    config = {**corrector_config(cfg, sample_shape), **(extra or {})}
+    return UNet2DModel(**config), config
 
 
 def corrector_config(cfg: CorrectConfig, sample_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -308,7 +322,6 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     conditions it: per class, one Gaussian or a class embedding in the flow's network; per pooled
     text embedding, a ridge-regressed Gaussian mean or a projection into the flow's class embedding.
     """
-    from diffusers import UNet2DModel
     from safetensors.torch import load_file, save_file
 
     conds = conds or {"conditioning": "none", "condition": None, "num_classes": 0}
@@ -332,14 +345,14 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
                                    weight=None if weight is None else weight.float(), chol_of=chol_of,
                                    **{("std" if diag else "chol"): spread.float()})
         return corrector, {**summary, **spread_info}
-    model_config = corrector_config(cfg, sample_shape)
-    projection = None
-    if kind == "class":
-        model_config["num_class_embeds"] = num
-    elif kind == "text":  # the pooled embedding, projected to the time embedding's width, added to it
-        model_config["class_embed_type"] = "identity"
+    if cfg.corrector == "mlp" and kind != "none":
+        raise PgraftError(f'correct.corrector = "mlp" takes no {kind} condition; use flow, gaussian or gaussian-diag '
+                          f'for a {kind}-conditioned model')
+    extra = {"num_class_embeds": num} if kind == "class" else {"class_embed_type": "identity"} if kind == "text" else {}
+    projection = None  # text: the pooled embedding, projected to the time embedding's width, added to it
     torch.manual_seed(cfg.seed)
-    network = UNet2DModel(**model_config).to(device)
+    network, model_config = corrector_network(cfg, sample_shape, extra)
+    network = network.to(device)
     trained: nn.Module = network
     if kind == "text":
         projection = nn.Linear(cond_of.shape[1], network.time_embedding.linear_2.out_features).to(device)
@@ -364,7 +377,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         losses = json.loads(f.metadata().get("losses", "[]"))
     trained.load_state_dict(weights)
     trained.eval().requires_grad_(False)
-    corrector = NoiseCorrector("flow", cfg.base_steps, cfg.corrector_sample_steps, network=network,
+    corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, cfg.corrector_sample_steps, network=network,
                                model_config=model_config, conditioning=kind, projection=projection)
     return corrector, {**summary, "parameters": corrector.parameter_count(), **loss_summary(losses)}
 
