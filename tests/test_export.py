@@ -44,7 +44,12 @@ def _corrected_file(tmp_path, kind="flow"):
 
     base = load_model("digits")
     torch.manual_seed(0)
-    if kind == "flow":
+    if kind == "mlp":
+        from pgraft_cli.models.corrector import MLPFlow
+
+        config = {"sample_shape": [1, 16, 16], "width": 32, "blocks": 1}
+        corrector = NoiseCorrector("mlp", 4, 2, network=MLPFlow(**config).eval(), model_config=config)
+    elif kind == "flow":
         config = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, sample_size=16, in_channels=1,
                       out_channels=1, down_block_types=["DownBlock2D", "DownBlock2D"],
                       up_block_types=["UpBlock2D", "UpBlock2D"])
@@ -386,6 +391,12 @@ def test_bad_exports_fail_in_one_line_and_leave_out_untouched(tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     summary = _export("digits", out, "--force")
     assert not (out / "keep.txt").exists() and "pipeline.py" in summary["files"]
+
+
+def test_an_mlp_corrector_is_refused_in_one_line_not_exported_without_it(tmp_path):
+    """diffusers cannot save the MLP corrector as a pipeline component: the folder would sample the bare base."""
+    message = _fails(str(_corrected_file(tmp_path, "mlp")), "--out", tmp_path / "out")
+    assert "mlp kind" in message and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -174,6 +174,10 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
                      dtype: Optional[torch.dtype] = None, guidance: float = 1.0) -> dict[str, Any]:
     """Write the pipeline folder (see the module doc); returns what was written. ``guidance``: the scale
     pgraft samples at, the composed pipeline's default, noted in ``pgraft_export.json``."""
+    if model.corrector is not None and model.corrector.kind == "mlp":
+        raise ExportError(f"--format diffusers cannot write {model.source}: its corrector is the mlp kind, which the "
+                          f"exported pipeline does not carry; sample it with pgraft sample, or correct the base with "
+                          f"correct.corrector = \"flow\" or \"gaussian\" to export it")
     support = support_of(model)
     plain = one_network(model) and support.plain and model.pipeline is not None
     if not plain and not support.composed:

@@ -88,8 +88,8 @@ def train(run: Training, opt: Any, step_loss: Callable[[int], Tensor | float], c
     """Steps ``run.step .. cfg.steps - 1``; leaves the parameters at their EMA when ``cfg.ema > 0``.
 
     ``step_loss(step)`` runs the forward and backward passes (through ``scaler`` when given) and
-    returns the step's loss, a 0-d tensor (read back only at checkpoints and at the end, so a GPU
-    never waits for the host between steps) or a float; ``weights()`` is what a checkpoint stores
+    returns the step's loss, a 0-d tensor (read back only at checkpoints and at the end, not once a
+    step; the batch's host-to-device copy still synchronises) or a float; ``weights()`` is what a checkpoint stores
     as the model's weights, and only a process with ``save`` writes checkpoints. ``on_step(steps done,
     loss, learning rate)`` follows every step (the trackers of ``--log-with``; it reads the loss back).
     """
