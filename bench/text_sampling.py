@@ -53,12 +53,14 @@ def count_rows(encoder: torch.nn.Module, counter: list[int]) -> None:
         lambda m, args, kwargs: counter.append((args[0] if args else kwargs["input_ids"]).shape[0]), with_kwargs=True)
 
 
-def per_row_encode(model: Any, prompts: list[str], class_labels: Any, guidance_scale: float) -> Any:
+def per_row_encode(model: Any, prompts: list[str], class_labels: Any, guidance_scale: float,
+                   distilled_guidance: Any = None) -> Any:
     """The encoding before: the pipeline's ``encode_prompt`` on every row's prompt, duplicates included."""
     from pgraft_cli.models.loaded import Cond
 
     pe, npe = model.pipeline.encode_prompt(prompts, model.device, 1, guidance_scale > 1.0)
-    return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale)
+    return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale,
+                distilled_guidance=distilled_guidance)
 
 
 def synced(device: str, fn: Callable[[], Any]) -> Callable[[], Any]:
