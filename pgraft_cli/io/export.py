@@ -50,7 +50,7 @@ class Support:
 
     ``lora``: the key prefix the family pipeline's ``load_lora_weights`` reads (None: it has none);
     ``plain``: one network is the family's own diffusers pipeline; ``composed``: ``PgraftPipeline`` runs
-    its composed sampler (pixel UNets, SD 1.x/2.x, SDXL, SD3 and DiT; not Flux or PixArt)."""
+    its composed sampler (pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt and DiT; not Flux)."""
 
     lora: Optional[str]
     plain: bool
@@ -59,7 +59,7 @@ class Support:
 
 SUPPORT = {"unet2d": Support("unet", False, True), "sd": Support("unet", True, True),
            "sdxl": Support("unet", True, True), "sd3": Support("transformer", False, True),
-           "flux": Support("transformer", True, False), "pixart": Support(None, True, False),
+           "flux": Support("transformer", True, False), "pixart": Support(None, True, True),
            "dit": Support(None, True, True)}
 
 
@@ -179,7 +179,7 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
     if not plain and not support.composed:
         what = "one network" if one_network(model) else "a composed sampler (corrector or cutoff > 0)"
         raise ExportError(f"--format diffusers cannot write {model.source}, {what} of the {model.adapter.name} family "
-                          f"(the exported pipeline runs pixel UNets, SD 1.x/2.x, SDXL, SD3 and DiT); sample it with pgraft sample, "
+                          f"(the exported pipeline runs pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt and DiT); sample it with pgraft sample, "
                           f"or export --format lora")
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
@@ -270,7 +270,8 @@ def _pgraft_pipeline(model: LoadedModel, guidance: float) -> Any:
         corrector_steps=corrector.steps if corrector is not None else 0,
         base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class,
         family=model.adapter.name, force_zeros_for_empty_prompt=bool(
-            getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True)))
+            getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True)),
+        text_pipeline=type(pipe).__name__ if model.conditioning == "text" else None)
 
 
 # ----------------------------------------------------------------------------------------------

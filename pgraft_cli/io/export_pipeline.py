@@ -15,7 +15,7 @@ The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x
   diffusion DDIM "trailing" timesteps ``round(T - k T / N) - 1``, then t = 0, DDIM steps (eta = 0).
 - families (``family``, pgraft's adapter names): pixel ``unet2d``, ``sd`` (SD 1.x/2.x), ``sdxl`` (two CLIP
   encoders, pooled embedding, time ids ``(H, W, 0, 0, H, W)``), ``sd3`` (pooled projections, flow) and
-  ``dit`` (class labels, learned sigma); prompts go through the family's own diffusers pipeline's
+  ``pixart`` (T5 states with their mask), ``dit`` (class labels, learned sigma); prompts go through the family's own diffusers pipeline's
   ``encode_prompt`` built on this folder's components (``_encode``), the network is called as
   pgraft's adapters call it (``_call``).
 
@@ -124,8 +124,6 @@ class GaussianCorrector(ModelMixin, ConfigMixin):
         return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
 
 
-TEXT_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                  "sd3": "StableDiffusion3Pipeline"}
 TEXT_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
@@ -133,6 +131,8 @@ def _both(negative: Any, positive: Any) -> Any:
     """The inputs of one guided call, ``[unconditional; conditional]`` rows (nested dicts alike)."""
     if isinstance(positive, dict):
         return {k: _both(negative[k], v) for k, v in positive.items()}
+    if positive is None:
+        return None
     return torch.cat([negative, positive])
 
 
@@ -152,14 +152,15 @@ class PgraftPipeline(DiffusionPipeline):
                  text_encoder_3: Any = None, tokenizer_3: Any = None, cutoff: float = 0.0,
                  tuned_guidance: str = "reapply", corrector_steps: int = 0, base_steps: Optional[int] = None,
                  null_class: Optional[int] = None, guidance_scale: float = 1.0, family: Optional[str] = None,
-                 force_zeros_for_empty_prompt: bool = True):
+                 force_zeros_for_empty_prompt: bool = True, text_pipeline: Optional[str] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, tuned_unet=tuned_unet, corrector=corrector, vae=vae,
                               text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                               tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(cutoff=cutoff, tuned_guidance=tuned_guidance, corrector_steps=corrector_steps,
                                 base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale,
-                                family=family, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+                                family=family, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                                text_pipeline=text_pipeline)
 
     # -- pieces -----------------------------------------------------------------------------------
     def _above(self, t: torch.Tensor) -> bool:
@@ -169,13 +170,17 @@ class PgraftPipeline(DiffusionPipeline):
         """pgraft's family name (folders written before it was recorded: SD if text, else a pixel UNet)."""
         return self.config.get("family") or ("sd" if self.text_encoder is not None else "unet2d")
 
+    def _vae_scale(self) -> int:
+        """Image pixels per latent pixel: ``2 ** (len(block_out_channels) - 1)``."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def _encode(self, prompts: list[str], guided: bool) -> tuple[dict, dict]:
         """The network's text inputs for ``prompts`` and for the empty negative prompt (``{}`` unless ``guided``),
         encoded by the family's own pipeline (``encode_prompt``) on this folder's components."""
         import diffusers
 
         family, device = self._family(), self.unet.device
-        cls = getattr(diffusers, TEXT_PIPELINES[family])
+        cls = getattr(diffusers, self.config.get("text_pipeline") or "StableDiffusionPipeline")
         accepted = inspect.signature(cls.__init__).parameters
         parts = {k: getattr(self, k) for k in TEXT_PARTS + ("scheduler",) if k in accepted}
         parts["transformer" if "transformer" in accepted else "unet"] = self.unet
@@ -185,6 +190,18 @@ class PgraftPipeline(DiffusionPipeline):
         if family == "sd":
             pe, npe = pipe.encode_prompt(prompts, device, 1, guided)
             return {"encoder_hidden_states": pe}, {"encoder_hidden_states": npe} if guided else {}
+        if family == "pixart":  # T5 states and their mask, at the pipeline's own length; micro-conditions
+            length = inspect.signature(cls.__call__).parameters["max_sequence_length"].default
+            pe, mask, npe, nmask = pipe.encode_prompt(prompts, do_classifier_free_guidance=guided, device=device,
+                                                      clean_caption=False, max_sequence_length=length)
+            added = {"resolution": None, "aspect_ratio": None}
+            if self.unet.use_additional_conditions:
+                h, w = (n * self._vae_scale() for n in _size(self.unet.config.sample_size))
+                added = {"resolution": torch.tensor([[h, w]], dtype=pe.dtype, device=device).expand(len(prompts), 2),
+                         "aspect_ratio": torch.tensor([[h / w]], dtype=pe.dtype, device=device).expand(len(prompts), 1)}
+            return ({"encoder_hidden_states": pe, "encoder_attention_mask": mask, "added_cond_kwargs": added},
+                    {"encoder_hidden_states": npe, "encoder_attention_mask": nmask, "added_cond_kwargs": added}
+                    if guided else {})
         if family == "sd3":
             pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                           num_images_per_prompt=1, do_classifier_free_guidance=guided)
@@ -192,7 +209,7 @@ class PgraftPipeline(DiffusionPipeline):
                     {"encoder_hidden_states": npe, "pooled_projections": npooled} if guided else {})
         pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=guided)  # sdxl: (H, W, 0, 0, H, W)
-        h, w = (n * 2 ** (len(self.vae.config.block_out_channels) - 1) for n in _size(self.unet.config.sample_size))
+        h, w = (n * self._vae_scale() for n in _size(self.unet.config.sample_size))
         ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=pe.dtype, device=device).expand(len(prompts), 6)
         return ({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}},
                 {"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}
