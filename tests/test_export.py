@@ -498,7 +498,27 @@ def test_dit_plain_export_carries_its_vae_and_samples_as_pgraft(tmp_path, tiny_d
     torch.testing.assert_close(torch.from_numpy(got).permute(0, 3, 1, 2), images, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux", "pixart"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "pixart", "dit"])
+def test_composed_export_of_sdxl_sd3_pixart_and_dit_gives_the_images_of_pgraft_sample(tmp_path, request, family):
+    """A LoRA P-GRAFT at cutoff 0.5, guided: SDXL (pooled embedding, time ids), SD3 (pooled projections, shifted
+    flow), PixArt (T5 states and their mask), DiT (class labels against the null class 1000, learned sigma dropped; the images through its VAE)."""
+    base = request.getfixturevalue(f"tiny_{family}_dir")
+    checkpoint, _ = _tuned_file(tmp_path, base, 0.5)
+    assert _export(checkpoint, tmp_path / "pipe")["pipeline"] == "PgraftPipeline"
+    cond = {"class_labels": [3, 3]} if family == "dit" else {"prompt": PROMPTS}
+    args = ("--class", "3") if family == "dit" else ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, *args, "--guidance-scale", "3")
+    got, pipe = _exported_sample(tmp_path / "pipe", 2, 4, guidance_scale=3.0, **cond)
+    _assert_same(got, want)
+    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, *args, "--guidance-scale", "3")).abs().max()) > 1e-3
+    if family == "dit":
+        images = pipe(num_inference_steps=4, latents=initial_noise(0, [0, 1], (4, 8, 8)), output_type="pt",
+                      guidance_scale=3.0, **cond).images
+        with torch.no_grad():
+            torch.testing.assert_close(images, load_model(str(checkpoint)).decode(want), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["flux"])
 def test_composed_exports_of_families_the_pipeline_cannot_run_are_refused_in_one_line(tmp_path, family, request):
     from pgraft_cli.io.export import ExportError
     from pgraft_cli.pipelines.export import ExportOptions, export

@@ -50,7 +50,7 @@ class Support:
 
     ``lora``: the key prefix the family pipeline's ``load_lora_weights`` reads (None: it has none);
     ``plain``: one network is the family's own diffusers pipeline; ``composed``: ``PgraftPipeline`` runs
-    its composed sampler (it encodes SD 1.x/2.x prompts and pixel-UNet classes, nothing else)."""
+    its composed sampler (pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt and DiT; not Flux)."""
 
     lora: Optional[str]
     plain: bool
@@ -58,9 +58,9 @@ class Support:
 
 
 SUPPORT = {"unet2d": Support("unet", False, True), "sd": Support("unet", True, True),
-           "sdxl": Support("unet", True, False), "sd3": Support("transformer", False, False),
-           "flux": Support("transformer", True, False), "pixart": Support(None, True, False),
-           "dit": Support(None, True, False)}
+           "sdxl": Support("unet", True, True), "sd3": Support("transformer", False, True),
+           "flux": Support("transformer", True, False), "pixart": Support(None, True, True),
+           "dit": Support(None, True, True)}
 
 
 def support_of(model: LoadedModel) -> Support:
@@ -183,7 +183,7 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
     if not plain and not support.composed:
         what = "one network" if one_network(model) else "a composed sampler (corrector or cutoff > 0)"
         raise ExportError(f"--format diffusers cannot write {model.source}, {what} of the {model.adapter.name} family "
-                          f"(the exported pipeline runs SD 1.x/2.x and pixel UNets only); sample it with pgraft sample, "
+                          f"(the exported pipeline runs pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt and DiT); sample it with pgraft sample, "
                           f"or export --format lora")
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
@@ -250,15 +250,13 @@ def _guidance_info(model: LoadedModel, pipe: Any, plain: bool, guidance: float, 
 
 
 def _pgraft_pipeline(model: LoadedModel, guidance: float) -> Any:
-    from .export_pipeline import GaussianCorrector, PgraftPipeline
+    from .export_pipeline import TEXT_PARTS, GaussianCorrector, PgraftPipeline
 
-    parts: dict[str, Any] = {}
-    if model.conditioning == "text":
-        pipe = model.pipeline
-        if not all(hasattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer")):
-            raise ExportError(f"{model.source}: the composed pipeline supports Stable Diffusion 1.x/2.x layouts "
-                              f"(vae, text_encoder, tokenizer); this one is {type(pipe).__name__}")
-        parts = {"vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+    pipe = model.pipeline
+    parts = {k: getattr(pipe, k) for k in TEXT_PARTS if getattr(pipe, k, None) is not None}
+    if model.conditioning == "text" and "text_encoder" not in parts:
+        raise ExportError(f"{model.source}: the composed pipeline encodes prompts with the pipeline's text_encoder, "
+                          f"which {type(pipe).__name__} lacks; sample it with pgraft sample")
     corrector, network = model.corrector, None
     if corrector is not None and corrector.conditioning != "none":
         raise ExportError(f"{model.source}'s noise corrector is conditioned on each sample's {corrector.conditioning}, "
@@ -274,7 +272,10 @@ def _pgraft_pipeline(model: LoadedModel, guidance: float) -> Any:
         tuned_unet=tuned_network(model) if model.finetuned else None, corrector=network, **parts,
         cutoff=float(model.cutoff), tuned_guidance=model.tuned_guidance,
         corrector_steps=corrector.steps if corrector is not None else 0,
-        base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class)
+        base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class,
+        family=model.adapter.name, force_zeros_for_empty_prompt=bool(
+            getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True)),
+        text_pipeline=type(pipe).__name__ if model.conditioning == "text" else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x
   ``tuned_guidance = "none"`` the tuned segment runs the conditional branch alone (scale 1);
 - grid: flow ``u = linspace(1, 0, N + 1)`` shifted to ``s u / (1 + (s - 1) u)``, Euler steps;
   diffusion DDIM "trailing" timesteps ``round(T - k T / N) - 1``, then t = 0, DDIM steps (eta = 0).
+- families (``family``, pgraft's adapter names): pixel ``unet2d``, ``sd`` (SD 1.x/2.x), ``sdxl`` (two CLIP
+  encoders, pooled embedding, time ids ``(H, W, 0, 0, H, W)``), ``sd3`` (pooled projections, flow) and
+  ``pixart`` (T5 states with their mask), ``dit`` (class labels, learned sigma); prompts go through the family's own diffusers pipeline's
+  ``encode_prompt`` built on this folder's components (``_encode``), the network is called as
+  pgraft's adapters call it (``_call``).
 
 The maths repeats pgraft's core/samplers.py on purpose (this file travels alone); the export tests
 pin it to ``pgraft sample`` to 1e-5.
@@ -20,6 +25,7 @@ pin it to ``pgraft sample`` to 1e-5.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Optional, Union
 
@@ -118,38 +124,96 @@ class GaussianCorrector(ModelMixin, ConfigMixin):
         return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
 
 
+TEXT_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+
+def _both(negative: Any, positive: Any) -> Any:
+    """The inputs of one guided call, ``[unconditional; conditional]`` rows (nested dicts alike)."""
+    if isinstance(positive, dict):
+        return {k: _both(negative[k], v) for k, v in positive.items()}
+    if positive is None:
+        return None
+    return torch.cat([negative, positive])
+
+
 class PgraftPipeline(DiffusionPipeline):
     """A base network, optionally a tuned network above ``cutoff`` and a noise corrector, as pgraft composes them.
 
-    ``unet`` is the base network (a UNet2DModel, or a UNet2DConditionModel with ``vae``,
-    ``text_encoder`` and ``tokenizer``); ``scheduler`` carries its schedule's config.
+    ``unet`` is the base network of ``family`` (a UNet2DModel; the UNet2DConditionModel of SD or SDXL, or
+    the SD3 / DiT transformer, with ``vae`` and the family's text encoders and tokenizers);
+    ``scheduler`` carries its schedule's config.
     """
 
-    model_cpu_offload_seq = "text_encoder->corrector->tuned_unet->unet->vae"
-    _optional_components = ["tuned_unet", "corrector", "vae", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->corrector->tuned_unet->unet->vae"
+    _optional_components = ["tuned_unet", "corrector", *TEXT_PARTS]
 
     def __init__(self, unet: Any, scheduler: Any, tuned_unet: Any = None, corrector: Any = None, vae: Any = None,
-                 text_encoder: Any = None, tokenizer: Any = None, cutoff: float = 0.0, tuned_guidance: str = "reapply",
-                 corrector_steps: int = 0, base_steps: Optional[int] = None, null_class: Optional[int] = None,
-                 guidance_scale: float = 1.0):
+                 text_encoder: Any = None, tokenizer: Any = None, text_encoder_2: Any = None, tokenizer_2: Any = None,
+                 text_encoder_3: Any = None, tokenizer_3: Any = None, cutoff: float = 0.0,
+                 tuned_guidance: str = "reapply", corrector_steps: int = 0, base_steps: Optional[int] = None,
+                 null_class: Optional[int] = None, guidance_scale: float = 1.0, family: Optional[str] = None,
+                 force_zeros_for_empty_prompt: bool = True, text_pipeline: Optional[str] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, tuned_unet=tuned_unet, corrector=corrector, vae=vae,
-                              text_encoder=text_encoder, tokenizer=tokenizer)
+                              text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(cutoff=cutoff, tuned_guidance=tuned_guidance, corrector_steps=corrector_steps,
-                                base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale)
+                                base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale,
+                                family=family, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                                text_pipeline=text_pipeline)
 
     # -- pieces -----------------------------------------------------------------------------------
     def _above(self, t: torch.Tensor) -> bool:
         return bool(t > self.config.cutoff + CUTOFF_TOL)
 
-    def _encode(self, prompts: list[str], guided: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Prompt embeddings (and the negative ones when ``guided``), as StableDiffusionPipeline encodes them."""
-        from diffusers import StableDiffusionPipeline
+    def _family(self) -> str:
+        """pgraft's family name (folders written before it was recorded: SD if text, else a pixel UNet)."""
+        return self.config.get("family") or ("sd" if self.text_encoder is not None else "unet2d")
 
-        sd = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                     unet=self.unet, scheduler=self.scheduler, safety_checker=None,
-                                     feature_extractor=None, requires_safety_checker=False)
-        return sd.encode_prompt(prompts, self.unet.device, 1, guided)
+    def _vae_scale(self) -> int:
+        """Image pixels per latent pixel: ``2 ** (len(block_out_channels) - 1)``."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _encode(self, prompts: list[str], guided: bool) -> tuple[dict, dict]:
+        """The network's text inputs for ``prompts`` and for the empty negative prompt (``{}`` unless ``guided``),
+        encoded by the family's own pipeline (``encode_prompt``) on this folder's components."""
+        import diffusers
+
+        family, device = self._family(), self.unet.device
+        cls = getattr(diffusers, self.config.get("text_pipeline") or "StableDiffusionPipeline")
+        accepted = inspect.signature(cls.__init__).parameters
+        parts = {k: getattr(self, k) for k in TEXT_PARTS + ("scheduler",) if k in accepted}
+        parts["transformer" if "transformer" in accepted else "unet"] = self.unet
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+                 "add_watermarker": False, "force_zeros_for_empty_prompt": self.config.force_zeros_for_empty_prompt}
+        pipe = cls(**parts, **{k: v for k, v in extra.items() if k in accepted})
+        if family == "sd":
+            pe, npe = pipe.encode_prompt(prompts, device, 1, guided)
+            return {"encoder_hidden_states": pe}, {"encoder_hidden_states": npe} if guided else {}
+        if family == "pixart":  # T5 states and their mask, at the pipeline's own length; micro-conditions
+            length = inspect.signature(cls.__call__).parameters["max_sequence_length"].default
+            pe, mask, npe, nmask = pipe.encode_prompt(prompts, do_classifier_free_guidance=guided, device=device,
+                                                      clean_caption=False, max_sequence_length=length)
+            added = {"resolution": None, "aspect_ratio": None}
+            if self.unet.use_additional_conditions:
+                h, w = (n * self._vae_scale() for n in _size(self.unet.config.sample_size))
+                added = {"resolution": torch.tensor([[h, w]], dtype=pe.dtype, device=device).expand(len(prompts), 2),
+                         "aspect_ratio": torch.tensor([[h / w]], dtype=pe.dtype, device=device).expand(len(prompts), 1)}
+            return ({"encoder_hidden_states": pe, "encoder_attention_mask": mask, "added_cond_kwargs": added},
+                    {"encoder_hidden_states": npe, "encoder_attention_mask": nmask, "added_cond_kwargs": added}
+                    if guided else {})
+        if family == "sd3":
+            pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                          num_images_per_prompt=1, do_classifier_free_guidance=guided)
+            return ({"encoder_hidden_states": pe, "pooled_projections": pooled},
+                    {"encoder_hidden_states": npe, "pooled_projections": npooled} if guided else {})
+        pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=guided)  # sdxl: (H, W, 0, 0, H, W)
+        h, w = (n * self._vae_scale() for n in _size(self.unet.config.sample_size))
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=pe.dtype, device=device).expand(len(prompts), 6)
+        return ({"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}},
+                {"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}
+                if guided else {})
 
     def _corrected(self, noise: torch.Tensor) -> torch.Tensor:
         """``e -> z``: the corrector flow (``v = e - z``, t = 1 noise) in its own dtype, back in the caller's;
@@ -199,20 +263,15 @@ class PgraftPipeline(DiffusionPipeline):
         text = self.text_encoder is not None
         labels = None if class_labels is None else torch.tensor(class_labels, device=device, dtype=torch.long)
         guided = (text or (labels is not None and cfg.null_class is not None)) and guidance_scale > 1.0
-        embeds = negative = None
         if text:
-            embeds, negative = self._encode(prompts or [""] * batch_size, guidance_scale > 1.0)
+            inputs, negative = self._encode(prompts or [""] * batch_size, guidance_scale > 1.0)
+        else:
+            inputs = {} if labels is None else {"class_labels": labels}
+            negative = {} if labels is None or cfg.null_class is None else {"class_labels": torch.full_like(labels, cfg.null_class)}
 
         def call(net: Any, x: torch.Tensor, timestep: torch.Tensor, both: bool) -> torch.Tensor:
-            if text:
-                e = torch.cat([negative, embeds]) if both else embeds
-                out = net(x, timestep, encoder_hidden_states=e).sample
-            else:
-                lab = labels
-                if both:
-                    lab = torch.cat([torch.full_like(labels, cfg.null_class), labels])
-                out = net(x, timestep, class_labels=lab).sample
-            return out[:, : x.shape[1]]  # learned-variance UNets stack (mean, variance)
+            out = net(x, timestep=timestep, **(_both(negative, inputs) if both else inputs)).sample
+            return out[:, : x.shape[1]]  # learned-variance networks stack (mean, variance)
 
         def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             above = self.tuned_unet is not None and self._above(t)
