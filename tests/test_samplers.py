@@ -256,5 +256,5 @@ def test_invert_ddim_tells_a_row_indexed_denoiser_which_rows_it_is_given(predict
     x0 = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5
     noise, _ = invert_sampler(fn, schedule, x0, grid, 30, 1e-10, row_indexed=True)
     for i, c in enumerate(cs):
-        alone, _ = invert_ddim(gaussian_data_denoiser(schedule, c), schedule, x0[i:i + 1], grid, 30, 1e-10)
+        alone, _ = invert_ddim(gaussian_data_denoiser(schedule, c), schedule, x0[i:i + 1], grid, iterations=30, tol=1e-10)
         torch.testing.assert_close(noise[i:i + 1], alone, rtol=1e-7, atol=1e-9)

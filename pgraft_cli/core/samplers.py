@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -289,19 +289,11 @@ def invert(
     return x, info
 
 
-def invert_ddim(
-    denoiser: Denoiser,
-    schedule: NoiseSchedule,
-    x0: Tensor,
-    grid: Tensor,
-    iterations: int = 12,
-    tol: float = 1e-5,
-    memory: int = 3,
-    callback: Optional[Callable[[int], None]] = None,
-    row_indexed: bool = False,
-) -> tuple[Tensor, InversionInfo]:
+def invert_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, grid: Tensor,
+                **solver: Any) -> tuple[Tensor, InversionInfo]:
     """Invert the DDIM (eta = 0) sampler of a diffusion ``schedule``: the noise at ``grid[0]`` that
-    ``sample`` maps onto ``x0``.
+    ``sample`` maps onto ``x0``. ``solver``: ``invert``'s keywords (iterations, tol, memory, callback,
+    row_indexed).
 
     DDIM is Euler in the scaled state ``u = x / alpha`` over ``r = sigma / alpha`` (DDIM paper, eq. 14):
     ``x' = alpha' x0_hat + sigma' e_hat`` is ``u' = u + (r' - r) e_hat(alpha u, t)``. So this is
@@ -323,7 +315,7 @@ def invert_ddim(
         x = u * schedule.alpha_sigma(t)[0]
         return schedule.to_x0_eps(x, denoiser(x, t, *rows), t)[1].double()
 
-    u, info = invert(eps, NoiseSchedule.flow(), x0.double(), ratio, iterations, tol, memory, callback, row_indexed)
+    u, info = invert(eps, NoiseSchedule.flow(), x0.double(), ratio, **solver)
     return (u * alpha[0]).to(x0.dtype), info
 
 
@@ -333,7 +325,8 @@ def invert_sampler(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, grid
                    row_indexed: bool = False) -> tuple[Tensor, InversionInfo]:
     """The inverse of ``sample`` for either family: ``invert`` (flow Euler) or ``invert_ddim`` (DDIM)."""
     solver = invert if schedule.family == "flow" else invert_ddim
-    return solver(denoiser, schedule, x0, grid, iterations, tol, memory, callback, row_indexed)
+    return solver(denoiser, schedule, x0, grid, iterations=iterations, tol=tol, memory=memory, callback=callback,
+                  row_indexed=row_indexed)
 
 
 def _anderson(fixed_point_map: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, iterations: int,
