@@ -6,6 +6,8 @@ Folders are written with ``save_pretrained(safe_serialization=True)``, exactly a
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import sys
@@ -376,6 +378,20 @@ def streamed_digits_file(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "_check", lambda images, *a: read_sizes.append(len(images)) or check(images, *a))
     monkeypatch.setattr(data_mod, "load_data", lambda *a: pytest.fail("load_data read the whole data set"))
     return path, read_sizes
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block: the in-process run a multi-process one is
+    compared with bit for bit must sum in the same order (accelerate_launch's processes run 1 thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 600):

@@ -87,7 +87,7 @@ CHOSEN_VALUES = {
 MORE_CHANGES = {"correct": ["correct.num_images=3"]}
 
 # What is not a result: wall time and where things were written.
-VOLATILE = {"seconds", "seconds_per_image", "images_per_second", "generated_now", "run_dir", "out", "report",
+VOLATILE = {"seconds", "stage_seconds", "seconds_per_image", "images_per_second", "generated_now", "run_dir", "out", "report",
             "out_bytes", "created", "inception_weights"}
 
 

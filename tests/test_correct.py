@@ -547,8 +547,11 @@ def test_correct_under_accelerate_with_two_processes_equals_one_process(tmp_path
     proc = accelerate_launch([*args, "--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.safetensors")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])
-    one = json.loads(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "one"), "--out",
-                                         str(tmp_path / "one.safetensors")]).stdout.strip().splitlines()[-1])
+    from conftest import torch_threads
+
+    with torch_threads(1):  # as each launched process
+        one = json.loads(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "one"), "--out",
+                                             str(tmp_path / "one.safetensors")]).stdout.strip().splitlines()[-1])
     writers = set()
     for stage in ("invert", "evaluate-base", "evaluate-corrected"):
         for path in sorted((tmp_path / "two" / stage).glob("shard-*.safetensors")):

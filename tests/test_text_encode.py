@@ -28,7 +28,7 @@ def count_rows(encoder: torch.nn.Module) -> list[int]:
     return rows
 
 
-def old_encode(model, prompts, class_labels, guidance_scale):
+def old_encode(model, prompts, class_labels, guidance_scale, distilled_guidance=None):
     """The previous path: the pipeline's encode_prompt on every row's prompt (duplicates included)."""
     from pgraft_cli.models.loaded import Cond
 
