@@ -223,6 +223,12 @@ def diffusers_lora(folder: Path, batch: int, device: str, dtype: torch.dtype, ra
 
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype).to(device).requires_grad_(False)
     encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=dtype).to(device).requires_grad_(False)
+    xl = unet.config.addition_embed_type == "text_time"
+    if xl:  # SDXL: the second encoder's states beside the first's, its pooled projection, and the time ids
+        from transformers import CLIPTextModelWithProjection
+
+        encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), torch_dtype=dtype).to(
+            device).requires_grad_(False)
     names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()} | {n for n, _ in unet.named_modules()}
     targets = [t for t in LORA_TARGETS if t in names or any(n.endswith("." + t) for n in names)]
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
@@ -239,8 +245,16 @@ def diffusers_lora(folder: Path, batch: int, device: str, dtype: torch.dtype, ra
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), device=device)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-            states = encoder(ids, return_dict=False)[0]
-            pred = unet(noise_scheduler.add_noise(latents, noise, t), t, states, return_dict=False)[0]
+            first, extra = encoder(ids, output_hidden_states=xl), None
+            states = first[0]
+            if xl:  # the penultimate states of both encoders, as StableDiffusionXLPipeline.encode_prompt
+                second = encoder_2(ids, output_hidden_states=True)
+                states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+                size = latents.shape[-1] * 8
+                extra = {"text_embeds": second.text_embeds,
+                         "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=states.dtype)}
+            pred = unet(noise_scheduler.add_noise(latents, noise, t), t, states, added_cond_kwargs=extra,
+                        return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
