@@ -239,7 +239,7 @@ def test_single_file_keys_of_full_size_sd_networks_convert_back_through_diffuser
     assert set(convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == set(state)
 
 
-def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tmp_path, tiny_sd_dir):
+def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tmp_path, tiny_sd_dir, tiny_sd3_dir):
     from pgraft_cli.io.export import ExportError
     from pgraft_cli.pipelines.export import ExportOptions, export
 
@@ -248,6 +248,9 @@ def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tm
     single = ExportOptions(format="single-file")
     with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x/XL and Flux\.1 .* use --format diffusers") as e:
         export("digits", tmp_path / "a", single)
+    with pytest.raises(ExportError, match=r"is a StableDiffusion3Pipeline: use --format diffusers") as e3:
+        export(str(tiny_sd3_dir), tmp_path / "a", single)  # SD3 has no single-file writer
+    assert "\n" not in str(e3.value)
     pgraft, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5)
     with pytest.raises(ExportError, match=r"cannot be one single file: the tuned network runs above t = 0\.5") as e2:
         export(str(pgraft), tmp_path / "b", single)
