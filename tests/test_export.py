@@ -239,15 +239,18 @@ def test_single_file_keys_of_full_size_sd_networks_convert_back_through_diffuser
     assert set(convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == set(state)
 
 
-def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tmp_path, tiny_sd_dir):
+def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tmp_path, tiny_sd_dir, tiny_sd3_dir):
     from pgraft_cli.io.export import ExportError
     from pgraft_cli.pipelines.export import ExportOptions, export
 
     with pytest.raises(ExportError, match="--dtype 'int8' is unknown; use one of float32, float16, bfloat16"):
         export("digits", tmp_path / "a", ExportOptions(dtype="int8"))
     single = ExportOptions(format="single-file")
-    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x/XL .* use --format diffusers") as e:
+    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x/XL and Flux\.1 .* use --format diffusers") as e:
         export("digits", tmp_path / "a", single)
+    with pytest.raises(ExportError, match=r"is a StableDiffusion3Pipeline: use --format diffusers") as e3:
+        export(str(tiny_sd3_dir), tmp_path / "a", single)  # SD3 has no single-file writer
+    assert "\n" not in str(e3.value)
     pgraft, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5)
     with pytest.raises(ExportError, match=r"cannot be one single file: the tuned network runs above t = 0\.5") as e2:
         export(str(pgraft), tmp_path / "b", single)
@@ -463,6 +466,40 @@ def test_flux_lora_loads_through_flux_pipeline_load_lora_weights(tmp_path, tiny_
     assert float((want - _flux_output(pipe.transformer)).abs().max()) > 1e-3
     pipe.load_lora_weights(str(tmp_path / "lora"))
     torch.testing.assert_close(_flux_output(pipe.transformer), want, atol=1e-5, rtol=0)
+
+
+def test_flux_single_file_is_the_fused_transformer_in_bfl_layout_and_samples_as_pgraft(tmp_path, tiny_flux_dir,
+                                                                                      monkeypatch):
+    """The LoRA fused into the transformer, bare BFL keys (no text encoder or VAE, as flux1-dev.safetensors):
+    diffusers' from_single_file reads it (its converter at the tiny width), and in the folder's pipeline it
+    samples the tuned model's images."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from safetensors import safe_open
+
+    from pgraft_cli.io.single_file import FLUX_DEV, detect_layout
+    from test_single_file import _flux_converter_at_the_file_width
+
+    monkeypatch.setitem(SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"], "checkpoint_mapping_fn",
+                        _flux_converter_at_the_file_width())
+    checkpoint, _ = _tuned_file(tmp_path, tiny_flux_dir, 0.0)
+    summary = _export(checkpoint, tmp_path / "sf", "--format", "single-file")
+    assert summary["files"] == ["model.safetensors"] and summary["layout"].startswith("Flux.1-dev")
+    assert "transformer alone" in summary["note"]
+    file = tmp_path / "sf" / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        keys = list(f.keys())
+    assert detect_layout(keys) is FLUX_DEV and all(k.split(".")[0] in (
+        "double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+        for k in keys)
+    transformer = FluxTransformer2DModel.from_single_file(str(file), config=str(tiny_flux_dir), subfolder="transformer",
+                                                          local_files_only=True)
+    want = _flux_output(load_model(str(checkpoint)).network)
+    torch.testing.assert_close(_flux_output(transformer), want, atol=1e-5, rtol=0)
+    assert float((want - _flux_output(load_model(str(tiny_flux_dir)).network)).abs().max()) > 1e-3
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
+    got = _pgraft_sample(tmp_path, file, 2, 3, "--config", tiny_flux_dir, *prompts)
+    _assert_same(got, _pgraft_sample(tmp_path, checkpoint, 2, 3, *prompts))
 
 
 def test_pixart_plain_export_is_its_own_pipeline_and_samples_as_pgraft(tmp_path, tiny_pixart_dir):

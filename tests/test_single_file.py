@@ -16,7 +16,8 @@ from pgraft_cli.errors import ModelLoadError
 from pgraft_cli.io.checkpoints import base_info_of, identity_of, load_model, save_corrected, save_finetuned
 from pgraft_cli.io.recipes import FinetuneConfig
 from pgraft_cli.io.runstore import sha256_file
-from pgraft_cli.io.single_file import FLUX_DEV, FLUX_SCHNELL, SD1, SD2, SDXL, detect_layout, to_single_file
+from pgraft_cli.io.single_file import (FLUX_DEV, FLUX_SCHNELL, SD1, SD2, SDXL, detect_layout, flux_to_single_file,
+                                       to_single_file)
 from pgraft_cli.models.corrector import NoiseCorrector
 from pgraft_cli.stages.finetune import prepare_tuning
 from test_export import PROMPTS, _pgraft_sample
@@ -168,54 +169,6 @@ def test_sdxl_file_samples_the_images_of_its_folder_with_every_weight_of_it(tmp_
     prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
     got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
     assert torch.equal(got, _pgraft_sample(tmp_path, folder, 2, 3, *prompts))
-
-
-def flux_to_single_file(state: dict) -> dict:
-    """A FluxTransformer2DModel state dict in the released (BFL) layout: the inverse of diffusers'
-    ``convert_flux_transformer_checkpoint_to_diffusers``, bare keys as flux1-dev.safetensors has them."""
-    out, state = {}, dict(state)
-
-    def take(*names):
-        return [state.pop(n) for n in names]
-
-    def swap_halves(w):  # the final norm's (scale, shift) is BFL's (shift, scale): the swap is its own inverse
-        return torch.cat(w.chunk(2, dim=0)[::-1])
-
-    renames = {"time_text_embed.timestep_embedder.": "time_in.", "time_text_embed.text_embedder.": "vector_in.",
-               "time_text_embed.guidance_embedder.": "guidance_in.", "context_embedder.": "txt_in.",
-               "x_embedder.": "img_in.", "proj_out.": "final_layer.linear."}
-    layers = {"linear_1.": "in_layer.", "linear_2.": "out_layer."}
-    double = {"norm1.linear.": "img_mod.lin.", "norm1_context.linear.": "txt_mod.lin.",
-              "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
-              "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-              "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "ff.net.0.proj.": "img_mlp.0.",
-              "ff.net.2.": "img_mlp.2.", "ff_context.net.0.proj.": "txt_mlp.0.", "ff_context.net.2.": "txt_mlp.2.",
-              "attn.to_out.0.": "img_attn.proj.", "attn.to_add_out.": "txt_attn.proj."}
-    single = {"norm.linear.": "modulation.lin.", "attn.norm_q.weight": "norm.query_norm.scale",
-              "attn.norm_k.weight": "norm.key_norm.scale", "proj_out.": "linear2."}
-    for kind in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{kind}"] = swap_halves(state.pop(f"norm_out.linear.{kind}"))
-        for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}):
-            p = f"transformer_blocks.{i}.attn."
-            out[f"double_blocks.{i}.img_attn.qkv.{kind}"] = torch.cat(take(*(f"{p}to_{c}.{kind}" for c in "qkv")))
-            out[f"double_blocks.{i}.txt_attn.qkv.{kind}"] = torch.cat(take(*(f"{p}add_{c}_proj.{kind}" for c in "qkv")))
-        for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}):
-            p = f"single_transformer_blocks.{i}."
-            out[f"single_blocks.{i}.linear1.{kind}"] = torch.cat(
-                take(*(f"{p}attn.to_{c}.{kind}" for c in "qkv"), f"{p}proj_mlp.{kind}"))
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head in ("transformer_blocks", "single_transformer_blocks"):
-            i, _, rest = rest.partition(".")
-            table = double if head == "transformer_blocks" else single
-            src = next(s for s in table if rest.startswith(s))
-            new = f"{'double' if table is double else 'single'}_blocks.{i}.{table[src]}{rest[len(src):]}"
-        else:
-            src = next(s for s in renames if key.startswith(s))
-            new, rest = renames[src], key[len(src):]
-            new += next((layers[s] + rest[len(s):] for s in layers if rest.startswith(s)), rest)
-        out[new] = value
-    return out
 
 
 def _flux_converter_at_the_file_width():

@@ -14,6 +14,9 @@ One checkpoint holds three networks under fixed prefixes:
   original's unused 24th and ``text_projection`` are not invented). SDXL has two: CLIP-L under
   ``conditioner.embedders.0.transformer.text_model.*`` and OpenCLIP bigG under
   ``conditioner.embedders.1.model.*`` with its ``text_projection`` (the pooled embedding's).
+- Flux.1 (Black Forest Labs' files hold the transformer alone, bare keys): ``double_blocks.i`` (``img_*`` /
+  ``txt_*`` streams, fused ``qkv``), ``single_blocks.i`` (``linear1`` = qkv + MLP in), ``img_in``, ``txt_in``,
+  ``time_in``, ``vector_in``, ``guidance_in`` (dev), ``final_layer``.
 
 Reading such files back (``pgraft sample model.safetensors --config DIR``): :func:`detect_layout` names
 the released layout (SD 1.x/2.x, SDXL, Flux.1) from the keys alone; the loading itself is diffusers'
@@ -160,6 +163,55 @@ def clip_to_single_file(state: Mapping[str, Tensor], open_clip: bool,
         flat[key.replace("q_proj.", "in_proj_")] = torch.cat(parts, dim=0)
     converted = convert(flat, OPEN_CLIP_RULES, {})
     return {(prefix or OPEN_CLIP_PREFIX) + k: v.T if k == "text_projection" else v for k, v in converted.items()}
+
+
+FLUX_MLP = {"linear_1": "in_layer", "linear_2": "out_layer"}
+FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.qkv": "img_attn.qkv",
+               "attn.add_qkv": "txt_attn.qkv", "attn.norm_q": "img_attn.norm.query_norm",
+               "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm",
+               "attn.norm_added_k": "txt_attn.norm.key_norm", "attn.to_out.0": "img_attn.proj",
+               "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+               "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+               "proj_out": "linear2"}
+FLUX_RULES: list[Rule] = [
+    (r"time_text_embed\.timestep_embedder\.", _fixed("time_in."), FLUX_MLP),
+    (r"time_text_embed\.text_embedder\.", _fixed("vector_in."), FLUX_MLP),
+    (r"time_text_embed\.guidance_embedder\.", _fixed("guidance_in."), FLUX_MLP),
+    (r"context_embedder\.", _fixed("txt_in."), {}),
+    (r"x_embedder\.", _fixed("img_in."), {}),
+    (r"proj_out\.", _fixed("final_layer.linear."), {}),
+    (r"norm_out\.linear\.", _fixed("final_layer.adaLN_modulation.1."), {}),  # halves swapped in flux_to_single_file
+    (r"transformer_blocks\.(\d+)\.", lambda g, c: f"double_blocks.{g[0]}.", FLUX_DOUBLE),
+    (r"single_transformer_blocks\.(\d+)\.", lambda g, c: f"single_blocks.{g[0]}.", FLUX_SINGLE),
+]
+# Projections BFL runs as one Linear: its rows are the diffusers ones stacked in this order.
+FLUX_STACKS = ((r"(transformer_blocks\.\d+\.attn\.)to_q\.", ("to_q", "to_k", "to_v"), "qkv"),
+               (r"(transformer_blocks\.\d+\.attn\.)add_q_proj\.", ("add_q_proj", "add_k_proj", "add_v_proj"), "add_qkv"),
+               (r"(single_transformer_blocks\.\d+\.)attn\.to_q\.", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+                "linear1"))
+
+
+def flux_to_single_file(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers ``FluxTransformer2DModel`` state dict in Black Forest Labs' released layout (bare keys, as
+    flux1-dev/schnell.safetensors hold them): the inverse of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``.
+
+    ``qkv = [W_q; W_k; W_v]`` per stream, a single block's ``linear1 = [W_q; W_k; W_v; W_mlp]`` (rows stacked),
+    RMSNorm ``weight`` -> ``scale``, and the final norm's ``(scale, shift)`` rows swapped into BFL's ``(shift, scale)``
+    (the swap is its own inverse)."""
+    flat = dict(state)
+    for pattern, parts, stacked in FLUX_STACKS:
+        for key in [k for k in flat if re.match(pattern, k)]:
+            block = re.match(pattern, key).group(1)
+            tail = key[len(block) + len(parts[0]):]  # ".weight" / ".bias"
+            flat[block + stacked + tail] = torch.cat([flat.pop(block + p + tail) for p in parts], dim=0)
+    converted = convert(flat, FLUX_RULES, {})
+    out = {}
+    for k, v in converted.items():
+        if k.startswith("final_layer.adaLN_modulation."):
+            v = torch.cat(v.chunk(2, dim=0)[::-1])
+        out[re.sub(r"(query|key)_norm\.weight$", r"\1_norm.scale", k)] = v
+    return out
 
 
 def to_single_file(unet: Mapping[str, Tensor], vae: Mapping[str, Tensor], text_encoder: Mapping[str, Tensor],
