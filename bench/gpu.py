@@ -71,8 +71,13 @@ def flops_per_row(folder: Path, kind: str, n: int, steps: int, device: str, dtyp
     x = torch.randn(latents_shape(folder, n), device=device, dtype=dtype)
     states = torch.randn(2 * n, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     t = torch.full((2 * n,), 500.0, device=device)
+    extra: dict[str, Any] = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embeddings and six time ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2 * n, pooled, device=device, dtype=dtype),
+                                       "time_ids": torch.zeros(2 * n, 6, device=device, dtype=dtype)}}
     with torch.inference_mode():
-        per_call = count_flops(lambda: unet(torch.cat([x, x]), t, states))
+        per_call = count_flops(lambda: unet(torch.cat([x, x]), t, states, **extra))
         decode = count_flops(lambda: vae.decode(x))
     return steps * per_call + decode
 
@@ -93,7 +98,7 @@ def measure(name: str, folder: Path, n: int, steps: int, device: str, dtype: tor
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="sd2", choices=["sd2", "tiny"])
+    p.add_argument("--size", default="sd2", choices=["sd2", "sdxl", "tiny"])
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="sampler steps per sample row")
     p.add_argument("--train-steps", type=int, default=10, help="timed LoRA steps per training row")
