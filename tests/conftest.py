@@ -408,19 +408,21 @@ def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 60
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
-def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[tuple[str, str], int]:
+def cli_in_process(*args: str) -> tuple[tuple[str, str], int]:
     """``pgraft ARGS`` through the console entry (``cli.main``) in this process, without a new
     interpreter's start-up and imports: ((stdout, stderr), exit code)."""
+    import io
+
     from pgraft_cli.cli import main
 
-    capsys.readouterr()
+    out, err = io.StringIO(), io.StringIO()
     old, sys.argv = sys.argv, ["pgraft", *args]
     try:
-        main()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = old
-    out = capsys.readouterr()
-    return (out.out, out.err), code
+    return (out.getvalue(), err.getvalue()), code

@@ -491,7 +491,7 @@ def run_inspect(*args: str, env: dict | None = None) -> subprocess.Popen:
 IN_A_FRESH_PROCESS = {"garbage", "hub"}  # the rest through the same console entry in this process
 
 
-def test_cli_errors_are_one_line_and_loading_is_quiet(bad_inputs, tiny_sd3_dir, capsys, monkeypatch):
+def test_cli_errors_are_one_line_and_loading_is_quiet(bad_inputs, tiny_sd3_dir, monkeypatch):
     cases = {name: (str(path), *[a for k, v in kw.items() for a in (f"--{k}", v)])
              for name, (path, kw, _) in bad_inputs.items() if name in CLI_BAD}
     cases["hub"] = ("nonexistent-org/nonexistent-model",)
@@ -501,7 +501,7 @@ def test_cli_errors_are_one_line_and_loading_is_quiet(bad_inputs, tiny_sd3_dir, 
     good = run_inspect(str(tiny_sd3_dir), "--json")
     for key, value in {"HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "300"}.items():
         monkeypatch.setenv(key, value)
-    results = {name: cli_in_process(capsys, "inspect", *args) for name, args in cases.items() if name not in procs}
+    results = {name: cli_in_process("inspect", *args) for name, args in cases.items() if name not in procs}
     results.update({name: (p.communicate(timeout=180), p.returncode) for name, p in procs.items()})
     assert sorted(results) == sorted(cases)
     for name, ((stdout, stderr), code) in results.items():

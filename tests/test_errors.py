@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pgraft_cli.cli import main
+from conftest import cli_in_process
+
 
 REWARDS = '''
 import torch
@@ -53,21 +54,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def pgraft(*args: str) -> tuple[int, str, str]:
     """Run the console entry with ``args``; (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["pgraft", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = saved
-    return code, out.getvalue(), err.getvalue()
+    (out, err), code = cli_in_process(*args)
+    return code, out, err
 
 
 def snapshot(folder: Path) -> dict[str, object]:

@@ -123,7 +123,7 @@ def test_stage_verbs_sample_score_filter_on_a_run_directory(tmp_path):
     assert kept["kept"] == expected and len(kept["reshaped_reward"]) == expected
 
 
-def test_bad_reward_and_bad_run_directory_are_one_line_errors(tmp_path, capsys, monkeypatch):
+def test_bad_reward_and_bad_run_directory_are_one_line_errors(tmp_path, monkeypatch):
     cases = [
         ["finetune", "digits", "--reward", "clasifier:digits:3"],
         ["finetune", "digits", "--reward", "classifier:digits:12"],
@@ -135,7 +135,7 @@ def test_bad_reward_and_bad_run_directory_are_one_line_errors(tmp_path, capsys, 
     proc = subprocess.run([sys.executable, "-m", "pgraft_cli", *cases[0]], capture_output=True, text=True, cwd=tmp_path)
     monkeypatch.chdir(tmp_path)
     results = [(proc.stderr, proc.returncode)] + [(err, code) for (_, err), code in
-                                                  (cli_in_process(capsys, *args) for args in cases[1:])]
+                                                  (cli_in_process(*args) for args in cases[1:])]
     for args, (stderr, code) in zip(cases, results):
         assert code == 2, (args, stderr)
         assert stderr.startswith("error:") and len(stderr.strip().splitlines()) == 1, stderr
