@@ -85,6 +85,15 @@ def invert_config(cfg: CorrectConfig) -> dict[str, Any]:
 # Training never reads these: checkpoints resume bit-exactly at any interval, and the corrector's
 # sampling steps are used when it samples (they are in the sample stages' keys via model_key).
 NOT_TRAINING_KEYS = ("corrector_checkpoint_every", "corrector_sample_steps")
+# Each network kind reads only its own architecture keys (the other kind's settings change nothing).
+OTHER_KIND_KEYS = {"flow": ("corrector_width", "corrector_blocks"),
+                   "mlp": ("corrector_channels", "corrector_layers", "corrector_attention")}
+
+
+def training_config(cfg: CorrectConfig) -> dict[str, Any]:
+    """The corrector-training stage's key: the [correct] section less what this kind never reads."""
+    unread = NOT_TRAINING_KEYS + OTHER_KIND_KEYS.get(cfg.corrector, ())
+    return {k: v for k, v in asdict(cfg).items() if k not in unread}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +335,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
 
     conds = conds or {"conditioning": "none", "condition": None, "num_classes": 0}
     kind, cond_of, num = conds["conditioning"], conds["condition"], conds["num_classes"]
-    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING_KEYS}
+    config = training_config(cfg)
     inputs = {"base": base_id, "noises": tensor_digest(noises), "device_type": torch.device(device).type}
     if cond_of is not None:
         inputs["conditions"] = tensor_digest(cond_of)
