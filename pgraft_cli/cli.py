@@ -318,7 +318,7 @@ def stats(
 
 
 @app.command()
-@takes(LOAD, JSON)
+@takes(LOAD, recipe(), JSON)
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint: a plain model, or a file written by pgraft correct / finetune.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (refused if it is not empty, unless --force).")],

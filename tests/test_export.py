@@ -83,13 +83,13 @@ def _assert_same(got, want):
     assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
 
 
-def _exported_sample(folder, num, steps, **kw):
+def _exported_sample(folder, num, steps, noise=None, **kw):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
-    noise = initial_noise(0, list(range(num)), tuple(pipe.unet.config[k] for k in ("in_channels",)) +
-                          (pipe.unet.config.sample_size,) * 2)
+    if noise is None:
+        noise = initial_noise(0, list(range(num)), (pipe.unet.config.in_channels,) + (pipe.unet.config.sample_size,) * 2)
     with torch.no_grad():
         return pipe(num_inference_steps=steps, latents=noise, output_type="latent", **kw).images.float(), pipe
 
@@ -345,11 +345,11 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] == 'pgraft_cli':
             raise ImportError('pgraft_cli is blocked in this process')
 sys.meta_path.insert(0, Block())
-import torch
+import json, torch
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
 noise = torch.load(sys.argv[2])
-out = pipe(num_inference_steps=4, latents=noise, output_type='latent').images
+out = pipe(num_inference_steps=4, latents=noise, output_type='latent', **json.loads(sys.argv[4])).images
 assert 'pgraft_cli' not in sys.modules
 torch.save(out, sys.argv[3])
 """
@@ -361,13 +361,30 @@ def test_an_exported_folder_samples_in_a_fresh_process_where_pgraft_is_not_impor
     checkpoint = _corrected_file(tmp_path, corrector)
     _export(checkpoint, tmp_path / "pipe")
     noise = initial_noise(0, [0, 1], (1, 16, 16))
-    torch.save(noise, tmp_path / "noise.pt")
-    result = subprocess.run([sys.executable, "-c", BLOCK_PGRAFT, str(tmp_path / "pipe"), str(tmp_path / "noise.pt"),
-                             str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
     got, pipe = _exported_sample(tmp_path / "pipe", 2, 4)
     assert not type(pipe.corrector).__module__.startswith("pgraft_cli")  # the class written beside the weights
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), got, atol=0, rtol=0)
+    torch.testing.assert_close(_sample_without_pgraft(tmp_path, noise, {}), got, atol=0, rtol=0)
+
+
+def _sample_without_pgraft(tmp_path, noise, kwargs):
+    """The exported folder ``tmp_path/pipe`` sampled from ``noise`` in a fresh process that cannot import pgraft."""
+    torch.save(noise, tmp_path / "noise.pt")
+    result = subprocess.run([sys.executable, "-c", BLOCK_PGRAFT, str(tmp_path / "pipe"), str(tmp_path / "noise.pt"),
+                             str(tmp_path / "out.pt"), json.dumps(kwargs)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.slow
+def test_a_composed_flux_folder_samples_as_pgraft_in_a_fresh_process_where_pgraft_is_not_importable(tmp_path,
+                                                                                                   tiny_flux_dir):
+    """Flux dev with a text-conditioned flow corrector: TextFlowCorrector comes from corrector/pipeline.py."""
+    checkpoint = _flux_text_corrector(tmp_path, tiny_flux_dir, "flow")
+    _export(checkpoint, tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["corrector"] == ["pipeline", "TextFlowCorrector"] and index["_class_name"] == ["pipeline", "PgraftPipeline"]
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
+    _assert_same(_sample_without_pgraft(tmp_path, initial_noise(0, [0, 1], FLUX_NOISE), {"prompt": PROMPTS}), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,13 +572,72 @@ def test_composed_export_of_sdxl_sd3_pixart_and_dit_gives_the_images_of_pgraft_s
             torch.testing.assert_close(images, load_model(str(checkpoint)).decode(want), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["flux"])
-def test_composed_exports_of_families_the_pipeline_cannot_run_are_refused_in_one_line(tmp_path, family, request):
+FLUX_NOISE = (4, 8, 8)  # the tiny Flux's unpacked latent (16 px images, VAE scale 2)
+
+
+def _flux_text_corrector(tmp_path, base, kind):
+    """A text-conditioned corrector for 4 steps of the tiny Flux, as `pgraft correct` fits one on captions: a
+    Gaussian whose mean is ``mean + c W`` (c the CLIP pooled embedding, 32 wide), or a flow UNet with a class
+    embedding ``projection(c)``; random parameters large enough to move every sample."""
+    from torch import nn
+
+    from pgraft_cli.io.recipes import CorrectConfig
+    from pgraft_cli.stages.correct import corrector_network
+
+    torch.manual_seed(0)
+    dim = 4 * 8 * 8
+    if kind == "gaussian":
+        chol = torch.eye(dim) + 0.05 * torch.randn(dim, dim).tril(-1)
+        corrector = NoiseCorrector("gaussian", 4, 0, mean=0.3 * torch.randn(dim), chol=chol, conditioning="text",
+                                   weight=0.5 * torch.randn(32, dim))
+    else:
+        network, config = corrector_network(CorrectConfig(corrector="flow", corrector_channels=[8, 16]), FLUX_NOISE,
+                                            {"class_embed_type": "identity"})
+        projection = nn.Linear(32, network.time_embedding.linear_2.out_features)
+        corrector = NoiseCorrector("flow", 4, 2, network=network.eval(), model_config=config, conditioning="text",
+                                   projection=projection.eval())
+    return save_corrected(tmp_path / "corrected.safetensors", corrector, load_model(str(base)), {}, {})
+
+
+@pytest.mark.parametrize("kind", ["dev-pgraft", "schnell-pgraft", "dev-gaussian", "schnell-flow"])
+def test_composed_flux_export_gives_the_images_of_pgraft_sample(tmp_path, tiny_flux_dir, kind):
+    """Flux dev (distilled guidance 2.5 as its input, recorded by the export) and schnell: a LoRA P-GRAFT at cutoff
+    0.5, and a text-conditioned corrector (Gaussian; flow) -> base; packed 2x2 latents, the dynamic shift exp(mu)
+    at 16 tokens. Different prompts per row: the corrector takes each prompt's pooled embedding."""
+    from conftest import build_tiny_flux_pipeline
+
+    base = tiny_flux_dir if kind.startswith("dev") else build_tiny_flux_pipeline(tmp_path / "schnell", False)
+    what = kind.split("-")[1]
+    checkpoint = _tuned_file(tmp_path, base, 0.5)[0] if what == "pgraft" else _flux_text_corrector(tmp_path, base, what)
+    guidance = ("--set", "sample.distilled_guidance=2.5")
+    summary = _export(checkpoint, tmp_path / "pipe", *guidance)
+    assert summary["pipeline"] == "PgraftPipeline" and summary["guidance_scale"] == (2.5 if kind.startswith("dev") else 1)
+    args = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], *guidance)
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, *args)
+    got, pipe = _exported_sample(tmp_path / "pipe", 2, 4, noise=initial_noise(0, [0, 1], FLUX_NOISE), prompt=PROMPTS)
+    _assert_same(got, want)
+    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, *args)).abs().max()) > 1e-3  # the composition shows
+    if kind.startswith("dev"):  # the guidance input reaches the network
+        other = pipe(PROMPTS, num_inference_steps=4, latents=initial_noise(0, [0, 1], FLUX_NOISE), guidance_scale=6.0,
+                     output_type="latent").images
+        assert float((other - want).abs().max()) > 1e-3
+    images = pipe(PROMPTS, num_inference_steps=4, latents=initial_noise(0, [0, 1], FLUX_NOISE), output_type="pt").images
+    with torch.no_grad():
+        torch.testing.assert_close(images, load_model(str(checkpoint)).decode(want), atol=1e-5, rtol=0)
+
+
+def test_a_class_conditioned_corrector_is_refused_in_one_line(tmp_path):
     from pgraft_cli.io.export import ExportError
     from pgraft_cli.pipelines.export import ExportOptions, export
 
-    checkpoint, _ = _tuned_file(tmp_path, request.getfixturevalue(f"tiny_{family}_dir"), 0.5)
-    with pytest.raises(ExportError, match="sample it with pgraft sample, or export --format lora") as e:
+    from test_correct_conditioned import _class_flow
+
+    base = load_model(str(_class_flow(tmp_path)))
+    dim = 16 * 16
+    corrector = NoiseCorrector("gaussian-diag", 4, 0, mean=torch.zeros(10, dim), std=torch.ones(10, dim),
+                               conditioning="class")
+    checkpoint = save_corrected(tmp_path / "corrected.safetensors", corrector, base, {}, {})
+    with pytest.raises(ExportError, match="conditioned on each sample's class") as e:
         export(str(checkpoint), tmp_path / "out", ExportOptions())
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 

@@ -2,9 +2,9 @@
 
 - ``diffusers``: a pipeline folder. One network (a plain model, or GRAFT at cutoff 0 with the LoRA
   fused) is the family's own stock pipeline (``SUPPORT``) whose scheduler is set to pgraft's grid
-  (``stock_scheduler``); anything composed (a noise corrector, P-GRAFT's tuned network above a cutoff),
-  and any pixel UNet, is ``PgraftPipeline`` (``export_pipeline.py``, copied into the folder as
-  ``pipeline.py``), for the families it runs; the others are refused.
+  (``stock_scheduler``); anything composed (a noise corrector, unconditioned or text-conditioned; P-GRAFT's
+  tuned network above a cutoff), and any pixel UNet, is ``PgraftPipeline`` (``export_pipeline.py``, copied
+  into the folder as ``pipeline.py``), for every family pgraft runs (Flux included).
 - ``lora``: the adapter as diffusers' ``load_lora_weights`` reads it (``pytorch_lora_weights.safetensors``,
   ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
   (``lora_unet_...lora_down/lora_up/alpha``; SDXL with the original UNet's module names) that ComfyUI and
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import OutputPathError, PgraftError
+from ..models.corrector import NoiseCorrector
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, lora_state
 from .checkpoints import _quiet_loading, build_network
@@ -51,7 +52,7 @@ class Support:
 
     ``lora``: the key prefix the family pipeline's ``load_lora_weights`` reads (None: it has none);
     ``plain``: one network is the family's own diffusers pipeline; ``composed``: ``PgraftPipeline`` runs
-    its composed sampler (pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt and DiT; not Flux)."""
+    its composed sampler (every family: pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt, DiT and Flux)."""
 
     lora: Optional[str]
     plain: bool
@@ -60,7 +61,7 @@ class Support:
 
 SUPPORT = {"unet2d": Support("unet", False, True), "sd": Support("unet", True, True),
            "sdxl": Support("unet", True, True), "sd3": Support("transformer", False, True),
-           "flux": Support("transformer", True, False), "pixart": Support(None, True, True),
+           "flux": Support("transformer", True, True), "pixart": Support(None, True, True),
            "dit": Support(None, True, True)}
 
 
@@ -184,7 +185,7 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
     if not plain and not support.composed:
         what = "one network" if one_network(model) else "a composed sampler (corrector or cutoff > 0)"
         raise ExportError(f"--format diffusers cannot write {model.source}, {what} of the {model.adapter.name} family "
-                          f"(the exported pipeline runs pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt and DiT); sample it with pgraft sample, "
+                          f"(the exported pipeline runs pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt, DiT and Flux); sample it with pgraft sample, "
                           f"or export --format lora")
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
@@ -206,9 +207,10 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
         shutil.copyfile(TEMPLATE, out / "pipeline.py")
         index = json.loads((out / "model_index.json").read_text())
         index["_class_name"] = ["pipeline", "PgraftPipeline"]
-        if model.corrector is not None and model.corrector.network is None:  # a custom component: its class beside it
+        corrector = pipe.components.get("corrector")
+        if corrector is not None and type(corrector).__name__ != "UNet2DModel":  # a custom component: its class beside it
             shutil.copyfile(TEMPLATE, out / "corrector" / "pipeline.py")
-            index["corrector"] = ["pipeline", "GaussianCorrector"]
+            index["corrector"] = ["pipeline", type(corrector).__name__]
         (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         written["custom_pipeline"] = "pipeline.py"
     return written
@@ -237,10 +239,16 @@ def stock_scheduler(model: LoadedModel) -> Any:
          "use_karras_sigmas": False, "variance_type": None})
 
 
+def _sampled_guidance(model: LoadedModel, guidance: float) -> float:
+    """The guidance scale pgraft samples at: ``guidance`` where the model is guided, or where a guidance-distilled
+    network (Flux dev) takes it as an input; else 1."""
+    return guidance if model.guided or model.model_config.get("guidance_embeds") else 1.0
+
+
 def _guidance_info(model: LoadedModel, pipe: Any, plain: bool, guidance: float, out: Path) -> dict[str, Any]:
     """``pgraft_export.json``: the guidance scale pgraft samples at (a guidance-distilled network's guidance
     input); a stock pipeline's own default beside it, in a note."""
-    scale = guidance if model.guided or model.model_config.get("guidance_embeds") else 1.0  # Flux dev: its input
+    scale = _sampled_guidance(model, guidance)
     info: dict[str, Any] = {"guidance_scale": scale}
     default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
     if plain and default is not None and default.default != scale:
@@ -251,32 +259,52 @@ def _guidance_info(model: LoadedModel, pipe: Any, plain: bool, guidance: float, 
 
 
 def _pgraft_pipeline(model: LoadedModel, guidance: float) -> Any:
-    from .export_pipeline import TEXT_PARTS, GaussianCorrector, PgraftPipeline
+    from .export_pipeline import TEXT_PARTS, PgraftPipeline
 
     pipe = model.pipeline
     parts = {k: getattr(pipe, k) for k in TEXT_PARTS if getattr(pipe, k, None) is not None}
     if model.conditioning == "text" and "text_encoder" not in parts:
         raise ExportError(f"{model.source}: the composed pipeline encodes prompts with the pipeline's text_encoder, "
                           f"which {type(pipe).__name__} lacks; sample it with pgraft sample")
-    corrector, network = model.corrector, None
-    if corrector is not None and corrector.conditioning != "none":
-        raise ExportError(f"{model.source}'s noise corrector is conditioned on each sample's {corrector.conditioning}, "
-                          f"which the exported pipeline does not take; sample it with pgraft sample, or export its base")
-    if corrector is not None and corrector.network is None:
-        diagonal = corrector.kind == "gaussian-diag"
-        network = GaussianCorrector(corrector.mean.numel(), diagonal)
-        network.load_state_dict({"mean": corrector.mean, "scale": corrector.std if diagonal else corrector.chol})
-    elif corrector is not None:
-        network = corrector.network
+    corrector = model.corrector
+    if corrector is not None and corrector.conditioning == "class":
+        raise ExportError(f"{model.source}'s noise corrector is conditioned on each sample's class, which the exported "
+                          f"pipeline does not take; sample it with pgraft sample, or export its base")
     return PgraftPipeline(
-        unet=base_network(model), scheduler=_scheduler(model), guidance_scale=guidance if model.guided else 1.0,
-        tuned_unet=tuned_network(model) if model.finetuned else None, corrector=network, **parts,
+        unet=base_network(model), scheduler=_scheduler(model), guidance_scale=_sampled_guidance(model, guidance),
+        tuned_unet=tuned_network(model) if model.finetuned else None, corrector=_corrector_component(corrector),
+        **parts,
         cutoff=float(model.cutoff), tuned_guidance=model.tuned_guidance,
         corrector_steps=corrector.steps if corrector is not None else 0,
         base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class,
         family=model.adapter.name, force_zeros_for_empty_prompt=bool(
             getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True)),
         text_pipeline=type(pipe).__name__ if model.conditioning == "text" else None)
+
+
+def _corrector_component(corrector: Optional[NoiseCorrector]) -> Optional[nn.Module]:
+    """The corrector as a pipeline component: an unconditioned flow's UNet2DModel itself; a Gaussian as
+    ``GaussianCorrector`` (a text-conditioned one with its mean's ridge ``weight``); a text-conditioned flow as
+    ``TextFlowCorrector`` (its network and the pooled embedding's projection)."""
+    from .export_pipeline import GaussianCorrector, TextFlowCorrector
+
+    if corrector is None:
+        return None
+    text = corrector.conditioning == "text"
+    if corrector.network is None:
+        diagonal = corrector.kind == "gaussian-diag"
+        weight = {"weight": corrector.weight} if text else {}
+        network = GaussianCorrector(corrector.mean.numel(), diagonal, corrector.weight.shape[0] if text else 0)
+        network.load_state_dict({"mean": corrector.mean, "scale": corrector.std if diagonal else corrector.chol, **weight})
+        return network
+    if not text:
+        return corrector.network
+    projection = corrector.projection
+    config = {k: v for k, v in corrector.network.config.items() if not k.startswith("_")}
+    network = TextFlowCorrector(config, projection.in_features, projection.out_features)
+    network.network.load_state_dict(corrector.network.state_dict())
+    network.projection.load_state_dict(projection.state_dict())
+    return network.to(next(corrector.network.parameters()).dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,15 @@ The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x
   diffusion DDIM "trailing" timesteps ``round(T - k T / N) - 1``, then t = 0, DDIM steps (eta = 0).
 - families (``family``, pgraft's adapter names): pixel ``unet2d``, ``sd`` (SD 1.x/2.x), ``sdxl`` (two CLIP
   encoders, pooled embedding, time ids ``(H, W, 0, 0, H, W)``), ``sd3`` (pooled projections, flow) and
-  ``pixart`` (T5 states with their mask), ``dit`` (class labels, learned sigma); prompts go through the family's own diffusers pipeline's
-  ``encode_prompt`` built on this folder's components (``_encode``), the network is called as
-  pgraft's adapters call it (``_call``).
+  ``pixart`` (T5 states with their mask), ``dit`` (class labels, learned sigma), ``flux`` (Flux.1 dev and
+  schnell: CLIP pooled + T5 states, the unpacked latent packed into 2x2 patches with image ids
+  ``(0, row, col)`` and text ids 0 for each call, timestep ``t``; no classifier-free guidance: dev takes
+  ``guidance_scale`` as its distilled guidance input; the flow shift is the scheduler's dynamic shift
+  ``exp(mu)`` at the sample's token count, fixed for the native size as pgraft does); prompts go through
+  the family's own diffusers pipeline's ``encode_prompt`` built on this folder's components (``_encode``),
+  the network is called as pgraft's adapters call it (``_call``).
+- a text-conditioned corrector (SDXL, SD3, Flux) takes each prompt's pooled text embedding ``c``: the
+  Gaussian's mean is ``mean + c W``; the flow's network gets ``projection(c)`` as its class embedding.
 
 The maths repeats pgraft's core/samplers.py on purpose (this file travels alone); the export tests
 pin it to ``pgraft sample`` to 1e-5.
@@ -54,13 +60,46 @@ def _alphas_cumprod(config: dict) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def _dynamic_shift(config: dict, image_seq_len: int) -> float:
+    """The static shift of a dynamically shifted flow scheduler at ``image_seq_len`` tokens: ``mu`` linear in the
+    token count through ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``; the time shift
+    ``e^mu / (e^mu + 1/t - 1)`` is ``s t / (1 + (s - 1) t)`` with ``s = e^mu`` (``mu`` for ``time_shift_type = linear``)."""
+    lo, hi = int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096))
+    base, top = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    m = (top - base) / (hi - lo)
+    mu = image_seq_len * m + (base - m * lo)
+    return mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+
+
+def _pack(x: torch.Tensor) -> torch.Tensor:
+    """Flux: (B, C, H, W) -> (B, H/2 W/2, 4C), row-major 2x2 patches, channel-major inside a patch."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`_pack` for an (H, W) latent."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def _image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Flux: position ids ``(0, row, col)`` of the (H/2, W/2) patch grid, one row per token."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
 class Schedule:
     """pgraft's noise schedule for one scheduler config (flow if its class is a FlowMatch scheduler)."""
 
-    def __init__(self, config: dict, flow: Optional[bool] = None):
+    def __init__(self, config: dict, flow: Optional[bool] = None, image_seq_len: int = 256):
         self.flow = "FlowMatch" in config.get("_class_name", "") if flow is None else flow
         self.T = int(config.get("num_train_timesteps", 1000))
         self.shift = float(config.get("shift", 1.0)) if self.flow else 1.0
+        if self.flow and config.get("use_dynamic_shifting"):
+            self.shift = _dynamic_shift(config, image_seq_len)
         self.prediction = "flow" if self.flow else config.get("prediction_type", "epsilon")
         self.abar = None if self.flow else _alphas_cumprod(config)
 
@@ -108,20 +147,44 @@ class Schedule:
 class GaussianCorrector(ModelMixin, ConfigMixin):
     """A Gaussian noise corrector on flattened noise: ``z = mean + L e`` (``scale`` = L, the Cholesky
     factor of the inverted noises' covariance) or, ``diagonal``, ``z = mean + std * e``; in float64.
+    ``text_dim > 0``: conditioned on each row's pooled text embedding ``c``, the mean is ``mean + c W``
+    (``weight`` = W, (text_dim, dim)).
 
     ``pgraft export`` writes this file a second time as ``corrector/pipeline.py``, where diffusers looks
     for a custom component's class."""
 
     @register_to_config
-    def __init__(self, dim: int, diagonal: bool = False):
+    def __init__(self, dim: int, diagonal: bool = False, text_dim: int = 0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("scale", torch.zeros((dim,) if diagonal else (dim, dim), dtype=torch.float64))
+        if text_dim:
+            self.register_buffer("weight", torch.zeros(text_dim, dim, dtype=torch.float64))
 
-    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         flat = noise.reshape(noise.shape[0], -1).double()
         spread = flat * self.scale.double() if self.config.diagonal else flat @ self.scale.double().T
-        return (self.mean.double() + spread).to(noise.dtype).reshape(noise.shape)
+        mean = self.mean.double()
+        if self.config.text_dim:
+            mean = mean + condition.to(mean.device).double() @ self.weight.double()
+        return (mean + spread).to(noise.dtype).reshape(noise.shape)
+
+
+class TextFlowCorrector(ModelMixin, ConfigMixin):
+    """A flow corrector conditioned on each row's pooled text embedding ``c``: a UNet2DModel (``unet_config``,
+    class embedding ``identity``) whose class embedding is ``projection(c)``, a linear map to its time embedding's
+    width. Written, like :class:`GaussianCorrector`, to ``corrector/pipeline.py``."""
+
+    @register_to_config
+    def __init__(self, unet_config: dict, text_dim: int, width: int):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.network = UNet2DModel.from_config(unet_config)
+        self.projection = torch.nn.Linear(text_dim, width)
+
+    def forward(self, z: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.network(z, timestep, class_labels=self.projection(condition.to(z.device, z.dtype))).sample
 
 
 TEXT_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -140,7 +203,7 @@ class PgraftPipeline(DiffusionPipeline):
     """A base network, optionally a tuned network above ``cutoff`` and a noise corrector, as pgraft composes them.
 
     ``unet`` is the base network of ``family`` (a UNet2DModel; the UNet2DConditionModel of SD or SDXL, or
-    the SD3 / DiT transformer, with ``vae`` and the family's text encoders and tokenizers);
+    the SD3 / PixArt / DiT / Flux transformer, with ``vae`` and the family's text encoders and tokenizers);
     ``scheduler`` carries its schedule's config.
     """
 
@@ -169,6 +232,22 @@ class PgraftPipeline(DiffusionPipeline):
     def _family(self) -> str:
         """pgraft's family name (folders written before it was recorded: SD if text, else a pixel UNet)."""
         return self.config.get("family") or ("sd" if self.text_encoder is not None else "unet2d")
+
+    def _shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one sample in model space: the network's own size; Flux: the unpacked latent of the
+        VAE's native image size, ``(in_channels / 4, 2 (h // 2f), 2 (w // 2f))`` for VAE scale f."""
+        config = self.unet.config
+        if self._family() != "flux":
+            return (config.in_channels, *_size(config.sample_size))
+        f = 2 * self._vae_scale()
+        h, w = _size(self.vae.config.sample_size)
+        return (config.in_channels // 4, 2 * (h // f), 2 * (w // f))
+
+    def _tokens(self, shape: tuple[int, int, int]) -> int:
+        """Tokens the network sees per sample, the dynamic shift's input: ``(H / p) (W / p)``, p = 2 for Flux's
+        packed patches, else the network's ``patch_size`` (1 without one)."""
+        patch = 2 if self._family() == "flux" else int(self.unet.config.get("patch_size") or 1)
+        return (shape[1] // patch) * (shape[2] // patch)
 
     def _vae_scale(self) -> int:
         """Image pixels per latent pixel: ``2 ** (len(block_out_channels) - 1)``."""
@@ -202,6 +281,11 @@ class PgraftPipeline(DiffusionPipeline):
             return ({"encoder_hidden_states": pe, "encoder_attention_mask": mask, "added_cond_kwargs": added},
                     {"encoder_hidden_states": npe, "encoder_attention_mask": nmask, "added_cond_kwargs": added}
                     if guided else {})
+        if family == "flux":  # CLIP pooled + T5 states at the pipeline's own length; no negative prompt
+            length = inspect.signature(cls.__call__).parameters["max_sequence_length"].default
+            pe, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                               max_sequence_length=length)
+            return {"encoder_hidden_states": pe, "pooled_projections": pooled}, {}
         if family == "sd3":
             pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                           num_images_per_prompt=1, do_classifier_free_guidance=guided)
@@ -215,17 +299,31 @@ class PgraftPipeline(DiffusionPipeline):
                 {"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}
                 if guided else {})
 
-    def _corrected(self, noise: torch.Tensor) -> torch.Tensor:
+    def _call(self, net: Any, x: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The network's prediction for model-space ``x`` at ``timestep`` (``t T``), as pgraft's adapter calls it.
+        Flux: ``x`` packed into 2x2 patches with their image ids, text ids 0, the timestep as ``t``."""
+        if self._family() != "flux":
+            return net(x, timestep=timestep, **inputs).sample[:, : x.shape[1]]  # learned variance: (mean, variance)
+        _, _, h, w = x.shape
+        txt_ids = torch.zeros(inputs["encoder_hidden_states"].shape[1], 3, device=x.device, dtype=x.dtype)
+        out = net(hidden_states=_pack(x), timestep=timestep / 1000, img_ids=_image_ids(h, w, x.device, x.dtype),
+                  txt_ids=txt_ids, **inputs).sample
+        return _unpack(out, h, w)
+
+    def _corrected(self, noise: torch.Tensor, condition: Optional[torch.Tensor]) -> torch.Tensor:
         """``e -> z``: the corrector flow (``v = e - z``, t = 1 noise) in its own dtype, back in the caller's;
-        or the Gaussian map (by name: the class loaded from corrector/pipeline.py is another module's)."""
+        or the Gaussian map (by name: the class loaded from corrector/pipeline.py is another module's).
+        ``condition``: each row's pooled text embedding for a text-conditioned corrector, else None."""
         if type(self.corrector).__name__ == "GaussianCorrector":
-            return self.corrector(noise)
+            return self.corrector(noise, condition)
         own = self.corrector.dtype
         flow = Schedule({}, flow=True)
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = (t * flow.T).to(device=z.device, dtype=torch.float32).expand(z.shape[0])
-            return self.corrector(z.to(own), timestep).sample
+            if condition is None:
+                return self.corrector(z.to(own), timestep).sample
+            return self.corrector(z.to(own), timestep, condition)
 
         return flow.run(velocity, noise.to(own), flow.grid(self.config.corrector_steps)).to(noise.dtype)
 
@@ -238,7 +336,8 @@ class PgraftPipeline(DiffusionPipeline):
                  return_dict: bool = True) -> Union[ImagePipelineOutput, tuple]:
         """Sample images. ``latents`` is the initial N(0, I) noise (before the corrector);
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (final model-space x);
-        ``guidance_scale``: by default the one ``pgraft sample`` used (the export's config)."""
+        ``guidance_scale``: by default the one ``pgraft sample`` used (the export's config); for Flux dev the
+        distilled guidance input (``sample.distilled_guidance``), as in ``FluxPipeline``; unused by Flux schnell."""
         cfg = self.config
         if guidance_scale is None:
             guidance_scale = float(cfg.get("guidance_scale", 1.0))
@@ -252,26 +351,30 @@ class PgraftPipeline(DiffusionPipeline):
             batch_size = len(prompts)
         if class_labels is not None:
             batch_size = len(class_labels)
-        unet, device = self.unet, self.unet.device
-        shape = (batch_size, unet.config.in_channels, *_size(unet.config.sample_size))
-        noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=torch.float32)
-        noise = noise.to(device, unet.dtype)
-        if self.corrector is not None:
-            noise = self._corrected(noise)
-
-        schedule = Schedule(dict(self.scheduler.config) | {"_class_name": type(self.scheduler).__name__})
+        unet, device, shape = self.unet, self.unet.device, self._shape()
         text = self.text_encoder is not None
         labels = None if class_labels is None else torch.tensor(class_labels, device=device, dtype=torch.long)
-        guided = (text or (labels is not None and cfg.null_class is not None)) and guidance_scale > 1.0
+        # Flux takes no classifier-free guidance: dev reads guidance_scale as its distilled guidance input
+        distilled = self._family() == "flux"
+        guided = not distilled and (text or (labels is not None and cfg.null_class is not None)) and guidance_scale > 1.0
         if text:
-            inputs, negative = self._encode(prompts or [""] * batch_size, guidance_scale > 1.0)
+            inputs, negative = self._encode(prompts or [""] * batch_size, guided)
         else:
             inputs = {} if labels is None else {"class_labels": labels}
             negative = {} if labels is None or cfg.null_class is None else {"class_labels": torch.full_like(labels, cfg.null_class)}
+        if distilled and unet.config.guidance_embeds:
+            inputs["guidance"] = torch.full((batch_size,), guidance_scale, device=device, dtype=torch.float32)
+
+        noise = latents if latents is not None else torch.randn((batch_size, *shape), generator=generator, dtype=torch.float32)
+        noise = noise.to(device, unet.dtype)
+        if self.corrector is not None:  # a text-conditioned one takes each prompt's pooled embedding
+            pooled = inputs.get("pooled_projections", inputs.get("added_cond_kwargs", {}).get("text_embeds"))
+            noise = self._corrected(noise, pooled.float() if self.corrector.config.get("text_dim") else None)
+        schedule = Schedule(dict(self.scheduler.config) | {"_class_name": type(self.scheduler).__name__},
+                            image_seq_len=self._tokens(shape))
 
         def call(net: Any, x: torch.Tensor, timestep: torch.Tensor, both: bool) -> torch.Tensor:
-            out = net(x, timestep=timestep, **(_both(negative, inputs) if both else inputs)).sample
-            return out[:, : x.shape[1]]  # learned-variance networks stack (mean, variance)
+            return self._call(net, x, timestep, _both(negative, inputs) if both else inputs)
 
         def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             above = self.tuned_unet is not None and self._above(t)
