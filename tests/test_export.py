@@ -379,7 +379,7 @@ def _sample_without_pgraft(tmp_path, noise, kwargs):
 def test_a_composed_flux_folder_samples_as_pgraft_in_a_fresh_process_where_pgraft_is_not_importable(tmp_path,
                                                                                                    tiny_flux_dir):
     """Flux dev with a text-conditioned flow corrector: TextFlowCorrector comes from corrector/pipeline.py."""
-    checkpoint = _flux_text_corrector(tmp_path, tiny_flux_dir, "flow")
+    checkpoint = _text_corrector(tmp_path, tiny_flux_dir, "flow")
     _export(checkpoint, tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["corrector"] == ["pipeline", "TextFlowCorrector"] and index["_class_name"] == ["pipeline", "PgraftPipeline"]
@@ -575,28 +575,30 @@ def test_composed_export_of_sdxl_sd3_pixart_and_dit_gives_the_images_of_pgraft_s
 FLUX_NOISE = (4, 8, 8)  # the tiny Flux's unpacked latent (16 px images, VAE scale 2)
 
 
-def _flux_text_corrector(tmp_path, base, kind):
-    """A text-conditioned corrector for 4 steps of the tiny Flux, as `pgraft correct` fits one on captions: a
-    Gaussian whose mean is ``mean + c W`` (c the CLIP pooled embedding, 32 wide), or a flow UNet with a class
+def _text_corrector(tmp_path, base, kind):
+    """A text-conditioned corrector for 4 steps of a tiny text model, as `pgraft correct` fits one on captions: a
+    Gaussian whose mean is ``mean + c W`` (c the model's pooled text embedding), or a flow UNet with a class
     embedding ``projection(c)``; random parameters large enough to move every sample."""
     from torch import nn
 
     from pgraft_cli.io.recipes import CorrectConfig
     from pgraft_cli.stages.correct import corrector_network
 
+    model = load_model(str(base))
+    shape, width = model.sample_shape, model.pooled_text([""]).shape[1]
     torch.manual_seed(0)
-    dim = 4 * 8 * 8
+    dim = shape[0] * shape[1] * shape[2]
     if kind == "gaussian":
         chol = torch.eye(dim) + 0.05 * torch.randn(dim, dim).tril(-1)
         corrector = NoiseCorrector("gaussian", 4, 0, mean=0.3 * torch.randn(dim), chol=chol, conditioning="text",
-                                   weight=0.5 * torch.randn(32, dim))
+                                   weight=0.5 * torch.randn(width, dim))
     else:
-        network, config = corrector_network(CorrectConfig(corrector="flow", corrector_channels=[8, 16]), FLUX_NOISE,
+        network, config = corrector_network(CorrectConfig(corrector="flow", corrector_channels=[8, 16]), shape,
                                             {"class_embed_type": "identity"})
-        projection = nn.Linear(32, network.time_embedding.linear_2.out_features)
+        projection = nn.Linear(width, network.time_embedding.linear_2.out_features)
         corrector = NoiseCorrector("flow", 4, 2, network=network.eval(), model_config=config, conditioning="text",
                                    projection=projection.eval())
-    return save_corrected(tmp_path / "corrected.safetensors", corrector, load_model(str(base)), {}, {})
+    return save_corrected(tmp_path / "corrected.safetensors", corrector, model, {}, {})
 
 
 @pytest.mark.parametrize("kind", ["dev-pgraft", "schnell-pgraft", "dev-gaussian", "schnell-flow"])
@@ -608,7 +610,7 @@ def test_composed_flux_export_gives_the_images_of_pgraft_sample(tmp_path, tiny_f
 
     base = tiny_flux_dir if kind.startswith("dev") else build_tiny_flux_pipeline(tmp_path / "schnell", False)
     what = kind.split("-")[1]
-    checkpoint = _tuned_file(tmp_path, base, 0.5)[0] if what == "pgraft" else _flux_text_corrector(tmp_path, base, what)
+    checkpoint = _tuned_file(tmp_path, base, 0.5)[0] if what == "pgraft" else _text_corrector(tmp_path, base, what)
     guidance = ("--set", "sample.distilled_guidance=2.5")
     summary = _export(checkpoint, tmp_path / "pipe", *guidance)
     assert summary["pipeline"] == "PgraftPipeline" and summary["guidance_scale"] == (2.5 if kind.startswith("dev") else 1)
@@ -624,6 +626,21 @@ def test_composed_flux_export_gives_the_images_of_pgraft_sample(tmp_path, tiny_f
     images = pipe(PROMPTS, num_inference_steps=4, latents=initial_noise(0, [0, 1], FLUX_NOISE), output_type="pt").images
     with torch.no_grad():
         torch.testing.assert_close(images, load_model(str(checkpoint)).decode(want), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_a_text_conditioned_corrector_of_sd_sdxl_and_sd3_exports_as_pgraft_samples_it(tmp_path, request, family):
+    """The corrector's pooled embedding: SD's CLIP pooler_output (its UNet never reads it), SDXL's text_embeds,
+    SD3's pooled projections; guided at 3, as pgraft samples."""
+    base = request.getfixturevalue(f"tiny_{family}_dir")
+    checkpoint = _text_corrector(tmp_path, base, "gaussian")
+    _export(checkpoint, tmp_path / "pipe")
+    args = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, *args)
+    got, _ = _exported_sample(tmp_path / "pipe", 2, 4, noise=initial_noise(0, [0, 1], (4, 8, 8)), prompt=PROMPTS,
+                              guidance_scale=3.0)
+    _assert_same(got, want)
+    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, *args)).abs().max()) > 1e-3
 
 
 def test_a_class_conditioned_corrector_is_refused_in_one_line(tmp_path):

@@ -299,6 +299,16 @@ class PgraftPipeline(DiffusionPipeline):
                 {"encoder_hidden_states": npe, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": ids}}
                 if guided else {})
 
+    def _pooled(self, prompts: list[str], inputs: dict) -> torch.Tensor:
+        """Each prompt's pooled text embedding in float32, a text-conditioned corrector's input: the one the network
+        takes (SDXL's ``text_embeds``, SD3's and Flux's ``pooled_projections``); SD 1.x/2.x: the CLIP text
+        encoder's ``pooler_output`` (the end-of-text token's final state), which its UNet never reads."""
+        if self._family() != "sd":
+            return inputs.get("pooled_projections", inputs.get("added_cond_kwargs", {}).get("text_embeds")).float()
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return self.text_encoder(tok.input_ids.to(self.text_encoder.device)).pooler_output.float()
+
     def _call(self, net: Any, x: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The network's prediction for model-space ``x`` at ``timestep`` (``t T``), as pgraft's adapter calls it.
         Flux: ``x`` packed into 2x2 patches with their image ids, text ids 0, the timestep as ``t``."""
@@ -368,8 +378,9 @@ class PgraftPipeline(DiffusionPipeline):
         noise = latents if latents is not None else torch.randn((batch_size, *shape), generator=generator, dtype=torch.float32)
         noise = noise.to(device, unet.dtype)
         if self.corrector is not None:  # a text-conditioned one takes each prompt's pooled embedding
-            pooled = inputs.get("pooled_projections", inputs.get("added_cond_kwargs", {}).get("text_embeds"))
-            noise = self._corrected(noise, pooled.float() if self.corrector.config.get("text_dim") else None)
+            text_corrector = self.corrector.config.get("text_dim")
+            pooled = self._pooled(prompts or [""] * batch_size, inputs) if text_corrector else None
+            noise = self._corrected(noise, pooled)
         schedule = Schedule(dict(self.scheduler.config) | {"_class_name": type(self.scheduler).__name__},
                             image_seq_len=self._tokens(shape))
 
