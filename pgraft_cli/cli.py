@@ -322,7 +322,7 @@ def stats(
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint: a plain model, or a file written by pgraft correct / finetune.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (refused if it is not empty, unless --force).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="diffusers (a pipeline folder), lora (the adapter) or single-file (fused weights, SD 1.x/2.x/XL, Flux.1).")] = "diffusers",
+    format: Annotated[str, typer.Option("--format", "-f", help="diffusers (a pipeline folder), lora (the adapter) or single-file (fused weights, SD 1.x/2.x/XL, SD3/3.5, Flux.1).")] = "diffusers",
     lora_format: Annotated[str, typer.Option("--lora-format", help="With --format lora: diffusers (load_lora_weights) or kohya (ComfyUI, A1111).")] = "diffusers",
     keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="GRAFT LoRA at cutoff 0: write the base pipeline plus the adapter, not the fused network.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,

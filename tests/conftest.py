@@ -216,24 +216,31 @@ def build_tiny_sd_pipeline(folder: Path, sd2: bool = False) -> Path:
     return folder
 
 
-def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0, t5: bool = False) -> Path:
+def build_tiny_sd3_pipeline(folder: Path, shift: float = 3.0, t5: bool = False, released: bool = False) -> Path:
     """An SD3-layout pipeline folder with two CLIP encoders (``t5``: and a T5 one, as released; else
-    none): 8x8 latents, 16x16 images."""
+    none): 8x8 latents, 16x16 images. ``released``: as the released SD3 is shaped where single-file readers rely
+    on it: CLIP-L and CLIP-G of different widths (32, 48; diffusers tells them apart by width), CLIP-L's
+    projection the identity, a VAE without quant convs."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
+    widths, joint = ((32, 48), 96) if released else ((32, 32), 64)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                        joint_attention_dim=64, pooled_projection_dim=64)
-    vae = _tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
-    text_encoder = CLIPTextModelWithProjection(_clip_config())
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config())
+                                        joint_attention_dim=joint, pooled_projection_dim=sum(widths))
+    vae = _tiny_vae(shift_factor=0.0609, scaling_factor=1.5035,
+                    **({"use_quant_conv": False, "use_post_quant_conv": False} if released else {}))
+    text_encoder = CLIPTextModelWithProjection(_clip_config(widths[0], widths[0]))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(widths[1], widths[1]))
+    if released:
+        with torch.no_grad():
+            text_encoder.text_projection.weight.copy_(torch.eye(widths[0]))
     tokenizer = build_tiny_clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
                                     vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
-                                    text_encoder_3=build_tiny_t5_encoder(d_model=64) if t5 else None,
+                                    text_encoder_3=build_tiny_t5_encoder(d_model=joint) if t5 else None,
                                     tokenizer_3=build_tiny_t5_tokenizer() if t5 else None)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -239,17 +239,108 @@ def test_single_file_keys_of_full_size_sd_networks_convert_back_through_diffuser
     assert set(convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == set(state)
 
 
-def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tmp_path, tiny_sd_dir, tiny_sd3_dir):
+def test_sd3_single_file_loads_in_from_single_file_and_gives_the_images_of_pgraft_sample(tmp_path, tiny_sd3_dir):
+    """SD3 shaped as released (CLIP-L and CLIP-G of different widths, T5) with a LoRA fused: diffusers' own
+    from_single_file reads every network of the file back exactly, and samples the tuned model's images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from conftest import build_tiny_sd3_pipeline
+    from pgraft_cli.io.export import tuned_network
+
+    base = build_tiny_sd3_pipeline(tmp_path / "sd3", t5=True, released=True)
+    checkpoint, _ = _tuned_file(tmp_path, base, 0.0)
+    summary = _export(checkpoint, tmp_path / "sf", "--format", "single-file")
+    assert summary["files"] == ["model.safetensors"] and "note" not in summary
+    assert summary["layout"] == "SD3 medium (MMDiT, VAE, CLIP-L, CLIP-G, T5-XXL)"
+    pipe = StableDiffusion3Pipeline.from_single_file(str(tmp_path / "sf" / "model.safetensors"), config=str(base),
+                                                     local_files_only=True)
+    want = {"transformer": tuned_network(load_model(str(checkpoint))).state_dict()}
+    ref = StableDiffusion3Pipeline.from_pretrained(str(base))
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        got, expected = getattr(pipe, part).state_dict(), want.get(part) or getattr(ref, part).state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), part
+    pipe.set_progress_bar_config(disable=True)
+    pipe.text_encoder_3.eval()  # diffusers 0.42 builds a single file's T5 in training mode (dropout on)
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
+    want = _pgraft_sample(tmp_path, checkpoint, 2, 4, *prompts)
+    with torch.no_grad():  # pgraft's grid: uniform in t, then shifted (the scheduler shifts the sigmas given)
+        got = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, sigmas=torch.linspace(1, 0, 5)[:-1].tolist(),
+                   latents=initial_noise(0, [0, 1], (4, 8, 8)), output_type="latent").images
+    _assert_same(got, want)
+    assert float((want - _pgraft_sample(tmp_path, base, 2, 4, *prompts)).abs().max()) > 1e-3  # the tune is in the file
+    # A CLIP-L projection other than SD3's identity is written, with a note that single-file readers drop it.
+    assert "replace it by the identity" in _export(tiny_sd3_dir, tmp_path / "sf2", "--format", "single-file")["note"]
+
+
+def _sd3_transformers():
+    """(SD3Transformer2DModel on the meta device, the model type diffusers infers from its file) for SD3 medium,
+    SD3.5 medium (q/k RMSNorm, dual attention in blocks 0-12) and SD3.5 large (q/k RMSNorm), sized as released."""
+    from diffusers import SD3Transformer2DModel
+
+    common = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                  joint_attention_dim=4096, pooled_projection_dim=2048)
+    sizes = [("sd3", dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)),
+             ("sd35_medium", dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                                  pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))),
+             ("sd35_large", dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                                 pos_embed_max_size=192, qk_norm="rms_norm"))]
+    with torch.device("meta"):
+        return [(SD3Transformer2DModel(**common, **size), kind) for kind, size in sizes]
+
+
+def test_sd3_mmdit_keys_of_full_size_sd3_and_sd35_convert_back_through_diffusers():
+    """At the released sizes (meta device): diffusers infers the model type pgraft's detection names from the
+    file's keys and shapes, and its own converter takes every key back to the diffusers key of that shape."""
+    from diffusers.loaders.single_file_utils import (convert_sd3_transformer_checkpoint_to_diffusers,
+                                                     infer_diffusers_model_type)
+
+    from pgraft_cli.io.single_file import (SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, UNET_PREFIX, detect_layout,
+                                           mmdit_to_single_file)
+
+    layouts = {"sd3": SD3_MEDIUM, "sd35_medium": SD35_MEDIUM, "sd35_large": SD35_LARGE}
+    for transformer, kind in _sd3_transformers():
+        state = transformer.state_dict()
+        original = {UNET_PREFIX + k: v for k, v in mmdit_to_single_file(state).items()}
+        assert infer_diffusers_model_type(original) == kind and detect_layout(original) is layouts[kind]
+        assert original[UNET_PREFIX + "joint_blocks.0.x_block.attn.qkv.weight"].shape == (3 * state[
+            "transformer_blocks.0.attn.to_q.weight"].shape[0], state["transformer_blocks.0.attn.to_q.weight"].shape[1])
+        back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+        assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state), kind
+
+
+def test_sd3_mmdit_round_trips_through_diffusers_converter_value_for_value():
+    """Every feature at once (q/k RMSNorm, dual attention, the text stream ending in the last block), random
+    values: diffusers' converter undoes pgraft's qkv stacking and (shift, scale) swaps exactly."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from pgraft_cli.io.single_file import mmdit_to_single_file, swap_halves
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=3,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=32, pooled_projection_dim=32, qk_norm="rms_norm",
+                                        dual_attention_layers=(0, 1))
+    state = {k: torch.randn(v.shape) for k, v in transformer.state_dict().items()}
+    original = mmdit_to_single_file(state)
+    assert torch.equal(original["final_layer.adaLN_modulation.1.weight"], swap_halves(state["norm_out.linear.weight"]))
+    assert torch.equal(original["joint_blocks.1.context_block.adaLN_modulation.1.bias"],
+                       state["transformer_blocks.1.norm1_context.linear.bias"])  # swapped in the last block only
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tmp_path, tiny_sd_dir, tiny_pixart_dir):
     from pgraft_cli.io.export import ExportError
     from pgraft_cli.pipelines.export import ExportOptions, export
 
     with pytest.raises(ExportError, match="--dtype 'int8' is unknown; use one of float32, float16, bfloat16"):
         export("digits", tmp_path / "a", ExportOptions(dtype="int8"))
     single = ExportOptions(format="single-file")
-    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x/XL and Flux\.1 .* use --format diffusers") as e:
+    with pytest.raises(ExportError, match=r"supports Stable Diffusion 1\.x/2\.x/XL/3/3\.5 and Flux\.1 .* use --format diffusers") as e:
         export("digits", tmp_path / "a", single)
-    with pytest.raises(ExportError, match=r"is a StableDiffusion3Pipeline: use --format diffusers") as e3:
-        export(str(tiny_sd3_dir), tmp_path / "a", single)  # SD3 has no single-file writer
+    with pytest.raises(ExportError, match=r"is a PixArtAlphaPipeline: use --format diffusers") as e3:
+        export(str(tiny_pixart_dir), tmp_path / "a", single)  # PixArt has no single-file layout
     assert "\n" not in str(e3.value)
     pgraft, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.5)
     with pytest.raises(ExportError, match=r"cannot be one single file: the tuned network runs above t = 0\.5") as e2:

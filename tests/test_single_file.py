@@ -16,7 +16,8 @@ from pgraft_cli.errors import ModelLoadError
 from pgraft_cli.io.checkpoints import base_info_of, identity_of, load_model, save_corrected, save_finetuned
 from pgraft_cli.io.recipes import FinetuneConfig
 from pgraft_cli.io.runstore import sha256_file
-from pgraft_cli.io.single_file import (FLUX_DEV, FLUX_SCHNELL, SD1, SD2, SDXL, detect_layout, flux_to_single_file,
+from pgraft_cli.io.single_file import (FLUX_DEV, FLUX_SCHNELL, SD1, SD2, SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, SDXL,
+                                       detect_layout, flux_to_single_file, mmdit_to_single_file, sd3_to_single_file,
                                        to_single_file)
 from pgraft_cli.models.corrector import NoiseCorrector
 from pgraft_cli.stages.finetune import prepare_tuning
@@ -100,8 +101,14 @@ def test_without_config_one_line_names_the_layout_and_the_folder_and_writes_noth
     (["double_blocks.0.img_attn.qkv.weight", "guidance_in.in_layer.weight", "img_in.weight"], FLUX_DEV),
     (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.img_in.weight"],
      FLUX_SCHNELL),
+    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "first_stage_model.decoder.conv_in.weight"],
+     SD3_MEDIUM),
+    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block."
+      "attn.ln_q.weight", "model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight"], SD35_MEDIUM),
+    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block."
+      "attn.ln_q.weight", "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight"], SD35_LARGE),
 ])
-def test_sdxl_and_flux_are_detected_and_ask_for_their_config_folder(tmp_path, keys, layout):
+def test_sdxl_flux_and_sd3_are_detected_and_ask_for_their_config_folder(tmp_path, keys, layout):
     file = tmp_path / "model.safetensors"
     save_file({k: torch.zeros(2) for k in keys}, str(file))
     assert detect_layout(keys) is layout
@@ -205,5 +212,37 @@ def test_flux_file_samples_the_images_of_its_folder(tmp_path, monkeypatch, dev):
     got = loaded.network.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--set", "sample.distilled_guidance=5.0")
+    got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
+    assert torch.equal(got, _pgraft_sample(tmp_path, folder, 2, 3, *prompts))
+
+
+def test_sd3_file_samples_the_images_of_its_folder_with_every_weight_of_it(tmp_path):
+    """An SD3 file with T5 (MMDiT, VAE, CLIP-L, CLIP-G, T5 under SAI's prefixes) loads with --config as the folder's
+    pipeline, every network in eval mode (diffusers 0.42 leaves its T5 training: dropout), and samples its images;
+    a file of the bare MMDiT is put into the folder's pipeline."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from conftest import build_tiny_sd3_pipeline
+
+    folder = build_tiny_sd3_pipeline(tmp_path / "sd3", t5=True, released=True)
+    want = StableDiffusion3Pipeline.from_pretrained(str(folder))
+    parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    state = sd3_to_single_file(*(getattr(want, p).state_dict() for p in parts))
+    assert detect_layout(state) is SD3_MEDIUM
+    file, bare = tmp_path / "sd3_medium.safetensors", tmp_path / "mmdit.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    save_file({k: v.contiguous() for k, v in mmdit_to_single_file(want.transformer.state_dict()).items()}, str(bare))
+    assert detect_layout(mmdit_to_single_file(want.transformer.state_dict())).network == "SD3Transformer2DModel"
+    for source in (file, bare):
+        loaded = load_model(str(source), config=str(folder))
+        assert loaded.adapter.name == "sd3" and loaded.source_kind == "single-file SD3 medium"
+        for part in parts:
+            module = getattr(loaded.pipeline, part)
+            got, ref = module.state_dict(), getattr(want, part).state_dict()
+            assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), part
+            assert not module.training, part
+    message = _fail("inspect", file)
+    assert "is a SD3 medium single-file checkpoint" in message and "stable-diffusion-3-medium-diffusers" in message
+    prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
     got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
     assert torch.equal(got, _pgraft_sample(tmp_path, folder, 2, 3, *prompts))

@@ -489,6 +489,9 @@ def _load_single_file(path: Path, layout: Layout, config: Optional[str], kind: s
     except Exception as exc:
         raise ModelLoadError(f"could not load {path} as a {layout.name} single file with --config {config} "
                              f"({_short(exc)}); pass the config folder of the model it was released as") from None
+    for part in pipe.components.values():  # diffusers 0.42 builds an SD3 file's T5 in training mode (dropout on)
+        if isinstance(part, nn.Module):
+            part.eval()
     model = _from_pipeline(pipe, str(path), f"single-file {layout.name}", kind,
                            f"{sha256_file(path)}+{identity_of(folder)}")
     model.config_dir = str(folder)

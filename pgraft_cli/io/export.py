@@ -9,9 +9,9 @@
   ``unet.``/``transformer.`` prefixed peft keys, alpha in the adapter metadata), or kohya's layout
   (``lora_unet_...lora_down/lora_up/alpha``; SDXL with the original UNet's module names) that ComfyUI and
   A1111 read.
-- ``single-file``: SD 1.x/2.x/SDXL as one ``model.safetensors`` in the original CompVis/SAI key layout
-  (``single_file.py``), the network fused; Flux.1 as Black Forest Labs' files are, the fused transformer alone
-  (bare ``double_blocks.*`` keys); composed samplers cannot be one file and are refused. SD3 is refused.
+- ``single-file``: SD 1.x/2.x/SDXL and SD3/SD3.5 as one ``model.safetensors`` in the original CompVis/SAI key
+  layout (``single_file.py``), the network fused; Flux.1 as Black Forest Labs' files are, the fused transformer
+  alone (bare ``double_blocks.*`` keys); composed samplers cannot be one file and are refused.
 
 Every writer takes the weights' ``dtype`` (pgraft export --dtype); a noise corrector keeps its own.
 """
@@ -35,14 +35,14 @@ from ..models.corrector import NoiseCorrector
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, lora_state
 from .checkpoints import _quiet_loading, build_network
-from .single_file import flux_to_single_file, to_single_file, unet_names
+from .single_file import detect_layout, flux_to_single_file, sd3_to_single_file, to_single_file, unet_names
 
 FORMATS = ("diffusers", "lora", "single-file")
 LORA_LAYOUTS = ("diffusers", "kohya")
 TEMPLATE = Path(__file__).with_name("export_pipeline.py")
 KOHYA_FILE = "lora_kohya.safetensors"
 SINGLE_FILE = "model.safetensors"
-SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline")
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 EXPORT_INFO = "pgraft_export.json"
 
 
@@ -387,14 +387,16 @@ def _kohya_names(model: LoadedModel, state: dict[str, torch.Tensor]) -> dict[str
 def export_single_file(model: LoadedModel, out: Path, dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
     """UNet (fine-tune fused), VAE and text encoder(s) of an SD 1.x/2.x/SDXL model as one ``model.safetensors``
     in the original key layout; SD 2.x (an OpenCLIP text encoder, GELU) gets the OpenCLIP text keys, SDXL
-    its two embedders (CLIP-L, OpenCLIP bigG). Flux: the transformer alone (fine-tune fused) in BFL's layout,
-    as flux1-dev/schnell.safetensors hold it; the text encoders and VAE stay the config folder's."""
+    its two embedders (CLIP-L, OpenCLIP bigG). SD3/SD3.5: the MMDiT (fine-tune fused), VAE, CLIP-L, CLIP-G and
+    T5 (where the pipeline has it) as sd3_medium_incl_clips*.safetensors hold them. Flux: the transformer alone
+    (fine-tune fused) in BFL's layout, as flux1-dev/schnell.safetensors hold it; the text encoders and VAE stay
+    the config folder's."""
     from safetensors.torch import save_file
 
     pipe = model.pipeline
     kind = type(pipe).__name__ if pipe is not None else model.model_class
     if kind not in SINGLE_FILE_PIPELINES:
-        raise ExportError(f"--format single-file supports Stable Diffusion 1.x/2.x/XL and Flux.1 "
+        raise ExportError(f"--format single-file supports Stable Diffusion 1.x/2.x/XL/3/3.5 and Flux.1 "
                           f"({', '.join(SINGLE_FILE_PIPELINES)}); {model.source} is a {kind}: use --format diffusers")
     if not one_network(model):
         why = "a noise corrector runs before the base model" if model.corrector is not None else (
@@ -404,14 +406,19 @@ def export_single_file(model: LoadedModel, out: Path, dtype: Optional[torch.dtyp
                           f"express; use --format diffusers (a pipeline folder that runs the composed sampler)")
     unet = tuned_network(model) if model.finetuned else model.network
     dtype = dtype or model.dtype
-    if kind == "FluxPipeline":
-        state = flux_to_single_file(unet.state_dict())
+
+    def write(state: dict[str, torch.Tensor]) -> None:
         save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(out / SINGLE_FILE))
+
+    if kind == "FluxPipeline":
+        write(flux_to_single_file(unet.state_dict()))
         dev = "dev" if unet.config.guidance_embeds else "schnell"
         return {"file": SINGLE_FILE, "layout": f"Flux.1-{dev} (BFL, transformer only)",
                 "note": "the file holds the transformer alone, as Black Forest Labs' flux1-*.safetensors do: load it "
                         "with FluxTransformer2DModel.from_single_file and put it into a FluxPipeline whose text "
                         "encoders and VAE come from the base folder"}
+    if kind == "StableDiffusion3Pipeline":
+        return _write_sd3(pipe, unet, write)
     layers = unet.config.layers_per_block
     if not isinstance(layers, int):
         raise ExportError(f"{model.source}: the single-file layout needs one layers_per_block for every block (got "
@@ -423,6 +430,23 @@ def export_single_file(model: LoadedModel, out: Path, dtype: Optional[torch.dtyp
                                open_clip, pipe.text_encoder_2.state_dict() if xl else None)
     except ValueError as e:
         raise ExportError(f"{model.source}: {e}; use --format diffusers") from None
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(out / SINGLE_FILE))
+    write(state)
     layout = "SDXL (CLIP-L, OpenCLIP bigG)" if xl else "SD 2.x (OpenCLIP)" if open_clip else "SD 1.x (CLIP)"
     return {"file": SINGLE_FILE, "layout": layout}
+
+
+def _write_sd3(pipe: Any, transformer: nn.Module, write: Any) -> dict[str, Any]:
+    """SD3's file: its layout named as pgraft reads it back (SD3 medium, SD3.5 medium / large)."""
+    t5 = pipe.text_encoder_3
+    state = sd3_to_single_file(transformer.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(),
+                               pipe.text_encoder_2.state_dict(), t5.state_dict() if t5 is not None else None)
+    write(state)
+    result = {"file": SINGLE_FILE, "layout": f"{detect_layout(state).name} (MMDiT, VAE, CLIP-L, CLIP-G"
+                                             f"{', T5-XXL' if t5 is not None else ''})"}
+    projection = pipe.text_encoder.text_projection.weight
+    if not torch.equal(projection, torch.eye(*projection.shape, dtype=projection.dtype, device=projection.device)):
+        # SAI's CLIP-L projects its pooled output by the identity; diffusers' reader (and ComfyUI) set it so.
+        result["note"] = ("CLIP-L's text_projection is not the identity SD3 runs: diffusers' from_single_file and "
+                          "ComfyUI replace it by the identity, which changes the pooled text embedding; "
+                          "--format diffusers keeps it")
+    return result

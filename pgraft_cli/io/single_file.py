@@ -17,9 +17,14 @@ One checkpoint holds three networks under fixed prefixes:
 - Flux.1 (Black Forest Labs' files hold the transformer alone, bare keys): ``double_blocks.i`` (``img_*`` /
   ``txt_*`` streams, fused ``qkv``), ``single_blocks.i`` (``linear1`` = qkv + MLP in), ``img_in``, ``txt_in``,
   ``time_in``, ``vector_in``, ``guidance_in`` (dev), ``final_layer``.
+- SD3 / SD3.5 (Stability AI): the MMDiT under ``model.diffusion_model.*`` (``joint_blocks.i.x_block`` /
+  ``context_block``, fused ``qkv``; ``x_embedder``, ``t_embedder``, ``y_embedder``, ``context_embedder``,
+  ``pos_embed``, ``final_layer``), the VAE under ``first_stage_model.*``, and the text encoders with transformers'
+  keys under ``text_encoders.clip_l.transformer.*``, ``text_encoders.clip_g.transformer.*`` and
+  ``text_encoders.t5xxl.transformer.*``.
 
 Reading such files back (``pgraft sample model.safetensors --config DIR``): :func:`detect_layout` names
-the released layout (SD 1.x/2.x, SDXL, Flux.1) from the keys alone; the loading itself is diffusers'
+the released layout (SD 1.x/2.x, SDXL, Flux.1, SD3 / SD3.5) from the keys alone; the loading itself is diffusers'
 ``from_single_file`` (io/checkpoints.py).
 
 Pure: tensors in, tensors out, no files. Each network is a table of ``(pattern, prefix, renames)``
@@ -30,7 +35,7 @@ the matched indices), and ``renames`` rewrites the head of the rest of the key.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Collection, Mapping, Optional, Sequence
 
 import torch
@@ -199,19 +204,84 @@ def flux_to_single_file(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     ``qkv = [W_q; W_k; W_v]`` per stream, a single block's ``linear1 = [W_q; W_k; W_v; W_mlp]`` (rows stacked),
     RMSNorm ``weight`` -> ``scale``, and the final norm's ``(scale, shift)`` rows swapped into BFL's ``(shift, scale)``
     (the swap is its own inverse)."""
+    converted = convert(stack_rows(state, FLUX_STACKS), FLUX_RULES, {})
+    out = {}
+    for k, v in converted.items():
+        if k.startswith("final_layer.adaLN_modulation."):
+            v = swap_halves(v)
+        out[re.sub(r"(query|key)_norm\.weight$", r"\1_norm.scale", k)] = v
+    return out
+
+
+def stack_rows(state: Mapping[str, Tensor], stacks: Sequence[tuple[str, tuple[str, ...], str]]) -> dict[str, Tensor]:
+    """Projections the original runs as one Linear: per ``(pattern, parts, stacked)``, the ``parts``' weights
+    (and biases) of each block ``pattern`` matches become ``stacked = [W_1; W_2; ...]`` (rows stacked, in order)."""
     flat = dict(state)
-    for pattern, parts, stacked in FLUX_STACKS:
+    for pattern, parts, stacked in stacks:
         for key in [k for k in flat if re.match(pattern, k)]:
             block = re.match(pattern, key).group(1)
             tail = key[len(block) + len(parts[0]):]  # ".weight" / ".bias"
             flat[block + stacked + tail] = torch.cat([flat.pop(block + p + tail) for p in parts], dim=0)
-    converted = convert(flat, FLUX_RULES, {})
-    out = {}
-    for k, v in converted.items():
-        if k.startswith("final_layer.adaLN_modulation."):
-            v = torch.cat(v.chunk(2, dim=0)[::-1])
-        out[re.sub(r"(query|key)_norm\.weight$", r"\1_norm.scale", k)] = v
-    return out
+    return flat
+
+
+def swap_halves(v: Tensor) -> Tensor:
+    """``[a; b] -> [b; a]`` along the rows: an adaLN projection's ``(scale, shift)`` (diffusers) <-> ``(shift,
+    scale)`` (BFL, SAI). Its own inverse."""
+    return torch.cat(v.chunk(2, dim=0)[::-1])
+
+
+SD3_MLP = {"linear_1": "0", "linear_2": "2"}
+# One MMDiT block: diffusers' image stream is SAI's ``x_block``, its text stream the ``context_block``.
+SD3_BLOCK = {"attn.qkv": "x_block.attn.qkv", "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+             "attn.to_out.0": "x_block.attn.proj", "attn.add_qkv": "context_block.attn.qkv",
+             "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+             "attn.to_add_out": "context_block.attn.proj", "attn2.qkv": "x_block.attn2.qkv",
+             "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+             "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+             "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+             "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+             "ff_context.net.2": "context_block.mlp.fc2"}
+SD3_RULES: list[Rule] = [
+    (r"pos_embed\.pos_embed$", _fixed("pos_embed"), {}),
+    (r"pos_embed\.proj\.", _fixed("x_embedder.proj."), {}),
+    (r"time_text_embed\.timestep_embedder\.", _fixed("t_embedder.mlp."), SD3_MLP),
+    (r"time_text_embed\.text_embedder\.", _fixed("y_embedder.mlp."), SD3_MLP),
+    (r"context_embedder\.", _fixed("context_embedder."), {}),
+    (r"proj_out\.", _fixed("final_layer.linear."), {}),
+    (r"norm_out\.linear\.", _fixed("final_layer.adaLN_modulation.1."), {}),  # halves swapped in mmdit_to_single_file
+    (r"transformer_blocks\.(\d+)\.", lambda g, c: f"joint_blocks.{g[0]}.", SD3_BLOCK),
+]
+SD3_STACKS = (*FLUX_STACKS[:2], (r"(transformer_blocks\.\d+\.attn2\.)to_q\.", ("to_q", "to_k", "to_v"), "qkv"))
+SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
+SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."
+
+
+def mmdit_to_single_file(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers ``SD3Transformer2DModel`` state dict in Stability AI's MMDiT layout (``joint_blocks.i.x_block`` /
+    ``context_block``), without ``UNET_PREFIX``: the inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``.
+
+    ``qkv = [W_q; W_k; W_v]`` per stream (and SD3.5 medium's second image attention ``attn2``), RMSNorm
+    ``norm_q`` -> ``ln_q``, and the ``(scale, shift)`` rows of the final norm and of the last block's text-stream
+    norm (its only modulation there, as the text stream ends in that block) swapped into SAI's ``(shift, scale)``."""
+    converted = convert(stack_rows(state, SD3_STACKS), SD3_RULES, {})
+    last = max(int(k.split(".")[1]) for k in converted if k.startswith("joint_blocks."))
+    swapped = ("final_layer.adaLN_modulation.1.", f"joint_blocks.{last}.context_block.adaLN_modulation.1.")
+    return {k: swap_halves(v) if k.startswith(swapped) else v for k, v in converted.items()}
+
+
+def sd3_to_single_file(transformer: Mapping[str, Tensor], vae: Mapping[str, Tensor], clip_l: Mapping[str, Tensor],
+                       clip_g: Mapping[str, Tensor], t5: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """An SD3 / SD3.5 pipeline as Stability AI's single files hold it (sd3_medium_incl_clips*.safetensors): the MMDiT
+    under ``UNET_PREFIX``, the VAE under ``VAE_PREFIX``, and the text encoders with transformers' own keys under
+    ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.`` (T5 only where the pipeline has one). T5's tied
+    ``encoder.embed_tokens`` is written beside ``shared`` as a copy, as released (diffusers' reader loads both)."""
+    text = {**{SD3_CLIP_L_PREFIX + k: v for k, v in clip_l.items() if not k.endswith("position_ids")},
+            **{SD3_CLIP_G_PREFIX + k: v for k, v in clip_g.items() if not k.endswith("position_ids")},
+            **{SD3_T5_PREFIX + k: v.clone() if k == "encoder.embed_tokens.weight" else v for k, v in (t5 or {}).items()}}
+    mmdit = {UNET_PREFIX + k: v for k, v in mmdit_to_single_file(transformer).items()}
+    return {**mmdit, **vae_to_single_file(vae), **text}
 
 
 def to_single_file(unet: Mapping[str, Tensor], vae: Mapping[str, Tensor], text_encoder: Mapping[str, Tensor],
@@ -253,16 +323,26 @@ FLUX_DEV = Layout("Flux.1-dev", "FluxPipeline", "black-forest-labs/FLUX.1-dev", 
                   "'transformer/*' 'flux1-*' 'ae.*'")
 FLUX_SCHNELL = Layout("Flux.1-schnell", "FluxPipeline", "black-forest-labs/FLUX.1-schnell", "FluxTransformer2DModel",
                       "'transformer/*' 'flux1-*' 'ae.*'")
-LAYOUTS = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL)
+# SD3 files hold the MMDiT and VAE, with or without the text encoders: the folder brings those the file lacks.
+SD3_MEDIUM = Layout("SD3 medium", "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3-medium-diffusers",
+                    skip="'transformer/*' 'sd3*'")
+SD35_MEDIUM = Layout("SD3.5 medium", "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-medium",
+                     skip="'transformer/*' 'sd3*'")
+SD35_LARGE = Layout("SD3.5 large", "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-large",
+                    skip="'transformer/*' 'sd3*'")
+LAYOUTS = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL, SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE)
 # Top-level prefixes of the original layouts: a file with such keys and no known layout is refused by name.
-ORIGINAL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.", "double_blocks.", "single_blocks.")
+ORIGINAL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.", "double_blocks.", "single_blocks.",
+                     "joint_blocks.", "text_encoders.")
 
 
 def detect_layout(keys: Collection[str]) -> Optional[Layout]:
     """The layout of a state dict from characteristic keys (None: not a layout pgraft reads).
 
     Flux: ``double_blocks.0.img_attn.qkv.weight`` (bare or under ``model.diffusion_model.``), dev when the
-    guidance embedding ``guidance_in`` is there; SDXL: the OpenCLIP-bigG ``conditioner.embedders.1.model.*``
+    guidance embedding ``guidance_in`` is there; SD3: ``joint_blocks.0.x_block.attn.qkv.weight``, 3.5 medium with
+    the second image attention (``x_block.attn2``), 3.5 large with q/k RMSNorms (``ln_q``) alone, SD3 medium with
+    neither (bare keys: the MMDiT alone, loaded into the folder's pipeline); SDXL: the OpenCLIP-bigG ``conditioner.embedders.1.model.*``
     or the UNet's ``label_emb`` (the time ids); SD 2.x / 1.x: the UNet with an OpenCLIP / OpenAI CLIP encoder.
     """
     def has(prefix: str) -> bool:
@@ -271,6 +351,10 @@ def detect_layout(keys: Collection[str]) -> Optional[Layout]:
     for root in ("", UNET_PREFIX):
         if root + "double_blocks.0.img_attn.qkv.weight" in keys:
             return FLUX_DEV if has(root + "guidance_in.") else FLUX_SCHNELL
+        if root + "joint_blocks.0.x_block.attn.qkv.weight" in keys:
+            layout = (SD35_MEDIUM if any(".x_block.attn2." in k for k in keys) else
+                      SD35_LARGE if any(".attn.ln_q." in k for k in keys) else SD3_MEDIUM)
+            return replace(layout, network="SD3Transformer2DModel") if root == "" else layout
     if has("conditioner.embedders.1.model.") or has(UNET_PREFIX + "label_emb."):
         return SDXL
     if has(UNET_PREFIX + "input_blocks.0.0."):
