@@ -1,8 +1,8 @@
 """The ``pgraft`` command line: each verb parses its options, calls its pipeline and prints the result.
 
 The pipelines (``pipelines/``) resolve the recipe (``--recipe`` + ``--set`` + explicit flags), load the
-model, open the run directory, run the stages and write the report; they return plain data, which
-this module prints as tables, or as one JSON object with ``--json``.
+model, open the run directory, run the stages and write the report; they return an ``Outcome``, which
+``cli_options.show`` prints as tables, or as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
