@@ -1,25 +1,21 @@
 """The ``pgraft`` command line: each verb parses its options, calls its pipeline and prints the result.
 
 The pipelines (``pipelines/``) resolve the recipe (``--recipe`` + ``--set`` + explicit flags), load the
-model, open the run directory, run the stages and write the report; they return plain data, which
-this module prints as tables, or as one JSON object with ``--json``.
+model, open the run directory, run the stages and write the report; they return an ``Outcome``, which
+``cli_options.show`` prints as tables, or as one JSON object with ``--json``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from . import __version__
-from .cli_options import (DATA, DEVICE, FEATURES, GATES, JSON, LOAD, OUTPUT, PROMPTS, RUN, BaseOpt, ClassOpt, JudgeOpt,
-                          LogWithOpt, ModelArg, RewardOpt, RunArg, StageOpt, StopIfOpt, png_folder, recipe,
-                          safetensors_path, takes)
-from .errors import PgraftError
+from .cli_options import (DATA, DEVICE, FEATURES, GATES, JSON, LOAD, OUTPUT, PROMPTS, RUN, BaseOpt, ClassOpt, DebugOpt,
+                          ENDED_BY, JudgeOpt, LogWithOpt, ModelArg, RewardOpt, RunArg, StageOpt, StopIfOpt, VersionOpt,
+                          exit_code, png_folder, recipe, safetensors_path, show, takes)
 
 app = typer.Typer(
     name="pgraft",
@@ -28,29 +24,9 @@ app = typer.Typer(
         "noise correction (arXiv 2510.02692), as resumable runs that end in a checkpoint and a report.\n\n"
         "Try it on the bundled model:  pgraft sample digits --num 16 --out samples/"
     ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _show(outcome: Any, shared: dict[str, Any]) -> None:
-    """A verb's outcome as one JSON object (``--json``) or its terminal view, then its gates (exit 1 if one
-    failed); nothing on the other processes of a multi-process run, whose outcome is None."""
-    from .report.ui import gate_lines, out
-
-    if outcome is None:
-        return
-    as_json, quiet = shared.get("as_json", False), shared.get("quiet", False)
-    if as_json:
-        print(json.dumps(outcome.summary, sort_keys=True, default=float, indent=outcome.indent))
-    elif not quiet:
-        for part in outcome.view:
-            out.print(part)
-    if gate_lines(outcome.gates, quiet=quiet or as_json):
-        raise typer.Exit(1)
 
 
 # -- inspect, sample, run, status ------------------------------------------------------------------
@@ -70,8 +46,7 @@ def inspect(model: ModelArg, **shared: Any) -> None:
       pgraft inspect weights.safetensors --config ./my-unet/config.json
     """
     from .pipelines.tools import inspect as inspect_pipeline
-
-    _show(inspect_pipeline(model, shared["config"], shared["kind"], shared["allow_pickle"]), shared)
+    show(inspect_pipeline(model, shared["config"], shared["kind"], shared["allow_pickle"]), shared)
 
 
 @app.command()
@@ -106,8 +81,7 @@ def sample(
       accelerate launch --num_processes 2 -m pgraft_cli sample digits --num 3000 --out big/
     """
     from .pipelines.sample import SampleOptions, sample as sample_pipeline
-
-    _show(sample_pipeline(model, SampleOptions.of(locals())), shared)
+    show(sample_pipeline(model, SampleOptions.of(locals())), shared)
 
 
 @app.command()
@@ -121,10 +95,8 @@ def run(model: Annotated[str, typer.Argument(help="Model the recipe works on.")]
 
       pgraft run digits --recipe my-recipe.toml --run-dir runs/exp1
     """
-    from .pipelines.run import run as run_pipeline
-    from .pipelines.skeleton import ModelOptions
-
-    _show(run_pipeline(model, ModelOptions.of(locals())), shared)
+    from .pipelines.run import ModelOptions, run as run_pipeline
+    show(run_pipeline(model, ModelOptions.of(locals())), shared)
 
 
 @app.command()
@@ -137,8 +109,7 @@ def status(run_dir: RunArg, **shared: Any) -> None:
       pgraft status pgraft-runs/sample-1a2b3c4d5e6f
     """
     from .pipelines.tools import status as status_pipeline
-
-    _show(status_pipeline(run_dir), shared)
+    show(status_pipeline(run_dir), shared)
 
 
 # -- GRAFT / P-GRAFT: score, filter, finetune ------------------------------------------------------
@@ -163,8 +134,7 @@ def score(
       pgraft score runs/d3 --reward python:my_rewards:brightness
     """
     from .pipelines.finetune import ScoreOptions, score as score_pipeline
-
-    _show(score_pipeline(run_dir, ScoreOptions.of(locals())), shared)
+    show(score_pipeline(run_dir, ScoreOptions.of(locals())), shared)
 
 
 @app.command(name="filter")
@@ -192,8 +162,7 @@ def filter_(
       pgraft filter runs/d3 --rule threshold --quantile 0.75 --dedup
     """
     from .pipelines.finetune import FilterOptions, filter_ as filter_pipeline
-
-    _show(filter_pipeline(run_dir, FilterOptions.of(locals())), shared)
+    show(filter_pipeline(run_dir, FilterOptions.of(locals())), shared)
 
 
 @app.command()
@@ -227,8 +196,7 @@ def finetune(
       pgraft finetune ./sd2 --reward vqascore:./llava --prompts train.txt --cutoff 0.25 --set sample.num=4000
     """
     from .pipelines.finetune import FinetuneOptions, finetune as finetune_pipeline
-
-    _show(finetune_pipeline(model, FinetuneOptions.of(locals())), shared)
+    show(finetune_pipeline(model, FinetuneOptions.of(locals())), shared)
 
 
 # -- inverse noise correction, evaluation, report --------------------------------------------------
@@ -259,8 +227,7 @@ def correct(
       pgraft correct digits --set correct.corrector=gaussian --set evaluate.num=500
     """
     from .pipelines.correct import CorrectOptions, correct as correct_pipeline
-
-    _show(correct_pipeline(model, CorrectOptions.of(locals())), shared)
+    show(correct_pipeline(model, CorrectOptions.of(locals())), shared)
 
 
 @app.command()
@@ -293,8 +260,7 @@ def evaluate(
       pgraft evaluate ./sd2 --prompts p.txt --reward vqascore:./vlm --best-of 4   (reward only: no FID)
     """
     from .pipelines.evaluate import EvaluateOptions, evaluate as evaluate_pipeline
-
-    _show(evaluate_pipeline(model, EvaluateOptions.of(locals())), shared)
+    show(evaluate_pipeline(model, EvaluateOptions.of(locals())), shared)
 
 
 @app.command()
@@ -313,8 +279,7 @@ def stats(
       pgraft stats ./coco-val --features dinov2:./dinov2-base --shape 3x512x512 --out coco-dinov2.npz
     """
     from .pipelines.evaluate import StatsOptions, stats as stats_pipeline
-
-    _show(stats_pipeline(data, StatsOptions.of(locals())), shared)
+    show(stats_pipeline(data, StatsOptions.of(locals())), shared)
 
 
 @app.command()
@@ -341,8 +306,7 @@ def export(
       pgraft export tuned.safetensors --out sd/ --format single-file --dtype float16   (ComfyUI, A1111)
     """
     from .pipelines.export import ExportOptions, export as export_pipeline
-
-    _show(export_pipeline(checkpoint, out, ExportOptions.of(locals())), shared)
+    show(export_pipeline(checkpoint, out, ExportOptions.of(locals())), shared)
 
 
 @app.command()
@@ -362,8 +326,7 @@ def report(
       pgraft report pgraft-runs/correct-1a2b3c4d5e6f --open
     """
     from .pipelines.tools import report as report_pipeline
-
-    _show(report_pipeline(run_dir, open_), shared)
+    show(report_pipeline(run_dir, open_), shared)
 
 
 # -- recipes ---------------------------------------------------------------------------------------
@@ -382,8 +345,7 @@ def recipes_ls(**shared: Any) -> None:
       pgraft recipes ls
     """
     from .pipelines.tools import recipes_ls as ls
-
-    _show(ls(), shared)
+    show(ls(), shared)
 
 
 @recipes_app.command("show")
@@ -394,9 +356,8 @@ def recipes_show(name: Annotated[str, typer.Argument(help="A recipe name (pgraft
 
       pgraft recipes show pgraft
     """
-    from .io.recipes import find_recipe
-
-    sys.stdout.write(find_recipe(name).read_text())
+    from .pipelines.tools import recipe_text
+    sys.stdout.write(recipe_text(name))
 
 
 @recipes_app.command("cp")
@@ -411,55 +372,29 @@ def recipes_cp(
       pgraft recipes cp pgraft my-pgraft.toml && pgraft finetune digits --recipe my-pgraft.toml
     """
     from .pipelines.tools import recipes_cp as cp
-
     print(cp(name, dest))
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        print(f"pgraft {__version__}")
-        raise typer.Exit()
 
 
 _debug = False  # set by the global --debug flag; main() then prints the traceback above the error line
 
 
 @app.callback()
-def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
-                                                    help="Print the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Print the full traceback above an error line "
-                                                         "(e.g. of an exception inside your own reward function).")] = False,
-) -> None:
+def _root(version: VersionOpt = None, debug: DebugOpt = False) -> None:
     global _debug
     _debug = debug
 
 
 def main() -> None:
-    """Console-script entry: user mistakes become one ``error:`` line and a non-zero exit, never a traceback.
-
-    A :class:`PgraftError` exits with its code (2), a usage error with click's (2), a refused file
-    operation with 1; ``--debug`` adds the traceback above the line.
-    """
+    """Console-script entry: user mistakes become one ``error:`` line and a non-zero exit, never a traceback
+    (``cli_options.exit_code``); ``--debug`` adds the traceback above the line."""
     from .io.host import tune_allocator
-    from .report.ui import error_line, os_error_line
+    from .report.ui import error_line
 
     tune_allocator()
     try:
         code = app(standalone_mode=False)
-    except typer.TyperException as exc:  # click's usage errors: an unknown option, a value of the wrong type ...
-        if type(exc).__name__ != "NoArgsIsHelpError":  # (that one: typer has printed the help already)
-            ctx = getattr(exc, "ctx", None)
-            error_line(" ".join(exc.format_message().split()) + (f"; see '{ctx.command_path} --help'" if ctx else ""))
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        code = 130
-    except (PgraftError, OSError) as exc:  # a user mistake; or the file system refused: a path, a permission ...
-        if _debug:  # the traceback of the exception (with its cause) above the error line
-            traceback.print_exc()
-        user = isinstance(exc, PgraftError)
-        error_line(str(exc) if user else os_error_line(exc))  # type: ignore[arg-type]
-        sys.exit(exc.exit_code if user else 1)  # type: ignore[union-attr]
-    if code == 130:  # typer turns Ctrl-C into exit code 130
+    except ENDED_BY as exc:
+        code = exit_code(exc, _debug)
+    if code == 130:  # Ctrl-C (typer also turns it into exit code 130)
         error_line("interrupted; run the same command again to resume from the last finished shard")
     sys.exit(code if isinstance(code, int) else 0)

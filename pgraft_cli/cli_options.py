@@ -1,4 +1,5 @@
-"""The command line's options, declared once: each verb names the groups it takes (:func:`takes`).
+"""The command line's options, declared once: each verb names the groups it takes (:func:`takes`);
+how a verb's outcome is shown (:func:`show`) and how an error ends a command (:func:`exit_code`).
 
 Output paths are checked here, in Typer callbacks, so a path pgraft cannot write is refused before
 any work starts.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .errors import OutputPathError
+from . import __version__
+from .errors import OutputPathError, PgraftError
 from .io.host import check_writable
 
 # -- output paths: refused before any work -------------------------------------------------------
@@ -126,3 +130,60 @@ def takes(*groups: tuple[inspect.Parameter, ...]) -> Callable[[Callable[..., Any
         return command
 
     return wrap
+
+
+# -- the root's options, a verb's output, the error line that ends a command ----------------------
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"pgraft {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Print the full traceback above an error line (e.g. of an exception inside your own reward function).")]
+
+
+def show(outcome: Any, shared: dict[str, Any]) -> None:
+    """A verb's outcome as one JSON object (``--json``) or its terminal view, then its gates (exit 1 if one
+    failed); nothing on the other processes of a multi-process run, whose outcome is None."""
+    from .report.ui import gate_lines, out
+
+    if outcome is None:
+        return
+    as_json, quiet = shared.get("as_json", False), shared.get("quiet", False)
+    if as_json:
+        print(json.dumps(outcome.summary, sort_keys=True, default=float, indent=outcome.indent))
+    elif not quiet:
+        for part in outcome.view:
+            out.print(part)
+    if gate_lines(outcome.gates, quiet=quiet or as_json):
+        raise typer.Exit(1)
+
+
+# what ends a command with an error line: a usage error, an interruption, a user mistake, a refused file operation
+ENDED_BY = (typer.TyperException, typer.Abort, KeyboardInterrupt, PgraftError, OSError)
+
+
+def exit_code(exc: BaseException, debug: bool) -> int:
+    """The exit code of a command ended by ``exc``, after its one ``error:`` line (``debug``: the traceback above it).
+
+    A :class:`PgraftError` exits with its code (2), a usage error with click's (2), a refused file
+    operation with 1, an interruption with 130 (its line is the caller's).
+    """
+    from .report.ui import error_line, os_error_line
+
+    if isinstance(exc, (typer.Abort, KeyboardInterrupt)):
+        return 130
+    if isinstance(exc, typer.TyperException):  # click's usage errors: an unknown option, a value of the wrong type ...
+        if type(exc).__name__ != "NoArgsIsHelpError":  # (that one: typer has printed the help already)
+            ctx = getattr(exc, "ctx", None)
+            error_line(" ".join(exc.format_message().split()) + (f"; see '{ctx.command_path} --help'" if ctx else ""))
+        return exc.exit_code
+    if debug:  # the traceback of the exception (with its cause) above the error line
+        traceback.print_exc()
+    if isinstance(exc, PgraftError):  # a user mistake
+        error_line(str(exc))
+        return exc.exit_code
+    assert isinstance(exc, OSError)  # the file system refused: a path, a permission ...
+    error_line(os_error_line(exc))
+    return 1

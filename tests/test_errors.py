@@ -162,3 +162,18 @@ def test_reward_exception_through_the_console_entry_and_debug_traceback(workspac
     assert "Traceback (most recent call last)" in debug.stderr
     assert 'rewards.py", line 5, in boom' in debug.stderr  # the user's own frame
     assert debug.stderr.strip().splitlines()[-1] == line  # the same error line, last
+
+
+def test_ctrl_c_ends_in_one_line_and_exit_code_130(monkeypatch):
+    """An interruption inside a verb: the resume hint, exit code 130, no traceback."""
+    from pgraft_cli.pipelines import tools
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tools, "recipes_ls", interrupted)
+    (out, err), code = cli_in_process("recipes", "ls")
+    assert code == 130 and out == ""
+    assert err.strip().splitlines()[-1] == ("error: interrupted; run the same command again to resume from the last "
+                                            "finished shard")
+    assert "Traceback" not in err

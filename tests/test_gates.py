@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
 from pgraft_cli.errors import PgraftError
-from pgraft_cli.report.gates import check_gates, gate_metrics, gate_names, parse_gate, parse_gates
+from pgraft_cli.report.gates import check_gates, gate_metrics, gate_names, parse_gate, parse_gates, parse_stop
 
 runner = CliRunner()
 
@@ -105,3 +105,15 @@ def test_evaluate_gates_exit_0_when_all_hold_and_1_with_a_line_per_failure(tmp_p
     # without --json the summary is printed, then the failures
     human = runner.invoke(app, [*args[:-1], "--quiet", "--fail-if", "num<100"])
     assert human.exit_code == 1 and human.stderr.strip() == "gate failed: num<100 (num = 32)"
+
+
+@pytest.mark.parametrize("parse, text, message", [
+    (parse_gate, "fid>>12", "--fail-if 'fid>>12' is not a gate: write NAME OP NUMBER"),
+    (parse_gate, "fid>1e", "--fail-if 'fid>1e': '1e' is not a number; write NAME OP NUMBER"),
+    (parse_stop, "fid fell by 3", "--stop-if 'fid fell by 3' is not a stop rule: write \"NAME dropped by"),
+    (parse_stop, "fid rose by more than x", "--stop-if 'fid rose by more than x': 'x' is not a number; write \"NAME"),
+])
+def test_malformed_gates_and_stop_rules_name_the_expression_and_the_syntax(parse, text, message):
+    with pytest.raises(PgraftError) as err:
+        parse(text)
+    assert str(err.value).startswith(message)

@@ -26,10 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..io.checkpoints import ASSETS, save_pgraft_safetensors
+from ..core.losses import flow_matching_loss
+from ..core.samplers import NoiseSchedule
+from ..io.checkpoints import ASSETS, save_classifier, save_pgraft_safetensors
 from ..io.data import load_digits
 from ..models.nets import ClassifierConfig, DigitsClassifier
-from ..io.checkpoints import save_classifier
+from ..report.ui import progress
+from ..stages.train_loop import LoopConfig, Training, train
 
 FLOW_CONFIG = {
     "sample_size": 16,
@@ -75,34 +78,35 @@ DATA_NOTE = ("scikit-learn digits, bilinear 8->16, scaled to [-1, 1]; split rule
              "(per label, sha256 order, 60/20/20 % train/judge/test)")
 
 
-def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``E |v_theta(x_t, t) - (e - x_0)|^2`` with ``x_t = (1 - t) x_0 + t e``, t ~ U(0, 1)."""
-    e = torch.randn(x0.shape, generator=generator)
-    t = torch.rand(x0.shape[0], generator=generator)
-    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * e
-    v = model(xt, t * 1000).sample
-    return F.mse_loss(v, e - x0)
-
-
 def fit_flow(model: torch.nn.Module, data: torch.Tensor, settings: FlowTraining, g: torch.Generator,
              log: bool = True) -> torch.Tensor:
-    """``settings.steps`` AdamW steps of ``flow_matching_loss`` on ``data`` in [-1, 1] (linear warm-up,
-    gradient norm clipped to 1); returns the last loss. Also the "train the base further" control."""
+    """``settings.steps`` AdamW steps of the flow-matching loss (``core.losses.flow_matching_loss``) on
+    ``data`` in [-1, 1], through the shared training loop (linear warm-up, gradient norm clipped to 1, no
+    EMA, no checkpoints); returns the last loss. Each step draws its batch, noise and times from ``g``.
+    Also the "train the base further" control."""
     model.train().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / settings.warmup))
-    start = time.time()
-    for step in range(settings.steps):
+    schedule, last, start = NoiseSchedule.flow(), [torch.zeros(())], time.time()
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(data), (settings.batch_size,), generator=g)
-        loss = flow_matching_loss(model, data[idx], g)
-        opt.zero_grad(set_to_none=True)
+        z = data[idx]
+        e = torch.randn(z.shape, generator=g)
+        loss = flow_matching_loss(model, schedule, z, e, torch.rand(z.shape[0], generator=g))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log and (step % 50 == 0 or step == settings.steps - 1):
-            print(f"flow step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
-    return loss.detach()
+        last[0] = loss.detach()
+        return last[0]
+
+    def report(done: int, loss: float, lr: float) -> None:
+        if log and ((done - 1) % 50 == 0 or done == settings.steps):
+            print(f"flow step {done - 1:5d} loss {loss:.4f} ({time.time() - start:.0f}s)", flush=True)
+
+    loop = LoopConfig(settings.steps, settings.learning_rate, settings.warmup, max_grad_norm=1.0)
+    with progress(False) as bar:
+        train(Training(list(model.named_parameters())), opt, step_loss, loop, bar, "flow", dict, save=False,
+              on_step=report)
+    return last[0]
 
 
 def train_flow(settings: FlowTraining, out: Path) -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError
-from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Outcome, Verb, default_run_dir, real_data, references,
+from .skeleton import (DataOptions, ModelOptions, Outcome, Verb, default_run_dir, real_data, references,
                        resolve_recipe, start)
 
 
 @dataclass
-class CorrectOptions(ModelOptions, DataOptions, FeatureOptions):
+class CorrectOptions(ModelOptions, DataOptions):
     """What ``pgraft correct`` takes besides MODEL (None: the recipe's value)."""
 
     captions: Optional[str] = None

@@ -7,18 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import PgraftError
-from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb,
+from .skeleton import (DataOptions, DrawOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb,
                        corrector_steps, default_run_dir, prompt_list, real_data, references, resolve_recipe, reward_from, start)
 
 
 @dataclass
-class EvaluateOptions(ModelOptions, DataOptions, PromptOptions, FeatureOptions):
+class EvaluateOptions(ModelOptions, DataOptions, PromptOptions, DrawOptions):
     """What ``pgraft evaluate`` takes besides MODEL (None: the recipe's value)."""
 
-    num: Optional[int] = None
-    steps: Optional[int] = None
-    seed: Optional[int] = None
-    base: Optional[str] = None
     tuned_guidance: Optional[str] = None
     reward: Optional[str] = None
     best_of: Optional[int] = None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError, StoppedError
-from .skeleton import (DataOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, check_tracker,
+from .skeleton import (DataOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, check_tracker,
                        default_run_dir, open_run, prompt_list, real_data, references, resolve_recipe, reward_from, start,
                        trackers)
 
@@ -62,7 +62,7 @@ def filter_(run_dir: Path, o: FilterOptions) -> Outcome:
 
 
 @dataclass
-class FinetuneOptions(ModelOptions, DataOptions, PromptOptions, FeatureOptions):
+class FinetuneOptions(ModelOptions, DataOptions, PromptOptions):
     """What ``pgraft finetune`` takes besides MODEL (None: the recipe's value)."""
 
     reward: Optional[str] = None

@@ -7,23 +7,19 @@ from pathlib import Path
 from typing import Optional
 
 from .. import __version__
-from .skeleton import (ModelOptions, Outcome, PromptOptions, Verb, corrector_steps, default_run_dir, prompt_list,
-                       resolve_recipe, start)
+from .skeleton import (DrawOptions, ModelOptions, Outcome, PromptOptions, Verb, corrector_steps, default_run_dir,
+                       prompt_list, resolve_recipe, start)
 
 
 @dataclass
-class SampleOptions(ModelOptions, PromptOptions):
+class SampleOptions(ModelOptions, PromptOptions, DrawOptions):
     """What ``pgraft sample`` takes besides MODEL (None: the recipe's value)."""
 
-    num: Optional[int] = None
-    seed: Optional[int] = None
-    steps: Optional[int] = None
     batch_size: Optional[int] = None
     out: Optional[Path] = None
     class_label: Optional[int] = None
     capture_at: Optional[float] = None
     guidance_scale: Optional[float] = None
-    base: Optional[str] = None
 
 
 def sample(model: str, o: SampleOptions) -> Optional[Outcome]:

@@ -221,8 +221,16 @@ class ModelOptions(Options, LoadOptions):
 
 
 @dataclass
-class DataOptions:
-    """Real data (``--data``) and the held-out data FID is measured against (``--eval-data``)."""
+class FeatureOptions:
+    """FID features (``--features``) and a local Inception file."""
+
+    features: Optional[str] = None
+    inception_weights: Optional[str] = None
+
+
+@dataclass
+class DataOptions(FeatureOptions):
+    """Real data (``--data``), the held-out data FID is measured against (``--eval-data``), the features."""
 
     data: Optional[str] = None
     eval_data: Optional[str] = None
@@ -237,11 +245,14 @@ class PromptOptions:
 
 
 @dataclass
-class FeatureOptions:
-    """FID features (``--features``) and a local Inception file."""
+class DrawOptions:
+    """How a verb draws its images (None: the recipe's): ``--num``, ``--seed``, ``--steps``, and the
+    ``--base`` of a corrected or fine-tuned checkpoint."""
 
-    features: Optional[str] = None
-    inception_weights: Optional[str] = None
+    num: Optional[int] = None
+    seed: Optional[int] = None
+    steps: Optional[int] = None
+    base: Optional[str] = None
 
 
 @dataclass

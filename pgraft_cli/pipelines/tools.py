@@ -51,6 +51,13 @@ def recipes_ls() -> Outcome:
     return Outcome(found, [recipes_table(found)])
 
 
+def recipe_text(name: str) -> str:
+    """The text of a recipe (a bundled name, or a .toml path), as it is."""
+    from ..io.recipes import find_recipe
+
+    return find_recipe(name).read_text()
+
+
 def recipes_cp(name: str, dest: Path) -> Path:
     """Copy a bundled recipe to ``dest`` (a .toml file, or a folder for NAME.toml); never overwrites."""
     from ..io.host import check_writable

@@ -75,15 +75,21 @@ def _canonical(name: str) -> str:
     return f"{prefix}.{metric}" if prefix else metric
 
 
+def _match_number(pattern: re.Pattern[str], text: str, flag: str, what: str, syntax: str) -> tuple[re.Match[str], float]:
+    """``flag``'s expression ``text`` matched by ``pattern`` and its ``value`` group as a float; a
+    :class:`PgraftError` naming the expression and the ``syntax`` otherwise."""
+    match = pattern.match(text or "")
+    if match is None:
+        raise PgraftError(f"{flag} {text!r} is not {what}: write {syntax}")
+    try:
+        return match, float(match["value"])
+    except ValueError:
+        raise PgraftError(f"{flag} {text!r}: {match['value']!r} is not a number; write {syntax}") from None
+
+
 def parse_gate(text: str) -> Gate:
     """Parse ``NAME OP NUMBER``; a :class:`PgraftError` naming the expression and the syntax otherwise."""
-    match = _GATE.match(text or "")
-    if match is None:
-        raise PgraftError(f"--fail-if {text!r} is not a gate: write {SYNTAX}")
-    try:
-        value = float(match["value"])
-    except ValueError:
-        raise PgraftError(f"--fail-if {text!r}: {match['value']!r} is not a number; write {SYNTAX}") from None
+    match, value = _match_number(_GATE, text, "--fail-if", "a gate", SYNTAX)
     if math.isnan(value):
         raise PgraftError(f"--fail-if {text!r}: the threshold must be a number, not NaN; write {SYNTAX}")
     name = _canonical(match["name"])
@@ -218,13 +224,7 @@ class StopRule:
 
 def parse_stop(text: str, available: Optional[set[str]] = None) -> StopRule:
     """Parse one ``--stop-if``; ``available`` (the metrics the run measures every round) refuses the others."""
-    match = _STOP.match(text or "")
-    if match is None:
-        raise PgraftError(f"--stop-if {text!r} is not a stop rule: write {STOP_SYNTAX}")
-    try:
-        amount = float(match["value"])
-    except ValueError:
-        raise PgraftError(f"--stop-if {text!r}: {match['value']!r} is not a number; write {STOP_SYNTAX}") from None
+    match, amount = _match_number(_STOP, text, "--stop-if", "a stop rule", STOP_SYNTAX)
     if not math.isfinite(amount) or amount < 0:
         raise PgraftError(f"--stop-if {text!r}: the amount must be a finite number >= 0; write {STOP_SYNTAX}")
     name = STOP_ALIASES.get(match["name"], match["name"])

@@ -41,7 +41,7 @@ class Training:
     """The state of one training run: its parameters, step, losses and EMA weights, checkpointed at ``path``."""
 
     named: list[tuple[str, nn.Parameter]]
-    path: Path
+    path: Optional[Path] = None  # None: a run that keeps no checkpoint (``train(..., save=False)``)
     step: int = 0
     losses: list[float] = field(default_factory=list)
     ema: dict[str, Tensor] = field(default_factory=dict)
@@ -62,6 +62,7 @@ class Training:
         return run
 
     def save(self, opt: Any, weights: dict[str, Tensor]) -> None:
+        assert self.path is not None, "a run without a checkpoint path is trained with save=False"
         save_training_state(self.path, weights, self.ema, self.params, opt, self.step, self.losses)
 
     def summary(self) -> dict[str, Any]:
