@@ -10,6 +10,7 @@ import contextlib
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -426,3 +427,16 @@ def cli_in_process(*args: str) -> tuple[tuple[str, str], int]:
     finally:
         sys.argv = old
     return (out.getvalue(), err.getvalue()), code
+
+
+def cli_run(*args: Any, cwd: Optional[Path] = None, threads: int = 1) -> "subprocess.CompletedProcess[str]":
+    """``pgraft ARGS`` in this process (``cli_in_process``) as a ``subprocess.CompletedProcess``, in ``cwd``
+    with ``threads`` torch threads and an 80-column terminal, as the subprocess runs the tests had used
+    (OMP_NUM_THREADS=1, COLUMNS=80): for tests that are not about a fresh interpreter, without its start-up."""
+    argv = [str(a) for a in args]
+    with pytest.MonkeyPatch.context() as mp, torch_threads(threads):
+        mp.setenv("COLUMNS", "80")
+        if cwd is not None:
+            mp.chdir(cwd)
+        (out, err), code = cli_in_process(*argv)
+    return subprocess.CompletedProcess(["pgraft", *argv], code, out, err)
