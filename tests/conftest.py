@@ -10,6 +10,7 @@ import contextlib
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -403,14 +404,16 @@ def torch_threads(n: int):
 
 def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 600):
     """``accelerate launch`` (CPU, gloo) of ``python -m pgraft_cli ARGS`` on ``num_processes`` processes."""
-    import os
     import shutil
-    import subprocess
-    import sys
+    import socket
 
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    with socket.socket() as probe:  # a free port, not torchrun's fixed 29500: xdist workers launch side by side
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     return subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+         "--main_process_port", str(port),
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pgraft_cli", *args],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
 
@@ -433,3 +436,16 @@ def cli_in_process(*args: str) -> tuple[tuple[str, str], int]:
     finally:
         sys.argv = old
     return (out.getvalue(), err.getvalue()), code
+
+
+def cli_run(*args: Any, cwd: Optional[Path] = None, threads: int = 1) -> "subprocess.CompletedProcess[str]":
+    """``pgraft ARGS`` in this process (``cli_in_process``) as a ``subprocess.CompletedProcess``, in ``cwd``
+    with ``threads`` torch threads and an 80-column terminal, as the subprocess runs the tests had used
+    (OMP_NUM_THREADS=1, COLUMNS=80): for tests that are not about a fresh interpreter, without its start-up."""
+    argv = [str(a) for a in args]
+    with pytest.MonkeyPatch.context() as mp, torch_threads(threads):
+        mp.setenv("COLUMNS", "80")
+        if cwd is not None:
+            mp.chdir(cwd)
+        (out, err), code = cli_in_process(*argv)
+    return subprocess.CompletedProcess(["pgraft", *argv], code, out, err)

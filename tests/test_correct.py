@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+from conftest import cli_run
 import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -377,8 +376,7 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
     m = load_model("digits")
     state = {k: v + 0.01 for k, v in m.network.state_dict().items()}
     save_pgraft_safetensors(other, m.network, m.model_class, m.model_config, m.scheduler_config, {}, state=state)
-    bad = subprocess.run([sys.executable, "-m", "pgraft_cli", "evaluate", str(out), "--base", str(other), "--num", "8"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    bad = cli_run("evaluate", out, "--base", other, "--num", "8", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "--base" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 

@@ -3,10 +3,9 @@ caption, a corrector conditioned on it, saved, loaded and applied with each samp
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
+from conftest import cli_run
 import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -129,7 +128,7 @@ def test_class_models_need_labels_in_range_and_text_families_without_a_pooled_em
     folder = unet_model_dir(scheduler="flow", num_class_embeds=3)
     cases = [[str(folder), "--data", "digits"], [str(tiny_pixart_dir), "--data", "digits", "--captions", "x"]]
     for args, needle in zip(cases, ("labels 0..9", "no pooled text embedding")):
-        proc = subprocess.run([sys.executable, "-m", "pgraft_cli", "correct", *args], capture_output=True, text=True)
+        proc = cli_run("correct", *args)
         assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
         assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -268,8 +267,7 @@ def test_export_refuses_a_conditioned_corrector_in_one_line(tmp_path):
     corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(10, 256), std=torch.ones(10, 256),
                                conditioning="class")
     path = save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})
-    proc = subprocess.run([sys.executable, "-m", "pgraft_cli", "export", str(path), "--out", str(tmp_path / "pipe")],
-                          capture_output=True, text=True)
+    proc = cli_run("export", path, "--out", tmp_path / "pipe")
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "class" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "pipe").exists()
 

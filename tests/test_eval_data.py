@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import cli_run
 import torch
 from typer.testing import CliRunner
 
@@ -82,8 +81,7 @@ def test_evaluate_reports_fid_against_held_out_data_and_beside_it_the_training_d
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["fid_data"] == "digits-judge" and list(m["also_against"]) == ["digits-train"]
     assert "judge" in m["features"]
-    proc = subprocess.run([sys.executable, "-m", "pgraft_cli", *args, "--eval-data", "nowhere/", "--run-dir",
-                           str(tmp_path / "a")], capture_output=True, text=True)
+    proc = cli_run(*args, "--eval-data", "nowhere/", "--run-dir", tmp_path / "a")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: --eval-data nowhere/: no such file") and len(proc.stderr.splitlines()) == 1
 

@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import cli_run
 import torch
 
 from pgraft_cli.io.data import load_digits
@@ -176,10 +177,7 @@ def test_evaluate_model_streams_shards_and_matches_features_of_all_images(tmp_pa
 
 
 def test_evaluate_with_one_sample_is_one_error_line(tmp_path):
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-m", "pgraft_cli", "evaluate", "digits", "--num", "1", "--steps", "2",
-                           "--quiet", "--run-dir", str(tmp_path / "r")], capture_output=True, text=True)
+    proc = cli_run("evaluate", "digits", "--num", "1", "--steps", "2", "--quiet", "--run-dir", tmp_path / "r")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "at least 2 generated" in proc.stderr

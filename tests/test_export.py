@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import cli_run
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
@@ -483,8 +484,7 @@ def test_a_composed_flux_folder_samples_as_pgraft_in_a_fresh_process_where_pgraf
 
 
 def _fails(*args, cwd=None):
-    result = subprocess.run([sys.executable, "-m", "pgraft_cli", "export", *map(str, args)],
-                            capture_output=True, text=True, cwd=cwd)
+    result = cli_run("export", *args, cwd=cwd)
     assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     return result.stderr

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_run
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
@@ -75,8 +74,7 @@ def test_unknown_or_unavailable_metrics_list_what_there_is():
 
 
 def test_a_malformed_gate_exits_2_with_one_error_line_before_any_work():
-    bad = subprocess.run([sys.executable, "-m", "pgraft_cli", "evaluate", "digits", "--fail-if", "fid>>12"],
-                         capture_output=True, text=True)
+    bad = cli_run("evaluate", "digits", "--fail-if", "fid>>12")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("error: --fail-if 'fid>>12' is not a gate") and "NAME OP NUMBER" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

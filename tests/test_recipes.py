@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_run
 
 from pgraft_cli.errors import RecipeError
 from pgraft_cli.io.recipes import (SECTIONS, Recipe, available_recipes, dump_recipe, find_recipe, load_recipe,
@@ -19,9 +18,7 @@ BUNDLED = sorted((REPO / "recipes").glob("*.toml"))
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", **os.environ, "COLUMNS": "80"}
-    return subprocess.run([sys.executable, "-m", "pgraft_cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+    return cli_run(*args, cwd=cwd)
 
 
 def error_of(*overrides: str, recipe: str = "default") -> str:

@@ -8,10 +8,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_run
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -192,7 +192,7 @@ def test_report_verb_re_renders_and_refuses_a_non_run(correct_run, tmp_path):
     assert (run / "report.html").stat().st_mtime_ns >= before
     # the device and time the run recorded survive a re-render
     assert "whole command (correct)" in (run / "report.html").read_text()
-    bad = subprocess.run([sys.executable, "-m", "pgraft_cli", "report", str(tmp_path)], capture_output=True, text=True)
+    bad = cli_run("report", tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "not a pgraft run directory" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 

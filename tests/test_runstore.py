@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli_run
 
 from pgraft_cli.errors import RunLockedError, RunStoreError
 from pgraft_cli.io.runstore import (MANIFEST, Dist, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
@@ -23,9 +24,9 @@ from pgraft_cli.io.runstore import (MANIFEST, Dist, RunStore, atomic_path, atomi
 ENV = {"OMP_NUM_THREADS": "1", **os.environ, "COLUMNS": "80"}
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pgraft_cli", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=timeout)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """In this process, one torch thread (as ENV gives the killed subprocess): the same bytes as it."""
+    return cli_run(*args)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -102,18 +98,14 @@ def test_class_and_prompt_on_unconditional_model_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_two_processes_match_one(tmp_path):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    from conftest import accelerate_launch, cli_run
+
     args = ["sample", "digits", "--num", "40", "--steps", "3", "--batch-size", "16", "--seed", "5", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # accelerate's --cpu flag uses its single-process launcher; --multi_gpu goes through torchrun, and
     # pgraft's PartialState(cpu=True) then picks the gloo backend on a machine without CUDA.
-    two = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "pgraft_cli", *args, "--run-dir", str(tmp_path / "r2"),
-         "--out", str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=300)
+    two = accelerate_launch([*args, "--run-dir", str(tmp_path / "r2"), "--out", str(tmp_path / "o2")], timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "pgraft_cli", *args, "--run-dir", str(tmp_path / "r1"),
-                          "--out", str(tmp_path / "o1")], capture_output=True, text=True, env=env, timeout=300)
+    one = cli_run(*args, "--run-dir", tmp_path / "r1", "--out", tmp_path / "o1")  # one thread, as each launched process
     assert one.returncode == 0, one.stderr[-2000:]
     p1, p2 = pngs(tmp_path / "o1"), pngs(tmp_path / "o2")
     assert len(p1) == 40 and p1 == p2
