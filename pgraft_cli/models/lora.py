@@ -95,7 +95,7 @@ def join_bf16(high: Tensor, low: Tensor, ties: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def frozen_layers_in(network: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[list[Tensor]]:
+def frozen_layers_in(network: nn.Module, dtype: Optional[torch.dtype], host: str = "cpu") -> Iterator[list[Tensor]]:
     """While an adapter trains under autocast to ``dtype``: the frozen weights and biases of the
     linear and convolution layers held in ``dtype``; on exit they are their float32 selves again, bit
     for bit. Yields the host tensors it keeps for that.
@@ -103,10 +103,16 @@ def frozen_layers_in(network: nn.Module, dtype: Optional[torch.dtype]) -> Iterat
     Autocast casts these layers' weights and biases to ``dtype`` on every call, so the passes
     compute the same bits; what goes is a cast per layer and call, and the cast copies saved for the
     backward pass (the frozen weights take half the memory, as in diffusers' LoRA training scripts).
-    For bf16 the float32 weights are not kept: only the bits bf16 drops (:func:`split_bf16`, 2 bytes
-    a weight, on the host), so on the CPU the network takes no more memory than in float32, and on a
-    GPU each process keeps 2 bytes a frozen weight on the host. fp16 (GPUs only) is not a truncation
-    of float32, so there each process keeps the float32 originals on the host (4 bytes a weight).
+    What is kept to give the float32 weights back:
+
+    - weights on the ``host`` device (the CPU): their own storage, no copy. It is often the weight
+      file's memory map (clean pages the OS can drop); splitting it measured worse there (bench/RESULTS.md,
+      "LoRA memory"): the new bf16 and low-bit tensors and the float32 ones made at the end are
+      anonymous memory, while the map stays for the layers left in float32.
+    - bf16 on a GPU: only the bits bf16 drops (:func:`split_bf16`, int16), on the host: 2 bytes a
+      frozen weight per process instead of a 4-byte float32 copy.
+    - fp16 on a GPU (not a truncation of float32): the float32 originals on the host, 4 bytes a weight.
+
     The layer holding the network's first parameter stays float32: ``ModelMixin.dtype`` reads it.
     """
     if dtype is None:
@@ -118,14 +124,18 @@ def frozen_layers_in(network: nn.Module, dtype: Optional[torch.dtype]) -> Iterat
         if not isinstance(module, AUTOCAST_LAYERS) or any(p is first for p in module.parameters(recurse=False)):
             continue
         for p in module.parameters(recurse=False):
-            if not p.requires_grad and p.dtype == torch.float32:
-                if dtype == torch.bfloat16:
-                    high, low, ties = split_bf16(p.data)
-                    kept.append((p, (low.to("cpu"), ties.to("cpu"))))
-                    p.data = high  # the float32 storage is freed here (the rest of its bits are in `kept`)
-                else:
-                    kept.append((p, (p.data.to("cpu"),)))  # on the CPU: the same storage
-                    p.data = p.data.to(dtype)
+            if p.requires_grad or p.dtype != torch.float32:
+                continue
+            if p.device.type == host:
+                kept.append((p, (p.data,)))
+                p.data = p.data.to(dtype)
+            elif dtype == torch.bfloat16:
+                high, low, ties = split_bf16(p.data)
+                kept.append((p, (low.to("cpu"), ties.to("cpu"))))
+                p.data = high
+            else:
+                kept.append((p, (p.data.to("cpu"),)))
+                p.data = p.data.to(dtype)
     try:
         yield [t for _, held in kept for t in held]
     finally:
