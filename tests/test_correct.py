@@ -581,3 +581,38 @@ def test_class_conditioned_diagonal_gaussian_fits_each_class_and_pools_the_rare_
     for c in (1, 3):
         torch.testing.assert_close(mean[c], flat.mean(0))
         torch.testing.assert_close(std[c], flat.std(0))
+
+
+def test_a_corrected_file_records_the_precision_it_was_fitted_in_and_a_mismatch_is_noted(tmp_path):
+    """The inverted noises depend on the base sampler's precision (weights' dtype, autocast): the file
+    records it, inspect shows it, and sample/evaluate in another precision run as asked with one note."""
+    from pgraft_cli.models.corrector import fit_gaussian_diag
+
+    from conftest import cli_in_process
+
+    model = load_model("digits")
+    mean, std = fit_gaussian_diag(torch.randn(64, *model.sample_shape, generator=torch.Generator().manual_seed(0)))
+    corrector = NoiseCorrector("gaussian-diag", 4, mean=mean, std=std, autocast="torch.bfloat16", dtype="torch.float32")
+    path = save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})
+    back = load_model(str(path)).corrector
+    fitted = "float32 weights under bfloat16 autocast"
+    assert (back.autocast, back.dtype, back.fitted_precision(torch.float32)) == ("torch.bfloat16", "torch.float32", fitted)
+    (out, _), code = cli_in_process("inspect", str(path), "--json")
+    assert code == 0 and json.loads(out)["composition"]["fitted_precision"] == fitted
+
+    def sample(name, *sets):
+        (_, err), code = cli_in_process("sample", str(path), "--num", "2", "--run-dir", str(tmp_path / name),
+                                        "--out", str(tmp_path / f"{name}-png"), *sets)
+        assert code == 0, err
+        notes = [line for line in err.splitlines() if "was fitted to its base sampling in" in line]
+        return notes, json.loads((tmp_path / f"{name}-png" / "sampler.json").read_text())["autocast"]
+
+    notes, autocast = sample("as-asked")  # the CPU's default: no autocast
+    assert autocast is None and len(notes) == 1  # sampled as asked, and said once
+    assert notes[0].startswith("note: ") and fitted in notes[0] and "--set model.autocast=bf16" in notes[0]
+    assert sample("matched", "--set", "model.autocast=bf16") == ([], "torch.bfloat16")
+    (_, err), code = cli_in_process("evaluate", str(path), "--num", "2", "--features", "none", "--run-dir",
+                                    str(tmp_path / "ev"))
+    assert code == 0, err
+    ev = json.loads((tmp_path / "ev" / "evaluate.json").read_text())
+    assert sum(fitted in n for n in ev["notes"]) == 1

@@ -128,3 +128,14 @@ def test_judges_are_columns_after_the_reward_and_rounds_use_the_same_model_witho
              if line.startswith("│")}
     assert lines["round 1"] == one[1:] and lines["round 2"] == two[1:]
     assert "stopped early at round 2: judge.aes dropped by 0.25" in text
+
+
+def test_a_change_too_small_to_show_has_no_verdict_whichever_its_sign():
+    """A change that rounds to zero at the column's digits reads as no change, in green or red
+    neither, whether it is a hair down or a hair up (a tiny decrease was written "-0.000", better)."""
+    for a, b in ((1.23414, 1.23386), (1.23386, 1.23414)):
+        pair = metrics_table_of("finetune", {"base": _sampler(a, 0.1, 1e9 * a, 0.001 * a),
+                                             "tuned": _sampler(b, 0.1, 1e9 * b, 0.001 * b)})
+        change = dict(zip([c.key for c in pair.columns], pair.change()))
+        assert change["fid"] == ("+0.000", None) and change["flops_per_image"] == ("+0.000", None)
+        assert change["seconds_per_image"] == ("+0.00", None)

@@ -744,6 +744,7 @@ def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
     if model.corrector is not None:
         return {"kind": "corrector", "corrector": model.corrector.kind, "corrector_steps": model.corrector.steps,
                 "base_steps": model.corrector.base_steps, "base_identity": model.base_identity,
+                "fitted_precision": model.corrector.fitted_precision(model.dtype),
                 "metrics": json.loads(meta.get("pgraft.metrics", "null"))}
     if "pgraft.finetune" in meta:
         tuning = json.loads(meta["pgraft.finetune"])
@@ -791,7 +792,7 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     if corrector.conditioning != "none":  # per class, or on the pooled text embedding (NoiseCorrector)
         extra["pgraft.corrector_conditioning"] = corrector.conditioning
     extra["pgraft.corrector_inversion"] = json.dumps({"guidance_scale": corrector.guidance_scale,
-                                                      "autocast": corrector.autocast})
+                                                      "autocast": corrector.autocast, "dtype": corrector.dtype})
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
     if corrector.network is None:
         state = {"mean": corrector.mean, **({"std": corrector.std} if corrector.kind == "gaussian-diag"
@@ -819,7 +820,8 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     if conditioning not in ("none", "class", "text"):
         raise ModelLoadError(f"{path} has a corrector conditioned on {conditioning!r}, a form this version no longer "
                              f"reads; run pgraft correct again")
-    given = {"conditioning": conditioning, **json.loads(metadata.get("pgraft.corrector_inversion", "{}"))}
+    fitted = json.loads(metadata.get("pgraft.corrector_inversion", "{}"))
+    given = {"conditioning": conditioning, **{k: fitted.get(k) for k in ("guidance_scale", "autocast", "dtype")}}
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
                                    std=state.get("std"), weight=state.get("weight"), chol_of=state.get("chol_of"),

@@ -14,6 +14,13 @@ from ..core.samplers import NoiseSchedule, sample
 from ..errors import PgraftError
 
 
+def precision_label(dtype: Any, autocast: Any = None) -> str:
+    """How a network computes, in words: its weights' dtype, and the autocast it runs under if any
+    (``torch.float32`` or ``"torch.float32"`` alike), e.g. ``"float32 weights under bfloat16 autocast"``."""
+    weights = str(dtype).removeprefix("torch.")
+    return weights if autocast is None else f"{weights} weights under {str(autocast).removeprefix('torch.')} autocast"
+
+
 @dataclass
 class NoiseCorrector:
     """Maps N(0, I) noise to the base sampler's inverse-noise distribution.
@@ -48,15 +55,22 @@ class NoiseCorrector:
     weight: Optional[Tensor] = None  # text Gaussians: (E, D), the mean's map of the pooled embedding
     projection: Optional[nn.Linear] = None  # text flow: pooled embedding -> the network's class embedding
     chol_of: Optional[Tensor] = None  # class -> row of ``chol`` (None: row c is class c's)
-    # The sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
+    # The sampler it was fitted to: the guidance a conditioned base was inverted with, the autocast, and
+    # the base's weights' dtype (None: a file from before it was recorded)
     guidance_scale: Optional[float] = None
     autocast: Optional[str] = None
+    dtype: Optional[str] = None
 
     schedule = NoiseSchedule.flow()
 
     @staticmethod
     def schedule_config() -> dict[str, Any]:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+
+    def fitted_precision(self, dtype: Any) -> str:
+        """The base sampler's precision the inverted noises came from (:func:`precision_label`);
+        ``dtype`` stands in for the weights' dtype where the file predates its record."""
+        return precision_label(self.dtype or dtype, self.autocast)
 
     def condition_of(self, prompts: Optional[list[str]], classes: Optional[list[int]],
                      pooled_text: Callable[[list[str]], Tensor]) -> Optional[Tensor]:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..core.samplers import NoiseSchedule, above_cutoff
 from ..errors import PgraftError
-from .corrector import NoiseCorrector
+from .corrector import NoiseCorrector, precision_label
 from .families import Cond, Conditioning, Family, family_for
 from .lora import lora_state, set_lora_enabled
 
@@ -70,6 +70,11 @@ class LoadedModel:
     config_dir: Optional[str] = None  # a single-file checkpoint's diffusers config folder (its identity has its hash)
 
     # -- description ----------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """How the network samples: its weights' dtype and its autocast (``corrector.precision_label``)."""
+        return precision_label(self.dtype, self.autocast)
+
     @property
     def finetuned(self) -> bool:
         """A composed fine-tune: a tuned network or a LoRA adapter above the cutoff."""

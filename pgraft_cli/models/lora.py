@@ -69,32 +69,76 @@ def set_lora_enabled(network: nn.Module, on: bool) -> None:
 
 # Layers whose calls autocast runs in its lower dtype, casting input, weight and bias alike.
 AUTOCAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TIE = 1 << 15  # the one difference int16 cannot hold (it wraps to -TIE); its few places are listed
+
+
+def split_bf16(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A float32 tensor as ``(high, low, ties)``: ``high = bf16(x)`` (rounded to nearest, as autocast
+    casts) and the rest of its bits, so that :func:`join_bf16` gives ``x`` back bit for bit.
+
+    On the float32 bit patterns read as int32, ``bits(x) = bits(high) << 16 + d`` with
+    ``d in [-2^15, 2^15]`` (rounding moves the upper half by at most one). ``low`` is ``d`` as int16
+    (``+2^15``, a tie rounded down to even, wraps to ``-2^15``) and ``ties`` the flat indices where
+    ``d = +2^15``: 2 bytes per value instead of a 4-byte float32 copy.
+    """
+    high = x.to(torch.bfloat16)
+    d = x.view(torch.int32) - (high.view(torch.int16).to(torch.int32) << 16)
+    ties = (d.flatten() == TIE).nonzero().flatten()
+    return high, d.to(torch.int16), ties
+
+
+def join_bf16(high: Tensor, low: Tensor, ties: Tensor) -> Tensor:
+    """The float32 tensor :func:`split_bf16` split: ``bits = bits(high) << 16 + d`` (``d = +2^15`` at ``ties``)."""
+    d = low.to(torch.int32)
+    d.view(-1)[ties] = TIE
+    return ((high.view(torch.int16).to(torch.int32) << 16) + d).view(torch.float32)
 
 
 @contextlib.contextmanager
-def frozen_layers_in(network: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[None]:
+def frozen_layers_in(network: nn.Module, dtype: Optional[torch.dtype], host: str = "cpu") -> Iterator[list[Tensor]]:
     """While an adapter trains under autocast to ``dtype``: the frozen weights and biases of the
-    linear and convolution layers held in ``dtype``, their float32 originals on the CPU until exit.
+    linear and convolution layers held in ``dtype``; on exit they are their float32 selves again, bit
+    for bit. Yields the host tensors it keeps for that.
 
     Autocast casts these layers' weights and biases to ``dtype`` on every call, so the passes
     compute the same bits; what goes is a cast per layer and call, and the cast copies saved for the
     backward pass (the frozen weights take half the memory, as in diffusers' LoRA training scripts).
+    What is kept to give the float32 weights back:
+
+    - weights on the ``host`` device (the CPU): their own storage, no copy. It is often the weight
+      file's memory map (clean pages the OS can drop); splitting it measured worse there (bench/RESULTS.md,
+      "LoRA memory"): the new bf16 and low-bit tensors and the float32 ones made at the end are
+      anonymous memory, while the map stays for the layers left in float32.
+    - bf16 on a GPU: only the bits bf16 drops (:func:`split_bf16`, int16), on the host: 2 bytes a
+      frozen weight per process instead of a 4-byte float32 copy.
+    - fp16 on a GPU (not a truncation of float32): the float32 originals on the host, 4 bytes a weight.
+
     The layer holding the network's first parameter stays float32: ``ModelMixin.dtype`` reads it.
     """
     if dtype is None:
-        yield
+        yield []
         return
     first = next(network.parameters(), None)
-    originals: list[tuple[nn.Parameter, Tensor]] = []
+    kept: list[tuple[nn.Parameter, tuple[Tensor, ...]]] = []
     for module in network.modules():
         if not isinstance(module, AUTOCAST_LAYERS) or any(p is first for p in module.parameters(recurse=False)):
             continue
         for p in module.parameters(recurse=False):
-            if not p.requires_grad and p.dtype == torch.float32:
-                originals.append((p, p.data.to("cpu")))
+            if p.requires_grad or p.dtype != torch.float32:
+                continue
+            if p.device.type == host:
+                kept.append((p, (p.data,)))
+                p.data = p.data.to(dtype)
+            elif dtype == torch.bfloat16:
+                high, low, ties = split_bf16(p.data)
+                kept.append((p, (low.to("cpu"), ties.to("cpu"))))
+                p.data = high
+            else:
+                kept.append((p, (p.data.to("cpu"),)))
                 p.data = p.data.to(dtype)
     try:
-        yield
+        yield [t for _, held in kept for t in held]
     finally:
-        for p, data in originals:
-            p.data = data.to(p.device)
+        for p, held in kept:
+            p.data = (join_bf16(p.data, *(t.to(p.device) for t in held)) if len(held) == 2
+                      else held[0].to(p.device))

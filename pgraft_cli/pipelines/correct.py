@@ -65,6 +65,8 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         if loaded.conditioning != "none" and (loaded.guided or not loaded.adapter.classifier_free):
             corrector.guidance_scale = rec.sample.guidance_scale
         corrector.autocast = None if loaded.autocast is None else str(loaded.autocast)
+        corrector.dtype = str(loaded.dtype)
+        info["fitted_precision"] = loaded.precision
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane,

@@ -8,7 +8,8 @@ from typing import Optional
 
 from ..errors import PgraftError
 from .skeleton import (DataOptions, DrawOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb,
-                       corrector_steps, default_run_dir, prompt_list, real_data, references, resolve_recipe, reward_from, start)
+                       corrector_steps, default_run_dir, precision_note, prompt_list, real_data, references, resolve_recipe,
+                       reward_from, start)
 
 
 @dataclass
@@ -65,6 +66,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
+    mismatch = [n for n in [precision_note(loaded)] if n]  # said in the results; `notes` alone says FID is skipped
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane)
     eval_cfg.guidance_scale = rec.sample.guidance_scale
@@ -79,7 +81,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
         dist = verb.dist
         metrics = evaluate_model(loaded, None, eval_cfg, feats, store, verb.bar, "sample", rec.evaluate.kid_subsets,
                                  real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
-                                 cond=cond, reward=rew, best_of=o.best_of, notes=notes, process_index=dist.rank,
+                                 cond=cond, reward=rew, best_of=o.best_of, notes=notes + mismatch, process_index=dist.rank,
                                  num_processes=dist.size, barrier=dist.barrier)
         if not verb.is_main:
             return None

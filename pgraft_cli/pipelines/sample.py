@@ -8,6 +8,7 @@ from typing import Optional
 
 from .. import __version__
 from .skeleton import (DrawOptions, ModelOptions, Outcome, PromptOptions, Verb, corrector_steps, default_run_dir,
+                       precision_note,
                        prompt_list, resolve_recipe, start)
 
 
@@ -24,7 +25,7 @@ class SampleOptions(ModelOptions, PromptOptions, DrawOptions):
 
 def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
-    from ..report.ui import sample_view
+    from ..report.ui import note, sample_view
     from ..stages.sample import Conditions, check_conditions, export_pngs, run_sample, stage_config
 
     rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
@@ -35,6 +36,9 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     loaded = verb.model
     if loaded.corrector is not None:  # one corrector per base step count
         rec.sample.steps = corrector_steps(loaded, o.steps, "sample", rec.sample.guidance_scale)
+        mismatch = precision_note(loaded)
+        if mismatch:
+            note(f"note: {mismatch}", o.quiet)
     check_conditions(loaded, cond)
     # the recipe keeps "auto" (also in the default run directory: free memory must not move it); the
     # lane used goes in the settings, and a resume reuses it

@@ -150,6 +150,21 @@ def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str, guidanc
     return model.corrector.base_steps
 
 
+def precision_note(model: LoadedModel) -> Optional[str]:
+    """One line where a corrected model samples in another precision than its corrector was fitted to
+    (the inversion's base sampler). The run keeps the precision asked for: on the digits flow a mismatch
+    moved FID by under 0.02 (docs/methods.md section 3), so it is said, not refused."""
+    corrector = model.corrector
+    if corrector is None or corrector.fitted_precision(model.dtype) == model.precision:
+        return None
+    fix = [f"model.autocast={'bf16' if corrector.autocast else 'no'}"]
+    if corrector.dtype is not None and corrector.dtype != str(model.dtype):
+        fix.append(f"model.dtype={corrector.dtype.removeprefix('torch.')}")
+    return (f"{model.source} was fitted to its base sampling in {corrector.fitted_precision(model.dtype)}; this run "
+            f"samples in {model.precision}, as asked (on the digits flow such a mismatch moved FID by under "
+            f"0.02: docs/methods.md); to match the fit pass " + " ".join(f"--set {f}" for f in fix))
+
+
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log-with NAME: the package it needs
 
 

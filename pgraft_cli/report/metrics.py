@@ -112,7 +112,9 @@ class MetricsTable:
                 continue
             d = b.get(c.key) - a.get(c.key)
             shown = c.fmt(abs(d))
-            better = None if c.lower is None or shown == c.fmt(0 * d) else (d < 0) == c.lower
+            if shown == c.fmt(0.0):  # too small to show at these digits: no change, whichever its sign
+                d = 0.0
+            better = None if c.lower is None or d == 0 else (d < 0) == c.lower
             cells.append((("+" if d >= 0 else "-") + shown, better))
         return cells
 

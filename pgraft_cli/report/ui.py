@@ -59,8 +59,8 @@ def error_line(message: str) -> None:
 
 
 def note(message: str, quiet: bool = False) -> None:
-    if not quiet:
-        err.print(message)
+    if not quiet:  # one line however long, as error_line: a log keeps it whole
+        err.print(message, soft_wrap=True)
 
 
 def fmt_bytes(n: Optional[int]) -> str:
@@ -211,7 +211,8 @@ def correct_report(summary: dict, labels: dict) -> list:
         f"  reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} (max {inv['reconstruction_rms_max']:.4f}); "
         f"inverted noise mean {inv['noise_mean']:+.3f}, std {inv['noise_std']:.3f} (N(0, I): 0, 1)",
         f"corrector: {info['kind']}, {info['parameters']:,} parameters"
-        + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else ""),
+        + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else "")
+        + (f"; fitted to the base in {info['fitted_precision']}" if info.get("fitted_precision") else ""),
     ]
     if summary.get("stage_seconds"):
         lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in summary["stage_seconds"].items())
@@ -252,7 +253,7 @@ def inspect_table(model: str, info: dict) -> "Table":  # noqa: F821 - rich.table
                                   + f"; reward {comp['reward']}: {comp['reward_mean']}"))
     elif comp:
         rows.append(("corrector", f"{comp['corrector']} ({comp['corrector_steps']} steps) -> base at "
-                                  f"{comp['base_steps']} Euler steps"))
+                                  f"{comp['base_steps']} Euler steps; fitted to the base in {comp['fitted_precision']}"))
     if comp:
         rows.append(("base identity", f"sha256:{(comp['base_identity'] or '')[:16]}…"))
     for k, v in rows:
