@@ -8,8 +8,7 @@ from typing import Optional
 
 from .. import __version__
 from .skeleton import (DrawOptions, ModelOptions, Outcome, PromptOptions, Verb, corrector_steps, default_run_dir,
-                       precision_note,
-                       prompt_list, resolve_recipe, start)
+                       precision_note, prompt_list, resolve_recipe, start)
 
 
 @dataclass
