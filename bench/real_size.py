@@ -72,7 +72,15 @@ TINY = {
     "text": [dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, projection_dim=32,
                   hidden_act="gelu")],
 }
-SIZES = {"sd2": SD2, "sdxl": SDXL, "tiny": TINY}
+# SDXL's layout at the smoke test's scale: two encoders (the second's pooled projection), six time ids.
+TINY_XL = {
+    "unet": dict(SDXL["unet"], attention_head_dim=[2, 4, 4], block_out_channels=[8, 16, 16], layers_per_block=1,
+                 norm_num_groups=4, cross_attention_dim=64, addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=8 * 6 + 32, transformer_layers_per_block=[1, 1, 1]),
+    "vae": TINY["vae"],
+    "text": [TINY["text"][0], dict(TINY["text"][0], hidden_act="gelu")],
+}
+SIZES = {"sd2": SD2, "sdxl": SDXL, "tiny": TINY, "tiny-sdxl": TINY_XL}
 
 
 def tiny_tokenizer(folder: Path) -> Any:
@@ -107,7 +115,7 @@ def build_pipeline(size: str, folder: Path, resolution: int, device: str = "cpu"
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     parts = dict(unet=unet, vae=vae, scheduler=scheduler, text_encoder=encoders[0], tokenizer=tokenizer)
-    if size == "sdxl":
+    if len(encoders) > 1:
         pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=tokenizer)
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -21,6 +21,9 @@ by batch (rotating the order), so bursts of load from other processes hit every 
 5. ``pgraft sampler, channels_last``: method 3 with the network's weights in channels_last memory
    format (a measured alternative, not pgraft's path: its convolutions round differently, so the
    bytes differ from the contiguous path's).
+6. ``pgraft sampler, torch.compile`` (``--compile``): method 3 with the network compiled by
+   ``torch.compile`` (inductor, static shapes); the first call's seconds (the compile) are printed
+   apart, and the largest difference from the eager path's samples (its kernels round differently).
 
 Beside each rate the table prints the network's achieved GFLOP/s (``torch.utils.flop_counter``'s
 count of one call, per image and step, times steps and images, over the seconds) and its share of
@@ -76,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="digits", help="model to load (default: the bundled digits flow)")
     p.add_argument("--no-cli", action="store_true", help="skip method 4 (the CLI subprocess)")
+    p.add_argument("--compile", action="store_true", help="add method 6 (torch.compile; minutes of compiling on a CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw timings to this file")
     args = p.parse_args()
     from pgraft_cli.io.recipes import SampleConfig
@@ -135,6 +139,15 @@ def channels_last_copy(model):
 
     other = copy.copy(model)
     other.network = copy.deepcopy(model.network).to(memory_format=torch.channels_last)
+    return other
+
+
+def compiled_copy(model):
+    """The model with its network compiled by ``torch.compile`` (compiled on its first call)."""
+    import copy
+
+    other = copy.copy(model)
+    other.network = torch.compile(model.network, dynamic=False)
     return other
 
 
@@ -340,6 +353,16 @@ def main() -> None:
     cl_diff = (pgraft_sampler(nhwc, args.steps, args.lane)(noise, 0, first)
                - pgraft_sampler(model, args.steps, args.lane)(noise, 0, first)).abs().max()
     print(f"  pgraft sampler, channels_last vs contiguous weights, same {first} images: max |diff| = {cl_diff:.3e}")
+    if args.compile:
+        compiled = compiled_copy(model)
+        tic = time.perf_counter()
+        out = pgraft_sampler(compiled, args.steps, args.lane)(noise, 0, first)
+        eq["compile_seconds"] = time.perf_counter() - tic
+        eq["compiled_max_abs"] = float((out - pgraft_sampler(model, args.steps, args.lane)(noise, 0, first)).abs().max())
+        print(f"  pgraft sampler, torch.compile: first call (compile + {args.steps} steps) {eq['compile_seconds']:.1f} s; "
+              f"vs eager, same {first} images: max |diff| = {eq['compiled_max_abs']:.3e}")
+        factories[f"pgraft sampler, torch.compile (lane = {args.lane}; other bytes)"] = (
+            lambda steps: pgraft_sampler(compiled, steps, args.lane))
     methods = {name: make(args.steps) for name, make in factories.items()}
     per_image_step = flops_per_image_step(model, args.lane)
     print(f"network FLOPs per image and step (torch.utils.flop_counter): {per_image_step / 1e6:.1f} M")

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Text-to-image sampling: ``pgraft``'s sample stage against ``StableDiffusionPipeline``, side by side.
+"""Text-to-image sampling: ``pgraft``'s sample stage against the family's diffusers pipeline, side by side.
 
-One random-weight Stable Diffusion 2.1-base-size pipeline (``bench/real_size.py``'s builder: its
-released config values, a tiny tokenizer, the real-size text encoder) at a small resolution, in
-one process; for each image count N (``--nums``), after a warm-up of each, ``--repeats`` rounds
-with the methods interleaved (rotating the order), the median round reported:
+One random-weight pipeline (``bench/real_size.py``'s builder: the released config values of Stable
+Diffusion 2.1-base (``--size sd2``) or SDXL base (``sdxl``), a tiny tokenizer, the real-size text
+encoders; ``tiny`` / ``tiny-sdxl``: the same layouts at the smoke test's scale) at a small
+resolution, in one process, the weights shared by both sides (one copy in memory); for each image
+count N (``--nums``), after a warm-up of each, ``--repeats`` rounds with the methods interleaved
+(rotating the order), the median round reported:
 
 * ``diffusers``: ``pipe(prompt, num_images_per_prompt=N, output_type="np")``: the prompt encoded,
   N latents denoised with guidance 7.5 (one UNet call on 2N rows per step), the VAE decode, the
@@ -12,16 +14,18 @@ with the methods interleaved (rotating the order), the median round reported:
 * ``pgraft``: ``run_sample`` with one lane of N (``lane = batch_size = N``): the per-image seeded
   noise, the prompt encoded, the same sampler steps and guidance, the VAE decode, the images as
   uint8 in memory (``work``), then the shard written (safetensors, sha256, fsync) (``stage``);
-* ``pgraft (before)``: the same stage with the encoding of the code before this benchmark (every
-  row's prompt through the text encoder, N + N rows), for the before/after comparison in one run.
+* ``pgraft (before)``: the same stage with every row's prompt through the text encoders in one batch
+  (N + N rows: SD before its prompts were deduplicated, SDXL and SD3 before they were encoded alone).
 
 Nothing writes PNGs (``pgraft sample --out`` does that after the stage). ``text rows`` counts the
 text encoder's rows per run (hooked on its forward); ``syncs`` (CUDA only) the host synchronisations
 of one run (``torch.cuda.set_sync_debug_mode``). ``ratio`` is diffusers' seconds over pgraft's stage
-seconds (above 1: pgraft is faster). ``same bytes`` says whether encoding each distinct prompt once
-gives the bytes of encoding every row, on this device and dtype.
+seconds (above 1: pgraft is faster). ``batch-independent`` says whether a row's conditioning (pooled
+projection included) is that of its prompt encoded alone when other prompts share the batch, on
+this device and dtype (the same-seed-same-bytes promise across lanes and prompt lists).
 
     python bench/text_sampling.py --cache /tmp/text-bench            # SD2 size, 64 px, 2 steps, N = 1, 8
+    python bench/text_sampling.py --size sdxl --resolution 128 --steps 1 --repeats 3
     python bench/text_sampling.py --size tiny --resolution 32 --steps 1 --repeats 1
     python bench/text_sampling.py --resolution 512 --steps 20 --device cuda --dtype bfloat16 --repeats 3
 """
@@ -43,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from real_size import PROMPT, NoBar, build_pipeline  # noqa: E402
+from real_size import PROMPT, SIZES, NoBar, build_pipeline  # noqa: E402
 
 GUIDANCE = 7.5
 
@@ -55,12 +59,10 @@ def count_rows(encoder: torch.nn.Module, counter: list[int]) -> None:
 
 def per_row_encode(model: Any, prompts: list[str], class_labels: Any, guidance_scale: float,
                    distilled_guidance: Any = None) -> Any:
-    """The encoding before: the pipeline's ``encode_prompt`` on every row's prompt, duplicates included."""
-    from pgraft_cli.models.loaded import Cond
-
-    pe, npe = model.pipeline.encode_prompt(prompts, model.device, 1, guidance_scale > 1.0)
-    return Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=guidance_scale,
-                distilled_guidance=distilled_guidance)
+    """The encoding before: the family's ``encode_text`` on every row's prompt at once, duplicates included."""
+    cond = model.adapter.encode_text(model.pipeline, prompts, model.device, guidance_scale > 1.0, model.sample_shape)
+    cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
+    return cond
 
 
 def synced(device: str, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -89,13 +91,13 @@ def count_syncs(device: str, fn: Callable[[], Any]) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def same_bytes(model: Any, n: int) -> bool:
-    """Whether ``model.encode`` (each distinct prompt once) equals encoding every row's prompt."""
-    prompts = [PROMPT, "a"] * n
+def batch_independent(model: Any, n: int) -> bool:
+    """Whether ``model.encode``'s rows of ``PROMPT`` beside other prompts equal ``PROMPT`` encoded alone."""
     with torch.inference_mode():
-        new, old = model.encode(prompts, None, GUIDANCE), per_row_encode(model, prompts, None, GUIDANCE)
-    return torch.equal(new.prompt_embeds, old.prompt_embeds) and torch.equal(new.negative_prompt_embeds,
-                                                                            old.negative_prompt_embeds)
+        mixed, alone = model.encode([PROMPT, "a", "b c"] * n, None, GUIDANCE), model.encode([PROMPT], None, GUIDANCE)
+    pairs = [(mixed.prompt_embeds, alone.prompt_embeds), (mixed.negative_prompt_embeds, alone.negative_prompt_embeds),
+             (mixed.pooled, alone.pooled), (mixed.negative_pooled, alone.negative_pooled)]
+    return all(a is None or torch.equal(a[::3], b.expand_as(a[::3])) for a, b in pairs)
 
 
 def pgraft_run(model: Any, n: int, steps: int, before: bool) -> Callable[[], dict[str, float]]:
@@ -136,7 +138,7 @@ def diffusers_run(pipe: Any, n: int, steps: int) -> Callable[[], dict[str, float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="sd2", choices=["sd2", "tiny"])
+    p.add_argument("--size", default="sd2", choices=list(SIZES))
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--nums", type=int, nargs="+", default=[1, 8])
@@ -147,7 +149,6 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None, help="keep the built pipeline here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -159,11 +160,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     folder = build_pipeline(args.size, cache / f"{args.size}-{args.resolution}", args.resolution, args.device, dtype)
     model = load_model(str(folder)).to(args.device, dtype)
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype).to(args.device)
+    # diffusers' own pipeline class on the very modules pgraft loaded: one copy of the weights
+    pipe = type(model.pipeline)(**model.pipeline.components)
     pipe.set_progress_bar_config(disable=True)
-    rows_of = {"pgraft": [], "pgraft (before)": [], "diffusers": []}
-    count_rows(model.pipeline.text_encoder, rows_of["pgraft"])
-    count_rows(pipe.text_encoder, rows_of["diffusers"])
+    counter: list[int] = []
+    count_rows(pipe.text_encoder, counter)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"{args.size} at {args.resolution} px, {args.steps} steps, guidance {GUIDANCE}, {args.dtype} on {device}, "
           f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} at start")
@@ -177,7 +178,6 @@ def main() -> None:
         times: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
         text_rows: dict[str, int] = {}
         for name, run in methods.items():  # warm-up, and the text encoder's rows of one run
-            counter = rows_of["diffusers" if name == "diffusers" else "pgraft"]
             counter.clear()
             run()
             text_rows[name] = sum(counter)
@@ -196,12 +196,12 @@ def main() -> None:
         syncs = "-" if row["syncs"] is None else str(row["syncs"])
         print(f"{row['n']:>3}  {row['method']:<17}{row['text_rows']:>10}{syncs:>7}{row['work_s']:>9.3f}"
               f"{row['stage_s']:>9.3f}{row['ratio']:>7.2f}")
-    equal = same_bytes(model, max(args.nums))
-    print(f"same bytes (each distinct prompt once vs every row, {args.device} {args.dtype}): {equal}")
+    equal = batch_independent(model, max(args.nums))
+    print(f"batch-independent (a prompt's rows beside others = encoded alone, {args.device} {args.dtype}): {equal}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end; ratio = diffusers s / this row's stage s")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "resolution": args.resolution, "steps": args.steps,
-                                         "device": device, "dtype": args.dtype, "same_bytes": equal,
+                                         "device": device, "dtype": args.dtype, "batch_independent": equal,
                                          "rows": results}, indent=2))
 
 

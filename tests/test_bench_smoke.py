@@ -40,5 +40,5 @@ def test_text_sampling_bench_runs_tiny(tmp_path, monkeypatch, capsys):
         assert rows[n, "pgraft"]["text_rows"] == rows[n, "diffusers"]["text_rows"] == 2
         assert rows[n, "pgraft (before)"]["text_rows"] == 2 * n
     assert all(r["stage_s"] >= r["work_s"] > 0 and r["ratio"] > 0 for r in rows.values())
-    assert result["same_bytes"] is True
+    assert result["batch_independent"] is True
     assert "ratio" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from pgraft_cli.io.checkpoints import load_model
@@ -56,24 +57,48 @@ def test_sample_encodes_each_distinct_prompt_once_per_lane(tiny_sd_dir, tmp_path
     assert sum(rows) == 2
 
 
-def test_encoding_equals_the_pipelines_row_by_row_bytes(tiny_sd_dir, tiny_sd3_dir):
-    prompts = ["a", "b c", "a", "a", "b c"]
-    for folder in (tiny_sd_dir, tiny_sd3_dir):
-        model = load_model(str(folder))
-        with torch.inference_mode():
-            new = model.encode(prompts, None, guidance_scale=3.0)
-            if model.model_class == "SD3Transformer2DModel":
-                ref = model.pipeline.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=model.device,
-                                                   num_images_per_prompt=1, do_classifier_free_guidance=True)
-                got = (new.prompt_embeds, new.negative_prompt_embeds, new.pooled, new.negative_pooled)
-            else:
-                ref = model.pipeline.encode_prompt(prompts, model.device, 1, True)
-                got = (new.prompt_embeds, new.negative_prompt_embeds)
-            unguided = model.encode(prompts, None, guidance_scale=1.0)
-        assert len(got) == len(ref)
-        for a, b in zip(got, ref):
-            assert a.shape[0] == len(prompts) and torch.equal(a, b)
-        assert unguided.negative_prompt_embeds is None and torch.equal(unguided.prompt_embeds, ref[0])
+def pipeline_encode(model, prompts, cfg):
+    """The family's diffusers pipeline's own encode_prompt, as (prompt, negative, pooled, negative pooled)."""
+    if model.model_class == "SD3Transformer2DModel":
+        return model.pipeline.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=model.device,
+                                            num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+    if model.adapter.name == "sdxl":
+        return model.pipeline.encode_prompt(prompt=prompts, device=model.device, num_images_per_prompt=1,
+                                            do_classifier_free_guidance=cfg)
+    return (*model.pipeline.encode_prompt(prompts, model.device, 1, cfg), None, None)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir", "tiny_sd3_dir"])
+def test_each_row_is_its_prompt_encoded_alone_by_the_pipeline(fixture, request):
+    # the bytes of diffusers' pipeline for one prompt, whatever else shares the batch: encoding
+    # "a" beside four other prompts changes SDXL's and SD3's pooled projection in the last bits
+    model = load_model(str(request.getfixturevalue(fixture)))
+    prompts = ["a", "b c", "a", "d e f", "b c"]
+    with torch.inference_mode():
+        new = model.encode(prompts, None, guidance_scale=3.0)
+        unguided = model.encode(prompts, None, guidance_scale=1.0)
+        got = (new.prompt_embeds, new.negative_prompt_embeds, new.pooled, new.negative_pooled)
+        for row, prompt in enumerate(prompts):
+            ref = pipeline_encode(model, [prompt], True)
+            for a, b in zip(got, ref):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a.shape[0] == len(prompts) and torch.equal(a[row], b[0])
+            assert unguided.negative_prompt_embeds is None and torch.equal(unguided.prompt_embeds[row], ref[0][0])
+            if new.pooled is not None:
+                assert torch.equal(model.pooled_text(prompts)[row], ref[2][0])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_each_distinct_prompt_and_the_negative_are_encoded_once(fixture, request):
+    model = load_model(str(request.getfixturevalue(fixture)))
+    encoders = [e for e in (model.pipeline.text_encoder, getattr(model.pipeline, "text_encoder_2", None)) if e]
+    counts = [count_rows(e) for e in encoders]
+    zeros = getattr(model.pipeline.config, "force_zeros_for_empty_prompt", False)  # SDXL: a zero negative
+    with torch.inference_mode():
+        model.encode(["a", "b"] * 4, None, guidance_scale=3.0)
+    for rows in counts:  # before: 8 rows (and 8 negatives) per encoder for SDXL, 2 + 2 for SD
+        assert rows == [1, 1] + ([] if zeros else [1])
 
 
 def test_sampled_images_are_the_old_paths_bytes(tiny_sd_dir, tmp_path, monkeypatch):

@@ -63,6 +63,8 @@ class SampleConfig:
     # the guidance input of guidance-distilled networks (Flux dev), which take no classifier-free guidance
     distilled_guidance: float = 3.5
     capture_at: Optional[float] = None
+    # torch.compile the network for the stage: faster after minutes of compiling, other last bits
+    compile: bool = False
 
     def validate(self) -> None:
         _positive(self, "sample", "num", "steps", "batch_size", *(() if self.lane == "auto" else ("lane",)))

@@ -155,12 +155,11 @@ class LoadedModel:
         """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders.
 
         ``distilled_guidance`` is the guidance input of a guidance-distilled network (Flux dev).
-        Where the family allows it (``Family.dedupe_prompts``), each distinct prompt goes through the
-        text encoders once and its rows are repeated (as diffusers' ``num_images_per_prompt``): a lane
-        of N images of one prompt encodes 1 + 1 rows under guidance, not N + N. The bytes are those of
-        encoding every row (CLIP pads each prompt to its full length alone, so a row does not depend on
-        the others in its batch). Families with a pooled projection (SD3, SDXL) keep encoding every
-        row: that (rows, width) matmul's last bits change with the number of rows on the CPU.
+        Each distinct prompt goes through the text encoders once and alone, and its rows are repeated
+        (as diffusers' pipeline does for one prompt and ``num_images_per_prompt``); the empty negative
+        prompt is encoded once. A row's conditioning is thus its prompt's alone, whatever else shares
+        the batch: a pooled projection's (rows, width) matmul (SDXL, SD3) changes its last bits with
+        the number of rows on the CPU, so encoding several prompts together would not be.
         """
         device = self.device
         if self.conditioning == "class":
@@ -170,18 +169,20 @@ class LoadedModel:
         if self.conditioning != "text":
             return Cond()
         assert prompts is not None and self.pipeline is not None
-        unique = list(dict.fromkeys(prompts)) if self.adapter.dedupe_prompts else prompts
-        cond = self.adapter.encode_text(self.pipeline, unique, device, self.guided and guidance_scale > 1.0,
-                                        self.sample_shape)
-        if len(unique) < len(prompts):
-            cond = cond.rows(torch.tensor([unique.index(p) for p in prompts], device=device))
+        unique, which = distinct(prompts)
+        cfg = self.guided and guidance_scale > 1.0
+        cond = Cond.gather([self.adapter.encode_text(self.pipeline, [p], device, cfg and k == 0, self.sample_shape)
+                            for k, p in enumerate(unique)], which)
         cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
         return cond
 
     @torch.no_grad()
     def pooled_text(self, prompts: list[str]) -> Tensor:
-        """Each prompt's pooled text embedding (``Family.pooled_text``): the text corrector's input."""
-        pooled = self.adapter.pooled_text(self.pipeline, prompts, self.device, self.sample_shape)
+        """Each prompt's pooled text embedding (``Family.pooled_text``): the text corrector's input,
+        each distinct prompt encoded alone (as in ``encode``, so a row never depends on its batch)."""
+        unique, which = distinct(prompts)
+        parts = [self.adapter.pooled_text(self.pipeline, [p], self.device, self.sample_shape) for p in unique]
+        pooled = None if parts[0] is None else torch.cat(parts)[torch.tensor(which, device=parts[0].device)]
         if pooled is None:
             raise PgraftError(f"{self.source} ({self.family}) has no pooled text embedding for a text-conditioned "
                               f"corrector; SD 1.x/2.x, SDXL, SD3 and Flux have one")
@@ -261,6 +262,13 @@ class LoadedModel:
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, C, H, W) to model space (latents for a pipeline with a VAE)."""
         return self.adapter.encode_images(self.vae, images * 2.0 - 1.0)
+
+
+def distinct(prompts: list[str]) -> tuple[list[str], list[int]]:
+    """The distinct prompts in first-seen order, and each row's position among them."""
+    unique = list(dict.fromkeys(prompts))
+    slot = {p: k for k, p in enumerate(unique)}
+    return unique, [slot[p] for p in prompts]
 
 
 def tuned_identity(model: LoadedModel) -> str:

@@ -9,6 +9,7 @@ an image depends only on the seed, its index and the recipe's sampler settings: 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -165,6 +166,21 @@ def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
     return replace(cfg, lane=choose_lane(cfg.num, cfg.batch_size, memory_lane_cap(model, cfg.guidance_scale)))
 
 
+@contextlib.contextmanager
+def compiled_networks(model: LoadedModel, on: bool) -> Iterator[None]:
+    """With ``sample.compile``, the model's networks ``torch.compile``d (inductor, static shapes) for
+    the stage and given back afterwards (later stages in the process run eager); else nothing."""
+    saved = (model.network, model.tuned)
+    if on:
+        model.network = torch.compile(model.network, dynamic=False)
+        if model.tuned is not None:
+            model.tuned = torch.compile(model.tuned, dynamic=False)
+    try:
+        yield
+    finally:
+        model.network, model.tuned = saved
+
+
 def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dict[str, Any]:
     """Everything that determines the shards: the images (see the module doc) and their layout.
 
@@ -257,8 +273,9 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
 
     start = time.perf_counter()
-    stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
-                              Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True)
+    with compiled_networks(model, cfg.compile):
+        stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
+                                  Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True)
     shards = [stage.shard_path(k) for k in range(num_shards)]
     return SampleResult(store.root, cfg.num, shards, generated, time.perf_counter() - start, config)
 

@@ -47,6 +47,24 @@ class Cond:
                     {k: pick(v) for k, v in self.extra.items()}, {k: pick(v) for k, v in self.negative_extra.items()},
                     self.distilled_guidance)
 
+    @staticmethod
+    def gather(parts: list["Cond"], which: list[int]) -> "Cond":
+        """The batch whose row r is ``parts[which[r]]``'s (each part: one prompt encoded alone); the
+        unconditional rows are ``parts[0]``'s repeated (the empty negative prompt, the same for all)."""
+        first, index = parts[0], torch.tensor(which)
+
+        def pos(get: Any) -> Optional[Tensor]:
+            rows = [get(c) for c in parts]
+            return None if rows[0] is None else torch.cat(rows)[index.to(rows[0].device)]
+
+        def neg(v: Optional[Tensor]) -> Optional[Tensor]:
+            return None if v is None else v.expand(len(which), *v.shape[1:])
+
+        return Cond(None, pos(lambda c: c.prompt_embeds), neg(first.negative_prompt_embeds),
+                    pos(lambda c: c.pooled), neg(first.negative_pooled), first.guidance_scale,
+                    {k: pos(lambda c, k=k: c.extra[k]) for k in first.extra},
+                    {k: neg(v) for k, v in first.negative_extra.items()}, first.distilled_guidance)
+
     def guided_batch(self, null_class: Optional[int]) -> "Cond":
         """The batch ``[unconditional; conditional]`` of one guided call (null class or negative prompt first)."""
         def both(neg: Optional[Tensor], pos: Optional[Tensor]) -> Optional[Tensor]:
@@ -93,10 +111,6 @@ class Family:
     network_class = ""
     # False for guidance-distilled networks, which take the guidance as an input (Flux dev)
     classifier_free = True
-    # Whether a batch's repeated prompts may be encoded once and their rows repeated (bytes unchanged;
-    # see LoadedModel.encode): only where tested bitwise, not for pooled projections (SD3, SDXL)
-    dedupe_prompts = False
-
     def accepts(self, config: dict[str, Any]) -> bool:
         """Whether a network of ``network_class`` with this config belongs to this family."""
         return True

@@ -14,7 +14,6 @@ from .base import Family
 class StableDiffusion(Family):
     name = "sd"
     network_class = "UNet2DConditionModel"
-    dedupe_prompts = True  # CLIP's per-token states: a row never depends on its batch (tests/test_text_encode.py)
 
     def accepts(self, config: dict[str, Any]) -> bool:
         return not config.get("addition_embed_type")
