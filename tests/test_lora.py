@@ -23,6 +23,34 @@ def test_split_bf16_keeps_autocasts_rounding_and_joins_back_every_bit_pattern():
     assert torch.equal(join_bf16(high, low, ties).view(torch.int32), x.reshape(-1, 1).view(torch.int32))
 
 
+
+def _with_ties(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every third value (in its logical order) a tie rounded down to even, 1.00390625 (0x3F808000)."""
+    flat = x.flatten()
+    flat[::3] = torch.tensor(0x3F808000, dtype=torch.int32).view(torch.float32)
+    return flat.view(x.shape)
+
+
+def test_split_and_join_bf16_give_non_contiguous_weights_back_bit_for_bit():
+    """A transposed matrix and a channels_last convolution weight (strided storage), with ties among them."""
+    g = torch.Generator().manual_seed(0)
+    weights = [_with_ties(torch.randn(8, 6, generator=g)).t(),
+               _with_ties(torch.randn(4, 3, 3, 3, generator=g)).contiguous(memory_format=torch.channels_last)]
+    for x in weights:
+        assert not x.is_contiguous()
+        high, low, ties = split_bf16(x)
+        assert len(ties) > 0
+        assert torch.equal(join_bf16(high, low, ties).view(torch.int32), x.view(torch.int32))
+
+
+def test_join_bf16_keeps_nan_a_nan_whatever_its_payload_or_sign():
+    """The bf16 cast may canonicalise a NaN's payload and sign: the join gives a NaN back, not its bits."""
+    nans = torch.tensor([0x7FC00000, 0x7FC12345, 0x7F800001, 0xFFC00000 - 2**32, 0xFF812345 - 2**32],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([nans, torch.randn(16, generator=torch.Generator().manual_seed(0))])
+    back = join_bf16(*split_bf16(x))
+    assert torch.isnan(back[:len(nans)]).all() and torch.equal(back[len(nans):], x[len(nans):])
+
 def _network() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 8), nn.Linear(64, 32), nn.Conv2d(4, 8, 3)).requires_grad_(False)

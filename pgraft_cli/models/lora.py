@@ -74,7 +74,8 @@ TIE = 1 << 15  # the one difference int16 cannot hold (it wraps to -TIE); its fe
 
 def split_bf16(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A float32 tensor as ``(high, low, ties)``: ``high = bf16(x)`` (rounded to nearest, as autocast
-    casts) and the rest of its bits, so that :func:`join_bf16` gives ``x`` back bit for bit.
+    casts) and the rest of its bits, so that :func:`join_bf16` gives ``x`` back bit for bit, except NaN
+    payloads (the bf16 cast canonicalises a NaN's payload and sign; it comes back a NaN).
 
     On the float32 bit patterns read as int32, ``bits(x) = bits(high) << 16 + d`` with
     ``d in [-2^15, 2^15]`` (rounding moves the upper half by at most one). ``low`` is ``d`` as int16
@@ -89,8 +90,9 @@ def split_bf16(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def join_bf16(high: Tensor, low: Tensor, ties: Tensor) -> Tensor:
     """The float32 tensor :func:`split_bf16` split: ``bits = bits(high) << 16 + d`` (``d = +2^15`` at ``ties``)."""
-    d = low.to(torch.int32)
-    d.view(-1)[ties] = TIE
+    d = low.to(torch.int32).flatten()  # row-major, as split_bf16 listed the ties (a strided weight's too)
+    d[ties] = TIE
+    d = d.view(low.shape)
     return ((high.view(torch.int16).to(torch.int32) << 16) + d).view(torch.float32)
 
 
