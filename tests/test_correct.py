@@ -616,3 +616,17 @@ def test_a_corrected_file_records_the_precision_it_was_fitted_in_and_a_mismatch_
     assert code == 0, err
     ev = json.loads((tmp_path / "ev" / "evaluate.json").read_text())
     assert sum(fitted in n for n in ev["notes"]) == 1
+
+
+def test_a_corrector_file_from_before_the_precision_record_prints_no_precision_note():
+    """A file that predates the record (autocast and dtype None) fitted in an unknown precision: a bf16-autocast
+    run (a GPU's default) prints no note, where a file that records float32 without autocast gets one."""
+    from pgraft_cli.pipelines.skeleton import precision_note
+
+    model = load_model("digits")
+    model.autocast = torch.bfloat16
+    dim = 16 * 16
+    model.corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(dim), std=torch.ones(dim))
+    assert precision_note(model) is None
+    model.corrector.dtype = "torch.float32"
+    assert "was fitted to its base sampling in float32" in precision_note(model)

@@ -153,9 +153,12 @@ def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str, guidanc
 def precision_note(model: LoadedModel) -> Optional[str]:
     """One line where a corrected model samples in another precision than its corrector was fitted to
     (the inversion's base sampler). The run keeps the precision asked for: on the digits flow a mismatch
-    moved FID by under 0.02 (docs/methods.md section 3), so it is said, not refused."""
+    moved FID by under 0.02 (docs/methods.md section 3), so it is said, not refused. A file that predates
+    the record (no dtype, no autocast) was fitted in an unknown precision: no note."""
     corrector = model.corrector
-    if corrector is None or corrector.fitted_precision(model.dtype) == model.precision:
+    if corrector is None or (corrector.dtype is None and corrector.autocast is None):
+        return None
+    if corrector.fitted_precision(model.dtype) == model.precision:
         return None
     fix = [f"model.autocast={'bf16' if corrector.autocast else 'no'}"]
     if corrector.dtype is not None and corrector.dtype != str(model.dtype):
