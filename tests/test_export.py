@@ -769,3 +769,82 @@ def test_the_composed_pipeline_defaults_to_the_guidance_pgraft_samples_at(tmp_pa
     got, _ = _exported_sample(tmp_path / "pipe", 2, 4, prompt=PROMPTS)
     _assert_same(got, want)
     assert summary["pipeline"] == "PgraftPipeline"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading in another dtype, autocast, offloading
+
+
+def _load(folder, **kw):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_gaussian_corrector_stays_exact_when_the_folder_is_loaded_or_cast_in_bf16(tmp_path):
+    """``torch_dtype=torch.bfloat16`` (how Flux is loaded) and ``pipe.to(torch.bfloat16)`` cast every floating
+    tensor; the Gaussian's float64 mean and factor must come through both as pgraft holds them."""
+    checkpoint = _corrected_file(tmp_path, "gaussian")
+    _export(checkpoint, tmp_path / "pipe")
+    noise = torch.randn(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = load_model(str(checkpoint)).corrector(noise)
+    for pipe in (_load(tmp_path / "pipe", torch_dtype=torch.bfloat16), _load(tmp_path / "pipe").to(torch.bfloat16)):
+        assert pipe.unet.dtype == torch.bfloat16
+        torch.testing.assert_close(pipe.corrector(noise), want, atol=0, rtol=0)
+
+
+def test_a_flow_corrector_cast_to_bf16_is_one_clear_error_and_the_dtype_dict_keeps_it(tmp_path):
+    """The flow corrector computes in its own dtype in pgraft; a folder loaded or cast to bf16 as a whole rounds its
+    weights, so sampling names the fix; loaded with the dict it keeps float32 and samples as `pgraft sample` does in
+    bf16 (model.dtype=bfloat16: the base in bf16, the corrector in its own float32)."""
+    checkpoint = _corrected_file(tmp_path, "flow")
+    _export(checkpoint, tmp_path / "pipe")
+    noise = initial_noise(0, [0, 1], (1, 16, 16))
+    fix = r'torch_dtype=\{"default": torch.bfloat16, "corrector": torch.float32\}'
+    for pipe in (_load(tmp_path / "pipe", torch_dtype=torch.bfloat16), _load(tmp_path / "pipe").to(torch.bfloat16)):
+        with pytest.raises(ValueError, match=fix):
+            pipe(num_inference_steps=4, latents=noise, output_type="latent")
+    pipe = _load(tmp_path / "pipe", torch_dtype={"default": torch.bfloat16, "corrector": torch.float32})
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.corrector.dtype == torch.float32
+    want = load_model(str(checkpoint)).corrector.network.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in pipe.corrector.state_dict().items())
+    got = pipe(num_inference_steps=4, latents=noise, output_type="latent").images
+    pgraft = _pgraft_sample(tmp_path, checkpoint, 2, 4, "--set", "model.dtype=bfloat16")
+    # bit-equal on this CPU (measured); elsewhere a batch-size-dependent kernel may round once differently: 1 bf16 ulp
+    assert float((got.float() - pgraft).abs().max()) <= 2**-7 * float(pgraft.abs().max())
+
+
+def test_the_export_records_pgraft_autocast_and_samples_under_it_as_pgraft_does(tmp_path):
+    """``model.autocast``: "auto" (the default) autocasts on CUDA only, so the CPU folder runs float32 as before;
+    "bf16" forces it on the CPU too, in `pgraft sample` and in the folder alike (float32 weights, x float32)."""
+    checkpoint = _corrected_file(tmp_path, "gaussian")
+    _export(checkpoint, tmp_path / "auto")
+    assert _load(tmp_path / "auto").config.autocast == "auto"
+    bf16 = ("--set", "model.autocast=bf16")
+    _export(checkpoint, tmp_path / "pipe", *bf16)
+    want = _pgraft_sample(tmp_path, checkpoint, 3, 4, *bf16)
+    got, pipe = _exported_sample(tmp_path / "pipe", 3, 4)
+    assert pipe.config.autocast == "bf16" and got.dtype == torch.float32
+    # The same ops in the same order: bit-equal on this CPU (measured 0; bf16 autocast moves x by 6.8e-3 at
+    # |x| <= 1.15). Another CPU's kernels may round one bf16 product differently for another batch size, so
+    # the bound is a tenth of the autocast's own effect: it still tells the two precisions apart.
+    effect = float((_pgraft_sample(tmp_path, checkpoint, 3, 4) - want).abs().max())
+    assert effect > 1e-3 and float((got - want).abs().max()) <= 0.1 * effect
+
+
+def test_the_composed_pipeline_puts_its_inputs_on_the_execution_device(tmp_path, monkeypatch):
+    """Under enable_model_cpu_offload() the networks sit on the CPU while they run on the GPU: the pipeline must
+    place its noise and inputs on ``_execution_device`` (as diffusers' pipelines do), not on ``unet.device``."""
+    _export(_corrected_file(tmp_path, "gaussian"), tmp_path / "pipe")
+    pipe = _load(tmp_path / "pipe")
+    asked = []
+
+    def execution_device(self):
+        asked.append(True)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(type(pipe), "_execution_device", property(execution_device))
+    pipe(num_inference_steps=4, latents=initial_noise(0, [0], (1, 16, 16)), output_type="latent")
+    assert asked

@@ -172,10 +172,11 @@ def _scheduler(model: LoadedModel) -> Any:
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
-def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
-                     dtype: Optional[torch.dtype] = None, guidance: float = 1.0) -> dict[str, Any]:
+def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False, dtype: Optional[torch.dtype] = None,
+                     guidance: float = 1.0, autocast: Optional[str] = None) -> dict[str, Any]:
     """Write the pipeline folder (see the module doc); returns what was written. ``guidance``: the scale
-    pgraft samples at, the composed pipeline's default, noted in ``pgraft_export.json``."""
+    pgraft samples at, the composed pipeline's default, noted in ``pgraft_export.json``; ``autocast``: the
+    recipe's ``model.autocast``, which the composed pipeline applies as pgraft sample does."""
     if model.corrector is not None and model.corrector.kind == "mlp":
         raise ExportError(f"--format diffusers cannot write {model.source}: its corrector is the mlp kind, which the "
                           f"exported pipeline does not carry; sample it with pgraft sample, or correct the base with "
@@ -195,7 +196,7 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False,
             network = base_network(model) if keep_adapter else tuned_network(model) if model.finetuned else model.network
             pipe = _plain_pipeline(model, network)
         else:
-            pipe = _pgraft_pipeline(model, guidance)
+            pipe = _pgraft_pipeline(model, guidance, autocast)
         for name, part in pipe.components.items():  # the corrector keeps its dtype, as in pgraft sample
             if isinstance(part, nn.Module) and name != "corrector":
                 part.to(dtype or model.dtype)
@@ -258,7 +259,7 @@ def _guidance_info(model: LoadedModel, pipe: Any, plain: bool, guidance: float, 
     return info
 
 
-def _pgraft_pipeline(model: LoadedModel, guidance: float) -> Any:
+def _pgraft_pipeline(model: LoadedModel, guidance: float, autocast: Optional[str]) -> Any:
     from .export_pipeline import TEXT_PARTS, PgraftPipeline
 
     pipe = model.pipeline
@@ -270,10 +271,12 @@ def _pgraft_pipeline(model: LoadedModel, guidance: float) -> Any:
     if corrector is not None and corrector.conditioning == "class":
         raise ExportError(f"{model.source}'s noise corrector is conditioned on each sample's class, which the exported "
                           f"pipeline does not take; sample it with pgraft sample, or export its base")
+    component = _corrector_component(corrector)
+    own = None if component is None or type(component).__name__ == "GaussianCorrector" else component.dtype
     return PgraftPipeline(
         unet=base_network(model), scheduler=_scheduler(model), guidance_scale=_sampled_guidance(model, guidance),
-        tuned_unet=tuned_network(model) if model.finetuned else None, corrector=_corrector_component(corrector),
-        **parts,
+        tuned_unet=tuned_network(model) if model.finetuned else None, corrector=component, **parts,
+        autocast=autocast, corrector_dtype=None if own is None else str(own).removeprefix("torch."),
         cutoff=float(model.cutoff), tuned_guidance=model.tuned_guidance,
         corrector_steps=corrector.steps if corrector is not None else 0,
         base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class,
@@ -293,9 +296,10 @@ def _corrector_component(corrector: Optional[NoiseCorrector]) -> Optional[nn.Mod
     text = corrector.conditioning == "text"
     if corrector.network is None:
         diagonal = corrector.kind == "gaussian-diag"
-        weight = {"weight": corrector.weight} if text else {}
+        values = {"mean": corrector.mean, "scale": corrector.std if diagonal else corrector.chol,
+                  **({"weight": corrector.weight} if text else {})}
         network = GaussianCorrector(corrector.mean.numel(), diagonal, corrector.weight.shape[0] if text else 0)
-        network.load_state_dict({"mean": corrector.mean, "scale": corrector.std if diagonal else corrector.chol, **weight})
+        network.load_state_dict({k: GaussianCorrector.bits(v) for k, v in values.items()})
         return network
     if not text:
         return corrector.network

@@ -91,6 +91,12 @@ def _image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torc
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def _autocast_dtype(setting: Optional[str], device_type: str, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """pgraft's ``model.autocast`` rule: bf16 when "bf16", or "auto" on CUDA, for float32 weights; else None."""
+    wanted = setting == "bf16" or (setting == "auto" and device_type == "cuda")
+    return torch.bfloat16 if wanted and dtype == torch.float32 else None
+
+
 class Schedule:
     """pgraft's noise schedule for one scheduler config (flow if its class is a FlowMatch scheduler)."""
 
@@ -150,23 +156,37 @@ class GaussianCorrector(ModelMixin, ConfigMixin):
     ``text_dim > 0``: conditioned on each row's pooled text embedding ``c``, the mean is ``mean + c W``
     (``weight`` = W, (text_dim, dim)).
 
+    The float64 values are held as their int64 bit patterns (:meth:`bits`, read back by :meth:`value`): a cast
+    of the whole pipeline (``torch_dtype=torch.bfloat16``, ``pipe.to(torch.bfloat16)``) casts floating tensors
+    only, so it leaves them exact.
+
     ``pgraft export`` writes this file a second time as ``corrector/pipeline.py``, where diffusers looks
     for a custom component's class."""
 
     @register_to_config
     def __init__(self, dim: int, diagonal: bool = False, text_dim: int = 0):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("scale", torch.zeros((dim,) if diagonal else (dim, dim), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.int64))
+        self.register_buffer("scale", torch.zeros((dim,) if diagonal else (dim, dim), dtype=torch.int64))
         if text_dim:
-            self.register_buffer("weight", torch.zeros(text_dim, dim, dtype=torch.float64))
+            self.register_buffer("weight", torch.zeros(text_dim, dim, dtype=torch.int64))
+
+    @staticmethod
+    def bits(values: torch.Tensor) -> torch.Tensor:
+        """``values`` in float64 as the int64 tensor of their bit patterns (what the buffers hold)."""
+        return values.to(torch.float64).contiguous().view(torch.int64)
+
+    def value(self, name: str) -> torch.Tensor:
+        """The float64 values of buffer ``name`` (``mean``, ``scale``, ``weight``)."""
+        return getattr(self, name).view(torch.float64)
 
     def forward(self, noise: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         flat = noise.reshape(noise.shape[0], -1).double()
-        spread = flat * self.scale.double() if self.config.diagonal else flat @ self.scale.double().T
-        mean = self.mean.double()
+        scale = self.value("scale")
+        spread = flat * scale if self.config.diagonal else flat @ scale.T
+        mean = self.value("mean")
         if self.config.text_dim:
-            mean = mean + condition.to(mean.device).double() @ self.weight.double()
+            mean = mean + condition.to(mean.device).double() @ self.value("weight")
         return (mean + spread).to(noise.dtype).reshape(noise.shape)
 
 
@@ -204,7 +224,9 @@ class PgraftPipeline(DiffusionPipeline):
 
     ``unet`` is the base network of ``family`` (a UNet2DModel; the UNet2DConditionModel of SD or SDXL, or
     the SD3 / PixArt / DiT / Flux transformer, with ``vae`` and the family's text encoders and tokenizers);
-    ``scheduler`` carries its schedule's config.
+    ``scheduler`` carries its schedule's config. ``autocast``: pgraft's ``model.autocast`` ("auto": bf16 on CUDA,
+    "bf16", "no"; None: none), applied to the network calls as ``pgraft sample`` does (:func:`_autocast_dtype`);
+    ``corrector_dtype``: the dtype a network corrector computes in, which a cast of the whole pipeline must keep.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->corrector->tuned_unet->unet->vae"
@@ -215,7 +237,8 @@ class PgraftPipeline(DiffusionPipeline):
                  text_encoder_3: Any = None, tokenizer_3: Any = None, cutoff: float = 0.0,
                  tuned_guidance: str = "reapply", corrector_steps: int = 0, base_steps: Optional[int] = None,
                  null_class: Optional[int] = None, guidance_scale: float = 1.0, family: Optional[str] = None,
-                 force_zeros_for_empty_prompt: bool = True, text_pipeline: Optional[str] = None):
+                 force_zeros_for_empty_prompt: bool = True, text_pipeline: Optional[str] = None,
+                 autocast: Optional[str] = None, corrector_dtype: Optional[str] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, tuned_unet=tuned_unet, corrector=corrector, vae=vae,
                               text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
@@ -223,7 +246,7 @@ class PgraftPipeline(DiffusionPipeline):
         self.register_to_config(cutoff=cutoff, tuned_guidance=tuned_guidance, corrector_steps=corrector_steps,
                                 base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale,
                                 family=family, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-                                text_pipeline=text_pipeline)
+                                text_pipeline=text_pipeline, autocast=autocast, corrector_dtype=corrector_dtype)
 
     # -- pieces -----------------------------------------------------------------------------------
     def _above(self, t: torch.Tensor) -> bool:
@@ -258,7 +281,7 @@ class PgraftPipeline(DiffusionPipeline):
         encoded by the family's own pipeline (``encode_prompt``) on this folder's components."""
         import diffusers
 
-        family, device = self._family(), self.unet.device
+        family, device = self._family(), self._execution_device
         cls = getattr(diffusers, self.config.get("text_pipeline") or "StableDiffusionPipeline")
         accepted = inspect.signature(cls.__init__).parameters
         parts = {k: getattr(self, k) for k in TEXT_PARTS + ("scheduler",) if k in accepted}
@@ -307,7 +330,7 @@ class PgraftPipeline(DiffusionPipeline):
             return inputs.get("pooled_projections", inputs.get("added_cond_kwargs", {}).get("text_embeds")).float()
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
-        return self.text_encoder(tok.input_ids.to(self.text_encoder.device)).pooler_output.float()
+        return self.text_encoder(tok.input_ids.to(self._execution_device)).pooler_output.float()
 
     def _call(self, net: Any, x: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The network's prediction for model-space ``x`` at ``timestep`` (``t T``), as pgraft's adapter calls it.
@@ -326,7 +349,11 @@ class PgraftPipeline(DiffusionPipeline):
         ``condition``: each row's pooled text embedding for a text-conditioned corrector, else None."""
         if type(self.corrector).__name__ == "GaussianCorrector":
             return self.corrector(noise, condition)
-        own = self.corrector.dtype
+        own, exported = self.corrector.dtype, self.config.get("corrector_dtype")
+        if exported is not None and own != getattr(torch, exported):
+            raise ValueError(f"the noise corrector was exported in {exported} and is now {own}, its weights rounded by "
+                             f"a cast of the whole pipeline (torch_dtype=..., pipe.to(dtype)); load the folder with "
+                             f'torch_dtype={{"default": {own}, "corrector": torch.{exported}}} (dtype= in newer diffusers)')
         flow = Schedule({}, flow=True)
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -361,7 +388,7 @@ class PgraftPipeline(DiffusionPipeline):
             batch_size = len(prompts)
         if class_labels is not None:
             batch_size = len(class_labels)
-        unet, device, shape = self.unet, self.unet.device, self._shape()
+        unet, device, shape = self.unet, self._execution_device, self._shape()
         text = self.text_encoder is not None
         labels = None if class_labels is None else torch.tensor(class_labels, device=device, dtype=torch.long)
         # Flux takes no classifier-free guidance: dev reads guidance_scale as its distilled guidance input
@@ -398,7 +425,8 @@ class PgraftPipeline(DiffusionPipeline):
             return uncond + scale * (conditional - uncond)
 
         grid = schedule.grid(steps)
-        with self.progress_bar(total=steps) as bar:
+        autocast = _autocast_dtype(cfg.get("autocast"), device.type, unet.dtype)  # x stays in the weights' float32
+        with self.progress_bar(total=steps) as bar, torch.autocast(device.type, autocast, enabled=autocast is not None):
             x = schedule.run(denoiser, noise, grid, callback=lambda k: bar.update())
         if output_type == "latent":
             images = x

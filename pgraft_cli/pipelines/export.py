@@ -44,7 +44,8 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
     with output_folder(out, o.force) as tmp:
         if o.format == "diffusers":
             written = export_diffusers(model, tmp, o.keep_adapter, dtype, recipe.sample.guidance_scale
-                                       if model.adapter.classifier_free else recipe.sample.distilled_guidance)
+                                       if model.adapter.classifier_free else recipe.sample.distilled_guidance,
+                                       recipe.model.autocast)
         elif o.format == "single-file":
             written = export_single_file(model, tmp, dtype)
         else:
