@@ -123,3 +123,20 @@ def test_a_sampler_time_gives_the_bytes_of_the_same_time_per_row(tiny_sd_dir):
             filled = model.predict(x, torch.tensor(t, dtype=torch.float64), cond)
             copied = model.predict(x, torch.full((3,), t, dtype=torch.float64), cond)
             assert filled.shape == x.shape and torch.equal(filled, copied)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_pooled_text_embedding_skips_t5_and_equals_the_pooled_part_of_encode_text(family, request, tmp_path):
+    """A text-conditioned corrector reads only the CLIP pooled embedding: SD3 (with its T5, as released) and Flux
+    compute it with their CLIP encoders alone, T5-XXL never called, to the bit of the full encode_prompt's."""
+    from conftest import build_tiny_sd3_pipeline
+
+    folder = build_tiny_sd3_pipeline(tmp_path / "sd3", t5=True) if family == "sd3" else request.getfixturevalue("tiny_flux_dir")
+    model = load_model(str(folder))
+    t5 = model.pipeline.text_encoder_3 if family == "sd3" else model.pipeline.text_encoder_2
+    calls = count_rows(t5)
+    prompts = ["a red cube", "two cats"]
+    pooled = model.adapter.pooled_text(model.pipeline, prompts, model.device, model.sample_shape)
+    assert calls == []
+    full = model.adapter.encode_text(model.pipeline, prompts, model.device, False, model.sample_shape).pooled
+    assert calls == [2] and torch.equal(pooled, full)

@@ -12,7 +12,7 @@ VAE's native image size; the flow shift is the scheduler's dynamic shift at that
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,11 @@ class Flux(Family):
         pe, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
                                                max_sequence_length=length)
         return Cond(prompt_embeds=pe, pooled=pooled)
+
+    def pooled_text(self, pipeline: Any, prompts: list[str], device: torch.device,
+                    shape: tuple[int, int, int]) -> Optional[Tensor]:
+        """CLIP's pooled output, as ``encode_prompt`` computes it; T5 is not run."""
+        return pipeline._get_clip_prompt_embeds(prompts, device=device)
 
     def call(self, network: nn.Module, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
         b, _, h, w = x.shape
