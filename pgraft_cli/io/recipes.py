@@ -198,6 +198,8 @@ class CorrectConfig:
     corrector_ema: float = 0.999
     corrector_checkpoint_every: int = 100
     corrector_sample_steps: int = 16
+    corrector_lr_decay: Literal["constant", "cosine", "linear"] = "constant"
+    corrector_source: Literal["normal", "gaussian"] = "normal"
 
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",
