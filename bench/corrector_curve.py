@@ -35,6 +35,7 @@ from pgraft_cli.models.corrector import NoiseCorrector  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
 from pgraft_cli.stages.correct import corrector_loop, corrector_network, corrector_step_loss, run_invert  # noqa: E402
 from pgraft_cli.stages.evaluate import classifier_features, evaluate_model, reference  # noqa: E402
+from pgraft_cli.stages.sample import resolve_lane  # noqa: E402
 from pgraft_cli.stages.train_loop import Training, train  # noqa: E402
 
 
@@ -59,8 +60,9 @@ def main() -> None:
     rows = []
     with RunStore(a.out) as store, progress(not a.quiet) as bar:
         tic = time.perf_counter()
-        noises, inv = run_invert(model, data_rows("digits-train", model.image_shape).head(cfg.num_images), cfg,
-                                 rec.sample.lane, store, bar)
+        noises, inv, _ = run_invert(model, data_rows("digits-train", model.image_shape).head(cfg.num_images), cfg,
+                                    resolve_lane(model, SampleConfig(num=cfg.invert_shard_size,
+                                                                     batch_size=cfg.invert_shard_size)).lane, store, bar)
         invert_seconds = time.perf_counter() - tic
         torch.manual_seed(cfg.seed)
         network, model_config = corrector_network(cfg, model.sample_shape)

@@ -1,18 +1,21 @@
-"""Held-out FID of corrector variants on the main job's cached inversion, one variant after another.
+"""Held-out FID of corrector variants on the main job's cached inversion, paired over evaluation seeds.
 
-    OMP_NUM_THREADS=1 SEED=1 python bench/corrector_kinds.py "gauss;temp:0.9;mlp:correct.corrector~mlp"
+    OMP_NUM_THREADS=1 python bench/corrector_kinds.py "gauss;unet;unet:correct.corrector_lr_decay~cosine" --seeds 1 2 3
 
 Variants are separated by ``;``, their parts by ``:`` (``~`` stands for ``=`` in recipe overrides):
 ``gauss[:SCALE]`` the full-covariance Gaussian of the inverted noises (spread times SCALE);
 ``temp:S`` no corrector but noise S e (a temperature); ``KIND:KEY~VALUE:...`` a corrector trained by
-``run_train_corrector`` with those recipe overrides (``mlp``/``unet`` by ``correct.corrector``);
-``wmlp:...`` an MLP flow trained on the whitened noises ``L^-1 (z - mean)`` and mapped back through
-the Gaussian; ``file:PATH:STEPS`` a corrected checkpoint's corrector sampled with STEPS Euler steps.
-Each is sampled 1000 times from evaluation seed ``$SEED`` (default 1) at 8 base steps and its FID
-measured against held-out ``digits-test`` with the bundled classifier's features (the main job's
-protocol). The inversion (the recipe's, all 1078 training digits) is cached in
-``bench/runs/curve-mlp``. Prints one row per variant: training seconds, FID, load average.
+``run_train_corrector`` with those recipe overrides (``mlp``/``unet`` by ``correct.corrector``;
+``unet`` with no overrides is today's recipe); ``wmlp:...`` an MLP flow trained on the whitened
+noises ``L^-1 (z - mean)`` and mapped back through the Gaussian; ``file:PATH:STEPS`` a corrected
+checkpoint's corrector sampled with STEPS Euler steps. Each variant is trained once and sampled
+1000 times from each evaluation seed (``--seeds``, default 1; the same noises for every variant)
+at 8 base steps, its FID measured against held-out ``digits-test`` with the bundled classifier's
+features (the main job's protocol). The inversion (the recipe's, all 1078 training digits, or
+``--images``) is cached under ``--out``; ``--use N`` trains every variant on its first N noises. Prints one row per variant: training steps x batch, the
+corrector's network calls per sample, training seconds, FID per seed and their mean, load average.
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -32,6 +35,7 @@ from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.models.corrector import NoiseCorrector, fit_gaussian  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
 from pgraft_cli.stages.correct import run_invert, run_train_corrector  # noqa: E402
+from pgraft_cli.stages.sample import resolve_lane  # noqa: E402
 from pgraft_cli.stages.evaluate import classifier_features, evaluate_model, reference  # noqa: E402
 
 @dataclass
@@ -42,19 +46,34 @@ class Whitened(NoiseCorrector):
         y = super().__call__(noise).reshape(noise.shape[0], -1).double()
         return (self.w_mean.double() + y @ self.w_chol.double().T).to(noise.dtype).reshape(noise.shape)
 
-variants = sys.argv[1].split(";")
-rec = load_recipe("inverse-noise", [])
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("variants")
+ap.add_argument("--seeds", type=int, nargs="+", default=[int(os.environ.get("SEED", 1))])
+ap.add_argument("--images", type=int, default=0, help="training digits to invert (0 = all 1078)")
+ap.add_argument("--use", type=int, default=0,
+                help="train on the first N inverted noises only (0 = all; the inversion is per image, so this is "
+                     "the inversion of correct.num_images = N at a fraction of its cost)")
+ap.add_argument("--out", default="bench/runs/curve-mlp")
+a = ap.parse_args()
+variants = a.variants.split(";")
+rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}"])
 model = load_model("digits")
 feats = classifier_features()
 ref = reference(feats, iter_data("digits-test", model.image_shape))
-out = "bench/runs/curve-mlp"
-with RunStore(out) as store, progress(False) as bar:
-    noises, inv = run_invert(model, data_rows("digits-train", model.image_shape).head(0), rec.correct, rec.sample.lane, store, bar)
+lane = resolve_lane(model, SampleConfig(num=rec.correct.invert_shard_size, batch_size=rec.correct.invert_shard_size)).lane
+rows = []
+with RunStore(a.out) as store, progress(False) as bar:
+    tic = time.perf_counter()
+    noises, inv, _ = run_invert(model, data_rows("digits-train", model.image_shape).head(a.images), rec.correct, lane, store, bar)
+    print(f"inversion: {inv['used']} of {inv['num']} images, {inv['iterations_mean']:.1f} calls per image, "
+          f"{time.perf_counter() - tic:.1f} s (0 when cached), load {os.getloadavg()[0]:.1f}", flush=True)
+    noises = noises[:a.use] if a.use else noises
     mean, chol = fit_gaussian(noises)
     for v in variants:
         name, *sets = v.split(":")
         tic = time.perf_counter()
         kind = name.split("-")[0]
+        budget = "-"
         if kind == "file":
             corr = load_model(sets[0].replace("~", "=")).corrector
             corr.steps = int(sets[1])
@@ -65,6 +84,7 @@ with RunStore(out) as store, progress(False) as bar:
             corr = NoiseCorrector("gaussian", 8, 0, mean=torch.zeros(256), chol=float(sets[0]) * torch.eye(256))
         else:
             r = load_recipe("inverse-noise", [s.replace("~", "=") for s in sets])
+            budget = f"{r.correct.corrector_train_steps} x {r.correct.corrector_batch_size}"
             train = noises
             if kind == "wmlp":
                 flat = noises.reshape(len(noises), -1).double()
@@ -76,7 +96,16 @@ with RunStore(out) as store, progress(False) as bar:
                                 w_mean=mean.float(), w_chol=chol.float())
         train_s = time.perf_counter() - tic
         model.corrector = corr
-        seed = int(os.environ.get("SEED", 1))
-        cfg = SampleConfig(num=1000, seed=seed, steps=8, batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-        m = evaluate_model(model, None, cfg, feats, store, bar, f"x{seed}-" + v.replace(":", "_").replace("~", "").replace("[", "").replace("]", "").replace(",", "-"), real_features=ref)
-        print(f"| seed {seed} | {v} | {train_s:.1f} | {m['fid']:.3f} | load {os.getloadavg()[0]:.1f}", flush=True)
+        fids = []
+        for seed in a.seeds:
+            cfg = SampleConfig(num=1000, seed=seed, steps=8, batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+            tag = v.replace(":", "_").replace("~", "").replace("[", "").replace("]", "").replace(",", "-").replace("/", "-")
+            fids.append(evaluate_model(model, None, cfg, feats, store, bar, f"x{seed}-{tag}", real_features=ref)["fid"])
+        row = (f"| {v} | {budget} | {corr.steps if corr.network is not None else 0} | {train_s:.1f} | "
+               + " | ".join(f"{f:.3f}" for f in fids) + f" | {sum(fids) / len(fids):.3f} | {os.getloadavg()[0]:.1f} |")
+        rows.append(row)
+        print(row, flush=True)
+print("\n| variant | training steps x batch | corrector calls | training s | "
+      + " | ".join(f"FID seed {s}" for s in a.seeds) + " | mean | load |")
+print("|---|---|---:|---:|" + "---:|" * (len(a.seeds) + 2))
+print("\n".join(rows))

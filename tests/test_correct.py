@@ -630,3 +630,37 @@ def test_a_corrector_file_from_before_the_precision_record_prints_no_precision_n
     assert precision_note(model) is None
     model.corrector.dtype = "torch.float32"
     assert "was fitted to its base sampling in float32" in precision_note(model)
+
+
+def test_a_flow_corrector_from_the_gaussian_source_starts_there_saves_loads_and_refuses_export(tmp_path):
+    """correct.corrector_source = "gaussian": the flow starts from the inverted noises' fitted
+    N(mean, L L^T) (core.gaussian.colour), so with a zero velocity it is exactly that Gaussian; the
+    source round-trips through the corrected file, its colouring is counted in the FLOPs, and the
+    diffusers export (which would start from N(0, I)) is refused in one line."""
+    from pgraft_cli.core.gaussian import colour
+    from pgraft_cli.io.export import ExportError, export_diffusers
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    g = torch.Generator().manual_seed(0)
+    noises = 0.3 + 1.1 * torch.randn(300, 1, 16, 16, generator=g)
+    rec = load_recipe("inverse-noise", ["correct.corrector_source=gaussian", "correct.corrector_train_steps=2",
+                                        "correct.corrector_batch_size=8", "correct.corrector_channels=[8, 16]",
+                                        "correct.base_steps=4", "correct.corrector_sample_steps=3"])
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        corrector, _ = run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
+    mean, chol = fit_gaussian(noises)
+    torch.testing.assert_close(corrector.mean, mean.float())
+    torch.testing.assert_close(corrector.chol, chol.float())
+    e = torch.randn(4, 1, 16, 16, generator=g)
+    trained = corrector(e)
+    out = save_corrected(tmp_path / "src.safetensors", corrector, load_model("digits"), {}, {})
+    loaded = load_model(str(out))
+    assert torch.equal(loaded.corrector(e), trained)
+    base_part = flops_per_image(loaded, 4)["flops_calls"]["corrector_call"] * 3
+    assert flops_per_image(loaded, 4)["flops_parts"]["corrector"] == base_part + 2 * 256 * 256
+    with pytest.raises(ExportError, match="Gaussian source"):
+        export_diffusers(loaded, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    torch.nn.init.zeros_(corrector.network.conv_out.weight)
+    torch.nn.init.zeros_(corrector.network.conv_out.bias)
+    torch.testing.assert_close(corrector(e), colour(e, mean, chol), rtol=0, atol=1e-5)

@@ -773,6 +773,7 @@ def _composed_metadata(base: LoadedModel, base_info: dict[str, Any], metrics: di
 
 
 TEXT_PROJECTION = "pgraft_text_projection"  # a text flow corrector's projection, beside its network's weights
+GAUSSIAN_SOURCE = "pgraft_source"  # a flow corrector's Gaussian source (mean, chol), beside its network's weights
 
 
 def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedModel, metrics: dict[str, Any],
@@ -803,6 +804,8 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
                                        NoiseCorrector.schedule_config(), provenance, extra, state=state)
     projection = {} if corrector.projection is None else {
         f"{TEXT_PROJECTION}.{k}": v for k, v in corrector.projection.state_dict().items()}
+    if corrector.mean is not None:  # a flow from the Gaussian source N(mean, L L^T)
+        projection.update({f"{GAUSSIAN_SOURCE}.mean": corrector.mean, f"{GAUSSIAN_SOURCE}.chol": corrector.chol})
     return save_pgraft_safetensors(path, corrector.network, "MLPFlow" if corrector.kind == "mlp" else "UNet2DModel",
                                    corrector.model_config or {}, NoiseCorrector.schedule_config(), provenance, extra,
                                    state={**corrector.network.state_dict(), **projection})
@@ -831,6 +834,7 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
         network = MLPFlow(**config) if corrector_type == "mlp" else build_network("UNet2DModel", config)
         prefix = f"{TEXT_PROJECTION}."
         projection = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        source = {k.split(".")[-1]: state.pop(k) for k in list(state) if k.startswith(f"{GAUSSIAN_SOURCE}.")}
         load_state(network, state, str(path))
         network.eval().requires_grad_(False)
         linear = None
@@ -839,7 +843,8 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
             linear.load_state_dict(projection)
             linear.requires_grad_(False)
         corrector = NoiseCorrector(corrector_type, base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
-                                   network=network, model_config=config, projection=linear, **given)
+                                   network=network, model_config=config, projection=linear,
+                                   mean=source.get("mean"), chol=source.get("chol"), **given)
     base_model.corrector = corrector
     base_model.source = str(path)
     base_model.source_kind = "pgraft-corrector"

@@ -181,6 +181,10 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False, 
         raise ExportError(f"--format diffusers cannot write {model.source}: its corrector is the mlp kind, which the "
                           f"exported pipeline does not carry; sample it with pgraft sample, or correct the base with "
                           f"correct.corrector = \"flow\" or \"gaussian\" to export it")
+    if model.corrector is not None and model.corrector.network is not None and model.corrector.mean is not None:
+        raise ExportError(f"--format diffusers cannot write {model.source}: its corrector flow starts from a Gaussian "
+                          f"source, which the exported pipeline does not carry; sample it with pgraft sample, or "
+                          f"correct the base with correct.corrector_source = \"normal\" to export it")
     support = support_of(model)
     plain = one_network(model) and support.plain and model.pipeline is not None
     if not plain and not support.composed:

@@ -193,13 +193,15 @@ class CorrectConfig:
     corrector_attention: bool = False
     corrector_width: int = 256
     corrector_blocks: int = 2
-    corrector_train_steps: int = 500
+    corrector_train_steps: int = 400
     corrector_batch_size: int = 128
-    corrector_learning_rate: float = 1e-3
+    corrector_learning_rate: float = 3e-3
     corrector_warmup: int = 50
     corrector_ema: float = 0.999
     corrector_checkpoint_every: int = 100
     corrector_sample_steps: int = 16
+    corrector_lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
+    corrector_source: Literal["normal", "gaussian"] = "normal"
 
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..core.gaussian import colour
 from ..core.ridge import ridge_fit
 from ..core.samplers import NoiseSchedule, sample
 from ..errors import PgraftError
@@ -123,6 +124,8 @@ class NoiseCorrector:
                     spread[rows] = flat[rows] @ self.chol[k].double().T
             return (mean + spread).to(noise.dtype).reshape(noise.shape)
         own = next(self.network.parameters()).dtype
+        if self.mean is not None:  # a flow from the Gaussian source N(mean, L L^T)
+            noise = colour(noise, self.mean.to(noise.device), self.chol.to(noise.device))
         z, _ = sample(lambda x, t: self.velocity(x, t, condition), self.schedule, noise.to(own),
                       self.schedule.grid(self.steps))
         return z.to(noise.dtype)

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.gaussian import colour
 from ..core.losses import flow_matching_loss
 from ..core.samplers import invert_sampler, sample
 from ..errors import PgraftError
@@ -292,11 +293,13 @@ def corrector_conditions(model: LoadedModel, labels: Optional[Tensor], captions:
 
 
 def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device: Any = "cpu",
-                        condition: Optional[Tensor] = None, projection: Optional[nn.Module] = None) -> Any:
+                        condition: Optional[Tensor] = None, projection: Optional[nn.Module] = None,
+                        source: Optional[tuple[Tensor, Tensor]] = None) -> Any:
     """``step_loss(step)`` of the corrector: the flow-matching loss on a batch seeded by ``(seed, step)``, backward.
 
     ``condition`` holds each noise's class label or pooled text embedding (through ``projection``),
-    given to the network as its class embedding."""
+    given to the network as its class embedding. ``source = (mean, L)``: the flow starts from
+    ``N(mean, L L^T)`` (``e`` coloured, ``core.gaussian.colour``) instead of N(0, I)."""
     shape = tuple(noises.shape[1:])
 
     def step_loss(step: int) -> Tensor:
@@ -304,6 +307,8 @@ def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device
         idx = torch.randint(0, len(noises), (cfg.corrector_batch_size,), generator=g)
         e = torch.randn((cfg.corrector_batch_size, *shape), generator=g).to(device)
         t = torch.rand(cfg.corrector_batch_size, generator=g).to(device)
+        if source is not None:
+            e = colour(e, *source)
         # the training set stays in host memory; only each step's batch goes to the device
         labels = None if condition is None else condition[idx].to(device)
         if projection is not None:
@@ -318,7 +323,8 @@ def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device
 
 def corrector_loop(cfg: CorrectConfig) -> LoopConfig:
     return LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
-                      cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every)
+                      cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every,
+                      decay=cfg.corrector_lr_decay)
 
 
 def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg: CorrectConfig, base_id: str,
@@ -357,6 +363,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     if cfg.corrector == "mlp" and kind != "none":
         raise PgraftError(f'correct.corrector = "mlp" takes no {kind} condition; use flow, gaussian or gaussian-diag '
                           f'for a {kind}-conditioned model')
+    # the Gaussian source: the inverted noises' mean and covariance, so the flow learns only the rest
+    source = tuple(v.float() for v in fit_gaussian(noises)) if cfg.corrector_source == "gaussian" else None
     extra = {"num_class_embeds": num} if kind == "class" else {"class_embed_type": "identity"} if kind == "text" else {}
     projection = None  # text: the pooled embedding, projected to the time embedding's width, added to it
     torch.manual_seed(cfg.seed)
@@ -372,7 +380,9 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
                               trained.load_state_dict)
 
         trained.train()
-        train(run, opt, corrector_step_loss(network, noises, cfg, device, cond_of, projection), corrector_loop(cfg),
+        train(run, opt, corrector_step_loss(network, noises, cfg, device, cond_of, projection,
+                                            None if source is None else tuple(v.to(device) for v in source)),
+              corrector_loop(cfg),
               bar, "training corrector", trained.state_dict)
         with stage.write_shard(0) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in trained.state_dict().items()}, str(tmp),
@@ -387,7 +397,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     trained.load_state_dict(weights)
     trained.eval().requires_grad_(False)
     corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, cfg.corrector_sample_steps, network=network,
-                               model_config=model_config, conditioning=kind, projection=projection)
+                               model_config=model_config, conditioning=kind, projection=projection,
+                               mean=None if source is None else source[0], chol=None if source is None else source[1])
     return corrector, {**summary, "parameters": corrector.parameter_count(), **loss_summary(losses)}
 
 

@@ -304,6 +304,8 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
         calls["corrector_call"] = measure_flops(lambda: corrector.velocity(x, t)) if flow else corrector.map_flops()
         calls["corrector_steps"] = corrector.steps if flow else 1
         parts["corrector"] = calls["corrector_steps"] * calls["corrector_call"]
+        if flow and corrector.mean is not None:  # its Gaussian source's colouring, once per image
+            parts["corrector"] += corrector.map_flops()
         nfe += corrector.steps if flow else 0
     if model.conditioning == "text":
         parts["text_encoders"] = measure_flops(lambda: model.encode(prompts, labels, guidance_scale=guidance_scale))

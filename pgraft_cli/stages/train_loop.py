@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.training import ema_decay, ema_update_, warmup_lr
+from ..core.training import Decay, ema_decay, ema_update_, scheduled_lr
 from ..io.runstore import load_training_state, save_training_state
 
 FINAL_LOSS_STEPS = 50  # ``final_loss`` is the mean loss of the last steps
@@ -34,6 +34,7 @@ class LoopConfig:
     ema: float = 0.0
     max_grad_norm: float = 0.0
     checkpoint_every: int = 100
+    decay: Decay = "constant"  # the learning rate after the warm-up (core.training.scheduled_lr)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def train(run: Training, opt: Any, step_loss: Callable[[int], Tensor | float], c
 
     for step in range(run.step, cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(cfg.learning_rate, step, cfg.warmup)
+            group["lr"] = scheduled_lr(cfg.learning_rate, step, cfg.warmup, cfg.steps, cfg.decay)
         loss = step_loss(step)
         scaler.unscale_(opt)
         if cfg.max_grad_norm > 0:
