@@ -540,8 +540,10 @@ def test_correct_under_accelerate_with_two_processes_equals_one_process(tmp_path
     the summary and the corrected file are those of one process."""
     from conftest import accelerate_launch
 
-    args = ["correct", "digits", "--json", "--device", "cpu", *SMALL, "--set", "correct.invert_shard_size=32",
-            "--set", "sample.batch_size=32"]
+    # SMALL shrunk further: two shards per stage (one per process) of 16 inverted and 8 sampled images
+    args = ["correct", "digits", "--json", "--device", "cpu", *SMALL, "--set", "correct.num_images=32",
+            "--set", "correct.invert_shard_size=16", "--set", "correct.corrector_train_steps=10",
+            "--set", "correct.corrector_batch_size=16", "--set", "evaluate.num=16", "--set", "sample.batch_size=8"]
     proc = accelerate_launch([*args, "--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.safetensors")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])
