@@ -28,10 +28,26 @@ TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups
 SCHEDULERS = ("ddpm", "ddim", "flow")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_user_cache: the test gets an empty user cache of its own")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One user cache (reference statistics) per session (per xdist worker), never the real home. Its
+    files are named by a hash of the extractor, the data and the resize rule, and a cached reference
+    gives the computed FID bit for bit (test_refstats), so a statistic is computed once, not per test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test's own user cache (reference statistics): none written to the real home, none shared."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+def _own_user_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty user cache for a test marked ``own_user_cache`` (tests of the cache itself)."""
+    if request.node.get_closest_marker("own_user_cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +395,8 @@ def streamed_digits_file(tmp_path, monkeypatch):
 
     import pgraft_cli.io.data as data_mod
 
+    # an empty user cache: the FID reference of this data is computed, reading it batch by batch
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     path = tmp_path / "digits.safetensors"
     save_file({"images": data_mod.load_digits(split="train")[0][:300].contiguous()}, str(path))
     read_sizes: list[int] = []

@@ -26,10 +26,10 @@ from pgraft_cli.report.ui import progress
 
 runner = CliRunner()
 # A shrunk inverse-noise recipe: few images, steps and training steps (the real defaults run minutes).
-SMALL = ["--set", "correct.base_steps=4", "--set", "correct.num_images=128", "--set", "correct.inversion_iterations=8", "--set",
-         "correct.corrector_train_steps=30", "--set", "correct.corrector_batch_size=32", "--set",
+SMALL = ["--set", "correct.base_steps=4", "--set", "correct.num_images=32", "--set", "correct.inversion_iterations=8", "--set",
+         "correct.corrector_train_steps=10", "--set", "correct.corrector_batch_size=16", "--set",
          "correct.corrector_checkpoint_every=10", "--set", "correct.corrector_sample_steps=2", "--set",
-         "evaluate.num=64", "--set", "evaluate.kid_subsets=2", "--set", "correct.max_reconstruction_rms=0.05"]
+         "evaluate.num=16", "--set", "evaluate.kid_subsets=2", "--set", "correct.max_reconstruction_rms=0.05"]
 
 
 def test_inversion_round_trip_on_bundled_model():
@@ -331,7 +331,7 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
     assert summary["inversion"]["reconstruction_rms_mean"] < 0.05
     for key in ("base", "corrected"):
         m = summary[key]
-        assert m["num"] == 64 and m["fid"] is not None and m["features"].startswith("classifier")
+        assert m["num"] == 16 and m["fid"] is not None and m["features"].startswith("classifier")
     # measured FLOPs: corrected = base + corrector calls, NFE = 4 + 2
     assert summary["base"]["nfe"] == 4 and summary["corrected"]["nfe"] == 6
     calls = summary["corrected"]["flops_calls"]
@@ -487,14 +487,14 @@ def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_b
 @pytest.mark.slow  # the whole command end to end
 def test_correct_reads_its_data_by_row_ranges_never_whole(tmp_path, streamed_digits_file):
     """`pgraft correct` never loads the data set at once: `load_data` may not be called, and no read
-    of the 300-image file holds more than a 256-image batch (inversion shards are 64)."""
+    of the 300-image file holds more than a 256-image batch (inversion shards are 16 of its first 32 rows)."""
     path, read_sizes = streamed_digits_file
     result = runner.invoke(app, ["correct", "digits", "--data", str(path), "--run-dir", str(tmp_path / "run"), "--json",
-                                 *SMALL, "--set", "correct.invert_shard_size=64", "--set", "correct.corrector_train_steps=2"])
+                                 *SMALL, "--set", "correct.invert_shard_size=16", "--set", "correct.corrector_train_steps=2"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["inversion"]["num"] == 128 and summary["base"]["num"] == 64
-    assert max(read_sizes) <= 256 and sorted(set(read_sizes)) == [44, 64, 128, 256]
+    assert summary["inversion"]["num"] == 32 and summary["base"]["num"] == 16
+    assert max(read_sizes) <= 256 and sorted(set(read_sizes)) == [16, 32, 44, 256]
 
 
 @pytest.mark.slow
@@ -523,7 +523,7 @@ def test_correct_inverts_a_diffusion_checkpoint_and_the_corrected_file_samples(t
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     inv = summary["inversion"]
-    assert inv["num"] == 128 and inv["dropped"] == 0 and inv["reconstruction_rms_max"] < 1e-4
+    assert inv["num"] == 32 and inv["dropped"] == 0 and inv["reconstruction_rms_max"] < 1e-4
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["pgraft.base"])["solver"] == "ddim"
     loaded = load_model(str(out))
@@ -540,8 +540,9 @@ def test_correct_under_accelerate_with_two_processes_equals_one_process(tmp_path
     the summary and the corrected file are those of one process."""
     from conftest import accelerate_launch
 
-    args = ["correct", "digits", "--json", "--device", "cpu", *SMALL, "--set", "correct.invert_shard_size=32",
-            "--set", "sample.batch_size=32"]
+    # two shards per stage, one per process: 16 inverted and 8 sampled images each
+    args = ["correct", "digits", "--json", "--device", "cpu", *SMALL, "--set", "correct.invert_shard_size=16",
+            "--set", "sample.batch_size=8"]
     proc = accelerate_launch([*args, "--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.safetensors")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -88,9 +88,11 @@ def test_evaluate_reports_fid_against_held_out_data_and_beside_it_the_training_d
 
 @pytest.mark.slow
 def test_correct_reports_held_out_fid_for_base_and_corrected(tmp_path):
-    args = ["correct", "digits", "--json", "--run-dir", str(tmp_path / "run"), "--set", "correct.base_steps=8",
-            "--set", "correct.num_images=64", "--set", "correct.corrector_train_steps=5", "--set",
-            "correct.corrector_sample_steps=2", "--set", "evaluate.num=64", "--set", "evaluate.kid_subsets=2"]
+    args = ["correct", "digits", "--json", "--run-dir", str(tmp_path / "run"), "--set", "correct.base_steps=4",
+            "--set", "correct.num_images=16", "--set", "correct.inversion_iterations=8", "--set",
+            "correct.max_reconstruction_rms=0.05", "--set", "correct.corrector_train_steps=5", "--set",
+            "correct.corrector_batch_size=16", "--set", "correct.corrector_sample_steps=2", "--set", "evaluate.num=16",
+            "--set", "evaluate.kid_subsets=2"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout.strip().splitlines()[-1])

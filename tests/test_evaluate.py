@@ -16,6 +16,9 @@ from pgraft_cli.errors import PgraftError
 from pgraft_cli.core.metrics import KID_SUBSETS, FidKid, distances, measure_flops
 from pgraft_cli.stages.evaluate import classifier_features, inception_input
 
+# fake feature extractors: an empty user cache for each test, never statistics another test left
+pytestmark = pytest.mark.own_user_cache
+
 
 # ----------------------------------------------------------------------------------------------
 # Independent references (numpy, symmetric square roots): not the library's formulation

@@ -13,6 +13,8 @@ from pgraft_cli.io.refstats import FORMAT, is_stats_file, load_stats, user_cache
 from pgraft_cli.stages import evaluate as ev
 
 runner = CliRunner()
+# tests of the statistics cache: an empty user cache for each
+pytestmark = pytest.mark.own_user_cache
 EVAL = ["--num", "16", "--steps", "2", "--json", "--quiet"]
 
 
