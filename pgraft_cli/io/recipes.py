@@ -199,7 +199,8 @@ class CorrectConfig:
     corrector_warmup: int = 50
     corrector_ema: float = 0.999
     corrector_checkpoint_every: int = 100
-    corrector_sample_steps: int = 16
+    corrector_sample_steps: int = 4
+    corrector_sampler: Literal["euler", "heun"] = "heun"
     corrector_lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
     corrector_source: Literal["normal", "gaussian"] = "normal"
 

@@ -195,7 +195,7 @@ def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dic
         "conditions": cond.to_json(), "dtype": str(model.dtype), "device_type": model.device.type,
         "autocast": None if model.autocast is None else str(model.autocast),
         "corrector": None if model.corrector is None else {
-            "type": model.corrector.kind, "steps": model.corrector.steps, "base_steps": model.corrector.base_steps},
+            "type": model.corrector.kind, "steps": model.corrector.steps, "sampler": model.corrector.sampler, "base_steps": model.corrector.base_steps},
     }
     if model.adapter.classifier_free:  # only guidance-distilled networks read it
         config.pop("distilled_guidance")
