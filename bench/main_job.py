@@ -44,7 +44,9 @@ PREVIOUS = ["correct.corrector_train_steps=1500", "correct.corrector_sample_step
 # The defaults before the corrector's learning rate decayed (issue 13): 500 steps at a constant 1e-3.
 CONSTANT_LR = ["correct.corrector_train_steps=500", "correct.corrector_learning_rate=1e-3",
                "correct.corrector_lr_decay=constant"]
-JOBS = {"constant-lr": CONSTANT_LR, "images-768": ["correct.num_images=768"], "before": BEFORE, "previous": PREVIOUS, "after": [], "gaussian": ["correct.corrector=gaussian"], "mlp": MLP,
+# Before the CPU lane of 64 and the corrector's 4 Heun steps (issue 13): lanes of 16, 16 Euler corrector steps.
+EULER_16 = ["correct.corrector_sampler=euler", "correct.corrector_sample_steps=16"]
+JOBS = {"lane-16": ["sample.lane=16", *EULER_16], "euler-16": EULER_16, "constant-lr": CONSTANT_LR, "images-768": ["correct.num_images=768"], "before": BEFORE, "previous": PREVIOUS, "after": [], "gaussian": ["correct.corrector=gaussian"], "mlp": MLP,
         "images-512": ["correct.num_images=512"]}
 STAGES = ("invert", "train_corrector", "evaluate-base", "evaluate-corrected")
 

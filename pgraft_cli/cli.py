@@ -69,7 +69,7 @@ def sample(
     Image i starts from noise seeded by (seed, i) and always goes through the network in the same
     lane of sample.lane images, so the same seed gives the same bytes whatever --batch-size or --num
     (64 images are the prefix of 3000) and however many processes share the work. The default lane
-    "auto" is min(16, --num) (capped by GPU memory), so under 16 images fix it (--set sample.lane=16)
+    "auto" is min(16, --num) on a GPU (capped by its memory), min(64, --num) on the CPU, so for small runs fix it (--set sample.lane=16)
     to keep that promise; the lane used is in sampler.json.
 
     Examples:

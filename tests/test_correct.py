@@ -194,7 +194,8 @@ def test_mlp_corrector_learns_a_shift_saves_loads_and_counts_flops(tmp_path):
     noises = 0.5 + torch.randn(512, 1, 16, 16, generator=g)
     rec = load_recipe("inverse-noise", ["correct.corrector=mlp", "correct.corrector_width=64",
                                         "correct.corrector_train_steps=300", "correct.corrector_batch_size=64",
-                                        "correct.corrector_learning_rate=3e-3", "correct.corrector_sample_steps=4"])
+                                        "correct.corrector_learning_rate=3e-3", "correct.corrector_sample_steps=4",
+                                        "correct.corrector_sampler=euler"])
     with RunStore(tmp_path / "run") as store, progress(False) as bar:
         corrector, info = run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
     assert info["kind"] == "mlp" and info["parameters"] == corrector.parameter_count() > 0
@@ -207,6 +208,27 @@ def test_mlp_corrector_learns_a_shift_saves_loads_and_counts_flops(tmp_path):
     assert torch.equal(loaded.corrector(e), corrector(e))
     parts = flops_per_image(loaded, 4)["flops_parts"]
     assert parts["corrector"] == 4 * mlp_flow_flops(256, 64, rec.correct.corrector_blocks, 64)
+
+
+def test_a_heun_corrector_saves_loads_and_counts_two_calls_a_step(tmp_path):
+    """The corrector's sampler is in the file (an older file without it reads as Euler), Heun's output
+    is the in-memory corrector's bit for bit and not Euler's, and its NFE and FLOPs count 2 calls a step."""
+    from diffusers import UNet2DModel
+
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    torch.manual_seed(0)
+    config = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, sample_size=16, in_channels=1,
+                  out_channels=1, down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"])
+    heun = NoiseCorrector("flow", 4, 3, "heun", network=UNet2DModel(**config).eval(), model_config=config)
+    loaded = load_model(str(save_corrected(tmp_path / "heun.safetensors", heun, load_model("digits"), {}, {})))
+    e = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert loaded.corrector.sampler == "heun" and loaded.corrector.calls == 6
+    assert torch.equal(loaded.corrector(e), heun(e))
+    euler = NoiseCorrector("flow", 4, 3, network=heun.network, model_config=config)
+    assert float((euler(e) - heun(e)).abs().max()) > 1e-4
+    info = flops_per_image(loaded, 4)
+    assert info["nfe"] == 4 + 6 and info["flops_parts"]["corrector"] == 6 * info["flops_calls"]["corrector_call"]
 
 
 @pytest.mark.parametrize("scale", [1.1, 2.0])
@@ -332,11 +354,11 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
     for key in ("base", "corrected"):
         m = summary[key]
         assert m["num"] == 16 and m["fid"] is not None and m["features"].startswith("classifier")
-    # measured FLOPs: corrected = base + corrector calls, NFE = 4 + 2
-    assert summary["base"]["nfe"] == 4 and summary["corrected"]["nfe"] == 6
+    # measured FLOPs: corrected = base + corrector calls, NFE = 4 + 2 Heun steps x 2 calls
+    assert summary["base"]["nfe"] == 4 and summary["corrected"]["nfe"] == 8
     calls = summary["corrected"]["flops_calls"]
-    assert summary["corrected"]["flops_per_image"] == 4 * calls["base_call"] + 2 * calls["corrector_call"]
-    assert summary["corrected"]["flops_parts"] == {"denoiser": 4 * calls["base_call"], "corrector": 2 * calls["corrector_call"]}
+    assert summary["corrected"]["flops_per_image"] == 4 * calls["base_call"] + 4 * calls["corrector_call"]
+    assert summary["corrected"]["flops_parts"] == {"denoiser": 4 * calls["base_call"], "corrector": 4 * calls["corrector_call"]}
     assert 0 < calls["corrector_call"] < calls["base_call"]
 
     with safe_open(str(out), "pt") as f:
@@ -345,7 +367,7 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
     base = json.loads(meta["pgraft.base"])
     assert base["source"] == "digits" and base["steps"] == 4 and base["solver"] == "euler"
     assert base["identity"] == load_model("digits").identity
-    assert json.loads(meta["pgraft.metrics"])["corrected"]["nfe"] == 6
+    assert json.loads(meta["pgraft.metrics"])["corrected"]["nfe"] == 8
 
     loaded = load_model(str(out))
     assert loaded.corrector is not None and loaded.corrector.base_steps == 4 and loaded.family == "flow"
@@ -367,7 +389,7 @@ def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
     ev = json.loads(e.stdout.strip().splitlines()[-1])
     for key in ("fid", "kid", "features", "num", "nfe", "flops_per_image", "seconds_per_image"):
         assert key in ev
-    assert ev["num"] == 32 and ev["nfe"] == 6 and ev["corrected"] is True and ev["seconds_per_image"] > 0
+    assert ev["num"] == 32 and ev["nfe"] == 8 and ev["corrected"] is True and ev["seconds_per_image"] > 0
 
     # a base that is not the one the corrector was fitted for is refused with one line
     other = tmp_path / "other.safetensors"
@@ -657,7 +679,7 @@ def test_a_flow_corrector_from_the_gaussian_source_starts_there_saves_loads_and_
     out = save_corrected(tmp_path / "src.safetensors", corrector, load_model("digits"), {}, {})
     loaded = load_model(str(out))
     assert torch.equal(loaded.corrector(e), trained)
-    base_part = flops_per_image(loaded, 4)["flops_calls"]["corrector_call"] * 3
+    base_part = flops_per_image(loaded, 4)["flops_calls"]["corrector_call"] * 3 * 2  # 3 Heun steps, 2 calls each
     assert flops_per_image(loaded, 4)["flops_parts"]["corrector"] == base_part + 2 * 256 * 256
     with pytest.raises(ExportError, match="Gaussian source"):
         export_diffusers(loaded, tmp_path / "export")

@@ -50,11 +50,12 @@ def _corrected_file(tmp_path, kind="flow"):
 
         config = {"sample_shape": [1, 16, 16], "width": 32, "blocks": 1}
         corrector = NoiseCorrector("mlp", 4, 2, network=MLPFlow(**config).eval(), model_config=config)
-    elif kind == "flow":
+    elif kind in ("flow", "flow-heun"):
         config = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, sample_size=16, in_channels=1,
                       out_channels=1, down_block_types=["DownBlock2D", "DownBlock2D"],
                       up_block_types=["UpBlock2D", "UpBlock2D"])
-        corrector = NoiseCorrector("flow", 4, 2, network=UNet2DModel(**config).eval(), model_config=config)
+        corrector = NoiseCorrector("flow", 4, 2, "heun" if kind == "flow-heun" else "euler",
+                                   network=UNet2DModel(**config).eval(), model_config=config)
     else:
         dim = 16 * 16
         mean = 0.3 * torch.randn(dim, dtype=torch.float64)
@@ -99,9 +100,11 @@ def _exported_sample(folder, num, steps, noise=None, **kw):
 # The exported pipeline samples as `pgraft sample`
 
 
-@pytest.mark.parametrize("kind", ["plain", "corrected", "gaussian", "gaussian-diag", "lora-pgraft", "full-pgraft"])
+@pytest.mark.parametrize("kind", ["plain", "corrected", "corrected-heun", "gaussian", "gaussian-diag", "lora-pgraft",
+                                  "full-pgraft"])
 def test_exported_digits_pipeline_gives_the_images_of_pgraft_sample(tmp_path, kind):
     checkpoint = {"plain": lambda: "digits", "corrected": lambda: _corrected_file(tmp_path),
+                  "corrected-heun": lambda: _corrected_file(tmp_path, "flow-heun"),
                   "gaussian": lambda: _corrected_file(tmp_path, "gaussian"),
                   "gaussian-diag": lambda: _corrected_file(tmp_path, "gaussian-diag"),
                   "lora-pgraft": lambda: _tuned_file(tmp_path, "digits", 0.5)[0],

@@ -170,6 +170,18 @@ def test_auto_lane_pads_nothing_for_a_small_run(tmp_path, monkeypatch):
     assert summary["lane"] == 1 and json.loads((out / "sampler.json").read_text())["lane"] == 1
 
 
+def test_auto_lane_on_the_cpu_is_the_measured_cpu_lane(tmp_path, monkeypatch):
+    """Off CUDA the automatic lane is CPU_LANE (64: faster per image than 16, bench/cpu_lanes.py),
+    still a divisor of the shard, and the same bytes as that lane fixed."""
+    from pgraft_cli.stages.sample import CPU_LANE
+
+    batches = _network_batches(monkeypatch)
+    auto, summary = sample(tmp_path, "auto", "--num", "70", "--steps", "1", "--batch-size", "64")
+    assert CPU_LANE == 64 and summary["lane"] == 64 and batches == [64, 64]
+    fixed, _ = sample(tmp_path, "fixed", "--num", "70", "--steps", "1", "--batch-size", "64", "--set", "sample.lane=64")
+    assert pngs(auto) == pngs(fixed)
+
+
 def test_a_fixed_lane_is_honoured_and_keeps_bytes_whatever_num(tmp_path, monkeypatch):
     batches = _network_batches(monkeypatch)
     one, summary = sample(tmp_path, "one", "--num", "1", "--steps", "2", "--set", "sample.lane=16")

@@ -761,7 +761,7 @@ def _composition(model: LoadedModel) -> Optional[dict[str, Any]]:
     meta = model.metadata or {}
     if model.corrector is not None:
         return {"kind": "corrector", "corrector": model.corrector.kind, "corrector_steps": model.corrector.steps,
-                "base_steps": model.corrector.base_steps, "base_identity": model.base_identity,
+                "corrector_sampler": model.corrector.sampler, "base_steps": model.corrector.base_steps, "base_identity": model.base_identity,
                 "fitted_precision": model.corrector.fitted_precision(model.dtype),
                 "metrics": json.loads(meta.get("pgraft.metrics", "null"))}
     if "pgraft.finetune" in meta:
@@ -806,6 +806,7 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
         "pgraft.kind": "corrector",
         "pgraft.corrector_type": corrector.kind,
         "pgraft.corrector_steps": str(corrector.steps),
+        "pgraft.corrector_sampler": corrector.sampler,
         **_composed_metadata(base, base_info, metrics),
     }
     if corrector.conditioning != "none":  # per class, or on the pooled text embedding (NoiseCorrector)
@@ -861,6 +862,7 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
             linear.load_state_dict(projection)
             linear.requires_grad_(False)
         corrector = NoiseCorrector(corrector_type, base_steps, int(metadata.get("pgraft.corrector_steps", "4")),
+                                   metadata.get("pgraft.corrector_sampler", "euler"),
                                    network=network, model_config=config, projection=linear,
                                    mean=source.get("mean"), chol=source.get("chol"), **given)
     base_model.corrector = corrector

@@ -283,6 +283,7 @@ def _pgraft_pipeline(model: LoadedModel, guidance: float, autocast: Optional[str
         autocast=autocast, corrector_dtype=None if own is None else str(own).removeprefix("torch."),
         cutoff=float(model.cutoff), tuned_guidance=model.tuned_guidance,
         corrector_steps=corrector.steps if corrector is not None else 0,
+        corrector_sampler=corrector.sampler if corrector is not None else "euler",
         base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class,
         family=model.adapter.name, force_zeros_for_empty_prompt=bool(
             getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True)),

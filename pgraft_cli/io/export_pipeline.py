@@ -7,7 +7,7 @@ without pgraft installed. It must import nothing but torch and diffusers.
 The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x_0 + sigma(t) e``.
 
 - inverse noise correction: the initial noise ``e`` goes through the ``corrector`` (a flow,
-  ``corrector_steps`` Euler steps on a uniform grid, or a ``GaussianCorrector``: ``z = mean + L e``)
+  ``corrector_steps`` steps of ``corrector_sampler`` (euler, or heun: two calls a step) on a uniform grid, or a ``GaussianCorrector``: ``z = mean + L e``)
   before the base sampler;
 - P-GRAFT: ``tuned_unet`` runs for grid times ``t > cutoff`` and ``unet`` below; with
   ``tuned_guidance = "none"`` the tuned segment runs the conditional branch alone (scale 1);
@@ -235,7 +235,7 @@ class PgraftPipeline(DiffusionPipeline):
     def __init__(self, unet: Any, scheduler: Any, tuned_unet: Any = None, corrector: Any = None, vae: Any = None,
                  text_encoder: Any = None, tokenizer: Any = None, text_encoder_2: Any = None, tokenizer_2: Any = None,
                  text_encoder_3: Any = None, tokenizer_3: Any = None, cutoff: float = 0.0,
-                 tuned_guidance: str = "reapply", corrector_steps: int = 0, base_steps: Optional[int] = None,
+                 tuned_guidance: str = "reapply", corrector_steps: int = 0, corrector_sampler: str = "euler", base_steps: Optional[int] = None,
                  null_class: Optional[int] = None, guidance_scale: float = 1.0, family: Optional[str] = None,
                  force_zeros_for_empty_prompt: bool = True, text_pipeline: Optional[str] = None,
                  autocast: Optional[str] = None, corrector_dtype: Optional[str] = None):
@@ -244,7 +244,7 @@ class PgraftPipeline(DiffusionPipeline):
                               text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                               tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(cutoff=cutoff, tuned_guidance=tuned_guidance, corrector_steps=corrector_steps,
-                                base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale,
+                                corrector_sampler=corrector_sampler, base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale,
                                 family=family, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                                 text_pipeline=text_pipeline, autocast=autocast, corrector_dtype=corrector_dtype)
 
@@ -362,7 +362,14 @@ class PgraftPipeline(DiffusionPipeline):
                 return self.corrector(z.to(own), timestep).sample
             return self.corrector(z.to(own), timestep, condition)
 
-        return flow.run(velocity, noise.to(own), flow.grid(self.config.corrector_steps)).to(noise.dtype)
+        grid, z = flow.grid(self.config.corrector_steps), noise.to(own)
+        if getattr(self.config, "corrector_sampler", "euler") != "heun":
+            return flow.run(velocity, z, grid).to(noise.dtype)
+        for t, t_next in zip(grid[:-1], grid[1:]):  # Heun: x' = x + h (d + v(x + h d, t')) / 2, d = v(x, t)
+            h = (t_next - t).to(z.dtype)
+            d = velocity(z, t)
+            z = z + h / 2 * (d + velocity(z + h * d, t_next))
+        return z.to(noise.dtype)
 
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -48,8 +48,8 @@ class SampleConfig:
     Image ``i`` is computed from noise seeded by ``(seed, i)`` inside lane ``i // lane``: the network
     always sees whole lanes of ``lane`` images, so an image does not depend on ``num``, on
     ``batch_size`` (images per shard: the unit of work that is committed and resumed) or on the
-    number of processes. ``lane = "auto"`` (the default) picks ``min(16, num)`` (a small run does
-    no padded work), a divisor of ``batch_size`` when there are several shards, and on a GPU at most
+    number of processes. ``lane = "auto"`` (the default) picks ``min(16, num)`` on a GPU and ``min(64, num)``
+    on the CPU (a small run does no padded work), a divisor of ``batch_size`` when there are several shards, and on a GPU at most
     what fits its free memory; the lane used is written to the run's settings. A fixed ``lane = N``
     keeps an image's bytes independent of ``num`` too; raise it for throughput on a GPU.
     """
@@ -199,7 +199,8 @@ class CorrectConfig:
     corrector_warmup: int = 50
     corrector_ema: float = 0.999
     corrector_checkpoint_every: int = 100
-    corrector_sample_steps: int = 16
+    corrector_sample_steps: int = 4
+    corrector_sampler: Literal["euler", "heun"] = "heun"
     corrector_lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
     corrector_source: Literal["normal", "gaussian"] = "normal"
 

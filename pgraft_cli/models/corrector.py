@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..core.gaussian import colour
 from ..core.ridge import ridge_fit
-from ..core.samplers import NoiseSchedule, sample
+from ..core.samplers import NoiseSchedule, sample, sample_heun
 from ..errors import PgraftError
 
 
@@ -27,7 +27,8 @@ class NoiseCorrector:
     """Maps N(0, I) noise to the base sampler's inverse-noise distribution.
 
     ``kind = "flow"``: a small diffusers UNet2DModel flow (``v = e - z``, t = 1 noise, t = 0 the
-    corrected noise z) integrated with ``steps`` Euler steps; it computes in its network's dtype
+    corrected noise z) integrated with ``steps`` steps of ``sampler`` (``euler``, or ``heun``: two
+    network calls a step, ``core.samplers.sample_heun``); it computes in its network's dtype
     (timesteps in float32) and returns the caller's dtype. ``kind = "mlp"``: the same flow with an
     :class:`MLPFlow` network on the flattened sample. ``kind = "gaussian"``: ``z = mean + L e``
     with ``L`` the Cholesky factor of the inverted noises' covariance; ``"gaussian-diag"``:
@@ -47,6 +48,7 @@ class NoiseCorrector:
     kind: str
     base_steps: int
     steps: int = 0
+    sampler: str = "euler"  # the flow's integrator: "euler" | "heun"
     network: Optional[nn.Module] = None
     model_config: Optional[dict[str, Any]] = None
     mean: Optional[Tensor] = None
@@ -126,9 +128,15 @@ class NoiseCorrector:
         own = next(self.network.parameters()).dtype
         if self.mean is not None:  # a flow from the Gaussian source N(mean, L L^T)
             noise = colour(noise, self.mean.to(noise.device), self.chol.to(noise.device))
-        z, _ = sample(lambda x, t: self.velocity(x, t, condition), self.schedule, noise.to(own),
-                      self.schedule.grid(self.steps))
-        return z.to(noise.dtype)
+        velocity, grid = (lambda x, t: self.velocity(x, t, condition)), self.schedule.grid(self.steps)
+        if self.sampler == "heun":
+            return sample_heun(velocity, noise.to(own), grid).to(noise.dtype)
+        return sample(velocity, self.schedule, noise.to(own), grid)[0].to(noise.dtype)
+
+    @property
+    def calls(self) -> int:
+        """Network calls per image of a flow corrector: ``steps`` (Euler) or ``2 steps`` (Heun)."""
+        return self.steps * (2 if self.sampler == "heun" else 1)
 
     def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "NoiseCorrector":
         if self.network is not None:

@@ -252,7 +252,7 @@ def inspect_table(model: str, info: dict) -> "Table":  # noqa: F821 - rich.table
                                   + f"; tuned segment guidance: {comp['tuned_guidance']}"
                                   + f"; reward {comp['reward']}: {comp['reward_mean']}"))
     elif comp:
-        rows.append(("corrector", f"{comp['corrector']} ({comp['corrector_steps']} steps) -> base at "
+        rows.append(("corrector", f"{comp['corrector']} ({comp['corrector_steps']} {comp.get('corrector_sampler', 'euler').capitalize()} steps) -> base at "
                                   f"{comp['base_steps']} Euler steps; fitted to the base in {comp['fitted_precision']}"))
     if comp:
         rows.append(("base identity", f"sha256:{(comp['base_identity'] or '')[:16]}…"))

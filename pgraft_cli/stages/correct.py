@@ -85,7 +85,7 @@ def invert_config(cfg: CorrectConfig) -> dict[str, Any]:
 
 # Training never reads these: checkpoints resume bit-exactly at any interval, and the corrector's
 # sampling steps are used when it samples (they are in the sample stages' keys via model_key).
-NOT_TRAINING_KEYS = ("corrector_checkpoint_every", "corrector_sample_steps")
+NOT_TRAINING_KEYS = ("corrector_checkpoint_every", "corrector_sample_steps", "corrector_sampler")
 # Each network kind reads only its own architecture keys (the other kind's settings change nothing).
 OTHER_KIND_KEYS = {"flow": ("corrector_width", "corrector_blocks"),
                    "mlp": ("corrector_channels", "corrector_layers", "corrector_attention")}
@@ -396,7 +396,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         losses = json.loads(f.metadata().get("losses", "[]"))
     trained.load_state_dict(weights)
     trained.eval().requires_grad_(False)
-    corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, cfg.corrector_sample_steps, network=network,
+    corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, cfg.corrector_sample_steps, cfg.corrector_sampler, network=network,
                                model_config=model_config, conditioning=kind, projection=projection,
                                mean=None if source is None else source[0], chol=None if source is None else source[1])
     return corrector, {**summary, "parameters": corrector.parameter_count(), **loss_summary(losses)}
