@@ -7,6 +7,7 @@ Folders are written with ``save_pretrained(safe_serialization=True)``, exactly a
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import json
 import os
@@ -22,6 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import typer.main  # noqa: E402
 
 TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
@@ -436,6 +438,16 @@ def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 60
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
+_GET_COMMAND = typer.main.get_command
+
+
+@functools.lru_cache(maxsize=None)
+def click_command(app: Any) -> Any:
+    """The click command of a typer ``app``: typer rebuilds it on every call of the app (~25 ms, each
+    command's signature and type hints read again); a ``pgraft`` process builds it once."""
+    return _GET_COMMAND(app)
+
+
 def cli_in_process(*args: str) -> tuple[tuple[str, str], int]:
     """``pgraft ARGS`` through the console entry (``cli.main``) in this process, without a new
     interpreter's start-up and imports: ((stdout, stderr), exit code)."""
@@ -446,7 +458,9 @@ def cli_in_process(*args: str) -> tuple[tuple[str, str], int]:
     out, err = io.StringIO(), io.StringIO()
     old, sys.argv = sys.argv, ["pgraft", *args]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                pytest.MonkeyPatch.context() as mp:
+            mp.setattr(typer.main, "get_command", click_command)  # built once, as in one process of `pgraft`
             main()
         code = 0
     except SystemExit as exc:
