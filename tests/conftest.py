@@ -423,16 +423,16 @@ def torch_threads(n: int):
 
 
 def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 600):
-    """``accelerate launch`` (CPU, gloo) of ``python -m pgraft_cli ARGS`` on ``num_processes`` processes."""
-    import shutil
+    """``accelerate launch`` (CPU, gloo) of ``python -m pgraft_cli ARGS`` on ``num_processes`` processes;
+    the ``launch`` module itself, not the ``accelerate`` script, which imports every other subcommand
+    too (0.8 CPU s more)."""
     import socket
 
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     with socket.socket() as probe:  # a free port, not torchrun's fixed 29500: xdist workers launch side by side
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
          "--main_process_port", str(port),
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pgraft_cli", *args],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
