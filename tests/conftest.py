@@ -7,6 +7,7 @@ Folders are written with ``save_pretrained(safe_serialization=True)``, exactly a
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import json
 import os
@@ -22,6 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import typer.main  # noqa: E402
 
 TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
@@ -421,19 +423,29 @@ def torch_threads(n: int):
 
 
 def accelerate_launch(args: list[str], num_processes: int = 2, timeout: int = 600):
-    """``accelerate launch`` (CPU, gloo) of ``python -m pgraft_cli ARGS`` on ``num_processes`` processes."""
-    import shutil
+    """``accelerate launch`` (CPU, gloo) of ``python -m pgraft_cli ARGS`` on ``num_processes`` processes;
+    the ``launch`` module itself, not the ``accelerate`` script, which imports every other subcommand
+    too (0.8 CPU s more)."""
     import socket
 
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     with socket.socket() as probe:  # a free port, not torchrun's fixed 29500: xdist workers launch side by side
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
          "--main_process_port", str(port),
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pgraft_cli", *args],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+_GET_COMMAND = typer.main.get_command
+
+
+@functools.lru_cache(maxsize=None)
+def click_command(app: Any) -> Any:
+    """The click command of a typer ``app``: typer rebuilds it on every call of the app (~25 ms, each
+    command's signature and type hints read again); a ``pgraft`` process builds it once."""
+    return _GET_COMMAND(app)
 
 
 def cli_in_process(*args: str) -> tuple[tuple[str, str], int]:
@@ -446,7 +458,9 @@ def cli_in_process(*args: str) -> tuple[tuple[str, str], int]:
     out, err = io.StringIO(), io.StringIO()
     old, sys.argv = sys.argv, ["pgraft", *args]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                pytest.MonkeyPatch.context() as mp:
+            mp.setattr(typer.main, "get_command", click_command)  # built once, as in one process of `pgraft`
             main()
         code = 0
     except SystemExit as exc:

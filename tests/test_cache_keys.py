@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
+import typer.testing
+from conftest import click_command
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
@@ -237,7 +239,7 @@ def tiny_flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fast_runs(monkeypatch: pytest.MonkeyPatch):
     """Seconds that do not change a number: no report.html (it only renders the run directory's
-    artifacts), no fsync (durability), and the objects of the imported libraries kept out of
+    artifacts), no fsync (durability), the click command built once, and the objects of the imported libraries kept out of
     garbage collections."""
     import gc
     import os
@@ -246,6 +248,7 @@ def fast_runs(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(report, "render_report", lambda run_dir, run=None: Path(run_dir) / "report.html")
     monkeypatch.setattr(os, "fsync", lambda fd: None)
+    monkeypatch.setattr(typer.testing, "_get_command", click_command)  # built once, as in one process
     gc.collect()
     gc.freeze()
     yield

@@ -214,6 +214,19 @@ def test_finetune_learns_the_tilted_field_of_a_single_kept_state(tmp_path):
     assert sum(curve[-10:]) / 10 < 0.5 * sum(curve[:10]) / 10
 
 
+def test_a_cpu_finetune_runs_no_full_garbage_collection(tmp_path, monkeypatch):
+    """accelerate's ``free_memory`` is a ``gc.collect`` (0.1-0.5 s in a big process) and a device cache
+    flush: on the CPU the round's return frees as much, so it is not called there."""
+    import gc
+
+    cfg = FinetuneConfig(cutoff=0.5, steps=2, batch_size=4, learning_rate=1e-3, checkpoint_every=100)
+    model = load_model("digits")
+    monkeypatch.setattr(gc, "collect", lambda *a: pytest.fail("gc.collect() in a CPU fine-tune"))
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        result = run_finetune(model, _kept(4), cfg, store, bar)
+    assert result["steps"] == 2 and len(result["loss_curve"]) == 2
+
+
 def test_gradient_accumulation_and_bf16_mixed_precision_train(tmp_path):
     kept = _kept(16)
     for name, extra in (("accum", {"grad_accum": 2}), ("bf16", {"mixed_precision": "bf16"})):

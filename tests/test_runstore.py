@@ -277,6 +277,35 @@ def test_corrupted_shard_is_not_done(tmp_path):
         assert stage.done_shards() == [0, 1, 2]
 
 
+def test_only_files_without_a_checksum_are_fsynced(tmp_path, monkeypatch):
+    """Shards and their checksums skip fsync (a shard a power loss damaged fails ``shard_done`` and is
+    redone, as above); the manifest and plain atomic files are fsynced, file and directory."""
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    with RunStore(tmp_path) as store:
+        stage = store.open_stage("s", {}, {}, num_shards=2)
+        synced.clear()
+        fill(stage, [0, 1])
+        assert synced == [] and stage.done_shards() == [0, 1]
+        stage.finish([stage.shard_path(0), stage.shard_path(1)])
+        assert len(synced) == 2  # the manifest and its directory
+        atomic_write_text(tmp_path / "a.txt", "a")
+        assert len(synced) == 4 and stage.done
+
+
+def test_versions_are_read_once_per_process(monkeypatch):
+    """The installed versions in each provenance entry are read once (a metadata file per package)."""
+    import importlib.metadata
+
+    from pgraft_cli.io import runstore
+
+    first = runstore.versions()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: pytest.fail(f"{name} read again"))
+    again = runstore.versions()
+    again["torch"] = "changed"  # a caller's copy: the next caller still sees the installed versions
+    assert runstore.versions() == first and first["torch"] and first["python"]
+
+
 def test_shard_without_checksum_or_with_a_bad_one_is_not_done(tmp_path):
     with RunStore(tmp_path) as store:
         stage = store.open_stage("s", {}, {}, num_shards=3)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -54,11 +55,14 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
 
     Readers see either the old file or the whole new one, never a partial write. On error the
-    temporary file is removed and ``path`` is untouched.
+    temporary file is removed and ``path`` is untouched. ``durable=False`` skips the two fsyncs
+    (file and directory, ~4 ms each on a disk) for files checked against a recorded checksum
+    before use (shards): after a power loss such a file is redone, never read wrong; a killed
+    process still leaves the old file or the whole new one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,23 +71,25 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: Path | str, data: bytes, durable: bool = True) -> None:
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path | str, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), durable)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -204,7 +210,13 @@ class Dist(NamedTuple):
 
 
 def versions() -> dict[str, Optional[str]]:
-    """Installed versions of the packages a run depends on (None where one is not installed)."""
+    """Installed versions of the packages a run depends on (None where one is not installed); read
+    once per process (each read parses a package's metadata file, ~1.5 ms)."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, Optional[str]]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -474,10 +486,13 @@ class StageRun:
 
     @contextlib.contextmanager
     def write_shard(self, index: int) -> Iterator[Path]:
-        """Yield a temp path to write shard ``index`` to; it is committed atomically on success."""
-        with atomic_path(self.shard_path(index)) as tmp:
+        """Yield a temp path to write shard ``index`` to; it is committed atomically on success.
+
+        Neither the shard nor its checksum is fsynced: ``shard_done`` trusts a shard only where both
+        were written whole and agree, so a shard that a power loss damaged is computed again."""
+        with atomic_path(self.shard_path(index), durable=False) as tmp:
             yield tmp
-        atomic_write_text(self._sum_path(index), sha256_file(self.shard_path(index)))
+        atomic_write_text(self._sum_path(index), sha256_file(self.shard_path(index)), durable=False)
 
     def finish(self, outputs: list[Path], extra: Optional[dict[str, Any]] = None) -> None:
         """Record the stage as done with its outputs' checksums (main process)."""

@@ -248,7 +248,8 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
               save=store.is_main, on_step=on_step if log is not None else None)
     network = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     network.eval().requires_grad_(False)
-    accelerator.free_memory()
+    if device.type != "cpu":  # a full gc.collect (0.1-0.5 s) and the device cache; on the CPU the return frees as much
+        accelerator.free_memory()
     result = {"round": round_index, "steps": cfg.steps, "t_c": t_c, "kept": len(y), "lora": lora,
               "trainable_parameters": sum(p.numel() for p in run.params), **run.summary()}
     if store.is_main:
