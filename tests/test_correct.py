@@ -687,3 +687,14 @@ def test_a_flow_corrector_from_the_gaussian_source_starts_there_saves_loads_and_
     torch.nn.init.zeros_(corrector.network.conv_out.weight)
     torch.nn.init.zeros_(corrector.network.conv_out.bias)
     torch.testing.assert_close(corrector(e), colour(e, mean, chol), rtol=0, atol=1e-5)
+
+
+def test_a_gaussian_source_with_too_few_images_names_the_source_key(tmp_path):
+    # the flow's Gaussian source needs more images than dimensions; the error named corrector = "flow" (already set)
+    rec = load_recipe("inverse-noise", ["correct.corrector_source=gaussian", "correct.corrector_train_steps=2",
+                                        "correct.corrector_batch_size=8", "correct.corrector_channels=[8, 16]"])
+    noises = torch.randn(100, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with RunStore(tmp_path / "run") as store, progress(False) as bar:
+        with pytest.raises(PgraftError, match='corrector_source = "normal"') as err:
+            run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
+    assert "100 of dimension 256" in str(err.value) and "corrector = " not in str(err.value)

@@ -145,20 +145,20 @@ def test_the_pooled_text_embedding_skips_t5_and_equals_the_pooled_part_of_encode
 def test_loaded_text_encoders_hold_aligned_weights_so_a_prompt_encodes_the_same_from_any_file(tiny_sdxl_dir):
     # one prompt at a time runs the CPU's matrix-vector kernels, whose rounding follows the weights'
     # alignment: a folder's memory map puts tensors at any 4-byte offset (its pooled embedding differed
-    # from the single file's by 2.4e-7 before); every text encoder weight is 64-byte aligned after loading
-    from pgraft_cli.io.checkpoints import _align_weights
+    # from the single file's by 2.4e-7 before); every text encoder weight is 64-byte aligned once a prompt was encoded on the CPU
+    from pgraft_cli.models.loaded import align_weights
 
     model = load_model(str(tiny_sdxl_dir))
     encoder = model.pipeline.text_encoder_2
-    assert all(p.data_ptr() % 64 == 0 for e in (model.pipeline.text_encoder, encoder) for p in e.parameters())
     with torch.inference_mode():
         want = model.encode(["a red cube"], None, guidance_scale=3.0).pooled
+    assert all(p.data_ptr() % 64 == 0 for e in (model.pipeline.text_encoder, encoder) for p in e.parameters())
     for param in encoder.parameters():  # the same values at an odd offset, as a memory map may place them
         flat = torch.empty(param.numel() + 1)[1:]
         flat.copy_(param.data.reshape(-1))
         param.data = flat.view(param.shape)
     assert any(p.data_ptr() % 64 for p in encoder.parameters())
-    _align_weights(encoder)
+    align_weights(encoder)
     assert all(p.data_ptr() % 64 == 0 for p in encoder.parameters())
     with torch.inference_mode():
         assert torch.equal(model.encode(["a red cube"], None, guidance_scale=3.0).pooled, want)

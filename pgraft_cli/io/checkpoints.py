@@ -590,22 +590,6 @@ def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, sourc
     return _from_pipeline(pipe, source, source_kind, kind, identity or identity_of(path))
 
 
-def _align_weights(module: Optional[nn.Module], alignment: int = 64) -> None:
-    """Give every parameter of ``module`` whose data is not ``alignment``-byte aligned its own aligned copy.
-
-    A text encoder runs one prompt at a time (``LoadedModel.encode``), and the CPU's matrix-vector
-    kernels round differently with the weights' alignment: a folder's safetensors memory map places a
-    tensor at any 4-byte offset, a single file's converted weights are freshly allocated, so the same
-    prompt's pooled embedding differed in its last bits between the two. Aligned copies make a prompt's
-    encoding depend on the weights' values only (text encoders are small beside the denoiser).
-    """
-    if module is None:
-        return
-    for param in module.parameters():
-        if param.data_ptr() % alignment:
-            param.data = param.data.clone()
-
-
 def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity: str) -> LoadedModel:
     network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     model_class = type(network).__name__
@@ -624,8 +608,6 @@ def _from_pipeline(pipe: Any, source: str, source_kind: str, kind: str, identity
         )
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        _align_weights(getattr(pipe, name, None))
     return _assemble(network, model_class, model_config, scheduler_config, kind, source, source_kind,
                      identity, pipeline=pipe if (hasattr(pipe, "vae") or hasattr(pipe, "text_encoder")) else None)
 

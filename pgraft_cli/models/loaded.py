@@ -32,6 +32,23 @@ VAE_SLICE_ABOVE = 512 * 512  # pixels per image above which the VAE decodes a ba
 VAE_TILE_ABOVE = 1024 * 1024  # and above which it decodes in overlapping tiles (diffusers' tiling)
 
 
+def align_weights(module: Optional[nn.Module], alignment: int = 64) -> None:
+    """Give every parameter of ``module`` whose data is not ``alignment``-byte aligned its own aligned copy.
+
+    A text encoder runs one prompt at a time (``LoadedModel.encode``), and the CPU's matrix-vector
+    kernels round differently with the weights' alignment: a folder's safetensors memory map places a
+    tensor at any 4-byte offset, a single file's converted weights are freshly allocated, so the same
+    prompt's pooled embedding differed in its last bits between the two. Aligned copies make a prompt's
+    encoding depend on the weights' values only. Done on the CPU only (a GPU copy is aligned anyway),
+    at the first encoding, so a run that moves its encoders to a GPU never copies them on the host.
+    """
+    if module is None:
+        return
+    for param in module.parameters():
+        if param.data_ptr() % alignment:
+            param.data = param.data.clone()
+
+
 @dataclass
 class LoadedModel:
     """Everything pgraft knows about one model after loading it."""
@@ -169,6 +186,7 @@ class LoadedModel:
         if self.conditioning != "text":
             return Cond()
         assert prompts is not None and self.pipeline is not None
+        self._align_text_encoders()
         unique, which = distinct(prompts)
         cfg = self.guided and guidance_scale > 1.0
         cond = Cond.gather([self.adapter.encode_text(self.pipeline, [p], device, cfg and k == 0, self.sample_shape)
@@ -180,6 +198,7 @@ class LoadedModel:
     def pooled_text(self, prompts: list[str]) -> Tensor:
         """Each prompt's pooled text embedding (``Family.pooled_text``): the text corrector's input,
         each distinct prompt encoded alone (as in ``encode``, so a row never depends on its batch)."""
+        self._align_text_encoders()
         unique, which = distinct(prompts)
         parts = [self.adapter.pooled_text(self.pipeline, [p], self.device, self.sample_shape) for p in unique]
         pooled = None if parts[0] is None else torch.cat(parts)[torch.tensor(which, device=parts[0].device)]
@@ -187,6 +206,12 @@ class LoadedModel:
             raise PgraftError(f"{self.source} ({self.family}) has no pooled text embedding for a text-conditioned "
                               f"corrector; SD 1.x/2.x, SDXL, SD3 and Flux have one")
         return pooled.float()
+
+    def _align_text_encoders(self) -> None:
+        """On the CPU, give the text encoders' weights 64-byte aligned storage (``align_weights``), once."""
+        if self.device.type == "cpu":
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                align_weights(getattr(self.pipeline, name, None))
 
     # -- the network in pgraft's convention -----------------------------------------------------
     def network_at(self, t: Tensor) -> nn.Module:

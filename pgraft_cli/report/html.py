@@ -346,7 +346,7 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any], 
     corrector = _kv([("corrector", info.get("kind")), ("parameters", f"{info['parameters']:,}" if info.get("parameters") else None),
                      ("final loss", _f(info.get("final_loss"))), ("base steps", corr.get("steps")),
                      ("fitted to the base in", info.get("fitted_precision")),
-                     ("corrector steps", (corr.get("nfe") or 0) - (corr.get("steps") or 0) or None)])
+                     ("corrector network calls", (corr.get("nfe") or 0) - (corr.get("steps") or 0) or None)])
     sections.append(("Corrector", corrector + _loss_plot([("corrector", s.get("loss_curve") or [], steps)],
                                                          "corrector flow-matching loss")))
     return sections

@@ -364,7 +364,12 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         raise PgraftError(f'correct.corrector = "mlp" takes no {kind} condition; use flow, gaussian or gaussian-diag '
                           f'for a {kind}-conditioned model')
     # the Gaussian source: the inverted noises' mean and covariance, so the flow learns only the rest
-    source = tuple(v.float() for v in fit_gaussian(noises)) if cfg.corrector_source == "gaussian" else None
+    try:
+        source = tuple(v.float() for v in fit_gaussian(noises)) if cfg.corrector_source == "gaussian" else None
+    except PgraftError:
+        raise PgraftError(f"correct.corrector_source = \"gaussian\" fits a full covariance, which needs more images "
+                          f"than dimensions (got {len(noises)} of dimension {noises[0].numel()}); invert more images "
+                          f"or set correct.corrector_source = \"normal\"") from None
     extra = {"num_class_embeds": num} if kind == "class" else {"class_embed_type": "identity"} if kind == "text" else {}
     projection = None  # text: the pooled embedding, projected to the time embedding's width, added to it
     torch.manual_seed(cfg.seed)

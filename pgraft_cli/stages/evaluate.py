@@ -302,8 +302,8 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
     if corrector is not None:
         flow = corrector.network is not None  # a flow corrector integrates its own network; a Gaussian is one map
         calls["corrector_call"] = measure_flops(lambda: corrector.velocity(x, t)) if flow else corrector.map_flops()
-        calls["corrector_steps"] = corrector.calls if flow else 1  # network calls (Heun: 2 a step)
-        parts["corrector"] = calls["corrector_steps"] * calls["corrector_call"]
+        calls["corrector_calls"] = corrector.calls if flow else 1  # network calls (Heun: 2 a step)
+        parts["corrector"] = calls["corrector_calls"] * calls["corrector_call"]
         if flow and corrector.mean is not None:  # its Gaussian source's colouring, once per image
             parts["corrector"] += corrector.map_flops()
         nfe += corrector.calls if flow else 0
