@@ -39,6 +39,20 @@ from pgraft_cli.stages.sample import resolve_lane  # noqa: E402
 from pgraft_cli.stages.train_loop import Training, train  # noqa: E402
 
 
+def parse_common(ap: argparse.ArgumentParser, out: str) -> argparse.Namespace:
+    """Add the options every corrector bench shares (--set, --out, --quiet) and parse."""
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "runs" / out)
+    ap.add_argument("--quiet", action="store_true")
+    return ap.parse_args()
+
+
+def digits_setup(a: argparse.Namespace):
+    """The inverse-noise recipe on ``a.images`` digits with ``a.sets``, the digits model, classifier features."""
+    rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}", *a.sets])
+    return rec, rec.correct, load_model("digits"), classifier_features()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", type=int, nargs="+", default=[0, 50, 100, 200, 400, 800, 1500])
@@ -46,15 +60,8 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=2000, help="samples per budget")
     ap.add_argument("--sample-steps", type=int, nargs="+", default=None,
                     help="the corrector's Euler steps when sampling, each measured at every budget (default: the recipe's)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, KEY=VALUE")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "runs" / "corrector-curve")
-    ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args()
-
-    rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}", *a.sets])
-    cfg = rec.correct
-    model = load_model("digits")
-    feats = classifier_features()
+    a = parse_common(ap, "corrector-curve")
+    rec, cfg, model, feats = digits_setup(a)
     refs = {name: reference(feats, iter_data(name, model.image_shape)) for name in ("digits-test", "digits-train")}
     budgets = sorted(set(a.budgets))
     rows = []

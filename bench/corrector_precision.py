@@ -24,15 +24,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import data_rows, iter_data  # noqa: E402
-from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
+from pgraft_cli.io.recipes import SampleConfig  # noqa: E402
 from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
 from pgraft_cli.stages.correct import run_invert, run_train_corrector  # noqa: E402
-from pgraft_cli.stages.evaluate import classifier_features, evaluate_model, reference  # noqa: E402
+from pgraft_cli.stages.evaluate import evaluate_model, reference  # noqa: E402
 from pgraft_cli.stages.sample import resolve_lane  # noqa: E402
+from corrector_curve import digits_setup, parse_common  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # the base network's autocast
 
@@ -41,15 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256, help="training digits to invert")
     ap.add_argument("--num", type=int, default=1000, help="samples per cell")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, KEY=VALUE")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "runs" / "corrector-precision")
-    ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args()
-
-    rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}", *a.sets])
-    cfg = rec.correct
-    model = load_model("digits")
-    feats = classifier_features()
+    a = parse_common(ap, "corrector-precision")
+    rec, cfg, model, feats = digits_setup(a)
     ref = reference(feats, iter_data("digits-test", model.image_shape))
     rows = data_rows("digits-train", model.image_shape).head(cfg.num_images)
     sample_cfg = resolve_lane(model, SampleConfig(num=a.num, seed=rec.evaluate.seed, steps=cfg.base_steps,
