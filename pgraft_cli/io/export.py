@@ -51,18 +51,16 @@ class Support:
     """What ``pgraft export`` writes for one model family (``Family.name``).
 
     ``lora``: the key prefix the family pipeline's ``load_lora_weights`` reads (None: it has none);
-    ``plain``: one network is the family's own diffusers pipeline; ``composed``: ``PgraftPipeline`` runs
-    its composed sampler (every family: pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt, DiT and Flux)."""
+    ``plain``: one network is the family's own diffusers pipeline (otherwise, and for anything composed,
+    ``PgraftPipeline``, which runs every family)."""
 
     lora: Optional[str]
     plain: bool
-    composed: bool
 
 
-SUPPORT = {"unet2d": Support("unet", False, True), "sd": Support("unet", True, True),
-           "sdxl": Support("unet", True, True), "sd3": Support("transformer", False, True),
-           "flux": Support("transformer", True, True), "pixart": Support(None, True, True),
-           "dit": Support(None, True, True)}
+SUPPORT = {"unet2d": Support("unet", False), "sd": Support("unet", True), "sdxl": Support("unet", True),
+           "sd3": Support("transformer", False), "flux": Support("transformer", True), "pixart": Support(None, True),
+           "dit": Support(None, True)}
 
 
 def support_of(model: LoadedModel) -> Support:
@@ -185,13 +183,7 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False, 
         raise ExportError(f"--format diffusers cannot write {model.source}: its corrector flow starts from a Gaussian "
                           f"source, which the exported pipeline does not carry; sample it with pgraft sample, or "
                           f"correct the base with correct.corrector_source = \"normal\" to export it")
-    support = support_of(model)
-    plain = one_network(model) and support.plain and model.pipeline is not None
-    if not plain and not support.composed:
-        what = "one network" if one_network(model) else "a composed sampler (corrector or cutoff > 0)"
-        raise ExportError(f"--format diffusers cannot write {model.source}, {what} of the {model.adapter.name} family "
-                          f"(the exported pipeline runs pixel UNets, SD 1.x/2.x, SDXL, SD3, PixArt, DiT and Flux); sample it with pgraft sample, "
-                          f"or export --format lora")
+    plain = one_network(model) and support_of(model).plain and model.pipeline is not None
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
                           "network that diffusers' load_lora_weights can take); drop --keep-adapter")
