@@ -481,3 +481,45 @@ def test_lora_under_bf16_trains_its_frozen_layers_in_bf16_with_the_same_bits_and
     frozen = {k: v for k, v in base.network.state_dict().items()}
     restored = {k.replace("base_layer.", ""): v for k, v in a.items() if "lora_" not in k}
     assert all(torch.equal(restored[k], frozen[k]) for k in frozen)  # ... with its original bits
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_a_finetune_encodes_each_prompt_once_and_trains_the_same_bits_as_encoding_every_step(
+        tmp_path, monkeypatch, request, fixture):
+    """The frozen text encoders give a prompt the same bits alone whatever the batch, so a fine-tune
+    encodes each distinct prompt once (``PromptCache``) and trains exactly as re-encoding every step."""
+    from pgraft_cli.stages import finetune
+
+    path = str(request.getfixturevalue(fixture))
+    y = torch.randn((12, *load_model(path).sample_shape), generator=torch.Generator().manual_seed(0))
+    kept = KeptSet(y=y, t_c=0.0, x0=y, prompts=["a cat", "a dog", "a red cube"] * 4)
+    cfg = FinetuneConfig(steps=4, batch_size=4, learning_rate=1e-2, lora_rank=2)
+    runs = {}
+    for budget in (0, finetune.PROMPT_CACHE_BYTES):  # 0: nothing fits, every step encodes its prompts
+        monkeypatch.setattr(finetune, "PROMPT_CACHE_BYTES", budget)
+        model = load_model(path)
+        calls: list[int] = []
+        model.pipeline.text_encoder.register_forward_pre_hook(lambda *a: calls.append(1))
+        with RunStore(tmp_path / str(budget)) as store, progress(False) as bar:
+            result = run_finetune(model, kept, cfg, store, bar)
+        runs[budget] = (result["loss_curve"], model.network.state_dict(), len(calls))
+    (curve_a, a, encoded_a), (curve_b, b, encoded_b) = runs.values()
+    assert encoded_b == 3 and encoded_a > 3 * 2  # once per prompt, against each step's distinct prompts
+    assert curve_a == curve_b
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(b[k].abs().max()) > 0 for k in b if "lora_B" in k)  # the adapter did train
+
+
+def test_the_prompt_cache_keeps_what_fits_its_budget_and_encodes_the_rest_each_time():
+    from pgraft_cli.models.loaded import Cond, PromptCache
+
+    def encoder(p: str):
+        return lambda: Cond(prompt_embeds=torch.full((1, 4, 8), float(len(p))), pooled=torch.ones(1, 8))
+
+    cache = PromptCache(max_bytes=(4 * 8 + 8) * 4)  # one prompt's embeddings and pooled vector, float32
+    for _ in range(3):
+        for p in ("cat", "a dog"):
+            part = cache.get((p, False), encoder(p))
+            assert torch.equal(part.prompt_embeds, torch.full((1, 4, 8), float(len(p))))
+    assert list(cache.parts) == [("cat", False)] and cache.held == cache.max_bytes
+    assert cache.encoded == 1 + 3  # "cat" once; "a dog" did not fit and was encoded each time

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from .corrector import NoiseCorrector, precision_label
 from .families import Cond, Conditioning, Family, family_for
 from .lora import lora_state, set_lora_enabled
 
-__all__ = ["Cond", "Conditioning", "LoadedModel", "base_only", "tuned_identity"]
+__all__ = ["Cond", "Conditioning", "LoadedModel", "PromptCache", "base_only", "tuned_identity"]
 VAE_SLICE_ABOVE = 512 * 512  # pixels per image above which the VAE decodes a batch image by image
 VAE_TILE_ABOVE = 1024 * 1024  # and above which it decodes in overlapping tiles (diffusers' tiling)
 
@@ -168,7 +168,8 @@ class LoadedModel:
     # -- conditioning ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: Optional[list[str]], class_labels: Optional[list[int]],
-               guidance_scale: float, distilled_guidance: Optional[float] = None) -> Cond:
+               guidance_scale: float, distilled_guidance: Optional[float] = None,
+               cache: Optional["PromptCache"] = None) -> Cond:
         """Conditioning for a batch: class labels, or prompts encoded by the pipeline's encoders.
 
         ``distilled_guidance`` is the guidance input of a guidance-distilled network (Flux dev).
@@ -176,7 +177,8 @@ class LoadedModel:
         (as diffusers' pipeline does for one prompt and ``num_images_per_prompt``); the empty negative
         prompt is encoded once. A row's conditioning is thus its prompt's alone, whatever else shares
         the batch: a pooled projection's (rows, width) matmul (SDXL, SD3) changes its last bits with
-        the number of rows on the CPU, so encoding several prompts together would not be.
+        the number of rows on the CPU, so encoding several prompts together would not be. So ``cache``
+        (a fine-tune's, whose text encoders stay frozen) can hand back a prompt's earlier encoding.
         """
         device = self.device
         if self.conditioning == "class":
@@ -189,7 +191,11 @@ class LoadedModel:
         self._align_text_encoders()
         unique, which = distinct(prompts)
         cfg = self.guided and guidance_scale > 1.0
-        cond = Cond.gather([self.adapter.encode_text(self.pipeline, [p], device, cfg and k == 0, self.sample_shape)
+
+        def part(k: int, p: str) -> Cond:
+            return self.adapter.encode_text(self.pipeline, [p], device, cfg and k == 0, self.sample_shape)
+
+        cond = Cond.gather([part(k, p) if cache is None else cache.get((p, cfg and k == 0), lambda k=k, p=p: part(k, p))
                             for k, p in enumerate(unique)], which)
         cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
         return cond
@@ -287,6 +293,39 @@ class LoadedModel:
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, C, H, W) to model space (latents for a pipeline with a VAE)."""
         return self.adapter.encode_images(self.vae, images * 2.0 - 1.0)
+
+
+@dataclass
+class PromptCache:
+    """Each distinct prompt's encoding (``LoadedModel.encode``'s part for it), computed once and reused.
+
+    Valid while the text encoders do not change (a fine-tune: they are frozen). It holds at most
+    ``max_bytes`` of tensors, on the device they were encoded on; prompts beyond that are encoded each
+    time they come, as without a cache.
+    """
+
+    max_bytes: int
+    parts: dict[tuple[str, bool], Cond] = field(default_factory=dict)
+    held: int = 0
+    encoded: int = 0  # calls of the text encoders (a prompt each)
+
+    def get(self, key: tuple[str, bool], encode: Callable[[], Cond]) -> Cond:
+        """The part cached under ``key`` (prompt, with the negative prompt), else ``encode()`` (kept if it fits)."""
+        if key in self.parts:
+            return self.parts[key]
+        part = encode()
+        self.encoded += 1
+        size = sum(v.nbytes for v in cond_tensors(part))
+        if self.held + size <= self.max_bytes:
+            self.parts[key], self.held = part, self.held + size
+        return part
+
+
+def cond_tensors(cond: Cond) -> list[Tensor]:
+    """Every tensor a conditioning holds (its fields and its ``extra`` inputs)."""
+    values = [cond.class_labels, cond.prompt_embeds, cond.negative_prompt_embeds, cond.pooled, cond.negative_pooled,
+              *cond.extra.values(), *cond.negative_extra.values()]
+    return [v for v in values if isinstance(v, Tensor)]
 
 
 def distinct(prompts: list[str]) -> tuple[list[str], list[int]]:

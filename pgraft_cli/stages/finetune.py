@@ -25,11 +25,12 @@ from ..errors import PgraftError, StoppedError
 from ..io.checkpoints import model_key
 from ..io.recipes import FinetuneConfig
 from ..io.runstore import RunStore, atomic_path, content_key, derive_seed
-from ..models.loaded import Cond, LoadedModel, base_only, tuned_identity
+from ..models.loaded import Cond, LoadedModel, PromptCache, base_only, tuned_identity
 from ..models.lora import add_lora, frozen_layers_in, lora_state, set_lora_enabled, set_lora_state
 from .train_loop import LoopConfig, Training, train
 
 STAGE = "finetune"
+PROMPT_CACHE_BYTES = 1 << 30  # encoded prompts a fine-tune keeps on its device (SD 1.x: 236 kB a prompt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,12 +138,14 @@ def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.O
     return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor, distilled_guidance: Optional[float]) -> Cond:
+def _conditions(model: LoadedModel, kept: KeptSet, idx: Tensor, distilled_guidance: Optional[float],
+                cache: Optional[PromptCache] = None) -> Cond:
     """The batch's conditioning, unguided: training fits the conditional branch only (see models.py);
-    a guidance-distilled network (Flux dev) trains at the distilled guidance its samples were drawn with."""
+    a guidance-distilled network (Flux dev) trains at the distilled guidance its samples were drawn with.
+    The frozen text encoders give a prompt the same bits every step, so ``cache`` encodes it once."""
     labels = kept.class_labels[idx].tolist() if kept.class_labels is not None else None
     prompts = [kept.prompts[i] for i in idx.tolist()] if kept.prompts is not None else None
-    return model.encode(prompts, labels, guidance_scale=1.0, distilled_guidance=distilled_guidance)
+    return model.encode(prompts, labels, guidance_scale=1.0, distilled_guidance=distilled_guidance, cache=cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +218,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
         raise PgraftError(f"finetune.batch_size ({cfg.batch_size}) is split across the {world} processes, so it must "
                           f"be a multiple of {world}; use --set finetune.batch_size={-(-cfg.batch_size // world) * world}")
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    prompts = PromptCache(PROMPT_CACHE_BYTES)  # the text encoders are never trained here
 
     def step_loss(step: int) -> Tensor:
         total = torch.zeros((), dtype=torch.float64, device=device)  # float64: as a Python float sum, no host sync
@@ -226,7 +230,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
             e = torch.randn((cfg.batch_size, *y.shape[1:]), generator=g)[mine]
             t = training_times(schedule, cfg.batch_size, max(cfg.cutoff, t_c), g)[mine]
             x_t, target = intermediate_target(schedule, y[idx].double(), e.double(), t, t_c)
-            cond = _conditions(model, kept, idx, distilled_guidance)
+            cond = _conditions(model, kept, idx, distilled_guidance, prompts)
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(net):
                 with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
