@@ -188,15 +188,17 @@ class LoadedModel:
         if self.conditioning != "text":
             return Cond()
         assert prompts is not None and self.pipeline is not None
-        self._align_text_encoders()
         unique, which = distinct(prompts)
         cfg = self.guided and guidance_scale > 1.0
+        keys = [(p, cfg and k == 0) for k, p in enumerate(unique)]
+        if cache is None or any(key not in cache.parts for key in keys):  # (a walk over the encoders' weights)
+            self._align_text_encoders()
 
-        def part(k: int, p: str) -> Cond:
-            return self.adapter.encode_text(self.pipeline, [p], device, cfg and k == 0, self.sample_shape)
+        def part(p: str, negative: bool) -> Cond:
+            return self.adapter.encode_text(self.pipeline, [p], device, negative, self.sample_shape)
 
-        cond = Cond.gather([part(k, p) if cache is None else cache.get((p, cfg and k == 0), lambda k=k, p=p: part(k, p))
-                            for k, p in enumerate(unique)], which)
+        cond = Cond.gather([part(*key) if cache is None else cache.get(key, lambda key=key: part(*key))
+                            for key in keys], which)
         cond.guidance_scale, cond.distilled_guidance = guidance_scale, distilled_guidance
         return cond
 
