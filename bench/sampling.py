@@ -19,8 +19,9 @@ by batch (rotating the order), so bursts of load from other processes hit every 
    ``images_per_second`` (the sample stage only: noise, sampling, decode, shard writing).
 
 5. ``pgraft sampler, channels_last``: method 3 with the network's weights in channels_last memory
-   format (a measured alternative, not pgraft's path: its convolutions round differently, so the
-   bytes differ from the contiguous path's).
+   format: what ``pgraft sample`` runs on the CPU by default (``sample.memory_format = "auto"``,
+   ``stages.sample.network_memory_format``); method 3 is ``sample.memory_format = "contiguous"``, the
+   bytes of before (the convolutions round differently). The CLI rows run the default.
 6. ``pgraft sampler, torch.compile`` (``--compile``): method 3 with the network compiled by
    ``torch.compile`` (inductor, static shapes); the first call's seconds (the compile) are printed
    apart, and the largest difference from the eager path's samples (its kernels round differently).
@@ -347,7 +348,7 @@ def main() -> None:
     if args.lane != args.batch:
         factories[f"pgraft sampler (lane = {args.lane})"] = lambda steps: pgraft_sampler(model, steps, args.lane)
     nhwc = channels_last_copy(model)
-    cl_name = f"pgraft sampler, channels_last (lane = {args.lane}; other bytes)"
+    cl_name = f"pgraft sampler, channels_last (lane = {args.lane}; the CPU default)"
     factories[cl_name] = lambda steps: pgraft_sampler(nhwc, steps, args.lane)
     first = min(args.lane, args.num)
     cl_diff = (pgraft_sampler(nhwc, args.steps, args.lane)(noise, 0, first)

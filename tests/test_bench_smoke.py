@@ -42,3 +42,13 @@ def test_text_sampling_bench_runs_tiny(tmp_path, monkeypatch, capsys):
     assert all(r["stage_s"] >= r["work_s"] > 0 and r["ratio"] > 0 for r in rows.values())
     assert result["batch_independent"] is True
     assert "ratio" in capsys.readouterr().out
+
+
+def test_cpu_lanes_bench_times_both_memory_formats_through_the_stage_code(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cpu_lanes.py", "--num", "4", "--steps", "1", "--lanes", "4", "--formats",
+                                      "contiguous", "channels_last", "--rounds", "1", "--invert", "2"])
+    runpy.run_path(str(BENCH / "cpu_lanes.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| 4 | contiguous |" in out and "| 4 | channels_last |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| channels_last |")]
+    assert len(rows) == 1 and float(rows[0].split("|")[4]) > 8  # network calls per image: solver + 8 round trip

@@ -118,6 +118,25 @@ def test_inversion_drops_and_counts_images_above_the_per_image_limit(tmp_path):
     assert stats["dropped"] == 2 and stats["used"] == 6 and len(kept) == 6
 
 
+def test_inversion_runs_the_base_in_the_sampling_memory_format_keyed_and_given_back(tmp_path):
+    """The invert stage runs the base as sampling does (channels_last on the CPU by default, keyed), the
+    same bytes on a rerun, contiguous noises to rounding, and the network's weights contiguous after."""
+    rec = load_recipe("inverse-noise", ["correct.base_steps=4", "correct.invert_shard_size=8"])
+    model = load_model("digits")
+    images, _ = load_digits()
+    out = {}
+    for name, fmt in (("auto", "auto"), ("again", "auto"), ("contiguous", "contiguous")):
+        with RunStore(tmp_path / name) as store, progress(False) as bar:
+            kept, _, _ = run_invert(model, images[:8], rec.correct, 8, store, bar, memory_format=fmt)
+            entry = store.read_manifest()["stages"]["invert"]
+        out[name] = kept, entry["key"], entry["config"]["memory_format"]
+        assert all(p.is_contiguous() for p in model.network.parameters())
+    (auto, key, used), (again, key_again, _), (contiguous, key_contiguous, _) = out.values()
+    assert used == "channels_last" and key == key_again != key_contiguous
+    assert torch.equal(auto, again)
+    torch.testing.assert_close(auto, contiguous, rtol=0, atol=0.05)  # the ill-conditioned last step amplifies rounding
+
+
 def test_inversion_fails_in_one_line_when_too_many_images_are_dropped(tmp_path):
     with pytest.raises(PgraftError) as err:
         _invert_digits(tmp_path, "a", "correct.max_reconstruction_rms=1e-9")

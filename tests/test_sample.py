@@ -268,3 +268,72 @@ def test_compile_is_an_opt_in_keyed_apart_with_the_eager_images_to_rounding(unet
     assert key_on != key_off  # other last bits: never served from the eager run's cache
     torch.testing.assert_close(on["samples"], off["samples"], rtol=0, atol=1e-4)
     assert (on["images"].int() - off["images"].int()).abs().max() <= 1
+
+
+class _NoBar:
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+
+def _four_d_layouts(model) -> set[str]:
+    """The layouts of the network's convolution weights (those where the two formats differ in memory)."""
+    import torch
+
+    return {"channels_last" if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() else
+            "contiguous" for p in model.network.parameters() if p.dim() == 4 and p.shape[1] > 1 and p[0, 0].numel() > 1}
+
+
+def test_memory_format_auto_is_channels_last_for_the_measured_families_on_the_cpu_only():
+    from types import SimpleNamespace
+
+    import torch
+
+    from pgraft_cli.stages.sample import CHANNELS_LAST_FAMILIES, resolve_memory_format
+
+    def model(cls, device):
+        return SimpleNamespace(model_class=cls, device=torch.device(device))
+
+    assert "UNet2DModel" in CHANNELS_LAST_FAMILIES
+    assert resolve_memory_format(model("UNet2DModel", "cpu"), "auto") == "channels_last"
+    assert resolve_memory_format(model("UNet2DModel", "cuda"), "auto") == "contiguous"  # not measured there
+    assert resolve_memory_format(model("SD3Transformer2DModel", "cpu"), "auto") == "contiguous"  # no convolutions
+    for fixed in ("contiguous", "channels_last"):
+        assert resolve_memory_format(model("SD3Transformer2DModel", "cuda"), fixed) == fixed
+
+
+def test_channels_last_is_the_cpu_default_keyed_apart_same_seed_same_bytes(tmp_path, monkeypatch):
+    """The default on the CPU runs the digits UNet with channels_last weights (and gives them back
+    contiguous: training sees the layout it always had); its shards are keyed apart from contiguous
+    ones, a rerun in a fresh run directory gives the same bytes, and contiguous differs by rounding only."""
+    from dataclasses import replace
+
+    import torch
+
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.recipes import SampleConfig
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.models.loaded import LoadedModel
+    from pgraft_cli.stages.sample import Conditions, run_sample
+
+    model = load_model("digits")
+    seen, call = [], LoadedModel._call
+    monkeypatch.setattr(LoadedModel, "_call", lambda self, *a: seen.append(_four_d_layouts(self)) or call(self, *a))
+    runs = {}
+    for name, fmt in (("auto", "auto"), ("again", "auto"), ("contiguous", "contiguous")):
+        seen.clear()
+        with RunStore(tmp_path / name) as store:
+            result = run_sample(model, replace(SampleConfig(num=5, steps=2, batch_size=5, lane=5), memory_format=fmt),
+                                Conditions(), store, _NoBar())
+            runs[name] = (load_file(str(result.shards[0])), store.read_manifest()["stages"]["sample"]["key"],
+                          result.settings["memory_format"])
+        assert seen and all(s == {"channels_last" if fmt == "auto" else "contiguous"} for s in seen)
+        assert _four_d_layouts(model) == {"contiguous"}  # given back after the stage
+    (auto, key, used), (again, key_again, _), (contiguous, key_contiguous, used_contiguous) = runs.values()
+    assert used == "channels_last" and used_contiguous == "contiguous"
+    assert key == key_again and key != key_contiguous  # cached shards never mix formats
+    assert all(torch.equal(auto[k], again[k]) for k in auto)  # same seed, same bytes
+    torch.testing.assert_close(auto["samples"], contiguous["samples"], rtol=0, atol=1e-4)
+    assert (auto["images"].int() - contiguous["images"].int()).abs().max() <= 1

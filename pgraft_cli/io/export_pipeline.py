@@ -26,7 +26,10 @@ The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x
   Gaussian's mean is ``mean + c W``; the flow's network gets ``projection(c)`` as its class embedding.
 
 The maths repeats pgraft's core/samplers.py on purpose (this file travels alone); the export tests
-pin it to ``pgraft sample`` to 1e-5.
+pin it to ``pgraft sample`` to 1e-5. The networks run in the memory format their weights were loaded in
+(contiguous): ``pgraft sample``'s ``sample.memory_format`` (channels_last on the CPU for a UNet2DModel) is not
+recorded or applied here; it moves the last bits only (``pipe.unet.to(memory_format=torch.channels_last)``
+does the same).
 """
 
 from __future__ import annotations

@@ -52,6 +52,12 @@ class SampleConfig:
     on the CPU (a small run does no padded work), a divisor of ``batch_size`` when there are several shards, and on a GPU at most
     what fits its free memory; the lane used is written to the run's settings. A fixed ``lane = N``
     keeps an image's bytes independent of ``num`` too; raise it for throughput on a GPU.
+
+    ``memory_format``: the layout of the base network's convolution weights while it runs forward only
+    (sampling, inversion, evaluation; training stays contiguous). ``"auto"`` picks ``"channels_last"``
+    on the CPU for the families measured faster there (``stages.sample.CHANNELS_LAST_FAMILIES``), else
+    ``"contiguous"``; the format used is in the run's settings and keys (its convolutions round
+    differently, so it changes an image's last bits: ``"contiguous"`` gives the bytes of before).
     """
 
     num: int = 64
@@ -65,6 +71,7 @@ class SampleConfig:
     capture_at: Optional[float] = None
     # torch.compile the network for the stage: faster after minutes of compiling, other last bits
     compile: bool = False
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
 
     def validate(self) -> None:
         _positive(self, "sample", "num", "steps", "batch_size", *(() if self.lane == "auto" else ("lane",)))

@@ -54,7 +54,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
         with verb.timed("inversion"):
             noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale,
-                                           auto_lane=rec.sample.lane == "auto")
+                                           auto_lane=rec.sample.lane == "auto", memory_format=rec.sample.memory_format)
         conds = corrector_conditions(loaded, rows.labels[keep] if loaded.conditioning == "class" else None,
                                      [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
                                      lane)
@@ -70,7 +70,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane,
-                                guidance_scale=rec.sample.guidance_scale)
+                                guidance_scale=rec.sample.guidance_scale, memory_format=rec.sample.memory_format)
         # text models are evaluated on the data's captions (image i: caption i mod P); class models by i mod C
         prompts = Conditions(prompts=list(dict.fromkeys(rows.captions))) if loaded.conditioning == "text" else None
         fid_data, refs, notes = None, {}, [fid_skipped(rec.evaluate.features, True)]

@@ -68,7 +68,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
     mismatch = [n for n in [precision_note(loaded)] if n]  # said in the results; `notes` alone says FID is skipped
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
-                            batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+                            batch_size=rec.sample.batch_size, lane=rec.sample.lane, memory_format=rec.sample.memory_format)
     eval_cfg.guidance_scale = rec.sample.guidance_scale
     run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
                                                          "steps": eval_steps, "prompts": cond.prompts})

@@ -38,7 +38,7 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text)
 from ..models.loaded import LoadedModel
-from .sample import resumed_lane
+from .sample import network_memory_format, resolve_memory_format, resumed_lane
 from .train_loop import LoopConfig, Training, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
@@ -130,13 +130,14 @@ def check_correctable(model: LoadedModel, cfg: CorrectConfig, labels: Optional[T
 
 def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
                store: RunStore, bar: Any, dist: Dist = Dist(), guidance_scale: float = 1.0,
-               auto_lane: bool = False) -> tuple[Tensor, dict[str, Any], Tensor]:
+               auto_lane: bool = False, memory_format: str = "auto") -> tuple[Tensor, dict[str, Any], Tensor]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises, stats and
     which images were kept (a mask).
 
     A conditioned model inverts each image under its own condition (``DataRows.labels`` or
     ``.captions``), with ``guidance_scale`` where the model is guided. An ``auto_lane`` (picked from
-    free memory) gives way to the lane of the shards being resumed (``sample.resumed_lane``).
+    free memory) gives way to the lane of the shards being resumed (``sample.resumed_lane``). The base
+    network runs in ``memory_format`` (``sample.memory_format``, resolved and keyed as sampling does).
 
     ``images`` is a tensor or :class:`DataRows`: only the rows of shards not done are read, and the
     stage key hashes the rows batch by batch, so memory holds one shard of data, not the data set.
@@ -151,7 +152,7 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     check_correctable(model, cfg, labels, captions)
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
-    config = {**invert_config(cfg), "lane": lane}
+    config = {**invert_config(cfg), "lane": lane, "memory_format": resolve_memory_format(model, memory_format)}
     if model.autocast is not None:  # the network ran under autocast (model.autocast), as it samples
         config["autocast"] = str(model.autocast)
     inputs = {"model": model_key(model), "data": rows_digest(images)}
@@ -177,7 +178,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         prompts = list(captions[rows]) if model.conditioning == "text" else None
         return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n), classes, prompts, guidance_scale)
 
-    stage = store.run_sharded("invert", config, inputs, num_shards, work, dist, todo=todo, stamp=True)
+    with network_memory_format(model, config["memory_format"]):
+        stage = store.run_sharded("invert", config, inputs, num_shards, work, dist, todo=todo, stamp=True)
     per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
     stats = inversion_stats(per_image, kept, cfg)
     if stats["dropped"] > cfg.max_dropped_fraction * stats["num"]:

@@ -414,7 +414,7 @@ def evaluate_pair(model: LoadedModel, recipe: Any, reward: Any, cond: Any, featu
     cfg = SampleConfig(num=recipe.evaluate.num, seed=recipe.evaluate.seed,
                        steps=recipe.evaluate.steps or recipe.sample.steps, batch_size=recipe.sample.batch_size,
                        lane=recipe.sample.lane, guidance_scale=recipe.sample.guidance_scale,
-                       distilled_guidance=recipe.sample.distilled_guidance)
+                       distilled_guidance=recipe.sample.distilled_guidance, memory_format=recipe.sample.memory_format)
     common = dict(kid_subsets=recipe.evaluate.kid_subsets, real_features=refs.get(fid_data) if fid_data else None,
                   also_against={k: v for k, v in refs.items() if k != fid_data}, cond=cond, reward=reward,
                   notes=notes)

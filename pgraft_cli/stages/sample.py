@@ -167,6 +167,38 @@ def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
     return replace(cfg, lane=choose_lane(cfg.num, cfg.batch_size, memory_lane_cap(model, cfg.guidance_scale)))
 
 
+# The network classes whose forward runs faster with channels_last weights on the CPU, measured through
+# the stage code (bench/cpu_lanes.py --formats); the corrector's small UNet and training are slower.
+CHANNELS_LAST_FAMILIES = ("UNet2DModel",)
+
+
+def resolve_memory_format(model: LoadedModel, memory_format: str) -> str:
+    """The layout ``sample.memory_format`` names: ``"auto"`` is ``"channels_last"`` on the CPU for a
+    network class in ``CHANNELS_LAST_FAMILIES``, else ``"contiguous"``; a fixed format is kept."""
+    if memory_format != "auto":
+        return memory_format
+    fast = model.device.type == "cpu" and model.model_class in CHANNELS_LAST_FAMILIES
+    return "channels_last" if fast else "contiguous"
+
+
+@contextlib.contextmanager
+def network_memory_format(model: LoadedModel, memory_format: str) -> Iterator[None]:
+    """For a forward-only stage, the base and tuned networks' 4-D weights in ``memory_format``, and
+    contiguous again afterwards (training, and the stages after it, see the layout they always had).
+
+    Only the weights move: a convolution runs channels_last when its weight is (oneDNN), and its
+    output carries the layout on to the next layer, so the sampler's tensors need no conversion.
+    """
+    nets = [net for net in (model.network, model.tuned) if net is not None] if memory_format == "channels_last" else []
+    for net in nets:
+        net.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for net in nets:
+            net.to(memory_format=torch.contiguous_format)
+
+
 @contextlib.contextmanager
 def compiled_networks(model: LoadedModel, on: bool) -> Iterator[None]:
     """With ``sample.compile``, the model's networks ``torch.compile``d (inductor, static shapes) for
@@ -251,6 +283,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     """Run (or resume) the sample stage in ``store``; this process does shards ``k % P == rank``."""
     check_conditions(model, cond)
     auto, cfg = cfg.lane == "auto", resolve_lane(model, cfg)
+    cfg = replace(cfg, memory_format=resolve_memory_format(model, cfg.memory_format))  # keyed as used
     inputs = {"model": model_key(model)}
     if auto:  # a resume keeps the lane its shards were made with
         cfg = replace(cfg, lane=resumed_lane(store, stage_name, stage_config(model, cfg, cond), inputs, cfg.lane))
@@ -274,7 +307,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
 
     start = time.perf_counter()
-    with compiled_networks(model, cfg.compile):
+    with network_memory_format(model, cfg.memory_format), compiled_networks(model, cfg.compile):
         stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
                                   Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True)
     shards = [stage.shard_path(k) for k in range(num_shards)]
