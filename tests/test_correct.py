@@ -579,19 +579,17 @@ def test_correct_inverts_a_diffusion_checkpoint_and_the_corrected_file_samples(t
 def test_correct_under_accelerate_with_two_processes_equals_one_process(tmp_path):
     """Inversion and evaluation split their shards across the processes; the corrector trains once;
     the summary and the corrected file are those of one process."""
-    from conftest import accelerate_launch
+    from conftest import forked_launch, torch_threads  # test_sample runs `accelerate launch` itself
 
     # two shards per stage, one per process: 16 inverted and 8 sampled images each
     args = ["correct", "digits", "--json", "--device", "cpu", *SMALL, "--set", "correct.invert_shard_size=16",
             "--set", "sample.batch_size=8"]
-    proc = accelerate_launch([*args, "--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.safetensors")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads(proc.stdout.strip().splitlines()[-1])
-    from conftest import torch_threads
-
-    with torch_threads(1):  # as each launched process
+    with torch_threads(1):  # as each launched process; first: the forks reuse its imports
         one = json.loads(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "one"), "--out",
                                              str(tmp_path / "one.safetensors")]).stdout.strip().splitlines()[-1])
+    proc = forked_launch([*args, "--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "two.safetensors")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
     writers = set()
     for stage in ("invert", "evaluate-base", "evaluate-corrected"):
         for path in sorted((tmp_path / "two" / stage).glob("shard-*.safetensors")):

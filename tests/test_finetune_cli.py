@@ -174,10 +174,12 @@ def test_text_model_lora_finetune_with_a_python_reward(tiny_sd_dir, tmp_path):
 def test_finetune_under_accelerate_with_two_processes_equals_one_process(tmp_path):
     """DDP on the CPU (gloo): sampling and scoring split by shard, training averages gradients; two
     rounds (the second samples from the first's fine-tune) give what one process gives."""
-    from conftest import accelerate_launch
+    from conftest import forked_launch, torch_threads  # test_sample runs `accelerate launch` itself
 
     args = ["finetune", "digits", "--cutoff", "0.5", "--json", "--device", "cpu", *SMALL, "--set", "finetune.rounds=2"]
-    proc = accelerate_launch([*args, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "t.safetensors")])
+    with torch_threads(1):  # as each launched process (the same summation order); first: the forks reuse its imports
+        one = _json(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "one"), "--out", str(tmp_path / "one.safetensors")]))
+    proc = forked_launch([*args, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "t.safetensors")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["kept"] for r in summary["rounds"]] == [8, 8]
@@ -187,10 +189,6 @@ def test_finetune_under_accelerate_with_two_processes_equals_one_process(tmp_pat
             with safe_open(str(tmp_path / "run" / stage / f"shard-{k:05d}.safetensors"), "pt") as f:
                 writers.append(f.metadata()["pgraft.process"])
         assert writers == ["0/2", "1/2"]
-    from conftest import torch_threads
-
-    with torch_threads(1):  # as each launched process: the same summation order
-        one = _json(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "one"), "--out", str(tmp_path / "one.safetensors")]))
     for two_round, one_round in zip(summary["rounds"], one["rounds"]):
         assert two_round["kept"] == one_round["kept"]
         assert two_round["finetune"]["final_loss"] == pytest.approx(one_round["finetune"]["final_loss"], rel=1e-5)

@@ -19,13 +19,9 @@ from pgraft_cli.errors import RunLockedError, RunStoreError
 from pgraft_cli.io.runstore import (MANIFEST, Dist, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
                                  content_key, sha256_file, stage_key, state_digest, tensor_digest)
 
-# One torch thread per process: on a small, busy CPU, two threads per process fight over the cores and
-# sampling gets ten times slower. Every run of a comparison gets the same setting.
-ENV = {"OMP_NUM_THREADS": "1", **os.environ, "COLUMNS": "80"}
-
-
 def cli(*args: str) -> subprocess.CompletedProcess:
-    """In this process, one torch thread (as ENV gives the killed subprocess): the same bytes as it."""
+    """In this process, one torch thread: on a small, busy CPU two threads per process fight over the cores
+    and sampling gets ten times slower; every run of a comparison (the killed fork too) gets the same."""
     return cli_run(*args)
 
 
@@ -447,22 +443,29 @@ def reference(tmp_path_factory):
     return root / "run", root / "out", summary
 
 
+def _sample_in_a_fork(run_dir: Path, out: Path) -> None:
+    (out.parent / "stderr.txt").write_text(cli(*sample_args(run_dir, out)).stderr)
+
+
 def test_kill_9_then_resume_gives_the_same_bytes(tmp_path, reference):
+    import multiprocessing
+
     _, ref_out, _ = reference
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "pgraft_cli", *sample_args(run_dir, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    # a process of its own to kill, forked from this one: without a new interpreter's start-up and imports
+    proc = multiprocessing.get_context("fork").Process(target=_sample_in_a_fork, args=(run_dir, out))
+    proc.start()
     deadline = time.monotonic() + 240
     try:
         while len(list((run_dir / "sample").glob("shard-*.sha256"))) < 2:
-            assert proc.poll() is None, f"sampling ended before it could be killed: {proc.stderr.read()[-2000:]}"
+            assert proc.is_alive(), f"sampling ended before it could be killed: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
             assert time.monotonic() < deadline, "no 2 shards within 240 s"
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        proc.join()
+    assert proc.exitcode == -signal.SIGKILL
 
     stage = status_json(run_dir)["sample"]
     assert stage["state"] == "partial", stage

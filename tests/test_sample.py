@@ -119,6 +119,33 @@ def test_accelerate_two_processes_match_one(tmp_path):
     assert writers == ["0/2", "1/2", "0/2"]
 
 
+@pytest.mark.parametrize("failure", ["crash", "error"])
+def test_forked_launch_fails_when_one_process_fails(tmp_path, monkeypatch, failure):
+    """conftest's ``forked_launch`` (the two-process runs test_correct and test_finetune_cli compare with one
+    process): a rank that raises, or ends in an ``error:`` line, fails the launch with its message; the
+    other rank, left waiting at the stage's barrier, is stopped."""
+    import os
+
+    import pgraft_cli.stages.sample as stage
+    from conftest import cli_run, forked_launch
+    from pgraft_cli.errors import PgraftError
+
+    real = stage.run_sample
+
+    def second_rank_fails(*args, **kwargs):
+        if os.environ.get("RANK") == "1":
+            raise (RuntimeError if failure == "crash" else PgraftError)("rank 1 failed here")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "run_sample", second_rank_fails)  # the forked ranks inherit the patch
+    args = ["sample", "digits", "--num", "4", "--steps", "1", "--batch-size", "2", "--quiet"]
+    assert cli_run(*args, "--run-dir", tmp_path / "one").returncode == 0  # (and the forks reuse its imports)
+    proc = forked_launch([*args, "--run-dir", str(tmp_path / "two")], timeout=120)
+    assert proc.returncode == (1 if failure == "crash" else 2), proc
+    assert "rank 1 failed here" in proc.stderr
+    assert ("Traceback" in proc.stderr) == (failure == "crash")
+
+
 def test_the_cli_tunes_glibc_malloc_where_it_can():
     import platform
 
