@@ -15,6 +15,13 @@ at 8 base steps, its FID measured against held-out ``digits-test`` with the bund
 features (the main job's protocol). The inversion (the recipe's, all 1078 training digits, or
 ``--images``) is cached under ``--out``; ``--use N`` trains every variant on its first N noises. Prints one row per variant: training steps x batch, the
 corrector's network calls per sample, training seconds, FID per seed and their mean, load average.
+
+``--inversions "default;correct.inversion_tol_last~0.01"`` repeats all that per inversion setting
+(recipe overrides, parts by ``:``; each cached in its own ``--out``-suffixed run directory) and
+prints, per setting, the inversion's network calls per image (per grid step, the data's step first,
+round trip excluded), round-trip RMS mean / max and dropped images:
+
+    OMP_NUM_THREADS=1 python bench/corrector_kinds.py unet --seeds 1 2 3 --inversions "default;correct.inversion_tol_last~0.01"
 """
 import argparse
 import os
@@ -70,61 +77,85 @@ ap.add_argument("--use", type=int, default=0,
                 help="train on the first N inverted noises only (0 = all; the inversion is per image, so this is "
                      "the inversion of correct.num_images = N at a fraction of its cost)")
 ap.add_argument("--out", default="bench/runs/curve-mlp")
+ap.add_argument("--inversions", default="default", help="inversion settings, ';'-separated (see above)")
 a = ap.parse_args()
 variants = a.variants.split(";")
-rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}"])
 model = load_model("digits")
 feats = classifier_features()
 ref = reference(feats, iter_data("digits-test", model.image_shape))
-lane = resolve_lane(model, SampleConfig(num=rec.correct.invert_shard_size, batch_size=rec.correct.invert_shard_size)).lane
-rows = []
-with RunStore(a.out) as store, progress(False) as bar:
-    tic = time.perf_counter()
-    noises, inv, _ = run_invert(model, data_rows("digits-train", model.image_shape).head(a.images), rec.correct, lane, store, bar)
-    print(f"inversion: {inv['used']} of {inv['num']} images, {inv['iterations_mean']:.1f} calls per image, "
-          f"{time.perf_counter() - tic:.1f} s (0 when cached), load {os.getloadavg()[0]:.1f}", flush=True)
-    noises = noises[:a.use] if a.use else noises
-    mean, chol = fit_gaussian(noises)
-    for v in variants:
-        name, *sets = v.split(":")
-        tic = time.perf_counter()
-        kind = name.split("-")[0]
-        budget = "-"
-        if kind == "file":
-            corr = load_model(sets[0].replace("~", "=")).corrector
-            corr.steps = int(sets[1])
-            if sets[2:] == ["heun"]:
-                corr = Heun(**{f: getattr(corr, f) for f in ("kind", "base_steps", "steps", "network", "model_config")})
-        elif kind == "gauss":
-            scale = float(sets[0]) if sets else 1.0
-            corr = NoiseCorrector("gaussian", 8, 0, mean=mean.float(), chol=(scale * chol).float())
-        elif kind == "temp":
-            corr = NoiseCorrector("gaussian", 8, 0, mean=torch.zeros(256), chol=float(sets[0]) * torch.eye(256))
-        else:
-            r = load_recipe("inverse-noise", [s.replace("~", "=") for s in sets])
-            budget = f"{r.correct.corrector_train_steps} x {r.correct.corrector_batch_size}"
-            train = noises
-            if kind == "wmlp":
-                flat = noises.reshape(len(noises), -1).double()
-                train = torch.linalg.solve_triangular(chol, (flat - mean).T, upper=False).T.float().reshape(noises.shape)
-            with tempfile.TemporaryDirectory() as d, RunStore(d) as s2:
-                corr, info = run_train_corrector(train, (1, 16, 16), r.correct, "x", s2, bar)
-            if kind == "wmlp":
-                corr = Whitened(**{f: getattr(corr, f) for f in ("kind", "base_steps", "steps", "network", "model_config")},
-                                w_mean=mean.float(), w_chol=chol.float())
-        train_s = time.perf_counter() - tic
-        model.corrector = corr
-        fids = []
-        for seed in a.seeds:
-            cfg = SampleConfig(num=1000, seed=seed, steps=8, batch_size=rec.sample.batch_size, lane=rec.sample.lane)
-            tag = v.replace(":", "_").replace("~", "").replace("[", "").replace("]", "").replace(",", "-").replace("/", "-")
-            fids.append(evaluate_model(model, None, cfg, feats, store, bar, f"x{seed}-{tag}", real_features=ref)["fid"])
-        calls = 0 if corr.network is None else corr.steps * (2 if isinstance(corr, Heun) else 1)
-        row = (f"| {v} | {budget} | {calls} | {train_s:.1f} | "
-               + " | ".join(f"{f:.3f}" for f in fids) + f" | {sum(fids) / len(fids):.3f} | {os.getloadavg()[0]:.1f} |")
-        rows.append(row)
-        print(row, flush=True)
-print("\n| variant | training steps x batch | corrector calls | training s | "
+predict, rows, inv_rows = model.predict, [], []
+
+
+def counted(calls):
+    """``model.predict`` that adds each call's batch to ``calls[t]`` (network calls per grid time)."""
+    def fn(x, t, cond):
+        calls[float(t)] = calls.get(float(t), 0) + len(x)
+        return predict(x, t, cond)
+    return fn
+
+
+for setting in a.inversions.split(";"):
+    sets = [] if setting == "default" else [s.replace("~", "=") for s in setting.split(":")]
+    rec = load_recipe("inverse-noise", [f"correct.num_images={a.images}", *sets])
+    lane = resolve_lane(model, SampleConfig(num=rec.correct.invert_shard_size, batch_size=rec.correct.invert_shard_size)).lane
+    out = a.out if setting == "default" else a.out + "-" + "-".join(s.split("~")[-1] for s in setting.split(":"))
+    with RunStore(out) as store, progress(False) as bar:
+        tic, evals = time.perf_counter(), {}
+        model.predict = counted(evals)
+        noises, inv, _ = run_invert(model, data_rows("digits-train", model.image_shape).head(a.images), rec.correct, lane, store, bar)
+        model.predict = predict
+        grid = model.schedule.grid(rec.correct.base_steps)[:-1].flip(0)  # the data's step first
+        per_step = " ".join(f"{evals[float(t)] / inv['num'] - 1:.1f}" for t in grid) if evals else "cached"
+        inv_rows.append(f"| {setting} | {inv['iterations_mean']:.2f} | {per_step} | {inv['reconstruction_rms_mean']:.2e} / "
+                        f"{inv['reconstruction_rms_max']:.2e} | {inv['dropped']} of {inv['num']} | "
+                        f"{time.perf_counter() - tic:.1f} | {os.getloadavg()[0]:.1f} |")
+        print(inv_rows[-1], flush=True)
+        noises = noises[:a.use] if a.use else noises
+        mean, chol = fit_gaussian(noises)
+        for v in variants:
+            name, *sets = v.split(":")
+            tic = time.perf_counter()
+            kind = name.split("-")[0]
+            budget = "-"
+            if kind == "file":
+                corr = load_model(sets[0].replace("~", "=")).corrector
+                corr.steps = int(sets[1])
+                if sets[2:] == ["heun"]:
+                    corr = Heun(**{f: getattr(corr, f) for f in ("kind", "base_steps", "steps", "network", "model_config")})
+            elif kind == "gauss":
+                scale = float(sets[0]) if sets else 1.0
+                corr = NoiseCorrector("gaussian", 8, 0, mean=mean.float(), chol=(scale * chol).float())
+            elif kind == "temp":
+                corr = NoiseCorrector("gaussian", 8, 0, mean=torch.zeros(256), chol=float(sets[0]) * torch.eye(256))
+            else:
+                r = load_recipe("inverse-noise", [s.replace("~", "=") for s in sets])
+                budget = f"{r.correct.corrector_train_steps} x {r.correct.corrector_batch_size}"
+                train = noises
+                if kind == "wmlp":
+                    flat = noises.reshape(len(noises), -1).double()
+                    train = torch.linalg.solve_triangular(chol, (flat - mean).T, upper=False).T.float().reshape(noises.shape)
+                with tempfile.TemporaryDirectory() as d, RunStore(d) as s2:
+                    corr, info = run_train_corrector(train, (1, 16, 16), r.correct, "x", s2, bar)
+                if kind == "wmlp":
+                    corr = Whitened(**{f: getattr(corr, f) for f in ("kind", "base_steps", "steps", "network", "model_config")},
+                                    w_mean=mean.float(), w_chol=chol.float())
+            train_s = time.perf_counter() - tic
+            model.corrector = corr
+            fids = []
+            for seed in a.seeds:
+                cfg = SampleConfig(num=1000, seed=seed, steps=8, batch_size=rec.sample.batch_size, lane=rec.sample.lane)
+                tag = ("" if setting == "default" else out.split("/")[-1] + "-") + v.replace(":", "_").replace("~", "").replace("[", "").replace("]", "").replace(",", "-").replace("/", "-")
+                fids.append(evaluate_model(model, None, cfg, feats, store, bar, f"x{seed}-{tag}", real_features=ref)["fid"])
+            calls = 0 if corr.network is None else corr.steps * (2 if isinstance(corr, Heun) else 1)
+            row = (f"| {setting} | {v} | {budget} | {calls} | {train_s:.1f} | "
+                   + " | ".join(f"{f:.3f}" for f in fids) + f" | {sum(fids) / len(fids):.3f} | {os.getloadavg()[0]:.1f} |")
+            rows.append(row)
+            print(row, flush=True)
+print("\n| inversion | calls per image | calls per step (data's step first) | round-trip RMS mean / max | dropped | "
+      "seconds (0 cached) | load |")
+print("|---|---:|---|---|---:|---:|---:|")
+print("\n".join(inv_rows))
+print("\n| inversion | variant | training steps x batch | corrector calls | training s | "
       + " | ".join(f"FID seed {s}" for s in a.seeds) + " | mean | load |")
-print("|---|---|---:|---:|" + "---:|" * (len(a.seeds) + 2))
+print("|---|---|---|---:|---:|" + "---:|" * (len(a.seeds) + 2))
 print("\n".join(rows))

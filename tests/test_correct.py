@@ -433,6 +433,24 @@ def _invert_shard_digits(dtype: torch.dtype, num: int = 32) -> dict:
         return _invert_shard(model, x, CorrectConfig(), 16, lambda n: None)
 
 
+def test_the_last_steps_tolerance_and_the_memory_reach_the_solver_and_the_round_trip_stays_in_the_gate():
+    """``inversion_tol_last`` loosens only the step into the data (the round trip's error there is that
+    step's residual, so it stays below the gate) and ``inversion_memory`` is Anderson's memory."""
+    from pgraft_cli.stages.correct import _invert_shard
+    from pgraft_cli.io.data import load_data
+    from pgraft_cli.io.recipes import CorrectConfig
+
+    model = load_model("digits")
+    x = load_data("digits-train", model.image_shape)[:4] * 2 - 1
+    with torch.inference_mode():
+        runs = [_invert_shard(model, x, CorrectConfig(**keys), 4, lambda n: None)
+                for keys in ({}, {"inversion_tol_last": 0.01}, {"inversion_tol_last": 0.01, "inversion_memory": 0})]
+    calls = [int(run["iterations"].sum()) for run in runs]
+    assert calls[1] < calls[0] - 4 and calls[2] != calls[1], calls
+    assert float(runs[1]["rms"].max()) < CorrectConfig().max_reconstruction_rms
+    assert float(runs[1]["rms"].mean()) > float(runs[0]["rms"].mean())  # looser, but inside the gate
+
+
 def test_inversion_runs_the_network_under_the_samplers_autocast_and_keeps_a_float32_iterate(monkeypatch):
     """With model.autocast set (bf16 on CUDA by default; bf16 on the CPU here), every network call of the
     inversion and of its round trip runs under autocast, as sampling does; the iterate stays float32."""

@@ -183,6 +183,10 @@ def test_batch_size_hint_is_valid():
     ("finetune.lora_rank=-1", "finetune.lora_rank"),
     ("score.batch_size=0", "score.batch_size"),
     ("correct.base_steps=0", "correct.base_steps"),
+    ("correct.inversion_tol=0", "correct.inversion_tol"),
+    ("correct.inversion_tol_last=0", "correct.inversion_tol_last"),
+    ("correct.inversion_tol_last=0.02", "correct.inversion_tol_last"),  # the gate: that step's error at the data
+    ("correct.inversion_memory=-1", "correct.inversion_memory"),
     ("evaluate.num=0", "evaluate.num"),
 ])
 def test_values_out_of_range(override, key):

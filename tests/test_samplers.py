@@ -152,6 +152,38 @@ def test_invert_stops_each_image_on_its_own_residual():
     torch.testing.assert_close(back, y, atol=1e-10, rtol=0)
 
 
+def test_invert_tol_last_loosens_only_the_data_step_to_its_closed_form():
+    """``v = x / (2t)``: at the data's step (``h = -t_k``) ``G(x) = y + x / 2``, so plain iteration from
+    ``y`` has residual ``f_j = y / 2^(j+1)``: call j sees ``y / 2^j`` and stops at the first j with
+    ``RMS(y) / 2^j < tol_last``, taking ``x_j``, whose round-trip error at the data is ``-f_j``."""
+    schedule, grid = NoiseSchedule.flow(), NoiseSchedule.flow().grid(4)
+    y = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * torch.tensor(
+        [[0.1], [0.5], [1.0], [3.0]], dtype=torch.float64)
+    r = y.pow(2).mean(1).sqrt()
+
+    def run(tol_last):
+        calls: dict[float, int] = {}
+
+        def fn(x, t):
+            calls[float(t)] = calls.get(float(t), 0) + len(x)
+            return x / (2 * t)
+
+        z, _ = invert(fn, schedule, y, grid, iterations=60, tol=1e-9, memory=0, tol_last=tol_last)
+        at_data = calls[float(grid[-2])]
+        back, _ = sample(fn, schedule, z, grid)
+        return at_data, (back - y).pow(2).mean(1).sqrt()
+
+    exact, exact_err = run(None)
+    loose, loose_err = run(1e-2)
+
+    def j(tol):
+        return torch.floor(torch.log2(r / tol)) + 1
+
+    assert exact == int(j(1e-9).sum()) and loose == int(j(1e-2).sum()) and loose < exact - 4 * 20
+    torch.testing.assert_close(loose_err, r / 2 ** (j(1e-2) + 1), rtol=1e-6, atol=1e-12)
+    assert bool((loose_err < 1e-2 / 2).all()) and bool((exact_err < 1e-9).all())
+
+
 @pytest.mark.parametrize("schedule", [NoiseSchedule.flow(), NoiseSchedule.diffusion("epsilon"),
                                       NoiseSchedule.diffusion(beta_schedule="squaredcos_cap_v2")])
 def test_the_kernel_from_c_composes_with_the_marginal_at_c_into_the_marginal_at_t(schedule):

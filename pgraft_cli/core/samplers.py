@@ -259,6 +259,7 @@ def invert(
     memory: int = 3,
     callback: Optional[Callable[[int], None]] = None,
     row_indexed: bool = False,
+    tol_last: Optional[float] = None,
 ) -> tuple[Tensor, InversionInfo]:
     """Invert the deterministic sampler ``T``: find the noise that ``sample`` maps onto ``x0``.
 
@@ -276,8 +277,11 @@ def invert(
       ``gamma = argmin_g |f_j - dF g|`` over the last m differences ``dF = [f_{i+1} - f_i]``, then
       ``x_{j+1} = G(x_j) - dG gamma`` with ``dG = [G(x_{i+1}) - G(x_i)]``. Safeguard: an image
       whose residual grew takes the plain step ``x_{j+1} = G(x_j)``; ``memory = 0`` is plain.
-    - Each image stops on its own once ``RMS(f_j) < tol`` (taking ``G(x_j)``); only the images
-      still iterating go through the network (so it must treat rows independently), at most
+    - Each image stops on its own once ``RMS(f_j) < tol`` (taking ``G(x_j)``); at the sampler's last
+      step (the first solved, into the data) once ``RMS(f_j) < tol_last`` (default ``tol``): that
+      step maps a point x to ``x0 - f(x)``, so its residual is the round trip's error at the data and
+      can be set against the data's resolution, not the other steps' need of a clean start. Only the
+      images still iterating go through the network (so it must treat rows independently), at most
       ``iterations`` evaluations per step. With ``row_indexed`` the denoiser is called as
       ``denoiser(x, t, rows)``, ``rows`` the indices into ``x0`` of the rows it is given, so
       per-image conditioning (a class, a caption) can follow them.
@@ -293,7 +297,8 @@ def invert(
             return z + (y[rows] - schedule.step(z, p, t, t_next)), p
 
         guess = y if pred is None else 2 * y - schedule.step(y, pred, t, t_next)
-        x, pred, used, residual = _anderson(fixed_point_map, guess, iterations, tol, memory)
+        step_tol = tol if tol_last is None or k < len(grid) - 2 else tol_last
+        x, pred, used, residual = _anderson(fixed_point_map, guess, iterations, step_tol, memory)
         info.iterations += used
         info.residual = torch.maximum(info.residual, residual)
         if callback is not None:
@@ -334,11 +339,11 @@ def invert_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, grid: T
 def invert_sampler(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, grid: Tensor, iterations: int = 12,
                    tol: float = 1e-5, memory: int = 3,
                    callback: Optional[Callable[[int], None]] = None,
-                   row_indexed: bool = False) -> tuple[Tensor, InversionInfo]:
+                   row_indexed: bool = False, tol_last: Optional[float] = None) -> tuple[Tensor, InversionInfo]:
     """The inverse of ``sample`` for either family: ``invert`` (flow Euler) or ``invert_ddim`` (DDIM)."""
     solver = invert if schedule.family == "flow" else invert_ddim
     return solver(denoiser, schedule, x0, grid, iterations=iterations, tol=tol, memory=memory, callback=callback,
-                  row_indexed=row_indexed)
+                  row_indexed=row_indexed, tol_last=tol_last)
 
 
 def _anderson(fixed_point_map: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, iterations: int,

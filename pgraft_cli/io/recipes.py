@@ -189,6 +189,8 @@ class CorrectConfig:
     num_images: int = 0
     inversion_iterations: int = 24
     inversion_tol: float = 5e-3
+    inversion_tol_last: Optional[float] = None  # the sampler's last step (into the data); None: inversion_tol
+    inversion_memory: int = 3  # Anderson acceleration's memory (0: plain fixed-point iteration)
     max_reconstruction_rms: float = 0.02
     max_dropped_fraction: float = 0.01
     invert_shard_size: int = 256
@@ -211,6 +213,11 @@ class CorrectConfig:
     corrector_lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
     corrector_source: Literal["normal", "gaussian"] = "normal"
 
+    @property
+    def inversion_tol_max(self) -> float:
+        """The loosest step tolerance: an image whose every step's residual is below it converged."""
+        return max(self.inversion_tol, self.inversion_tol_last or 0.0)
+
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",
                   "corrector_layers", "corrector_width", "corrector_blocks", "corrector_train_steps", "corrector_batch_size", "corrector_warmup",
@@ -224,6 +231,17 @@ class CorrectConfig:
                               f"got {self.max_dropped_fraction}")
         if not self.max_reconstruction_rms > 0.0:
             raise RecipeError(f"correct.max_reconstruction_rms must be > 0, got {self.max_reconstruction_rms}")
+        if self.inversion_memory < 0:
+            raise RecipeError(f"correct.inversion_memory must be >= 0 (0: plain fixed-point iteration), "
+                              f"got {self.inversion_memory}")
+        if not self.inversion_tol > 0.0:
+            raise RecipeError(f"correct.inversion_tol must be > 0, got {self.inversion_tol}")
+        # the last step's residual is the round trip's error at the data: at the gate, images would drop
+        last = self.inversion_tol_last
+        if last is not None and not 0.0 < last < self.max_reconstruction_rms:
+            raise RecipeError(f"correct.inversion_tol_last must be > 0 and below correct.max_reconstruction_rms "
+                              f"({self.max_reconstruction_rms}): that step's residual is the round trip's error at "
+                              f"the data; got {last}")
 
 
 @dataclass

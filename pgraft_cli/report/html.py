@@ -324,6 +324,7 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any], 
         plots.append(_plot(fig, "inverted noise statistics",
                            "the distribution the corrector learns to produce; N(0, I) would match the black lines"))
     tol = (recipe.get("correct") or {}).get("inversion_tol")
+    tol = max(tol, (recipe.get("correct") or {}).get("inversion_tol_last") or 0) if tol else tol
     fraction = (recipe.get("correct") or {}).get("max_dropped_fraction")
     stats = _table(["statistic", "value", "reference"], [
         ["images inverted", inv.get("num", "-"), "-"],

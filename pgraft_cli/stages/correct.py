@@ -216,7 +216,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
                     return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
 
             z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol,
-                                     row_indexed=True)
+                                     cfg.inversion_memory, row_indexed=True, tol_last=cfg.inversion_tol_last)
             with model.autocast_context():  # the round trip, as run_sample samples
                 back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
             for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
@@ -264,7 +264,7 @@ def inversion_stats(per_image: dict[str, Tensor], kept: Tensor, cfg: CorrectConf
     stats = {
         "reconstruction_rms_mean": float(rms.mean()), "reconstruction_rms_max": float(rms.max()),
         "reconstruction_abs_max": float(per_image["max"].max()), "num": len(rms),
-        "converged": int((per_image["residual"] < cfg.inversion_tol).sum()), "dropped": int((~keep).sum()),
+        "converged": int((per_image["residual"] < cfg.inversion_tol_max).sum()), "dropped": int((~keep).sum()),
         "used": len(kept), "max_reconstruction_rms": cfg.max_reconstruction_rms,
         "iterations_mean": float(iters.double().mean()), "iterations_max": int(iters.max()),
         "iterations_cap": cfg.inversion_iterations * cfg.base_steps,
