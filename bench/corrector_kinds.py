@@ -13,8 +13,11 @@ checkpoint's corrector sampled with STEPS Euler steps (``file:PATH:STEPS:heun``:
 1000 times from each evaluation seed (``--seeds``, default 1; the same noises for every variant)
 at 8 base steps, its FID measured against held-out ``digits-test`` with the bundled classifier's
 features (the main job's protocol). The inversion (the recipe's, all 1078 training digits, or
-``--images``) is cached under ``--out``; ``--use N`` trains every variant on its first N noises. Prints one row per variant: training steps x batch, the
-corrector's network calls per sample, training seconds, FID per seed and their mean, load average.
+``--images``) is cached under ``--out``; ``--use N`` trains every variant on its first N noises.
+Prints one row per variant: training steps x batch, training TFLOPs (steps x batch x the network's
+forward + backward FLOPs per image, ``torch.utils.flop_counter``'s count), the corrector's network
+calls per sample, training wall and CPU seconds (``time.process_time``, steadier on a shared box),
+FID per seed and their mean, load average.
 
 ``--inversions "default;correct.inversion_tol_last~0.01"`` repeats all that per inversion setting
 (recipe overrides, parts by ``:``; each cached in its own ``--out``-suffixed run directory) and
@@ -28,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,7 +46,7 @@ from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
 from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.models.corrector import NoiseCorrector, fit_gaussian  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
-from pgraft_cli.stages.correct import run_invert, run_train_corrector  # noqa: E402
+from pgraft_cli.stages.correct import corrector_network, run_invert, run_train_corrector  # noqa: E402
 from pgraft_cli.stages.sample import resolve_lane  # noqa: E402
 from pgraft_cli.stages.evaluate import classifier_features, evaluate_model, reference  # noqa: E402
 
@@ -67,6 +71,15 @@ class Heun(NoiseCorrector):
                 d = self.velocity(x, t)
                 x = x + h / 2 * (d + self.velocity(x + h * d, t_next))
         return x.to(noise.dtype)
+
+
+def train_flops(cfg) -> int:
+    """Forward + backward FLOPs of one training image of the recipe's corrector network (flop_counter's count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net, _ = corrector_network(cfg, (1, 16, 16))
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(2, 1, 16, 16), torch.rand(2) * 1000).sample.square().mean().backward()
+    return counter.get_total_flops() // 2
 
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,9 +127,9 @@ for setting in a.inversions.split(";"):
         mean, chol = fit_gaussian(noises)
         for v in variants:
             name, *sets = v.split(":")
-            tic = time.perf_counter()
+            tic, cpu = time.perf_counter(), time.process_time()
             kind = name.split("-")[0]
-            budget = "-"
+            budget, tflops = "-", "-"
             if kind == "file":
                 corr = load_model(sets[0].replace("~", "=")).corrector
                 corr.steps = int(sets[1])
@@ -130,24 +143,32 @@ for setting in a.inversions.split(";"):
             else:
                 r = load_recipe("inverse-noise", [s.replace("~", "=") for s in sets])
                 budget = f"{r.correct.corrector_train_steps} x {r.correct.corrector_batch_size}"
+                steps_images = r.correct.corrector_train_steps * r.correct.corrector_batch_size
+                tflops = f"{steps_images * train_flops(r.correct) / 1e12:.2f}"
                 train = noises
                 if kind == "wmlp":
                     flat = noises.reshape(len(noises), -1).double()
                     train = torch.linalg.solve_triangular(chol, (flat - mean).T, upper=False).T.float().reshape(noises.shape)
-                with tempfile.TemporaryDirectory() as d, RunStore(d) as s2:
+                # unet-fused / unet-foreach: the corrector's AdamW on that path of torch's (the stage's own choice otherwise)
+                path = {"fused": {"fused": True, "foreach": None}, "foreach": {"fused": None, "foreach": True}}.get(
+                    name.partition("-")[2], {})
+                adamw = torch.optim.AdamW
+                with tempfile.TemporaryDirectory() as d, RunStore(d) as s2, mock.patch(
+                        "torch.optim.AdamW", lambda params, **kw: adamw(params, **{**kw, **path})):
                     corr, info = run_train_corrector(train, (1, 16, 16), r.correct, "x", s2, bar)
                 if kind == "wmlp":
                     corr = Whitened(**{f: getattr(corr, f) for f in ("kind", "base_steps", "steps", "network", "model_config")},
                                     w_mean=mean.float(), w_chol=chol.float())
-            train_s = time.perf_counter() - tic
+            train_s, train_cpu = time.perf_counter() - tic, time.process_time() - cpu
             model.corrector = corr
             fids = []
             for seed in a.seeds:
                 cfg = SampleConfig(num=1000, seed=seed, steps=8, batch_size=rec.sample.batch_size, lane=rec.sample.lane)
                 tag = ("" if setting == "default" else out.split("/")[-1] + "-") + v.replace(":", "_").replace("~", "").replace("[", "").replace("]", "").replace(",", "-").replace("/", "-")
                 fids.append(evaluate_model(model, None, cfg, feats, store, bar, f"x{seed}-{tag}", real_features=ref)["fid"])
-            calls = 0 if corr.network is None else corr.steps * (2 if isinstance(corr, Heun) else 1)
-            row = (f"| {setting} | {v} | {budget} | {calls} | {train_s:.1f} | "
+            heun = isinstance(corr, Heun) or corr.sampler == "heun"
+            calls = 0 if corr.network is None else corr.steps * (2 if heun else 1)
+            row = (f"| {setting} | {v} | {budget} | {tflops} | {calls} | {train_s:.1f} | {train_cpu:.1f} | "
                    + " | ".join(f"{f:.3f}" for f in fids) + f" | {sum(fids) / len(fids):.3f} | {os.getloadavg()[0]:.1f} |")
             rows.append(row)
             print(row, flush=True)
@@ -155,7 +176,7 @@ print("\n| inversion | calls per image | calls per step (data's step first) | ro
       "seconds (0 cached) | load |")
 print("|---|---:|---|---|---:|---:|---:|")
 print("\n".join(inv_rows))
-print("\n| inversion | variant | training steps x batch | corrector calls | training s | "
-      + " | ".join(f"FID seed {s}" for s in a.seeds) + " | mean | load |")
-print("|---|---|---|---:|---:|" + "---:|" * (len(a.seeds) + 2))
+print("\n| inversion | variant | training steps x batch | training TFLOPs | corrector calls | training s | "
+      "training CPU s | " + " | ".join(f"FID seed {s}" for s in a.seeds) + " | mean | load |")
+print("|---|---|---|---:|---:|---:|---:|" + "---:|" * (len(a.seeds) + 2))
 print("\n".join(rows))

@@ -361,6 +361,22 @@ def test_corrector_training_resumes_bit_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_the_corrector_trains_with_the_fused_adamw_and_keys_its_stage_by_it(tmp_path, monkeypatch):
+    """torch's CPU default is its per-parameter AdamW loop; the corrector asks for the fused kernel,
+    which gives other bytes, so a corrector cached by another path is retrained, not reused."""
+    made = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: made.append(real(params, **kw)) or made[-1])
+    rec = load_recipe("inverse-noise", ["correct.corrector_train_steps=2", "correct.corrector_batch_size=4",
+                                        "correct.corrector_channels=[8, 16]"])
+    noises = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with RunStore(tmp_path) as store, progress(False) as bar:
+        run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
+        inputs = store.read_manifest()["stages"]["train_corrector"]["inputs"]
+    assert len(made) == 1 and made[0].defaults["fused"] is True
+    assert inputs["optimizer"] == "adamw-fused"
+
+
 @pytest.mark.slow
 def test_correct_end_to_end_then_sample_and_evaluate(tmp_path):
     """The headline command, shrunk: correct -> a self-describing file -> sample/evaluate compose it."""

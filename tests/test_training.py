@@ -41,6 +41,24 @@ def test_ema_update_is_the_convex_combination():
     torch.testing.assert_close(ema[0], torch.full((3,), 0.25))
 
 
+def test_ema_update_is_the_per_tensor_lerp_bit_for_bit():
+    """One foreach lerp over all the pairs gives the bytes of ``e.lerp_(p, 1 - decay)`` per pair, for
+    mixed shapes and dtypes over a run of warm-up decays."""
+    g = torch.Generator().manual_seed(0)
+    shapes, dtypes = [(3,), (4, 5), (2, 3, 3, 3), ()], [torch.float32, torch.bfloat16, torch.float32, torch.float64]
+    ema = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+    loop = [e.clone() for e in ema]
+    for step in range(30):
+        params = [torch.randn(s, generator=g).to(d).requires_grad_(d.is_floating_point) for s, d in zip(shapes, dtypes)]
+        decay = ema_decay(step, 0.998)
+        ema_update_(ema, params, decay)
+        for e, p in zip(loop, params):
+            e.lerp_(p.detach(), 1.0 - decay)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ema, loop))
+    assert not torch.equal(ema[1], torch.zeros_like(ema[1]))
+    ema_update_([], [], 0.5)  # no parameters: nothing to do
+
+
 class _Bar:
     def add_task(self, *a, **k):
         return 0

@@ -38,6 +38,8 @@ def ema_decay(step: int, ema: float) -> float:
 
 @torch.no_grad()
 def ema_update_(ema_params: Iterable[Tensor], params: Iterable[Tensor], decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * p`` for each pair, in place."""
-    for e, p in zip(ema_params, params):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """``ema <- decay * ema + (1 - decay) * p`` for each pair, in place: ``ema.lerp_(p, 1 - decay)``,
+    as one ``torch._foreach_lerp_`` over all the pairs (on the CPU the same per-tensor lerp, bit for bit)."""
+    ema_params, params = list(ema_params), [p.detach() for p in params]
+    if ema_params:  # the foreach ops refuse an empty list
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
