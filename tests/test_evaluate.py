@@ -77,6 +77,56 @@ def test_kid_equals_the_unbiased_mmd_when_every_subset_is_the_whole_set():
     assert distances(x, y, kid_subsets=4)["kid"] == pytest.approx(mmd2_unbiased(x, y), rel=1e-9)
 
 
+def _subsets(n_real: int, n_fake: int, m: int, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.stack([torch.randperm(n_real, generator=g)[:m] for _ in range(count)]),
+            torch.stack([torch.randperm(n_fake, generator=g)[:m] for _ in range(count)]))
+
+
+def test_subset_mmds_from_kernels_computed_once_equal_poly_mmd_of_each_subset():
+    """Each subset's MMD^2 read from the whole kernel matrices equals torchmetrics' ``poly_mmd`` of
+    that subset's rows. Not bitwise: the same float64 terms are summed in another order (and the
+    whole matrices' products block differently), so they agree to a few ulps of the kernel sums,
+    ``1e-12`` of the kernel's mean, which KID's cancellation can make large against KID itself."""
+    from torchmetrics.image.kid import poly_mmd
+
+    from pgraft_cli.core.metrics import subset_mmds
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(300, 16, generator=g, dtype=torch.float64), 0.3 + torch.randn(200, 16, generator=g, dtype=torch.float64)
+    picks_real, picks_fake = _subsets(300, 200, 150, 7)
+    ours = subset_mmds(real, fake, picks_real, picks_fake)
+    theirs = torch.stack([poly_mmd(real[r], fake[f]) for r, f in zip(picks_real, picks_fake)])
+    scale = float(((real @ real.T / 16 + 1) ** 3).abs().mean())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12 * scale)
+
+
+def test_subset_mmds_of_constant_rows_match_the_closed_form():
+    """Rows all a (reference) and all b (generated): every subset's MMD^2 is k(a,a) + k(b,b) - 2 k(a,b)."""
+    from pgraft_cli.core.metrics import subset_mmds
+
+    a, b = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([1.5, 0.25, -0.5], dtype=torch.float64)
+    k = lambda x, y: (float(x @ y) / 3 + 1) ** 3  # noqa: E731
+    picks_real, picks_fake = _subsets(40, 30, 20, 5)
+    out = subset_mmds(a.expand(40, 3), b.expand(30, 3), picks_real, picks_fake)
+    torch.testing.assert_close(out, torch.full((5,), k(a, a) + k(b, b) - 2 * k(a, b), dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+def test_kid_from_kernels_computed_once_equals_the_subset_by_subset_kid(monkeypatch):
+    """``FidKid``'s KID through the whole kernel matrices and through one subset at a time (forced by
+    ``KID_KERNEL_ELEMENTS = 0``): the same draws, so the same value to the kernel sums' rounding."""
+    from pgraft_cli.core import metrics
+
+    rng = np.random.default_rng(3)
+    gen, real = rng.normal(size=(120, 8)).astype(np.float32), (0.2 + rng.normal(size=(150, 8))).astype(np.float32)
+    once = distances(gen, real, kid_subsets=6, seed=4)["kid"]
+    monkeypatch.setattr(metrics, "KID_KERNEL_ELEMENTS", 0)
+    each = distances(gen, real, kid_subsets=6, seed=4)["kid"]
+    assert once == pytest.approx(each, rel=0, abs=1e-12 * 8)  # kernel values ~ (x.y/8 + 1)^3 = O(1..10)
+    assert distances(gen, real, kid_subsets=6, seed=5)["kid"] != each  # the seed draws the subsets
+
+
 def test_kid_keeps_float32_rows_and_fid_float64_sums():
     """KID's subsets need every row: kept in float32 (half of float64's memory); FID keeps sums only."""
     metric = FidKid(6, kid_subsets=2)

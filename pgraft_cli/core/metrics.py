@@ -152,23 +152,58 @@ class FidKid:
         return metric
 
     def _kid(self) -> float:
-        """``KernelInceptionDistance.compute``'s mean over subsets (the same ``randperm`` draws, reference
-        then generated, and its ``poly_mmd``) with each subset's float32 rows cast to float64: KID is
-        a difference of cubic-kernel means that cancels for near-equal sets (float32 arithmetic moved
-        it by up to 1.6e-5 relative on the tests' data), and casting a subset, not every row, keeps
-        memory at the float32 rows."""
+        """``KernelInceptionDistance.compute``'s mean over subsets: the same ``randperm`` draws
+        (reference then generated, subset by subset) and its ``poly_mmd`` maths, in float64 from the
+        float32 rows: KID is a difference of cubic-kernel means that cancels for near-equal sets
+        (float32 arithmetic moved it by up to 1.6e-5 relative on the tests' data). The kernel
+        matrices are computed once over all rows (``subset_mmds``) where they fit ``KID_KERNEL_ELEMENTS``
+        and the rows are at most 4 subsets' worth; otherwise each subset's kernels one at a time."""
         from torchmetrics.image.kid import poly_mmd
         from torchmetrics.utilities import dim_zero_cat
 
         kid = self.kid
         real, fake = dim_zero_cat(kid.real_features), dim_zero_cat(kid.fake_features)
-        scores = []
-        for _ in range(kid.subsets):
-            f_real = real[torch.randperm(len(real))[: kid.subset_size]].double()
-            f_fake = fake[torch.randperm(len(fake))[: kid.subset_size]].double()
-            scores.append(poly_mmd(f_real, f_fake, kid.degree, kid.gamma, kid.coef))
-        return float(torch.stack(scores).mean())
+        picks = [(torch.randperm(len(real))[: kid.subset_size], torch.randperm(len(fake))[: kid.subset_size])
+                 for _ in range(kid.subsets)]
+        rows = len(real) + len(fake)
+        if rows**2 <= KID_KERNEL_ELEMENTS and rows <= 4 * kid.subset_size:  # else the subsets' kernels cost less
+            scores = subset_mmds(real.double(), fake.double(), torch.stack([r for r, _ in picks]),
+                                 torch.stack([f for _, f in picks]), kid.degree, kid.gamma, kid.coef)
+        else:
+            scores = torch.stack([poly_mmd(real[r].double(), fake[f].double(), kid.degree, kid.gamma, kid.coef)
+                                  for r, f in picks])
+        return float(scores.mean())
 
+
+KID_KERNEL_ELEMENTS = 1 << 24  # (reference + generated rows)^2: the kernel matrices' float64 values (128 MB)
+
+
+def subset_mmds(real: Tensor, fake: Tensor, picks_real: Tensor, picks_fake: Tensor, degree: int = 3,
+                gamma: Optional[float] = None, coef: float = 1.0) -> Tensor:
+    """The unbiased MMD^2 of each subset pair ``s`` (rows ``picks_real[s]`` of ``real``, ``picks_fake[s]``
+    of ``fake``, m distinct rows each), kernel ``k(x, y) = (gamma x.y + coef)^degree`` (gamma = 1/D
+    by default), as torchmetrics' ``poly_mmd``:
+
+        MMD^2_s = (sum_{i != j} k(x_i, x_j) + sum_{i != j} k(y_i, y_j)) / (m (m - 1)) - 2 sum_{i,j} k(x_i, y_j) / m^2
+
+    Each kernel matrix is computed once over all rows, and a subset's sums are read from it with
+    its 0/1 indicator vectors v, w: ``sum_{i != j in s} K_ij = v^T K v - sum_i v_i K_ii``, ``v^T K w``
+    for the cross term (one matrix product for all subsets).
+    """
+    gamma = 1.0 / real.shape[1] if gamma is None else gamma
+    m = picks_real.shape[1]
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        return (a @ b.T * gamma + coef) ** degree
+
+    def indicator(picks: Tensor, n: int) -> Tensor:
+        return torch.zeros(len(picks), n, dtype=real.dtype).scatter_(1, picks, 1.0)
+
+    v, w = indicator(picks_real, len(real)), indicator(picks_fake, len(fake))
+    k_rr, k_ff = kernel(real, real), kernel(fake, fake)
+    within = ((v @ k_rr) * v).sum(1) - v @ k_rr.diagonal() + ((w @ k_ff) * w).sum(1) - w @ k_ff.diagonal()
+    cross = ((v @ kernel(real, fake)) * w).sum(1)
+    return within / (m * (m - 1)) - 2 * cross / m**2
 
 
 _COUNTED: dict[str, int] = {}  # measure_flops' counts in this process, by the hash of their structure key
