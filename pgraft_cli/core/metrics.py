@@ -6,6 +6,7 @@ import enum
 import hashlib
 import re
 import types
+from collections import OrderedDict
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -230,6 +231,8 @@ def measure_flops(fn: Callable[[], Any], key: Any = None) -> int:
 
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, enum.Enum)
+_PLAIN = {type(None), bool, int, float, str}
+_CONTAINERS = {dict, OrderedDict, list, tuple, set}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -248,6 +251,9 @@ def structure(value: Any) -> str:
     alive: list[Any] = []  # every object met stays referenced: no id is reused during the walk
 
     def walk(v: Any) -> None:
+        if type(v) in _PLAIN:  # most values: a set lookup before the isinstance chain
+            out.append(repr(v))
+            return
         if isinstance(v, _ATOMS):
             out.append(repr(v))
             return
@@ -285,6 +291,9 @@ def structure(value: Any) -> str:
                 walk(type(v).forward)
             for name, item in vars(v).items():
                 out.append(name)
+                if type(item) in _CONTAINERS and not item:  # a module's many empty hook dicts: one word
+                    out.append(type(item).__name__)
+                    continue
                 # hooks are keyed by their handles' ids, new for every instance: their functions count
                 walk(list(item.values()) if name.endswith(("hooks", "hooks_with_kwargs", "always_called")) else item)
             out.append(")")
