@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def worker(verbs: list[str], repeats: int, profile: bool, report: bool) -> None:
     from pgraft_cli.io.data import load_digits
 
     root = Path(tempfile.mkdtemp(prefix="run-costs-"))
+    os.environ["XDG_CACHE_HOME"] = str(root / "xdg-cache")  # reference statistics: never the real home
     unet = build_tiny_unet(channels=1, sample_size=16)
     model = save_pgraft_safetensors(root / "tiny-flow.safetensors", unet, "UNet2DModel", dict(unet.config),
                                     default_scheduler_config("flow"), {"created_by": "bench/run_costs.py"})
@@ -72,13 +74,14 @@ def worker(verbs: list[str], repeats: int, profile: bool, report: bool) -> None:
             for _ in range(repeats):
                 one(verb)
             profiler.disable()
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(90)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(60)
             continue
         times[verb] = []
         for _ in range(repeats):
             cpu, wall = time.process_time(), time.perf_counter()
             one(verb)
             times[verb].append(((time.process_time() - cpu) * 1e3, (time.perf_counter() - wall) * 1e3))
+    shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(times))
 
 
