@@ -310,7 +310,8 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
     corrector = getattr(model, "corrector", None)
     if corrector is not None:
         flow = corrector.network is not None  # a flow corrector integrates its own network; a Gaussian is one map
-        calls["corrector_call"] = measure_flops(lambda: corrector.velocity(x, t), key=("velocity", corrector, x, t)) if flow else corrector.map_flops()
+        calls["corrector_call"] = (measure_flops(lambda: corrector.velocity(x, t), key=("velocity", corrector, x, t))
+                                   if flow else corrector.map_flops())
         calls["corrector_calls"] = corrector.calls if flow else 1  # network calls (Heun: 2 a step)
         parts["corrector"] = calls["corrector_calls"] * calls["corrector_call"]
         if flow and corrector.mean is not None:  # its Gaussian source's colouring, once per image
