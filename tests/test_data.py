@@ -77,3 +77,13 @@ def test_iter_data_streams_the_same_images_as_load_data(tmp_path):
         assert torch.equal(torch.cat(batches), load_data(spec, shape)), spec
     with pytest.raises(PgraftError, match="images of shape"):  # checked before any batch is asked for
         iter_data(str(tensor_file), (1, 8, 8))
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    """The digits read from scikit-learn's file equal ``sklearn.datasets.load_digits`` bit for bit."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images, labels = load_digits(size=8)
+    assert torch.equal(images, (torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0).clamp(0, 1))
+    assert torch.equal(labels, torch.tensor(bunch.target, dtype=torch.long))

@@ -77,6 +77,56 @@ def test_kid_equals_the_unbiased_mmd_when_every_subset_is_the_whole_set():
     assert distances(x, y, kid_subsets=4)["kid"] == pytest.approx(mmd2_unbiased(x, y), rel=1e-9)
 
 
+def _subsets(n_real: int, n_fake: int, m: int, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.stack([torch.randperm(n_real, generator=g)[:m] for _ in range(count)]),
+            torch.stack([torch.randperm(n_fake, generator=g)[:m] for _ in range(count)]))
+
+
+def test_subset_mmds_from_kernels_computed_once_equal_poly_mmd_of_each_subset():
+    """Each subset's MMD^2 read from the whole kernel matrices equals torchmetrics' ``poly_mmd`` of
+    that subset's rows. Not bitwise: the same float64 terms are summed in another order (and the
+    whole matrices' products block differently), so they agree to a few ulps of the kernel sums,
+    ``1e-12`` of the kernel's mean, which KID's cancellation can make large against KID itself."""
+    from torchmetrics.image.kid import poly_mmd
+
+    from pgraft_cli.core.metrics import subset_mmds
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(300, 16, generator=g, dtype=torch.float64), 0.3 + torch.randn(200, 16, generator=g, dtype=torch.float64)
+    picks_real, picks_fake = _subsets(300, 200, 150, 7)
+    ours = subset_mmds(real, fake, picks_real, picks_fake)
+    theirs = torch.stack([poly_mmd(real[r], fake[f]) for r, f in zip(picks_real, picks_fake)])
+    scale = float(((real @ real.T / 16 + 1) ** 3).abs().mean())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12 * scale)
+
+
+def test_subset_mmds_of_constant_rows_match_the_closed_form():
+    """Rows all a (reference) and all b (generated): every subset's MMD^2 is k(a,a) + k(b,b) - 2 k(a,b)."""
+    from pgraft_cli.core.metrics import subset_mmds
+
+    a, b = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([1.5, 0.25, -0.5], dtype=torch.float64)
+    k = lambda x, y: (float(x @ y) / 3 + 1) ** 3  # noqa: E731
+    picks_real, picks_fake = _subsets(40, 30, 20, 5)
+    out = subset_mmds(a.expand(40, 3), b.expand(30, 3), picks_real, picks_fake)
+    torch.testing.assert_close(out, torch.full((5,), k(a, a) + k(b, b) - 2 * k(a, b), dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+def test_kid_from_kernels_computed_once_equals_the_subset_by_subset_kid(monkeypatch):
+    """``FidKid``'s KID through the whole kernel matrices and through one subset at a time (forced by
+    ``KID_KERNEL_ELEMENTS = 0``): the same draws, so the same value to the kernel sums' rounding."""
+    from pgraft_cli.core import metrics
+
+    rng = np.random.default_rng(3)
+    gen, real = rng.normal(size=(120, 8)).astype(np.float32), (0.2 + rng.normal(size=(150, 8))).astype(np.float32)
+    once = distances(gen, real, kid_subsets=6, seed=4)["kid"]
+    monkeypatch.setattr(metrics, "KID_KERNEL_ELEMENTS", 0)
+    each = distances(gen, real, kid_subsets=6, seed=4)["kid"]
+    assert once == pytest.approx(each, rel=0, abs=1e-12 * 8)  # kernel values ~ (x.y/8 + 1)^3 = O(1..10)
+    assert distances(gen, real, kid_subsets=6, seed=5)["kid"] != each  # the seed draws the subsets
+
+
 def test_kid_keeps_float32_rows_and_fid_float64_sums():
     """KID's subsets need every row: kept in float32 (half of float64's memory); FID keeps sums only."""
     metric = FidKid(6, kid_subsets=2)
@@ -238,6 +288,101 @@ def test_flops_count_the_network_that_runs_at_each_step():
     calls = tuned["flops_calls"]
     assert calls["tuned_steps"] == 4 and calls["tuned_call"] > calls["base_call"]  # the adapter costs a little
     assert tuned["flops_per_image"] == 4 * calls["base_call"] + 4 * calls["tuned_call"]
+
+
+def _counted_and_fresh(model, steps: int = 8) -> tuple[dict, dict, int]:
+    """``flops_per_image`` through the process's cache, then counted afresh (cache emptied); and
+    how many counts the first call added to the cache (0: every count was a hit)."""
+    from pgraft_cli.core import metrics
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    before = len(metrics._COUNTED)
+    cached = flops_per_image(model, steps)
+    added = len(metrics._COUNTED) - before
+    kept, metrics._COUNTED = metrics._COUNTED, {}
+    try:
+        fresh = flops_per_image(model, steps)
+    finally:
+        metrics._COUNTED = kept
+    return cached, fresh, added
+
+
+def _perturbed(model):
+    """Other weights, the same structure: the key must ignore values."""
+    with torch.no_grad():
+        for p in model.network.parameters():
+            p.add_(0.1)
+    return model
+
+
+def test_cached_flop_counts_equal_fresh_ones_and_a_structural_change_misses(monkeypatch):
+    """For each verb's model (evaluate: the base; finetune: a LoRA or a full fine-tune above a
+    cutoff; correct: a flow corrector), the count through the cache equals a fresh count, a
+    reloaded model with other weights hits it, and another rank, cutoff or corrector misses it."""
+    import copy
+
+    from pgraft_cli.core import metrics
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.models.corrector import MLPFlow, NoiseCorrector
+    from pgraft_cli.models.lora import add_lora
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    monkeypatch.setattr(metrics, "_COUNTED", {})
+
+    def lora(rank: int, cutoff: float):
+        model = load_model("digits")
+        add_lora(model.network, rank=rank, alpha=rank)
+        model.lora, model.cutoff = True, cutoff
+        return model
+
+    def full(cutoff: float):
+        model = load_model("digits")
+        model.tuned, model.cutoff = copy.deepcopy(model.network), cutoff
+        return model
+
+    def corrected(width: int):
+        model = load_model("digits")
+        torch.manual_seed(0)
+        model.corrector = NoiseCorrector("mlp", 3, 3, network=MLPFlow([1, 16, 16], width, 1).eval())
+        return model
+
+    makers = {"base": lambda: load_model("digits"), "lora rank 2": lambda: lora(2, 0.5),
+              "lora rank 4": lambda: lora(4, 0.5), "lora cutoff 0.25": lambda: lora(4, 0.25),
+              "full cutoff 0.5": lambda: full(0.5),
+              "corrector width 32": lambda: corrected(32), "corrector width 64": lambda: corrected(64)}
+    totals = {}
+    for name, make in makers.items():
+        cached, fresh, added = _counted_and_fresh(make())
+        assert cached == fresh, name
+        assert added > 0, f"{name}: a new structure must miss the cache"
+        before = len(metrics._COUNTED)
+        again = flops_per_image(_perturbed(make()), 8)
+        assert again == fresh and len(metrics._COUNTED) == before, f"{name}: the same structure must hit"
+        totals[name] = fresh["flops_calls"]
+    # the misses were real changes: the counts they produced differ where the structure does
+    assert totals["lora rank 2"]["tuned_call"] < totals["lora rank 4"]["tuned_call"]
+    assert totals["lora cutoff 0.25"]["tuned_steps"] > totals["lora rank 4"]["tuned_steps"]
+    assert totals["corrector width 32"]["corrector_call"] < totals["corrector width 64"]["corrector_call"]
+
+
+def test_structure_ignores_values_and_sees_shapes_settings_and_enabled_adapters():
+    from pgraft_cli.core.metrics import structure
+    from pgraft_cli.models.lora import add_lora, set_lora_enabled
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    other = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert structure(conv) == structure(other)  # other random weights
+    assert structure(conv) != structure(torch.nn.Conv2d(3, 8, 3, padding=0))  # a setting, not a shape
+    assert structure(conv) != structure(conv.double())
+    assert structure(torch.zeros(2, 3)) != structure(torch.zeros(3, 2))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    add_lora(net, rank=2, alpha=2, targets=["0"])
+    on = structure(net)
+    set_lora_enabled(net, False)
+    assert structure(net) != on
+    loop = [1]
+    loop.append(loop)  # cycles end in a back-reference
+    assert structure(loop) == "list[ 1 @0 ]"
 
 
 def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tiny_sd_dir):

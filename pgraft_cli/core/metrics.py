@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import re
+import types
+from collections import OrderedDict
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -148,32 +153,155 @@ class FidKid:
         return metric
 
     def _kid(self) -> float:
-        """``KernelInceptionDistance.compute``'s mean over subsets (the same ``randperm`` draws, reference
-        then generated, and its ``poly_mmd``) with each subset's float32 rows cast to float64: KID is
-        a difference of cubic-kernel means that cancels for near-equal sets (float32 arithmetic moved
-        it by up to 1.6e-5 relative on the tests' data), and casting a subset, not every row, keeps
-        memory at the float32 rows."""
+        """``KernelInceptionDistance.compute``'s mean over subsets: the same ``randperm`` draws
+        (reference then generated, subset by subset) and its ``poly_mmd`` maths, in float64 from the
+        float32 rows: KID is a difference of cubic-kernel means that cancels for near-equal sets
+        (float32 arithmetic moved it by up to 1.6e-5 relative on the tests' data). The kernel
+        matrices are computed once over all rows (``subset_mmds``) where they fit ``KID_KERNEL_ELEMENTS``
+        and the rows are at most 4 subsets' worth; otherwise each subset's kernels one at a time."""
         from torchmetrics.image.kid import poly_mmd
         from torchmetrics.utilities import dim_zero_cat
 
         kid = self.kid
         real, fake = dim_zero_cat(kid.real_features), dim_zero_cat(kid.fake_features)
-        scores = []
-        for _ in range(kid.subsets):
-            f_real = real[torch.randperm(len(real))[: kid.subset_size]].double()
-            f_fake = fake[torch.randperm(len(fake))[: kid.subset_size]].double()
-            scores.append(poly_mmd(f_real, f_fake, kid.degree, kid.gamma, kid.coef))
-        return float(torch.stack(scores).mean())
+        picks = [(torch.randperm(len(real))[: kid.subset_size], torch.randperm(len(fake))[: kid.subset_size])
+                 for _ in range(kid.subsets)]
+        rows = len(real) + len(fake)
+        if rows**2 <= KID_KERNEL_ELEMENTS and rows <= 4 * kid.subset_size:  # else the subsets' kernels cost less
+            scores = subset_mmds(real.double(), fake.double(), torch.stack([r for r, _ in picks]),
+                                 torch.stack([f for _, f in picks]), kid.degree, kid.gamma, kid.coef)
+        else:
+            scores = torch.stack([poly_mmd(real[r].double(), fake[f].double(), kid.degree, kid.gamma, kid.coef)
+                                  for r, f in picks])
+        return float(scores.mean())
 
 
+KID_KERNEL_ELEMENTS = 1 << 24  # (reference + generated rows)^2: the kernel matrices' float64 values (128 MB)
 
-def measure_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` as counted by ``torch.utils.flop_counter`` (a multiply-add is 2)."""
+
+def subset_mmds(real: Tensor, fake: Tensor, picks_real: Tensor, picks_fake: Tensor, degree: int = 3,
+                gamma: Optional[float] = None, coef: float = 1.0) -> Tensor:
+    """The unbiased MMD^2 of each subset pair ``s`` (rows ``picks_real[s]`` of ``real``, ``picks_fake[s]``
+    of ``fake``, m distinct rows each), kernel ``k(x, y) = (gamma x.y + coef)^degree`` (gamma = 1/D
+    by default), as torchmetrics' ``poly_mmd``:
+
+        MMD^2_s = (sum_{i != j} k(x_i, x_j) + sum_{i != j} k(y_i, y_j)) / (m (m - 1)) - 2 sum_{i,j} k(x_i, y_j) / m^2
+
+    Each kernel matrix is computed once over all rows, and a subset's sums are read from it with
+    its 0/1 indicator vectors v, w: ``sum_{i != j in s} K_ij = v^T K v - sum_i v_i K_ii``, ``v^T K w``
+    for the cross term (one matrix product for all subsets).
+    """
+    gamma = 1.0 / real.shape[1] if gamma is None else gamma
+    m = picks_real.shape[1]
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        return (a @ b.T * gamma + coef) ** degree
+
+    def indicator(picks: Tensor, n: int) -> Tensor:
+        return torch.zeros(len(picks), n, dtype=real.dtype).scatter_(1, picks, 1.0)
+
+    v, w = indicator(picks_real, len(real)), indicator(picks_fake, len(fake))
+    k_rr, k_ff = kernel(real, real), kernel(fake, fake)
+    within = ((v @ k_rr) * v).sum(1) - v @ k_rr.diagonal() + ((w @ k_ff) * w).sum(1) - w @ k_ff.diagonal()
+    cross = ((v @ kernel(real, fake)) * w).sum(1)
+    return within / (m * (m - 1)) - 2 * cross / m**2
+
+
+_COUNTED: dict[str, int] = {}  # measure_flops' counts in this process, by the hash of their structure key
+
+
+def measure_flops(fn: Callable[[], Any], key: Any = None) -> int:
+    """FLOPs of one call of ``fn`` as counted by ``torch.utils.flop_counter`` (a multiply-add is 2).
+
+    ``key``: everything ``fn`` reads (modules, inputs, flags), or None; the count of a ``structure``
+    already counted in this process is reused. The counter counts each op from its input shapes
+    alone, so a count depends on which ops run on which shapes, never on the weights' values.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    digest = None if key is None else hashlib.sha256(structure(key).encode()).hexdigest()
+    if digest in _COUNTED:
+        return _COUNTED[digest]
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fn()
-    return int(counter.get_total_flops())
+    flops = int(counter.get_total_flops())
+    if digest is not None:
+        _COUNTED[digest] = flops
+    return flops
+
+
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, enum.Enum)
+_PLAIN = {type(None), bool, int, float, str}
+_CONTAINERS = {dict, OrderedDict, list, tuple, set}
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def structure(value: Any) -> str:
+    """``value`` described down to everything but tensors' values: the key of a FLOP count.
+
+    Tensors (parameters, buffers) are their shape, dtype and device; a module is its class, its
+    forward, every attribute (config, flags, processors, enabled adapters, hooks) and its submodules
+    in order; other objects their class and attributes; containers their items; functions their
+    qualified name. An object met again is a back-reference (cycles end). Two values with one
+    description run the same ops on the same shapes, as long as no forward branches on a tensor's
+    values (none of diffusers' networks, peft's LoRA layers or pgraft's correctors do).
+    """
+    out: list[str] = []
+    seen: dict[int, int] = {}
+    alive: list[Any] = []  # every object met stays referenced: no id is reused during the walk
+
+    def walk(v: Any) -> None:
+        if type(v) in _PLAIN:  # most values: a set lookup before the isinstance chain
+            out.append(repr(v))
+            return
+        if isinstance(v, _ATOMS):
+            out.append(repr(v))
+            return
+        if isinstance(v, Tensor):
+            out.append(f"T{tuple(v.shape)}{v.dtype}{v.device}")
+            return
+        if isinstance(v, np.ndarray):
+            out.append(f"A{v.shape}{v.dtype}")
+            return
+        if isinstance(v, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+            fn = getattr(v, "__func__", v)
+            out.append(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}")
+            return
+        if id(v) in seen:
+            out.append(f"@{seen[id(v)]}")
+            return
+        seen[id(v)] = len(seen)
+        alive.append(v)
+        if isinstance(v, (list, tuple)):
+            out.append(f"{type(v).__name__}[")
+            for item in v:
+                walk(item)
+            out.append("]")
+        elif isinstance(v, (set, frozenset)):
+            out.append("set" + repr(sorted(map(repr, v))))
+        elif isinstance(v, dict):
+            out.append(f"{type(v).__name__}{{")
+            for k, item in v.items():
+                walk(k)
+                walk(item)
+            out.append("}")
+        elif hasattr(v, "__dict__"):
+            out.append(f"{type(v).__module__}.{type(v).__qualname__}(")
+            if isinstance(v, nn.Module):
+                walk(type(v).forward)
+            for name, item in vars(v).items():
+                out.append(name)
+                if type(item) in _CONTAINERS and not item:  # a module's many empty hook dicts: one word
+                    out.append(type(item).__name__)
+                    continue
+                # hooks are keyed by their handles' ids, new for every instance: their functions count
+                walk(list(item.values()) if name.endswith(("hooks", "hooks_with_kwargs", "always_called")) else item)
+            out.append(")")
+        else:
+            out.append(_ADDRESS.sub("", repr(v)))
+
+    walk(value)
+    return " ".join(out)
 
 
 def distances(gen: Tensor | np.ndarray, real: Tensor | np.ndarray, kid_subsets: int = KID_SUBSETS,

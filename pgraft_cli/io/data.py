@@ -24,10 +24,14 @@ images in batches (a folder file by file), for metrics that need not hold them a
 
 from __future__ import annotations
 
+import functools
+import gzip
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,18 +79,35 @@ def digits_split(labels: Tensor, split: str) -> Tensor:
     return torch.tensor(sorted(picked), dtype=torch.long)
 
 
+@functools.lru_cache(maxsize=1)
+def _digits_table() -> np.ndarray:
+    """scikit-learn's digits file (64 pixel values, then the label, per row) read as its
+    ``load_digits`` reads it (``np.loadtxt`` of the gzipped csv), located without importing
+    scikit-learn, whose imports cost more than the read; read once per process."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():  # another layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits as _load
+
+        bunch = _load()
+        table = np.column_stack([bunch.data, bunch.target])
+    else:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            table = np.loadtxt(f, delimiter=",")
+    table.setflags(write=False)
+    return table
+
+
 def load_digits(size: int = DIGITS_SIZE, split: str | None = None) -> tuple[Tensor, Tensor]:
     """scikit-learn's digits as images in [0, 1], shape (N, 1, size, size), and their labels.
 
     ``split=None`` gives all 1797 images; ``train``/``judge``/``test`` one part of ``digits_split``.
     """
-    from sklearn.datasets import load_digits as _load
-
-    bunch = _load()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    table = _digits_table()
+    images = torch.tensor(table[:, :-1].reshape(-1, 1, 8, 8), dtype=torch.float32) / 16.0
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    images, labels = images.clamp(0.0, 1.0), torch.tensor(bunch.target, dtype=torch.long)
+    images, labels = images.clamp(0.0, 1.0), torch.tensor(table[:, -1].astype(int), dtype=torch.long)
     if split is None:
         return images, labels
     keep = digits_split(labels, split)

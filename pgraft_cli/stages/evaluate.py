@@ -291,17 +291,27 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
     times = model.schedule.grid(steps)[:-1]
     cutoff = model.cutoff
     above = int(above_cutoff(times, cutoff).sum()) if model.finetuned else 0
-    calls = {"base_call": measure_flops(lambda: model.predict(x, torch.tensor(min(cutoff, 0.5), dtype=torch.float64), cond))}
+    # What ``predict`` reads (the weights' values aside): counts are reused within the process
+    seen = (model.network, model.tuned, model.lora, cutoff, model.tuned_guidance, model.null_class, model.conditioning,
+            model.model_class, model.model_config, model.schedule, model.autocast, x, cond)
+
+    def predict_flops(at: float) -> int:
+        time = torch.tensor(at, dtype=torch.float64)
+        model.network_at(time)  # the adapter's state at that time (predict sets it too) is part of the key
+        return measure_flops(lambda: model.predict(x, time, cond), key=("predict", at, seen))
+
+    calls = {"base_call": predict_flops(min(cutoff, 0.5))}
     denoiser, nfe = (steps - above) * calls["base_call"], steps
     if above:
-        calls["tuned_call"] = measure_flops(lambda: model.predict(x, torch.tensor(1.0, dtype=torch.float64), cond))
+        calls["tuned_call"] = predict_flops(1.0)
         calls["tuned_steps"] = above
         denoiser += above * calls["tuned_call"]
     parts = {"denoiser": denoiser}
     corrector = getattr(model, "corrector", None)
     if corrector is not None:
         flow = corrector.network is not None  # a flow corrector integrates its own network; a Gaussian is one map
-        calls["corrector_call"] = measure_flops(lambda: corrector.velocity(x, t)) if flow else corrector.map_flops()
+        calls["corrector_call"] = (measure_flops(lambda: corrector.velocity(x, t), key=("velocity", corrector, x, t))
+                                   if flow else corrector.map_flops())
         calls["corrector_calls"] = corrector.calls if flow else 1  # network calls (Heun: 2 a step)
         parts["corrector"] = calls["corrector_calls"] * calls["corrector_call"]
         if flow and corrector.mean is not None:  # its Gaussian source's colouring, once per image
