@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import cli_run
 
 from pgraft_cli.errors import RunLockedError, RunStoreError
 from pgraft_cli.io.runstore import (MANIFEST, Dist, RunStore, atomic_path, atomic_write_bytes, atomic_write_text,
-                                 content_key, sha256_file, stage_key, state_digest, tensor_digest)
+                                 content_key, load_training_state, save_training_state, sha256_file, stage_key,
+                                 state_digest, tensor_digest)
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """In this process, one torch thread: on a small, busy CPU two threads per process fight over the cores
@@ -587,3 +589,42 @@ def test_run_sharded_splits_shards_over_processes_and_resumes_only_missing_ones(
         assert store.run_sharded("demo", config, inputs, 5, work(0)).done and calls == []
     found = RunStore(tmp_path / "run", is_main=False).stage("demo").tensors("index", "value")
     assert found["index"].tolist() == list(range(15)) and found["value"].tolist() == [k for k in range(5) for _ in range(3)]
+
+
+# ------------------------------------------------------------------------------------------------
+# training state: the optimizer state as torch's own load_state_dict places it
+
+
+RESUME_DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", RESUME_DEVICES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_loaded_optimizer_state_sits_where_torchs_load_state_dict_puts_it(tmp_path, device, fused):
+    """A fused (or capturable) AdamW reads ``step`` from the parameter's device as float32, a plain one
+    from the CPU; the moments follow the parameter. On the CPU both are the CPU, so the meta device
+    stands in for an accelerator here (CUDA runs the real case where it exists)."""
+    src = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = torch.optim.AdamW(src, lr=1e-2, fused=fused)  # torch's loader takes ``fused`` from the saved groups
+    for _ in range(2):
+        sum((p * p).sum() for p in src).backward()
+        opt.step()
+    save_training_state(tmp_path / "state.safetensors", {}, {}, src, opt, 2, [1.0, 0.5])
+
+    def fresh() -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+        params = [torch.nn.Parameter(p.detach().to(device)) for p in src]
+        return params, torch.optim.AdamW(params, lr=1e-2, fused=fused)
+
+    ours, ours_opt = fresh()
+    step, losses, _, _ = load_training_state(tmp_path / "state.safetensors", ours, ours_opt)
+    theirs, theirs_opt = fresh()
+    theirs_opt.load_state_dict(opt.state_dict())
+    assert (step, losses) == (2, [1.0, 0.5])
+    for a, b in zip(ours, theirs):
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            got, want = ours_opt.state[a][name], theirs_opt.state[b][name]
+            assert (got.device, got.dtype, got.shape) == (want.device, want.dtype, want.shape), name
+        assert ours_opt.state[a]["step"].device.type == (device if fused else "cpu")
+        if device != "meta":
+            assert all(torch.equal(ours_opt.state[a][k], theirs_opt.state[b][k]) for k in ours_opt.state[a])

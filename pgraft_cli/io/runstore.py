@@ -545,13 +545,18 @@ def load_training_state(path: Path | str, params: list[Any], opt: Any) -> tuple[
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
+    # torch's own loader places each value: the moments on the parameter's device, ``step`` on the CPU,
+    # or (fused/capturable: the kernel reads it from device memory) on the parameter's device as float32
+    state = opt.state_dict()
+    index = {id(p): k for k, p in enumerate(p for group in opt.param_groups for p in group["params"])}
     for i, p in enumerate(params):
-        st = {name: tensors[f"opt.{i}.{name}"].clone().to(p.device)
-              for name in ("exp_avg", "exp_avg_sq", "momentum_buffer") if f"opt.{i}.{name}" in tensors}
-        if f"opt.{i}.step" in tensors:
-            st["step"] = tensors[f"opt.{i}.step"].reshape(()).clone()
+        st = {name: tensors[f"opt.{i}.{name}"] for name in ("exp_avg", "exp_avg_sq", "momentum_buffer", "step")
+              if f"opt.{i}.{name}" in tensors}
+        if "step" in st:
+            st["step"] = st["step"].reshape(())
         if st:
-            opt.state[p] = st
+            state["state"][index[id(p)]] = st
+    opt.load_state_dict(state)
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return int(meta["step"]), json.loads(meta.get("losses", "[]")), model_state, ema_state
