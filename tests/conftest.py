@@ -459,11 +459,13 @@ def _forked_rank(rank: int, args: list[str], world: int, port: int, folder: Path
     sys.exit(code)  # a non-zero code ends this rank, the others are stopped and the launch reports it
 
 
-def forked_launch(args: list[str], num_processes: int = 2, timeout: int = 600) -> "subprocess.CompletedProcess[str]":
+def forked_launch(args: list[str], num_processes: int = 2, timeout: int = 120) -> "subprocess.CompletedProcess[str]":
     """``pgraft ARGS`` on ``num_processes`` CPU processes (gloo) forked from this one, as ``accelerate_launch``
     runs it but without ~13 CPU s of three new interpreters' start-up and imports: each rank runs the
     console entry in process (``cli_in_process``). stdout and stderr are the ranks' in rank order; the
-    return code is the first failing rank's (1 for an uncaught exception, its traceback in stderr)."""
+    return code is the first failing rank's (1 for an uncaught exception, its traceback in stderr). ``timeout``:
+    the two launches of test_correct and test_finetune_cli take 6-7 s wall at load 4 on two cores; 120 s
+    leaves room for a busy box yet frees an xdist worker from a hung rank in two minutes, not ten."""
     import tempfile
     import time
 
