@@ -595,7 +595,7 @@ def test_run_sharded_splits_shards_over_processes_and_resumes_only_missing_ones(
 # training state: the optimizer state as torch's own load_state_dict places it
 
 
-RESUME_DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+RESUME_DEVICES = ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                        reason="needs CUDA"))]
 
 
@@ -628,3 +628,8 @@ def test_loaded_optimizer_state_sits_where_torchs_load_state_dict_puts_it(tmp_pa
         assert ours_opt.state[a]["step"].device.type == (device if fused else "cpu")
         if device != "meta":
             assert all(torch.equal(ours_opt.state[a][k], theirs_opt.state[b][k]) for k in ours_opt.state[a])
+    if device != "meta":  # the resumed step runs (the fused CUDA kernel refuses a ``step`` on the CPU)
+        for a, b in zip(ours, theirs):
+            a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        ours_opt.step(), theirs_opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
