@@ -118,6 +118,52 @@ def test_inversion_drops_and_counts_images_above_the_per_image_limit(tmp_path):
     assert stats["dropped"] == 2 and stats["used"] == 6 and len(kept) == 6
 
 
+def test_inversion_stats_count_the_images_that_met_every_steps_own_tolerance():
+    """Every largest residual is below the loosest tolerance (1e-2), but only the flagged images
+    met each step's own one: the count follows the flags."""
+    from pgraft_cli.io.recipes import CorrectConfig
+
+    per_image = {"rms": torch.full((4,), 1e-3), "max": torch.full((4,), 2e-3), "iterations": torch.full((4,), 9),
+                 "residual": torch.full((4,), 5e-3, dtype=torch.float64),
+                 "converged": torch.tensor([True, False, True, False])}
+    cfg = CorrectConfig(inversion_tol=1e-3, inversion_tol_last=1e-2)
+    assert correct_mod.inversion_stats(per_image, torch.zeros(4, 1, 2, 2), cfg)["converged"] == 2
+
+
+def test_the_converged_label_names_each_steps_own_tolerance():
+    """The terminal line and report.html say what the count means: one tolerance, or the last step's apart."""
+    from pgraft_cli.report.ui import converged_rule
+
+    assert converged_rule(5e-3) == converged_rule(5e-3, 5e-3) == "every step's residual RMS < 0.005"
+    for last in (1e-2, 1e-3):
+        assert converged_rule(5e-3, last) == (f"every step's residual RMS < its own tolerance: 0.005, the last "
+                                              f"step's (into the data) {last:g}")
+
+
+def test_the_invert_stage_stores_each_images_flag_the_default_counts_as_before_and_old_shards_read(tmp_path):
+    """With one tolerance (the recipe's default) an image converged iff its largest residual is below it:
+    the stored flags say that, and a shard written before them (no flag) reads with that rule. With a
+    last step's own tolerance that rule cannot tell which step missed, so those shards are keyed apart."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file, save_file
+    from pgraft_cli.io.recipes import CorrectConfig
+
+    few = "correct.inversion_iterations=16"  # some images reach the tolerance, some stop at the cap
+    _, stats = _invert_digits(tmp_path, "a", few)
+    cfg = load_recipe("inverse-noise", ["correct.base_steps=4", "correct.invert_shard_size=8", few]).correct
+    shard = load_file(str(next((tmp_path / "a" / "invert").glob("shard-*.safetensors"))))
+    before = shard["residual"] < cfg.inversion_tol
+    assert shard["converged"].dtype == torch.bool and torch.equal(shard["converged"], before)
+    assert stats["converged"] == int(before.sum()) and 0 < stats["converged"] < 8
+    save_file({k: v for k, v in shard.items() if k != "converged"}, str(tmp_path / "old.safetensors"))
+    per_image, kept = correct_mod.read_inversion([tmp_path / "old.safetensors"], cfg)
+    assert torch.equal(per_image["converged"], before) and len(kept) == 8
+    for keys, apart in (({}, False), ({"inversion_tol_last": 1e-2}, True)):  # a key beyond the recipe's own
+        c = CorrectConfig(**keys)
+        assert bool(set(correct_mod.invert_config(c)) - set(asdict(c))) == apart
+
+
 def test_inversion_runs_the_base_in_the_sampling_memory_format_keyed_and_given_back(tmp_path):
     """The invert stage runs the base as sampling does (channels_last on the CPU by default, keyed), the
     same bytes on a rerun, contiguous noises to rounding, and the network's weights contiguous after."""

@@ -184,6 +184,56 @@ def test_invert_tol_last_loosens_only_the_data_step_to_its_closed_form():
     assert bool((loose_err < 1e-2 / 2).all()) and bool((exact_err < 1e-9).all())
 
 
+def test_invert_counts_an_image_converged_only_if_every_step_met_its_own_tolerance():
+    """``v = x`` above t = 0.3, else 0: the data's step is solved in one call (residual 0); each other
+    step is ``G(x) = y + x / 4`` from ``y``, so 5 plain calls leave ``RMS(y) / 4^5 ~ 1e-3``: below
+    ``tol_last = 1e-2`` but above ``tol = 1e-9``. That image did not converge (a zero image did)."""
+    schedule, grid = NoiseSchedule.flow(), NoiseSchedule.flow().grid(4)
+    y = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y[0] = 0
+
+    def fn(x, t):
+        return x if float(t) > 0.3 else torch.zeros_like(x)
+
+    _, info = invert(fn, schedule, y, grid, iterations=5, tol=1e-9, memory=0, tol_last=1e-2)
+    assert bool((info.residual[1:] > 1e-9).all()) and bool((info.residual < 1e-2).all())  # the middle steps'
+    assert info.converged.tolist() == [True, False, False]
+    _, enough = invert(fn, schedule, y, grid, iterations=40, tol=1e-9, memory=0, tol_last=1e-2)
+    assert enough.converged.tolist() == [True, True, True]
+
+
+def test_invert_with_a_tighter_last_tolerance_counts_a_missed_last_step_as_not_converged():
+    """``v = x / (2t)``: the data's step is ``G(x) = y + x / 2`` (4 calls leave ``RMS(y) / 32``, here
+    ~3e-4: above ``tol_last = 1e-4``, below ``tol = 1e-2``); the other steps contract by 1/4 or more."""
+    schedule, grid = NoiseSchedule.flow(), NoiseSchedule.flow().grid(4)
+    y = 0.01 * torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def fn(x, t):
+        return x / (2 * t)
+
+    _, info = invert(fn, schedule, y, grid, iterations=4, tol=1e-2, memory=0, tol_last=1e-4)
+    assert bool((info.residual > 1e-4).all()) and bool((info.residual < 1e-2).all())
+    assert info.converged.tolist() == [False, False]
+    _, enough = invert(fn, schedule, y, grid, iterations=40, tol=1e-2, memory=0, tol_last=1e-4)
+    assert enough.converged.tolist() == [True, True] and bool((enough.residual < 1e-2).all())
+
+
+def test_invert_ddim_flags_each_image_against_its_steps_own_tolerance():
+    """The DDIM path carries the same flag (Gaussian data, plain iteration): 6 calls a step leave the
+    noisier steps above ``tol = 1e-4`` and every residual below ``tol_last = 0.2``: not converged; 20
+    calls reach ``tol`` but never a data step's ``tol_last = 1e-300``: not converged either."""
+    schedule = NoiseSchedule.diffusion("epsilon")
+    grid = schedule.grid(6)
+    x0 = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5
+    fn = gaussian_data_denoiser(schedule, 0.5)
+    _, few = invert_sampler(fn, schedule, x0, grid, 6, 1e-4, memory=0, tol_last=0.2)
+    assert bool((few.residual > 1e-4).all()) and bool((few.residual < 0.2).all())
+    assert few.converged.tolist() == [False] * 3
+    for tol_last, converged in ((0.2, True), (None, True), (1e-300, False)):
+        _, info = invert_sampler(fn, schedule, x0, grid, 20, 1e-4, memory=0, tol_last=tol_last)
+        assert info.converged.tolist() == [converged] * 3, tol_last
+
+
 @pytest.mark.parametrize("schedule", [NoiseSchedule.flow(), NoiseSchedule.diffusion("epsilon"),
                                       NoiseSchedule.diffusion(beta_schedule="squaredcos_cap_v2")])
 def test_the_kernel_from_c_composes_with_the_marginal_at_c_into_the_marginal_at_t(schedule):

@@ -242,11 +242,13 @@ def sample_heun(velocity: Denoiser, noise: Tensor, grid: Tensor) -> Tensor:
 
 @dataclass
 class InversionInfo:
-    """How ``invert`` went, per image: network evaluations used (summed over the grid's steps) and
-    the largest fixed-point residual ``RMS(y - F(x))`` left at any step (``< tol`` when converged)."""
+    """How ``invert`` went, per image: network evaluations used (summed over the grid's steps), the
+    largest fixed-point residual ``RMS(y - F(x))`` left at any step, and whether every step's residual
+    was below that step's own tolerance (``tol``, or ``tol_last`` at the data's step)."""
 
     iterations: Tensor  # (B,) int64
     residual: Tensor  # (B,) float64
+    converged: Tensor  # (B,) bool
 
 
 def invert(
@@ -287,7 +289,8 @@ def invert(
       per-image conditioning (a class, a caption) can follow them.
     """
     x, pred = x0, None
-    info = InversionInfo(torch.zeros(len(x0), dtype=torch.int64), torch.zeros(len(x0), dtype=torch.float64))
+    info = InversionInfo(torch.zeros(len(x0), dtype=torch.int64), torch.zeros(len(x0), dtype=torch.float64),
+                         torch.ones(len(x0), dtype=torch.bool))
     for k in range(len(grid) - 2, -1, -1):
         t, t_next = grid[k], grid[k + 1]
         y = x
@@ -301,6 +304,7 @@ def invert(
         x, pred, used, residual = _anderson(fixed_point_map, guess, iterations, step_tol, memory)
         info.iterations += used
         info.residual = torch.maximum(info.residual, residual)
+        info.converged &= residual < step_tol  # each step against its own tolerance, not the loosest
         if callback is not None:
             callback(k)
     return x, info
@@ -310,7 +314,7 @@ def invert_ddim(denoiser: Denoiser, schedule: NoiseSchedule, x0: Tensor, grid: T
                 **solver: Any) -> tuple[Tensor, InversionInfo]:
     """Invert the DDIM (eta = 0) sampler of a diffusion ``schedule``: the noise at ``grid[0]`` that
     ``sample`` maps onto ``x0``. ``solver``: ``invert``'s keywords (iterations, tol, memory, callback,
-    row_indexed).
+    row_indexed, tol_last); the ``InversionInfo`` is ``invert``'s.
 
     DDIM is Euler in the scaled state ``u = x / alpha`` over ``r = sigma / alpha`` (DDIM paper, eq. 14):
     ``x' = alpha' x0_hat + sigma' e_hat`` is ``u' = u + (r' - r) e_hat(alpha u, t)``. So this is

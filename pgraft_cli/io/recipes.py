@@ -213,11 +213,6 @@ class CorrectConfig:
     corrector_lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
     corrector_source: Literal["normal", "gaussian"] = "normal"
 
-    @property
-    def inversion_tol_max(self) -> float:
-        """The loosest step tolerance: an image whose every step's residual is below it converged."""
-        return max(self.inversion_tol, self.inversion_tol_last or 0.0)
-
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",
                   "corrector_layers", "corrector_width", "corrector_blocks", "corrector_train_steps", "corrector_batch_size", "corrector_warmup",

@@ -111,5 +111,6 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                  "samples": [[f"base ({steps} steps)", "evaluate-base"], ["corrected", "evaluate-corrected"]]}
     with verb.timed("report"):
         results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), artifacts, out=target)
-    labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "inversion_tol": rec.correct.inversion_tol_max}
+    labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "inversion_tol": rec.correct.inversion_tol,
+              "inversion_tol_last": rec.correct.inversion_tol_last}
     return Outcome(summary, [*correct_report(summary, labels), *wrote_lines(summary)], results)

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import PgraftError
 from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
 from .metrics import MetricsTable, metrics_table_of, rounds_table_of
-from .ui import fmt_bytes, stopped_line
+from .ui import converged_rule, fmt_bytes, stopped_line
 
 REPORT = "report.html"
 GRID_IMAGES = 32  # images per sample grid (the first indices, the same seeds for base and result)
@@ -323,12 +323,11 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any], 
         ax2.legend(fontsize=8)
         plots.append(_plot(fig, "inverted noise statistics",
                            "the distribution the corrector learns to produce; N(0, I) would match the black lines"))
-    tol = (recipe.get("correct") or {}).get("inversion_tol")
-    tol = max(tol, (recipe.get("correct") or {}).get("inversion_tol_last") or 0) if tol else tol
+    tol, tol_last = ((recipe.get("correct") or {}).get(k) for k in ("inversion_tol", "inversion_tol_last"))
     fraction = (recipe.get("correct") or {}).get("max_dropped_fraction")
     stats = _table(["statistic", "value", "reference"], [
         ["images inverted", inv.get("num", "-"), "-"],
-        ["converged", inv.get("converged", "-"), f"every step's residual RMS < {tol:g}" if tol else "-"],
+        ["converged", inv.get("converged", "-"), converged_rule(tol, tol_last) if tol else "-"],
         ["dropped from training", inv.get("dropped", "-"),
          f"per image: round-trip RMS > {limit:g}; fails above {fraction:g} of the images" if limit and fraction is not None else "-"],
         ["network calls per image, mean", _f(inv.get("iterations_mean"), 1), f"cap {inv.get('iterations_cap', '-')}"],

@@ -197,6 +197,13 @@ def table_view(title: str, model: MetricsTable, first: str, caption: Optional[st
                  *(Text(f"note: {n}") for n in model.notes()))
 
 
+def converged_rule(tol: float, tol_last: Optional[float] = None) -> str:
+    """What an inversion's "converged" count means (``core.samplers.InversionInfo.converged``)."""
+    if tol_last is None or tol_last == tol:
+        return f"every step's residual RMS < {tol:g}"
+    return f"every step's residual RMS < its own tolerance: {tol:g}, the last step's (into the data) {tol_last:g}"
+
+
 def correct_report(summary: dict, labels: dict) -> list:
     """Base vs corrected after ``pgraft correct``, then lines on the inversion and the corrector (print each)."""
     base, inv, info = (summary[k] for k in ("base", "inversion", "corrector"))
@@ -204,8 +211,9 @@ def correct_report(summary: dict, labels: dict) -> list:
         f"inverse noise correction of {labels['source']} ({labels['base_steps']} base steps, features "
         f"{base['features']}, FID against {summary['fid_data'] or '-'})", "correct", summary)
     lines = [
-        f"inversion: {inv['num']} images, {inv['converged']} converged (every step's residual < "
-        f"{labels['inversion_tol']:g}), {inv['dropped']} dropped (round-trip RMS > {inv['max_reconstruction_rms']:g} "
+        f"inversion: {inv['num']} images, {inv['converged']} converged "
+        f"({converged_rule(labels['inversion_tol'], labels.get('inversion_tol_last'))}), {inv['dropped']} dropped "
+        f"(round-trip RMS > {inv['max_reconstruction_rms']:g} "
         f"per image); network calls per image mean {inv['iterations_mean']:.1f}, max {inv['iterations_max']} "
         f"(cap {inv['iterations_cap']})",
         f"  reconstruction RMS mean {inv['reconstruction_rms_mean']:.4f} (max {inv['reconstruction_rms_max']:.4f}); "

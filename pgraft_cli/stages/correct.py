@@ -79,8 +79,11 @@ GATE_KEYS = ("max_reconstruction_rms", "max_dropped_fraction")
 
 
 def invert_config(cfg: CorrectConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items()
-            if not k.startswith("corrector") and k not in GATE_KEYS and (k != "seed" or cfg.data_noise > 0)}
+    config = {k: v for k, v in asdict(cfg).items()
+              if not k.startswith("corrector") and k not in GATE_KEYS and (k != "seed" or cfg.data_noise > 0)}
+    if cfg.inversion_tol_last is not None:  # shards without the flag can't tell which step missed (read_inversion)
+        config["converged_per_image"] = True
+    return config
 
 
 # Training never reads these: checkpoints resume bit-exactly at any interval, and the corrector's
@@ -197,10 +200,10 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any,
                   classes: Optional[list[int]] = None, prompts: Optional[list[str]] = None,
                   guidance_scale: float = 1.0) -> dict[str, Tensor]:
-    """Noise, round-trip error, network evaluations and fixed-point residual of each image of a shard,
-    each inverted under its own class or prompt where given."""
+    """Noise, round-trip error, network evaluations, largest fixed-point residual and whether every step
+    met its own tolerance, of each image of a shard, each inverted under its own class or prompt where given."""
     grid = model.schedule.grid(cfg.base_steps)
-    out: dict[str, list[Tensor]] = {"noise": [], "err": [], "iterations": [], "residual": []}
+    out: dict[str, list[Tensor]] = {"noise": [], "err": [], "iterations": [], "residual": [], "converged": []}
     with torch.inference_mode():
         for start in range(0, len(chunk), lane):
             part = chunk[start:start + lane].to(model.device, torch.float32)
@@ -220,14 +223,15 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
             with model.autocast_context():  # the round trip, as run_sample samples
                 back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
             for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
-                               ("iterations", info.iterations), ("residual", info.residual)):
+                               ("iterations", info.iterations), ("residual", info.residual),
+                               ("converged", info.converged)):
                 out[key].append(value.cpu())
             advance(len(part))
     err = torch.cat(out.pop("err"))
     return {**{k: torch.cat(v).contiguous() for k, v in out.items()}, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
 
 
-PER_IMAGE_KEYS = ("rms", "max", "iterations", "residual")  # one number per image in each shard
+PER_IMAGE_KEYS = ("rms", "max", "iterations", "residual", "converged")  # one number per image in each shard
 
 
 def read_inversion(paths: list[Path], cfg: CorrectConfig) -> tuple[dict[str, Tensor], Tensor]:
@@ -236,6 +240,8 @@ def read_inversion(paths: list[Path], cfg: CorrectConfig) -> tuple[dict[str, Ten
 
     The kept noises are the corrector's training set, so they are in memory; nothing else is: each
     shard's noises are read alone and only its kept rows are copied into one preallocated tensor.
+    A shard written before ``converged`` was stored reads it as ``residual < inversion_tol``: exact
+    with one tolerance (``invert_config`` keys a stage with ``inversion_tol_last`` apart from those).
     """
     from safetensors import safe_open
 
@@ -243,7 +249,8 @@ def read_inversion(paths: list[Path], cfg: CorrectConfig) -> tuple[dict[str, Ten
     for path in paths:
         with safe_open(str(path), "pt") as f:
             for key in PER_IMAGE_KEYS:
-                columns[key].append(f.get_tensor(key))
+                columns[key].append(f.get_tensor(key) if key != "converged" or key in f.keys()
+                                    else f.get_tensor("residual") < cfg.inversion_tol)
             shape = f.get_slice("noise").get_shape()[1:]
     keep = torch.cat(columns["rms"]) <= cfg.max_reconstruction_rms
     kept, row = torch.empty((int(keep.sum()), *shape)), 0
@@ -264,7 +271,7 @@ def inversion_stats(per_image: dict[str, Tensor], kept: Tensor, cfg: CorrectConf
     stats = {
         "reconstruction_rms_mean": float(rms.mean()), "reconstruction_rms_max": float(rms.max()),
         "reconstruction_abs_max": float(per_image["max"].max()), "num": len(rms),
-        "converged": int((per_image["residual"] < cfg.inversion_tol_max).sum()), "dropped": int((~keep).sum()),
+        "converged": int(per_image["converged"].sum()), "dropped": int((~keep).sum()),
         "used": len(kept), "max_reconstruction_rms": cfg.max_reconstruction_rms,
         "iterations_mean": float(iters.double().mean()), "iterations_max": int(iters.max()),
         "iterations_cap": cfg.inversion_iterations * cfg.base_steps,
