@@ -184,19 +184,32 @@ def resolve_memory_format(model: LoadedModel, memory_format: str) -> str:
 @contextlib.contextmanager
 def network_memory_format(model: LoadedModel, memory_format: str) -> Iterator[None]:
     """For a forward-only stage, the base and tuned networks' 4-D weights in ``memory_format``, and
-    contiguous again afterwards (training, and the stages after it, see the layout they always had).
+    afterwards the very tensors they had before (training, and the stages after it, see the layout,
+    the storage and the sharing they always had; a weight that was channels_last already is left alone).
 
     Only the weights move: a convolution runs channels_last when its weight is (oneDNN), and its
     output carries the layout on to the next layer, so the sampler's tensors need no conversion.
+    Weights that are views of one tensor get one converted copy. The tensors taken are kept for the
+    stage: a second copy of the converted weights, on the networks' device (float32: the digits UNet
+    3.8 MB, a 256 px DDPM UNet2DModel 0.41 GB; SD2's UNet, where ``"channels_last"`` is asked for, 2.3 GB).
     """
-    nets = [net for net in (model.network, model.tuned) if net is not None] if memory_format == "channels_last" else []
-    for net in nets:
-        net.to(memory_format=torch.channels_last)
+    taken: list[tuple[Tensor, Tensor]] = []  # (weight, the data it had)
+    if memory_format == "channels_last":
+        copies: dict[tuple, Tensor] = {}
+        nets = [net for net in (model.network, model.tuned) if net is not None]
+        weights = {id(w): w for net in nets for w in (*net.parameters(), *net.buffers()) if w.dim() == 4}
+        for w in weights.values():
+            view = (w.untyped_storage().data_ptr(), w.storage_offset(), w.shape, w.stride(), w.dtype)
+            if view not in copies:
+                copies[view] = w.data.to(memory_format=torch.channels_last)  # as nn.Module.to converts
+            if copies[view].data_ptr() != w.data_ptr():
+                taken.append((w, w.data))
+                w.data = copies[view]
     try:
         yield
     finally:
-        for net in nets:
-            net.to(memory_format=torch.contiguous_format)
+        for w, data in taken:
+            w.data = data
 
 
 @contextlib.contextmanager
