@@ -167,14 +167,19 @@ def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
     return replace(cfg, lane=choose_lane(cfg.num, cfg.batch_size, memory_lane_cap(model, cfg.guidance_scale)))
 
 
-# The network classes whose forward runs faster with channels_last weights on the CPU, measured through
-# the stage code (bench/cpu_lanes.py --formats); the corrector's small UNet and training are slower.
+# The network classes whose forward runs faster with channels_last weights on the CPU (bench/RESULTS.md,
+# "channels_last by default on the CPU"): UNet2DModel at every size measured, 1.2 M to 114 M parameters
+# and 16 to 256 px (the digits UNet through the stage code; DDPM-CIFAR 32 px and DDPM-church 256 px
+# configs 1.03-1.17x, bench/memory_format.py). Not UNet2DConditionModel (SD2 size 10 % slower), nor the
+# corrector's small UNet or training (slower).
 CHANNELS_LAST_FAMILIES = ("UNet2DModel",)
 
 
 def resolve_memory_format(model: LoadedModel, memory_format: str) -> str:
     """The layout ``sample.memory_format`` names: ``"auto"`` is ``"channels_last"`` on the CPU for a
-    network class in ``CHANNELS_LAST_FAMILIES``, else ``"contiguous"``; a fixed format is kept."""
+    network class in ``CHANNELS_LAST_FAMILIES`` (a pixel UNet2DModel, measured faster from the 1.2 M
+    parameter digits UNet at 16 px to a 114 M parameter DDPM UNet at 256 px), else ``"contiguous"``
+    (SD2's UNet2DConditionModel measured 10 % slower; GPUs not measured); a fixed format is kept."""
     if memory_format != "auto":
         return memory_format
     fast = model.device.type == "cpu" and model.model_class in CHANNELS_LAST_FAMILIES
