@@ -52,3 +52,12 @@ def test_cpu_lanes_bench_times_both_memory_formats_through_the_stage_code(monkey
     assert "| 4 | contiguous |" in out and "| 4 | channels_last |" in out
     rows = [line for line in out.splitlines() if line.startswith("| channels_last |")]
     assert len(rows) == 1 and float(rows[0].split("|")[4]) > 8  # network calls per image: solver + 8 round trip
+
+
+def test_memory_format_bench_times_a_released_unet2dmodel_config(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["memory_format.py", "--size", "cifar32", "--batch", "1", "--rounds", "1"])
+    monkeypatch.syspath_prepend(str(BENCH))
+    runpy.run_path(str(BENCH / "memory_format.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "cifar32 UNet2DModel (35.7 M parameters), 32 px, batch 1" in out
+    assert float(out.split("max |diff| ")[1].split(";")[0]) < 1e-4  # the same network either way

@@ -364,3 +364,39 @@ def test_channels_last_is_the_cpu_default_keyed_apart_same_seed_same_bytes(tmp_p
     assert all(torch.equal(auto[k], again[k]) for k in auto)  # same seed, same bytes
     torch.testing.assert_close(auto["samples"], contiguous["samples"], rtol=0, atol=1e-4)
     assert (auto["images"].int() - contiguous["images"].int()).abs().max() <= 1
+
+
+def test_channels_last_stage_gives_back_each_weight_as_it_was_shared_storage_included():
+    """network_memory_format converts the contiguous 4-D weights for the stage and afterwards puts
+    back the very tensors it took: storage shared between modules (and between the base and the tuned
+    network) is shared again, a weight that was channels_last before stays so, the bytes are equal."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from pgraft_cli.stages.sample import network_memory_format
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 4))
+    base[1].weight = nn.Parameter(base[0].weight.data)  # two modules, one storage
+    base[2].weight.data = base[2].weight.data.contiguous(memory_format=torch.channels_last)
+    tuned = nn.Sequential(nn.Conv2d(3, 4, 3))
+    tuned[0].weight = nn.Parameter(base[0].weight.data)  # the tuned network shares the base's weight
+    model = SimpleNamespace(network=base, tuned=tuned)
+    before = {name: (p.data_ptr(), p.stride(), p.detach().clone()) for name, p in
+              [*base.named_parameters(), *(("tuned." + n, p) for n, p in tuned.named_parameters())]}
+
+    with network_memory_format(model, "channels_last"):
+        for net in (base, tuned):
+            for p in net.parameters():
+                if p.dim() == 4:
+                    assert p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        assert base[0].weight.data_ptr() == base[1].weight.data_ptr() == tuned[0].weight.data_ptr()  # one copy
+
+    after = {name: p for name, p in [*base.named_parameters(), *(("tuned." + n, p) for n, p in tuned.named_parameters())]}
+    for name, (ptr, stride, value) in before.items():
+        assert (after[name].data_ptr(), after[name].stride()) == (ptr, stride), name
+        assert torch.equal(after[name], value), name
+    assert base[0].weight.data_ptr() == base[1].weight.data_ptr() == tuned[0].weight.data_ptr()
+    assert base[2].weight.is_contiguous(memory_format=torch.channels_last) and not base[2].weight.is_contiguous()

@@ -28,8 +28,10 @@ The sampler (docs/methods.md): time t in [0, 1], t = 1 noise, ``x_t = alpha(t) x
 The maths repeats pgraft's core/samplers.py on purpose (this file travels alone); the export tests
 pin it to ``pgraft sample`` to 1e-5. The networks run in the memory format their weights were loaded in
 (contiguous): ``pgraft sample``'s ``sample.memory_format`` (channels_last on the CPU for a UNet2DModel) is not
-recorded or applied here; it moves the last bits only (``pipe.unet.to(memory_format=torch.channels_last)``
-does the same).
+recorded or applied here (``pipe.unet.to(memory_format=torch.channels_last)`` applies it). The two formats
+round differently, and how far that goes depends on the computation: sampled images differ by at most 1 in
+uint8 on the digits model, but the inversion's ill-conditioned last step amplifies it (pgraft's inverted
+noises up to 8.2e-2 apart), so a corrector trained in one format is not the one the other would train.
 """
 
 from __future__ import annotations

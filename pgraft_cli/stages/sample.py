@@ -167,14 +167,19 @@ def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
     return replace(cfg, lane=choose_lane(cfg.num, cfg.batch_size, memory_lane_cap(model, cfg.guidance_scale)))
 
 
-# The network classes whose forward runs faster with channels_last weights on the CPU, measured through
-# the stage code (bench/cpu_lanes.py --formats); the corrector's small UNet and training are slower.
+# The network classes whose forward runs faster with channels_last weights on the CPU (bench/RESULTS.md,
+# "channels_last by default on the CPU"): UNet2DModel at every size measured, 1.2 M to 114 M parameters
+# and 16 to 256 px (the digits UNet through the stage code; DDPM-CIFAR 32 px and DDPM-church 256 px
+# configs 1.03-1.17x, bench/memory_format.py). Not UNet2DConditionModel (SD2 size 10 % slower), nor the
+# corrector's small UNet or training (slower).
 CHANNELS_LAST_FAMILIES = ("UNet2DModel",)
 
 
 def resolve_memory_format(model: LoadedModel, memory_format: str) -> str:
     """The layout ``sample.memory_format`` names: ``"auto"`` is ``"channels_last"`` on the CPU for a
-    network class in ``CHANNELS_LAST_FAMILIES``, else ``"contiguous"``; a fixed format is kept."""
+    network class in ``CHANNELS_LAST_FAMILIES`` (a pixel UNet2DModel, measured faster from the 1.2 M
+    parameter digits UNet at 16 px to a 114 M parameter DDPM UNet at 256 px), else ``"contiguous"``
+    (SD2's UNet2DConditionModel measured 10 % slower; GPUs not measured); a fixed format is kept."""
     if memory_format != "auto":
         return memory_format
     fast = model.device.type == "cpu" and model.model_class in CHANNELS_LAST_FAMILIES
@@ -184,19 +189,32 @@ def resolve_memory_format(model: LoadedModel, memory_format: str) -> str:
 @contextlib.contextmanager
 def network_memory_format(model: LoadedModel, memory_format: str) -> Iterator[None]:
     """For a forward-only stage, the base and tuned networks' 4-D weights in ``memory_format``, and
-    contiguous again afterwards (training, and the stages after it, see the layout they always had).
+    afterwards the very tensors they had before (training, and the stages after it, see the layout,
+    the storage and the sharing they always had; a weight that was channels_last already is left alone).
 
     Only the weights move: a convolution runs channels_last when its weight is (oneDNN), and its
     output carries the layout on to the next layer, so the sampler's tensors need no conversion.
+    Weights that are views of one tensor get one converted copy. The tensors taken are kept for the
+    stage: a second copy of the converted weights, on the networks' device (float32: the digits UNet
+    3.8 MB, a 256 px DDPM UNet2DModel 0.41 GB; SD2's UNet, where ``"channels_last"`` is asked for, 2.3 GB).
     """
-    nets = [net for net in (model.network, model.tuned) if net is not None] if memory_format == "channels_last" else []
-    for net in nets:
-        net.to(memory_format=torch.channels_last)
+    taken: list[tuple[Tensor, Tensor]] = []  # (weight, the data it had)
+    if memory_format == "channels_last":
+        copies: dict[tuple, Tensor] = {}
+        nets = [net for net in (model.network, model.tuned) if net is not None]
+        weights = {id(w): w for net in nets for w in (*net.parameters(), *net.buffers()) if w.dim() == 4}
+        for w in weights.values():
+            view = (w.untyped_storage().data_ptr(), w.storage_offset(), w.shape, w.stride(), w.dtype)
+            if view not in copies:
+                copies[view] = w.data.to(memory_format=torch.channels_last)  # as nn.Module.to converts
+            if copies[view].data_ptr() != w.data_ptr():
+                taken.append((w, w.data))
+                w.data = copies[view]
     try:
         yield
     finally:
-        for net in nets:
-            net.to(memory_format=torch.contiguous_format)
+        for w, data in taken:
+            w.data = data
 
 
 @contextlib.contextmanager
