@@ -385,10 +385,85 @@ def test_structure_ignores_values_and_sees_shapes_settings_and_enabled_adapters(
     assert structure(loop) == "list[ 1 @0 ]"
 
 
-def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tiny_sd_dir):
+def _twin(square: bool):
+    """Two functions with one qualified name and other code."""
+    if square:
+        def f(x):
+            return x * x
+    else:
+        def f(x):
+            return x + x
+    return f
+
+
+def test_structure_sees_partial_arguments_closures_bound_selves_and_code():
+    import functools
+
+    from pgraft_cli.core.metrics import structure
+
+    def g(x, s=0):
+        return x * s
+
+    assert structure(functools.partial(g, s=1)) != structure(functools.partial(g, s=2))
+    assert structure(functools.partial(g, 1)) != structure(functools.partial(g, 2))
+    assert structure(functools.partial(g, s=1)) == structure(functools.partial(g, s=1))
+
+    def scaled(k):
+        return lambda x: x * k
+
+    assert structure(scaled(2)) != structure(scaled(3))
+    assert structure(scaled(torch.zeros(2))) != structure(scaled(torch.zeros(3)))  # captured shapes
+    assert structure(scaled(torch.zeros(2))) == structure(scaled(torch.ones(2)))  # ... not values
+    # a bound method is its function and its object
+    assert structure(torch.nn.Linear(2, 3).forward) != structure(torch.nn.Linear(2, 4).forward)
+    assert structure(torch.nn.Linear(2, 3).forward) == structure(torch.nn.Linear(2, 3).forward)
+    # a function is its code, not only its name
+    assert _twin(True).__qualname__ == _twin(False).__qualname__
+    assert structure(_twin(True)) != structure(_twin(False))
+    assert structure(_twin(True)) == structure(_twin(True))
+
+    def countdown(n):  # its closure holds itself: the cycle ends in a back-reference
+        return countdown(n - 1) if n else 0
+
+    assert structure(countdown) == structure(countdown)
+    assert structure([torch.nn.functional]) == "list[ module torch.nn.functional ]"  # a name, not a namespace
+
+
+def test_a_patched_predict_or_family_adapter_misses_the_flop_cache(monkeypatch):
+    """The model's class and its family adapter are in the key: patching either (a test, or another
+    adapter in the same process) counts afresh instead of reusing the old count."""
+    from pgraft_cli.core import metrics
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.models.loaded import LoadedModel
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    monkeypatch.setattr(metrics, "_COUNTED", {})
+    model = load_model("digits")
+    once = flops_per_image(model, 4)["flops_calls"]["base_call"]
+    assert once > 0
+    predict, adapter = LoadedModel.predict, type(model.adapter)
+    call = adapter.call
+
+    def predict_twice(self, x, t, cond, network=None):
+        return predict(self, x, t, cond, network) + predict(self, x, t, cond, network)
+
+    monkeypatch.setattr(LoadedModel, "predict", predict_twice)
+    assert flops_per_image(model, 4)["flops_calls"]["base_call"] == 2 * once  # an add is no FLOP
+
+    def call_thrice(self, network, x, timestep, cond):
+        return call(self, network, x, timestep, cond) + call(self, network, x, timestep, cond) + \
+            call(self, network, x, timestep, cond)
+
+    monkeypatch.setattr(adapter, "call", call_thrice)
+    assert flops_per_image(model, 4)["flops_calls"]["base_call"] == 6 * once
+
+
+def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tiny_sd_dir, monkeypatch):
+    from pgraft_cli.core import metrics
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.stages.evaluate import flops_per_image
 
+    monkeypatch.setattr(metrics, "_COUNTED", {})
     model = load_model(str(tiny_sd_dir))
     plain = flops_per_image(model, 3, guidance_scale=1.0)
     guided = flops_per_image(model, 3, guidance_scale=5.0)
@@ -397,6 +472,8 @@ def test_flops_of_a_text_model_count_both_halves_of_classifier_free_guidance(tin
     # the negative prompt is encoded too under guidance; the decoder runs once per image either way
     assert guided["flops_parts"]["text_encoders"] == 2 * plain["flops_parts"]["text_encoders"] > 0
     assert guided["flops_parts"]["vae_decoder"] == plain["flops_parts"]["vae_decoder"]
+    counted = len(metrics._COUNTED)  # the key of a latent text model is stable: measuring again hits
+    assert flops_per_image(model, 3, guidance_scale=5.0) == guided and len(metrics._COUNTED) == counted
 
 
 def test_flops_of_a_latent_text_model_include_the_vae_decoder_and_text_encoders(tiny_sd_dir):

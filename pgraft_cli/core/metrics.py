@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import marshal
 import re
 import types
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Optional
 
@@ -233,18 +236,32 @@ def measure_flops(fn: Callable[[], Any], key: Any = None) -> int:
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, enum.Enum)
 _PLAIN = {type(None), bool, int, float, str}
 _CONTAINERS = {dict, OrderedDict, list, tuple, set}
+_METHODS = (types.FunctionType, staticmethod, classmethod, property)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_CODE_DIGESTS: "weakref.WeakKeyDictionary[types.CodeType, str]" = weakref.WeakKeyDictionary()
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """A short digest of a code object's bytecode, constants (nested code too) and names."""
+    digest = _CODE_DIGESTS.get(code)
+    if digest is None:
+        digest = _CODE_DIGESTS[code] = hashlib.sha1(marshal.dumps(code)).hexdigest()[:16]
+    return digest
 
 
 def structure(value: Any) -> str:
     """``value`` described down to everything but tensors' values: the key of a FLOP count.
 
-    Tensors (parameters, buffers) are their shape, dtype and device; a module is its class, its
-    forward, every attribute (config, flags, processors, enabled adapters, hooks) and its submodules
-    in order; other objects their class and attributes; containers their items; functions their
-    qualified name. An object met again is a back-reference (cycles end). Two values with one
-    description run the same ops on the same shapes, as long as no forward branches on a tensor's
-    values (none of diffusers' networks, peft's LoRA layers or pgraft's correctors do).
+    Tensors (parameters, buffers) are their shape, dtype and device; an object (a module too) is
+    its class and every attribute (config, flags, processors, enabled adapters, hooks, submodules in
+    order); containers their items. A class (outside ``builtins``) is its name, its bases and the
+    functions and public attributes of its namespace; a function its name, a digest of its code
+    (``marshal``: bytecode, constants, names), its defaults and its closure's contents; a bound
+    method its function and object; a ``functools.partial`` its function, arguments and keywords.
+    An object met again is a back-reference (cycles end). Two values with one description run the
+    same ops on the same shapes, as long as no forward branches on a tensor's values (none of
+    diffusers' networks, peft's LoRA layers or pgraft's correctors do) and the module-level names
+    their code calls are not rebound in between (functions' globals are not walked).
     """
     out: list[str] = []
     seen: dict[int, int] = {}
@@ -262,10 +279,6 @@ def structure(value: Any) -> str:
             return
         if isinstance(v, np.ndarray):
             out.append(f"A{v.shape}{v.dtype}")
-            return
-        if isinstance(v, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-            fn = getattr(v, "__func__", v)
-            out.append(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}")
             return
         if id(v) in seen:
             out.append(f"@{seen[id(v)]}")
@@ -285,10 +298,44 @@ def structure(value: Any) -> str:
                 walk(k)
                 walk(item)
             out.append("}")
+        elif isinstance(v, types.FunctionType):
+            out.append(f"{v.__module__}.{v.__qualname__}#{_code_digest(v.__code__)}(")
+            walk(v.__defaults__)
+            walk(v.__kwdefaults__)
+            for cell in v.__closure__ or ():
+                try:
+                    walk(cell.cell_contents)
+                except ValueError:  # a cell not yet filled
+                    out.append("<empty>")
+            out.append(")")
+        elif isinstance(v, (types.MethodType, types.BuiltinFunctionType)):
+            owner = getattr(v, "__self__", None)
+            out.append(f"{getattr(v, '__qualname__', v.__name__)}(")
+            walk(getattr(v, "__func__", None))
+            if not isinstance(owner, types.ModuleType):  # a builtin function's module is not its state
+                walk(owner)
+            out.append(")")
+        elif isinstance(v, functools.partial):
+            out.append("partial(")
+            walk(v.func)
+            walk(v.args)
+            walk(v.keywords)
+            out.append(")")
+        elif isinstance(v, types.ModuleType):  # a module object: its name, never its namespace
+            out.append(f"module {v.__name__}")
+        elif isinstance(v, type):
+            out.append(f"{v.__module__}.{v.__qualname__}<")
+            if v.__module__ != "builtins":
+                for base in v.__bases__:
+                    walk(base)
+                for name, item in vars(v).items():
+                    if isinstance(item, _METHODS) or not name.startswith("__"):
+                        out.append(name)
+                        walk((item.fget, item.fset) if isinstance(item, property) else getattr(item, "__func__", item))
+            out.append(">")
         elif hasattr(v, "__dict__"):
-            out.append(f"{type(v).__module__}.{type(v).__qualname__}(")
-            if isinstance(v, nn.Module):
-                walk(type(v).forward)
+            out.append("(")
+            walk(type(v))
             for name, item in vars(v).items():
                 out.append(name)
                 if type(item) in _CONTAINERS and not item:  # a module's many empty hook dicts: one word

@@ -270,6 +270,14 @@ def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Opti
     return out
 
 
+def predict_key(model: Any, x: Tensor, cond: Any) -> tuple:
+    """What ``model.predict(x, t, cond)`` reads, the weights' values aside (``measure_flops``' key,
+    with t): the networks, the settings, the model's class and its family adapter (their code)."""
+    return (type(model), model.adapter, model.network, model.tuned, model.lora, model.cutoff, model.tuned_guidance,
+            model.null_class, model.conditioning, model.model_class, model.model_config, model.schedule,
+            model.autocast, x, cond)
+
+
 def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict[str, Any]:
     """NFE and measured FLOPs per image of ``model``'s sampler, in parts that sum to the total.
 
@@ -291,9 +299,7 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
     times = model.schedule.grid(steps)[:-1]
     cutoff = model.cutoff
     above = int(above_cutoff(times, cutoff).sum()) if model.finetuned else 0
-    # What ``predict`` reads (the weights' values aside): counts are reused within the process
-    seen = (model.network, model.tuned, model.lora, cutoff, model.tuned_guidance, model.null_class, model.conditioning,
-            model.model_class, model.model_config, model.schedule, model.autocast, x, cond)
+    seen = predict_key(model, x, cond)
 
     def predict_flops(at: float) -> int:
         time = torch.tensor(at, dtype=torch.float64)
