@@ -827,13 +827,16 @@ def test_the_export_records_pgraft_autocast_and_samples_under_it_as_pgraft_does(
     assert _load(tmp_path / "auto").config.autocast == "auto"
     bf16 = ("--set", "model.autocast=bf16")
     _export(checkpoint, tmp_path / "pipe", *bf16)
-    want = _pgraft_sample(tmp_path, checkpoint, 3, 4, *bf16)
+    # The folder runs its UNet contiguous (it does not apply pgraft's CPU channels_last), and under bf16
+    # autocast the layout moves the bf16 roundings: compare with pgraft sampling contiguous too.
+    contiguous = ("--set", "sample.memory_format=contiguous")
+    want = _pgraft_sample(tmp_path, checkpoint, 3, 4, *bf16, *contiguous)
     got, pipe = _exported_sample(tmp_path / "pipe", 3, 4)
     assert pipe.config.autocast == "bf16" and got.dtype == torch.float32
     # The same ops in the same order: bit-equal on this CPU (measured 0; bf16 autocast moves x by 6.8e-3 at
     # |x| <= 1.15). Another CPU's kernels may round one bf16 product differently for another batch size, so
     # the bound is a tenth of the autocast's own effect: it still tells the two precisions apart.
-    effect = float((_pgraft_sample(tmp_path, checkpoint, 3, 4) - want).abs().max())
+    effect = float((_pgraft_sample(tmp_path, checkpoint, 3, 4, *contiguous) - want).abs().max())
     assert effect > 1e-3 and float((got - want).abs().max()) <= 0.1 * effect
 
 
