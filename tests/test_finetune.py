@@ -523,3 +523,23 @@ def test_the_prompt_cache_keeps_what_fits_its_budget_and_encodes_the_rest_each_t
             assert torch.equal(part.prompt_embeds, torch.full((1, 4, 8), float(len(p))))
     assert list(cache.parts) == [("cat", False)] and cache.held == cache.max_bytes
     assert cache.encoded == 1 + 3  # "cat" once; "a dog" did not fit and was encoded each time
+
+
+def test_adam_fine_tunes_take_torchs_fused_kernel_where_it_exists_and_key_the_stage_by_it(tmp_path):
+    """One fused Adam/AdamW kernel on the CPU (and CUDA, MPS, XPU) instead of torch's per-parameter CPU
+    default: other roundings, so the path is in the fine-tune stage's config and an old cache is retrained."""
+    from pgraft_cli.stages.finetune import _optimizer, optimizer_path
+
+    cpu = torch.device("cpu")
+    assert optimizer_path(FinetuneConfig(), cpu) == "fused"
+    assert optimizer_path(FinetuneConfig(optimizer="adam"), cpu) == "fused"
+    assert optimizer_path(FinetuneConfig(optimizer="sgd"), cpu) == "default"
+    assert optimizer_path(FinetuneConfig(), torch.device("meta")) == "default"
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert _optimizer(FinetuneConfig(), params, "fused").defaults["fused"] is True
+    assert not _optimizer(FinetuneConfig(), params).defaults["fused"]
+    cfg = FinetuneConfig(cutoff=0.5, steps=1, batch_size=2)
+    with RunStore(tmp_path / "r") as store, progress(False) as bar:
+        run_finetune(load_model("digits"), _kept(4), cfg, store, bar)
+        stages = store.read_manifest()["stages"]
+    assert [entry["config"]["optimizer_path"] for name, entry in stages.items() if name.startswith("finetune")] == ["fused"]
