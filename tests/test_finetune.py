@@ -535,6 +535,7 @@ def test_adam_fine_tunes_take_torchs_fused_kernel_where_it_exists_and_key_the_st
     assert optimizer_path(FinetuneConfig(optimizer="adam"), cpu) == "fused"
     assert optimizer_path(FinetuneConfig(optimizer="sgd"), cpu) == "default"
     assert optimizer_path(FinetuneConfig(), torch.device("meta")) == "default"
+    assert optimizer_path(FinetuneConfig(), torch.device("mps")) == "default"  # fp16 GradScaler: not tested there
     params = [torch.nn.Parameter(torch.randn(3))]
     assert _optimizer(FinetuneConfig(), params, "fused").defaults["fused"] is True
     assert not _optimizer(FinetuneConfig(), params).defaults["fused"]

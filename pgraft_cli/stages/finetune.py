@@ -134,7 +134,7 @@ def trainable(network: nn.Module, lora: bool) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in network.named_parameters() if p.requires_grad]
 
 
-FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch (>= 2.4) has fused Adam/AdamW kernels
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # torch >= 2.4's fused Adam/AdamW, where it was tested with GradScaler (MPS, XPU: default)
 
 
 def optimizer_path(cfg: FinetuneConfig, device: torch.device) -> str:
