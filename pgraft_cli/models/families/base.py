@@ -37,6 +37,12 @@ class Cond:
     negative_extra: dict[str, Tensor] = field(default_factory=dict)
     distilled_guidance: Optional[float] = None
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the conditioning holds (its fields and its ``extra`` inputs)."""
+        values = [self.class_labels, self.prompt_embeds, self.negative_prompt_embeds, self.pooled,
+                  self.negative_pooled, *self.extra.values(), *self.negative_extra.values()]
+        return [v for v in values if isinstance(v, Tensor)]
+
     def rows(self, index: Tensor) -> "Cond":
         """The conditioning of rows ``index`` of the batch (every per-row input indexed alike)."""
         def pick(v: Optional[Tensor]) -> Optional[Tensor]:
