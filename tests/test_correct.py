@@ -795,3 +795,85 @@ def test_a_gaussian_source_with_too_few_images_names_the_source_key(tmp_path):
         with pytest.raises(PgraftError, match='corrector_source = "normal"') as err:
             run_train_corrector(noises, (1, 16, 16), rec.correct, "base", store, bar)
     assert "100 of dimension 256" in str(err.value) and "corrector = " not in str(err.value)
+
+
+def _one_step(mixed_precision):
+    """One ``corrector_step_loss`` step of a tiny UNet corrector: its loss, gradients, and whether the
+    network ran under autocast."""
+    from diffusers import UNet2DModel
+
+    from pgraft_cli.stages.correct import corrector_network, corrector_step_loss
+
+    rec = load_recipe("inverse-noise", ["correct.corrector_batch_size=8", "correct.corrector_channels=[8, 16]",
+                                        f"correct.corrector_mixed_precision={mixed_precision}"])
+    torch.manual_seed(0)
+    network, _ = corrector_network(rec.correct, (1, 16, 16))
+    seen = []
+    real_forward = UNet2DModel.forward
+    network.forward = lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu")) or real_forward(network, *a, **kw)
+    noises = torch.randn(20, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    loss = corrector_step_loss(network, noises, rec.correct)(3)
+    return rec.correct, network, noises, loss, [p.grad for p in network.parameters()], seen
+
+
+def test_corrector_training_without_mixed_precision_is_the_plain_step_bit_for_bit():
+    """``corrector_mixed_precision = "no"``: the step's loss and gradients are those of the plain
+    float32 flow-matching loss on the step's batch (seeded by (seed, step)), outside any autocast."""
+    from pgraft_cli.core.losses import flow_matching_loss
+    from pgraft_cli.io.runstore import derive_seed
+
+    cfg, network, noises, loss, grads, seen = _one_step("no")
+    assert seen == [False]
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", 3))
+    idx = torch.randint(0, len(noises), (8,), generator=g)
+    e, t = torch.randn((8, 1, 16, 16), generator=g), torch.rand(8, generator=g)
+    network.zero_grad()
+    plain = flow_matching_loss(network, NoiseCorrector.schedule, noises[idx], e, t)
+    plain.backward()
+    assert torch.equal(loss, plain.detach())
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, network.parameters()))
+
+
+def test_corrector_training_under_bf16_autocast_keeps_float32_weights_loss_and_gradients():
+    """``"bf16"``: the forward under bf16 autocast (another loss than float32's, within bf16's rounding),
+    the loss and every gradient float32, the weights untouched in float32."""
+    _, network, _, loss, grads, seen = _one_step("bf16")
+    _, _, _, loss32, grads32, _ = _one_step("no")
+    assert seen == [True]
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert all(p.dtype == torch.float32 for p in network.parameters())
+    assert not torch.equal(loss, loss32) and float(loss) == pytest.approx(float(loss32), rel=2e-2)
+
+
+def test_corrector_mixed_precision_is_in_the_training_key_and_recorded(tmp_path):
+    """Changing the key retrains (another stage key), the summary says how the corrector was trained,
+    and the inversion's key does not read it."""
+    from pgraft_cli.stages.correct import invert_config, training_config
+
+    base = ["correct.corrector_train_steps=2", "correct.corrector_batch_size=4", "correct.corrector_channels=[8, 16]"]
+    noises = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    infos, weights, keys = {}, {}, {}
+    for setting in ("no", "bf16"):
+        cfg = load_recipe("inverse-noise", [*base, f"correct.corrector_mixed_precision={setting}"]).correct
+        with RunStore(tmp_path) as store, progress(False) as bar:
+            corrector, infos[setting] = run_train_corrector(noises, (1, 16, 16), cfg, "base", store, bar)
+            keys[setting] = store.read_manifest()["stages"]["train_corrector"]["key"]
+        weights[setting] = corrector.network.state_dict()
+        assert invert_config(cfg) == invert_config(load_recipe("inverse-noise", base).correct)
+    assert training_config(cfg)["corrector_mixed_precision"] == "bf16" and keys["no"] != keys["bf16"]
+    assert any(not torch.equal(weights["no"][k], weights["bf16"][k]) for k in weights["no"])
+    assert infos["no"]["trained_precision"] == "float32"
+    assert infos["bf16"]["trained_precision"] == "float32 weights under bfloat16 autocast"
+
+
+def test_bf16_corrector_training_on_a_device_without_bf16_autocast_is_refused_before_inverting():
+    from types import SimpleNamespace
+
+    from pgraft_cli.stages.correct import check_correctable, corrector_autocast
+
+    cfg = load_recipe("inverse-noise", ["correct.corrector_mixed_precision=bf16"]).correct
+    with pytest.raises(PgraftError, match='corrector_mixed_precision = "no"'):
+        corrector_autocast(cfg, "meta")
+    with pytest.raises(PgraftError, match="meta device"):
+        check_correctable(SimpleNamespace(device=torch.device("meta"), conditioning="none"), cfg, check_data=False)
+    check_correctable(SimpleNamespace(device=torch.device("cpu"), conditioning="none"), cfg, check_data=False)

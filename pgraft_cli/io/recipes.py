@@ -213,6 +213,7 @@ class CorrectConfig:
     corrector_sampler: Literal["euler", "heun"] = "heun"
     corrector_lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
     corrector_source: Literal["normal", "gaussian"] = "normal"
+    corrector_mixed_precision: Literal["no", "bf16"] = "no"  # the training forward under bf16 autocast
 
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",

@@ -345,7 +345,7 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any], 
     steps = (recipe.get("correct") or {}).get("corrector_train_steps") or len(s.get("loss_curve") or [])
     corrector = _kv([("corrector", info.get("kind")), ("parameters", f"{info['parameters']:,}" if info.get("parameters") else None),
                      ("final loss", _f(info.get("final_loss"))), ("base steps", corr.get("steps")),
-                     ("fitted to the base in", info.get("fitted_precision")),
+                     ("trained in", info.get("trained_precision")), ("fitted to the base in", info.get("fitted_precision")),
                      ("corrector network calls", (corr.get("nfe") or 0) - (corr.get("steps") or 0) or None)])
     sections.append(("Corrector", corrector + _loss_plot([("corrector", s.get("loss_curve") or [], steps)],
                                                          "corrector flow-matching loss")))

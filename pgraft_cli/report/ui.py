@@ -220,6 +220,7 @@ def correct_report(summary: dict, labels: dict) -> list:
         f"inverted noise mean {inv['noise_mean']:+.3f}, std {inv['noise_std']:.3f} (N(0, I): 0, 1)",
         f"corrector: {info['kind']}, {info['parameters']:,} parameters"
         + (f", final loss {info['final_loss']:.4f}" if info.get("final_loss") else "")
+        + (f"; trained in {info['trained_precision']}" if info.get("trained_precision") else "")
         + (f"; fitted to the base in {info['fitted_precision']}" if info.get("fitted_precision") else ""),
     ]
     if summary.get("stage_seconds"):

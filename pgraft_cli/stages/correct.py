@@ -17,12 +17,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +38,7 @@ from ..io.data import DataRows
 from ..io.recipes import CorrectConfig
 from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
-                                fit_gaussian_diag_by_class, fit_gaussian_on_text)
+                                fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
 from .sample import network_memory_format, resolve_memory_format, resumed_lane
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
@@ -113,7 +115,10 @@ def check_correctable(model: LoadedModel, cfg: CorrectConfig, labels: Optional[T
                       captions: Optional[Sequence[str]] = None, check_data: bool = True) -> None:
     """Inverse noise correction inverts a deterministic sampler (a flow's Euler or a diffusion model's
     DDIM, eta = 0) under each image's condition: a class model needs the data's labels, in its range;
-    a text model its captions and a pooled text embedding (the corrector's input: docs/methods.md)."""
+    a text model its captions and a pooled text embedding (the corrector's input: docs/methods.md).
+    A network corrector trained under bf16 autocast needs the device to have it (before inverting anything)."""
+    if cfg.corrector in ("flow", "mlp"):
+        corrector_autocast(cfg, model.device)
     if model.conditioning == "text":
         model.pooled_text([""])  # refuses, in one line, a family without one
     if not check_data:
@@ -301,6 +306,26 @@ def corrector_conditions(model: LoadedModel, labels: Optional[Tensor], captions:
     return {"conditioning": "none", "condition": None, "num_classes": 0}
 
 
+def corrector_autocast(cfg: CorrectConfig, device: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The context of the corrector's training forward: none, or with ``corrector_mixed_precision = "bf16"``
+    bf16 autocast (weights, optimizer and EMA stay float32; the loss is float32, as autocast runs
+    ``mse_loss``). Refuses, in one line, a device whose torch has no bf16 autocast."""
+    if cfg.corrector_mixed_precision == "no":
+        return contextlib.nullcontext
+    kind = torch.device(device).type
+    with warnings.catch_warnings():  # torch raises for some devices and warns and disables itself for others
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(kind, dtype=torch.bfloat16):
+                supported = torch.is_autocast_enabled(kind)
+        except RuntimeError:
+            supported = False
+    if not supported:
+        raise PgraftError(f'correct.corrector_mixed_precision = "bf16" needs bf16 autocast, which torch has not on '
+                          f'this {kind} device; set correct.corrector_mixed_precision = "no"')
+    return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+
+
 def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device: Any = "cpu",
                         condition: Optional[Tensor] = None, projection: Optional[nn.Module] = None,
                         source: Optional[tuple[Tensor, Tensor]] = None) -> Any:
@@ -310,6 +335,7 @@ def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device
     given to the network as its class embedding. ``source = (mean, L)``: the flow starts from
     ``N(mean, L L^T)`` (``e`` coloured, ``core.gaussian.colour``) instead of N(0, I)."""
     shape = tuple(noises.shape[1:])
+    autocast = corrector_autocast(cfg, device)
 
     def step_loss(step: int) -> Tensor:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "corrector-step", step))
@@ -323,7 +349,8 @@ def corrector_step_loss(network: Any, noises: Tensor, cfg: CorrectConfig, device
         if projection is not None:
             labels = projection(labels)
         net = network if labels is None else lambda x, ts: network(x, ts, class_labels=labels)
-        loss = flow_matching_loss(net, NoiseCorrector.schedule, noises[idx].to(device), e, t)
+        with autocast():
+            loss = flow_matching_loss(net, NoiseCorrector.schedule, noises[idx].to(device), e, t)
         loss.backward()
         return loss.detach()
 
@@ -417,6 +444,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
     corrector = NoiseCorrector(cfg.corrector, cfg.base_steps, cfg.corrector_sample_steps, cfg.corrector_sampler, network=network,
                                model_config=model_config, conditioning=kind, projection=projection,
                                mean=None if source is None else source[0], chol=None if source is None else source[1])
-    return corrector, {**summary, "parameters": corrector.parameter_count(), **loss_summary(losses)}
+    trained_in = precision_label(torch.float32, torch.bfloat16 if cfg.corrector_mixed_precision == "bf16" else None)
+    return corrector, {**summary, "parameters": corrector.parameter_count(), "trained_precision": trained_in,
+                       **loss_summary(losses)}
 
 
