@@ -14,6 +14,13 @@ rank, peft on both sides):
   dtype and the adapter in float32 (as that script does), prompts tokenized once (its dataset does)
   and encoded every step; its setup is also outside the window (``--warmup`` steps first).
 
+Each side runs in its own process (spawned; the parent only hands out the rounds, one at a time), as
+each runs for a user: ``--allocator as-run`` (the default) gives pgraft's process what the ``pgraft``
+command does at start (``io.host.tune_allocator``: glibc's mmap and trim thresholds fixed, so a step's
+freed activations stay on the heap) and the plain loop's glibc's defaults, as a diffusers script runs;
+``default`` or ``tuned`` give both sides the same allocator (the loops alone). The minor page faults
+a step costs are printed beside the times.
+
 Models: the bundled ``digits`` flow (all weights and LoRA rows) and the tests' tiny Stable Diffusion
 pipeline (``tests/conftest.py build_tiny_sd_pipeline``; LoRA). The rows of a model are interleaved
 over ``--repeats`` rounds and the median round is reported; ``--profile`` prints each row's top
@@ -21,18 +28,21 @@ functions (cProfile, one round).
 
     python bench/finetune_speed.py                          # float32, see --help
     python bench/finetune_speed.py --precision bf16 --steps 20 --repeats 3
+    python bench/finetune_speed.py --allocator default      # both sides with glibc's defaults
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -45,7 +55,7 @@ class ClockBar:
     """A progress bar that notes when each step ends (the timed window of a pgraft row)."""
 
     def __init__(self) -> None:
-        self.ends: list[tuple[float, float]] = []
+        self.ends: list[tuple[float, float, int]] = []
 
     def add_task(self, *a: Any, **k: Any) -> int:
         return 0
@@ -54,10 +64,10 @@ class ClockBar:
         self.ends.append(clocks())
 
 
-def clocks() -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds): on a loaded machine the CPU seconds of a
-    one-thread run are what the work costs; the wall clock also counts the waits for a core."""
-    return time.perf_counter(), time.process_time()
+def clocks() -> tuple[float, float, int]:
+    """(wall seconds, this process's CPU seconds, its minor page faults): on a loaded machine the CPU
+    seconds of a one-thread run are what the work costs; the wall clock also counts the waits for a core."""
+    return time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def tiny_sd_folder(root: Path) -> Path:
@@ -67,11 +77,11 @@ def tiny_sd_folder(root: Path) -> Path:
     return build_tiny_sd_pipeline(root / "tiny-sd")
 
 
-Clocked = Callable[[int, int], tuple[float, float]]
+Clocked = Callable[[int, int], tuple[float, float, int]]
 
 
 def pgraft_row(source: str, batch: int, lora_rank: int, precision: str) -> Clocked:
-    """pgraft's finetune stage: ``run(warmup, steps)`` -> (wall, CPU) seconds of the last ``steps``."""
+    """pgraft's finetune stage: ``run(warmup, steps)`` -> (wall s, CPU s, page faults) of the last ``steps``."""
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.recipes import FinetuneConfig
     from pgraft_cli.io.runstore import RunStore
@@ -90,8 +100,8 @@ def pgraft_row(source: str, batch: int, lora_rank: int, precision: str) -> Clock
         bar = ClockBar()
         with tempfile.TemporaryDirectory() as d, RunStore(Path(d)) as store:
             run_finetune(model, kept, cfg, store, bar)
-        (w0, c0), (w1, c1) = bar.ends[warmup - 1], bar.ends[-1]
-        return w1 - w0, c1 - c0
+        start, end = bar.ends[warmup - 1], bar.ends[-1]
+        return tuple(b - a for a, b in zip(start, end))  # type: ignore[return-value]
     run.calls = []  # type: ignore[attr-defined]
     run.model = model  # type: ignore[attr-defined]
     return run
@@ -155,15 +165,61 @@ def plain_row(source: str, batch: int, lora_rank: int, precision: str) -> Clocke
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def run(warmup: int, steps: int) -> tuple[float, float]:
+    def run(warmup: int, steps: int) -> tuple[float, float, int]:
         for k in range(warmup):
             step(k)
-        w0, c0 = clocks()
+        start = clocks()
         for k in range(steps):
             step(k)
-        w1, c1 = clocks()
-        return w1 - w0, c1 - c0
+        return tuple(b - a for a, b in zip(start, clocks()))  # type: ignore[return-value]
     return run
+
+
+def side(conn: Any, who: str, source: str, batch: int, lora_rank: int, precision: str, threads: Optional[int],
+         tune: bool) -> None:
+    """One side of a row in its own process: builds it, then runs each round the parent sends
+    (``(warmup, steps, profile)``; ``None`` ends it) and sends back its clocks (or cProfile's table)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+    if tune:
+        from pgraft_cli.io.host import tune_allocator
+
+        tune_allocator()  # what pgraft_cli.cli.main does before any command
+    run = (pgraft_row if who == "pgraft" else plain_row)(source, batch, lora_rank, precision)
+    while (job := conn.recv()) is not None:
+        warmup, steps, profile = job
+        if not profile:
+            conn.send(run(warmup, steps))
+            continue
+        import cProfile
+        import io
+        import pstats
+
+        prof, out = cProfile.Profile(), io.StringIO()
+        prof.runcall(run, warmup, steps)
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+        conn.send(out.getvalue())
+
+
+class Side:
+    """The parent's handle on a :func:`side` process."""
+
+    def __init__(self, *args: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")  # a fresh allocator; no forked OpenMP pool
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=side, args=(child, *args), daemon=True)
+        self.proc.start()
+
+    def __call__(self, warmup: int, steps: int, profile: bool = False) -> Any:
+        self.conn.send((warmup, steps, profile))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
 
 
 def main() -> None:
@@ -176,6 +232,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--models", nargs="+", default=["digits", "tiny-sd"], choices=["digits", "tiny-sd"])
     p.add_argument("--profile", action="store_true", help="print each row's top cProfile functions (one round)")
+    p.add_argument("--allocator", default="as-run", choices=["as-run", "default", "tuned"],
+                   help="as-run (default): pgraft's process tunes glibc malloc as the pgraft command does, the plain "
+                        "loop's keeps glibc's defaults; default / tuned: both sides alike")
     args = p.parse_args()
     from transformers.utils import logging as transformers_logging
 
@@ -184,35 +243,33 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {args.precision}, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"allocator {args.allocator}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    tune = {"pgraft": args.allocator != "default", "plain": args.allocator == "tuned"}
     with tempfile.TemporaryDirectory() as d:
         sources = {"digits": "digits", "tiny-sd": str(tiny_sd_folder(Path(d)))} if "tiny-sd" in args.models else {"digits": "digits"}
         plan = [("digits", 0, 32), ("digits", args.rank, 32), ("tiny-sd", args.rank, 4)]
         plan = [row for row in plan if row[0] in args.models]
         print(f"{'model':<9}{'trained':<10}{'batch':>6}{'pgraft steps/s':>16}{'plain steps/s':>15}{'ratio':>7}"
-              f"{'pgraft CPU-s/step':>19}{'plain CPU-s/step':>18}{'ratio':>7}")
+              f"{'pgraft CPU-s/step':>19}{'plain CPU-s/step':>18}{'ratio':>7}{'pgraft faults/step':>20}"
+              f"{'plain faults/step':>19}")
         for name, rank, batch in plan:
-            runs = {who: make(sources[name], batch, rank, args.precision) for who, make in
-                    (("pgraft", pgraft_row), ("plain", plain_row))}
-            times: dict[str, list[tuple[float, float]]] = {who: [] for who in runs}
+            runs = {who: Side(who, sources[name], batch, rank, args.precision, args.threads, tune[who])
+                    for who in ("pgraft", "plain")}
+            times: dict[str, list[tuple[float, float, int]]] = {who: [] for who in runs}
             for r in range(args.repeats):
                 for who in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                     times[who].append(runs[who](args.warmup, args.steps))
-            rate = {who: args.steps / statistics.median(w for w, _ in ts) for who, ts in times.items()}
-            cpu = {who: statistics.median(c for _, c in ts) / args.steps for who, ts in times.items()}
+            rate = {who: args.steps / statistics.median(w for w, _, _ in ts) for who, ts in times.items()}
+            cpu = {who: statistics.median(c for _, c, _ in ts) / args.steps for who, ts in times.items()}
+            faults = {who: statistics.median(f for _, _, f in ts) / args.steps for who, ts in times.items()}
             trained = f"LoRA r{rank}" if rank else "all"
             print(f"{name:<9}{trained:<10}{batch:>6}{rate['pgraft']:>16.2f}{rate['plain']:>15.2f}"
                   f"{rate['pgraft'] / rate['plain']:>7.2f}{cpu['pgraft']:>19.4f}{cpu['plain']:>18.4f}"
-                  f"{cpu['plain'] / cpu['pgraft']:>7.2f}")
-            if args.profile:
-                import cProfile
-                import pstats
-
-                for who, run in runs.items():
-                    prof = cProfile.Profile()
-                    prof.runcall(run, 1, args.steps)
-                    print(f"--- {name} {trained} {who}: top functions by own time")
-                    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+                  f"{cpu['plain'] / cpu['pgraft']:>7.2f}{faults['pgraft']:>20.0f}{faults['plain']:>19.0f}", flush=True)
+            for who, run in runs.items():
+                if args.profile:
+                    print(f"--- {name} {trained} {who}: top functions by own time\n{run(1, args.steps, profile=True)}")
+                run.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -61,3 +63,25 @@ def test_memory_format_bench_times_a_released_unet2dmodel_config(monkeypatch, ca
     out = capsys.readouterr().out
     assert "cifar32 UNet2DModel (35.7 M parameters), 32 px, batch 1" in out
     assert float(out.split("max |diff| ")[1].split(";")[0]) < 1e-4  # the same network either way
+
+
+@pytest.mark.slow
+def test_finetune_bench_gives_each_side_its_own_process_and_allocator():
+    """pgraft's side runs with what the pgraft command sets at start (``tune_allocator``: a warm step
+    takes no fresh pages from the kernel), the plain loop's with glibc's defaults (each step's
+    activations come back as fresh pages, thousands of page faults), each in its own process."""
+    import platform
+    import subprocess
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    proc = subprocess.run([sys.executable, str(BENCH / "finetune_speed.py"), "--models", "digits", "--steps", "2",
+                           "--warmup", "3", "--repeats", "1", "--threads", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("digits")]
+    assert [r[1:3] for r in rows] == [["all", "32"], ["LoRA", "r16"]]
+    for r in rows:
+        pgraft_faults, plain_faults = float(r[-2]), float(r[-1])
+        assert 10 * pgraft_faults < plain_faults and plain_faults > 2000, r  # a few hundred while the heap grows
+        assert all(float(v) > 0 for v in r[-8:-2])  # steps/s, CPU s/step and their ratios
