@@ -11,6 +11,8 @@ run of each; prints wall and CPU ms per step (the whole stage's wall time over t
 network and writing the result included, under 1 ms a step), the median of the rounds and each
 round, the ratio to float32 at the same thread count (of the medians, and the median of each round's
 ratio: on a shared box a round's two runs share its load), the fastest round, and the load average.
+The process first sets glibc's allocator as the ``pgraft`` command does (``io.host.tune_allocator``;
+``--allocator default`` leaves glibc's defaults, whose page faults slow float32's larger steps most).
 """
 import argparse
 import os
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pgraft_cli.io.host import tune_allocator  # noqa: E402
 from pgraft_cli.io.recipes import load_recipe  # noqa: E402
 from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
@@ -47,7 +50,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                    help="tuned: glibc's allocator as the pgraft command sets it (the default); default: glibc's own")
     a = ap.parse_args()
+    if a.allocator == "tuned":
+        tune_allocator()
     noises = torch.randn(1078, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     before = os.getloadavg()
     for threads in a.threads:  # warm-up: oneDNN builds its kernels on first use
@@ -59,7 +66,8 @@ def main() -> None:
             for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
                 ms[threads, setting].append(ms_per_step(setting, threads, a.steps, noises))
     after = os.getloadavg()
-    print(f"corrector training, {a.steps} steps x batch 128, {a.rounds} interleaved rounds; torch {torch.__version__}; "
+    print(f"corrector training, {a.steps} steps x batch 128, {a.rounds} interleaved rounds, allocator {a.allocator}; "
+          f"torch {torch.__version__}; "
           f"load average {before[0]:.1f} before, {after[0]:.1f} after")
     print("| threads | corrector_mixed_precision | wall ms/step, median | rounds | / float32 | fastest round | / float32, "
           "paired by round (median) | CPU ms/step, median | / float32 |")

@@ -877,3 +877,28 @@ def test_bf16_corrector_training_on_a_device_without_bf16_autocast_is_refused_be
     with pytest.raises(PgraftError, match="meta device"):
         check_correctable(SimpleNamespace(device=torch.device("meta"), conditioning="none"), cfg, check_data=False)
     check_correctable(SimpleNamespace(device=torch.device("cpu"), conditioning="none"), cfg, check_data=False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mixed_precision_trains_as_the_setting_it_resolves_to_on_this_cpu(tmp_path, monkeypatch, native):
+    """``auto`` is bf16 where the CPU multiplies bf16 natively and float32 elsewhere (emulated bf16 is slower):
+    the same stage key, weights and record as the explicit setting it resolves to; a device without bf16
+    is float32, not refused."""
+    import pgraft_cli.stages.correct as stage
+
+    monkeypatch.setattr(stage, "native_cpu_bf16", lambda: native)
+    base = ["correct.corrector_train_steps=2", "correct.corrector_batch_size=4", "correct.corrector_channels=[8, 16]"]
+    noises = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for setting in ("auto", "bf16" if native else "no"):
+        cfg = load_recipe("inverse-noise", [*base, f"correct.corrector_mixed_precision={setting}"]).correct
+        with RunStore(tmp_path / setting) as store, progress(False) as bar:
+            corrector, info = run_train_corrector(noises, (1, 16, 16), cfg, "base", store, bar)
+            runs[setting] = (store.read_manifest()["stages"]["train_corrector"]["key"], corrector.network.state_dict(),
+                             info["trained_precision"])
+    (key, weights, record), (key2, weights2, record2) = runs.values()
+    assert key == key2 and record == record2 and all(torch.equal(weights[k], weights2[k]) for k in weights)
+    assert record == ("float32 weights under bfloat16 autocast" if native else "float32")
+    auto = load_recipe("inverse-noise", [*base, "correct.corrector_mixed_precision=auto"]).correct
+    assert stage.corrector_precision(auto, "meta") == "no"
+    assert load_recipe("inverse-noise", []).correct.corrector_mixed_precision == "auto"  # the main job's recipe

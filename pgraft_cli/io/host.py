@@ -1,4 +1,4 @@
-"""The host process: the output paths it may write (checked before any work), its allocator."""
+"""The host process: the output paths it may write (checked before any work), its allocator, its CPU's bf16."""
 
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ def tune_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
     except (OSError, AttributeError):
         return False
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX), so that bf16 autocast is
+    faster than float32 here; elsewhere oneDNN emulates bf16 (AVX512 without BF16) or torch falls back to
+    reference kernels, both slower than float32. Other architectures: False (not measured)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

@@ -213,7 +213,8 @@ class CorrectConfig:
     corrector_sampler: Literal["euler", "heun"] = "heun"
     corrector_lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
     corrector_source: Literal["normal", "gaussian"] = "normal"
-    corrector_mixed_precision: Literal["no", "bf16"] = "no"  # the training forward under bf16 autocast
+    corrector_mixed_precision: Literal["auto", "no", "bf16"] = "no"  # the training forward under bf16 autocast
+    # (auto: where the device multiplies bf16 natively)
 
     def validate(self) -> None:
         _positive(self, "correct", "base_steps", "inversion_iterations", "invert_shard_size",
