@@ -231,6 +231,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--models", nargs="+", default=["digits", "tiny-sd"], choices=["digits", "tiny-sd"])
+    p.add_argument("--trained", nargs="+", default=["all", "lora"], choices=["all", "lora"],
+                   help="the digits rows to run: all weights, LoRA (tiny-sd is LoRA only)")
     p.add_argument("--profile", action="store_true", help="print each row's top cProfile functions (one round)")
     p.add_argument("--allocator", default="as-run", choices=["as-run", "default", "tuned"],
                    help="as-run (default): pgraft's process tunes glibc malloc as the pgraft command does, the plain "
@@ -248,7 +250,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         sources = {"digits": "digits", "tiny-sd": str(tiny_sd_folder(Path(d)))} if "tiny-sd" in args.models else {"digits": "digits"}
         plan = [("digits", 0, 32), ("digits", args.rank, 32), ("tiny-sd", args.rank, 4)]
-        plan = [row for row in plan if row[0] in args.models]
+        plan = [row for row in plan if row[0] in args.models and ("lora" if row[1] else "all") in args.trained]
         print(f"{'model':<9}{'trained':<10}{'batch':>6}{'pgraft steps/s':>16}{'plain steps/s':>15}{'ratio':>7}"
               f"{'pgraft CPU-s/step':>19}{'plain CPU-s/step':>18}{'ratio':>7}{'pgraft faults/step':>20}"
               f"{'plain faults/step':>19}")

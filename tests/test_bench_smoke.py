@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -75,12 +76,14 @@ def test_finetune_bench_gives_each_side_its_own_process_and_allocator():
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's malloc only")
-    proc = subprocess.run([sys.executable, str(BENCH / "finetune_speed.py"), "--models", "digits", "--steps", "2",
-                           "--warmup", "3", "--repeats", "1", "--threads", "1"], capture_output=True, text=True,
-                          timeout=300)
+    if os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ):
+        pytest.skip("another allocator or glibc malloc settings in the environment")
+    proc = subprocess.run([sys.executable, str(BENCH / "finetune_speed.py"), "--models", "digits", "--trained", "lora",
+                           "--steps", "2", "--warmup", "3", "--repeats", "1", "--threads", "1"], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("digits")]
-    assert [r[1:3] for r in rows] == [["all", "32"], ["LoRA", "r16"]]
+    assert [r[1:3] for r in rows] == [["LoRA", "r16"]]
     for r in rows:
         pgraft_faults, plain_faults = float(r[-2]), float(r[-1])
         assert 10 * pgraft_faults < plain_faults and plain_faults > 2000, r  # a few hundred while the heap grows

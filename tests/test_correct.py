@@ -902,3 +902,19 @@ def test_auto_mixed_precision_trains_as_the_setting_it_resolves_to_on_this_cpu(t
     auto = load_recipe("inverse-noise", [*base, "correct.corrector_mixed_precision=auto"]).correct
     assert stage.corrector_precision(auto, "meta") == "no"
     assert load_recipe("inverse-noise", []).correct.corrector_mixed_precision == "auto"  # the main job's recipe
+
+
+def test_a_gaussian_corrector_key_does_not_depend_on_the_hosts_bf16(tmp_path, monkeypatch):
+    """A Gaussian corrector never trains a network, so ``auto`` is not resolved into its key: the same
+    cached fit on a CPU with bf16 and one without."""
+    import pgraft_cli.stages.correct as stage
+
+    cfg = load_recipe("inverse-noise", ["correct.corrector=gaussian-diag"]).correct
+    noises = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    keys = []
+    for native in (True, False):
+        monkeypatch.setattr(stage, "native_cpu_bf16", lambda: native)
+        with RunStore(tmp_path / str(native)) as store, progress(False) as bar:
+            run_train_corrector(noises, (1, 16, 16), cfg, "base", store, bar)
+            keys.append(store.read_manifest()["stages"]["train_corrector"]["key"])
+    assert keys[0] == keys[1]

@@ -44,10 +44,12 @@ def tune_allocator() -> bool:
 
 
 def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX), so that bf16 autocast is
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX; oneDNN on), so that bf16 autocast is
     faster than float32 here; elsewhere oneDNN emulates bf16 (AVX512 without BF16) or torch falls back to
     reference kernels, both slower than float32. Other architectures: False (not measured)."""
     import torch
 
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False  # without oneDNN, bf16 convolutions take torch's slow reference kernels
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

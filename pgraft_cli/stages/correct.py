@@ -309,13 +309,11 @@ def corrector_conditions(model: LoadedModel, labels: Optional[Tensor], captions:
 
 def corrector_precision(cfg: CorrectConfig, device: Any) -> str:
     """``corrector_mixed_precision`` resolved: ``auto`` is ``bf16`` on a CPU that multiplies bf16 natively
-    (``io.host.native_cpu_bf16``: measured 10 % faster a training step at 2 threads, FID unchanged: bench/RESULTS.md)
-    and on a CUDA device that supports it, else ``no`` (emulated bf16 is slower than float32)."""
+    (``io.host.native_cpu_bf16``: measured 10 % faster a training step at 2 threads, FID unchanged: bench/RESULTS.md),
+    else ``no``: emulated bf16 is slower than float32, and on GPUs the corrector's step was not measured."""
     if cfg.corrector_mixed_precision != "auto":
         return cfg.corrector_mixed_precision
-    kind = torch.device(device).type
-    native = native_cpu_bf16() if kind == "cpu" else kind == "cuda" and torch.cuda.is_bf16_supported()
-    return "bf16" if native else "no"
+    return "bf16" if torch.device(device).type == "cpu" and native_cpu_bf16() else "no"
 
 
 def corrector_autocast(cfg: CorrectConfig, device: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -389,7 +387,8 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
 
     conds = conds or {"conditioning": "none", "condition": None, "num_classes": 0}
     kind, cond_of, num = conds["conditioning"], conds["condition"], conds["num_classes"]
-    cfg = replace(cfg, corrector_mixed_precision=corrector_precision(cfg, device))  # keyed as resolved: bytes differ
+    if cfg.corrector in ("flow", "mlp"):  # keyed as resolved (bytes differ); a Gaussian never reads it
+        cfg = replace(cfg, corrector_mixed_precision=corrector_precision(cfg, device))
     config = training_config(cfg)
     path = adam_path(torch.device(device))
     inputs = {"base": base_id, "noises": tensor_digest(noises), "device_type": torch.device(device).type,
