@@ -387,7 +387,7 @@ def _root(version: VersionOpt = None, debug: DebugOpt = False) -> None:
 def main() -> None:
     """Console-script entry: user mistakes become one ``error:`` line and a non-zero exit, never a traceback
     (``cli_options.exit_code``); ``--debug`` adds the traceback above the line."""
-    from .io.host import tune_allocator
+    from .io.host import skip_final_collection, tune_allocator
     from .report.ui import error_line
 
     tune_allocator()
@@ -395,6 +395,17 @@ def main() -> None:
         code = app(standalone_mode=False)
     except ENDED_BY as exc:
         code = exit_code(exc, _debug)
+    skip_final_collection()  # console: the process ends here, its last collection would rescan every import
     if code == 130:  # Ctrl-C (typer also turns it into exit code 130)
         error_line("interrupted; run the same command again to resume from the last finished shard")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def console() -> None:
+    """The ``pgraft`` executable (and ``python -m pgraft_cli``): ``main`` in a process that runs one command
+    and exits, so the garbage collector may skip what lives until the exit (``io.host.one_command_process``).
+    Tests call ``main`` in their own long-lived process, which must not freeze anything."""
+    from .io.host import one_command_process
+
+    one_command_process()
+    main()

@@ -1,12 +1,16 @@
-"""The host process: the output paths it may write (checked before any work), its allocator, its CPU's bf16."""
+"""The host process: the output paths it may write (checked before any work), its allocator, its garbage collector,
+its CPU's bf16."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import platform
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import OutputPathError
 
@@ -41,6 +45,53 @@ def tune_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
     except (OSError, AttributeError):
         return False
+
+
+_ONE_COMMAND = False  # set by the console entry (``one_command_process``); never in the tests' in-process runs
+
+
+def one_command_process() -> None:
+    """Mark this process as one ``pgraft`` command that exits when it is done (the console entry):
+    ``gc_paused`` then also freezes what its block built, and ``skip_final_collection`` applies."""
+    global _ONE_COMMAND
+    _ONE_COMMAND = True
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold CPython's cyclic garbage collector for a block that builds long-lived objects.
+
+    Importing diffusers (and the torch internals, peft, transformers and scipy it pulls in) creates
+    about a million objects that live as long as the process; the collector's full passes rescan all
+    of them each time the heap grows by a quarter: about 0.8 s of the 2.8 s import on the 2-core box
+    (bench/RESULTS.md). The collector is switched back on (if it was on) when the block ends, even by
+    an exception. In a one-command process the block's objects are frozen first (``gc.freeze``: the
+    permanent generation, which collections skip), or the first collections after it would scan them
+    all once more; elsewhere (a process that goes on working, such as the tests') nothing is frozen,
+    since frozen objects are never collected.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if _ONE_COMMAND:
+            gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
+def skip_final_collection() -> None:
+    """At the end of a one-command process (``one_command_process``; else nothing): spare the
+    interpreter's last collection the objects alive now.
+
+    At exit CPython runs a full collection over every object still tracked, about 1 s after the
+    imports a model run makes; ``gc.freeze`` moves them to the permanent generation, which
+    collections skip. Only the cyclic collector's last pass is skipped: reference counting still
+    frees objects, ``atexit`` handlers still run, and every file pgraft wrote is closed by then.
+    """
+    if _ONE_COMMAND:
+        gc.freeze()
 
 
 def native_cpu_bf16() -> bool:
