@@ -71,8 +71,11 @@ if mode == "materialised":
         return {key: whole[key] for key in correct.PER_IMAGE_KEYS}, whole["noise"][keep]
     correct.read_inversion = all_shards
 sys.argv = ["pgraft", *args]
-from pgraft_cli.cli import main
-main()
+try:  # the pgraft executable's entry (a one-command process: io.host.one_command_process)
+    from pgraft_cli.cli import console as entry
+except ImportError:  # trees before the seventh session
+    from pgraft_cli.cli import main as entry
+entry()
 """
 
 

@@ -3,6 +3,7 @@
 
     git archive BASE | tar -x -C /tmp/base                 # a baseline tree
     python bench/process_overhead.py --trees /tmp/base . --rounds 5 --run RUN
+    python bench/process_overhead.py --trees /tmp/base . --rounds 4 --full   # the whole main job, fresh
 
 Each tree runs as users run it, ``python -m pgraft_cli`` in a fresh process (``PYTHONPATH=TREE``, in the
 tree), the trees interleaved round by round with their order alternating, after one warm-up call each
@@ -15,6 +16,13 @@ tree), the trees interleaved round by round with their order alternating, after 
   on the cached samples) and the report. Wall seconds, the JSON's ``load`` / ``evaluation`` /
   ``report`` stage seconds, and ``outside``: wall minus every stage's seconds (interpreter start,
   imports before the load, argument parsing, the exit).
+
+With ``--full``, the README's main job instead, from scratch in a fresh run directory (about a minute
+a run on the 2-core box): wall seconds, every stage's seconds, the process's peak RSS (``os.wait4``),
+the held-out FIDs, and whether every tensor of each run's ``corrected.safetensors`` and of every shard
+it wrote (inversion, both evaluations) has the same bytes as the first tree's run of the same round.
+The trees' order alternates round by round (ABBA over two rounds), so a drift of the machine's speed
+within the sitting falls on both.
 
 Prints the median of each column per tree and the median of the paired (same round) differences.
 Every tree must read RUN's cache (the same stage keys); a tree that recomputes a stage shows it in the
@@ -35,17 +43,44 @@ import time
 from pathlib import Path
 
 COLUMNS = ("inspect", "correct", "load", "evaluation", "report", "outside")
+FULL = ("wall", "load", "inversion", "corrector_training", "sampling", "evaluation", "report", "outside", "peak_rss_mb")
 
 
-def timed(tree: Path, args: list[str]) -> tuple[float, str]:
-    """Wall seconds and stdout of ``python -m pgraft_cli ARGS`` in TREE."""
+def timed(tree: Path, args: list[str]) -> tuple[float, str, float]:
+    """Wall seconds, stdout and peak RSS (MB) of ``python -m pgraft_cli ARGS`` in TREE."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    tic = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pgraft_cli", *args], cwd=tree, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - tic
-    if done.returncode != 0:
-        raise SystemExit(f"{tree}: pgraft {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return wall, done.stdout
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        tic = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "pgraft_cli", *args], cwd=tree, env=env, stdout=out, stderr=err,
+                                text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - tic
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{tree}: pgraft {' '.join(args)} failed:\n{err.read()[-2000:]}")
+        return wall, out.read(), usage.ru_maxrss / 1024  # Linux: kilobytes
+
+
+def tensor_bytes(run: Path) -> dict[str, bytes]:
+    """Every tensor of the run's corrected file and of its stages' shards, as raw bytes, by file and key."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = [run / "corrected.safetensors", *sorted(run.glob("*/shard-*.safetensors"))]
+    return {f"{f.relative_to(run)}:{k}": t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            for f in files for k, t in load_file(str(f)).items()}
+
+
+def full_round(tree: Path, scratch: Path) -> tuple[dict[str, float], Path]:
+    run = scratch / f"full-{tree.name}"
+    shutil.rmtree(run, ignore_errors=True)
+    wall, out, rss = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(run), "--json"])
+    summary = json.loads(out)
+    stages = summary["stage_seconds"]
+    row = {"wall": wall, **{k: stages.get(k, 0.0) for k in FULL[1:7]}, "outside": wall - sum(stages.values()),
+           "peak_rss_mb": rss, "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"]}
+    return row, run
 
 
 def one_round(tree: Path, run: Path | None, scratch: Path) -> dict[str, float]:
@@ -54,7 +89,7 @@ def one_round(tree: Path, run: Path | None, scratch: Path) -> dict[str, float]:
         copy = scratch / "run"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(run, copy)
-        wall, out = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(copy), "--json"])
+        wall, out, _ = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(copy), "--json"])
         stages = json.loads(out)["stage_seconds"]
         row.update(correct=wall, load=stages.get("load", 0.0), evaluation=stages.get("evaluation", 0.0),
                    report=stages.get("report", 0.0), outside=wall - sum(stages.values()))
@@ -66,8 +101,11 @@ def main() -> None:
     ap.add_argument("--trees", nargs="+", type=Path, default=[Path(".")])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--run", type=Path, help="a finished main-job run directory (pgraft correct digits --recipe inverse-noise)")
+    ap.add_argument("--full", action="store_true", help="the whole main job from scratch instead (no warm-up run)")
     a = ap.parse_args()
     trees = [t.resolve() for t in a.trees]
+    if a.full:
+        return full(trees, a.rounds)
     rows: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
     before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="overhead-") as d:
@@ -89,6 +127,37 @@ def main() -> None:
     print("\neach round (" + ", ".join(cols) + "):")
     for t in trees:
         print(t, [" ".join(f"{x[c]:.2f}" for c in cols) for x in rows[t]])
+
+
+def full(trees: list[Path], rounds: int) -> None:
+    rows: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
+    same: dict[Path, list[bool]] = {t: [] for t in trees[1:]}
+    before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="overhead-full-") as d:
+        for r in range(rounds):
+            order = trees if r % 4 in (0, 3) else trees[::-1]  # ABBA: A B, B A, B A, A B, ...
+            runs = {}
+            for t in order:
+                row, runs[t] = full_round(t, Path(d) / t.name)
+                rows[t].append(row)
+                print(f"round {r + 1} {t}: " + " ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+            first = tensor_bytes(runs[trees[0]])
+            for t in trees[1:]:
+                same[t].append(tensor_bytes(runs[t]) == first)
+    print(f"\nload average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {rounds} rounds (ABBA); median "
+          f"seconds; peak RSS of the process in MB\n")
+    print("| tree | " + " | ".join(FULL) + " | held-out FID base -> corrected |")
+    print("|---|" + "---:|" * len(FULL) + "---|")
+    for t in trees:
+        fids = sorted({(round(x["fid_base"], 3), round(x["fid_corrected"], 3)) for x in rows[t]})
+        print(f"| {t} | " + " | ".join(f"{statistics.median(x[c] for x in rows[t]):.2f}" for c in FULL)
+              + " | " + ", ".join(f"{b} -> {c}" for b, c in fids) + " |")
+    for t in trees[1:]:
+        diffs = [statistics.median(b[c] - a_[c] for a_, b in zip(rows[trees[0]], rows[t])) for c in FULL]
+        print(f"| {t} - {trees[0]}, paired | " + " | ".join(f"{x:+.2f}" for x in diffs) + " | |")
+        walls = [b["wall"] - a_["wall"] for a_, b in zip(rows[trees[0]], rows[t])]
+        print(f"\n{t}: paired wall differences {' '.join(f'{w:+.2f}' for w in walls)} (mean {statistics.mean(walls):+.2f}); "
+              f"every tensor's bytes equal to {trees[0]}'s in {sum(same[t])} of {len(same[t])} rounds")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_gc_paused_holds_the_collector_and_restores_its_state_even_on_error():
         gc.enable()
 
 
-def test_in_a_one_command_process_the_paused_block_is_frozen(monkeypatch):
+def test_in_a_one_command_process_the_end_of_a_paused_block_freezes_what_is_alive(monkeypatch):
     import pgraft_cli.io.host as host
 
     before = gc.get_freeze_count()
@@ -43,33 +43,69 @@ def test_in_a_one_command_process_the_paused_block_is_frozen(monkeypatch):
         gc.unfreeze()  # back to the oldest generation: this process goes on
 
 
-def test_loading_a_model_runs_with_the_collector_held(monkeypatch):
+def test_a_model_load_holds_the_collector_for_the_imports_alone(monkeypatch):
+    """diffusers' network code is imported with the collector held, then the weights are read with it on."""
     import pgraft_cli.io.checkpoints as checkpoints
+    import pgraft_cli.models.families as families
     from pgraft_cli.io.recipes import load_recipe
     from pgraft_cli.pipelines.skeleton import load
 
-    seen = []
+    calls = []
+
+    def fake_imports():
+        calls.append(("imports", gc.isenabled()))
 
     def fake_load_model(model, **kwargs):
-        seen.append(gc.isenabled())
+        calls.append(("weights", gc.isenabled()))
         if model == "broken":
             raise PgraftError("broken model")
         return "loaded"
 
+    monkeypatch.setattr(families, "import_network_code", fake_imports)
     monkeypatch.setattr(checkpoints, "load_model", fake_load_model)
     recipe = load_recipe("default")
     assert load("digits", None, None, False, recipe) == "loaded"
     with pytest.raises(PgraftError, match="broken model"):
         load("broken", None, None, False, recipe)
-    assert seen == [False, False] and gc.isenabled()
+    assert calls == [("imports", False), ("weights", True)] * 2 and gc.isenabled()
+
+
+LEAK_PROBE = """
+import gc, sys, weakref
+import safetensors.torch
+import pgraft_cli.io.host as host
+host.one_command_process()
+read, real = [], safetensors.torch.load_file
+def spy(*args, **kwargs):
+    state = real(*args, **kwargs)
+    read.extend(weakref.ref(t) for t in state.values())
+    return state
+safetensors.torch.load_file = spy
+from pgraft_cli.io.recipes import load_recipe
+from pgraft_cli.pipelines.skeleton import load
+model = load(sys.argv[1], None, None, False, load_recipe("default"))
+print(len(read), sum(r() is not None for r in read), sum(p.numel() for p in model.network.parameters()))
+"""
+
+
+def test_a_one_command_load_frees_the_weights_it_read(tmp_path):
+    """The state dict read from the file is copied into the network and then freed, in a one-command
+    process too: nothing frozen may keep the frames that held it (a garbage cycle made while the
+    libraries import, such as torch.fx's ``wrap`` keeping its frame, must not outlive the load)."""
+    done = subprocess.run([sys.executable, "-c", LEAK_PROBE, "digits"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    read, alive, parameters = map(int, done.stdout.split())
+    assert read > 100 and parameters > 1_000_000  # the bundled model's tensors were read from its file
+    assert alive == 0
 
 
 def test_the_console_entry_freezes_but_an_in_process_run_does_not(tmp_path, monkeypatch):
     """``pgraft`` (``cli.console``) freezes what it built (the interpreter's last collection skips it) at
     the end of the model's load and at its exit; ``cli.main`` in a process that goes on (the tests'),
     never: frozen objects are never collected."""
-    import tomllib
     from pathlib import Path
+
+    from pgraft_cli.io.recipes import tomllib
 
     from pgraft_cli.cli import main
 
@@ -80,13 +116,14 @@ def test_the_console_entry_freezes_but_an_in_process_run_does_not(tmp_path, monk
     assert info.value.code == 0 and gc.get_freeze_count() == before
     scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"pgraft": "pgraft_cli.cli:console"}
-    probe = ("import atexit, gc, sys\n"
-             "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
-             "from pgraft_cli.cli import console\n"
-             "sys.argv = ['pgraft'] + sys.argv[1:]\n"
-             "console()\n")
-    for argv, code in ((["recipes", "ls"], 0), (["recipes", "show", "no-such-recipe"], 2)):
-        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
-        assert done.returncode == code, done.stderr
-        frozen = int(done.stdout.strip().splitlines()[-1].split()[-1])
-        assert frozen > 1000  # every module's objects, not just a few
+    entries = {"console": "from pgraft_cli.cli import console\nconsole()\n",
+               "python -m pgraft_cli": "import runpy\nrunpy.run_module('pgraft_cli', run_name='__main__')\n"}
+    for entry, call in entries.items():
+        probe = ("import atexit, gc, sys\n"
+                 "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+                 "sys.argv = ['pgraft'] + sys.argv[1:]\n" + call)
+        for argv, code in ((["recipes", "ls"], 0), (["recipes", "show", "no-such-recipe"], 2)):
+            done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path)
+            assert done.returncode == code, (entry, done.stderr)
+            frozen = int(done.stdout.strip().splitlines()[-1].split()[-1])
+            assert frozen > 1000, entry  # every module's objects, not just a few

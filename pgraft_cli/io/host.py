@@ -52,23 +52,28 @@ _ONE_COMMAND = False  # set by the console entry (``one_command_process``); neve
 
 def one_command_process() -> None:
     """Mark this process as one ``pgraft`` command that exits when it is done (the console entry):
-    ``gc_paused`` then also freezes what its block built, and ``skip_final_collection`` applies."""
+    ``gc_paused`` then freezes what is alive at the end of its block, and ``skip_final_collection`` applies."""
     global _ONE_COMMAND
     _ONE_COMMAND = True
 
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
-    """Hold CPython's cyclic garbage collector for a block that builds long-lived objects.
+    """Hold CPython's cyclic garbage collector for a block of imports.
 
     Importing diffusers (and the torch internals, peft, transformers and scipy it pulls in) creates
-    about a million objects that live as long as the process; the collector's full passes rescan all
-    of them each time the heap grows by a quarter: about 0.8 s of the 2.8 s import on the 2-core box
-    (bench/RESULTS.md). The collector is switched back on (if it was on) when the block ends, even by
-    an exception. In a one-command process the block's objects are frozen first (``gc.freeze``: the
-    permanent generation, which collections skip), or the first collections after it would scan them
-    all once more; elsewhere (a process that goes on working, such as the tests') nothing is frozen,
-    since frozen objects are never collected.
+    about a million objects that live as long as the process; on CPython 3.11 (where it was measured)
+    each full collection rescans all of them, one running whenever the heap has grown by a quarter:
+    about 0.8 s of the 2.8 s import on the 2-core box (bench/RESULTS.md). The collector is switched
+    back on (if it was on) when the block ends, even by an exception.
+
+    In a one-command process (``one_command_process``) every object alive at the end of the block is
+    then frozen (``gc.freeze``: the permanent generation, which collections skip), or the first
+    collections after it would scan them all once more. Frozen garbage is never collected, including a
+    reference cycle an import leaves behind (torch.fx's ``wrap`` keeps its own frame, and with it its
+    callers' frames and their locals), so the block must hold imports only: nothing that should be
+    freed before the process ends (weights, above all, are read after it). Elsewhere (a process that
+    goes on working, such as the tests') nothing is frozen.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -86,9 +91,10 @@ def skip_final_collection() -> None:
     interpreter's last collection the objects alive now.
 
     At exit CPython runs a full collection over every object still tracked, about 1 s after the
-    imports a model run makes; ``gc.freeze`` moves them to the permanent generation, which
-    collections skip. Only the cyclic collector's last pass is skipped: reference counting still
-    frees objects, ``atexit`` handlers still run, and every file pgraft wrote is closed by then.
+    imports a model run makes; ``gc.freeze`` moves them to the permanent generation, which that
+    collection skips. So the finalizers (``__del__``, ``weakref.finalize`` without ``atexit``) of objects
+    left in reference cycles do not run at exit, which CPython never promised; ``atexit`` handlers
+    still run (``tempfile``'s clean-up among them), and every file pgraft wrote is closed by then.
     """
     if _ONE_COMMAND:
         gc.freeze()

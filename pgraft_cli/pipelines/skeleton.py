@@ -38,11 +38,13 @@ def load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: b
     """MODEL as ``--config``, ``--kind`` (else the recipe's model.kind), ``--allow-pickle`` and ``--base`` say."""
     from ..io.checkpoints import load_model
     from ..io.host import gc_paused
+    from ..models.families import import_network_code
 
     if kind is not None and kind not in ("flow", "diffusion", "auto"):
         raise PgraftError(f"--kind {kind!r} is invalid: use flow or diffusion")
-    with gc_paused():  # the model's libraries' imports: long-lived objects only (io.host)
-        return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle, base=base)
+    with gc_paused():  # diffusers' imports alone, before any weights are read (io.host: what may be frozen)
+        import_network_code()
+    return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle, base=base)
 
 
 def process_state(recipe: Recipe, override: Optional[str]) -> Any:

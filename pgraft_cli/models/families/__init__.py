@@ -18,7 +18,8 @@ for _module in _MODULES:
     FAMILIES.setdefault(_module.FAMILY.network_class, []).append(_module.FAMILY)
 SUPPORTED_CLASSES = tuple(FAMILIES)
 
-__all__ = ["Cond", "Conditioning", "Family", "FAMILIES", "SUPPORTED_CLASSES", "family_for", "unsupported"]
+__all__ = ["Cond", "Conditioning", "Family", "FAMILIES", "SUPPORTED_CLASSES", "family_for", "import_network_code",
+           "unsupported"]
 
 
 def unsupported(model_class: str) -> ModelLoadError:
@@ -37,3 +38,15 @@ def family_for(model_class: str, config: dict[str, Any]) -> Family:
     raise ModelLoadError(
         f"this {model_class} takes extra conditioning (addition_embed_type={config.get('addition_embed_type')!r}), "
         f"which pgraft does not support; pgraft runs {', '.join(f.name for f in candidates)} {model_class}s")
+
+
+def import_network_code() -> None:
+    """Import the diffusers code every family's network is built from: ``models.modeling_utils`` (and what
+    it pulls in: torch._dynamo, peft, transformers' quantization configs, scipy) and the ``models.unets`` and
+    ``models.transformers`` packages, which import every network class they hold. Loading any model imports
+    them; importing them first, before any weights are read, lets the caller hold the garbage collector for
+    the imports alone (``io.host.gc_paused``)."""
+    import importlib
+
+    for name in ("diffusers.models.modeling_utils", "diffusers.models.unets", "diffusers.models.transformers"):
+        importlib.import_module(name)
