@@ -71,9 +71,11 @@ def gc_paused() -> Iterator[None]:
     then frozen (``gc.freeze``: the permanent generation, which collections skip), or the first
     collections after it would scan them all once more. Frozen garbage is never collected, including a
     reference cycle an import leaves behind (torch.fx's ``wrap`` keeps its own frame, and with it its
-    callers' frames and their locals), so the block must hold imports only: nothing that should be
-    freed before the process ends (weights, above all, are read after it). Elsewhere (a process that
-    goes on working, such as the tests') nothing is frozen.
+    callers' frames, with the locals they have when they return), so the block must hold imports only
+    (weights, above all, are read after it) and its callers must keep nothing they would free before
+    the process ends: in pgraft it runs in ``pipelines.skeleton.load``, under ``start`` and the verb,
+    which keep their model to the end. Elsewhere (a process that goes on working, such as the tests')
+    nothing is frozen.
     """
     was_enabled = gc.isenabled()
     gc.disable()
