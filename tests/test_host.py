@@ -43,6 +43,35 @@ def test_in_a_one_command_process_the_end_of_a_paused_block_freezes_what_is_aliv
         gc.unfreeze()  # back to the oldest generation: this process goes on
 
 
+def test_a_cycle_an_import_leaves_does_not_keep_its_callers_alive(monkeypatch):
+    """An import may leave a frame in a reference cycle (torch._dynamo's module-level ``torch.fx.wrap`` call
+    does), whose ``f_back`` holds its callers' frames and their locals: in a one-command process the block
+    collects that garbage before freezing, or what the callers held would outlive them to the exit."""
+    import weakref
+
+    import pgraft_cli.io.host as host
+
+    class Weights:
+        pass
+
+    def leave_a_cycle():
+        here = sys._getframe()  # noqa: F841 - the frame refers to itself through this local
+
+    def caller():
+        weights = Weights()
+        with gc_paused():
+            leave_a_cycle()
+        return weakref.ref(weights)
+
+    monkeypatch.setattr(host, "_ONE_COMMAND", True)
+    try:
+        ref = caller()
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
+
+
 def test_a_model_load_holds_the_collector_for_the_imports_alone(monkeypatch):
     """diffusers' network code is imported with the collector held, then the weights are read with it on."""
     import pgraft_cli.io.checkpoints as checkpoints
@@ -84,6 +113,7 @@ safetensors.torch.load_file = spy
 from pgraft_cli.io.recipes import load_recipe
 from pgraft_cli.pipelines.skeleton import load
 model = load(sys.argv[1], None, None, False, load_recipe("default"))
+gc.collect()  # what is not frozen goes; what is frozen stays
 print(len(read), sum(r() is not None for r in read), sum(p.numel() for p in model.network.parameters()))
 """
 
@@ -127,3 +157,16 @@ def test_the_console_entry_freezes_but_an_in_process_run_does_not(tmp_path, monk
             assert done.returncode == code, (entry, done.stderr)
             frozen = int(done.stdout.strip().splitlines()[-1].split()[-1])
             assert frozen > 1000, entry  # every module's objects, not just a few
+
+
+def test_importing_the_network_code_early_is_only_a_speed_up(tmp_path):
+    """A class diffusers lacks (another diffusers release) is left for the load itself to report; the
+    classes it has are imported."""
+    probe = ("import sys\n"
+             "import pgraft_cli.models.families as families\n"
+             "families.SUPPORTED_CLASSES = ('NoSuchNetwork2DModel', 'UNet2DModel')\n"
+             "families.import_network_code()\n"
+             "print('diffusers.models.unets.unet_2d' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]  # past the missing class, quietly

@@ -52,7 +52,7 @@ _ONE_COMMAND = False  # set by the console entry (``one_command_process``); neve
 
 def one_command_process() -> None:
     """Mark this process as one ``pgraft`` command that exits when it is done (the console entry):
-    ``gc_paused`` then freezes what is alive at the end of its block, and ``skip_final_collection`` applies."""
+    ``gc_paused`` then freezes what survives its block, and ``skip_final_collection`` applies."""
     global _ONE_COMMAND
     _ONE_COMMAND = True
 
@@ -67,15 +67,15 @@ def gc_paused() -> Iterator[None]:
     about 0.8 s of the 2.8 s import on the 2-core box (bench/RESULTS.md). The collector is switched
     back on (if it was on) when the block ends, even by an exception.
 
-    In a one-command process (``one_command_process``) every object alive at the end of the block is
-    then frozen (``gc.freeze``: the permanent generation, which collections skip), or the first
-    collections after it would scan them all once more. Frozen garbage is never collected, including a
-    reference cycle an import leaves behind (torch.fx's ``wrap`` keeps its own frame, and with it its
-    callers' frames, with the locals they have when they return), so the block must hold imports only
-    (weights, above all, are read after it) and its callers must keep nothing they would free before
-    the process ends: in pgraft it runs in ``pipelines.skeleton.load``, under ``start`` and the verb,
-    which keep their model to the end. Elsewhere (a process that goes on working, such as the tests')
-    nothing is frozen.
+    In a one-command process (``one_command_process``) the block's end then collects the young
+    generations (about 0.2 s) and freezes what survives (``gc.freeze``: the permanent generation, which
+    collections skip), or the first collections after it would scan it all once more. The collection
+    comes first because frozen garbage is never collected: an import leaves reference cycles behind
+    (torch._dynamo's module-level ``torch.fx.wrap`` call keeps its own frame), and such a frame keeps
+    its callers' frames, with the locals they have when they return. What is frozen is then what was
+    alive: the imported modules' objects and the callers' objects of that moment, which is why the
+    block holds imports only (weights are read after it). Elsewhere (a process that goes on working,
+    such as the tests') nothing is frozen.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -83,6 +83,7 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         if _ONE_COMMAND:
+            gc.collect(1)
             gc.freeze()
         if was_enabled:
             gc.enable()

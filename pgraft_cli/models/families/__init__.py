@@ -41,12 +41,18 @@ def family_for(model_class: str, config: dict[str, Any]) -> Family:
 
 
 def import_network_code() -> None:
-    """Import the diffusers code every family's network is built from: ``models.modeling_utils`` (and what
-    it pulls in: torch._dynamo, peft, transformers' quantization configs, scipy) and the ``models.unets`` and
-    ``models.transformers`` packages, which import every network class they hold. Loading any model imports
-    them; importing them first, before any weights are read, lets the caller hold the garbage collector for
-    the imports alone (``io.host.gc_paused``)."""
-    import importlib
-
-    for name in ("diffusers.models.modeling_utils", "diffusers.models.unets", "diffusers.models.transformers"):
-        importlib.import_module(name)
+    """Import the diffusers code every family's network is built from: each supported class through
+    diffusers' public names (as loading resolves it), which imports ``models.modeling_utils`` (and what it
+    pulls in: torch._dynamo, peft, transformers' quantization configs, scipy) and the ``models.unets`` and
+    ``models.transformers`` packages. Loading any model imports them; importing them first, before any
+    weights are read, lets the caller hold the garbage collector for the imports alone
+    (``io.host.gc_paused``). Only a speed-up: a class diffusers lacks is left for the load to report."""
+    try:
+        import diffusers
+    except ImportError:
+        return
+    for name in SUPPORTED_CLASSES:
+        try:
+            getattr(diffusers, name)
+        except (ImportError, AttributeError, RuntimeError):
+            continue
