@@ -79,12 +79,14 @@ def test_finetune_bench_gives_each_side_its_own_process_and_allocator():
     if os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ):
         pytest.skip("another allocator or glibc malloc settings in the environment")
     proc = subprocess.run([sys.executable, str(BENCH / "finetune_speed.py"), "--models", "digits", "--trained", "lora",
-                           "--steps", "2", "--warmup", "3", "--repeats", "1", "--threads", "1"], capture_output=True,
+                           "--steps", "4", "--warmup", "8", "--repeats", "1", "--threads", "1"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("digits")]
     assert [r[1:3] for r in rows] == [["LoRA", "r16"]]
     for r in rows:
         pgraft_faults, plain_faults = float(r[-2]), float(r[-1])
-        assert 10 * pgraft_faults < plain_faults and plain_faults > 2000, r  # a few hundred while the heap grows
+        # a warm pgraft step takes 0-1025 faults (sporadic, in 64-page multiples: measured at 2 steps after 3 of
+        # warm-up, on the code before and after the seventh session alike), the plain loop's 5800-9600
+        assert 4 * pgraft_faults < plain_faults and plain_faults > 2000, r
         assert all(float(v) > 0 for v in r[-8:-2])  # steps/s, CPU s/step and their ratios
