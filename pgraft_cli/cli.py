@@ -385,8 +385,9 @@ def _root(version: VersionOpt = None, debug: DebugOpt = False) -> None:
 
 
 def main() -> None:
-    """Console-script entry: user mistakes become one ``error:`` line and a non-zero exit, never a traceback
-    (``cli_options.exit_code``); ``--debug`` adds the traceback above the line."""
+    """The command line (the ``pgraft`` executable enters through ``console``): user mistakes become one
+    ``error:`` line and a non-zero exit, never a traceback (``cli_options.exit_code``); ``--debug`` adds the
+    traceback above the line."""
     from .io.host import skip_final_collection, tune_allocator
     from .report.ui import error_line
 
