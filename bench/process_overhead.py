@@ -41,9 +41,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+STAGES = ("load", "inversion", "corrector_training", "sampling", "evaluation", "report")  # the main job's
 COLUMNS = ("inspect", "correct", "load", "evaluation", "report", "outside")
-FULL = ("wall", "load", "inversion", "corrector_training", "sampling", "evaluation", "report", "outside", "peak_rss_mb")
+FULL = ("wall", *STAGES, "outside", "peak_rss_mb")
 
 
 def timed(tree: Path, args: list[str]) -> tuple[float, str, float]:
@@ -72,15 +74,15 @@ def tensor_bytes(run: Path) -> dict[str, bytes]:
             for f in files for k, t in load_file(str(f)).items()}
 
 
-def full_round(tree: Path, scratch: Path) -> tuple[dict[str, float], Path]:
-    run = scratch / f"full-{tree.name}"
-    shutil.rmtree(run, ignore_errors=True)
+def main_job(tree: Path, run: Path) -> dict[str, float]:
+    """The README's main job in RUN: wall, every stage's seconds, ``outside`` (wall - the stages), peak RSS
+    and the held-out FIDs."""
     wall, out, rss = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(run), "--json"])
     summary = json.loads(out)
     stages = summary["stage_seconds"]
-    row = {"wall": wall, **{k: stages.get(k, 0.0) for k in FULL[1:7]}, "outside": wall - sum(stages.values()),
-           "peak_rss_mb": rss, "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"]}
-    return row, run
+    return {**{k: stages.get(k, 0.0) for k in STAGES}, "wall": wall,
+            "outside": wall - sum(stages.values()), "peak_rss_mb": rss,
+            "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"]}
 
 
 def one_round(tree: Path, run: Path | None, scratch: Path) -> dict[str, float]:
@@ -89,11 +91,25 @@ def one_round(tree: Path, run: Path | None, scratch: Path) -> dict[str, float]:
         copy = scratch / "run"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(run, copy)
-        wall, out, _ = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(copy), "--json"])
-        stages = json.loads(out)["stage_seconds"]
-        row.update(correct=wall, load=stages.get("load", 0.0), evaluation=stages.get("evaluation", 0.0),
-                   report=stages.get("report", 0.0), outside=wall - sum(stages.values()))
+        job = main_job(tree, copy)
+        row.update({k: job[k] for k in COLUMNS[2:]}, correct=job["wall"])
     return row
+
+
+def table(rows: dict[Path, list[dict[str, float]]], cols: list[str] | tuple[str, ...],
+          extra: Callable[[Path], str] | None = None) -> None:
+    """A markdown table: each tree's medians, then each later tree's paired (same round) median differences
+    from the first tree; ``extra(tree)`` adds a last column."""
+    trees = list(rows)
+    tail = " | held-out FID base -> corrected" if extra else ""
+    print("| tree | " + " | ".join(cols) + tail + " |")
+    print("|---|" + "---:|" * len(cols) + ("---|" if extra else ""))
+    for t in trees:
+        print(f"| {t} | " + " | ".join(f"{statistics.median(x[c] for x in rows[t]):.2f}" for c in cols)
+              + (f" | {extra(t)}" if extra else "") + " |")
+    for t in trees[1:]:
+        diffs = [statistics.median(b[c] - a_[c] for a_, b in zip(rows[trees[0]], rows[t])) for c in cols]
+        print(f"| {t} - {trees[0]}, paired | " + " | ".join(f"{x:+.2f}" for x in diffs) + (" | " if extra else "") + " |")
 
 
 def main() -> None:
@@ -117,13 +133,7 @@ def main() -> None:
     cols = [c for c in COLUMNS if c in rows[trees[0]][0]]
     print(f"load average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {a.rounds} rounds; "
           f"median wall seconds (correct: cached re-run; outside: wall - stages)\n")
-    print("| tree | " + " | ".join(cols) + " |")
-    print("|---|" + "---:|" * len(cols))
-    for t in trees:
-        print(f"| {t} | " + " | ".join(f"{statistics.median(x[c] for x in rows[t]):.2f}" for c in cols) + " |")
-    for t in trees[1:]:
-        diffs = [statistics.median(b[c] - a_[c] for a_, b in zip(rows[trees[0]], rows[t])) for c in cols]
-        print(f"| {t} - {trees[0]}, paired | " + " | ".join(f"{x:+.2f}" for x in diffs) + " |")
+    table(rows, cols)
     print("\neach round (" + ", ".join(cols) + "):")
     for t in trees:
         print(t, [" ".join(f"{x[c]:.2f}" for c in cols) for x in rows[t]])
@@ -138,7 +148,9 @@ def full(trees: list[Path], rounds: int) -> None:
             order = trees if r % 4 in (0, 3) else trees[::-1]  # ABBA: A B, B A, B A, A B, ...
             runs = {}
             for t in order:
-                row, runs[t] = full_round(t, Path(d) / t.name)
+                runs[t] = Path(d) / t.name / "run"
+                shutil.rmtree(runs[t], ignore_errors=True)
+                row = main_job(t, runs[t])
                 rows[t].append(row)
                 print(f"round {r + 1} {t}: " + " ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
             first = tensor_bytes(runs[trees[0]])
@@ -146,15 +158,12 @@ def full(trees: list[Path], rounds: int) -> None:
                 same[t].append(tensor_bytes(runs[t]) == first)
     print(f"\nload average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {rounds} rounds (ABBA); median "
           f"seconds; peak RSS of the process in MB\n")
-    print("| tree | " + " | ".join(FULL) + " | held-out FID base -> corrected |")
-    print("|---|" + "---:|" * len(FULL) + "---|")
-    for t in trees:
-        fids = sorted({(round(x["fid_base"], 3), round(x["fid_corrected"], 3)) for x in rows[t]})
-        print(f"| {t} | " + " | ".join(f"{statistics.median(x[c] for x in rows[t]):.2f}" for c in FULL)
-              + " | " + ", ".join(f"{b} -> {c}" for b, c in fids) + " |")
+    def fids(t: Path) -> str:
+        pairs = sorted({(round(x["fid_base"], 3), round(x["fid_corrected"], 3)) for x in rows[t]})
+        return ", ".join(f"{b} -> {c}" for b, c in pairs)
+
+    table(rows, FULL, fids)
     for t in trees[1:]:
-        diffs = [statistics.median(b[c] - a_[c] for a_, b in zip(rows[trees[0]], rows[t])) for c in FULL]
-        print(f"| {t} - {trees[0]}, paired | " + " | ".join(f"{x:+.2f}" for x in diffs) + " | |")
         walls = [b["wall"] - a_["wall"] for a_, b in zip(rows[trees[0]], rows[t])]
         print(f"\n{t}: paired wall differences {' '.join(f'{w:+.2f}' for w in walls)} (mean {statistics.mean(walls):+.2f}); "
               f"every tensor's bytes equal to {trees[0]}'s in {sum(same[t])} of {len(same[t])} rounds")
