@@ -25,6 +25,11 @@ by batch (rotating the order), so bursts of load from other processes hit every 
 6. ``pgraft sampler, torch.compile`` (``--compile``): method 3 with the network compiled by
    ``torch.compile`` (inductor, static shapes); the first call's seconds (the compile) are printed
    apart, and the largest difference from the eager path's samples (its kernels round differently).
+7. ``pgraft sampler, channels_last + traced``: method 5 inside ``stages.sample.traced_networks``,
+   as ``pgraft sample`` runs on the CPU (full lanes replayed from a TorchScript trace checked bitwise
+   against eager, ``models.traced``) when the run makes ``TRACE_MIN_CALLS`` full-lane calls; the
+   trace (about 0.25 s, once per process) is made in the warm-up, like oneDNN's kernels. Its samples
+   are bitwise method 5's (checked and printed).
 
 Beside each rate the table prints the network's achieved GFLOP/s (``torch.utils.flop_counter``'s
 count of one call, per image and step, times steps and images, over the seconds) and its share of
@@ -130,6 +135,19 @@ def pgraft_sampler(model, steps: int, lane: int) -> Callable:
                               noise[first:first + lane], grid)
                 outs.append(x[: end - first])
         return torch.cat(outs)
+
+    return run
+
+
+def traced_sampler(model, steps: int, lane: int, num: int) -> Callable:
+    """``pgraft_sampler`` inside the sample stage's ``traced_networks`` (a run of ``num`` images)."""
+    from pgraft_cli.stages.sample import traced_networks
+
+    inner = pgraft_sampler(model, steps, lane)
+
+    def run(noise: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        with traced_networks(model, lane, num // lane * steps):
+            return inner(noise, start, end)
 
     return run
 
@@ -348,12 +366,23 @@ def main() -> None:
     if args.lane != args.batch:
         factories[f"pgraft sampler (lane = {args.lane})"] = lambda steps: pgraft_sampler(model, steps, args.lane)
     nhwc = channels_last_copy(model)
-    cl_name = f"pgraft sampler, channels_last (lane = {args.lane}; the CPU default)"
+    cl_name = f"pgraft sampler, channels_last (lane = {args.lane}; untraced)"
     factories[cl_name] = lambda steps: pgraft_sampler(nhwc, steps, args.lane)
     first = min(args.lane, args.num)
     cl_diff = (pgraft_sampler(nhwc, args.steps, args.lane)(noise, 0, first)
                - pgraft_sampler(model, args.steps, args.lane)(noise, 0, first)).abs().max()
     print(f"  pgraft sampler, channels_last vs contiguous weights, same {first} images: max |diff| = {cl_diff:.3e}")
+    from pgraft_cli.stages.sample import TRACE_MIN_CALLS
+
+    traces = args.num // args.lane * args.steps >= TRACE_MIN_CALLS
+    tr_name = (f"pgraft sampler, channels_last + traced (lane = {args.lane}; the CPU default)" if traces else
+               f"pgraft sampler, channels_last + traced (lane = {args.lane}; below TRACE_MIN_CALLS: eager)")
+    factories[tr_name] = lambda steps: traced_sampler(nhwc, steps, args.lane, args.num)
+    tr_equal = torch.equal(traced_sampler(nhwc, args.steps, args.lane, args.num)(noise, 0, first),
+                           pgraft_sampler(nhwc, args.steps, args.lane)(noise, 0, first))
+    eq["traced_bitwise_untraced"] = tr_equal
+    print(f"  pgraft sampler, channels_last traced vs untraced, same {first} images: "
+          f"{'bitwise equal' if tr_equal else 'NOT bitwise equal'}")
     if args.compile:
         compiled = compiled_copy(model)
         tic = time.perf_counter()

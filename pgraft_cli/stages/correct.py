@@ -41,7 +41,7 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
-from .sample import network_memory_format, resolve_memory_format, resumed_lane
+from .sample import network_memory_format, resolve_memory_format, resumed_lane, traced_networks
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +187,9 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         prompts = list(captions[rows]) if model.conditioning == "text" else None
         return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n), classes, prompts, guidance_scale)
 
-    with network_memory_format(model, config["memory_format"]):
+    # each full lane makes at least two solver calls and one round-trip call a step
+    full_lane_calls = len(images) // lane * 3 * cfg.base_steps
+    with network_memory_format(model, config["memory_format"]), traced_networks(model, lane, full_lane_calls):
         stage = store.run_sharded("invert", config, inputs, num_shards, work, dist, todo=todo, stamp=True)
     per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
     stats = inversion_stats(per_image, kept, cfg)

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..io.checkpoints import model_key
 from ..errors import OutputPathError, PgraftError
 from ..models.loaded import LoadedModel
+from ..models.traced import TracedForward, traceable
 from ..io.recipes import SampleConfig
 from ..io.runstore import Dist, RunStore, atomic_write_bytes, atomic_write_text, stage_key
 from ..core.samplers import sample as run_sampler
@@ -217,6 +218,37 @@ def network_memory_format(model: LoadedModel, memory_format: str) -> Iterator[No
             w.data = data
 
 
+# A forward-only stage on the CPU makes traces of its networks (models.traced) when its full lanes make
+# at least this many network calls: a trace costs about 0.25 s and two forwards and saves 1.5-3 ms a call
+# on the digits UNet (bench/RESULTS.md, "The network's forward from a trace"), so a short run makes none
+# (it still replays the traces an earlier stage of the command made).
+TRACE_MIN_CALLS = 128
+
+
+@contextlib.contextmanager
+def traced_networks(model: LoadedModel, lane: int, calls: int) -> Iterator[None]:
+    """For a forward-only stage on the CPU expecting ``calls`` full-lane network calls: the base, tuned
+    and corrector networks that ``models.traced.traceable`` allows run full lanes (``lane`` rows, or
+    ``2 lane`` under guidance) from traces checked bitwise against eager (``TracedForward``), made
+    only from ``TRACE_MIN_CALLS`` calls on; given back afterwards. Same outputs, so nothing is keyed."""
+    corrector = model.corrector
+    saved = (model.network, model.tuned, getattr(corrector, "network", None))
+    if model.device.type == "cpu":
+        make = calls >= TRACE_MIN_CALLS
+        if traceable(model.network):
+            model.network = TracedForward(model.network, (lane, 2 * lane), make)
+        if traceable(model.tuned):
+            model.tuned = TracedForward(model.tuned, (lane, 2 * lane), make)
+        if traceable(saved[2]):
+            corrector.network = TracedForward(corrector.network, (lane,), make)
+    try:
+        yield
+    finally:
+        model.network, model.tuned = saved[:2]
+        if saved[2] is not None:
+            corrector.network = saved[2]
+
+
 @contextlib.contextmanager
 def compiled_networks(model: LoadedModel, on: bool) -> Iterator[None]:
     """With ``sample.compile``, the model's networks ``torch.compile``d (inductor, static shapes) for
@@ -325,7 +357,9 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
 
     start = time.perf_counter()
-    with network_memory_format(model, cfg.memory_format), compiled_networks(model, cfg.compile):
+    full_lane_calls = cfg.num // cfg.lane * cfg.steps
+    with (network_memory_format(model, cfg.memory_format), compiled_networks(model, cfg.compile),
+          traced_networks(model, cfg.lane, 0 if cfg.compile else full_lane_calls)):
         stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
                                   Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True)
     shards = [stage.shard_path(k) for k in range(num_shards)]

@@ -1,0 +1,175 @@
+"""models.traced: a network's forward replayed from checked TorchScript traces (bitwise eager), and the
+stages' use of it (stages.sample.traced_networks)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pgraft_cli.models.traced import TracedForward, traceable
+from tests.conftest import build_tiny_unet
+
+
+def _python_calls(network: nn.Module) -> list[int]:
+    """Counts the Python forwards of the network's first convolution (a replayed trace runs none)."""
+    calls: list[int] = []
+    network.conv_in.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("classes", [None, 3])
+def test_a_traced_forward_is_bitwise_eager_for_every_input_of_its_signature(classes):
+    network = build_tiny_unet(num_class_embeds=classes)
+    eager = build_tiny_unet(num_class_embeds=classes)  # the same weights, never traced
+    traced = TracedForward(network, batches=(4,))
+    calls = _python_calls(network)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for k in range(4):
+            x = torch.randn(4, 1, 8, 8, generator=g)
+            t = torch.rand(4, generator=g) * 1000
+            labels = None if classes is None else torch.randint(0, classes, (4,), generator=g)
+            assert torch.equal(traced(x, t, class_labels=labels).sample, eager(x, t, class_labels=labels).sample)
+        assert traced.traced == 1 and traced.eager == 0
+        # the first call ran eager and was traced (two Python forwards); the other three replayed the trace
+        assert len(calls) == 2
+        x3 = torch.randn(3, 1, 8, 8, generator=g)
+        labels3 = None if classes is None else torch.zeros(3, dtype=torch.long)
+        out = traced(x3, torch.full((3,), 10.0), class_labels=labels3, return_dict=False)[0]
+        assert len(calls) == 3 and len(traced.traces) == 1  # another batch size: eager, nothing traced
+        assert torch.equal(out, eager(x3, torch.full((3,), 10.0), class_labels=labels3).sample)
+
+
+def test_autograd_training_mode_and_a_python_timestep_run_eager():
+    network = build_tiny_unet()
+    traced = TracedForward(network, batches=(2,))
+    calls = _python_calls(network)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 5.0)
+    out = traced(x, t).sample
+    assert out.requires_grad and traced.traces == {}  # under autograd: the eager graph, nothing traced
+    with torch.no_grad():
+        traced(x, 5)
+        network.train()
+        traced(x, t)
+        network.eval()
+    assert traced.traces == {} and len(calls) == 3
+
+
+class _Counting(nn.Module):
+    """A forward whose output depends on Python state a trace would freeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(1, 1, 1)
+        self.calls = 0
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        self.calls += 1
+        return (self.conv_in(sample) + self.calls,)
+
+
+class _Untraceable(_Counting):
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        if torch.jit.is_tracing():
+            raise RuntimeError("no tracing here")
+        return (self.conv_in(sample),)
+
+
+@pytest.mark.parametrize("kind", [_Counting, _Untraceable])
+def test_a_trace_that_differs_from_eager_or_fails_leaves_its_signature_eager(kind):
+    network = kind().eval()
+    traced = TracedForward(network, batches=(2,))
+    x, t = torch.randn(2, 1, 4, 4), torch.zeros(2)
+    with torch.inference_mode():
+        outs = [traced(x, t, return_dict=False)[0] for _ in range(3)]
+    assert traced.traced == 0 and traced.eager == 1
+    if kind is _Counting:  # every call ran the eager Python: 1, 2 (the trace), 3, 4
+        assert network.calls == 4
+        torch.testing.assert_close(outs[2] - outs[0], torch.full_like(outs[0], 3.0))
+
+
+def test_only_the_allowlisted_classes_without_peft_layers_are_traceable():
+    from diffusers import UNet2DConditionModel
+
+    from pgraft_cli.models.lora import add_lora
+
+    assert traceable(build_tiny_unet()) and not traceable(None) and not traceable(_Counting())
+    cond = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 8),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    assert not traceable(cond)
+    with_lora = build_tiny_unet()
+    add_lora(with_lora, rank=2, alpha=2.0)
+    assert not traceable(with_lora)  # its adapter's on/off switch is Python state (network_at toggles it)
+
+
+def test_traces_outlive_a_stage_but_not_their_network():
+    import gc
+    import weakref
+
+    from pgraft_cli.models import traced as module
+
+    network = build_tiny_unet()
+    with torch.inference_mode():
+        TracedForward(network, (2,))(torch.randn(2, 1, 8, 8), torch.zeros(2))
+        again = TracedForward(network, (2,))
+        assert again.traced == 1  # a later stage reuses the trace
+        calls = _python_calls(network)
+        again(torch.randn(2, 1, 8, 8), torch.zeros(2))
+        assert calls == []
+    gone = weakref.ref(network)
+    del network, again, calls
+    gc.collect()
+    assert gone() is None and len(module._TRACES) == 0
+
+
+class _NoBar:
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+
+def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tmp_path, monkeypatch):
+    """A run whose full lanes make TRACE_MIN_CALLS network calls runs its network from a trace (made on
+    its first call), a shorter one eager; the shards are bitwise the same, the network is given back."""
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.data import load_data
+    from pgraft_cli.io.recipes import CorrectConfig, SampleConfig
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.stages import sample as stage
+    from pgraft_cli.stages.correct import _invert_shard
+    from pgraft_cli.stages.sample import Conditions, run_sample, traced_networks
+
+    model = load_model("digits")
+    calls = _python_calls(model.network)
+    cfg = SampleConfig(num=8, steps=16, batch_size=8, lane=1)  # 8 full lanes x 16 steps = 128 calls
+    assert stage.TRACE_MIN_CALLS == 128
+    shards = {}
+    for name, least, python_calls in (("eager", 129, 128), ("traced", 128, 2)):  # eager first: no trace yet
+        monkeypatch.setattr(stage, "TRACE_MIN_CALLS", least)
+        calls.clear()
+        with RunStore(tmp_path / name) as store:
+            shards[name] = load_file(str(run_sample(model, cfg, Conditions(), store, _NoBar()).shards[0]))
+        assert len(calls) == python_calls  # traced: the first call eager, then the trace's own run
+        assert type(model.network).__name__ == "UNet2DModel"  # given back
+    assert all(torch.equal(shards["traced"][k], shards["eager"][k]) for k in shards["eager"])
+
+    images = load_data("digits-train", model.sample_shape)[:12]
+    inverted = {}
+    python_calls = {}
+    for name, expected in (("eager", 0), ("traced", 10**6)):
+        calls.clear()
+        with traced_networks(model, 8, expected):
+            inverted[name] = _invert_shard(model, images, replace(CorrectConfig(), inversion_iterations=6), 8,
+                                           lambda n: None)
+        python_calls[name] = len(calls)
+    # the full lane of 8 replayed (its round trip alone is 8 calls); the lane of 4 and the rows still iterating eager
+    assert python_calls["traced"] <= python_calls["eager"] - 8
+    assert all(torch.equal(inverted["traced"][k], inverted["eager"][k]) for k in inverted["eager"])
