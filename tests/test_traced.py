@@ -173,3 +173,71 @@ def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tm
     # the full lane of 8 replayed (its round trip alone is 8 calls); the lane of 4 and the rows still iterating eager
     assert python_calls["traced"] <= python_calls["eager"] - 8
     assert all(torch.equal(inverted["traced"][k], inverted["eager"][k]) for k in inverted["eager"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The inversion's lanes side by side, one thread each (stages.correct.map_lanes)
+
+
+def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode():
+    from pgraft_cli.stages.correct import map_lanes
+
+    before = torch.get_num_threads()
+    seen = lambda s: (s, torch.get_num_threads(), torch.is_inference_mode_enabled())  # noqa: E731
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            assert map_lanes(seen, range(5), 1) == [(s, 1, True) for s in range(5)]
+        assert map_lanes(seen, range(3), None) == [(s, 2, False) for s in range(3)]  # one at a time, all threads
+        assert map_lanes(seen, range(1), 1) == [(0, 2, False)]  # a lone lane keeps every thread
+
+        def fails(s):
+            if s == 2:
+                raise ValueError("lane 2")
+            return s
+
+        with pytest.raises(ValueError, match="lane 2"):
+            map_lanes(fails, range(4), 1)
+        assert torch.get_num_threads() == 2  # given back, after a failure too
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lane_threads_where_lanes_are_small_on_the_cpu_and_keyed_there_only(tmp_path):
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.data import load_data
+    from pgraft_cli.io.recipes import CorrectConfig
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.stages.correct import SIDE_BY_SIDE_VALUES, lane_threads, run_invert
+
+    model = load_model("digits")  # 1 x 16 x 16
+    assert lane_threads(model, 64) == 1 and lane_threads(model, SIDE_BY_SIDE_VALUES // 256 + 1) is None
+    cfg = replace(CorrectConfig(), inversion_iterations=2, max_reconstruction_rms=10.0, invert_shard_size=4)
+    images = load_data("digits-train", model.sample_shape)[:4]
+    keys = {}
+    for lane in (2, SIDE_BY_SIDE_VALUES // 256 + 1):
+        with RunStore(tmp_path / str(lane)) as store:
+            run_invert(model, images, cfg, lane, store, _NoBar())
+            keys[lane] = store.read_manifest()["stages"]["invert"]["config"]
+    assert keys[2]["lane_threads"] == 1 and "lane_threads" not in keys[SIDE_BY_SIDE_VALUES // 256 + 1]
+
+
+def test_inversions_are_the_same_bytes_on_any_number_of_threads():
+    """The shard's lanes run on one thread each, so torch's thread count changes nothing: at 6 images a
+    call the digits UNet's convolutions round differently on 1 and 2 threads (lanes on all threads did)."""
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.data import load_data
+    from pgraft_cli.io.recipes import CorrectConfig
+    from pgraft_cli.stages.correct import _invert_shard, lane_threads
+
+    model = load_model("digits")
+    images = load_data("digits-train", model.sample_shape)[:12]
+    cfg = replace(CorrectConfig(), inversion_iterations=4)
+    before, outputs = torch.get_num_threads(), {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs[threads] = _invert_shard(model, images, cfg, 6, lambda n: None, threads=lane_threads(model, 6))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outputs[1][k], outputs[2][k]) for k in outputs[1])

@@ -22,6 +22,7 @@ stages reuse the traces its earlier ones made: making one takes about 0.25 s on 
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import Any, Iterable, Optional
@@ -39,6 +40,8 @@ _TRACES: "weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]]" = weakref.WeakKe
 
 def traceable(network: Optional[nn.Module]) -> bool:
     """Whether ``network`` may run from traces: a ``TRACEABLE`` class without peft (LoRA) layers."""
+    if isinstance(network, TracedForward):
+        network = network.network
     if network is None or type(network).__name__ not in TRACEABLE:
         return False
     return not any(type(m).__module__.startswith("peft") for m in network.modules())
@@ -71,7 +74,7 @@ class TracedForward:
     def __init__(self, network: nn.Module, batches: Iterable[int], make: bool = True) -> None:
         weight = next((p for p in network.parameters() if p.dim() == 4), None)  # the layout its stage put them in
         self.__dict__.update(network=network, batches=frozenset(batches), traces=_TRACES.setdefault(network, {}),
-                             weights=_signature(weight), make=make)
+                             weights=_signature(weight), make=make, lock=threading.Lock())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["network"], name)
@@ -98,7 +101,9 @@ class TracedForward:
         if trace is None:
             out = net(sample, timestep, class_labels=class_labels, return_dict=False)[0]
             if key not in self.traces and self.make:
-                self.traces[key] = _checked_trace(net, args, out)
+                with self.lock:  # lanes side by side (stages.sample.map_lanes): one thread traces
+                    if key not in self.traces:
+                        self.traces[key] = _checked_trace(net, args, out)
         else:
             with torch.jit.optimized_execution(False):  # the graph that was checked, without the profiling passes
                 out = trace(*args)

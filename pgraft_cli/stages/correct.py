@@ -22,9 +22,10 @@ import hashlib
 import json
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +42,11 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
+from ..models.traced import traceable
 from .sample import network_memory_format, resolve_memory_format, resumed_lane, traced_networks
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
+
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------------------
 # The corrector's network
@@ -162,6 +166,9 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
     config = {**invert_config(cfg), "lane": lane, "memory_format": resolve_memory_format(model, memory_format)}
+    threads = lane_threads(model, lane)
+    if threads is not None:  # each lane on one thread: its bytes on any core count
+        config["lane_threads"] = threads
     if model.autocast is not None:  # the network ran under autocast (model.autocast), as it samples
         config["autocast"] = str(model.autocast)
     inputs = {"model": model_key(model), "data": rows_digest(images)}
@@ -171,6 +178,9 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
                                 hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest())
     if auto_lane:
         lane = config["lane"] = resumed_lane(store, "invert", config, inputs, lane)
+        threads = lane_threads(model, lane)
+        if threads is None:
+            config.pop("lane_threads", None)
     task = None
 
     def todo(mine: list[int]) -> None:
@@ -185,7 +195,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         rows = slice(k * size, (k + 1) * size)
         classes = labels[rows].tolist() if model.conditioning == "class" else None
         prompts = list(captions[rows]) if model.conditioning == "text" else None
-        return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n), classes, prompts, guidance_scale)
+        return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n), classes, prompts, guidance_scale,
+                             threads)
 
     # each full lane makes at least two solver calls and one round-trip call a step
     full_lane_calls = len(images) // lane * 3 * cfg.base_steps
@@ -205,38 +216,78 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     return kept, stats, per_image["rms"] <= cfg.max_reconstruction_rms
 
 
+# A lane of a traceable network with at most this many sample values (the digits: 64 x 1 x 16 x 16 =
+# 16,384) is inverted on one thread, a shard's lanes side by side on torch's threads: the solver's
+# calls on the few rows still iterating, and small convolutions and norms, split poorly across threads
+# (bench/RESULTS.md, "Inversion lanes side by side": -12 % on the digits' shards at 2 threads). Larger
+# lanes go one at a time on all threads, so their activations are not held once per thread.
+SIDE_BY_SIDE_VALUES = 64 * 3 * 32 * 32
+
+
+def lane_threads(model: LoadedModel, lane: int) -> Optional[int]:
+    """1 where the inversion runs a shard's lanes side by side, one thread each (``map_lanes``): on the
+    CPU, a ``traceable`` base network, lanes of at most ``SIDE_BY_SIDE_VALUES`` sample values; else
+    None (one lane at a time on all of torch's threads). In the inversion's key where it is 1."""
+    small = lane * math.prod(model.sample_shape) <= SIDE_BY_SIDE_VALUES
+    return 1 if model.device.type == "cpu" and traceable(model.network) and small else None
+
+
+def map_lanes(fn: Callable[[int], T], starts: Sequence[int], threads: Optional[int]) -> list[T]:
+    """``[fn(start) for start in starts]``, in order. With ``threads = 1`` and two lanes or more, every
+    lane runs on one thread, as many side by side as torch has threads, in the caller's grad and
+    inference mode (both are per thread); torch's thread count is given back afterwards. A single lane
+    runs on all threads (on one it would take 1.6x as long)."""
+    previous = torch.get_num_threads()
+    if threads != 1 or len(starts) < 2 or previous < 2:
+        return [fn(start) for start in starts]
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def one(start: int) -> T:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(start)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(previous, len(starts)), thread_name_prefix="pgraft-lane") as pool:
+            return list(pool.map(one, starts))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any,
                   classes: Optional[list[int]] = None, prompts: Optional[list[str]] = None,
-                  guidance_scale: float = 1.0) -> dict[str, Tensor]:
+                  guidance_scale: float = 1.0, threads: Optional[int] = None) -> dict[str, Tensor]:
     """Noise, round-trip error, network evaluations, largest fixed-point residual and whether every step
-    met its own tolerance, of each image of a shard, each inverted under its own class or prompt where given."""
+    met its own tolerance, of each image of a shard, each inverted under its own class or prompt where
+    given; lane by lane (``sample.map_lanes``: with ``threads = 1`` side by side, one thread each)."""
     grid = model.schedule.grid(cfg.base_steps)
-    out: dict[str, list[Tensor]] = {"noise": [], "err": [], "iterations": [], "residual": [], "converged": []}
-    with torch.inference_mode():
-        for start in range(0, len(chunk), lane):
-            part = chunk[start:start + lane].to(model.device, torch.float32)
-            members = slice(start, start + len(part))
-            cond = model.encode(None if prompts is None else prompts[members],
-                                None if classes is None else classes[members], guidance_scale)
-            # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is
-            # the size of the tolerance); only the network runs as it samples: in the model's dtype, under
-            # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
-            # The solver names the rows still iterating, so each keeps its own condition.
-            def fn32(x: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-                with model.autocast_context():
-                    return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
 
-            z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol,
-                                     cfg.inversion_memory, row_indexed=True, tol_last=cfg.inversion_tol_last)
-            with model.autocast_context():  # the round trip, as run_sample samples
-                back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
-            for key, value in (("noise", z.float()), ("err", (back.float() - part).reshape(len(part), -1)),
-                               ("iterations", info.iterations), ("residual", info.residual),
-                               ("converged", info.converged)):
-                out[key].append(value.cpu())
-            advance(len(part))
-    err = torch.cat(out.pop("err"))
-    return {**{k: torch.cat(v).contiguous() for k, v in out.items()}, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
+    def one_lane(start: int) -> dict[str, Tensor]:
+        part = chunk[start:start + lane].to(model.device, torch.float32)
+        members = slice(start, start + len(part))
+        cond = model.encode(None if prompts is None else prompts[members],
+                            None if classes is None else classes[members], guidance_scale)
+        # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is
+        # the size of the tolerance); only the network runs as it samples: in the model's dtype, under
+        # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
+        # The solver names the rows still iterating, so each keeps its own condition.
+        def fn32(x: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+            with model.autocast_context():
+                return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
+
+        z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol,
+                                 cfg.inversion_memory, row_indexed=True, tol_last=cfg.inversion_tol_last)
+        with model.autocast_context():  # the round trip, as run_sample samples
+            back, _ = sample(lambda x, t: model.predict(x, t, cond), model.schedule, z.to(model.dtype), grid)
+        advance(len(part))
+        return {"noise": z.float().cpu(), "err": (back.float() - part).reshape(len(part), -1).cpu(),
+                "iterations": info.iterations.cpu(), "residual": info.residual.cpu(), "converged": info.converged.cpu()}
+
+    with torch.inference_mode():
+        lanes = map_lanes(one_lane, range(0, len(chunk), lane), threads)
+    out = {k: torch.cat([one[k] for one in lanes]).contiguous() for k in lanes[0]}
+    err = out.pop("err")
+    return {**out, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}
 
 
 PER_IMAGE_KEYS = ("rms", "max", "iterations", "residual", "converged")  # one number per image in each shard
