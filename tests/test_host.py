@@ -180,37 +180,3 @@ def test_importing_the_network_code_early_is_only_a_speed_up(monkeypatch):
     monkeypatch.setattr(families, "SUPPORTED_CLASSES", ("NoSuchNetwork2DModel", "Broken2DModel", "UNet2DModel"))
     families.import_network_code()
     assert asked == ["NoSuchNetwork2DModel", "Broken2DModel", "UNet2DModel"]
-
-
-ARENAS = r"""
-import ctypes, sys, threading
-import torch
-from pgraft_cli.io.host import tune_allocator
-if sys.argv[1] == "tuned":
-    assert tune_allocator()
-libc = ctypes.CDLL("libc.so.6")
-
-def work():
-    for _ in range(3):
-        x = torch.ones(2 << 20)  # 8 MB, below the mmap threshold: from the thread's arena
-        del x
-
-threads = [threading.Thread(target=work) for _ in range(2)]
-[t.start() for t in threads]
-[t.join() for t in threads]
-buf, size = ctypes.c_char_p(), ctypes.c_size_t()
-libc.open_memstream.restype = ctypes.c_void_p
-stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
-libc.malloc_info(0, ctypes.c_void_p(stream))
-libc.fclose(ctypes.c_void_p(stream))
-print(buf.value.decode().count("<heap nr="))
-"""
-
-
-@pytest.mark.skipif(not (sys.platform == "linux" and __import__("platform").libc_ver()[0] == "glibc"), reason="glibc only")
-def test_the_tuned_allocator_gives_every_thread_one_arena():
-    """The inversion's lanes run on threads of their own; glibc gave each its own arena (and free blocks:
-    +217 MB of peak RSS on the main job), one arena since."""
-    heaps = {mode: int(subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True,
-                                      check=True).stdout) for mode in ("default", "tuned")}
-    assert heaps["tuned"] == 1 and heaps["default"] > 1

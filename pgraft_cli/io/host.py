@@ -35,18 +35,14 @@ def tune_allocator() -> bool:
     when a larger mmap'd block is freed) with ``mmap`` and returns them with ``munmap``, so each
     network call of a small lane pays page faults for its activations: measured 20 % slower
     sampling of the digits model in a fresh process (bench/RESULTS.md). A fixed 32 MiB threshold
-    (glibc's own maximum) keeps such blocks on the heap for reuse. One arena for every thread
-    (``M_ARENA_MAX``): the inversion's lanes run on threads of their own (``stages.correct.map_lanes``),
-    and glibc's per-thread arenas each kept their own free blocks, +217 MB of peak RSS on the main job
-    (bench/RESULTS.md, "Inversion lanes side by side"). Returns whether it applied.
+    (glibc's own maximum) keeps such blocks on the heap for reuse. Returns whether it applied.
     """
     if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-        return (bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
-                and bool(libc.mallopt(m_arena_max, 1)))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
     except (OSError, AttributeError):
         return False
 
