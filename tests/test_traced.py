@@ -179,9 +179,12 @@ def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tm
 # The inversion's lanes side by side, one thread each (stages.correct.map_lanes)
 
 
-def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode():
+def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(monkeypatch):
+    from pgraft_cli.stages import correct
     from pgraft_cli.stages.correct import map_lanes
 
+    released = []
+    monkeypatch.setattr(correct, "release_free_memory", lambda: released.append(1))
     before = torch.get_num_threads()
     seen = lambda s: (s, torch.get_num_threads(), torch.is_inference_mode_enabled())  # noqa: E731
     torch.set_num_threads(2)
@@ -190,6 +193,7 @@ def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode():
             assert map_lanes(seen, range(5), 1) == [(s, 1, True) for s in range(5)]
         assert map_lanes(seen, range(3), None) == [(s, 2, False) for s in range(3)]  # one at a time, all threads
         assert map_lanes(seen, range(1), 1) == [(0, 2, False)]  # a lone lane keeps every thread
+        assert released == [1]  # after the lanes' threads, not after one thread's loop
 
         def fails(s):
             if s == 2:

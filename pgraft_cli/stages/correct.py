@@ -36,7 +36,7 @@ from ..core.samplers import invert_sampler, sample
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.data import DataRows
-from ..io.host import native_cpu_bf16
+from ..io.host import native_cpu_bf16, release_free_memory
 from ..io.recipes import CorrectConfig
 from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
@@ -252,6 +252,7 @@ def map_lanes(fn: Callable[[int], T], starts: Sequence[int], threads: Optional[i
             return list(pool.map(one, starts))
     finally:
         torch.set_num_threads(previous)
+        release_free_memory()  # what the lanes' threads freed stays in their malloc arenas otherwise
 
 
 def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any,
