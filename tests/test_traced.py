@@ -122,8 +122,14 @@ def test_traces_outlive_a_stage_but_not_their_network():
         calls = _python_calls(network)
         again(torch.randn(2, 1, 8, 8), torch.zeros(2))
         assert calls == []
+    network.conv_in = nn.Conv2d(1, 8, 3, padding=1)  # a module swapped in after the trace was made
+    with torch.inference_mode():
+        x = torch.randn(2, 1, 8, 8)
+        after = TracedForward(network, (2,))
+        assert torch.equal(after(x, torch.zeros(2)).sample, network(x, torch.zeros(2)).sample)
+        assert after.traced == 2  # a new trace, not the one holding the old convolution
     gone = weakref.ref(network)
-    del network, again, calls
+    del network, again, after, calls
     gc.collect()
     assert gone() is None and len(module._TRACES) == 0
 

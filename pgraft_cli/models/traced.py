@@ -73,8 +73,10 @@ class TracedForward:
 
     def __init__(self, network: nn.Module, batches: Iterable[int], make: bool = True) -> None:
         weight = next((p for p in network.parameters() if p.dim() == 4), None)  # the layout its stage put them in
+        # which parameter objects a trace holds: a module swapped in since (a merged adapter) calls for a new one
+        held = tuple(id(p) for p in network.parameters())
         self.__dict__.update(network=network, batches=frozenset(batches), traces=_TRACES.setdefault(network, {}),
-                             weights=_signature(weight), make=make, lock=threading.Lock())
+                             weights=(_signature(weight), held), make=make, lock=threading.Lock())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["network"], name)
