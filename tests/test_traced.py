@@ -128,10 +128,10 @@ def test_traces_outlive_a_stage_but_not_their_network():
         after = TracedForward(network, (2,))
         assert torch.equal(after(x, torch.zeros(2)).sample, network(x, torch.zeros(2)).sample)
         assert after.traced == 2  # a new trace, not the one holding the old convolution
-    gone = weakref.ref(network)
+    gone, entries = weakref.ref(network), len(module._TRACES)
     del network, again, after, calls
     gc.collect()
-    assert gone() is None and len(module._TRACES) == 0
+    assert gone() is None and len(module._TRACES) <= entries - 1  # its entry went with it
 
 
 class _NoBar:
@@ -186,6 +186,8 @@ def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tm
 
 
 def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(monkeypatch):
+    import time
+
     from pgraft_cli.stages import correct
     from pgraft_cli.stages.correct import map_lanes
 
@@ -196,58 +198,110 @@ def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(mon
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            assert map_lanes(seen, range(5), 1) == [(s, 1, True) for s in range(5)]
+            assert map_lanes(seen, range(5), 2) == [(s, 1, True) for s in range(5)]
         assert map_lanes(seen, range(3), None) == [(s, 2, False) for s in range(3)]  # one at a time, all threads
-        assert map_lanes(seen, range(1), 1) == [(0, 2, False)]  # a lone lane keeps every thread
+        assert map_lanes(seen, range(1), 2) == [(0, 2, False)]  # fewer lanes than threads: all threads
         assert released == [1]  # after the lanes' threads, not after one thread's loop
 
+        started = []
+
         def fails(s):
-            if s == 2:
-                raise ValueError("lane 2")
+            started.append(s)
+            if s == 0:
+                raise ValueError("lane 0")
+            time.sleep(0.3)
             return s
 
-        with pytest.raises(ValueError, match="lane 2"):
-            map_lanes(fails, range(4), 1)
+        with pytest.raises(ValueError, match="lane 0"):
+            map_lanes(fails, range(8), 2)
+        assert len(started) < 8  # the lanes not started were cancelled
         assert torch.get_num_threads() == 2  # given back, after a failure too
     finally:
         torch.set_num_threads(before)
 
 
-def test_lane_threads_where_lanes_are_small_on_the_cpu_and_keyed_there_only(tmp_path):
+def test_lanes_side_by_side_where_they_are_small_on_the_cpu_and_keyed_there_only(tmp_path):
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.data import load_data
     from pgraft_cli.io.recipes import CorrectConfig
     from pgraft_cli.io.runstore import RunStore
-    from pgraft_cli.stages.correct import SIDE_BY_SIDE_VALUES, lane_threads, run_invert
+    from pgraft_cli.stages.correct import SIDE_BY_SIDE_VALUES, lanes_side_by_side, run_invert
 
     model = load_model("digits")  # 1 x 16 x 16
-    assert lane_threads(model, 64) == 1 and lane_threads(model, SIDE_BY_SIDE_VALUES // 256 + 1) is None
-    cfg = replace(CorrectConfig(), inversion_iterations=2, max_reconstruction_rms=10.0, invert_shard_size=4)
-    images = load_data("digits-train", model.sample_shape)[:4]
-    keys = {}
-    for lane in (2, SIDE_BY_SIDE_VALUES // 256 + 1):
-        with RunStore(tmp_path / str(lane)) as store:
-            run_invert(model, images, cfg, lane, store, _NoBar())
-            keys[lane] = store.read_manifest()["stages"]["invert"]["config"]
-    assert keys[2]["lane_threads"] == 1 and "lane_threads" not in keys[SIDE_BY_SIDE_VALUES // 256 + 1]
+    big = SIDE_BY_SIDE_VALUES // 256 // 2 + 1  # two such lanes hold more than the budget
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert lanes_side_by_side(model, 64) == 2 and lanes_side_by_side(model, big) is None
+        cfg = replace(CorrectConfig(), inversion_iterations=2, max_reconstruction_rms=10.0, invert_shard_size=4)
+        images = load_data("digits-train", model.sample_shape)[:4]
+        keys = {}
+        for lane in (2, big):
+            with RunStore(tmp_path / str(lane)) as store:
+                run_invert(model, images, cfg, lane, store, _NoBar())
+                keys[lane] = store.read_manifest()["stages"]["invert"]["config"]
+        torch.set_num_threads(1)
+        assert lanes_side_by_side(model, 64) is None  # one thread: nothing to put side by side
+    finally:
+        torch.set_num_threads(before)
+    assert keys[2]["lanes_side_by_side"] == 2 and "lanes_side_by_side" not in keys[big]
 
 
-def test_inversions_are_the_same_bytes_on_any_number_of_threads():
-    """The shard's lanes run on one thread each, so torch's thread count changes nothing: at 6 images a
-    call the digits UNet's convolutions round differently on 1 and 2 threads (lanes on all threads did)."""
+def test_a_resumed_automatic_lane_keeps_the_key_its_shards_were_made_with(tmp_path, monkeypatch):
+    """A run directory from before lanes went side by side (no such key) resumed where the new automatic
+    lane is too big to go side by side but the recorded one is not: the old shards' key must not match
+    (they ran on all threads), so the stage is redone at the new lane, not finished side by side under
+    the old key."""
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.data import load_data
     from pgraft_cli.io.recipes import CorrectConfig
-    from pgraft_cli.stages.correct import _invert_shard, lane_threads
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.stages import correct
+    from pgraft_cli.stages.correct import run_invert
 
     model = load_model("digits")
-    images = load_data("digits-train", model.sample_shape)[:12]
+    cfg = replace(CorrectConfig(), inversion_iterations=2, max_reconstruction_rms=10.0, invert_shard_size=4)
+    images = load_data("digits-train", model.sample_shape)[:8]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with RunStore(tmp_path / "run") as store:
+            monkeypatch.setattr(correct, "lanes_side_by_side", lambda m, lane: None)  # the previous release
+            run_invert(model, images[:4], cfg, 2, store, _NoBar())  # one shard of two, at lane 2
+            first = store.read_manifest()["stages"]["invert"]
+            monkeypatch.undo()
+            monkeypatch.setattr(correct, "SIDE_BY_SIDE_VALUES", 2 * 2 * 256)  # lane 2 side by side, lane 4 not
+            run_invert(model, images, cfg, 4, store, _NoBar(), auto_lane=True)
+            second = store.read_manifest()["stages"]["invert"]
+    finally:
+        torch.set_num_threads(before)
+    assert "lanes_side_by_side" not in first["config"]
+    assert second["config"]["lane"] == 4 and second["key"] != first["key"]
+
+
+def test_inversions_are_the_same_bytes_on_any_number_of_threads_traced_or_not():
+    """Lanes side by side run on one thread each, so torch's thread count changes nothing: at 6 images a
+    call the digits UNet's convolutions round differently on 1 and 2 threads (lanes on all threads did).
+    Traced from two lane threads at once, the bytes are the same again."""
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.data import load_data
+    from pgraft_cli.io.recipes import CorrectConfig
+    from pgraft_cli.stages.correct import _invert_shard, lanes_side_by_side
+    from pgraft_cli.stages.sample import traced_networks
+
+    model = load_model("digits")
+    images = load_data("digits-train", model.sample_shape)[:24]
     cfg = replace(CorrectConfig(), inversion_iterations=4)
     before, outputs = torch.get_num_threads(), {}
     try:
-        for threads in (1, 2):
+        for name, threads, calls in (("one thread", 1, 0), ("side by side", 2, 0), ("traced", 2, 10**6)):
             torch.set_num_threads(threads)
-            outputs[threads] = _invert_shard(model, images, cfg, 6, lambda n: None, threads=lane_threads(model, 6))
+            with traced_networks(model, 6, calls):
+                outputs[name] = _invert_shard(model, images, cfg, 6, lambda n: None,
+                                              side_by_side=lanes_side_by_side(model, 6))
+                if name == "traced":
+                    assert model.network.traced == 1
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(outputs[1][k], outputs[2][k]) for k in outputs[1])
+    for name in ("side by side", "traced"):
+        assert all(torch.equal(outputs["one thread"][k], outputs[name][k]) for k in outputs[name]), name

@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import platform
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from ..errors import OutputPathError
 
@@ -52,14 +53,22 @@ def release_free_memory() -> bool:
     allocated (``stages.correct.map_lanes``'s lanes) leave their arenas holding their free blocks (up
     to ``tune_allocator``'s trim threshold each: +217 MB of peak RSS on the main job, bench/RESULTS.md)
     that no later stage, on the main thread, would reuse. Returns whether it applied."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Optional[ctypes.CDLL]:
+    """The C library where it is glibc (read once: ``platform.libc_ver`` reads the interpreter's binary)."""
     if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 _ONE_COMMAND = False  # set by the console entry (``one_command_process``); never in the tests' in-process runs

@@ -164,7 +164,8 @@ class NoiseCorrector:
 
 @dataclass
 class VelocityOutput:
-    """What :class:`MLPFlow` returns: the velocity as ``.sample``, as a diffusers UNet's output."""
+    """What :class:`MLPFlow` (and a traced UNet, ``models.traced``) returns: the prediction as ``.sample``, as a
+    diffusers UNet's output."""
 
     sample: Tensor
 

@@ -23,6 +23,7 @@ stages reuse the traces its earlier ones made: making one takes about 0.25 s on 
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Iterable, Optional
@@ -30,9 +31,16 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from .corrector import VelocityOutput
+
 # diffusers classes whose forward (and blocks) branch only on shapes, dtypes and config: read for the
 # diffusers this project pins (UNet2DModel: the digits model, pixel DDPM-style UNets, the corrector)
 TRACEABLE = ("UNet2DModel",)
+
+# A signature whose eager call took longer than this stays eager: a trace costs about 0.25 s and two
+# forwards and saves the ~2 ms of Python a call, nothing worth it for a network this slow (a 36 M
+# parameter CIFAR UNet takes 0.36 s at 8 images: its trace would pay for itself after some 1000 calls).
+TRACE_MAX_CALL_SECONDS = 0.25
 
 # each network's traces by signature (None: that signature runs eager), while the network lives
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]]" = weakref.WeakKeyDictionary()
@@ -101,19 +109,17 @@ class TracedForward:
         args = (sample, timestep) if class_labels is None else (sample, timestep, class_labels)
         trace = self.traces.get(key)
         if trace is None:
+            tic = time.perf_counter()
             out = net(sample, timestep, class_labels=class_labels, return_dict=False)[0]
             if key not in self.traces and self.make:
-                with self.lock:  # lanes side by side (stages.sample.map_lanes): one thread traces
+                with self.lock:  # lanes side by side (stages.correct.map_lanes): one thread traces
                     if key not in self.traces:
-                        self.traces[key] = _checked_trace(net, args, out)
+                        slow = time.perf_counter() - tic > TRACE_MAX_CALL_SECONDS
+                        self.traces[key] = None if slow else _checked_trace(net, args, out)
         else:
             with torch.jit.optimized_execution(False):  # the graph that was checked, without the profiling passes
                 out = trace(*args)
-        if not return_dict:
-            return (out,)
-        from diffusers.models.unets.unet_2d import UNet2DOutput
-
-        return UNet2DOutput(sample=out)
+        return VelocityOutput(out) if return_dict else (out,)
 
 
 def _checked_trace(network: nn.Module, args: tuple[Tensor, ...], expected: Tensor) -> Any:

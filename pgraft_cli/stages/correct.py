@@ -165,22 +165,22 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     check_correctable(model, cfg, labels, captions)
     size = cfg.invert_shard_size
     num_shards = math.ceil(len(images) / size)
-    config = {**invert_config(cfg), "lane": lane, "memory_format": resolve_memory_format(model, memory_format)}
-    threads = lane_threads(model, lane)
-    if threads is not None:  # each lane on one thread: its bytes on any core count
-        config["lane_threads"] = threads
+    base = {**invert_config(cfg), "memory_format": resolve_memory_format(model, memory_format)}
     if model.autocast is not None:  # the network ran under autocast (model.autocast), as it samples
-        config["autocast"] = str(model.autocast)
+        base["autocast"] = str(model.autocast)
     inputs = {"model": model_key(model), "data": rows_digest(images)}
     if model.conditioning != "none":  # each image's condition, and the guidance it is inverted with
-        config["guidance_scale"] = guidance_scale if model.guided else None
+        base["guidance_scale"] = guidance_scale if model.guided else None
         inputs["conditions"] = (tensor_digest(labels) if model.conditioning == "class" else
                                 hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest())
+
+    def config_for(lane: int) -> dict[str, Any]:  # the key's config at a lane: side by side or not follows from it
+        together = lanes_side_by_side(model, lane)
+        return {**base, "lane": lane, **({} if together is None else {"lanes_side_by_side": together})}
+
     if auto_lane:
-        lane = config["lane"] = resumed_lane(store, "invert", config, inputs, lane)
-        threads = lane_threads(model, lane)
-        if threads is None:
-            config.pop("lane_threads", None)
+        lane = resumed_lane(store, "invert", config_for, inputs, lane)
+    config, together = config_for(lane), lanes_side_by_side(model, lane)
     task = None
 
     def todo(mine: list[int]) -> None:
@@ -196,7 +196,7 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         classes = labels[rows].tolist() if model.conditioning == "class" else None
         prompts = list(captions[rows]) if model.conditioning == "text" else None
         return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n), classes, prompts, guidance_scale,
-                             threads)
+                             together)
 
     # each full lane makes at least two solver calls and one round-trip call a step
     full_lane_calls = len(images) // lane * 3 * cfg.base_steps
@@ -216,51 +216,60 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     return kept, stats, per_image["rms"] <= cfg.max_reconstruction_rms
 
 
-# A lane of a traceable network with at most this many sample values (the digits: 64 x 1 x 16 x 16 =
-# 16,384) is inverted on one thread, a shard's lanes side by side on torch's threads: the solver's
-# calls on the few rows still iterating, and small convolutions and norms, split poorly across threads
-# (bench/RESULTS.md, "Inversion lanes side by side": -12 % on the digits' shards at 2 threads). Larger
-# lanes go one at a time on all threads, so their activations are not held once per thread.
+# The inversion runs a shard's lanes side by side, one torch thread each, where as many lanes as torch
+# has threads hold at most this many sample values (64 CIFAR-size images; the digits on two threads: 2 x
+# 64 x 256): the solver's calls on the few rows still iterating, and small convolutions and norms, split
+# poorly across threads (bench/RESULTS.md, "The network's forward from a trace; the inversion's lanes side
+# by side": -1.7 to -2.9 s of the main job's inversion on two threads). Larger lanes, or more threads,
+# go one lane at a time on all threads, so no more activations are held than one lane's budget.
 SIDE_BY_SIDE_VALUES = 64 * 3 * 32 * 32
 
 
-def lane_threads(model: LoadedModel, lane: int) -> Optional[int]:
-    """1 where the inversion runs a shard's lanes side by side, one thread each (``map_lanes``): on the
-    CPU, a ``traceable`` base network, lanes of at most ``SIDE_BY_SIDE_VALUES`` sample values; else
-    None (one lane at a time on all of torch's threads). In the inversion's key where it is 1."""
-    small = lane * math.prod(model.sample_shape) <= SIDE_BY_SIDE_VALUES
-    return 1 if model.device.type == "cpu" and traceable(model.network) and small else None
+def lanes_side_by_side(model: LoadedModel, lane: int) -> Optional[int]:
+    """How many lanes the inversion runs side by side, one thread each (``map_lanes``): torch's thread
+    count, on the CPU, for a ``traceable`` base network, where that many lanes hold at most
+    ``SIDE_BY_SIDE_VALUES`` sample values; else None (a lane at a time on all threads). In the
+    inversion's key where it applies: a shard of at least that many lanes then has the same bytes on
+    any machine of that thread count and ISA; a shard of fewer runs its lanes on all threads."""
+    threads = torch.get_num_threads()
+    small = threads * lane * math.prod(model.sample_shape) <= SIDE_BY_SIDE_VALUES
+    return threads if threads > 1 and small and model.device.type == "cpu" and traceable(model.network) else None
 
 
-def map_lanes(fn: Callable[[int], T], starts: Sequence[int], threads: Optional[int]) -> list[T]:
-    """``[fn(start) for start in starts]``, in order. With ``threads = 1`` and two lanes or more, every
-    lane runs on one thread, as many side by side as torch has threads, in the caller's grad and
-    inference mode (both are per thread); torch's thread count is given back afterwards. A single lane
-    runs on all threads (on one it would take 1.6x as long)."""
-    previous = torch.get_num_threads()
-    if threads != 1 or len(starts) < 2 or previous < 2:
+def map_lanes(fn: Callable[[int], T], starts: Sequence[int], side_by_side: Optional[int]) -> list[T]:
+    """``[fn(start) for start in starts]``, in order. Where ``side_by_side`` (``lanes_side_by_side``)
+    lanes or more are given, that many run at a time, each on one torch thread, in the caller's grad
+    and inference mode (both are per thread); torch's thread count is given back afterwards, and the
+    memory the lanes' threads freed (``io.host.release_free_memory``). A failing lane cancels the
+    lanes not started. Fewer lanes run one at a time on all threads."""
+    if side_by_side is None or len(starts) < side_by_side:
         return [fn(start) for start in starts]
-    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+    previous, inference, grad = torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def one(start: int) -> T:
+        torch.set_num_threads(1)  # a new thread's own OpenMP team is torch's width until it is told
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(start)
 
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(side_by_side, thread_name_prefix="pgraft-lane")
     try:
-        with ThreadPoolExecutor(min(previous, len(starts)), thread_name_prefix="pgraft-lane") as pool:
-            return list(pool.map(one, starts))
+        return list(pool.map(one, starts))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         torch.set_num_threads(previous)
         release_free_memory()  # what the lanes' threads freed stays in their malloc arenas otherwise
 
 
 def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any,
                   classes: Optional[list[int]] = None, prompts: Optional[list[str]] = None,
-                  guidance_scale: float = 1.0, threads: Optional[int] = None) -> dict[str, Tensor]:
+                  guidance_scale: float = 1.0, side_by_side: Optional[int] = None) -> dict[str, Tensor]:
     """Noise, round-trip error, network evaluations, largest fixed-point residual and whether every step
     met its own tolerance, of each image of a shard, each inverted under its own class or prompt where
-    given; lane by lane (``sample.map_lanes``: with ``threads = 1`` side by side, one thread each)."""
+    given; lane by lane (``map_lanes``: ``side_by_side`` lanes at a time, one thread each, where given)."""
     grid = model.schedule.grid(cfg.base_steps)
 
     def one_lane(start: int) -> dict[str, Tensor]:
@@ -285,7 +294,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
                 "iterations": info.iterations.cpu(), "residual": info.residual.cpu(), "converged": info.converged.cpu()}
 
     with torch.inference_mode():
-        lanes = map_lanes(one_lane, range(0, len(chunk), lane), threads)
+        lanes = map_lanes(one_lane, range(0, len(chunk), lane), side_by_side)
     out = {k: torch.cat([one[k] for one in lanes]).contiguous() for k in lanes[0]}
     err = out.pop("err")
     return {**out, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}

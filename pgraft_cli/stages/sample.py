@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -150,13 +150,15 @@ def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
     return cap
 
 
-def resumed_lane(store: RunStore, name: str, config: dict[str, Any], inputs: dict[str, Any], lane: int) -> int:
-    """The automatic lane a stage runs at: the one its recorded shards were made with where that is
-    all that differs from this run's key (free memory, which picks the lane, must never turn a
-    resume into redoing finished shards), else ``lane``."""
+def resumed_lane(store: RunStore, name: str, config_for: Callable[[int], dict[str, Any]], inputs: dict[str, Any],
+                 lane: int) -> int:
+    """The automatic lane a stage runs at: the one its recorded shards were made with where the key this
+    run would have at that lane (``config_for(lane)``: the lane and whatever follows from it) is
+    theirs (free memory, which picks the lane, must never turn a resume into redoing finished shards),
+    else ``lane``."""
     entry = store.read_manifest()["stages"].get(name) or {}
     old = (entry.get("config") or {}).get("lane")
-    if isinstance(old, int) and old != lane and entry.get("key") == stage_key(name, {**config, "lane": old}, inputs):
+    if isinstance(old, int) and old != lane and entry.get("key") == stage_key(name, config_for(old), inputs):
         return old
     return lane
 
@@ -336,7 +338,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     cfg = replace(cfg, memory_format=resolve_memory_format(model, cfg.memory_format))  # keyed as used
     inputs = {"model": model_key(model)}
     if auto:  # a resume keeps the lane its shards were made with
-        cfg = replace(cfg, lane=resumed_lane(store, stage_name, stage_config(model, cfg, cond), inputs, cfg.lane))
+        cfg = replace(cfg, lane=resumed_lane(store, stage_name, lambda lane: stage_config(model, replace(cfg, lane=lane), cond),
+                                             inputs, cfg.lane))
     num_shards = math.ceil(cfg.num / cfg.batch_size)
     config = stage_config(model, cfg, cond)
     rows = lambda k: list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))  # noqa: E731
