@@ -305,3 +305,16 @@ def test_inversions_are_the_same_bytes_on_any_number_of_threads_traced_or_not():
         torch.set_num_threads(before)
     for name in ("side by side", "traced"):
         assert all(torch.equal(outputs["one thread"][k], outputs[name][k]) for k in outputs[name]), name
+
+
+def test_a_network_slower_than_the_trace_could_repay_stays_eager(monkeypatch):
+    from pgraft_cli.models import traced as module
+
+    monkeypatch.setattr(module, "TRACE_MAX_CALL_SECONDS", 0.0)  # every eager call is "too slow"
+    network = build_tiny_unet()
+    forward = TracedForward(network, batches=(2,))
+    calls = _python_calls(network)
+    with torch.inference_mode():
+        for _ in range(3):
+            forward(torch.randn(2, 1, 8, 8), torch.zeros(2))
+    assert forward.traced == 0 and forward.eager == 1 and len(calls) == 3  # no trace made, every call eager
