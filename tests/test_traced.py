@@ -14,6 +14,14 @@ from pgraft_cli.models.traced import TracedForward, traceable
 from tests.conftest import build_tiny_unet
 
 
+@pytest.fixture(autouse=True)
+def _trace_whatever_a_call_takes(monkeypatch):
+    """A loaded box must not turn tracing off (the gate on a call's seconds has a test of its own)."""
+    from pgraft_cli.models import traced as module
+
+    monkeypatch.setattr(module, "TRACE_MAX_CALL_SECONDS", float("inf"))
+
+
 def _python_calls(network: nn.Module) -> list[int]:
     """Counts the Python forwards of the network's first convolution (a replayed trace runs none)."""
     calls: list[int] = []
@@ -35,12 +43,13 @@ def test_a_traced_forward_is_bitwise_eager_for_every_input_of_its_signature(clas
             labels = None if classes is None else torch.randint(0, classes, (4,), generator=g)
             assert torch.equal(traced(x, t, class_labels=labels).sample, eager(x, t, class_labels=labels).sample)
         assert traced.traced == 1 and traced.eager == 0
-        # the first call ran eager and was traced (two Python forwards); the other three replayed the trace
-        assert len(calls) == 2
+        # the first call ran eager (cold), the second eager and then traced (three Python forwards); the
+        # other two replayed the trace
+        assert len(calls) == 3
         x3 = torch.randn(3, 1, 8, 8, generator=g)
         labels3 = None if classes is None else torch.zeros(3, dtype=torch.long)
         out = traced(x3, torch.full((3,), 10.0), class_labels=labels3, return_dict=False)[0]
-        assert len(calls) == 3 and len(traced.traces) == 1  # another batch size: eager, nothing traced
+        assert len(calls) == 4 and len(traced.traces) == 1  # another batch size: eager, nothing traced
         assert torch.equal(out, eager(x3, torch.full((3,), 10.0), class_labels=labels3).sample)
 
 
@@ -116,7 +125,9 @@ def test_traces_outlive_a_stage_but_not_their_network():
 
     network = build_tiny_unet()
     with torch.inference_mode():
-        TracedForward(network, (2,))(torch.randn(2, 1, 8, 8), torch.zeros(2))
+        first = TracedForward(network, (2,))
+        for _ in range(2):  # traced on its second call
+            first(torch.randn(2, 1, 8, 8), torch.zeros(2))
         again = TracedForward(network, (2,))
         assert again.traced == 1  # a later stage reuses the trace
         calls = _python_calls(network)
@@ -126,10 +137,11 @@ def test_traces_outlive_a_stage_but_not_their_network():
     with torch.inference_mode():
         x = torch.randn(2, 1, 8, 8)
         after = TracedForward(network, (2,))
+        after(x, torch.zeros(2))
         assert torch.equal(after(x, torch.zeros(2)).sample, network(x, torch.zeros(2)).sample)
         assert after.traced == 2  # a new trace, not the one holding the old convolution
     gone, entries = weakref.ref(network), len(module._TRACES)
-    del network, again, after, calls
+    del network, first, again, after, calls
     gc.collect()
     assert gone() is None and len(module._TRACES) <= entries - 1  # its entry went with it
 
@@ -144,7 +156,7 @@ class _NoBar:
 
 def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tmp_path, monkeypatch):
     """A run whose full lanes make TRACE_MIN_CALLS network calls runs its network from a trace (made on
-    its first call), a shorter one eager; the shards are bitwise the same, the network is given back."""
+    its second call), a shorter one eager; the shards are bitwise the same, the network is given back."""
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.data import load_data
     from pgraft_cli.io.recipes import CorrectConfig, SampleConfig
@@ -157,12 +169,12 @@ def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tm
     calls = _python_calls(model.network)
     cfg = SampleConfig(num=4, steps=4, batch_size=4, lane=1)  # 4 full lanes x 4 steps = 16 calls
     shards = {}
-    for name, least, python_calls in (("eager", 17, 16), ("traced", 16, 2)):  # eager first: no trace yet
+    for name, least, python_calls in (("eager", 17, 16), ("traced", 16, 3)):  # eager first: no trace yet
         monkeypatch.setattr(stage, "TRACE_MIN_CALLS", least)
         calls.clear()
         with RunStore(tmp_path / name) as store:
             shards[name] = load_file(str(run_sample(model, cfg, Conditions(), store, _NoBar()).shards[0]))
-        assert len(calls) == python_calls  # traced: the first call eager, then the trace's own run
+        assert len(calls) == python_calls  # traced: two calls eager, then the trace's own run
         assert type(model.network).__name__ == "UNet2DModel"  # given back
     assert all(torch.equal(shards["traced"][k], shards["eager"][k]) for k in shards["eager"])
 
@@ -314,6 +326,6 @@ def test_a_network_slower_than_the_trace_could_repay_stays_eager(monkeypatch):
     forward = TracedForward(network, batches=(2,))
     calls = _python_calls(network)
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(4):
             forward(torch.randn(2, 1, 8, 8), torch.zeros(2))
-    assert forward.traced == 0 and forward.eager == 1 and len(calls) == 3  # no trace made, every call eager
+    assert forward.traced == 0 and forward.eager == 1 and len(calls) == 4  # no trace made, every call eager

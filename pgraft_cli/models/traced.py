@@ -37,10 +37,12 @@ from .corrector import VelocityOutput
 # diffusers this project pins (UNet2DModel: the digits model, pixel DDPM-style UNets, the corrector)
 TRACEABLE = ("UNet2DModel",)
 
-# A signature whose eager call took longer than this stays eager: a trace costs about 0.25 s and two
-# forwards and saves the ~2 ms of Python a call, nothing worth it for a network this slow (a 36 M
-# parameter CIFAR UNet takes 0.36 s at 8 images: its trace would pay for itself after some 1000 calls).
+# A signature whose second (warm) eager call took longer than this stays eager: a trace costs about
+# 0.25 s and two forwards and saves the ~2 ms of Python a call, nothing worth it for a network this slow
+# (a 36 M parameter CIFAR UNet takes 0.36 s at 8 images: its trace would pay for itself after some 1000
+# calls; the digits UNet takes 0.04-0.08 s at 64). Bytes never depend on it: a trace is eager's bytes.
 TRACE_MAX_CALL_SECONDS = 0.25
+_SEEN = object()  # a signature called once: its first call is cold (oneDNN's kernels are made), not timed
 
 # each network's traces by signature (None: that signature runs eager), while the network lives
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]]" = weakref.WeakKeyDictionary()
@@ -75,8 +77,9 @@ class TracedForward:
 
     Called as the network is (``(sample, timestep, class_labels=..., return_dict=...)``); every other
     attribute is the network's. Calls of other batch sizes, with a Python-number timestep, under
-    autograd or in training mode run eager. With ``make = False`` only the traces an earlier stage
-    made are used, and a new signature runs eager. ``traced`` / ``eager`` count the signatures of each kind.
+    autograd or in training mode run eager. A signature's first call runs eager (cold); its second is
+    timed and, under ``TRACE_MAX_CALL_SECONDS``, traced. With ``make = False`` only the traces an
+    earlier stage made are used, and a new signature runs eager. ``traced`` / ``eager`` count the signatures of each kind.
     """
 
     def __init__(self, network: nn.Module, batches: Iterable[int], make: bool = True) -> None:
@@ -91,7 +94,7 @@ class TracedForward:
 
     @property
     def traced(self) -> int:
-        return sum(t is not None for t in self.traces.values())
+        return sum(t is not None and t is not _SEEN for t in self.traces.values())
 
     @property
     def eager(self) -> int:
@@ -108,13 +111,16 @@ class TracedForward:
                torch.get_autocast_dtype(kind), self.weights)
         args = (sample, timestep) if class_labels is None else (sample, timestep, class_labels)
         trace = self.traces.get(key)
-        if trace is None:
+        if trace is None or trace is _SEEN:
             tic = time.perf_counter()
             out = net(sample, timestep, class_labels=class_labels, return_dict=False)[0]
-            if key not in self.traces and self.make:
+            seconds = time.perf_counter() - tic
+            if self.make and trace is None and key not in self.traces:
+                self.traces.setdefault(key, _SEEN)
+            elif self.make and trace is _SEEN:
                 with self.lock:  # lanes side by side (stages.correct.map_lanes): one thread traces
-                    if key not in self.traces:
-                        slow = time.perf_counter() - tic > TRACE_MAX_CALL_SECONDS
+                    if self.traces.get(key) is _SEEN:
+                        slow = seconds > TRACE_MAX_CALL_SECONDS
                         self.traces[key] = None if slow else _checked_trace(net, args, out)
         else:
             with torch.jit.optimized_execution(False):  # the graph that was checked, without the profiling passes

@@ -220,7 +220,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 # has threads hold at most this many sample values (64 CIFAR-size images; the digits on two threads: 2 x
 # 64 x 256): the solver's calls on the few rows still iterating, and small convolutions and norms, split
 # poorly across threads (bench/RESULTS.md, "The network's forward from a trace; the inversion's lanes side
-# by side": -1.7 to -2.9 s of the main job's inversion on two threads). Larger lanes, or more threads,
+# by side": with the trace, -1.3 to -2.9 s of the main job's 21-23 s inversion on two threads; one shard
+# in-process, 4.63-4.65 against 4.68-5.27 s). Larger lanes, or more threads,
 # go one lane at a time on all threads, so no more activations are held than one lane's budget.
 SIDE_BY_SIDE_VALUES = 64 * 3 * 32 * 32
 
@@ -230,7 +231,8 @@ def lanes_side_by_side(model: LoadedModel, lane: int) -> Optional[int]:
     count, on the CPU, for a ``traceable`` base network, where that many lanes hold at most
     ``SIDE_BY_SIDE_VALUES`` sample values; else None (a lane at a time on all threads). In the
     inversion's key where it applies: a shard of at least that many lanes then has the same bytes on
-    any machine of that thread count and ISA; a shard of fewer runs its lanes on all threads."""
+    any machine of that thread count and ISA; a shard of fewer runs its lanes on all threads. Each
+    process reads its own thread count: under ``accelerate``, machines of one core count share a key."""
     threads = torch.get_num_threads()
     small = threads * lane * math.prod(model.sample_shape) <= SIDE_BY_SIDE_VALUES
     return threads if threads > 1 and small and model.device.type == "cpu" and traceable(model.network) else None
