@@ -231,7 +231,16 @@ def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(mon
         torch.set_num_threads(before)
 
 
-def test_lanes_side_by_side_where_they_are_small_on_the_cpu_and_keyed_there_only(tmp_path):
+def _two_threads(monkeypatch):
+    """The inversion decides as on two torch threads, while this process keeps its own (under xdist one:
+    two threads a worker beside another worker stall each operator's barrier)."""
+    from pgraft_cli.stages import correct
+
+    real = correct.lanes_side_by_side
+    monkeypatch.setattr(correct, "lanes_side_by_side", lambda model, lane, threads=None: real(model, lane, 2))
+
+
+def test_lanes_side_by_side_where_they_are_small_on_the_cpu_and_keyed_there_only(tmp_path, monkeypatch):
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.data import load_data
     from pgraft_cli.io.recipes import CorrectConfig
@@ -240,21 +249,16 @@ def test_lanes_side_by_side_where_they_are_small_on_the_cpu_and_keyed_there_only
 
     model = load_model("digits")  # 1 x 16 x 16
     big = SIDE_BY_SIDE_VALUES // 256 // 2 + 1  # two such lanes hold more than the budget
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert lanes_side_by_side(model, 64) == 2 and lanes_side_by_side(model, big) is None
-        cfg = replace(CorrectConfig(), inversion_iterations=2, max_reconstruction_rms=10.0, invert_shard_size=4)
-        images = load_data("digits-train", model.sample_shape)[:4]
-        keys = {}
-        for lane in (2, big):
-            with RunStore(tmp_path / str(lane)) as store:
-                run_invert(model, images, cfg, lane, store, _NoBar())
-                keys[lane] = store.read_manifest()["stages"]["invert"]["config"]
-        torch.set_num_threads(1)
-        assert lanes_side_by_side(model, 64) is None  # one thread: nothing to put side by side
-    finally:
-        torch.set_num_threads(before)
+    assert lanes_side_by_side(model, 64, 2) == 2 and lanes_side_by_side(model, big, 2) is None
+    assert lanes_side_by_side(model, 64, 1) is None  # one thread: nothing to put side by side
+    _two_threads(monkeypatch)
+    cfg = replace(CorrectConfig(), inversion_iterations=2, max_reconstruction_rms=10.0, invert_shard_size=4)
+    images = load_data("digits-train", model.sample_shape)[:4]
+    keys = {}
+    for lane in (2, big):
+        with RunStore(tmp_path / str(lane)) as store:
+            run_invert(model, images, cfg, lane, store, _NoBar())
+            keys[lane] = store.read_manifest()["stages"]["invert"]["config"]
     assert keys[2]["lanes_side_by_side"] == 2 and "lanes_side_by_side" not in keys[big]
 
 
@@ -273,19 +277,15 @@ def test_a_resumed_automatic_lane_keeps_the_key_its_shards_were_made_with(tmp_pa
     model = load_model("digits")
     cfg = replace(CorrectConfig(), inversion_iterations=2, max_reconstruction_rms=10.0, invert_shard_size=4)
     images = load_data("digits-train", model.sample_shape)[:8]
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with RunStore(tmp_path / "run") as store:
-            monkeypatch.setattr(correct, "lanes_side_by_side", lambda m, lane: None)  # the previous release
-            run_invert(model, images[:4], cfg, 2, store, _NoBar())  # one shard of two, at lane 2
-            first = store.read_manifest()["stages"]["invert"]
-            monkeypatch.undo()
-            monkeypatch.setattr(correct, "SIDE_BY_SIDE_VALUES", 2 * 2 * 256)  # lane 2 side by side, lane 4 not
-            run_invert(model, images, cfg, 4, store, _NoBar(), auto_lane=True)
-            second = store.read_manifest()["stages"]["invert"]
-    finally:
-        torch.set_num_threads(before)
+    with RunStore(tmp_path / "run") as store:
+        monkeypatch.setattr(correct, "lanes_side_by_side", lambda m, lane, threads=None: None)  # the previous release
+        run_invert(model, images[:4], cfg, 2, store, _NoBar())  # one shard of two, at lane 2
+        first = store.read_manifest()["stages"]["invert"]
+        monkeypatch.undo()
+        _two_threads(monkeypatch)
+        monkeypatch.setattr(correct, "SIDE_BY_SIDE_VALUES", 2 * 2 * 256)  # lane 2 side by side, lane 4 not
+        run_invert(model, images, cfg, 4, store, _NoBar(), auto_lane=True)
+        second = store.read_manifest()["stages"]["invert"]
     assert "lanes_side_by_side" not in first["config"]
     assert second["config"]["lane"] == 4 and second["key"] != first["key"]
 
@@ -304,12 +304,12 @@ def test_inversions_are_the_same_bytes_on_any_number_of_threads_traced_or_not():
     images = load_data("digits-train", model.sample_shape)[:12]
     cfg = replace(CorrectConfig(), inversion_iterations=4)
     before, outputs = torch.get_num_threads(), {}
+    torch.set_num_threads(1)  # the lanes side by side take two threads of their own
     try:
         for name, threads, calls in (("one thread", 1, 0), ("side by side", 2, 0), ("traced", 2, 10**6)):
-            torch.set_num_threads(threads)
             with traced_networks(model, 6, calls):
                 outputs[name] = _invert_shard(model, images, cfg, 6, lambda n: None,
-                                              side_by_side=lanes_side_by_side(model, 6))
+                                              side_by_side=lanes_side_by_side(model, 6, threads))
                 if name == "traced":
                     assert model.network.traced == 1
     finally:

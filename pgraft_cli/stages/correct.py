@@ -226,14 +226,14 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 SIDE_BY_SIDE_VALUES = 64 * 3 * 32 * 32
 
 
-def lanes_side_by_side(model: LoadedModel, lane: int) -> Optional[int]:
+def lanes_side_by_side(model: LoadedModel, lane: int, threads: Optional[int] = None) -> Optional[int]:
     """How many lanes the inversion runs side by side, one thread each (``map_lanes``): torch's thread
-    count, on the CPU, for a ``traceable`` base network, where that many lanes hold at most
+    count (or ``threads``), on the CPU, for a ``traceable`` base network, where that many lanes hold at most
     ``SIDE_BY_SIDE_VALUES`` sample values; else None (a lane at a time on all threads). In the
     inversion's key where it applies: a shard of at least that many lanes then has the same bytes on
     any machine of that thread count and ISA; a shard of fewer runs its lanes on all threads. Each
     process reads its own thread count: under ``accelerate``, machines of one core count share a key."""
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
     small = threads * lane * math.prod(model.sample_shape) <= SIDE_BY_SIDE_VALUES
     return threads if threads > 1 and small and model.device.type == "cpu" and traceable(model.network) else None
 
