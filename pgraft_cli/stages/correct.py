@@ -180,7 +180,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 
     if auto_lane:
         lane = resumed_lane(store, "invert", config_for, inputs, lane)
-    config, together = config_for(lane), lanes_side_by_side(model, lane)
+    config = config_for(lane)
+    together = config.get("lanes_side_by_side")
     task = None
 
     def todo(mine: list[int]) -> None:
@@ -254,14 +255,10 @@ def map_lanes(fn: Callable[[int], T], starts: Sequence[int], side_by_side: Optio
             return fn(start)
 
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(side_by_side, thread_name_prefix="pgraft-lane")
-    try:
-        return list(pool.map(one, starts))
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
+    try:  # a lane that raises cancels the lanes not started (Executor.map's results do)
+        with ThreadPoolExecutor(side_by_side, thread_name_prefix="pgraft-lane") as pool:
+            return list(pool.map(one, starts))
     finally:
-        pool.shutdown(wait=True)
         torch.set_num_threads(previous)
         release_free_memory()  # what the lanes' threads freed stays in their malloc arenas otherwise
 
