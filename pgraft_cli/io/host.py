@@ -38,14 +38,11 @@ def tune_allocator() -> bool:
     sampling of the digits model in a fresh process (bench/RESULTS.md). A fixed 32 MiB threshold
     (glibc's own maximum) keeps such blocks on the heap for reuse. Returns whether it applied.
     """
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
-    except (OSError, AttributeError):
-        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
 
 
 def release_free_memory() -> bool:

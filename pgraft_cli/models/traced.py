@@ -115,13 +115,13 @@ class TracedForward:
             tic = time.perf_counter()
             out = net(sample, timestep, class_labels=class_labels, return_dict=False)[0]
             seconds = time.perf_counter() - tic
-            if self.make and trace is None and key not in self.traces:
-                self.traces.setdefault(key, _SEEN)
-            elif self.make and trace is _SEEN:
+            if self.make and trace is _SEEN:
                 with self.lock:  # lanes side by side (stages.correct.map_lanes): one thread traces
                     if self.traces.get(key) is _SEEN:
                         slow = seconds > TRACE_MAX_CALL_SECONDS
                         self.traces[key] = None if slow else _checked_trace(net, args, out)
+            elif self.make:
+                self.traces.setdefault(key, _SEEN)  # a new signature; one left eager (None) stays so
         else:
             with torch.jit.optimized_execution(False):  # the graph that was checked, without the profiling passes
                 out = trace(*args)
