@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
+import gc
 import json
 import os
 import subprocess
@@ -32,6 +32,19 @@ SCHEDULERS = ("ddpm", "ddim", "flow")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "own_user_cache: the test gets an empty user cache of its own")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collecting left alive, as the pgraft command freezes its imports (``io.host.gc_paused``).
+
+    The test modules import torch, diffusers, transformers and peft: about half a million objects that live
+    as long as the worker. Unfrozen, every full collection the tests' allocations set off rescans them all
+    (about 25 s of a worker's 2.5 minutes, measured with ``gc.callbacks``); frozen, collections skip them.
+    What the tests allocate later is collected as usual. A test that freezes does not ``gc.unfreeze()``:
+    that would hand all of this back to the collector.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -239,9 +239,8 @@ def tiny_flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fast_runs(monkeypatch: pytest.MonkeyPatch):
     """Seconds that do not change a number: no report.html (it only renders the run directory's
-    artifacts), no fsync (durability), the click command built once, and the objects of the imported libraries kept out of
-    garbage collections."""
-    import gc
+    artifacts), no fsync (durability) and the click command built once. (The imported libraries' objects
+    are out of garbage collections already: conftest freezes them.)"""
     import os
 
     from pgraft_cli.report import html as report
@@ -249,10 +248,6 @@ def fast_runs(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(report, "render_report", lambda run_dir, run=None: Path(run_dir) / "report.html")
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     monkeypatch.setattr(typer.testing, "_get_command", click_command)  # built once, as in one process
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 # ----------------------------------------------------------------------------------------------

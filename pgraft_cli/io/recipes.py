@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import sys
 import types
@@ -410,7 +411,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build_section(cls: type, data: dict[str, Any], section: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -430,7 +431,7 @@ def _build_section(cls: type, data: dict[str, Any], section: str) -> Any:
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Validate a parsed TOML document into a :class:`Recipe`."""
-    hints = typing.get_type_hints(Recipe)
+    hints = _type_hints(Recipe)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in ("name", "description"):
@@ -510,8 +511,13 @@ def _apply_override(data: dict[str, Any], text: str) -> None:
 
 
 def _field_type(section: str, key: str) -> Any:
-    hints = typing.get_type_hints(typing.get_type_hints(Recipe)[section])
-    return hints.get(key)
+    return _type_hints(_type_hints(Recipe)[section]).get(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, resolved once per class (each ``--set`` asks again); read it, never change it."""
+    return typing.get_type_hints(cls)
 
 
 def dump_recipe(recipe: Recipe) -> str:
