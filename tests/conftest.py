@@ -21,6 +21,10 @@ from typing import Any, Callable, Optional
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
+# Collecting imports torch, diffusers, transformers and peft: with the collector held, as the pgraft command
+# holds it for its imports (``io.host.gc_paused``); ``pytest_collection`` switches it back on.
+gc.disable()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import typer.main  # noqa: E402
@@ -34,8 +38,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "own_user_cache: the test gets an empty user cache of its own")
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Freeze what collecting left alive, as the pgraft command freezes its imports (``io.host.gc_paused``).
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session):
+    """After collecting (in every xdist worker and in the controller, which collects nothing; also when
+    collecting fails): freeze what it left alive and switch the collector back on, as the pgraft command
+    freezes its imports (``io.host.gc_paused``).
 
     The test modules import torch, diffusers, transformers and peft: about half a million objects that live
     as long as the worker. Unfrozen, every full collection the tests' allocations set off rescans them all
@@ -43,8 +50,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     What the tests allocate later is collected as usual. A test that freezes does not ``gc.unfreeze()``:
     that would hand all of this back to the collector.
     """
-    gc.collect()
-    gc.freeze()
+    try:
+        return (yield)
+    finally:
+        gc.collect()
+        gc.freeze()
+        gc.enable()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -90,3 +90,18 @@ def test_finetune_bench_gives_each_side_its_own_process_and_allocator():
         # warm-up, on the code before and after the seventh session alike), the plain loop's 5800-9600
         assert 4 * pgraft_faults < plain_faults and plain_faults > 2000, r
         assert all(float(v) > 0 for v in r[-8:-2])  # steps/s, CPU s/step and their ratios
+
+
+def test_batch_roofline_bench_splits_a_call_and_times_each_convolution_both_ways(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["batch_roofline.py", "--batches", "1", "--calls", "10", "--matmul-seconds", "0.05"])
+    monkeypatch.syspath_prepend(str(BENCH))
+    runpy.run_path(str(BENCH / "batch_roofline.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    (row,) = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 1 |")]
+    assert float(row[2]) == pytest.approx(129.7, abs=0.1)  # the digits UNet's MFLOP for one 16 x 16 image
+    assert sum(float(v.strip(" %")) for v in row[5:]) == pytest.approx(100, abs=3)  # the split covers the call
+    shapes = [line for line in out.splitlines() if line.startswith("| (1, ")]
+    assert len(shapes) == 20  # the UNet's distinct convolution shapes at one image
+    total = [line for line in out.splitlines() if line.startswith("| all |")][0].split("|")
+    chosen, best = float(total[5]), float(total[7].split("per shape:")[1].split()[0])
+    assert 0 < best <= chosen

@@ -211,3 +211,11 @@ def test_release_free_memory_gives_back_what_finished_threads_freed():
     released = int(subprocess.run([sys.executable, "-c", THREAD_ARENAS], capture_output=True, text=True,
                                   check=True).stdout)
     assert released > 12 << 20  # a thread's 16 MB block at least (the two share an arena at times)
+
+
+def test_the_tests_run_with_the_collector_on_and_the_imports_frozen():
+    """conftest holds the collector while the test modules import, then freezes what they built and
+    switches it back on: a test sees the collector on (a hook that failed to would leave every worker
+    without one) and the libraries' objects out of its collections."""
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 100_000  # torch and diffusers alone build several hundred thousand
