@@ -591,6 +591,50 @@ def test_run_sharded_splits_shards_over_processes_and_resumes_only_missing_ones(
     assert found["index"].tolist() == list(range(15)) and found["value"].tolist() == [k for k in range(5) for _ in range(3)]
 
 
+def test_run_sharded_writes_what_map_work_yields_in_order_and_closes_it_when_a_shard_fails(tmp_path):
+    """``map_work`` may compute shards ahead (several at once): each is written in order as it is yielded,
+    stamped with its own work's seconds; a failing shard leaves the ones before it written and the
+    mapper closed (its threads' clean-up runs), and a re-run redoes only what is missing."""
+    from safetensors import safe_open
+
+    events: list[str] = []
+
+    def work(k):
+        if k == 2 and "fail" in events:
+            raise ValueError("shard 2")
+        return {"value": torch.full((2,), float(k))}
+
+    def ahead(fn, ks):  # computes every shard before yielding the first, as a pool of threads may
+        try:
+            done = [fn(k) for k in ks]
+            events.append("computed")
+            yield from done
+        finally:
+            events.append("closed")
+
+    with RunStore(tmp_path / "run") as store:
+        stage = store.run_sharded("demo", {}, {}, 3, work, stamp=True, map_work=ahead)
+        assert stage.done and events == ["computed", "closed"]
+        for k in range(3):
+            with safe_open(str(stage.shard_path(k)), "pt") as f:
+                assert f.get_tensor("value").tolist() == [k, k] and float(f.metadata()["pgraft.seconds"]) >= 0
+
+        events.clear()
+        (store.root / "demo" / "shard-00001.safetensors").unlink()
+        (store.root / "demo" / "shard-00002.safetensors").unlink()
+        unwritable = lambda k: {"value": torch.zeros(4, 4).t()} if k == 2 else work(k)  # noqa: E731 - not contiguous
+        with pytest.raises(ValueError, match="contiguous") as failed:  # the write fails while the mapper waits
+            store.run_sharded("demo", {}, {}, 3, unwritable, map_work=ahead)
+        assert events == ["computed", "closed"] and failed.value is not None  # closed, not left to the traceback's end
+        assert stage.shard_done(1) and not stage.shard_done(2)
+        events[:] = ["fail"]
+        with pytest.raises(ValueError, match="shard 2"):  # the work itself fails
+            store.run_sharded("demo", {}, {}, 3, work)
+        assert not stage.shard_done(2)
+        events.clear()
+        assert store.run_sharded("demo", {}, {}, 3, work, map_work=ahead).done and events == ["computed", "closed"]
+
+
 # ------------------------------------------------------------------------------------------------
 # training state: the optimizer state as torch's own load_state_dict places it
 

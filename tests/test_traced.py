@@ -193,17 +193,17 @@ def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tm
 
 
 # ----------------------------------------------------------------------------------------------
-# The inversion's lanes side by side, one thread each (stages.correct.map_lanes)
+# Lanes and shards side by side, one thread each (stages.sample.map_lanes, side_by_side)
 
 
 def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(monkeypatch):
     import time
 
-    from pgraft_cli.stages import correct
-    from pgraft_cli.stages.correct import map_lanes
+    from pgraft_cli.stages import sample
+    from pgraft_cli.stages.sample import map_lanes
 
     released = []
-    monkeypatch.setattr(correct, "release_free_memory", lambda: released.append(1))
+    monkeypatch.setattr(sample, "release_free_memory", lambda: released.append(1))
     before = torch.get_num_threads()
     seen = lambda s: (s, torch.get_num_threads(), torch.is_inference_mode_enabled())  # noqa: E731
     torch.set_num_threads(2)
@@ -245,7 +245,8 @@ def test_lanes_side_by_side_where_they_are_small_on_the_cpu_and_keyed_there_only
     from pgraft_cli.io.data import load_data
     from pgraft_cli.io.recipes import CorrectConfig
     from pgraft_cli.io.runstore import RunStore
-    from pgraft_cli.stages.correct import SIDE_BY_SIDE_VALUES, lanes_side_by_side, run_invert
+    from pgraft_cli.stages.correct import run_invert
+    from pgraft_cli.stages.sample import SIDE_BY_SIDE_VALUES, lanes_side_by_side
 
     model = load_model("digits")  # 1 x 16 x 16
     big = SIDE_BY_SIDE_VALUES // 256 // 2 + 1  # two such lanes hold more than the budget
@@ -271,7 +272,7 @@ def test_a_resumed_automatic_lane_keeps_the_key_its_shards_were_made_with(tmp_pa
     from pgraft_cli.io.data import load_data
     from pgraft_cli.io.recipes import CorrectConfig
     from pgraft_cli.io.runstore import RunStore
-    from pgraft_cli.stages import correct
+    from pgraft_cli.stages import correct, sample
     from pgraft_cli.stages.correct import run_invert
 
     model = load_model("digits")
@@ -283,7 +284,7 @@ def test_a_resumed_automatic_lane_keeps_the_key_its_shards_were_made_with(tmp_pa
         first = store.read_manifest()["stages"]["invert"]
         monkeypatch.undo()
         _two_threads(monkeypatch)
-        monkeypatch.setattr(correct, "SIDE_BY_SIDE_VALUES", 2 * 2 * 256)  # lane 2 side by side, lane 4 not
+        monkeypatch.setattr(sample, "SIDE_BY_SIDE_VALUES", 2 * 2 * 256)  # lane 2 side by side, lane 4 not
         run_invert(model, images, cfg, 4, store, _NoBar(), auto_lane=True)
         second = store.read_manifest()["stages"]["invert"]
     assert "lanes_side_by_side" not in first["config"]
@@ -297,7 +298,8 @@ def test_inversions_are_the_same_bytes_on_any_number_of_threads_traced_or_not():
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.data import load_data
     from pgraft_cli.io.recipes import CorrectConfig
-    from pgraft_cli.stages.correct import _invert_shard, lanes_side_by_side
+    from pgraft_cli.stages.correct import _invert_shard
+    from pgraft_cli.stages.sample import lanes_side_by_side
     from pgraft_cli.stages.sample import traced_networks
 
     model = load_model("digits")
@@ -329,3 +331,57 @@ def test_a_network_slower_than_the_trace_could_repay_stays_eager(monkeypatch):
         for _ in range(4):
             forward(torch.randn(2, 1, 8, 8), torch.zeros(2))
     assert forward.traced == 0 and forward.eager == 1 and len(calls) == 4  # no trace made, every call eager
+
+
+def test_sample_shards_side_by_side_have_the_bytes_of_one_thread_fresh_or_resumed(tmp_path, monkeypatch):
+    """Where the lane is small, a CPU sample stage of at least as many shards as torch has threads runs
+    its shards side by side, one thread each, keyed so. At 6 images a call the digits UNet rounds
+    differently on one and two threads, so the bytes must be one thread's: in a fresh stage, and when a
+    resumed stage has a single shard left (decided from the settings, not from what is left)."""
+    import threading
+
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.recipes import SampleConfig
+    from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.stages import sample
+    from pgraft_cli.stages.sample import Conditions, run_sample, shards_side_by_side
+
+    model = load_model("digits")
+    cfg = SampleConfig(num=24, steps=2, batch_size=6, lane=6)  # 4 shards of one lane
+    assert shards_side_by_side(model, cfg, 4, threads=2) == 2 and shards_side_by_side(model, cfg, 4, threads=1) is None
+    assert shards_side_by_side(model, cfg, 1, threads=2) is None  # one shard: all threads on it
+    assert shards_side_by_side(model, replace(cfg, compile=True), 4, threads=2) is None
+    assert shards_side_by_side(model, replace(cfg, lane=sample.SIDE_BY_SIDE_VALUES // 256), 4, threads=2) is None
+
+    ran_on = []
+    real_shard = sample._shard_tensors
+
+    def shard(*args, **kwargs):
+        ran_on.append((threading.current_thread().name.startswith("pgraft-lane"), torch.get_num_threads()))
+        return real_shard(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "_shard_tensors", shard)
+    before, runs = torch.get_num_threads(), {}
+    torch.set_num_threads(1)  # the reference: one thread; side by side takes two threads of its own
+    try:
+        with RunStore(tmp_path / "one") as store:
+            runs["one thread"] = run_sample(model, cfg, Conditions(), store, _NoBar())
+        assert "shards_side_by_side" not in runs["one thread"].settings
+        real = sample.lanes_side_by_side  # decide as on two threads, without taking them (xdist)
+        monkeypatch.setattr(sample, "lanes_side_by_side", lambda m, lane, threads=None: real(m, lane, 2))
+        ran_on.clear()
+        with RunStore(tmp_path / "both") as store:
+            runs["side by side"] = run_sample(model, cfg, Conditions(), store, _NoBar())
+            assert runs["side by side"].settings["shards_side_by_side"] == 2 and ran_on == [(True, 1)] * 4
+            assert torch.get_num_threads() == 1  # given back (the caller's one thread)
+            first = [load_file(str(p)) for p in runs["side by side"].shards]
+            runs["side by side"].shards[3].unlink()  # a stage with one shard left
+            ran_on.clear()
+            resumed = run_sample(model, cfg, Conditions(), store, _NoBar())
+            assert ran_on == [(True, 1)] and resumed.generated == 6
+            first[3] = load_file(str(resumed.shards[3]))
+    finally:
+        torch.set_num_threads(before)
+    reference = [load_file(str(p)) for p in runs["one thread"].shards]
+    for mine, theirs in zip(first, reference):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)

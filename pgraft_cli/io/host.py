@@ -47,7 +47,7 @@ def tune_allocator() -> bool:
 
 def release_free_memory() -> bool:
     """Give the free memory of every glibc arena back to the kernel (``malloc_trim``). Threads that
-    allocated (``stages.correct.map_lanes``'s lanes) leave their arenas holding their free blocks (up
+    allocated (``stages.sample.side_by_side``'s lanes) leave their arenas holding their free blocks (up
     to ``tune_allocator``'s trim threshold each: +217 MB of peak RSS on the main job, bench/RESULTS.md)
     that no later stage, on the main thread, would reuse. Returns whether it applied."""
     libc = _glibc()

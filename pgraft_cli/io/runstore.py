@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 from .. import __version__
 from ..errors import RunLockedError, RunStoreError
@@ -324,15 +324,19 @@ class RunStore:
     def run_sharded(self, name: str, config: dict[str, Any], inputs: dict[str, Any], num_shards: int,
                     work: Callable[[int], dict[str, Any]], dist: Dist = Dist(),
                     todo: Optional[Callable[[list[int]], None]] = None,
-                    outputs: Optional[Callable[["StageRun"], list[Path]]] = None, stamp: bool = False) -> "StageRun":
+                    outputs: Optional[Callable[["StageRun"], list[Path]]] = None, stamp: bool = False,
+                    map_work: Callable[[Callable[[int], Any], list[int]], Iterable[Any]] = map) -> "StageRun":
         """Run (or resume) a stage of ``num_shards`` safetensors shards; returns it, finished.
 
         This process writes its shards (``k % dist.size == dist.rank``) that are not done yet:
         ``work(k)`` returns shard k's tensors; ``todo(ks)`` is told which shards this process will
-        write (a progress bar's total). ``stamp`` records in each shard's metadata the stage, its key,
-        the shard, the process and the seconds ``work`` took. Once every process is through, the main
-        process checks that all shards are there, writes ``outputs(stage)`` (further files, e.g.
-        settings; it may refuse the stage by raising) and records the stage as done.
+        write (a progress bar's total). ``map_work(fn, ks)`` yields ``fn(k)`` for each k in order (the
+        built-in ``map``: one shard after the other; ``stages.sample.side_by_side``: several at once);
+        each shard is written, in order, as soon as it is yielded. ``stamp`` records in each shard's
+        metadata the stage, its key, the shard, the process and the seconds ``work`` took. Once every
+        process is through, the main process checks that all shards are there, writes
+        ``outputs(stage)`` (further files, e.g. settings; it may refuse the stage by raising) and
+        records the stage as done.
         """
         from safetensors.torch import save_file
 
@@ -343,16 +347,21 @@ class RunStore:
         mine = [k for k in range(num_shards) if k % dist.size == dist.rank and not stage.shard_done(k)]
         if todo is not None:
             todo(mine)
-        for k in mine:
+        def timed(k: int) -> tuple[dict[str, Any], float]:
             tic = time.perf_counter()
-            tensors = work(k)
-            metadata = None
-            if stamp:
-                metadata = {"pgraft.stage": name, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
-                            "pgraft.process": f"{dist.rank}/{dist.size}",
-                            "pgraft.seconds": f"{time.perf_counter() - tic:.6f}"}
-            with stage.write_shard(k) as tmp:
-                save_file(tensors, str(tmp), metadata=metadata)
+            return work(k), time.perf_counter() - tic
+
+        results = map_work(timed, mine)
+        try:
+            for k, (tensors, seconds) in zip(mine, results):
+                metadata = None
+                if stamp:
+                    metadata = {"pgraft.stage": name, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
+                                "pgraft.process": f"{dist.rank}/{dist.size}", "pgraft.seconds": f"{seconds:.6f}"}
+                with stage.write_shard(k) as tmp:
+                    save_file(tensors, str(tmp), metadata=metadata)
+        finally:
+            getattr(results, "close", lambda: None)()  # a generator's clean-up, also when a write fails
         dist.wait()
         if self.is_main:
             missing = [k for k in range(num_shards) if not stage.shard_done(k)]

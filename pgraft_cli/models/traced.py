@@ -116,7 +116,7 @@ class TracedForward:
             out = net(sample, timestep, class_labels=class_labels, return_dict=False)[0]
             seconds = time.perf_counter() - tic
             if self.make and trace is _SEEN:
-                with self.lock:  # lanes side by side (stages.correct.map_lanes): one thread traces
+                with self.lock:  # lanes side by side (stages.sample.side_by_side): one thread traces
                     if self.traces.get(key) is _SEEN:
                         slow = seconds > TRACE_MAX_CALL_SECONDS
                         self.traces[key] = None if slow else _checked_trace(net, args, out)

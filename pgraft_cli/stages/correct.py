@@ -22,10 +22,9 @@ import hashlib
 import json
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,17 +35,15 @@ from ..core.samplers import invert_sampler, sample
 from ..errors import PgraftError
 from ..io.checkpoints import model_key
 from ..io.data import DataRows
-from ..io.host import native_cpu_bf16, release_free_memory
+from ..io.host import native_cpu_bf16
 from ..io.recipes import CorrectConfig
 from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_digest
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
-from ..models.traced import traceable
-from .sample import network_memory_format, resolve_memory_format, resumed_lane, traced_networks
+from .sample import lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format, resumed_lane, traced_networks
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
 
-T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------------------
 # The corrector's network
@@ -215,52 +212,6 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     if store.is_main:
         store.write_json("invert/stats.json", stats)  # this run's gate, not part of the cached shards
     return kept, stats, per_image["rms"] <= cfg.max_reconstruction_rms
-
-
-# The inversion runs a shard's lanes side by side, one torch thread each, where as many lanes as torch
-# has threads hold at most this many sample values (64 CIFAR-size images; the digits on two threads: 2 x
-# 64 x 256): the solver's calls on the few rows still iterating, and small convolutions and norms, split
-# poorly across threads (bench/RESULTS.md, "The network's forward from a trace; the inversion's lanes side
-# by side": with the trace, -1.3 to -2.9 s of the main job's 21-23 s inversion on two threads; one shard
-# in-process, 4.63-4.65 against 4.68-5.27 s). Larger lanes, or more threads,
-# go one lane at a time on all threads, so no more activations are held than one lane's budget.
-SIDE_BY_SIDE_VALUES = 64 * 3 * 32 * 32
-
-
-def lanes_side_by_side(model: LoadedModel, lane: int, threads: Optional[int] = None) -> Optional[int]:
-    """How many lanes the inversion runs side by side, one thread each (``map_lanes``): torch's thread
-    count (or ``threads``), on the CPU, for a ``traceable`` base network, where that many lanes hold at most
-    ``SIDE_BY_SIDE_VALUES`` sample values; else None (a lane at a time on all threads). In the
-    inversion's key where it applies: a shard of at least that many lanes then has the same bytes on
-    any machine of that thread count and ISA; a shard of fewer runs its lanes on all threads. Each
-    process reads its own thread count: under ``accelerate``, machines of one core count share a key."""
-    threads = threads or torch.get_num_threads()
-    small = threads * lane * math.prod(model.sample_shape) <= SIDE_BY_SIDE_VALUES
-    return threads if threads > 1 and small and model.device.type == "cpu" and traceable(model.network) else None
-
-
-def map_lanes(fn: Callable[[int], T], starts: Sequence[int], side_by_side: Optional[int]) -> list[T]:
-    """``[fn(start) for start in starts]``, in order. Where ``side_by_side`` (``lanes_side_by_side``)
-    lanes or more are given, that many run at a time, each on one torch thread, in the caller's grad
-    and inference mode (both are per thread); torch's thread count is given back afterwards, and the
-    memory the lanes' threads freed (``io.host.release_free_memory``). A failing lane cancels the
-    lanes not started. Fewer lanes run one at a time on all threads."""
-    if side_by_side is None or len(starts) < side_by_side:
-        return [fn(start) for start in starts]
-    previous, inference, grad = torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-    def one(start: int) -> T:
-        torch.set_num_threads(1)  # a new thread's own OpenMP team is torch's width until it is told
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(start)
-
-    torch.set_num_threads(1)
-    try:  # a lane that raises cancels the lanes not started (Executor.map's results do)
-        with ThreadPoolExecutor(side_by_side, thread_name_prefix="pgraft-lane") as pool:
-            return list(pool.map(one, starts))
-    finally:
-        torch.set_num_threads(previous)
-        release_free_memory()  # what the lanes' threads freed stays in their malloc arenas otherwise
 
 
 def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any,

@@ -13,17 +13,20 @@ import contextlib
 import hashlib
 import io
 import json
+import functools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..io.checkpoints import model_key
+from ..io.host import release_free_memory
 from ..errors import OutputPathError, PgraftError
 from ..models.loaded import LoadedModel
 from ..models.traced import TracedForward, traceable
@@ -266,6 +269,71 @@ def compiled_networks(model: LoadedModel, on: bool) -> Iterator[None]:
         model.network, model.tuned = saved
 
 
+# Lanes (or shards) side by side, one torch thread each, where as many lanes as torch has threads hold at
+# most this many sample values (64 CIFAR-size images; the digits on two threads: 2 x 64 x 256): the
+# inversion's solver calls on the few rows still iterating, and small convolutions and norms, split poorly
+# across threads (bench/RESULTS.md, "The network's forward from a trace; the inversion's lanes side by
+# side": -1.3 to -2.9 s of the main job's 21-23 s inversion on two threads; "Sampling shards side by
+# side": 1000 digits in 5.3 against 6.5-6.9 s). Larger lanes, or more threads, go one at a time on all
+# threads, so no more activations are held than one lane's budget.
+SIDE_BY_SIDE_VALUES = 64 * 3 * 32 * 32
+T = TypeVar("T")
+
+
+def lanes_side_by_side(model: LoadedModel, lane: int, threads: Optional[int] = None) -> Optional[int]:
+    """How many lanes run side by side, one thread each (``side_by_side``): torch's thread count (or
+    ``threads``), on the CPU, for a ``traceable`` base network, where that many lanes hold at most
+    ``SIDE_BY_SIDE_VALUES`` sample values; else None (a lane at a time on all threads). In the stage's
+    key where it applies (the inversion's ``lanes_side_by_side``, sampling's ``shards_side_by_side``):
+    work on one thread has the same bytes on any machine of that ISA, whatever its thread count, while
+    on all threads a convolution can round differently (the digits UNet at 5-7 and 9-11 images a call).
+    Each process reads its own thread count: under ``accelerate``, machines of one core count share a key."""
+    threads = threads or torch.get_num_threads()
+    small = threads * lane * math.prod(model.sample_shape) <= SIDE_BY_SIDE_VALUES
+    return threads if threads > 1 and small and model.device.type == "cpu" and traceable(model.network) else None
+
+
+def side_by_side(fn: Callable[[Any], T], items: Iterable[Any], threads: int) -> Iterator[T]:
+    """``fn(item)`` for each item, yielded in order as each is done, ``threads`` items at a time, each on
+    one torch thread in the caller's grad and inference mode (both are per thread), however few items
+    there are. Until the iteration ends (or is closed) the caller's own thread has one torch thread too;
+    then torch's thread count is given back, and the memory the threads freed (``io.host.release_free_memory``:
+    glibc keeps it in their malloc arenas otherwise). A failing item cancels the items not started."""
+    previous, inference, grad = torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def one(item: Any) -> T:
+        torch.set_num_threads(1)  # a new thread's own OpenMP team is torch's width until it is told
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(item)
+
+    torch.set_num_threads(1)
+    try:  # an item that raises, or an early close, cancels the items not started (Executor.map's results do)
+        with ThreadPoolExecutor(threads, thread_name_prefix="pgraft-lane") as pool:
+            yield from pool.map(one, items)
+    finally:
+        torch.set_num_threads(previous)
+        release_free_memory()
+
+
+def map_lanes(fn: Callable[[int], T], starts: Sequence[int], together: Optional[int]) -> list[T]:
+    """``[fn(start) for start in starts]``, in order: ``side_by_side`` where ``together``
+    (``lanes_side_by_side``) lanes or more are given; fewer run one at a time on all threads (a shard's
+    lanes are fixed by its size, so a shard always runs the same way)."""
+    if together is None or len(starts) < together:
+        return [fn(start) for start in starts]
+    return list(side_by_side(fn, starts, together))
+
+
+def shards_side_by_side(model: LoadedModel, cfg: SampleConfig, num_shards: int,
+                        threads: Optional[int] = None) -> Optional[int]:
+    """How many of a sample stage's shards run side by side (``side_by_side``, one thread each):
+    ``lanes_side_by_side`` at the stage's lane, where the stage has at least that many shards and is
+    not compiled; else None (a shard at a time on all threads). Decided from the stage's settings, never
+    from how many shards are left, so a resumed stage runs its shards as a fresh one does."""
+    together = None if cfg.compile else lanes_side_by_side(model, cfg.lane, threads)
+    return together if together is not None and num_shards >= together else None
+
+
 def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dict[str, Any]:
     """Everything that determines the shards: the images (see the module doc) and their layout.
 
@@ -337,24 +405,28 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     auto, cfg = cfg.lane == "auto", resolve_lane(model, cfg)
     cfg = replace(cfg, memory_format=resolve_memory_format(model, cfg.memory_format))  # keyed as used
     inputs = {"model": model_key(model)}
-    if auto:  # a resume keeps the lane its shards were made with
-        cfg = replace(cfg, lane=resumed_lane(store, stage_name, lambda lane: stage_config(model, replace(cfg, lane=lane), cond),
-                                             inputs, cfg.lane))
     num_shards = math.ceil(cfg.num / cfg.batch_size)
-    config = stage_config(model, cfg, cond)
+
+    def config_for(lane: int) -> dict[str, Any]:  # the key's config at a lane: shards side by side or not follows
+        at = replace(cfg, lane=lane)
+        together = shards_side_by_side(model, at, num_shards)
+        return {**stage_config(model, at, cond), **({} if together is None else {"shards_side_by_side": together})}
+
+    if auto:  # a resume keeps the lane its shards were made with
+        cfg = replace(cfg, lane=resumed_lane(store, stage_name, config_for, inputs, cfg.lane))
+    config = config_for(cfg.lane)
+    together = config.get("shards_side_by_side")
     rows = lambda k: list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))  # noqa: E731
     task, generated = None, 0
 
     def todo(mine: list[int]) -> None:
-        nonlocal task
-        task = bar.add_task("sampling", total=sum(len(rows(k)) for k in mine), unit="img")
+        nonlocal task, generated
+        generated = sum(len(rows(k)) for k in mine)  # (work may run on several threads: counted here)
+        task = bar.add_task("sampling", total=generated, unit="img")
 
     def work(k: int) -> dict[str, Tensor]:
-        nonlocal generated
         with torch.inference_mode():
-            tensors = _shard_tensors(model, cfg, cond, rows(k), lambda n: bar.advance(task, n))
-        generated += len(tensors["index"])
-        return tensors
+            return _shard_tensors(model, cfg, cond, rows(k), lambda n: bar.advance(task, n))
 
     def settings(stage: Any) -> list[Path]:
         return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
@@ -364,7 +436,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     with (network_memory_format(model, cfg.memory_format), compiled_networks(model, cfg.compile),
           traced_networks(model, cfg.lane, 0 if cfg.compile else full_lane_calls)):
         stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
-                                  Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True)
+                                  Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True,
+                                  map_work=map if together is None else functools.partial(side_by_side, threads=together))
     shards = [stage.shard_path(k) for k in range(num_shards)]
     return SampleResult(store.root, cfg.num, shards, generated, time.perf_counter() - start, config)
 
