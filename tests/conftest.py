@@ -53,9 +53,20 @@ def pytest_collection(session: pytest.Session):
     try:
         return (yield)
     finally:
-        gc.collect()
-        gc.freeze()
-        gc.enable()
+        _collector_on()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The same, where conftest was first imported during collection (pytest started from a parent folder):
+    its ``pytest_collection`` wrapper then missed that collection, and the collector would stay off."""
+    if not gc.isenabled():
+        _collector_on()
+
+
+def _collector_on() -> None:
+    gc.collect()
+    gc.freeze()
+    gc.enable()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -30,6 +30,7 @@ def test_gc_paused_holds_the_collector_and_restores_its_state_even_on_error():
 def test_in_a_one_command_process_the_end_of_a_paused_block_freezes_what_is_alive(monkeypatch):
     import pgraft_cli.io.host as host
 
+    gc.collect()  # the block collects the young generations only: earlier tests' old garbage is not frozen with it
     before = gc.get_freeze_count()
     with gc_paused():
         kept = [[i] for i in range(1000)]
@@ -62,6 +63,7 @@ def test_a_cycle_an_import_leaves_does_not_keep_its_callers_alive(monkeypatch):
         return weakref.ref(weights)
 
     monkeypatch.setattr(host, "_ONE_COMMAND", True)
+    gc.collect()  # (earlier tests' old garbage is not frozen with what the block freezes)
     ref = caller()
     gc.collect()
     assert ref() is None

@@ -349,7 +349,7 @@ def test_sample_shards_side_by_side_have_the_bytes_of_one_thread_fresh_or_resume
     model = load_model("digits")
     cfg = SampleConfig(num=24, steps=2, batch_size=6, lane=6)  # 4 shards of one lane
     assert shards_side_by_side(model, cfg, 4, threads=2) == 2 and shards_side_by_side(model, cfg, 4, threads=1) is None
-    assert shards_side_by_side(model, cfg, 1, threads=2) is None  # one shard: all threads on it
+    assert shards_side_by_side(model, cfg, 3, threads=2) is None  # fewer than two rounds: all threads on each
     assert shards_side_by_side(model, replace(cfg, compile=True), 4, threads=2) is None
     assert shards_side_by_side(model, replace(cfg, lane=sample.SIDE_BY_SIDE_VALUES // 256), 4, threads=2) is None
 
@@ -366,13 +366,15 @@ def test_sample_shards_side_by_side_have_the_bytes_of_one_thread_fresh_or_resume
     try:
         with RunStore(tmp_path / "one") as store:
             runs["one thread"] = run_sample(model, cfg, Conditions(), store, _NoBar())
-        assert "shards_side_by_side" not in runs["one thread"].settings
+        assert "threads_per_shard" not in runs["one thread"].settings
         real = sample.lanes_side_by_side  # decide as on two threads, without taking them (xdist)
         monkeypatch.setattr(sample, "lanes_side_by_side", lambda m, lane, threads=None: real(m, lane, 2))
         ran_on.clear()
         with RunStore(tmp_path / "both") as store:
             runs["side by side"] = run_sample(model, cfg, Conditions(), store, _NoBar())
-            assert runs["side by side"].settings["shards_side_by_side"] == 2 and ran_on == [(True, 1)] * 4
+            assert runs["side by side"].settings["threads_per_shard"] == 1 and ran_on == [(True, 1)] * 4
+            # the shards' seconds are the stage's wall time shared out, not the overlapping threads' own times
+            assert store.stage("sample").seconds() <= runs["side by side"].seconds
             assert torch.get_num_threads() == 1  # given back (the caller's one thread)
             first = [load_file(str(p)) for p in runs["side by side"].shards]
             runs["side by side"].shards[3].unlink()  # a stage with one shard left
@@ -385,3 +387,34 @@ def test_sample_shards_side_by_side_have_the_bytes_of_one_thread_fresh_or_resume
     reference = [load_file(str(p)) for p in runs["one thread"].shards]
     for mine, theirs in zip(first, reference):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_leaving_side_by_side_early_stops_the_items_under_way_through_its_event():
+    """An error while the caller handles an item, or Ctrl-C, closes the iteration: the items not started
+    are cancelled and ``stop`` is set, so an item that checks it (the sample stage, every step) ends
+    within a step instead of the pool waiting for it; a full iteration leaves ``stop`` clear."""
+    import threading
+    import time
+
+    from pgraft_cli.stages.sample import side_by_side
+
+    started = []
+
+    def item(i, stop):
+        started.append(i)
+        for _ in range(300):  # up to 3 s, checking every 10 ms
+            if i == 0:
+                return i
+            if stop.is_set():
+                raise RuntimeError("stopped")
+            time.sleep(0.01)
+        return i
+
+    stop = threading.Event()
+    results = side_by_side(lambda i: item(i, stop), range(6), 2, stop)
+    assert next(results) == 0
+    tic = time.perf_counter()
+    results.close()  # the caller leaves with item 1 under way
+    assert stop.is_set() and time.perf_counter() - tic < 1.0 and len(started) < 6
+    clear = threading.Event()
+    assert list(side_by_side(lambda i: i * i, range(5), 2, clear)) == [0, 1, 4, 9, 16] and not clear.is_set()

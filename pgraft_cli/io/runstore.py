@@ -333,7 +333,9 @@ class RunStore:
         write (a progress bar's total). ``map_work(fn, ks)`` yields ``fn(k)`` for each k in order (the
         built-in ``map``: one shard after the other; ``stages.sample.side_by_side``: several at once);
         each shard is written, in order, as soon as it is yielded. ``stamp`` records in each shard's
-        metadata the stage, its key, the shard, the process and the seconds ``work`` took. Once every
+        metadata the stage, its key, the shard, the process, the wall seconds this process waited for
+        it (``pgraft.seconds``: they add up to the stage's time less the writes, also when shards
+        overlap) and the seconds its own ``work`` took (``pgraft.work_seconds``). Once every
         process is through, the main process checks that all shards are there, writes
         ``outputs(stage)`` (further files, e.g. settings; it may refuse the stage by raising) and
         records the stage as done.
@@ -353,13 +355,18 @@ class RunStore:
 
         results = map_work(timed, mine)
         try:
-            for k, (tensors, seconds) in zip(mine, results):
-                metadata = None
+            waited = time.perf_counter()
+            for k, (tensors, own) in zip(mine, results):
+                # this process's wall time for the shard (the wait since the last write: shards computed
+                # side by side overlap, so their own times would add up to more than the stage took)
+                seconds, metadata = time.perf_counter() - waited, None
                 if stamp:
                     metadata = {"pgraft.stage": name, "pgraft.stage_key": stage.key, "pgraft.shard": str(k),
-                                "pgraft.process": f"{dist.rank}/{dist.size}", "pgraft.seconds": f"{seconds:.6f}"}
+                                "pgraft.process": f"{dist.rank}/{dist.size}", "pgraft.seconds": f"{seconds:.6f}",
+                                "pgraft.work_seconds": f"{own:.6f}"}
                 with stage.write_shard(k) as tmp:
                     save_file(tensors, str(tmp), metadata=metadata)
+                waited = time.perf_counter()
         finally:
             getattr(results, "close", lambda: None)()  # a generator's clean-up, also when a write fails
         dist.wait()
@@ -642,7 +649,8 @@ class Stage:
         return {k: torch.cat(found[k]) for k in keys if k in found}
 
     def seconds(self) -> float:
-        """Total work time recorded in the shards (survives resumes)."""
+        """The wall seconds recorded in the shards (``pgraft.seconds``), summed: the stage's time less its
+        writes, over every run that made its shards (survives resumes)."""
         from safetensors import safe_open
 
         total = 0.0

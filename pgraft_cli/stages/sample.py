@@ -15,6 +15,7 @@ import io
 import json
 import functools
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -49,6 +50,11 @@ def initial_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> Tens
     for row, i in enumerate(indices):
         out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i)))
     return out
+
+
+class StageStopped(Exception):
+    """A side-by-side shard told to stop (``side_by_side``'s ``stop``): the error or interrupt that set it
+    is the one the caller sees; this one only ends the shard's thread early."""
 
 
 @dataclass
@@ -274,8 +280,8 @@ def compiled_networks(model: LoadedModel, on: bool) -> Iterator[None]:
 # inversion's solver calls on the few rows still iterating, and small convolutions and norms, split poorly
 # across threads (bench/RESULTS.md, "The network's forward from a trace; the inversion's lanes side by
 # side": -1.3 to -2.9 s of the main job's 21-23 s inversion on two threads; "Sampling shards side by
-# side": 1000 digits in 5.3 against 6.5-6.9 s). Larger lanes, or more threads, go one at a time on all
-# threads, so no more activations are held than one lane's budget.
+# side": the main job's 1000 base digits in 3.8-4.1 against 4.3-4.7 s). Larger lanes, or more threads, go
+# one at a time on all threads, so no more activations are held than one lane's budget.
 SIDE_BY_SIDE_VALUES = 64 * 3 * 32 * 32
 T = TypeVar("T")
 
@@ -284,7 +290,7 @@ def lanes_side_by_side(model: LoadedModel, lane: int, threads: Optional[int] = N
     """How many lanes run side by side, one thread each (``side_by_side``): torch's thread count (or
     ``threads``), on the CPU, for a ``traceable`` base network, where that many lanes hold at most
     ``SIDE_BY_SIDE_VALUES`` sample values; else None (a lane at a time on all threads). In the stage's
-    key where it applies (the inversion's ``lanes_side_by_side``, sampling's ``shards_side_by_side``):
+    key where it applies (the inversion's ``lanes_side_by_side``, sampling's ``threads_per_shard``):
     work on one thread has the same bytes on any machine of that ISA, whatever its thread count, while
     on all threads a convolution can round differently (the digits UNet at 5-7 and 9-11 images a call).
     Each process reads its own thread count: under ``accelerate``, machines of one core count share a key."""
@@ -293,12 +299,16 @@ def lanes_side_by_side(model: LoadedModel, lane: int, threads: Optional[int] = N
     return threads if threads > 1 and small and model.device.type == "cpu" and traceable(model.network) else None
 
 
-def side_by_side(fn: Callable[[Any], T], items: Iterable[Any], threads: int) -> Iterator[T]:
+def side_by_side(fn: Callable[[Any], T], items: Iterable[Any], threads: int,
+                 stop: Optional[threading.Event] = None) -> Iterator[T]:
     """``fn(item)`` for each item, yielded in order as each is done, ``threads`` items at a time, each on
     one torch thread in the caller's grad and inference mode (both are per thread), however few items
     there are. Until the iteration ends (or is closed) the caller's own thread has one torch thread too;
     then torch's thread count is given back, and the memory the threads freed (``io.host.release_free_memory``:
-    glibc keeps it in their malloc arenas otherwise). A failing item cancels the items not started."""
+    glibc keeps it in their malloc arenas otherwise). A failing item, or the caller leaving early (an
+    error while it handles an item, Ctrl-C), cancels the items not started and sets ``stop``: an ``fn``
+    that checks it (the sample stage does, every step) ends the items under way within a step, rather
+    than the pool waiting for them to finish."""
     previous, inference, grad = torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def one(item: Any) -> T:
@@ -307,9 +317,15 @@ def side_by_side(fn: Callable[[Any], T], items: Iterable[Any], threads: int) -> 
             return fn(item)
 
     torch.set_num_threads(1)
-    try:  # an item that raises, or an early close, cancels the items not started (Executor.map's results do)
+    finished = False
+    try:  # Executor.map's results cancel the items not started when they are left early
         with ThreadPoolExecutor(threads, thread_name_prefix="pgraft-lane") as pool:
-            yield from pool.map(one, items)
+            try:
+                yield from pool.map(one, items)
+                finished = True
+            finally:
+                if not finished and stop is not None:
+                    stop.set()  # before the pool's exit waits for the items under way
     finally:
         torch.set_num_threads(previous)
         release_free_memory()
@@ -324,14 +340,17 @@ def map_lanes(fn: Callable[[int], T], starts: Sequence[int], together: Optional[
     return list(side_by_side(fn, starts, together))
 
 
-def shards_side_by_side(model: LoadedModel, cfg: SampleConfig, num_shards: int,
-                        threads: Optional[int] = None) -> Optional[int]:
+def shards_side_by_side(model: LoadedModel, cfg: SampleConfig, shards: int, threads: Optional[int] = None) -> Optional[int]:
     """How many of a sample stage's shards run side by side (``side_by_side``, one thread each):
-    ``lanes_side_by_side`` at the stage's lane, where the stage has at least that many shards and is
-    not compiled; else None (a shard at a time on all threads). Decided from the stage's settings, never
-    from how many shards are left, so a resumed stage runs its shards as a fresh one does."""
-    together = None if cfg.compile else lanes_side_by_side(model, cfg.lane, threads)
-    return together if together is not None and num_shards >= together else None
+    ``lanes_side_by_side`` for the rows of one network call (a lane, two under classifier-free guidance),
+    where each process has at least two rounds of that many shards (``shards``: a process's share; a
+    shard on one thread of two took about 1.6x its time on both, so three shards side by side are no
+    faster than one after the other) and the stage is not compiled; else None (a shard at a time on all
+    threads). Decided from the stage's settings, never from how many shards are left, so a resumed stage
+    runs its shards as a fresh one does."""
+    guided = model.guided and (cfg.guidance_scale or 1.0) > 1.0
+    together = None if cfg.compile else lanes_side_by_side(model, cfg.lane * (2 if guided else 1), threads)
+    return together if together is not None and shards >= 2 * together else None
 
 
 def stage_config(model: LoadedModel, cfg: SampleConfig, cond: Conditions) -> dict[str, Any]:
@@ -407,15 +426,18 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     inputs = {"model": model_key(model)}
     num_shards = math.ceil(cfg.num / cfg.batch_size)
 
+    share = math.ceil(num_shards / num_processes)
+
     def config_for(lane: int) -> dict[str, Any]:  # the key's config at a lane: shards side by side or not follows
         at = replace(cfg, lane=lane)
-        together = shards_side_by_side(model, at, num_shards)
-        return {**stage_config(model, at, cond), **({} if together is None else {"shards_side_by_side": together})}
+        one_thread = shards_side_by_side(model, at, share) is not None  # the bytes are one thread's, whatever the count
+        return {**stage_config(model, at, cond), **({"threads_per_shard": 1} if one_thread else {})}
 
     if auto:  # a resume keeps the lane its shards were made with
         cfg = replace(cfg, lane=resumed_lane(store, stage_name, config_for, inputs, cfg.lane))
     config = config_for(cfg.lane)
-    together = config.get("shards_side_by_side")
+    together = shards_side_by_side(model, cfg, share) if config.get("threads_per_shard") == 1 else None
+    stop = threading.Event()  # set when the side-by-side shards are left early (an error, Ctrl-C)
     rows = lambda k: list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))  # noqa: E731
     task, generated = None, 0
 
@@ -424,9 +446,14 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         generated = sum(len(rows(k)) for k in mine)  # (work may run on several threads: counted here)
         task = bar.add_task("sampling", total=generated, unit="img")
 
+    def step(n: float) -> None:
+        if stop.is_set():
+            raise StageStopped("the sample stage stopped: another shard failed or the run was interrupted")
+        bar.advance(task, n)
+
     def work(k: int) -> dict[str, Tensor]:
         with torch.inference_mode():
-            return _shard_tensors(model, cfg, cond, rows(k), lambda n: bar.advance(task, n))
+            return _shard_tensors(model, cfg, cond, rows(k), step)
 
     def settings(stage: Any) -> list[Path]:
         return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
@@ -437,7 +464,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
           traced_networks(model, cfg.lane, 0 if cfg.compile else full_lane_calls)):
         stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
                                   Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True,
-                                  map_work=map if together is None else functools.partial(side_by_side, threads=together))
+                                  map_work=map if together is None else functools.partial(side_by_side, threads=together,
+                                                                                          stop=stop))
     shards = [stage.shard_path(k) for k in range(num_shards)]
     return SampleResult(store.root, cfg.num, shards, generated, time.perf_counter() - start, config)
 
