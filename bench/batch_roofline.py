@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -117,7 +118,9 @@ def main() -> None:
         t = torch.full((batch,), 500.0)
         calls = max(10, args.calls // batch)
         with torch.inference_mode():
-            traced = torch.jit.trace(lambda a, b: net(a, b).sample, (x, t), check_trace=False)
+            with warnings.catch_warnings():  # TracerWarnings on shape arithmetic, torch.jit's deprecation (as models.traced)
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(lambda a, b: net(a, b).sample, (x, t), check_trace=False)
             with torch.jit.optimized_execution(False):
                 seconds = per_call(lambda: traced(x, t), calls)
                 profiled = max(3, calls // 10)  # parsing the events costs more than the calls
