@@ -197,6 +197,7 @@ def test_the_sample_and_inversion_stages_trace_long_runs_and_keep_their_bytes(tm
 
 
 def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(monkeypatch):
+    import threading
     import time
 
     from pgraft_cli.stages import sample
@@ -223,9 +224,10 @@ def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(mon
             time.sleep(0.3)
             return s
 
+        stop = threading.Event()
         with pytest.raises(ValueError, match="lane 0"):
-            map_lanes(fails, range(8), 2)
-        assert len(started) < 8  # the lanes not started were cancelled
+            map_lanes(fails, range(8), 2, stop)
+        assert len(started) < 8 and stop.is_set()  # the lanes not started cancelled, those under way told to stop
         assert torch.get_num_threads() == 2  # given back, after a failure too
     finally:
         torch.set_num_threads(before)

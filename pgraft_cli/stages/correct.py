@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import math
+import threading
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
-from .sample import lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format, resumed_lane, traced_networks
+from .sample import StageStopped, lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format, resumed_lane, traced_networks
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
 
 
@@ -221,6 +222,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
     met its own tolerance, of each image of a shard, each inverted under its own class or prompt where
     given; lane by lane (``map_lanes``: ``side_by_side`` lanes at a time, one thread each, where given)."""
     grid = model.schedule.grid(cfg.base_steps)
+    stop = threading.Event()  # set when lanes side by side are left early (a lane failed, Ctrl-C)
 
     def one_lane(start: int) -> dict[str, Tensor]:
         part = chunk[start:start + lane].to(model.device, torch.float32)
@@ -232,6 +234,8 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
         # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
         # The solver names the rows still iterating, so each keeps its own condition.
         def fn32(x: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+            if stop.is_set():  # the other lanes are being given up: end this one at its next network call
+                raise StageStopped("the inversion stopped: another lane failed or the run was interrupted")
             with model.autocast_context():
                 return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
 
@@ -244,7 +248,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
                 "iterations": info.iterations.cpu(), "residual": info.residual.cpu(), "converged": info.converged.cpu()}
 
     with torch.inference_mode():
-        lanes = map_lanes(one_lane, range(0, len(chunk), lane), side_by_side)
+        lanes = map_lanes(one_lane, range(0, len(chunk), lane), side_by_side, stop)
     out = {k: torch.cat([one[k] for one in lanes]).contiguous() for k in lanes[0]}
     err = out.pop("err")
     return {**out, "rms": err.pow(2).mean(1).sqrt(), "max": err.abs().amax(1)}

@@ -331,13 +331,14 @@ def side_by_side(fn: Callable[[Any], T], items: Iterable[Any], threads: int,
         release_free_memory()
 
 
-def map_lanes(fn: Callable[[int], T], starts: Sequence[int], together: Optional[int]) -> list[T]:
-    """``[fn(start) for start in starts]``, in order: ``side_by_side`` where ``together``
+def map_lanes(fn: Callable[[int], T], starts: Sequence[int], together: Optional[int],
+              stop: Optional[threading.Event] = None) -> list[T]:
+    """``[fn(start) for start in starts]``, in order: ``side_by_side`` (with its ``stop``) where ``together``
     (``lanes_side_by_side``) lanes or more are given; fewer run one at a time on all threads (a shard's
     lanes are fixed by its size, so a shard always runs the same way)."""
     if together is None or len(starts) < together:
         return [fn(start) for start in starts]
-    return list(side_by_side(fn, starts, together))
+    return list(side_by_side(fn, starts, together, stop))
 
 
 def shards_side_by_side(model: LoadedModel, cfg: SampleConfig, shards: int, threads: Optional[int] = None) -> Optional[int]:
