@@ -437,7 +437,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     if auto:  # a resume keeps the lane its shards were made with
         cfg = replace(cfg, lane=resumed_lane(store, stage_name, config_for, inputs, cfg.lane))
     config = config_for(cfg.lane)
-    together = shards_side_by_side(model, cfg, share) if config.get("threads_per_shard") == 1 else None
+    together = shards_side_by_side(model, cfg, share)  # (config_for's decision at the lane the stage runs)
     stop = threading.Event()  # set when the side-by-side shards are left early (an error, Ctrl-C)
     rows = lambda k: list(range(k * cfg.batch_size, min((k + 1) * cfg.batch_size, cfg.num)))  # noqa: E731
     task, generated = None, 0
