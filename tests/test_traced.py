@@ -233,13 +233,15 @@ def test_map_lanes_runs_each_lane_on_one_thread_in_order_in_the_callers_mode(mon
         torch.set_num_threads(before)
 
 
-def _two_threads(monkeypatch):
-    """The inversion decides as on two torch threads, while this process keeps its own (under xdist one:
-    two threads a worker beside another worker stall each operator's barrier)."""
-    from pgraft_cli.stages import correct
+def _two_threads(monkeypatch, stage: str = "correct"):
+    """The inversion (or, with ``stage="sample"``, sampling) decides as on two torch threads, while this
+    process keeps its own (under xdist one: two threads a worker beside another worker stall each
+    operator's barrier)."""
+    import importlib
 
-    real = correct.lanes_side_by_side
-    monkeypatch.setattr(correct, "lanes_side_by_side", lambda model, lane, threads=None: real(model, lane, 2))
+    module = importlib.import_module(f"pgraft_cli.stages.{stage}")
+    real = module.lanes_side_by_side
+    monkeypatch.setattr(module, "lanes_side_by_side", lambda model, lane, threads=None: real(model, lane, 2))
 
 
 def test_lanes_side_by_side_where_they_are_small_on_the_cpu_and_keyed_there_only(tmp_path, monkeypatch):
@@ -369,8 +371,7 @@ def test_sample_shards_side_by_side_have_the_bytes_of_one_thread_fresh_or_resume
         with RunStore(tmp_path / "one") as store:
             runs["one thread"] = run_sample(model, cfg, Conditions(), store, _NoBar())
         assert "threads_per_shard" not in runs["one thread"].settings
-        real = sample.lanes_side_by_side  # decide as on two threads, without taking them (xdist)
-        monkeypatch.setattr(sample, "lanes_side_by_side", lambda m, lane, threads=None: real(m, lane, 2))
+        _two_threads(monkeypatch, "sample")
         ran_on.clear()
         with RunStore(tmp_path / "both") as store:
             runs["side by side"] = run_sample(model, cfg, Conditions(), store, _NoBar())

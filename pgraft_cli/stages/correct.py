@@ -42,7 +42,8 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
-from .sample import StageStopped, lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format, resumed_lane, traced_networks
+from .sample import (check_stop, lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format,
+                     resumed_lane, traced_networks)
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
 
 
@@ -234,8 +235,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
         # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
         # The solver names the rows still iterating, so each keeps its own condition.
         def fn32(x: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-            if stop.is_set():  # the other lanes are being given up: end this one at its next network call
-                raise StageStopped("the inversion stopped: another lane failed or the run was interrupted")
+            check_stop(stop, "inversion")  # the other lanes are being given up: end this one at its next call
             with model.autocast_context():
                 return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
 

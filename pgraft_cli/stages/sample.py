@@ -57,6 +57,12 @@ class StageStopped(Exception):
     is the one the caller sees; this one only ends the shard's thread early."""
 
 
+def check_stop(stop: threading.Event, stage: str) -> None:
+    """Raise ``StageStopped`` once ``stop`` is set (side-by-side work calls it at each step or network call)."""
+    if stop.is_set():
+        raise StageStopped(f"the {stage} stopped: other work side by side failed or the run was interrupted")
+
+
 @dataclass
 class Conditions:
     """What each image is conditioned on: a prompt per image, or a class per image, or nothing."""
@@ -448,8 +454,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         task = bar.add_task("sampling", total=generated, unit="img")
 
     def step(n: float) -> None:
-        if stop.is_set():
-            raise StageStopped("the sample stage stopped: another shard failed or the run was interrupted")
+        check_stop(stop, "sample stage")
         bar.advance(task, n)
 
     def work(k: int) -> dict[str, Tensor]:
