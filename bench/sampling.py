@@ -22,9 +22,14 @@ by batch (rotating the order), so bursts of load from other processes hit every 
    format: what ``pgraft sample`` runs on the CPU by default (``sample.memory_format = "auto"``,
    ``stages.sample.network_memory_format``); method 3 is ``sample.memory_format = "contiguous"``, the
    bytes of before (the convolutions round differently). The CLI rows run the default.
-6. ``pgraft sampler, torch.compile`` (``--compile``): method 3 with the network compiled by
-   ``torch.compile`` (inductor, static shapes); the first call's seconds (the compile) are printed
-   apart, and the largest difference from the eager path's samples (its kernels round differently).
+6. ``pgraft sampler, channels_last + torch.compile`` (``--compile``): method 5 with the network
+   compiled as ``--set sample.compile=true`` compiles it (``torch.compile``, inductor, static shapes,
+   after the stage's channels_last weights); the first call's seconds (the compile) are printed apart,
+   and the largest difference from method 5's samples (its kernels round differently). Against
+   method 7, the CPU's default: at one image a call the traced forward is the faster.
+   ``--compile-options freezing cpp_wrapper`` compiles it with those inductor options instead: one
+   variant a run, since a second ``torch.compile`` of the same network in a process replays the
+   first one's code (dynamo's cache is the forward's, and both use the inductor backend).
 7. ``pgraft sampler, channels_last + traced``: method 5 inside ``stages.sample.traced_networks``,
    as ``pgraft sample`` runs on the CPU (full lanes replayed from a TorchScript trace checked bitwise
    against eager, ``models.traced``) when the run makes ``TRACE_MIN_CALLS`` full-lane calls; the
@@ -86,6 +91,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="digits", help="model to load (default: the bundled digits flow)")
     p.add_argument("--no-cli", action="store_true", help="skip method 4 (the CLI subprocess)")
     p.add_argument("--compile", action="store_true", help="add method 6 (torch.compile; minutes of compiling on a CPU)")
+    p.add_argument("--compile-options", nargs="+", default=[], metavar="OPTION",
+                   help="with --compile, compile method 6 with these inductor options set to True (e.g. freezing "
+                        "cpp_wrapper); one variant a run: a process reuses its first compile of a network")
     p.add_argument("--json", type=Path, default=None, help="also write the raw timings to this file")
     args = p.parse_args()
     from pgraft_cli.io.recipes import SampleConfig
@@ -162,12 +170,21 @@ def channels_last_copy(model):
 
 
 def compiled_copy(model):
-    """The model with its network compiled by ``torch.compile`` (compiled on its first call)."""
+    """The model with its network compiled as ``sample.compile`` compiles it (``torch.compile``, inductor,
+    static shapes; compiled on its first call)."""
     import copy
 
     other = copy.copy(model)
     other.network = torch.compile(model.network, dynamic=False)
     return other
+
+
+def inductor_options(options: tuple[str, ...]):
+    """Inductor's global config with ``options`` set to True, for a compile (a first call) under it:
+    ``torch.compile(options=...)`` left ``freezing`` off here (its samples were the default compile's)."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(**dict.fromkeys(options, True))
 
 
 def flops_per_image_step(model, lane: int) -> float:
@@ -384,14 +401,17 @@ def main() -> None:
     print(f"  pgraft sampler, channels_last traced vs untraced, same {first} images: "
           f"{'bitwise equal' if tr_equal else 'NOT bitwise equal'}")
     if args.compile:
-        compiled = compiled_copy(model)
+        options = tuple(args.compile_options)
+        label = f"torch.compile{' with ' + ' + '.join(options) if options else ''}"
+        compiled = compiled_copy(nhwc)  # the stage compiles after network_memory_format: the channels_last weights
         tic = time.perf_counter()
-        out = pgraft_sampler(compiled, args.steps, args.lane)(noise, 0, first)
+        with inductor_options(options):  # static shapes: this first call is the only compile
+            out = pgraft_sampler(compiled, args.steps, args.lane)(noise, 0, first)
         eq["compile_seconds"] = time.perf_counter() - tic
-        eq["compiled_max_abs"] = float((out - pgraft_sampler(model, args.steps, args.lane)(noise, 0, first)).abs().max())
-        print(f"  pgraft sampler, torch.compile: first call (compile + {args.steps} steps) {eq['compile_seconds']:.1f} s; "
-              f"vs eager, same {first} images: max |diff| = {eq['compiled_max_abs']:.3e}")
-        factories[f"pgraft sampler, torch.compile (lane = {args.lane}; other bytes)"] = (
+        eq["compiled_max_abs"] = float((out - pgraft_sampler(nhwc, args.steps, args.lane)(noise, 0, first)).abs().max())
+        print(f"  pgraft sampler, {label}: first call (compile + {args.steps} steps) {eq['compile_seconds']:.1f} s; "
+              f"vs eager channels_last, same {first} images: max |diff| = {eq['compiled_max_abs']:.3e}")
+        factories[f"pgraft sampler, channels_last + {label} (lane = {args.lane}; other bytes)"] = (
             lambda steps: pgraft_sampler(compiled, steps, args.lane))
     methods = {name: make(args.steps) for name, make in factories.items()}
     per_image_step = flops_per_image_step(model, args.lane)

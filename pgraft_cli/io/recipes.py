@@ -71,7 +71,8 @@ class SampleConfig:
     # the guidance input of guidance-distilled networks (Flux dev), which take no classifier-free guidance
     distilled_guidance: float = 3.5
     capture_at: Optional[float] = None
-    # torch.compile the network for the stage: faster after minutes of compiling, other last bits
+    # torch.compile the network for the stage: other last bits; on a 2-core CPU about the default traced forward's
+    # speed after ~25 s of compiling (1.04x at lane 64, 0.88x at one image; bench/RESULTS.md, tenth session)
     compile: bool = False
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
 
