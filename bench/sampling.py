@@ -27,9 +27,12 @@ by batch (rotating the order), so bursts of load from other processes hit every 
    after the stage's channels_last weights); the first call's seconds (the compile) are printed apart,
    and the largest difference from method 5's samples (its kernels round differently). Against
    method 7, the CPU's default: at one image a call the traced forward is the faster.
-   ``--compile-options freezing cpp_wrapper`` compiles it with those inductor options instead: one
-   variant a run, since a second ``torch.compile`` of the same network in a process replays the
-   first one's code (dynamo's cache is the forward's, and both use the inductor backend).
+   ``--compile-options freezing cpp_wrapper`` compiles it with those inductor options instead,
+   set through ``torch._inductor.config.patch`` around the compiling first call. One variant a run:
+   a second ``torch.compile`` of the same network with the same (default) options replays the first
+   one's compiled code. With the CLI rows, ``--compile`` also runs ``pgraft sample --set
+   sample.compile=true`` each round (its compile included in its seconds; inductor's cache warm from
+   the in-process compile).
 7. ``pgraft sampler, channels_last + traced``: method 5 inside ``stages.sample.traced_networks``,
    as ``pgraft sample`` runs on the CPU (full lanes replayed from a TorchScript trace checked bitwise
    against eager, ``models.traced``) when the run makes ``TRACE_MIN_CALLS`` full-lane calls; the
@@ -96,6 +99,8 @@ def parse_args() -> argparse.Namespace:
                         "cpp_wrapper); one variant a run: a process reuses its first compile of a network")
     p.add_argument("--json", type=Path, default=None, help="also write the raw timings to this file")
     args = p.parse_args()
+    if args.compile_options and not args.compile:
+        p.error("--compile-options applies to the compiled row: add --compile")
     from pgraft_cli.io.recipes import SampleConfig
 
     args.lane = args.lane or (16 if SampleConfig().lane == "auto" else SampleConfig().lane)  # auto: min(16, num)
@@ -180,8 +185,9 @@ def compiled_copy(model):
 
 
 def inductor_options(options: tuple[str, ...]):
-    """Inductor's global config with ``options`` set to True, for a compile (a first call) under it:
-    ``torch.compile(options=...)`` left ``freezing`` off here (its samples were the default compile's)."""
+    """Inductor's global config with ``options`` set to True, for a compile (a first call) under it. (With
+    ``torch.compile(options={"freezing": True})`` the digits samples were bitwise the default compile's;
+    under this patch they were not, and faster.)"""
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(**dict.fromkeys(options, True))
@@ -213,13 +219,14 @@ def matmul_rate(size: int = 1024, seconds: float = 0.5, rounds: int = 3) -> floa
     return best
 
 
-def run_cli(args: argparse.Namespace, num: int, env: dict) -> tuple[float, dict]:
-    """`pgraft sample` in a fresh run directory; returns (wall seconds, its JSON summary)."""
+def run_cli(args: argparse.Namespace, num: int, env: dict, extra: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """`pgraft sample` (with the ``extra`` arguments) in a fresh run directory; returns (wall seconds, its JSON
+    summary)."""
     tmp = Path(tempfile.mkdtemp(prefix="pgraft-bench-"))
     try:
         cmd = [sys.executable, "-m", "pgraft_cli", "sample", args.model, "--num", str(num),
                "--steps", str(args.steps), "--batch-size", str(args.batch), "--seed", str(args.seed),
-               "--run-dir", str(tmp / "run"), "--out", str(tmp / "png"), "--quiet", "--json"]
+               "--run-dir", str(tmp / "run"), "--out", str(tmp / "png"), "--quiet", "--json", *extra]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         wall = time.perf_counter() - start
@@ -446,6 +453,7 @@ def main() -> None:
     script_wall: list[float] = []
     script_loop: list[float] = []
     cli_json: list[dict] = []
+    compiled_cli: list[tuple[float, dict]] = []  # with --compile: the CLI with sample.compile = true
 
     def cli_round(r: int) -> None:
         wall, summary = run_cli(args, args.num, env)
@@ -456,6 +464,10 @@ def main() -> None:
         script_loop.append(s_loop)
         print(f"  round {r + 1}: pgraft sample CLI: {wall:.2f}s wall, {summary['seconds']:.2f}s sampling; "
               f"diffusers script: {s_wall:.2f}s wall, {s_loop:.2f}s sampling + PNGs", flush=True)
+        if args.compile:  # inductor's cache: warm from the in-process compile above (the same cache directory)
+            compiled_cli.append(run_cli(args, args.num, env, ("--set", "sample.compile=true")))
+            print(f"  round {r + 1}: pgraft sample CLI, sample.compile=true: {compiled_cli[-1][0]:.2f}s wall, "
+                  f"{compiled_cli[-1][1]['seconds']:.2f}s sampling (the compile included)", flush=True)
 
     for r in range(args.repeats):
         cli_first = not args.no_cli and r % 2 == 1
@@ -497,6 +509,15 @@ def main() -> None:
         ips = statistics.median(j["images_per_second"] for j in cli_json)
         rows.append({"method": f"pgraft sample CLI (lane = {args.lane}), JSON images_per_second", "steps": args.steps,
                      "batch": args.batch, "images": args.num, "seconds": s, "ips": ips, "ratio": ips / base_ips})
+    if compiled_cli:
+        s = statistics.median(wall for wall, _ in compiled_cli)
+        rows.append({"method": f"pgraft sample CLI (lane = {args.lane}), sample.compile=true, wall clock",
+                     "steps": args.steps, "batch": args.batch, "images": args.num, "seconds": s, "ips": args.num / s,
+                     "ratio": (args.num / s) / base_ips})
+        s = statistics.median(j["seconds"] for _, j in compiled_cli)
+        rows.append({"method": f"pgraft sample CLI (lane = {args.lane}), sample.compile=true, JSON seconds (compile "
+                     "included)", "steps": args.steps, "batch": args.batch, "images": args.num, "seconds": s,
+                     "ips": args.num / s, "ratio": (args.num / s) / base_ips})
     for row in rows:  # the network's FLOPs only (the CLI rows' seconds also hold loading, noise, PNGs)
         row["gflops"] = per_image_step * args.steps * args.num / row["seconds"] / 1e9
         row["of_matmul"] = row["gflops"] * 1e9 / matmul
@@ -515,6 +536,10 @@ def main() -> None:
         print(f"  pgraft sample CLI wall: {', '.join(f'{t:.2f}' for t in cli_wall)}")
         json_seconds = ", ".join(f"{j['seconds']:.2f}" for j in cli_json)
         print(f"  pgraft sample CLI sampling (JSON seconds): {json_seconds}")
+    if compiled_cli:
+        walls = ", ".join(f"{wall:.2f}" for wall, _ in compiled_cli)
+        seconds = ", ".join(f"{j['seconds']:.2f}" for _, j in compiled_cli)
+        print(f"  pgraft sample CLI, sample.compile=true, wall: {walls}; JSON seconds: {seconds}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "equivalence": eq,
                                          "times": times, "cli_wall": cli_wall, "cli_json": cli_json,

@@ -71,8 +71,8 @@ class SampleConfig:
     # the guidance input of guidance-distilled networks (Flux dev), which take no classifier-free guidance
     distilled_guidance: float = 3.5
     capture_at: Optional[float] = None
-    # torch.compile the network for the stage: other last bits; on a 2-core CPU about the default traced forward's
-    # speed after ~25 s of compiling (1.04x at lane 64, 0.88x at one image; bench/RESULTS.md, tenth session)
+    # torch.compile the network for the stage: other last bits; on a 2-core CPU slower than the default (traced
+    # forward, shards side by side), compile included: 8.1 against 4.5 s for 1024 digits (bench/RESULTS.md)
     compile: bool = False
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
 
