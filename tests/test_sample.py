@@ -261,6 +261,36 @@ def test_a_resume_on_a_busier_gpu_keeps_the_recorded_lane_and_its_shards(tmp_pat
     assert other["lane"] == 2
 
 
+def test_compile_on_the_cpu_is_said_to_be_slower_where_the_default_replays_a_trace(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda network, **kwargs: network)  # the note, not minutes of compiling
+    args = ["--num", "2", "--steps", "1", "--batch-size", "2", "--quiet"]
+    plain = runner.invoke(app, ["sample", "digits", "--run-dir", str(tmp_path / "a"), "--out", str(tmp_path / "pa"),
+                                *args[:-1]])
+    compiled = runner.invoke(app, ["sample", "digits", "--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "pb"),
+                                   *args[:-1], "--set", "sample.compile=true"])
+    assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    assert "sample.compile" not in plain.output
+    assert "--set sample.compile=false" in compiled.output  # said, with the way back
+    assert len(list((tmp_path / "pb").glob("*.png"))) == 2  # and the run goes on as asked
+    quiet = runner.invoke(app, ["sample", "digits", "--run-dir", str(tmp_path / "c"), "--out", str(tmp_path / "pc"),
+                                *args, "--set", "sample.compile=true"])
+    assert quiet.exit_code == 0 and "sample.compile" not in quiet.output
+
+
+def test_compile_note_is_for_a_cpu_network_the_stage_would_trace(tiny_sd_dir):
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.io.recipes import SampleConfig
+    from pgraft_cli.stages.sample import compile_note
+
+    digits = load_model("digits")
+    assert compile_note(digits, SampleConfig(compile=True)) is not None
+    assert compile_note(digits, SampleConfig(compile=False)) is None
+    # a UNet2DConditionModel is never traced: compiling is its only faster path, so nothing to say
+    assert compile_note(load_model(str(tiny_sd_dir)), SampleConfig(compile=True)) is None
+
+
 @pytest.mark.slow
 def test_compile_is_an_opt_in_keyed_apart_with_the_eager_images_to_rounding(unet_pipeline_dir, tmp_path):
     from dataclasses import replace

@@ -25,7 +25,7 @@ class SampleOptions(ModelOptions, PromptOptions, DrawOptions):
 def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
     from ..report.ui import note, sample_view
-    from ..stages.sample import Conditions, check_conditions, export_pngs, run_sample, stage_config
+    from ..stages.sample import Conditions, check_conditions, compile_note, export_pngs, run_sample, stage_config
 
     rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
                          sample__batch_size=o.batch_size, sample__capture_at=o.capture_at,
@@ -39,6 +39,9 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
         if mismatch:
             note(f"note: {mismatch}", o.quiet)
     check_conditions(loaded, cond)
+    slower = compile_note(loaded, rec.sample)
+    if slower:
+        note(f"note: {slower}", o.quiet)
     # the recipe keeps "auto" (also in the default run directory: free memory must not move it); the
     # lane used goes in the settings, and a resume reuses it
     run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})

@@ -266,6 +266,17 @@ def traced_networks(model: LoadedModel, lane: int, calls: int) -> Iterator[None]
             corrector.network = saved[2]
 
 
+def compile_note(model: LoadedModel, cfg: SampleConfig) -> Optional[str]:
+    """One line where ``sample.compile`` is asked for on the CPU for a network the stage would otherwise
+    replay from a trace (``traced_networks``), with its shards side by side where they fit: the compiled
+    stage measured slower there (bench/RESULTS.md, tenth session), so it is said, not refused."""
+    if not cfg.compile or model.device.type != "cpu" or not traceable(model.network):
+        return None
+    return ("sample.compile on the CPU: this network's default forward (a trace, shards side by side) measured "
+            "faster on the bundled digits UNet (1024 images on two cores: 4.5 s, against 8.1 s compiled with the "
+            "compile cached); --set sample.compile=false runs the default")
+
+
 @contextlib.contextmanager
 def compiled_networks(model: LoadedModel, on: bool) -> Iterator[None]:
     """With ``sample.compile``, the model's networks ``torch.compile``d (inductor, static shapes) for
