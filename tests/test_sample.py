@@ -265,30 +265,35 @@ def test_compile_on_the_cpu_is_said_to_be_slower_where_the_default_replays_a_tra
     import torch
 
     monkeypatch.setattr(torch, "compile", lambda network, **kwargs: network)  # the note, not minutes of compiling
-    args = ["--num", "2", "--steps", "1", "--batch-size", "2", "--quiet"]
-    plain = runner.invoke(app, ["sample", "digits", "--run-dir", str(tmp_path / "a"), "--out", str(tmp_path / "pa"),
-                                *args[:-1]])
-    compiled = runner.invoke(app, ["sample", "digits", "--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "pb"),
-                                   *args[:-1], "--set", "sample.compile=true"])
-    assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.output
-    assert "sample.compile" not in plain.output
-    assert "--set sample.compile=false" in compiled.output  # said, with the way back
-    assert len(list((tmp_path / "pb").glob("*.png"))) == 2  # and the run goes on as asked
-    quiet = runner.invoke(app, ["sample", "digits", "--run-dir", str(tmp_path / "c"), "--out", str(tmp_path / "pc"),
-                                *args, "--set", "sample.compile=true"])
-    assert quiet.exit_code == 0 and "sample.compile" not in quiet.output
+
+    def run(name: str, *args: str):
+        result = runner.invoke(app, ["sample", "digits", "--device", "cpu", "--run-dir", str(tmp_path / name),
+                                     "--out", str(tmp_path / f"png-{name}"), "--num", "2", "--batch-size", "2",
+                                     "--set", "sample.lane=1", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    traced = ["--steps", "64"]  # 2 lanes x 64 steps: TRACE_MIN_CALLS full-lane calls, so the default traces
+    assert "sample.compile" not in run("plain", *traced)
+    assert "--set sample.compile=false" in run("compiled", *traced, "--set", "sample.compile=true")  # and the way back
+    assert len(list((tmp_path / "png-compiled").glob("*.png"))) == 2  # the run goes on as asked
+    assert "sample.compile" not in run("quiet", *traced, "--set", "sample.compile=true", "--quiet")
+    # a short run samples eager by default, where compiling can pay: nothing to say
+    assert "sample.compile" not in run("short", "--steps", "63", "--set", "sample.compile=true")
 
 
 def test_compile_note_is_for_a_cpu_network_the_stage_would_trace(tiny_sd_dir):
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.recipes import SampleConfig
-    from pgraft_cli.stages.sample import compile_note
+    from pgraft_cli.stages.sample import TRACE_MIN_CALLS, compile_note
 
     digits = load_model("digits")
-    assert compile_note(digits, SampleConfig(compile=True)) is not None
-    assert compile_note(digits, SampleConfig(compile=False)) is None
+    traced = SampleConfig(num=64, steps=TRACE_MIN_CALLS, lane="auto", compile=True)  # one lane of 64 on the CPU
+    assert compile_note(digits, traced) is not None
+    assert compile_note(digits, SampleConfig(num=64, steps=TRACE_MIN_CALLS - 1, compile=True)) is None
+    assert compile_note(digits, SampleConfig(num=64, steps=TRACE_MIN_CALLS, compile=False)) is None
     # a UNet2DConditionModel is never traced: compiling is its only faster path, so nothing to say
-    assert compile_note(load_model(str(tiny_sd_dir)), SampleConfig(compile=True)) is None
+    assert compile_note(load_model(str(tiny_sd_dir)), traced) is None
 
 
 @pytest.mark.slow

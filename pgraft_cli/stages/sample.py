@@ -266,14 +266,24 @@ def traced_networks(model: LoadedModel, lane: int, calls: int) -> Iterator[None]
             corrector.network = saved[2]
 
 
+def full_lane_calls(cfg: SampleConfig) -> int:
+    """The network calls on full lanes a sample stage makes (``cfg.lane`` resolved): what ``traced_networks``
+    weighs against ``TRACE_MIN_CALLS``."""
+    return cfg.num // cfg.lane * cfg.steps
+
+
 def compile_note(model: LoadedModel, cfg: SampleConfig) -> Optional[str]:
-    """One line where ``sample.compile`` is asked for on the CPU for a network the stage would otherwise
-    replay from a trace (``traced_networks``), with its shards side by side where they fit: the compiled
-    stage measured slower there (bench/RESULTS.md, tenth session), so it is said, not refused."""
+    """One line where ``sample.compile`` is asked for on the CPU and the stage would otherwise replay the
+    network from a trace (a ``traceable`` network, at least ``TRACE_MIN_CALLS`` full-lane calls): there
+    the compiled stage measured slower, compile included (bench/RESULTS.md, tenth session), so it is
+    said, not refused. Where the default would run eager (a short run), compiling can pay: no note."""
     if not cfg.compile or model.device.type != "cpu" or not traceable(model.network):
         return None
-    return ("sample.compile on the CPU: this network's default forward (a trace, shards side by side) measured "
-            "faster on the bundled digits UNet (1024 images on two cores: 4.5 s, against 8.1 s compiled with the "
+    if full_lane_calls(resolve_lane(model, cfg)) < TRACE_MIN_CALLS:
+        return None
+    return ("sample.compile on the CPU: this run would otherwise replay the network from a trace, which measured "
+            "about as fast as compiled on the bundled digits UNet (the compiled network 1.04x at a lane of 64) "
+            "before the compile's cost (1024 images, 8 steps, two cores: 4.5 s by default, 8.1 s compiled with the "
             "compile cached); --set sample.compile=false runs the default")
 
 
@@ -476,9 +486,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
         return [store.write_json(f"{stage_name}/settings.json", {**config, "prompts": cond.prompts})]
 
     start = time.perf_counter()
-    full_lane_calls = cfg.num // cfg.lane * cfg.steps
     with (network_memory_format(model, cfg.memory_format), compiled_networks(model, cfg.compile),
-          traced_networks(model, cfg.lane, 0 if cfg.compile else full_lane_calls)):
+          traced_networks(model, cfg.lane, 0 if cfg.compile else full_lane_calls(cfg))):
         stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
                                   Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True,
                                   map_work=map if together is None else functools.partial(side_by_side, threads=together,
