@@ -10,10 +10,10 @@ an image depends only on the seed, its index and the recipe's sampler settings: 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
-import functools
 import math
 import threading
 import time
