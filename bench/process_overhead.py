@@ -22,7 +22,9 @@ a run on the 2-core box): wall seconds, every stage's seconds, the process's pea
 the held-out FIDs, and whether every tensor of each run's ``corrected.safetensors`` and of every shard
 it wrote (inversion, both evaluations) has the same bytes as the first tree's run of the same round.
 The trees' order alternates round by round (ABBA over two rounds), so a drift of the machine's speed
-within the sitting falls on both.
+within the sitting falls on both. It also prints this machine's float32 matmul rate (1024^2 ``torch.mm`` at
+torch's default thread count, ``sampling.matmul_rate``) before and after the sitting: this VM's speed drifts
+by 5-15 % within a day, so a sitting's seconds are compared with another's only beside that rate.
 
 Prints the median of each column per tree and the median of the paired (same round) differences.
 Every tree must read RUN's cache (the same stage keys); a tree that recomputes a stage shows it in the
@@ -140,9 +142,13 @@ def main() -> None:
 
 
 def full(trees: list[Path], rounds: int) -> None:
+    import torch
+    from sampling import matmul_rate
+
     rows: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
     same: dict[Path, list[bool]] = {t: [] for t in trees[1:]}
     before = os.getloadavg()
+    rate_before = matmul_rate()
     with tempfile.TemporaryDirectory(prefix="overhead-full-") as d:
         for r in range(rounds):
             order = trees if r % 4 in (0, 3) else trees[::-1]  # ABBA: A B, B A, B A, A B, ...
@@ -156,8 +162,9 @@ def full(trees: list[Path], rounds: int) -> None:
             first = tensor_bytes(runs[trees[0]])
             for t in trees[1:]:
                 same[t].append(tensor_bytes(runs[t]) == first)
-    print(f"\nload average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {rounds} rounds (ABBA); median "
-          f"seconds; peak RSS of the process in MB\n")
+    print(f"\nload average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; float32 1024^2 matmul on "
+          f"{torch.get_num_threads()} threads {rate_before / 1e9:.1f} GFLOP/s before, {matmul_rate() / 1e9:.1f} after; "
+          f"{rounds} rounds (ABBA); median seconds; peak RSS of the process in MB\n")
     def fids(t: Path) -> str:
         pairs = sorted({(round(x["fid_base"], 3), round(x["fid_corrected"], 3)) for x in rows[t]})
         return ", ".join(f"{b} -> {c}" for b, c in pairs)
