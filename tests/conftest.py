@@ -124,18 +124,19 @@ def tiny_unet() -> Callable[..., Any]:
 
 @pytest.fixture
 def unet_pipeline_dir(tmp_path: Path) -> Callable[..., Path]:
-    """``unet_pipeline_dir(scheduler="ddpm"|"ddim"|"flow", prediction_type=..., channels=...)``.
+    """``unet_pipeline_dir(scheduler="ddpm"|"ddim"|"flow", prediction_type=..., channels=..., **config)``.
 
     Writes a DDPMPipeline (DDIMPipeline for ``ddim``) folder with ``model_index.json`` under
     tmp_path and returns it; ``flow`` is a DDPMPipeline folder holding a FlowMatch scheduler.
+    ``config`` overrides the tiny UNet's config keys.
     """
     counter = iter(range(10**6))
 
     def build(scheduler: str = "ddpm", prediction_type: str = "epsilon", channels: int = 1,
-              shift: float = 1.0, num_class_embeds: Optional[int] = None, seed: int = 0) -> Path:
+              shift: float = 1.0, num_class_embeds: Optional[int] = None, seed: int = 0, **config: Any) -> Path:
         from diffusers import DDIMPipeline, DDPMPipeline
 
-        unet = build_tiny_unet(channels, num_class_embeds, seed)
+        unet = build_tiny_unet(channels, num_class_embeds, seed, **config)
         sched = build_scheduler(scheduler, prediction_type, shift)
         pipe_cls = DDIMPipeline if scheduler == "ddim" else DDPMPipeline
         out = tmp_path / f"pipe-{scheduler}-{prediction_type}-{next(counter)}"
