@@ -23,8 +23,9 @@ the held-out FIDs, and whether every tensor of each run's ``corrected.safetensor
 it wrote (inversion, both evaluations) has the same bytes as the first tree's run of the same round.
 The trees' order alternates round by round (ABBA over two rounds), so a drift of the machine's speed
 within the sitting falls on both. It also prints this machine's float32 matmul rate (1024^2 ``torch.mm`` at
-torch's default thread count, ``sampling.matmul_rate``) before and after the sitting: this VM's speed drifts
-by 5-15 % within a day, so a sitting's seconds are compared with another's only beside that rate.
+torch's default thread count, ``sampling.matmul_rate``) before and after the sitting, as one record of the
+machine's speed. It does not capture all of this VM's drift: the eleventh session saw the main job's wall
+time move by 10 % between sittings while this rate stayed at 202-219 GFLOP/s.
 
 Prints the median of each column per tree and the median of the paired (same round) differences.
 Every tree must read RUN's cache (the same stage keys); a tree that recomputes a stage shows it in the
