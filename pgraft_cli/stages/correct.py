@@ -43,7 +43,7 @@ from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gauss
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
 from .sample import (check_stop, lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format,
-                     resumed_lane, traced_networks)
+                     resumed_lane, reused_cross_attention, traced_networks)
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
 
 
@@ -200,7 +200,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 
     # each full lane makes at least two solver calls and one round-trip call a step
     full_lane_calls = len(images) // lane * 3 * cfg.base_steps
-    with network_memory_format(model, config["memory_format"]), traced_networks(model, lane, full_lane_calls):
+    with (network_memory_format(model, config["memory_format"]), traced_networks(model, lane, full_lane_calls),
+          reused_cross_attention(model)):
         stage = store.run_sharded("invert", config, inputs, num_shards, work, dist, todo=todo, stamp=True)
     per_image, kept = read_inversion([stage.shard_path(k) for k in range(num_shards)], cfg)
     stats = inversion_stats(per_image, kept, cfg)
@@ -233,11 +234,18 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
         # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is
         # the size of the tolerance); only the network runs as it samples: in the model's dtype, under
         # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
-        # The solver names the rows still iterating, so each keeps its own condition.
+        # The solver names the rows still iterating, so each keeps its own condition: the same
+        # conditioning object while the rows are the same (a text network's cross-attention reuses
+        # its keys and values for it: models.cross_attention).
+        picked: dict[str, Any] = {}
+
         def fn32(x: Tensor, t: Tensor, rows: Tensor) -> Tensor:
             check_stop(stop, "inversion")  # the other lanes are being given up: end this one at its next call
+            key = tuple(rows.tolist())
+            if picked.get("rows") != key:
+                picked.update(rows=key, cond=cond.rows(rows))
             with model.autocast_context():
-                return model.predict(x.to(model.dtype), t, cond.rows(rows)).float()
+                return model.predict(x.to(model.dtype), t, picked["cond"]).float()
 
         z, info = invert_sampler(fn32, model.schedule, part, grid, cfg.inversion_iterations, cfg.inversion_tol,
                                  cfg.inversion_memory, row_indexed=True, tol_last=cfg.inversion_tol_last)

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..io.checkpoints import model_key
 from ..io.host import release_free_memory
 from ..errors import OutputPathError, PgraftError
+from ..models.cross_attention import cross_attention_cache
 from ..models.loaded import LoadedModel
 from ..models.traced import TracedForward, traceable
 from ..io.recipes import SampleConfig
@@ -153,7 +154,7 @@ def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
     torch.cuda.synchronize(model.device)
     before = torch.cuda.memory_allocated(model.device)
     torch.cuda.reset_peak_memory_stats(model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), reused_cross_attention(model):  # counted as the stage keeps its keys and values
         model.predict(x, torch.tensor(1.0), model.encode(prompts, classes, guidance_scale))
     per_image = max(1, torch.cuda.max_memory_allocated(model.device) - before)
     free, _ = torch.cuda.mem_get_info(model.device)
@@ -191,6 +192,13 @@ def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
 # configs 1.03-1.17x, bench/memory_format.py). Not UNet2DConditionModel (SD2 size 10 % slower), nor the
 # corrector's small UNet or training (slower).
 CHANNELS_LAST_FAMILIES = ("UNet2DModel",)
+
+
+def reused_cross_attention(model: LoadedModel, enabled: bool = True) -> contextlib.AbstractContextManager[int]:
+    """For a forward-only stage, the base and tuned networks' cross-attention keys and values computed
+    once per conditioning (``models.cross_attention``: the same bytes) where the family passes the
+    prompt's states to them as given (SD, SDXL); elsewhere nothing."""
+    return cross_attention_cache((model.network, model.tuned), enabled and model.adapter.reuses_cross_attention)
 
 
 def resolve_memory_format(model: LoadedModel, memory_format: str) -> str:
@@ -487,7 +495,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
 
     start = time.perf_counter()
     with (network_memory_format(model, cfg.memory_format), compiled_networks(model, cfg.compile),
-          traced_networks(model, cfg.lane, 0 if cfg.compile else full_lane_calls(cfg))):
+          traced_networks(model, cfg.lane, 0 if cfg.compile else full_lane_calls(cfg)),
+          reused_cross_attention(model, enabled=not cfg.compile)):
         stage = store.run_sharded(stage_name, config, inputs, num_shards, work,
                                   Dist(process_index, num_processes, barrier), todo=todo, outputs=settings, stamp=True,
                                   map_work=map if together is None else functools.partial(side_by_side, threads=together,

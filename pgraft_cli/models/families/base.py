@@ -15,6 +15,8 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from ..cross_attention import tensor_version
+
 Conditioning = Literal["none", "class", "text"]
 
 
@@ -36,6 +38,9 @@ class Cond:
     extra: dict[str, Tensor] = field(default_factory=dict)
     negative_extra: dict[str, Tensor] = field(default_factory=dict)
     distilled_guidance: Optional[float] = None
+    # guided_batch's last batch and what it was made from: a sampler's steps get the same tensors
+    # (models.cross_attention reuses a projection's output for the very same input object)
+    _guided: Optional[tuple[tuple, "Cond", list[int], tuple]] = field(default=None, repr=False, compare=False)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the conditioning holds (its fields and its ``extra`` inputs)."""
@@ -72,7 +77,21 @@ class Cond:
                     {k: neg(v) for k, v in first.negative_extra.items()}, first.distilled_guidance)
 
     def guided_batch(self, null_class: Optional[int]) -> "Cond":
-        """The batch ``[unconditional; conditional]`` of one guided call (null class or negative prompt first)."""
+        """The batch ``[unconditional; conditional]`` of one guided call (null class or negative prompt first);
+        the same object again while this conditioning's tensors are the same objects, not written since
+        (an inference tensor keeps no version counter: its identity alone)."""
+        made_of = (null_class, self.distilled_guidance, torch.is_inference_mode_enabled(),
+                   *((id(v), tensor_version(v)) for v in self.tensors()))
+        if self._guided is not None and self._guided[0] == made_of:
+            _, batch, versions, _ = self._guided
+            if [tensor_version(v) for v in batch.tensors()] == versions:  # nothing wrote into the batch since
+                return batch
+        batch = self._make_guided_batch(null_class)
+        # the sources held: no id in the key is reused while it is kept
+        self._guided = (made_of, batch, [tensor_version(v) for v in batch.tensors()], tuple(self.tensors()))
+        return batch
+
+    def _make_guided_batch(self, null_class: Optional[int]) -> "Cond":
         def both(neg: Optional[Tensor], pos: Optional[Tensor]) -> Optional[Tensor]:
             return None if pos is None else torch.cat([pos if neg is None else neg, pos])
 
@@ -117,6 +136,11 @@ class Family:
     network_class = ""
     # False for guidance-distilled networks, which take the guidance as an input (Flux dev)
     classifier_free = True
+    # True where the network's cross-attention reads the prompt's states as given (SD, SDXL), so a
+    # sampler's steps can reuse their keys and values (models.cross_attention); a network that
+    # projects its text states inside the forward first (PixArt) gets new inputs every call
+    reuses_cross_attention = False
+
     def accepts(self, config: dict[str, Any]) -> bool:
         """Whether a network of ``network_class`` with this config belongs to this family."""
         return True

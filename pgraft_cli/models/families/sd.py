@@ -14,6 +14,7 @@ from .base import Family
 class StableDiffusion(Family):
     name = "sd"
     network_class = "UNet2DConditionModel"
+    reuses_cross_attention = True
 
     def accepts(self, config: dict[str, Any]) -> bool:
         return not config.get("addition_embed_type")

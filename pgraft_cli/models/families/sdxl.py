@@ -19,6 +19,7 @@ from .base import Cond, Family, vae_scale_factor
 class StableDiffusionXL(Family):
     name = "sdxl"
     network_class = "UNet2DConditionModel"
+    reuses_cross_attention = True
 
     def accepts(self, config: dict[str, Any]) -> bool:
         return config.get("addition_embed_type") == "text_time"

@@ -1,0 +1,158 @@
+"""Cross-attention keys and values reused for the same conditioning: the same bytes, fewer projections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pgraft_cli.io.checkpoints import load_model
+from pgraft_cli.io.recipes import SampleConfig
+from pgraft_cli.io.runstore import RunStore
+from pgraft_cli.models.cross_attention import (cached_projection_count, cross_attention_cache,
+                                               cross_attention_projections)
+from pgraft_cli.models.families.base import Cond
+from pgraft_cli.stages import sample as sample_stage
+from pgraft_cli.stages.sample import Conditions, run_sample
+
+
+class NoBar:
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+
+@pytest.fixture
+def linear_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row count of every ``nn.Linear`` forward that really multiplies (a cache hit does not)."""
+    calls: list[int] = []
+    real = nn.Linear.forward
+
+    def counted(self, x):
+        calls.append(x.shape[0])
+        return real(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counted)
+    return calls
+
+
+def tiny_text_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=8, norm_num_groups=8).eval().requires_grad_(False)
+
+
+def test_the_same_states_twice_project_once_with_the_uncached_bytes(linear_calls):
+    unet = tiny_text_unet()
+    projections = cross_attention_projections(unet)
+    layers = [m for m in unet.modules() if getattr(m, "is_cross_attention", False)]
+    assert len(layers) == 4 and len(projections) == 2 * 4  # to_k and to_v of each (down, mid, two up)
+    g = torch.Generator().manual_seed(1)
+    x, states = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 16, generator=g)
+    with torch.inference_mode():
+        plain = [unet(x, t, encoder_hidden_states=states).sample for t in (900, 400)]
+        linear_calls.clear()
+        plain_calls = [unet(x, 900, encoder_hidden_states=states).sample] and len(linear_calls)
+        linear_calls.clear()
+        with cross_attention_cache([unet]) as n:
+            assert n == 8 and cached_projection_count(unet) == 8
+            cached = [unet(x, t, encoder_hidden_states=states).sample for t in (900, 400)]
+        assert cached_projection_count(unet) == 0
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert len(linear_calls) == 2 * plain_calls - 8  # the second call projected the states 8 times fewer
+    assert "forward" not in projections[0].__dict__
+    assert sorted(unet.state_dict()) == sorted(tiny_text_unet().state_dict())  # the module tree is untouched
+
+
+def test_other_states_or_states_written_in_place_are_projected_again(linear_calls):
+    unet = tiny_text_unet()
+    proj = cross_attention_projections(unet)[0]
+    g = torch.Generator().manual_seed(2)
+    states = torch.randn(2, 7, 16, generator=g)
+    # under no_grad, not inference_mode: an inference tensor keeps no version counter (its identity alone)
+    with torch.no_grad(), cross_attention_cache([unet]):
+        first = proj(states)
+        assert proj(states) is first and len(linear_calls) == 1
+        equal_copy = states.clone()
+        assert proj(equal_copy) is not first and len(linear_calls) == 2  # identity, not equality, is the key
+        equal_copy.mul_(2.0)  # written in place: its version moves on
+        doubled = proj(equal_copy)
+        assert proj.bias is None and len(linear_calls) == 3 and torch.allclose(doubled, 2.0 * first, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = proj(equal_copy)
+        assert low.dtype == torch.bfloat16 and len(linear_calls) == 4  # another autocast state: projected again
+        proj.weight.mul_(0.5)  # new weights (in place): projected again
+        assert not torch.equal(proj(equal_copy), doubled) and len(linear_calls) == 5
+
+
+def test_no_entry_is_kept_under_autograd_or_for_lora_layers():
+    from pgraft_cli.models.lora import add_lora
+
+    unet = tiny_text_unet().requires_grad_(True)
+    proj = cross_attention_projections(unet)[0]
+    states = torch.randn(2, 7, 16)
+    with cross_attention_cache([unet]):
+        a = proj(states)
+        b = proj(states)
+        assert a is not b and a.requires_grad  # each call its own graph
+    add_lora(unet, rank=2, alpha=2)  # the attention projections become peft layers
+    assert cross_attention_projections(unet) == []  # their output also follows the adapter's switch
+
+
+def test_guided_batch_is_the_same_object_until_a_source_changes():
+    pe, npe = torch.randn(2, 7, 16), torch.zeros(2, 7, 16)
+    cond = Cond(prompt_embeds=pe, negative_prompt_embeds=npe, guidance_scale=5.0)
+    batch = cond.guided_batch(None)
+    assert torch.equal(batch.prompt_embeds, torch.cat([npe, pe]))
+    assert cond.guided_batch(None) is batch
+    pe.add_(1.0)  # a source written in place
+    again = cond.guided_batch(None)
+    assert again is not batch and torch.equal(again.prompt_embeds, torch.cat([npe, pe]))
+    cond.prompt_embeds = torch.randn(2, 7, 16)  # a source replaced
+    assert torch.equal(cond.guided_batch(None).prompt_embeds, torch.cat([npe, cond.prompt_embeds]))
+    third = cond.guided_batch(None)
+    third.prompt_embeds.zero_()  # the batch itself written into: made again
+    assert torch.equal(cond.guided_batch(None).prompt_embeds, torch.cat([npe, cond.prompt_embeds]))
+
+
+def sampled(model, tmp: Path, name: str) -> torch.Tensor:
+    cfg = SampleConfig(num=4, steps=3, batch_size=4, lane=2, seed=3, guidance_scale=4.0)
+    with RunStore(tmp / name) as store:
+        result = run_sample(model, cfg, Conditions(prompts=["a red square", "a blue circle"]), store, NoBar())
+    return torch.cat([load_file(str(p))["images"] for p in result.shards])
+
+
+def test_the_sample_stage_projects_each_lane_s_prompts_once_with_the_same_bytes(tiny_sd_dir, tmp_path, monkeypatch,
+                                                                                linear_calls):
+    model = load_model(str(tiny_sd_dir))
+    n = len(cross_attention_projections(model.network))
+    assert n > 0
+    cached = sampled(model, tmp_path, "cached")
+    rows_cached = len(linear_calls)
+    linear_calls.clear()
+    monkeypatch.setattr(sample_stage, "cross_attention_cache", lambda nets, enabled=True: cross_attention_cache([], False))
+    plain = sampled(model, tmp_path, "plain")
+    assert torch.equal(cached, plain)
+    # two lanes of three guided steps: the second and third step of each lane reuse every projection
+    assert len(linear_calls) - rows_cached == 2 * 2 * n
+
+
+@pytest.mark.parametrize("fixture, reused", [("tiny_sd_dir", True), ("tiny_sdxl_dir", True), ("tiny_pixart_dir", False)])
+def test_the_families_that_pass_the_prompt_states_as_given_reuse_them(fixture, reused, request):
+    """SD and SDXL hand the prompt's states to every cross-attention layer as given; PixArt projects them
+    inside the forward (new tensors every call), so caching there would only hold memory."""
+    model = load_model(str(request.getfixturevalue(fixture)))
+    assert cross_attention_projections(model.network)  # each has cross-attention layers
+    with sample_stage.reused_cross_attention(model) as n:
+        assert (n > 0) == reused
+    with sample_stage.reused_cross_attention(model, enabled=False) as n:
+        assert n == 0
