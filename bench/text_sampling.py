@@ -15,7 +15,10 @@ count N (``--nums``), after a warm-up of each, ``--repeats`` rounds with the met
   noise, the prompt encoded, the same sampler steps and guidance, the VAE decode, the images as
   uint8 in memory (``work``), then the shard written (safetensors, sha256, fsync) (``stage``);
 * ``pgraft (before)``: the same stage with every row's prompt through the text encoders in one batch
-  (N + N rows: SD before its prompts were deduplicated, SDXL and SD3 before they were encoded alone).
+  (N + N rows: SD before its prompts were deduplicated, SDXL and SD3 before they were encoded alone);
+* ``pgraft (K/V per call)``: the same stage with the cross-attention keys and values projected at every
+  call, as diffusers does (``stages.sample.reused_cross_attention`` off): the control for that reuse,
+  whose images are checked to be the same bytes (``same bytes``, printed at the end).
 
 Nothing writes PNGs (``pgraft sample --out`` does that after the stage). ``text rows`` counts the
 text encoder's rows per run (hooked on its forward); ``syncs`` (CUDA only) the host synchronisations
@@ -41,7 +44,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -100,19 +103,26 @@ def batch_independent(model: Any, n: int) -> bool:
     return all(a is None or torch.equal(a[::3], b.expand_as(a[::3])) for a, b in pairs)
 
 
-def pgraft_run(model: Any, n: int, steps: int, before: bool) -> Callable[[], dict[str, float]]:
+def pgraft_run(model: Any, n: int, steps: int, before: bool = False, reuse: bool = True,
+               images: Optional[dict[str, Any]] = None) -> Callable[[], dict[str, float]]:
+    """One ``run_sample`` of N images; ``before``: every row's prompt encoded; ``reuse=False``: the
+    cross-attention keys and values projected at every call. ``images[True/False]`` keeps the last
+    images of each ``reuse`` setting."""
     from safetensors import safe_open
 
     from pgraft_cli.io.recipes import SampleConfig
     from pgraft_cli.io.runstore import RunStore
+    from pgraft_cli.stages import sample as stage_module
     from pgraft_cli.stages.sample import Conditions, run_sample
 
     cfg = SampleConfig(num=n, steps=steps, batch_size=n, lane=n, guidance_scale=GUIDANCE)
 
     def run() -> dict[str, float]:
-        saved = type(model).encode
+        saved, saved_reuse = type(model).encode, stage_module.reused_cross_attention
         if before:
             type(model).encode = per_row_encode
+        if not reuse:
+            stage_module.reused_cross_attention = lambda m, enabled=True: saved_reuse(m, False)
         try:
             with tempfile.TemporaryDirectory() as d, RunStore(Path(d)) as store:
                 tic = time.perf_counter()
@@ -120,8 +130,10 @@ def pgraft_run(model: Any, n: int, steps: int, before: bool) -> Callable[[], dic
                 stage = time.perf_counter() - tic
                 with safe_open(str(result.shards[0]), "pt") as f:  # the stamp: seconds of work(k)
                     work = float(f.metadata()["pgraft.seconds"])
+                    if images is not None and not before:
+                        images[reuse] = f.get_tensor("images")
         finally:
-            type(model).encode = saved
+            type(model).encode, stage_module.reused_cross_attention = saved, saved_reuse
         return {"work": work, "stage": stage}
     return run
 
@@ -144,6 +156,7 @@ def main() -> None:
     p.add_argument("--nums", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-before", action="store_true", help="skip the pgraft (before) rows")
+    p.add_argument("--no-control", action="store_true", help="skip the pgraft (K/V per call) rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="the weights' dtype on both sides")
     p.add_argument("--cache", type=Path, default=None, help="keep the built pipeline here (default: a temp dir)")
@@ -168,11 +181,14 @@ def main() -> None:
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"{args.size} at {args.resolution} px, {args.steps} steps, guidance {GUIDANCE}, {args.dtype} on {device}, "
           f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} at start")
-    results = []
+    results, same_bytes = [], []
     for n in args.nums:
-        methods = {"diffusers": diffusers_run(pipe, n, args.steps), "pgraft": pgraft_run(model, n, args.steps, False)}
+        images: dict[bool, Any] = {}
+        methods = {"diffusers": diffusers_run(pipe, n, args.steps), "pgraft": pgraft_run(model, n, args.steps, images=images)}
         if not args.no_before:
-            methods["pgraft (before)"] = pgraft_run(model, n, args.steps, True)
+            methods["pgraft (before)"] = pgraft_run(model, n, args.steps, before=True)
+        if not args.no_control:
+            methods["pgraft (K/V per call)"] = pgraft_run(model, n, args.steps, reuse=False, images=images)
         methods = {name: synced(args.device, run) for name, run in methods.items()}
         syncs = {name: count_syncs(args.device, run) for name, run in methods.items()}
         times: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
@@ -185,23 +201,28 @@ def main() -> None:
         for r in range(args.repeats):
             for name in order[r % len(order):] + order[: r % len(order)]:
                 times[name].append(methods[name]())
+        if len(images) == 2:
+            same_bytes.append(bool(torch.equal(images[True], images[False])))
         base = statistics.median(t["stage"] for t in times["diffusers"])
         for name, ts in times.items():
             row = {"n": n, "method": name, "text_rows": text_rows[name], "syncs": syncs[name],
                    "work_s": statistics.median(t["work"] for t in ts), "stage_s": statistics.median(t["stage"] for t in ts)}
             row["ratio"] = base / row["stage_s"]
             results.append(row)
-    print(f"{'N':>3}  {'method':<17}{'text rows':>10}{'syncs':>7}{'work s':>9}{'stage s':>9}{'ratio':>7}")
+    print(f"{'N':>3}  {'method':<22}{'text rows':>10}{'syncs':>7}{'work s':>9}{'stage s':>9}{'ratio':>7}")
     for row in results:
         syncs = "-" if row["syncs"] is None else str(row["syncs"])
-        print(f"{row['n']:>3}  {row['method']:<17}{row['text_rows']:>10}{syncs:>7}{row['work_s']:>9.3f}"
+        print(f"{row['n']:>3}  {row['method']:<22}{row['text_rows']:>10}{syncs:>7}{row['work_s']:>9.3f}"
               f"{row['stage_s']:>9.3f}{row['ratio']:>7.2f}")
+    if same_bytes:
+        print(f"same bytes with the keys and values reused as projected at every call: {all(same_bytes)}")
     equal = batch_independent(model, max(args.nums))
     print(f"batch-independent (a prompt's rows beside others = encoded alone, {args.device} {args.dtype}): {equal}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end; ratio = diffusers s / this row's stage s")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "resolution": args.resolution, "steps": args.steps,
                                          "device": device, "dtype": args.dtype, "batch_independent": equal,
+                                         "same_bytes_with_reuse": all(same_bytes) if same_bytes else None,
                                          "rows": results}, indent=2))
 
 

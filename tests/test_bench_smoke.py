@@ -32,13 +32,15 @@ def test_gpu_bench_runs_tiny_on_the_cpu(tmp_path, monkeypatch, capsys):
 
 def test_text_sampling_bench_runs_tiny(tmp_path, monkeypatch, capsys):
     out = tmp_path / "text.json"
-    monkeypatch.setattr(sys, "argv", ["text_sampling.py", "--size", "tiny", "--resolution", "32", "--steps", "1",
+    monkeypatch.setattr(sys, "argv", ["text_sampling.py", "--size", "tiny", "--resolution", "32", "--steps", "2",
                                       "--nums", "1", "3", "--repeats", "1", "--cache", str(tmp_path), "--json", str(out)])
     monkeypatch.syspath_prepend(str(BENCH))
     runpy.run_path(str(BENCH / "text_sampling.py"), run_name="__main__")
     result = json.loads(out.read_text())
     rows = {(r["n"], r["method"]): r for r in result["rows"]}
-    assert set(rows) == {(n, m) for n in (1, 3) for m in ("diffusers", "pgraft", "pgraft (before)")}
+    assert set(rows) == {(n, m) for n in (1, 3) for m in ("diffusers", "pgraft", "pgraft (before)",
+                                                           "pgraft (K/V per call)")}
+    assert result["same_bytes_with_reuse"] is True  # the control's images are the reused run's bytes
     for n in (1, 3):  # one prompt and one negative prompt per run, as diffusers; before: n + n
         assert rows[n, "pgraft"]["text_rows"] == rows[n, "diffusers"]["text_rows"] == 2
         assert rows[n, "pgraft (before)"]["text_rows"] == 2 * n
