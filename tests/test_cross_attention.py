@@ -125,10 +125,16 @@ def test_guided_batch_is_the_same_object_until_a_source_changes():
 
 
 def sampled(model, tmp: Path, name: str) -> torch.Tensor:
+    """The float samples (model space, before the VAE and the uint8 rounding) of a small guided run."""
     cfg = SampleConfig(num=4, steps=3, batch_size=4, lane=2, seed=3, guidance_scale=4.0)
     with RunStore(tmp / name) as store:
         result = run_sample(model, cfg, Conditions(prompts=["a red square", "a blue circle"]), store, NoBar())
-    return torch.cat([load_file(str(p))["images"] for p in result.shards])
+    return torch.cat([load_file(str(p))["samples"] for p in result.shards])
+
+
+def no_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stages without the reuse: every call projects the prompt's states."""
+    monkeypatch.setattr(sample_stage, "reused_cross_attention", lambda model, enabled=True: cross_attention_cache([], False))
 
 
 def test_the_sample_stage_projects_each_lane_s_prompts_once_with_the_same_bytes(tiny_sd_dir, tmp_path, monkeypatch,
@@ -139,7 +145,7 @@ def test_the_sample_stage_projects_each_lane_s_prompts_once_with_the_same_bytes(
     cached = sampled(model, tmp_path, "cached")
     rows_cached = len(linear_calls)
     linear_calls.clear()
-    monkeypatch.setattr(sample_stage, "cross_attention_cache", lambda nets, enabled=True: cross_attention_cache([], False))
+    no_reuse(monkeypatch)
     plain = sampled(model, tmp_path, "plain")
     assert torch.equal(cached, plain)
     # two lanes of three guided steps: the second and third step of each lane reuse every projection
@@ -156,3 +162,83 @@ def test_the_families_that_pass_the_prompt_states_as_given_reuse_them(fixture, r
         assert (n > 0) == reused
     with sample_stage.reused_cross_attention(model, enabled=False) as n:
         assert n == 0
+
+
+def test_a_lora_fine_tune_switching_at_its_cutoff_samples_the_same_bytes_with_plain_keys_and_values_reused(
+        tiny_sd_dir, tmp_path, monkeypatch, linear_calls):
+    """P-GRAFT with LoRA on the queries and outputs only: the adapter switches on above the cutoff while
+    the key and value projections stay plain ``nn.Linear`` layers, reused across the switch."""
+    from pgraft_cli.models.lora import add_lora
+
+    model = load_model(str(tiny_sd_dir))
+    torch.manual_seed(5)
+    add_lora(model.network, rank=2, alpha=2, targets=["to_q", "to_out.0"])
+    with torch.no_grad():
+        for name, p in model.network.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # an adapter that changes the output
+    model.lora, model.cutoff = True, 0.5
+    assert cross_attention_projections(model.network)  # the keys and values are still plain layers
+    reused = sampled(model, tmp_path, "reused")
+    calls = len(linear_calls)
+    linear_calls.clear()
+    no_reuse(monkeypatch)
+    plain = sampled(model, tmp_path, "plain")
+    assert torch.equal(reused, plain) and len(linear_calls) > calls
+
+
+def test_the_text_inversion_reuses_the_keys_and_values_with_the_same_bytes(tiny_sd_dir, linear_calls):
+    """A shard's lanes as ``run_invert`` runs them (inside ``reused_cross_attention``), against none."""
+    from pgraft_cli.io.recipes import CorrectConfig
+    from pgraft_cli.stages.correct import _invert_shard
+
+    model = load_model(str(tiny_sd_dir))
+    x = torch.randn(4, *model.sample_shape, generator=torch.Generator().manual_seed(6))
+    cfg = CorrectConfig(base_steps=3, inversion_iterations=4, inversion_tol=1e-6)
+    prompts = ["a red square", "a blue circle", "a red square", "a green cube"]
+
+    def invert(reuse: bool):
+        linear_calls.clear()
+        with torch.inference_mode(), sample_stage.reused_cross_attention(model, enabled=reuse) as n:
+            out = _invert_shard(model, x, cfg, 4, lambda n: None, prompts=prompts, guidance_scale=3.0)
+        assert (n > 0) == reuse
+        return out, len(linear_calls)
+
+    (reused, fewer), (plain, more) = invert(True), invert(False)
+    assert set(reused) == set(plain) and all(torch.equal(reused[k], plain[k]) for k in reused)
+    assert fewer < more
+
+
+def test_the_kept_keys_and_values_never_pass_the_budget_and_the_rest_are_projected_each_call(linear_calls):
+    unet = tiny_text_unet()
+    g = torch.Generator().manual_seed(7)
+    x, states = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 16, generator=g)
+    widths = [p.out_features for p in cross_attention_projections(unet)]
+    one = 2 * 7 * min(widths) * 4  # bytes of the narrowest projection's output (float32): the first one called
+    with torch.inference_mode():
+        plain = unet(x, 500, encoder_hidden_states=states).sample
+        linear_calls.clear()
+        unet(x, 500, encoder_hidden_states=states)
+        per_call = len(linear_calls)
+        linear_calls.clear()
+        with cross_attention_cache([unet], budget=one) as n:  # room for one of the eight outputs
+            a = unet(x, 500, encoder_hidden_states=states).sample
+            b = unet(x, 500, encoder_hidden_states=states).sample
+    assert n == 8 and torch.equal(a, plain) and torch.equal(b, plain)
+    assert len(linear_calls) == 2 * per_call - 1  # only the one kept output was reused
+
+
+def test_a_conditioning_that_requires_grad_gets_its_own_guided_batch_every_call():
+    pe = torch.randn(2, 7, 16, requires_grad=True)
+    cond = Cond(prompt_embeds=pe, negative_prompt_embeds=torch.zeros(2, 7, 16), guidance_scale=5.0)
+    first, second = cond.guided_batch(None), cond.guided_batch(None)
+    assert first is not second and first.prompt_embeds.requires_grad
+
+
+def test_a_guided_batch_memo_leaves_the_flop_key_of_a_conditioning_as_it_was():
+    from pgraft_cli.core.metrics import structure
+
+    cond = Cond(prompt_embeds=torch.randn(2, 7, 16), negative_prompt_embeds=torch.zeros(2, 7, 16), guidance_scale=5.0)
+    before = structure(cond)
+    cond.guided_batch(None)
+    assert cond._guided is not None and structure(cond) == before

@@ -254,7 +254,7 @@ def structure(value: Any) -> str:
 
     Tensors (parameters, buffers) are their shape, dtype and device; an object (a module too) is
     its class and every attribute (config, flags, processors, enabled adapters, hooks, submodules in
-    order); containers their items. A class (outside ``builtins``) is its name, its bases and the
+    order) but those its class names in ``_structure_skip`` (memos); containers their items. A class (outside ``builtins``) is its name, its bases and the
     functions and public attributes of its namespace; a function its name, a digest of its code
     (``marshal``: bytecode, constants, names), its defaults and its closure's contents; a bound
     method its function and object; a ``functools.partial`` its function, arguments and keywords.
@@ -336,7 +336,10 @@ def structure(value: Any) -> str:
         elif hasattr(v, "__dict__"):
             out.append("(")
             walk(type(v))
+            skip = getattr(type(v), "_structure_skip", ())  # a class's memo attributes: not its state
             for name, item in vars(v).items():
+                if name in skip:
+                    continue
                 out.append(name)
                 if type(item) in _CONTAINERS and not item:  # a module's many empty hook dicts: one word
                     out.append(type(item).__name__)

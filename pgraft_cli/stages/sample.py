@@ -29,7 +29,7 @@ from torch import Tensor
 from ..io.checkpoints import model_key
 from ..io.host import release_free_memory
 from ..errors import OutputPathError, PgraftError
-from ..models.cross_attention import cross_attention_cache
+from ..models.cross_attention import CACHE_BUDGET_BYTES, cross_attention_cache
 from ..models.loaded import LoadedModel
 from ..models.traced import TracedForward, traceable
 from ..io.recipes import SampleConfig
@@ -145,8 +145,9 @@ def lane_cap(free: int, reserved: int, allocated: int, per_image: int) -> int:
 
 def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
     """How many images fit one network call on the model's GPU (:func:`lane_cap`, one image's peak
-    measured by one call at batch 1); under several processes every one takes process 0's. Off CUDA
-    no memory cap: ``CPU_LANE``."""
+    measured by one call at batch 1, in the free memory less what reused cross-attention keys and
+    values may hold: :func:`reused_cross_attention`); under several processes every one takes
+    process 0's. Off CUDA no memory cap: ``CPU_LANE``."""
     if model.device.type != "cuda":
         return CPU_LANE
     x = torch.zeros((1, *model.sample_shape), device=model.device, dtype=model.dtype)
@@ -154,11 +155,13 @@ def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
     torch.cuda.synchronize(model.device)
     before = torch.cuda.memory_allocated(model.device)
     torch.cuda.reset_peak_memory_stats(model.device)
-    with torch.inference_mode(), reused_cross_attention(model):  # counted as the stage keeps its keys and values
+    with torch.inference_mode():
         model.predict(x, torch.tensor(1.0), model.encode(prompts, classes, guidance_scale))
     per_image = max(1, torch.cuda.max_memory_allocated(model.device) - before)
     free, _ = torch.cuda.mem_get_info(model.device)
-    cap = lane_cap(free, torch.cuda.memory_reserved(model.device), torch.cuda.memory_allocated(model.device), per_image)
+    kept = CACHE_BUDGET_BYTES if model.adapter.reuses_cross_attention else 0  # the most reused keys and values hold
+    cap = lane_cap(max(0, free - kept), torch.cuda.memory_reserved(model.device), torch.cuda.memory_allocated(model.device),
+                   per_image)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         shared = torch.tensor([cap], device=model.device)  # one lane on every process: the shards' key holds it
         torch.distributed.broadcast(shared, src=0)

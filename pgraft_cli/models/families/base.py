@@ -41,6 +41,7 @@ class Cond:
     # guided_batch's last batch and what it was made from: a sampler's steps get the same tensors
     # (models.cross_attention reuses a projection's output for the very same input object)
     _guided: Optional[tuple[tuple, "Cond", list[int], tuple]] = field(default=None, repr=False, compare=False)
+    _structure_skip = ("_guided",)  # a memo: not part of what core.metrics.structure describes
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the conditioning holds (its fields and its ``extra`` inputs)."""
@@ -80,15 +81,18 @@ class Cond:
         """The batch ``[unconditional; conditional]`` of one guided call (null class or negative prompt first);
         the same object again while this conditioning's tensors are the same objects, not written since
         (an inference tensor keeps no version counter: its identity alone)."""
-        made_of = (null_class, self.distilled_guidance, torch.is_inference_mode_enabled(),
-                   *((id(v), tensor_version(v)) for v in self.tensors()))
+        sources = self.tensors()
+        if any(v.requires_grad for v in sources):  # a graph of its own at every call (training a projection)
+            return self._make_guided_batch(null_class)
+        made_of = (null_class, self.distilled_guidance, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+                   *((id(v), tensor_version(v)) for v in sources))
         if self._guided is not None and self._guided[0] == made_of:
             _, batch, versions, _ = self._guided
             if [tensor_version(v) for v in batch.tensors()] == versions:  # nothing wrote into the batch since
                 return batch
         batch = self._make_guided_batch(null_class)
         # the sources held: no id in the key is reused while it is kept
-        self._guided = (made_of, batch, [tensor_version(v) for v in batch.tensors()], tuple(self.tensors()))
+        self._guided = (made_of, batch, [tensor_version(v) for v in batch.tensors()], tuple(sources))
         return batch
 
     def _make_guided_batch(self, null_class: Optional[int]) -> "Cond":
