@@ -18,7 +18,9 @@ tree), the trees interleaved round by round with their order alternating, after 
   imports before the load, argument parsing, the exit).
 
 With ``--full``, the README's main job instead, from scratch in a fresh run directory (about a minute
-a run on the 2-core box): wall seconds, every stage's seconds, the process's peak RSS (``os.wait4``),
+a run on the 2-core box): wall seconds, every stage's seconds, the process's peak RSS and CPU seconds
+(user and system, ``os.wait4``), the seconds the hypervisor stole from the machine meanwhile
+(``/proc/stat``; a VM's neighbours taking its CPUs show there, not in the process's CPU seconds),
 the held-out FIDs, and whether every tensor of each run's ``corrected.safetensors`` and of every shard
 it wrote (inversion, both evaluations) has the same bytes as the first tree's run of the same round.
 The trees' order alternates round by round (ABBA over two rounds), so a drift of the machine's speed
@@ -48,18 +50,35 @@ from typing import Callable
 
 STAGES = ("load", "inversion", "corrector_training", "sampling", "evaluation", "report")  # the main job's
 COLUMNS = ("inspect", "correct", "load", "evaluation", "report", "outside")
-FULL = ("wall", *STAGES, "outside", "peak_rss_mb")
+FULL = ("wall", *STAGES, "outside", "peak_rss_mb", "cpu_s", "steal_s")
+
+
+def steal_seconds() -> float:
+    """The machine's CPU time stolen by the hypervisor since boot, all CPUs together (``/proc/stat``'s
+    ``steal``; 0 where there is no such file)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+LAST: dict[str, float] = {}  # the last ``timed`` call's CPU seconds and stolen seconds
 
 
 def timed(tree: Path, args: list[str]) -> tuple[float, str, float]:
-    """Wall seconds, stdout and peak RSS (MB) of ``python -m pgraft_cli ARGS`` in TREE."""
+    """Wall seconds, stdout and peak RSS (MB) of ``python -m pgraft_cli ARGS`` in TREE (its CPU seconds,
+    user and system, and the seconds the hypervisor stole meanwhile go to ``LAST``)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        stolen = steal_seconds()
         tic = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "pgraft_cli", *args], cwd=tree, env=env, stdout=out, stderr=err,
                                 text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - tic
+        LAST.update(cpu_s=usage.ru_utime + usage.ru_stime, steal_s=steal_seconds() - stolen)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         if proc.returncode != 0:
@@ -84,7 +103,7 @@ def main_job(tree: Path, run: Path) -> dict[str, float]:
     summary = json.loads(out)
     stages = summary["stage_seconds"]
     return {**{k: stages.get(k, 0.0) for k in STAGES}, "wall": wall,
-            "outside": wall - sum(stages.values()), "peak_rss_mb": rss,
+            "outside": wall - sum(stages.values()), "peak_rss_mb": rss, **LAST,
             "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"]}
 
 
