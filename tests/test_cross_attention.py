@@ -137,9 +137,10 @@ def no_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sample_stage, "reused_cross_attention", lambda model, enabled=True: cross_attention_cache([], False))
 
 
-def test_the_sample_stage_projects_each_lane_s_prompts_once_with_the_same_bytes(tiny_sd_dir, tmp_path, monkeypatch,
+@pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_the_sample_stage_projects_each_lane_s_prompts_once_with_the_same_bytes(fixture, request, tmp_path, monkeypatch,
                                                                                 linear_calls):
-    model = load_model(str(tiny_sd_dir))
+    model = load_model(str(request.getfixturevalue(fixture)))
     n = len(cross_attention_projections(model.network))
     assert n > 0
     cached = sampled(model, tmp_path, "cached")
