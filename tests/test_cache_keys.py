@@ -226,11 +226,11 @@ def data_files(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def tiny_flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pgraft file of a tiny flow UNet on 1 x 16 x 16 images (digits-shaped, many times cheaper)."""
-    from conftest import build_tiny_unet
+    from conftest import ONE_BLOCK_UNET, build_tiny_unet
 
     from pgraft_cli.io.checkpoints import default_scheduler_config, save_pgraft_safetensors
 
-    unet = build_tiny_unet(channels=1, sample_size=16)
+    unet = build_tiny_unet(channels=1, sample_size=16, **ONE_BLOCK_UNET)  # the graph the compile test compiles too
     path = tmp_path_factory.mktemp("tiny-flow") / "tiny-flow.safetensors"
     return save_pgraft_safetensors(path, unet, "UNet2DModel", dict(unet.config), default_scheduler_config("flow"),
                                    {"created_by": "test_cache_keys"})
