@@ -240,14 +240,22 @@ def tiny_flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fast_runs(monkeypatch: pytest.MonkeyPatch):
     """Seconds that do not change a number: no report.html (it only renders the run directory's
     artifacts), no fsync (durability) and the click command built once. (The imported libraries' objects
-    are out of garbage collections already: conftest freezes them.)"""
+    are out of garbage collections already: conftest freezes them.) And ``sample.compile = true`` (a key of
+    every verb) compiles with dynamo's ``eager`` backend, not inductor: what this property needs of that key
+    is its plumbing (a compiled run in an eager run's directory gives the fresh compiled result); inductor's
+    own bytes, keyed apart from eager's, are ``test_sample``'s compile test. A fresh CI machine's empty
+    inductor cache made the sample verb's runs alone take 15-24 s."""
+    import functools
     import os
+
+    import torch
 
     from pgraft_cli.report import html as report
 
     monkeypatch.setattr(report, "render_report", lambda run_dir, run=None: Path(run_dir) / "report.html")
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     monkeypatch.setattr(typer.testing, "_get_command", click_command)  # built once, as in one process
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
 
 # ----------------------------------------------------------------------------------------------

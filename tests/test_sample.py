@@ -298,11 +298,16 @@ def test_compile_note_is_for_a_cpu_network_the_stage_would_trace(tiny_sd_dir):
 
 
 @pytest.mark.slow
-def test_compile_is_an_opt_in_keyed_apart_with_the_eager_images_to_rounding(unet_pipeline_dir, tmp_path):
+def test_compile_is_an_opt_in_keyed_apart_with_the_eager_images_to_rounding(unet_pipeline_dir, tmp_path, monkeypatch):
     from dataclasses import replace
 
     import torch
+    import torch._inductor.config
     from torch._dynamo.utils import counters
+
+    # inductor's vector ISA is the one /proc/cpuinfo lists, taken as working: without this, a fresh machine's
+    # first compile builds and loads a probe program per ISA (5 s of this test's 16-19 s cold)
+    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", True)
 
     from pgraft_cli.io.checkpoints import load_model
     from pgraft_cli.io.recipes import SampleConfig
