@@ -32,12 +32,9 @@ import typer.main  # noqa: E402
 TINY_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
 SCHEDULERS = ("ddpm", "ddim", "flow")
-# One block, no attention and no resampling: the network the compiled tests compile. A fresh CI machine's
-# empty inductor cache makes every new graph cost seconds of C++ compiling (24 s for the two-block UNet with
-# attention, 19 s for this); the compile test and the cache-keys test's ``sample.compile`` run compile the same
-# graph (1 x 16 x 16 images, lanes of 4), so whichever starts after the other has finished reads its code from
-# the inductor cache on disk. (pytest-xdist's ``--dist loadgroup`` would put them on one worker, but it does not
-# group under pytest 9.2: pytest-dev/pytest-xdist#1386.)
+# One block, no attention and no resampling: the compile test's network (a fresh CI machine's empty inductor
+# cache makes every new graph cost seconds of C++ compiling: 24 s for the two-block UNet with attention, 19 s
+# for this), and the cache-keys tests' (their many runs: 38.8 s against 44.7 s for the file on one worker).
 ONE_BLOCK_UNET = dict(block_out_channels=(8,), down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
                       add_attention=False)
 

@@ -305,8 +305,9 @@ def test_compile_is_an_opt_in_keyed_apart_with_the_eager_images_to_rounding(unet
     import torch._inductor.config
     from torch._dynamo.utils import counters
 
-    # inductor's vector ISA is the one /proc/cpuinfo lists, taken as working: without this, a fresh machine's
-    # first compile builds and loads a probe program per ISA (5 s of this test's 16-19 s cold)
+    # the vector ISAs torch detects on this CPU are taken as buildable: without this, a fresh machine's first
+    # compile builds and loads a probe program with g++ for each (about 5 s of this test's 18 s cold). The
+    # checks' results stay cached in the worker (valid_vec_isa_list), where no other test compiles with inductor.
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", True)
 
     from pgraft_cli.io.checkpoints import load_model
@@ -321,8 +322,8 @@ def test_compile_is_an_opt_in_keyed_apart_with_the_eager_images_to_rounding(unet
         def advance(self, *a, **k):
             pass
 
-    # conftest's ONE_BLOCK_UNET at the cache-keys test's shapes: the keying, the handing back and the
-    # closeness to eager are what it checks, on a graph whose cold compile is short and shared
+    # conftest's ONE_BLOCK_UNET: the keying, the handing back and the closeness to eager are what it checks,
+    # on a graph whose cold compile is short
     model = load_model(str(unet_pipeline_dir(scheduler="flow", sample_size=16, **ONE_BLOCK_UNET)))
     eager = model.network
     runs = {}
