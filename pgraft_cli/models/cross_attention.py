@@ -10,7 +10,9 @@ very same input tensor (the same object, not written since: an inference tensor,
 version counter, by its identity alone), with the same weights (the same tensor objects on the same
 storage, at the same version), under the same autocast and grad modes: the same kernel on the same
 operands, so the outputs are bitwise those of a fresh call. A write into a weight through ``.data``
-moves no version counter and is not seen: no stage writes weights inside the block.
+moves no version counter and is not seen: no stage writes weights inside the block. The returned
+output is the kept tensor itself, so its reader must not write into it (diffusers' attention processors
+only read the keys and values).
 
 Only plain ``nn.Linear`` projections are cached: a peft LoRA layer's output also depends on Python
 state (its adapter switched on above a fine-tune's cutoff, off below). A network that ``models.traced``
