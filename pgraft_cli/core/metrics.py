@@ -252,16 +252,16 @@ def _code_digest(code: types.CodeType) -> str:
 def structure(value: Any) -> str:
     """``value`` described down to everything but tensors' values: the key of a FLOP count.
 
-    Tensors (parameters, buffers) are their shape, dtype and device; an object (a module too) is
-    its class and every attribute (config, flags, processors, enabled adapters, hooks, submodules in
-    order) but those its class names in ``_structure_skip`` (memos); containers their items. A class
-    (outside ``builtins``) is its name, its bases and the functions and public attributes of its
-    namespace; a function its name, a digest of its code (``marshal``: bytecode, constants, names),
-    its defaults and its closure's contents; a bound method its function and object; a ``functools.partial`` its function, arguments and keywords.
-    An object met again is a back-reference (cycles end). Two values with one description run the
-    same ops on the same shapes, as long as no forward branches on a tensor's values (none of
-    diffusers' networks, peft's LoRA layers or pgraft's correctors do) and the module-level names
-    their code calls are not rebound in between (functions' globals are not walked).
+    Tensors (parameters, buffers) are their shape, dtype and device; an object (a module too) is its
+    class and every attribute (config, flags, processors, enabled adapters, hooks, submodules in order)
+    but those its class names in ``_structure_skip`` (memos); containers their items. A class (outside
+    ``builtins``) is its name, its bases and the functions and public attributes of its namespace; a
+    function its name, a digest of its code (``marshal``: bytecode, constants, names), its defaults and
+    its closure's contents; a bound method its function and object; a ``functools.partial`` its
+    function, arguments and keywords. An object met again is a back-reference (cycles end). Two values
+    with one description run the same ops on the same shapes, as long as no forward branches on a
+    tensor's values (none of diffusers' networks, peft's LoRA layers or pgraft's correctors do) and the
+    module-level names their code calls are not rebound in between (functions' globals are not walked).
     """
     out: list[str] = []
     seen: dict[int, int] = {}

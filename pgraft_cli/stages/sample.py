@@ -159,9 +159,9 @@ def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
         model.predict(x, torch.tensor(1.0), model.encode(prompts, classes, guidance_scale))
     per_image = max(1, torch.cuda.max_memory_allocated(model.device) - before)
     free, _ = torch.cuda.mem_get_info(model.device)
-    kept = CACHE_BUDGET_BYTES if model.adapter.reuses_cross_attention else 0  # the most reused keys and values hold
-    cap = lane_cap(max(0, free - kept), torch.cuda.memory_reserved(model.device), torch.cuda.memory_allocated(model.device),
-                   per_image)
+    kept = CACHE_BUDGET_BYTES if model.adapter.reuses_cross_attention else 0  # the most reused keys, values hold
+    reserved, allocated = torch.cuda.memory_reserved(model.device), torch.cuda.memory_allocated(model.device)
+    cap = lane_cap(max(0, free - kept), reserved, allocated, per_image)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         shared = torch.tensor([cap], device=model.device)  # one lane on every process: the shards' key holds it
         torch.distributed.broadcast(shared, src=0)
