@@ -64,12 +64,9 @@ def steal_seconds() -> float:
         return 0.0
 
 
-LAST: dict[str, float] = {}  # the last ``timed`` call's CPU seconds and stolen seconds
-
-
-def timed(tree: Path, args: list[str]) -> tuple[float, str, float]:
-    """Wall seconds, stdout and peak RSS (MB) of ``python -m pgraft_cli ARGS`` in TREE (its CPU seconds,
-    user and system, and the seconds the hypervisor stole meanwhile go to ``LAST``)."""
+def timed(tree: Path, args: list[str]) -> tuple[float, str, dict[str, float]]:
+    """Wall seconds, stdout and ``peak_rss_mb``, ``cpu_s`` (user and system) and ``steal_s`` (the seconds
+    the hypervisor stole meanwhile) of ``python -m pgraft_cli ARGS`` in TREE."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         stolen = steal_seconds()
@@ -78,12 +75,13 @@ def timed(tree: Path, args: list[str]) -> tuple[float, str, float]:
                                 text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - tic
-        LAST.update(cpu_s=usage.ru_utime + usage.ru_stime, steal_s=steal_seconds() - stolen)
+        usage_row = {"peak_rss_mb": usage.ru_maxrss / 1024,  # Linux: kilobytes
+                     "cpu_s": usage.ru_utime + usage.ru_stime, "steal_s": steal_seconds() - stolen}
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         if proc.returncode != 0:
             raise SystemExit(f"{tree}: pgraft {' '.join(args)} failed:\n{err.read()[-2000:]}")
-        return wall, out.read(), usage.ru_maxrss / 1024  # Linux: kilobytes
+        return wall, out.read(), usage_row
 
 
 def tensor_bytes(run: Path) -> dict[str, bytes]:
@@ -99,11 +97,11 @@ def tensor_bytes(run: Path) -> dict[str, bytes]:
 def main_job(tree: Path, run: Path) -> dict[str, float]:
     """The README's main job in RUN: wall, every stage's seconds, ``outside`` (wall - the stages), peak RSS
     and the held-out FIDs."""
-    wall, out, rss = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(run), "--json"])
+    wall, out, usage = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(run), "--json"])
     summary = json.loads(out)
     stages = summary["stage_seconds"]
     return {**{k: stages.get(k, 0.0) for k in STAGES}, "wall": wall,
-            "outside": wall - sum(stages.values()), "peak_rss_mb": rss, **LAST,
+            "outside": wall - sum(stages.values()), **usage,
             "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"]}
 
 
