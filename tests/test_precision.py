@@ -70,8 +70,12 @@ FID_BOUND = {"bfloat16": 0.03, "float16": 0.01}  # relative
 # Measured: inverted noises differ from float32's by 4.8 % RMS (bf16) and 1.6 % (fp16); base samples
 # by at most 0.011 and 0.0012, corrected ones by 0.024 and 0.012, while the corrector itself moves the
 # samples by 1.19; the FID of 8 base samples by 0.04 % and 0.07 %, of the corrected by 0.9 % and 0.3 %.
+# That on an AVX512-BF16 CPU. On an AVX2 one, where bf16 is emulated: noises 5.8 %, base samples 0.014, but
+# corrected ones 0.116 (fp16: 0.017): the corrector is trained (10 steps) on the half-precision noises, and
+# that training, not the base's rounding, moves them most. So the corrected bound is also a fifth of the
+# correction (1.18 on both CPUs), not the tenth that the first CPU's 0.024 allowed.
 NOISE_BOUND = {"bfloat16": 0.15, "float16": 0.05}  # RMS of the difference / RMS of float32's noises
-CORRECTED_SAMPLES_BOUND = {"bfloat16": 0.1, "float16": 0.05}  # max |difference| of model-space samples
+CORRECTED_SAMPLES_BOUND = {"bfloat16": 0.15, "float16": 0.05}  # max |difference| of model-space samples
 CORRECTED_FID_BOUND = {"bfloat16": 0.08, "float16": 0.03}
 
 
@@ -144,7 +148,7 @@ def test_correct_in_half_precision_is_close_to_float32(dtype, runs):
                                       for name in ("evaluate-base", "evaluate-corrected") for s in (a, b))
     assert (base_b - base_a).abs().max() <= SAMPLES_BOUND[dtype]
     corr_diff, correction = (corr_b - corr_a).abs().max(), (corr_a - base_a).abs().max()
-    assert 0 < corr_diff <= CORRECTED_SAMPLES_BOUND[dtype] and corr_diff < correction / 10
+    assert 0 < corr_diff <= CORRECTED_SAMPLES_BOUND[dtype] and corr_diff < correction / 5
     for key, bound in (("base", FID_BOUND), ("corrected", CORRECTED_FID_BOUND)):
         assert torch.isfinite(torch.tensor(half[key]["fid"]))
         assert abs(half[key]["fid"] - ref[key]["fid"]) <= bound[dtype] * ref[key]["fid"], key
