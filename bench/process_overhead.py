@@ -180,7 +180,10 @@ def full(trees: list[Path], rounds: int) -> None:
             first = tensor_bytes(runs[trees[0]])
             for t in trees[1:]:
                 same[t].append(tensor_bytes(runs[t]) == first)
-    print(f"\nload average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; float32 1024^2 matmul on "
+    from pgraft_cli.io.host import describe_cpu
+
+    print(f"\n{describe_cpu()}")
+    print(f"load average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; float32 1024^2 matmul on "
           f"{torch.get_num_threads()} threads {rate_before / 1e9:.1f} GFLOP/s before, {matmul_rate() / 1e9:.1f} after; "
           f"{rounds} rounds (ABBA); median seconds; peak RSS of the process in MB\n")
     def fids(t: Path) -> str:

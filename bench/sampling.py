@@ -356,8 +356,10 @@ def main() -> None:
     unet = model.network
     scheduler_config = dict(model.scheduler_config)
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, torch threads {threads}")
+    from pgraft_cli.io.host import describe_cpu
+
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}; "
+          f"{describe_cpu()}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"model {args.model}: {model.model_class}, {model.parameter_count():,} parameters, sample shape "
           f"{model.sample_shape}, {scheduler_config.get('_class_name')}, {model.dtype}, {model.device}")

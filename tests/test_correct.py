@@ -572,6 +572,11 @@ def test_raising_the_gate_reuses_the_inversion_and_reports_the_new_verdict(tmp_p
     assert all(set(t) == stages and min(t.values()) >= 0 for t in timed)
     assert sum(v for k, v in timed[0].items() if k != "report") <= first["seconds"] + 0.01
     assert timed[1]["inversion"] < timed[0]["inversion"]
+    # with the CPU they were measured on (its model, threads and vector ISA), in the summary and the provenance
+    from pgraft_cli.io.host import describe_cpu
+
+    provenance = json.loads((run / "provenance.json").read_text())["correct"]
+    assert first["device_name"] == provenance["device_name"] == describe_cpu()
 
 
 def test_inversion_reads_only_the_rows_of_shards_not_done_and_matches_a_tensor_bit_for_bit(tmp_path):

@@ -221,3 +221,42 @@ def test_the_tests_run_with_the_collector_on_and_the_imports_frozen():
     without one) and the libraries' objects out of its collections."""
     assert gc.isenabled()
     assert gc.get_freeze_count() > 100_000  # torch and diffusers alone build several hundred thousand
+
+
+def test_cpu_name_is_the_first_model_name_of_cpuinfo_else_the_platform(monkeypatch, tmp_path):
+    import platform
+
+    from pgraft_cli.io import host
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t:  Some   CPU @ 2.4GHz\n\nprocessor\t: 1\n"
+                    "model name\t: Other\n")
+    monkeypatch.setattr(host, "CPUINFO", info)
+    assert host.cpu_name() == "Some CPU @ 2.4GHz"
+    monkeypatch.setattr(host, "CPUINFO", tmp_path / "absent")
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    assert host.cpu_name() == "riscv64"
+
+
+def test_a_run_records_the_cpu_its_seconds_were_measured_on(monkeypatch, tmp_path):
+    """describe_cpu names the model, the CPUs, torch's threads and the vector ISA torch's kernels use, and
+    whether bf16 is native; a run's provenance stores it as the device's name."""
+    import os
+
+    import torch
+
+    from pgraft_cli.io import host
+    from pgraft_cli.io.runstore import RunStore
+
+    monkeypatch.setattr(host, "cpu_name", lambda: "Test CPU 9000")
+    isa = torch.backends.cpu.get_cpu_capability()
+    head = f"Test CPU 9000, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, {isa}"
+    monkeypatch.setattr(host, "native_cpu_bf16", lambda: False)
+    assert host.describe_cpu() == head
+    monkeypatch.setattr(host, "native_cpu_bf16", lambda: True)
+    assert host.describe_cpu() == head + ", native bf16" == host.describe_device("cpu")
+    assert host.describe_device("meta") is None
+    with RunStore(tmp_path / "run") as store:
+        assert store.record_provenance("sample", device="cpu", seconds=1.0)["sample"]["device_name"] == head + ", native bf16"
+        assert "device_name" not in store.record_provenance("score", seconds=1.0)["score"]

@@ -1,5 +1,5 @@
 """The host process: the output paths it may write (checked before any work), its allocator, its garbage collector,
-its CPU's bf16."""
+its CPU (what it is called, its vector instructions, its bf16)."""
 
 from __future__ import annotations
 
@@ -134,3 +134,44 @@ def native_cpu_bf16() -> bool:
         return False  # without oneDNN, bf16 convolutions take torch's slow reference kernels
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+CPUINFO = Path("/proc/cpuinfo")  # Linux's description of each CPU
+
+
+def cpu_name() -> str:
+    """This CPU's model name as the OS reports it (Linux's ``/proc/cpuinfo``, else ``platform.processor()``), or
+    the machine's architecture where neither names it."""
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_cpu() -> str:
+    """What a CPU timing was measured on, in one line: the model name, its logical CPUs, torch's threads, the
+    vector instructions torch's kernels use here (``torch.backends.cpu.get_cpu_capability``: AVX2, AVX512, ...)
+    and whether it multiplies bf16 natively. The same code runs at very different speeds on two 2-core
+    machines (bench/RESULTS.md: the main job in about 57 s on an AVX512-BF16 CPU, 222 s on an AVX2 one), so
+    a run's seconds are recorded with this."""
+    import os
+
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, {isa}"
+            + (", native bf16" if native_cpu_bf16() else ""))
+
+
+def describe_device(device: str) -> Optional[str]:
+    """The hardware behind a torch device string, for the record of a run's seconds: the GPU's name for
+    ``cuda``, :func:`describe_cpu` for ``cpu``, else None."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return describe_cpu() if kind == "cpu" else None

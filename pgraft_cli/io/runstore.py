@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple,
 
 from .. import __version__
 from ..errors import RunLockedError, RunStoreError
+from .host import describe_device
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: `pgraft status` stays fast
     from torch import Tensor
@@ -415,19 +416,17 @@ class RunStore:
             return None
 
     def record_provenance(self, verb: str, **info: Any) -> dict[str, Any]:
-        """Merge a verb's facts (device, seconds, out ...) with the environment into ``provenance.json``."""
+        """Merge a verb's facts (device, seconds, out ...) with the environment into ``provenance.json``; the
+        device's hardware as ``device_name`` (a GPU's name, or the CPU's model, threads and vector ISA)."""
         import platform
         import sys
 
         prov = self.read_provenance()
         entry = {"verb": verb, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
                  "platform": platform.platform(), "command": " ".join(["pgraft", *sys.argv[1:]]), **info}
-        device = str(info.get("device", ""))
-        if device.startswith("cuda"):
-            import torch
-
-            if torch.cuda.is_available():
-                entry["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        name = describe_device(str(info["device"])) if info.get("device") else None
+        if name:
+            entry["device_name"] = name
         out = info.get("out")
         if out and Path(out).is_file():
             entry["out_bytes"] = Path(out).stat().st_size

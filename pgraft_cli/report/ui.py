@@ -225,7 +225,8 @@ def correct_report(summary: dict, labels: dict) -> list:
     ]
     if summary.get("stage_seconds"):
         lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in summary["stage_seconds"].items())
-                     + f"; total {summary['seconds']:.1f} s")
+                     + f"; total {summary['seconds']:.1f} s"
+                     + (f" on {summary['device_name']}" if summary.get("device_name") else ""))
     return [table, *lines]
 
 
