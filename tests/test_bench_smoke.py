@@ -103,7 +103,9 @@ def test_batch_roofline_bench_splits_a_call_and_times_each_convolution_each_way(
     assert float(row[3]) == pytest.approx(129.7, abs=0.1)  # the digits UNet's MFLOP for one 16 x 16 image
     assert float(row[2]) > 0.5 * float(row[1])  # the profiled call: the profiler's time, not a lost unit
     assert sum(float(v.strip(" %")) for v in row[6:]) == pytest.approx(100, abs=3)  # the split covers the call
-    assert float(row[6].strip(" %")) > 30  # convolutions are most of it (a family left unmatched would not be)
+    # convolutions matched by name (a family left unmatched reads 0 %): the share itself is a timing (46-53 %
+    # alone on an AVX2 CPU, 10 % once in the suite, where a 10-call profile shares the CPU with the other worker)
+    assert float(row[6].strip(" %")) > 0
     shapes = [line for line in out.splitlines() if line.startswith("| (1, ")]
     assert len(shapes) == 20  # the UNet's distinct convolution shapes at one image
     diffs = [float(v) for line in shapes for v in line.split("|")[-2].split("/")]

@@ -538,15 +538,17 @@ def test_inversion_at_the_recipe_defaults_converges_for_most_images_and_bf16_sta
     """On the real 8-step grid (last step included) at the recipe's tolerance most float32 images
     converge. In bf16 the network's own rounding sets a residual floor near that tolerance
     (measured at tol 2e-3: median 2.4e-3 against 1.9e-3 in float32), so few bf16 images pass ``tol``; the
-    solver still iterates in float32 and the round trip, which the gate judges, stays well inside it."""
+    solver still iterates in float32 and the round trip, which the gate judges, stays well inside it.
+    bf16 on the first 16 of the 32 images (one lane): where bf16 is emulated (an AVX2 CPU) it costs 6x
+    float32 an image, 64 s for 32 images, which made this the suite's slowest test."""
     from pgraft_cli.io.recipes import CorrectConfig
 
     cfg = CorrectConfig()
-    f32, bf16 = _invert_shard_digits(torch.float32), _invert_shard_digits(torch.bfloat16)
+    f32, bf16 = _invert_shard_digits(torch.float32), _invert_shard_digits(torch.bfloat16, num=16)
     assert int((f32["residual"] < cfg.inversion_tol).sum()) >= 0.8 * 32, f32["residual"]
     assert float(bf16["residual"].median()) < 1.5 * cfg.inversion_tol
     assert float(bf16["rms"].max()) < 0.5 * cfg.max_reconstruction_rms  # the round trip scales with tol (5e-3)
-    assert float(bf16["iterations"].double().mean()) <= 1.3 * float(f32["iterations"].double().mean())
+    assert float(bf16["iterations"].double().mean()) <= 1.3 * float(f32["iterations"][:16].double().mean())
 
 
 @pytest.mark.slow  # the whole command end to end
