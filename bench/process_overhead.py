@@ -163,6 +163,8 @@ def full(trees: list[Path], rounds: int) -> None:
     import torch
     from sampling import matmul_rate
 
+    from pgraft_cli.io.host import describe_cpu  # here, not after a sitting of many minutes
+
     rows: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
     same: dict[Path, list[bool]] = {t: [] for t in trees[1:]}
     before = os.getloadavg()
@@ -180,8 +182,6 @@ def full(trees: list[Path], rounds: int) -> None:
             first = tensor_bytes(runs[trees[0]])
             for t in trees[1:]:
                 same[t].append(tensor_bytes(runs[t]) == first)
-    from pgraft_cli.io.host import describe_cpu
-
     print(f"\n{describe_cpu()}")
     print(f"load average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; float32 1024^2 matmul on "
           f"{torch.get_num_threads()} threads {rate_before / 1e9:.1f} GFLOP/s before, {matmul_rate() / 1e9:.1f} after; "

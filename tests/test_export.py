@@ -835,12 +835,15 @@ def test_the_export_records_pgraft_autocast_and_samples_under_it_as_pgraft_does(
     assert pipe.config.autocast == "bf16" and got.dtype == torch.float32
     # The same ops in the same order: bit-equal on an AVX512-BF16 CPU (measured 0; bf16 autocast moves x by
     # 6.8e-3 at |x| <= 1.15). On an AVX2 CPU, where oneDNN emulates bf16, one of the three images came out one
-    # bf16 ulp apart (2**-7 at |x| ~ 1.15, carried into a quarter of that image; the others bit-equal), about
-    # the autocast's own largest effect there (8.7e-3). So: at most one bf16 ulp at the samples' scale, and
-    # closer to pgraft's bf16 samples than to its float32 ones over all elements (a float32 run is equal to those).
+    # bf16 ulp apart (2**-7 at |x| ~ 1.15, carried into 71 % of that image; the other two bit-equal), about the
+    # autocast's own largest effect there (8.7e-3), so a bound on the largest difference cannot tell the two
+    # precisions apart. What does: most elements bit-equal (measured 100 % and 76 %; 0 % with the folder's
+    # autocast off, or off at its first step only), and the folder's samples closer to pgraft's bf16 ones than
+    # to its float32 ones over all elements (a folder without autocast is equal to the float32 ones).
     f32 = _pgraft_sample(tmp_path, checkpoint, 3, 4, *contiguous)
     assert float((f32 - want).abs().max()) > 1e-3
     assert float((got - want).abs().max()) <= 2**-7 * float(want.abs().max())
+    assert float((got == want).float().mean()) > 0.5
     assert float((got - want).abs().mean()) < float((got - f32).abs().mean())
 
 

@@ -229,10 +229,12 @@ def test_cpu_name_is_the_first_model_name_of_cpuinfo_else_the_platform(monkeypat
     from pgraft_cli.io import host
 
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t:  Some   CPU @ 2.4GHz\n\nprocessor\t: 1\n"
-                    "model name\t: Other\n")
+    info.write_text("processor\t: 0\nvendor_id\t: X\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t:  Some   CPU @ 2.4GHz\n"
+                    "\nprocessor\t: 1\nmodel name\t: Other\n")
     monkeypatch.setattr(host, "CPUINFO", info)
-    assert host.cpu_name() == "Some CPU @ 2.4GHz"
+    assert host.cpu_name() == "Some CPU @ 2.4GHz (cpu family 25, model 1)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert host.cpu_name() == "Some CPU"
     monkeypatch.setattr(host, "CPUINFO", tmp_path / "absent")
     monkeypatch.setattr(platform, "processor", lambda: "")
     monkeypatch.setattr(platform, "machine", lambda: "riscv64")
@@ -251,12 +253,12 @@ def test_a_run_records_the_cpu_its_seconds_were_measured_on(monkeypatch, tmp_pat
 
     monkeypatch.setattr(host, "cpu_name", lambda: "Test CPU 9000")
     isa = torch.backends.cpu.get_cpu_capability()
-    head = f"Test CPU 9000, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, {isa}"
+    head = f"Test CPU 9000, {len(os.sched_getaffinity(0))} CPUs, torch {torch.get_num_threads()} threads, {isa}"
     monkeypatch.setattr(host, "native_cpu_bf16", lambda: False)
     assert host.describe_cpu() == head
     monkeypatch.setattr(host, "native_cpu_bf16", lambda: True)
     assert host.describe_cpu() == head + ", native bf16" == host.describe_device("cpu")
-    assert host.describe_device("meta") is None
+    assert host.describe_device("meta") is None and host.describe_device("auto") is None
     with RunStore(tmp_path / "run") as store:
         assert store.record_provenance("sample", device="cpu", seconds=1.0)["sample"]["device_name"] == head + ", native bf16"
         assert "device_name" not in store.record_provenance("score", seconds=1.0)["score"]

@@ -140,29 +140,37 @@ CPUINFO = Path("/proc/cpuinfo")  # Linux's description of each CPU
 
 
 def cpu_name() -> str:
-    """This CPU's model name as the OS reports it (Linux's ``/proc/cpuinfo``, else ``platform.processor()``), or
-    the machine's architecture where neither names it."""
+    """This CPU's model name as the OS reports it (Linux's ``/proc/cpuinfo``, with its family and model numbers
+    where it gives them: a VM may name only the vendor's line, "AMD EPYC", for CPUs generations apart), else
+    ``platform.processor()``, else the machine's architecture."""
     try:
+        fields: dict[str, str] = {}
         for line in CPUINFO.read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                return " ".join(line.split(":", 1)[1].split())
+            if not line.strip():
+                break  # the first CPU's block
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), " ".join(value.split()))
+        if fields.get("model name"):
+            numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if fields.get(k)]
+            return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def describe_cpu() -> str:
-    """What a CPU timing was measured on, in one line: the model name, its logical CPUs, torch's threads, the
-    vector instructions torch's kernels use here (``torch.backends.cpu.get_cpu_capability``: AVX2, AVX512, ...)
-    and whether it multiplies bf16 natively. The same code runs at very different speeds on two 2-core
-    machines (bench/RESULTS.md: the main job in about 57 s on an AVX512-BF16 CPU, 222 s on an AVX2 one), so
-    a run's seconds are recorded with this."""
+    """What a CPU timing was measured on, in one line: the model name, the CPUs this process may run on, torch's
+    threads, ATen's CPU dispatch level (``torch.backends.cpu.get_cpu_capability``: AVX2, AVX512, ...; oneDNN's
+    convolutions pick their own instructions, but within what the CPU has) and whether it multiplies bf16
+    natively. The same code runs at very different speeds on two 2-core machines (bench/RESULTS.md: the main
+    job in 55-63 s on an AVX512-BF16 CPU, 218-226 s on an AVX2 one), so a run's seconds are recorded with this."""
     import os
 
     import torch
 
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     isa = torch.backends.cpu.get_cpu_capability()
-    return (f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, {isa}"
+    return (f"{cpu_name()}, {cpus} CPUs, torch {torch.get_num_threads()} threads, {isa}"
             + (", native bf16" if native_cpu_bf16() else ""))
 
 
@@ -171,7 +179,10 @@ def describe_device(device: str) -> Optional[str]:
     ``cuda``, :func:`describe_cpu` for ``cpu``, else None."""
     import torch
 
-    kind = torch.device(device).type
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # not a device string: nothing to name (a record must not fail a finished run)
+        return None
     if kind == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return describe_cpu() if kind == "cpu" else None
