@@ -417,7 +417,7 @@ class RunStore:
 
     def record_provenance(self, verb: str, **info: Any) -> dict[str, Any]:
         """Merge a verb's facts (device, seconds, out ...) with the environment into ``provenance.json``; the
-        device's hardware as ``device_name`` (a GPU's name, or the CPU's model, threads and vector ISA)."""
+        device's hardware as ``device_name`` (a GPU's name, or ``host.describe_cpu``: the CPU's model, threads, ATen dispatch level)."""
         import platform
         import sys
 
