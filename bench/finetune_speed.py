@@ -250,7 +250,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {args.precision}, "
+    from pgraft_cli.io.host import describe_cpu
+
+    print(f"torch {torch.__version__}, {describe_cpu()}; precision {args.precision}, "
           f"allocator {args.allocator}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     tune = {"pgraft": args.allocator != "default", "plain": args.allocator == "tuned"}
     with tempfile.TemporaryDirectory() as d:
