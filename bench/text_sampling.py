@@ -178,9 +178,11 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     counter: list[int] = []
     count_rows(pipe.text_encoder, counter)
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    print(f"{args.size} at {args.resolution} px, {args.steps} steps, guidance {GUIDANCE}, {args.dtype} on {device}, "
-          f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} at start")
+    from pgraft_cli.io.host import describe_device
+
+    device = describe_device(args.device) or args.device
+    print(f"{args.size} at {args.resolution} px, {args.steps} steps, guidance {GUIDANCE}, {args.dtype} on {device}; "
+          f"load average {os.getloadavg()[0]:.2f} at start")
     results, same_bytes = [], []
     for n in args.nums:
         images: dict[bool, Any] = {}
