@@ -14,7 +14,8 @@ its released config values, tiny tokenizer, real-size text encoder), then, in on
   decode, one training step) per second over the GPU's dense bf16 peak (``--peak-tflops``; H100/H200
   SXM: 989).
 
-A warm-up run (2 steps) precedes every timed run; a row that runs out of memory is reported as
+A warm-up run (2 steps) precedes each row's ``--repeats`` timed runs (the median reported, with
+the slowest and fastest run's rates beside it); a row that runs out of memory is reported as
 such and the others go on. The table is printed and the rows written as JSON to ``--out``.
 
     python bench/gpu.py --out gpu.json                       # SD2 size, 512 px, 20 steps, on cuda
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -82,7 +84,10 @@ def flops_per_row(folder: Path, kind: str, n: int, steps: int, device: str, dtyp
     return steps * per_call + decode
 
 
-def measure(name: str, folder: Path, n: int, steps: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def measure(name: str, folder: Path, n: int, steps: int, device: str, dtype: torch.dtype,
+            repeats: int = 1) -> dict[str, Any]:
+    """One row: a warm-up run, then ``repeats`` timed runs; the median's seconds, the fastest and the
+    slowest run's, and the peak memory over all of them."""
     gc.collect()
     cuda = device.startswith("cuda")
     if cuda:
@@ -90,10 +95,11 @@ def measure(name: str, folder: Path, n: int, steps: int, device: str, dtype: tor
         torch.cuda.reset_peak_memory_stats(device)
     run = ROWS[name](folder, n, device, dtype)
     run(2)  # warm-up: kernels chosen, memory pools grown
-    seconds = timed(run, steps, device)  # steps only: pgraft's LoRA row keeps its stage's setup outside
+    # steps only: pgraft's LoRA row keeps its stage's setup outside
+    runs = [timed(run, steps, device) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     del run
-    return {"seconds": seconds, "peak_gb": peak}
+    return {"seconds": statistics.median(runs), "seconds_min": min(runs), "seconds_max": max(runs), "peak_gb": peak}
 
 
 def main() -> None:
@@ -104,6 +110,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=10, help="timed LoRA steps per training row")
     p.add_argument("--nums", type=int, nargs="+", default=[8, 32], help="images per sample row")
     p.add_argument("--batch", type=int, default=8, help="LoRA training batch")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row after its warm-up (the median is reported)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
@@ -121,12 +128,13 @@ def main() -> None:
     plan = [(f"{who} sample", n, args.steps, "images/s") for n in args.nums for who in ("pgraft", "diffusers")]
     plan += [(f"{who} LoRA step", args.batch, args.train_steps, "steps/s") for who in ("pgraft", "diffusers")]
     rows: list[dict[str, Any]] = []
-    print(f"{'row':<22}{'N':>4}{'rate':>10} {'unit':<9}{'peak GB':>9}{'TFLOP/s':>9}{'MFU':>7}")
+    print(f"{'row':<22}{'N':>4}{'rate':>10} {'unit':<9}{'peak GB':>9}{'TFLOP/s':>9}{'MFU':>7}  rate min-max")
     for name, n, steps, unit in plan:
         row: dict[str, Any] = {"row": name, "n": n, "steps": steps, "unit": unit}
         try:
-            row.update(measure(name, folder, n, steps, args.device, dtype))
-            row["rate"] = (n if unit == "images/s" else steps) / row["seconds"]
+            row.update(measure(name, folder, n, steps, args.device, dtype, args.repeats))
+            work = n if unit == "images/s" else steps
+            row["rate"], row["rate_min"], row["rate_max"] = (work / row[k] for k in ("seconds", "seconds_max", "seconds_min"))
             flops = flops_per_row(folder, "LoRA" if "LoRA" in name else "sample", n, steps, args.device, dtype)
             row["tflops_per_s"] = flops / row["seconds"] / 1e12
             row["mfu"] = flops / row["seconds"] / peak if peak else None
@@ -140,7 +148,7 @@ def main() -> None:
         else:
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
             peak_gb = f"{row['peak_gb']:.1f}" if row["peak_gb"] is not None else "-"
-            print(f"{name:<22}{n:>4}{row['rate']:>10.3f} {unit:<9}{peak_gb:>9}{row['tflops_per_s']:>9.2f}{mfu:>7}")
+            print(f"{name:<22}{n:>4}{row['rate']:>10.3f} {unit:<9}{peak_gb:>9}{row['tflops_per_s']:>9.2f}{mfu:>7}  {row['rate_min']:.3f}-{row['rate_max']:.3f}")
         args.out.write_text(json.dumps({"device": device_name, "size": args.size, "resolution": args.resolution,
                                         "dtype": args.dtype, "peak_flops": peak, "rows": rows}, indent=2))
     print(f"total {time.perf_counter() - t0:.0f}s; rows in {args.out}")

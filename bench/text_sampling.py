@@ -6,7 +6,7 @@ Diffusion 2.1-base (``--size sd2``) or SDXL base (``sdxl``), a tiny tokenizer, t
 encoders; ``tiny`` / ``tiny-sdxl``: the same layouts at the smoke test's scale) at a small
 resolution, in one process, the weights shared by both sides (one copy in memory); for each image
 count N (``--nums``), after a warm-up of each, ``--repeats`` rounds with the methods interleaved
-(rotating the order), the median round reported:
+(rotating the order), the median round reported (and the fastest and slowest rounds' stage seconds):
 
 * ``diffusers``: ``pipe(prompt, num_images_per_prompt=N, output_type="np")``: the prompt encoded,
   N latents denoised with guidance 7.5 (one UNet call on 2N rows per step), the VAE decode, the
@@ -208,14 +208,15 @@ def main() -> None:
         base = statistics.median(t["stage"] for t in times["diffusers"])
         for name, ts in times.items():
             row = {"n": n, "method": name, "text_rows": text_rows[name], "syncs": syncs[name],
-                   "work_s": statistics.median(t["work"] for t in ts), "stage_s": statistics.median(t["stage"] for t in ts)}
+                   "work_s": statistics.median(t["work"] for t in ts), "stage_s": statistics.median(t["stage"] for t in ts),
+                   "stage_min_s": min(t["stage"] for t in ts), "stage_max_s": max(t["stage"] for t in ts)}
             row["ratio"] = base / row["stage_s"]
             results.append(row)
-    print(f"{'N':>3}  {'method':<22}{'text rows':>10}{'syncs':>7}{'work s':>9}{'stage s':>9}{'ratio':>7}")
+    print(f"{'N':>3}  {'method':<22}{'text rows':>10}{'syncs':>7}{'work s':>9}{'stage s':>9}{'ratio':>7}  stage min-max")
     for row in results:
         syncs = "-" if row["syncs"] is None else str(row["syncs"])
         print(f"{row['n']:>3}  {row['method']:<22}{row['text_rows']:>10}{syncs:>7}{row['work_s']:>9.3f}"
-              f"{row['stage_s']:>9.3f}{row['ratio']:>7.2f}")
+              f"{row['stage_s']:>9.3f}{row['ratio']:>7.2f}  {row['stage_min_s']:.3f}-{row['stage_max_s']:.3f}")
     if same_bytes:
         print(f"same bytes with the keys and values reused as projected at every call: {all(same_bytes)}")
     equal = batch_independent(model, max(args.nums))

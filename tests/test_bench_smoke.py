@@ -17,7 +17,7 @@ def test_gpu_bench_runs_tiny_on_the_cpu(tmp_path, monkeypatch, capsys):
     out = tmp_path / "gpu.json"
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--size", "tiny", "--resolution", "32", "--steps", "2", "--train-steps",
                                       "1", "--nums", "2", "--batch", "2", "--device", "cpu", "--dtype", "float32",
-                                      "--peak-tflops", "1", "--cache", str(tmp_path), "--out", str(out)])
+                                      "--peak-tflops", "1", "--repeats", "2", "--cache", str(tmp_path), "--out", str(out)])
     monkeypatch.syspath_prepend(str(BENCH))
     runpy.run_path(str(BENCH / "gpu.py"), run_name="__main__")
     result = json.loads(out.read_text())
@@ -26,6 +26,8 @@ def test_gpu_bench_runs_tiny_on_the_cpu(tmp_path, monkeypatch, capsys):
     for r in rows.values():
         assert "error" not in r, r
         assert r["rate"] > 0 and r["tflops_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"]  # the median of two timed runs
+        assert r["rate_min"] <= r["rate"] <= r["rate_max"]
     table = capsys.readouterr().out
     assert "pgraft sample" in table and "MFU" in table
 
@@ -45,6 +47,7 @@ def test_text_sampling_bench_runs_tiny(tmp_path, monkeypatch, capsys):
         assert rows[n, "pgraft"]["text_rows"] == rows[n, "diffusers"]["text_rows"] == 2
         assert rows[n, "pgraft (before)"]["text_rows"] == 2 * n
     assert all(r["stage_s"] >= r["work_s"] > 0 and r["ratio"] > 0 for r in rows.values())
+    assert all(r["stage_min_s"] <= r["stage_s"] <= r["stage_max_s"] for r in rows.values())
     assert result["batch_independent"] is True
     assert "ratio" in capsys.readouterr().out
 
