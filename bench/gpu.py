@@ -110,13 +110,17 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=10, help="timed LoRA steps per training row")
     p.add_argument("--nums", type=int, nargs="+", default=[8, 32], help="images per sample row")
     p.add_argument("--batch", type=int, default=8, help="LoRA training batch")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per row after its warm-up (the median is reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per row after its warm-up, at least 1 (the median is reported: with an even count, "
+                        "the mean of the middle two)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     p.add_argument("--cache", type=Path, default=None, help="keep the built pipeline here (default: a temp dir)")
     p.add_argument("--out", type=Path, required=True, help="the rows as JSON")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: give at least 1")
     dtype = getattr(torch, args.dtype)
     cache = args.cache or Path(tempfile.mkdtemp(prefix="pgraft-gpu-"))
     t0 = time.perf_counter()
