@@ -1,4 +1,5 @@
-"""The main job's evaluation sampling (and inversion) on the CPU at several lanes and memory formats, one run.
+"""The main job's evaluation sampling (and inversion) on the CPU at several lanes and memory formats, one run
+(``--device cuda``: on a GPU, where the CPU seconds are the host's share of each variant's wall time).
 
     OMP_NUM_THREADS=1 python bench/cpu_lanes.py --num 256 --lanes 16 32 64 128 256 --rounds 2 \
         --corrected bench/runs/corrected-after.safetensors
@@ -20,6 +21,8 @@ may move by a rounding).
 shard code (``stages.correct._invert_shard``, the inverse-noise recipe's solver settings, at the
 largest lane): CPU seconds, network calls per image (the solver stops each image on its own
 residual, so a format's rounding may move the count) and the largest noise difference.
+
+    python bench/cpu_lanes.py --device cuda --num 1024 --lanes 16 64 256 --invert 256 --rounds 3
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import data_rows  # noqa: E402
+from pgraft_cli.io.host import describe_device  # noqa: E402
 from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
 from pgraft_cli.stages.correct import _invert_shard  # noqa: E402
 from pgraft_cli.stages.sample import Conditions, _shard_tensors, network_memory_format  # noqa: E402
@@ -70,10 +74,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--invert", type=int, default=0, help="also invert this many training digits per format")
     ap.add_argument("--corrected", default=None, help="a corrected .safetensors (its base is the bundled digits)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 weights either way)")
     a = ap.parse_args()
-    models = {"base": load_model("digits")}
+    models = {"base": load_model("digits").to(a.device)}
     if a.corrected:
-        models["corrected"] = load_model(a.corrected)
+        models["corrected"] = load_model(a.corrected).to(a.device)
     indices = list(range(a.num))
     cfg = SampleConfig(num=a.num, seed=1, steps=a.steps, batch_size=a.num)
 
@@ -81,7 +86,8 @@ def main() -> None:
         with torch.inference_mode(), network_memory_format(model, fmt):
             return _shard_tensors(model, replace(cfg, lane=lane), Conditions(), indices, lambda n: None)["images"]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.num} images, {a.steps} steps")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.num} images, {a.steps} steps, "
+          f"on {describe_device(a.device) or a.device}")
     for name, model in models.items():
         with torch.inference_mode():
             with FlopCounterMode(display=False) as fc:
@@ -119,7 +125,8 @@ def invert_formats(model, a: argparse.Namespace) -> None:
 
     def run(fmt: str) -> dict[str, torch.Tensor]:
         with network_memory_format(model, fmt):
-            return _invert_shard(model, x0, rec.correct, lane, lambda n: None)
+            out = _invert_shard(model, x0, rec.correct, lane, lambda n: None)
+        return {k: v.cpu() for k, v in out.items()}  # the device's queue drained inside the clock
 
     load = os.getloadavg()[0]
     wall, cpu, outs = interleaved({fmt: (lambda fmt=fmt: run(fmt)) for fmt in a.formats}, a.rounds)
