@@ -1,5 +1,7 @@
 """The main job's evaluation sampling (and inversion) on the CPU at several lanes and memory formats, one run
-(``--device cuda``: on a GPU, where the CPU seconds are the host's share of each variant's wall time).
+(``--device cuda``: on a GPU, under the CLI's default bf16 autocast there, every variant warmed once; the
+``ms a call`` column then tells a host-bound call, flat as the lane grows, from a GPU-bound one, which grows
+with it. The CPU seconds are no host share on a GPU: CUDA's default wait spins the host while it waits).
 
     OMP_NUM_THREADS=1 python bench/cpu_lanes.py --num 256 --lanes 16 32 64 128 256 --rounds 2 \
         --corrected bench/runs/corrected-after.safetensors
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import data_rows  # noqa: E402
 from pgraft_cli.io.host import describe_device  # noqa: E402
+from pgraft_cli.pipelines.skeleton import autocast_dtype  # noqa: E402
 from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
 from pgraft_cli.stages.correct import _invert_shard  # noqa: E402
 from pgraft_cli.stages.sample import Conditions, _shard_tensors, network_memory_format  # noqa: E402
@@ -74,11 +77,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--invert", type=int, default=0, help="also invert this many training digits per format")
     ap.add_argument("--corrected", default=None, help="a corrected .safetensors (its base is the bundled digits)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 weights either way)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 weights, the CLI's default autocast)")
     a = ap.parse_args()
-    models = {"base": load_model("digits").to(a.device)}
+
+    def placed(name: str):  # as the CLI places a model (pipelines.skeleton.start): weights, autocast, corrector
+        model = load_model(name).to(a.device)
+        model.autocast = autocast_dtype("auto", model.device.type, model.dtype)
+        if model.corrector is not None:
+            model.corrector.to(a.device)
+        return model
+
+    models = {"base": placed("digits")}
     if a.corrected:
-        models["corrected"] = load_model(a.corrected).to(a.device)
+        models["corrected"] = placed(a.corrected)
     indices = list(range(a.num))
     cfg = SampleConfig(num=a.num, seed=1, steps=a.steps, batch_size=a.num)
 
@@ -94,8 +105,8 @@ def main() -> None:
                 _shard_tensors(model, replace(cfg, num=1, lane=1), Conditions(), [0], lambda n: None)
             per_image = fc.get_total_flops()
         variants = {(lane, fmt): (lambda lane=lane, fmt=fmt: run(model, lane, fmt)) for lane in a.lanes for fmt in a.formats}
-        for fmt in a.formats:
-            run(model, a.lanes[0], fmt)  # warm-up
+        for lane, fmt in (variants if a.device.startswith("cuda") else [(a.lanes[0], f) for f in a.formats]):
+            run(model, lane, fmt)  # warm-up (on a GPU each lane: its first call of a shape sets up kernels)
         load = [os.getloadavg()[0]]
         wall, cpu, images = interleaved(variants, a.rounds)
         load.append(os.getloadavg()[0])
@@ -103,14 +114,16 @@ def main() -> None:
         base = statistics.median(cpu[first])
         print(f"\n{name}: {per_image / 1e6:.0f} MFLOPs per image; median of {a.rounds} rounds; "
               f"load average (1 min) {load[0]:.1f} -> {load[1]:.1f}")
-        print(f"| lane | memory format | seconds | CPU seconds | images/s | GFLOP/s | CPU speed vs {first[0]} {first[1]} "
-              f"| max uint8 diff vs {first[0]} {first[1]} |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        calls_per_lane = a.steps + (model.corrector.calls() if model.corrector is not None else 0)
+        print(f"| lane | memory format | seconds | CPU seconds | images/s | GFLOP/s | ms a call | CPU speed vs {first[0]} "
+              f"{first[1]} | max uint8 diff vs {first[0]} {first[1]} |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         for (lane, fmt) in variants:
             s, c = statistics.median(wall[(lane, fmt)]), statistics.median(cpu[(lane, fmt)])
             diff = int((images[(lane, fmt)].int() - images[first].int()).abs().max())
+            calls = -(-a.num // lane) * calls_per_lane  # network calls of the variant (base and corrector)
             print(f"| {lane} | {fmt} | {s:.2f} | {c:.2f} | {a.num / s:.1f} | {per_image * a.num / s / 1e9:.0f} | "
-                  f"{base / c:.2f}x | {diff} |")
+                  f"{1e3 * s / calls:.2f} | {base / c:.2f}x | {diff} |")
         print("rounds (CPU seconds): " + "; ".join(f"{lane} {fmt}: " + ", ".join(f"{c:.2f}" for c in cpu[(lane, fmt)])
                                                   for lane, fmt in variants))
     if a.invert:
@@ -125,8 +138,7 @@ def invert_formats(model, a: argparse.Namespace) -> None:
 
     def run(fmt: str) -> dict[str, torch.Tensor]:
         with network_memory_format(model, fmt):
-            out = _invert_shard(model, x0, rec.correct, lane, lambda n: None)
-        return {k: v.cpu() for k, v in out.items()}  # the device's queue drained inside the clock
+            return _invert_shard(model, x0, rec.correct, lane, lambda n: None)  # CPU tensors: the GPU drained
 
     load = os.getloadavg()[0]
     wall, cpu, outs = interleaved({fmt: (lambda fmt=fmt: run(fmt)) for fmt in a.formats}, a.rounds)

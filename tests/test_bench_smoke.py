@@ -56,11 +56,14 @@ def test_text_sampling_bench_runs_tiny(tmp_path, monkeypatch, capsys):
 
 
 def test_cpu_lanes_bench_times_both_memory_formats_through_the_stage_code(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["cpu_lanes.py", "--num", "4", "--steps", "1", "--lanes", "4", "--formats",
+    monkeypatch.setattr(sys, "argv", ["cpu_lanes.py", "--num", "5", "--steps", "2", "--lanes", "2", "--formats",
                                       "contiguous", "channels_last", "--rounds", "1", "--invert", "2"])
     runpy.run_path(str(BENCH / "cpu_lanes.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "| 4 | contiguous |" in out and "| 4 | channels_last |" in out
+    assert "| 2 | contiguous |" in out and "| 2 | channels_last |" in out
+    for row in (line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 2 | ")):
+        seconds, ms_a_call = float(row[2]), float(row[6])  # 5 images in lanes of 2: 3 lanes of 2 steps, 6 calls
+        assert ms_a_call == pytest.approx(1e3 * seconds / 6, abs=1e3 * 0.005 / 6 + 0.01), row  # seconds: 2 decimals
     rows = [line for line in out.splitlines() if line.startswith("| channels_last |")]
     assert len(rows) == 1 and float(rows[0].split("|")[4]) > 8  # network calls per image: solver + 8 round trip
 
