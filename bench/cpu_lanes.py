@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import data_rows  # noqa: E402
 from pgraft_cli.io.host import describe_device  # noqa: E402
-from pgraft_cli.pipelines.skeleton import autocast_dtype  # noqa: E402
+from pgraft_cli.pipelines.skeleton import place  # noqa: E402
 from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
 from pgraft_cli.stages.correct import _invert_shard  # noqa: E402
 from pgraft_cli.stages.sample import Conditions, _shard_tensors, network_memory_format  # noqa: E402
@@ -80,11 +80,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 weights, the CLI's default autocast)")
     a = ap.parse_args()
 
-    def placed(name: str):  # as the CLI places a model (pipelines.skeleton.start): weights, autocast, corrector
-        model = load_model(name).to(a.device)
-        model.autocast = autocast_dtype("auto", model.device.type, model.dtype)
-        if model.corrector is not None:
-            model.corrector.to(a.device)
+    def placed(name: str):  # as every verb places a model: weights, the default autocast, the corrector
+        model = load_model(name)
+        place(model, a.device, None, "auto")
         return model
 
     models = {"base": placed("digits")}

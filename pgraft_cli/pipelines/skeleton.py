@@ -367,6 +367,15 @@ def autocast_dtype(setting: str, device_type: str, dtype: Any) -> Any:
     return torch.bfloat16 if wanted and dtype == torch.float32 else None
 
 
+def place(loaded: LoadedModel, device: str, dtype: Any, autocast: str) -> None:
+    """``loaded`` on ``device`` in ``dtype`` (None: its own), its sampling autocast from the recipe's setting
+    (:func:`autocast_dtype`) and its corrector, if any, on the device too: how every verb places a model."""
+    loaded.to(device, dtype)
+    loaded.autocast = autocast_dtype(autocast, loaded.device.type, loaded.dtype)
+    if loaded.corrector is not None:
+        loaded.corrector.to(device)
+
+
 def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Optional[str], allow_pickle: bool,
           device: Optional[str], quiet: bool, base: Optional[str] = None) -> Verb:
     """The process state, then MODEL loaded and placed on its device in the recipe's dtype."""
@@ -376,9 +385,6 @@ def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Op
     state = process_state(recipe, device)
     loaded = load(model, config, kind, allow_pickle, recipe, base)
     dev = pick_device(recipe, device, state)
-    loaded.to(dev, getattr(torch, recipe.model.dtype))
-    loaded.autocast = autocast_dtype(recipe.model.autocast, loaded.device.type, loaded.dtype)
-    if loaded.corrector is not None:
-        loaded.corrector.to(dev)
+    place(loaded, dev, getattr(torch, recipe.model.dtype), recipe.model.autocast)
     return Verb(verb, recipe, state, loaded, dev, quiet, started,
                 stage_seconds={"load": round(time.perf_counter() - started, 2)})
