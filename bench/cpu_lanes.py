@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import data_rows  # noqa: E402
 from pgraft_cli.io.host import describe_device  # noqa: E402
-from pgraft_cli.pipelines.skeleton import place  # noqa: E402
 from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
+from pgraft_cli.pipelines.skeleton import place  # noqa: E402
 from pgraft_cli.stages.correct import _invert_shard  # noqa: E402
 from pgraft_cli.stages.sample import Conditions, _shard_tensors, network_memory_format  # noqa: E402
 
