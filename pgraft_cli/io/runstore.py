@@ -424,7 +424,8 @@ class RunStore:
         prov = self.read_provenance()
         entry = {"verb": verb, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
                  "platform": platform.platform(), "command": " ".join(["pgraft", *sys.argv[1:]]), **info}
-        name = describe_device(str(info["device"])) if info.get("device") else None
+        name = entry.pop("device_name", None) if "device_name" in info else (  # a caller that read it passes it
+            describe_device(str(info["device"])) if info.get("device") else None)
         if name:
             entry["device_name"] = name
         out = info.get("out")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError
-from ..io.host import describe_device
 from .skeleton import (DataOptions, ModelOptions, Outcome, Verb, default_run_dir, real_data, references,
                        resolve_recipe, start)
 
@@ -106,7 +105,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                                                   "corrector_steps": corrector.steps})
     summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
                "seconds": round(verb.seconds, 2), "corrector_steps": corrector.steps,
-               "stage_seconds": verb.stage_seconds, "device_name": describe_device(dev), **metrics}
+               "stage_seconds": verb.stage_seconds, "device_name": verb.device_name, **metrics}
     steps = rec.correct.base_steps
     artifacts = {"summary": "correct/summary.json", "inversion": "invert",
                  "samples": [[f"base ({steps} steps)", "evaluate-base"], ["corrected", "evaluate-corrected"]]}

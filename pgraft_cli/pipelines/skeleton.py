@@ -9,6 +9,7 @@ module in this package only fills in its stages and what it returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -315,6 +316,14 @@ class Verb:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
+    @functools.cached_property
+    def device_name(self) -> Optional[str]:
+        """The hardware behind the verb's device (``host.describe_device``), read once for the summary and
+        the provenance."""
+        from ..io.host import describe_device
+
+        return describe_device(self.device)
+
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
         """Add the wall seconds of the block to ``stage_seconds[name]`` (a cached stage counts its reading)."""
@@ -349,8 +358,8 @@ class Verb:
         assert self.store is not None
         checkpoint = {"checkpoint": str(out)} if out is not None else {}
         self.store.record_artifacts(self.name, {**artifacts, **checkpoint})
-        self.store.record_provenance(self.name, device=self.device, seconds=round(self.seconds, 2),
-                                     **({"out": str(out)} if out is not None else {}))
+        self.store.record_provenance(self.name, device=self.device, device_name=self.device_name,
+                                     seconds=round(self.seconds, 2), **({"out": str(out)} if out is not None else {}))
         summary["report"] = str(render_report(self.store.root))
         results = check_gates(gates, gate_values)
         if results:
