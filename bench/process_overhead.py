@@ -94,15 +94,62 @@ def tensor_bytes(run: Path) -> dict[str, bytes]:
             for f in files for k, t in load_file(str(f)).items()}
 
 
+def stage_flops(summary: dict, base_steps: int, train_steps: int, batch: int, train_flops: int) -> dict[str, float]:
+    """The FLOPs of the main job's three compute stages, from its ``--json`` summary (``flop_counter``'s
+    counts a network call per image): the inversion's solver calls and its round trip (``base_steps``
+    calls) on every image, ``train_steps x batch`` corrector training images at ``train_flops`` (forward
+    + backward) each, and both evaluations' samples at their sampler's FLOPs per image."""
+    inv, base, cor = summary["inversion"], summary["base"], summary["corrected"]
+    return {"inversion": inv["num"] * (inv["iterations_mean"] + base_steps) * base["flops_calls"]["base_call"],
+            "corrector_training": train_steps * batch * train_flops,
+            "sampling": base["num"] * base["flops_per_image"] + cor["num"] * cor["flops_per_image"]}
+
+
+def corrector_train_flops(corrected: Path) -> int:
+    """Forward + backward FLOPs of one training image of the corrector in CORRECTED (``flop_counter``)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pgraft_cli.io.checkpoints import load_model
+
+    loaded = load_model(str(corrected))
+    network = loaded.corrector.network.float().requires_grad_(True)  # loaded frozen, for sampling
+    with FlopCounterMode(display=False) as counter:
+        network(torch.randn(2, *loaded.image_shape), torch.rand(2) * 1000).sample.square().mean().backward()
+    return counter.get_total_flops() // 2
+
+
 def main_job(tree: Path, run: Path) -> dict[str, float]:
-    """The README's main job in RUN: wall, every stage's seconds, ``outside`` (wall - the stages), peak RSS
-    and the held-out FIDs."""
+    """The README's main job in RUN: wall, every stage's seconds, ``outside`` (wall - the stages), peak RSS,
+    the held-out FIDs and the compute stages' FLOPs (:func:`stage_flops`, ``flops_`` + the stage)."""
+    import tomllib
+
     wall, out, usage = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(run), "--json"])
     summary = json.loads(out)
     stages = summary["stage_seconds"]
+    correct = tomllib.loads((run / "recipe.toml").read_text())["correct"]  # the recipe the run resolved
+    flops = stage_flops(summary, correct["base_steps"], correct["corrector_train_steps"],
+                        correct["corrector_batch_size"], corrector_train_flops(Path(summary["out"])))
     return {**{k: stages.get(k, 0.0) for k in STAGES}, "wall": wall,
             "outside": wall - sum(stages.values()), **usage,
-            "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"]}
+            "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"],
+            **{f"flops_{k}": v for k, v in flops.items()}}
+
+
+def roofline(rows: list[dict[str, float]], rate: float) -> None:
+    """Per compute stage: TFLOPs, median seconds, the GFLOP/s they imply, and that against ``rate`` (the
+    float32 matmul rate, FLOP/s); then the three stages' floor: their FLOPs at the matmul rate."""
+    print("| stage | TFLOPs | seconds | GFLOP/s | of matmul | seconds at the matmul rate |")
+    print("|---|---:|---:|---:|---:|---:|")
+    total = seconds = 0.0
+    for stage in ("inversion", "corrector_training", "sampling"):
+        flops = statistics.median(r[f"flops_{stage}"] for r in rows)
+        s = statistics.median(r[stage] for r in rows)
+        total, seconds = total + flops, seconds + s
+        print(f"| {stage} | {flops / 1e12:.2f} | {s:.2f} | {flops / s / 1e9:.1f} | {flops / s / rate:.0%} | "
+              f"{flops / rate:.1f} |")
+    print(f"| the three | {total / 1e12:.2f} | {seconds:.2f} | {total / seconds / 1e9:.1f} | "
+          f"{total / seconds / rate:.0%} | {total / rate:.1f} |")
 
 
 def one_round(tree: Path, run: Path | None, scratch: Path) -> dict[str, float]:
@@ -178,19 +225,25 @@ def full(trees: list[Path], rounds: int) -> None:
                 shutil.rmtree(runs[t], ignore_errors=True)
                 row = main_job(t, runs[t])
                 rows[t].append(row)
-                print(f"round {r + 1} {t}: " + " ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+                print(f"round {r + 1} {t}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
             first = tensor_bytes(runs[trees[0]])
             for t in trees[1:]:
                 same[t].append(tensor_bytes(runs[t]) == first)
+    rate_after = matmul_rate()
     print(f"\n{describe_cpu()}")
     print(f"load average {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; float32 1024^2 matmul on "
-          f"{torch.get_num_threads()} threads {rate_before / 1e9:.1f} GFLOP/s before, {matmul_rate() / 1e9:.1f} after; "
+          f"{torch.get_num_threads()} threads {rate_before / 1e9:.1f} GFLOP/s before, {rate_after / 1e9:.1f} after; "
           f"{rounds} rounds (ABBA); median seconds; peak RSS of the process in MB\n")
     def fids(t: Path) -> str:
         pairs = sorted({(round(x["fid_base"], 3), round(x["fid_corrected"], 3)) for x in rows[t]})
         return ", ".join(f"{b} -> {c}" for b, c in pairs)
 
     table(rows, FULL, fids)
+    rate = max(rate_before, rate_after)  # the machine's best reading: the floor it gives is the lowest
+    for t in trees:
+        print(f"\n{t}: the compute stages against the matmul rate ({rate / 1e9:.1f} GFLOP/s, the faster of before and "
+              f"after; FLOPs by torch.utils.flop_counter)\n")
+        roofline(rows[t], rate)
     for t in trees[1:]:
         walls = [b["wall"] - a_["wall"] for a_, b in zip(rows[trees[0]], rows[t])]
         print(f"\n{t}: paired wall differences {' '.join(f'{w:+.2f}' for w in walls)} (mean {statistics.mean(walls):+.2f}); "

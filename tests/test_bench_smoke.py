@@ -124,3 +124,50 @@ def test_batch_roofline_bench_splits_a_call_and_times_each_convolution_each_way(
     total = [line for line in out.splitlines() if line.startswith("| all |")][0].split("|")
     chosen, packed, best = float(total[5]), float(total[7]), float(total[8].split("per shape:")[1].split()[0])
     assert 0 < best <= min(chosen, packed)  # the sum of each shape's fastest (this torch has oneDNN's packed ops)
+
+
+def test_main_job_roofline_counts_each_stage_and_divides_by_the_matmul_rate(monkeypatch, capsys):
+    """process_overhead.py --full's FLOPs: the inversion's solver calls plus its round trip on every image,
+    steps x batch training images, both evaluations' samples; then GFLOP/s and the floor at the matmul rate."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from process_overhead import roofline, stage_flops
+
+    summary = {"inversion": {"num": 10, "iterations_mean": 20.5},
+               "base": {"num": 100, "flops_per_image": 8e6, "flops_calls": {"base_call": 1e6}},
+               "corrected": {"num": 50, "flops_per_image": 9e6}}
+    flops = stage_flops(summary, base_steps=8, train_steps=30, batch=4, train_flops=3e6)
+    assert flops == {"inversion": 10 * 28.5 * 1e6, "corrector_training": 30 * 4 * 3e6,
+                     "sampling": 100 * 8e6 + 50 * 9e6}
+    row = {"flops_inversion": 2e12, "flops_corrector_training": 1e12, "flops_sampling": 1e12,
+           "inversion": 10.0, "corrector_training": 20.0, "sampling": 10.0}
+    roofline([row], rate=100e9)
+    lines = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["| inversion"] == "| inversion | 2.00 | 10.00 | 200.0 | 200% | 20.0 |"
+    assert lines["| corrector_training"] == "| corrector_training | 1.00 | 20.00 | 50.0 | 50% | 10.0 |"
+    assert lines["| the three"] == "| the three | 4.00 | 40.00 | 100.0 | 100% | 40.0 |"
+
+
+def test_main_job_roofline_counts_a_saved_flow_correctors_training_step(tmp_path, monkeypatch):
+    """The corrector restored from a corrected file (frozen, for sampling) still counts its backward: by
+    flop_counter's rules a convolution's or matmul's backward is twice its forward (input and weight
+    gradients) less the first layer's input gradient, so forward + backward is just under 3x forward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pgraft_cli.io.checkpoints import load_model, save_corrected
+    from pgraft_cli.io.recipes import load_recipe
+    from pgraft_cli.models.corrector import NoiseCorrector
+    from pgraft_cli.stages.correct import corrector_network
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from process_overhead import corrector_train_flops
+
+    cfg = load_recipe("inverse-noise", ["correct.corrector_channels=[8, 16]"]).correct
+    network, config = corrector_network(cfg, (1, 16, 16))
+    path = save_corrected(tmp_path / "corrected.safetensors",
+                          NoiseCorrector("flow", 8, 4, sampler="heun", network=network, model_config=config),
+                          load_model("digits"), {}, {})
+    with FlopCounterMode(display=False) as counter:
+        network(torch.randn(1, 1, 16, 16), torch.rand(1) * 1000)
+    train = corrector_train_flops(path)
+    assert 2.9 * counter.get_total_flops() < train < 3 * counter.get_total_flops()
