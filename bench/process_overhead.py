@@ -94,15 +94,43 @@ def tensor_bytes(run: Path) -> dict[str, bytes]:
             for f in files for k, t in load_file(str(f)).items()}
 
 
-def stage_flops(summary: dict, base_steps: int, train_steps: int, batch: int, train_flops: int) -> dict[str, float]:
-    """The FLOPs of the main job's three compute stages, from its ``--json`` summary (``flop_counter``'s
-    counts a network call per image): the inversion's solver calls and its round trip (``base_steps``
-    calls) on every image, ``train_steps x batch`` corrector training images at ``train_flops`` (forward
-    + backward) each, and both evaluations' samples at their sampler's FLOPs per image."""
-    inv, base, cor = summary["inversion"], summary["base"], summary["corrected"]
-    return {"inversion": inv["num"] * (inv["iterations_mean"] + base_steps) * base["flops_calls"]["base_call"],
+def sampled_images(num: int, shard: int, lane: int) -> int:
+    """The images a sampling stage runs its networks on to keep ``num``: each shard of ``shard`` images runs
+    every lane-aligned lane of ``lane`` images that meets it, whole (``stages.sample``: a lane's padding
+    rows are computed, then dropped)."""
+    total = 0
+    for start in range(0, num, shard):
+        end = min(start + shard, num)
+        total += len(range(start - start % lane, end, lane)) * lane
+    return total
+
+
+def stage_flops(summary: dict, base_steps: int, train_steps: int, batch: int, train_flops: int,
+                sampled: dict[str, int]) -> dict[str, float]:
+    """The convolution and matmul FLOPs of the main job's three compute stages (``flop_counter``'s
+    counts, which leave out normalisations, activations and the solver's own arithmetic), from its
+    ``--json`` summary's FLOPs a network call per image: the inversion's solver calls and its round trip
+    (``base_steps`` calls) on every image, ``train_steps x batch`` corrector training images at
+    ``train_flops`` (forward + backward) each, and each evaluation's ``sampled`` images (``base``,
+    ``corrected``; padding included: :func:`sampled_images`) at its sampler's FLOPs per image."""
+    inv = summary["inversion"]
+    return {"inversion": inv["num"] * (inv["iterations_mean"] + base_steps) * summary["base"]["flops_calls"]["base_call"],
             "corrector_training": train_steps * batch * train_flops,
-            "sampling": base["num"] * base["flops_per_image"] + cor["num"] * cor["flops_per_image"]}
+            "sampling": sum(sampled[k] * summary[k]["flops_per_image"] for k in ("base", "corrected"))}
+
+
+def run_flops(run: Path, summary: dict, train_flops: int) -> dict[str, float]:
+    """:func:`stage_flops` of the main job's run directory RUN: the settings it resolved (``recipe.toml``'s
+    ``[correct]``, each evaluation's ``settings.json``)."""
+    import tomllib
+
+    correct = tomllib.loads((run / "recipe.toml").read_text())["correct"]
+    sampled = {}
+    for k in ("base", "corrected"):
+        settings = json.loads((run / f"evaluate-{k}" / "settings.json").read_text())
+        sampled[k] = sampled_images(settings["num"], settings["batch_size"], settings["lane"])
+    return stage_flops(summary, correct["base_steps"], correct["corrector_train_steps"], correct["corrector_batch_size"],
+                       train_flops, sampled)
 
 
 def corrector_train_flops(corrected: Path) -> int:
@@ -115,30 +143,33 @@ def corrector_train_flops(corrected: Path) -> int:
     loaded = load_model(str(corrected))
     network = loaded.corrector.network.float().requires_grad_(True)  # loaded frozen, for sampling
     with FlopCounterMode(display=False) as counter:
-        network(torch.randn(2, *loaded.image_shape), torch.rand(2) * 1000).sample.square().mean().backward()
+        network(torch.randn(2, *loaded.sample_shape), torch.rand(2) * 1000).sample.square().mean().backward()
     return counter.get_total_flops() // 2
 
 
 def main_job(tree: Path, run: Path) -> dict[str, float]:
     """The README's main job in RUN: wall, every stage's seconds, ``outside`` (wall - the stages), peak RSS,
-    the held-out FIDs and the compute stages' FLOPs (:func:`stage_flops`, ``flops_`` + the stage)."""
-    import tomllib
-
+    the held-out FIDs and the compute stages' FLOPs (:func:`run_flops`, ``flops_`` + the stage)."""
     wall, out, usage = timed(tree, ["correct", "digits", "--recipe", "inverse-noise", "--run-dir", str(run), "--json"])
     summary = json.loads(out)
     stages = summary["stage_seconds"]
-    correct = tomllib.loads((run / "recipe.toml").read_text())["correct"]  # the recipe the run resolved
-    flops = stage_flops(summary, correct["base_steps"], correct["corrector_train_steps"],
-                        correct["corrector_batch_size"], corrector_train_flops(Path(summary["out"])))
+    flops = run_flops(run, summary, corrector_train_flops(Path(summary["out"])))
     return {**{k: stages.get(k, 0.0) for k in STAGES}, "wall": wall,
             "outside": wall - sum(stages.values()), **usage,
             "fid_base": summary["base"]["fid"], "fid_corrected": summary["corrected"]["fid"],
             **{f"flops_{k}": v for k, v in flops.items()}}
 
 
+def reference_rate(before: float, after: float) -> float:
+    """The matmul rate the stages are held against: the faster of the sitting's two readings, so the
+    share printed is the lower one and the floor the lower one."""
+    return max(before, after)
+
+
 def roofline(rows: list[dict[str, float]], rate: float) -> None:
-    """Per compute stage: TFLOPs, median seconds, the GFLOP/s they imply, and that against ``rate`` (the
-    float32 matmul rate, FLOP/s); then the three stages' floor: their FLOPs at the matmul rate."""
+    """Per compute stage: TFLOPs (:func:`stage_flops`), median seconds, the GFLOP/s they imply, and that
+    against ``rate`` (the float32 1024^2 matmul rate, FLOP/s: a measured rate, not the CPU's peak); then the
+    three stages' seconds at that rate."""
     print("| stage | TFLOPs | seconds | GFLOP/s | of matmul | seconds at the matmul rate |")
     print("|---|---:|---:|---:|---:|---:|")
     total = seconds = 0.0
@@ -239,7 +270,7 @@ def full(trees: list[Path], rounds: int) -> None:
         return ", ".join(f"{b} -> {c}" for b, c in pairs)
 
     table(rows, FULL, fids)
-    rate = max(rate_before, rate_after)  # the machine's best reading: the floor it gives is the lowest
+    rate = reference_rate(rate_before, rate_after)
     for t in trees:
         print(f"\n{t}: the compute stages against the matmul rate ({rate / 1e9:.1f} GFLOP/s, the faster of before and "
               f"after; FLOPs by torch.utils.flop_counter)\n")

@@ -126,18 +126,28 @@ def test_batch_roofline_bench_splits_a_call_and_times_each_convolution_each_way(
     assert 0 < best <= min(chosen, packed)  # the sum of each shape's fastest (this torch has oneDNN's packed ops)
 
 
-def test_main_job_roofline_counts_each_stage_and_divides_by_the_matmul_rate(monkeypatch, capsys):
-    """process_overhead.py --full's FLOPs: the inversion's solver calls plus its round trip on every image,
-    steps x batch training images, both evaluations' samples; then GFLOP/s and the floor at the matmul rate."""
+def test_main_job_roofline_counts_each_stage_and_divides_by_the_matmul_rate(tmp_path, monkeypatch, capsys):
+    """process_overhead.py --full's FLOPs, from a run directory's resolved settings: the inversion's solver
+    calls plus its round trip (base_steps, not the corrector's steps) on every image, steps x batch training
+    images, each evaluation's sampled images with the last lane's padding; then GFLOP/s and the seconds at
+    the faster matmul reading."""
     monkeypatch.syspath_prepend(str(BENCH))
-    from process_overhead import roofline, stage_flops
+    from process_overhead import reference_rate, roofline, run_flops, sampled_images
 
+    assert sampled_images(1000, 64, 64) == 1024  # the last lane, rows 960-999, runs whole
+    assert sampled_images(100, 30, 16) == 160  # shards 0-29 (2 lanes), 30-59 (3), 60-89 (3), 90-99 (2)
+    assert sampled_images(64, 64, 64) == 64
+    (tmp_path / "recipe.toml").write_text("[correct]\nbase_steps = 8\ncorrector_sample_steps = 4\n"
+                                          "corrector_train_steps = 30\ncorrector_batch_size = 4\n")
+    for k, num in (("base", 100), ("corrected", 50)):
+        (tmp_path / f"evaluate-{k}").mkdir()
+        (tmp_path / f"evaluate-{k}" / "settings.json").write_text(json.dumps({"num": num, "batch_size": 64, "lane": 64}))
     summary = {"inversion": {"num": 10, "iterations_mean": 20.5},
                "base": {"num": 100, "flops_per_image": 8e6, "flops_calls": {"base_call": 1e6}},
                "corrected": {"num": 50, "flops_per_image": 9e6}}
-    flops = stage_flops(summary, base_steps=8, train_steps=30, batch=4, train_flops=3e6)
-    assert flops == {"inversion": 10 * 28.5 * 1e6, "corrector_training": 30 * 4 * 3e6,
-                     "sampling": 100 * 8e6 + 50 * 9e6}
+    assert run_flops(tmp_path, summary, train_flops=3e6) == {
+        "inversion": 10 * 28.5 * 1e6, "corrector_training": 30 * 4 * 3e6, "sampling": 128 * 8e6 + 64 * 9e6}
+    assert reference_rate(71.4e9, 126.8e9) == reference_rate(126.8e9, 71.4e9) == 126.8e9
     row = {"flops_inversion": 2e12, "flops_corrector_training": 1e12, "flops_sampling": 1e12,
            "inversion": 10.0, "corrector_training": 20.0, "sampling": 10.0}
     roofline([row], rate=100e9)
