@@ -134,17 +134,14 @@ def run_flops(run: Path, summary: dict, train_flops: int) -> dict[str, float]:
 
 
 def corrector_train_flops(corrected: Path) -> int:
-    """Forward + backward FLOPs of one training image of the corrector in CORRECTED (``flop_counter``)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward + backward FLOPs of one training image of the corrector in CORRECTED
+    (``inverse_noise.train_step_flops``)."""
+    from inverse_noise import train_step_flops
 
     from pgraft_cli.io.checkpoints import load_model
 
     loaded = load_model(str(corrected))
-    network = loaded.corrector.network.float().requires_grad_(True)  # loaded frozen, for sampling
-    with FlopCounterMode(display=False) as counter:
-        network(torch.randn(2, *loaded.sample_shape), torch.rand(2) * 1000).sample.square().mean().backward()
-    return counter.get_total_flops() // 2
+    return train_step_flops(loaded.corrector.network, loaded.sample_shape)
 
 
 def main_job(tree: Path, run: Path) -> dict[str, float]:

@@ -424,10 +424,10 @@ class RunStore:
         prov = self.read_provenance()
         entry = {"verb": verb, "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
                  "platform": platform.platform(), "command": " ".join(["pgraft", *sys.argv[1:]]), **info}
-        name = entry.pop("device_name", None) if "device_name" in info else (  # a caller that read it passes it
-            describe_device(str(info["device"])) if info.get("device") else None)
-        if name:
-            entry["device_name"] = name
+        if "device_name" not in info:  # a caller that read it passes it
+            entry["device_name"] = describe_device(str(info["device"])) if info.get("device") else None
+        if not entry["device_name"]:
+            del entry["device_name"]
         out = info.get("out")
         if out and Path(out).is_file():
             entry["out_bytes"] = Path(out).stat().st_size
