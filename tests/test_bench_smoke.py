@@ -181,3 +181,57 @@ def test_main_job_roofline_counts_a_saved_flow_correctors_training_step(tmp_path
         network(torch.randn(1, 1, 16, 16), torch.rand(1) * 1000)
     train = corrector_train_flops(path)
     assert 2.9 * counter.get_total_flops() < train < 3 * counter.get_total_flops()
+
+
+def test_memorisation_bench_z_score_and_nearest_distances_against_closed_forms(monkeypatch):
+    """The data-copying test's pieces: the Mann-Whitney z-score agrees with scipy's asymptotic test
+    (no ties: the same |z|), is 0 for a set against itself and negative for a set nearer the training
+    data; nearest distances are the brute-force minimum, 0 for a training row itself."""
+    import torch
+    from scipy import stats
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from memorisation import copy_stats, mann_whitney_z, nearest_distances
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, generator=g), torch.randn(200, generator=g) + 0.3
+    z = mann_whitney_z(a, b)
+    p = stats.mannwhitneyu(a.double().numpy(), b.double().numpy(), alternative="two-sided", method="asymptotic", use_continuity=False).pvalue
+    assert z < 0 and abs(z) == pytest.approx(stats.norm.isf(p / 2), rel=1e-9)
+    assert mann_whitney_z(b, b) == pytest.approx(0.0, abs=1e-12)  # all ties and symmetric pairs: U = m n / 2
+    s = copy_stats(b - 3.0, b)
+    assert s["z"] < -5 and s["near"] > 0.5 and s["median"] == pytest.approx(float((b - 3.0).median()))
+    support, queries = torch.randn(50, 7, generator=g), torch.randn(20, 7, generator=g)
+    brute = torch.tensor([min(float((q - r).norm()) for r in support) for q in queries], dtype=torch.float64)
+    assert torch.allclose(nearest_distances(queries, support, chunk=6), brute)
+    assert torch.equal(nearest_distances(support[:5], support), torch.zeros(5, dtype=torch.float64))
+
+
+def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path, monkeypatch, capsys):
+    """End to end at a tiny size: an untrained corrector saved as `pgraft correct` saves it; the copier
+    control (half training digits) lands nearer the training data than held-out digits (Z < 0, about half
+    its images at distance 0) and the unseen judge digits do not (|Z| small); a missing file is a one-line
+    error."""
+    from pgraft_cli.io.checkpoints import load_model, save_corrected
+    from pgraft_cli.io.recipes import load_recipe
+    from pgraft_cli.models.corrector import NoiseCorrector
+    from pgraft_cli.stages.correct import corrector_network
+
+    cfg = load_recipe("inverse-noise", ["correct.corrector_channels=[8, 16]"]).correct
+    network, config = corrector_network(cfg, (1, 16, 16))
+    path = save_corrected(tmp_path / "corrected.safetensors",
+                          NoiseCorrector("flow", 8, 2, network=network, model_config=config), load_model("digits"), {}, {})
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", ["memorisation.py", "--corrected", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(SystemExit, match="no corrected checkpoint at .*missing.safetensors"):
+        runpy.run_path(str(BENCH / "memorisation.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["memorisation.py", "--corrected", str(path), "--seeds", "1", "--num", "40",
+                                      "--out", str(tmp_path / "run")])
+    runpy.run_path(str(BENCH / "memorisation.py"), run_name="__main__")
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    by_name = {r[0].lstrip("| "): r for r in rows}
+    copier, judge = by_name["copier: half base, half training digits"], by_name["judge digits (unseen, control)"]
+    assert float(copier[2]) < 0 and float(copier[5]) < 0  # Z in pixels and in the classifier's features
+    assert float(copier[3]) == 0.0 and float(copier[4].rstrip("%")) >= 50.0  # its median image is a training digit
+    assert abs(float(judge[2])) < 3 and abs(float(judge[5])) < 3
+    assert {"base", "corrector -> base"} <= set(by_name)
