@@ -10,21 +10,26 @@ them from one that generalises (the training split itself is at FID 0.1 from the
 for a set of images S, ``d(S)`` are the Euclidean distances of its images to their nearest training
 digit, in pixels (the sampler's uint8 images as floats in [0, 1], 16 x 16) and in the bundled
 classifier's features (FID's). The held-out digits Q (``digits-test``, 360 images) give the reference
-``d(Q)``: how near an unseen real digit's nearest training digit is. Printed per set:
+``d(Q)``: how near an unseen real digit's nearest training digit is. Printed per set and space:
 
 - ``Z``: the Mann-Whitney U test's z-score of ``d(S)`` against ``d(Q)``, ``U`` the number of pairs with
   ``d(s) > d(q)`` (ties count half), ``Z = (U - m n / 2) / sqrt(m n (m + n + 1) / 12)`` (no tie
-  correction). Near 0: S is as far from the training digits as unseen real digits are. Well below 0:
-  nearer (copying; the paper flags Z < -3 in its cell-wise form). Above 0: farther (a sampler off the
-  data or under-fitted, which FID shows too).
-- the median of ``d(S)`` and the share of S nearer than the 5th percentile of ``d(Q)`` (5 % for a set
-  drawn like Q).
+  correction: ties only shrink the null variance, so |Z| is understated where they occur). Near 0 (it is
+  N(0, 1) under the null; the script prints its spread over random splits of the unseen digits): S is as
+  far from the training digits as unseen real digits are. Below 0: nearer (the paper reads its cell-wise
+  average of these ``C_T << 0`` as data-copying); above 0: farther (under-fitting, or a sampler off the
+  data). ``AUC = U / (m n)``, the same comparison free of the sample sizes (0.5 under the null).
+- the median and the minimum of ``d(S)``, and the share of S nearer than the 5th percentile of ``d(Q)``
+  (5 % for a set drawn like Q). The global ``Z`` follows the majority of S, so a minority of copies
+  barely moves it (the copier rows show how little); the minimum and the share bound exact and near
+  copies instead.
 
-Sets: the base sampler and corrector -> base (each 1000 images from each evaluation seed, the main
-job's protocol: 8 base steps, the same noises for both); as controls, the judge split
-(``digits-judge``, 359 unseen real digits: Z near 0 if the test is calibrated) and a copier (half of
-the base's images of a seed replaced by training digits: what copying looks like to the test). The
-last table pairs the corrected sampler with the base over the seeds.
+Sets: the base sampler and corrector -> base, each ``--num`` images from each evaluation seed with the
+main job's protocol (the corrector's base steps, the recipe's lanes and shards, the same noises for
+both: at seed 1 these are the main job's own evaluation images); as controls, the judge split
+(``digits-judge``, 359 unseen real digits) and copiers: corrector -> base with 5 % and 50 % of its
+images replaced by training digits. The last table pairs the corrected sampler with the base over the
+seeds.
 """
 
 from __future__ import annotations
@@ -71,10 +76,22 @@ def mann_whitney_z(a: Tensor, b: Tensor) -> float:
 
 
 def copy_stats(d: Tensor, ref: Tensor) -> dict[str, float]:
-    """``Z`` of ``d`` against the reference distances ``ref``, the median of ``d`` and the share of ``d``
-    below the 5th percentile of ``ref``."""
-    return {"z": mann_whitney_z(d, ref), "median": float(d.median()),
-            "near": float((d < torch.quantile(ref.double(), 0.05)).double().mean())}
+    """``Z`` and ``AUC = U / (m n)`` of ``d`` against the reference distances ``ref``, the median and
+    minimum of ``d`` and the share of ``d`` below the 5th percentile of ``ref``."""
+    z, m, n = mann_whitney_z(d, ref), len(d), len(ref)
+    return {"z": z, "auc": 0.5 + z * math.sqrt((m + n + 1) / (12 * m * n)), "median": float(d.median()),
+            "min": float(d.min()), "near": float((d < torch.quantile(ref.double(), 0.05)).double().mean())}
+
+
+def null_spread(unseen: Tensor, size: int, draws: int = 200, seed: int = 0) -> float:
+    """The standard deviation of ``Z`` between random splits of ``unseen`` distances (``size`` against
+    the rest): the test's spread where no set copies."""
+    g = torch.Generator().manual_seed(seed)
+    zs = []
+    for _ in range(draws):
+        perm = torch.randperm(len(unseen), generator=g)
+        zs.append(mann_whitney_z(unseen[perm[:size]], unseen[perm[size:]]))
+    return float(torch.tensor(zs).std())
 
 
 def main() -> None:
@@ -84,12 +101,17 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=1000, help="images per sampler and seed")
     ap.add_argument("--out", default="bench/runs/memorisation", help="run directory for the samples (resumable)")
     a = ap.parse_args()
+    if a.num < 2:
+        ap.error("--num must be at least 2")
     if not Path(a.corrected).is_file():
         sys.exit(f"error: no corrected checkpoint at {a.corrected}; run `pgraft correct digits --recipe inverse-noise "
                  f"--run-dir RUN` and pass --corrected with the checkpoint it writes")
     base, corrected = load_model("digits"), load_model(a.corrected)
     if corrected.corrector is None:
         sys.exit(f"error: {a.corrected} holds no corrector; pass the checkpoint `pgraft correct` wrote")
+    if corrected.base_identity != base.identity:
+        sys.exit(f"error: {a.corrected} corrects another base model, not the bundled digits flow; pass a checkpoint "
+                 f"of `pgraft correct digits`")
     shape, recipe = base.image_shape, load_recipe("inverse-noise").sample  # the main job's shards and lanes
     train, test, judge = (load_data(f"digits-{split}", shape).float() for split in ("train", "test", "judge"))
     feats = classifier_features()
@@ -99,14 +121,16 @@ def main() -> None:
     def distances(images: Tensor) -> dict[str, Tensor]:
         return {name: nearest_distances(fn(images), train_in[name]) for name, fn in spaces.items()}
 
-    ref = distances(test)
-    rows: list[tuple[str, str, dict[str, dict[str, float]]]] = [("held-out digits (the reference)", "-", {
+    ref, unseen = distances(test), distances(judge)
+    rows: list[tuple[str, str, dict[str, dict[str, float]]]] = [("held-out digits (the reference, by construction)", "-", {
         k: copy_stats(v, v) for k, v in ref.items()})]
-    rows.append(("judge digits (unseen, control)", "-", {k: copy_stats(v, ref[k]) for k, v in distances(judge).items()}))
+    rows.append(("judge digits (unseen, control)", "-", {k: copy_stats(v, ref[k]) for k, v in unseen.items()}))
+    spread = {k: null_spread(torch.cat([ref[k], unseen[k]]), len(judge)) for k in spaces}
     per_seed: dict[str, dict[str, list[float]]] = {"base": {k: [] for k in spaces}, "corrected": {k: [] for k in spaces}}
     with RunStore(a.out) as store, progress(False) as bar:
         for seed in a.seeds:
-            cfg = SampleConfig(num=a.num, seed=seed, steps=8, batch_size=recipe.batch_size, lane=recipe.lane)
+            cfg = SampleConfig(num=a.num, seed=seed, steps=corrected.corrector.base_steps, batch_size=recipe.batch_size,
+                               lane=recipe.lane)
             images = {}
             for name, model in (("base", base), ("corrected", corrected)):
                 stage = f"{name}-seed{seed}"
@@ -117,21 +141,24 @@ def main() -> None:
                 for k in spaces:
                     per_seed[name][k].append(stats[k]["z"])
             g = torch.Generator().manual_seed(seed)
-            half = len(images["base"]) // 2
-            copier = torch.cat([images["base"][half:], train[torch.randperm(len(train), generator=g)[:half]]])
-            rows.append(("copier: half base, half training digits", str(seed),
-                         {k: copy_stats(v, ref[k]) for k, v in distances(copier).items()}))
+            for share in (0.05, 0.5):
+                k_copies = max(1, round(share * len(images["corrected"])))
+                copies = train[torch.randperm(len(train), generator=g)[:k_copies]]
+                copier = torch.cat([images["corrected"][k_copies:], copies])
+                rows.append((f"copier: corrected, {share:.0%} of it training digits", str(seed),
+                             {k: copy_stats(v, ref[k]) for k, v in distances(copier).items()}))
             print(f"seed {seed} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 
     print(f"\nNearest-training-digit distances against the held-out digits' ({len(test)} images, "
-          f"{len(train)} training digits)\n")
-    print("| set | seed | Z pixels | median d pixels | nearer than 5 % of held-out, pixels | Z classifier | "
-          "median d classifier | nearer than 5 % of held-out, classifier |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"{len(train)} training digits). Z's spread between random splits of the {len(test) + len(judge)} unseen "
+          f"digits (200 draws): " + ", ".join(f"{k} {v:.2f}" for k, v in spread.items()) + "\n")
+    head = ["Z", "AUC", "median d", "min d", "nearer than 5 % of held-out"]
+    print("| set | seed | " + " | ".join(f"{h} {k}" for k in spaces for h in head) + " |")
+    print("|---|---:|" + "---:|" * (len(head) * len(spaces)))
     for name, seed, st in rows:
-        p, c = st["pixels"], st["classifier"]
-        print(f"| {name} | {seed} | {p['z']:+.2f} | {p['median']:.3f} | {p['near']:.1%} | {c['z']:+.2f} | "
-              f"{c['median']:.3f} | {c['near']:.1%} |")
+        cells = [f"{st[k]['z']:+.2f} | {st[k]['auc']:.3f} | {st[k]['median']:.3f} | {st[k]['min']:.3f} | "
+                 f"{st[k]['near']:.1%}" for k in spaces]
+        print(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     if len(a.seeds) > 1:
         print("\n| space | Z corrected - Z base, mean [95 % t-interval] | seeds where corrected is lower |")
         print("|---|---:|---:|")

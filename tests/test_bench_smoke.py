@@ -191,7 +191,7 @@ def test_memorisation_bench_z_score_and_nearest_distances_against_closed_forms(m
     from scipy import stats
 
     monkeypatch.syspath_prepend(str(BENCH))
-    from memorisation import copy_stats, mann_whitney_z, nearest_distances
+    from memorisation import copy_stats, mann_whitney_z, nearest_distances, null_spread
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, generator=g), torch.randn(200, generator=g) + 0.3
@@ -199,6 +199,8 @@ def test_memorisation_bench_z_score_and_nearest_distances_against_closed_forms(m
     p = stats.mannwhitneyu(a.double().numpy(), b.double().numpy(), alternative="two-sided", method="asymptotic", use_continuity=False).pvalue
     assert z < 0 and abs(z) == pytest.approx(stats.norm.isf(p / 2), rel=1e-9)
     assert mann_whitney_z(b, b) == pytest.approx(0.0, abs=1e-12)  # all ties and symmetric pairs: U = m n / 2
+    assert copy_stats(a, b)["auc"] == pytest.approx(float((a[:, None] > b[None, :]).double().mean()), rel=1e-9)
+    assert 0.8 < null_spread(torch.randn(700, generator=g), 350) < 1.2  # Z is N(0, 1) between random halves
     s = copy_stats(b - 3.0, b)
     assert s["z"] < -5 and s["near"] > 0.5 and s["median"] == pytest.approx(float((b - 3.0).median()))
     support, queries = torch.randn(50, 7, generator=g), torch.randn(20, 7, generator=g)
@@ -207,11 +209,12 @@ def test_memorisation_bench_z_score_and_nearest_distances_against_closed_forms(m
     assert torch.equal(nearest_distances(support[:5], support), torch.zeros(5, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path, monkeypatch, capsys):
-    """End to end at a tiny size: an untrained corrector saved as `pgraft correct` saves it; the copier
-    control (half training digits) lands nearer the training data than held-out digits (Z < 0, about half
-    its images at distance 0) and the unseen judge digits do not (|Z| small); a missing file is a one-line
-    error."""
+    """End to end at a tiny size: an untrained corrector saved as `pgraft correct` saves it, sampled with
+    the main job's protocol (its base steps, the evaluation seed); the half copier lands nearer the training
+    data than held-out digits (Z < 0, AUC < 0.5, its median and minimum image a training digit), the 5 %
+    copier's minimum distance is 0 though its Z need not be below 0; bad input is a one-line error."""
     from pgraft_cli.io.checkpoints import load_model, save_corrected
     from pgraft_cli.io.recipes import load_recipe
     from pgraft_cli.models.corrector import NoiseCorrector
@@ -222,16 +225,22 @@ def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path,
     path = save_corrected(tmp_path / "corrected.safetensors",
                           NoiseCorrector("flow", 8, 2, network=network, model_config=config), load_model("digits"), {}, {})
     monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.setattr(sys, "argv", ["memorisation.py", "--corrected", str(tmp_path / "missing.safetensors")])
-    with pytest.raises(SystemExit, match="no corrected checkpoint at .*missing.safetensors"):
-        runpy.run_path(str(BENCH / "memorisation.py"), run_name="__main__")
+    for argv, message in ((["--corrected", str(tmp_path / "missing.safetensors")], "no corrected checkpoint at .*missing"),
+                          (["--corrected", str(path), "--num", "1"], "2")):
+        monkeypatch.setattr(sys, "argv", ["memorisation.py", *argv])
+        with pytest.raises(SystemExit, match=message):
+            runpy.run_path(str(BENCH / "memorisation.py"), run_name="__main__")
     monkeypatch.setattr(sys, "argv", ["memorisation.py", "--corrected", str(path), "--seeds", "1", "--num", "40",
                                       "--out", str(tmp_path / "run")])
     runpy.run_path(str(BENCH / "memorisation.py"), run_name="__main__")
+    settings = json.loads((tmp_path / "run" / "corrected-seed1" / "settings.json").read_text())
+    assert settings["steps"] == settings["corrector"]["base_steps"] == 8 and settings["seed"] == 1
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     by_name = {r[0].lstrip("| "): r for r in rows}
-    copier, judge = by_name["copier: half base, half training digits"], by_name["judge digits (unseen, control)"]
-    assert float(copier[2]) < 0 and float(copier[5]) < 0  # Z in pixels and in the classifier's features
-    assert float(copier[3]) == 0.0 and float(copier[4].rstrip("%")) >= 50.0  # its median image is a training digit
-    assert abs(float(judge[2])) < 3 and abs(float(judge[5])) < 3
-    assert {"base", "corrector -> base"} <= set(by_name)
+    half, few = by_name["copier: corrected, 50% of it training digits"], by_name["copier: corrected, 5% of it training digits"]
+    for z, auc, median, low in ((2, 3, 4, 5), (7, 8, 9, 10)):  # pixels, then the classifier's features
+        assert float(half[z]) < 0 and float(half[auc]) < 0.5
+        assert float(half[median]) == 0.0 and float(half[low]) == 0.0  # 20 of its 40 images are training digits
+        assert float(few[low]) == 0.0 and float(by_name["corrector -> base"][low]) > 0.0
+    assert float(half[6].rstrip("%")) >= 50.0
+    assert {"base", "judge digits (unseen, control)", "held-out digits (the reference, by construction)"} <= set(by_name)
