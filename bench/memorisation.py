@@ -106,8 +106,7 @@ def main() -> None:
                  f"of `pgraft correct digits`")
     shape, recipe = base.image_shape, load_recipe("inverse-noise").sample  # the main job's shards and lanes
     train, test, judge = (load_data(f"digits-{split}", shape).float() for split in ("train", "test", "judge"))
-    feats = classifier_features()
-    spaces = {"pixels": lambda x: x.reshape(len(x), -1), "classifier": lambda x: feats(x)}
+    spaces = {"pixels": lambda x: x.reshape(len(x), -1), "classifier": classifier_features()}
     train_in = {name: fn(train) for name, fn in spaces.items()}
 
     def distances(images: Tensor) -> dict[str, Tensor]:
