@@ -12,7 +12,8 @@ digit, in pixels (the sampler's uint8 images as floats in [0, 1], 16 x 16) and i
 classifier's features (FID's). The held-out digits Q (``digits-test``, 360 images) give the reference
 ``d(Q)``: how near an unseen real digit's nearest training digit is. Printed per set and space:
 
-- ``Z``: the Mann-Whitney U test's z-score of ``d(S)`` against ``d(Q)``, ``U`` the number of pairs with
+- ``Z``: the Mann-Whitney U test's z-score (``pgraft_cli.core.metrics.copy_stats``, which `pgraft correct`
+  runs in the FID features on every corrected model) of ``d(S)`` against ``d(Q)``, ``U`` the number of pairs with
   ``d(s) > d(q)`` (ties count half), ``Z = (U - m n / 2) / sqrt(m n (m + n + 1) / 12)`` (no tie
   correction: ties only shrink the null variance, so |Z| is understated where they occur). Near 0 (it is
   N(0, 1) under the null; the judge digits are the control): S is as far from the training digits as unseen real digits are. Below 0: nearer (the paper reads its cell-wise
@@ -34,7 +35,6 @@ seeds.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -45,6 +45,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from paired import paired_t, paired_text  # noqa: E402
 
+from pgraft_cli.core.metrics import copy_stats, nearest_distances  # noqa: E402
 from pgraft_cli.errors import PgraftError  # noqa: E402
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import load_data  # noqa: E402
@@ -53,34 +54,6 @@ from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
 from pgraft_cli.stages.evaluate import classifier_features  # noqa: E402
 from pgraft_cli.stages.sample import Conditions, load_images, run_sample  # noqa: E402
-
-
-def nearest_distances(queries: Tensor, support: Tensor, chunk: int = 1024) -> Tensor:
-    """Each query row's Euclidean distance to its nearest ``support`` row (float64), from the differences
-    themselves (not ``|a|^2 + |b|^2 - 2 a.b``, which leaves about 1e-8 where a copy's distance is 0)."""
-    support = support.double()
-    return torch.cat([torch.cdist(q.double(), support, compute_mode="donot_use_mm_for_euclid_dist").amin(1)
-                      for q in queries.split(chunk)])
-
-
-def mann_whitney_z(a: Tensor, b: Tensor) -> float:
-    """z-score of the Mann-Whitney U statistic of ``a`` against ``b``: ``U`` counts pairs with
-    ``a_i > b_j`` (ties half), ``Z = (U - m n / 2) / sqrt(m n (m + n + 1) / 12)``; negative when ``a``
-    tends to be smaller than ``b``."""
-    a, b = a.double(), b.double()
-    m, n = len(a), len(b)
-    greater = (a[:, None] > b[None, :]).sum().item()
-    ties = (a[:, None] == b[None, :]).sum().item()
-    u = greater + 0.5 * ties
-    return (u - m * n / 2) / math.sqrt(m * n * (m + n + 1) / 12)
-
-
-def copy_stats(d: Tensor, ref: Tensor) -> dict[str, float]:
-    """``Z`` and ``AUC = U / (m n)`` of ``d`` against the reference distances ``ref``, the median and
-    minimum of ``d`` and the share of ``d`` below the 5th percentile of ``ref``."""
-    z, m, n = mann_whitney_z(d, ref), len(d), len(ref)
-    return {"z": z, "auc": 0.5 + z * math.sqrt((m + n + 1) / (12 * m * n)), "median": float(d.median()),
-            "min": float(d.min()), "near": float((d < torch.quantile(ref.double(), 0.05)).double().mean())}
 
 
 def main() -> None:

@@ -183,31 +183,6 @@ def test_main_job_roofline_counts_a_saved_flow_correctors_training_step(tmp_path
     assert 2.9 * counter.get_total_flops() < train < 3 * counter.get_total_flops()
 
 
-def test_memorisation_bench_z_score_and_nearest_distances_against_closed_forms(monkeypatch):
-    """The data-copying test's pieces: the Mann-Whitney z-score agrees with scipy's asymptotic test
-    (no ties: the same |z|), is 0 for a set against itself and negative for a set nearer the training
-    data; nearest distances are the brute-force minimum, 0 for a training row itself."""
-    import torch
-    from scipy import stats
-
-    monkeypatch.syspath_prepend(str(BENCH))
-    from memorisation import copy_stats, mann_whitney_z, nearest_distances
-
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(300, generator=g), torch.randn(200, generator=g) + 0.3
-    z = mann_whitney_z(a, b)
-    p = stats.mannwhitneyu(a.double().numpy(), b.double().numpy(), alternative="two-sided", method="asymptotic", use_continuity=False).pvalue
-    assert z < 0 and abs(z) == pytest.approx(stats.norm.isf(p / 2), rel=1e-9)
-    assert mann_whitney_z(b, b) == pytest.approx(0.0, abs=1e-12)  # all ties and symmetric pairs: U = m n / 2
-    assert copy_stats(a, b)["auc"] == pytest.approx(float((a[:, None] > b[None, :]).double().mean()), rel=1e-9)
-    s = copy_stats(b - 3.0, b)
-    assert s["z"] < -5 and s["near"] > 0.5 and s["median"] == pytest.approx(float((b - 3.0).median()))
-    support, queries = torch.randn(50, 7, generator=g), torch.randn(20, 7, generator=g)
-    brute = torch.tensor([min(float((q - r).norm()) for r in support) for q in queries], dtype=torch.float64)
-    assert torch.allclose(nearest_distances(queries, support, chunk=6), brute)
-    assert torch.equal(nearest_distances(support[:5], support), torch.zeros(5, dtype=torch.float64))
-
-
 @pytest.mark.slow
 def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path, monkeypatch, capsys):
     """End to end at a tiny size: an untrained corrector saved as `pgraft correct` saves it, sampled with

@@ -6,6 +6,7 @@ import enum
 import functools
 import hashlib
 import marshal
+import math
 import re
 import types
 import weakref
@@ -94,6 +95,14 @@ class FidKid:
     def counts(self) -> tuple[int, int]:
         """(generated, reference) sample counts so far."""
         return int(self.fid.fake_features_num_samples), int(self.fid.real_features_num_samples)
+
+    def rows(self, real: bool) -> Optional[Tensor]:
+        """One side's feature rows as KID keeps them (float32); None where it keeps none (statistics
+        written without rows)."""
+        from torchmetrics.utilities import dim_zero_cat
+
+        kept = self.kid.real_features if real else self.kid.fake_features
+        return dim_zero_cat(kept) if kept else None
 
     def compute(self) -> dict[str, Any]:
         """``{"fid", "kid", "warnings"}``; a clear error below 2 samples on either side."""
@@ -430,3 +439,74 @@ def mean_pairwise_distance(features: Tensor | np.ndarray, groups: Tensor | np.nd
             d = torch.cdist(f, f)
             means.append(float(d.sum() / (len(f) * (len(f) - 1))))
     return float(np.mean(means)) if means else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Data copying: are samples nearer the training images than unseen images are?
+
+COPY_NEAR_QUANTILE = 0.05  # "near": below this quantile of the unseen images' nearest-training distances
+
+
+def nearest_distances(queries: Tensor | np.ndarray, support: Tensor | np.ndarray, chunk: int = 256) -> Tensor:
+    """Each query row's Euclidean distance to its nearest ``support`` row, float64.
+
+    The nearest row is found in float32 with the matrix-product form (fast at tens of thousands of rows
+    and Inception's 2048 features), then its distance is recomputed in float64 from the difference
+    itself: the product form leaves a rounding residue where a query is a support row, this gives
+    exactly 0. Where two support rows are nearly equally near the search may pick either: the distance
+    then differs by that rounding (about 1e-7 relative), not more."""
+    queries, support = torch.as_tensor(queries), torch.as_tensor(support)
+    search = support.float()
+    out = torch.empty(len(queries), dtype=torch.float64)
+    for start in range(0, len(queries), chunk):
+        q = queries[start:start + chunk]
+        nearest = torch.cdist(q.float(), search, compute_mode="use_mm_for_euclid_dist").argmin(1)
+        out[start:start + len(q)] = (q.double() - support[nearest].double()).norm(dim=1)
+    return out
+
+
+def mann_whitney(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> tuple[float, float]:
+    """The Mann-Whitney U test of ``a`` against ``b`` as ``(Z, AUC)``: ``U`` counts the pairs with
+    ``a_i > b_j``, ties a half (from mid-ranks: ``U = R_a - m (m + 1) / 2``), ``AUC = U / (m n)`` and
+    ``Z = (U - m n / 2) / sqrt(m n (m + n + 1) / 12)``, the normal approximation without tie correction
+    (ties shrink the null variance, so |Z| is then understated). Negative: ``a`` tends to be smaller."""
+    a, b = torch.as_tensor(a).double().reshape(-1), torch.as_tensor(b).double().reshape(-1)
+    m, n = len(a), len(b)
+    if min(m, n) < 1:
+        raise PgraftError(f"the Mann-Whitney test needs values on both sides, got {m} and {n}")
+    values, order = torch.sort(torch.cat([a, b]), stable=True)
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mid = (ends - (counts.double() - 1) / 2)[inverse]  # 1-based mid-rank of each sorted value
+    ranks = torch.empty_like(mid).scatter_(0, order, mid)
+    u = float(ranks[:m].sum()) - m * (m + 1) / 2
+    return (u - m * n / 2) / math.sqrt(m * n * (m + n + 1) / 12), u / (m * n)
+
+
+def copy_stats(d_samples: Tensor | np.ndarray, d_heldout: Tensor | np.ndarray,
+               near_quantile: float = COPY_NEAR_QUANTILE) -> dict[str, Any]:
+    """The global data-copying test of Meehan, Chaudhuri and Dasgupta (AISTATS 2020), from distances.
+
+    ``d_samples``: each sample's distance to its nearest training row; ``d_heldout``: the same for
+    held-out rows (real images the model never saw), the reference. ``z``, ``auc``: Mann-Whitney of the
+    first against the second (``mann_whitney``): near 0 when samples lie as far from the training data as
+    unseen images do, far below 0 when they sit nearer (copying), above 0 when farther (under-fitting,
+    or samples off the data). ``near``: the share of samples nearer than the ``near_quantile`` of
+    ``d_heldout`` (that quantile for a set drawn like the held-out rows). ``min`` / ``heldout_min``: the
+    nearest sample and held-out row (0: an exact copy; a held-out row at 0 is a training row too, counted
+    in ``heldout_in_train``, so the reference is not unseen). The global Z follows the majority of the
+    samples: a few copies hardly move it, ``min`` and ``near`` show those."""
+    d_s, d_q = torch.as_tensor(d_samples).double(), torch.as_tensor(d_heldout).double()
+    if min(len(d_s), len(d_q)) < 2:
+        raise PgraftError(f"the copy test needs at least 2 samples and 2 held-out images, got {len(d_s)} and {len(d_q)}")
+    z, auc = mann_whitney(d_s, d_q)
+    return {"z": z, "auc": auc, "median": float(d_s.median()), "min": float(d_s.min()),
+            "near": float((d_s < torch.quantile(d_q, near_quantile)).double().mean()), "near_quantile": near_quantile,
+            "heldout_median": float(d_q.median()), "heldout_min": float(d_q.min()),
+            "heldout_in_train": int((d_q == 0).sum()), "num": len(d_s), "num_heldout": len(d_q)}
+
+
+def copy_test(samples: Tensor | np.ndarray, train: Tensor | np.ndarray, heldout: Tensor | np.ndarray,
+              near_quantile: float = COPY_NEAR_QUANTILE) -> dict[str, Any]:
+    """``copy_stats`` of feature rows: ``samples`` and ``heldout`` against their nearest ``train`` rows."""
+    return copy_stats(nearest_distances(samples, train), nearest_distances(heldout, train), near_quantile)

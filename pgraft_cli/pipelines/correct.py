@@ -29,7 +29,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import correct_report, wrote_lines
     from ..stages.correct import check_correctable, corrector_conditions, run_invert, run_train_corrector
-    from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
+    from ..stages.evaluate import copy_reference, evaluate_model, fid_skipped, pick_features
     from ..stages.finetune import main_first
     from ..stages.sample import Conditions, resolve_lane, run_sample
 
@@ -73,22 +73,27 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                                 guidance_scale=rec.sample.guidance_scale, memory_format=rec.sample.memory_format)
         # text models are evaluated on the data's captions (image i: caption i mod P); class models by i mod C
         prompts = Conditions(prompts=list(dict.fromkeys(rows.captions))) if loaded.conditioning == "text" else None
-        fid_data, refs, notes = None, {}, [fid_skipped(rec.evaluate.features, True)]
+        fid_data, refs, notes, copy_ref = None, {}, [fid_skipped(rec.evaluate.features, True)], None
         if feats is not None:
             with verb.timed("evaluation"):
                 real, _ = real_data(loaded, o.data)  # streamed into the reference features
                 fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats,
                                             rec.evaluate.kid_subsets, store.root)
-            notes = []
+                # the data-copying test: the samples' nearest training images against the held-out images'
+                copy_ref, why = (None, f"copy test skipped: FID's reference is the training data ({data_id}); pass "
+                                       f"--eval-data with held-out images to test whether the samples copy it") \
+                    if fid_data == data_id else copy_reference(refs[fid_data], refs[data_id], data_id)
+            notes = [why] if why else []
         common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
-                      notes=notes, cond=prompts)
+                      notes=notes, cond=prompts, copy_reference=copy_ref)
 
         def measured(stage_name: str) -> dict[str, Any]:
             with verb.timed("sampling"):  # then evaluate_model finds the samples done
                 run_sample(loaded, eval_cfg, prompts or Conditions(), store, bar, stage_name=stage_name, **split)
             with verb.timed("evaluation"):
-                return evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
-                                      rec.evaluate.kid_subsets, **common, **split)
+                result = evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
+                                        rec.evaluate.kid_subsets, **common, **split)
+            return {"copying": None, "copy_z": None, "copy_near": None, **result}  # None: the copy test did not run
 
         base_metrics = measured("evaluate-base")
         loaded.corrector = corrector.to(dev)

@@ -349,7 +349,33 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any], 
                      ("corrector network calls", (corr.get("nfe") or 0) - (corr.get("steps") or 0) or None)])
     sections.append(("Corrector", corrector + _loss_plot([("corrector", s.get("loss_curve") or [], steps)],
                                                          "corrector flow-matching loss")))
+    copying = _copying_html(s)
+    if copying:
+        sections.append(("Data copying", copying))
     return sections
+
+
+def _copying_html(s: dict[str, Any]) -> str:
+    """The data-copying test of the base and corrected samples (``stages.evaluate.copying``), a table."""
+    tests = [(name, (s.get(key) or {}).get("copying")) for name, key in (("base", "base"), ("corrected", "corrected"))]
+    tests = [(name, c) for name, c in tests if c]
+    if not tests:
+        return ""
+    c0 = tests[-1][1]
+    q = f"{c0['near_quantile']:.0%}"
+    rows = [[name, f"{c['z']:+.2f}", _f(c["auc"], 3), f"{c['median']:.4g}", f"{c['min']:.4g}", f"{c['near']:.1%}"]
+            for name, c in tests]
+    rows.append([f"held-out images ({s.get('fid_data')}, the reference)", "0.00", "0.500",
+                 f"{c0['heldout_median']:.4g}", f"{c0['heldout_min']:.4g}", q])
+    note = (f'<p class="note">Meehan, Chaudhuri and Dasgupta\'s global test (AISTATS 2020), in the FID features '
+            f'({_e(s["corrected"].get("features"))}): the distance of each of {c0["num"]} samples to its nearest of the '
+            f'{c0["num_train"]} {_e(c0["train"])} images, against the same distance for the {c0["num_heldout"]} held-out '
+            f'images (Mann-Whitney Z and AUC; the held-out row is the reference, 0 and 0.5 by construction). Z near 0: the samples lie as far from the training images as unseen '
+            f'images do; far below 0 (e.g. under -3): nearer, the sign of copying; above 0: farther. A global test: a '
+            f'few copies hardly move Z; the minimum distance (0: an exact copy) and the share nearer than the held-out '
+            f"images' {q} quantile show those.</p>")
+    return _table(["samples", "Z", "AUC", "median distance", "min distance", f"nearer than {q} of held-out"], rows,
+                  ' id="copying"') + note
 
 
 def _inversion_arrays(run_dir: Path, stage: str) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:

@@ -197,6 +197,21 @@ def table_view(title: str, model: MetricsTable, first: str, caption: Optional[st
                  *(Text(f"note: {n}") for n in model.notes()))
 
 
+def copy_lines(summary: dict) -> list[str]:
+    """The data-copying test of ``correct``'s base and corrected samples (``stages.evaluate.copying``), in
+    two lines; none where it was not run."""
+    base, corr = ((summary.get(k) or {}).get("copying") for k in ("base", "corrected"))
+    if not corr:
+        return []
+    z = ", ".join(f"{name} {c['z']:+.2f}" for name, c in (("base", base), ("corrected", corr)) if c)
+    return [f"copy test ({summary['corrected'].get('features')}): each sample's nearest {corr['train']} image against "
+            f"each held-out image's ({summary.get('fid_data')}): Z {z} (0: as near as unseen images; far below 0, "
+            f"e.g. under -3: nearer, copying; above 0: farther)",
+            f"  nearest corrected sample {corr['min']:.4g} (nearest held-out image {corr['heldout_min']:.4g}); "
+            f"{corr['near']:.1%} of the corrected samples nearer than {corr['near_quantile']:.0%} of the held-out images "
+            f"({corr['near_quantile']:.0%} for unseen images); a global test: a few copies hardly move Z"]
+
+
 def converged_rule(tol: float, tol_last: Optional[float] = None) -> str:
     """What an inversion's "converged" count means (``core.samplers.InversionInfo.converged``)."""
     if tol_last is None or tol_last == tol:
@@ -223,6 +238,7 @@ def correct_report(summary: dict, labels: dict) -> list:
         + (f"; trained in {info['trained_precision']}" if info.get("trained_precision") else "")
         + (f"; fitted to the base in {info['fitted_precision']}" if info.get("fitted_precision") else ""),
     ]
+    lines += copy_lines(summary)
     if summary.get("stage_seconds"):
         lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in summary["stage_seconds"].items())
                      + f"; total {summary['seconds']:.1f} s"

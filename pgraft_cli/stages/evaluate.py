@@ -10,6 +10,7 @@ FLOPs are **measured** with ``torch.utils.flop_counter`` on the actual modules, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.metrics import KID_SUBSETS, FidKid, best_of_n, mean_pairwise_distance, measure_flops
+from ..core.metrics import KID_SUBSETS, FidKid, best_of_n, copy_stats, mean_pairwise_distance, measure_flops, nearest_distances
 from ..core.samplers import above_cutoff
 from ..core.selection import condition_groups
 from ..errors import PgraftError
@@ -270,6 +271,36 @@ def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Opti
     return out
 
 
+@dataclass(frozen=True)
+class CopyReference:
+    """What the data-copying test compares samples with, computed once a run: the training images'
+    feature rows (``name``: their data set) and each held-out image's distance to its nearest one."""
+
+    name: str
+    train: Tensor
+    heldout: Tensor
+
+
+def copy_reference(heldout: FidKid, train: FidKid, name: str) -> tuple[Optional[CopyReference], Optional[str]]:
+    """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s
+    (the images the model was fitted on, the data set ``name``); else None and the note saying why."""
+    held, rows = heldout.rows(real=True), train.rows(real=True)
+    if held is None or rows is None:
+        return None, (f"copy test skipped: the reference statistics of {name} or of the held-out images hold no "
+                      f"feature rows (pass the images, or statistics written by pgraft stats, which keeps the rows)")
+    return CopyReference(name, rows, nearest_distances(held, rows)), None
+
+
+def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
+    """The data-copying test (``core.metrics.copy_stats``) of ``samples``' feature rows against ``ref``:
+    ``{"copying", "copy_z", "copy_near"}``, and ``warnings`` where held-out images are training images too."""
+    result = {**copy_stats(nearest_distances(samples, ref.train), ref.heldout), "train": ref.name, "num_train": len(ref.train)}
+    warnings = [] if not result["heldout_in_train"] else [
+        f"{result['heldout_in_train']} of the {result['num_heldout']} held-out images are also in {ref.name} (distance 0): "
+        f"the copy test's reference is not unseen; pass --eval-data with images outside the training data"]
+    return {"copying": result, "copy_z": result["z"], "copy_near": result["near"], "warnings": warnings}
+
+
 def predict_key(model: Any, x: Tensor, cond: Any) -> tuple:
     """What ``model.predict(x, t, cond)`` reads, the weights' values aside (``measure_flops``' key,
     with t): the networks, the settings, the model's class and its family adapter (their code)."""
@@ -348,7 +379,8 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
                    features: Optional[Features], store: Any, bar: Any, stage_name: str = "sample",
                    kid_subsets: int = KID_SUBSETS, real_features: Optional[FidKid | Tensor | np.ndarray] = None,
                    cond: Any = None, reward: Any = None, also_against: Optional[dict[str, FidKid]] = None,
-                   best_of: Optional[int] = None, notes: Optional[list[str]] = None, **dist: Any) -> dict[str, Any]:
+                   best_of: Optional[int] = None, notes: Optional[list[str]] = None,
+                   copy_reference: Optional[CopyReference] = None, **dist: Any) -> dict[str, Any]:
     """Sample ``sample_cfg.num`` images into ``store`` (resumable) and measure them, shard by shard.
 
     The reference is ``real`` (images: a tensor or an iterable of batches) or ``real_features`` (a
@@ -363,6 +395,10 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     (a text model's prompt is one group): ``reward_best_of_mean``/``_std`` is ``best_of_n`` of the rewards
     over those groups, and ``pairwise_distance`` the mean distance between a group's samples in the
     features (``mean_pairwise_distance``). ``notes`` (e.g. why FID was skipped) are passed through.
+
+    With ``copy_reference`` (``copy_reference()``: the training images' features, the held-out ones'
+    distances to them) and a reference, ``copying`` is the data-copying test of the samples (``copying``),
+    ``copy_z`` / ``copy_near`` its Z and near share (for gates).
     """
     from .sample import Conditions, iter_images, run_sample
 
@@ -400,6 +436,11 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     if metric is not None:
         out.update(metric.compute())
         out["also_against"] = {name: m.compute() for name, m in (also_against or {}).items()}
+        fake = metric.rows(real=False)
+        if copy_reference is not None and fake is not None:
+            test = copying(fake, copy_reference)
+            out["warnings"] += test.pop("warnings")
+            out.update(test)
     if rows:
         out["pairwise_distance"] = mean_pairwise_distance(torch.cat(rows), groups)
     if reward is not None:

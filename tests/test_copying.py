@@ -1,0 +1,138 @@
+"""The data-copying test `pgraft correct` runs on its base and corrected samples (Meehan, Chaudhuri and
+Dasgupta 2020, global form): the maths against closed forms and scipy, the stage on real digits, the
+report, the gates and the run's notes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pgraft_cli.cli import app
+from pgraft_cli.core.metrics import FidKid, copy_stats, copy_test, mann_whitney, nearest_distances
+from pgraft_cli.errors import PgraftError
+from pgraft_cli.io.data import load_data
+from pgraft_cli.report.gates import gate_names, parse_gates
+from pgraft_cli.stages.evaluate import classifier_features, copy_reference, copying
+
+runner = CliRunner()
+
+
+def test_mann_whitney_counts_pairs_with_ties_a_half_and_agrees_with_scipy():
+    from scipy import stats
+
+    a, b = torch.tensor([1.0, 2, 2, 3]), torch.tensor([2.0, 2, 0])
+    # pairs a_i > b_j: 1 > 0; 2 > 0 twice; 3 > all three = 6; ties 2 = 2 four times: U = 6 + 2 = 8
+    z, auc = mann_whitney(a, b)
+    assert auc == pytest.approx(8 / 12) and z == pytest.approx((8 - 6) / math.sqrt(12 * 8 / 12))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, generator=g), torch.randn(200, generator=g) + 0.3
+    z, auc = mann_whitney(a, b)
+    p = stats.mannwhitneyu(a.double().numpy(), b.double().numpy(), alternative="two-sided", method="asymptotic",
+                           use_continuity=False).pvalue
+    assert z < 0 and abs(z) == pytest.approx(stats.norm.isf(p / 2), rel=1e-6)
+    assert auc == pytest.approx(float((a[:, None] > b[None, :]).double().mean()), rel=1e-12)
+    assert mann_whitney(b, b) == pytest.approx((0.0, 0.5), abs=1e-12)  # a set against itself: U = m n / 2
+    with pytest.raises(PgraftError, match="needs values on both sides"):
+        mann_whitney(a, torch.zeros(0))
+
+
+def test_nearest_distances_are_the_brute_force_minimum_and_exactly_zero_for_a_training_row():
+    g = torch.Generator().manual_seed(1)
+    support, queries = torch.randn(50, 7, generator=g), torch.randn(20, 7, generator=g)
+    brute = torch.tensor([min(float((q - r).norm()) for r in support) for q in queries], dtype=torch.float64)
+    assert torch.allclose(nearest_distances(queries, support, chunk=6), brute, rtol=1e-6)
+    # far from the origin the product form's rounding is large; the recomputed distance is still 0
+    far = support * 1000 + 5000
+    assert torch.equal(nearest_distances(far[:7], far), torch.zeros(7, dtype=torch.float64))
+
+
+def test_copy_stats_flag_a_copier_and_not_a_set_drawn_like_the_held_out_one():
+    g = torch.Generator().manual_seed(2)
+    train, heldout, fresh = (torch.randn(n, 5, generator=g) for n in (400, 300, 300))
+    unseen = copy_test(fresh, train, heldout)
+    assert abs(unseen["z"]) < 3 and 0.4 < unseen["auc"] < 0.6 and unseen["min"] > 0 and unseen["heldout_in_train"] == 0
+    copier = copy_test(torch.cat([train[:150], fresh[:150]]), train, heldout)  # half of it training rows
+    # its copies are below every held-out distance, so AUC = half the unseen half's own AUC against the held-out
+    half = copy_test(fresh[:150], train, heldout)["auc"]
+    assert copier["auc"] == pytest.approx(half / 2) and copier["z"] < -7 and copier["min"] == 0.0 and copier["near"] >= 0.5
+    few = copy_test(torch.cat([train[:6], fresh[6:]]), train, heldout)  # 2 %: Z barely moves, the minimum shows it
+    assert few["min"] == 0.0 and few["z"] > -3
+    leaky = copy_test(fresh, train, torch.cat([train[:4], heldout[4:]]))
+    assert leaky["heldout_in_train"] == 4 and leaky["heldout_min"] == 0.0
+    d = torch.arange(1.0, 101.0)  # the near share is below the held-out 5 % quantile (5.95 by linear interpolation)
+    assert copy_stats(d - 5.0, d)["near"] == pytest.approx(0.10)
+    with pytest.raises(PgraftError, match="at least 2 samples and 2 held-out"):
+        copy_stats(d[:1], d)
+
+
+def _reference(rows: torch.Tensor) -> FidKid:
+    ref = FidKid(rows.shape[1], kid_subsets=2)
+    ref.update(rows, real=True)
+    return ref
+
+
+def test_the_stage_on_real_digits_passes_unseen_digits_flags_copies_and_warns_on_a_leaky_reference():
+    """In the bundled classifier's features (FID's): the judge split (unseen digits) reads as unseen, the
+    training digits themselves as copies; held-out images that are training images draw a warning."""
+    feats = classifier_features()
+    train, test, judge = (feats(load_data(f"digits-{s}", (1, 16, 16)).float()) for s in ("train", "test", "judge"))
+    ref, why = copy_reference(_reference(test), _reference(train), "digits-train")
+    assert why is None and ref.name == "digits-train" and len(ref.heldout) == len(test)
+    unseen = copying(judge, ref)
+    assert abs(unseen["copy_z"]) < 3 and unseen["warnings"] == [] and unseen["copying"]["num_train"] == len(train)
+    copies = copying(train[:300], ref)
+    assert copies["copy_z"] < -10 and copies["copy_near"] == 1.0 and copies["copying"]["min"] == 0.0
+    leaky, _ = copy_reference(_reference(torch.cat([train[:10], test])), _reference(train), "digits-train")
+    warned = copying(judge, leaky)["warnings"]
+    assert len(warned) == 1 and warned[0].startswith("10 of the 370 held-out images are also in digits-train")
+    no_rows = FidKid.from_reference_state({**_reference(train).reference_state(), "features": torch.zeros(0, 64).numpy()})
+    ref, why = copy_reference(_reference(test), no_rows, "digits-train")
+    assert ref is None and why.startswith("copy test skipped") and "no feature rows" in why
+
+
+def test_copy_gates_exist_for_correct_only():
+    assert {"copy_z", "copy_near", "base.copy_z", "base.copy_near"} <= gate_names("correct")
+    for verb in ("finetune", "evaluate"):
+        assert "copy_z" not in gate_names(verb)
+    with pytest.raises(PgraftError, match="measures no 'copy_z'"):
+        parse_gates(["copy_z<-3"], gate_names("evaluate"))
+
+
+SMALL = ["--set", "correct.base_steps=4", "--set", "correct.num_images=16", "--set", "correct.inversion_iterations=8",
+         "--set", "correct.max_reconstruction_rms=0.05", "--set", "correct.corrector_train_steps=5", "--set",
+         "correct.corrector_batch_size=16", "--set", "correct.corrector_sample_steps=2", "--set", "evaluate.num=16",
+         "--set", "evaluate.kid_subsets=2"]
+
+
+def test_correct_tests_both_samplers_for_copying_gates_on_it_and_reports_it(tmp_path):
+    """The digits' default: fitted on digits-train, FID against held-out digits-test, so both samplers get the
+    copy test (in the JSON, the table, the lines, report.html and the gates); with --data alone there is no
+    held-out set and a note says so."""
+    r = runner.invoke(app, ["correct", "digits", "--run-dir", str(tmp_path / "run"), "--json", *SMALL,
+                            "--fail-if", "copy_z>-1000", "--fail-if", "base.copy_near<0"])
+    assert r.exit_code == 1, r.output  # the first gate holds for any Z: it proves the gate reads the metric
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("base", "corrected"):
+        c = s[key]["copying"]
+        assert c["train"] == "digits-train" and c["num"] == 16 and c["num_heldout"] == 360 and c["num_train"] == 1078
+        assert s[key]["copy_z"] == c["z"] and s[key]["copy_near"] == c["near"] and c["min"] > 0
+        assert c["heldout_in_train"] == 0 and not s[key]["notes"]
+    failed = [line for line in r.output.splitlines() if line.startswith("gate failed")]
+    assert failed == [f"gate failed: copy_z>-1000 (copy_z = {s['corrected']['copy_z']:.6g})"]
+    shown = runner.invoke(app, ["correct", "digits", "--run-dir", str(tmp_path / "run"), *SMALL])
+    assert shown.exit_code == 0, shown.output
+    assert "copy Z" in shown.output and f"Z base {s['base']['copy_z']:+.2f}, corrected {s['corrected']['copy_z']:+.2f}" in shown.output
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert '<table id="copying">' in html and f"{s['corrected']['copy_z']:+.2f}" in html
+
+    alone = runner.invoke(app, ["correct", "digits", "--data", "digits-train", "--run-dir", str(tmp_path / "alone"),
+                                "--json", *SMALL, "--fail-if", "copy_z<-3"])
+    assert alone.exit_code == 1 and "gate failed: copy_z<-3 (copy_z was not measured in this run)" in alone.output
+    a = json.loads(alone.stdout.strip().splitlines()[-1])
+    assert a["fid_data"] == "digits-train" and a["corrected"]["copying"] is None and a["corrected"]["copy_z"] is None
+    assert a["corrected"]["notes"] == ["copy test skipped: FID's reference is the training data (digits-train); pass "
+                                       "--eval-data with held-out images to test whether the samples copy it"]
