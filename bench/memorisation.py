@@ -13,9 +13,9 @@ classifier's features (FID's). The held-out digits Q (``digits-test``, 360 image
 ``d(Q)``: how near an unseen real digit's nearest training digit is. Printed per set and space:
 
 - ``Z``: the Mann-Whitney U test's z-score (``pgraft_cli.core.metrics.copy_stats``, which `pgraft correct`
-  runs in the FID features on every corrected model) of ``d(S)`` against ``d(Q)``, ``U`` the number of pairs with
-  ``d(s) > d(q)`` (ties count half), ``Z = (U - m n / 2) / sqrt(m n (m + n + 1) / 12)`` (no tie
-  correction: ties only shrink the null variance, so |Z| is understated where they occur). Near 0 (it is
+  runs in the FID features on unconditional models with held-out data) of ``d(S)`` against ``d(Q)``, ``U`` the number of pairs with
+  ``d(s) > d(q)`` (ties count half), ``Z = (U - m n / 2) / sigma`` with the tie-corrected null
+  variance (ties occur only where distances are equal, e.g. at 0 for copies). Near 0 (it is
   N(0, 1) under the null; the judge digits are the control): S is as far from the training digits as unseen real digits are. Below 0: nearer (the paper reads its cell-wise
   average of these ``C_T << 0`` as data-copying); above 0: farther (under-fitting, or a sampler off the
   data). ``AUC = U / (m n)``, the same comparison free of the sample sizes (0.5 under the null).
@@ -27,8 +27,8 @@ classifier's features (FID's). The held-out digits Q (``digits-test``, 360 image
 Sets: the base sampler and corrector -> base, each ``--num`` images from each evaluation seed with the
 main job's protocol (the corrector's base steps, the recipe's lanes and shards, the same noises for
 both: at seed 1 these are the main job's own evaluation images); as controls, the judge split
-(``digits-judge``, 359 unseen real digits) and copiers: corrector -> base with 5 % and 50 % of its
-images replaced by training digits. The last table pairs the corrected sampler with the base over the
+(``digits-judge``, 359 unseen real digits) and copiers: corrector -> base with ``--shares`` (5 %, 25 % and
+50 %) of its images replaced by training digits. The last table pairs the corrected sampler with the base over the
 seeds.
 """
 
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--num", type=int, default=1000, help="images per sampler and seed")
     ap.add_argument("--out", default="bench/runs/memorisation", help="run directory for the samples (resumable)")
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.05, 0.25, 0.5],
+                    help="copiers: these shares of the corrected images replaced by training digits")
     a = ap.parse_args()
     if a.num < 2:
         ap.error("--num must be at least 2")
@@ -104,7 +106,7 @@ def main() -> None:
                 for k in spaces:
                     per_seed[name][k].append(stats[k]["z"])
             g = torch.Generator().manual_seed(seed)
-            for share in (0.05, 0.5):
+            for share in a.shares:
                 k_copies = max(1, round(share * len(images["corrected"])))
                 copies = train[torch.randperm(len(train), generator=g)[:k_copies]]
                 copier = torch.cat([images["corrected"][k_copies:], copies])

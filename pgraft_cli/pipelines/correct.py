@@ -21,6 +21,23 @@ class CorrectOptions(ModelOptions, DataOptions):
     recipe: str = "inverse-noise"
 
 
+def copy_skipped(conditioning: str, fid_data: str, data_id: str) -> Optional[str]:
+    """Why the data-copying test cannot run on this run's references (None: it can). It needs held-out
+    images: FID's reference other than ``--data`` (a stats file of the same data counts as the same), and
+    samples drawn like them: a conditioned model's evaluation follows ``--data``'s captions, or every
+    class in turn, not the held-out images' own."""
+    from ..io.refstats import data_identity, is_stats_file, load_stats
+
+    if conditioning != "none":
+        what = "captions" if conditioning == "text" else "classes in turn"
+        return (f"copy test skipped: a {conditioning}-conditioned model is sampled on --data's {what}, not the held-out "
+                f"images' own, which biases the comparison (the test runs on unconditional models)")
+    if fid_data == data_id or (is_stats_file(fid_data) and load_stats(fid_data)[1].get("data") == data_identity(data_id)):
+        return (f"copy test skipped: FID's reference is the training data ({data_id}); pass --eval-data with held-out "
+                f"images to test whether the samples copy it")
+    return None
+
+
 def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     """Inverse noise correction of MODEL: the summary, its terminal view and the gate results (None on
     the other processes of a multi-process run)."""
@@ -80,9 +97,9 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                 fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats,
                                             rec.evaluate.kid_subsets, store.root)
                 # the data-copying test: the samples' nearest training images against the held-out images'
-                copy_ref, why = (None, f"copy test skipped: FID's reference is the training data ({data_id}); pass "
-                                       f"--eval-data with held-out images to test whether the samples copy it") \
-                    if fid_data == data_id else copy_reference(refs[fid_data], refs[data_id], data_id)
+                why = copy_skipped(loaded.conditioning, fid_data, data_id)
+                if why is None and verb.is_main:
+                    copy_ref, why = copy_reference(refs[fid_data], refs[data_id], data_id)
             notes = [why] if why else []
         common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
                       notes=notes, cond=prompts, copy_reference=copy_ref)
@@ -93,7 +110,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
             with verb.timed("evaluation"):
                 result = evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
                                         rec.evaluate.kid_subsets, **common, **split)
-            return {"copying": None, "copy_z": None, "copy_near": None, **result}  # None: the copy test did not run
+            return {"copying": None, "copy_z": None, "copy_auc": None, "copy_near": None, **result}  # None: not run
 
         base_metrics = measured("evaluate-base")
         loaded.corrector = corrector.to(dev)

@@ -363,19 +363,22 @@ def _copying_html(s: dict[str, Any]) -> str:
         return ""
     c0 = tests[-1][1]
     q = f"{c0['near_quantile']:.0%}"
-    rows = [[name, f"{c['z']:+.2f}", _f(c["auc"], 3), f"{c['median']:.4g}", f"{c['min']:.4g}", f"{c['near']:.1%}"]
-            for name, c in tests]
-    rows.append([f"held-out images ({s.get('fid_data')}, the reference)", "0.00", "0.500",
-                 f"{c0['heldout_median']:.4g}", f"{c0['heldout_min']:.4g}", q])
-    note = (f'<p class="note">Meehan, Chaudhuri and Dasgupta\'s global test (AISTATS 2020), in the FID features '
-            f'({_e(s["corrected"].get("features"))}): the distance of each of {c0["num"]} samples to its nearest of the '
-            f'{c0["num_train"]} {_e(c0["train"])} images, against the same distance for the {c0["num_heldout"]} held-out '
-            f'images (Mann-Whitney Z and AUC; the held-out row is the reference, 0 and 0.5 by construction). Z near 0: the samples lie as far from the training images as unseen '
-            f'images do; far below 0 (e.g. under -3): nearer, the sign of copying; above 0: farther. A global test: a '
-            f'few copies hardly move Z; the minimum distance (0: an exact copy) and the share nearer than the held-out '
-            f"images' {q} quantile show those.</p>")
-    return _table(["samples", "Z", "AUC", "median distance", "min distance", f"nearer than {q} of held-out"], rows,
-                  ' id="copying"') + note
+    rows = [[name, _f(c["auc"], 3), f"{c['z']:+.2f}", f"{c['near']:.1%}", c["copies"], f"{c['median']:.4g}",
+             f"{c['min']:.4g}"] for name, c in tests]
+    rows.append([f"held-out images ({s.get('fid_data')}; the reference)", "0.500", "+0.00",
+                 f"{q} +- {c0['near_null_se']:.1%}", "-", f"{c0['heldout_median']:.4g}", f"{c0['heldout_min']:.4g}"])
+    note = (f'<p class="note">Meehan, Chaudhuri and Dasgupta\'s data-copying test (AISTATS 2020), global form, in the '
+            f'FID features ({_e(s["corrected"].get("features"))}): the distance of each of {c0["num"]} samples to its '
+            f'nearest of the {c0["num_train"]} {_e(c0["train"])} images, against the same distance for the '
+            f'{c0["num_heldout"]} held-out images. AUC: the chance that a sample lies farther than a held-out image '
+            f'(Mann-Whitney; Z its normal score, which grows with the counts). 0.5: as far as unseen images; below: '
+            f'nearer, as copies would be, or bunched where the training images are dense; above: farther. The test is '
+            f'global: samples otherwise farther than unseen images hide a share of copies from the AUC, so read the '
+            f'share nearer than the held-out images\' {q} quantile ({q} for samples drawn like them, with the sampling '
+            f'error shown) and the training images reproduced (within {c0["same_image"]:.2g}), and the corrected '
+            f'sampler against the base.</p>')
+    return _table(["samples", "AUC", "Z", f"nearer than {q} of held-out", "training images reproduced",
+                   "median distance", "min distance"], rows, ' id="copying"') + note
 
 
 def _inversion_arrays(run_dir: Path, stage: str) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:

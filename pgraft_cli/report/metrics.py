@@ -24,7 +24,7 @@ COLUMNS = (
     Column("kid", "KID", lambda v: f"{v:.4f}", True),
     Column("precision", "precision", lambda v: f"{v:.3f}", False),
     Column("recall", "recall", lambda v: f"{v:.3f}", False),
-    Column("copy_z", "copy Z", lambda v: f"{v:.2f}", None),  # correct's data-copying test: 0 as unseen images
+    Column("copy_auc", "copy AUC", lambda v: f"{v:.3f}", None),  # correct's data-copying test: 0.5 as unseen images
     Column("pairwise_distance", "within-prompt distance", lambda v: f"{v:.4g}", False),
     Column("reward_mean", "reward mean", lambda v: f"{v:.4f}", False),
     Column("reward_std", "reward std", lambda v: f"{v:.4f}", None),

@@ -199,17 +199,23 @@ def table_view(title: str, model: MetricsTable, first: str, caption: Optional[st
 
 def copy_lines(summary: dict) -> list[str]:
     """The data-copying test of ``correct``'s base and corrected samples (``stages.evaluate.copying``), in
-    two lines; none where it was not run."""
+    three lines; none where it was not run."""
     base, corr = ((summary.get(k) or {}).get("copying") for k in ("base", "corrected"))
     if not corr:
         return []
-    z = ", ".join(f"{name} {c['z']:+.2f}" for name, c in (("base", base), ("corrected", corr)) if c)
-    return [f"copy test ({summary['corrected'].get('features')}): each sample's nearest {corr['train']} image against "
-            f"each held-out image's ({summary.get('fid_data')}): Z {z} (0: as near as unseen images; far below 0, "
-            f"e.g. under -3: nearer, copying; above 0: farther)",
-            f"  nearest corrected sample {corr['min']:.4g} (nearest held-out image {corr['heldout_min']:.4g}); "
-            f"{corr['near']:.1%} of the corrected samples nearer than {corr['near_quantile']:.0%} of the held-out images "
-            f"({corr['near_quantile']:.0%} for unseen images); a global test: a few copies hardly move Z"]
+    both = [(name, c) for name, c in (("base", base), ("corrected", corr)) if c]
+    auc = ", ".join(f"{name} {c['auc']:.3f} (Z {c['z']:+.1f})" for name, c in both)
+    near = ", ".join(f"{name} {c['near']:.1%}" for name, c in both)
+    copies = ", ".join(f"{name} {c['copies']}" for name, c in both)
+    q = f"{corr['near_quantile']:.0%}"
+    return [f"copy test ({summary['corrected'].get('features')}): each sample's distance to its nearest {corr['train']} "
+            f"image against each held-out image's ({summary.get('fid_data')}): AUC {auc}; 0.5 as unseen images, below: "
+            f"nearer, as copies would be (or samples bunched where the training images are dense), above: farther",
+            f"  nearer than {q} of the held-out images: {near} ({q} +- {corr['near_null_se']:.1%} for samples drawn like "
+            f"them); training images reproduced: {copies}; nearest corrected sample {corr['min']:.4g}, nearest held-out "
+            f"image {corr['heldout_min']:.4g}",
+            "  a global test: samples otherwise farther than unseen images hide a share of copies from the AUC, so read "
+            "the share nearer and the copies too, and the corrected sampler against the base"]
 
 
 def converged_rule(tol: float, tol_last: Optional[float] = None) -> str:

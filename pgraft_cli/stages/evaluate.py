@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.metrics import KID_SUBSETS, FidKid, best_of_n, copy_stats, mean_pairwise_distance, measure_flops, nearest_distances
+from ..core.metrics import (COPY_SAME_IMAGE, KID_SUBSETS, FidKid, best_of_n, copy_stats, mean_pairwise_distance, measure_flops,
+                            nearest_distances, rms_spread)
 from ..core.samplers import above_cutoff
 from ..core.selection import condition_groups
 from ..errors import PgraftError
@@ -274,31 +275,47 @@ def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Opti
 @dataclass(frozen=True)
 class CopyReference:
     """What the data-copying test compares samples with, computed once a run: the training images'
-    feature rows (``name``: their data set) and each held-out image's distance to its nearest one."""
+    feature rows (``name``: their data set), each held-out image's distance to its nearest one (those of
+    held-out images that are training images too left out), the distance within which two rows are one
+    image (``same``) and a warning where some held-out images were left out."""
 
     name: str
     train: Tensor
     heldout: Tensor
+    same: float
+    warning: Optional[str] = None
 
 
 def copy_reference(heldout: FidKid, train: FidKid, name: str) -> tuple[Optional[CopyReference], Optional[str]]:
-    """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s
-    (the images the model was fitted on, the data set ``name``); else None and the note saying why."""
+    """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s (the
+    images the model was fitted on, the data set ``name``); else None and the note saying why. A held-out
+    row within ``COPY_SAME_IMAGE`` of the training rows' spread of a training row is that image (features of
+    one image computed in other batches differ by about 1e-6): left out of the reference with a warning,
+    and the test skipped when they are half of the held-out rows or more."""
     held, rows = heldout.rows(real=True), train.rows(real=True)
     if held is None or rows is None:
-        return None, (f"copy test skipped: the reference statistics of {name} or of the held-out images hold no "
-                      f"feature rows (pass the images, or statistics written by pgraft stats, which keeps the rows)")
-    return CopyReference(name, rows, nearest_distances(held, rows)), None
+        which = "the held-out images" if held is None else name
+        return None, (f"copy test skipped: the reference statistics of {which} hold no feature rows (pass the images, "
+                      f"or statistics written by pgraft stats, which keeps the rows)")
+    same = COPY_SAME_IMAGE * rms_spread(rows)
+    d = nearest_distances(held, rows)
+    inside = int((d <= same).sum())
+    if 2 * inside >= len(d) or len(d) - inside < 2:
+        return None, (f"copy test skipped: {inside} of the {len(d)} held-out images are {name} images too, so they are "
+                      f"not held out; pass --eval-data with images outside the training data")
+    warning = None if not inside else (
+        f"{inside} of the {len(d)} held-out images are also in {name}: the copy test leaves them out of its "
+        f"reference; pass --eval-data with images outside the training data")
+    return CopyReference(name, rows, d[d > same], same, warning), None
 
 
 def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
     """The data-copying test (``core.metrics.copy_stats``) of ``samples``' feature rows against ``ref``:
-    ``{"copying", "copy_z", "copy_near"}``, and ``warnings`` where held-out images are training images too."""
-    result = {**copy_stats(nearest_distances(samples, ref.train), ref.heldout), "train": ref.name, "num_train": len(ref.train)}
-    warnings = [] if not result["heldout_in_train"] else [
-        f"{result['heldout_in_train']} of the {result['num_heldout']} held-out images are also in {ref.name} (distance 0): "
-        f"the copy test's reference is not unseen; pass --eval-data with images outside the training data"]
-    return {"copying": result, "copy_z": result["z"], "copy_near": result["near"], "warnings": warnings}
+    ``{"copying", "copy_z", "copy_auc", "copy_near", "warnings"}``."""
+    result = {**copy_stats(nearest_distances(samples, ref.train), ref.heldout, same=ref.same), "train": ref.name,
+              "num_train": len(ref.train), "same_image": ref.same}
+    return {"copying": result, "copy_z": result["z"], "copy_auc": result["auc"], "copy_near": result["near"],
+            "warnings": [ref.warning] if ref.warning else []}
 
 
 def predict_key(model: Any, x: Tensor, cond: Any) -> tuple:
@@ -398,7 +415,7 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
 
     With ``copy_reference`` (``copy_reference()``: the training images' features, the held-out ones'
     distances to them) and a reference, ``copying`` is the data-copying test of the samples (``copying``),
-    ``copy_z`` / ``copy_near`` its Z and near share (for gates).
+    ``copy_z`` / ``copy_auc`` / ``copy_near`` its Z, AUC and near share (for gates).
     """
     from .sample import Conditions, iter_images, run_sample
 
