@@ -187,8 +187,8 @@ def test_main_job_roofline_counts_a_saved_flow_correctors_training_step(tmp_path
 def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path, monkeypatch, capsys):
     """End to end at a tiny size: an untrained corrector saved as `pgraft correct` saves it, sampled with
     the main job's protocol (its base steps, the evaluation seed); the half copier lands nearer the training
-    data than held-out digits (Z < 0, AUC < 0.5, its median and minimum image a training digit), the 5 %
-    copier's minimum distance is 0 though its Z need not be below 0; bad input is a one-line error."""
+    data than held-out digits (Z < 0, AUC < 0.5, its median and minimum image near a training digit), the 5 %
+    copier's minimum distance is a copy's though its Z need not be below 0; bad input is a one-line error."""
     from pgraft_cli.io.checkpoints import ALIASES, load_model, save_corrected
     from pgraft_cli.io.recipes import load_recipe
     from pgraft_cli.models.corrector import NoiseCorrector
@@ -219,7 +219,9 @@ def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path,
     half, few = by_name["copier: corrected, 50% of it training digits"], by_name["copier: corrected, 5% of it training digits"]
     for z, auc, median, low in ((2, 3, 4, 5), (7, 8, 9, 10)):  # pixels, then the classifier's features
         assert float(half[z]) < 0 and float(half[auc]) < 0.5
-        assert float(half[median]) == 0.0 and float(half[low]) == 0.0  # 20 of its 40 images are training digits
-        assert float(few[low]) == 0.0 and float(by_name["corrector -> base"][low]) > 0.0
+        # 20 of its 40 images are training digits at 8 bits: far nearer a training digit than any held-out digit
+        held = float(by_name["held-out digits (the reference, by construction)"][low])
+        assert 0 < float(half[low]) < 0.1 * held and float(half[median]) < held
+        assert float(few[low]) < 0.1 * held < float(by_name["corrector -> base"][low])
     assert float(half[6].rstrip("%")) >= 50.0
     assert {"base", "judge digits (unseen, control)", "held-out digits (the reference, by construction)"} <= set(by_name)

@@ -362,23 +362,26 @@ def _copying_html(s: dict[str, Any]) -> str:
     if not tests:
         return ""
     c0 = tests[-1][1]
-    q = f"{c0['near_quantile']:.0%}"
-    rows = [[name, _f(c["auc"], 3), f"{c['z']:+.2f}", f"{c['near']:.1%}", c["copies"], f"{c['median']:.4g}",
-             f"{c['min']:.4g}"] for name, c in tests]
+    q = f"{c0['near_quantile'] * 100:g}th"
+    null = c0.get("near_null", c0["near_quantile"])
+    rows = [[name, _f(c["auc"], 3), f"{c['z']:+.2f}", f"{c['near']:.1%}", f"{c['median']:.4g}", f"{c['min']:.4g}"]
+            for name, c in tests]
     rows.append([f"held-out images ({s.get('fid_data')}; the reference)", "0.500", "+0.00",
-                 f"{q} +- {c0['near_null_se']:.1%}", "-", f"{c0['heldout_median']:.4g}", f"{c0['heldout_min']:.4g}"])
+                 f"{null:.1%}" + (f" +- {c0['near_null_se']:.1%}" if c0.get("near_null_se") else "") + " (drawn alike)",
+                 f"{c0['heldout_median']:.4g}", f"{c0['heldout_min']:.4g}"])
     note = (f'<p class="note">Meehan, Chaudhuri and Dasgupta\'s data-copying test (AISTATS 2020), global form, in the '
             f'FID features ({_e(s["corrected"].get("features"))}): the distance of each of {c0["num"]} samples to its '
             f'nearest of the {c0["num_train"]} {_e(c0["train"])} images, against the same distance for the '
             f'{c0["num_heldout"]} held-out images. AUC: the chance that a sample lies farther than a held-out image '
             f'(Mann-Whitney; Z its normal score, which grows with the counts). 0.5: as far as unseen images; below: '
             f'nearer, as copies would be, or bunched where the training images are dense; above: farther. The test is '
-            f'global: samples otherwise farther than unseen images hide a share of copies from the AUC, so read the '
-            f'share nearer than the held-out images\' {q} quantile ({q} for samples drawn like them, with the sampling '
-            f'error shown) and the training images reproduced (within {c0["same_image"]:.2g}), and the corrected '
-            f'sampler against the base.</p>')
-    return _table(["samples", "AUC", "Z", f"nearer than {q} of held-out", "training images reproduced",
-                   "median distance", "min distance"], rows, ' id="copying"') + note
+            f'global: samples otherwise farther than unseen images hide a share of copies from the AUC; the share '
+            f'below the held-out {q} percentile rises with them sooner (its expectation and sampling error for '
+            f'samples drawn like the held-out images in the last row). The minimum distances are not comparable as '
+            f'they stand: the least of {c0["num"]} draws falls below the least of {c0["num_heldout"]} drawn alike with '
+            f'probability {c0["num"] / (c0["num"] + c0["num_heldout"]):.2f}.</p>')
+    return _table(["samples", "AUC", "Z", f"below the held-out {q} percentile", "median distance", "min distance"], rows,
+                  ' id="copying"') + note
 
 
 def _inversion_arrays(run_dir: Path, stage: str) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:

@@ -206,16 +206,14 @@ def copy_lines(summary: dict) -> list[str]:
     both = [(name, c) for name, c in (("base", base), ("corrected", corr)) if c]
     auc = ", ".join(f"{name} {c['auc']:.3f} (Z {c['z']:+.1f})" for name, c in both)
     near = ", ".join(f"{name} {c['near']:.1%}" for name, c in both)
-    copies = ", ".join(f"{name} {c['copies']}" for name, c in both)
-    q = f"{corr['near_quantile']:.0%}"
+    q = f"{corr['near_quantile'] * 100:g}th"
     return [f"copy test ({summary['corrected'].get('features')}): each sample's distance to its nearest {corr['train']} "
             f"image against each held-out image's ({summary.get('fid_data')}): AUC {auc}; 0.5 as unseen images, below: "
             f"nearer, as copies would be (or samples bunched where the training images are dense), above: farther",
-            f"  nearer than {q} of the held-out images: {near} ({q} +- {corr['near_null_se']:.1%} for samples drawn like "
-            f"them); training images reproduced: {copies}; nearest corrected sample {corr['min']:.4g}, nearest held-out "
-            f"image {corr['heldout_min']:.4g}",
-            "  a global test: samples otherwise farther than unseen images hide a share of copies from the AUC, so read "
-            "the share nearer and the copies too, and the corrected sampler against the base"]
+            f"  below the held-out {q} percentile: {near} ({corr['near_null']:.1%} +- {corr['near_null_se']:.1%} for "
+            f"samples drawn like the held-out images)",
+            "  a global test: samples otherwise farther than unseen images hide a share of copies from the AUC, which "
+            "the share below the percentile shows sooner; read the corrected sampler against the base"]
 
 
 def converged_rule(tol: float, tol_last: Optional[float] = None) -> str:

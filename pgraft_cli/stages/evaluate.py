@@ -275,14 +275,13 @@ def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Opti
 @dataclass(frozen=True)
 class CopyReference:
     """What the data-copying test compares samples with, computed once a run: the training images'
-    feature rows (``name``: their data set), each held-out image's distance to its nearest one (those of
-    held-out images that are training images too left out), the distance within which two rows are one
-    image (``same``) and a warning where some held-out images were left out."""
+    feature rows (``name``: their data set; the tensor KID keeps, not a copy), each held-out image's
+    distance to its nearest one (those of held-out images that are training images too left out) and a
+    warning where some were left out."""
 
     name: str
     train: Tensor
     heldout: Tensor
-    same: float
     warning: Optional[str] = None
 
 
@@ -290,7 +289,7 @@ def copy_reference(heldout: FidKid, train: FidKid, name: str) -> tuple[Optional[
     """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s (the
     images the model was fitted on, the data set ``name``); else None and the note saying why. A held-out
     row within ``COPY_SAME_IMAGE`` of the training rows' spread of a training row is that image (features of
-    one image computed in other batches differ by about 1e-6): left out of the reference with a warning,
+    one image computed in other batches or under TF32 differ by far less): left out of the reference with a warning,
     and the test skipped when they are half of the held-out rows or more."""
     held, rows = heldout.rows(real=True), train.rows(real=True)
     if held is None or rows is None:
@@ -306,16 +305,16 @@ def copy_reference(heldout: FidKid, train: FidKid, name: str) -> tuple[Optional[
     warning = None if not inside else (
         f"{inside} of the {len(d)} held-out images are also in {name}: the copy test leaves them out of its "
         f"reference; pass --eval-data with images outside the training data")
-    return CopyReference(name, rows, d[d > same], same, warning), None
+    return CopyReference(name, rows, d[d > same], warning), None
 
 
 def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
     """The data-copying test (``core.metrics.copy_stats``) of ``samples``' feature rows against ``ref``:
-    ``{"copying", "copy_z", "copy_auc", "copy_near", "warnings"}``."""
-    result = {**copy_stats(nearest_distances(samples, ref.train), ref.heldout, same=ref.same), "train": ref.name,
-              "num_train": len(ref.train), "same_image": ref.same}
+    ``{"copying", "copy_z", "copy_auc", "copy_near", "copy_near_z", "warnings"}``."""
+    result = {**copy_stats(nearest_distances(samples, ref.train), ref.heldout), "train": ref.name,
+              "num_train": len(ref.train)}
     return {"copying": result, "copy_z": result["z"], "copy_auc": result["auc"], "copy_near": result["near"],
-            "warnings": [ref.warning] if ref.warning else []}
+            "copy_near_z": result["near_z"], "warnings": [ref.warning] if ref.warning else []}
 
 
 def predict_key(model: Any, x: Tensor, cond: Any) -> tuple:
@@ -415,7 +414,7 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
 
     With ``copy_reference`` (``copy_reference()``: the training images' features, the held-out ones'
     distances to them) and a reference, ``copying`` is the data-copying test of the samples (``copying``),
-    ``copy_z`` / ``copy_auc`` / ``copy_near`` its Z, AUC and near share (for gates).
+    ``copy_z`` / ``copy_auc`` / ``copy_near`` / ``copy_near_z`` its numbers for gates.
     """
     from .sample import Conditions, iter_images, run_sample
 
