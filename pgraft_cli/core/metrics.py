@@ -449,9 +449,10 @@ def mean_pairwise_distance(features: Tensor | np.ndarray, groups: Tensor | np.nd
 # Data copying: are samples nearer the training images than unseen images are?
 
 COPY_NEAR_QUANTILE = 0.05  # "near": below this quantile of the unseen images' nearest-training distances
-# Two rows this near (relative to the training rows' RMS spread) are one image: the features of one image
-# recomputed in other batches move by about 4e-7 of it, under TF32 rounding about 1e-3, and distinct
-# digits lie at least 0.05 apart (bench/RESULTS.md, seventeenth session).
+# Two rows this near (relative to the training rows' RMS spread) are one image: on the bundled classifier
+# the features of one image recomputed in other batches move by about 4e-7 of it, under emulated TF32
+# rounding by up to 9e-4, and distinct digits lie at least 0.053 apart (bench/RESULTS.md, seventeenth
+# session); for deeper feature networks computed on another device that margin is not measured.
 COPY_SAME_IMAGE = 1e-2
 
 
