@@ -30,7 +30,10 @@ main job's protocol (the corrector's base steps, the recipe's lanes and shards, 
 both: at seed 1 these are the main job's own evaluation images); as controls, the judge split
 (``digits-judge``, 359 unseen real digits) and copiers: corrector -> base with ``--shares`` (5 %, 25 % and
 50 %) of its images replaced by training digits, rounded to 8 bits as the sampler stores its images (so a
-copy lies a little off its training digit, which is not on that grid). The last table pairs the corrected sampler with the base over the
+copy lies a little off its training digit, which is not on that grid), and a regional copier: the corrected
+images in its largest k-means cell (classifier features) replaced by 8-bit training digits of that cell. A
+second table gives the cell-wise statistic `pgraft correct` prints (``core.metrics.cell_copy_stat``: C_T,
+the paper's held-out-weighted mean of the cells' Z, the lowest cell's Z and its Bonferroni p). The last table pairs the corrected sampler with the base over the
 seeds.
 """
 
@@ -40,6 +43,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +51,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from paired import paired_t, paired_text  # noqa: E402
 
-from pgraft_cli.core.metrics import copy_stats, nearest_distances  # noqa: E402
+from pgraft_cli.core.metrics import (cell_copy_stat, copy_cells, copy_stats, kmeans, nearest_centre,  # noqa: E402
+                                    nearest_distances)
 from pgraft_cli.errors import PgraftError  # noqa: E402
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import load_data  # noqa: E402
@@ -86,13 +91,22 @@ def main() -> None:
     spaces = {"pixels": lambda x: x.reshape(len(x), -1), "classifier": classifier_features()}
     train_in = {name: fn(train) for name, fn in spaces.items()}
 
-    def distances(images: Tensor) -> dict[str, Tensor]:
-        return {name: nearest_distances(fn(images), train_in[name]) for name, fn in spaces.items()}
+    test_in = {name: fn(test) for name, fn in spaces.items()}
+    ref = {name: nearest_distances(test_in[name], train_in[name]) for name in spaces}
+    centres = {name: kmeans(train_in[name], copy_cells(len(test))) for name in spaces}  # the CLI's cells
 
-    ref, unseen = distances(test), distances(judge)
-    rows: list[tuple[str, str, dict[str, dict[str, float]]]] = [("held-out digits (the reference, by construction)", "-", {
-        k: copy_stats(v, v) for k, v in ref.items()})]
-    rows.append(("judge digits (unseen, control)", "-", {k: copy_stats(v, ref[k]) for k, v in unseen.items()}))
+    def measure(images: Tensor, reference: bool = False) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, fn in spaces.items():
+            f = fn(images)
+            cells = cell_copy_stat(f, train_in[name], test_in[name], centres[name])
+            out[name] = {**copy_stats(ref[name] if reference else nearest_distances(f, train_in[name]), ref[name]),
+                         **{f"cell_{k}": v for k, v in cells.items()}}
+        return out
+
+    rows: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
+        ("held-out digits (the reference, by construction)", "-", measure(test, reference=True)),
+        ("judge digits (unseen, control)", "-", measure(judge))]
     per_seed: dict[str, dict[str, list[float]]] = {"base": {k: [] for k in spaces}, "corrected": {k: [] for k in spaces}}
     with RunStore(a.out) as store, progress(False) as bar:
         for seed in a.seeds:
@@ -103,7 +117,7 @@ def main() -> None:
                 stage = f"{name}-seed{seed}"
                 run_sample(model, cfg, Conditions(), store, bar, stage_name=stage)
                 images[name] = load_images(store.root, stage)
-                stats = {k: copy_stats(v, ref[k]) for k, v in distances(images[name]).items()}
+                stats = measure(images[name])
                 rows.append((name if name == "base" else "corrector -> base", str(seed), stats))
                 for k in spaces:
                     per_seed[name][k].append(stats[k]["z"])
@@ -113,8 +127,18 @@ def main() -> None:
                 # as the sampler would store a copy: 8 bits a pixel (load_images' grid)
                 copies = to_uint8(train[torch.randperm(len(train), generator=g)[:k_copies]]).permute(0, 3, 1, 2) / 255.0
                 copier = torch.cat([images["corrected"][k_copies:], copies])
-                rows.append((f"copier: corrected, {share:.0%} of it training digits", str(seed),
-                             {k: copy_stats(v, ref[k]) for k, v in distances(copier).items()}))
+                rows.append((f"copier: corrected, {share:.0%} of it training digits", str(seed), measure(copier)))
+            # a regional copier: the corrected images of its largest classifier cell, all training digits of that cell
+            space = "classifier"
+            cell_of = nearest_centre(spaces[space](images["corrected"]), centres[space])
+            largest = int(torch.bincount(cell_of).argmax())
+            pool = (nearest_centre(train_in[space], centres[space]) == largest).nonzero().flatten()
+            replaced = (cell_of == largest).nonzero().flatten()
+            regional = images["corrected"].clone()
+            regional[replaced] = to_uint8(train[pool[torch.randint(len(pool), (len(replaced),), generator=g)]]).permute(
+                0, 3, 1, 2) / 255.0
+            rows.append((f"regional copier: corrected, its largest classifier cell ({len(replaced)} images) training "
+                         f"digits", str(seed), measure(regional)))
             print(f"seed {seed} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 
     print(f"\nNearest-training-digit distances against the held-out digits' ({len(test)} images, "
@@ -125,6 +149,15 @@ def main() -> None:
     for name, seed, st in rows:
         cells = [f"{st[k]['z']:+.2f} | {st[k]['auc']:.3f} | {st[k]['median']:.3f} | {st[k]['min']:.3f} | "
                  f"{st[k]['near']:.1%}" for k in spaces]
+        print(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    print("\nCell-wise (the CLI's: k-means cells of the training digits, cells with more than 20 images and 2 held-out "
+          "digits): C_T, the lowest cell's Z and its Bonferroni p\n")
+    print("| set | seed | " + " | ".join(f"{h} {k}" for k in spaces for h in ("C_T", "lowest cell Z", "p", "cells used")) + " |")
+    print("|---|---:|" + "---:|" * (4 * len(spaces)))
+    for name, seed, st in rows:
+        cells = [" | ".join(["-"] * 3 + [f"0 of {st[k]['cell_cells']}"]) if st[k]["cell_c_t"] is None else
+                 f"{st[k]['cell_c_t']:+.2f} | {st[k]['cell_z_min']:+.2f} | {st[k]['cell_p_min']:.2g} | "
+                 f"{st[k]['cell_cells_used']} of {st[k]['cell_cells']}" for k in spaces]
         print(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     if len(a.seeds) > 1:
         print("\n| space | Z corrected - Z base, mean [95 % t-interval] | seeds where corrected is lower |")

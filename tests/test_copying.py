@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
-from pgraft_cli.core.metrics import FidKid, copy_stats, copy_test, mann_whitney, nearest_distances, rms_spread
+from pgraft_cli.core.metrics import (FidKid, cell_copy_stat, copy_stats, copy_test, kmeans, mann_whitney, nearest_distances,
+                                    rms_spread)
 from pgraft_cli.errors import PgraftError
 from pgraft_cli.io.data import load_data
 from pgraft_cli.report.gates import gate_names, parse_gates
@@ -79,6 +80,44 @@ def test_copy_stats_flag_a_copier_and_not_a_set_drawn_like_the_held_out_one():
     assert stats["near_null_se"] == pytest.approx(se) and stats["near_z"] == pytest.approx((0.10 - null) / se)
     with pytest.raises(PgraftError, match="at least 2 samples and 2 held-out"):
         copy_stats(d[:1], d)
+
+
+def test_kmeans_finds_separated_clusters_and_is_deterministic():
+    g = torch.Generator().manual_seed(3)
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    x = torch.cat([m + 0.1 * torch.randn(40, 2, generator=g, dtype=torch.float64) for m in means])
+    centres = kmeans(x, 3, seed=1)
+    found = sorted(centres.tolist())
+    expected = sorted(x.view(3, 40, 2).mean(1).tolist())  # Lloyd's fixed point: each blob's own mean
+    assert torch.allclose(torch.tensor(found), torch.tensor(expected), atol=1e-12)
+    assert torch.equal(kmeans(x, 3, seed=1), centres)
+
+
+def test_the_cell_statistic_weights_each_cells_z_by_its_held_out_share_and_flags_one_copying_cell():
+    """Two separated regions: C_T is the held-out-weighted mean of the cells' Z (by the closed form from
+    ``mann_whitney``); samples that copy one region read there (p tiny) while C_T stays above 0."""
+    g = torch.Generator().manual_seed(4)
+
+    def blob(n, at):
+        return torch.randn(n, 3, generator=g, dtype=torch.float64) + at
+
+    far = torch.tensor([50.0, 0.0, 0.0], dtype=torch.float64)
+    train, heldout = torch.cat([blob(200, 0), blob(200, far)]), torch.cat([blob(60, 0), blob(20, far)])
+    samples = torch.cat([blob(150, 0) * 1.5, train[200:300]])  # region 0 spread out; region 1 all copies
+    centres = kmeans(train, 2)
+    cells = cell_copy_stat(samples, train, heldout, centres, min_samples=20)
+    assert cells["cells"] == cells["cells_used"] == 2 and cells["heldout_share_used"] == pytest.approx(1.0)
+    zs = {}
+    for name, at, n_q in (("near", 0, 60), ("far", 200, 20)):
+        t = train[at:at + 200]
+        s = samples[:150] if name == "near" else samples[150:]
+        q = heldout[:60] if name == "near" else heldout[60:]
+        zs[name] = mann_whitney(nearest_distances(s, t), nearest_distances(q, t))[0]
+    assert cells["c_t"] == pytest.approx((60 * zs["near"] + 20 * zs["far"]) / 80)
+    assert cells["z_min"] == pytest.approx(zs["far"]) and zs["far"] < -5 and zs["near"] > 0 and cells["c_t"] > 0
+    assert cells["p_min"] == pytest.approx(2 * 0.5 * math.erfc(-zs["far"] / math.sqrt(2))) and cells["p_min"] < 1e-6
+    few = cell_copy_stat(samples[:20], train, heldout, centres, min_samples=20)  # no cell has more than 20 samples
+    assert few["c_t"] is None and few["p_min"] is None and few["cells_used"] == 0
 
 
 def _reference(rows: torch.Tensor) -> FidKid:
@@ -161,6 +200,7 @@ def test_correct_tests_both_samplers_for_copying_gates_on_it_and_reports_it(tmp_
         assert c["train"] == "digits-train" and c["num"] == 16 and c["num_heldout"] == 360 and c["num_train"] == 1078
         assert s[key]["copy_z"] == c["z"] and s[key]["copy_auc"] == c["auc"] and s[key]["copy_near"] == c["near"]
         assert s[key]["copy_near_z"] == c["near_z"] and c["min"] > 0 and not s[key]["notes"]
+        assert c["cells"]["cells"] == 18 and s[key]["copy_ct"] is None and s[key]["copy_cell_p"] is None  # 16 samples
         assert not any("held-out" in w for w in s[key]["warnings"])
     failed = [line for line in r.output.splitlines() if line.startswith("gate failed")]
     assert failed == [f"gate failed: copy_z>-1000 (copy_z = {s['corrected']['copy_z']:.6g})"]

@@ -540,6 +540,81 @@ def copy_stats(d_samples: Tensor | np.ndarray, d_heldout: Tensor | np.ndarray,
             "heldout_median": float(d_q.median()), "heldout_min": float(d_q.min()), "num": m, "num_heldout": n}
 
 
+COPY_CELL_HELDOUT = 20  # held-out images a cell holds on average: the number of cells is n // this (at most 50)
+COPY_CELL_MIN_SAMPLES = 20  # a cell enters C_T only with more samples than this (the paper's tau, as a count)
+
+
+KMEANS_MAX_ROWS = 10_000  # k-means fits on at most this many rows (drawn from its seed); every row is then assigned
+
+
+def nearest_centre(x: Tensor | np.ndarray, centres: Tensor, chunk: int = 8192) -> Tensor:
+    """Each row's nearest centre (argmin of ``|c|^2 - 2 x.c`` in float64), a chunk of rows at a time."""
+    x, centres = torch.as_tensor(x), torch.as_tensor(centres).double()
+    norms = (centres * centres).sum(1)
+    return torch.cat([torch.addmm(norms, c.double(), centres.T, alpha=-2).argmin(1) for c in x.split(chunk)])
+
+
+def kmeans(x: Tensor | np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> Tensor:
+    """``k`` centres (float64) of the rows of ``x`` by Lloyd's algorithm from a k-means++ start, both drawn
+    from ``seed``, fitted on at most ``KMEANS_MAX_ROWS`` rows drawn from it too (an emptied cluster keeps its
+    centre). Deterministic for a given ``x``, ``k``, ``seed`` and host."""
+    x = torch.as_tensor(x)
+    g = torch.Generator().manual_seed(seed)
+    if len(x) > KMEANS_MAX_ROWS:
+        x = x[torch.randperm(len(x), generator=g)[:KMEANS_MAX_ROWS]]
+    x = x.double()
+    squares = (x * x).sum(1)
+    centres = x[torch.randint(len(x), (1,), generator=g)]
+    d2 = (squares - 2 * x @ centres[0] + squares.new_tensor(float(centres[0] @ centres[0]))).clamp(min=0)
+    for _ in range(1, min(k, len(x))):  # k-means++: each next centre drawn in proportion to the squared distance
+        pick = torch.multinomial(d2 / d2.sum(), 1, generator=g) if float(d2.sum()) > 0 else torch.randint(len(x), (1,), generator=g)
+        centres = torch.cat([centres, x[pick]])
+        d2 = torch.minimum(d2, (squares - 2 * x @ centres[-1] + float(centres[-1] @ centres[-1])).clamp(min=0))
+    for _ in range(iterations):
+        labels = nearest_centre(x, centres)
+        sums = torch.zeros_like(centres).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=len(centres)).double()[:, None]
+        moved = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+        if torch.equal(moved, centres):
+            break
+        centres = moved
+    return centres
+
+
+def copy_cells(heldout_count: int) -> int:
+    """The number of cells of the cell-wise copy statistic: one per ``COPY_CELL_HELDOUT`` held-out rows, 1 to 50."""
+    return max(1, min(50, heldout_count // COPY_CELL_HELDOUT))
+
+
+def cell_copy_stat(samples: Tensor | np.ndarray, train: Tensor | np.ndarray, heldout: Tensor | np.ndarray,
+                   centres: Tensor, min_samples: int = COPY_CELL_MIN_SAMPLES) -> dict[str, Any]:
+    """Meehan, Chaudhuri and Dasgupta's cell-wise statistic ``C_T`` over the cells of ``centres`` (k-means
+    of the training rows, ``kmeans``): in each cell the Mann-Whitney Z (``mann_whitney``) of its samples'
+    distances to the cell's nearest training row against its held-out rows', over the cells with more than
+    ``min_samples`` samples and at least 2 held-out rows; ``c_t`` their mean weighted by each cell's share
+    of the held-out rows (the paper's statistic; Z here with the tie correction, no continuity correction).
+    ``z_min``: the lowest cell's Z, and ``p_min = min(1, k Phi(z_min))`` its one-sided p-value corrected for
+    the k cells used (Bonferroni): a sampler that copies in one region reads it there, while ``c_t`` and
+    the global test average it away. ``c_t`` and the rest are None where no cell qualifies."""
+    samples, train, heldout = (torch.as_tensor(t) for t in (samples, train, heldout))
+    cell = {name: nearest_centre(rows, centres) for name, rows in (("s", samples), ("t", train), ("q", heldout))}
+    weights, zs = [], []
+    for c in range(len(centres)):
+        s, t, q = samples[cell["s"] == c], train[cell["t"] == c], heldout[cell["q"] == c]
+        if len(s) <= min_samples or len(q) < 2 or len(t) == 0:
+            continue
+        zs.append(mann_whitney(nearest_distances(s, t), nearest_distances(q, t))[0])
+        weights.append(len(q) / len(heldout))
+    out: dict[str, Any] = {"cells": len(centres), "cells_used": len(zs), "heldout_share_used": float(sum(weights)),
+                           "c_t": None, "z_min": None, "p_min": None}
+    if zs:
+        w = torch.tensor(weights, dtype=torch.float64)
+        low = min(zs)
+        out.update(c_t=float((w * torch.tensor(zs, dtype=torch.float64)).sum() / w.sum()), z_min=low,
+                   p_min=min(1.0, len(zs) * 0.5 * math.erfc(-low / math.sqrt(2))))
+    return out
+
+
 def copy_test(samples: Tensor | np.ndarray, train: Tensor | np.ndarray, heldout: Tensor | np.ndarray,
               near_quantile: float = COPY_NEAR_QUANTILE) -> dict[str, Any]:
     """``copy_stats`` of feature rows: ``samples`` and ``heldout`` against their nearest ``train`` rows."""

@@ -110,8 +110,8 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
             with verb.timed("evaluation"):
                 result = evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
                                         rec.evaluate.kid_subsets, **common, **split)
-            return {"copying": None, "copy_z": None, "copy_auc": None, "copy_near": None, "copy_near_z": None,
-                    **result}  # None: the copy test did not run
+            skipped = dict.fromkeys(("copying", "copy_z", "copy_auc", "copy_near", "copy_near_z", "copy_ct", "copy_cell_p"))
+            return {**skipped, **result}  # None: the copy test did not run
 
         base_metrics = measured("evaluate-base")
         loaded.corrector = corrector.to(dev)

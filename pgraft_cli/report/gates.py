@@ -31,7 +31,7 @@ _SAMPLER = ("fid", "kid", "precision", "recall", "pairwise_distance", "nfe", "fl
 _REWARD = ("reward_mean", "reward_std", "reward_best_of_mean")
 _INVERSION = ("reconstruction_rms_mean", "reconstruction_rms_max", "reconstruction_abs_max", "noise_mean", "noise_std",
               "noise_norm_mean")
-_COPYING = ("copy_z", "copy_auc", "copy_near", "copy_near_z")  # correct's data-copying test (stages.evaluate.copying)
+_COPYING = ("copy_z", "copy_auc", "copy_near", "copy_near_z", "copy_ct", "copy_cell_p")  # correct's data-copying test (stages.evaluate.copying)
 METRICS = (*_SAMPLER, *_REWARD, *_INVERSION, *_COPYING)
 SYNTAX = 'NAME OP NUMBER with OP one of > >= < <= == != (e.g. --fail-if "fid>12" --fail-if "reward<0.5")'
 _GATE = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>[^<>=!\s]+)\s*$")
@@ -107,7 +107,8 @@ def parse_gate(text: str) -> Gate:
 def gate_names(verb: str, reward: bool = True, judges: Iterable[str] = ()) -> set[str]:
     """The names a verb's gates can read: ``correct`` has no reward, ``evaluate`` one only with --reward;
     ``judges``: the names of finetune's ``--judge`` rewards (``judge.NAME``); ``correct`` adds the
-    inversion's statistics and the data-copying test's ``copy_z``, ``copy_auc``, ``copy_near`` and ``copy_near_z``."""
+    inversion's statistics and the data-copying test's ``copy_z``, ``copy_auc``, ``copy_near``, ``copy_near_z``, ``copy_ct``
+    and ``copy_cell_p``."""
     result = (set(_SAMPLER) | (set(_REWARD) if reward and verb != "correct" else set()) | {f"judge.{n}" for n in judges}
               | (set(_COPYING) if verb == "correct" else set()))
     base = {f"base.{n}" for n in result} if verb != "evaluate" else set()  # before the inversion-only names

@@ -380,8 +380,19 @@ def _copying_html(s: dict[str, Any]) -> str:
             f'samples drawn like the held-out images in the last row). The minimum distances are not comparable as '
             f'they stand: the least of {c0["num"]} draws falls below the least of {c0["num_heldout"]} drawn alike with '
             f'probability {c0["num"] / (c0["num"] + c0["num_heldout"]):.2f}.</p>')
-    return _table(["samples", "AUC", "Z", f"below the held-out {q} percentile", "median distance", "min distance"], rows,
-                  ' id="copying"') + note
+    table = _table(["samples", "AUC", "Z", f"below the held-out {q} percentile", "median distance", "min distance"],
+                   rows, ' id="copying"')
+    cells = [(name, c["cells"]) for name, c in tests if (c.get("cells") or {}).get("c_t") is not None]
+    if cells:
+        table += _table(["samples", "C_T", "lowest cell's Z", "its p (Bonferroni)", "cells used"],
+                        [[name, f"{c['c_t']:+.2f}", f"{c['z_min']:+.2f}", f"{c['p_min']:.2g}", f"{c['cells_used']} of {c['cells']}"]
+                         for name, c in cells], ' id="copying-cells"')
+        note += (f'<p class="note">Cell-wise: the paper\'s C_T over the k-means cells of the {_e(c0["train"])} images '
+                 f'(cells with more than 20 samples and 2 held-out images): each cell\'s Z of its samples\' distances to '
+                 f'its nearest training image in the cell against its held-out images\', weighted by the cell\'s share '
+                 f'of the held-out images. A sampler that copies in one region while it under-fits elsewhere can read '
+                 f'a positive C_T and global Z; the lowest cell\'s p, corrected for the number of cells, shows it.</p>')
+    return table + note
 
 
 def _inversion_arrays(run_dir: Path, stage: str) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:

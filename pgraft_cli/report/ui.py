@@ -212,8 +212,23 @@ def copy_lines(summary: dict) -> list[str]:
             f"nearer, as copies would be (or samples bunched where the training images are dense), above: farther",
             f"  below the held-out {q} percentile: {near} ({corr['near_null']:.1%} +- {corr['near_null_se']:.1%} for "
             f"samples drawn like the held-out images)",
+            *cell_lines(both, corr["train"]),
             "  a global test: samples otherwise farther than unseen images hide a share of copies from the AUC, which "
             "the share below the percentile shows sooner; read the corrected sampler against the base"]
+
+
+def cell_lines(tests: list, train: str) -> list[str]:
+    """The cell-wise copy statistic's line (``core.metrics.cell_copy_stat``) of the samplers ``tests``
+    (``(name, copying)`` pairs), where it was measured."""
+    cells = [(name, c["cells"]) for name, c in tests if (c.get("cells") or {}).get("c_t") is not None]
+    if not cells:
+        return []
+    ct = ", ".join(f"{name} {c['c_t']:+.2f}" for name, c in cells)
+    low = ", ".join(f"{name} {c['z_min']:+.2f} (p {c['p_min']:.2g})" for name, c in cells)
+    used = ", ".join(f"{name} {c['cells_used']}" for name, c in cells)
+    return [f"  {cells[-1][1]['cells']} k-means cells of the {train} images (cells used: {used}): C_T {ct}, the cells' "
+            f"Z weighted by their held-out images; the lowest cell's Z {low}, p corrected for the cells (Bonferroni): "
+            f"a region that copies reads a small p there while the averages hide it"]
 
 
 def converged_rule(tol: float, tol_last: Optional[float] = None) -> str:

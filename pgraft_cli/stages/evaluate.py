@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.metrics import (COPY_SAME_IMAGE, KID_SUBSETS, FidKid, best_of_n, copy_stats, mean_pairwise_distance, measure_flops,
-                            nearest_distances, rms_spread)
+from ..core.metrics import (COPY_SAME_IMAGE, KID_SUBSETS, FidKid, best_of_n, cell_copy_stat, copy_cells, copy_stats, kmeans,
+                            mean_pairwise_distance, measure_flops, nearest_distances, rms_spread)
 from ..core.samplers import above_cutoff
 from ..core.selection import condition_groups
 from ..errors import PgraftError
@@ -276,12 +276,14 @@ def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Opti
 class CopyReference:
     """What the data-copying test compares samples with, computed once a run: the training images'
     feature rows (``name``: their data set; the tensor KID keeps, not a copy), each held-out image's
-    distance to its nearest one (those of held-out images that are training images too left out) and a
-    warning where some were left out."""
+    distance to its nearest one and those rows (held-out images that are training images too left out),
+    the k-means cells of the training rows for the cell-wise statistic, and a warning where some were left out."""
 
     name: str
     train: Tensor
     heldout: Tensor
+    centres: Tensor
+    heldout_rows: Tensor
     warning: Optional[str] = None
 
 
@@ -305,16 +307,20 @@ def copy_reference(heldout: FidKid, train: FidKid, name: str) -> tuple[Optional[
     warning = None if not inside else (
         f"{inside} of the {len(d)} held-out images are also in {name}: the copy test leaves them out of its "
         f"reference; pass --eval-data with images outside the training data")
-    return CopyReference(name, rows, d[d > same], warning), None
+    kept = d > same
+    return CopyReference(name, rows, d[kept], kmeans(rows, copy_cells(int(kept.sum()))), held[kept], warning), None
 
 
 def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
     """The data-copying test (``core.metrics.copy_stats``) of ``samples``' feature rows against ``ref``:
-    ``{"copying", "copy_z", "copy_auc", "copy_near", "copy_near_z", "warnings"}``."""
+    ``{"copying", "copy_z", "copy_auc", "copy_near", "copy_near_z", "copy_ct", "copy_cell_p", "warnings"}``,
+    the global test and the cell-wise one (``core.metrics.cell_copy_stat``)."""
+    cells = cell_copy_stat(samples, ref.train, ref.heldout_rows, ref.centres)
     result = {**copy_stats(nearest_distances(samples, ref.train), ref.heldout), "train": ref.name,
-              "num_train": len(ref.train)}
+              "num_train": len(ref.train), "cells": cells}
     return {"copying": result, "copy_z": result["z"], "copy_auc": result["auc"], "copy_near": result["near"],
-            "copy_near_z": result["near_z"], "warnings": [ref.warning] if ref.warning else []}
+            "copy_near_z": result["near_z"], "copy_ct": cells["c_t"], "copy_cell_p": cells["p_min"],
+            "warnings": [ref.warning] if ref.warning else []}
 
 
 def predict_key(model: Any, x: Tensor, cond: Any) -> tuple:
