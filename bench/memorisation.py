@@ -31,8 +31,8 @@ both: at seed 1 these are the main job's own evaluation images); as controls, th
 (``digits-judge``, 359 unseen real digits) and copiers: corrector -> base with ``--shares`` (5 %, 25 % and
 50 %) of its images replaced by training digits, rounded to 8 bits as the sampler stores its images (so a
 copy lies a little off its training digit, which is not on that grid), and a regional copier: the corrected
-images in its largest k-means cell (classifier features) replaced by 8-bit training digits of that cell. A
-second table gives the cell-wise statistic `pgraft correct` prints (``core.metrics.cell_copy_stat``: C_T,
+images in one k-means cell (classifier features; its largest, its median one, and half of the median one)
+replaced by 8-bit training digits of that cell. A second table gives the cell-wise statistic `pgraft correct` prints (``core.metrics.cell_copy_stat``: C_T,
 the paper's held-out-weighted mean of the cells' Z, the lowest cell's Z and its Bonferroni p). The last table pairs the corrected sampler with the base over the
 seeds.
 """
@@ -51,8 +51,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from paired import paired_t, paired_text  # noqa: E402
 
-from pgraft_cli.core.metrics import (cell_copy_stat, copy_cells, copy_stats, kmeans, nearest_centre,  # noqa: E402
-                                    nearest_distances)
+from pgraft_cli.core.metrics import (COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES, cell_copy_stat,  # noqa: E402
+                                    copy_cells, copy_stats, kmeans, nearest_centre, nearest_distances)
 from pgraft_cli.errors import PgraftError  # noqa: E402
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import load_data  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
 
     test_in = {name: fn(test) for name, fn in spaces.items()}
     ref = {name: nearest_distances(test_in[name], train_in[name]) for name in spaces}
-    centres = {name: kmeans(train_in[name], copy_cells(len(test))) for name in spaces}  # the CLI's cells
+    centres = {name: kmeans(train_in[name], copy_cells(len(test), a.num)) for name in spaces}  # the CLI's cells
 
     def measure(images: Tensor, reference: bool = False) -> dict[str, dict[str, Any]]:
         out = {}
@@ -128,17 +128,22 @@ def main() -> None:
                 copies = to_uint8(train[torch.randperm(len(train), generator=g)[:k_copies]]).permute(0, 3, 1, 2) / 255.0
                 copier = torch.cat([images["corrected"][k_copies:], copies])
                 rows.append((f"copier: corrected, {share:.0%} of it training digits", str(seed), measure(copier)))
-            # a regional copier: the corrected images of its largest classifier cell, all training digits of that cell
+            # regional copiers: the corrected images of one classifier cell (the largest, then the median one by its
+            # count of them) replaced by training digits of that cell, all of them, then half
             space = "classifier"
             cell_of = nearest_centre(spaces[space](images["corrected"]), centres[space])
-            largest = int(torch.bincount(cell_of).argmax())
-            pool = (nearest_centre(train_in[space], centres[space]) == largest).nonzero().flatten()
-            replaced = (cell_of == largest).nonzero().flatten()
-            regional = images["corrected"].clone()
-            regional[replaced] = to_uint8(train[pool[torch.randint(len(pool), (len(replaced),), generator=g)]]).permute(
-                0, 3, 1, 2) / 255.0
-            rows.append((f"regional copier: corrected, its largest classifier cell ({len(replaced)} images) training "
-                         f"digits", str(seed), measure(regional)))
+            train_cell = nearest_centre(train_in[space], centres[space])
+            order = torch.bincount(cell_of, minlength=len(centres[space])).argsort(descending=True)
+            for which, cell, share in (("largest", order[0], 1.0), ("median", order[len(order) // 2], 1.0),
+                                       ("median", order[len(order) // 2], 0.5)):
+                pool = (train_cell == cell).nonzero().flatten()
+                inside = (cell_of == cell).nonzero().flatten()
+                replaced = inside[:round(share * len(inside))]
+                regional = images["corrected"].clone()
+                picks = pool[torch.randint(len(pool), (len(replaced),), generator=g)]
+                regional[replaced] = to_uint8(train[picks]).permute(0, 3, 1, 2) / 255.0
+                rows.append((f"regional copier: corrected, {share:.0%} of its {which} classifier cell ({len(replaced)} of "
+                             f"{len(inside)} images) training digits", str(seed), measure(regional)))
             print(f"seed {seed} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 
     print(f"\nNearest-training-digit distances against the held-out digits' ({len(test)} images, "
@@ -150,8 +155,8 @@ def main() -> None:
         cells = [f"{st[k]['z']:+.2f} | {st[k]['auc']:.3f} | {st[k]['median']:.3f} | {st[k]['min']:.3f} | "
                  f"{st[k]['near']:.1%}" for k in spaces]
         print(f"| {name} | {seed} | " + " | ".join(cells) + " |")
-    print("\nCell-wise (the CLI's: k-means cells of the training digits, cells with more than 20 images and 2 held-out "
-          "digits): C_T, the lowest cell's Z and its Bonferroni p\n")
+    print(f"\nCell-wise (the CLI's: k-means cells of the training digits, cells with more than {COPY_CELL_MIN_SAMPLES} "
+          f"images and at least {COPY_CELL_MIN_HELDOUT} held-out digits): C_T, the lowest cell's Z and its Bonferroni p\n")
     print("| set | seed | " + " | ".join(f"{h} {k}" for k in spaces for h in ("C_T", "lowest cell Z", "p", "cells used")) + " |")
     print("|---|---:|" + "---:|" * (4 * len(spaces)))
     for name, seed, st in rows:

@@ -216,7 +216,7 @@ def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path,
     assert settings["steps"] == settings["corrector"]["base_steps"] == 8 and settings["seed"] == 1
     first, _, cellwise = capsys.readouterr().out.partition("Cell-wise")
     rows = [line.split(" | ") for line in first.splitlines() if line.startswith("| ")]
-    assert "| regional copier: corrected, its largest classifier cell (" in cellwise
+    assert "| regional copier: corrected, 100% of its largest classifier cell (" in cellwise
     by_name = {r[0].lstrip("| "): r for r in rows}
     half, few = by_name["copier: corrected, 50% of it training digits"], by_name["copier: corrected, 5% of it training digits"]
     for z, auc, median, low in ((2, 3, 4, 5), (7, 8, 9, 10)):  # pixels, then the classifier's features

@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
-from pgraft_cli.core.metrics import (FidKid, cell_copy_stat, copy_stats, copy_test, kmeans, mann_whitney, nearest_distances,
-                                    rms_spread)
+from pgraft_cli.core.metrics import (FidKid, cell_copy_stat, copy_cells, copy_stats, copy_test, kmeans, mann_whitney,
+                                    nearest_distances, rms_spread)
 from pgraft_cli.errors import PgraftError
 from pgraft_cli.io.data import load_data
 from pgraft_cli.report.gates import gate_names, parse_gates
@@ -94,28 +94,34 @@ def test_kmeans_finds_separated_clusters_and_is_deterministic():
 
 
 def test_the_cell_statistic_weights_each_cells_z_by_its_held_out_share_and_flags_one_copying_cell():
-    """Two separated regions: C_T is the held-out-weighted mean of the cells' Z (by the closed form from
-    ``mann_whitney``); samples that copy one region read there (p tiny) while C_T stays above 0."""
+    """Three separated regions, one with too few held-out rows to count: C_T is the held-out-weighted mean of
+    the other two cells' Z (by the closed form from ``mann_whitney``), the p corrected for those two; samples
+    that copy one region read there (p tiny) while C_T stays above 0."""
     g = torch.Generator().manual_seed(4)
 
     def blob(n, at):
         return torch.randn(n, 3, generator=g, dtype=torch.float64) + at
 
-    far = torch.tensor([50.0, 0.0, 0.0], dtype=torch.float64)
-    train, heldout = torch.cat([blob(200, 0), blob(200, far)]), torch.cat([blob(60, 0), blob(20, far)])
-    samples = torch.cat([blob(150, 0) * 1.5, train[200:300]])  # region 0 spread out; region 1 all copies
-    centres = kmeans(train, 2)
+    far, third = torch.tensor([50.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 50.0, 0.0], dtype=torch.float64)
+    train = torch.cat([blob(200, 0), blob(200, far), blob(100, third)])
+    heldout = torch.cat([blob(60, 0), blob(20, far), blob(4, third)])  # the third cell: too few held-out rows
+    samples = torch.cat([blob(150, 0) * 1.5, train[200:300], blob(30, third)])  # region 0 spread; region 1 copies
+    centres = kmeans(train, 3)
     cells = cell_copy_stat(samples, train, heldout, centres, min_samples=20)
-    assert cells["cells"] == cells["cells_used"] == 2 and cells["heldout_share_used"] == pytest.approx(1.0)
+    assert cells["cells"] == 3 and cells["cells_used"] == 2 and cells["heldout_share_used"] == pytest.approx(80 / 84)
     zs = {}
     for name, at, n_q in (("near", 0, 60), ("far", 200, 20)):
         t = train[at:at + 200]
-        s = samples[:150] if name == "near" else samples[150:]
-        q = heldout[:60] if name == "near" else heldout[60:]
+        s = samples[:150] if name == "near" else samples[150:250]
+        q = heldout[:60] if name == "near" else heldout[60:80]
         zs[name] = mann_whitney(nearest_distances(s, t), nearest_distances(q, t))[0]
-    assert cells["c_t"] == pytest.approx((60 * zs["near"] + 20 * zs["far"]) / 80)
+    assert cells["c_t"] == pytest.approx((60 * zs["near"] + 20 * zs["far"]) / 80)  # over the cells used
     assert cells["z_min"] == pytest.approx(zs["far"]) and zs["far"] < -5 and zs["near"] > 0 and cells["c_t"] > 0
+    # one-sided, lower tail, times the 2 cells used (not the 3 fitted)
     assert cells["p_min"] == pytest.approx(2 * 0.5 * math.erfc(-zs["far"] / math.sqrt(2))) and cells["p_min"] < 1e-6
+    assert cell_copy_stat(samples, train, heldout, centres, min_samples=20, min_heldout=4)["cells_used"] == 3
+    assert copy_cells(360, 1000) == 18 and copy_cells(360, 400) == 10 and copy_cells(5000, 5000) == 50
+    assert copy_cells(360, 16) == 1
     few = cell_copy_stat(samples[:20], train, heldout, centres, min_samples=20)  # no cell has more than 20 samples
     assert few["c_t"] is None and few["p_min"] is None and few["cells_used"] == 0
 
@@ -131,7 +137,7 @@ def test_the_stage_on_real_digits_passes_unseen_digits_flags_copies_and_warns_on
     training digits themselves as copies; held-out images that are training images draw a warning."""
     feats = classifier_features()
     train, test, judge = (feats(load_data(f"digits-{s}", (1, 16, 16)).float()) for s in ("train", "test", "judge"))
-    ref, why = copy_reference(_reference(test), _reference(train), "digits-train")
+    ref, why = copy_reference(_reference(test), _reference(train), "digits-train", 1000)
     assert why is None and ref.name == "digits-train" and len(ref.heldout) == len(test)
     unseen = copying(judge, ref)
     assert abs(unseen["copy_z"]) < 3 and abs(unseen["copy_auc"] - 0.5) < 0.06 and abs(unseen["copy_near_z"]) < 3
@@ -146,15 +152,15 @@ def test_the_stage_on_real_digits_passes_unseen_digits_flags_copies_and_warns_on
     # 1e-3 of the spread): a perturbation of 3e-3 of the spread, whatever this host's kernels do
     noise = torch.randn(70, train.shape[1], generator=torch.Generator().manual_seed(0))
     again = train[:70] + 3e-3 * rms_spread(train) * noise / noise.norm(dim=1, keepdim=True)
-    leaky, why = copy_reference(_reference(torch.cat([again, test])), _reference(train), "digits-train")
+    leaky, why = copy_reference(_reference(torch.cat([again, test])), _reference(train), "digits-train", 1000)
     assert why is None and len(leaky.heldout) == len(test) and torch.equal(leaky.heldout, ref.heldout)
     warned = copying(judge, leaky)["warnings"]
     assert warned == ["70 of the 430 held-out images are also in digits-train: the copy test leaves them out of its "
                       "reference; pass --eval-data with images outside the training data"]
-    none, why = copy_reference(_reference(torch.cat([again, test[:60]])), _reference(train), "digits-train")
+    none, why = copy_reference(_reference(torch.cat([again, test[:60]])), _reference(train), "digits-train", 1000)
     assert none is None and why.startswith("copy test skipped: 70 of the 130 held-out images are digits-train images too")
     no_rows = FidKid.from_reference_state({**_reference(train).reference_state(), "features": torch.zeros(0, 64).numpy()})
-    ref, why = copy_reference(_reference(test), no_rows, "digits-train")
+    ref, why = copy_reference(_reference(test), no_rows, "digits-train", 1000)
     assert ref is None and why.startswith("copy test skipped: the reference statistics of digits-train hold no feature rows")
 
 
@@ -200,7 +206,7 @@ def test_correct_tests_both_samplers_for_copying_gates_on_it_and_reports_it(tmp_
         assert c["train"] == "digits-train" and c["num"] == 16 and c["num_heldout"] == 360 and c["num_train"] == 1078
         assert s[key]["copy_z"] == c["z"] and s[key]["copy_auc"] == c["auc"] and s[key]["copy_near"] == c["near"]
         assert s[key]["copy_near_z"] == c["near_z"] and c["min"] > 0 and not s[key]["notes"]
-        assert c["cells"]["cells"] == 18 and s[key]["copy_ct"] is None and s[key]["copy_cell_p"] is None  # 16 samples
+        assert c["cells"]["cells"] == 1 and s[key]["copy_ct"] is None and s[key]["copy_cell_p"] is None  # 16 samples
         assert not any("held-out" in w for w in s[key]["warnings"])
     failed = [line for line in r.output.splitlines() if line.startswith("gate failed")]
     assert failed == [f"gate failed: copy_z>-1000 (copy_z = {s['corrected']['copy_z']:.6g})"]
@@ -211,6 +217,8 @@ def test_correct_tests_both_samplers_for_copying_gates_on_it_and_reports_it(tmp_
     assert f"AUC base {b['auc']:.3f} (Z {b['z']:+.1f}), corrected {c['auc']:.3f} (Z {c['z']:+.1f})" in shown.output
     html = (tmp_path / "run" / "report.html").read_text()
     assert '<table id="copying">' in html and f"<td>{c['z']:+.2f}</td>" in html
+    assert ("1 k-means cells of the digits-train images: none has more than 20 of the 16 samples and 5 held-out "
+            "images, so C_T and the lowest cell's p were not measured (raise evaluate.num)") in shown.output
     assert (f"below the held-out 5th percentile: base {b['near']:.1%}, corrected {c['near']:.1%} "
             f"({c['near_null']:.1%} +- {c['near_null_se']:.1%} for samples drawn like the held-out images)") in shown.output
 

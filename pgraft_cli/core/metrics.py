@@ -542,6 +542,7 @@ def copy_stats(d_samples: Tensor | np.ndarray, d_heldout: Tensor | np.ndarray,
 
 COPY_CELL_HELDOUT = 20  # held-out images a cell holds on average: the number of cells is n // this (at most 50)
 COPY_CELL_MIN_SAMPLES = 20  # a cell enters C_T only with more samples than this (the paper's tau, as a count)
+COPY_CELL_MIN_HELDOUT = 5  # and with at least this many held-out rows (with 2 to 4 its Z cannot reach a small p)
 
 
 KMEANS_MAX_ROWS = 10_000  # k-means fits on at most this many rows (drawn from its seed); every row is then assigned
@@ -581,17 +582,19 @@ def kmeans(x: Tensor | np.ndarray, k: int, seed: int = 0, iterations: int = 50) 
     return centres
 
 
-def copy_cells(heldout_count: int) -> int:
-    """The number of cells of the cell-wise copy statistic: one per ``COPY_CELL_HELDOUT`` held-out rows, 1 to 50."""
-    return max(1, min(50, heldout_count // COPY_CELL_HELDOUT))
+def copy_cells(heldout_count: int, sample_count: int) -> int:
+    """The number of cells of the cell-wise copy statistic: one per ``COPY_CELL_HELDOUT`` held-out rows and per
+    twice ``COPY_CELL_MIN_SAMPLES`` samples (so an average cell has enough of both), 1 to 50."""
+    return max(1, min(50, heldout_count // COPY_CELL_HELDOUT, sample_count // (2 * COPY_CELL_MIN_SAMPLES)))
 
 
 def cell_copy_stat(samples: Tensor | np.ndarray, train: Tensor | np.ndarray, heldout: Tensor | np.ndarray,
-                   centres: Tensor, min_samples: int = COPY_CELL_MIN_SAMPLES) -> dict[str, Any]:
+                   centres: Tensor, min_samples: int = COPY_CELL_MIN_SAMPLES,
+                   min_heldout: int = COPY_CELL_MIN_HELDOUT) -> dict[str, Any]:
     """Meehan, Chaudhuri and Dasgupta's cell-wise statistic ``C_T`` over the cells of ``centres`` (k-means
     of the training rows, ``kmeans``): in each cell the Mann-Whitney Z (``mann_whitney``) of its samples'
     distances to the cell's nearest training row against its held-out rows', over the cells with more than
-    ``min_samples`` samples and at least 2 held-out rows; ``c_t`` their mean weighted by each cell's share
+    ``min_samples`` samples and at least ``min_heldout`` held-out rows (the paper's code: any); ``c_t`` their mean weighted by each cell's share
     of the held-out rows (the paper's statistic; Z here with the tie correction, no continuity correction).
     ``z_min``: the lowest cell's Z, and ``p_min = min(1, k Phi(z_min))`` its one-sided p-value corrected for
     the k cells used (Bonferroni): a sampler that copies in one region reads it there, while ``c_t`` and
@@ -601,7 +604,7 @@ def cell_copy_stat(samples: Tensor | np.ndarray, train: Tensor | np.ndarray, hel
     weights, zs = [], []
     for c in range(len(centres)):
         s, t, q = samples[cell["s"] == c], train[cell["t"] == c], heldout[cell["q"] == c]
-        if len(s) <= min_samples or len(q) < 2 or len(t) == 0:
+        if len(s) <= min_samples or len(q) < min_heldout or len(t) == 0:
             continue
         zs.append(mann_whitney(nearest_distances(s, t), nearest_distances(q, t))[0])
         weights.append(len(q) / len(heldout))

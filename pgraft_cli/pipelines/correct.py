@@ -99,7 +99,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                 # the data-copying test: the samples' nearest training images against the held-out images'
                 why = copy_skipped(loaded.conditioning, fid_data, data_id)
                 if why is None and verb.is_main:
-                    copy_ref, why = copy_reference(refs[fid_data], refs[data_id], data_id)
+                    copy_ref, why = copy_reference(refs[fid_data], refs[data_id], data_id, eval_cfg.num)
             notes = [why] if why else []
         common = dict(real_features=refs.get(fid_data), also_against={k: v for k, v in refs.items() if k != fid_data},
                       notes=notes, cond=prompts, copy_reference=copy_ref)

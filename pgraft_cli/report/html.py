@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from ..core.metrics import COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES
 from ..errors import PgraftError
 from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
 from .metrics import MetricsTable, metrics_table_of, rounds_table_of
@@ -388,10 +389,13 @@ def _copying_html(s: dict[str, Any]) -> str:
                         [[name, f"{c['c_t']:+.2f}", f"{c['z_min']:+.2f}", f"{c['p_min']:.2g}", f"{c['cells_used']} of {c['cells']}"]
                          for name, c in cells], ' id="copying-cells"')
         note += (f'<p class="note">Cell-wise: the paper\'s C_T over the k-means cells of the {_e(c0["train"])} images '
-                 f'(cells with more than 20 samples and 2 held-out images): each cell\'s Z of its samples\' distances to '
+                 f'(cells with more than {COPY_CELL_MIN_SAMPLES} samples and at least {COPY_CELL_MIN_HELDOUT} held-out '
+                 f'images): each cell\'s Z of its samples\' distances to '
                  f'its nearest training image in the cell against its held-out images\', weighted by the cell\'s share '
                  f'of the held-out images. A sampler that copies in one region while it under-fits elsewhere can read '
-                 f'a positive C_T and global Z; the lowest cell\'s p, corrected for the number of cells, shows it.</p>')
+                 f'a positive C_T and global Z; the lowest cell\'s p, corrected for the number of cells used, shows it where '
+                 f'(nearly) all of a cell\'s samples are copies. A sampler sharper than the data (samples bunched where '
+                 f'the training images are dense) lowers it too.</p>')
     return table + note
 
 

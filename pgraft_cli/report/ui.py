@@ -10,6 +10,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from ..core.metrics import COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES
 from .metrics import MetricsTable
 
 err = Console(stderr=True, highlight=False)
@@ -222,13 +223,19 @@ def cell_lines(tests: list, train: str) -> list[str]:
     (``(name, copying)`` pairs), where it was measured."""
     cells = [(name, c["cells"]) for name, c in tests if (c.get("cells") or {}).get("c_t") is not None]
     if not cells:
-        return []
+        last = tests[-1][1]
+        if not last.get("cells"):
+            return []
+        return [f"  {last['cells']['cells']} k-means cells of the {train} images: none has more than "
+                f"{COPY_CELL_MIN_SAMPLES} of the {last['num']} samples and {COPY_CELL_MIN_HELDOUT} held-out images, so "
+                f"C_T and the lowest cell's p were not measured (raise evaluate.num)"]
     ct = ", ".join(f"{name} {c['c_t']:+.2f}" for name, c in cells)
     low = ", ".join(f"{name} {c['z_min']:+.2f} (p {c['p_min']:.2g})" for name, c in cells)
     used = ", ".join(f"{name} {c['cells_used']}" for name, c in cells)
-    return [f"  {cells[-1][1]['cells']} k-means cells of the {train} images (cells used: {used}): C_T {ct}, the cells' "
-            f"Z weighted by their held-out images; the lowest cell's Z {low}, p corrected for the cells (Bonferroni): "
-            f"a region that copies reads a small p there while the averages hide it"]
+    return [f"  {cells[-1][1]['cells']} k-means cells of the {train} images (used, with more than {COPY_CELL_MIN_SAMPLES} "
+            f"samples and {COPY_CELL_MIN_HELDOUT} held-out images: {used}): C_T {ct}, the cells' Z weighted by their "
+            f"held-out images; the lowest cell's Z {low}, p corrected for the cells used (Bonferroni): a region whose "
+            f"samples are (nearly) all copies reads a small p there while the averages hide it"]
 
 
 def converged_rule(tol: float, tol_last: Optional[float] = None) -> str:

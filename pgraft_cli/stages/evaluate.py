@@ -287,9 +287,10 @@ class CopyReference:
     warning: Optional[str] = None
 
 
-def copy_reference(heldout: FidKid, train: FidKid, name: str) -> tuple[Optional[CopyReference], Optional[str]]:
+def copy_reference(heldout: FidKid, train: FidKid, name: str, num_samples: int) -> tuple[Optional[CopyReference], Optional[str]]:
     """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s (the
-    images the model was fitted on, the data set ``name``); else None and the note saying why. A held-out
+    images the model was fitted on, the data set ``name``; ``num_samples`` per sampler sizes the cells); else
+    None and the note saying why. A held-out
     row within ``COPY_SAME_IMAGE`` of the training rows' spread of a training row is that image (features of
     one image computed in other batches or under TF32 differ by far less): left out of the reference with a warning,
     and the test skipped when they are half of the held-out rows or more."""
@@ -308,7 +309,8 @@ def copy_reference(heldout: FidKid, train: FidKid, name: str) -> tuple[Optional[
         f"{inside} of the {len(d)} held-out images are also in {name}: the copy test leaves them out of its "
         f"reference; pass --eval-data with images outside the training data")
     kept = d > same
-    return CopyReference(name, rows, d[kept], kmeans(rows, copy_cells(int(kept.sum()))), held[kept], warning), None
+    centres = kmeans(rows, copy_cells(int(kept.sum()), num_samples))
+    return CopyReference(name, rows, d[kept], centres, held[kept], warning), None
 
 
 def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
