@@ -214,8 +214,10 @@ def copy_lines(summary: dict) -> list[str]:
             f"  below the held-out {q} percentile: {near} ({corr['near_null']:.1%} +- {corr['near_null_se']:.1%} for "
             f"samples drawn like the held-out images)",
             *cell_lines(both, corr["train"]),
-            "  a global test: samples otherwise farther than unseen images hide a share of copies from the AUC, which "
-            "the share below the percentile shows sooner; read the corrected sampler against the base"]
+            "  each misses some copiers: copies spread over all regions hide from the AUC and the cells and show "
+            "sooner in the share below the percentile; a region copied whole shows in the lowest cell's p; samples "
+            "bunched where the training images are dense read like copies in all of them; read the corrected "
+            "sampler against the base"]
 
 
 def cell_lines(tests: list, train: str) -> list[str]:
