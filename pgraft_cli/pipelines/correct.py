@@ -46,7 +46,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import correct_report, wrote_lines
     from ..stages.correct import check_correctable, corrector_conditions, run_invert, run_train_corrector
-    from ..stages.evaluate import copy_reference, evaluate_model, fid_skipped, pick_features
+    from ..stages.evaluate import COPY_KEYS, copy_reference, evaluate_model, fid_skipped, pick_features
     from ..stages.finetune import main_first
     from ..stages.sample import Conditions, resolve_lane, run_sample
 
@@ -110,8 +110,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
             with verb.timed("evaluation"):
                 result = evaluate_model(loaded, None, eval_cfg, feats, store, bar, stage_name,
                                         rec.evaluate.kid_subsets, **common, **split)
-            skipped = dict.fromkeys(("copying", "copy_z", "copy_auc", "copy_near", "copy_near_z", "copy_ct", "copy_cell_p"))
-            return {**skipped, **result}  # None: the copy test did not run
+            return {**dict.fromkeys(COPY_KEYS), **result}  # None: the copy test did not run
 
         base_metrics = measured("evaluate-base")
         loaded.corrector = corrector.to(dev)

@@ -272,6 +272,9 @@ def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Opti
     return out
 
 
+COPY_KEYS = ("copying", "copy_z", "copy_auc", "copy_near", "copy_near_z", "copy_ct", "copy_cell_p")  # ``copying``'s
+
+
 @dataclass(frozen=True)
 class CopyReference:
     """What the data-copying test compares samples with, computed once a run: the training images'
@@ -290,10 +293,10 @@ class CopyReference:
 def copy_reference(heldout: FidKid, train: FidKid, name: str, num_samples: int) -> tuple[Optional[CopyReference], Optional[str]]:
     """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s (the
     images the model was fitted on, the data set ``name``; ``num_samples`` per sampler sizes the cells); else
-    None and the note saying why. A held-out
-    row within ``COPY_SAME_IMAGE`` of the training rows' spread of a training row is that image (features of
-    one image computed in other batches or under TF32 differ by far less): left out of the reference with a warning,
-    and the test skipped when they are half of the held-out rows or more."""
+    None and the note saying why. A held-out row within ``COPY_SAME_IMAGE`` of the training rows' spread of a
+    training row is that image (features of one image computed in other batches or under TF32 differ by far
+    less): left out of the reference with a warning, and the test skipped when they are half of the held-out
+    rows or more."""
     held, rows = heldout.rows(real=True), train.rows(real=True)
     if held is None or rows is None:
         which = "the held-out images" if held is None else name
@@ -315,8 +318,7 @@ def copy_reference(heldout: FidKid, train: FidKid, name: str, num_samples: int) 
 
 def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
     """The data-copying test (``core.metrics.copy_stats``) of ``samples``' feature rows against ``ref``:
-    ``{"copying", "copy_z", "copy_auc", "copy_near", "copy_near_z", "copy_ct", "copy_cell_p", "warnings"}``,
-    the global test and the cell-wise one (``core.metrics.cell_copy_stat``)."""
+    ``COPY_KEYS`` and ``warnings``, the global test and the cell-wise one (``core.metrics.cell_copy_stat``)."""
     cells = cell_copy_stat(samples, ref.train, ref.heldout_rows, ref.centres)
     result = {**copy_stats(nearest_distances(samples, ref.train), ref.heldout), "train": ref.name,
               "num_train": len(ref.train), "cells": cells}
