@@ -29,7 +29,7 @@ import numpy as np
 from ..core.metrics import COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES
 from ..errors import PgraftError
 from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
-from .metrics import MetricsTable, metrics_table_of, rounds_table_of
+from .metrics import MetricsTable, cell_tests, copy_tests, metrics_table_of, rounds_table_of
 from .ui import converged_rule, fmt_bytes, stopped_line
 
 REPORT = "report.html"
@@ -358,8 +358,7 @@ def _correct_sections(run_dir: Path, s: dict[str, Any], recipe: dict[str, Any], 
 
 def _copying_html(s: dict[str, Any]) -> str:
     """The data-copying test of the base and corrected samples (``stages.evaluate.copying``), a table."""
-    tests = [(name, (s.get(key) or {}).get("copying")) for name, key in (("base", "base"), ("corrected", "corrected"))]
-    tests = [(name, c) for name, c in tests if c]
+    tests = copy_tests(s)
     if not tests:
         return ""
     c0 = tests[-1][1]
@@ -383,7 +382,7 @@ def _copying_html(s: dict[str, Any]) -> str:
             f'probability {c0["num"] / (c0["num"] + c0["num_heldout"]):.2f}.</p>')
     table = _table(["samples", "AUC", "Z", f"below the held-out {q} percentile", "median distance", "min distance"],
                    rows, ' id="copying"')
-    cells = [(name, c["cells"]) for name, c in tests if (c.get("cells") or {}).get("c_t") is not None]
+    cells = cell_tests(tests)
     if cells:
         table += _table(["samples", "C_T", "lowest cell's Z", "its p (Bonferroni)", "cells used"],
                         [[name, f"{c['c_t']:+.2f}", f"{c['z_min']:+.2f}", f"{c['p_min']:.2g}", f"{c['cells_used']} of {c['cells']}"]

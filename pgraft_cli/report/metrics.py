@@ -146,6 +146,18 @@ def metrics_table_of(verb: str, summary: dict[str, Any]) -> Optional[MetricsTabl
     return None
 
 
+def copy_tests(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(sampler, copying)`` of ``correct``'s base and corrected samples where the copy test ran
+    (``stages.evaluate.copying``), for the terminal and report.html alike."""
+    tests = [(name, (summary.get(name) or {}).get("copying")) for name in ("base", "corrected")]
+    return [(name, c) for name, c in tests if c]
+
+
+def cell_tests(tests: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """``(sampler, cells)`` of ``copy_tests`` where the cell-wise statistic was measured (some cell qualified)."""
+    return [(name, c["cells"]) for name, c in tests if (c.get("cells") or {}).get("c_t") is not None]
+
+
 ROUND_KEYS = ("fid", "kid", "precision", "recall", "pairwise_distance", "kept", "kept_reward_mean")
 
 

@@ -11,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from ..core.metrics import COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES
-from .metrics import MetricsTable
+from .metrics import MetricsTable, cell_tests, copy_tests
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -201,10 +201,10 @@ def table_view(title: str, model: MetricsTable, first: str, caption: Optional[st
 def copy_lines(summary: dict) -> list[str]:
     """The data-copying test of ``correct``'s base and corrected samples (``stages.evaluate.copying``), in
     three lines; none where it was not run."""
-    base, corr = ((summary.get(k) or {}).get("copying") for k in ("base", "corrected"))
+    both = copy_tests(summary)
+    corr = dict(both).get("corrected")
     if not corr:
         return []
-    both = [(name, c) for name, c in (("base", base), ("corrected", corr)) if c]
     auc = ", ".join(f"{name} {c['auc']:.3f} (Z {c['z']:+.1f})" for name, c in both)
     near = ", ".join(f"{name} {c['near']:.1%}" for name, c in both)
     q = f"{corr['near_quantile'] * 100:g}th"
@@ -223,7 +223,7 @@ def copy_lines(summary: dict) -> list[str]:
 def cell_lines(tests: list, train: str) -> list[str]:
     """The cell-wise copy statistic's line (``core.metrics.cell_copy_stat``) of the samplers ``tests``
     (``(name, copying)`` pairs), where it was measured."""
-    cells = [(name, c["cells"]) for name, c in tests if (c.get("cells") or {}).get("c_t") is not None]
+    cells = cell_tests(tests)
     if not cells:
         last = tests[-1][1]
         if not last.get("cells"):
