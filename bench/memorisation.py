@@ -51,15 +51,15 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from paired import paired_t, paired_text  # noqa: E402
 
-from pgraft_cli.core.metrics import (COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES, cell_copy_stat,  # noqa: E402
-                                    copy_cells, copy_stats, kmeans, nearest_centre, nearest_distances)
+from pgraft_cli.core.metrics import (COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES, copy_cells, kmeans,  # noqa: E402
+                                    nearest_centre, nearest_distances)
 from pgraft_cli.errors import PgraftError  # noqa: E402
 from pgraft_cli.io.checkpoints import load_model  # noqa: E402
 from pgraft_cli.io.data import load_data  # noqa: E402
 from pgraft_cli.io.recipes import SampleConfig, load_recipe  # noqa: E402
 from pgraft_cli.io.runstore import RunStore  # noqa: E402
 from pgraft_cli.report.ui import progress  # noqa: E402
-from pgraft_cli.stages.evaluate import classifier_features  # noqa: E402
+from pgraft_cli.stages.evaluate import CopyReference, classifier_features, copying  # noqa: E402
 from pgraft_cli.stages.sample import Conditions, load_images, run_sample, to_uint8  # noqa: E402
 
 
@@ -91,21 +91,18 @@ def main() -> None:
     spaces = {"pixels": lambda x: x.reshape(len(x), -1), "classifier": classifier_features()}
     train_in = {name: fn(train) for name, fn in spaces.items()}
 
-    test_in = {name: fn(test) for name, fn in spaces.items()}
-    ref = {name: nearest_distances(test_in[name], train_in[name]) for name in spaces}
-    centres = {name: kmeans(train_in[name], copy_cells(len(test), a.num)) for name in spaces}  # the CLI's cells
+    refs = {}  # the CLI's copy reference in each space (stages.evaluate.copy_reference, from tensors)
+    for name, fn in spaces.items():
+        held = fn(test)
+        refs[name] = CopyReference("digits-train", train_in[name], nearest_distances(held, train_in[name]),
+                                   kmeans(train_in[name], copy_cells(len(test), a.num)), held)
+    centres = {name: r.centres for name, r in refs.items()}
 
-    def measure(images: Tensor, reference: bool = False) -> dict[str, dict[str, Any]]:
-        out = {}
-        for name, fn in spaces.items():
-            f = fn(images)
-            cells = cell_copy_stat(f, train_in[name], test_in[name], centres[name])
-            out[name] = {**copy_stats(ref[name] if reference else nearest_distances(f, train_in[name]), ref[name]),
-                         **{f"cell_{k}": v for k, v in cells.items()}}
-        return out
+    def measure(images: Tensor) -> dict[str, dict[str, Any]]:
+        return {name: copying(fn(images), refs[name])["copying"] for name, fn in spaces.items()}
 
     rows: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
-        ("held-out digits (the reference, by construction)", "-", measure(test, reference=True)),
+        ("held-out digits (the reference, by construction)", "-", measure(test)),
         ("judge digits (unseen, control)", "-", measure(judge))]
     per_seed: dict[str, dict[str, list[float]]] = {"base": {k: [] for k in spaces}, "corrected": {k: [] for k in spaces}}
     with RunStore(a.out) as store, progress(False) as bar:
@@ -160,9 +157,10 @@ def main() -> None:
     print("| set | seed | " + " | ".join(f"{h} {k}" for k in spaces for h in ("C_T", "lowest cell Z", "p", "cells used")) + " |")
     print("|---|---:|" + "---:|" * (4 * len(spaces)))
     for name, seed, st in rows:
-        cells = [" | ".join(["-"] * 3 + [f"0 of {st[k]['cell_cells']}"]) if st[k]["cell_c_t"] is None else
-                 f"{st[k]['cell_c_t']:+.2f} | {st[k]['cell_z_min']:+.2f} | {st[k]['cell_p_min']:.2g} | "
-                 f"{st[k]['cell_cells_used']} of {st[k]['cell_cells']}" for k in spaces]
+        cell = {k: st[k]["cells"] for k in spaces}
+        cells = [" | ".join(["-"] * 3 + [f"0 of {cell[k]['cells']}"]) if cell[k]["c_t"] is None else
+                 f"{cell[k]['c_t']:+.2f} | {cell[k]['z_min']:+.2f} | {cell[k]['p_min']:.2g} | "
+                 f"{cell[k]['cells_used']} of {cell[k]['cells']}" for k in spaces]
         print(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     if len(a.seeds) > 1:
         print("\n| space | Z corrected - Z base, mean [95 % t-interval] | seeds where corrected is lower |")
