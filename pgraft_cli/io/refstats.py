@@ -83,6 +83,12 @@ def save_stats(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -
     return path
 
 
+def stats_meta(path: Path | str) -> dict[str, Any]:
+    """A stats file's ``meta`` alone (an ``.npz`` reads its members on demand, so the arrays stay on disk)."""
+    with np.load(Path(path).expanduser(), allow_pickle=False) as z:
+        return json.loads(str(z["meta"]))
+
+
 def load_stats(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``(arrays, meta)`` of a stats file; a PgraftError if it is not one (nothing is unpickled)."""
     try:

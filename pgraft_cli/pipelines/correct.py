@@ -26,13 +26,13 @@ def copy_skipped(conditioning: str, fid_data: str, data_id: str) -> Optional[str
     images: FID's reference other than ``--data`` (a stats file of the same data counts as the same), and
     samples drawn like them: a conditioned model's evaluation follows ``--data``'s captions, or every
     class in turn, not the held-out images' own."""
-    from ..io.refstats import data_identity, is_stats_file, load_stats
+    from ..io.refstats import data_identity, is_stats_file, stats_meta
 
     if conditioning != "none":
         what = "captions" if conditioning == "text" else "classes in turn"
         return (f"copy test skipped: a {conditioning}-conditioned model is sampled on --data's {what}, not the held-out "
                 f"images' own, which biases the comparison (the test runs on unconditional models)")
-    if fid_data == data_id or (is_stats_file(fid_data) and load_stats(fid_data)[1].get("data") == data_identity(data_id)):
+    if fid_data == data_id or (is_stats_file(fid_data) and stats_meta(fid_data).get("data") == data_identity(data_id)):
         return (f"copy test skipped: FID's reference is the training data ({data_id}); pass --eval-data with held-out "
                 f"images to test whether the samples copy it")
     return None
