@@ -227,3 +227,29 @@ def test_memorisation_bench_flags_the_copier_and_not_the_unseen_digits(tmp_path,
         assert float(few[low]) < 0.1 * held < float(by_name["corrector -> base"][low])
     assert float(half[6].rstrip("%")) >= 50.0
     assert {"base", "judge digits (unseen, control)", "held-out digits (the reference, by construction)"} <= set(by_name)
+
+
+def test_feature_precision_bench_rounds_products_to_tf32_and_bf16_and_puts_the_weights_back(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = runpy.run_path(str(BENCH / "feature_precision.py"))
+    rm = bench["round_mantissa"]
+    one = torch.tensor([1.0])
+    ulp = 2.0 ** -10  # TF32 keeps 10 mantissa bits: its ulp at 1
+    for x, nearest, truncated in ((1 + ulp / 2, 1.0, 1.0),  # a tie: to the even neighbour
+                                  (1 + 3 * ulp / 2, 1 + 2 * ulp, 1 + ulp),  # a tie the other way
+                                  (1 + ulp * 0.75, 1 + ulp, 1.0), (-(1 + ulp * 0.75), -(1 + ulp), -1.0)):
+        t = torch.tensor([x], dtype=torch.float32)
+        assert rm(t, 10).item() == nearest and rm(t, 10, nearest=False).item() == truncated
+    assert rm(torch.tensor([1 + 2.0 ** -8]), 7).item() == 1.0 and rm(one * 3.0, 7).item() == 3.0  # bf16
+    x = torch.randn(1000)
+    assert ((rm(x, 10) - x).abs() <= x.abs() * 2.0 ** -11).all()  # half an ulp at most
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 3))
+    images = torch.rand(2, 1, 16, 16)
+    weights = [p.clone() for p in net.parameters()]
+    exact = net(images)
+    with bench["rounded_products"](net, 10, True):
+        rounded = net(images)
+    assert 0 < (rounded - exact).abs().max() < 1e-2 * exact.abs().max()
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters())) and torch.equal(net(images), exact)

@@ -262,3 +262,80 @@ def test_a_run_records_the_cpu_its_seconds_were_measured_on(monkeypatch, tmp_pat
     with RunStore(tmp_path / "run") as store:
         assert store.record_provenance("sample", device="cpu", seconds=1.0)["sample"]["device_name"] == head + ", native bf16"
         assert "device_name" not in store.record_provenance("score", seconds=1.0)["score"]
+
+
+def _float32_settings():
+    import torch
+
+    from pgraft_cli.io.host import FLOAT32_BACKENDS, _backend
+
+    return [_backend(torch.backends, path).fp32_precision for path in FLOAT32_BACKENDS]
+
+
+def test_ieee_float32_turns_tf32_and_bf16_off_in_every_backend_and_puts_back_what_it_found():
+    import torch
+
+    from pgraft_cli.io.host import FLOAT32_BACKENDS, _backend, ieee_float32
+
+    default = _float32_settings()
+    assert default[1] == "tf32"  # torch's own default: cuDNN convolutions in TF32
+    try:
+        torch.set_float32_matmul_precision("medium")  # a training script's setting: TF32 matmuls, bf16 in oneDNN's
+        before = _float32_settings()
+        assert before[0] == "tf32" and before[3] == "bf16"
+        with ieee_float32():
+            assert _float32_settings() == ["ieee"] * 6
+            with ieee_float32():  # nested: the outer block's settings come back, still ieee
+                pass
+            assert _float32_settings() == ["ieee"] * 6
+        assert _float32_settings() == before and torch.get_float32_matmul_precision() == "medium"
+        with pytest.raises(RuntimeError, match="boom"), ieee_float32():
+            raise RuntimeError("boom")
+        assert _float32_settings() == before
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        for path, value in zip(FLOAT32_BACKENDS, default):
+            _backend(torch.backends, path).fp32_precision = value
+    assert _float32_settings() == default
+
+
+def test_ieee_float32_on_a_torch_without_per_backend_settings_uses_the_allow_tf32_flags(monkeypatch):
+    import torch
+
+    from pgraft_cli.io import host
+
+    monkeypatch.setattr(host, "FLOAT32_BACKENDS", ("cuda.matmul", "no.such_backend"))  # as on torch < 2.9
+    was = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with host.ieee_float32():
+            assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cudnn.allow_tf32 = was
+
+
+def test_features_and_rewards_are_computed_without_tf32_and_their_cpu_numbers_do_not_move():
+    """What a run reports (FID/KID features, the copy test, rewards and judges) is computed in full float32 on
+    every device; on the CPU the block changes no byte."""
+    import torch
+
+    from pgraft_cli.stages.evaluate import Features, classifier_features
+    from pgraft_cli.stages.rewards import Reward, parse_reward
+
+    seen = []
+
+    def spy(x):
+        seen.append(_float32_settings())
+        return x.flatten(1)[:, :3]
+
+    Features("spy", spy)(torch.rand(5, 1, 16, 16))
+    Reward("spy", lambda x, p: seen.append(_float32_settings()) or x.mean((1, 2, 3)))(torch.rand(5, 1, 16, 16))
+    assert seen[-2:] == [["ieee"] * 6] * 2
+    assert _float32_settings()[1] == "tf32"  # put back after each
+    x = torch.rand(70, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    feats = classifier_features()
+    with torch.no_grad():
+        assert torch.equal(feats(x), feats.fn(x).double())
+        reward = parse_reward("classifier:digits:3")
+        assert torch.equal(reward(x), reward.fn(x, None).double().cpu())

@@ -1,5 +1,5 @@
 """The host process: the output paths it may write (checked before any work), its allocator, its garbage collector,
-its CPU (what it is called, its vector instructions, its bf16)."""
+its float32 arithmetic while it measures, its CPU (what it is called, its vector instructions, its bf16)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,51 @@ def skip_final_collection() -> None:
     """
     if _ONE_COMMAND:
         gc.freeze()
+
+
+# torch's per-backend float32 settings (torch >= 2.9): TF32 or bf16 inside a float32 matmul, convolution or RNN
+FLOAT32_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Full float32 arithmetic inside the block, for numbers a run reports (FID and KID features, the copy test's
+    distances, rewards and judges): the same images give the same features on any GPU and on the CPU, to float32
+    rounding.
+
+    torch runs cuDNN's float32 convolutions in TF32 on Ampere and later GPUs by default (10 mantissa bits in the
+    products), and ``torch.set_float32_matmul_precision("high"/"medium")``, which training scripts and libraries
+    set, does the same to matmuls (and "medium" to bf16 in oneDNN's CPU matmuls). The block sets every backend's
+    ``fp32_precision`` to "ieee" and puts back what it found, even on an exception; on a torch without those
+    settings, the older ``allow_tf32`` flags and the matmul precision. Sampling and training keep the user's
+    settings."""
+    import torch
+
+    backends = [_backend(torch.backends, path) for path in FLOAT32_BACKENDS]
+    if all(b is not None and hasattr(b, "fp32_precision") for b in backends):
+        saved = [b.fp32_precision for b in backends]
+        try:
+            for b in backends:
+                b.fp32_precision = "ieee"
+            yield
+        finally:
+            for b, value in zip(backends, saved):
+                b.fp32_precision = value
+        return
+    legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy[2])  # first: it sets the matmul flag too
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
+
+
+def _backend(root: object, path: str) -> object:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+    return root
 
 
 def native_cpu_bf16() -> bool:

@@ -25,6 +25,7 @@ from ..core.samplers import above_cutoff
 from ..core.selection import condition_groups
 from ..errors import PgraftError
 from ..io.checkpoints import CLASSIFIER_PATH, JUDGE_PATH  # noqa: F401  (re-exported: the features' nets)
+from ..io.host import ieee_float32
 from ..io.recipes import check_feature_choice
 
 
@@ -60,7 +61,7 @@ class Features(nn.Module):
             self.num_features = int(fn(torch.zeros(1, *probe_shape)).shape[-1])
 
     def forward(self, images: Tensor) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32():  # no TF32: the same features on every device
             return torch.cat([self.fn(chunk).double().cpu() for chunk in images.split(self.batch)])
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PgraftError
+from ..io.host import ieee_float32
 from ..io.runstore import sha256_file
 
 VQA_QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
@@ -92,7 +93,7 @@ class Reward:
             raise RewardError(f"reward {self.spec} scores images against prompts; sample with prompts "
                               f"(a text-to-image model) or pick a reward that needs none")
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_float32():  # no TF32: the same scores on every device
             for start in range(0, n, self.batch_size):
                 chunk = images[start:start + self.batch_size]
                 chunk_prompts = None if prompts is None else prompts[start:start + self.batch_size]
