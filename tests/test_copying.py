@@ -240,3 +240,19 @@ def test_the_report_renders_a_copy_test_recorded_without_its_expectation():
     html = _copying_html({"base": {"copying": old}, "corrected": {"copying": old, "features": "f"}, "fid_data": "digits-test"})
     assert "<td class=l>5.0% (drawn alike)</td>" in html and "<td>0.672</td>" in html
     assert _copying_html({"base": {}, "corrected": {}}) == ""
+
+
+def test_evaluate_copy_test_false_turns_the_test_off_and_refuses_a_gate_on_it_before_any_work(tmp_path):
+    """(The gate's one-line error: tests/test_errors.py.)"""
+    off = ["--set", "evaluate.copy_test=false"]
+    r = runner.invoke(app, ["correct", "digits", "--run-dir", str(tmp_path / "gated"), *SMALL, *off,
+                            "--fail-if", "base.copy_near_z>3"])
+    assert r.exit_code != 0 and not (tmp_path / "gated").exists()
+    assert str(r.exception) == ("--fail-if base.copy_near_z>3 gates on the copy test, which evaluate.copy_test = false "
+                                "turns off; drop the gate or the setting")
+    r = runner.invoke(app, ["correct", "digits", "--run-dir", str(tmp_path / "run"), "--json", *SMALL, *off])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("base", "corrected"):
+        assert s[key]["copying"] is None and s[key]["copy_z"] is None and s[key]["fid"] is not None
+        assert s[key]["notes"] == ["copy test off (evaluate.copy_test = false)"]

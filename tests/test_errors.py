@@ -112,6 +112,8 @@ CASES = {
     "unknown-recipe": (SAMPLE + ["--recipe", "{d}/nope.toml"], "nope"),
     "malformed-fail-if": (["evaluate", "digits", "--fail-if", "fid>>12"], "is not a gate"),
     "fail-if-unknown-metric": (["evaluate", "digits", "--fail-if", "nosuch>1"], "unknown metric 'nosuch'"),
+    "copy-gate-with-the-copy-test-off": (["correct", "digits", "--set", "evaluate.copy_test=false", "--fail-if",
+                                          "copy_cell_p<0.01"], "gates on the copy test, which evaluate.copy_test = false"),
     "missing-model-file": (["sample", "{d}/missing.safetensors", "-q"], "no such file or directory"),
     "bad-kind": (SAMPLE + ["--kind", "banana"], "--kind 'banana' is invalid"),
     "missing-prompt-file": (SAMPLE + ["--prompts", "{d}/nope.txt"], "--prompts {d}/nope.txt: no such file"),

@@ -254,6 +254,7 @@ class EvaluateConfig:
     features: str = "auto"  # one of FEATURE_CHOICES
     inception_weights: str = ""
     kid_subsets: int = 100  # clean-fid's default
+    copy_test: bool = True  # ``pgraft correct``: the data-copying test where held-out images allow it
 
     def validate(self) -> None:
         _positive(self, "evaluate", "num", "kid_subsets")

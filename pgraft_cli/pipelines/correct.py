@@ -53,6 +53,10 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     gates = parse_gates(o.fail_if, gate_names("correct"))
     rec = resolve_recipe(o.recipe, o.sets, correct__base_steps=o.steps, evaluate__features=o.features,
                          evaluate__inception_weights=o.inception_weights)
+    copy_gates = [g.text for g in gates if g.name.removeprefix("base.") in COPY_KEYS]
+    if copy_gates and not rec.evaluate.copy_test:
+        raise PgraftError(f"--fail-if {copy_gates[0]} gates on the copy test, which evaluate.copy_test = false turns "
+                          f"off; drop the gate or the setting")
     verb: Verb = start("correct", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
     loaded, dev = verb.model, verb.device
     if loaded.corrector is not None:
@@ -97,7 +101,8 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                 fid_data, refs = references(loaded, o.data, o.eval_data, real, data_id, feats,
                                             rec.evaluate.kid_subsets, store.root)
                 # the data-copying test: the samples' nearest training images against the held-out images'
-                why = copy_skipped(loaded.conditioning, fid_data, data_id)
+                why = (copy_skipped(loaded.conditioning, fid_data, data_id) if rec.evaluate.copy_test
+                       else "copy test off (evaluate.copy_test = false)")
                 if why is None and verb.is_main:
                     copy_ref, why = copy_reference(refs[fid_data], refs[data_id], data_id, eval_cfg.num)
             notes = [why] if why else []
