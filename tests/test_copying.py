@@ -256,3 +256,18 @@ def test_evaluate_copy_test_false_turns_the_test_off_and_refuses_a_gate_on_it_be
     for key in ("base", "corrected"):
         assert s[key]["copying"] is None and s[key]["copy_z"] is None and s[key]["fid"] is not None
         assert s[key]["notes"] == ["copy test off (evaluate.copy_test = false)"]
+
+
+def test_the_copy_test_switch_leaves_the_default_run_directory_where_it_was():
+    """A report-only key: the same work resumes in the same folder whether the test is on or off, and the folder
+    is the one the recipe named before the key existed."""
+    from pgraft_cli.pipelines.skeleton import computed_recipe, default_run_dir, resolve_recipe
+
+    on, off = (resolve_recipe("inverse-noise", [f"evaluate.copy_test={v}"]).to_dict() for v in ("true", "false"))
+    assert on["evaluate"]["copy_test"] is True and off["evaluate"]["copy_test"] is False
+    before = {s: ({k: v for k, v in vals.items() if k != "copy_test"} if s == "evaluate" else vals) for s, vals in on.items()}
+    for recipe in (on, off):
+        assert computed_recipe(recipe) == before
+        assert default_run_dir("correct", {"recipe": computed_recipe(recipe)}) == default_run_dir("correct", {"recipe": before})
+    changed = resolve_recipe("inverse-noise", ["evaluate.num=500"]).to_dict()
+    assert default_run_dir("correct", {"recipe": computed_recipe(changed)}) != default_run_dir("correct", {"recipe": before})

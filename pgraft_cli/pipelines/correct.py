@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError
-from .skeleton import (DataOptions, ModelOptions, Outcome, Verb, default_run_dir, real_data, references,
-                       resolve_recipe, start)
+from .skeleton import (DataOptions, ModelOptions, Outcome, Verb, computed_recipe, default_run_dir, real_data,
+                       references, resolve_recipe, start)
 
 
 @dataclass
@@ -66,7 +66,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     rows, data_id = real_data(loaded, o.data, rows=True, captions=o.captions)
     rows = rows.head(rec.correct.num_images)
     check_correctable(loaded, rec.correct, rows.labels, rows.captions)
-    run_dir = o.run_dir or default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict()})
+    run_dir = o.run_dir or default_run_dir("correct", {"model": loaded.identity, "data": data_id, "recipe": computed_recipe(rec.to_dict())})
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
     with verb.run_dir(run_dir) as store:
         bar = verb.bar

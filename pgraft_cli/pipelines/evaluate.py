@@ -8,8 +8,8 @@ from typing import Optional
 
 from ..errors import PgraftError
 from .skeleton import (DataOptions, DrawOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb,
-                       corrector_steps, default_run_dir, precision_note, prompt_list, real_data, references, resolve_recipe,
-                       reward_from, start)
+                       computed_recipe, corrector_steps, default_run_dir, precision_note, prompt_list, real_data, references,
+                       resolve_recipe, reward_from, start)
 
 
 @dataclass
@@ -70,8 +70,9 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane, memory_format=rec.sample.memory_format)
     eval_cfg.guidance_scale = rec.sample.guidance_scale
-    run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id, "recipe": rec.to_dict(),
-                                                         "steps": eval_steps, "prompts": cond.prompts})
+    run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id,
+                                                         "recipe": computed_recipe(rec.to_dict()), "steps": eval_steps,
+                                                         "prompts": cond.prompts})
     if not notes and num < 2:  # before the reference features are computed, not after sampling
         raise PgraftError(f"FID and KID need at least 2 generated images, got evaluate.num = {num}; raise it (--num)")
     with verb.run_dir(run_dir) as store:

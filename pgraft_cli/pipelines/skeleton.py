@@ -70,6 +70,17 @@ def pick_device(recipe: Recipe, override: Optional[str], state: Any) -> str:
     return want
 
 
+# Recipe keys that change what a run reports, not what it computes: left out of its default run directory's
+# name, so turning one does not start the work again (and adding one does not move earlier runs' folders).
+REPORT_ONLY = {"evaluate": ("copy_test",)}
+
+
+def computed_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's ``to_dict()`` without its ``REPORT_ONLY`` keys."""
+    return {section: ({k: v for k, v in values.items() if k not in REPORT_ONLY.get(section, ())}
+                      if isinstance(values, dict) else values) for section, values in recipe.items()}
+
+
 def default_run_dir(verb: str, payload: dict[str, Any]) -> Path:
     """``pgraft-runs/<verb>-<hash of what the verb's results depend on>``: the same command resumes it."""
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
