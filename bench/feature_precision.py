@@ -9,9 +9,11 @@ too ("medium": bf16 products in oneDNN's CPU matmuls). pgraft computes features 
 ``io.host.ieee_float32`` (full float32 everywhere); this bench measures what that block protects, on this CPU,
 by emulating the reduced products: before every convolution and linear layer of the feature network its input
 and its weight are rounded to TF32 (or bf16), then multiplied in float32, which is what a tensor core's TF32
-mode computes up to the order of its float32 sums. Two rounding rules: to nearest (even), and truncation (the
-low bits dropped), the larger error. bf16 autocast (a real torch path, not an emulation) runs every layer's
-products and outputs in bf16.
+mode computes up to the order of its float32 sums. Two rounding rules, which bracket the hardware's (it reads
+the low bits as zero, or rounds ties away from zero): to nearest (even), and truncation. Linear layers are
+rounded too, while torch's default GPU settings put only convolutions in TF32 (and "medium" only matmuls in
+bf16 on a CPU): an upper bound for those. bf16 autocast (a real torch path, not an emulation) runs every
+layer's products and outputs in bf16.
 
 Networks: the bundled digits classifier (FID's features for the bundled model) and the judge (a pixel MLP). For
 each arithmetic, on the held-out digits (``digits-test``) against their float32 features:

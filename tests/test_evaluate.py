@@ -521,6 +521,77 @@ def test_inception_features_from_a_local_torchscript_file(tmp_path):
         pick_features("classifier", (3, 32, 32), None)
 
 
+class _TracedInside(torch.nn.Module):
+    """A scripted forward around traced convolutions, as a saved Inception may be."""
+
+    def __init__(self):
+        super().__init__()
+        probe = torch.rand(1, 3, 32, 32)
+        self.stem = torch.jit.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), probe)
+        self.head = torch.jit.trace(torch.nn.Conv2d(4, 8, 1), self.stem(probe).detach())
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.head(self.stem(x / 255.0)).mean(dim=(2, 3))
+
+
+def _tf32_flags(graph) -> list:
+    return [list(n.inputs())[12].toIValue() for n in graph.nodes() if n.kind() == "aten::_convolution"]
+
+
+def _module_tf32_flags(module) -> list:
+    return [flag for m in module.modules() for flag in _tf32_flags(m.graph)]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_traced_networks_convolutions_lose_the_tf32_flag_they_were_traced_with(tmp_path, monkeypatch):
+    """torch.jit.trace records cuDNN's allow_tf32 of that moment (True by default) in each convolution; a GPU
+    would then run them in TF32 whatever the flags say when they run. ``tf32_off`` rewrites the constants
+    before the first call: the executed graph carries False, and on the CPU the outputs are the same bytes."""
+    from pgraft_cli.models.traced import tf32_off
+    from pgraft_cli.stages import evaluate
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(_TracedInside()), str(path))
+    x = torch.rand(2, 3, 32, 32) * 255
+    before = torch.jit.load(str(path))
+    assert _module_tf32_flags(before) == [True, True]
+    expected = before(x, True)
+    net = torch.jit.load(str(path))
+    assert tf32_off(net) == 2 and tf32_off(net) == 0  # the second pass finds nothing left
+    assert _module_tf32_flags(net) == [False, False]
+    for _ in range(3):  # the profiling executor optimises on a later call
+        assert torch.equal(net(x, True), expected)
+    assert _tf32_flags(torch.jit.last_executed_optimized_graph()) == [False, False]
+    seen = []
+    monkeypatch.setattr(evaluate, "tf32_off", lambda m: seen.append(m) or 0)
+    evaluate.pick_features("inception", (1, 16, 16), str(path))
+    assert len(seen) == 1 and isinstance(seen[0], torch.jit.ScriptModule)  # before Features' probe call
+
+    class Wrapper(torch.nn.Module):  # clean-fid's InceptionV3W: the TorchScript file inside a module
+        def __init__(self):
+            super().__init__()
+            self.base = torch.jit.load(str(path))
+
+        def forward(self, x):
+            return self.base(x, True)
+
+    made = []
+
+    def fake_extractor(name, device, use_dataparallel):  # clean-fid returns a function around its module
+        model = Wrapper()
+        made.append(model)
+
+        def model_fn(x):
+            return model(x)
+        return model_fn
+
+    monkeypatch.setitem(sys.modules, "cleanfid", types.ModuleType("cleanfid"))
+    monkeypatch.setitem(sys.modules, "cleanfid.features", types.SimpleNamespace(build_feature_extractor=fake_extractor))
+    monkeypatch.setattr(evaluate, "tf32_off", tf32_off)
+    evaluate.pick_features("inception", (1, 16, 16), None)
+    assert len(made) == 1 and _module_tf32_flags(made[0].base) == [False, False]
+
+
 def test_a_reference_from_images_batches_or_features_gives_bit_identical_fid():
     """Every route to the reference (a tensor, iter_data's batches, a feature matrix) gives the same bits."""
     from pgraft_cli.io.data import iter_data, load_data

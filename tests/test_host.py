@@ -299,20 +299,79 @@ def test_ieee_float32_turns_tf32_and_bf16_off_in_every_backend_and_puts_back_wha
     assert _float32_settings() == default
 
 
-def test_ieee_float32_on_a_torch_without_per_backend_settings_uses_the_allow_tf32_flags(monkeypatch):
+def test_ieee_float32_on_a_torch_without_per_backend_settings_uses_the_older_ones_and_keeps_medium(monkeypatch):
+    """As on torch < 2.9 (no ``fp32_precision``): cuDNN's ``allow_tf32`` and the matmul precision, put back as
+    found; restoring cuBLAS's own flag after the precision would turn "medium" into "high" there."""
     import torch
 
     from pgraft_cli.io import host
 
-    monkeypatch.setattr(host, "FLOAT32_BACKENDS", ("cuda.matmul", "no.such_backend"))  # as on torch < 2.9
-    was = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+    monkeypatch.setattr(host, "FLOAT32_BACKENDS", ("no.such_backend",))
+    torch.set_float32_matmul_precision("medium")
     try:
         with host.ieee_float32():
             assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
-        assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "medium"
     finally:
-        torch.backends.cudnn.allow_tf32 = was
+        torch.set_float32_matmul_precision("highest")
+
+
+ROUND_TRIP = r"""
+import torch
+from pgraft_cli.io.host import ieee_float32
+
+NODES = ["", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
+         "mkldnn.rnn"]
+
+def node(path):
+    out = torch.backends
+    for part in filter(None, path.split(".")):
+        out = getattr(out, part)
+    return out
+
+def answer(get):
+    try:
+        return get()
+    except RuntimeError as exc:
+        return "refused: " + str(exc)[:60]
+
+def state():
+    out = {p: node(p).fp32_precision for p in NODES}
+    for name, get in (("precision", torch.get_float32_matmul_precision), ("cudnn", lambda: torch.backends.cudnn.allow_tf32),
+                      ("cublas", lambda: torch.backends.cuda.matmul.allow_tf32)):
+        out[name] = answer(get)
+    return out
+
+SETUPS = ["pass", "torch.set_float32_matmul_precision('high')", "torch.set_float32_matmul_precision('medium')",
+          "torch.backends.cuda.matmul.allow_tf32 = True", "torch.backends.cudnn.allow_tf32 = False",
+          "torch.backends.fp32_precision = 'tf32'", "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+          "torch.backends.cudnn.fp32_precision = 'ieee'", "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'",
+          "torch.set_float32_matmul_precision('high'); torch.backends.cuda.matmul.fp32_precision = 'ieee'"]
+for setup in SETUPS:  # each on top of the ones before: mixed states too
+    exec(setup)
+    before = state()
+    inside = None
+    with ieee_float32():
+        inside = state()
+        with torch.backends.cudnn.flags(enabled=False) if before["cudnn"] in (True, False) else torch.no_grad():
+            pass
+    assert state() == before, (setup, before, state())
+    assert all(inside[p] == "ieee" for p in NODES if p.count(".")), (setup, inside)
+    if before["cudnn"] in (True, False):  # torch answered on entry: so it does inside, and says no TF32
+        assert inside["cudnn"] is False, (setup, inside)
+    if before["precision"] in ("highest", "high", "medium"):
+        assert inside["precision"] == "highest" and inside["cublas"] is False, (setup, inside)
+print("ok", len(SETUPS))
+"""
+
+
+def test_ieee_float32_puts_back_every_setting_it_found_and_torch_still_answers_inside():
+    """From torch's defaults, from each setting a script may make, and from mixes of the older and newer ones:
+    every setting reads the same after the block as before it; inside, the older settings agree with "ieee" (a
+    TorchScript network saved before torch 1.7 reads cuDNN's flag; ``torch.backends.cudnn.flags`` reads it too),
+    except where they disagreed on entry, which the block leaves as it was."""
+    out = subprocess.run([sys.executable, "-c", ROUND_TRIP], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok 10", out.stderr[-2000:]
 
 
 def test_features_and_rewards_are_computed_without_tf32_and_their_cpu_numbers_do_not_move():

@@ -451,8 +451,9 @@ def mean_pairwise_distance(features: Tensor | np.ndarray, groups: Tensor | np.nd
 COPY_NEAR_QUANTILE = 0.05  # "near": below this quantile of the unseen images' nearest-training distances
 # Two rows this near (relative to the training rows' RMS spread) are one image: on the bundled classifier
 # the features of one image recomputed in other batches move by about 4e-7 of it, under emulated TF32
-# rounding by up to 9e-4, and distinct digits lie at least 0.053 apart (bench/RESULTS.md, seventeenth
-# session); for deeper feature networks computed on another device that margin is not measured.
+# products by up to 1.8e-3 and under bf16 autocast by up to 7.9e-3, and distinct digits lie at least 0.053
+# apart (bench/RESULTS.md, seventeenth and eighteenth sessions). Features are computed in full float32 on
+# every device (io.host.ieee_float32); for deeper feature networks on another device the margin is not measured.
 COPY_SAME_IMAGE = 1e-2
 
 

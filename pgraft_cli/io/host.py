@@ -11,9 +11,11 @@ import gc
 import platform
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 from ..errors import OutputPathError
+
+T = TypeVar("T")
 
 
 def check_writable(path: Path, flag: str, is_file: bool = False) -> None:
@@ -137,30 +139,41 @@ def ieee_float32() -> Iterator[None]:
     torch runs cuDNN's float32 convolutions in TF32 on Ampere and later GPUs by default (10 mantissa bits in the
     products), and ``torch.set_float32_matmul_precision("high"/"medium")``, which training scripts and libraries
     set, does the same to matmuls (and "medium" to bf16 in oneDNN's CPU matmuls). The block sets every backend's
-    ``fp32_precision`` to "ieee" and puts back what it found, even on an exception; on a torch without those
-    settings, the older ``allow_tf32`` flags and the matmul precision. Sampling and training keep the user's
+    ``fp32_precision`` to "ieee" (torch >= 2.9), and torch's older global settings to agree with it: cuDNN's
+    ``allow_tf32`` flag off and the matmul precision "highest" (what a TorchScript network saved before torch 1.7
+    reads, and what code inside the block may ask for: torch refuses to answer while the two disagree). It puts
+    back what it found, even on an exception. Where the older settings already disagreed with the newer ones on
+    entry (torch raises on reading them), it leaves them as they were. Sampling and training keep the user's
     settings."""
     import torch
 
-    backends = [_backend(torch.backends, path) for path in FLOAT32_BACKENDS]
-    if all(b is not None and hasattr(b, "fp32_precision") for b in backends):
-        saved = [b.fp32_precision for b in backends]
-        try:
-            for b in backends:
-                b.fp32_precision = "ieee"
-            yield
-        finally:
-            for b, value in zip(backends, saved):
-                b.fp32_precision = value
-        return
-    legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    backends = [b for b in (_backend(torch.backends, path) for path in FLOAT32_BACKENDS) if hasattr(b, "fp32_precision")]
+    saved = [b.fp32_precision for b in backends]
+    cudnn = _unless_mixed(torch._C._get_cudnn_allow_tf32)
+    matmul = _unless_mixed(torch.get_float32_matmul_precision)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+        if cudnn is not None:
+            torch._C._set_cudnn_allow_tf32(False)
+        if matmul is not None:
+            torch.set_float32_matmul_precision("highest")
+        for b in backends:
+            b.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(legacy[2])  # first: it sets the matmul flag too
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)  # before torch 2.9 this is cuBLAS's allow_tf32 too
+        if cudnn is not None:
+            torch._C._set_cudnn_allow_tf32(cudnn)
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
+
+
+def _unless_mixed(getter: Callable[[], T]) -> Optional[T]:
+    """``getter()``, or None where torch refuses to answer: its older and newer settings disagree."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
 
 
 def _backend(root: object, path: str) -> object:

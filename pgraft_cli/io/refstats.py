@@ -30,8 +30,9 @@ from .runstore import atomic_write_bytes
 FORMAT = "pgraft-stats-1"
 ARRAYS = ("sum", "cov_sum", "n", "mu", "sigma", "features")
 # Bump when the statistics of the same data, features and resize rule would change (how they are
-# accumulated): cached files of an older version are then missed, never reused.
-STATS_VERSION = 2
+# accumulated, in what arithmetic): cached files of an older version are then missed, never reused.
+# 3: features in full float32 on every device (io.host.ieee_float32); a GPU's version 2 files hold TF32 features.
+STATS_VERSION = 3
 
 
 def user_cache_dir() -> Path:

@@ -139,3 +139,33 @@ def _checked_trace(network: nn.Module, args: tuple[Tensor, ...], expected: Tenso
     except Exception:  # noqa: BLE001 - a forward TorchScript cannot trace, or a torch without torch.jit, runs eager
         return None
     return trace if isinstance(again, Tensor) and torch.equal(again, expected) else None
+
+
+def tf32_off(module: Any) -> int:
+    """Rewrite ``module``'s TorchScript graphs (every ``ScriptModule`` in it, every method) so their convolutions
+    never take TF32, whatever torch's flags say; the number of convolutions rewritten. Call it before the first
+    call (a graph run once keeps its optimised plan).
+
+    A ``torch.jit.trace`` records a convolution as ``aten::_convolution`` with cuDNN's ``allow_tf32`` flag of that
+    moment as a constant argument (True under torch's defaults), so such a network, e.g. a saved Inception for
+    FID, runs in TF32 on an Ampere or later GPU even inside ``io.host.ieee_float32``. A scripted convolution
+    (``aten::conv2d``), or one saved before torch 1.7 (no such argument), reads the flag when it runs, which that
+    block sets."""
+    import torch
+
+    changed = 0
+    for sub in module.modules():
+        if not isinstance(sub, torch.jit.ScriptModule):
+            continue
+        for name in sub._c._method_names():
+            graph = sub._c._get_method(name).graph
+            for node in list(graph.nodes()):
+                args = list(node.inputs())
+                if node.kind() != "aten::_convolution" or len(args) != 13 or args[12].node().kind() != "prim::Constant":
+                    continue
+                if args[12].toIValue() is True:
+                    off = graph.insertConstant(False)
+                    off.node().moveBefore(node)
+                    node.replaceInput(12, off)
+                    changed += 1
+    return changed

@@ -26,6 +26,7 @@ from ..core.selection import condition_groups
 from ..errors import PgraftError
 from ..io.checkpoints import CLASSIFIER_PATH, JUDGE_PATH  # noqa: F401  (re-exported: the features' nets)
 from ..io.host import ieee_float32
+from ..models.traced import tf32_off
 from ..io.recipes import check_feature_choice
 
 
@@ -97,6 +98,7 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
         if not path.is_file():
             raise PgraftError(f"--inception-weights {weights}: no such file; pass clean-fid's inception-2015-12-05.pt")
         net = torch.jit.load(str(path), map_location=device).eval()
+        tf32_off(net)  # a traced network's convolutions carry cuDNN's TF32 flag of when it was traced
         from ..io.runstore import sha256_file
 
         return Features(f"inception:{path.name}+{RESIZE}", lambda x: net(inception_input(x.to(device)), return_features=True),
@@ -113,6 +115,9 @@ def inception_features(weights: Optional[str], device: str = "cpu") -> Features:
     except Exception as exc:
         raise PgraftError(f"clean-fid could not load its Inception weights ({str(exc)[:120]}); pass "
                           f"--inception-weights PATH or use --features classifier") from None
+    for cell in getattr(model, "__closure__", None) or ():  # clean-fid returns a function around its network
+        if isinstance(cell.cell_contents, nn.Module):
+            tf32_off(cell.cell_contents)
     return Features(f"inception:clean-fid+{RESIZE}", lambda x: model(inception_input(x.to(device))), batch=64)
 
 
