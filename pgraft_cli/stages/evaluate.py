@@ -265,6 +265,7 @@ def _save_quietly(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]
         pass
 
 
+@ieee_float32()  # float32 matmuls: distances, KID
 def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Optional[FidKid] = None) -> dict[str, Any]:
     """One set of samples in ``features``: ``fid``, ``kid``, ``precision``, ``recall`` against ``ref``
     (its generated side reset first; None without one) and ``pairwise_distance`` within ``groups``."""
@@ -296,6 +297,7 @@ class CopyReference:
     warning: Optional[str] = None
 
 
+@ieee_float32()  # float32 matmuls: distances, KID
 def copy_reference(heldout: FidKid, train: FidKid, name: str, num_samples: int) -> tuple[Optional[CopyReference], Optional[str]]:
     """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s (the
     images the model was fitted on, the data set ``name``; ``num_samples`` per sampler sizes the cells); else
@@ -322,6 +324,7 @@ def copy_reference(heldout: FidKid, train: FidKid, name: str, num_samples: int) 
     return CopyReference(name, rows, d[kept], centres, held[kept], warning), None
 
 
+@ieee_float32()  # float32 matmuls: distances, KID
 def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
     """The data-copying test (``core.metrics.copy_stats``) of ``samples``' feature rows against ``ref``:
     ``COPY_KEYS`` and ``warnings``, the global test and the cell-wise one (``core.metrics.cell_copy_stat``)."""
@@ -465,16 +468,17 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         "features": features.name if features is not None else None, "fid": None, "kid": None, "precision": None,
         "recall": None, "pairwise_distance": None, "warnings": [], "notes": list(notes or []),
     }
-    if metric is not None:
-        out.update(metric.compute())
-        out["also_against"] = {name: m.compute() for name, m in (also_against or {}).items()}
-        fake = metric.rows(real=False)
-        if copy_reference is not None and fake is not None:
-            test = copying(fake, copy_reference)
-            out["warnings"] += test.pop("warnings")
-            out.update(test)
-    if rows:
-        out["pairwise_distance"] = mean_pairwise_distance(torch.cat(rows), groups)
+    with ieee_float32():  # KID's kernels, the copy test's search and the distances are float32 matmuls too
+        if metric is not None:
+            out.update(metric.compute())
+            out["also_against"] = {name: m.compute() for name, m in (also_against or {}).items()}
+            fake = metric.rows(real=False)
+            if copy_reference is not None and fake is not None:
+                test = copying(fake, copy_reference)
+                out["warnings"] += test.pop("warnings")
+                out.update(test)
+        if rows:
+            out["pairwise_distance"] = mean_pairwise_distance(torch.cat(rows), groups)
     if reward is not None:
         from .score import reward_stats
 
