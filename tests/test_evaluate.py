@@ -542,6 +542,20 @@ def _module_tf32_flags(module) -> list:
     return [flag for m in module.modules() for flag in _tf32_flags(m.graph)]
 
 
+class _ConvInABranch(torch.nn.Module):
+    """A convolution with its TF32 flag written out, inside an ``if`` block of a scripted forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, twice: bool = True) -> torch.Tensor:
+        if twice:
+            x = torch.ops.aten._convolution(x, self.conv.weight, self.conv.bias, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                            1, False, False, True, True)
+        return x
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_traced_networks_convolutions_lose_the_tf32_flag_they_were_traced_with(tmp_path, monkeypatch):
     """torch.jit.trace records cuDNN's allow_tf32 of that moment (True by default) in each convolution; a GPU
@@ -590,6 +604,13 @@ def test_a_traced_networks_convolutions_lose_the_tf32_flag_they_were_traced_with
     monkeypatch.setattr(evaluate, "tf32_off", tf32_off)
     evaluate.pick_features("inception", (1, 16, 16), None)
     assert len(made) == 1 and _module_tf32_flags(made[0].base) == [False, False]
+    eager = _ConvInABranch()
+    branchy = torch.jit.script(eager)
+    inner = next(n for n in branchy.graph.nodes() if n.kind() == "prim::If")
+    x = torch.rand(2, 3, 8, 8)
+    expected = eager(x)
+    assert tf32_off(branchy) == 1 and all(_tf32_flags(b) == [False] for b in inner.blocks() if _tf32_flags(b))
+    assert torch.equal(branchy(x), expected)
 
 
 def test_a_reference_from_images_batches_or_features_gives_bit_identical_fid():

@@ -153,13 +153,19 @@ def tf32_off(module: Any) -> int:
     block sets."""
     import torch
 
+    def nodes(block: Any) -> Iterable[Any]:  # a graph's nodes, those inside if/loop blocks too
+        for node in list(block.nodes()):
+            yield node
+            for inner in node.blocks():
+                yield from nodes(inner)
+
     changed = 0
     for sub in module.modules():
         if not isinstance(sub, torch.jit.ScriptModule):
             continue
         for name in sub._c._method_names():
             graph = sub._c._get_method(name).graph
-            for node in list(graph.nodes()):
+            for node in list(nodes(graph)):
                 args = list(node.inputs())
                 if node.kind() != "aten::_convolution" or len(args) != 13 or args[12].node().kind() != "prim::Constant":
                     continue
