@@ -316,6 +316,29 @@ def test_ieee_float32_on_a_torch_without_per_backend_settings_uses_the_older_one
         torch.set_float32_matmul_precision("highest")
 
 
+def test_ieee_float32_keeps_torchs_deprecation_warning_about_the_older_settings_to_itself(monkeypatch):
+    """torch 2.9 warns once when the older TF32 settings are read or set; under ``-W error`` that warning would
+    end the block's caller."""
+    import warnings
+
+    import torch
+
+    from pgraft_cli.io.host import ieee_float32
+
+    real = torch._C._get_cudnn_allow_tf32
+
+    def warns():
+        warnings.warn("Please use the new API settings to control TF32 behavior", UserWarning)
+        return real()
+
+    monkeypatch.setattr(torch._C, "_get_cudnn_allow_tf32", warns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ieee_float32():
+            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
 ROUND_TRIP = r"""
 import torch
 from pgraft_cli.io.host import ieee_float32

@@ -10,6 +10,7 @@ import functools
 import gc
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
@@ -142,28 +143,38 @@ def ieee_float32() -> Iterator[None]:
     ``fp32_precision`` to "ieee" (torch >= 2.9), and torch's older global settings to agree with it: cuDNN's
     ``allow_tf32`` flag off and the matmul precision "highest" (what a TorchScript network saved before torch 1.7
     reads, and what code inside the block may ask for: torch refuses to answer while the two disagree). It puts
-    back what it found, even on an exception. Where the older settings already disagreed with the newer ones on
+    back what it found, even on an exception: every setting reads as it did before. One thing it cannot put back:
+    a backend setting that was following its parent's (``torch.backends.cudnn.fp32_precision`` for
+    ``cudnn.conv``; torch's defaults are such) is set to the value it read, so a later change to the parent no
+    longer reaches it (torch reads a setting through to its parent, and its own "none" is not visible from
+    Python the same way across versions). Where the older settings already disagreed with the newer ones on
     entry (torch raises on reading them), it leaves them as they were. Sampling and training keep the user's
     settings."""
     import torch
 
     backends = [b for b in (_backend(torch.backends, path) for path in FLOAT32_BACKENDS) if hasattr(b, "fp32_precision")]
     saved = [b.fp32_precision for b in backends]
-    cudnn = _unless_mixed(torch._C._get_cudnn_allow_tf32)
-    matmul = _unless_mixed(torch.get_float32_matmul_precision)
+    with warnings.catch_warnings():  # torch 2.9 warns once that the older settings are deprecated
+        warnings.simplefilter("ignore")
+        cudnn = _unless_mixed(torch._C._get_cudnn_allow_tf32)
+        matmul = _unless_mixed(torch.get_float32_matmul_precision)
     try:
-        if cudnn is not None:
-            torch._C._set_cudnn_allow_tf32(False)
-        if matmul is not None:
-            torch.set_float32_matmul_precision("highest")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if cudnn is not None:
+                torch._C._set_cudnn_allow_tf32(False)
+            if matmul is not None:
+                torch.set_float32_matmul_precision("highest")
         for b in backends:
             b.fp32_precision = "ieee"
         yield
     finally:
-        if matmul is not None:
-            torch.set_float32_matmul_precision(matmul)  # before torch 2.9 this is cuBLAS's allow_tf32 too
-        if cudnn is not None:
-            torch._C._set_cudnn_allow_tf32(cudnn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if matmul is not None:
+                torch.set_float32_matmul_precision(matmul)  # before torch 2.9 this is cuBLAS's allow_tf32 too
+            if cudnn is not None:
+                torch._C._set_cudnn_allow_tf32(cudnn)
         for b, value in zip(backends, saved):
             b.fp32_precision = value
 

@@ -143,8 +143,9 @@ def _checked_trace(network: nn.Module, args: tuple[Tensor, ...], expected: Tenso
 
 def tf32_off(module: Any) -> int:
     """Rewrite ``module``'s TorchScript graphs (every ``ScriptModule`` in it, every method) so their convolutions
-    never take TF32, whatever torch's flags say; the number of convolutions rewritten. Call it before the first
-    call (a graph run once keeps its optimised plan).
+    never take TF32, whatever torch's flags say; the number of convolutions rewritten. Call it on a network just
+    loaded, before anything runs it, inlines it into a caller or freezes it: those build an optimised copy of the
+    graph that this edit does not reach.
 
     A ``torch.jit.trace`` records a convolution as ``aten::_convolution`` with cuDNN's ``allow_tf32`` flag of that
     moment as a constant argument (True under torch's defaults), so such a network, e.g. a saved Inception for
