@@ -48,6 +48,24 @@ def test_data_from_a_stats_file_gives_the_same_metrics_as_the_images(tmp_path):
     assert (a["fid"], a["kid"], a["precision"], a["recall"]) == (b["fid"], b["kid"], b["precision"], b["recall"])
 
 
+def test_a_stats_file_written_before_full_float32_features_is_used_with_a_warning(tmp_path):
+    """Files record their statistics version (3: features in full float32 on every device); an older file (no
+    version) may hold a GPU's TF32 features, which the file cannot tell: its FID is the same, with a warning."""
+    from pgraft_cli.io.refstats import STATS_VERSION, save_stats
+
+    new = tmp_path / "ref.npz"
+    invoke("stats", "digits-test", "--features", "classifier", "--out", new, "--json")
+    state, meta = load_stats(new)
+    assert meta["version"] == STATS_VERSION == 3
+    old = save_stats(tmp_path / "old.npz", state, {k: v for k, v in meta.items() if k not in ("version", "format")})
+    a = invoke("evaluate", "digits", "--data", new, "--features", "classifier", "--run-dir", tmp_path / "a", *EVAL)
+    b = invoke("evaluate", "digits", "--data", old, "--features", "classifier", "--run-dir", tmp_path / "b", *EVAL)
+    assert a["fid"] == b["fid"] and not any("earlier pgraft" in w for w in a["warnings"])
+    assert [w for w in b["warnings"] if "earlier pgraft" in w] == [
+        f"{old} was written by an earlier pgraft, before features were computed in full float32 on every device: if "
+        f"it was written on a GPU its features are TF32 ones; write it again with pgraft stats"]
+
+
 def test_a_stats_file_of_other_features_is_one_error(tmp_path):
     out = tmp_path / "ref.npz"
     invoke("stats", "digits-test", "--features", "judge", "--out", out, "--json")

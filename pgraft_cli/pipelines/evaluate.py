@@ -123,7 +123,7 @@ class StatsOptions(Options, FeatureOptions):
 def stats(data: str, o: StatsOptions) -> Outcome:
     """``pgraft stats``: DATA's feature statistics in ``o.out`` (``io.refstats``), for ``--data out``."""
     from ..io.recipes import check_feature_choice
-    from ..io.refstats import data_identity, save_stats
+    from ..io.refstats import STATS_VERSION, data_identity, save_stats
     from ..stages.evaluate import cached_reference, pick_features
 
     features, out = o.features or "auto", o.out
@@ -137,7 +137,8 @@ def stats(data: str, o: StatsOptions) -> Outcome:
         raise PgraftError(f"--features {features}: no feature extractor at hand; pass --features inception "
                           f"--inception-weights PATH, classifier, judge, clip:PATH or dinov2:PATH")
     metric = cached_reference(feats, data, image_shape, rec.evaluate.kid_subsets)  # the user cache: a second call is free
-    meta = {"features": feats.identity, "image_shape": list(image_shape), "data": data_identity(data)}
+    meta = {"features": feats.identity, "image_shape": list(image_shape), "data": data_identity(data),
+            "version": STATS_VERSION}
     state = metric.reference_state()
     save_stats(out, state, meta)
     summary = {**meta, "out": str(out), "num": int(state["n"]), "dim": int(state["mu"].shape[0]),

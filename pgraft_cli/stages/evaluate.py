@@ -228,7 +228,7 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
     (``images``, batches already open, else read streamed) and written to both caches. Cached and
     computed references give the same FID bit for bit."""
     from ..io.data import iter_data, resize_rule
-    from ..io.refstats import cache_dirs, data_identity, is_stats_file, load_stats, stats_key
+    from ..io.refstats import STATS_VERSION, cache_dirs, data_identity, is_stats_file, load_stats, stats_key
 
     if is_stats_file(spec):
         state, meta = load_stats(spec)
@@ -236,9 +236,14 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
             raise PgraftError(f"--data {spec} holds statistics of {meta.get('features')} features of "
                               f"{meta.get('image_shape')} images, but this run measures {features.identity} of "
                               f"{list(image_shape)}; pass matching --features, or write new ones with pgraft stats")
-        return FidKid.from_reference_state(state, kid_subsets)
+        metric = FidKid.from_reference_state(state, kid_subsets)
+        if int(meta.get("version", 2)) < STATS_VERSION:  # files before version 3 did not record it
+            metric.reference_warnings.append(
+                f"{spec} was written by an earlier pgraft, before features were computed in full float32 on every "
+                f"device: if it was written on a GPU its features are TF32 ones; write it again with pgraft stats")
+        return metric
     meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec),
-            "resize": resize_rule(spec)}
+            "resize": resize_rule(spec), "version": STATS_VERSION}
     name = f"{stats_key(meta['features'], tuple(image_shape), meta['data'], meta['resize'])}.npz"
     dirs = cache_dirs(run_root)
     for folder in dirs:
