@@ -316,27 +316,45 @@ def test_ieee_float32_on_a_torch_without_per_backend_settings_uses_the_older_one
         torch.set_float32_matmul_precision("highest")
 
 
-def test_ieee_float32_keeps_torchs_deprecation_warning_about_the_older_settings_to_itself(monkeypatch):
-    """torch 2.9 warns once when the older TF32 settings are read or set; under ``-W error`` that warning would
-    end the block's caller."""
+def test_ieee_float32_keeps_torchs_deprecation_warning_to_itself_and_the_callers_warnings_to_the_caller(monkeypatch):
+    """torch 2.9 warns, once a process, when its older TF32 settings are read or set; under ``-W error`` that
+    warning would end the block's caller, so the first block ignores warnings around those calls. Later blocks
+    leave the warnings machinery alone: ``catch_warnings`` on every call would make Python forget which
+    warnings it has shown and repeat the caller's once-only ones. A warning inside the block reaches the caller."""
     import warnings
 
     import torch
 
-    from pgraft_cli.io.host import ieee_float32
+    from pgraft_cli.io import host
 
-    real = torch._C._get_cudnn_allow_tf32
+    def once(fn):
+        fired = []
 
-    def warns():
-        warnings.warn("Please use the new API settings to control TF32 behavior", UserWarning)
-        return real()
+        def wrapped(*args):
+            if not fired:
+                fired.append(1)
+                warnings.warn("Please use the new API settings to control TF32 behavior", UserWarning)
+            return fn(*args)
+        return wrapped
 
-    monkeypatch.setattr(torch._C, "_get_cudnn_allow_tf32", warns)
+    for name in ("_get_cudnn_allow_tf32", "_set_cudnn_allow_tf32"):
+        monkeypatch.setattr(torch._C, name, once(getattr(torch._C, name)))
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", once(torch.set_float32_matmul_precision))
+    monkeypatch.setattr(host, "_QUIETED", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with ieee_float32():
-            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
-    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        for _ in range(2):
+            with host.ieee_float32():
+                assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32" and host._QUIETED
+    with pytest.warns(FutureWarning, match="the caller's"), host.ieee_float32():
+        warnings.warn("the caller's", FutureWarning)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")  # once per place
+        for _ in range(5):
+            with host.ieee_float32():
+                warnings.warn("once-only", DeprecationWarning)
+    assert len(shown) == 1
 
 
 ROUND_TRIP = r"""

@@ -16,6 +16,10 @@ runner = CliRunner()
 # tests of the statistics cache: an empty user cache for each
 pytestmark = pytest.mark.own_user_cache
 EVAL = ["--num", "16", "--steps", "2", "--json", "--quiet"]
+SMALL_CORRECT = ["--set", "correct.base_steps=4", "--set", "correct.num_images=16", "--set", "correct.inversion_iterations=8",
+                 "--set", "correct.max_reconstruction_rms=0.05", "--set", "correct.corrector_train_steps=5", "--set",
+                 "correct.corrector_batch_size=16", "--set", "correct.corrector_sample_steps=2", "--set", "evaluate.num=16",
+                 "--set", "evaluate.kid_subsets=2"]
 
 
 def invoke(*args):
@@ -48,9 +52,9 @@ def test_data_from_a_stats_file_gives_the_same_metrics_as_the_images(tmp_path):
     assert (a["fid"], a["kid"], a["precision"], a["recall"]) == (b["fid"], b["kid"], b["precision"], b["recall"])
 
 
-def test_a_stats_file_written_before_full_float32_features_is_used_with_a_warning(tmp_path):
+def test_a_stats_file_written_before_full_float32_features_is_used_with_a_note(tmp_path):
     """Files record their statistics version (3: features in full float32 on every device); an older file (no
-    version) may hold a GPU's TF32 features, which the file cannot tell: its FID is the same, with a warning."""
+    version) may hold a GPU's TF32 features, which the file cannot tell: its FID is the same, with a note."""
     from pgraft_cli.io.refstats import STATS_VERSION, save_stats
 
     new = tmp_path / "ref.npz"
@@ -60,10 +64,23 @@ def test_a_stats_file_written_before_full_float32_features_is_used_with_a_warnin
     old = save_stats(tmp_path / "old.npz", state, {k: v for k, v in meta.items() if k not in ("version", "format")})
     a = invoke("evaluate", "digits", "--data", new, "--features", "classifier", "--run-dir", tmp_path / "a", *EVAL)
     b = invoke("evaluate", "digits", "--data", old, "--features", "classifier", "--run-dir", tmp_path / "b", *EVAL)
-    assert a["fid"] == b["fid"] and not any("earlier pgraft" in w for w in a["warnings"])
-    assert [w for w in b["warnings"] if "earlier pgraft" in w] == [
+    assert a["fid"] == b["fid"] and not any("pgraft stats" in n for n in a["notes"])
+    assert [n for n in b["notes"] if "earlier pgraft" in n] == [
         f"{old} was written by an earlier pgraft, before features were computed in full float32 on every device: if "
         f"it was written on a GPU its features are TF32 ones; write it again with pgraft stats"]
+    # held out beside the training data, in correct: one note for the run, not one per sampler
+    r = runner.invoke(app, ["correct", "digits", "--eval-data", str(old), "--features", "classifier", "--run-dir",
+                            str(tmp_path / "c"), *SMALL_CORRECT])
+    assert r.exit_code == 0, r.output
+    assert " ".join(r.output.split()).count("was written by an earlier pgraft") == 1
+    for version in ("3", 99, True, [3]):  # what an edited or a newer file may hold: a note, never a traceback
+        odd = save_stats(tmp_path / "odd.npz", state, {**{k: v for k, v in meta.items() if k != "format"}, "version": version})
+        c = invoke("evaluate", "digits", "--data", odd, "--features", "classifier", "--run-dir", tmp_path / f"o{version}", *EVAL)
+        assert any(f"holds statistics of version {version!r}, not this pgraft's 3" in n for n in c["notes"])
+    # pgraft stats does not re-stamp an old file as new
+    again = runner.invoke(app, ["stats", str(old), "--shape", "1x16x16", "--out", str(tmp_path / "again.npz")])
+    assert again.exit_code != 0 and not (tmp_path / "again.npz").exists()
+    assert str(again.exception) == f"{old} is already a stats file; pass the images it was computed from"
 
 
 def test_a_stats_file_of_other_features_is_one_error(tmp_path):

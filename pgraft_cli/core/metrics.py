@@ -78,7 +78,7 @@ class FidKid:
             self.kid = KernelInceptionDistance(feature=given, subsets=kid_subsets, subset_size=KID_SUBSET_SIZE,
                                                reset_real_features=False, sync_on_compute=False)
         self.num_features, self.seed = int(num_features), seed
-        self.reference_warnings: list[str] = []  # about the reference side (e.g. the stats file it came from)
+        self.reference_notes: list[str] = []  # about the reference side (e.g. the stats file it came from)
 
     def update(self, features: Tensor | np.ndarray, real: bool) -> None:
         f = torch.as_tensor(features, dtype=torch.float64).cpu()
@@ -115,7 +115,7 @@ class FidKid:
         if min(gen, ref) < 2:
             raise PgraftError(f"FID and KID need at least 2 generated and 2 reference images, got {gen} and {ref}; "
                               f"raise evaluate.num (--num) or pass more --data")
-        warnings = [*self.reference_warnings, *sample_warnings(gen, ref, self.num_features)]
+        warnings = sample_warnings(gen, ref, self.num_features)
         kid = precision = recall = None
         if self.kid.real_features:
             self.kid.subset_size = min(KID_SUBSET_SIZE, gen, ref)

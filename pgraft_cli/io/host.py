@@ -149,18 +149,16 @@ def ieee_float32() -> Iterator[None]:
     longer reaches it (torch reads a setting through to its parent, and its own "none" is not visible from
     Python the same way across versions). Where the older settings already disagreed with the newer ones on
     entry (torch raises on reading them), it leaves them as they were. Sampling and training keep the user's
-    settings."""
+    settings. The settings are the process's: two threads inside blocks at once would restore each other's."""
     import torch
 
     backends = [b for b in (_backend(torch.backends, path) for path in FLOAT32_BACKENDS) if hasattr(b, "fp32_precision")]
     saved = [b.fp32_precision for b in backends]
-    with warnings.catch_warnings():  # torch 2.9 warns once that the older settings are deprecated
-        warnings.simplefilter("ignore")
-        cudnn = _unless_mixed(torch._C._get_cudnn_allow_tf32)
-        matmul = _unless_mixed(torch.get_float32_matmul_precision)
+    cudnn = matmul = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _first_time_quiet():  # torch 2.9 warns, once a process, that the older settings are deprecated
+            cudnn = _unless_mixed(torch._C._get_cudnn_allow_tf32)
+            matmul = _unless_mixed(torch.get_float32_matmul_precision)
             if cudnn is not None:
                 torch._C._set_cudnn_allow_tf32(False)
             if matmul is not None:
@@ -169,14 +167,30 @@ def ieee_float32() -> Iterator[None]:
             b.fp32_precision = "ieee"
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if matmul is not None:
-                torch.set_float32_matmul_precision(matmul)  # before torch 2.9 this is cuBLAS's allow_tf32 too
-            if cudnn is not None:
-                torch._C._set_cudnn_allow_tf32(cudnn)
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)  # before torch 2.9 this is cuBLAS's allow_tf32 too
+        if cudnn is not None:
+            torch._C._set_cudnn_allow_tf32(cudnn)
         for b, value in zip(backends, saved):
             b.fp32_precision = value
+
+
+_QUIETED = False  # whether ieee_float32 has touched torch's older settings once in this process
+
+
+@contextlib.contextmanager
+def _first_time_quiet() -> Iterator[None]:
+    """Warnings ignored the first time through (torch's deprecation warning about its older TF32 settings comes
+    once a process), untouched afterwards: ``warnings.catch_warnings`` makes Python forget which warnings it has
+    shown, so entering it on every call would repeat every once-only warning of the caller's code."""
+    global _QUIETED
+    if _QUIETED:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    _QUIETED = True
 
 
 def _unless_mixed(getter: Callable[[], T]) -> Optional[T]:

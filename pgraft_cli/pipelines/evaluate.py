@@ -123,10 +123,12 @@ class StatsOptions(Options, FeatureOptions):
 def stats(data: str, o: StatsOptions) -> Outcome:
     """``pgraft stats``: DATA's feature statistics in ``o.out`` (``io.refstats``), for ``--data out``."""
     from ..io.recipes import check_feature_choice
-    from ..io.refstats import STATS_VERSION, data_identity, save_stats
+    from ..io.refstats import STATS_VERSION, data_identity, is_stats_file, save_stats
     from ..stages.evaluate import cached_reference, pick_features
 
     features, out = o.features or "auto", o.out
+    if is_stats_file(data):
+        raise PgraftError(f"{data} is already a stats file; pass the images it was computed from")
     check_feature_choice(features)
     image_shape = parse_shape(o.shape, data)
     if out is None or out.suffix != ".npz":

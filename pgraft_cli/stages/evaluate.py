@@ -237,10 +237,15 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
                               f"{meta.get('image_shape')} images, but this run measures {features.identity} of "
                               f"{list(image_shape)}; pass matching --features, or write new ones with pgraft stats")
         metric = FidKid.from_reference_state(state, kid_subsets)
-        if int(meta.get("version", 2)) < STATS_VERSION:  # files before version 3 did not record it
-            metric.reference_warnings.append(
+        version = meta.get("version")  # files before version 3 did not record it
+        if version is None:
+            metric.reference_notes.append(
                 f"{spec} was written by an earlier pgraft, before features were computed in full float32 on every "
                 f"device: if it was written on a GPU its features are TF32 ones; write it again with pgraft stats")
+        elif version != STATS_VERSION or isinstance(version, bool):
+            metric.reference_notes.append(
+                f"{spec} holds statistics of version {version!r}, not this pgraft's {STATS_VERSION}: they may have been "
+                f"computed another way; write them again with pgraft stats")
         return metric
     meta = {"features": features.identity, "image_shape": list(image_shape), "data": data_identity(spec),
             "resize": resize_rule(spec), "version": STATS_VERSION}
@@ -471,7 +476,9 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),
         "seconds_per_image": store.stage(stage_name).seconds() / max(1, num),
         "features": features.name if features is not None else None, "fid": None, "kid": None, "precision": None,
-        "recall": None, "pairwise_distance": None, "warnings": [], "notes": list(notes or []),
+        "recall": None, "pairwise_distance": None, "warnings": [],
+        "notes": [*(notes or []), *(n for m in ([metric, *(also_against or {}).values()] if metric is not None else [])
+                                    for n in m.reference_notes)],
     }
     with ieee_float32():  # KID's kernels, the copy test's search and the distances are float32 matmuls too
         if metric is not None:
