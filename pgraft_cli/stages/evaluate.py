@@ -26,8 +26,8 @@ from ..core.selection import condition_groups
 from ..errors import PgraftError
 from ..io.checkpoints import CLASSIFIER_PATH, JUDGE_PATH  # noqa: F401  (re-exported: the features' nets)
 from ..io.host import ieee_float32
-from ..models.traced import tf32_off
 from ..io.recipes import check_feature_choice
+from ..models.traced import tf32_off
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +275,6 @@ def _save_quietly(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]
         pass
 
 
-@ieee_float32()  # float32 matmuls: distances, KID
 def sample_metrics(features: Features, images: Tensor, groups: Tensor, ref: Optional[FidKid] = None) -> dict[str, Any]:
     """One set of samples in ``features``: ``fid``, ``kid``, ``precision``, ``recall`` against ``ref``
     (its generated side reset first; None without one) and ``pairwise_distance`` within ``groups``."""
@@ -307,7 +306,7 @@ class CopyReference:
     warning: Optional[str] = None
 
 
-@ieee_float32()  # float32 matmuls: distances, KID
+@ieee_float32()  # the nearest-neighbour search and k-means multiply float32 rows
 def copy_reference(heldout: FidKid, train: FidKid, name: str, num_samples: int) -> tuple[Optional[CopyReference], Optional[str]]:
     """The ``CopyReference`` of FID's references: ``heldout``'s rows (unseen images) against ``train``'s (the
     images the model was fitted on, the data set ``name``; ``num_samples`` per sampler sizes the cells); else
@@ -334,7 +333,7 @@ def copy_reference(heldout: FidKid, train: FidKid, name: str, num_samples: int) 
     return CopyReference(name, rows, d[kept], centres, held[kept], warning), None
 
 
-@ieee_float32()  # float32 matmuls: distances, KID
+@ieee_float32()  # the nearest-neighbour search multiplies float32 rows
 def copying(samples: Tensor, ref: CopyReference) -> dict[str, Any]:
     """The data-copying test (``core.metrics.copy_stats``) of ``samples``' feature rows against ``ref``:
     ``COPY_KEYS`` and ``warnings``, the global test and the cell-wise one (``core.metrics.cell_copy_stat``)."""
@@ -480,17 +479,16 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         "notes": [*(notes or []), *(n for m in ([metric, *(also_against or {}).values()] if metric is not None else [])
                                     for n in m.reference_notes)],
     }
-    with ieee_float32():  # KID's kernels, the copy test's search and the distances are float32 matmuls too
-        if metric is not None:
-            out.update(metric.compute())
-            out["also_against"] = {name: m.compute() for name, m in (also_against or {}).items()}
-            fake = metric.rows(real=False)
-            if copy_reference is not None and fake is not None:
-                test = copying(fake, copy_reference)
-                out["warnings"] += test.pop("warnings")
-                out.update(test)
-        if rows:
-            out["pairwise_distance"] = mean_pairwise_distance(torch.cat(rows), groups)
+    if metric is not None:
+        out.update(metric.compute())
+        out["also_against"] = {name: m.compute() for name, m in (also_against or {}).items()}
+        fake = metric.rows(real=False)
+        if copy_reference is not None and fake is not None:
+            test = copying(fake, copy_reference)
+            out["warnings"] += test.pop("warnings")
+            out.update(test)
+    if rows:
+        out["pairwise_distance"] = mean_pairwise_distance(torch.cat(rows), groups)
     if reward is not None:
         from .score import reward_stats
 
