@@ -144,10 +144,11 @@ def ieee_float32() -> Iterator[None]:
     ``allow_tf32`` flag off and the matmul precision "highest" (what a TorchScript network saved before torch 1.7
     reads, and what code inside the block may ask for: torch refuses to answer while the two disagree). It puts
     back what it found, even on an exception: every setting reads as it did before. One thing it cannot put back:
-    a backend setting that was following its parent's (``torch.backends.cudnn.fp32_precision`` for
-    ``cudnn.conv``; torch's defaults are such) is set to the value it read, so a later change to the parent no
-    longer reaches it (torch reads a setting through to its parent, and its own "none" is not visible from
-    Python the same way across versions). Where the older settings already disagreed with the newer ones on
+    cuDNN's convolution and RNN settings follow their parent's (``torch.backends.cudnn.fp32_precision``) by
+    default, and setting cuDNN's older flag, which the block must do for torch's getters to answer inside it,
+    fixes them at a value; torch has no way to set that default back. They read as before, but a later change to
+    the parent no longer reaches them, as after torch's own ``torch.backends.cudnn.flags()`` block (measured on
+    torch 2.13). Where the older settings already disagreed with the newer ones on
     entry (torch raises on reading them), it leaves them as they were. Sampling and training keep the user's
     settings. The settings are the process's: two threads inside blocks at once would restore each other's."""
     import torch
