@@ -448,11 +448,12 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
 
     cond = cond if cond is not None else Conditions()
     run_sample(model, sample_cfg, cond, store, bar, stage_name=stage_name, **dist)
-    metric = None
+    metric, measured = None, []
     if features is not None and (real is not None or real_features is not None):
         given = real_features if real_features is not None else real
         metric = given if isinstance(given, FidKid) else reference(features, given, kid_subsets)
-        for m in [metric, *(also_against or {}).values()]:  # each reference serves several models
+        measured = [metric, *(also_against or {}).values()]  # every reference the samples are measured against
+        for m in measured:  # each reference serves several models
             m.reset_generated()
     prompts = len(cond.prompts or []) if model.conditioning == "text" else 0
     grouped = bool(prompts or best_of)
@@ -461,9 +462,8 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         num += len(images)
         indices.append(index)
         f = features(images) if features is not None and (metric is not None or grouped) else None
-        if metric is not None:
-            for m in [metric, *(also_against or {}).values()]:
-                m.update(f, real=False)
+        for m in measured:
+            m.update(f, real=False)
         if f is not None and grouped:
             rows.append(f.float())
         if reward is not None:
@@ -476,8 +476,7 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         "seconds_per_image": store.stage(stage_name).seconds() / max(1, num),
         "features": features.name if features is not None else None, "fid": None, "kid": None, "precision": None,
         "recall": None, "pairwise_distance": None, "warnings": [],
-        "notes": [*(notes or []), *(n for m in ([metric, *(also_against or {}).values()] if metric is not None else [])
-                                    for n in m.reference_notes)],
+        "notes": [*(notes or []), *(n for m in measured for n in m.reference_notes)],
     }
     if metric is not None:
         out.update(metric.compute())
