@@ -11,6 +11,7 @@ import torch
 from pgraft_cli.errors import PgraftError
 from pgraft_cli.core.selection import (
     acceptance_probability,
+    condition_groups,
     deduplicate,
     empirical_cdf,
     expected_keep_fraction,
@@ -257,6 +258,31 @@ def test_summarize_counts_histograms_and_tilt():
     torch.testing.assert_close(torch.tensor(s.reshaped_reward, dtype=torch.float64), 3 * torch.log(F))
     d = s.to_dict()
     assert json.loads(json.dumps(d, allow_nan=False)) == d and d["kept"] == 100
+
+
+def test_summarize_tilts_by_each_conditions_own_cdf():
+    # Two classes whose rewards sit 10 apart; within a class F_c(r) = u. best-of-4 keeps by rank within a
+    # class's groups, so the kept samples' F_c follows Beta(4, 1) and E[3 log F_c] = -3/4. A CDF pooled
+    # over the two classes halves the lower class's F and reads about (3 log 2) / 2 lower (the bug this pins).
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(4000, generator=g, dtype=torch.float64)
+    cls = torch.arange(4000) % 2
+    r = u + 10.0 * cls
+    groups = condition_groups(cls, 4)
+    keep = select("best_of_n", r, groups, m=4)
+    s = summarize(r, keep, "best_of_n", {"n": 4}, conditions=cls)
+    assert s.cdf_scope == "condition" and s.cdf_samples_min == 2000
+    idx = keep.nonzero().flatten()
+    expected = torch.stack([empirical_cdf(r[cls == int(c)])(r[int(i)]) for i, c in zip(idx, cls[idx])])
+    torch.testing.assert_close(torch.tensor(s.cdf, dtype=torch.float64), expected)
+    assert abs(s.reshaped_reward_mean - (-0.75)) < 0.05
+    pooled = summarize(r, keep, "best_of_n", {"n": 4})
+    assert pooled.cdf_scope == "batch" and pooled.reshaped_reward_mean < -1.25
+    # one condition, or the threshold rule (a rule over the whole batch): the batch's CDF
+    one = summarize(u, keep, "best_of_n", {"n": 4}, conditions=torch.zeros(4000, dtype=torch.long))
+    assert one.cdf_scope == "batch" and one.cdf == summarize(u, keep, "best_of_n", {"n": 4}).cdf
+    th = summarize(r, r >= 10.5, "threshold", {"threshold": 10.5}, conditions=cls)
+    assert th.cdf_scope == "batch" and th.cdf_samples_min == 4000
 
 
 def test_summarize_threshold_and_empty_selection():

@@ -370,7 +370,8 @@ class SelectionSummary:
     """What a selection did: counts, rewards before/after, the applied tilt and histograms.
 
     ``cdf`` and ``reshaped_reward`` are per kept sample (in ``kept_indices`` order), with ``F`` the
-    batch's mid-rank :func:`empirical_cdf`. ``expected_kept_fraction`` is the rule's
+    mid-rank :func:`empirical_cdf` over ``cdf_scope``: the whole batch, or each sample's own condition
+    (prompt or class) for the grouped rules. ``expected_kept_fraction`` is the rule's
     :func:`expected_keep_fraction` (before de-duplication). Reward std is the population std.
     """
 
@@ -386,6 +387,8 @@ class SelectionSummary:
     cdf: list = field(default_factory=list)
     reshaped_reward: list = field(default_factory=list)
     reshaped_reward_mean: Optional[float] = None
+    cdf_scope: str = "batch"  # "batch", or "condition": F of each prompt's (class's) own rewards
+    cdf_samples_min: Optional[int] = None  # the fewest rewards any such F was built from
     histogram_edges: list = field(default_factory=list)
     histogram_before: list = field(default_factory=list)
     histogram_after: list = field(default_factory=list)
@@ -396,14 +399,37 @@ class SelectionSummary:
         return _json_float(asdict(self))
 
 
+def condition_cdf(rewards: Tensor, conditions: Optional[Tensor]) -> tuple[Tensor, int]:
+    """``(F, fewest)``: each sample's mid-rank :func:`empirical_cdf` value among the rewards of its own
+    condition (the whole batch when ``conditions`` is None), and the fewest rewards any condition has.
+
+    The grouped rules keep by rank within a prompt (class), so the tilt they apply is ``g(F_c(r))``
+    with ``F_c`` the reward's CDF under ``p(. | c)`` (docs/methods.md section 1): a CDF pooled over
+    prompts whose rewards sit at different levels would misstate it.
+    """
+    r = _rewards(rewards)
+    c = _groups(conditions, r.numel())
+    F = torch.empty(r.numel(), dtype=torch.float64)
+    fewest = r.numel()
+    for label in torch.unique(c):
+        rows = (c == label).nonzero().flatten()
+        F[rows] = empirical_cdf(r[rows])(r[rows])
+        fewest = min(fewest, rows.numel())
+    return F, fewest
+
+
 def summarize(
-    rewards: Tensor, keep: Tensor, rule: str, params: Optional[dict] = None, bins: int = 20
+    rewards: Tensor, keep: Tensor, rule: str, params: Optional[dict] = None, bins: int = 20,
+    conditions: Optional[Tensor] = None,
 ) -> SelectionSummary:
     """Summarise a keep mask chosen by ``rule`` with ``params`` (the :func:`select` keywords:
     ``k``, ``m``, ``threshold``, ``quantile``; ``n`` or ``m`` for best_of_n).
 
-    The reshaped reward of each kept sample is ``rhat(F_hat(r_i))`` with ``F_hat`` the batch's
-    empirical CDF; for threshold ``F_tau = F_hat(tau)``, so every sample with ``r >= tau`` gets 0
+    The reshaped reward of each kept sample is ``rhat(F_hat(r_i))``. For ``top_k`` and ``best_of_n``,
+    which rank within a prompt (class), ``F_hat`` is the empirical CDF of the sample's own condition's
+    rewards (``conditions``, one label per sample; None: one condition, the batch); the fewer rewards a
+    condition has, the coarser it is (``cdf_samples_min``). For threshold, a rule over the whole batch,
+    ``F_hat`` is the batch's and ``F_tau = F_hat(tau)``, so every sample with ``r >= tau`` gets 0
     (``tau`` from ``quantile`` when given, as :func:`select` does, else from ``threshold``).
     Histograms share ``bins`` numpy bin edges over all rewards.
     """
@@ -428,7 +454,12 @@ def summarize(
     expected = expected_keep_fraction(rule, **(acc if rule != "threshold" else {"F_tau": expected_F_tau}))
 
     idx = keep.nonzero().flatten()
-    F_kept = F_hat(r[idx])
+    if rule == "threshold":
+        F_kept, scope, fewest = F_hat(r[idx]), "batch", n
+    else:
+        F_all, fewest = condition_cdf(r, conditions)
+        F_kept, scope = F_all[idx], ("batch" if conditions is None or torch.unique(_groups(conditions, n)).numel() == 1
+                                     else "condition")
     rhat = reshaped_reward(rule, F_kept, **acc)
     edges = np.histogram_bin_edges(r.numpy(), bins=bins)
     before, _ = np.histogram(r.numpy(), bins=edges)
@@ -446,6 +477,8 @@ def summarize(
         cdf=F_kept.tolist(),
         reshaped_reward=rhat.tolist(),
         reshaped_reward_mean=float(rhat.mean()) if idx.numel() else None,
+        cdf_scope=scope,
+        cdf_samples_min=fewest,
         histogram_edges=edges.tolist(),
         histogram_before=before.tolist(),
         histogram_after=after.tolist(),

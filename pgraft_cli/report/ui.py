@@ -100,7 +100,10 @@ def filter_report(summary: dict) -> Group:
     lines = [f"kept {summary['kept']} of {summary['num']} ({100 * summary['kept_fraction']:.1f}%"
              + (f"; the rule's expected {100 * expected:.1f}%)" if expected is not None else ")")]
     if summary.get("reshaped_reward_mean") is not None:
-        lines.append(f"reshaped reward rhat = log P(keep | F(r)) of the kept samples: mean {summary['reshaped_reward_mean']:.3f}")
+        scope = (f"F within each prompt or class, from at least {summary.get('cdf_samples_min')} rewards"
+                 if summary.get("cdf_scope") == "condition" else "F over the batch")
+        lines.append(f"reshaped reward rhat = log P(keep | F(r)) of the kept samples: mean "
+                     f"{summary['reshaped_reward_mean']:.3f} ({scope})")
     curve = _reshaped_curve(summary)
     if curve:
         lines.append("the rule's reshaped reward rhat(F), F = the reward's CDF under the model: "

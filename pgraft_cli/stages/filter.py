@@ -25,6 +25,13 @@ from ..core.selection import condition_groups, select, summarize, threshold_valu
 STAGE = "filter"
 
 
+def sample_conditions(run_dir: Path, sample_stage: str) -> tuple[Tensor, Tensor]:
+    """``(index, condition)`` of every sample: its prompt index, class label, or 0 (unconditional)."""
+    found = RunStore(run_dir, is_main=False).stage(sample_stage).tensors("index", "prompt_index", "class_label")
+    index = found["index"]
+    return index, found.get("prompt_index", found.get("class_label", torch.zeros_like(index)))
+
+
 def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Tensor]:
     """``(index, group)`` of every sample: consecutive runs of ``m`` samples of the same prompt/class.
 
@@ -32,9 +39,7 @@ def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Ten
     group ``j // m``, so ``sample.num = m x prompts`` gives each prompt one group of m, and more
     samples give each prompt several.
     """
-    found = RunStore(run_dir, is_main=False).stage(sample_stage).tensors("index", "prompt_index", "class_label")
-    index = found["index"]
-    cond = found.get("prompt_index", found.get("class_label", torch.zeros_like(index)))
+    index, cond = sample_conditions(run_dir, sample_stage)
     return index, condition_groups(cond, m)
 
 
@@ -49,7 +54,8 @@ def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample",
     kept_path, summary_path = stage.dir / "kept.safetensors", stage.dir / "summary.json"
     if not stage.done:
         index, rewards = load_rewards(store.root, score_stage)
-        g_index, groups = sample_groups(store.root, sample_stage, cfg.m)
+        g_index, cond = sample_conditions(store.root, sample_stage)
+        groups = condition_groups(cond, cfg.m)
         if not torch.equal(index, g_index):
             raise PgraftError(f"the score stage of {store.root} does not cover the sample stage; re-run `pgraft score`")
         samples = store.stage(sample_stage).tensors("samples")["samples"] if cfg.dedup else None
@@ -59,7 +65,7 @@ def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample",
         if not bool(keep.any()):
             raise PgraftError(f"filter rule {rule} kept no samples; lower filter.threshold or filter.quantile")
         params = rule_params(cfg, rewards)
-        summary = summarize(rewards, keep, rule, params).to_dict()
+        summary = summarize(rewards, keep, rule, params, conditions=cond).to_dict()
         summary["rule"], summary["params"] = rule, params
         stage.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(kept_path) as tmp:
