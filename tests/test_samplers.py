@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pgraft_cli.errors import PgraftError
 from pgraft_cli.core.samplers import NoiseSchedule, invert, invert_ddim, invert_sampler, sample, sample_heun
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
@@ -69,6 +70,23 @@ def test_diffusion_grid_is_ddim_trailing():
     grid = NoiseSchedule.diffusion().grid(10)
     assert torch.equal((grid[:-1] * 1000).round().long(), ref.timesteps.long())
     assert grid[-1] == 0.0
+
+
+def test_diffusion_grid_refuses_a_step_at_timestep_zero():
+    # Above 2T/3 steps the trailing grid's last timestep rounds to 0, which alpha_sigma reads as the data:
+    # the last step went from t = 0 to t = 0 (a "sample"-predicting network divided by sigma = 0: NaN).
+    for T in (1000, 999, 10):
+        schedule = NoiseSchedule.diffusion("sample", num_train_timesteps=T)
+        top = 2 * T // 3
+        grid = schedule.grid(top)
+        assert bool((grid[1:] < grid[:-1]).all()) and grid[-2] > 0
+        for steps in (top + 1, T, T + 5):
+            with pytest.raises(PgraftError, match=f"at most {top} steps"):
+                schedule.grid(steps)
+    schedule = NoiseSchedule.diffusion("sample")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    out, _ = sample(lambda x, t: 0.9 * x, schedule, x, schedule.grid(666))
+    assert bool(torch.isfinite(out).all())
 
 
 def test_flow_euler_is_exact_for_point_mass_data():

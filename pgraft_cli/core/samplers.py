@@ -22,6 +22,8 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from torch import Tensor
 
+from ..errors import PgraftError
+
 Family = Literal["flow", "diffusion"]
 PredictionType = Literal["flow", "epsilon", "v_prediction", "sample"]
 
@@ -121,7 +123,9 @@ class NoiseSchedule:
 
         Flow: uniform in t from 1 to 0, then sigma-shifted ``s t / (1 + (s - 1) t)``.
         Diffusion: DDIM "trailing" integer timesteps ``round(T - k T / N) - 1`` divided by T,
-        then 0 (the final step returns the x_0 prediction, as DDIM with ``set_alpha_to_one``).
+        then 0 (the final step returns the x_0 prediction, as DDIM with ``set_alpha_to_one``). Above
+        ``2T/3`` steps the last of them would be timestep 0, which ``alpha_sigma`` reads as the data
+        (alpha = 1): refused.
         """
         if steps < 1:
             raise ValueError("steps must be >= 1")
@@ -130,9 +134,13 @@ class NoiseSchedule:
             return self.shift * u / (1.0 + (self.shift - 1.0) * u)
         T = self.num_train_timesteps
         if steps >= T:
-            raise ValueError(f"diffusion sampling needs steps < num_train_timesteps ({T})")
+            raise PgraftError(f"diffusion sampling with {steps} steps needs fewer than the model's {T} training "
+                              f"timesteps; use at most {2 * T // 3} steps")
         k = torch.arange(steps, dtype=torch.float64)
         timesteps = torch.round(T - k * T / steps) - 1
+        if timesteps[-1] < 1:  # integer timestep 0 is a noise level in diffusers; here t = 0 is the data
+            raise PgraftError(f"diffusion sampling with {steps} steps of {T} puts its last step at timestep 0, "
+                             f"which pgraft reads as the data itself; use at most {2 * T // 3} steps")
         return torch.cat([timesteps / T, torch.zeros(1, dtype=torch.float64)])
 
     # -- parameterisations ---------------------------------------------------------------------
