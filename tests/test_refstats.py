@@ -123,6 +123,30 @@ def test_an_npz_of_images_is_not_a_stats_file(tmp_path):
         load_stats(path)
 
 
+def test_a_stats_file_whose_arrays_disagree_is_one_error(tmp_path):
+    # KID drew its reference subsets' size from n, not from the rows stored: a file with fewer rows than n
+    # (written by hand or another tool) gave a KID of 0.64 between two samples of one distribution.
+    from pgraft_cli.io.refstats import save_stats
+
+    good = tmp_path / "ref.npz"
+    invoke("stats", "digits-test", "--features", "classifier", "--out", good, "--json")
+    state, meta = load_stats(good)
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    n, d = int(state["n"]), state["mu"].shape[0]
+    no_rows = save_stats(tmp_path / "norows.npz", {**state, "features": np.zeros((0, d), np.float32)}, meta)
+    assert load_stats(no_rows)[0]["features"].shape == (0, d)  # FID only: allowed
+    bad = {"trimmed": {"features": state["features"][: n // 2]}, "wide": {"features": np.zeros((n, d + 1), np.float32)},
+           "cov": {"cov_sum": state["cov_sum"][:-1]}, "mu": {"mu": state["mu"][:-1]}, "n": {"n": np.array(1)},
+           "n_float": {"n": np.array(float(n))}}
+    for name, change in bad.items():
+        path = save_stats(tmp_path / f"{name}.npz", {**state, **change}, meta)
+        with pytest.raises(PgraftError, match="not a pgraft stats file"):
+            load_stats(path)
+    code = runner.invoke(app, ["evaluate", "digits", "--data", str(tmp_path / "trimmed.npz"), *EVAL,
+                               "--run-dir", str(tmp_path / "run")])
+    assert isinstance(code.exception, PgraftError) and "features has shape" in str(code.exception)
+
+
 def test_stats_needs_a_shape_for_a_folder(tmp_path):
     result = runner.invoke(app, ["stats", str(tmp_path), "--out", str(tmp_path / "r.npz")])
     assert isinstance(result.exception, PgraftError) and "--shape" in str(result.exception)

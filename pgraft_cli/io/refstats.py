@@ -97,7 +97,26 @@ def load_stats(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             meta = json.loads(str(z["meta"]))
             if meta.get("format") != FORMAT or any(k not in z.files for k in ARRAYS):
                 raise ValueError(f"format {meta.get('format')!r}, arrays {sorted(z.files)}")
-            return {k: z[k] for k in ARRAYS}, meta
+            state = {k: z[k] for k in ARRAYS}
+            _check_shapes(state)
+            return state, meta
     except (OSError, ValueError, KeyError) as exc:
         raise PgraftError(f"{path} is not a pgraft stats file ({str(exc)[:120]}); write one with "
                           f"pgraft stats DATA --features F --out ref.npz") from None
+
+
+def _check_shapes(state: dict[str, np.ndarray]) -> None:
+    """A ValueError unless the arrays agree: D features, ``n`` >= 2 images, and the rows either all
+    ``n`` of them or none (KID and precision/recall take their subset sizes from ``n``)."""
+    d = np.shape(state["sum"])
+    n = state["n"]
+    if len(d) != 1 or np.shape(n) != () or not np.issubdtype(n.dtype, np.integer) or int(n) < 2:
+        raise ValueError(f"sum {d}, n {n!r}")
+    d = d[0]
+    expected = {"cov_sum": (d, d), "mu": (d,), "sigma": (d, d)}
+    for k, shape in expected.items():
+        if np.shape(state[k]) != shape:
+            raise ValueError(f"{k} has shape {np.shape(state[k])}, {shape} for {d} features")
+    rows = np.shape(state["features"])
+    if len(rows) != 2 or rows[1] != d or rows[0] not in (0, int(n)):
+        raise ValueError(f"features has shape {rows}: {int(n)} or 0 rows of {d} for n = {int(n)}")
