@@ -3,6 +3,7 @@ warnings and errors; FLOPs against hand and direct counts; the Inception input c
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -642,3 +643,35 @@ def test_auto_features_avoid_the_reward_being_optimised():
     assert pick_features("auto", shape, None, reward_identity=other.identity).name.startswith("classifier:digits-classifier")
     # an explicit choice is kept
     assert pick_features("classifier", shape, None, reward_identity=reward.identity).name.startswith("classifier:digits-classifier")
+    # the classifier as a term of a weighted reward is still the reward's network (it was matched as a prefix)
+    for spec in ("1.0*classifier:digits:3", "0.5*jpeg-compressibility+0.5*classifier:digits:3"):
+        weighted = parse_reward(spec)
+        assert pick_features("auto", shape, None, reward_identity=weighted.identity).name.startswith("classifier:digits-judge")
+
+
+def test_evaluate_measures_fid_off_the_reward_a_file_was_tuned_on(tmp_path):
+    """`pgraft evaluate` of a file tuned on the bundled classifier, or with --reward that classifier, takes
+    the judge's features, as `pgraft finetune` does; it took the classifier's (the optimised network's)."""
+    from pgraft_cli.io.checkpoints import base_info_of, load_model, save_finetuned
+    from pgraft_cli.io.recipes import FinetuneConfig
+    from pgraft_cli.models.lora import add_lora
+    from pgraft_cli.stages.rewards import parse_reward
+
+    model = load_model("digits")
+    add_lora(model.network, rank=2, alpha=2)
+    model.lora, model.cutoff = True, 0.5
+    spec = "classifier:digits:3"
+    metrics = {"reward": spec, "reward_identity": parse_reward(spec).identity}
+    tuned = save_finetuned(tmp_path / "tuned.safetensors", model, base_info_of(load_model("digits")),
+                           FinetuneConfig(cutoff=0.5, lora_rank=2, lora_alpha=2), metrics, {})
+    small = ["--num", "8", "--steps", "2", "--json", "--quiet"]
+
+    def features(*args):
+        result = cli_run("evaluate", *args, *small, "--run-dir", tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["features"]
+
+    assert features(tuned).startswith("classifier:digits-judge")
+    assert features("digits").startswith("classifier:digits-classifier")
+    assert features("digits", "--reward", spec).startswith("classifier:digits-judge")
+    assert features("digits", "--reward", "jpeg-compressibility").startswith("classifier:digits-classifier")

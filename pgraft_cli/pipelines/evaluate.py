@@ -42,7 +42,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import evaluate_view
-    from ..stages.evaluate import evaluate_model, fid_skipped, pick_features
+    from ..stages.evaluate import evaluate_model, fid_skipped, pick_features, tuned_reward_identity
     from ..stages.sample import Conditions, check_conditions
 
     gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward)))
@@ -64,7 +64,10 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
     has_data = bool(o.data or loaded.default_data)
     real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch
-    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev)
+    # FID off the features of a reward being judged or tuned on (pick_features: its blind spots are the model's)
+    optimised = " ".join(i for i in (rew.identity if rew else "", tuned_reward_identity(loaded)) if i)
+    feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
+                          reward_identity=optimised)
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
     mismatch = [n for n in [precision_note(loaded)] if n]  # said in the results; `notes` alone says FID is skipped
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,

@@ -147,6 +147,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
             r = history[-1]["round"]
             metrics["stopped"] = {"round": r, "reason": history[-1]["stopped"], "rounds_kept": r - 2}
         metrics["reward"], metrics["data"], metrics["fid_data"] = rew.spec, data_id, fid_data
+        metrics["reward_identity"] = rew.identity  # the file's: `pgraft evaluate` keeps FID off its features
         target = o.out or store.root / "tuned.safetensors"
         save_finetuned(target, loaded, base_info, rec.finetune, metrics, rec.to_dict())
         store.write_json("finetune/summary.json", {**metrics, "out": str(target), "cutoff": rec.finetune.cutoff,

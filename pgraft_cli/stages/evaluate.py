@@ -173,7 +173,7 @@ def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weig
         return pretrained_features(name, folder, device, probe_shape=tuple(image_shape))
     digits_like = tuple(image_shape) == (1, 16, 16)
     if choice == "auto" and digits_like and not inception_weights and reward_identity:
-        if reward_identity.startswith(f"classifier:sha256={sha256_file(CLASSIFIER_PATH)}:"):
+        if f"classifier:sha256={sha256_file(CLASSIFIER_PATH)}:" in reward_identity:  # alone or a weighted term
             choice = "judge"
     if choice in ("classifier", "judge") or (choice == "auto" and digits_like and not inception_weights):
         if not digits_like:
@@ -186,6 +186,20 @@ def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weig
         if choice == "auto":
             return None
         raise
+
+
+def tuned_reward_identity(model: Any) -> str:
+    """The identity of the reward a fine-tuned file was tuned on (``pgraft finetune`` records it beside its
+    metrics), or "" (not a fine-tuned file, or one written before it was recorded)."""
+    import json
+
+    if not getattr(model, "finetuned", False):
+        return ""
+    try:
+        metrics = json.loads((getattr(model, "metadata", None) or {}).get("pgraft.metrics", "null")) or {}
+    except ValueError:
+        return ""
+    return str(metrics.get("reward_identity") or "")
 
 
 def fid_skipped(choice: str, has_data: bool) -> str:
