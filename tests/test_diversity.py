@@ -1,5 +1,7 @@
 """Precision/recall (k-NN manifolds), within-prompt distances and best-of-n, against closed forms."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,19 @@ def test_mean_pairwise_distance_per_group():
     # group 0: one pair at 5; group 1: pairs at 1, 2, 1 -> 4/3
     assert mean_pairwise_distance(f, groups) == pytest.approx((5 + 4 / 3) / 2)
     assert mean_pairwise_distance(f[:1], groups[:1]) is None
+
+
+def test_mean_pairwise_distance_of_a_large_group_is_its_first_rows():
+    from pgraft_cli.core.metrics import PAIRWISE_ROWS
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(PAIRWISE_ROWS + 300, 3, generator=g, dtype=torch.float64)
+    f[PAIRWISE_ROWS:] *= 100  # rows past the cap would move the mean a lot
+    one = torch.zeros(len(f), dtype=torch.long)
+    first = f[:PAIRWISE_ROWS]
+    expected = float(torch.cdist(first, first).sum() / (PAIRWISE_ROWS * (PAIRWISE_ROWS - 1)))
+    assert mean_pairwise_distance(f, one) == pytest.approx(expected, rel=1e-12)
+    assert abs(expected - 4 / math.sqrt(math.pi)) < 0.03  # E||x - y|| for x, y ~ N(0, I_3): sqrt(2) E[chi_3]
 
 
 def test_best_of_n_takes_each_groups_max_then_the_mean():

@@ -160,3 +160,17 @@ def test_stop_if_checks_the_final_model_even_with_one_round(tmp_path):
     proc = runner.invoke(app, args)
     assert isinstance(proc.exception, StoppedError) and proc.exception.exit_code == 1, proc.output
     assert "final model failed --stop-if: judge.counter dropped by 1 " in str(proc.exception) and not out.exists()
+
+
+@pytest.mark.slow
+def test_stop_if_diversity_checks_the_final_model_of_an_unconditional_model(tmp_path):
+    """evaluate-base and evaluate-tuned measured no pairwise distance for an unconditional (or class) model,
+    so a diversity rule passed the final model unchecked; both directions at 0 must fire one way."""
+    args = ["finetune", "digits", "--reward", "classifier:digits:3", "--cutoff", "0", "--run-dir", str(tmp_path / "r"),
+            "--out", str(tmp_path / "tuned.safetensors"), *TINY, "--set", "finetune.rounds=1",
+            "--stop-if", "diversity dropped by more than 0", "--stop-if", "diversity rose by more than 0"]
+    proc = runner.invoke(app, args)
+    assert isinstance(proc.exception, StoppedError), proc.output
+    assert "final model failed --stop-if: pairwise_distance " in str(proc.exception)
+    assert not (tmp_path / "tuned.safetensors").exists()
+

@@ -112,7 +112,7 @@ def test_judges_are_columns_after_the_reward_and_rounds_use_the_same_model_witho
     change = dict(zip(keys, pair.change()))
     assert change["judge.aes"] == ("-0.5000", False) and change["judge.j"] == ("+0.5000", True)  # judges: higher is better
     table = rounds_table_of(summary)
-    assert [c.header for c in table.columns] == ["FID", "within-prompt distance", "reward mean", "judge.aes", "judge.j",
+    assert [c.header for c in table.columns] == ["FID", "pairwise distance", "reward mean", "judge.aes", "judge.j",
                                                  "kept", "kept reward", "final loss"]
     assert table.change() is None and table.best_fid() == "round-2"
     parser = _Cells()

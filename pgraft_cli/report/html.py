@@ -524,7 +524,7 @@ def _finetune_sections(s: dict[str, Any], timeline: Optional[dict[str, Any]]) ->
                 twin = ax3.twinx()
                 twin.plot(xs, [_nan(r.get("pairwise_distance")) for r in rounds], "d:", color="#8250df",
                           label="diversity")
-                twin.set_ylabel("within-prompt distance", color="#8250df")
+                twin.set_ylabel("pairwise distance", color="#8250df")
                 ax3.plot([], [], "d:", color="#8250df", label="diversity (right axis)")
             ax3.set_xlabel("rounds of fine-tuning done")
             ax3.set_title("judges and diversity per round")
@@ -537,7 +537,7 @@ def _finetune_sections(s: dict[str, Any], timeline: Optional[dict[str, Any]]) ->
         sections.append(("Rounds", table + _plot(
             fig, "reward, judges, FID and diversity per round",
             "round r samples from the model after r - 1 rounds: the training reward, the judges (never optimised), "
-            "FID and within-prompt distance of those samples; evaluated base before round 1, tuned after the last")))
+            "FID and pairwise distance (within a prompt or class) of those samples; evaluated base before round 1, tuned after the last")))
 
     # the cutoff on the sampler's time grid
     if timeline:

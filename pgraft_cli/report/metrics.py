@@ -25,7 +25,7 @@ COLUMNS = (
     Column("precision", "precision", lambda v: f"{v:.3f}", False),
     Column("recall", "recall", lambda v: f"{v:.3f}", False),
     Column("copy_auc", "copy AUC", lambda v: f"{v:.3f}", None),  # correct's data-copying test: 0.5 as unseen images
-    Column("pairwise_distance", "within-prompt distance", lambda v: f"{v:.4g}", False),
+    Column("pairwise_distance", "pairwise distance", lambda v: f"{v:.4g}", False),
     Column("reward_mean", "reward mean", lambda v: f"{v:.4f}", False),
     Column("reward_std", "reward std", lambda v: f"{v:.4f}", None),
     Column("reward_best_of_mean", "best-of-n reward", lambda v: f"{v:.4f}", False),

@@ -452,7 +452,8 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     Samples are grouped by their condition (``image_groups``: prompt or class) in runs of ``best_of``
     (a text model's prompt is one group): ``reward_best_of_mean``/``_std`` is ``best_of_n`` of the rewards
     over those groups, and ``pairwise_distance`` the mean distance between a group's samples in the
-    features (``mean_pairwise_distance``). ``notes`` (e.g. why FID was skipped) are passed through.
+    features (``mean_pairwise_distance``; with features, whatever the model: an unconditional model's
+    samples are one group, as in the fine-tuning rounds, so ``--stop-if diversity`` compares like with like). ``notes`` (e.g. why FID was skipped) are passed through.
 
     With ``copy_reference`` (``copy_reference()``: the training images' features, the held-out ones'
     distances to them) and a reference, ``copying`` is the data-copying test of the samples (``copying``),
@@ -475,15 +476,15 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
     for index, images in iter_images(store.root, stage_name):
         num += len(images)
         indices.append(index)
-        f = features(images) if features is not None and (metric is not None or grouped) else None
+        f = features(images) if features is not None else None
         for m in measured:
             m.update(f, real=False)
-        if f is not None and grouped:
+        if f is not None:
             rows.append(f.float())
         if reward is not None:
             rewards.append(reward(images, cond.for_indices(model, index.tolist())[0]))
     index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-    groups = image_groups(model, cond, index, best_of) if grouped else None
+    groups = image_groups(model, cond, index, best_of) if grouped or rows else None
     guidance = sample_cfg.guidance_scale if model.guided else 1.0
     out: dict[str, Any] = {
         "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),
