@@ -193,6 +193,23 @@ def test_pgraft_safetensors_round_trip(tmp_path, unet_pipeline_dir):
     assert load_model(str(path)).identity == loaded.identity and len(loaded.identity) == 64
 
 
+def test_a_corrector_whose_base_was_overwritten_by_a_corrector_is_one_error(tmp_path):
+    """A base file overwritten by its own corrector (`correct m.safetensors --out m.safetensors`, now refused)
+    made loading recurse without end; it is one line naming the file and --base."""
+    import shutil
+
+    digits = load_model("digits")
+    base = save_pgraft_safetensors(tmp_path / "m.safetensors", digits.network, digits.model_class, digits.model_config,
+                                   digits.scheduler_config, {})
+    corrected = corrected_file_of(load_model(str(base)), tmp_path / "c.safetensors")
+    assert load_model(str(corrected)).corrector is not None
+    shutil.copyfile(corrected, base)
+    for path in (base, corrected):
+        with pytest.raises(PgraftError, match="which is itself a corrector file, not a base model") as err:
+            load_model(str(path))
+        assert "--base" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_pgraft_safetensors_without_scheduler_needs_kind(tmp_path, tiny_unet):
     unet = tiny_unet(1)
     path = save_pgraft_safetensors(tmp_path / "m.safetensors", unet, "UNet2DModel", dict(unet.config), None, {})

@@ -93,6 +93,14 @@ CASES = {
     "correct-out-wrong-extension": (["correct", "digits", "--out", "{d}/corrected.bin"], "does not end in .safetensors"),
     "finetune-out-wrong-extension": (["finetune", "digits", "--out", "{d}/tuned.ckpt"], "does not end in .safetensors"),
     "finetune-out-under-a-file": (["finetune", "digits", "--out", "{d}/afile.txt/t.safetensors"], "which is a file"),
+    "correct-out-is-the-model": (["correct", "{d}/old.safetensors", "--out", "{d}/old.safetensors"],
+                                 "would overwrite MODEL {d}/old.safetensors, which this command reads"),
+    "finetune-out-is-the-data": (["finetune", "digits", "--data", "{d}/old.safetensors", "--out", "{d}/old.safetensors"],
+                                 "would overwrite --data {d}/old.safetensors"),
+    "export-out-is-the-checkpoint": (["export", "{d}/mine", "--out", "{d}/mine", "--force"],
+                                     "would overwrite CHECKPOINT {d}/mine"),
+    "export-out-holds-the-checkpoint": (["export", "{d}/mine/00000.png", "--out", "{d}/mine", "--force"],
+                                        "would overwrite CHECKPOINT {d}/mine/00000.png"),
     "score-run-dir-is-a-file": (["score", "{d}/afile.txt", "--reward", "jpeg-compressibility"], "not a pgraft run directory"),
     # the user's own reward function
     "reward-raises": (["score", "{d}/run", "--reward", "python:{d}/rewards.py:boom"],
@@ -135,6 +143,21 @@ def test_user_mistake_ends_in_one_error_line(case, workspace, tmp_path, monkeypa
     assert code != 0
     assert expected.replace("{d}", d) in one_error_line(err)
     assert snapshot(workspace) == before  # nothing already written is lost or changed
+
+
+def test_export_refuses_to_replace_the_folder_it_runs_in(tmp_path, monkeypatch):
+    """`pgraft export digits --out . --force` emptied the working folder (and lost the export too)."""
+    here = tmp_path / "work"
+    (here / "sub").mkdir(parents=True)
+    (here / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(here / "sub")
+    for out in (".", "..", str(here)):
+        code, _, err = pgraft("export", "digits", "--out", out, "--force")
+        assert code != 0 and "the folder this command runs in" in one_error_line(err)
+    assert (here / "precious.txt").read_text() == "keep me" and sorted(p.name for p in here.iterdir()) == ["precious.txt", "sub"]
+    code, _, err = pgraft("export", "digits", "--out", "exported", "--force")  # a new folder below: fine
+    assert code == 0, err
+    assert (here / "sub" / "exported").is_dir() and not list((here / "sub").glob(".*pgraft-export"))
 
 
 def test_existing_out_file_is_untouched_when_a_run_fails(workspace, tmp_path, monkeypatch):

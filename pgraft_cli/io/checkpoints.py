@@ -424,6 +424,12 @@ def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: s
     if pinned:
         return _hub_base_at(path, pinned["repo"], pinned["commit"], base, kind, allow_pickle)
     source = base or info["source"]
+    local = Path(source).expanduser()
+    if local.is_file() and local.suffix.lower() == ".safetensors":
+        composed = read_safetensors_metadata(local).get("pgraft.kind")
+        if composed in ("corrector", "finetune"):  # a base made into (or overwritten by) a composed file
+            raise PgraftError(f"the base model of {path} is '{source}', which is itself a {composed} file, not a base "
+                              f"model (was it overwritten?); pass the original base model with --base")
     try:
         model = load_model(source, config or info.get("config"), kind=kind, allow_pickle=allow_pickle)
     except PgraftError as exc:

@@ -81,6 +81,7 @@ def output_folder(out: Path, force: bool) -> Iterator[Path]:
 
     An existing non-empty ``out`` is refused without ``force``; with it, it is replaced at the end.
     """
+    out = Path(out).expanduser().absolute()  # "." has no name: its temporary folder would land inside it
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"--out {out} is a file, but a folder is expected; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:

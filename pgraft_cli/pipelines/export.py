@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .skeleton import LoadOptions, Options, Outcome, load, resolve_recipe
+from .skeleton import LoadOptions, Options, Outcome, check_out_spares_inputs, load, resolve_recipe
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -39,6 +39,7 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
     if o.dtype not in (None, *DTYPES):
         raise ExportError(f"--dtype {o.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     dtype = getattr(torch, o.dtype) if o.dtype else None
+    check_out_spares_inputs(out, {"CHECKPOINT": checkpoint, "--config": o.config, "--base": o.base}, folder=True)
     recipe = resolve_recipe(o.recipe, o.sets)
     model = load(checkpoint, o.config, o.kind, o.allow_pickle, recipe, o.base)
     with output_folder(out, o.force) as tmp:

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PgraftError, StoppedError
-from .skeleton import (DataOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, check_tracker,
-                       default_run_dir, open_run, prompt_list, real_data, references, resolve_recipe, reward_from, start,
-                       trackers)
+from .skeleton import (DataOptions, ModelOptions, Options, Outcome, PromptOptions, Verb, check_out_spares_inputs,
+                       check_tracker, default_run_dir, open_run, prompt_list, real_data, references, resolve_recipe,
+                       reward_from, start, trackers)
 
 
 @dataclass
@@ -98,6 +98,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
                          finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank,
                          evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
     cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None, class_label=o.class_label)
+    check_out_spares_inputs(o.out, {"MODEL": model, "--config": o.config, "--data": o.data, "--eval-data": o.eval_data})
     verb: Verb = start("finetune", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
     loaded, dev = verb.model, verb.device
     if loaded.corrector is not None or loaded.finetuned:

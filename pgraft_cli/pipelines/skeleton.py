@@ -48,6 +48,34 @@ def load(model: str, config: Optional[str], kind: Optional[str], allow_pickle: b
     return load_model(model, config=config, kind=kind or recipe.model.kind, allow_pickle=allow_pickle, base=base)
 
 
+def check_out_spares_inputs(out: Optional[Path], inputs: dict[str, Optional[str]], folder: bool = False) -> None:
+    """Refuse an ``--out`` that would overwrite what the command reads (``inputs``: ``{"MODEL": path, ...}``;
+    specs that are not local paths, such as hub ids and aliases, are skipped): the same file (a link to it
+    too), or for a ``folder`` output that replaces ``out`` as a whole, a folder holding an input or the
+    folder the command runs in."""
+    import os
+
+    from ..errors import OutputPathError
+
+    if out is None:
+        return
+    target = Path(out).expanduser().absolute()
+    if folder:
+        here = Path.cwd().resolve()
+        if target.resolve() == here or target.resolve() in here.parents:
+            raise OutputPathError(f"--out {out} is the folder this command runs in (or one above it), which the "
+                                  f"export would replace; pass a new folder, e.g. --out {here / 'export'}")
+    for name, value in inputs.items():
+        given = Path(value).expanduser() if value else None
+        if given is None or not given.exists():
+            continue
+        same = target.exists() and os.path.samefile(given, target)
+        inside = folder and target.resolve() in given.resolve().parents
+        if same or inside:
+            raise OutputPathError(f"--out {out} would overwrite {name} {value}, which this command reads; "
+                                  f"pass another --out path")
+
+
 def process_state(recipe: Recipe, override: Optional[str]) -> Any:
     """accelerate's process state; CPU-only machines get the gloo backend (cpu=True)."""
     import torch
