@@ -375,3 +375,16 @@ def test_run_with_the_default_recipe_is_the_sample_pipeline(tmp_path):
     sampled = json.loads(cli("sample", "digits", *sets, "--json", cwd=tmp_path).stdout)
     assert ran["run_dir"] == sampled["run_dir"] and ran["generated_now"] == 4 and sampled["generated_now"] == 0
     assert sorted(p.name for p in Path(tmp_path, ran["out"]).glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+
+
+def test_flags_reach_the_recipe_as_their_own_values():
+    """A command's flags become overrides: a bool flag (`pgraft filter --dedup`) was written `True`, not TOML,
+    and refused; a string outside the BMP was written as a JSON surrogate pair, not the path given."""
+    from pgraft_cli.pipelines.skeleton import resolve_recipe
+
+    weights = '/tmp/\U0001F600 dir/inc "v3" \\ ünï.pt'
+    for dedup in (True, False):
+        rec = resolve_recipe("graft", None, filter__dedup=dedup, evaluate__inception_weights=weights,
+                             finetune__cutoff=0.25, filter__k=3)
+        assert rec.filter.dedup is dedup and rec.evaluate.inception_weights == weights
+        assert rec.finetune.cutoff == 0.25 and rec.filter.k == 3

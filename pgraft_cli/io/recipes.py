@@ -525,7 +525,7 @@ def _type_hints(cls: type) -> dict[str, Any]:
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as TOML (unset optional keys are written as comments)."""
     d = recipe.to_dict()
-    lines = [f"name = {_toml_value(d.pop('name'))}", f"description = {_toml_value(d.pop('description'))}"]
+    lines = [f"name = {toml_value(d.pop('name'))}", f"description = {toml_value(d.pop('description'))}"]
     for section in SECTIONS:
         lines.append("")
         lines.append(f"[{section}]")
@@ -533,11 +533,12 @@ def dump_recipe(recipe: Recipe) -> str:
             if value is None:
                 lines.append(f"# {key} = (unset)")
             else:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` (bool, number, string or list of them) written as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -545,7 +546,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover
 
 

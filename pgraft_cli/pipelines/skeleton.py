@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import PgraftError
-from ..io.recipes import Recipe, dump_recipe, load_recipe
+from ..io.recipes import Recipe, dump_recipe, load_recipe, toml_value
 from ..io.runstore import MANIFEST, RECIPE, Dist, RunStore, atomic_write_text
 from ..models.loaded import LoadedModel
 
@@ -30,7 +30,7 @@ def resolve_recipe(recipe: str, sets: Optional[list[str]], **flags: Any) -> Reci
         if value is None:
             continue
         section, key = name.split("__")
-        overrides.append(f"{section}.{key}={json.dumps(value) if isinstance(value, str) else value}")
+        overrides.append(f"{section}.{key}={toml_value(value)}")  # TOML: true/false, strings escaped as TOML
     return load_recipe(recipe, overrides)
 
 
