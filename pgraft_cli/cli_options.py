@@ -85,7 +85,7 @@ JudgeOpt = Annotated[Optional[list[str]], typer.Option("--judge", metavar="[NAME
 StopIfOpt = Annotated[Optional[list[str]], typer.Option("--stop-if", help='End the rounds early, e.g. "judge.NAME dropped by more than 0.5" or "fid rose by more than 10%" (against round 1; the final model against the base on the evaluation seeds); the checkpoint is the last model that passed.')]
 LogWithOpt = Annotated[Optional[str], typer.Option("--log-with", help="Log training and per-round metrics to tensorboard or wandb (accelerate's trackers) in the run directory; off by default.")]
 BaseOpt = Annotated[Optional[str], typer.Option("--base", help="Base model of a corrected or fine-tuned checkpoint, if not where it was.")]
-StageOpt = Annotated[str, typer.Option("--stage", help="Sample stage to read (sample-r2 ... for later rounds).")]
+StageOpt = Annotated[str, typer.Option("--stage", help="Sample stage to read (sample-r2 ... for later rounds, evaluate-tuned ...); written to score-<stage>, filter-<stage> (score, score-r2 for sample, sample-r2).")]
 ModelArg = Annotated[str, typer.Argument(help="Model: bundled alias (digits), diffusers folder, .safetensors file or hub id.")]
 RunArg = Annotated[Path, typer.Argument(help="A run directory.")]
 

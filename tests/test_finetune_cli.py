@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -121,6 +122,21 @@ def test_stage_verbs_sample_score_filter_on_a_run_directory(tmp_path):
     assert 16 <= expected < 32 and t["kept"] == expected
     kept = json.loads((run / "filter" / "summary.json").read_text())
     assert kept["kept"] == expected and len(kept["reshaped_reward"]) == expected
+    # --dedup (a bool flag, refused as `True` before) and a sample stage named otherwise (a finetune run's
+    # evaluate-tuned): its score and filter stages were given its own name, and the store cleared it
+    d = _json(runner.invoke(app, ["filter", str(run), "--rule", "best_of_n", "--m", "4", "--dedup", "--json"]))
+    assert d["kept"] <= 8 and d["params"] == {"n": 4}
+    shutil.copytree(run / "sample", run / "evaluate-x")  # registered as a finished stage, as evaluate-tuned is
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["evaluate-x"] = manifest["stages"]["sample"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    other = _json(runner.invoke(app, ["score", str(run), "--stage", "evaluate-x", "--reward", "jpeg-compressibility",
+                                      "--json"]))
+    assert other["stage"] == "score-evaluate-x" and other["reward_mean"] == sc["reward_mean"]
+    fx = _json(runner.invoke(app, ["filter", str(run), "--stage", "evaluate-x", "--rule", "best_of_n", "--m", "4",
+                                   "--json"]))
+    assert fx["kept"] == 8 and (run / "evaluate-x" / "shard-00000.safetensors").is_file()
+    assert (run / "filter-evaluate-x" / "kept.safetensors").is_file()
 
 
 def test_bad_reward_and_bad_run_directory_are_one_line_errors(tmp_path, monkeypatch):

@@ -20,14 +20,22 @@ class ScoreOptions(Options):
     stage: str = "sample"
 
 
+def derived_stage(stage: str, kind: str) -> str:
+    """The ``kind`` (score, filter) stage of the sample stage ``stage``: ``score`` of ``sample``, ``score-r2`` of
+    ``sample-r2`` (the rounds' names), ``score-evaluate-tuned`` of ``evaluate-tuned`` (never ``stage`` itself,
+    which the run store would clear as a stage of another key)."""
+    return kind + stage.removeprefix("sample") if stage.startswith("sample") else f"{kind}-{stage}"
+
+
 def score(run_dir: Path, o: ScoreOptions) -> Outcome:
-    """Score the images of a run's sample ``stage`` (``score`` for ``sample``, ``score-r2`` for ``sample-r2`` ...)."""
+    """Score the images of a run's sample ``stage`` (into ``derived_stage``: ``score`` for ``sample``, ``score-r2``
+    for ``sample-r2``, ``score-evaluate-tuned`` for ``evaluate-tuned`` ...)."""
     from ..report.ui import progress, score_view
     from ..stages.score import reward_stats, run_score
 
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward)
     rew = reward_from(rec.score.reward, batch_size=rec.score.batch_size)
-    score_stage = o.stage.replace("sample", "score", 1)
+    score_stage = derived_stage(o.stage, "score")
     with open_run(run_dir) as store, progress(not o.quiet) as bar:
         rewards = run_score(store, rew, bar, o.stage, score_stage)
     summary = {"run_dir": str(run_dir), "reward": rew.spec, "stage": score_stage, **reward_stats(rewards)}
@@ -54,7 +62,7 @@ def filter_(run_dir: Path, o: FilterOptions) -> Outcome:
 
     rec = resolve_recipe(o.recipe, o.sets, filter__rule=o.rule, filter__k=o.k, filter__m=o.m,
                          filter__threshold=o.threshold, filter__quantile=o.quantile, filter__dedup=o.dedup)
-    names = {s: o.stage.replace("sample", s, 1) for s in ("score", "filter")}
+    names = {s: derived_stage(o.stage, s) for s in ("score", "filter")}
     with open_run(run_dir) as store:
         summary = run_filter(store, rec.filter, o.stage, names["score"], names["filter"])
     shown = {k: v for k, v in summary.items() if k not in ("kept_indices", "cdf", "reshaped_reward")}
