@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pgraft_cli.io.checkpoints import describe, load_model, read_safetensors_metadata, save_pgraft_safetensors
+from pgraft_cli.io.checkpoints import describe, load_model, read_safetensors_metadata, save_pgraft_safetensors, sha256_file
 from pgraft_cli.errors import ModelLoadError, PgraftError, UnsafeFileError
 from pgraft_cli.core.samplers import sample
 
@@ -293,6 +293,46 @@ def test_stable_diffusion_weights_with_pipeline_config(tmp_path, tiny_sd_dir):
     model = load_model(str(weights), config=str(tiny_sd_dir))
     assert model.conditioning == "text" and model.latent and model.source_kind == "safetensors+config"
     torch.testing.assert_close(model.network.state_dict(), state, rtol=0, atol=0)
+
+
+def test_weights_with_a_pipeline_config_are_keyed_by_the_pipelines_files(tmp_path, tiny_sd_dir, monkeypatch):
+    """The identity was the weights' sha256 alone: a VAE changed in the --config folder reused the run's
+    cached images. Composed files record the folder (and their base) as absolute paths."""
+    import shutil
+
+    from pgraft_cli.io.checkpoints import model_key
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_sd_dir, folder)
+    weights = tmp_path / "unet.safetensors"
+    shutil.copyfile(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors", weights)
+    before = load_model(str(weights), config=str(folder))
+    assert before.identity.startswith(sha256_file(weights) + "+") and before.config_dir == str(folder)
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    changed = {k: v * 1.01 for k, v in load_file(str(vae)).items()}
+    save_file(changed, str(vae))
+    after = load_model(str(weights), config=str(folder))
+    assert after.identity != before.identity and model_key(after) != model_key(before)
+
+    # a corrector of it, made in one folder by relative paths, loads from another without --config
+    monkeypatch.chdir(tmp_path)
+    made = corrected_file_of(load_model("unet.safetensors", config="pipe"), tmp_path / "c.safetensors")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = load_model(str(made))
+    assert again.corrector is not None and again.identity != after.identity and again.base_identity == after.identity
+    # a file made before recorded the weights' sha256 alone as its base's identity: still composed
+    state, meta = load_file(str(made)), read_safetensors_metadata(made)
+    info = json.loads(meta["pgraft.base"])
+    for identity, loads in ((sha256_file(weights), True), (sha256_file(weights)[::-1], False)):
+        older = tmp_path / f"older-{loads}.safetensors"
+        save_file(state, str(older), metadata={**meta, "pgraft.base": json.dumps({**info, "identity": identity})})
+        if loads:
+            assert load_model(str(older)).corrector is not None
+        else:
+            with pytest.raises(PgraftError, match="is not the model"):
+                load_model(str(older))
 
 
 def test_pgraft_file_of_a_text_model_needs_its_pipeline(tmp_path, tiny_sd_dir):

@@ -434,7 +434,9 @@ def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: s
         model = load_model(source, config or info.get("config"), kind=kind, allow_pickle=allow_pickle)
     except PgraftError as exc:
         raise PgraftError(f"the base model of {path} could not be loaded from '{source}' ({exc}); pass it with --base") from None
-    if model.identity != info["identity"]:
+    # files made before a pipeline folder's files joined the identity of weights given --config FOLDER
+    older = "+" not in info["identity"] and model.identity.startswith(info["identity"] + "+")
+    if model.identity != info["identity"] and not older:
         raise PgraftError(
             f"--base {source} is not the model {path.name} was made from (sha256 {model.identity[:12]} != "
             f"{info['identity'][:12]}); pass the original base model with --base"
@@ -528,7 +530,9 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
         # A pipeline folder: take its text encoders/VAE/scheduler and swap in these weights.
         loaded = _load_pipeline(str(cfg_path), cfg_path, kind, allow_pickle, "safetensors+config")
         load_state(loaded.network, state, str(path))
-        loaded.source, loaded.identity, loaded.metadata = str(path), sha256_file(path), metadata
+        # the pipeline's other parts (VAE, text encoders, scheduler) are the folder's: both in the identity
+        loaded.source, loaded.metadata = str(path), metadata
+        loaded.identity, loaded.config_dir = f"{sha256_file(path)}+{identity_of(cfg_path)}", str(cfg_path)
         loaded.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
         loaded.default_data = metadata.get("pgraft.data") or None
         loaded.default_eval_data = metadata.get("pgraft.eval_data") or None
@@ -785,11 +789,8 @@ GAUSSIAN_SOURCE = "pgraft_source"  # a flow corrector's Gaussian source (mean, c
 def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedModel, metrics: dict[str, Any],
                    recipe: dict[str, Any], extra_provenance: Optional[dict[str, Any]] = None) -> Path:
     """Write the corrector, the base model's identity and sampler, and the measured metrics."""
-    base_info = {
-        "source": base.source, "identity": base.identity, "model_class": base.model_class,
-        "model_config": base.model_config, "scheduler_config": base.scheduler_config,
-        "solver": "euler" if base.family == "flow" else "ddim", "steps": corrector.base_steps, **_config_dir(base),
-    }
+    base_info = {**base_info_of(base), "solver": "euler" if base.family == "flow" else "ddim",
+                 "steps": corrector.base_steps}
     extra = {
         "pgraft.kind": "corrector",
         "pgraft.corrector_type": corrector.kind,
@@ -885,13 +886,22 @@ def save_finetuned(path: Path | str, model: LoadedModel, base_info: dict[str, An
 
 
 def base_info_of(model: LoadedModel) -> dict[str, Any]:
-    return {"source": model.source, "identity": model.identity, "model_class": model.model_class,
+    """What a composed file records of its base: where to load it from (a local path made absolute, so the
+    file loads from any folder), its identity, configs, and the config folder loading it needs."""
+    return {"source": _absolute(model.source), "identity": model.identity, "model_class": model.model_class,
             "model_config": model.model_config, "scheduler_config": model.scheduler_config, **_config_dir(model)}
 
 
+def _absolute(source: str) -> str:
+    """A local path as an absolute one; anything else (a hub id, an alias such as ``digits``) as given."""
+    local = Path(source).expanduser()
+    return str(local.absolute()) if source not in ALIASES and local.exists() else source
+
+
 def _config_dir(model: LoadedModel) -> dict[str, str]:
-    """A single-file base's config folder, which loading it again needs (nothing for other bases)."""
-    return {"config": model.config_dir} if model.config_dir else {}
+    """The config folder of a base loaded with one (a single-file checkpoint, or weights with --config FOLDER),
+    which loading it again needs (nothing for other bases)."""
+    return {"config": _absolute(model.config_dir)} if model.config_dir else {}
 
 
 def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: bool,
