@@ -87,3 +87,39 @@ def test_digits_are_scikit_learns_without_importing_it():
     images, labels = load_digits(size=8)
     assert torch.equal(images, (torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0).clamp(0, 1))
     assert torch.equal(labels, torch.tensor(bunch.target, dtype=torch.long))
+
+
+def test_a_16_bit_grey_png_is_read_at_its_values_not_clipped_to_white(tmp_path):
+    """PIL's convert("L") clips 16-bit values at 255: a ramp with mean 0.5 read as 0.996."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(folder / "ramp.png")
+    assert Image.open(folder / "ramp.png").mode.startswith("I")
+    expected = torch.from_numpy(ramp.astype(np.float32) / 65535.0)
+    grey = load_data(str(folder), (1, 16, 16))
+    torch.testing.assert_close(grey[0, 0], expected, rtol=0, atol=1e-6)  # same size: no resampling
+    rgb = load_data(str(folder), (3, 8, 8))  # resized in float; every channel the grey one
+    assert abs(float(rgb.mean()) - 0.5) < 0.01 and torch.equal(rgb[0, 0], rgb[0, 2]) and 0 <= rgb.min() <= rgb.max() <= 1
+
+
+def test_unreadable_data_and_text_files_are_one_line_errors(tmp_path):
+    import numpy as np
+
+    from pgraft_cli.pipelines.skeleton import prompt_list
+
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, images=np.array([{"a": 1}, None], dtype=object))
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, images=np.zeros((0, 16, 16), np.uint8))
+    for path, message in ((objects, "array is not numbers"), (empty, "holds no images")):
+        with pytest.raises(PgraftError, match=message) as err:
+            load_data(str(path), (1, 16, 16))
+        assert "\n" not in str(err.value)
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("a café\n".encode("latin-1"))
+    with pytest.raises(PgraftError, match=r"--prompts .*prompts.txt is not UTF-8 text \(byte 0xe9 at offset 5\)"):
+        prompt_list(None, latin)

@@ -12,7 +12,8 @@
   ``digits-judge``; ``digits-test`` is held out for FID.
 - a folder of ``.png``/``.jpg``/``.jpeg``/``.webp`` images (sorted by name). Resize rule: convert to
   the model's channels (L or RGB), resize so the shorter side equals the model's size (bicubic,
-  PIL), then centre-crop to a square of that size.
+  PIL), then centre-crop to a square of that size. A 16-bit grey image (PIL mode ``I;16``/``I``) is
+  scaled by 1/65535 and resized in float (PIL's own conversion to 8 bits clips it to white).
 - an ``.npz`` (array ``images``, else its only array) or ``.safetensors`` (tensor ``images``) of
   shape (N, H, W), (N, H, W, C) or (N, C, H, W): uint8 is read as 0..255, floats as [0, 1]; it must
   already have the model's size.
@@ -196,11 +197,20 @@ def _labels(spec: str, path: Path, shape: tuple[int, int, int]) -> Optional[Tens
         return f.get_tensor("labels").long() if "labels" in f.keys() else None
 
 
+def read_utf8(path: Path, option: str) -> str:
+    """A text file the user passed (``option`` names it in the error) read as UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PgraftError(f"{option} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+
+
 def _captions(path: Path, num: int) -> tuple[str, ...]:
     """One caption a line, one line per image in data order."""
     if not path.is_file():
         raise PgraftError(f"--captions {path}: no such file; pass a text file with one caption per line, in data order")
-    lines = tuple(path.read_text(encoding="utf-8").splitlines())
+    lines = tuple(read_utf8(path, "--captions").splitlines())
     if len(lines) != num:
         raise PgraftError(f"{path} holds {len(lines)} captions for {num} images; give one caption per line, in data order")
     return lines
@@ -237,15 +247,30 @@ def _read_image(f: Path, channels: int, height: int, width: int) -> Tensor:
     from PIL import Image
 
     try:
-        im = Image.open(f).convert("L" if channels == 1 else "RGB")
+        im = Image.open(f)
+        im.load()
+        wide = im.mode in SIXTEEN_BIT
+        if wide:  # PIL's convert("L") clips 16-bit values at 255: scale them into a float image instead
+            values = np.asarray(im, dtype=np.float32)
+            if values.min() < 0 or values.max() > 65535:
+                raise PgraftError(f"--data: {f} holds {im.mode} values outside 0..65535; save it as 8- or 16-bit")
+            im = Image.fromarray((values / 65535.0).astype(np.float32))  # mode "F"
+        else:
+            im = im.convert("L" if channels == 1 else "RGB")
     except OSError as exc:
         raise PgraftError(f"--data: {f} is not a readable image ({exc}); remove or replace it") from None
     scale = max(height / im.height, width / im.width)
     im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
     left, top = (im.width - width) // 2, (im.height - height) // 2
     im = im.crop((left, top, left + width, top + height))
+    if wide:  # bicubic may overshoot [0, 1] in float, as the 8-bit path clamps it
+        grey = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).clamp(0, 1)
+        return grey.expand(channels, height, width).clone()
     arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, channels)
     return arr.permute(2, 0, 1).float() / 255.0
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of a 16-bit grey PNG
 
 
 def _load_folder(path: Path, channels: int, height: int, width: int) -> Tensor:
@@ -276,7 +301,11 @@ def _load_tensor_file(path: Path) -> Tensor:
             key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
             if key is None:
                 raise PgraftError(f"--data {path}: holds {keys}; name the image array 'images'")
-            array = torch.from_numpy(z[key].copy())
+            try:
+                array = torch.from_numpy(z[key].copy())
+            except (ValueError, TypeError) as exc:  # object arrays (never unpickled), strings ...
+                raise PgraftError(f"--data {path}: its '{key}' array is not numbers ({str(exc).split(chr(10))[0]}); "
+                                  f"save the images as a uint8 or float array") from None
     else:
         from safetensors.torch import load_file
 
@@ -291,6 +320,8 @@ def _load_tensor_file(path: Path) -> Tensor:
 
 def _check(images: Tensor, path: Path, shape: tuple[int, int, int]) -> Tensor:
     c, h, w = shape
+    if images.numel() == 0:
+        raise PgraftError(f"--data {path}: holds no images (shape {tuple(images.shape)}); pass a file with at least one")
     if images.ndim == 3:
         images = images.unsqueeze(1)
     if images.ndim == 4 and images.shape[1] != c and images.shape[-1] == c:

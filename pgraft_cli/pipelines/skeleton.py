@@ -121,7 +121,9 @@ def prompt_list(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[st
     if prompts is not None:
         if not prompts.is_file():
             raise PgraftError(f"--prompts {prompts}: no such file; pass a text file with one prompt per line")
-        out += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        from ..io.data import read_utf8
+
+        out += [line.strip() for line in read_utf8(prompts, "--prompts").splitlines() if line.strip()]
     return out
 
 
