@@ -291,7 +291,7 @@ def export(
     lora_format: Annotated[str, typer.Option("--lora-format", help="With --format lora: diffusers (load_lora_weights) or kohya (ComfyUI, A1111).")] = "diffusers",
     keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="GRAFT LoRA at cutoff 0: write the base pipeline plus the adapter, not the fused network.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype: float32, float16 or bfloat16 (default: the checkpoint's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype: float32, float16 or bfloat16 (default: the recipe's model.dtype, float32, not the checkpoint's).")] = None,
     base: BaseOpt = None,
     **shared: Any,
 ) -> None:
