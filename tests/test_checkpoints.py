@@ -210,6 +210,26 @@ def test_a_corrector_whose_base_was_overwritten_by_a_corrector_is_one_error(tmp_
         assert "--base" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_damaged_pgraft_metadata_is_one_error(tmp_path):
+    digits = load_model("digits")
+    plain = save_pgraft_safetensors(tmp_path / "m.safetensors", digits.network, digits.model_class, digits.model_config,
+                                    digits.scheduler_config, {})
+    corrected = corrected_file_of(digits, tmp_path / "c.safetensors")
+    damage = {plain: {"pgraft.provenance": "{not json", "pgraft.model_config": "[1, 2]"},
+              corrected: {"pgraft.provenance": "[]", "pgraft.base": "null", "pgraft.corrector_inversion": "3"}}
+    for path, entries in damage.items():
+        state, meta = load_file(str(path)), read_safetensors_metadata(path)
+        for key, value in [*entries.items(), *([("pgraft.base", None)] if path == corrected else [])]:
+            bad = tmp_path / f"bad-{path.stem}-{key}.safetensors"
+            changed = {k: v for k, v in meta.items() if k != key}
+            if value is not None:
+                changed[key] = value
+            save_file(state, str(bad), metadata=changed)
+            with pytest.raises(ModelLoadError, match="damaged pgraft metadata") as err:
+                load_model(str(bad))
+            assert "\n" not in str(err.value), key
+
+
 def test_pgraft_safetensors_without_scheduler_needs_kind(tmp_path, tiny_unet):
     unet = tiny_unet(1)
     path = save_pgraft_safetensors(tmp_path / "m.safetensors", unet, "UNet2DModel", dict(unet.config), None, {})

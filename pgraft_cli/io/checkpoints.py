@@ -227,7 +227,7 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
     if pipeline is not None:
         family.check_pipeline(pipeline, model_config, source)
     shape = family.sample_shape(model_config, getattr(pipeline, "vae", None))
-    provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    provenance = meta_json(metadata, "pgraft.provenance", source, {})
     if conditioning == "text" and pipeline is None:
         raise ModelLoadError(
             f"{source} is a text-conditioned {model_class} without its text encoders; pass the "
@@ -269,6 +269,25 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
             f"{path} is not a readable safetensors file (truncated or corrupt: {_short(exc)}); "
             f"re-download or re-export it"
         ) from None
+
+
+def meta_json(metadata: dict[str, str], key: str, path: Any, default: Any = None, kind: type = dict) -> Any:
+    """The JSON value of a pgraft metadata entry (``default`` when absent; absent without one is damage),
+    or a one-line ModelLoadError when it is missing, not JSON, or not a ``kind`` (dict, list ...)."""
+    if key not in metadata:
+        if default is None:
+            raise ModelLoadError(f"{path} has damaged pgraft metadata (no '{key}'); write the file again with pgraft")
+        return default
+    try:
+        value = json.loads(metadata[key])
+    except (TypeError, ValueError):
+        value = ...
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, kind):
+        raise ModelLoadError(f"{path} has damaged pgraft metadata ('{key}' is not a JSON {kind.__name__}); write the "
+                             f"file again with pgraft")
+    return value
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -455,7 +474,9 @@ def _load_pgraft_file(path: Path, source: str, kind: str, metadata: dict[str, st
         model_class = metadata["pgraft.model_class"]
         model_config = json.loads(metadata["pgraft.model_config"])
         scheduler_config = json.loads(metadata.get("pgraft.scheduler_config") or "null")
-    except (KeyError, json.JSONDecodeError) as exc:
+        if not isinstance(model_config, dict) or not isinstance(scheduler_config, (dict, type(None))):
+            raise ValueError("a config that is not a JSON object")
+    except (KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path} has damaged pgraft metadata ({_short(exc)}); re-export it, or pass "
                              f"--config with the model's config.json") from None
     scheduler_config = scheduler_config or _require_scheduler(None, kind, path)
@@ -533,7 +554,7 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
         # the pipeline's other parts (VAE, text encoders, scheduler) are the folder's: both in the identity
         loaded.source, loaded.metadata = str(path), metadata
         loaded.identity, loaded.config_dir = f"{sha256_file(path)}+{identity_of(cfg_path)}", str(cfg_path)
-        loaded.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+        loaded.provenance = meta_json(metadata, "pgraft.provenance", path, {})
         loaded.default_data = metadata.get("pgraft.data") or None
         loaded.default_eval_data = metadata.get("pgraft.eval_data") or None
         return loaded
@@ -819,11 +840,19 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
                                    state={**corrector.network.state_dict(), **projection})
 
 
+def _check_base_info(info: dict[str, Any], path: Path) -> None:
+    """A composed file's record of its base names where it came from and what it is."""
+    if not isinstance(info.get("source"), str) or not isinstance(info.get("identity"), str):
+        raise ModelLoadError(f"{path} has damaged pgraft metadata ('pgraft.base' lacks its source or identity); "
+                             f"write the file again with pgraft")
+
+
 def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], kind: str,
                    allow_pickle: bool, config: Optional[str] = None) -> LoadedModel:
     """Load a corrector file and its base model (stored source, or ``--base``); check the base's hash."""
     state, metadata = read_safetensors(path)
-    info = json.loads(metadata["pgraft.base"])
+    info = meta_json(metadata, "pgraft.base", path)
+    _check_base_info(info, path)
     base_model = load_base_for(path, info, base, kind, allow_pickle, config)
     corrector_type = metadata.get("pgraft.corrector_type", "flow")
     base_steps = int(info["steps"])
@@ -831,14 +860,14 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     if conditioning not in ("none", "class", "text"):
         raise ModelLoadError(f"{path} has a corrector conditioned on {conditioning!r}, a form this version no longer "
                              f"reads; run pgraft correct again")
-    fitted = json.loads(metadata.get("pgraft.corrector_inversion", "{}"))
+    fitted = meta_json(metadata, "pgraft.corrector_inversion", path, {})
     given = {"conditioning": conditioning, **{k: fitted.get(k) for k in ("guidance_scale", "autocast", "dtype")}}
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
                                    std=state.get("std"), weight=state.get("weight"), chol_of=state.get("chol_of"),
                                    **given)
     else:
-        config = {k: v for k, v in json.loads(metadata["pgraft.model_config"]).items() if not k.startswith("_")}
+        config = {k: v for k, v in meta_json(metadata, "pgraft.model_config", path).items() if not k.startswith("_")}
         network = MLPFlow(**config) if corrector_type == "mlp" else build_network("UNet2DModel", config)
         prefix = f"{TEXT_PROJECTION}."
         projection = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
@@ -857,7 +886,7 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     base_model.corrector = corrector
     base_model.source = str(path)
     base_model.source_kind = "pgraft-corrector"
-    base_model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    base_model.provenance = meta_json(metadata, "pgraft.provenance", path, {})
     base_model.metadata = metadata
     base_model.base_identity = base_model.identity
     base_model.identity = sha256_file(path)
@@ -908,8 +937,12 @@ def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: boo
                    config: Optional[str] = None) -> LoadedModel:
     """A fine-tune file composed with its base model (stored source, or ``base``; hash-checked)."""
     state, metadata = read_safetensors(path)
-    tuning = json.loads(metadata["pgraft.finetune"])
-    info = json.loads(metadata["pgraft.base"])
+    tuning = meta_json(metadata, "pgraft.finetune", path)
+    info = meta_json(metadata, "pgraft.base", path)
+    _check_base_info(info, path)
+    if not isinstance(tuning.get("cutoff"), (int, float)):
+        raise ModelLoadError(f"{path} has damaged pgraft metadata (no cutoff in 'pgraft.finetune'); write the file "
+                             f"again with pgraft")
     cutoff = float(tuning["cutoff"])
     model = load_base_for(path, info, base, kind, allow_pickle, config)
     model.cutoff = cutoff
@@ -927,7 +960,7 @@ def load_finetuned(path: Path, base: Optional[str], kind: str, allow_pickle: boo
     model.base_identity = model.identity
     model.identity = sha256_file(path)
     model.source, model.source_kind = str(path), "pgraft-finetune"
-    model.provenance = json.loads(metadata.get("pgraft.provenance", "{}"))
+    model.provenance = meta_json(metadata, "pgraft.provenance", path, {})
     model.metadata = metadata
     return model
 
