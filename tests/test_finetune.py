@@ -544,3 +544,12 @@ def test_adam_fine_tunes_take_torchs_fused_kernel_where_it_exists_and_key_the_st
         run_finetune(load_model("digits"), _kept(4), cfg, store, bar)
         stages = store.read_manifest()["stages"]
     assert [entry["config"]["optimizer_path"] for name, entry in stages.items() if name.startswith("finetune")] == ["fused"]
+
+
+def test_round_seeds_step_over_the_evaluation_seed():
+    from pgraft_cli.stages.finetune import round_seed
+
+    assert [round_seed(0, r, 1) for r in (1, 2, 3)] == [0, 2, 3]  # the recipes' seeds: round 2 drew seed 1
+    assert [round_seed(0, r, 0) for r in (1, 2)] == [1, 2]
+    assert [round_seed(5, r, 1) for r in (1, 2)] == [5, 6] and [round_seed(0, r, 9) for r in (1, 2)] == [0, 1]
+

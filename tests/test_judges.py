@@ -112,6 +112,14 @@ def test_judges_are_measured_every_round_and_stop_if_keeps_the_last_model_that_p
     assert all(r["fid"] is not None and r["pairwise_distance"] > 0 and math.isfinite(r["judges"]["classifier"])
                for r in rounds)
     assert s["stopped"]["round"] == 3 and s["stopped"]["rounds_kept"] == 1
+    # no round drew the evaluations' noises (round 2 drew evaluate.seed 1's before: the tuned model was
+    # evaluated from noises it had been trained on)
+    seeds = {stage: {int(v) for p in sorted((run / stage).glob("shard-*.safetensors"))
+                     for v in load_file(str(p))["noise_seed"]}
+             for stage in ("sample", "sample-r2", "sample-r3", "evaluate-base", "evaluate-tuned")}
+    assert all(seeds.values())
+    assert seeds["evaluate-base"] == seeds["evaluate-tuned"]
+    assert all(not (seeds[r] & seeds["evaluate-base"]) for r in ("sample", "sample-r2", "sample-r3"))
     assert s["stopped"]["reason"].startswith("judge.counter dropped by 2 ")
     assert "kept" not in rounds[2] and not (run / "finetune-r3").exists() and not (run / "filter-r3").exists()
     # the checkpoint holds round 1's fine-tune, not round 2's

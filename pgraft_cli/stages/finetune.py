@@ -344,13 +344,21 @@ def restore_round(model: LoadedModel, cfg: FinetuneConfig, store: RunStore, k: i
     model.identity = tuned_identity(model)
 
 
+def round_seed(sample_seed: int, r: int, evaluate_seed: int) -> int:
+    """Round r's sampling seed: the r-th of ``sample_seed, sample_seed + 1, ...`` other than ``evaluate_seed``,
+    so the base and tuned evaluations never start from noises a round was trained on (image i's noise
+    is seeded by (seed, i): with the recipes' seeds 0 and 1, round 2 drew the evaluation's noises)."""
+    seed = sample_seed + r - 1
+    return seed + 1 if sample_seed <= evaluate_seed <= seed else seed
+
+
 def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: RunStore, bar: Any,
                process_index: int = 0, num_processes: int = 1, barrier: Any = None, measure: Any = None,
                judges: Optional[dict[str, Any]] = None, stop: Any = None, log: Any = None) -> list[dict[str, Any]]:
     """GRAFT (cutoff 0) or P-GRAFT: ``finetune.rounds`` rounds, each stage cached in ``store``.
 
     Round r samples ``sample.num`` trajectories from the current (composed) model with seed
-    ``sample.seed + r - 1``, capturing the state at the cutoff; scores the final images; keeps
+    ``round_seed`` (``sample.seed + r - 1``, stepping over ``evaluate.seed``), capturing the state at the cutoff; scores the final images; keeps
     samples by the filter rule; and continues fine-tuning on what it kept. Each round's samples
     (the model entering the round, at no extra sampling cost) are also scored by every judge
     (``{name: reward}``, never optimised) and measured by ``measure(images, groups)`` (FID,
@@ -375,7 +383,7 @@ def run_rounds(model: LoadedModel, recipe: Any, reward: Any, cond: Any, store: R
     rounds: list[dict[str, Any]] = []
     for r in range(1, cfg.rounds + 1):
         names = {s: round_stage(s, r) for s in ("sample", "score", "filter", "finetune")}
-        sample_cfg = replace(recipe.sample, seed=recipe.sample.seed + r - 1,
+        sample_cfg = replace(recipe.sample, seed=round_seed(recipe.sample.seed, r, recipe.evaluate.seed),
                              capture_at=cfg.cutoff if cfg.cutoff > 0 else recipe.sample.capture_at)
         run_sample(model, sample_cfg, cond, store, bar, process_index, num_processes, barrier, names["sample"])
         rewards = run_score(store, reward, bar, names["sample"], names["score"], process_index, num_processes, barrier)
