@@ -553,3 +553,16 @@ def test_round_seeds_step_over_the_evaluation_seed():
     assert [round_seed(0, r, 0) for r in (1, 2)] == [1, 2]
     assert [round_seed(5, r, 1) for r in (1, 2)] == [5, 6] and [round_seed(0, r, 9) for r in (1, 2)] == [0, 1]
 
+
+def test_finetune_default_run_directory_tells_classes_apart():
+    """Runs of two --class values shared one default run directory (and overwrote its tuned.safetensors)."""
+    from pgraft_cli.pipelines.finetune import sampling_payload
+    from pgraft_cli.pipelines.skeleton import default_run_dir, resolve_recipe
+    from pgraft_cli.stages.sample import Conditions
+
+    rec = resolve_recipe("graft", None)
+    names = {default_run_dir("finetune", sampling_payload("m", rec, Conditions(class_label=k))) for k in (None, 1, 2)}
+    assert len(names) == 3
+    unchanged = {"model": "m", "sample": rec.to_dict()["sample"], "cutoff": rec.finetune.cutoff, "prompts": None}
+    assert default_run_dir("finetune", sampling_payload("m", rec, Conditions())) == default_run_dir("finetune", unchanged)
+

@@ -121,8 +121,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
         real, data_id = real_data(loaded, o.data)  # streamed: only the FID reference reads it
     # The default run directory depends only on what sampling depends on, so that a new reward,
     # rule or training setting re-runs scoring onwards in the same run, never sampling.
-    run_dir = o.run_dir or default_run_dir("finetune", {"model": loaded.identity, "sample": rec.to_dict()["sample"],
-                                                         "cutoff": rec.finetune.cutoff, "prompts": cond.prompts})
+    run_dir = o.run_dir or default_run_dir("finetune", sampling_payload(loaded.identity, rec, cond))
     # Features without data still measure diversity (an explicit --features clip:PATH on a text model).
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
                           reward_identity=rew.identity) if data_id is not None or rec.evaluate.features != "auto" else None
@@ -171,6 +170,15 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
                  "samples": [["base", "evaluate-base"], ["tuned", "evaluate-tuned"]]}
     results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), artifacts, out=target)
     return Outcome(summary, [finetune_report(summary), f"trained: {summary['tuning']}", *wrote_lines(summary)], results)
+
+
+def sampling_payload(identity: str, rec: Any, cond: Any) -> dict[str, Any]:
+    """What a fine-tune's sampling depends on, which names its default run directory: the model, the sample
+    section, the cutoff, the prompts and a ``--class`` (left out when not given, so such runs keep the names
+    earlier versions gave them)."""
+    payload = {"model": identity, "sample": rec.to_dict()["sample"], "cutoff": rec.finetune.cutoff,
+               "prompts": cond.prompts}
+    return payload if cond.class_label is None else {**payload, "class": cond.class_label}
 
 
 def timeline(loaded: Any, steps: int, cutoff: float) -> dict[str, Any]:
