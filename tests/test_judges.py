@@ -141,7 +141,11 @@ def test_stop_if_and_judge_gates_are_checked_before_any_work(tmp_path):
     base = ["finetune", "digits", "--run-dir", str(tmp_path / "run"), "--judge", "j=classifier:judge:3"]
     for extra, message in ((["--stop-if", "judge.k dropped by more than 1"], "measures no 'judge.k'"),
                            (["--stop-if", "judge.j dropped by 1"], "is not a stop rule"),
-                           (["--fail-if", "judge.k<1"], "measures no 'judge.k'")):
+                           (["--fail-if", "judge.k<1"], "measures no 'judge.k'"),
+                           (["--reward", "classifier:digits:3", "--judge", "classifier:digits:3"],
+                            "is the training reward classifier:digits:3"),
+                           (["--reward", "0.5*jpeg-compressibility+0.5*classifier:digits:3", "--judge",
+                             "c=classifier:digits:3"], "(or a term of it)")):
         result = runner.invoke(app, [*base, *extra])
         assert isinstance(result.exception, PgraftError) and message in str(result.exception)
     assert not (tmp_path / "run").exists()

@@ -105,7 +105,7 @@ def test_judges_are_columns_after_the_reward_and_rounds_use_the_same_model_witho
               {"round": 2, "sampled": {"reward_mean": 0.625}, "judges": {"aes": 1.75, "j": -0.75}, "fid": 6.5,
                "pairwise_distance": 0.0625, "stopped": "judge.aes dropped by 0.25"}]
     summary = {"cutoff": 0.5, "reward": "classifier:digits:3", "base": base, "tuned": tuned, "rounds": rounds,
-               "stopped": {"round": 2, "reason": "judge.aes dropped by 0.25", "rounds_kept": 0}}
+               "stopped": {"round": 2, "reason": "judge.aes dropped by 0.25", "rounds_kept": 0}, "fid_data": "digits-test"}
     pair = metrics_table_of("finetune", summary)
     keys = [c.key for c in pair.columns]
     assert keys[keys.index("reward_std") + 1:][:2] == ["judge.aes", "judge.j"]
@@ -128,6 +128,7 @@ def test_judges_are_columns_after_the_reward_and_rounds_use_the_same_model_witho
              if line.startswith("│")}
     assert lines["round 1"] == one[1:] and lines["round 2"] == two[1:]
     assert "stopped early at round 2: judge.aes dropped by 0.25" in text
+    assert "reward classifier:digits:3, FID against digits-test" in text  # the title names FID's reference
 
 
 def test_a_change_too_small_to_show_has_no_verdict_whichever_its_sign():

@@ -159,6 +159,7 @@ def test_report_of_a_correct_run_in_chromium(correct_run, tmp_path):
         assert f"<h2>{heading}</h2>" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
     assert "recipe.toml" in page and "evaluate-corrected" in page
+    assert summary["fid_data"] == "digits-test" and "FID against" in page and "digits-test" in page  # not only "data"
     dom, shot = _browse(report, "correct", tmp_path)
     _check_page(dom, shot, {"base": summary["base"], "corrected": summary["corrected"]},
                 ["fid", "kid", "nfe", "flops_per_image", "seconds_per_image", "num"])
@@ -177,9 +178,28 @@ def test_report_of_a_finetune_run_in_chromium(finetune_run, tmp_path):
     for heading in ("Filtering", "Reshaped reward", "Rounds", "Cutoff", "Fine-tuning", "Provenance"):
         assert f"<h2>{heading}</h2>" in page
     assert "P-GRAFT fine-tuning (cutoff 0.5)" in page
+    assert summary["fid_data"] == "digits-test" and "FID against" in page and "digits-test" in page
     dom, shot = _browse(report, "finetune", tmp_path)
     _check_page(dom, shot, {"base": summary["base"], "tuned": summary["tuned"]},
                 ["fid", "reward_mean", "reward_std", "nfe", "flops_per_image", "num"])
+
+
+@pytest.mark.slow
+def test_fid_per_round_keeps_the_rounds_and_the_evaluations_apart(finetune_run, monkeypatch):
+    """The rounds' FIDs (each round's own seed and sample.num) and the evaluations' (evaluate.seed, evaluate.num)
+    were one line sorted by x, two points at x = 0 joined as if one protocol."""
+    import pgraft_cli.report.html as html
+
+    run, summary = finetune_run
+    figures = {}
+    real = html._plot
+    monkeypatch.setattr(html, "_plot", lambda fig, alt, caption: figures.setdefault(alt, fig) and real(fig, alt, caption))
+    html.render_report(run)
+    ax = figures["reward, judges, FID and diversity per round"].axes[1]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines == {"sampled (model entering the round)": [r["fid"] for r in summary["rounds"]]}
+    points = [list(c.get_offsets()[:, 1]) for c in ax.collections]
+    assert points == [[summary["base"]["fid"], summary["tuned"]["fid"]]]
 
 
 @pytest.mark.slow

@@ -115,6 +115,11 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     rec = replace(rec, finetune=resolve_lora(loaded, rec.finetune))  # the run dir's recipe.toml keeps "auto"
     rew = reward_from(rec.score.reward, dev, rec.score.batch_size)
     judges = {name: reward_from(spec, dev, rec.score.batch_size) for name, spec in judge_specs}  # never optimised
+    terms = {t.split("*", 1)[-1] for t in rew.identity.split("+")} | {rew.identity}
+    for (name, spec), judge in zip(judge_specs, judges.values()):
+        if judge.identity in terms:
+            raise PgraftError(f"--judge {spec} is the training reward {rec.score.reward} (or a term of it): a judge is "
+                              f"never optimised, or it only repeats the reward; pass another one (e.g. classifier:judge:3)")
     base_info = base_info_of(loaded)
     real, data_id = (None, None)
     if o.data or loaded.default_data:

@@ -505,12 +505,17 @@ def _finetune_sections(s: dict[str, Any], timeline: Optional[dict[str, Any]]) ->
         ax1.set_ylabel("reward mean")
         ax1.set_title("reward per round")
         ax1.legend(fontsize=7)
+        # two protocols, kept apart as in the reward plot: each round's own samples (its seed, sample.num),
+        # and the evaluations of base and tuned (evaluate.seed, evaluate.num)
         fids = [(r["round"] - 1, r["fid"]) for r in rounds if r.get("fid") is not None]
-        if base.get("fid") is not None:
-            fids = [(0, base["fid"])] + fids + ([(last, tuned["fid"])] if tuned.get("fid") is not None else [])
+        evaluated = [(x, m["fid"]) for x, m in ((0, base), (last, tuned)) if m.get("fid") is not None]
         if fids:
-            ax2.plot(*zip(*sorted(fids)), "s-", color="#0969da")
+            ax2.plot(*zip(*fids), "o-", color="#57606a", label="sampled (model entering the round)")
+        if evaluated:
+            ax2.scatter(*zip(*evaluated), marker="s", s=50, color="#0969da", zorder=3, label="evaluated: base, tuned")
+        if fids or evaluated:
             ax2.set_ylabel(f"FID ({base.get('features') or ''})")
+            ax2.legend(fontsize=7)
         else:
             ax2.text(0.5, 0.5, "no FID measured\n(no reference data)", ha="center", va="center", transform=ax2.transAxes)
         ax2.set_xlabel("rounds of fine-tuning done")
@@ -671,19 +676,20 @@ def render_report(run_dir: Path | str) -> Path:
     if kind == "correct":
         base_steps = s["base"].get("steps")
         title = f"Inverse noise correction ({base_steps} base steps)"
-        facts += [("data", s.get("data")), ("FID features", s["base"].get("features"))]
+        facts += [("data", s.get("data")), ("FID against", s.get("fid_data")), ("FID features", s["base"].get("features"))]
         sections += _correct_sections(run_dir, s, _recipe_dict(recipe_path), artifacts["inversion"])
     elif kind == "finetune":
         cutoff = s["cutoff"]
         title = f"{'P-GRAFT' if cutoff > 0 else 'GRAFT'} fine-tuning (cutoff {cutoff:g})"
         facts += [("reward", s.get("reward")),
                   ("judges", ", ".join(f"{k} = {v}" for k, v in (s.get("judges") or {}).items()) or None),
-                  ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")),
+                  ("rounds", len(s.get("rounds") or [])), ("data", s.get("data")), ("FID against", s.get("fid_data")),
                   ("FID features", s["base"].get("features"))]
         sections += _finetune_sections(s, store.read_artifact("timeline"))
     elif kind == "evaluate":
         title = f"Evaluation of {s.get('model', '')}"
-        facts += [("model", s.get("model")), ("data", s.get("data")), ("FID features", s.get("features")),
+        facts += [("model", s.get("model")), ("data", s.get("data")), ("FID against", s.get("fid_data")),
+                  ("FID features", s.get("features")),
                   ("reward", s.get("reward"))]
     else:
         settings = store.read_artifact("settings") or {}
