@@ -157,6 +157,9 @@ def test_bare_safetensors_with_config_json_or_folder(tmp_path, unet_model_dir):
     with pytest.raises(ModelLoadError, match="--kind"):
         load_model(str(weights), config=str(lone / "config.json"))
     assert load_model(str(weights), config=str(lone / "config.json"), kind="diffusion").family == "diffusion"
+    # a corrector of the weights loads without --config: its file records the config it was made with
+    made = corrected_file_of(load_model(str(weights), config=str(folder / "config.json")), tmp_path / "c.safetensors")
+    assert load_model(str(made)).corrector is not None
 
 
 def test_bare_safetensors_with_pipeline_folder_as_config(tmp_path, unet_pipeline_dir):

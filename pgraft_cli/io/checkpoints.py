@@ -571,8 +571,10 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
         raise ModelLoadError(f"{model_cfg_file} has no _class_name; pass a diffusers model config.json")
     network = build_network(model_class, model_config)
     load_state(network, state, str(path))
-    return _assemble(network, model_class, model_config, _require_scheduler(scheduler, kind, cfg_path),
-                     kind, str(path), "safetensors+config", sha256_file(path), metadata=metadata)
+    model = _assemble(network, model_class, model_config, _require_scheduler(scheduler, kind, cfg_path),
+                      kind, str(path), "safetensors+config", sha256_file(path), metadata=metadata)
+    model.config_dir = str(cfg_path)  # what a composed file of it needs to load it again (its configs are keyed)
+    return model
 
 
 def _load_model_folder(path: Path, kind: str, allow_pickle: bool) -> LoadedModel:

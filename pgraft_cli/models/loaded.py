@@ -84,7 +84,7 @@ class LoadedModel:
     null_class: Optional[int] = None
     # Sampling under autocast to this dtype (model.autocast: bf16 on GPUs), float32 weights kept.
     autocast: Optional[torch.dtype] = None
-    config_dir: Optional[str] = None  # a single-file checkpoint's diffusers config folder (its identity has its hash)
+    config_dir: Optional[str] = None  # the --config a single-file checkpoint or bare weights were loaded with
 
     # -- description ----------------------------------------------------------------------------
     @property
