@@ -3,6 +3,7 @@ caption, a corrector conditioned on it, saved, loaded and applied with each samp
 
 from __future__ import annotations
 
+import json
 
 import pytest
 from conftest import cli_run
@@ -184,6 +185,16 @@ def test_correct_a_text_to_image_model_with_captions_then_sample_with_prompts(tm
         assert s.exit_code == 0, s.output
         pngs.append((tmp_path / f"png{k}" / "00000.png").read_bytes())
     assert pngs[0] != pngs[1]
+    # exported with the default recipe (guidance 5), the pipeline samples at the fitted 2 and refuses another
+    from diffusers import DiffusionPipeline
+
+    exported = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "exp"), "--json"])
+    assert exported.exit_code == 0, exported.output
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "exp"), trust_remote_code=True)
+    assert pipe.config.guidance_scale == 2.0 and pipe.config.corrector_guidance == 2.0
+    assert json.loads((tmp_path / "exp" / "pgraft_export.json").read_text())["guidance_scale"] == 2.0
+    with pytest.raises(ValueError, match="fitted to the base sampler at guidance 2; pass guidance_scale=2"):
+        pipe(prompt="a tree", num_inference_steps=loaded.corrector.base_steps, guidance_scale=5.0, output_type="latent")
     # the inversion used each image's caption: another caption for image 0 changes its noise only
     from safetensors.torch import load_file
 
@@ -353,3 +364,42 @@ def test_a_corrected_file_records_its_inversion_guidance_and_refuses_another(tmp
     assert "\n" not in str(result.exception) and not (tmp_path / "run").exists()  # refused before any work
     back.corrector.guidance_scale = None  # as an unconditional base's corrector records it
     assert corrector_steps(back, None, "sample", 5.0) == 4
+
+
+@pytest.mark.slow
+def test_a_flux_dev_corrector_is_fitted_at_the_distilled_guidance_it_samples_with(tmp_path, tiny_flux_dir):
+    """Flux dev reads sample.distilled_guidance, not the classifier-free scale: the inversion ran at the
+    built-in 3.5 whatever was set, the file recorded sample.guidance_scale, and sampling at another distilled
+    guidance went through unchecked while --guidance-scale (unused by Flux) was refused."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(folder / f"{i:02d}.png")
+    (folder / "captions.txt").write_text("\n".join(["a red square", "a tree"] * 3) + "\n")
+    args = ["correct", str(tiny_flux_dir), "--data", str(folder), "--json", "--features", "none",
+            "--set", "correct.base_steps=2", "--set", "correct.num_images=6", "--set", "correct.inversion_iterations=6",
+            "--set", "correct.invert_shard_size=6", "--set", "correct.corrector=gaussian-diag", "--set", "evaluate.num=2",
+            "--set", "sample.batch_size=2", "--set", "correct.max_reconstruction_rms=10.0",
+            "--set", "correct.max_dropped_fraction=0.9"]
+    noises = {}
+    for dg in (1.0, 8.0):
+        result = runner.invoke(app, [*args, "--set", f"sample.distilled_guidance={dg}", "--run-dir", str(tmp_path / f"r{dg}"),
+                                     "--out", str(tmp_path / f"c{dg}.safetensors")])
+        assert result.exit_code == 0, result.output
+        noises[dg] = load_file(str(tmp_path / f"r{dg}" / "invert" / "shard-00000.safetensors"))["noise"]
+        assert json.loads((tmp_path / f"r{dg}" / "evaluate-corrected" / "settings.json").read_text())[
+            "distilled_guidance"] == dg
+        assert load_model(str(tmp_path / f"c{dg}.safetensors")).corrector.guidance_scale == dg
+    assert float((noises[1.0] - noises[8.0]).abs().max()) > 1e-4
+    path = str(tmp_path / "c8.0.safetensors")
+    common = ["sample", path, "--num", "1", "--prompt", "a tree", "--json"]
+    wrong = runner.invoke(app, [*common, "--set", "sample.distilled_guidance=1", "--run-dir", str(tmp_path / "s1")])
+    assert isinstance(wrong.exception, PgraftError)
+    assert "distilled guidance 8, not 1; pass --set sample.distilled_guidance=8" in str(wrong.exception)
+    right = runner.invoke(app, [*common, "--set", "sample.distilled_guidance=8", "--guidance-scale", "1",
+                                "--run-dir", str(tmp_path / "s8")])
+    assert right.exit_code == 0, right.output

@@ -280,7 +280,8 @@ def _pgraft_pipeline(model: LoadedModel, guidance: float, autocast: Optional[str
         base_steps=corrector.base_steps if corrector is not None else None, null_class=model.null_class,
         family=model.adapter.name, force_zeros_for_empty_prompt=bool(
             getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True)),
-        text_pipeline=type(pipe).__name__ if model.conditioning == "text" else None)
+        text_pipeline=type(pipe).__name__ if model.conditioning == "text" else None,
+        corrector_guidance=None if corrector is None else corrector.guidance_scale)
 
 
 def _corrector_component(corrector: Optional[NoiseCorrector]) -> Optional[nn.Module]:

@@ -243,7 +243,8 @@ class PgraftPipeline(DiffusionPipeline):
                  tuned_guidance: str = "reapply", corrector_steps: int = 0, corrector_sampler: str = "euler", base_steps: Optional[int] = None,
                  null_class: Optional[int] = None, guidance_scale: float = 1.0, family: Optional[str] = None,
                  force_zeros_for_empty_prompt: bool = True, text_pipeline: Optional[str] = None,
-                 autocast: Optional[str] = None, corrector_dtype: Optional[str] = None):
+                 autocast: Optional[str] = None, corrector_dtype: Optional[str] = None,
+                 corrector_guidance: Optional[float] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, tuned_unet=tuned_unet, corrector=corrector, vae=vae,
                               text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
@@ -251,7 +252,8 @@ class PgraftPipeline(DiffusionPipeline):
         self.register_to_config(cutoff=cutoff, tuned_guidance=tuned_guidance, corrector_steps=corrector_steps,
                                 corrector_sampler=corrector_sampler, base_steps=base_steps, null_class=null_class, guidance_scale=guidance_scale,
                                 family=family, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-                                text_pipeline=text_pipeline, autocast=autocast, corrector_dtype=corrector_dtype)
+                                text_pipeline=text_pipeline, autocast=autocast, corrector_dtype=corrector_dtype,
+                                corrector_guidance=corrector_guidance)
 
     # -- pieces -----------------------------------------------------------------------------------
     def _above(self, t: torch.Tensor) -> bool:
@@ -395,6 +397,10 @@ class PgraftPipeline(DiffusionPipeline):
             raise ValueError("pass num_inference_steps")
         if self.corrector is not None and cfg.base_steps is not None and steps != cfg.base_steps:
             raise ValueError(f"the noise corrector was fitted for {cfg.base_steps} base steps; pass num_inference_steps={cfg.base_steps}")
+        fitted = cfg.get("corrector_guidance")  # a conditioned base is inverted at one guidance (None: any)
+        if self.corrector is not None and fitted is not None and guidance_scale != fitted:
+            raise ValueError(f"the noise corrector was fitted to the base sampler at guidance {fitted:g}; pass "
+                             f"guidance_scale={fitted:g}")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if prompts is not None:
             batch_size = len(prompts)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from ..errors import PgraftError
 from .skeleton import (DataOptions, ModelOptions, Outcome, Verb, check_out_spares_inputs, computed_recipe,
-                       default_run_dir, real_data, references, resolve_recipe, start)
+                       default_run_dir, real_data, references, resolve_recipe, sampler_guidance, start)
 
 
 @dataclass
@@ -76,7 +76,8 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
         with verb.timed("inversion"):
             noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale,
-                                           auto_lane=rec.sample.lane == "auto", memory_format=rec.sample.memory_format)
+                                           auto_lane=rec.sample.lane == "auto", memory_format=rec.sample.memory_format,
+                                           distilled_guidance=rec.sample.distilled_guidance)
         conds = corrector_conditions(loaded, rows.labels[keep] if loaded.conditioning == "class" else None,
                                      [c for c, k in zip(rows.captions, keep) if k] if loaded.conditioning == "text" else None,
                                      lane)
@@ -85,14 +86,15 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
                 noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, conds=conds))
         # the sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
         if loaded.conditioning != "none" and (loaded.guided or not loaded.adapter.classifier_free):
-            corrector.guidance_scale = rec.sample.guidance_scale
+            corrector.guidance_scale = sampler_guidance(loaded, rec.sample)
         corrector.autocast = None if loaded.autocast is None else str(loaded.autocast)
         corrector.dtype = str(loaded.dtype)
         info["fitted_precision"] = loaded.precision
         split = {"process_index": dist.rank, "num_processes": dist.size, "barrier": dist.barrier}
         eval_cfg = SampleConfig(num=rec.evaluate.num, seed=rec.evaluate.seed, steps=rec.correct.base_steps,
                                 batch_size=rec.sample.batch_size, lane=rec.sample.lane,
-                                guidance_scale=rec.sample.guidance_scale, memory_format=rec.sample.memory_format)
+                                guidance_scale=rec.sample.guidance_scale, distilled_guidance=rec.sample.distilled_guidance,
+                                memory_format=rec.sample.memory_format)
         # text models are evaluated on the data's captions (image i: caption i mod P); class models by i mod C
         prompts = Conditions(prompts=list(dict.fromkeys(rows.captions))) if loaded.conditioning == "text" else None
         fid_data, refs, notes, copy_ref = None, {}, [fid_skipped(rec.evaluate.features, True)], None

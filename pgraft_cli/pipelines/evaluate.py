@@ -9,7 +9,7 @@ from typing import Optional
 from ..errors import PgraftError
 from .skeleton import (DataOptions, DrawOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb,
                        computed_recipe, corrector_steps, default_run_dir, precision_note, prompt_list, real_data, references,
-                       resolve_recipe, reward_from, start)
+                       resolve_recipe, reward_from, sampler_guidance, start)
 
 
 @dataclass
@@ -60,7 +60,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     rew = reward_from(o.reward, dev) if o.reward else None
     eval_steps = rec.evaluate.steps or rec.sample.steps
     if loaded.corrector is not None:
-        eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate", rec.sample.guidance_scale)
+        eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate", sampler_guidance(loaded, rec.sample))
     num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
     has_data = bool(o.data or loaded.default_data)
     real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch
@@ -72,7 +72,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     mismatch = [n for n in [precision_note(loaded)] if n]  # said in the results; `notes` alone says FID is skipped
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane, memory_format=rec.sample.memory_format)
-    eval_cfg.guidance_scale = rec.sample.guidance_scale
+    eval_cfg.guidance_scale, eval_cfg.distilled_guidance = rec.sample.guidance_scale, rec.sample.distilled_guidance
     run_dir = o.run_dir or default_run_dir("evaluate", {"model": loaded.identity, "data": data_id,
                                                          "recipe": computed_recipe(rec.to_dict()), "steps": eval_steps,
                                                          "prompts": cond.prompts})

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .. import __version__
 from .skeleton import (DrawOptions, ModelOptions, Outcome, PromptOptions, Verb, corrector_steps, default_run_dir,
-                       precision_note, prompt_list, resolve_recipe, start)
+                       precision_note, prompt_list, resolve_recipe, sampler_guidance, start)
 
 
 @dataclass
@@ -34,7 +34,7 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     verb: Verb = start("sample", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
     loaded = verb.model
     if loaded.corrector is not None:  # one corrector per base step count
-        rec.sample.steps = corrector_steps(loaded, o.steps, "sample", rec.sample.guidance_scale)
+        rec.sample.steps = corrector_steps(loaded, o.steps, "sample", sampler_guidance(loaded, rec.sample))
         mismatch = precision_note(loaded)
         if mismatch:
             note(f"note: {mismatch}", o.quiet)

@@ -182,14 +182,24 @@ def open_run(run_dir: Path) -> RunStore:
     return RunStore(run_dir)
 
 
+def sampler_guidance(model: LoadedModel, sample: Any) -> float:
+    """The guidance a conditioned network is run with: the classifier-free scale (``sample.guidance_scale``),
+    or a guidance-distilled network's guidance input (Flux dev: ``sample.distilled_guidance``)."""
+    return sample.guidance_scale if model.adapter.classifier_free else sample.distilled_guidance
+
+
 def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str, guidance_scale: Optional[float] = None) -> int:
     """The base steps a corrected model runs at: it is fitted for one count, so another is refused; so
-    is another guidance scale than a conditioned base was inverted with (the file records it)."""
+    is another guidance than a conditioned base was inverted with (the file records it; ``guidance_scale``
+    is :func:`sampler_guidance`'s, the distilled guidance for a guidance-distilled network)."""
     assert model.corrector is not None
     fitted = model.corrector.guidance_scale
     if fitted is not None and guidance_scale is not None and guidance_scale != fitted:
-        raise PgraftError(f"{model.source} was fitted to the base sampler at guidance scale {fitted:g}, not "
-                          f"{guidance_scale:g}; pass --guidance-scale {fitted:g} (sample.guidance_scale) or {verb} the base model")
+        flag = ("--guidance-scale {:g} (sample.guidance_scale)" if model.adapter.classifier_free
+                else "--set sample.distilled_guidance={:g}").format(fitted)
+        what = "guidance scale" if model.adapter.classifier_free else "distilled guidance"
+        raise PgraftError(f"{model.source} was fitted to the base sampler at {what} {fitted:g}, not "
+                          f"{guidance_scale:g}; pass {flag} or {verb} the base model")
     if steps is not None and steps != model.corrector.base_steps:
         raise PgraftError(f"{model.source} was fitted for {model.corrector.base_steps} base steps, not {steps}; "
                           f"pass --steps {model.corrector.base_steps} or {verb} the base model")

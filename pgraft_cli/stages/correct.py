@@ -142,12 +142,14 @@ def check_correctable(model: LoadedModel, cfg: CorrectConfig, labels: Optional[T
 
 def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig, lane: int,
                store: RunStore, bar: Any, dist: Dist = Dist(), guidance_scale: float = 1.0,
-               auto_lane: bool = False, memory_format: str = "auto") -> tuple[Tensor, dict[str, Any], Tensor]:
+               auto_lane: bool = False, memory_format: str = "auto",
+               distilled_guidance: Optional[float] = None) -> tuple[Tensor, dict[str, Any], Tensor]:
     """Invert every image (in shards of ``cfg.invert_shard_size``); returns the kept noises, stats and
     which images were kept (a mask).
 
     A conditioned model inverts each image under its own condition (``DataRows.labels`` or
-    ``.captions``), with ``guidance_scale`` where the model is guided. An ``auto_lane`` (picked from
+    ``.captions``), with ``guidance_scale`` where the model is guided (``distilled_guidance``, the guidance
+    input of a guidance-distilled network such as Flux dev, where it reads one). An ``auto_lane`` (picked from
     free memory) gives way to the lane of the shards being resumed (``sample.resumed_lane``). The base
     network runs in ``memory_format`` (``sample.memory_format``, resolved and keyed as sampling does).
 
@@ -170,6 +172,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     inputs = {"model": model_key(model), "data": rows_digest(images)}
     if model.conditioning != "none":  # each image's condition, and the guidance it is inverted with
         base["guidance_scale"] = guidance_scale if model.guided else None
+        if not model.adapter.classifier_free:  # only guidance-distilled networks read it
+            base["distilled_guidance"] = distilled_guidance
         inputs["conditions"] = (tensor_digest(labels) if model.conditioning == "class" else
                                 hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest())
 
@@ -196,7 +200,7 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
         classes = labels[rows].tolist() if model.conditioning == "class" else None
         prompts = list(captions[rows]) if model.conditioning == "text" else None
         return _invert_shard(model, chunk, cfg, lane, lambda n: bar.advance(task, n), classes, prompts, guidance_scale,
-                             together)
+                             together, distilled_guidance)
 
     # each full lane makes at least two solver calls and one round-trip call a step
     full_lane_calls = len(images) // lane * 3 * cfg.base_steps
@@ -219,7 +223,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 
 def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: int, advance: Any,
                   classes: Optional[list[int]] = None, prompts: Optional[list[str]] = None,
-                  guidance_scale: float = 1.0, side_by_side: Optional[int] = None) -> dict[str, Tensor]:
+                  guidance_scale: float = 1.0, side_by_side: Optional[int] = None,
+                  distilled_guidance: Optional[float] = None) -> dict[str, Tensor]:
     """Noise, round-trip error, network evaluations, largest fixed-point residual and whether every step
     met its own tolerance, of each image of a shard, each inverted under its own class or prompt where
     given; lane by lane (``map_lanes``: ``side_by_side`` lanes at a time, one thread each, where given)."""
@@ -230,7 +235,7 @@ def _invert_shard(model: LoadedModel, chunk: Tensor, cfg: CorrectConfig, lane: i
         part = chunk[start:start + lane].to(model.device, torch.float32)
         members = slice(start, start + len(part))
         cond = model.encode(None if prompts is None else prompts[members],
-                            None if classes is None else classes[members], guidance_scale)
+                            None if classes is None else classes[members], guidance_scale, distilled_guidance)
         # The solver's iterate stays in float32 whatever the model's dtype (bf16 rounding alone is
         # the size of the tolerance); only the network runs as it samples: in the model's dtype, under
         # the sampler's autocast (model.autocast), so the corrector fits the sampler it is used with.
