@@ -4,6 +4,7 @@ caption, a corrector conditioned on it, saved, loaded and applied with each samp
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import cli_run
@@ -403,3 +404,22 @@ def test_a_flux_dev_corrector_is_fitted_at_the_distilled_guidance_it_samples_wit
     right = runner.invoke(app, [*common, "--set", "sample.distilled_guidance=8", "--guidance-scale", "1",
                                 "--run-dir", str(tmp_path / "s8")])
     assert right.exit_code == 0, right.output
+
+
+def test_flops_of_a_text_corrector_count_its_mean_and_its_pooled_text_pass(tmp_path, tiny_sd_dir):
+    """The report left out the text encoders' second pass (the corrector's input) and a text Gaussian's mean
+    c W (2 E D): it counted 2 D^2 for the spread alone."""
+    from pgraft_cli.core.metrics import measure_flops
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    model = load_model(str(tiny_sd_dir))
+    dim = math.prod(model.sample_shape)
+    width = model.pooled_text([""]).shape[1]
+    torch.manual_seed(0)
+    corrector = NoiseCorrector("gaussian", 4, 0, mean=torch.zeros(dim), chol=torch.eye(dim), conditioning="text",
+                               weight=torch.randn(width, dim))
+    loaded = load_model(str(save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})))
+    parts = flops_per_image(loaded, 4)["flops_parts"]
+    assert parts["corrector"] == 2 * dim * dim + 2 * width * dim
+    pooled = measure_flops(lambda: loaded.pooled_text([""]))
+    assert parts["corrector_condition"] == pooled > 0

@@ -150,10 +150,12 @@ class NoiseCorrector:
 
     def map_flops(self) -> int:
         """FLOPs per image of a Gaussian corrector (a multiply-add is 2, as torch's flop counter):
-        ``2 D^2`` for the Cholesky matmul, ``2 D`` for the diagonal form."""
+        ``2 D^2`` for the Cholesky matmul, ``2 D`` for the diagonal form, and a text fit's mean ``c W``
+        (``2 E D``, E the pooled embedding's width)."""
         assert self.mean is not None
         dim = self.mean.shape[-1]
-        return 2 * dim * (1 if self.kind == "gaussian-diag" else dim)
+        mean = 0 if self.weight is None else 2 * self.weight.shape[0] * dim
+        return 2 * dim * (1 if self.kind == "gaussian-diag" else dim) + mean
 
     def parameter_count(self) -> int:
         if self.network is None:

@@ -411,6 +411,8 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
         parts["corrector"] = calls["corrector_calls"] * calls["corrector_call"]
         if flow and corrector.mean is not None:  # its Gaussian source's colouring, once per image
             parts["corrector"] += corrector.map_flops()
+        if corrector.conditioning == "text":  # its input: the prompt's pooled embedding, the text encoders run again
+            parts["corrector_condition"] = measure_flops(lambda: corrector.condition_of(prompts, None, model.pooled_text))
         nfe += corrector.calls if flow else 0
     if model.conditioning == "text":
         parts["text_encoders"] = measure_flops(lambda: model.encode(prompts, labels, guidance_scale=guidance_scale))
