@@ -297,3 +297,29 @@ def test_family_inspect_sample_evaluate_finetune_and_sample_back(fixture, reques
     reference, tuned_state = full.network.state_dict(), full.tuned.state_dict()  # base below the cutoff, tuned above
     assert set(tuned_state) == set(reference) and len(keys) == len(reference)
     assert any(not torch.equal(tuned_state[k], reference[k]) for k in reference)  # the full weights moved
+
+
+def test_sigma_preconditioned_schedulers_and_per_channel_latent_vaes_are_refused(tmp_path, tiny_sdxl_dir):
+    """An EDM scheduler (Playground v2.5) was read as DDPM's default linear betas and a VAE's latents_mean /
+    latents_std were never applied: wrong images without a word. Both are one load error now."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from pgraft_cli.io.checkpoints import schedule_from_config
+
+    for config in ({"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_data": 0.5},
+                   {"_class_name": "EDMEulerScheduler"}, {"_class_name": "ScoreSdeVeScheduler"},
+                   {"_class_name": "CMStochasticIterativeScheduler"},
+                   {"_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous"}):
+        with pytest.raises(ModelLoadError, match="preconditions its network by sigma"):
+            schedule_from_config(config)
+    assert schedule_from_config({"_class_name": "EulerDiscreteScheduler", "timestep_type": "discrete"}).family == "diffusion"
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_dir, folder)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.vae.register_to_config(latents_mean=[-1.6, 1.9, -1.4, 2.5], latents_std=[8.5, 5.9, 6.5, 5.2])
+    pipe.save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="latents_mean / latents_std") as err:
+        load_model(str(folder))
+    assert "\n" not in str(err.value)

@@ -60,6 +60,11 @@ _HUB_COMMIT = re.compile(r"^hub:(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})$")  # a
 # Schedules from scheduler configs
 
 
+# Scheduler classes whose networks take sigma-preconditioned inputs (EDM: Playground v2.5, CosXL; variance
+# exploding; consistency models): read as DDPM betas they would sample garbage.
+SIGMA_SCHEDULERS = ("EDM", "ScoreSdeVe", "KarrasVe", "CMStochastic")
+
+
 def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
                          image_seq_len: Optional[int] = None) -> NoiseSchedule:
     """The noise schedule a diffusers scheduler config describes (``kind`` overrides the family).
@@ -69,6 +74,11 @@ def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
     """
     name = scheduler_config.get("_class_name", "")
     T = int(scheduler_config.get("num_train_timesteps", 1000))
+    sigma_based = any(part in name for part in SIGMA_SCHEDULERS) or scheduler_config.get("timestep_type") == "continuous"
+    if sigma_based or scheduler_config.get("sigma_data") is not None:
+        raise ModelLoadError(f"{name or 'the scheduler'} preconditions its network by sigma (EDM / VE / consistency: "
+                             f"inputs scaled and timesteps as log sigma), which pgraft does not sample; pgraft runs "
+                             f"DDPM-beta diffusion and flow-matching models")
     detected = "flow" if "FlowMatch" in name else "diffusion"
     family = detected if kind == "auto" else kind
     if family == "flow":
@@ -226,6 +236,12 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
         null_class = _null_class(metadata, conditioning, num_classes, source)
     if pipeline is not None:
         family.check_pipeline(pipeline, model_config, source)
+        vae_config = getattr(getattr(pipeline, "vae", None), "config", None)
+        if vae_config is not None and (getattr(vae_config, "latents_mean", None) is not None
+                                       or getattr(vae_config, "latents_std", None) is not None):
+            raise ModelLoadError(f"{source}'s VAE normalises latents per channel (latents_mean / latents_std, as "
+                                 f"Playground v2.5's), which pgraft's decode does not apply; pgraft runs VAEs with a "
+                                 f"scaling (and shift) factor")
     shape = family.sample_shape(model_config, getattr(pipeline, "vae", None))
     provenance = meta_json(metadata, "pgraft.provenance", source, {})
     if conditioning == "text" and pipeline is None:
