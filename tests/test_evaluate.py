@@ -291,6 +291,25 @@ def test_flops_count_the_network_that_runs_at_each_step():
     assert tuned["flops_per_image"] == 4 * calls["base_call"] + 4 * calls["tuned_call"]
 
 
+def test_flops_of_a_full_fine_tune_at_cutoff_zero_never_run_its_parked_base():
+    """No step runs the base of a full fine-tune at cutoff 0, which stays on the CPU off a GPU: its call was
+    still measured, on the device's inputs ("expected all tensors on the same device" on CUDA)."""
+    import copy
+
+    from pgraft_cli.io.checkpoints import load_model
+    from pgraft_cli.stages.evaluate import flops_per_image
+
+    model = load_model("digits")
+    model.tuned, model.cutoff = copy.deepcopy(model.network), 0.0
+    assert not model.base_runs
+    ran = []
+    model.network.register_forward_pre_hook(lambda module, args: ran.append(1))
+    out = flops_per_image(model, 8)
+    calls = out["flops_calls"]
+    assert not ran and "base_call" not in calls and calls["tuned_steps"] == 8
+    assert out["flops_per_image"] == 8 * calls["tuned_call"] > 0
+
+
 def _counted_and_fresh(model, steps: int = 8) -> tuple[dict, dict, int]:
     """``flops_per_image`` through the process's cache, then counted afresh (cache emptied); and
     how many counts the first call added to the cache (0: every count was a hit)."""

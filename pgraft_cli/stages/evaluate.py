@@ -395,8 +395,9 @@ def flops_per_image(model: Any, steps: int, guidance_scale: float = 1.0) -> dict
         model.network_at(time)  # the adapter's state at that time (predict sets it too) is part of the key
         return measure_flops(lambda: model.predict(x, time, cond), key=("predict", at, seen))
 
-    calls = {"base_call": predict_flops(min(cutoff, 0.5))}
-    denoiser, nfe = (steps - above) * calls["base_call"], steps
+    # the base's call only where a step runs it: a full fine-tune at cutoff 0 leaves its base parked on the CPU
+    calls = {"base_call": predict_flops(min(cutoff, 0.5))} if steps > above else {}
+    denoiser, nfe = (steps - above) * calls.get("base_call", 0), steps
     if above:
         calls["tuned_call"] = predict_flops(1.0)
         calls["tuned_steps"] = above
