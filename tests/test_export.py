@@ -861,3 +861,26 @@ def test_the_composed_pipeline_puts_its_inputs_on_the_execution_device(tmp_path,
     monkeypatch.setattr(type(pipe), "_execution_device", property(execution_device))
     pipe(num_inference_steps=4, latents=initial_noise(0, [0], (1, 16, 16)), output_type="latent")
     assert asked
+
+
+def test_the_composed_pipeline_decodes_a_force_upcast_float16_vae_in_float32(tiny_sdxl_dir):
+    """pgraft sample decodes a float16 VAE whose config sets force_upcast (SDXL's, which overflows: NaN
+    images) in float32; the exported pipeline decoded it in float16."""
+    from pgraft_cli.io.export import _scheduler
+    from pgraft_cli.io.export_pipeline import PgraftPipeline
+
+    model = load_model(str(tiny_sdxl_dir))
+    vae = model.vae
+    assert vae.config.force_upcast
+    model.to("cpu", torch.float16)
+    p = model.pipeline
+    pipe = PgraftPipeline(unet=model.network, scheduler=_scheduler(model), vae=vae, text_encoder=p.text_encoder,
+                          tokenizer=p.tokenizer, text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2,
+                          family="sdxl", text_pipeline="StableDiffusionXLPipeline")
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z, *a, **k: (seen.append((z.dtype, vae.dtype)), decode(z, *a, **k))[1]
+    x = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(0)).half()
+    images = pipe(prompt=["a red square"], num_inference_steps=1, guidance_scale=1.0, latents=x, output_type="pt").images
+    assert seen == [(torch.float32, torch.float32)] and vae.dtype == torch.float16 and bool(torch.isfinite(images).all())

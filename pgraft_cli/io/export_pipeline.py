@@ -451,7 +451,17 @@ class PgraftPipeline(DiffusionPipeline):
         else:
             if self.vae is not None:
                 vc = self.vae.config
-                x = self.vae.decode((x / vc.scaling_factor + (getattr(vc, "shift_factor", None) or 0.0)).to(self.vae.dtype)).sample
+                # a float16 VAE that sets force_upcast (SDXL's overflows: NaN images) decodes in float32, as
+                # pgraft sample and diffusers' upcast_vae do
+                upcast = self.vae.dtype == torch.float16 and getattr(vc, "force_upcast", False)
+                if upcast:
+                    self.vae.to(torch.float32)
+                try:
+                    latents = x / vc.scaling_factor + (getattr(vc, "shift_factor", None) or 0.0)
+                    x = self.vae.decode(latents.to(self.vae.dtype)).sample
+                finally:
+                    if upcast:
+                        self.vae.to(torch.float16)
             images = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
             if output_type != "pt":
                 images = images.cpu().permute(0, 2, 3, 1).numpy()
