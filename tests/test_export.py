@@ -884,3 +884,15 @@ def test_the_composed_pipeline_decodes_a_force_upcast_float16_vae_in_float32(tin
     x = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(0)).half()
     images = pipe(prompt=["a red square"], num_inference_steps=1, guidance_scale=1.0, latents=x, output_type="pt").images
     assert seen == [(torch.float32, torch.float32)] and vae.dtype == torch.float16 and bool(torch.isfinite(images).all())
+
+
+def test_a_kind_override_exports_the_sampler_pgraft_runs(tmp_path, tiny_sd_dir):
+    """An SD model loaded with --kind flow was exported as a stock StableDiffusionPipeline driving the config's
+    DDIM scheduler: other images than pgraft's. It goes through the composed pipeline, on pgraft's flow grid."""
+    written = _export(tiny_sd_dir, tmp_path / "exp", "--kind", "flow")
+    assert written["pipeline"] == "PgraftPipeline"
+    scheduler = json.loads((tmp_path / "exp" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    want = _pgraft_sample(tmp_path, tiny_sd_dir, 2, 4, "--kind", "flow", "--prompt", "a red square", "--guidance-scale", "1")
+    got, _ = _exported_sample(tmp_path / "exp", 2, 4, prompt=["a red square"] * 2, guidance_scale=1.0)
+    _assert_same(got, want)

@@ -184,7 +184,10 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False, 
         raise ExportError(f"--format diffusers cannot write {model.source}: its corrector flow starts from a Gaussian "
                           f"source, which the exported pipeline does not carry; sample it with pgraft sample, or "
                           f"correct the base with correct.corrector_source = \"normal\" to export it")
-    plain = one_network(model) and support_of(model).plain and model.pipeline is not None
+    # a --kind against the scheduler's own family: the stock pipeline would drive the config's scheduler, not
+    # the one pgraft samples with; the composed pipeline takes pgraft's (``_scheduler``, which refuses the other way)
+    own_kind = ("FlowMatch" in model.scheduler_config.get("_class_name", "")) == (model.family == "flow")
+    plain = one_network(model) and support_of(model).plain and model.pipeline is not None and own_kind
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "
                           "network that diffusers' load_lora_weights can take); drop --keep-adapter")
