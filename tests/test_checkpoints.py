@@ -213,6 +213,32 @@ def test_a_corrector_whose_base_was_overwritten_by_a_corrector_is_one_error(tmp_
         assert "--base" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_corrector_of_a_fine_tuned_file_loads_and_a_fine_tune_over_its_base_does_not(tmp_path):
+    """`pgraft correct tuned.safetensors` is allowed: its corrector's base is a fine-tune file and must load;
+    a fine-tune whose recorded base became a fine-tune file (overwritten) is refused."""
+    import shutil
+
+    from pgraft_cli.io.checkpoints import base_info_of, save_finetuned
+    from pgraft_cli.io.recipes import FinetuneConfig
+    from pgraft_cli.models.lora import add_lora
+
+    digits = load_model("digits")
+    base = save_pgraft_safetensors(tmp_path / "m.safetensors", digits.network, digits.model_class, digits.model_config,
+                                   digits.scheduler_config, {})
+    model = load_model(str(base))
+    info = base_info_of(model)
+    add_lora(model.network, rank=2, alpha=2)
+    model.lora, model.cutoff = True, 0.5
+    tuned = save_finetuned(tmp_path / "t.safetensors", model, info, FinetuneConfig(cutoff=0.5, lora_rank=2, lora_alpha=2),
+                           {}, {})
+    corrected = corrected_file_of(load_model(str(tuned)), tmp_path / "c.safetensors")
+    again = load_model(str(corrected))
+    assert again.corrector is not None and again.finetuned and again.lora
+    shutil.copyfile(tuned, base)  # the fine-tune's base overwritten by the fine-tune
+    with pytest.raises(PgraftError, match="which is itself a finetune file"):
+        load_model(str(tuned))
+
+
 def test_damaged_pgraft_metadata_is_one_error(tmp_path):
     digits = load_model("digits")
     plain = save_pgraft_safetensors(tmp_path / "m.safetensors", digits.network, digits.model_class, digits.model_config,

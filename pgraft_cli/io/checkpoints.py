@@ -461,8 +461,11 @@ def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: s
     source = base or info["source"]
     local = Path(source).expanduser()
     if local.is_file() and local.suffix.lower() == ".safetensors":
+        # A corrector may be made of a fine-tune (its base), nothing else of a composed file: a base that is a
+        # corrector, or a fine-tune's base that is one (overwritten: --out over the base), would recurse.
         composed = read_safetensors_metadata(local).get("pgraft.kind")
-        if composed in ("corrector", "finetune"):  # a base made into (or overwritten by) a composed file
+        own = read_safetensors_metadata(path).get("pgraft.kind")
+        if composed == "corrector" or (composed == "finetune" and own == "finetune"):
             raise PgraftError(f"the base model of {path} is '{source}', which is itself a {composed} file, not a base "
                               f"model (was it overwritten?); pass the original base model with --base")
     try:
