@@ -348,9 +348,14 @@ def test_a_corrected_file_records_its_inversion_guidance_and_refuses_another(tmp
     """A corrector is fitted to the base sampler at one guidance scale (and autocast): the file records
     both, and sampling the conditioned model at another scale ends in one error line; a corrector
     with no recorded guidance (an unconditional base) takes any."""
+    from pgraft_cli.io.checkpoints import save_pgraft_safetensors
     from pgraft_cli.pipelines.skeleton import corrector_steps
 
-    model = load_model(str(_class_flow(tmp_path)))
+    plain = load_model(str(_class_flow(tmp_path)))  # guided: its last class is the null class
+    model = load_model(str(save_pgraft_safetensors(tmp_path / "guided.safetensors", plain.network, plain.model_class,
+                                                   plain.model_config, plain.scheduler_config, {},
+                                                   extra={"pgraft.null_class": "9"})))
+    assert model.guided
     corrector = NoiseCorrector("gaussian-diag", 4, mean=torch.zeros(10, 256), std=torch.ones(10, 256),
                                conditioning="class", guidance_scale=3.0, autocast="torch.bfloat16")
     path = save_corrected(tmp_path / "c.safetensors", corrector, model, {}, {})
@@ -373,7 +378,7 @@ def test_a_flux_dev_corrector_is_fitted_at_the_distilled_guidance_it_samples_wit
     built-in 3.5 whatever was set, the file recorded sample.guidance_scale, and sampling at another distilled
     guidance went through unchecked while --guidance-scale (unused by Flux) was refused."""
     from PIL import Image
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -404,6 +409,28 @@ def test_a_flux_dev_corrector_is_fitted_at_the_distilled_guidance_it_samples_wit
     right = runner.invoke(app, [*common, "--set", "sample.distilled_guidance=8", "--guidance-scale", "1",
                                 "--run-dir", str(tmp_path / "s8")])
     assert right.exit_code == 0, right.output
+    # a file written before the record named its guidance holds sample.guidance_scale (5), unread by Flux: it
+    # was inverted at the built-in 3.5, which is what it is now read as
+    state, meta = load_file(path), dict(safe_open(path, "pt").metadata())
+    fitted = json.loads(meta["pgraft.corrector_inversion"])
+    assert fitted["guidance"] == "distilled"
+    old = tmp_path / "old.safetensors"
+    meta["pgraft.corrector_inversion"] = json.dumps({**{k: v for k, v in fitted.items() if k != "guidance"},
+                                                     "guidance_scale": 5.0})
+    save_file(state, str(old), metadata=meta)
+    assert load_model(str(old)).corrector.guidance_scale == 3.5
+
+    # Flux schnell reads no guidance: nothing recorded, any distilled guidance samples, the export's default call runs
+    from conftest import build_tiny_flux_pipeline
+
+    schnell = build_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    made = runner.invoke(app, [args[0], str(schnell), *args[2:], "--run-dir", str(tmp_path / "rs"),
+                               "--out", str(tmp_path / "cs.safetensors")])
+    assert made.exit_code == 0, made.output
+    assert load_model(str(tmp_path / "cs.safetensors")).corrector.guidance_scale is None
+    other = runner.invoke(app, ["sample", str(tmp_path / "cs.safetensors"), "--num", "1", "--prompt", "a tree",
+                                "--set", "sample.distilled_guidance=1", "--run-dir", str(tmp_path / "ss")])
+    assert other.exit_code == 0, other.output
 
 
 def test_flops_of_a_text_corrector_count_its_mean_and_its_pooled_text_pass(tmp_path, tiny_sd_dir):

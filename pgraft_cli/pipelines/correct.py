@@ -85,7 +85,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
             corrector, info = main_first(store, dist.barrier, lambda: run_train_corrector(
                 noises, loaded.sample_shape, rec.correct, loaded.identity, store, bar, device=dev, conds=conds))
         # the sampler it was fitted to: the guidance a conditioned base was inverted with, and the autocast
-        if loaded.conditioning != "none" and (loaded.guided or not loaded.adapter.classifier_free):
+        if loaded.conditioning != "none":
             corrector.guidance_scale = sampler_guidance(loaded, rec.sample)
         corrector.autocast = None if loaded.autocast is None else str(loaded.autocast)
         corrector.dtype = str(loaded.dtype)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .skeleton import LoadOptions, Options, Outcome, check_out_spares_inputs, load, resolve_recipe, sampler_guidance
+from .skeleton import LoadOptions, Options, Outcome, check_out_spares_inputs, load, resolve_recipe
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -45,8 +45,8 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
     with output_folder(out, o.force) as tmp:
         if o.format == "diffusers":
             fitted = None if model.corrector is None else model.corrector.guidance_scale  # its base sampler's
-            written = export_diffusers(model, tmp, o.keep_adapter, dtype,
-                                       sampler_guidance(model, recipe.sample) if fitted is None else fitted,
+            own = recipe.sample.guidance_scale if model.adapter.classifier_free else recipe.sample.distilled_guidance
+            written = export_diffusers(model, tmp, o.keep_adapter, dtype, own if fitted is None else fitted,
                                        recipe.model.autocast)
         elif o.format == "single-file":
             written = export_single_file(model, tmp, dtype)

@@ -182,10 +182,13 @@ def open_run(run_dir: Path) -> RunStore:
     return RunStore(run_dir)
 
 
-def sampler_guidance(model: LoadedModel, sample: Any) -> float:
-    """The guidance a conditioned network is run with: the classifier-free scale (``sample.guidance_scale``),
-    or a guidance-distilled network's guidance input (Flux dev: ``sample.distilled_guidance``)."""
-    return sample.guidance_scale if model.adapter.classifier_free else sample.distilled_guidance
+def sampler_guidance(model: LoadedModel, sample: Any) -> Optional[float]:
+    """The guidance the network is run with: the classifier-free scale (``sample.guidance_scale``) of a guided
+    model, a guidance-distilled network's guidance input (Flux dev: ``sample.distilled_guidance``), or None
+    where it reads neither (unconditioned, unguided, Flux schnell)."""
+    if model.guided:
+        return sample.guidance_scale
+    return sample.distilled_guidance if model.model_config.get("guidance_embeds") else None
 
 
 def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str, guidance_scale: Optional[float] = None) -> int:
