@@ -356,18 +356,21 @@ def test_single_file_refuses_other_families_and_composed_samplers_in_one_line(tm
 # --dtype
 
 
-@pytest.mark.parametrize("fmt, dtype", [("diffusers", None), ("diffusers", "float16"), ("single-file", "bfloat16"),
-                                        ("lora", "float16")])
-def test_dtype_sets_the_written_weights_dtype(tmp_path, tiny_sd_dir, fmt, dtype):
+@pytest.mark.parametrize("fmt, dtype, recipe_dtype", [("diffusers", None, None), ("diffusers", "float16", None),
+                                                      ("single-file", "bfloat16", None), ("lora", "float16", None),
+                                                      ("single-file", None, "float16")])
+def test_dtype_sets_the_written_weights_dtype(tmp_path, tiny_sd_dir, fmt, dtype, recipe_dtype):
+    """--dtype, else the recipe's model.dtype (float32 unless set; it was ignored, the help said "the checkpoint's")."""
     from safetensors import safe_open
 
     checkpoint, _ = _tuned_file(tmp_path, tiny_sd_dir, 0.0)
-    _export(checkpoint, tmp_path / "out", "--format", fmt, *(["--dtype", dtype] if dtype else []))
+    _export(checkpoint, tmp_path / "out", "--format", fmt, *(["--dtype", dtype] if dtype else []),
+            *(["--set", f"model.dtype={recipe_dtype}"] if recipe_dtype else []))
     files = sorted((tmp_path / "out").rglob("*.safetensors"))
     assert len(files) >= (3 if fmt == "diffusers" else 1)
     for file in files:
         with safe_open(str(file), "pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype or "float32")}, file
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype or recipe_dtype or "float32")}, file
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ class ExportOptions(Options, LoadOptions):
     keep_adapter: bool = False
     force: bool = False
     base: Optional[str] = None
-    dtype: Optional[str] = None  # the written weights' dtype; None: the checkpoint's
+    dtype: Optional[str] = None  # the written weights' dtype; None: the recipe's model.dtype (float32)
 
 
 def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
@@ -38,9 +38,9 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
         raise ExportError("--keep-adapter applies to --format diffusers only; drop it")
     if o.dtype not in (None, *DTYPES):
         raise ExportError(f"--dtype {o.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    dtype = getattr(torch, o.dtype) if o.dtype else None
     check_out_spares_inputs(out, {"CHECKPOINT": checkpoint, "--config": o.config, "--base": o.base}, folder=True)
     recipe = resolve_recipe(o.recipe, o.sets)
+    dtype = getattr(torch, o.dtype or recipe.model.dtype)  # the weights' (a noise corrector keeps its own)
     model = load(checkpoint, o.config, o.kind, o.allow_pickle, recipe, o.base)
     with output_folder(out, o.force) as tmp:
         if o.format == "diffusers":
