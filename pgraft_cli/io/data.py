@@ -49,7 +49,7 @@ ALIASES = ("digits", *(f"digits-{name}" for name in DIGITS_SPLITS))
 # How each kind of data is brought to the model's size (the module doc); part of the reference
 # statistics' cache key, so edit the text whenever a rule changes.
 RESIZE_RULES = {"digits": "/16, bilinear align_corners=False, clamp [0, 1]",
-                "folder": "PIL convert L/RGB, bicubic shorter side, centre crop, /255",
+                "folder": "PIL convert L/RGB, bicubic shorter side, centre crop, /255; 16-bit grey /65535 in float",
                 "tensor": "none: the model's size; uint8 /255"}
 
 
