@@ -685,12 +685,17 @@ def test_evaluate_measures_fid_off_the_reward_a_file_was_tuned_on(tmp_path):
                            FinetuneConfig(cutoff=0.5, lora_rank=2, lora_alpha=2), metrics, {})
     small = ["--num", "8", "--steps", "2", "--json", "--quiet"]
 
+    notes = []
+
     def features(*args):
         result = cli_run("evaluate", *args, *small, "--run-dir", tmp_path / f"run{len(list(tmp_path.iterdir()))}")
         assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)["features"]
+        out = json.loads(result.stdout)
+        notes.append(any("FID in the bundled judge's features" in n for n in out["notes"]))
+        return out["features"]
 
     assert features(tuned).startswith("classifier:digits-judge")
     assert features("digits").startswith("classifier:digits-classifier")
     assert features("digits", "--reward", spec).startswith("classifier:digits-judge")
     assert features("digits", "--reward", "jpeg-compressibility").startswith("classifier:digits-classifier")
+    assert notes == [True, False, True, False]  # the switch is said where it happens

@@ -42,7 +42,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import evaluate_view
-    from ..stages.evaluate import evaluate_model, fid_skipped, pick_features, tuned_reward_identity
+    from ..stages.evaluate import JUDGE_FEATURES, evaluate_model, fid_skipped, pick_features, tuned_reward_identity
     from ..stages.sample import Conditions, check_conditions
 
     gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward)))
@@ -70,6 +70,9 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
                           reward_identity=optimised)
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
     mismatch = [n for n in [precision_note(loaded)] if n]  # said in the results; `notes` alone says FID is skipped
+    if optimised and rec.evaluate.features == "auto" and feats is not None and feats.name.startswith(JUDGE_FEATURES):
+        mismatch.append("FID in the bundled judge's features: the reward (--reward, or the one this file was tuned on) "
+                        "is the classifier --features auto takes otherwise; a stats file for --data needs --features judge")
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,
                             batch_size=rec.sample.batch_size, lane=rec.sample.lane, memory_format=rec.sample.memory_format)
     eval_cfg.guidance_scale, eval_cfg.distilled_guidance = rec.sample.guidance_scale, rec.sample.distilled_guidance

@@ -188,6 +188,9 @@ def pick_features(choice: str, image_shape: tuple[int, int, int], inception_weig
         raise
 
 
+JUDGE_FEATURES = "classifier:digits-judge"  # the bundled judge's features' name (classifier_features)
+
+
 def tuned_reward_identity(model: Any) -> str:
     """The identity of the reward a fine-tuned file was tuned on (``pgraft finetune`` records it beside its
     metrics), or "" (not a fine-tuned file, or one written before it was recorded)."""
@@ -249,7 +252,8 @@ def cached_reference(features: Features, spec: str, image_shape: tuple[int, int,
         if meta.get("features") != features.identity or tuple(meta.get("image_shape", ())) != tuple(image_shape):
             raise PgraftError(f"--data {spec} holds statistics of {meta.get('features')} features of "
                               f"{meta.get('image_shape')} images, but this run measures {features.identity} of "
-                              f"{list(image_shape)}; pass matching --features, or write new ones with pgraft stats")
+                              f"{list(image_shape)}; pass matching --features (auto takes the judge's where the reward is the bundled "
+                              f"classifier), or write new ones with pgraft stats")
         metric = FidKid.from_reference_state(state, kid_subsets)
         version = meta.get("version")  # files before version 3 did not record it
         if version is None:
