@@ -573,7 +573,7 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
         load_state(loaded.network, state, str(path))
         # the pipeline's other parts (VAE, text encoders, scheduler) are the folder's: both in the identity
         loaded.source, loaded.metadata = str(path), metadata
-        loaded.identity, loaded.config_dir = f"{sha256_file(path)}+{identity_of(cfg_path)}", str(cfg_path)
+        loaded.identity, loaded.config_dir = f"{sha256_file(path)}+{loaded.identity}", str(cfg_path)  # the folder's
         loaded.provenance = meta_json(metadata, "pgraft.provenance", path, {})
         loaded.default_data = metadata.get("pgraft.data") or None
         loaded.default_eval_data = metadata.get("pgraft.eval_data") or None
