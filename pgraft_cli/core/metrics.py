@@ -442,10 +442,10 @@ def mean_pairwise_distance(features: Tensor | np.ndarray, groups: Tensor | np.nd
     samples (an unconditional model's one group) is measured on its first ``PAIRWISE_ROWS``: the samples
     of a condition are exchangeable, so that is an unbiased estimate of the same mean, at a bounded cost
     (all pairs of 50,000 samples would be a 20 GB distance matrix)."""
-    features, groups = torch.as_tensor(features, dtype=torch.float64), torch.as_tensor(groups)
+    features, groups = torch.as_tensor(features), torch.as_tensor(groups)
     means = []
     for g in torch.unique(groups):
-        f = features[groups == g][:PAIRWISE_ROWS]
+        f = features[groups == g][:PAIRWISE_ROWS].double()  # float64 per group: no copy of every row
         if len(f) >= 2:
             d = torch.cdist(f, f)
             means.append(float(d.sum() / (len(f) * (len(f) - 1))))

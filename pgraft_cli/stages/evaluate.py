@@ -486,12 +486,13 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         f = features(images) if features is not None else None
         for m in measured:
             m.update(f, real=False)
-        if f is not None:
+        if f is not None and metric is None:  # with a reference its KID keeps the same rows: no second copy
             rows.append(f.float())
         if reward is not None:
             rewards.append(reward(images, cond.for_indices(model, index.tolist())[0]))
     index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-    groups = image_groups(model, cond, index, best_of) if grouped or rows else None
+    kept = metric.rows(real=False) if metric is not None else (torch.cat(rows) if rows else None)
+    groups = image_groups(model, cond, index, best_of) if grouped or kept is not None else None
     guidance = sample_cfg.guidance_scale if model.guided else 1.0
     out: dict[str, Any] = {
         "num": num, "steps": sample_cfg.steps, **flops_per_image(model, sample_cfg.steps, guidance),
@@ -508,8 +509,8 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
             test = copying(fake, copy_reference)
             out["warnings"] += test.pop("warnings")
             out.update(test)
-    if rows:
-        out["pairwise_distance"] = mean_pairwise_distance(torch.cat(rows), groups)
+    if kept is not None:
+        out["pairwise_distance"] = mean_pairwise_distance(kept, groups)
     if reward is not None:
         from .score import reward_stats
 
