@@ -87,6 +87,13 @@ def test_diffusion_grid_refuses_a_step_at_timestep_zero():
     x = torch.randn(2, 3, dtype=torch.float64)
     out, _ = sample(lambda x, t: 0.9 * x, schedule, x, schedule.grid(666))
     assert bool(torch.isfinite(out).all())
+    # the exported pipeline's own copy of the grid refuses the same, and agrees below it
+    from pgraft_cli.io.export_pipeline import Schedule
+
+    exported = Schedule({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000})
+    assert torch.equal(exported.grid(666), schedule.grid(666))
+    with pytest.raises(ValueError, match="at most 666 steps"):
+        exported.grid(667)
 
 
 def test_flow_euler_is_exact_for_point_mass_data():

@@ -119,7 +119,11 @@ class Schedule:
             u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
             return self.shift * u / (1.0 + (self.shift - 1.0) * u)
         k = torch.arange(steps, dtype=torch.float64)
-        return torch.cat([(torch.round(self.T - k * self.T / steps) - 1) / self.T, torch.zeros(1, dtype=torch.float64)])
+        timesteps = torch.round(self.T - k * self.T / steps) - 1
+        if timesteps[-1] < 1:  # as pgraft's grid: timestep 0 would be read as the data (alpha = 1)
+            raise ValueError(f"diffusion sampling with {steps} steps of {self.T} puts its last step at timestep 0; "
+                             f"use at most {2 * self.T // 3} steps")
+        return torch.cat([timesteps / self.T, torch.zeros(1, dtype=torch.float64)])
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
