@@ -12,6 +12,7 @@ from conftest import cli_run
 from typer.testing import CliRunner
 
 from pgraft_cli.cli import app
+from pgraft_cli.errors import PgraftError
 from pgraft_cli.io.checkpoints import base_info_of, load_model, save_corrected, save_finetuned
 from pgraft_cli.io.recipes import FinetuneConfig
 from pgraft_cli.io.runstore import RunStore
@@ -899,3 +900,20 @@ def test_a_kind_override_exports_the_sampler_pgraft_runs(tmp_path, tiny_sd_dir):
     want = _pgraft_sample(tmp_path, tiny_sd_dir, 2, 4, "--kind", "flow", "--prompt", "a red square", "--guidance-scale", "1")
     got, _ = _exported_sample(tmp_path / "exp", 2, 4, prompt=["a red square"] * 2, guidance_scale=1.0)
     _assert_same(got, want)
+
+
+def test_export_refuses_to_replace_the_folder_holding_a_composed_files_base(tmp_path):
+    """`export corrected.safetensors --out BASE_FOLDER --force` deleted the base the file records (loaded, not named)."""
+    from pgraft_cli.io.checkpoints import save_pgraft_safetensors
+
+    digits = load_model("digits")
+    folder = tmp_path / "bases"
+    folder.mkdir()
+    base = save_pgraft_safetensors(folder / "m.safetensors", digits.network, digits.model_class, digits.model_config,
+                                   digits.scheduler_config, {})
+    corrector = NoiseCorrector("gaussian-diag", 4, 0, mean=torch.zeros(256), std=torch.ones(256))
+    path = save_corrected(tmp_path / "c.safetensors", corrector, load_model(str(base)), {}, {})
+    before = base.read_bytes()
+    result = runner.invoke(app, ["export", str(path), "--out", str(folder), "--force"])
+    assert isinstance(result.exception, PgraftError) and "would overwrite its base model" in str(result.exception)
+    assert base.read_bytes() == before and load_model(str(path)).corrector is not None
