@@ -8,7 +8,11 @@
    Euler sampler, conditional branch alone, guidance 1), one class per batch: the solver drops
    converged rows, and a batch of one class keeps the labels aligned with the rows still iterating.
 3. Fits two diagonal Gaussian correctors on the inverted noises: one for all classes
-   (``fit_gaussian_diag``) and one per class (``fit_gaussian_diag_by_class``).
+   (``fit_gaussian_diag``) and one per class (``fit_gaussian_diag_by_class``); and two full-covariance ones
+   (``correct.corrector = "gaussian"``): one for all classes (``fit_gaussian``) and one per class
+   (``fit_gaussian_by_class``: each class's own mean with the tied within-class covariance where a class
+   has no more images than dimensions; before, such a class took the pooled fit, so with 60 images a
+   class of 256 dimensions the per-class corrector was the "full unconditional" row exactly).
 4. For each seed, samples ``--eval-num`` images (class i mod 10, the same noises for every method)
    with the base sampler, the unconditional corrector and the class-conditioned one, and reports FID
    to the held-out ``digits-test`` (bundled classifier's features) and label accuracy, with the
@@ -36,11 +40,12 @@ from pgraft_cli.core.metrics import distances  # noqa: E402
 from pgraft_cli.core.samplers import invert, sample  # noqa: E402
 from pgraft_cli.io.checkpoints import load_classifier, load_model  # noqa: E402
 from pgraft_cli.io.data import load_digits  # noqa: E402
-from pgraft_cli.models.corrector import fit_gaussian_diag, fit_gaussian_diag_by_class  # noqa: E402
+from pgraft_cli.models.corrector import (fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,  # noqa: E402
+                                         fit_gaussian_diag_by_class)
 from pgraft_cli.models.loaded import Cond  # noqa: E402
 from pgraft_cli.stages.evaluate import CLASSIFIER_PATH, classifier_features  # noqa: E402
 
-METHODS = ("base", "unconditional", "class")
+METHODS = ("base", "unconditional", "class", "full unconditional", "full class")
 
 
 def denoiser(model, label: int):
@@ -91,13 +96,18 @@ def main() -> None:
           f"kept {int(keep.sum())}", flush=True)
     mean, std = fit_gaussian_diag(noises[keep])
     mean_c, std_c = fit_gaussian_diag_by_class(noises[keep], labels[keep], 10)
+    full_mean, full_chol = fit_gaussian(noises[keep])
+    class_mean, class_chol, chol_of = fit_gaussian_by_class(noises[keep], labels[keep], 10)
     rows = []
     for seed in args.seeds:
         e = torch.randn((args.eval_num, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
         y = torch.arange(args.eval_num) % 10
         flat = e.flatten(1).double()
+        per_class = class_mean[y] + torch.einsum("bij,bj->bi", class_chol[chol_of[y]], flat)
         starts = {"base": e, "unconditional": (mean + std * flat).float().reshape(e.shape),
-                  "class": (mean_c[y] + std_c[y] * flat).float().reshape(e.shape)}
+                  "class": (mean_c[y] + std_c[y] * flat).float().reshape(e.shape),
+                  "full unconditional": (full_mean + flat @ full_chol.T).float().reshape(e.shape),
+                  "full class": per_class.float().reshape(e.shape)}
         row = {"seed": seed}
         with torch.inference_mode():
             for method, noise in starts.items():
@@ -110,9 +120,10 @@ def main() -> None:
     for m in METHODS:
         lines.append(f"| {m} | {mean_std([r[m]['fid'] for r in rows], 2)} | {mean_std([r[m]['accuracy'] for r in rows], 3)} |")
     if len(rows) > 1:
-        for other in ("unconditional", "base"):
-            d = paired_t([r["class"]["fid"] for r in rows], [r[other]["fid"] for r in rows])
-            lines.append(f"| class - {other} (paired FID) | {' '.join(paired_text(d, 2))} | |")
+        for one, other in (("class", "unconditional"), ("class", "base"), ("full class", "full unconditional"),
+                           ("full class", "class")):
+            d = paired_t([r[one]["fid"] for r in rows], [r[other]["fid"] for r in rows])
+            lines.append(f"| {one} - {other} (paired FID) | {' '.join(paired_text(d, 2))} | |")
     print("\n".join(lines))
 
 

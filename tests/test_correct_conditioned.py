@@ -208,17 +208,26 @@ def test_correct_a_text_to_image_model_with_captions_then_sample_with_prompts(tm
     torch.testing.assert_close(second[1:], first[1:])
 
 
-def test_fit_gaussian_by_class_fits_classes_with_more_samples_than_dimensions_and_pools_the_rest():
+def test_fit_gaussian_by_class_fits_own_tied_and_pooled_gaussians():
+    """A class with more samples than dimensions: its own fit. One with at least 2: its own mean and the tied
+    within-class covariance (it took the pooled mean and covariance: the class-conditioned full Gaussian was
+    the unconditional one on the digits). One unseen: the pooled (unconditional) fit."""
     from pgraft_cli.models.corrector import fit_gaussian, fit_gaussian_by_class
 
     g = torch.Generator().manual_seed(0)
-    labels = torch.tensor([0] * 40 + [1] * 2)
-    noises = torch.randn(42, 1, 1, 2, generator=g) + labels.view(-1, 1, 1, 1) * 3.0
+    labels = torch.tensor([0] * 40 + [1] * 3)
+    noises = torch.randn(43, 1, 2, 2, generator=g) + labels.view(-1, 1, 1, 1) * 3.0  # 4 dimensions
     mean, chol, chol_of = fit_gaussian_by_class(noises, labels, 3)
     own, pooled = fit_gaussian(noises[labels == 0]), fit_gaussian(noises)
     torch.testing.assert_close((mean[0], chol[chol_of[0]]), own)
-    for c in (1, 2):
-        torch.testing.assert_close((mean[c], chol[chol_of[c]]), pooled)
+    torch.testing.assert_close((mean[2], chol[chol_of[2]]), pooled)
+    flat = noises.reshape(43, 4).double()
+    centred = torch.cat([flat[labels == c] - flat[labels == c].mean(0) for c in (0, 1)])
+    within = centred.T @ centred / (43 - 2) + 1e-5 * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(mean[1], flat[labels == 1].mean(0))
+    torch.testing.assert_close(chol[chol_of[1]] @ chol[chol_of[1]].T, within)
+    # the tied spread leaves out the 3.0 between the class means, which the pooled one holds
+    assert float(within.trace()) < 0.8 * float((pooled[1] @ pooled[1].T).trace())
 
 
 def test_the_pooled_cholesky_factor_is_stored_once_not_per_class(tmp_path):
@@ -230,8 +239,8 @@ def test_the_pooled_cholesky_factor_is_stored_once_not_per_class(tmp_path):
     labels = torch.tensor([5] * 30 + [7] * 3)
     noises = torch.randn(33, 1, 2, 2, generator=g) + labels.view(-1, 1, 1, 1)
     mean, chol, chol_of = fit_gaussian_by_class(noises, labels, 1000)
-    assert chol.shape == (2, 4, 4) and chol_of.shape == (1000,)
-    assert chol_of[5] == 1 and int((chol_of == 0).sum()) == 999
+    assert chol.shape == (3, 4, 4) and chol_of.shape == (1000,)  # pooled, tied (class 7), class 5's own
+    assert (chol_of[7], chol_of[5]) == (1, 2) and int((chol_of == 0).sum()) == 998
     corrector = NoiseCorrector("gaussian", 4, 0, mean=mean.float(), chol=chol.float(), chol_of=chol_of,
                                conditioning="class")
     e = torch.randn(3, 1, 2, 2, generator=g)

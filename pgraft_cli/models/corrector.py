@@ -254,16 +254,34 @@ def fit_gaussian_diag_by_class(noises: Tensor, labels: Tensor, num_classes: int)
 def fit_gaussian_by_class(noises: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-class mean ``(C, D)``, Cholesky factors ``(K, D, D)`` and each class's factor ``(C,)`` (float64).
 
-    Factor 0 is the pooled fit (``fit_gaussian``, which refuses when the pool itself is too small),
-    stored once and taken by every class with no more samples than dimensions; each other class has
-    its own factor (``K = 1 +`` their number), so memory is ``K D^2``, not ``C D^2``.
+    A class with more samples than dimensions has its own mean and covariance. A class with at least 2 has
+    its own mean and shares the pooled within-class covariance (LDA's tied covariance: the scatter about
+    each class's own mean, ``N - C`` degrees of freedom, where that leaves more than D). A class with fewer,
+    or all of them where the tied covariance has too few degrees of freedom, takes the pooled fit
+    (``fit_gaussian``: the unconditional mean and covariance; it refuses when the pool itself is too small).
+    Shared factors are stored once (``K D^2`` for K distinct factors, not ``C D^2``). (Before, every class
+    without its own covariance took the pooled mean too: on the digits, 108 images a class of 256
+    dimensions, the class-conditioned corrector was the unconditional one.)
     """
     pooled_mean, pooled_chol = fit_gaussian(noises)
-    flat = noises.reshape(noises.shape[0], -1)
-    mean, factors = pooled_mean.repeat(num_classes, 1), [pooled_chol]
-    chol_of = torch.zeros(num_classes, dtype=torch.long)
-    for c in range(num_classes):
-        if int((labels == c).sum()) > flat.shape[1]:
+    flat = noises.reshape(noises.shape[0], -1).double()
+    dim = flat.shape[1]
+    counts = torch.bincount(labels.long(), minlength=num_classes)[:num_classes]
+    means = {c: flat[labels == c].mean(0) for c in range(num_classes) if counts[c] >= 2}
+    residuals = torch.cat([flat[labels == c] - m for c, m in means.items()]) if means else flat[:0]
+    dof = len(residuals) - len(means)
+    tied = None
+    if dof > dim:
+        cov = residuals.T @ residuals / dof + 1e-5 * torch.eye(dim, dtype=torch.float64)
+        tied = torch.linalg.cholesky(cov)
+    mean, chol_of, factors = pooled_mean.repeat(num_classes, 1), torch.zeros(num_classes, dtype=torch.long), [pooled_chol]
+    shares = [c for c in means if counts[c] <= dim] if tied is not None else []
+    if shares:
+        factors.append(tied)
+        for c in shares:
+            mean[c], chol_of[c] = means[c], 1
+    for c in means:
+        if counts[c] > dim:
             mean[c], own = fit_gaussian(flat[labels == c])
             chol_of[c] = len(factors)
             factors.append(own)
