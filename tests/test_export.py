@@ -915,5 +915,22 @@ def test_export_refuses_to_replace_the_folder_holding_a_composed_files_base(tmp_
     path = save_corrected(tmp_path / "c.safetensors", corrector, load_model(str(base)), {}, {})
     before = base.read_bytes()
     result = runner.invoke(app, ["export", str(path), "--out", str(folder), "--force"])
-    assert isinstance(result.exception, PgraftError) and "would overwrite its base model" in str(result.exception)
+    assert isinstance(result.exception, PgraftError) and "would overwrite the base of CHECKPOINT" in str(result.exception)
     assert base.read_bytes() == before and load_model(str(path)).corrector is not None
+
+    # down the chain: a corrector of a fine-tune rests on the fine-tune's base too, for export and for correct
+    from pgraft_cli.models.lora import add_lora
+
+    model = load_model(str(base))
+    info = base_info_of(model)
+    add_lora(model.network, rank=2, alpha=2)
+    model.lora, model.cutoff = True, 0.5
+    tuned = save_finetuned(tmp_path / "t.safetensors", model, info, FinetuneConfig(cutoff=0.5, lora_rank=2, lora_alpha=2),
+                           {}, {})
+    chained = save_corrected(tmp_path / "ct.safetensors", corrector, load_model(str(tuned)), {}, {})
+    result = runner.invoke(app, ["export", str(chained), "--out", str(folder), "--force"])
+    assert isinstance(result.exception, PgraftError)
+    assert "would overwrite the base of the base of CHECKPOINT" in str(result.exception)
+    result = runner.invoke(app, ["correct", str(tuned), "--out", str(base)])
+    assert isinstance(result.exception, PgraftError) and "would overwrite the base of MODEL" in str(result.exception)
+    assert base.read_bytes() == before and load_model(str(chained)).corrector is not None

@@ -445,7 +445,8 @@ def mean_pairwise_distance(features: Tensor | np.ndarray, groups: Tensor | np.nd
     features, groups = torch.as_tensor(features), torch.as_tensor(groups)
     means = []
     for g in torch.unique(groups):
-        f = features[groups == g][:PAIRWISE_ROWS].double()  # float64 per group: no copy of every row
+        rows = (groups == g).nonzero().flatten()[:PAIRWISE_ROWS]
+        f = features[rows].double()  # only the rows measured are copied, in float64
         if len(f) >= 2:
             d = torch.cdist(f, f)
             means.append(float(d.sum() / (len(f) * (len(f) - 1))))

@@ -35,8 +35,8 @@ class NoiseCorrector:
     ``z = mean + std * e`` per dimension (no network calls).
 
     A class-conditioned corrector (``conditioning = "class"``) holds one fit per class: ``mean``
-    (C, D), ``std`` (C, D) or ``chol`` (K, D, D) with ``chol_of`` (C,) naming each class's factor (the
-    pooled factor is stored once, not per class), or a flow network with a class embedding
+    (C, D), ``std`` (C, D) or ``chol`` (K, D, D) with ``chol_of`` (C,) naming each class's factor (a
+    shared factor, pooled or tied, is stored once, not per class), or a flow network with a class embedding
     (``num_class_embeds = C``); each row takes its class's. A text-conditioned one
     (``conditioning = "text"``) takes each sample's pooled text embedding ``c`` (E,): the Gaussian
     kinds' mean is ``mean + c @ weight`` (a ridge regression, :func:`fit_gaussian_on_text`; ``weight``

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 from ..errors import PgraftError
 from .skeleton import (DataOptions, ModelOptions, Outcome, Verb, check_out_spares_inputs, computed_recipe,
-                       default_run_dir, real_data, references, resolve_recipe, sampler_guidance, start)
+                       default_run_dir, real_data, recorded_bases, references, resolve_recipe, sampler_guidance,
+                       start)
 
 
 @dataclass
@@ -57,7 +58,8 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
     if copy_gates and not rec.evaluate.copy_test:
         raise PgraftError(f"--fail-if {copy_gates[0]} gates on the copy test, which evaluate.copy_test = false turns "
                           f"off; drop the gate or the setting")
-    check_out_spares_inputs(o.out, {"MODEL": model, "--config": o.config, "--data": o.data, "--eval-data": o.eval_data})
+    check_out_spares_inputs(o.out, {"MODEL": model, "--config": o.config, "--data": o.data, "--eval-data": o.eval_data,
+                                    **recorded_bases(model)})
     verb: Verb = start("correct", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
     loaded, dev = verb.model, verb.device
     if loaded.corrector is not None:

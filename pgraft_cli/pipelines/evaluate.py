@@ -70,7 +70,8 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
                           reward_identity=optimised)
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
     mismatch = [n for n in [precision_note(loaded)] if n]  # said in the results; `notes` alone says FID is skipped
-    if optimised and rec.evaluate.features == "auto" and feats is not None and feats.name.startswith(JUDGE_FEATURES):
+    if (optimised and not notes and rec.evaluate.features == "auto" and feats is not None
+            and feats.name.startswith(JUDGE_FEATURES)):  # (notes: FID skipped)
         mismatch.append("FID in the bundled judge's features: the reward (--reward, or the one this file was tuned on) "
                         "is the classifier --features auto takes otherwise; a stats file for --data needs --features judge")
     eval_cfg = SampleConfig(num=num, seed=rec.evaluate.seed, steps=eval_steps,

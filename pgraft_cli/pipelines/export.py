@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .skeleton import LoadOptions, Options, Outcome, check_out_spares_inputs, load, resolve_recipe
+from .skeleton import LoadOptions, Options, Outcome, check_out_spares_inputs, load, recorded_bases, resolve_recipe
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -39,14 +38,11 @@ def export(checkpoint: str, out: Path, o: ExportOptions) -> Outcome:
         raise ExportError("--keep-adapter applies to --format diffusers only; drop it")
     if o.dtype not in (None, *DTYPES):
         raise ExportError(f"--dtype {o.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    check_out_spares_inputs(out, {"CHECKPOINT": checkpoint, "--config": o.config, "--base": o.base}, folder=True)
+    check_out_spares_inputs(out, {"CHECKPOINT": checkpoint, "--config": o.config, "--base": o.base,
+                                  **recorded_bases(checkpoint, "CHECKPOINT")}, folder=True)
     recipe = resolve_recipe(o.recipe, o.sets)
     dtype = getattr(torch, o.dtype or recipe.model.dtype)  # the weights' (a noise corrector keeps its own)
     model = load(checkpoint, o.config, o.kind, o.allow_pickle, recipe, o.base)
-    if model.corrector is not None or model.finetuned:  # a composed file: the base (and config) it records too
-        info = json.loads((model.metadata or {}).get("pgraft.base") or "{}")
-        check_out_spares_inputs(out, {"its base model": info.get("source"), "its base's config": info.get("config")},
-                                folder=True)
     with output_folder(out, o.force) as tmp:
         if o.format == "diffusers":
             fitted = None if model.corrector is None else model.corrector.guidance_scale  # its base sampler's

@@ -76,6 +76,31 @@ def check_out_spares_inputs(out: Optional[Path], inputs: dict[str, Optional[str]
                                   f"pass another --out path")
 
 
+def recorded_bases(spec: Optional[str], what: str = "MODEL") -> dict[str, Optional[str]]:
+    """The local files a composed ``spec`` rests on, for :func:`check_out_spares_inputs`: the base (and config
+    folder) it records, that base's own where it is composed too (a corrector of a fine-tune), and so on.
+    Nothing for a spec that is not a local pgraft file; unreadable records end the chain (loading says why)."""
+    from ..io.checkpoints import read_safetensors_metadata
+
+    found: dict[str, Optional[str]] = {}
+    current, label = spec, what
+    for _ in range(4):  # a corrector of a fine-tune is the deepest chain pgraft writes
+        path = Path(current).expanduser() if current else None
+        if path is None or path.suffix.lower() != ".safetensors" or not path.is_file():
+            break
+        try:
+            info = json.loads(read_safetensors_metadata(path).get("pgraft.base") or "null")
+        except (PgraftError, ValueError):
+            break
+        if not isinstance(info, dict) or not isinstance(info.get("source"), str):
+            break
+        label = f"the base of {label}"
+        found[label] = info["source"]
+        found[f"the config of {label}"] = info.get("config") if isinstance(info.get("config"), str) else None
+        current = info["source"]
+    return found
+
+
 def process_state(recipe: Recipe, override: Optional[str]) -> Any:
     """accelerate's process state; CPU-only machines get the gloo backend (cpu=True)."""
     import torch

@@ -431,7 +431,7 @@ def run_train_corrector(noises: Tensor, sample_shape: tuple[int, int, int], cfg:
         diag, spread_info, weight, chol_of = cfg.corrector == "gaussian-diag", {}, None, None
         if kind == "text":  # the mean a ridge map of the pooled text embedding, one spread
             mean, weight, spread, spread_info = fit_gaussian_on_text(noises, cond_of, cfg.corrector)
-        elif kind == "class":  # per class; full covariance: the pooled factor stored once (chol_of)
+        elif kind == "class":  # per class; full covariance: each shared factor (pooled, tied) stored once (chol_of)
             mean, spread, *rest = (fit_gaussian_diag_by_class if diag else fit_gaussian_by_class)(noises, cond_of, num)
             chol_of = rest[0] if rest else None
         else:
