@@ -844,7 +844,7 @@ def save_corrected(path: Path | str, corrector: NoiseCorrector, base: LoadedMode
     if corrector.conditioning != "none":  # per class, or on the pooled text embedding (NoiseCorrector)
         extra["pgraft.corrector_conditioning"] = corrector.conditioning
     # "guidance": what guidance_scale is (files before it: a Flux base's recorded sample.guidance_scale, unread)
-    guidance = ("distilled" if base.model_config.get("guidance_embeds") else "classifier-free" if base.guided else None)
+    guidance = "distilled" if base.distilled else "classifier-free" if base.guided else None
     extra["pgraft.corrector_inversion"] = json.dumps({"guidance_scale": corrector.guidance_scale, "guidance": guidance,
                                                       "autocast": corrector.autocast, "dtype": corrector.dtype})
     provenance = {"created_by": "pgraft correct", "recipe": recipe, **(extra_provenance or {})}
@@ -889,7 +889,7 @@ def load_corrected(path: Path, metadata: dict[str, str], base: Optional[str], ki
     if "guidance" not in fitted and not base_model.adapter.classifier_free:
         # written before the record said which guidance: a Flux base was inverted at its built-in distilled
         # guidance (dev) or none (schnell), whatever sample.guidance_scale it recorded
-        given["guidance_scale"] = DEFAULT_DISTILLED_GUIDANCE if base_model.model_config.get("guidance_embeds") else None
+        given["guidance_scale"] = DEFAULT_DISTILLED_GUIDANCE if base_model.distilled else None
     if corrector_type in ("gaussian", "gaussian-diag"):
         corrector = NoiseCorrector(corrector_type, base_steps, 0, mean=state["mean"], chol=state.get("chol"),
                                    std=state.get("std"), weight=state.get("weight"), chol_of=state.get("chol_of"),

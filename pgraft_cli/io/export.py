@@ -243,7 +243,7 @@ def stock_scheduler(model: LoadedModel) -> Any:
 def _sampled_guidance(model: LoadedModel, guidance: float) -> float:
     """The guidance scale pgraft samples at: ``guidance`` where the model is guided, or where a guidance-distilled
     network (Flux dev) takes it as an input; else 1."""
-    return guidance if model.guided or model.model_config.get("guidance_embeds") else 1.0
+    return guidance if model.guided or model.distilled else 1.0
 
 
 def _guidance_info(model: LoadedModel, pipe: Any, plain: bool, guidance: float, out: Path) -> dict[str, Any]:

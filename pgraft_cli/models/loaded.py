@@ -105,6 +105,11 @@ class LoadedModel:
         return self.conditioning == "text" or (self.conditioning == "class" and self.null_class is not None)
 
     @property
+    def distilled(self) -> bool:
+        """Whether the network takes a distilled guidance as an input (Flux dev: ``sample.distilled_guidance``)."""
+        return bool(self.model_config.get("guidance_embeds"))
+
+    @property
     def adapter(self) -> Family:
         """The family adapter that encodes, calls and decodes this network (``models/families``)."""
         return family_for(self.model_class, self.model_config)

@@ -213,7 +213,7 @@ def sampler_guidance(model: LoadedModel, sample: Any) -> Optional[float]:
     where it reads neither (unconditioned, unguided, Flux schnell)."""
     if model.guided:
         return sample.guidance_scale
-    return sample.distilled_guidance if model.model_config.get("guidance_embeds") else None
+    return sample.distilled_guidance if model.distilled else None
 
 
 def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str, guidance_scale: Optional[float] = None) -> int:

@@ -172,7 +172,7 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
     inputs = {"model": model_key(model), "data": rows_digest(images)}
     if model.conditioning != "none":  # each image's condition, and the guidance it is inverted with
         base["guidance_scale"] = guidance_scale if model.guided else None
-        if model.model_config.get("guidance_embeds"):  # only guidance-distilled networks (Flux dev) read it
+        if model.distilled:  # only guidance-distilled networks (Flux dev) read it
             base["distilled_guidance"] = distilled_guidance
         inputs["conditions"] = (tensor_digest(labels) if model.conditioning == "class" else
                                 hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest())
