@@ -779,3 +779,33 @@ def test_a_hub_base_whose_commit_is_not_cached_offline_is_one_clear_line(hub_cac
     message = str(err.value)
     assert "org/tiny" in message and "a" * 40 in message and "\n" not in message
     assert "--revision " + "a" * 40 in message and "snapshots/" + "a" * 40 in message and "--base" in message
+
+
+def test_hf_download_bookkeeping_is_not_part_of_a_folders_identity(tmp_path, unet_pipeline_dir):
+    """`hf download --local-dir` writes .cache/huggingface/download/*.metadata with the download's time: every
+    download of the same weights was another model (stages re-ran; composed files refused their base)."""
+    import time
+
+    from pgraft_cli.io.checkpoints import identity_of
+
+    folder = unet_pipeline_dir("ddpm")
+    before = load_model(str(folder)).identity
+    meta = folder / ".cache" / "huggingface" / "download" / "unet" / "diffusion_pytorch_model.safetensors.metadata"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(f"abc123\netag\n{time.time()}\n")
+    legacy = identity_of(folder, hidden=True)
+    made = corrected_file_of(load_model(str(folder)), tmp_path / "c.safetensors")
+    meta.write_text(f"abc123\netag\n{time.time() + 60}\n")  # downloaded again
+    assert load_model(str(folder)).identity == before != legacy
+    assert load_model(str(made)).corrector is not None
+    # a file made before hidden folders left the identity recorded the legacy one: it still composes
+    state, metadata = load_file(str(made)), read_safetensors_metadata(made)
+    info = json.loads(metadata["pgraft.base"])
+    meta.write_text(f"abc123\netag\n{time.time()}\n")
+    older = tmp_path / "older.safetensors"
+    save_file(state, str(older), metadata={**metadata, "pgraft.base": json.dumps({**info, "identity": identity_of(folder, hidden=True)})})
+    assert load_model(str(older)).corrector is not None
+    # the weights themselves still count
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))
+    assert load_model(str(folder)).identity != before

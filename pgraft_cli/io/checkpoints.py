@@ -134,12 +134,15 @@ def default_scheduler_config(kind: str) -> dict[str, Any]:
 # Identity
 
 
-def identity_of(path: Path) -> str:
-    """sha256 of a file, or of a folder's (relative path, file sha256) list."""
+def identity_of(path: Path, hidden: bool = False) -> str:
+    """sha256 of a file, or of a folder's (relative path, file sha256) list, leaving out the files in hidden
+    folders unless ``hidden`` (``.git``; ``.cache/huggingface``, the bookkeeping `hf download --local-dir`
+    writes, with the time of each download in it: the same weights downloaded again were another model)."""
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+    for p in sorted(q for q in path.rglob("*") if q.is_file()
+                    and (hidden or not any(part.startswith(".") for part in q.relative_to(path).parts[:-1]))):
         h.update(f"{p.relative_to(path)}\0{sha256_file(p)}\n".encode())
     return h.hexdigest()
 
@@ -475,6 +478,9 @@ def load_base_for(path: Path, info: dict[str, Any], base: Optional[str], kind: s
         raise PgraftError(f"the base model of {path} could not be loaded from '{source}' ({exc}); pass it with --base") from None
     # files made before a pipeline folder's files joined the identity of weights given --config FOLDER
     older = "+" not in info["identity"] and model.identity.startswith(info["identity"] + "+")
+    # files made before a folder's hidden folders (hf download's .cache) left its identity
+    older = older or (model.identity != info["identity"] and local.is_dir()
+                      and identity_of(local, hidden=True) == info["identity"])
     if model.identity != info["identity"] and not older:
         raise PgraftError(
             f"--base {source} is not the model {path.name} was made from (sha256 {model.identity[:12]} != "
