@@ -266,12 +266,14 @@ def test_the_hand_over_happens_at_the_captured_state_even_when_a_grid_time_round
 def test_top_k_groups_are_runs_of_m_samples_of_one_class(tmp_path):
     from safetensors.torch import save_file
 
-    from pgraft_cli.stages.filter import sample_groups
+    from pgraft_cli.core.selection import condition_groups
+    from pgraft_cli.stages.filter import sample_conditions
 
     (tmp_path / "sample").mkdir()
     idx = torch.arange(12)
     save_file({"index": idx, "class_label": idx % 3}, str(tmp_path / "sample" / "shard-00000.safetensors"))
-    index, group = sample_groups(tmp_path, "sample", m=2)
+    index, cond = sample_conditions(tmp_path, "sample")
+    group = condition_groups(cond, 2)
     assert torch.equal(index, idx)
     for g in group.unique():
         members = idx[group == g]

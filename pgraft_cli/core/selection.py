@@ -399,9 +399,10 @@ class SelectionSummary:
         return _json_float(asdict(self))
 
 
-def condition_cdf(rewards: Tensor, conditions: Optional[Tensor]) -> tuple[Tensor, int]:
-    """``(F, fewest)``: each sample's mid-rank :func:`empirical_cdf` value among the rewards of its own
-    condition (the whole batch when ``conditions`` is None), and the fewest rewards any condition has.
+def condition_cdf(rewards: Tensor, conditions: Optional[Tensor]) -> tuple[Tensor, int, int]:
+    """``(F, fewest, count)``: each sample's mid-rank :func:`empirical_cdf` value among the rewards of its own
+    condition (the whole batch when ``conditions`` is None), the fewest rewards any condition has, and how
+    many conditions there are.
 
     The grouped rules keep by rank within a prompt (class), so the tilt they apply is ``g(F_c(r))``
     with ``F_c`` the reward's CDF under ``p(. | c)`` (docs/methods.md section 1): a CDF pooled over
@@ -410,12 +411,12 @@ def condition_cdf(rewards: Tensor, conditions: Optional[Tensor]) -> tuple[Tensor
     r = _rewards(rewards)
     c = _groups(conditions, r.numel())
     F = torch.empty(r.numel(), dtype=torch.float64)
-    fewest = r.numel()
-    for label in torch.unique(c):
+    fewest, labels = r.numel(), torch.unique(c)
+    for label in labels:
         rows = (c == label).nonzero().flatten()
         F[rows] = empirical_cdf(r[rows])(r[rows])
         fewest = min(fewest, rows.numel())
-    return F, fewest
+    return F, fewest, labels.numel()
 
 
 def summarize(
@@ -457,9 +458,8 @@ def summarize(
     if rule == "threshold":
         F_kept, scope, fewest = F_hat(r[idx]), "batch", n
     else:
-        F_all, fewest = condition_cdf(r, conditions)
-        F_kept, scope = F_all[idx], ("batch" if conditions is None or torch.unique(_groups(conditions, n)).numel() == 1
-                                     else "condition")
+        F_all, fewest, count = condition_cdf(r, conditions)
+        F_kept, scope = F_all[idx], ("condition" if count > 1 else "batch")
     rhat = reshaped_reward(rule, F_kept, **acc)
     edges = np.histogram_bin_edges(r.numpy(), bins=bins)
     before, _ = np.histogram(r.numpy(), bins=edges)

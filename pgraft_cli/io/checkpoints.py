@@ -291,12 +291,13 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         ) from None
 
 
-def meta_json(metadata: dict[str, str], key: str, path: Any, default: Any = None, kind: type = dict) -> Any:
+def meta_json(metadata: dict[str, str], key: str, path: Any, default: Any = None, kind: type = dict,
+              fix: str = "write the file again with pgraft") -> Any:
     """The JSON value of a pgraft metadata entry (``default`` when absent; absent without one is damage),
-    or a one-line ModelLoadError when it is missing, not JSON, or not a ``kind`` (dict, list ...)."""
+    or a one-line ModelLoadError (ending in ``fix``) when it is missing, not JSON, or not a ``kind``."""
     if key not in metadata:
         if default is None:
-            raise ModelLoadError(f"{path} has damaged pgraft metadata (no '{key}'); write the file again with pgraft")
+            raise ModelLoadError(f"{path} has damaged pgraft metadata (no '{key}'); {fix}")
         return default
     try:
         value = json.loads(metadata[key])
@@ -305,8 +306,7 @@ def meta_json(metadata: dict[str, str], key: str, path: Any, default: Any = None
     if value is None and default is not None:
         return default
     if not isinstance(value, kind):
-        raise ModelLoadError(f"{path} has damaged pgraft metadata ('{key}' is not a JSON {kind.__name__}); write the "
-                             f"file again with pgraft")
+        raise ModelLoadError(f"{path} has damaged pgraft metadata ('{key}' is not a JSON {kind.__name__}); {fix}")
     return value
 
 
@@ -496,16 +496,11 @@ def _looks_local(path: Path) -> bool:
 
 def _load_pgraft_file(path: Path, source: str, kind: str, metadata: dict[str, str]) -> LoadedModel:
     state, metadata = read_safetensors(path)
-    try:
-        model_class = metadata["pgraft.model_class"]
-        model_config = json.loads(metadata["pgraft.model_config"])
-        scheduler_config = json.loads(metadata.get("pgraft.scheduler_config") or "null")
-        if not isinstance(model_config, dict) or not isinstance(scheduler_config, (dict, type(None))):
-            raise ValueError("a config that is not a JSON object")
-    except (KeyError, ValueError) as exc:
-        raise ModelLoadError(f"{path} has damaged pgraft metadata ({_short(exc)}); re-export it, or pass "
-                             f"--config with the model's config.json") from None
-    scheduler_config = scheduler_config or _require_scheduler(None, kind, path)
+    model_class = metadata["pgraft.model_class"]  # load_model dispatched here on it
+    fix = "re-export it, or pass --config with the model's config.json"
+    model_config = meta_json(metadata, "pgraft.model_config", path, fix=fix)
+    scheduler_config = (meta_json(metadata, "pgraft.scheduler_config", path, {}, fix=fix)
+                        or _require_scheduler(None, kind, path))
     network = build_network(model_class, model_config)
     load_state(network, state, str(path))
     return _assemble(network, model_class, model_config, scheduler_config, kind, source,

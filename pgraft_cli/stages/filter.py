@@ -26,21 +26,15 @@ STAGE = "filter"
 
 
 def sample_conditions(run_dir: Path, sample_stage: str) -> tuple[Tensor, Tensor]:
-    """``(index, condition)`` of every sample: its prompt index, class label, or 0 (unconditional)."""
+    """``(index, condition)`` of every sample: its prompt index, class label, or 0 (unconditional).
+
+    ``condition_groups(condition, m)`` then puts the j-th sample of a prompt (or class; an unconditional
+    model has one) in that prompt's group ``j // m``, so ``sample.num = m x prompts`` gives each prompt one
+    group of m, and more samples give each prompt several.
+    """
     found = RunStore(run_dir, is_main=False).stage(sample_stage).tensors("index", "prompt_index", "class_label")
     index = found["index"]
     return index, found.get("prompt_index", found.get("class_label", torch.zeros_like(index)))
-
-
-def sample_groups(run_dir: Path, sample_stage: str, m: int) -> tuple[Tensor, Tensor]:
-    """``(index, group)`` of every sample: consecutive runs of ``m`` samples of the same prompt/class.
-
-    The j-th sample of a prompt (or class; an unconditional model has one) goes to that prompt's
-    group ``j // m``, so ``sample.num = m x prompts`` gives each prompt one group of m, and more
-    samples give each prompt several.
-    """
-    index, cond = sample_conditions(run_dir, sample_stage)
-    return index, condition_groups(cond, m)
 
 
 def run_filter(store: RunStore, cfg: FilterConfig, sample_stage: str = "sample", score_stage: str = "score",
