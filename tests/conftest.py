@@ -528,6 +528,9 @@ def forked_launch(args: list[str], num_processes: int = 2, timeout: int = 120) -
             code = exc.exit_code
         except ProcessRaisedException as exc:
             code, crash = 1, str(exc)
+        finally:  # a rank that raised left its traceback in the temporary folder; the join read it
+            for name in context.error_files:
+                Path(name).unlink(missing_ok=True)
 
         def read(suffix: str) -> str:
             return "".join(p.read_text() for p in (folder / f"{k}{suffix}" for k in range(num_processes)) if p.exists())

@@ -124,8 +124,10 @@ def test_accelerate_two_processes_match_one(tmp_path):
 def test_forked_launch_fails_when_one_process_fails(tmp_path, monkeypatch, failure):
     """conftest's ``forked_launch`` (the two-process runs test_correct and test_finetune_cli compare with one
     process): a rank that raises, or ends in an ``error:`` line, fails the launch with its message; the
-    other rank, left waiting at the stage's barrier, is stopped."""
+    other rank, left waiting at the stage's barrier, is stopped; and the traceback files torch's
+    ``start_processes`` makes for each rank in the temporary folder are removed, not left behind."""
     import os
+    import tempfile
 
     import pgraft_cli.stages.sample as stage
     from conftest import cli_run, forked_launch
@@ -141,7 +143,10 @@ def test_forked_launch_fails_when_one_process_fails(tmp_path, monkeypatch, failu
     monkeypatch.setattr(stage, "run_sample", second_rank_fails)  # the forked ranks inherit the patch
     args = ["sample", "digits", "--num", "4", "--steps", "1", "--batch-size", "2", "--quiet"]
     assert cli_run(*args, "--run-dir", tmp_path / "one").returncode == 0  # (and the forks reuse its imports)
+    error_files = lambda: set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*.pickle"))  # noqa: E731
+    before = error_files()
     proc = forked_launch([*args, "--run-dir", str(tmp_path / "two")], timeout=120)
+    assert not error_files() - before
     assert proc.returncode == (1 if failure == "crash" else 2), proc
     assert "rank 1 failed here" in proc.stderr
     assert ("Traceback" in proc.stderr) == (failure == "crash")
