@@ -323,3 +323,74 @@ def test_sigma_preconditioned_schedulers_and_per_channel_latent_vaes_are_refused
     with pytest.raises(ModelLoadError, match="latents_mean / latents_std") as err:
         load_model(str(folder))
     assert "\n" not in str(err.value)
+
+
+def test_lcm_distilled_unets_and_consistency_schedulers_are_refused(tmp_path):
+    """An LCM-distilled UNet (``time_cond_proj_dim``: LCM_Dreamshaper_v7, lcm-sdxl) takes the guidance scale as an
+    input embedding and no classifier-free guidance; pgraft ran its two-call guidance without the embedding and
+    sampled other images than StableDiffusionPipeline without a word (max difference 8.8 on a tiny one). LCM's
+    and TCD's schedulers sample by a consistency model's own multistep rule. Both are one load error now."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from conftest import build_tiny_sd_pipeline
+    from pgraft_cli.io.checkpoints import schedule_from_config
+
+    folder = build_tiny_sd_pipeline(tmp_path / "sd")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "time_cond_proj_dim": 16})
+    pipe.save_pretrained(tmp_path / "lcm")
+    with pytest.raises(ModelLoadError, match="guidance scale as an input") as err:
+        load_model(str(tmp_path / "lcm"))
+    assert "\n" not in str(err.value)
+    for name in ("LCMScheduler", "TCDScheduler"):
+        with pytest.raises(ModelLoadError, match="consistency-distilled"):
+            schedule_from_config({"_class_name": name, "num_train_timesteps": 1000})
+
+
+def test_transformer2dmodel_folders_load_as_diffusers_remaps_them(tmp_path, tiny_dit_dir, tiny_pixart_dir):
+    """The hub's DiT and PixArt-alpha transformer folders name their class ``Transformer2DModel``, which diffusers
+    remaps by ``norm_type``: as pipeline folders they loaded, as a model folder (DiT) or as the --config of
+    bare weights (PixArt, whose text encoders the pipeline folder holds) they were refused as unsupported."""
+    import shutil
+
+    from pgraft_cli.io.checkpoints import network_class_name
+
+    def legacy(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "_class_name": "Transformer2DModel"}))
+
+    dit = tmp_path / "dit"
+    shutil.copytree(tiny_dit_dir / "transformer", dit)
+    shutil.copy(tiny_dit_dir / "scheduler" / "scheduler_config.json", dit / "scheduler_config.json")
+    legacy(dit)
+    pixart = tmp_path / "pixart"
+    shutil.copytree(tiny_pixart_dir, pixart)
+    legacy(pixart / "transformer")
+    weights = next((pixart / "transformer").glob("*.safetensors"))
+    for model, source, remapped in ((load_model(str(dit)), tiny_dit_dir, "DiTTransformer2DModel"),
+                                    (load_model(str(weights), config=str(pixart)), tiny_pixart_dir,
+                                     "PixArtTransformer2DModel")):
+        assert model.model_class == remapped
+        reference = load_model(str(source)).network.state_dict()
+        assert all(torch.equal(v, reference[k]) for k, v in model.network.state_dict().items())
+    assert network_class_name({"_class_name": "Transformer2DModel", "norm_type": "layer_norm"}) == "Transformer2DModel"
+
+
+def test_a_scheduler_that_clips_its_clean_estimate_is_named_at_load(unet_pipeline_dir):
+    """``clip_sample`` / ``thresholding`` (google/ddpm-* ship ``clip_sample: true``) clip the predicted clean sample
+    at every step of diffusers' pipeline; pgraft's sampler does not (it must stay invertible), so its images
+    differ from the shipped pipeline's: said in one note at load, not left silent."""
+    from conftest import cli_run
+    from pgraft_cli.pipelines.skeleton import clipping_note
+
+    assert clipping_note({"_class_name": "DDPMScheduler", "clip_sample": True}) is not None
+    assert "thresholding" in clipping_note({"_class_name": "DDIMScheduler", "clip_sample": False, "thresholding": True})
+    assert clipping_note({"_class_name": "DDIMScheduler", "clip_sample": False}) is None
+    assert clipping_note({"_class_name": "PNDMScheduler"}) is None  # no key: nothing is clipped
+    clipped, plain = unet_pipeline_dir("ddpm"), unet_pipeline_dir("ddim")
+    config = json.loads((plain / "scheduler" / "scheduler_config.json").read_text())
+    (plain / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "clip_sample": False}))
+    for folder, said in ((clipped, True), (plain, False)):
+        proc = cli_run("sample", folder, "--num", "2", "--steps", "2", "--run-dir", folder.parent / f"run-{folder.name}")
+        assert proc.returncode == 0, proc.stderr
+        assert ("clip_sample" in proc.stdout + proc.stderr) == said

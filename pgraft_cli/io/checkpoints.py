@@ -64,6 +64,8 @@ _HUB_COMMIT = re.compile(r"^hub:(?P<repo>[^@]+)@(?P<commit>[0-9a-f]{40})$")  # a
 # Scheduler classes whose networks take sigma-preconditioned inputs (EDM: Playground v2.5, CosXL; variance
 # exploding; consistency models): read as DDPM betas they would sample garbage.
 SIGMA_SCHEDULERS = ("EDM", "ScoreSdeVe", "KarrasVe", "CMStochastic")
+# Latent consistency (LCM) and trajectory consistency (TCD) distillation: a few steps by their own rule.
+CONSISTENCY_SCHEDULERS = ("LCM", "TCD")
 
 
 def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
@@ -80,6 +82,9 @@ def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
         raise ModelLoadError(f"{name or 'the scheduler'} preconditions its network by sigma (EDM / VE / consistency: "
                              f"inputs scaled and timesteps as log sigma), which pgraft does not sample; pgraft runs "
                              f"DDPM-beta diffusion and flow-matching models")
+    if any(part in name for part in CONSISTENCY_SCHEDULERS):
+        raise ModelLoadError(f"{name} samples a consistency-distilled model by its own multistep rule, which pgraft "
+                             f"does not run; pass the model it was distilled from (with its scheduler)")
     detected = "flow" if "FlowMatch" in name else "diffusion"
     family = detected if kind == "auto" else kind
     if family == "flow":
@@ -175,6 +180,17 @@ def model_key(model: LoadedModel) -> dict[str, Any]:
 # Networks
 
 
+# diffusers' remapping of its legacy class name by norm_type (the hub's DiT and PixArt-alpha folders use it)
+LEGACY_CLASSES = {"Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel",
+                                         "ada_norm_single": "PixArtTransformer2DModel"}}
+
+
+def network_class_name(model_config: dict[str, Any]) -> str:
+    """A network config's class, with diffusers' remapping of ``Transformer2DModel`` by ``norm_type`` applied."""
+    name = model_config.get("_class_name", "")
+    return LEGACY_CLASSES.get(name, {}).get(model_config.get("norm_type", ""), name)
+
+
 def _network_class(name: str) -> type:
     if name not in SUPPORTED_CLASSES:
         raise unsupported(name)
@@ -233,6 +249,10 @@ def _assemble(network: nn.Module, model_class: str, model_config: dict[str, Any]
               scheduler_config: dict[str, Any], kind: str, source: str, source_kind: str,
               identity: str, pipeline: Any = None, metadata: Optional[dict[str, str]] = None) -> LoadedModel:
     network.eval().requires_grad_(False)
+    if model_config.get("time_cond_proj_dim"):
+        raise ModelLoadError(f"{source}'s network takes the guidance scale as an input (time_cond_proj_dim: a "
+                             f"latent-consistency-distilled UNet, sampled without classifier-free guidance), which "
+                             f"pgraft does not feed; pass the model it was distilled from")
     family = family_for(model_class, model_config)
     conditioning, num_classes, null_class = family.conditioning(model_config)
     metadata = metadata or {}
@@ -587,7 +607,7 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
     else:
         model_cfg_file, scheduler = cfg_path, _scheduler_config_near(cfg_path.parent)
     model_config = _read_json(model_cfg_file)
-    model_class = model_config.get("_class_name")
+    model_class = network_class_name(model_config)
     if not model_class:
         raise ModelLoadError(f"{model_cfg_file} has no _class_name; pass a diffusers model config.json")
     network = build_network(model_class, model_config)
@@ -600,7 +620,7 @@ def _load_bare_weights(path: Path, config: Optional[str], kind: str, allow_pickl
 
 def _load_model_folder(path: Path, kind: str, allow_pickle: bool) -> LoadedModel:
     model_config = _read_json(path / "config.json")
-    model_class = model_config.get("_class_name", "")
+    model_class = network_class_name(model_config)
     has_safe = any(path.glob("*.safetensors"))
     if not has_safe and not allow_pickle:
         raise UnsafeFileError(

@@ -252,6 +252,17 @@ def precision_note(model: LoadedModel) -> Optional[str]:
             f"0.02: docs/methods.md); to match the fit pass " + " ".join(f"--set {f}" for f in fix))
 
 
+def clipping_note(scheduler_config: dict[str, Any]) -> Optional[str]:
+    """One line where a diffusion scheduler config clips the predicted clean sample at every step
+    (``clip_sample``, as google/ddpm-* ship it, or dynamic ``thresholding``): diffusers' pipeline does, pgraft's
+    sampler does not (an inversion must undo each step), so the images differ from the shipped pipeline's."""
+    keys = [k for k in ("clip_sample", "thresholding") if scheduler_config.get(k)]
+    if not keys:
+        return None
+    return (f"the scheduler config sets {' and '.join(keys)} (the clean estimate clipped at every step); pgraft's "
+            f"sampler does not clip, so its images differ from the shipped pipeline's")
+
+
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log-with NAME: the package it needs
 
 
@@ -472,6 +483,11 @@ def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Op
     started = time.perf_counter()
     state = process_state(recipe, device)
     loaded = load(model, config, kind, allow_pickle, recipe, base)
+    clipped = clipping_note(loaded.scheduler_config) if loaded.schedule.family == "diffusion" else None
+    if clipped and state.is_main_process:
+        from ..report.ui import note
+
+        note(f"note: {clipped}", quiet)
     dev = pick_device(recipe, device, state)
     place(loaded, dev, getattr(torch, recipe.model.dtype), recipe.model.autocast)
     return Verb(verb, recipe, state, loaded, dev, quiet, started,
