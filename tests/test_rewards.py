@@ -623,3 +623,156 @@ def test_imagereward_is_its_head_on_blips_image_grounded_cls_state(blip_dir, tmp
         h = h @ head[f"layers.{i}.weight"].double().T + head[f"layers.{i}.bias"].double()
     torch.testing.assert_close(scores, (h[:, 0] - 0.16717362830052426) / 1.0333394966054072, atol=1e-9, rtol=0)
     assert len(set(scores.tolist())) == 3  # the prompt and the image both matter
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a reward model: its weights, its dtype, its class
+
+
+def test_a_reward_folder_whose_weights_do_not_fill_its_model_is_refused(clip_dir, tmp_path):
+    """transformers initialises weights a folder lacks at random: a CLIP folder converted under other key names
+    (``model.*``) scored hpsv2 with noise, a new noise each load. Now one error naming the missing weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "renamed"
+    shutil.copytree(clip_dir, bad)
+    state = load_file(str(clip_dir / "model.safetensors"))
+    save_file({f"model.{k}": v for k, v in state.items()}, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    for spec in (f"hpsv2:{bad}", f"clip:{bad}"):
+        with pytest.raises(RewardError, match="random values") as err:
+            parse_reward(spec)
+        assert "\n" not in str(err.value)
+
+
+def test_reward_models_score_in_float32_whatever_dtype_their_folder_holds(clip_dir, tmp_path):
+    """A folder saved in float16 ran in float16 on the CPU (transformers loads the saved dtype): the cosine
+    moved by up to 5e-4 against its float32 copy, 0.05 after PickScore's x100."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    half = tmp_path / "half"
+    CLIPModel.from_pretrained(str(clip_dir)).half().save_pretrained(half)
+    CLIPProcessor.from_pretrained(str(clip_dir)).save_pretrained(half)
+    images = rgb(4, 16)
+    as_float = tmp_path / "float"
+    CLIPModel.from_pretrained(str(half)).float().save_pretrained(as_float)
+    CLIPProcessor.from_pretrained(str(clip_dir)).save_pretrained(as_float)
+    torch.testing.assert_close(parse_reward(f"clip:{half}")(images, PROMPTS),
+                               parse_reward(f"clip:{as_float}")(images, PROMPTS), atol=1e-7, rtol=0)
+
+
+def test_aesthetic_reads_a_clip_vision_folder_with_its_projection(clip_dir, tmp_path):
+    """``aesthetic:PATH`` with a CLIPVisionModelWithProjection folder (as its docstring offers): AutoModel built a
+    CLIPVisionModel without the projection and the scoring crashed. It now scores as the full CLIPModel does;
+    a head made for another embedding size is one error naming the size."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import CLIPProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from pgraft_cli.stages.rewards import AESTHETIC_HEAD
+
+    g = torch.Generator().manual_seed(0)
+    head = {"weight": torch.randn(1, 8, generator=g), "bias": torch.randn(1, generator=g)}
+    full, vision = tmp_path / "full", tmp_path / "vision"
+    shutil.copytree(clip_dir, full)
+    config = CLIPVisionConfig.from_pretrained(str(clip_dir), projection_dim=8)  # the sub-config lacks CLIPConfig's
+    CLIPVisionModelWithProjection.from_pretrained(str(clip_dir), config=config).save_pretrained(vision)
+    CLIPProcessor.from_pretrained(str(clip_dir)).save_pretrained(vision)
+    for folder in (full, vision):
+        save_file(head, str(folder / AESTHETIC_HEAD))
+    images = rgb(3, 16)
+    torch.testing.assert_close(parse_reward(f"aesthetic:{vision}")(images), parse_reward(f"aesthetic:{full}")(images),
+                               atol=1e-6, rtol=0)
+    save_file({"weight": torch.randn(1, 768), "bias": torch.zeros(1)}, str(full / AESTHETIC_HEAD))
+    with pytest.raises(RewardError, match="takes 768 inputs .* in 8"):
+        parse_reward(f"aesthetic:{full}")
+
+
+def _bos_llava(folder: Path) -> Path:
+    """A LLaVA folder whose tokenizer adds BOS and whose chat template writes ``{{ bos_token }}`` too (Gemma 3,
+    Llama 3.2 Vision do both)."""
+    from tokenizers import processors
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer, vocab = _word_tokenizer(VQA_WORDS)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8)
+    text = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=vocab["<image>"]))
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                  crop_size={"height": 16, "width": 16}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template="{{ bos_token }}" + LLAVA_TEMPLATE)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_vqascore_asks_with_one_bos_where_the_template_writes_it_too(tmp_path):
+    """The chat template was rendered to text (with its BOS) and tokenised adding another: the model read
+    ``<s> <s> USER: ...``. The score is now the one of a single BOS, computed by hand."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = _bos_llava(tmp_path / "bos-llava")
+    image = rgb(1, 16)
+    reward = parse_reward(f"vqascore:{folder}")
+    score = reward(image, ["a cat"])
+    processor = AutoProcessor.from_pretrained(str(folder))
+    model = AutoModelForImageTextToText.from_pretrained(str(folder)).float().eval()
+    text = 'USER: <image> Does this figure show "a cat"? Please answer yes or no. ASSISTANT:'
+    pil = Image.fromarray((image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    inputs = processor(images=[pil], text=[text], return_tensors="pt")
+    assert inputs["input_ids"][0, :2].tolist() == [2, processor.tokenizer.convert_tokens_to_ids("USER:")]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    expected = torch.softmax(logits.double(), -1)[processor.tokenizer.convert_tokens_to_ids("Yes")]
+    torch.testing.assert_close(score, expected.reshape(1), atol=1e-6, rtol=0)
+    assert ":one-bos:" in reward.identity
+
+
+def test_vqascore_reads_an_encoder_decoder_vlm_at_the_decoders_first_position(tmp_path):
+    """BLIP-2 Flan-T5 (an encoder-decoder language model) crashed: no decoder input. P(Yes) is now the decoder's
+    first output after its start token, computed by hand, and does not depend on the batch."""
+    from PIL import Image
+    from transformers import (AutoModelForImageTextToText, AutoProcessor, Blip2Config, Blip2ForConditionalGeneration,
+                              Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor, T5Config)
+
+    tokenizer, vocab = _word_tokenizer(VQA_WORDS, image_token=False)
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=16, patch_size=8).to_dict(),
+        qformer_config=Blip2QFormerConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, encoder_hidden_size=16).to_dict(),
+        text_config=T5Config(vocab_size=len(vocab) + 1, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                             pad_token_id=0, eos_token_id=3, decoder_start_token_id=0).to_dict(),
+        num_query_tokens=2, image_token_index=len(vocab))
+    folder = tmp_path / "blip2-t5"
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tokenizer,
+                   num_query_tokens=2).save_pretrained(folder)
+    reward = parse_reward(f"vqascore:{folder}")
+    images = rgb(4, 16)
+    scores = reward(images, PROMPTS)
+    assert_scores(scores, 4)
+    reward.batch_size = 1
+    torch.testing.assert_close(reward(images, PROMPTS), scores, atol=1e-6, rtol=0)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    model = AutoModelForImageTextToText.from_pretrained(str(folder)).float().eval()
+    pil = Image.fromarray((images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    text = f'Question: Does this figure show "{PROMPTS[0]}"? Please answer yes or no. Answer:'
+    with torch.no_grad():
+        logits = model(**processor(images=[pil], text=[text], return_tensors="pt"),
+                       decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits[0, 0]
+    expected = torch.softmax(logits.double(), -1)[processor.tokenizer.convert_tokens_to_ids("Yes")]
+    torch.testing.assert_close(scores[:1], expected.reshape(1), atol=1e-6, rtol=0)

@@ -130,14 +130,14 @@ def pretrained_features(name: str, folder: str, device: str = "cpu",
     Images go in as 8-bit RGB PIL images through the folder's own image processor (its resize,
     crop and normalisation): that rule is part of the features' name, with the folder's sha256.
     """
-    from .rewards import _folder_digest, _load_pretrained, _require, _to_rgb_pil
+    from .rewards import _folder_digest, _load_pretrained, _load_weights, _require, _to_rgb_pil
 
     path = Path(folder).expanduser()
     spec = f"{name}:{folder}"
     if not path.is_dir():
         raise PgraftError(f"--features {spec}: no such folder; pass {PRETRAINED[name]} saved with save_pretrained")
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
-    model = _load_pretrained(transformers.AutoModel, path, spec, what="--features").to(device).eval()
+    model = _load_weights(transformers.AutoModel, path, spec, what="--features").to(device)
     processor = _load_pretrained(transformers.AutoImageProcessor, path, spec, what="--features")
     kind = type(model).__name__
     if not (kind.startswith("CLIP") if name == "clip" else kind.startswith("Dinov2")):

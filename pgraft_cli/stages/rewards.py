@@ -21,7 +21,8 @@ prompt per image, to N float64 scores on the CPU; larger is better. Registered r
 
 Rewards that read prompts (``clip``, ``vqascore``) see images as 8-bit RGB PIL images, exactly as if
 they had been saved to PNG and re-opened, so scores of a run's tensors and of its PNGs agree.
-Nothing is ever downloaded: models come from local folders the user names.
+Nothing is downloaded: models come from local folders the user names (the one exception: ``vqascore``
+without a folder hands over to t2v_metrics, which loads, and may download, its own weights).
 """
 
 from __future__ import annotations
@@ -344,14 +345,38 @@ def _folder_digest(path: Path) -> str:
 
 
 def _load_pretrained(cls: Any, path: Path, spec: str, what: str = "reward", **kwargs: Any) -> Any:
+    """A processor, tokenizer or config ``cls.from_pretrained`` from the local folder ``path``."""
     from ..io.checkpoints import _quiet_loading, _short
 
     try:
         with _quiet_loading():
             return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise RewardError(f"{what} {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
                           f"pass a folder saved with save_pretrained") from None
+
+
+def _load_weights(cls: Any, path: Path, spec: str, what: str = "reward", dtype: Any = None) -> Any:
+    """A model ``cls.from_pretrained`` from ``path`` whose weights fill it: transformers initialises missing
+    weights at random (a folder converted under other key names would score with noise), so any missing
+    or mismatched weight is refused. In ``dtype`` (float32 by default, whatever the folder was saved in)."""
+    import torch
+
+    from ..io.checkpoints import _quiet_loading, _short
+
+    try:
+        with _quiet_loading():
+            model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise RewardError(f"{what} {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
+                          f"pass a folder saved with save_pretrained") from None
+    missing = sorted(info.get("missing_keys") or []) + [str(m[0]) if isinstance(m, tuple) else str(m)
+                                                        for m in info.get("mismatched_keys") or []]
+    if missing:
+        raise RewardError(f"{what} {spec}: {path}'s weights leave {len(missing)} of {type(model).__name__}'s "
+                          f"unset (e.g. {', '.join(missing[:3])}), which would score with random values; pass a "
+                          f"folder saved with that model's save_pretrained")
+    return model.to(dtype or torch.float32).eval()
 
 
 @register_reward("clip", "clip[:PATH]", "CLIP image-prompt cosine similarity, from a local CLIP folder")
@@ -371,7 +396,7 @@ def clip_reward(args: Optional[str], device: str, spec: str) -> Reward:
 def _clip_cosine(path: Path, device: str, spec: str) -> tuple[Callable[[Tensor, Optional[list[str]]], Tensor], Any]:
     """``fn(images, prompts) = cos(E_image, E_text)`` of the CLIPModel + CLIPProcessor in ``path``, and the model."""
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
-    model = _load_pretrained(transformers.CLIPModel, path, spec).to(device).eval()
+    model = _load_weights(transformers.CLIPModel, path, spec).to(device)
     processor = _load_pretrained(transformers.CLIPProcessor, path, spec)
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
@@ -437,7 +462,14 @@ def aesthetic_reward(args: Optional[str], device: str, spec: str) -> Reward:
     weights = load_file(str(path / AESTHETIC_HEAD), device=device)
     layers = _linear_layers(weights, spec, AESTHETIC_HEAD)
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
-    model = _load_pretrained(transformers.AutoModel, path, spec).to(device).eval()
+    config = _load_pretrained(transformers.AutoConfig, path, spec)
+    vision_only = getattr(config, "model_type", "") == "clip_vision_model"  # AutoModel would drop its projection
+    model = _load_weights(transformers.CLIPVisionModelWithProjection if vision_only else transformers.AutoModel,
+                          path, spec).to(device)
+    embedding = getattr(config, "projection_dim", None)
+    if embedding is not None and layers[0][0].shape[1] != embedding:
+        raise RewardError(f"reward {spec}: the head takes {layers[0][0].shape[1]} inputs but {path}'s CLIP embeds "
+                          f"images in {embedding}; pass the head made for that CLIP (LAION's: ViT-L/14, 768)")
     processor = _load_pretrained(transformers.AutoImageProcessor, path, spec)
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
@@ -495,7 +527,7 @@ def imagereward_reward(args: Optional[str], device: str, spec: str) -> Reward:
 
     layers = _linear_layers(load_file(str(path / IMAGEREWARD_HEAD), device=device), spec, IMAGEREWARD_HEAD)
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
-    model = _load_pretrained(transformers.BlipForImageTextRetrieval, path, spec).to(device).eval()
+    model = _load_weights(transformers.BlipForImageTextRetrieval, path, spec).to(device)
     processor = _load_pretrained(transformers.BlipProcessor, path, spec)
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
@@ -519,10 +551,12 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
 
     With a local transformers folder (``AutoProcessor`` + ``AutoModelForImageTextToText``, e.g. a
     LLaVA or BLIP-2 checkpoint): the question is wrapped in the processor's chat template with a
-    generation prompt when it has one, else written BLIP-2 style as ``Question: {q} Answer:`` (the
-    processor inserts the image tokens). The score is the softmax probability, at the position after
-    the question, of the tokens that spell "Yes" and " Yes" on their own (summed over the distinct
-    single-token spellings: BPE tokenizers give two tokens, SentencePiece and word-level ones one).
+    generation prompt when it has one (one BOS: a template that writes it loses its own where the
+    tokenizer adds one), else written BLIP-2 style as ``Question: {q} Answer:`` (the processor inserts
+    the image tokens). The score is the softmax probability, at the position after the question (for an
+    encoder-decoder language model such as BLIP-2 Flan-T5, the decoder's first position), of the tokens
+    that spell "Yes" and " Yes" on their own (summed over the distinct single-token spellings: BPE
+    tokenizers give two tokens, SentencePiece and word-level ones one).
     Batches are right-padded and read at each row's last real token, so batching does not change a
     score. On CUDA the model runs in bfloat16, elsewhere in float32.
 
@@ -538,35 +572,50 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     processor = _load_pretrained(transformers.AutoProcessor, path, spec)
-    model = _load_pretrained(transformers.AutoModelForImageTextToText, path, spec, dtype=dtype).to(device).eval()
+    model = _load_weights(transformers.AutoModelForImageTextToText, path, spec, dtype=dtype).to(device)
     tokenizer = processor.tokenizer
     yes_ids = _yes_token_ids(tokenizer)
     if not yes_ids:
         raise RewardError(f"reward {spec}: the tokenizer in {path} has no single token for 'Yes'; "
                           f"VQAScore needs a model that can answer Yes in one token")
     yes = torch.tensor(yes_ids, device=device)
+    config = getattr(model.config, "text_config", None) or model.config
+    # BLIP-2 Flan-T5 and other encoder-decoder VLMs: the answer's first token is the decoder's first output
+    start_token = (config.decoder_start_token_id if getattr(config, "is_encoder_decoder", False) else None)
+    templated = bool(getattr(processor, "chat_template", None))
 
-    def question(prompt: str) -> str:
+    def chat(prompt: str) -> str:
         q = VQA_QUESTION.format(prompt=prompt)
-        if getattr(processor, "chat_template", None):
+        if templated:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
             return processor.apply_chat_template(messages, add_generation_prompt=True)
         return f"Question: {q} Answer:"
+
+    # A template that writes {{ bos_token }} itself (Gemma 3, Llama 3.2 Vision) where the tokenizer adds one too:
+    # the template's is dropped, so the question starts with one BOS, as in the model's training.
+    adds_bos = tokenizer.bos_token is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    drop_bos = templated and adds_bos and chat("").startswith(tokenizer.bos_token)
+
+    def question(prompt: str) -> str:
+        return chat(prompt).removeprefix(tokenizer.bos_token) if drop_bos else chat(prompt)
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
         tokenizer.padding_side = "right"  # left padding would shift positions, and so the scores
         inputs = processor(images=_to_rgb_pil(images), text=[question(p) for p in prompts],
                            return_tensors="pt", padding=True)
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-        logits = model(**inputs).logits
-        mask = inputs["attention_mask"]
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        last = (mask * positions).argmax(dim=1)  # each row's last real token
-        probs = torch.softmax(logits[torch.arange(len(last), device=last.device), last].double(), dim=-1)
+        rows = torch.arange(len(prompts), device=device)
+        if start_token is not None:
+            inputs["decoder_input_ids"] = torch.full((len(prompts), 1), start_token, dtype=torch.long, device=device)
+            last = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        else:
+            mask = inputs["attention_mask"]
+            last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)  # each row's last real token
+        probs = torch.softmax(model(**inputs).logits[rows, last].double(), dim=-1)
         return probs[:, yes].sum(-1)
 
-    return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,
-                  identity=f"vqascore:{dtype}:{_folder_digest(path)}")
+    return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,  # one-bos: keyed apart from before
+                  identity=f"vqascore:{dtype}{':one-bos' if drop_bos else ''}:{_folder_digest(path)}")
 
 
 def _yes_token_ids(tokenizer: Any) -> list[int]:
