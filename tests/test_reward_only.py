@@ -143,3 +143,69 @@ def test_correct_with_features_none_skips_fid_with_one_note(tmp_path):
     summary = json.loads(result.output)
     for side in ("base", "corrected"):
         assert summary[side]["fid"] is None and summary[side]["notes"] == ["FID skipped: --features none"]
+
+
+def test_best_of_groups_must_all_hold_n_images(tmp_path, unet_pipeline_dir):
+    """``--best-of 4 --num 20`` on a 10-class model gave ten groups of 2 (image i has class i mod 10) and printed
+    "best of 2"; ``--num 48`` mixed groups of 4 and of 1 into one mean. Unequal groups are refused before any
+    sampling now, naming the multiple to pass; the groups of ``--num 40`` hold 4 images each."""
+    from types import SimpleNamespace
+
+    from conftest import cli_run
+
+    from pgraft_cli.stages.evaluate import check_best_of_groups, image_groups
+    from pgraft_cli.stages.sample import Conditions
+
+    model, cond = SimpleNamespace(conditioning="class", num_classes=10), Conditions()
+    for num in (20, 48):
+        with pytest.raises(PgraftError, match="multiple of 40"):
+            check_best_of_groups(model, cond, num, 4)
+    check_best_of_groups(model, cond, 40, 4)
+    assert torch.bincount(image_groups(model, cond, torch.arange(40), 4)).tolist() == [4] * 10
+    check_best_of_groups(model, Conditions(class_label=3), 8, 4)  # one class: runs of 4
+    text = SimpleNamespace(conditioning="text", num_classes=None)
+    check_best_of_groups(text, Conditions(prompts=["a", "b", "c"]), 12, 4)
+    classes = unet_pipeline_dir("ddpm", num_class_embeds=10)
+    proc = cli_run("evaluate", classes, "--reward", "classifier:digits:3", "--best-of", "4", "--num", "20",
+                   "--steps", "1", "--run-dir", tmp_path / "run")
+    assert proc.returncode == 2 and "multiple of 40" in proc.stderr and not (tmp_path / "run" / "sample").exists()
+
+
+def test_best_of_is_not_reported_over_prompts_of_unequal_counts(tiny_sd_dir, tmp_path):
+    """Without --best-of a text model's prompts are the groups: 5 images of 3 prompts made groups of 2 and 1, and
+    the mean of their maxima was reported as "best of 1". It is left out now, with a warning saying why."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\na cat\n")
+    result = runner.invoke(app, ["evaluate", str(tiny_sd_dir), "--prompts", str(prompts), "--reward",
+                                 "jpeg-incompressibility", "--num", "5", "--steps", "1", "--run-dir",
+                                 str(tmp_path / "run"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert "reward_best_of_mean" not in summary and summary["reward_mean"] is not None
+    assert any("groups of 1 to 2" in w for w in summary["warnings"])
+
+
+def test_a_best_of_gate_is_refused_up_front_where_the_run_has_no_groups():
+    """``--fail-if reward_best_of_mean...`` on a run without prompts or --best-of sampled for half a minute and then
+    failed with "this run has no metric"; it is refused before any work now."""
+    from conftest import cli_run
+
+    proc = cli_run("evaluate", "digits", "--reward", "classifier:digits:3", "--fail-if", "reward_best_of_mean<-100")
+    assert proc.returncode == 2 and "reward_best_of_mean" in proc.stderr and "--best-of" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    from pgraft_cli.report.gates import gate_names
+
+    assert "reward_best_of_mean" in gate_names("evaluate", grouped=True)
+    assert "base.reward_best_of_mean" not in gate_names("finetune", grouped=False)
+
+
+def test_score_and_filter_report_the_same_std():
+    """``pgraft score`` printed the sample std of the rewards (n - 1) and ``pgraft filter`` the population std (n) of
+    the same rewards: 6.88 against 6.44 on 8 samples. Both are the population std now, as best-of's is."""
+    from pgraft_cli.core.selection import summarize
+    from pgraft_cli.stages.score import reward_stats
+
+    r = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 3.0, 5.0, 7.0], dtype=torch.float64)
+    assert reward_stats(r)["reward_std"] == pytest.approx(float(r.std(correction=0)))
+    shown = summarize(r, torch.ones(8, dtype=torch.bool), "threshold", {"threshold": 0.0})
+    assert shown.reward_before["std"] == pytest.approx(reward_stats(r)["reward_std"])

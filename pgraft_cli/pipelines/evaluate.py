@@ -42,10 +42,12 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import evaluate_view
-    from ..stages.evaluate import JUDGE_FEATURES, evaluate_model, fid_skipped, pick_features, tuned_reward_identity
+    from ..stages.evaluate import (JUDGE_FEATURES, check_best_of_groups, evaluate_model, fid_skipped, pick_features,
+                                   tuned_reward_identity)
     from ..stages.sample import Conditions, check_conditions
 
-    gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward)))
+    grouped = bool(prompt_list(o.prompt, o.prompts) or o.best_of)  # best-of-n needs groups: prompts or --best-of
+    gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward), grouped=grouped))
     rec = resolve_recipe(o.recipe, o.sets, evaluate__num=o.num, evaluate__seed=o.seed, evaluate__steps=o.steps,
                          evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
     verb: Verb = start("evaluate", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
@@ -62,6 +64,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     if loaded.corrector is not None:
         eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate", sampler_guidance(loaded, rec.sample))
     num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
+    check_best_of_groups(loaded, cond, num, o.best_of)
     has_data = bool(o.data or loaded.default_data)
     real, data_id = real_data(loaded, o.data) if has_data else (None, None)  # read batch by batch
     # FID off the features of a reward being judged or tuned on (pick_features: its blind spots are the model's)

@@ -104,12 +104,14 @@ def parse_gate(text: str) -> Gate:
     return Gate(text, name, match["op"], value)
 
 
-def gate_names(verb: str, reward: bool = True, judges: Iterable[str] = ()) -> set[str]:
-    """The names a verb's gates can read: ``correct`` has no reward, ``evaluate`` one only with --reward;
+def gate_names(verb: str, reward: bool = True, judges: Iterable[str] = (), grouped: bool = True) -> set[str]:
+    """The names a verb's gates can read: ``correct`` has no reward, ``evaluate`` one only with --reward,
+    ``reward_best_of_mean`` only where the run's images form groups (``grouped``: prompts, or --best-of);
     ``judges``: the names of finetune's ``--judge`` rewards (``judge.NAME``); ``correct`` adds the
     inversion's statistics and the data-copying test's ``copy_z``, ``copy_auc``, ``copy_near``, ``copy_near_z``, ``copy_ct``
     and ``copy_cell_p``."""
-    result = (set(_SAMPLER) | (set(_REWARD) if reward and verb != "correct" else set()) | {f"judge.{n}" for n in judges}
+    rewards = {n for n in _REWARD if grouped or n != "reward_best_of_mean"}
+    result = (set(_SAMPLER) | (rewards if reward and verb != "correct" else set()) | {f"judge.{n}" for n in judges}
               | (set(_COPYING) if verb == "correct" else set()))
     base = {f"base.{n}" for n in result} if verb != "evaluate" else set()  # before the inversion-only names
     if verb == "correct":
@@ -124,7 +126,9 @@ def parse_gates(texts: Optional[list[str]], available: Optional[set[str]] = None
     for gate in gates:
         if available is not None and gate.name not in available:
             hint = (" (only evaluate --reward and finetune measure a reward)"
-                    if "reward" in gate.name and "reward_mean" not in available else "")
+                    if "reward" in gate.name and "reward_mean" not in available else
+                    " (best-of-n groups a run's images by prompt: pass --prompt/--prompts, or --best-of N)"
+                    if gate.name.endswith("reward_best_of_mean") else "")
             raise PgraftError(f"--fail-if {gate.text!r}: this command measures no {gate.name!r}{hint}; it has: "
                               f"{', '.join(sorted(available))}")
     return gates

@@ -440,6 +440,21 @@ def image_groups(model: Any, cond: Any, index: Tensor, best_of: Optional[int]) -
     return groups
 
 
+def check_best_of_groups(model: Any, cond: Any, num: int, best_of: Optional[int]) -> None:
+    """``--best-of N`` must make groups of exactly N images (``image_groups``): a class model's image i has
+    class i mod C, so ``num`` must be a multiple of N x C; the best of unequal groups is not best-of-N."""
+    if best_of is None or num < 1:
+        return
+    sizes = torch.bincount(image_groups(model, cond, torch.arange(num), best_of))
+    sizes = sizes[sizes > 0]
+    if bool((sizes != best_of).any()):
+        per = (len(cond.prompts or [""]) if model.conditioning == "text" else
+               (model.num_classes or 1) if model.conditioning == "class" and cond.class_label is None else 1)
+        raise PgraftError(f"--best-of {best_of} with {num} images makes groups of {int(sizes.min())} to "
+                          f"{int(sizes.max())} (image i has condition i mod {per}); pass --num as a multiple of "
+                          f"{best_of * per}")
+
+
 def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample_cfg: Any,
                    features: Optional[Features], store: Any, bar: Any, stage_name: str = "sample",
                    kid_subsets: int = KID_SUBSETS, real_features: Optional[FidKid | Tensor | np.ndarray] = None,
@@ -517,8 +532,12 @@ def evaluate_model(model: Any, real: Optional[Tensor | Iterable[Tensor]], sample
         scores = torch.cat(rewards)
         stats = reward_stats(scores)
         out.update({"reward": reward.spec, "reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"]})
-        if grouped:
-            best = best_of_n(scores, groups)
+        best = best_of_n(scores, groups) if grouped else None
+        if best is not None and best["min_group_size"] == best["max_group_size"]:
             out.update({"best_of": best["min_group_size"], "reward_best_of_mean": best["mean"],
                         "reward_best_of_std": best["std"], "groups": best["groups"]})
+        elif best is not None:  # (--best-of is checked up front: check_best_of_groups)
+            out["warnings"].append(f"reward_best_of_mean not measured: the {num} images make groups of "
+                                   f"{best['min_group_size']} to {best['max_group_size']} per prompt; pass --num as "
+                                   f"a multiple of the {prompts} prompts, or --best-of")
     return out

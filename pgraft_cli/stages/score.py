@@ -79,7 +79,8 @@ def load_rewards(run_dir: Path, stage_name: str = STAGE) -> tuple[Tensor, Tensor
 
 
 def reward_stats(rewards: Tensor) -> dict[str, float]:
+    """Mean and population std of the rewards (as the filter's summary and best-of-n report them)."""
     r = rewards.double()
-    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
+    return {"reward_mean": float(r.mean()), "reward_std": float(r.std(correction=0)) if len(r) else 0.0,
             "num": int(len(r))}
 
