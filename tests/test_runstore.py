@@ -677,3 +677,83 @@ def test_loaded_optimizer_state_sits_where_torchs_load_state_dict_puts_it(tmp_pa
             a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
         ours_opt.step(), theirs_opt.step()
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+# ----------------------------------------------------------------------------------------------
+# A verb's result: named only while it is whole, written under the run's lock
+
+
+EVALUATE = ("evaluate", "digits", "--num", "8", "--steps", "2", "--features", "none", "--quiet")
+
+
+def test_the_run_stays_locked_while_its_report_and_provenance_are_written(tmp_path, monkeypatch):
+    """The lock was released before the manifest's artifacts, provenance.json and report.html were written: a
+    second `pgraft evaluate` could run in the directory meanwhile, and the record mixed the two runs."""
+    import pgraft_cli.report.html as html
+
+    real, seen = html.render_report, []
+
+    def render_while_checking_the_lock(run_dir):
+        try:
+            with RunStore(Path(run_dir), is_main=True):
+                seen.append("free")
+        except RunLockedError:
+            seen.append("locked")
+        return real(run_dir)
+
+    monkeypatch.setattr(html, "render_report", render_while_checking_the_lock)
+    proc = cli_run(*EVALUATE, "--run-dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert seen == ["locked"]
+
+
+def test_a_rerun_stopped_halfway_names_nothing_of_the_run_before(tmp_path, monkeypatch):
+    """A rerun with another seed stopped halfway left the manifest naming the first run's summary and its
+    report.html beside the new recipe (seed 0's FID under seed 1's recipe); a finetune's rerun left a summary
+    its stage had deleted and `pgraft report` crashed. The result's names and report go as a verb starts."""
+    import pgraft_cli.stages.evaluate as stage
+    from pgraft_cli.errors import PgraftError
+
+    run = tmp_path / "run"
+    assert cli_run(*EVALUATE, "--run-dir", run).returncode == 0
+    assert RunStore(run, is_main=False).artifacts()[0] == "evaluate" and (run / "report.html").is_file()
+
+    def stopped(*args, **kwargs):
+        raise PgraftError("stopped halfway")
+
+    monkeypatch.setattr(stage, "evaluate_model", stopped)
+    assert cli_run(*EVALUATE, "--seed", "1", "--run-dir", run).returncode == 2
+    assert RunStore(run, is_main=False).artifacts() == (None, {})
+    assert not (run / "report.html").exists()
+    monkeypatch.undo()
+    shown = cli_run("report", run)
+    assert shown.returncode == 0 and (run / "report.html").is_file(), shown.stderr
+    assert cli_run(*EVALUATE, "--run-dir", run).returncode == 0  # finished again: named again
+    (run / "evaluate.json").unlink()  # a named summary gone: the report shows the stages, no traceback
+    assert cli_run("report", run).returncode == 0
+
+
+def test_an_export_stopped_halfway_is_marked_incomplete(tmp_path, monkeypatch):
+    """Re-exporting seed 1 over a folder of seed 0 overwrote PNGs in place and wrote sampler.json last: stopped
+    after 3 images, the folder held seed 1's first images under seed 0's sampler.json. It says complete: false
+    until the last image is written now."""
+    import pgraft_cli.stages.sample as stage
+
+    out = tmp_path / "png"
+    assert cli_run("sample", "digits", "--num", "8", "--steps", "1", "--run-dir", tmp_path / "run", "--out", out,
+                   "--quiet").returncode == 0
+    settings = json.loads((out / "sampler.json").read_text())
+    assert settings["complete"] is True
+    real, written = stage.atomic_write_bytes, []
+
+    def fail_after_three(path, data):
+        if len(written) == 3:
+            raise OSError("disk full")
+        written.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(stage, "atomic_write_bytes", fail_after_three)
+    with pytest.raises(OSError):
+        stage.export_pngs(tmp_path / "run", out, {**settings, "seed": 1})
+    partial = json.loads((out / "sampler.json").read_text())
+    assert partial["complete"] is False and partial["seed"] == 1

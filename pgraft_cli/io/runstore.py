@@ -400,6 +400,15 @@ class RunStore:
         manifest["verb"], manifest["artifacts"] = verb, {"recipe": RECIPE, **artifacts}
         self._write_manifest(manifest)
 
+    def forget_result(self) -> None:
+        """Drop the names of the previous verb's result from the manifest as a new verb starts in the run: one
+        stopped halfway then names nothing of the run before it (whose files its stages may have replaced)."""
+        manifest = self.read_manifest()
+        if "verb" in manifest or "artifacts" in manifest:
+            manifest.pop("verb", None)
+            manifest.pop("artifacts", None)
+            self._write_manifest(manifest)
+
     def artifacts(self) -> tuple[Optional[str], dict[str, Any]]:
         """The verb whose result the run holds and its named artifacts (None and {} before one finished)."""
         manifest = self.read_manifest()

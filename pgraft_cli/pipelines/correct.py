@@ -75,7 +75,7 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         bar = verb.bar
         dist = verb.dist  # several processes: each inverts and samples its shards; the corrector trains once
         shard = rec.correct.invert_shard_size  # inversion chunks a shard by the lane and pads nothing
-        lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard)).lane
+        lane = resolve_lane(loaded, replace(rec.sample, num=shard, batch_size=shard), dist.size).lane
         with verb.timed("inversion"):
             noises, inv, keep = run_invert(loaded, rows, rec.correct, lane, store, bar, dist, rec.sample.guidance_scale,
                                            auto_lane=rec.sample.lane == "auto", memory_format=rec.sample.memory_format,
@@ -135,14 +135,14 @@ def correct(model: str, o: CorrectOptions) -> Optional[Outcome]:
         save_corrected(target, corrector, loaded, metrics, rec.to_dict(), {"run_dir": str(store.root), "device": dev})
         store.write_json("correct/summary.json", {**metrics, "out": str(target), "loss_curve": info.get("loss_curve"),
                                                   "corrector_steps": corrector.steps})
-    summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), "corrector_steps": corrector.steps,
-               "stage_seconds": verb.stage_seconds, "device_name": verb.device_name, **metrics}
-    steps = rec.correct.base_steps
-    artifacts = {"summary": "correct/summary.json", "inversion": "invert",
-                 "samples": [[f"base ({steps} steps)", "evaluate-base"], ["corrected", "evaluate-corrected"]]}
-    with verb.timed("report"):
-        results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), artifacts, out=target)
+        summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
+                   "seconds": round(verb.seconds, 2), "corrector_steps": corrector.steps,
+                   "stage_seconds": verb.stage_seconds, "device_name": verb.device_name, **metrics}
+        steps = rec.correct.base_steps
+        artifacts = {"summary": "correct/summary.json", "inversion": "invert",
+                     "samples": [[f"base ({steps} steps)", "evaluate-base"], ["corrected", "evaluate-corrected"]]}
+        with verb.timed("report"):
+            results = verb.conclude(summary, gates, gate_metrics(corr_metrics, base_metrics, inv), artifacts, out=target)
     labels = {"source": loaded.source, "base_steps": rec.correct.base_steps, "inversion_tol": rec.correct.inversion_tol,
               "inversion_tol_last": rec.correct.inversion_tol_last}
     return Outcome(summary, [*correct_report(summary, labels), *wrote_lines(summary)], results)

@@ -100,10 +100,10 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
                    "corrected": loaded.corrector is not None, "finetuned": loaded.finetuned,
                    "cutoff": loaded.cutoff, "dtype": str(loaded.dtype).removeprefix("torch.")}
         store.write_json("evaluate.json", metrics)
-    summary = {**metrics, "seconds": round(verb.seconds, 2)}
-    label = "corrected" if metrics["corrected"] else ("fine-tuned" if metrics["finetuned"] else "model")
-    artifacts = {"summary": "evaluate.json", "samples": [[label, "sample"]]}
-    results = verb.conclude(summary, gates, gate_metrics(metrics), artifacts)
+        summary = {**metrics, "seconds": round(verb.seconds, 2)}
+        label = "corrected" if metrics["corrected"] else ("fine-tuned" if metrics["finetuned"] else "model")
+        artifacts = {"summary": "evaluate.json", "samples": [[label, "sample"]]}
+        results = verb.conclude(summary, gates, gate_metrics(metrics), artifacts)
     return Outcome(summary, evaluate_view(model, summary), results)
 
 

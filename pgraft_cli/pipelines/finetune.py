@@ -168,13 +168,13 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
                                                    "judges": dict(judge_specs), "history": history})
         store.write_json("finetune/timeline.json", timeline(loaded, rec.evaluate.steps or rec.sample.steps,
                                                             rec.finetune.cutoff))
-    summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
-               "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff, "judges": dict(judge_specs),
-               "tuning": tuning_choice(loaded, rec.finetune), **metrics}
-    artifacts = {"summary": "finetune/summary.json", "timeline": "finetune/timeline.json",
-                 "rounds": [f"{round_stage('finetune', h['round'])}/result.json" for h in history if "finetune" in h],
-                 "samples": [["base", "evaluate-base"], ["tuned", "evaluate-tuned"]]}
-    results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), artifacts, out=target)
+        summary = {"run_dir": str(store.root), "out": str(target), "out_bytes": target.stat().st_size,
+                   "seconds": round(verb.seconds, 2), "cutoff": rec.finetune.cutoff, "judges": dict(judge_specs),
+                   "tuning": tuning_choice(loaded, rec.finetune), **metrics}
+        artifacts = {"summary": "finetune/summary.json", "timeline": "finetune/timeline.json",
+                     "rounds": [f"{round_stage('finetune', h['round'])}/result.json" for h in history if "finetune" in h],
+                     "samples": [["base", "evaluate-base"], ["tuned", "evaluate-tuned"]]}
+        results = verb.conclude(summary, gates, gate_metrics(metrics["tuned"], metrics["base"]), artifacts, out=target)
     return Outcome(summary, [finetune_report(summary), f"trained: {summary['tuning']}", *wrote_lines(summary)], results)
 
 

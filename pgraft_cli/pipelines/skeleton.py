@@ -431,6 +431,10 @@ class Verb:
         show = not self.quiet and self.is_main
         with RunStore(path, is_main=self.is_main) as store:
             if self.is_main:
+                from ..report.html import REPORT
+
+                store.forget_result()  # and the report of it: `pgraft report` renders what is left of a stopped run
+                (store.root / REPORT).unlink(missing_ok=True)
                 atomic_write_text(store.root / RECIPE, dump_recipe(self.recipe))
             note(f"run directory: {store.root}", quiet=not show)
             self.store = store

@@ -664,11 +664,11 @@ def render_report(run_dir: Path | str) -> Path:
     store = RunStore(run_dir, is_main=False)
     manifest = store.read_manifest()
     verb, artifacts = store.artifacts()
-    kind = verb or "sample"
+    s = store.read_artifact("summary") or {}
+    kind = verb if verb == "sample" or (verb and s) else "sample"  # a summary gone (a stage re-run): its stages
     prov = store.read_provenance()
     entry = prov.get(kind) or (next(iter(prov.values())) if prov else {})
     recipe_path = run_dir / artifacts["recipe"] if "recipe" in artifacts else None
-    s = store.read_artifact("summary") or {}
     pairs = [tuple(p) for p in artifacts.get("samples") or [(name, name) for name in manifest["stages"]]]
 
     sections: list[tuple[str, str]] = []

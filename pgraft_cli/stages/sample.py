@@ -146,8 +146,7 @@ def lane_cap(free: int, reserved: int, allocated: int, per_image: int) -> int:
 def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
     """How many images fit one network call on the model's GPU (:func:`lane_cap`, one image's peak
     measured by one call at batch 1, in the free memory less what reused cross-attention keys and
-    values may hold: :func:`reused_cross_attention`); under several processes every one takes
-    process 0's. Off CUDA no memory cap: ``CPU_LANE``."""
+    values may hold: :func:`reused_cross_attention`). Off CUDA no memory cap: ``CPU_LANE``."""
     if model.device.type != "cuda":
         return CPU_LANE
     x = torch.zeros((1, *model.sample_shape), device=model.device, dtype=model.dtype)
@@ -161,11 +160,17 @@ def memory_lane_cap(model: LoadedModel, guidance_scale: float) -> int:
     free, _ = torch.cuda.mem_get_info(model.device)
     kept = CACHE_BUDGET_BYTES if model.adapter.reuses_cross_attention else 0  # the most reused keys, values hold
     reserved, allocated = torch.cuda.memory_reserved(model.device), torch.cuda.memory_allocated(model.device)
-    cap = lane_cap(max(0, free - kept), reserved, allocated, per_image)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        shared = torch.tensor([cap], device=model.device)  # one lane on every process: the shards' key holds it
+    return lane_cap(max(0, free - kept), reserved, allocated, per_image)
+
+
+def agree_on_lane(cap: int, processes: int, device: torch.device) -> int:
+    """Process 0's ``cap`` on every process of a stage split over ``processes`` (the shards' key holds the
+    lane). A stage one process runs alone (finetune's evaluations, on the main process) calls no collective:
+    the other processes would never join it (a hang under NCCL)."""
+    if processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = torch.tensor([cap], device=device)
         torch.distributed.broadcast(shared, src=0)
-        cap = int(shared.item())
+        return int(shared.item())
     return cap
 
 
@@ -182,11 +187,13 @@ def resumed_lane(store: RunStore, name: str, config_for: Callable[[int], dict[st
     return lane
 
 
-def resolve_lane(model: LoadedModel, cfg: SampleConfig) -> SampleConfig:
-    """``cfg`` with ``lane = "auto"`` replaced by the lane this run uses (a fixed lane is kept)."""
+def resolve_lane(model: LoadedModel, cfg: SampleConfig, processes: int = 1) -> SampleConfig:
+    """``cfg`` with ``lane = "auto"`` replaced by the lane this run uses (a fixed lane is kept); a stage split
+    over ``processes`` takes process 0's (:func:`agree_on_lane`)."""
     if cfg.lane != "auto":
         return cfg
-    return replace(cfg, lane=choose_lane(cfg.num, cfg.batch_size, memory_lane_cap(model, cfg.guidance_scale)))
+    cap = agree_on_lane(memory_lane_cap(model, cfg.guidance_scale), processes, model.device)
+    return replace(cfg, lane=choose_lane(cfg.num, cfg.batch_size, cap))
 
 
 # The network classes whose forward runs faster with channels_last weights on the CPU (bench/RESULTS.md,
@@ -460,7 +467,7 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
                barrier: Any = None, stage_name: str = STAGE) -> SampleResult:
     """Run (or resume) the sample stage in ``store``; this process does shards ``k % P == rank``."""
     check_conditions(model, cond)
-    auto, cfg = cfg.lane == "auto", resolve_lane(model, cfg)
+    auto, cfg = cfg.lane == "auto", resolve_lane(model, cfg, num_processes)
     cfg = replace(cfg, memory_format=resolve_memory_format(model, cfg.memory_format))  # keyed as used
     inputs = {"model": model_key(model)}
     num_shards = math.ceil(cfg.num / cfg.batch_size)
@@ -545,13 +552,15 @@ def check_png_folder(out: Path) -> None:
 
 
 def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool = True) -> int:
-    """Write ``OUT/00000.png ...`` (atomically, one by one) and ``OUT/sampler.json`` from the shards."""
+    """Write ``OUT/00000.png ...`` (atomically, one by one) and ``OUT/sampler.json`` from the shards; while
+    they are written sampler.json says ``"complete": false`` (a stopped export is not read as either run's)."""
     check_png_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "sampler.json").exists():  # a folder pgraft wrote before: drop images past this run's num
         for old in out.glob(PNG_GLOB):
             if int(old.stem) >= settings["num"]:
                 old.unlink()
+    atomic_write_text(out / "sampler.json", json.dumps({**settings, "complete": False}, indent=2, sort_keys=True))
     n = 0
     for shard in RunStore(run_dir, is_main=False).stage(STAGE).shards("index", "images"):
         for i, image in zip(shard["index"].tolist(), shard["images"].numpy()):
@@ -559,5 +568,5 @@ def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool 
                 continue
             atomic_write_bytes(out / f"{i:05d}.png", png_bytes(image))
             n += 1
-    atomic_write_text(out / "sampler.json", json.dumps(settings, indent=2, sort_keys=True))
+    atomic_write_text(out / "sampler.json", json.dumps({**settings, "complete": True}, indent=2, sort_keys=True))
     return n
