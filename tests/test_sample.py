@@ -449,3 +449,17 @@ def test_channels_last_stage_gives_back_each_weight_as_it_was_shared_storage_inc
         assert torch.equal(after[name], value), name
     assert base[0].weight.data_ptr() == base[1].weight.data_ptr() == tuned[0].weight.data_ptr()
     assert base[2].weight.is_contiguous(memory_format=torch.channels_last) and not base[2].weight.is_contiguous()
+
+
+def test_a_cpu_stage_on_all_threads_keys_their_number(tmp_path):
+    """A shard that runs on all of a process's threads can round its convolutions by their count (lanes of 6
+    and 10 differed by 6e-7, a PNG by one level, between an `accelerate` process's one thread and a plain
+    run's two), yet the stage's key left the count out: a resume mixed the two kinds of shards. One shard of
+    8 (not side by side) sampled at 2 threads and then at 1 is sampled again, not reused."""
+    from conftest import cli_run
+
+    args = ["sample", "digits", "--num", "8", "--steps", "1", "--run-dir", tmp_path / "run", "--json", "--quiet"]
+    first = json.loads(cli_run(*args, threads=2).stdout)
+    again = json.loads(cli_run(*args, threads=2).stdout)
+    other = json.loads(cli_run(*args, threads=1).stdout)
+    assert (first["generated_now"], again["generated_now"], other["generated_now"]) == (8, 0, 8)

@@ -179,7 +179,9 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 
     def config_for(lane: int) -> dict[str, Any]:  # the key's config at a lane: side by side or not follows from it
         together = lanes_side_by_side(model, lane)
-        return {**base, "lane": lane, **({} if together is None else {"lanes_side_by_side": together})}
+        threads = torch.get_num_threads() if model.device.type == "cpu" and together is None else 1  # (as sampling's)
+        return {**base, "lane": lane, **({} if together is None else {"lanes_side_by_side": together}),
+                **({"threads": threads} if threads > 1 else {})}
 
     if auto_lane:
         lane = resumed_lane(store, "invert", config_for, inputs, lane)

@@ -477,7 +477,10 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     def config_for(lane: int) -> dict[str, Any]:  # the key's config at a lane: shards side by side or not follows
         at = replace(cfg, lane=lane)
         one_thread = shards_side_by_side(model, at, share) is not None  # the bytes are one thread's, whatever the count
-        return {**stage_config(model, at, cond), **({"threads_per_shard": 1} if one_thread else {})}
+        # else a shard runs on all of this process's threads, whose count can change a convolution's rounding
+        threads = torch.get_num_threads() if model.device.type == "cpu" and not one_thread else 1
+        return {**stage_config(model, at, cond), **({"threads_per_shard": 1} if one_thread else {}),
+                **({"threads": threads} if threads > 1 else {})}
 
     if auto:  # a resume keeps the lane its shards were made with
         cfg = replace(cfg, lane=resumed_lane(store, stage_name, config_for, inputs, cfg.lane))
