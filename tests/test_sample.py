@@ -463,3 +463,21 @@ def test_a_cpu_stage_on_all_threads_keys_their_number(tmp_path):
     again = json.loads(cli_run(*args, threads=2).stdout)
     other = json.loads(cli_run(*args, threads=1).stdout)
     assert (first["generated_now"], again["generated_now"], other["generated_now"]) == (8, 0, 8)
+
+
+def test_two_processes_count_every_image_they_generate(tmp_path):
+    """The summary of a two-process `pgraft sample` counted the main process's images alone ("wrote 20 images
+    (8 already done)" for a fresh run, and its images per second); it counts every process's now, and on a
+    resume those shards alone that were missing."""
+    from conftest import cli_run, forked_launch
+
+    args = ["sample", "digits", "--num", "20", "--steps", "1", "--batch-size", "4", "--json", "--quiet",
+            "--run-dir", str(tmp_path / "run")]
+    assert cli_run("sample", "digits", "--num", "4", "--steps", "1", "--run-dir", tmp_path / "warm").returncode == 0
+    fresh = forked_launch(args)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert json.loads(fresh.stdout.strip().splitlines()[-1])["generated_now"] == 20
+    (tmp_path / "run" / "sample" / "shard-00001.safetensors").unlink()  # written by process 1
+    resumed = forked_launch(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["generated_now"] == 4

@@ -344,6 +344,9 @@ class RunStore:
         from safetensors.torch import save_file
 
         stage = self.open_stage(name, config, inputs, num_shards=num_shards)
+        # what every process has left to write, read before the others pass the barrier (the main process's
+        # reading counts: it may just have cleared a stale stage, and no shard is written before it arrives)
+        stage.pending = [] if stage.done else [k for k in range(num_shards) if not stage.shard_done(k)]
         dist.wait()  # the main process may have cleared a stale stage; the others wait for that
         if stage.done:
             return stage
@@ -484,6 +487,7 @@ class StageRun:
     def __init__(self, store: RunStore, name: str, key: str, directory: Path,
                  num_shards: Optional[int]):
         self.store, self.name, self.key, self.dir, self.num_shards = store, name, key, directory, num_shards
+        self.pending: list[int] = []  # run_sharded: the shards no process had written when the stage (re)started
 
     @property
     def done(self) -> bool:

@@ -515,6 +515,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
                                   map_work=map if together is None else functools.partial(side_by_side, threads=together,
                                                                                           stop=stop))
     shards = [stage.shard_path(k) for k in range(num_shards)]
+    if process_index == 0:  # the images every process generated now (this process's own: ``generated``)
+        generated = sum(len(rows(k)) for k in stage.pending)
     return SampleResult(store.root, cfg.num, shards, generated, time.perf_counter() - start, config)
 
 
