@@ -548,12 +548,14 @@ def derive_seed(*parts: Any) -> int:
 
 def save_training_state(path: Path | str, model_state: dict[str, Any], ema_state: dict[str, Any],
                         params: list[Any], opt: Any, step: int, losses: list[float]) -> None:
-    """Weights, EMA weights and the optimizer's per-parameter moments of ``params``, atomically."""
+    """Weights, EMA weights, the optimizer's per-parameter moments of ``params`` and every loss so far (a
+    float64 tensor: a resumed run's loss curve and final loss are the uninterrupted run's), atomically."""
     import torch
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     tensors.update({f"ema.{k}": v for k, v in ema_state.items()})
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float64).reshape(-1)
     for i, p in enumerate(params):
         st = opt.state.get(p, {})
         for name in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
@@ -563,7 +565,7 @@ def save_training_state(path: Path | str, model_state: dict[str, Any], ema_state
             tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"step": str(step), "losses": json.dumps(losses[-5000:])})
+                  metadata={"step": str(step)})
 
 
 def load_training_state(path: Path | str, params: list[Any], opt: Any) -> tuple[int, list[float], dict, dict]:
@@ -588,7 +590,8 @@ def load_training_state(path: Path | str, params: list[Any], opt: Any) -> tuple[
     opt.load_state_dict(state)
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    return int(meta["step"]), json.loads(meta.get("losses", "[]")), model_state, ema_state
+    losses = tensors["losses"].tolist() if "losses" in tensors else json.loads(meta.get("losses", "[]"))  # (older: the last 5000)
+    return int(meta["step"]), losses, model_state, ema_state
 
 
 # ----------------------------------------------------------------------------------------------
