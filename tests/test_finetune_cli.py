@@ -235,3 +235,15 @@ def test_tuned_guidance_override_needs_a_fine_tuned_file():
     assert isinstance(bad.exception, PgraftError) and "--tuned-guidance" in str(bad.exception)
     bad = runner.invoke(app, ["evaluate", "digits", "--tuned-guidance", "sometimes", "--num", "4"])
     assert isinstance(bad.exception, PgraftError) and "none or reapply" in str(bad.exception)
+
+
+def test_a_training_batch_that_does_not_split_across_the_processes_is_refused_before_sampling(tmp_path):
+    """finetune.batch_size must be a multiple of the processes; this was checked once round 1's sampling,
+    scoring and filtering had run. It is one error before any stage now."""
+    from conftest import forked_launch
+
+    args = ["finetune", "digits", "--cutoff", "0.5", "--device", "cpu", *SMALL, "--set", "finetune.batch_size=3",
+            "--run-dir", str(tmp_path / "run")]
+    proc = forked_launch(args)
+    assert proc.returncode == 2 and "multiple of 2" in proc.stderr
+    assert not (tmp_path / "run" / "sample").exists()

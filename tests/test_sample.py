@@ -481,3 +481,17 @@ def test_two_processes_count_every_image_they_generate(tmp_path):
     resumed = forked_launch(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["generated_now"] == 4
+
+
+@pytest.mark.parametrize("verb", ["score", "filter"])
+def test_score_and_filter_under_several_processes_say_they_run_in_one(tmp_path, monkeypatch, verb):
+    """Under `accelerate launch` every process of `pgraft score` / `pgraft filter` opened the run as the main one,
+    and all but one failed with "run directory ... is in use"; one line says to run them in one process now."""
+    from conftest import cli_run
+
+    assert cli_run("sample", "digits", "--num", "4", "--steps", "1", "--run-dir", tmp_path / "run").returncode == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["--reward", "jpeg-incompressibility"] if verb == "score" else []
+    proc = cli_run(verb, tmp_path / "run", *args)
+    assert proc.returncode == 2 and "runs in one process" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

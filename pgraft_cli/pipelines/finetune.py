@@ -63,7 +63,7 @@ def filter_(run_dir: Path, o: FilterOptions) -> Outcome:
     rec = resolve_recipe(o.recipe, o.sets, filter__rule=o.rule, filter__k=o.k, filter__m=o.m,
                          filter__threshold=o.threshold, filter__quantile=o.quantile, filter__dedup=o.dedup)
     names = {s: derived_stage(o.stage, s) for s in ("score", "filter")}
-    with open_run(run_dir) as store:
+    with open_run(run_dir, "filter") as store:
         summary = run_filter(store, rec.filter, o.stage, names["score"], names["filter"])
     shown = {k: v for k, v in summary.items() if k not in ("kept_indices", "cdf", "reshaped_reward")}
     return Outcome({"run_dir": str(run_dir), **shown}, [filter_report(summary)])
@@ -94,7 +94,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     from ..report.gates import check_final_stop, check_stop, gate_metrics, gate_names, judge_names, parse_gates, parse_stop
     from ..report.ui import finetune_report, wrote_lines
     from ..stages.evaluate import fid_skipped, pick_features, sample_metrics
-    from ..stages.finetune import evaluate_pair, resolve_lora, round_stage, run_rounds, tuning_choice
+    from ..stages.finetune import check_batch_split, evaluate_pair, resolve_lora, round_stage, run_rounds, tuning_choice
     from ..stages.sample import Conditions, check_conditions
 
     judge_specs = judge_names(o.judge)
@@ -110,6 +110,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     check_out_spares_inputs(o.out, {"MODEL": model, "--config": o.config, "--data": o.data, "--eval-data": o.eval_data})
     verb: Verb = start("finetune", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)
     loaded, dev = verb.model, verb.device
+    check_batch_split(rec.finetune.batch_size, verb.dist.size)  # before round 1's sampling, not after it
     if loaded.corrector is not None or loaded.finetuned:
         raise PgraftError(f"{model} is a corrected or fine-tuned file; pass its base model to fine-tune")
     check_conditions(loaded, cond)

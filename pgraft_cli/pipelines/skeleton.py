@@ -200,8 +200,14 @@ def reward_from(spec: Optional[str], device: str = "cpu", batch_size: Optional[i
     return reward
 
 
-def open_run(run_dir: Path) -> RunStore:
-    """An existing run directory (of ``pgraft sample``), for the verbs that continue one."""
+def open_run(run_dir: Path, verb: str = "score") -> RunStore:
+    """An existing run directory (of ``pgraft sample``), for the verbs that continue one, in one process: under
+    ``accelerate launch`` every process would open it as the main one (the second: "in use")."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise PgraftError(f"pgraft {verb} runs in one process (it reads a finished sample stage); run it without "
+                          f"accelerate launch / torchrun (pgraft finetune splits its own scoring across processes)")
     if not (run_dir / MANIFEST).is_file():
         raise PgraftError(f"{run_dir} is not a pgraft run directory (no {MANIFEST}); pass the --run-dir of a `pgraft sample` run")
     return RunStore(run_dir)

@@ -223,9 +223,7 @@ def run_finetune(model: LoadedModel, kept: KeptSet, cfg: FinetuneConfig, store: 
     net.train()
 
     world = accelerator.num_processes
-    if cfg.batch_size % world:
-        raise PgraftError(f"finetune.batch_size ({cfg.batch_size}) is split across the {world} processes, so it must "
-                          f"be a multiple of {world}; use --set finetune.batch_size={-(-cfg.batch_size // world) * world}")
+    check_batch_split(cfg.batch_size, world)
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     prompts = PromptCache(PROMPT_CACHE_BYTES)  # the text encoders are never trained here
 
@@ -342,6 +340,13 @@ def restore_round(model: LoadedModel, cfg: FinetuneConfig, store: RunStore, k: i
     state = load_file(str(store.root / round_stage(STAGE, k) / "weights.safetensors"))
     set_lora_state(network, state) if cfg.lora_rank > 0 else network.load_state_dict(state)
     model.identity = tuned_identity(model)
+
+
+def check_batch_split(batch_size: int, world: int) -> None:
+    """A training batch is split across the ``world`` processes: it must be a multiple of their number."""
+    if batch_size % world:
+        raise PgraftError(f"finetune.batch_size ({batch_size}) is split across the {world} processes, so it must "
+                          f"be a multiple of {world}; use --set finetune.batch_size={-(-batch_size // world) * world}")
 
 
 def round_seed(sample_seed: int, r: int, evaluate_seed: int) -> int:

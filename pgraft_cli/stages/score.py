@@ -1,7 +1,8 @@
 """The score stage: the reward of every sampled image, sharded like the sample stage it reads.
 
 Score shard ``k`` holds the rewards of sample shard ``k`` (``index``, ``reward``), so scoring
-resumes shard by shard and splits across ``accelerate`` processes like sampling does. The stage key
+resumes shard by shard and, in ``pgraft finetune``'s rounds, splits across ``accelerate`` processes like
+sampling does (the ``pgraft score`` verb runs in one process). The stage key
 holds the digest of the sample stage's outputs and the reward's spec, identity and batch size: a
 new reward re-runs scoring (and everything after it), never sampling.
 """
