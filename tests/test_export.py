@@ -934,3 +934,16 @@ def test_export_refuses_to_replace_the_folder_holding_a_composed_files_base(tmp_
     result = runner.invoke(app, ["correct", str(tuned), "--out", str(base)])
     assert isinstance(result.exception, PgraftError) and "would overwrite the base of MODEL" in str(result.exception)
     assert base.read_bytes() == before and load_model(str(chained)).corrector is not None
+
+
+def test_exported_files_get_the_usual_permissions(tmp_path):
+    """diffusers' save_pretrained writes its weights with safetensors' save_file, which makes them 0600: an export
+    meant to be shared was unreadable to the user's group whatever the umask. Every file gets the usual mode."""
+    out = tmp_path / "pipe"
+    _export("digits", out)
+    (tmp_path / "plain").write_text("x")
+    usual = (tmp_path / "plain").stat().st_mode & 0o777
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.relative_to(out).as_posix(): f.stat().st_mode & 0o777 for f in files} == {
+        f.relative_to(out).as_posix(): usual for f in files}

@@ -83,6 +83,17 @@ def test_atomic_file_gets_the_usual_permissions(tmp_path):
     assert (tmp_path / "a").stat().st_mode & 0o777 == (tmp_path / "b").stat().st_mode & 0o777
 
 
+def test_a_file_its_writer_replaces_in_the_temporary_path_gets_the_usual_permissions_too(tmp_path):
+    """safetensors' save_file replaces the file it writes with one of mode 0600: every checkpoint pgraft wrote
+    (tuned.safetensors, corrected.safetensors) was unreadable to the user's group whatever the umask."""
+    from safetensors.torch import save_file
+
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"w": torch.zeros(1)}, str(tmp))
+    (tmp_path / "b").write_text("x")
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "b").stat().st_mode & 0o777
+
+
 # ------------------------------------------------------------------------------------------------
 # stages and shards
 

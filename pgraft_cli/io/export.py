@@ -35,6 +35,7 @@ from ..models.corrector import NoiseCorrector
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, lora_state
 from .checkpoints import _quiet_loading, build_network
+from .runstore import USUAL_FILE_MODE
 from .single_file import detect_layout, flux_to_single_file, sd3_to_single_file, to_single_file, unet_names
 
 FORMATS = ("diffusers", "lora", "single-file")
@@ -94,6 +95,9 @@ def output_folder(out: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for path in tmp.rglob("*"):  # save_pretrained's weights come out 0600 (safetensors' save_file): the usual mode
+        if path.is_file():
+            path.chmod(USUAL_FILE_MODE)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

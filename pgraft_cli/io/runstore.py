@@ -49,6 +49,7 @@ PROVENANCE = "provenance.json"  # per verb: command, versions, device, time, the
 _PACKAGES = ("pgraft", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "matplotlib")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+USUAL_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file under this process's umask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,9 +70,10 @@ def atomic_path(path: Path | str, durable: bool = True) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(tmp, USUAL_FILE_MODE)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
+        os.chmod(tmp, USUAL_FILE_MODE)  # again: a writer may have replaced the file (safetensors' save_file: 0600)
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
