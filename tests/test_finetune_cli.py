@@ -88,6 +88,15 @@ def test_finetune_end_to_end_caches_stages_and_composes_on_load(tmp_path):
     # nearly singular product (32 samples < 64 feature dimensions), which differ at ~1e-9 relative
     assert ev["fid_data"] == summary["fid_data"] == "digits-test"
     assert ev["fid"] == pytest.approx(summary["tuned"]["fid"], rel=1e-7)
+    # without --steps: the steps the file was tuned and evaluated at (4, said in a note), not the recipe's 32
+    from conftest import cli_run
+
+    plain = cli_run("evaluate", out, "--num", "32", "--seed", "1", "--reward", "classifier:digits:3", "--run-dir",
+                    tmp_path / "ev2", "--json", "--set", "evaluate.kid_subsets=2", "--features", "judge")
+    assert plain.returncode == 0, plain.stderr
+    shown = json.loads(plain.stdout.strip().splitlines()[-1])
+    assert shown["nfe"] == 4 and shown["reward_mean"] == pytest.approx(ev["reward_mean"], abs=1e-9)
+    assert any("tuned and evaluated at 4 steps" in n for n in shown["notes"])
 
     # a different reward re-runs scoring onwards, never sampling
     args2 = [a if a != "classifier:digits:3" else "classifier:digits:7" for a in args]

@@ -9,7 +9,7 @@ from typing import Optional
 from ..errors import PgraftError
 from .skeleton import (DataOptions, DrawOptions, FeatureOptions, ModelOptions, Options, Outcome, PromptOptions, Verb,
                        computed_recipe, corrector_steps, default_run_dir, precision_note, prompt_list, real_data, references,
-                       resolve_recipe, reward_from, sampler_guidance, start)
+                       resolve_recipe, reward_from, sampler_guidance, start, tuned_steps)
 
 
 @dataclass
@@ -41,7 +41,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     the gate results. None on processes other than the main one."""
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
-    from ..report.ui import evaluate_view
+    from ..report.ui import evaluate_view, note
     from ..stages.evaluate import (JUDGE_FEATURES, check_best_of_groups, evaluate_model, fid_skipped, pick_features,
                                    tuned_reward_identity)
     from ..stages.sample import Conditions, check_conditions
@@ -61,6 +61,12 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     check_conditions(loaded, cond)
     rew = reward_from(o.reward, dev) if o.reward else None
     eval_steps = rec.evaluate.steps or rec.sample.steps
+    own = tuned_steps(loaded) if rec.evaluate.steps is None else None
+    steps_note = None
+    if own is not None and own != eval_steps:  # its numbers (FID, reward) are of that count: compare like with like
+        steps_note = f"{model} was tuned and evaluated at {own} steps; evaluated at {own} (--steps N for another count)"
+        note(f"note: {steps_note}", o.quiet)
+        eval_steps = own
     if loaded.corrector is not None:
         eval_steps = corrector_steps(loaded, rec.evaluate.steps, "evaluate", sampler_guidance(loaded, rec.sample))
     num = best_of_num(o.best_of, o.num, cond.prompts, rec.evaluate.num)
@@ -72,7 +78,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     feats = pick_features(rec.evaluate.features, loaded.image_shape, rec.evaluate.inception_weights or None, dev,
                           reward_identity=optimised)
     notes = [] if has_data and feats is not None else [fid_skipped(rec.evaluate.features, has_data)]
-    mismatch = [n for n in [precision_note(loaded)] if n]  # said in the results; `notes` alone says FID is skipped
+    mismatch = [n for n in [precision_note(loaded), steps_note] if n]  # said in the results; `notes` alone says FID is skipped
     if (optimised and not notes and rec.evaluate.features == "auto" and feats is not None
             and feats.name.startswith(JUDGE_FEATURES)):  # (notes: FID skipped)
         mismatch.append("FID in the bundled judge's features: the reward (--reward, or the one this file was tuned on) "

@@ -240,6 +240,16 @@ def corrector_steps(model: LoadedModel, steps: Optional[int], verb: str, guidanc
     return model.corrector.base_steps
 
 
+def tuned_steps(model: LoadedModel) -> Optional[int]:
+    """The steps a fine-tuned file's own base/tuned evaluation ran at (its recipe's ``evaluate.steps``, else
+    ``sample.steps``); None for other models or files without the record."""
+    recipe = model.provenance.get("recipe") if model.finetuned else None
+    if not isinstance(recipe, dict):
+        return None
+    steps = (recipe.get("evaluate") or {}).get("steps") or (recipe.get("sample") or {}).get("steps")
+    return int(steps) if isinstance(steps, int) and steps > 0 else None
+
+
 def precision_note(model: LoadedModel) -> Optional[str]:
     """One line where a corrected model samples in another precision than its corrector was fitted to
     (the inversion's base sampler). The run keeps the precision asked for: on the digits flow a mismatch
