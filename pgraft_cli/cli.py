@@ -62,6 +62,7 @@ def sample(
     capture_at: Annotated[Optional[float], typer.Option("--capture-at", help="Also store each trajectory's state at this noise level (P-GRAFT's cutoff).")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="Classifier-free guidance for text models and class models with a null class.")] = None,
     base: BaseOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the images of another sampling (model, seed, steps, prompts ...) in --out.")] = False,
     **shared: Any,
 ) -> None:
     """Draw images from MODEL into a resumable run and write them as PNGs.

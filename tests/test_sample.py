@@ -495,3 +495,23 @@ def test_score_and_filter_under_several_processes_say_they_run_in_one(tmp_path, 
     proc = cli_run(verb, tmp_path / "run", *args)
     assert proc.returncode == 2 and "runs in one process" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_another_samplings_png_folder_is_not_replaced_without_force(tmp_path):
+    """`pgraft sample --out DIR` into a folder an earlier sampling filled replaced its images (and deleted those past
+    the new --num) without a word: 16 images of seed 0 became 4 of seed 5. Another sampling is refused before any
+    work now; the same sampling at another --num reuses the folder, --force replaces it."""
+    from conftest import cli_run
+
+    out = tmp_path / "png"
+
+    def run(*args):
+        return cli_run("sample", "digits", "--steps", "1", "--run-dir", tmp_path / "run", "--out", out, "--quiet", *args)
+
+    assert run("--num", "16", "--seed", "0").returncode == 0
+    before = pngs(out)
+    refused = run("--num", "4", "--seed", "5")
+    assert refused.returncode == 2 and "another sampling (seed 0, not 5)" in refused.stderr
+    assert pngs(out) == before
+    assert run("--num", "8", "--seed", "0").returncode == 0 and pngs(out) == dict(list(before.items())[:8])
+    assert run("--num", "4", "--seed", "5", "--force").returncode == 0 and len(pngs(out)) == 4

@@ -20,12 +20,14 @@ class SampleOptions(ModelOptions, PromptOptions, DrawOptions):
     class_label: Optional[int] = None
     capture_at: Optional[float] = None
     guidance_scale: Optional[float] = None
+    force: bool = False
 
 
 def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     """Sample MODEL into a (resumable) run and export the PNGs; the summary (None on other processes)."""
     from ..report.ui import note, sample_view
-    from ..stages.sample import Conditions, check_conditions, compile_note, export_pngs, run_sample, stage_config
+    from ..stages.sample import (Conditions, check_conditions, check_png_reuse, compile_note, export_pngs, run_sample,
+                                 stage_config)
 
     rec = resolve_recipe(o.recipe, o.sets, sample__num=o.num, sample__seed=o.seed, sample__steps=o.steps,
                          sample__batch_size=o.batch_size, sample__capture_at=o.capture_at,
@@ -45,6 +47,8 @@ def sample(model: str, o: SampleOptions) -> Optional[Outcome]:
     # the recipe keeps "auto" (also in the default run directory: free memory must not move it); the
     # lane used goes in the settings, and a resume reuses it
     run_dir = o.run_dir or default_run_dir("sample", {"model": loaded.identity, **stage_config(loaded, rec.sample, cond)})
+    if o.out is not None and not o.force:  # before any sampling: another sampling's images are not replaced silently
+        check_png_reuse(o.out, {"model_identity": loaded.identity, **stage_config(loaded, rec.sample, cond)})
     with verb.run_dir(run_dir) as store:
         dist = verb.dist
         result = run_sample(loaded, rec.sample, cond, store, verb.bar, dist.rank, dist.size, barrier=dist.barrier)

@@ -556,6 +556,25 @@ def check_png_folder(out: Path) -> None:
                               f"pass a new or empty folder")
 
 
+# What a PNG folder's images depend on beyond their count (sampler.json's keys): reusing the folder for a
+# sampling that differs in one of them would replace its images
+PNG_IDENTITY = ("model_identity", "seed", "steps", "conditions", "guidance_scale", "distilled_guidance", "grid",
+                "shift", "capture_at", "dtype", "autocast", "corrector")
+
+
+def check_png_reuse(out: Path, wanted: dict[str, Any]) -> None:
+    """Refuse an ``--out`` that holds the images of another sampling (a sampler.json pgraft wrote whose
+    ``PNG_IDENTITY`` values differ from ``wanted``'s): its images would be replaced and the extra ones deleted.
+    The same sampling again (any ``--num`` or ``--batch-size``) reuses the folder."""
+    if not _written_by_pgraft(out):
+        return
+    old = json.loads((out / "sampler.json").read_text())
+    for key in PNG_IDENTITY:
+        if key in wanted and key in old and old[key] != json.loads(json.dumps(wanted[key], default=str)):
+            raise OutputPathError(f"--out {out} holds the images of another sampling ({key} {old[key]!r}, not "
+                                  f"{wanted[key]!r}), which this run would replace; pass a new folder, or --force")
+
+
 def export_pngs(run_dir: Path, out: Path, settings: dict[str, Any], quiet: bool = True) -> int:
     """Write ``OUT/00000.png ...`` (atomically, one by one) and ``OUT/sampler.json`` from the shards; while
     they are written sampler.json says ``"complete": false`` (a stopped export is not read as either run's)."""
