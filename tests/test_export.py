@@ -757,12 +757,14 @@ def test_a_class_conditioned_corrector_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["pixart", "dit"])
+@pytest.mark.parametrize("family", ["pixart", "dit", "digits"])
 def test_lora_of_a_family_without_load_lora_weights_is_refused_in_one_line(tmp_path, family, request):
+    """PixArt and DiT pipelines have no load_lora_weights; nor has diffusers' UNet2DModel a LoRA loader, yet a
+    pixel UNet's adapter was written in Stable Diffusion's ``unet.`` layout, which nothing could load."""
     from pgraft_cli.io.export import ExportError
     from pgraft_cli.pipelines.export import ExportOptions, export
 
-    checkpoint, _ = _tuned_file(tmp_path, request.getfixturevalue(f"tiny_{family}_dir"), 0.0)
+    checkpoint, _ = _tuned_file(tmp_path, "digits" if family == "digits" else request.getfixturevalue(f"tiny_{family}_dir"), 0.0)
     with pytest.raises(ExportError, match="has no load_lora_weights") as e:
         export(str(checkpoint), tmp_path / "out", ExportOptions(format="lora"))
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -59,7 +59,7 @@ class Support:
     plain: bool
 
 
-SUPPORT = {"unet2d": Support("unet", False), "sd": Support("unet", True), "sdxl": Support("unet", True),
+SUPPORT = {"unet2d": Support(None, False), "sd": Support("unet", True), "sdxl": Support("unet", True),
            "sd3": Support("transformer", False), "flux": Support("transformer", True), "pixart": Support(None, True),
            "dit": Support(None, True)}
 
@@ -324,19 +324,17 @@ def _corrector_component(corrector: Optional[NoiseCorrector]) -> Optional[nn.Mod
 def _lora_prefix(model: LoadedModel) -> str:
     """``unet`` or ``transformer``: the family pipeline's key prefix (``SUPPORT``); refused where it cannot load one."""
     prefix = support_of(model).lora
-    if prefix is None:
-        raise ExportError(f"--format lora: {type(model.pipeline).__name__} has no load_lora_weights to read it; "
+    if prefix is None:  # (diffusers' UNet2DModel has no load_lora_adapter either)
+        holder = type(model.pipeline).__name__ if model.pipeline is not None else model.model_class
+        raise ExportError(f"--format lora: {holder} has no load_lora_weights to read it; "
                           f"export --format diffusers (the LoRA fused) instead")
     return prefix
 
 
 def _save_lora(model: LoadedModel, out: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """``save_lora_weights`` of the family's pipeline class (a pixel UNet: Stable Diffusion's ``unet.`` layout)."""
-    from diffusers import StableDiffusionPipeline
-
+    """``save_lora_weights`` of the family's pipeline class."""
     prefix = _lora_prefix(model)
-    saver = type(model.pipeline) if model.pipeline is not None else StableDiffusionPipeline
-    saver.save_lora_weights(out, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": meta})
+    type(model.pipeline).save_lora_weights(out, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": meta})
 
 
 def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
@@ -345,8 +343,9 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
     if layout not in LORA_LAYOUTS:
         raise ExportError(f"--lora-format {layout!r} is unknown; use {' or '.join(LORA_LAYOUTS)}")
     if not model.lora:
+        other = "--format diffusers" + (" or single-file" if type(model.pipeline).__name__ in SINGLE_FILE_PIPELINES else "")
         raise ExportError(f"{model.source} holds no LoRA adapter (a full fine-tune or a plain model); export it with "
-                          f"--format diffusers or single-file")
+                          f"{other}")
     config = model.network.peft_config[LORA_ADAPTER]
     dtype = dtype or model.dtype
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state(model.network).items()}
