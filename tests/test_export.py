@@ -949,3 +949,14 @@ def test_exported_files_get_the_usual_permissions(tmp_path):
     assert any(f.suffix == ".safetensors" for f in files)
     assert {f.relative_to(out).as_posix(): f.stat().st_mode & 0o777 for f in files} == {
         f.relative_to(out).as_posix(): usual for f in files}
+
+
+def test_pgraft_names_its_own_composed_export_as_such(tmp_path):
+    """`pgraft inspect` of a composed export (pipeline.py) said "...contains custom code in pipeline.py ... You can
+    inspect the file co); check the folder is complete": cut mid-word, and the fix wrong."""
+    from conftest import cli_run
+
+    _export("digits", tmp_path / "pipe")
+    proc = cli_run("inspect", tmp_path / "pipe")
+    assert proc.returncode == 2 and "is a pgraft export" in proc.stderr and "exported from" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

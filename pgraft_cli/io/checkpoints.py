@@ -643,6 +643,9 @@ def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, sourc
     from diffusers import DiffusionPipeline
 
     index = _read_json(path / "model_index.json")
+    if "PgraftPipeline" in json.dumps(index.get("_class_name")):  # ["pipeline", "PgraftPipeline"]: its pipeline.py
+        raise ModelLoadError(f"{path} is a pgraft export whose pipeline.py runs the composed sampler under diffusers; "
+                             f"pass pgraft the checkpoint it was exported from")
     part = "unet" if "unet" in index else "transformer" if "transformer" in index else None
     if part is None:
         raise ModelLoadError(f"{path}/model_index.json names no unet or transformer; pgraft needs one of them")

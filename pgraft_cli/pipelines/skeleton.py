@@ -268,6 +268,19 @@ def precision_note(model: LoadedModel) -> Optional[str]:
             f"0.02: docs/methods.md); to match the fit pass " + " ".join(f"--set {f}" for f in fix))
 
 
+def kind_note(model: LoadedModel, kind: Optional[str]) -> Optional[str]:
+    """One line where ``--kind`` (or the recipe's model.kind) reads the model as another family than its scheduler
+    config names (``FlowMatch*``: a flow): a flow sampled as diffusion, or the reverse, gives noise-like images."""
+    name = str(model.scheduler_config.get("_class_name", ""))
+    if kind not in ("flow", "diffusion") or not name:
+        return None
+    named = "flow" if "FlowMatch" in name else "diffusion"
+    if named == kind:
+        return None
+    return (f"{model.source}'s scheduler is {name} (a {named} model), read as {kind} as asked; a network trained "
+            f"as a {named} model samples noise this way: drop --kind unless its scheduler config is wrong")
+
+
 def clipping_note(scheduler_config: dict[str, Any]) -> Optional[str]:
     """One line where a diffusion scheduler config clips the predicted clean sample at every step
     (``clip_sample``, as google/ddpm-* ship it, or dynamic ``thresholding``): diffusers' pipeline does, pgraft's
@@ -504,10 +517,11 @@ def start(verb: str, recipe: Recipe, model: str, config: Optional[str], kind: Op
     state = process_state(recipe, device)
     loaded = load(model, config, kind, allow_pickle, recipe, base)
     clipped = clipping_note(loaded.scheduler_config) if loaded.schedule.family == "diffusion" else None
-    if clipped and state.is_main_process:
-        from ..report.ui import note
+    for said in (clipped, kind_note(loaded, kind or recipe.model.kind)):
+        if said and state.is_main_process:
+            from ..report.ui import note
 
-        note(f"note: {clipped}", quiet)
+            note(f"note: {said}", quiet)
     dev = pick_device(recipe, device, state)
     place(loaded, dev, getattr(torch, recipe.model.dtype), recipe.model.autocast)
     return Verb(verb, recipe, state, loaded, dev, quiet, started,

@@ -33,7 +33,7 @@ _INVERSION = ("reconstruction_rms_mean", "reconstruction_rms_max", "reconstructi
               "noise_norm_mean")
 _COPYING = ("copy_z", "copy_auc", "copy_near", "copy_near_z", "copy_ct", "copy_cell_p")  # correct's data-copying test (stages.evaluate.copying)
 METRICS = (*_SAMPLER, *_REWARD, *_INVERSION, *_COPYING)
-SYNTAX = 'NAME OP NUMBER with OP one of > >= < <= == != (e.g. --fail-if "fid>12" --fail-if "reward<0.5")'
+SYNTAX = 'NAME OP NUMBER with OP one of > >= < <= == != (e.g. --fail-if "fid>12" --fail-if "reward<-6")'
 _GATE = re.compile(r"^\s*(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>[^<>=!\s]+)\s*$")
 
 
