@@ -242,8 +242,10 @@ def test_finetune_streams_its_fid_reference_and_never_loads_the_whole_data_set(t
 def test_tuned_guidance_override_needs_a_fine_tuned_file():
     bad = runner.invoke(app, ["evaluate", "digits", "--tuned-guidance", "reapply", "--num", "4"])
     assert isinstance(bad.exception, PgraftError) and "--tuned-guidance" in str(bad.exception)
+    assert "is not one: drop --tuned-guidance" in str(bad.exception)
     bad = runner.invoke(app, ["evaluate", "digits", "--tuned-guidance", "sometimes", "--num", "4"])
     assert isinstance(bad.exception, PgraftError) and "none or reapply" in str(bad.exception)
+    assert "'sometimes' is unknown" in str(bad.exception)  # (a misspelling was answered "...; x is one")
 
 
 def test_a_training_batch_that_does_not_split_across_the_processes_is_refused_before_sampling(tmp_path):

@@ -53,9 +53,11 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     verb: Verb = start("evaluate", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
     loaded, dev = verb.model, verb.device
     if o.tuned_guidance is not None:  # compare both readings of one fine-tuned file
-        if o.tuned_guidance not in ("none", "reapply") or not loaded.finetuned:
-            raise PgraftError(f"--tuned-guidance {o.tuned_guidance}: pass none or reapply, for a fine-tuned file "
-                              f"(pgraft finetune's output); {model} is {'one' if loaded.finetuned else 'not one'}")
+        if o.tuned_guidance not in ("none", "reapply"):
+            raise PgraftError(f"--tuned-guidance {o.tuned_guidance!r} is unknown; pass none or reapply")
+        if not loaded.finetuned:
+            raise PgraftError(f"--tuned-guidance applies to a fine-tuned file (pgraft finetune's output); {model} is "
+                              f"not one: drop --tuned-guidance")
         loaded.tuned_guidance = o.tuned_guidance
     cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None)
     check_conditions(loaded, cond)

@@ -34,8 +34,8 @@ from ..models.traced import tf32_off
 # Distances: torchmetrics' FID and KID, fed one batch of features at a time
 
 # Printed under every metric table (terminal and report.html).
-COST_NOTE = ("NFE counts a guided step once; FLOPs count both halves of classifier-free guidance, plus the "
-             "text encoders and the VAE decoder per image (flops_parts in the JSON)")
+COST_NOTE = ("NFE counts a guided step once; FLOPs count both halves of classifier-free guidance, and the text "
+             "encoders and VAE decoder per image, where the model has them (flops_parts in the JSON)")
 
 
 # ----------------------------------------------------------------------------------------------
