@@ -305,13 +305,17 @@ LLAVA_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if
                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory) -> Path:
-    """A LLaVA folder (CLIP vision tower + Llama) with a chat template, a few thousand parameters."""
+def _tiny_llava(folder: Path, chat_template: str = LLAVA_TEMPLATE, adds_bos: bool = False) -> Path:
+    """A LLaVA folder (CLIP vision tower + Llama) with a chat template, a few thousand parameters; ``adds_bos``:
+    its tokenizer puts ``<s>`` before every text, as Gemma's and Llama's do."""
+    from tokenizers import processors
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     tokenizer, vocab = _word_tokenizer(VQA_WORDS)
+    if adds_bos:
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=16, patch_size=8)
@@ -323,37 +327,44 @@ def llava_dir(tmp_path_factory) -> Path:
     processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
                                                                   crop_size={"height": 16, "width": 16}),
                                tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
-    folder = tmp_path_factory.mktemp("llava") / "tiny-llava"
+                               num_additional_image_tokens=1, chat_template=chat_template)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory) -> Path:
-    """A BLIP-2 folder (no chat template: the question is asked as 'Question: ... Answer:')."""
+def llava_dir(tmp_path_factory) -> Path:
+    return _tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")
+
+
+def _tiny_blip2(folder: Path, t5: bool = False) -> Path:
+    """A BLIP-2 folder (no chat template: the question is asked as 'Question: ... Answer:'), its language model
+    OPT (decoder-only) or, with ``t5``, T5 (encoder-decoder, as BLIP-2 Flan-T5)."""
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                              Blip2VisionConfig, BlipImageProcessor, OPTConfig)
+                              Blip2VisionConfig, BlipImageProcessor, OPTConfig, T5Config)
 
     tokenizer, vocab = _word_tokenizer(VQA_WORDS, image_token=False)  # Blip2Processor adds its own
     torch.manual_seed(0)
+    text = (T5Config(vocab_size=len(vocab) + 1, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                     pad_token_id=0, eos_token_id=3, decoder_start_token_id=0) if t5 else
+            OPTConfig(vocab_size=len(vocab), hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                      word_embed_proj_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3))
     config = Blip2Config(
         vision_config=Blip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, image_size=16, patch_size=8).to_dict(),
         qformer_config=Blip2QFormerConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                           num_attention_heads=2, encoder_hidden_size=16).to_dict(),
-        text_config=OPTConfig(vocab_size=len(vocab), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                              num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64,
-                              pad_token_id=0, bos_token_id=2, eos_token_id=3).to_dict(),
-        num_query_tokens=2, image_token_index=vocab["<image>"])
-    model = Blip2ForConditionalGeneration(config)
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}),
-                               tokenizer=tokenizer, num_query_tokens=2)
-    folder = tmp_path_factory.mktemp("blip2") / "tiny-blip2"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+        text_config=text.to_dict(), num_query_tokens=2, image_token_index=len(vocab) if t5 else vocab["<image>"])
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tokenizer,
+                   num_query_tokens=2).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory) -> Path:
+    return _tiny_blip2(tmp_path_factory.mktemp("blip2") / "tiny-blip2")
 
 
 @pytest.mark.parametrize("vlm", ["llava_dir", "blip2_dir"])
@@ -690,40 +701,14 @@ def test_aesthetic_reads_a_clip_vision_folder_with_its_projection(clip_dir, tmp_
         parse_reward(f"aesthetic:{full}")
 
 
-def _bos_llava(folder: Path) -> Path:
-    """A LLaVA folder whose tokenizer adds BOS and whose chat template writes ``{{ bos_token }}`` too (Gemma 3,
-    Llama 3.2 Vision do both)."""
-    from tokenizers import processors
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    tokenizer, vocab = _word_tokenizer(VQA_WORDS)
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=16, patch_size=8)
-    text = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                                      image_token_index=vocab["<image>"]))
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
-                                                                  crop_size={"height": 16, "width": 16}),
-                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template="{{ bos_token }}" + LLAVA_TEMPLATE)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def test_vqascore_asks_with_one_bos_where_the_template_writes_it_too(tmp_path):
     """The chat template was rendered to text (with its BOS) and tokenised adding another: the model read
     ``<s> <s> USER: ...``. The score is now the one of a single BOS, computed by hand."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    folder = _bos_llava(tmp_path / "bos-llava")
+    # the tokenizer adds BOS and the template writes {{ bos_token }} too (Gemma 3, Llama 3.2 Vision do both)
+    folder = _tiny_llava(tmp_path / "bos-llava", "{{ bos_token }}" + LLAVA_TEMPLATE, adds_bos=True)
     image = rgb(1, 16)
     reward = parse_reward(f"vqascore:{folder}")
     score = reward(image, ["a cat"])
@@ -744,23 +729,9 @@ def test_vqascore_reads_an_encoder_decoder_vlm_at_the_decoders_first_position(tm
     """BLIP-2 Flan-T5 (an encoder-decoder language model) crashed: no decoder input. P(Yes) is now the decoder's
     first output after its start token, computed by hand, and does not depend on the batch."""
     from PIL import Image
-    from transformers import (AutoModelForImageTextToText, AutoProcessor, Blip2Config, Blip2ForConditionalGeneration,
-                              Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor, T5Config)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    tokenizer, vocab = _word_tokenizer(VQA_WORDS, image_token=False)
-    torch.manual_seed(0)
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=16, patch_size=8).to_dict(),
-        qformer_config=Blip2QFormerConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, encoder_hidden_size=16).to_dict(),
-        text_config=T5Config(vocab_size=len(vocab) + 1, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                             pad_token_id=0, eos_token_id=3, decoder_start_token_id=0).to_dict(),
-        num_query_tokens=2, image_token_index=len(vocab))
-    folder = tmp_path / "blip2-t5"
-    Blip2ForConditionalGeneration(config).save_pretrained(folder)
-    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tokenizer,
-                   num_query_tokens=2).save_pretrained(folder)
+    folder = _tiny_blip2(tmp_path / "blip2-t5", t5=True)
     reward = parse_reward(f"vqascore:{folder}")
     images = rgb(4, 16)
     scores = reward(images, PROMPTS)
