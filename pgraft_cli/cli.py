@@ -236,7 +236,7 @@ def correct(
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model, corrected or tuned checkpoint to evaluate.")],
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of samples (evaluate.num).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps (default: the corrector's, else sample.steps).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Base sampler steps (default: a corrector's; a fine-tuned file's own evaluation's; else evaluate.steps or sample.steps).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (evaluate.seed).")] = None,
     base: BaseOpt = None,
     tuned_guidance: Annotated[Optional[str], typer.Option("--tuned-guidance", help="A fine-tune's tuned segment: none (unguided) or reapply (guided again); default: the file's choice.")] = None,

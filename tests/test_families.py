@@ -386,7 +386,8 @@ def test_a_scheduler_that_clips_its_clean_estimate_is_named_at_load(unet_pipelin
     assert clipping_note({"_class_name": "DDPMScheduler", "clip_sample": True}) is not None
     assert "thresholding" in clipping_note({"_class_name": "DDIMScheduler", "clip_sample": False, "thresholding": True})
     assert clipping_note({"_class_name": "DDIMScheduler", "clip_sample": False}) is None
-    assert clipping_note({"_class_name": "PNDMScheduler"}) is None  # no key: nothing is clipped
+    assert clipping_note({"_class_name": "PNDMScheduler"}) is None  # it has no such option
+    assert "clip_sample" in clipping_note({"_class_name": "DDPMScheduler"})  # no key: DDPMScheduler's default, True
     clipped, plain = unet_pipeline_dir("ddpm"), unet_pipeline_dir("ddim")
     config = json.loads((plain / "scheduler" / "scheduler_config.json").read_text())
     (plain / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "clip_sample": False}))

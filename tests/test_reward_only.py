@@ -185,14 +185,20 @@ def test_best_of_is_not_reported_over_prompts_of_unequal_counts(tiny_sd_dir, tmp
     assert any("groups of 1 to 2" in w for w in summary["warnings"])
 
 
-def test_a_best_of_gate_is_refused_up_front_where_the_run_has_no_groups():
+def test_a_best_of_gate_is_refused_up_front_where_the_run_has_no_groups(tiny_sd_dir, tmp_path):
     """``--fail-if reward_best_of_mean...`` on a run without prompts or --best-of sampled for half a minute and then
-    failed with "this run has no metric"; it is refused before any work now."""
+    failed with "this run has no metric"; so did one whose prompts do not divide --num (groups of unequal
+    size, which report no best-of). Both are refused before any work now."""
     from conftest import cli_run
 
     proc = cli_run("evaluate", "digits", "--reward", "classifier:digits:3", "--fail-if", "reward_best_of_mean<-100")
     assert proc.returncode == 2 and "reward_best_of_mean" in proc.stderr and "--best-of" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\na cat\n")
+    uneven = cli_run("evaluate", tiny_sd_dir, "--prompts", prompts, "--reward", "jpeg-incompressibility", "--num", "5",
+                     "--steps", "1", "--fail-if", "reward_best_of_mean<-100", "--run-dir", tmp_path / "run")
+    assert uneven.returncode == 2 and "reward_best_of_mean" in uneven.stderr and not (tmp_path / "run").exists()
     from pgraft_cli.report.gates import gate_names
 
     assert "reward_best_of_mean" in gate_names("evaluate", grouped=True)

@@ -747,3 +747,32 @@ def test_vqascore_reads_an_encoder_decoder_vlm_at_the_decoders_first_position(tm
                        decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits[0, 0]
     expected = torch.softmax(logits.double(), -1)[processor.tokenizer.convert_tokens_to_ids("Yes")]
     torch.testing.assert_close(scores[:1], expected.reshape(1), atol=1e-6, rtol=0)
+
+
+def test_imagereward_loads_a_folder_without_the_blip_heads_it_never_calls(blip_dir, tmp_path):
+    """ImageReward's BLIP has no ITM head or contrastive projections: a folder converted from its ``blip.*`` weights
+    lacks them, and the missing-weights check refused it though scoring never calls them. Only the vision model and
+    the text encoder must be whole; scores are the same as the full folder's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pgraft_cli.stages.rewards import IMAGEREWARD_HEAD
+
+    head = {"layers.0.weight": torch.randn(1, 16, generator=torch.Generator().manual_seed(0)),
+            "layers.0.bias": torch.zeros(1)}
+    full, converted = tmp_path / "full", tmp_path / "converted"
+    for folder in (full, converted):
+        shutil.copytree(blip_dir, folder)
+        save_file(head, str(folder / IMAGEREWARD_HEAD))
+    weights = next(converted.glob("model*.safetensors"))
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if k.startswith(("vision_model.", "text_encoder."))}, str(weights),
+              metadata={"format": "pt"})
+    images = rgb(2, 16)
+    torch.testing.assert_close(parse_reward(f"imagereward:{converted}")(images, PROMPTS[:2]),
+                               parse_reward(f"imagereward:{full}")(images, PROMPTS[:2]), atol=0, rtol=0)
+    state = {k: v for k, v in state.items() if not k.startswith("text_encoder.encoder.layer.0.")}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(RewardError, match="random values"):
+        parse_reward(f"imagereward:{converted}")

@@ -720,20 +720,24 @@ def test_the_run_stays_locked_while_its_report_and_provenance_are_written(tmp_pa
 
 def test_a_rerun_stopped_halfway_names_nothing_of_the_run_before(tmp_path, monkeypatch):
     """A rerun with another seed stopped halfway left the manifest naming the first run's summary and its
-    report.html beside the new recipe (seed 0's FID under seed 1's recipe); a finetune's rerun left a summary
-    its stage had deleted and `pgraft report` crashed. The result's names and report go as a verb starts."""
-    import pgraft_cli.stages.evaluate as stage
+    report.html beside the new recipe (seed 1's FID under seed 2's recipe); a finetune's rerun left a summary
+    its stage had deleted and `pgraft report` crashed. The result's names and report go once a stage starts
+    again; a rerun that redoes nothing, stopped, keeps them."""
+    import pgraft_cli.stages.sample as stage  # (evaluate_model imports iter_images from it as it runs)
     from pgraft_cli.errors import PgraftError
 
     run = tmp_path / "run"
     assert cli_run(*EVALUATE, "--run-dir", run).returncode == 0
-    assert RunStore(run, is_main=False).artifacts()[0] == "evaluate" and (run / "report.html").is_file()
+    finished = lambda: RunStore(run, is_main=False).artifacts()[0] == "evaluate" and (run / "report.html").is_file()  # noqa: E731
+    assert finished()
 
-    def stopped(*args, **kwargs):
+    def stopped(*args, **kwargs):  # after the sample stage, while the images are measured
         raise PgraftError("stopped halfway")
 
-    monkeypatch.setattr(stage, "evaluate_model", stopped)
-    assert cli_run(*EVALUATE, "--seed", "1", "--run-dir", run).returncode == 2
+    monkeypatch.setattr(stage, "iter_images", stopped)
+    assert cli_run(*EVALUATE, "--run-dir", run).returncode == 2  # the same run again: nothing redone
+    assert finished()
+    assert cli_run(*EVALUATE, "--seed", "2", "--run-dir", run).returncode == 2  # another seed: sampled again
     assert RunStore(run, is_main=False).artifacts() == (None, {})
     assert not (run / "report.html").exists()
     monkeypatch.undo()

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: `pgraft status` s
 MANIFEST = "manifest.json"
 RECIPE = "recipe.toml"  # the fully resolved recipe of the last command
 PROVENANCE = "provenance.json"  # per verb: command, versions, device, time, the output's hash
+REPORT = "report.html"  # the verb's report (report.html renders it), dropped when its result goes stale
 _PACKAGES = ("pgraft", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "matplotlib")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -321,7 +322,13 @@ class RunStore:
                 "key": key, "status": "partial", "config": config, "inputs": inputs,
                 "num_shards": num_shards, "outputs": {}, "started": time.time(),
             }
+            # work starts again: the previous verb's result (its summary may lie in a stage just cleared) and its
+            # report are no longer this run's; a rerun that redoes nothing keeps them (forget_result)
+            manifest.pop("verb", None)
+            manifest.pop("artifacts", None)
             self._write_manifest(manifest)
+            if self.is_main:
+                (self.root / REPORT).unlink(missing_ok=True)
         return StageRun(self, name, key, directory, num_shards)
 
     def run_sharded(self, name: str, config: dict[str, Any], inputs: dict[str, Any], num_shards: int,
@@ -404,15 +411,6 @@ class RunStore:
         manifest = self.read_manifest()
         manifest["verb"], manifest["artifacts"] = verb, {"recipe": RECIPE, **artifacts}
         self._write_manifest(manifest)
-
-    def forget_result(self) -> None:
-        """Drop the names of the previous verb's result from the manifest as a new verb starts in the run: one
-        stopped halfway then names nothing of the run before it (whose files its stages may have replaced)."""
-        manifest = self.read_manifest()
-        if "verb" in manifest or "artifacts" in manifest:
-            manifest.pop("verb", None)
-            manifest.pop("artifacts", None)
-            self._write_manifest(manifest)
 
     def artifacts(self) -> tuple[Optional[str], dict[str, Any]]:
         """The verb whose result the run holds and its named artifacts (None and {} before one finished)."""

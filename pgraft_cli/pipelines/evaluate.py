@@ -46,10 +46,11 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
                                    tuned_reward_identity)
     from ..stages.sample import Conditions, check_conditions
 
-    grouped = bool(prompt_list(o.prompt, o.prompts) or o.best_of)  # best-of-n needs groups: prompts or --best-of
-    gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward), grouped=grouped))
     rec = resolve_recipe(o.recipe, o.sets, evaluate__num=o.num, evaluate__seed=o.seed, evaluate__steps=o.steps,
                          evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
+    prompts = prompt_list(o.prompt, o.prompts)  # best-of-n needs equal groups: --best-of, or a count of each prompt
+    grouped = bool(o.best_of or (prompts and (o.num or rec.evaluate.num) % len(prompts) == 0))
+    gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward), grouped=grouped))
     verb: Verb = start("evaluate", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
     loaded, dev = verb.model, verb.device
     if o.tuned_guidance is not None:  # compare both readings of one fine-tuned file
@@ -63,7 +64,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     check_conditions(loaded, cond)
     rew = reward_from(o.reward, dev) if o.reward else None
     eval_steps = rec.evaluate.steps or rec.sample.steps
-    own = tuned_steps(loaded) if rec.evaluate.steps is None else None
+    own = tuned_steps(loaded) if rec.evaluate.steps is None and loaded.corrector is None else None
     steps_note = None
     if own is not None and own != eval_steps:  # its numbers (FID, reward) are of that count: compare like with like
         steps_note = f"{model} was tuned and evaluated at {own} steps; evaluated at {own} (--steps N for another count)"

@@ -98,14 +98,15 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     from ..stages.sample import Conditions, check_conditions
 
     judge_specs = judge_names(o.judge)
-    prompts = prompt_list(o.prompt, o.prompts) or None  # best-of-n is measured over a text model's prompts
-    gates = parse_gates(o.fail_if, gate_names("finetune", judges=[n for n, _ in judge_specs], grouped=bool(prompts)))
     for text in o.stop_if or []:
         parse_stop(text)  # the syntax, before anything loads
     check_tracker(o.log_with)
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward, finetune__cutoff=o.cutoff,
                          finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank,
                          evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
+    prompts = prompt_list(o.prompt, o.prompts) or None  # best-of-n: over equal counts of each prompt's images
+    grouped = bool(prompts) and rec.evaluate.num % len(prompts or [""]) == 0
+    gates = parse_gates(o.fail_if, gate_names("finetune", judges=[n for n, _ in judge_specs], grouped=grouped))
     cond = Conditions(prompts=prompts, class_label=o.class_label)
     check_out_spares_inputs(o.out, {"MODEL": model, "--config": o.config, "--data": o.data, "--eval-data": o.eval_data})
     verb: Verb = start("finetune", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet)

@@ -285,7 +285,13 @@ def clipping_note(scheduler_config: dict[str, Any]) -> Optional[str]:
     """One line where a diffusion scheduler config clips the predicted clean sample at every step
     (``clip_sample``, as google/ddpm-* ship it, or dynamic ``thresholding``): diffusers' pipeline does, pgraft's
     sampler does not (an inversion must undo each step), so the images differ from the shipped pipeline's."""
-    keys = [k for k in ("clip_sample", "thresholding") if scheduler_config.get(k)]
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, str(scheduler_config.get("_class_name", "")), None)  # a key left out: the class default
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()} if cls else {}
+    keys = [k for k in ("clip_sample", "thresholding") if scheduler_config.get(k, defaults.get(k) is True)]
     if not keys:
         return None
     return (f"the scheduler config sets {' and '.join(keys)} (the clean estimate clipped at every step); pgraft's "
@@ -460,10 +466,6 @@ class Verb:
         show = not self.quiet and self.is_main
         with RunStore(path, is_main=self.is_main) as store:
             if self.is_main:
-                from ..report.html import REPORT
-
-                store.forget_result()  # and the report of it: `pgraft report` renders what is left of a stopped run
-                (store.root / REPORT).unlink(missing_ok=True)
                 atomic_write_text(store.root / RECIPE, dump_recipe(self.recipe))
             note(f"run directory: {store.root}", quiet=not show)
             self.store = store

@@ -28,11 +28,10 @@ import numpy as np
 
 from ..core.metrics import COPY_CELL_MIN_HELDOUT, COPY_CELL_MIN_SAMPLES
 from ..errors import PgraftError
-from ..io.runstore import MANIFEST, RunStore, atomic_write_text, versions
+from ..io.runstore import MANIFEST, REPORT, RunStore, atomic_write_text, versions
 from .metrics import MetricsTable, cell_tests, copy_tests, metrics_table_of, rounds_table_of
 from .ui import converged_rule, fmt_bytes, stopped_line
 
-REPORT = "report.html"
 GRID_IMAGES = 32  # images per sample grid (the first indices, the same seeds for base and result)
 PROMPT_ROWS = 8  # rows of the prompt table of text models
 

@@ -356,10 +356,12 @@ def _load_pretrained(cls: Any, path: Path, spec: str, what: str = "reward", **kw
                           f"pass a folder saved with save_pretrained") from None
 
 
-def _load_weights(cls: Any, path: Path, spec: str, what: str = "reward", dtype: Any = None) -> Any:
+def _load_weights(cls: Any, path: Path, spec: str, what: str = "reward", dtype: Any = None,
+                  used: tuple[str, ...] = ("",)) -> Any:
     """A model ``cls.from_pretrained`` from ``path`` whose weights fill it: transformers initialises missing
-    weights at random (a folder converted under other key names would score with noise), so any missing
-    or mismatched weight is refused. In ``dtype`` (float32 by default, whatever the folder was saved in)."""
+    weights at random (a folder converted under other key names would score with noise), so a missing or
+    mismatched weight under the modules the reward calls (``used``: key prefixes; all by default) is refused.
+    In ``dtype`` (float32 by default, whatever the folder was saved in)."""
     import torch
 
     from ..io.checkpoints import _quiet_loading, _short
@@ -370,8 +372,9 @@ def _load_weights(cls: Any, path: Path, spec: str, what: str = "reward", dtype: 
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise RewardError(f"{what} {spec}: cannot load {cls.__name__} from {path} ({_short(exc)}); "
                           f"pass a folder saved with save_pretrained") from None
-    missing = sorted(info.get("missing_keys") or []) + [str(m[0]) if isinstance(m, tuple) else str(m)
-                                                        for m in info.get("mismatched_keys") or []]
+    missing = [k for k in sorted(info.get("missing_keys") or []) + [str(m[0]) if isinstance(m, tuple) else str(m)
+                                                                   for m in info.get("mismatched_keys") or []]
+               if k.startswith(used)]
     if missing:
         raise RewardError(f"{what} {spec}: {path}'s weights leave {len(missing)} of {type(model).__name__}'s "
                           f"unset (e.g. {', '.join(missing[:3])}), which would score with random values; pass a "
@@ -527,7 +530,9 @@ def imagereward_reward(args: Optional[str], device: str, spec: str) -> Reward:
 
     layers = _linear_layers(load_file(str(path / IMAGEREWARD_HEAD), device=device), spec, IMAGEREWARD_HEAD)
     transformers = _require("transformers", "'pgraft[text]' (or: pip install transformers)")
-    model = _load_weights(transformers.BlipForImageTextRetrieval, path, spec).to(device)
+    # ImageReward's BLIP has no ITM head nor contrastive projections: only these two are converted, and called
+    model = _load_weights(transformers.BlipForImageTextRetrieval, path, spec,
+                          used=("vision_model.", "text_encoder.")).to(device)
     processor = _load_pretrained(transformers.BlipProcessor, path, spec)
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
@@ -551,8 +556,8 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
 
     With a local transformers folder (``AutoProcessor`` + ``AutoModelForImageTextToText``, e.g. a
     LLaVA or BLIP-2 checkpoint): the question is wrapped in the processor's chat template with a
-    generation prompt when it has one (one BOS: a template that writes it loses its own where the
-    tokenizer adds one), else written BLIP-2 style as ``Question: {q} Answer:`` (the processor inserts
+    generation prompt when it has one (one BOS: a template that writes it is tokenised without the
+    tokenizer's special tokens), else written BLIP-2 style as ``Question: {q} Answer:`` (the processor inserts
     the image tokens). The score is the softmax probability, at the position after the question (for an
     encoder-decoder language model such as BLIP-2 Flan-T5, the decoder's first position), of the tokens
     that spell "Yes" and " Yes" on their own (summed over the distinct single-token spellings: BPE
@@ -581,7 +586,13 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
     yes = torch.tensor(yes_ids, device=device)
     config = getattr(model.config, "text_config", None) or model.config
     # BLIP-2 Flan-T5 and other encoder-decoder VLMs: the answer's first token is the decoder's first output
-    start_token = (config.decoder_start_token_id if getattr(config, "is_encoder_decoder", False) else None)
+    start_token = None
+    if getattr(config, "is_encoder_decoder", False):
+        start_token = getattr(config, "decoder_start_token_id", None)
+        start_token = getattr(config, "pad_token_id", None) if start_token is None else start_token  # (T5's is pad)
+        if start_token is None:
+            raise RewardError(f"reward {spec}: {path}'s encoder-decoder language model names no decoder start token "
+                              f"(decoder_start_token_id); add it to its config.json")
     templated = bool(getattr(processor, "chat_template", None))
 
     def chat(prompt: str) -> str:
@@ -591,18 +602,16 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
             return processor.apply_chat_template(messages, add_generation_prompt=True)
         return f"Question: {q} Answer:"
 
-    # A template that writes {{ bos_token }} itself (Gemma 3, Llama 3.2 Vision) where the tokenizer adds one too:
-    # the template's is dropped, so the question starts with one BOS, as in the model's training.
-    adds_bos = tokenizer.bos_token is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    drop_bos = templated and adds_bos and chat("").startswith(tokenizer.bos_token)
-
-    def question(prompt: str) -> str:
-        return chat(prompt).removeprefix(tokenizer.bos_token) if drop_bos else chat(prompt)
+    # A template that writes {{ bos_token }} itself (Gemma 3, Llama 3.2 Vision): the text is tokenised without the
+    # tokenizer's own special tokens, so the question starts with one BOS, as in the model's training (a processor
+    # that puts the BOS text back where a prompt lacks it, as Mllama's does, finds it there).
+    own_bos = bool(templated and tokenizer.bos_token and chat("").startswith(tokenizer.bos_token))
+    special = {"add_special_tokens": False} if own_bos else {}
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
         tokenizer.padding_side = "right"  # left padding would shift positions, and so the scores
-        inputs = processor(images=_to_rgb_pil(images), text=[question(p) for p in prompts],
-                           return_tensors="pt", padding=True)
+        inputs = processor(images=_to_rgb_pil(images), text=[chat(p) for p in prompts],
+                           return_tensors="pt", padding=True, **special)
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         rows = torch.arange(len(prompts), device=device)
         if start_token is not None:
@@ -615,7 +624,7 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
         return probs[:, yes].sum(-1)
 
     return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,  # one-bos: keyed apart from before
-                  identity=f"vqascore:{dtype}{':one-bos' if drop_bos else ''}:{_folder_digest(path)}")
+                  identity=f"vqascore:{dtype}{':one-bos' if own_bos else ''}:{_folder_digest(path)}")
 
 
 def _yes_token_ids(tokenizer: Any) -> list[int]:

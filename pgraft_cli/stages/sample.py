@@ -559,7 +559,7 @@ def check_png_folder(out: Path) -> None:
 # What a PNG folder's images depend on beyond their count (sampler.json's keys): reusing the folder for a
 # sampling that differs in one of them would replace its images
 PNG_IDENTITY = ("model_identity", "seed", "steps", "conditions", "guidance_scale", "distilled_guidance", "grid",
-                "shift", "capture_at", "dtype", "autocast", "corrector")
+                "shift", "dtype", "autocast", "corrector")
 
 
 def check_png_reuse(out: Path, wanted: dict[str, Any]) -> None:
