@@ -323,7 +323,7 @@ class RunStore:
                 "num_shards": num_shards, "outputs": {}, "started": time.time(),
             }
             # work starts again: the previous verb's result (its summary may lie in a stage just cleared) and its
-            # report are no longer this run's; a rerun that redoes nothing keeps them (forget_result)
+            # report are no longer this run's; a rerun that redoes nothing keeps them
             manifest.pop("verb", None)
             manifest.pop("artifacts", None)
             self._write_manifest(manifest)

@@ -42,7 +42,7 @@ from ..io.runstore import Dist, RunStore, derive_seed, rows_digest, tensor_diges
 from ..models.corrector import (MLPFlow, NoiseCorrector, fit_gaussian, fit_gaussian_by_class, fit_gaussian_diag,
                                 fit_gaussian_diag_by_class, fit_gaussian_on_text, precision_label)
 from ..models.loaded import LoadedModel
-from .sample import (check_stop, lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format,
+from .sample import (all_threads_key, check_stop, lanes_side_by_side, map_lanes, network_memory_format, resolve_memory_format,
                      resumed_lane, reused_cross_attention, traced_networks)
 from .train_loop import LoopConfig, Training, adam_path, loss_summary, train
 
@@ -179,9 +179,8 @@ def run_invert(model: LoadedModel, images: Tensor | DataRows, cfg: CorrectConfig
 
     def config_for(lane: int) -> dict[str, Any]:  # the key's config at a lane: side by side or not follows from it
         together = lanes_side_by_side(model, lane)
-        threads = torch.get_num_threads() if model.device.type == "cpu" and together is None else 1  # (as sampling's)
         return {**base, "lane": lane, **({} if together is None else {"lanes_side_by_side": together}),
-                **({"threads": threads} if threads > 1 else {})}
+                **all_threads_key(model, together is not None)}
 
     if auto_lane:
         lane = resumed_lane(store, "invert", config_for, inputs, lane)

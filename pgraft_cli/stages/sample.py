@@ -344,6 +344,13 @@ def lanes_side_by_side(model: LoadedModel, lane: int, threads: Optional[int] = N
     return threads if threads > 1 and small and model.device.type == "cpu" and traceable(model.network) else None
 
 
+def all_threads_key(model: LoadedModel, one_thread: bool) -> dict[str, int]:
+    """``{"threads": n}`` for a CPU stage whose work runs on all of this process's n > 1 threads (not one thread
+    each, side by side): their count can change a convolution's rounding, so it is keyed; else nothing."""
+    threads = torch.get_num_threads() if model.device.type == "cpu" and not one_thread else 1
+    return {"threads": threads} if threads > 1 else {}
+
+
 def side_by_side(fn: Callable[[Any], T], items: Iterable[Any], threads: int,
                  stop: Optional[threading.Event] = None) -> Iterator[T]:
     """``fn(item)`` for each item, yielded in order as each is done, ``threads`` items at a time, each on
@@ -477,10 +484,8 @@ def run_sample(model: LoadedModel, cfg: SampleConfig, cond: Conditions, store: R
     def config_for(lane: int) -> dict[str, Any]:  # the key's config at a lane: shards side by side or not follows
         at = replace(cfg, lane=lane)
         one_thread = shards_side_by_side(model, at, share) is not None  # the bytes are one thread's, whatever the count
-        # else a shard runs on all of this process's threads, whose count can change a convolution's rounding
-        threads = torch.get_num_threads() if model.device.type == "cpu" and not one_thread else 1
         return {**stage_config(model, at, cond), **({"threads_per_shard": 1} if one_thread else {}),
-                **({"threads": threads} if threads > 1 else {})}
+                **all_threads_key(model, one_thread)}
 
     if auto:  # a resume keeps the lane its shards were made with
         cfg = replace(cfg, lane=resumed_lane(store, stage_name, config_for, inputs, cfg.lane))
