@@ -960,3 +960,26 @@ def test_pgraft_names_its_own_composed_export_as_such(tmp_path):
     proc = cli_run("inspect", tmp_path / "pipe")
     assert proc.returncode == 2 and "is a pgraft export" in proc.stderr and "exported from" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_corrected_fine_tune_is_evaluated_at_its_correctors_steps_without_the_tuned_steps_note(tmp_path):
+    """A fine-tuned file is evaluated at the steps of its own evaluation, with a note; a corrector fitted over such a
+    file (whose recipe it keeps) runs at the corrector's steps, and the note named the fine-tune's count instead."""
+    from pgraft_cli.models.lora import add_lora
+
+    model = load_model("digits")
+    info = base_info_of(model)
+    add_lora(model.network, rank=2, alpha=2)
+    model.lora, model.cutoff = True, 0.5
+    recipe = {"sample": {"steps": 16}, "evaluate": {"steps": None}}
+    tuned = save_finetuned(tmp_path / "t.safetensors", model, info, FinetuneConfig(cutoff=0.5, lora_rank=2, lora_alpha=2),
+                           {}, recipe)
+    corrector = NoiseCorrector("gaussian-diag", 4, 0, mean=torch.zeros(256, dtype=torch.float64),
+                               std=torch.ones(256, dtype=torch.float64))
+    corrected = save_corrected(tmp_path / "ct.safetensors", corrector, load_model(str(tuned)), {}, recipe)
+    for path, steps in ((tuned, 16), (corrected, 4)):
+        proc = cli_run("evaluate", path, "--num", "4", "--features", "none", "--json", "--run-dir", tmp_path / path.stem)
+        assert proc.returncode == 0, proc.stderr
+        shown = json.loads(proc.stdout.strip().splitlines()[-1])
+        said = [n for n in shown["notes"] if "tuned and evaluated at" in n]
+        assert (shown["steps"], bool(said)) == (steps, steps == 16)
