@@ -809,3 +809,18 @@ def test_hf_download_bookkeeping_is_not_part_of_a_folders_identity(tmp_path, une
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))
     assert load_model(str(folder)).identity != before
+
+
+def test_inspect_shows_each_provenance_value_not_a_cut_json():
+    """`pgraft inspect digits` cut the provenance JSON at 400 characters, mid-object, hiding the training settings
+    the README says it shows; each value has its own row now (a long one shortened; --json keeps them whole)."""
+    from conftest import cli_run
+
+    proc = cli_run("inspect", "digits")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # the table wraps long rows
+    provenance = load_model("digits").provenance
+    assert {"training", "train_images", "final_loss", "data_note"} <= set(provenance)
+    for key in ("training", "train_images", "final_loss", "data_note"):
+        assert f"provenance: {key}" in text
+    assert str(provenance["train_images"]) in text

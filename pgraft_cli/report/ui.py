@@ -317,8 +317,15 @@ def inspect_table(model: str, info: dict) -> "Table":  # noqa: F821 - rich.table
     for k, v in rows:
         table.add_row(k, str(v))
     prov = info["provenance"]
-    table.add_row("provenance", json.dumps(prov, sort_keys=True)[:400] if prov else "none recorded")
+    if not prov:
+        table.add_row("provenance", "none recorded")
+    for key, value in sorted(prov.items()):  # one row each, a long value shortened (--json prints them whole)
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        table.add_row(f"provenance: {key}", text if len(text) <= PROVENANCE_CHARS else text[:PROVENANCE_CHARS - 1] + "…")
     return table
+
+
+PROVENANCE_CHARS = 240  # the most of one provenance value `pgraft inspect` prints
 
 
 def status_table(run_dir: object, stages: list) -> "Table":  # noqa: F821 - rich.table is imported on use
