@@ -791,3 +791,15 @@ def test_a_training_checkpoint_keeps_every_loss(tmp_path):
     save_file({"model.w": torch.zeros(1)}, str(tmp_path / "old.safetensors"),
               metadata={"step": "3", "losses": json.dumps([0.5, 0.25, 0.125])})
     assert load_training_state(tmp_path / "old.safetensors", [param], opt)[:2] == (3, [0.5, 0.25, 0.125])
+
+
+def test_a_training_stage_with_a_checkpoint_shows_as_partial(tmp_path):
+    """A training stage has no shards: `pgraft status` showed one stopped with a checkpoint on disk as "pending 0",
+    while the README promises "partial" for a stage under way."""
+    with RunStore(tmp_path / "run") as store:
+        store.open_stage("finetune", {"steps": 10}, {})
+        store.open_stage("sample", {"num": 4}, {}, num_shards=2)
+    assert states(store)["finetune"][0] == "pending" and states(store)["sample"][0] == "pending"
+    (tmp_path / "run" / "finetune").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(tmp_path / "run" / "finetune" / "state.safetensors", b"checkpoint")
+    assert states(store)["finetune"][0] == "partial" and states(store)["sample"][0] == "pending"

@@ -468,8 +468,9 @@ class RunStore:
             state = entry.get("status", "pending")
             if state == "done" and not self._outputs_intact(entry):
                 state = "stale"
-            elif state != "done":
-                state = "partial" if done else "pending"
+            elif state != "done":  # shards written, or another file of its work (a training checkpoint)
+                folder = self.root / name
+                state = "partial" if done or (folder.is_dir() and any(folder.iterdir())) else "pending"
             out.append(StageStatus(name, state, done, total, entry.get("key")))
         return out
 
