@@ -278,6 +278,9 @@ def correct_report(summary: dict, labels: dict) -> list:
     return [table, *lines]
 
 
+PROVENANCE_CHARS = 240  # the most of one provenance value `pgraft inspect` prints
+
+
 def inspect_table(model: str, info: dict) -> "Table":  # noqa: F821 - rich.table is imported on use
     """``pgraft inspect``: what a model is, one row per property."""
     import json
@@ -319,13 +322,10 @@ def inspect_table(model: str, info: dict) -> "Table":  # noqa: F821 - rich.table
     prov = info["provenance"]
     if not prov:
         table.add_row("provenance", "none recorded")
-    for key, value in sorted(prov.items()):  # one row each, a long value shortened (--json prints them whole)
+    for key, value in sorted((prov or {}).items()):  # one row each, a long value shortened (--json prints them whole)
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         table.add_row(f"provenance: {key}", text if len(text) <= PROVENANCE_CHARS else text[:PROVENANCE_CHARS - 1] + "…")
     return table
-
-
-PROVENANCE_CHARS = 240  # the most of one provenance value `pgraft inspect` prints
 
 
 def status_table(run_dir: object, stages: list) -> "Table":  # noqa: F821 - rich.table is imported on use
