@@ -68,6 +68,11 @@ SIGMA_SCHEDULERS = ("EDM", "ScoreSdeVe", "KarrasVe", "CMStochastic")
 CONSISTENCY_SCHEDULERS = ("LCM", "TCD")
 
 
+def named_family(scheduler_config: dict[str, Any]) -> str:
+    """The family a scheduler config names: ``flow`` for diffusers' ``FlowMatch*`` schedulers, else ``diffusion``."""
+    return "flow" if "FlowMatch" in str(scheduler_config.get("_class_name", "")) else "diffusion"
+
+
 def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
                          image_seq_len: Optional[int] = None) -> NoiseSchedule:
     """The noise schedule a diffusers scheduler config describes (``kind`` overrides the family).
@@ -85,7 +90,7 @@ def schedule_from_config(scheduler_config: dict[str, Any], kind: str = "auto",
     if any(part in name for part in CONSISTENCY_SCHEDULERS):
         raise ModelLoadError(f"{name} samples a consistency-distilled model by its own multistep rule, which pgraft "
                              f"does not run; pass the model it was distilled from (with its scheduler)")
-    detected = "flow" if "FlowMatch" in name else "diffusion"
+    detected = named_family(scheduler_config)
     family = detected if kind == "auto" else kind
     if family == "flow":
         shift = float(scheduler_config.get("shift", 1.0)) if detected == "flow" else 1.0

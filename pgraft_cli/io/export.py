@@ -34,7 +34,7 @@ from ..errors import OutputPathError, PgraftError
 from ..models.corrector import NoiseCorrector
 from ..models.loaded import LoadedModel
 from ..models.lora import LORA_ADAPTER, lora_state
-from .checkpoints import _quiet_loading, build_network
+from .checkpoints import _quiet_loading, build_network, named_family
 from .runstore import USUAL_FILE_MODE
 from .single_file import detect_layout, flux_to_single_file, sd3_to_single_file, to_single_file, unet_names
 
@@ -164,7 +164,7 @@ def _scheduler(model: LoadedModel) -> Any:
     import diffusers
 
     config = dict(model.scheduler_config)
-    is_flow_class = "FlowMatch" in config.get("_class_name", "")
+    is_flow_class = named_family(config) == "flow"
     if model.family == "flow" and not is_flow_class:  # --kind flow on a DDPM config: a plain flow, shift 1
         return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=model.schedule.num_train_timesteps)
     if model.family == "diffusion" and is_flow_class:
@@ -190,7 +190,7 @@ def export_diffusers(model: LoadedModel, out: Path, keep_adapter: bool = False, 
                           f"correct the base with correct.corrector_source = \"normal\" to export it")
     # a --kind against the scheduler's own family: the stock pipeline would drive the config's scheduler, not
     # the one pgraft samples with; the composed pipeline takes pgraft's (``_scheduler``, which refuses the other way)
-    own_kind = ("FlowMatch" in model.scheduler_config.get("_class_name", "")) == (model.family == "flow")
+    own_kind = named_family(model.scheduler_config) == model.family
     plain = one_network(model) and support_of(model).plain and model.pipeline is not None and own_kind
     if keep_adapter and not (model.lora and one_network(model) and model.conditioning == "text"):
         raise ExportError("--keep-adapter needs a LoRA fine-tune at cutoff 0 of a text pipeline (the result of one "

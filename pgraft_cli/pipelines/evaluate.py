@@ -42,14 +42,14 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
     from ..io.recipes import SampleConfig
     from ..report.gates import gate_metrics, gate_names, parse_gates
     from ..report.ui import evaluate_view, note
-    from ..stages.evaluate import (JUDGE_FEATURES, check_best_of_groups, evaluate_model, fid_skipped, pick_features,
-                                   tuned_reward_identity)
+    from ..stages.evaluate import (JUDGE_FEATURES, best_of_measured, check_best_of_groups, evaluate_model, fid_skipped,
+                                   pick_features, tuned_reward_identity)
     from ..stages.sample import Conditions, check_conditions
 
     rec = resolve_recipe(o.recipe, o.sets, evaluate__num=o.num, evaluate__seed=o.seed, evaluate__steps=o.steps,
                          evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
-    prompts = prompt_list(o.prompt, o.prompts)  # best-of-n needs equal groups: --best-of, or a count of each prompt
-    grouped = bool(o.best_of or (prompts and (o.num or rec.evaluate.num) % len(prompts) == 0))
+    prompts = prompt_list(o.prompt, o.prompts) or None
+    grouped = best_of_measured(len(prompts or []), o.num or rec.evaluate.num, o.best_of)
     gates = parse_gates(o.fail_if, gate_names("evaluate", reward=bool(o.reward), grouped=grouped))
     verb: Verb = start("evaluate", rec, model, o.config, o.kind, o.allow_pickle, o.device, o.quiet, o.base)
     loaded, dev = verb.model, verb.device
@@ -60,7 +60,7 @@ def evaluate(model: str, o: EvaluateOptions) -> Optional[Outcome]:
             raise PgraftError(f"--tuned-guidance applies to a fine-tuned file (pgraft finetune's output); {model} is "
                               f"not one: drop --tuned-guidance")
         loaded.tuned_guidance = o.tuned_guidance
-    cond = Conditions(prompts=prompt_list(o.prompt, o.prompts) or None)
+    cond = Conditions(prompts=prompts)
     check_conditions(loaded, cond)
     rew = reward_from(o.reward, dev) if o.reward else None
     eval_steps = rec.evaluate.steps or rec.sample.steps

@@ -93,7 +93,7 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     from ..io.checkpoints import base_info_of, save_finetuned
     from ..report.gates import check_final_stop, check_stop, gate_metrics, gate_names, judge_names, parse_gates, parse_stop
     from ..report.ui import finetune_report, wrote_lines
-    from ..stages.evaluate import fid_skipped, pick_features, sample_metrics
+    from ..stages.evaluate import best_of_measured, fid_skipped, pick_features, sample_metrics
     from ..stages.finetune import check_batch_split, evaluate_pair, resolve_lora, round_stage, run_rounds, tuning_choice
     from ..stages.sample import Conditions, check_conditions
 
@@ -104,8 +104,8 @@ def finetune(model: str, o: FinetuneOptions) -> Optional[Outcome]:
     rec = resolve_recipe(o.recipe, o.sets, score__reward=o.reward, finetune__cutoff=o.cutoff,
                          finetune__rounds=o.rounds, finetune__lora_rank=o.lora_rank,
                          evaluate__features=o.features, evaluate__inception_weights=o.inception_weights)
-    prompts = prompt_list(o.prompt, o.prompts) or None  # best-of-n: over equal counts of each prompt's images
-    grouped = bool(prompts) and rec.evaluate.num % len(prompts or [""]) == 0
+    prompts = prompt_list(o.prompt, o.prompts) or None
+    grouped = best_of_measured(len(prompts or []), rec.evaluate.num, None)  # the evaluations' best-of over prompts
     gates = parse_gates(o.fail_if, gate_names("finetune", judges=[n for n, _ in judge_specs], grouped=grouped))
     cond = Conditions(prompts=prompts, class_label=o.class_label)
     check_out_spares_inputs(o.out, {"MODEL": model, "--config": o.config, "--data": o.data, "--eval-data": o.eval_data})

@@ -271,10 +271,12 @@ def precision_note(model: LoadedModel) -> Optional[str]:
 def kind_note(model: LoadedModel, kind: Optional[str]) -> Optional[str]:
     """One line where ``--kind`` (or the recipe's model.kind) reads the model as another family than its scheduler
     config names (``FlowMatch*``: a flow): a flow sampled as diffusion, or the reverse, gives noise-like images."""
+    from ..io.checkpoints import named_family
+
     name = str(model.scheduler_config.get("_class_name", ""))
     if kind not in ("flow", "diffusion") or not name:
         return None
-    named = "flow" if "FlowMatch" in name else "diffusion"
+    named = named_family(model.scheduler_config)
     if named == kind:
         return None
     return (f"{model.source}'s scheduler is {name} (a {named} model), read as {kind} as asked; a network trained "

@@ -440,6 +440,12 @@ def image_groups(model: Any, cond: Any, index: Tensor, best_of: Optional[int]) -
     return groups
 
 
+def best_of_measured(num_prompts: int, num: int, best_of: Optional[int]) -> bool:
+    """Whether an evaluation of ``num`` images reports best-of-n: ``--best-of`` (groups of N, checked by
+    :func:`check_best_of_groups`), or prompts that each get the same number of images (image i: prompt i mod P)."""
+    return bool(best_of) or (num_prompts > 0 and num % num_prompts == 0)
+
+
 def check_best_of_groups(model: Any, cond: Any, num: int, best_of: Optional[int]) -> None:
     """``--best-of N`` must make groups of exactly N images (``image_groups``): a class model's image i has
     class i mod C, so ``num`` must be a multiple of N x C; the best of unequal groups is not best-of-N."""
