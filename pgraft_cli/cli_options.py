@@ -177,7 +177,10 @@ def exit_code(exc: BaseException, debug: bool) -> int:
     if isinstance(exc, typer.TyperException):  # click's usage errors: an unknown option, a value of the wrong type ...
         if type(exc).__name__ != "NoArgsIsHelpError":  # (that one: typer has printed the help already)
             ctx = getattr(exc, "ctx", None)
-            error_line(" ".join(exc.format_message().split()) + (f"; see '{ctx.command_path} --help'" if ctx else ""))
+            message = " ".join(exc.format_message().split())
+            if ctx:  # click ends some messages with a full stop: not before the "; see" that follows
+                message = f"{message.removesuffix('.')}; see '{ctx.command_path} --help'"
+            error_line(message)
         return exc.exit_code
     if debug:  # the traceback of the exception (with its cause) above the error line
         traceback.print_exc()

@@ -687,6 +687,27 @@ def test_a_hub_model_is_identified_by_its_snapshot_commit(hub_cache, capfd):
     assert "Could not reach the Hub" not in capfd.readouterr().err  # the offline note is not printed
 
 
+def test_a_hub_model_missing_from_the_offline_cache_is_one_whole_sentence(hub_cache):
+    """diffusers' offline failure is a paragraph; the error line was its first 160 characters, cut mid-word
+    ("... for the specified revision on the )")."""
+    from pgraft_cli.errors import ModelLoadError
+
+    hub_cache("a" * 40)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("org/missing")
+    message = str(info.value)
+    assert "(it is not in the local Hugging Face cache, and the hub could not be reached)" in message
+    assert message.endswith("(hf download org/missing --local-dir DIR) and pass DIR")
+
+
+def test_a_long_message_is_cut_at_a_word():
+    from pgraft_cli.io.checkpoints import _short
+
+    assert _short(ValueError("short one\nsecond line")) == "short one"
+    cut = _short(ValueError("word " * 40 + "end"), limit=23)
+    assert cut == "word word word word ..."
+
+
 def test_model_key_holds_the_weights_of_what_is_composed_with_the_base(tmp_path):
     from pgraft_cli.io.checkpoints import model_key
     from pgraft_cli.models.corrector import NoiseCorrector

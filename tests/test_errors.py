@@ -129,6 +129,8 @@ CASES = {
     "cutoff-below-range": (["finetune", "digits", "--cutoff", "-0.1"], "cutoff must be in [0, 1)"),
     "unknown-option": (SAMPLE + ["--nosuchoption"], "No such option: --nosuchoption; see '"),
     "option-of-wrong-type": (["sample", "digits", "--num", "abc"], "Invalid value for '--num'"),
+    "missing-argument": (["correct"], "Missing argument 'model'; see '"),  # not "'model'.; see"
+    "unknown-command": (["nosuchverb"], "No such command 'nosuchverb'; see '"),
     "status-of-a-file": (["status", "{d}/afile.txt"], "not a pgraft run directory"),
 }
 

@@ -98,8 +98,10 @@ def test_evaluate_and_finetune_tables_are_built_from_their_summaries():
 
 
 def test_judges_are_columns_after_the_reward_and_rounds_use_the_same_model_without_a_change_row():
-    base = _sampler(5.0, 0.1, 1e9, 0.001, reward_mean=0.5, reward_std=0.25, judges={"aes": 2.0, "j": -1.0})
-    tuned = _sampler(6.0, 0.1, 1e9, 0.001, reward_mean=0.75, reward_std=0.25, judges={"aes": 1.5, "j": -0.5})
+    base = _sampler(5.0, 0.1, 1e9, 0.001, reward_mean=0.5, reward_std=0.25, judges={"aes": 2.0, "j": -1.0},
+                    features="classifier:digits")
+    tuned = _sampler(6.0, 0.1, 1e9, 0.001, reward_mean=0.75, reward_std=0.25, judges={"aes": 1.5, "j": -0.5},
+                     features="classifier:digits")
     rounds = [{"round": 1, "sampled": {"reward_mean": 0.5}, "judges": {"aes": 2.0, "j": -1.0}, "fid": 7.0,
                "pairwise_distance": 0.125, "kept": 8, "kept_reward_mean": 0.875, "finetune": {"final_loss": 0.0625}},
               {"round": 2, "sampled": {"reward_mean": 0.625}, "judges": {"aes": 1.75, "j": -0.75}, "fid": 6.5,
@@ -128,7 +130,8 @@ def test_judges_are_columns_after_the_reward_and_rounds_use_the_same_model_witho
              if line.startswith("│")}
     assert lines["round 1"] == one[1:] and lines["round 2"] == two[1:]
     assert "stopped early at round 2: judge.aes dropped by 0.25" in text
-    assert "reward classifier:digits:3, FID against digits-test" in text  # the title names FID's reference
+    # the title names FID's reference and features, as evaluate's and correct's do
+    assert "reward classifier:digits:3, FID against digits-test (features classifier:digits)" in text
 
 
 def test_a_change_too_small_to_show_has_no_verdict_whichever_its_sign():

@@ -381,8 +381,17 @@ def _quiet_loading() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut at a word (with "...") when longer than ``limit``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " ..."
+
+
+def _hub_failure(exc: BaseException) -> str:
+    """Why a hub snapshot could not be had, in words: diffusers' offline message is a paragraph."""
+    if "not fully cached locally" in str(exc):
+        return "it is not in the local Hugging Face cache, and the hub could not be reached"
+    return _short(exc)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -703,7 +712,7 @@ def _load_hub(repo_id: str, kind: str, allow_pickle: bool) -> LoadedModel:
         folder = _hub_snapshot(repo_id, allow_pickle)
     except Exception as exc:
         raise ModelLoadError(
-            f"could not load '{repo_id}' from the Hugging Face hub ({_short(exc)}); where the hub is "
+            f"could not load '{repo_id}' from the Hugging Face hub ({_hub_failure(exc)}); where the hub is "
             f"unreachable, download it elsewhere (hf download {repo_id} --local-dir DIR) and pass DIR"
         ) from None
     return _load_snapshot(repo_id, folder, kind, allow_pickle)
@@ -744,7 +753,7 @@ def _hub_base_at(path: Path, repo_id: str, commit: str, base: Optional[str], kin
         folder = _hub_snapshot(repo_id, allow_pickle, revision=commit)
     except Exception as exc:
         raise PgraftError(
-            f"the base model of {path} is {repo_id} at commit {commit}, which could not be loaded ({_short(exc)}); "
+            f"the base model of {path} is {repo_id} at commit {commit}, which could not be loaded ({_hub_failure(exc)}); "
             f"download it (hf download {repo_id} --revision {commit}) or pass its snapshot folder ({snapshot}) "
             f"with --base"
         ) from None

@@ -132,9 +132,10 @@ def finetune_report(summary: dict) -> Group:
     """Base vs tuned after ``pgraft finetune``: the metrics table, then the rounds."""
     from .metrics import rounds_table_of
 
+    features = (summary.get("tuned") or {}).get("features")
     against = f", FID against {summary['fid_data']}" if summary.get("fid_data") else ""
     title = (f"{'P-GRAFT' if summary['cutoff'] > 0 else 'GRAFT'} (cutoff {summary['cutoff']}), "
-             f"reward {summary['reward']}{against}")
+             f"reward {summary['reward']}{against}{f' (features {features})' if features else ''}")
     parts: list = [metrics_view(title, "finetune", summary)]
     if summary.get("stopped"):
         parts.append(Text(stopped_line(summary["stopped"]), style="yellow"))
