@@ -48,3 +48,16 @@ def test_fit_flow_matches_the_plain_loop_the_assets_were_trained_with(capsys):
     for (name, a), b in zip(ref.named_parameters(), new.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
     assert ref_losses[-1] < ref_losses[0]  # it trains
+
+
+def test_the_data_note_names_a_split_rule_that_exists():
+    """The note written into a trained model's provenance named ``pgraft_cli.data.digits_split``, a module the
+    package no longer has (the rule lives in ``pgraft_cli.io.data``)."""
+    import importlib
+    import re
+
+    from pgraft_cli.demo.train import DATA_NOTE
+
+    dotted = re.search(r"split rule ([\w.]+)", DATA_NOTE).group(1)
+    module, name = dotted.rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(module), name))

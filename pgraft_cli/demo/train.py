@@ -74,8 +74,8 @@ class ClassifierTraining:
 
 JUDGE = ClassifierTraining(seed=1, epochs=150, batch_size=64, learning_rate=1e-3, weight_decay=0.05,
                            data="digits-judge", arch="mlp", feature_dim=32)
-DATA_NOTE = ("scikit-learn digits, bilinear 8->16, scaled to [-1, 1]; split rule pgraft_cli.data.digits_split "
-             "(per label, sha256 order, 60/20/20 % train/judge/test)")
+DATA_NOTE = ("scikit-learn digits, bilinear 8->16, scaled to [-1, 1]; "
+             "split rule pgraft_cli.io.data.digits_split (per label, sha256 order, 60/20/20 % train/judge/test)")
 
 
 def fit_flow(model: torch.nn.Module, data: torch.Tensor, settings: FlowTraining, g: torch.Generator,
