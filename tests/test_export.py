@@ -415,8 +415,29 @@ def test_lora_round_trip_through_load_lora_weights_changes_the_output_as_pgraft_
     pipe = DiffusionPipeline.from_pretrained(str(base))
     before = _unet_output(pipe.unet)
     assert float((want - before).abs().max()) > 1e-3
+    if layout == "diffusers":  # diffusers 0.35.0 reads rank_pattern from any adapter metadata (KeyError without)
+        with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+            meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        patterns = {k.removeprefix("unet."): v for k, v in meta.items() if k.endswith("_pattern")}
+        assert patterns == {"rank_pattern": {}, "alpha_pattern": {}}
     pipe.load_lora_weights(str(tmp_path / "lora"), **({"weight_name": KOHYA_FILE} if layout == "kohya" else {}))
     torch.testing.assert_close(_unet_output(pipe.unet), want, atol=1e-5, rtol=0)
+
+
+def test_the_exported_pipelines_init_annotations_are_what_older_diffusers_can_type_check():
+    """diffusers 0.35 type-checks what from_pretrained loads against the annotations of the pipeline's __init__,
+    reading each as a class, a Union or a list/dict; a string annotation (``from __future__ import annotations``)
+    or ``typing.Any`` before Python 3.11 ended every exported folder's from_pretrained with KeyError: 'autocast'."""
+    import inspect
+    from typing import Union, get_origin
+
+    from pgraft_cli.io.export_pipeline import PgraftPipeline
+
+    for name, parameter in inspect.signature(PgraftPipeline.__init__).parameters.items():
+        a = parameter.annotation
+        readable = (a is inspect.Parameter.empty or (inspect.isclass(a) and a.__module__ != "typing")
+                    or get_origin(a) in (Union, list, dict))
+        assert readable, f"{name}: {a!r}"
 
 
 def test_kept_adapter_loads_onto_the_exported_base_pipeline(tmp_path, tiny_sd_dir):

@@ -294,7 +294,10 @@ def _word_tokenizer(words: list[str], image_token: bool = True):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
                                         bos_token="<s>", eos_token="</s>",
+                                        model_input_names=["input_ids", "attention_mask"],  # as Llama's, OPT's
                                         extra_special_tokens={"image_token": "<image>"} if image_token else None)
+    if image_token:  # split out of "<image><image>...", as processors write it, in transformers 4 as in 5
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
     return tokenizer, vocab
 
 
@@ -303,6 +306,23 @@ VQA_WORDS = ["Yes", "No", "yes", "no", "USER:", "ASSISTANT:", "Question:", "Answ
 LLAVA_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
                   "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def test_vqascore_passes_the_model_only_the_inputs_its_forward_names():
+    """A processor may return inputs (token_type_ids) that a VLM's forward refuses (LLaVA's, before
+    transformers 5): they are dropped unless the forward takes any keyword."""
+    from pgraft_cli.stages.rewards import _forward_inputs
+
+    class Named(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, pixel_values=None):
+            return input_ids
+
+    class AnyKeyword(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    assert _forward_inputs(Named()) == {"input_ids", "attention_mask", "pixel_values"}
+    assert _forward_inputs(AnyKeyword()) is None
 
 
 def _tiny_llava(folder: Path, chat_template: str = LLAVA_TEMPLATE, adds_bos: bool = False) -> Path:
@@ -322,8 +342,8 @@ def _tiny_llava(folder: Path, chat_template: str = LLAVA_TEMPLATE, adds_bos: boo
     text = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                        pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                                      image_token_index=vocab["<image>"]))
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,  # 4 patches an image
+                                                      image_token_index=vocab["<image>"], image_seq_length=4))
     processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
                                                                   crop_size={"height": 16, "width": 16}),
                                tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
@@ -551,7 +571,8 @@ def test_aesthetic_is_the_head_on_normalised_clip_image_embeddings(clip_dir, tmp
     scores = parse_reward(f"aesthetic:{folder}")(images)
     model, processor = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
     with torch.no_grad():
-        emb = model.get_image_features(**processor(images=_to_rgb_pil(images), return_tensors="pt")).pooler_output
+        emb = model.get_image_features(**processor(images=_to_rgb_pil(images), return_tensors="pt"))
+        emb = emb if isinstance(emb, torch.Tensor) else emb.pooler_output  # (transformers 4: the tensor itself)
     x = torch.nn.functional.normalize(emb.double(), dim=-1)
     for w, b in ([(head[k], head[k.replace("weight", "bias")]) for k in sorted(head) if k.endswith("weight")]):
         x = x @ w.double().T + b.double()
@@ -766,7 +787,7 @@ def test_imagereward_loads_a_folder_without_the_blip_heads_it_never_calls(blip_d
         shutil.copytree(blip_dir, folder)
         save_file(head, str(folder / IMAGEREWARD_HEAD))
     weights = next(converted.glob("model*.safetensors"))
-    state = load_file(str(weights))
+    state = {k: v.clone() for k, v in load_file(str(weights)).items()}  # (old safetensors map the file it rewrites)
     save_file({k: v for k, v in state.items() if k.startswith(("vision_model.", "text_encoder."))}, str(weights),
               metadata={"format": "pt"})
     images = rgb(2, 16)

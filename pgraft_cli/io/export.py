@@ -363,7 +363,9 @@ def export_lora(model: LoadedModel, out: Path, layout: str = "diffusers",
                                                          "ss_network_alpha": str(config.lora_alpha)})
         file = out / KOHYA_FILE
     else:
-        meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+        # The patterns, though empty, are written: diffusers 0.35.0 reads rank_pattern from any metadata it is given.
+        meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+                "rank_pattern": {}, "alpha_pattern": {}}
         _save_lora(model, out, state, meta)
         file = out / "pytorch_lora_weights.safetensors"
     result = {"file": file.name, "layout": layout, "rank": config.r, "alpha": config.lora_alpha}

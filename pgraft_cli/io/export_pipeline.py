@@ -34,8 +34,9 @@ uint8 on the digits model, but the inversion's ill-conditioned last step amplifi
 noises up to 8.2e-2 apart), so a corrector trained in one format is not the one the other would train.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: diffusers (0.35 at least) reads the annotations of
+# ``PgraftPipeline.__init__`` to type-check what it loads, and a string annotation ended from_pretrained with a
+# KeyError; the components are left unannotated for the same reason (``typing.Any`` is no class before Python 3.11).
 import inspect
 import math
 from typing import Any, Optional, Union
@@ -241,9 +242,9 @@ class PgraftPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->corrector->tuned_unet->unet->vae"
     _optional_components = ["tuned_unet", "corrector", *TEXT_PARTS]
 
-    def __init__(self, unet: Any, scheduler: Any, tuned_unet: Any = None, corrector: Any = None, vae: Any = None,
-                 text_encoder: Any = None, tokenizer: Any = None, text_encoder_2: Any = None, tokenizer_2: Any = None,
-                 text_encoder_3: Any = None, tokenizer_3: Any = None, cutoff: float = 0.0,
+    def __init__(self, unet, scheduler, tuned_unet=None, corrector=None, vae=None,
+                 text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                 text_encoder_3=None, tokenizer_3=None, cutoff: float = 0.0,
                  tuned_guidance: str = "reapply", corrector_steps: int = 0, corrector_sampler: str = "euler", base_steps: Optional[int] = None,
                  null_class: Optional[int] = None, guidance_scale: float = 1.0, family: Optional[str] = None,
                  force_zeros_for_empty_prompt: bool = True, text_pipeline: Optional[str] = None,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import io
 import os
 import re
@@ -607,11 +608,13 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
     # that puts the BOS text back where a prompt lacks it, as Mllama's does, finds it there).
     own_bos = bool(templated and tokenizer.bos_token and chat("").startswith(tokenizer.bos_token))
     special = {"add_special_tokens": False} if own_bos else {}
+    takes = _forward_inputs(model)
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
         tokenizer.padding_side = "right"  # left padding would shift positions, and so the scores
         inputs = processor(images=_to_rgb_pil(images), text=[chat(p) for p in prompts],
                            return_tensors="pt", padding=True, **special)
+        inputs = {k: v for k, v in inputs.items() if takes is None or k in takes}
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         rows = torch.arange(len(prompts), device=device)
         if start_token is not None:
@@ -625,6 +628,15 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
 
     return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,  # one-bos: keyed apart from before
                   identity=f"vqascore:{dtype}{':one-bos' if own_bos else ''}:{_folder_digest(path)}")
+
+
+def _forward_inputs(model: Any) -> Optional[set[str]]:
+    """The inputs ``model.forward`` names, or None where it takes any keyword (a processor may also return, e.g.,
+    ``token_type_ids``, which LLaVA's forward refused before transformers 5)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
 
 
 def _yes_token_ids(tokenizer: Any) -> list[int]:
