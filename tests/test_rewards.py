@@ -746,6 +746,83 @@ def test_vqascore_asks_with_one_bos_where_the_template_writes_it_too(tmp_path):
     assert ":one-bos:" in reward.identity
 
 
+def _tiny_mllama(folder: Path) -> Path:
+    """A Llama 3.2 Vision (Mllama) folder: cross-attention to one 16 x 16 tile, a tokenizer that adds
+    ``<|begin_of_text|>`` and a chat template that writes ``{{ bos_token }}`` too, as the released one does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor, PreTrainedTokenizerFast
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
+    try:
+        from transformers import MllamaImageProcessorPil as ImageProcessor  # (transformers 5 without torchvision)
+    except ImportError:
+        from transformers import MllamaImageProcessor as ImageProcessor
+
+    special = ["<|begin_of_text|>", "<|eot_id|>", "<|image|>", "<|python_tag|>", "<|start_header_id|>",
+               "<|end_header_id|>"]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *special, *VQA_WORDS, "user", "assistant"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+        special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        model_input_names=["input_ids", "attention_mask"])
+    tokenizer.add_tokens(special, special_tokens=True)
+    template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|> {{ m['role'] }} <|end_header_id|> "
+                "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|> {% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %} <|eot_id|> {% endfor %}"
+                "{% if add_generation_prompt %}<|start_header_id|> assistant <|end_header_id|> {% endif %}")
+    torch.manual_seed(0)
+    vision = MllamaVisionConfig(hidden_size=16, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                                intermediate_size=32, vision_output_dim=32, image_size=16, patch_size=8,
+                                max_num_tiles=1, intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
+    import inspect
+
+    rope = ({} if "rope_parameters" in inspect.signature(MllamaTextConfig.__init__).parameters
+            else {"rope_scaling": {"rope_type": "default"}})  # (transformers 4 has no default)
+    text = MllamaTextConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, intermediate_size=32, cross_attention_layers=[1],
+                            max_position_embeddings=128, bos_token_id=vocab["<|begin_of_text|>"],
+                            eos_token_id=vocab["<|eot_id|>"], pad_token_id=0, **rope)
+    MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text,
+                                                image_token_index=vocab["<|image|>"])).save_pretrained(folder)
+    processor = MllamaProcessor(image_processor=ImageProcessor(size={"height": 16, "width": 16}, max_image_tiles=1),
+                                tokenizer=tokenizer)
+    processor.chat_template = template  # (not an argument in transformers 4.46)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_vqascore_scores_a_batch_on_llama_3_2_vision_with_one_bos(tmp_path):
+    """Mllama's processor reads a flat list of images as one text's images: a batch of two failed ("Found [1, 1]
+    <|image|> tokens and [2] images per sample"). Each text now gets its own list; each row starts with one
+    ``<|begin_of_text|>``, and a batch scores as its images alone, as a by-hand single-BOS computation does."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = _tiny_mllama(tmp_path / "mllama")
+    reward = parse_reward(f"vqascore:{folder}")
+    assert ":one-bos:" in reward.identity
+    images = rgb(2, 16)
+    scores = reward(images, PROMPTS[:2])
+    assert_scores(scores, 2)
+    reward.batch_size = 1
+    torch.testing.assert_close(reward(images, PROMPTS[:2]), scores, atol=1e-6, rtol=0)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    model = AutoModelForImageTextToText.from_pretrained(str(folder)).float().eval()
+    bos = processor.tokenizer.bos_token_id
+    text = (f'<|begin_of_text|><|start_header_id|> user <|end_header_id|> <|image|> Does this figure show '
+            f'"{PROMPTS[0]}"? Please answer yes or no. <|eot_id|> <|start_header_id|> assistant <|end_header_id|> ')
+    pil = Image.fromarray((images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    inputs = processor(images=[[pil]], text=[text], return_tensors="pt", add_special_tokens=False)
+    assert inputs["input_ids"][0].tolist().count(bos) == 1 and inputs["input_ids"][0, 0] == bos
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+    expected = torch.softmax(logits.double(), -1)[processor.tokenizer.convert_tokens_to_ids("Yes")]
+    torch.testing.assert_close(scores[:1], expected.reshape(1), atol=1e-6, rtol=0)
+
+
 def test_vqascore_reads_an_encoder_decoder_vlm_at_the_decoders_first_position(tmp_path):
     """BLIP-2 Flan-T5 (an encoder-decoder language model) crashed: no decoder input. P(Yes) is now the decoder's
     first output after its start token, computed by hand, and does not depend on the batch."""

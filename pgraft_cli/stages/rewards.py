@@ -609,10 +609,12 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
     own_bos = bool(templated and tokenizer.bos_token and chat("").startswith(tokenizer.bos_token))
     special = {"add_special_tokens": False} if own_bos else {}
     takes = _forward_inputs(model)
+    nested = type(processor).__name__ in PER_SAMPLE_IMAGES
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
         tokenizer.padding_side = "right"  # left padding would shift positions, and so the scores
-        inputs = processor(images=_to_rgb_pil(images), text=[chat(p) for p in prompts],
+        pil = _to_rgb_pil(images)
+        inputs = processor(images=[[im] for im in pil] if nested else pil, text=[chat(p) for p in prompts],
                            return_tensors="pt", padding=True, **special)
         inputs = {k: v for k, v in inputs.items() if takes is None or k in takes}
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
@@ -628,6 +630,11 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
 
     return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,  # one-bos: keyed apart from before
                   identity=f"vqascore:{dtype}{':one-bos' if own_bos else ''}:{_folder_digest(path)}")
+
+
+# Processors that read a batch's images as one list per text (a flat list is one text's images): Llama 3.2
+# Vision's and the Idefics family's.
+PER_SAMPLE_IMAGES = {"MllamaProcessor", "Idefics2Processor", "Idefics3Processor", "SmolVLMProcessor"}
 
 
 def _forward_inputs(model: Any) -> Optional[set[str]]:
