@@ -389,7 +389,7 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 
 def _hub_failure(exc: BaseException) -> str:
     """Why a hub snapshot could not be had, in words: diffusers' offline message is a paragraph."""
-    if "not fully cached locally" in str(exc):
+    if re.search(r"not (fully )?cached locally", str(exc)):  # (diffusers 0.42's words; 0.35's)
         return "it is not in the local Hugging Face cache, and the hub could not be reached"
     return _short(exc)
 
