@@ -122,7 +122,7 @@ def stage_flops(summary: dict, base_steps: int, train_steps: int, batch: int, tr
 def run_flops(run: Path, summary: dict, train_flops: int) -> dict[str, float]:
     """:func:`stage_flops` of the main job's run directory RUN: the settings it resolved (``recipe.toml``'s
     ``[correct]``, each evaluation's ``settings.json``)."""
-    import tomllib
+    from pgraft_cli.io.recipes import tomllib  # (tomli on Python 3.10)
 
     correct = tomllib.loads((run / "recipe.toml").read_text())["correct"]
     sampled = {}

@@ -700,6 +700,32 @@ def test_a_hub_model_missing_from_the_offline_cache_is_one_whole_sentence(hub_ca
     assert message.endswith("(hf download org/missing --local-dir DIR) and pass DIR")
 
 
+@pytest.mark.parametrize("error, expected", [("GatedRepoError", "the repository is gated: accept its licence"),
+                                             ("RepositoryNotFoundError", "no such repository on the hub")])
+def test_a_gated_or_missing_hub_repository_is_named_as_such_not_as_an_unreachable_hub(tmp_path, monkeypatch, error,
+                                                                                      expected):
+    """diffusers answers a 401 (gated) or 404 (misspelled) repository with its "not cached locally" paragraph,
+    which read as "the hub could not be reached": the hub's own error, which it chains, is named."""
+    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.utils as hub_utils
+    import requests
+    from diffusers.pipelines import pipeline_utils
+
+    from pgraft_cli.errors import ModelLoadError
+
+    def refuse(*args, **kwargs):
+        response = requests.Response()
+        response.status_code = 401 if error == "GatedRepoError" else 404
+        raise getattr(hub_utils, error)(f"{response.status_code} Client Error", response=response)
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(pipeline_utils, "model_info", refuse)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("org/some-model")
+    assert expected in str(info.value) and "could not be reached" not in str(info.value)
+
+
 def test_a_long_message_is_cut_at_a_word():
     from pgraft_cli.io.checkpoints import _short
 

@@ -285,7 +285,7 @@ def test_clip_scores_are_cosines(clip_dir, monkeypatch):
     torch.testing.assert_close(parse_reward("clip")(images, PROMPTS), scores, atol=1e-6, rtol=0)
 
 
-def _word_tokenizer(words: list[str], image_token: bool = True):
+def _word_tokenizer(words: list[str], image_token: bool = True, type_ids: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -294,7 +294,8 @@ def _word_tokenizer(words: list[str], image_token: bool = True):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
                                         bos_token="<s>", eos_token="</s>",
-                                        model_input_names=["input_ids", "attention_mask"],  # as Llama's, OPT's
+                                        model_input_names=["input_ids", "attention_mask",  # as Llama's, OPT's
+                                                           *(["token_type_ids"] if type_ids else [])],
                                         extra_special_tokens={"image_token": "<image>"} if image_token else None)
     if image_token:  # split out of "<image><image>...", as processors write it, in transformers 4 as in 5
         tokenizer.add_tokens(["<image>"], special_tokens=True)
@@ -306,6 +307,15 @@ VQA_WORDS = ["Yes", "No", "yes", "no", "USER:", "ASSISTANT:", "Question:", "Answ
 LLAVA_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
                   "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def test_vqascore_of_a_tokenizer_with_token_type_ids_scores_as_without_them(tmp_path, llava_dir):
+    """A processor returning token_type_ids made LLaVA's forward raise TypeError before transformers 5 (the
+    minimum-versions check runs this at transformers 4.46); the inputs its forward does not name are dropped."""
+    folder = _tiny_llava(tmp_path / "typed-llava", type_ids=True)
+    images = rgb(2, 16)
+    torch.testing.assert_close(parse_reward(f"vqascore:{folder}")(images, PROMPTS[:2]),
+                               parse_reward(f"vqascore:{llava_dir}")(images, PROMPTS[:2]), atol=1e-6, rtol=0)
 
 
 def test_vqascore_passes_the_model_only_the_inputs_its_forward_names():
@@ -325,14 +335,16 @@ def test_vqascore_passes_the_model_only_the_inputs_its_forward_names():
     assert _forward_inputs(AnyKeyword()) is None
 
 
-def _tiny_llava(folder: Path, chat_template: str = LLAVA_TEMPLATE, adds_bos: bool = False) -> Path:
+def _tiny_llava(folder: Path, chat_template: str = LLAVA_TEMPLATE, adds_bos: bool = False,
+                type_ids: bool = False) -> Path:
     """A LLaVA folder (CLIP vision tower + Llama) with a chat template, a few thousand parameters; ``adds_bos``:
-    its tokenizer puts ``<s>`` before every text, as Gemma's and Llama's do."""
+    its tokenizer puts ``<s>`` before every text, as Gemma's and Llama's do; ``type_ids``: it also returns
+    ``token_type_ids``, as a BERT-style tokenizer does."""
     from tokenizers import processors
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tokenizer, vocab = _word_tokenizer(VQA_WORDS)
+    tokenizer, vocab = _word_tokenizer(VQA_WORDS, type_ids=type_ids)
     if adds_bos:
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])

@@ -388,7 +388,18 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 
 
 def _hub_failure(exc: BaseException) -> str:
-    """Why a hub snapshot could not be had, in words: diffusers' offline message is a paragraph."""
+    """Why a hub snapshot could not be had, in words. diffusers says "not (fully) cached locally" in a paragraph
+    whatever the hub answered; the hub's own error, a gated or a missing repository, is the cause it chains."""
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    causes, seen = [], exc
+    while seen is not None and len(causes) < 8:
+        causes.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(c, GatedRepoError) for c in causes):  # (a subclass of the next)
+        return "the repository is gated: accept its licence on its hub page and log in (hf auth login)"
+    if any(isinstance(c, RepositoryNotFoundError) for c in causes):
+        return "no such repository on the hub, or a private one: check the id, or log in (hf auth login)"
     if re.search(r"not (fully )?cached locally", str(exc)):  # (diffusers 0.42's words; 0.35's)
         return "it is not in the local Hugging Face cache, and the hub could not be reached"
     return _short(exc)

@@ -609,13 +609,29 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
     own_bos = bool(templated and tokenizer.bos_token and chat("").startswith(tokenizer.bos_token))
     special = {"add_special_tokens": False} if own_bos else {}
     takes = _forward_inputs(model)
-    nested = type(processor).__name__ in PER_SAMPLE_IMAGES
+    # How the processor takes a batch's images: a flat list (LLaVA, BLIP-2), or one list per text where it reads a
+    # flat list as one text's images (Mllama, Gemma 3, SmolVLM), which it refuses with a ValueError on the count.
+    nested = [False]
+
+    def encode(pil: list, texts: list[str]) -> Any:
+        kwargs = dict(text=texts, return_tensors="pt", padding=True, **special)
+        if nested[0]:
+            return processor(images=[[im] for im in pil], **kwargs)
+        try:
+            return processor(images=pil, **kwargs)
+        except ValueError as flat_error:
+            if len(pil) < 2:
+                raise
+            try:
+                out = processor(images=[[im] for im in pil], **kwargs)
+            except Exception:
+                raise flat_error from None
+            nested[0] = True
+            return out
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
         tokenizer.padding_side = "right"  # left padding would shift positions, and so the scores
-        pil = _to_rgb_pil(images)
-        inputs = processor(images=[[im] for im in pil] if nested else pil, text=[chat(p) for p in prompts],
-                           return_tensors="pt", padding=True, **special)
+        inputs = encode(_to_rgb_pil(images), [chat(p) for p in prompts])
         inputs = {k: v for k, v in inputs.items() if takes is None or k in takes}
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         rows = torch.arange(len(prompts), device=device)
@@ -630,11 +646,6 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
 
     return Reward("vqascore", fn, batch_size=16, spec=spec, needs_prompts=True,  # one-bos: keyed apart from before
                   identity=f"vqascore:{dtype}{':one-bos' if own_bos else ''}:{_folder_digest(path)}")
-
-
-# Processors that read a batch's images as one list per text (a flat list is one text's images): Llama 3.2
-# Vision's and the Idefics family's.
-PER_SAMPLE_IMAGES = {"MllamaProcessor", "Idefics2Processor", "Idefics3Processor", "SmolVLMProcessor"}
 
 
 def _forward_inputs(model: Any) -> Optional[set[str]]:
