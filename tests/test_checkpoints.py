@@ -701,14 +701,19 @@ def test_a_hub_model_missing_from_the_offline_cache_is_one_whole_sentence(hub_ca
 
 
 @pytest.mark.parametrize("error, expected", [("GatedRepoError", "the repository is gated: accept its licence"),
-                                             ("RepositoryNotFoundError", "no such repository on the hub")])
+                                             ("RepositoryNotFoundError", "no such repository on the hub"),
+                                             ("RevisionNotFoundError", "the hub has no such revision")])
+@pytest.mark.parametrize("where", ["model_info", "download"])
 def test_a_gated_or_missing_hub_repository_is_named_as_such_not_as_an_unreachable_hub(tmp_path, monkeypatch, error,
-                                                                                      expected):
-    """diffusers answers a 401 (gated) or 404 (misspelled) repository with its "not cached locally" paragraph,
-    which read as "the hub could not be reached": the hub's own error, which it chains, is named."""
+                                                                                      expected, where):
+    """diffusers answers a refused model_info (401 gated, 404 misspelled) with its "not cached locally" paragraph,
+    which read as "the hub could not be reached"; a gated repository's 401 can also come from the file download
+    itself, unchained (its model_info is public). Either way the hub's error is named, without the advice for an
+    unreachable hub."""
     import huggingface_hub.constants as hub_constants
     import huggingface_hub.utils as hub_utils
     import requests
+    from diffusers import DiffusionPipeline
     from diffusers.pipelines import pipeline_utils
 
     from pgraft_cli.errors import ModelLoadError
@@ -720,10 +725,14 @@ def test_a_gated_or_missing_hub_repository_is_named_as_such_not_as_an_unreachabl
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(pipeline_utils, "model_info", refuse)
+    if where == "model_info":
+        monkeypatch.setattr(pipeline_utils, "model_info", refuse)
+    else:
+        monkeypatch.setattr(DiffusionPipeline, "download", classmethod(refuse))
     with pytest.raises(ModelLoadError) as info:
         load_model("org/some-model")
-    assert expected in str(info.value) and "could not be reached" not in str(info.value)
+    message = str(info.value)
+    assert expected in message and "could not be reached" not in message and "unreachable" not in message
 
 
 def test_a_long_message_is_cut_at_a_word():

@@ -835,6 +835,70 @@ def test_vqascore_scores_a_batch_on_llama_3_2_vision_with_one_bos(tmp_path):
     torch.testing.assert_close(scores[:1], expected.reshape(1), atol=1e-6, rtol=0)
 
 
+def _tiny_gemma3(folder: Path) -> Path:
+    """A Gemma 3 folder (SigLIP tower, 4 soft tokens an image) whose template writes ``{{ bos_token }}``; its
+    projector gets random weights (zero at init, which would make every image alike)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast,
+                              SiglipVisionConfig)
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    try:
+        from transformers import Gemma3ImageProcessorPil as ImageProcessor  # (transformers 5 without torchvision)
+    except ImportError:
+        from transformers import Gemma3ImageProcessor as ImageProcessor
+
+    special = ["<bos>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>",
+               "<end_of_turn>"]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *special, *VQA_WORDS, "user", "model"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                           special_tokens=[("<bos>", vocab["<bos>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        model_input_names=["input_ids", "attention_mask"],
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"})
+    tokenizer.add_tokens(special, special_tokens=True)
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn> {{ m['role'] }} {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<start_of_image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn> model {% endif %}")
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=8, intermediate_size=32, max_position_embeddings=256,
+                            sliding_window=64, initializer_range=0.5, pad_token_id=0, bos_token_id=vocab["<bos>"],
+                            eos_token_id=vocab["<eos>"])
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=16, patch_size=4, initializer_range=0.5)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=vocab["<start_of_image>"],
+        eoi_token_index=vocab["<end_of_image>"], image_token_index=vocab["<image_soft_token>"]))
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_()
+    model.save_pretrained(folder)
+    Gemma3Processor(image_processor=ImageProcessor(size={"height": 16, "width": 16}), tokenizer=tokenizer,
+                    chat_template=template, image_seq_length=4).save_pretrained(folder)
+    return folder
+
+
+def test_vqascore_scores_a_batch_on_gemma_3_each_image_with_its_own_prompt(tmp_path):
+    """Gemma 3's processor, as Mllama's, read a flat batch of images as one text's and refused it ("Found [1, 1, 1]
+    <start_of_image> tokens and [3] images per sample"). A batch now scores as its images alone, and permuting
+    images and prompts together permutes the scores (each image stays with its prompt)."""
+    pytest.importorskip("transformers.models.gemma3", reason="Gemma 3 needs transformers >= 4.50")
+    folder = _tiny_gemma3(tmp_path / "gemma3")
+    reward = parse_reward(f"vqascore:{folder}")
+    assert ":one-bos:" in reward.identity
+    images, prompts = rgb(3, 16), ["a cat", "a dog on a mat", "cat"]
+    scores = reward(images, prompts)
+    assert_scores(scores, 3)
+    perm = [2, 0, 1]
+    torch.testing.assert_close(reward(images[perm], [prompts[i] for i in perm]), scores[perm], atol=1e-6, rtol=0)
+    assert float((reward(images[perm], prompts) - scores).abs().max()) > 1e-4  # the image matters
+    reward.batch_size = 1
+    torch.testing.assert_close(reward(images, prompts), scores, atol=1e-6, rtol=0)
+
+
 def test_vqascore_reads_an_encoder_decoder_vlm_at_the_decoders_first_position(tmp_path):
     """BLIP-2 Flan-T5 (an encoder-decoder language model) crashed: no decoder input. P(Yes) is now the decoder's
     first output after its start token, computed by hand, and does not depend on the batch."""

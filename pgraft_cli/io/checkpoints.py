@@ -387,22 +387,27 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " ..."
 
 
-def _hub_failure(exc: BaseException) -> str:
-    """Why a hub snapshot could not be had, in words. diffusers says "not (fully) cached locally" in a paragraph
-    whatever the hub answered; the hub's own error, a gated or a missing repository, is the cause it chains."""
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+def _hub_failure(exc: BaseException) -> tuple[str, bool]:
+    """Why a hub snapshot could not be had, in words, and whether the hub may simply be out of reach.
+
+    diffusers says "not (fully) cached locally" in a paragraph whatever the hub answered; the hub's own error (a
+    gated repository, a missing one, a missing revision) is the exception itself or the cause it chains.
+    """
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     causes, seen = [], exc
     while seen is not None and len(causes) < 8:
         causes.append(seen)
         seen = seen.__cause__ or seen.__context__
     if any(isinstance(c, GatedRepoError) for c in causes):  # (a subclass of the next)
-        return "the repository is gated: accept its licence on its hub page and log in (hf auth login)"
+        return "the repository is gated: accept its licence on its hub page and log in (hf auth login)", False
     if any(isinstance(c, RepositoryNotFoundError) for c in causes):
-        return "no such repository on the hub, or a private one: check the id, or log in (hf auth login)"
+        return "no such repository on the hub, or a private one: check the id, or log in (hf auth login)", False
+    if any(isinstance(c, RevisionNotFoundError) for c in causes):
+        return "the hub has no such revision of the repository", False
     if re.search(r"not (fully )?cached locally", str(exc)):  # (diffusers 0.42's words; 0.35's)
-        return "it is not in the local Hugging Face cache, and the hub could not be reached"
-    return _short(exc)
+        return "it is not in the local Hugging Face cache, and the hub could not be reached", True
+    return _short(exc), True
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -722,10 +727,10 @@ def _load_hub(repo_id: str, kind: str, allow_pickle: bool) -> LoadedModel:
     try:
         folder = _hub_snapshot(repo_id, allow_pickle)
     except Exception as exc:
-        raise ModelLoadError(
-            f"could not load '{repo_id}' from the Hugging Face hub ({_hub_failure(exc)}); where the hub is "
-            f"unreachable, download it elsewhere (hf download {repo_id} --local-dir DIR) and pass DIR"
-        ) from None
+        why, unreachable = _hub_failure(exc)
+        elsewhere = (f"; where the hub is unreachable, download it elsewhere (hf download {repo_id} --local-dir DIR) "
+                     f"and pass DIR") if unreachable else ""
+        raise ModelLoadError(f"could not load '{repo_id}' from the Hugging Face hub ({why}){elsewhere}") from None
     return _load_snapshot(repo_id, folder, kind, allow_pickle)
 
 
@@ -764,7 +769,7 @@ def _hub_base_at(path: Path, repo_id: str, commit: str, base: Optional[str], kin
         folder = _hub_snapshot(repo_id, allow_pickle, revision=commit)
     except Exception as exc:
         raise PgraftError(
-            f"the base model of {path} is {repo_id} at commit {commit}, which could not be loaded ({_hub_failure(exc)}); "
+            f"the base model of {path} is {repo_id} at commit {commit}, which could not be loaded ({_hub_failure(exc)[0]}); "
             f"download it (hf download {repo_id} --revision {commit}) or pass its snapshot folder ({snapshot}) "
             f"with --base"
         ) from None

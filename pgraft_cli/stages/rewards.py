@@ -624,8 +624,8 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
                 raise
             try:
                 out = processor(images=[[im] for im in pil], **kwargs)
-            except Exception:
-                raise flat_error from None
+            except Exception as nested_error:  # both messages: which call was the right one is not known
+                raise ValueError(f"{flat_error} (and with one image list per text: {nested_error})") from nested_error
             nested[0] = True
             return out
 
