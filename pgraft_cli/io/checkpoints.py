@@ -768,8 +768,9 @@ def _hub_base_at(path: Path, repo_id: str, commit: str, base: Optional[str], kin
     try:
         folder = _hub_snapshot(repo_id, allow_pickle, revision=commit)
     except Exception as exc:
+        why, _ = _hub_failure(exc)
         raise PgraftError(
-            f"the base model of {path} is {repo_id} at commit {commit}, which could not be loaded ({_hub_failure(exc)[0]}); "
+            f"the base model of {path} is {repo_id} at commit {commit}, which could not be loaded ({why}); "
             f"download it (hf download {repo_id} --revision {commit}) or pass its snapshot folder ({snapshot}) "
             f"with --base"
         ) from None
