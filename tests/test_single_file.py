@@ -248,3 +248,28 @@ def test_sd3_file_samples_the_images_of_its_folder_with_every_weight_of_it(tmp_p
     prompts = ("--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--guidance-scale", "3")
     got = _pgraft_sample(tmp_path, file, 2, 3, "--config", folder, *prompts)
     assert torch.equal(got, _pgraft_sample(tmp_path, folder, 2, 3, *prompts))
+
+
+def test_loading_passes_diffusers_the_dtype_argument_it_has_not_deprecated(tmp_path, tiny_sd_dir, monkeypatch):
+    """pgraft loaded every folder and single file with ``torch_dtype=``, which diffusers deprecates from 0.40 (a
+    warning pgraft silences; removed in 1.0): ``dtype=`` there, ``torch_dtype=`` before."""
+    import re
+
+    import diffusers
+    from diffusers import DiffusionPipeline
+    from diffusers.loaders.single_file import FromSingleFileMixin
+
+    file = _single_file(tiny_sd_dir, tmp_path / "model.safetensors")
+    calls = []
+    for owner, name in ((DiffusionPipeline, "from_pretrained"), (FromSingleFileMixin, "from_single_file")):
+        def spy(cls, *args, _original=getattr(owner, name).__func__, _name=name, **kwargs):
+            calls.append((_name, set(kwargs)))
+            return _original(cls, *args, **kwargs)
+        monkeypatch.setattr(owner, name, classmethod(spy))
+    load_model(str(tiny_sd_dir))
+    load_model(str(file), config=str(tiny_sd_dir))
+    first = {name: kw for name, kw in reversed(calls)}  # each method's first (outermost) call: pgraft's
+    assert set(first) == {"from_pretrained", "from_single_file"}
+    new = tuple(int(p) for p in re.findall(r"\d+", diffusers.__version__)[:2]) >= (0, 40)
+    for kw in first.values():
+        assert ("dtype" in kw and "torch_dtype" not in kw) if new else "torch_dtype" in kw, kw

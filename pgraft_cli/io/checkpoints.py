@@ -381,6 +381,15 @@ def _quiet_loading() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
+def load_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers' from_pretrained / from_single_file argument for ``dtype``: ``dtype`` from diffusers 0.40, where
+    ``torch_dtype`` is deprecated (to be removed in 1.0); ``torch_dtype`` before, which knows no ``dtype``."""
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in re.findall(r"\d+", version("diffusers"))[:2])
+    return {"dtype" if (major, minor) >= (0, 40) else "torch_dtype": dtype}
+
+
 def _short(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message, cut at a word (with "...") when longer than ``limit``."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -577,7 +586,7 @@ def _load_single_file(path: Path, layout: Layout, config: Optional[str], kind: s
             f"{'--config' if folder is None else f'--config {config} to be'} a diffusers pipeline folder laid out as "
             f"{layout.config_repo} (hf download {layout.config_repo} --exclude {layout.skip} --local-dir DIR); "
             f"pass --config DIR")
-    kw: dict[str, Any] = dict(config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    kw: dict[str, Any] = dict(config=str(folder), local_files_only=True, **load_dtype(torch.float32))
     try:
         with _quiet_loading():
             if layout.network:  # the denoiser alone: put it into the folder's pipeline
@@ -660,7 +669,7 @@ def _load_model_folder(path: Path, kind: str, allow_pickle: bool) -> LoadedModel
     cls = _network_class(model_class)
     try:
         with _quiet_loading():
-            network = cls.from_pretrained(str(path), use_safetensors=has_safe, torch_dtype=torch.float32)
+            network = cls.from_pretrained(str(path), use_safetensors=has_safe, **load_dtype(torch.float32))
     except Exception as exc:
         raise ModelLoadError(f"could not load the model in {path} ({_short(exc)}); check its weights match config.json") from None
     scheduler = _require_scheduler(_scheduler_config_near(path), kind, path)
@@ -691,7 +700,7 @@ def _load_pipeline(source: str, path: Path, kind: str, allow_pickle: bool, sourc
     try:
         with _quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None if allow_pickle else True,
-                                                     torch_dtype=torch.float32, **absent)
+                                                     **load_dtype(torch.float32), **absent)
     except Exception as exc:
         raise ModelLoadError(f"could not load the pipeline in {path} ({_short(exc)}); check the folder is complete") from None
     return _from_pipeline(pipe, source, source_kind, kind, identity or identity_of(path))
