@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -483,6 +484,7 @@ def test_a_local_model_reward_is_identified_by_its_files(name, fixture, model_cl
 
 SCORE_MODULE = """
 from pathlib import Path
+from typing import Any
 
 def score(images, prompts):
     with open(Path(__file__).with_suffix(".calls"), "a") as log:
@@ -758,11 +760,28 @@ def test_vqascore_asks_with_one_bos_where_the_template_writes_it_too(tmp_path):
     assert ":one-bos:" in reward.identity
 
 
+def _bos_word_tokenizer(special: list[str], words: list[str], **extra: Any):
+    """A whole-word tokenizer over ``special`` (its first the BOS it puts before every text, its second the EOS),
+    :data:`VQA_WORDS` and ``words``, as Llama 3's and Gemma's add BOS; returns it and its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = special[:2]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *special, *VQA_WORDS, *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, vocab[bos])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token=bos,
+                                        eos_token=eos, model_input_names=["input_ids", "attention_mask"], **extra)
+    tokenizer.add_tokens(special, special_tokens=True)
+    return tokenizer, vocab
+
+
 def _tiny_mllama(folder: Path) -> Path:
     """A Llama 3.2 Vision (Mllama) folder: cross-attention to one 16 x 16 tile, a tokenizer that adds
     ``<|begin_of_text|>`` and a chat template that writes ``{{ bos_token }}`` too, as the released one does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor, PreTrainedTokenizerFast
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
     try:
         from transformers import MllamaImageProcessorPil as ImageProcessor  # (transformers 5 without torchvision)
@@ -771,16 +790,7 @@ def _tiny_mllama(folder: Path) -> Path:
 
     special = ["<|begin_of_text|>", "<|eot_id|>", "<|image|>", "<|python_tag|>", "<|start_header_id|>",
                "<|end_header_id|>"]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *special, *VQA_WORDS, "user", "assistant"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-        special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                        model_input_names=["input_ids", "attention_mask"])
-    tokenizer.add_tokens(special, special_tokens=True)
+    tokenizer, vocab = _bos_word_tokenizer(special, ["user", "assistant"])
     template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|> {{ m['role'] }} <|end_header_id|> "
                 "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|> {% else %}{{ c['text'] }}{% endif %}"
                 "{% endfor %} <|eot_id|> {% endfor %}"
@@ -838,9 +848,7 @@ def test_vqascore_scores_a_batch_on_llama_3_2_vision_with_one_bos(tmp_path):
 def _tiny_gemma3(folder: Path) -> Path:
     """A Gemma 3 folder (SigLIP tower, 4 soft tokens an image) whose template writes ``{{ bos_token }}``; its
     projector gets random weights (zero at init, which would make every image alike)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast,
-                              SiglipVisionConfig)
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
     from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
     try:
         from transformers import Gemma3ImageProcessorPil as ImageProcessor  # (transformers 5 without torchvision)
@@ -849,17 +857,8 @@ def _tiny_gemma3(folder: Path) -> Path:
 
     special = ["<bos>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>",
                "<end_of_turn>"]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *special, *VQA_WORDS, "user", "model"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
-                                                           special_tokens=[("<bos>", vocab["<bos>"])])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-        model_input_names=["input_ids", "attention_mask"],
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"})
-    tokenizer.add_tokens(special, special_tokens=True)
+    tokenizer, vocab = _bos_word_tokenizer(special, ["user", "model"], extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
     template = ("{{ bos_token }}{% for m in messages %}<start_of_turn> {{ m['role'] }} {% for c in m['content'] %}"
                 "{% if c['type'] == 'image' %}<start_of_image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} "
                 "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn> model {% endif %}")

@@ -611,11 +611,12 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
     takes = _forward_inputs(model)
     # How the processor takes a batch's images: a flat list (LLaVA, BLIP-2), or one list per text where it reads a
     # flat list as one text's images (Mllama, Gemma 3, SmolVLM), which it refuses with a ValueError on the count.
-    nested = [False]
+    nested = False
 
     def encode(pil: list, texts: list[str]) -> Any:
+        nonlocal nested
         kwargs = dict(text=texts, return_tensors="pt", padding=True, **special)
-        if nested[0]:
+        if nested:
             return processor(images=[[im] for im in pil], **kwargs)
         try:
             return processor(images=pil, **kwargs)
@@ -626,7 +627,7 @@ def vqascore_reward(args: Optional[str], device: str, spec: str) -> Reward:
                 out = processor(images=[[im] for im in pil], **kwargs)
             except Exception as nested_error:  # both messages: which call was the right one is not known
                 raise ValueError(f"{flat_error} (and with one image list per text: {nested_error})") from nested_error
-            nested[0] = True
+            nested = True
             return out
 
     def fn(images: Tensor, prompts: Optional[list[str]]) -> Tensor:
